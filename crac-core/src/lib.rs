@@ -1,0 +1,114 @@
+//! Coordinated Restore at Checkpoint for Rust: the API and its semantics.
+//!
+//! A service registers [`Resource`]s: things that must be told before the process is
+//! checkpointed (close a connection, flush a cache, stop accepting) and after it runs again
+//! (reconnect, reseed, resume). This crate decides who is told what, in which order, with which
+//! time limits, and what happens when a hook fails. It does no I/O: the `crac-agent` crate lets
+//! CRIU's action script (`crac-action`) drive the [global](Coordinator::global) coordinator
+//! over a Unix socket, and [`Coordinator::simulate`] drives it with no CRIU at all, for tests.
+//!
+//! # Anatomy
+//!
+//! - [`Resource`]: the two hooks, [`CheckpointInfo`] and [`RestoreInfo`] (with the
+//!   [`RestoreReason`]: `restored`, `resumed` or `aborted`).
+//! - [`Context`]: an ordered, nestable set of resources; [`Registration`] keeps one
+//!   registered; [`Priority`] levels; [`register_static!`] for compile-time registration.
+//! - [`Coordinator`]: runs a cycle in two halves ([`Coordinator::checkpoint`] then
+//!   [`Checkpoint::complete`]), one cycle at a time, under [`Limits`]; keeps the generation and
+//!   the last restore time; [`CriticalSection`]s hold checkpoints off.
+//! - [`CheckpointError`] and [`CycleReport`]: every hook's outcome and duration, by name.
+//!
+//! # The contract
+//!
+//! 1. `before_checkpoint` runs in reverse registration order, `after_restore` in registration
+//!    order; [`Priority`] levels and nested contexts let infrastructure go down last and come
+//!    up first.
+//! 2. Everyone is told: a failing, panicking or overrunning hook never skips the others. If
+//!    any `before_checkpoint` fails, the checkpoint is refused, every resource that was told is
+//!    told `after_restore` with [`RestoreReason::Aborted`], and the [`CheckpointError`] names
+//!    every failure of both phases.
+//! 3. `after_restore` says why it runs, with a generation counter and the time.
+//! 4. Registration is owned: dropping the [`Registration`] unregisters. Registering during a
+//!    cycle takes effect in the next one.
+//! 5. One cycle at a time; a cycle requested from inside a hook is an error, not a deadlock.
+//! 6. Per-hook and per-phase [`Limits`]; an overrun is an error naming the resource.
+//! 7. [`CriticalSection`]s: a checkpoint waits (bounded) for them, and new ones wait until
+//!    `after_restore` has finished.
+//! 8. [`Coordinator::simulate`]: a whole cycle without CRIU.
+//!
+//! # Example
+//!
+//! ```
+//! use crac_core::{CheckpointInfo, HookError, Resource, RestoreInfo, RestoreReason};
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::sync::Arc;
+//!
+//! struct Upstream { connected: AtomicBool }
+//!
+//! impl Resource for Upstream {
+//!     fn name(&self) -> std::borrow::Cow<'_, str> { "upstream".into() }
+//!     fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
+//!         self.connected.store(false, Ordering::SeqCst); // disconnect
+//!         Ok(())
+//!     }
+//!     fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
+//!         self.connected.store(true, Ordering::SeqCst); // reconnect, whatever the reason
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let upstream = Arc::new(Upstream { connected: AtomicBool::new(true) });
+//! // In a service: crac_core::global_context().register(...).keep()
+//! let coordinator = crac_core::Coordinator::new();
+//! let _registration = coordinator.context().register(upstream.clone());
+//!
+//! let report = coordinator.simulate().unwrap();
+//! assert_eq!(report.hooks().len(), 2);
+//! assert!(upstream.connected.load(Ordering::SeqCst));
+//! assert_eq!(coordinator.last_restore().unwrap().reason, RestoreReason::Restored);
+//! ```
+//!
+//! # Async services
+//!
+//! Hooks are synchronous functions. An async kind of resource will be a separate trait adapted
+//! into the same dispatch (contexts store their entries behind a private type), so adding it
+//! will not change anything here.
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms)]
+
+mod context;
+mod coordinator;
+mod dispatch;
+mod error;
+mod ordering;
+mod quiesce;
+mod report;
+mod resource;
+mod statics;
+
+pub use context::{Context, Registration};
+pub use coordinator::{Checkpoint, Coordinator, CycleState, Limits};
+pub use error::{CheckpointError, ErrorKind};
+pub use ordering::Priority;
+pub use quiesce::CriticalSection;
+pub use report::{CycleReport, HookFailure, HookRecord, Phase};
+pub use resource::{
+    from_fns, CheckpointInfo, FnResource, HookError, Resource, RestoreInfo, RestoreReason,
+};
+pub use statics::StaticResource;
+
+/// The global coordinator's root context: `crac_core::global_context().register(r).keep()`.
+pub fn global_context() -> &'static Context {
+    Coordinator::global().context()
+}
+
+/// Enters a critical section of the global coordinator; see
+/// [`Coordinator::critical_section`].
+pub fn critical_section() -> CriticalSection {
+    Coordinator::global().critical_section()
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use inventory;
+}

@@ -1,0 +1,221 @@
+//! The [`Resource`] trait and the values its hooks receive.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// The error a hook returns. Any error type converts into it with `?` or `.into()`.
+pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Something that must be told before the process is checkpointed and after it runs again.
+///
+/// Typical resources close what cannot survive in an image (a connection to another host, a
+/// lease, a file lock) in [`before_checkpoint`](Resource::before_checkpoint) and reopen it in
+/// [`after_restore`](Resource::after_restore); anything unique or random created before the
+/// checkpoint (seeds, ids, tokens) is renewed in `after_restore`, because every copy restored
+/// from one image shares it.
+///
+/// # Threads and blocking
+///
+/// Hooks run one at a time, never concurrently with each other, on a thread owned by the
+/// coordinator (a worker thread when time limits are set, otherwise the thread that asked for
+/// the checkpoint). They may block, up to the per-hook time limit (see
+/// [`Limits`](crate::Limits)); a hook that overruns is reported as failed and the cycle goes on
+/// without waiting for it.
+///
+/// # Ordering
+///
+/// `before_checkpoint` runs in reverse registration order, `after_restore` in registration
+/// order, lower [`Priority`](crate::Priority) levels going down last and coming up first. A
+/// resource whose `before_checkpoint` ran (successfully or not) is always told
+/// `after_restore` in the same cycle, with [`RestoreReason::Aborted`] if the checkpoint did not
+/// happen. A hook that fails or panics never stops the others from being told.
+///
+/// # Example
+///
+/// ```
+/// use crac_core::{CheckpointInfo, HookError, Resource, RestoreInfo};
+/// use std::sync::Mutex;
+///
+/// struct Pool { open: Mutex<bool> }
+///
+/// impl Resource for Pool {
+///     fn name(&self) -> std::borrow::Cow<'_, str> { "db-pool".into() }
+///     fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
+///         *self.open.lock().unwrap() = false; // close the connections here
+///         Ok(())
+///     }
+///     fn after_restore(&self, _: &RestoreInfo) -> Result<(), HookError> {
+///         *self.open.lock().unwrap() = true; // and reopen them here
+///         Ok(())
+///     }
+/// }
+///
+/// let coordinator = crac_core::Coordinator::new();
+/// let _registration = coordinator.context().register(Pool { open: Mutex::new(true) });
+/// coordinator.simulate().unwrap();
+/// ```
+pub trait Resource: Send + Sync {
+    /// The name used in errors, reports and logs. Defaults to the type's name.
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed(std::any::type_name::<Self>())
+    }
+
+    /// Called before the process is checkpointed. Quiesce here: stop background work, flush,
+    /// close connections that cannot be part of an image.
+    ///
+    /// # Errors
+    ///
+    /// An error refuses the checkpoint: no image is made and every resource already told is
+    /// told [`after_restore`](Resource::after_restore) with [`RestoreReason::Aborted`].
+    fn before_checkpoint(&self, checkpoint: &CheckpointInfo) -> Result<(), HookError>;
+
+    /// Called when the process runs again, with the reason why (see [`RestoreReason`]).
+    ///
+    /// # Errors
+    ///
+    /// An error is reported to whoever completed the cycle; the other resources are told
+    /// anyway. The process runs on either way: there is nothing to roll back to.
+    fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError>;
+}
+
+impl<R: Resource + ?Sized> Resource for Arc<R> {
+    fn name(&self) -> Cow<'_, str> {
+        (**self).name()
+    }
+    fn before_checkpoint(&self, checkpoint: &CheckpointInfo) -> Result<(), HookError> {
+        (**self).before_checkpoint(checkpoint)
+    }
+    fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError> {
+        (**self).after_restore(restore)
+    }
+}
+
+impl<R: Resource + ?Sized> Resource for Box<R> {
+    fn name(&self) -> Cow<'_, str> {
+        (**self).name()
+    }
+    fn before_checkpoint(&self, checkpoint: &CheckpointInfo) -> Result<(), HookError> {
+        (**self).before_checkpoint(checkpoint)
+    }
+    fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError> {
+        (**self).after_restore(restore)
+    }
+}
+
+/// A resource made of two closures, for small cases where a type of its own is too much.
+///
+/// ```
+/// let coordinator = crac_core::Coordinator::new();
+/// let _reg = coordinator.context().register(crac_core::from_fns(
+///     "cache-flusher",
+///     |_| { /* flush */ Ok(()) },
+///     |_| { /* reseed */ Ok(()) },
+/// ));
+/// ```
+pub fn from_fns<B, A>(name: impl Into<String>, before: B, after: A) -> FnResource<B, A>
+where
+    B: Fn(&CheckpointInfo) -> Result<(), HookError> + Send + Sync,
+    A: Fn(&RestoreInfo) -> Result<(), HookError> + Send + Sync,
+{
+    FnResource {
+        name: name.into(),
+        before,
+        after,
+    }
+}
+
+/// The resource [`from_fns`] makes.
+pub struct FnResource<B, A> {
+    name: String,
+    before: B,
+    after: A,
+}
+
+impl<B, A> Resource for FnResource<B, A>
+where
+    B: Fn(&CheckpointInfo) -> Result<(), HookError> + Send + Sync,
+    A: Fn(&RestoreInfo) -> Result<(), HookError> + Send + Sync,
+{
+    fn name(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.name)
+    }
+    fn before_checkpoint(&self, checkpoint: &CheckpointInfo) -> Result<(), HookError> {
+        (self.before)(checkpoint)
+    }
+    fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError> {
+        (self.after)(restore)
+    }
+}
+
+impl<B, A> fmt::Debug for FnResource<B, A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnResource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Resource::before_checkpoint`] is told about the checkpoint being taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckpointInfo {
+    /// How many checkpoints this process (and the images it came from) completed before this
+    /// one.
+    pub generation: u64,
+}
+
+/// Why [`Resource::after_restore`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RestoreReason {
+    /// This is a new process, restored from an image. Renew anything unique (ids, seeds,
+    /// credentials): other copies restored from the same image share it.
+    Restored,
+    /// The same process goes on after an image of it was taken (a `--leave-running` dump).
+    Resumed,
+    /// The checkpoint did not happen (a hook failed, the dump failed or was cancelled): the
+    /// same process goes on, and no image of this cycle exists.
+    Aborted,
+}
+
+impl RestoreReason {
+    /// The reason's name on the wire and in logs: `restored`, `resumed` or `aborted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreReason::Restored => "restored",
+            RestoreReason::Resumed => "resumed",
+            RestoreReason::Aborted => "aborted",
+        }
+    }
+
+    /// Parses [`as_str`](Self::as_str)'s names.
+    pub fn parse(name: &str) -> Option<RestoreReason> {
+        match name {
+            "restored" => Some(RestoreReason::Restored),
+            "resumed" => Some(RestoreReason::Resumed),
+            "aborted" => Some(RestoreReason::Aborted),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RestoreReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What [`Resource::after_restore`] is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RestoreInfo {
+    /// Why the hook runs.
+    pub reason: RestoreReason,
+    /// Completed checkpoints, this one included unless it was [`RestoreReason::Aborted`].
+    pub generation: u64,
+    /// When the after-restore notification started: for a restored process, when it began
+    /// to run again.
+    pub at: SystemTime,
+}
