@@ -164,7 +164,7 @@ fn nested_contexts_keep_their_slot_and_their_own_order() {
 fn nesting_a_context_inside_itself_is_refused() {
     let outer = Context::new("outer");
     let inner = Context::new("inner");
-    let _a = outer.register(inner.clone()).keep();
+    outer.register(inner.clone()).keep();
     let _b = inner.register(outer.clone());
 }
 
