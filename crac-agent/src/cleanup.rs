@@ -1,0 +1,134 @@
+//! Removing the socket when the process ends: at normal exit (`atexit`) and on SIGTERM/SIGINT,
+//! without taking the signals away from the application.
+//!
+//! - A signal whose disposition is the default (terminate) gets a one-shot handler
+//!   (`SA_RESETHAND`) that removes the socket and raises the signal again, so the process still
+//!   dies of it, with the same status. If the application later installs its own handler with
+//!   signal-hook, that library chains ours before its own actions: we remove the socket, see
+//!   that someone else now owns the signal, and return.
+//! - A signal the application already handles gets our cleanup added through signal-hook,
+//!   which calls the application's handler first and then ours.
+//! - An ignored signal stays ignored: the process does not end, so the socket stays.
+//!
+//! Everything reachable from a signal handler here is async-signal-safe: atomics, `getpid`,
+//! `unlink`, `rmdir`, `sigaction`, `raise`. Paths are leaked `CString`s published through
+//! atomic pointers, so a handler never sees a freed one.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::ptr;
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+use std::sync::Once;
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+static SOCKET: AtomicPtr<libc::c_char> = AtomicPtr::new(ptr::null_mut());
+static DIR: AtomicPtr<libc::c_char> = AtomicPtr::new(ptr::null_mut());
+/// The process whose files these are: a forked child inherits the handlers but must not
+/// remove its parent's socket.
+static OWNER: AtomicI32 = AtomicI32::new(0);
+
+static INSTALL: Once = Once::new();
+
+/// Publishes the files to remove and installs the exit and signal hooks (once per process).
+pub(crate) fn arm(socket: &Path, dir: &Path, signals: bool) {
+    SOCKET.store(leak(socket), Ordering::SeqCst);
+    DIR.store(leak(dir), Ordering::SeqCst);
+    OWNER.store(std::process::id() as i32, Ordering::SeqCst);
+    INSTALL.call_once(|| {
+        // SAFETY: `at_exit` is an `extern "C" fn()` that only touches atomics and calls
+        // async-signal-safe functions; registering it has no other precondition.
+        unsafe { libc::atexit(at_exit) };
+        if signals {
+            for signal in [Signal::SIGTERM, Signal::SIGINT] {
+                install_signal_cleanup(signal);
+            }
+        }
+    });
+}
+
+/// Forgets the files (after they were removed by a clean stop).
+pub(crate) fn disarm() {
+    SOCKET.store(ptr::null_mut(), Ordering::SeqCst);
+    DIR.store(ptr::null_mut(), Ordering::SeqCst);
+}
+
+fn leak(path: &Path) -> *mut libc::c_char {
+    // A path with an interior NUL cannot have been bound, so it cannot reach here.
+    CString::new(path.as_os_str().as_bytes())
+        .map(CString::into_raw)
+        .unwrap_or(ptr::null_mut())
+}
+
+/// Removes the socket file and the process's folder. Async-signal-safe.
+pub(crate) fn remove_files() {
+    // SAFETY: getpid has no preconditions and is async-signal-safe.
+    if OWNER.load(Ordering::SeqCst) != unsafe { libc::getpid() } {
+        return;
+    }
+    let socket = SOCKET.swap(ptr::null_mut(), Ordering::SeqCst);
+    let dir = DIR.swap(ptr::null_mut(), Ordering::SeqCst);
+    // SAFETY: non-null pointers here come from CString::into_raw and are never freed, so they
+    // are valid NUL-terminated strings; unlink and rmdir are async-signal-safe.
+    unsafe {
+        if !socket.is_null() {
+            libc::unlink(socket);
+        }
+        if !dir.is_null() {
+            libc::rmdir(dir);
+        }
+    }
+}
+
+extern "C" fn at_exit() {
+    remove_files();
+}
+
+extern "C" fn on_default_signal(signal: libc::c_int) {
+    remove_files();
+    // SA_RESETHAND reset our disposition to the default on entry. If it is still the default,
+    // we were called by the kernel: raise again and die of the signal as the process would
+    // have without us (the signal is blocked until we return, then delivered). If it is
+    // anything else, another handler took over and chained to us: leave the rest to it.
+    // SAFETY: sigaction with a null new action only reads the current one; raise is
+    // async-signal-safe. `current` is plain data that sigaction fills in.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(signal, ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_DFL
+        {
+            libc::raise(signal);
+        }
+    }
+}
+
+fn install_signal_cleanup(signal: Signal) {
+    let signum = signal as libc::c_int;
+    // SAFETY: sigaction with a null new action only reads the current disposition into
+    // `current`, plain data it fills in.
+    let current = unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(signum, ptr::null(), &mut current) != 0 {
+            return;
+        }
+        current.sa_sigaction
+    };
+    if current == libc::SIG_IGN {
+        return;
+    }
+    if current == libc::SIG_DFL {
+        let ours = SigAction::new(
+            SigHandler::Handler(on_default_signal),
+            SaFlags::SA_RESETHAND | SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: `on_default_signal` is async-signal-safe (see above) and replaces only the
+        // default disposition, which it re-creates before re-raising.
+        let _ = unsafe { sigaction(signal, &ours) };
+    } else {
+        // SAFETY: `remove_files` is async-signal-safe; signal-hook chains the application's
+        // existing handler before it.
+        let _ = unsafe { signal_hook::low_level::register(signum, remove_files) };
+    }
+}

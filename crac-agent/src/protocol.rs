@@ -1,0 +1,184 @@
+//! The wire protocol between `crac-action` (or any client) and the agent.
+//!
+//! One connection carries one exchange: the client writes one request, a single line of JSON
+//! ending in `\n`, at most [`MAX_REQUEST_LEN`] bytes; the agent writes one reply line and closes
+//! the connection. Nothing stays connected, so CRIU never finds a socket to the outside when it
+//! freezes the process. Lines are meant to be read by people in CRIU's log as much as by
+//! programs.
+//!
+//! # Requests
+//!
+//! ```text
+//! {"v":1,"op":"before-checkpoint","cycle":"criu-4242"}
+//! {"v":1,"op":"after-restore","reason":"restored","cycle":"criu-4242"}
+//! {"v":1,"op":"status"}
+//! ```
+//!
+//! - `v`: the protocol version, [`VERSION`]. A request with another version is refused.
+//! - `op`: `before-checkpoint`, `after-restore` or `status`.
+//! - `reason` (after-restore only): `restored`, `resumed` or `aborted`.
+//! - `cycle` (optional): a token naming the checkpoint cycle, chosen by whoever sent
+//!   before-checkpoint. An after-restore that carries a different token than the pending
+//!   checkpoint is refused, so a late message from an old cycle cannot end a new one.
+//!
+//! # Replies
+//!
+//! ```text
+//! {"v":1,"ok":true,"op":"before-checkpoint","pid":4242,"state":"checkpointing","generation":0,
+//!  "cycle":"criu-4242","resources":["upstream","cache"],
+//!  "hooks":[{"resource":"cache","phase":"before_checkpoint","duration_us":41,"error":null}, ...],
+//!  "error":null}
+//! ```
+//!
+//! - `ok`: whether the request did what it asked. For before-checkpoint, `true` means every hook
+//!   succeeded and the process may be dumped now; `false` means the checkpoint was refused and
+//!   the process has already rolled back.
+//! - `error`: one line saying what went wrong, naming every failed hook; `null` when `ok`.
+//! - `hooks`: every hook the request ran, in order, with its duration in microseconds and its
+//!   error, if any.
+//! - `state` (`idle` or `checkpointing`), `generation`, `cycle`, `resources`, `pid`,
+//!   `last_restore_unix_ms`: the agent's state after the request.
+//!
+//! Fields may be added to requests and replies in later versions of the same `v`; readers must
+//! ignore fields they do not know.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks.
+pub const VERSION: u32 = 1;
+
+/// The longest request line the agent reads, newline included.
+pub const MAX_REQUEST_LEN: usize = 4096;
+
+/// A request line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The protocol version.
+    pub v: u32,
+    /// What to do: `before-checkpoint`, `after-restore` or `status`.
+    pub op: String,
+    /// For `after-restore`: `restored`, `resumed` or `aborted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The cycle token; see the module documentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycle: Option<String>,
+}
+
+impl Request {
+    /// A `before-checkpoint` request for cycle `cycle`.
+    pub fn before_checkpoint(cycle: impl Into<String>) -> Request {
+        Request {
+            v: VERSION,
+            op: op::BEFORE_CHECKPOINT.into(),
+            reason: None,
+            cycle: Some(cycle.into()),
+        }
+    }
+
+    /// An `after-restore` request with `reason`, optionally for one cycle only.
+    pub fn after_restore(reason: crac_core::RestoreReason, cycle: Option<String>) -> Request {
+        Request {
+            v: VERSION,
+            op: op::AFTER_RESTORE.into(),
+            reason: Some(reason.as_str().into()),
+            cycle,
+        }
+    }
+
+    /// A `status` request.
+    pub fn status() -> Request {
+        Request {
+            v: VERSION,
+            op: op::STATUS.into(),
+            reason: None,
+            cycle: None,
+        }
+    }
+
+    /// The request as one line, `\n` included.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("a request always serialises");
+        line.push('\n');
+        line
+    }
+}
+
+/// The names of the operations.
+pub mod op {
+    /// Run every `before_checkpoint`.
+    pub const BEFORE_CHECKPOINT: &str = "before-checkpoint";
+    /// Run every `after_restore` with a reason.
+    pub const AFTER_RESTORE: &str = "after-restore";
+    /// Report the agent's state.
+    pub const STATUS: &str = "status";
+}
+
+/// A reply line.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The protocol version.
+    pub v: u32,
+    /// Whether the request did what it asked.
+    pub ok: bool,
+    /// The request's operation, or `""` if the request could not be read.
+    #[serde(default)]
+    pub op: String,
+    /// The process the agent runs in.
+    #[serde(default)]
+    pub pid: u32,
+    /// `idle` or `checkpointing`.
+    #[serde(default)]
+    pub state: String,
+    /// Completed checkpoints in this process's history.
+    #[serde(default)]
+    pub generation: u64,
+    /// The pending checkpoint's cycle token, if any.
+    #[serde(default)]
+    pub cycle: Option<String>,
+    /// The registered resources, in `after_restore` order.
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// When the process last came back from a checkpoint, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub last_restore_unix_ms: Option<u64>,
+    /// Every hook the request ran, in order.
+    #[serde(default)]
+    pub hooks: Vec<HookReport>,
+    /// What went wrong, when `ok` is false.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// The reply as one line, `\n` included.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("a reply always serialises");
+        line.push('\n');
+        line
+    }
+}
+
+/// One hook's outcome in a reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookReport {
+    /// The resource's name.
+    pub resource: String,
+    /// `before_checkpoint` or `after_restore`.
+    pub phase: String,
+    /// How long the hook ran, in microseconds.
+    pub duration_us: u64,
+    /// How it failed, if it did.
+    pub error: Option<String>,
+}
+
+impl From<&crac_core::HookRecord> for HookReport {
+    fn from(record: &crac_core::HookRecord) -> HookReport {
+        HookReport {
+            resource: record.resource().to_owned(),
+            phase: record.phase().as_str().to_owned(),
+            duration_us: u64::try_from(record.duration().as_micros()).unwrap_or(u64::MAX),
+            error: record.failure().map(|f| f.to_string()),
+        }
+    }
+}
