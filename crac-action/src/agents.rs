@@ -1,0 +1,105 @@
+//! Finding the agents of a process tree and telling them things, with a shared deadline.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crac_agent::client::{self, ClientError};
+use crac_agent::protocol::{Reply, Request};
+
+use crate::tree;
+
+/// The processes of the tree rooted at `root` that have an agent socket, parents first.
+pub fn in_tree(root: u32) -> Vec<u32> {
+    tree::descendants(root)
+        .into_iter()
+        .filter(|&pid| client::has_agent(pid))
+        .collect()
+}
+
+/// A shared deadline for one step.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    at: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// `limit` from now.
+    pub fn after(limit: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// Time left, at least a millisecond (so a late request still gets a clean time-out).
+    pub fn remaining(&self) -> Duration {
+        self.at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    }
+
+    /// The limit this deadline was made with.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+}
+
+/// What one agent said.
+pub enum Outcome {
+    /// It did what was asked.
+    Done(Reply),
+    /// It answered that it could not (hooks failed, wrong state); it has rolled back.
+    Refused(Reply),
+    /// There was no agent after all (a stale socket).
+    NoAgent,
+    /// No answer (time-out, broken connection): what the agent did is unknown.
+    NoAnswer(ClientError),
+}
+
+/// Sends `request` to `pid`'s agent within `deadline`.
+pub fn ask(pid: u32, request: &Request, deadline: &Deadline) -> Outcome {
+    match client::request(pid, request, deadline.remaining()) {
+        Ok(reply) if reply.ok => Outcome::Done(reply),
+        Ok(reply) => Outcome::Refused(reply),
+        Err(ClientError::NoAgent { .. }) => Outcome::NoAgent,
+        Err(err) => Outcome::NoAnswer(err),
+    }
+}
+
+/// "3 hooks in 1.2ms: upstream 1.0ms, cache 0.1ms": the hooks in the order they ran.
+pub fn describe_hooks(reply: &Reply) -> String {
+    if reply.hooks.is_empty() {
+        return "no resources registered".to_owned();
+    }
+    let total: u64 = reply.hooks.iter().map(|h| h.duration_us).sum();
+    let each: Vec<String> = reply
+        .hooks
+        .iter()
+        .map(|h| match &h.error {
+            None => format!("{} {}", h.resource, micros(h.duration_us)),
+            Some(err) => format!("{} FAILED ({err})", h.resource),
+        })
+        .collect();
+    format!(
+        "{} hook{} in {}: {}",
+        reply.hooks.len(),
+        if reply.hooks.len() == 1 { "" } else { "s" },
+        micros(total),
+        each.join(", ")
+    )
+}
+
+fn micros(us: u64) -> String {
+    if us >= 1000 {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    } else {
+        format!("{us}µs")
+    }
+}
+
+/// Writes one log line, prefixed with the program and step. CRIU's log is the only place
+/// these go, so a failed write is not worth failing the step for.
+pub fn log(out: &mut dyn Write, step: &str, line: &str) {
+    let _ = writeln!(out, "crac-action: {step}: {line}");
+}

@@ -1,0 +1,79 @@
+//! `crac-action`: the action script CRIU runs at each step of a dump or restore.
+//!
+//! ```text
+//! criu dump    -t PID -D DIR --action-script "$(command -v crac-action)"
+//! criu restore        -D DIR --action-script "$(command -v crac-action)" -d
+//! ```
+//!
+//! | step (`CRTOOLS_SCRIPT_ACTION`) | what crac-action does | non-zero exit means |
+//! |---|---|---|
+//! | `pre-dump` | every agent in the tree runs `before_checkpoint`, children first; blocks until all replied; leaves a [watcher] | CRIU aborts the dump; the tree was rolled back and keeps running |
+//! | `post-dump` | leaves a marker for the watcher (the tree is frozen) | never returned: it would fail a dump that succeeded |
+//! | `post-resume` | every agent in the restored tree runs `after_restore` (`restored`), parents first; blocks until done | CRIU only logs it |
+//! | anything else | nothing; exit 0 (CRIU adds steps between releases) | |
+//!
+//! Exit code 2 means the environment was not a CRIU action-script environment or a `CRAC_*`
+//! setting was malformed. Every wait is bounded ([`settings`]), because CRIU waits for the
+//! script forever. A tree with no agent is logged and passed (exit 0) unless
+//! `CRAC_REQUIRE_AGENT=1`.
+//!
+//! The modules follow CRIU's steps: [`criu`] reads the environment, [`pre_dump`],
+//! [`post_dump`], [`post_resume`] and [`watcher`] are the steps, [`agents`] and [`tree`] find
+//! the agents of a process tree, and [`locate`] finds a working CRIU binary for the tools
+//! and tests that run one.
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms)]
+
+pub mod agents;
+pub mod criu;
+pub mod error;
+pub mod locate;
+pub mod post_dump;
+pub mod post_resume;
+pub mod pre_dump;
+pub mod settings;
+pub mod tree;
+pub mod watcher;
+
+use std::io::Write;
+
+pub use error::ActionError;
+
+use crate::criu::{Action, Invocation};
+use crate::settings::Settings;
+
+/// Runs the step CRIU asked for.
+///
+/// # Errors
+///
+/// See [`ActionError`].
+pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result<(), ActionError> {
+    match &inv.action {
+        Action::PreDump => pre_dump::run(inv, settings, out),
+        Action::PostDump => post_dump::run(inv, out),
+        Action::PostResume => post_resume::run(inv, settings, out),
+        Action::Other(_) => Ok(()),
+    }
+}
+
+/// A tree without any agent: a log line, or an error when agents are required.
+pub(crate) fn no_agent(
+    step: &str,
+    pid: u32,
+    settings: &Settings,
+    out: &mut dyn Write,
+) -> Result<(), ActionError> {
+    let path = crac_agent::socket_path(pid);
+    if settings.require_agent {
+        return Err(ActionError::NoAgent { pid, path });
+    }
+    agents::log(
+        out,
+        step,
+        &format!(
+            "no agent in the process tree of pid {pid} (no socket at {}); nothing to coordinate",
+            path.display()
+        ),
+    );
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The process tree below a PID, read from /proc, and process identities that survive PID
+//! reuse (PID plus start time).
+
+use std::collections::HashMap;
+use std::fs;
+
+/// A process, told apart from a later one with the same PID by its start time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// The PID.
+    pub pid: u32,
+    /// Field 22 of /proc/PID/stat: start time in clock ticks after boot.
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// The identity of the live (not zombie) process `pid`, if there is one.
+    pub fn of(pid: u32) -> Option<ProcessId> {
+        let stat = read_stat(pid)?;
+        if matches!(stat.state, 'Z' | 'X' | 'x') {
+            return None;
+        }
+        Some(ProcessId {
+            pid,
+            start_time: stat.start_time,
+        })
+    }
+
+    /// Whether this very process is still alive (not exited, not a zombie, PID not reused).
+    pub fn is_alive(&self) -> bool {
+        ProcessId::of(self.pid) == Some(*self)
+    }
+
+    /// `PID:START_TIME`, the form used on the watcher's command line.
+    pub fn to_arg(&self) -> String {
+        format!("{}:{}", self.pid, self.start_time)
+    }
+
+    /// Parses [`to_arg`](Self::to_arg)'s form.
+    pub fn parse_arg(arg: &str) -> Option<ProcessId> {
+        let (pid, start) = arg.split_once(':')?;
+        Some(ProcessId {
+            pid: pid.parse().ok()?,
+            start_time: start.parse().ok()?,
+        })
+    }
+}
+
+struct Stat {
+    state: char,
+    ppid: u32,
+    start_time: u64,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Parses /proc/PID/stat. The command name (field 2) may hold spaces and parentheses, so
+/// fields are counted from the last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `fields[0]` is field 3 (state), so field N is fields[N - 3].
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// The parent of `pid`, if it exists.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    read_stat(pid).map(|s| s.ppid)
+}
+
+/// `root` and every process below it, parents before their children (pre-order), each
+/// level in PID order.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let children = children_map();
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        out.push(pid);
+        if let Some(kids) = children.get(&pid) {
+            stack.extend(kids.iter().rev());
+        }
+    }
+    out
+}
+
+/// Parent to children, from one pass over /proc. (/proc/PID/task/TID/children would need
+/// CONFIG_PROC_CHILDREN and one read per thread; this needs neither.)
+fn children_map() -> HashMap<u32, Vec<u32>> {
+    let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return map;
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        if let Some(stat) = read_stat(pid) {
+            map.entry(stat.ppid).or_default().push(pid);
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_awkward_command_names() {
+        let line = "123 (a) b (c)) S 1 123 123 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.ppid, 1);
+        assert_eq!(stat.start_time, 98765);
+    }
+
+    #[test]
+    fn this_process_and_its_child_are_found() {
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let tree = descendants(me);
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&child.id()));
+        let id = ProcessId::of(child.id()).unwrap();
+        assert!(id.is_alive());
+        assert_eq!(ProcessId::parse_arg(&id.to_arg()), Some(id));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!id.is_alive());
+    }
+}
