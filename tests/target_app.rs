@@ -5,10 +5,13 @@
 //! - `CRAC_TEST_DIR` (required): where it writes `hooks.log`, `state` and `ready`.
 //! - `CRAC_TEST_RESOURCES`: resource names, in registration order (default `first,second,third`).
 //! - `CRAC_TEST_FAIL`: a resource whose before_checkpoint fails.
-//! - `CRAC_TEST_HANG`: a resource whose before_checkpoint sleeps for a minute.
+//! - `CRAC_TEST_HANG`: a resource whose before_checkpoint sleeps: `name` for a minute,
+//!   `name:MS` for MS milliseconds.
 //! - `CRAC_TEST_HOOK_LIMIT_MS`: the per-hook time limit.
 //! - `CRAC_TEST_NO_AGENT=1`: do not start the agent.
 //! - `CRAC_TEST_CHILD=1`: also start a child process like this one, in `$CRAC_TEST_DIR/child`.
+//! - `CRAC_TEST_ORDER_LOG`: a log shared by a parent and its child; each hook appends
+//!   `<pid> <line>`, so the order across processes shows.
 //!
 //! `state` holds `pid token counter generation`: the token is random and lives only in memory,
 //! so a restored process that shows the same token really is the same memory.
@@ -24,18 +27,17 @@ use crac_core::{CheckpointInfo, Coordinator, HookError, Limits, Resource, Restor
 struct Logged {
     name: String,
     log: PathBuf,
+    order_log: Option<PathBuf>,
     fail: bool,
-    hang: bool,
+    hang: Option<Duration>,
 }
 
 impl Logged {
     fn append(&self, line: &str) {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("hooks.log is writable");
-        writeln!(file, "{line}").expect("hooks.log is writable");
+        append(&self.log, line);
+        if let Some(order_log) = &self.order_log {
+            append(order_log, &format!("{} {line}", std::process::id()));
+        }
     }
 }
 
@@ -45,8 +47,8 @@ impl Resource for Logged {
     }
     fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
         self.append(&format!("before {}", self.name));
-        if self.hang {
-            std::thread::sleep(Duration::from_secs(60));
+        if let Some(hang) = self.hang {
+            std::thread::sleep(hang);
         }
         if self.fail {
             return Err(format!("{} cannot go down", self.name).into());
@@ -80,8 +82,9 @@ fn main() {
             .register(Logged {
                 name: name.to_owned(),
                 log: dir.join("hooks.log"),
+                order_log: var("CRAC_TEST_ORDER_LOG").map(PathBuf::from),
                 fail: fail.as_deref() == Some(name),
-                hang: hang.as_deref() == Some(name),
+                hang: hang_of(hang.as_deref(), name),
             })
             .keep();
     }
@@ -127,6 +130,25 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn hang_of(spec: Option<&str>, name: &str) -> Option<Duration> {
+    let (who, ms) = match spec?.split_once(':') {
+        Some((who, ms)) => (who, ms.parse().expect("CRAC_TEST_HANG=name:MS")),
+        None => (spec?, 60_000),
+    };
+    (who == name).then(|| Duration::from_millis(ms))
+}
+
+fn append(path: &Path, line: &str) {
+    // One write of a short line to an O_APPEND file: lines from two processes never interleave.
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("log is writable");
+    file.write_all(format!("{line}\n").as_bytes())
+        .expect("log is writable");
 }
 
 fn wait_for(path: &Path) {

@@ -63,7 +63,23 @@ pub fn ask(pid: u32, request: &Request, deadline: &Deadline) -> Outcome {
         Ok(reply) if reply.ok => Outcome::Done(reply),
         Ok(reply) => Outcome::Refused(reply),
         Err(ClientError::NoAgent { .. }) => Outcome::NoAgent,
+        // Report the step's limit, not the sliver of it that was left for this agent.
+        Err(ClientError::TimedOut { path, .. }) => Outcome::NoAnswer(ClientError::TimedOut {
+            path,
+            after: deadline.limit(),
+        }),
         Err(err) => Outcome::NoAnswer(err),
+    }
+}
+
+/// A line for an agent that did not answer, with a hint for time-outs.
+pub fn describe_no_answer(pid: u32, err: &ClientError) -> String {
+    match err {
+        ClientError::TimedOut { .. } => format!(
+            "pid {pid}: {err} ({} sets this limit)",
+            crate::settings::TIMEOUT_ENV
+        ),
+        _ => format!("pid {pid}: {err}"),
     }
 }
 

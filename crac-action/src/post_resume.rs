@@ -10,7 +10,7 @@ use std::io::Write;
 use crac_agent::protocol::Request;
 use crac_core::RestoreReason;
 
-use crate::agents::{self, ask, describe_hooks, log, Deadline, Outcome};
+use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
 use crate::criu::Invocation;
 use crate::error::ActionError;
 use crate::settings::Settings;
@@ -44,7 +44,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 reply.error.as_deref().unwrap_or("refused without a reason")
             )),
             Outcome::NoAgent => log(out, STEP, &format!("pid {pid}: stale socket, no agent; skipped")),
-            Outcome::NoAnswer(err) => failures.push(format!("pid {pid}: {err}")),
+            Outcome::NoAnswer(err) => failures.push(describe_no_answer(pid, &err)),
         }
     }
     if failures.is_empty() {

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crac_agent::protocol::Request;
 use crac_core::RestoreReason;
 
-use crate::agents::{self, ask, describe_hooks, log, Deadline, Outcome};
+use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
 use crate::criu::Invocation;
 use crate::error::ActionError;
 use crate::settings::Settings;
@@ -69,7 +69,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 log(out, STEP, &format!("pid {pid}: stale socket, no agent listening; skipped"));
             }
             Outcome::NoAnswer(err) => {
-                failure = Some(format!("pid {pid}: {err}"));
+                failure = Some(describe_no_answer(pid, &err));
                 unanswered.push(id);
                 break;
             }

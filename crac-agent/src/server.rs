@@ -1,12 +1,15 @@
 //! The agent's thread: accept a connection, check the peer, read one request, act on the
 //! coordinator, reply, close. One connection at a time, so requests are naturally serialised.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
+
+use nix::sys::socket::{send, MsgFlags};
 
 use crac_core::{Checkpoint, CheckpointError, Coordinator, Phase, RestoreReason};
 
@@ -65,10 +68,7 @@ impl Server {
                 (reply, started)
             }
         };
-        let delivered = (&stream)
-            .write_all(reply.to_line().as_bytes())
-            .and_then(|()| (&stream).flush())
-            .is_ok();
+        let delivered = send_all(&stream, reply.to_line().as_bytes()).is_ok();
         let _ = stream.shutdown(Shutdown::Both);
         drop(stream);
         if started_checkpoint && !delivered {
@@ -200,6 +200,20 @@ impl Server {
             error,
         }
     }
+}
+
+/// Writes all of `bytes` with MSG_NOSIGNAL: a client that went away must show up as an error
+/// here (so a checkpoint nobody heard about is rolled back), not as a SIGPIPE that kills an
+/// application that did not ignore it.
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> nix::Result<()> {
+    while !bytes.is_empty() {
+        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 fn describe_cycle(cycle: &Option<String>) -> String {

@@ -1,0 +1,354 @@
+//! Helpers for end-to-end tests against a real CRIU: finding CRIU (a failure in CI, a skip
+//! with instructions elsewhere), targets in scratch folders, dump and restore, reaping.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+
+use crac_action::locate::{self, Criu};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// The binaries under test, built by `cargo build --workspace` (the test command does that).
+pub fn bin(name: &str) -> PathBuf {
+    if name == "crac-test-target" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_crac-test-target"));
+    }
+    // target/<profile>/deps/e2e-HASH -> target/<profile>/NAME
+    let exe = std::env::current_exe().expect("test executable path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static SUBREAPER: Once = Once::new();
+
+/// What an end-to-end test needs: CRIU, and the right to run alone.
+pub struct Env {
+    pub criu: Criu,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// Sets up an end-to-end test, or returns None (after saying why and how to enable it) when
+/// CRIU cannot run here outside CI. In CI (CI=true) a missing CRIU or missing root fails.
+pub fn env() -> Option<Env> {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let root = nix::unistd::geteuid().is_root();
+    let criu = locate::locate();
+    let problem = match (&criu, root) {
+        (Ok(_), true) => None,
+        (Err(err), _) => Some(err.to_string()),
+        (Ok(_), false) => Some("CRIU needs root".to_owned()),
+    };
+    if let Some(problem) = problem {
+        if in_ci {
+            panic!("end-to-end test cannot run in CI: {problem}");
+        }
+        eprintln!(
+            "SKIPPED end-to-end test: {problem}. To run it: as root, scripts/provision-criu.sh, then scripts/test.sh"
+        );
+        return None;
+    }
+    SUBREAPER.call_once(|| {
+        // Orphans of dumped and restored trees come to this process, which reaps them at
+        // once: a PID held by an unreaped zombie makes the next restore fail.
+        nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+    });
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    Some(Env {
+        criu: criu.expect("checked above"),
+        _serial: serial,
+    })
+}
+
+/// A scratch folder, removed when dropped.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "crac-e2e-{}-{name}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("scratch folder");
+        Scratch { path }
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running crac-test-target.
+pub struct Target {
+    pub pid: u32,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Target {
+    /// Starts the target as a session leader with no terminal, as CRIU wants, and waits until
+    /// it is ready.
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Target {
+        let mut cmd = Command::new(bin("crac-test-target"));
+        cmd.env("CRAC_TEST_DIR", dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.with_extension("stderr")).expect("stderr file"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("target starts");
+        let pid = child.id();
+        let target = Target {
+            pid,
+            dir: dir.to_owned(),
+            child: Some(child),
+        };
+        wait_until(Duration::from_secs(10), "the target to be ready", || {
+            dir.join("ready").exists() && target.state().is_some()
+        });
+        target
+    }
+
+    /// A target restored by CRIU from an image of `original` (same PID and folder).
+    pub fn restored(original: &Target) -> Target {
+        Target {
+            pid: original.pid,
+            dir: original.dir.clone(),
+            child: None,
+        }
+    }
+
+    /// The lines of hooks.log.
+    pub fn hooks(&self) -> Vec<String> {
+        read_lines(&self.dir.join("hooks.log"))
+    }
+
+    /// (pid, token, counter, generation) from the state file.
+    pub fn state(&self) -> Option<State> {
+        let text = fs::read_to_string(self.dir.join("state")).ok()?;
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(State {
+            pid: f[0] as u32,
+            token: f[1],
+            counter: f[2],
+            generation: f[3],
+        })
+    }
+
+    /// Waits until the heartbeat counter moves past `than`: the target is running its work.
+    pub fn assert_serving(&self, than: u64) -> State {
+        let mut last = None;
+        wait_until(Duration::from_secs(10), "the target's heartbeat to move", || {
+            last = self.state();
+            last.is_some_and(|s| s.counter > than)
+        });
+        last.expect("state")
+    }
+
+    pub fn is_alive(&self) -> bool {
+        crac_action::tree::ProcessId::of(self.pid).is_some()
+    }
+
+    /// Waits for a target that CRIU killed, so its PID is free for the restore.
+    pub fn reap_dumped(mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.wait().expect("reap the dumped target");
+        } else {
+            reap(self.pid, Duration::from_secs(10));
+        }
+    }
+
+    /// Ends the target with SIGTERM and returns how it ended.
+    pub fn terminate(mut self) -> WaitStatus {
+        kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM).expect("SIGTERM");
+        let status = match self.child.take() {
+            Some(mut child) => {
+                let status = child.wait().expect("reap");
+                use std::os::unix::process::ExitStatusExt;
+                match status.signal() {
+                    Some(sig) => WaitStatus::Signaled(
+                        Pid::from_raw(self.pid as i32),
+                        Signal::try_from(sig).expect("signal"),
+                        false,
+                    ),
+                    None => WaitStatus::Exited(
+                        Pid::from_raw(self.pid as i32),
+                        status.code().unwrap_or(-1),
+                    ),
+                }
+            }
+            None => reap(self.pid, Duration::from_secs(10)),
+        };
+        status
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if self.child.is_none() && !self.is_alive() {
+            return;
+        }
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = child.wait();
+            }
+            None => {
+                reap(self.pid, Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct State {
+    pub pid: u32,
+    pub token: u64,
+    pub counter: u64,
+    pub generation: u64,
+}
+
+/// Reaps `pid`, which must be a child of this process by now (directly, or re-parented to
+/// this subreaper).
+pub fn reap(pid: u32, limit: Duration) -> WaitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(status) => return status,
+            Err(err) => panic!("cannot reap pid {pid}: {err}"),
+        }
+        assert!(Instant::now() < deadline, "pid {pid} did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn read_lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Polls `cond` every 10 ms; panics with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What one criu run did.
+pub struct Run {
+    pub output: Output,
+    /// CRIU's log file, which also holds crac-action's lines.
+    pub log: String,
+    pub took: Duration,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.output.status.success()
+    }
+
+    /// crac-action's lines in CRIU's log.
+    pub fn action_lines(&self) -> Vec<&str> {
+        self.log
+            .lines()
+            .filter(|l| l.starts_with("crac-action:"))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "criu exited {:?} after {:?}\n--- log ---\n{}\n--- stderr ---\n{}",
+            self.output.status,
+            self.took,
+            self.log,
+            String::from_utf8_lossy(&self.output.stderr)
+        )
+    }
+}
+
+impl Env {
+    fn criu(&self, args: &[&str], images: &Path, log_name: &str, env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(&self.criu.path);
+        cmd.args(args)
+            .arg("-D")
+            .arg(images)
+            .arg("-o")
+            .arg(log_name)
+            .arg("--action-script")
+            .arg(bin("crac-action"))
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let output = cmd.output().expect("criu runs");
+        let took = started.elapsed();
+        let log = fs::read_to_string(images.join(log_name)).unwrap_or_default();
+        Run { output, log, took }
+    }
+
+    /// `criu dump -t PID` with crac-action, into `images`.
+    pub fn dump(&self, pid: u32, images: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
+        fs::create_dir_all(images).expect("images folder");
+        let pid = pid.to_string();
+        let mut args = vec!["dump", "-t", &pid];
+        args.extend_from_slice(extra);
+        self.criu(&args, images, "dump.log", env)
+    }
+
+    /// `criu restore -d` with crac-action, from `images`.
+    pub fn restore(&self, images: &Path) -> Run {
+        self.criu(&["restore", "-d"], images, "restore.log", &[])
+    }
+}
+
+/// The agent folder of `pid`.
+pub fn agent_dir(pid: u32) -> PathBuf {
+    crac_agent::agent_dir(pid)
+}
