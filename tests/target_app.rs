@@ -10,6 +10,9 @@
 //! - `CRAC_TEST_HOOK_LIMIT_MS`: the per-hook time limit.
 //! - `CRAC_TEST_NO_AGENT=1`: do not start the agent.
 //! - `CRAC_TEST_CHILD=1`: also start a child process like this one, in `$CRAC_TEST_DIR/child`.
+//! - `CRAC_TEST_OWN_SIGTERM=before|after`: handle SIGTERM itself (a graceful exit with status
+//!   0), installing the handler before or after the agent starts.
+//! - `CRAC_TEST_EXIT_AFTER=N`: return from main after N heartbeats.
 //! - `CRAC_TEST_ORDER_LOG`: a log shared by a parent and its child; each hook appends
 //!   `<pid> <line>`, so the order across processes shows.
 //!
@@ -20,6 +23,8 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crac_core::{CheckpointInfo, Coordinator, HookError, Limits, Resource, RestoreInfo};
@@ -88,14 +93,28 @@ fn main() {
             })
             .keep();
     }
+    let terminate = Arc::new(AtomicBool::new(false));
+    let own_sigterm = var("CRAC_TEST_OWN_SIGTERM");
+    let handle_sigterm = || {
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminate))
+            .expect("SIGTERM handler");
+    };
+    if own_sigterm.as_deref() == Some("before") {
+        handle_sigterm();
+    }
     let _agent = if var("CRAC_TEST_NO_AGENT").is_none() {
         Some(crac_agent::start().expect("agent starts"))
     } else {
         None
     };
+    if own_sigterm.as_deref() == Some("after") {
+        handle_sigterm();
+    }
+    let exit_after: Option<u64> = var("CRAC_TEST_EXIT_AFTER").map(|n| n.parse().expect("a count"));
+    let mut child = None;
     if var("CRAC_TEST_CHILD").is_some() {
         let child_dir = dir.join("child");
-        Command::new(std::env::current_exe().expect("own exe"))
+        let spawned = Command::new(std::env::current_exe().expect("own exe"))
             .env("CRAC_TEST_DIR", &child_dir)
             .env_remove("CRAC_TEST_CHILD")
             .env("CRAC_TEST_RESOURCES", "child-a,child-b")
@@ -104,6 +123,7 @@ fn main() {
             .stderr(Stdio::null())
             .spawn()
             .expect("child starts");
+        child = Some(spawned);
         // Report ready only once the child is ready, so the test dumps both with agents.
         wait_for(&child_dir.join("ready"));
     }
@@ -115,6 +135,13 @@ fn main() {
     fs::write(dir.join("ready"), std::process::id().to_string()).expect("ready file");
     let mut counter: u64 = 0;
     loop {
+        if terminate.load(Ordering::SeqCst) {
+            append(&dir.join("hooks.log"), "graceful exit");
+            break;
+        }
+        if exit_after.is_some_and(|n| counter >= n) {
+            break;
+        }
         {
             // Work that a checkpoint must not cut, and that must not run before after_restore.
             let _work = coordinator.critical_section();
@@ -129,6 +156,10 @@ fn main() {
             fs::rename(&tmp, dir.join("state")).expect("state file");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

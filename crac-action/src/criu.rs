@@ -137,8 +137,11 @@ mod tests {
     fn missing_action_and_bad_pid_are_errors() {
         assert_eq!(parse(&[]).unwrap_err(), InvocationError::NotRunByCriu);
         assert_eq!(
-            parse(&[("CRTOOLS_SCRIPT_ACTION", "pre-dump"), ("CRTOOLS_INIT_PID", "x1")])
-                .unwrap_err(),
+            parse(&[
+                ("CRTOOLS_SCRIPT_ACTION", "pre-dump"),
+                ("CRTOOLS_INIT_PID", "x1")
+            ])
+            .unwrap_err(),
             InvocationError::BadPid("x1".into())
         );
     }

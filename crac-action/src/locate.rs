@@ -97,9 +97,8 @@ fn check(path: &Path, source: Source) -> Result<Criu, String> {
         .output()
         .map_err(|err| format!("cannot run it: {err}"))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let version = parse_version(&text).ok_or_else(|| {
-        format!("`--version` printed no version ({:?})", text.trim())
-    })?;
+    let version = parse_version(&text)
+        .ok_or_else(|| format!("`--version` printed no version ({:?})", text.trim()))?;
     if !version_at_least(&version, MIN_VERSION) {
         return Err(format!(
             "version {version} is older than {}.{} and cannot run on this kernel",

@@ -61,7 +61,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let prefix = if step.is_empty() { String::new() } else { format!("{step}: ") };
+            let prefix = if step.is_empty() {
+                String::new()
+            } else {
+                format!("{step}: ")
+            };
             let _ = writeln!(err, "crac-action: {prefix}{error}");
             exit(error.exit_code())
         }

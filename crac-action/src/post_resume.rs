@@ -37,13 +37,20 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
             Outcome::Done(reply) => log(
                 out,
                 STEP,
-                &format!("pid {pid}: after_restore (restored) ok, {}", describe_hooks(&reply)),
+                &format!(
+                    "pid {pid}: after_restore (restored) ok, {}",
+                    describe_hooks(&reply)
+                ),
             ),
             Outcome::Refused(reply) => failures.push(format!(
                 "pid {pid}: {}",
                 reply.error.as_deref().unwrap_or("refused without a reason")
             )),
-            Outcome::NoAgent => log(out, STEP, &format!("pid {pid}: stale socket, no agent; skipped")),
+            Outcome::NoAgent => log(
+                out,
+                STEP,
+                &format!("pid {pid}: stale socket, no agent; skipped"),
+            ),
             Outcome::NoAnswer(err) => failures.push(describe_no_answer(pid, &err)),
         }
     }

@@ -55,7 +55,14 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         };
         match ask(pid, &request, &deadline) {
             Outcome::Done(reply) => {
-                log(out, STEP, &format!("pid {pid}: before_checkpoint ok, {}", describe_hooks(&reply)));
+                log(
+                    out,
+                    STEP,
+                    &format!(
+                        "pid {pid}: before_checkpoint ok, {}",
+                        describe_hooks(&reply)
+                    ),
+                );
                 told.push(id);
             }
             Outcome::Refused(reply) => {
@@ -66,7 +73,11 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 break;
             }
             Outcome::NoAgent => {
-                log(out, STEP, &format!("pid {pid}: stale socket, no agent listening; skipped"));
+                log(
+                    out,
+                    STEP,
+                    &format!("pid {pid}: stale socket, no agent listening; skipped"),
+                );
             }
             Outcome::NoAnswer(err) => {
                 failure = Some(describe_no_answer(pid, &err));
@@ -82,7 +93,13 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         if !unanswered.is_empty() {
             // An agent that never answered may still finish its hooks later; the watcher ends
             // its cycle once CRIU has given up on this dump.
-            let _ = watcher::spawn(&Watch::new(criu_pid, image_dir, &cycle, &unanswered, settings));
+            let _ = watcher::spawn(&Watch::new(
+                criu_pid,
+                image_dir,
+                &cycle,
+                &unanswered,
+                settings,
+            ));
         }
         return Err(ActionError::Refused(reason));
     }
@@ -120,7 +137,9 @@ fn roll_back(told: &[ProcessId], cycle: &str, settings: &Settings, out: &mut dyn
     // Parents come back up before their children.
     for id in told.iter().rev() {
         let line = match ask(id.pid, &request, &deadline) {
-            Outcome::Done(reply) => format!("pid {}: rolled back, {}", id.pid, describe_hooks(&reply)),
+            Outcome::Done(reply) => {
+                format!("pid {}: rolled back, {}", id.pid, describe_hooks(&reply))
+            }
             Outcome::Refused(reply) => format!(
                 "pid {}: rollback failed: {}",
                 id.pid,

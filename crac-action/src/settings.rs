@@ -48,11 +48,7 @@ impl Settings {
             settings.require_agent = match raw.trim() {
                 "1" | "true" | "yes" => true,
                 "" | "0" | "false" | "no" => false,
-                other => {
-                    return Err(format!(
-                        "{REQUIRE_AGENT_ENV}={other:?}: expected 1 or 0"
-                    ))
-                }
+                other => return Err(format!("{REQUIRE_AGENT_ENV}={other:?}: expected 1 or 0")),
             };
         }
         Ok(settings)
@@ -74,7 +70,9 @@ fn seconds(name: &str, raw: &str) -> Result<Duration, String> {
         .ok()
         .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
         .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("{name}={raw:?}: expected a number of seconds above 0, e.g. 30 or 2.5"))
+        .ok_or_else(|| {
+            format!("{name}={raw:?}: expected a number of seconds above 0, e.g. 30 or 2.5")
+        })
 }
 
 #[cfg(test)]

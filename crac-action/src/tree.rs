@@ -115,7 +115,8 @@ mod tests {
 
     #[test]
     fn stat_with_awkward_command_names() {
-        let line = "123 (a) b (c)) S 1 123 123 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10";
+        let line =
+            "123 (a) b (c)) S 1 123 123 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10";
         let stat = parse_stat(line).unwrap();
         assert_eq!(stat.state, 'S');
         assert_eq!(stat.ppid, 1);
@@ -125,7 +126,10 @@ mod tests {
     #[test]
     fn this_process_and_its_child_are_found() {
         let me = std::process::id();
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let tree = descendants(me);
         assert_eq!(tree[0], me);
         assert!(tree.contains(&child.id()));

@@ -103,7 +103,10 @@ impl Watch {
     /// A line naming the bad argument.
     pub fn from_args(args: &[OsString]) -> Result<Watch, String> {
         let mut watch = Watch {
-            criu: ProcessId { pid: 0, start_time: 0 },
+            criu: ProcessId {
+                pid: 0,
+                start_time: 0,
+            },
             marker_dir: None,
             cycle: String::new(),
             targets: Vec::new(),
@@ -170,7 +173,9 @@ pub fn run(watch: &Watch, out: &mut dyn Write) -> i32 {
         log(
             out,
             STEP,
-            &format!("refusing to run: pid {pid}, which is being dumped, is an ancestor of this watcher"),
+            &format!(
+                "refusing to run: pid {pid}, which is being dumped, is an ancestor of this watcher"
+            ),
         );
         return 1;
     }
@@ -212,13 +217,19 @@ pub fn run(watch: &Watch, out: &mut dyn Write) -> i32 {
                     format!("pid {}: already came back up", target.pid)
                 } else {
                     code = 1;
-                    format!("pid {}: after_restore ({reason}) failed: {error}", target.pid)
+                    format!(
+                        "pid {}: after_restore ({reason}) failed: {error}",
+                        target.pid
+                    )
                 }
             }
             Outcome::NoAgent => format!("pid {}: no agent any more", target.pid),
             Outcome::NoAnswer(err) => {
                 code = 1;
-                format!("pid {}: after_restore ({reason}) got no answer: {err}", target.pid)
+                format!(
+                    "pid {}: after_restore ({reason}) got no answer: {err}",
+                    target.pid
+                )
             }
         };
         log(out, STEP, &line);
@@ -290,8 +301,8 @@ fn wait_for_exit(process: ProcessId, limit: Duration) -> bool {
         if left.is_zero() {
             return false;
         }
-        let timeout = PollTimeout::try_from(left.min(Duration::from_secs(3600)))
-            .unwrap_or(PollTimeout::MAX);
+        let timeout =
+            PollTimeout::try_from(left.min(Duration::from_secs(3600))).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Ok(n) if n > 0 => return true,
@@ -309,18 +320,29 @@ mod tests {
     #[test]
     fn arguments_round_trip() {
         let watch = Watch {
-            criu: ProcessId { pid: 10, start_time: 99 },
+            criu: ProcessId {
+                pid: 10,
+                start_time: 99,
+            },
             marker_dir: Some(PathBuf::from("/tmp/img dir")),
             cycle: "criu-10-5".into(),
             targets: vec![
-                ProcessId { pid: 12, start_time: 100 },
-                ProcessId { pid: 11, start_time: 101 },
+                ProcessId {
+                    pid: 12,
+                    start_time: 100,
+                },
+                ProcessId {
+                    pid: 11,
+                    start_time: 101,
+                },
             ],
             wait_limit: Duration::from_millis(1500),
             timeout: Duration::from_secs(30),
         };
         assert_eq!(Watch::from_args(&watch.to_args()).unwrap(), watch);
-        assert!(Watch::from_args(&["--criu".into()]).unwrap_err().contains("--criu needs a value"));
+        assert!(Watch::from_args(&["--criu".into()])
+            .unwrap_err()
+            .contains("--criu needs a value"));
     }
 
     #[test]

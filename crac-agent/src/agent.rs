@@ -34,7 +34,10 @@ pub enum StartError {
         reason: String,
     },
     /// A live agent already answers on this process's socket path.
-    #[error("another live agent answers at {path} (is {} shared between PID namespaces?)", location::DIR_ENV)]
+    #[error(
+        "another live agent answers at {path} (is {} shared between PID namespaces?)",
+        location::DIR_ENV
+    )]
     InUse {
         /// The socket.
         path: PathBuf,
@@ -169,7 +172,10 @@ impl Builder {
         let control = listener
             .try_clone()
             .map_err(|e| StartError::io("duplicate the listener of", &socket, e))?;
-        let server = Server::new(self.coordinator.unwrap_or_else(|| Coordinator::global().clone()));
+        let server = Server::new(
+            self.coordinator
+                .unwrap_or_else(|| Coordinator::global().clone()),
+        );
         let thread = {
             let stopping = Arc::clone(&stopping);
             std::thread::Builder::new()
@@ -227,10 +233,7 @@ impl Agent {
         };
         self.inner.stopping.store(true, Ordering::SeqCst);
         // Shutting a listening socket down makes a blocked accept() return (EINVAL) on Linux.
-        let _ = nix::sys::socket::shutdown(
-            control.as_raw_fd(),
-            nix::sys::socket::Shutdown::Both,
-        );
+        let _ = nix::sys::socket::shutdown(control.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         let _ = thread.join();
         drop(control);
         cleanup::remove_files();

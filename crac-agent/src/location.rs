@@ -58,7 +58,8 @@ pub(crate) fn prepare(base: &Path, pid: u32) -> Result<(PathBuf, PathBuf), Start
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
             // Left by an earlier process with this PID (killed, or dumped and now restored).
-            let meta = fs::symlink_metadata(&dir).map_err(|e| StartError::io("inspect", &dir, e))?;
+            let meta =
+                fs::symlink_metadata(&dir).map_err(|e| StartError::io("inspect", &dir, e))?;
             if !meta.file_type().is_dir() || meta.uid() != own_uid {
                 return Err(StartError::UnsafeDir {
                     path: dir,

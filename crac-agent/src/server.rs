@@ -2,8 +2,8 @@
 //! coordinator, reply, close. One connection at a time, so requests are naturally serialised.
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,7 +59,10 @@ impl Server {
     fn serve_connection(&mut self, stream: UnixStream) {
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        let (reply, started_checkpoint) = match peer::check(&stream).and_then(|()| read(&stream)) {
+        // Read the request even from a peer about to be refused: closing a Unix socket with
+        // unread data makes the peer's read fail (ECONNRESET) instead of showing our reply.
+        let request = read(&stream);
+        let (reply, started_checkpoint) = match peer::check(&stream).and(request) {
             Err(message) => (self.error("", message), false),
             Ok(request) => {
                 let started = request.op == op::BEFORE_CHECKPOINT;
@@ -158,7 +161,10 @@ impl Server {
         }
         match pending.checkpoint.complete(reason) {
             Ok(report) => {
-                let hooks = report.phase(Phase::AfterRestore).map(HookReport::from).collect();
+                let hooks = report
+                    .phase(Phase::AfterRestore)
+                    .map(HookReport::from)
+                    .collect();
                 self.reply(op::AFTER_RESTORE, true, hooks, None)
             }
             Err(err) => self.failed(op::AFTER_RESTORE, &err, Some(Phase::AfterRestore)),
@@ -198,6 +204,22 @@ impl Server {
             last_restore_unix_ms,
             hooks,
             error,
+        }
+    }
+}
+
+/// Reads and drops the rest of an oversized line (at most 1 MiB, within the read time-out), so
+/// the client gets to read the error reply instead of a connection reset.
+fn discard_line(mut stream: &UnixStream) {
+    let mut chunk = [0u8; 4096];
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) if chunk[..n].contains(&b'\n') => return,
+            Ok(n) => left = left.saturating_sub(n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }
@@ -251,6 +273,9 @@ fn read(mut stream: &UnixStream) -> Result<Request, String> {
         buf.extend_from_slice(&chunk[..n]);
         let newline = buf.iter().position(|&b| b == b'\n');
         if newline.map_or(buf.len(), |end| end + 1) > MAX_REQUEST_LEN {
+            if newline.is_none() {
+                discard_line(stream);
+            }
             return Err(format!(
                 "request too long: no newline within {MAX_REQUEST_LEN} bytes"
             ));
@@ -261,7 +286,10 @@ fn read(mut stream: &UnixStream) -> Result<Request, String> {
         }
     }
     if buf.iter().all(u8::is_ascii_whitespace) {
-        return Err("empty request: send one JSON object on one line, e.g. {\"v\":1,\"op\":\"status\"}".into());
+        return Err(
+            "empty request: send one JSON object on one line, e.g. {\"v\":1,\"op\":\"status\"}"
+                .into(),
+        );
     }
     serde_json::from_slice(&buf).map_err(|err| {
         format!(

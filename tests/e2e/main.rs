@@ -3,5 +3,7 @@
 //! with a line saying how to enable them. They run one at a time: each dumps and restores
 //! whole process trees.
 
+mod action;
+mod signals;
 mod spine;
 mod util;

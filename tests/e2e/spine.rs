@@ -5,8 +5,8 @@ use std::fs;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
 
 use crate::util::{self, agent_dir, read_lines, wait_until, Scratch, Target};
 
@@ -20,7 +20,10 @@ fn after_all(reason: &str, generation: u64) -> Vec<String> {
 }
 
 fn concat(a: &[&str], b: &[String]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).chain(b.iter().cloned()).collect()
+    a.iter()
+        .map(|s| s.to_string())
+        .chain(b.iter().cloned())
+        .collect()
 }
 
 /// (a) A killing dump, then a restore: before hooks in reverse order before the freeze, after
@@ -39,9 +42,11 @@ fn dump_and_restore_run_the_hooks_in_order_and_keep_the_state() {
     assert_eq!(target.hooks(), BEFORE_ALL, "{dump:?}");
     let frozen = target.state().expect("state");
     assert!(frozen.counter >= before.counter);
-    wait_until(Duration::from_secs(5), "CRIU to kill the dumped target", || {
-        !target.is_alive()
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "CRIU to kill the dumped target",
+        || !target.is_alive(),
+    );
     let pid = target.pid;
     let restored_view = Target::restored(&target);
     target.reap_dumped();
@@ -60,17 +65,24 @@ fn dump_and_restore_run_the_hooks_in_order_and_keep_the_state() {
     );
     let after = restored_view.assert_serving(frozen.counter);
     assert_eq!(after.pid, pid);
-    assert_eq!(after.token, frozen.token, "the in-memory token changed: not the same memory");
+    assert_eq!(
+        after.token, frozen.token,
+        "the in-memory token changed: not the same memory"
+    );
     assert_eq!(after.generation, 1);
     assert!(restore
         .action_lines()
         .iter()
-        .any(|l| l.contains("post-resume: pid") && l.contains("after_restore (restored) ok, 3 hooks")));
+        .any(|l| l.contains("post-resume: pid")
+            && l.contains("after_restore (restored) ok, 3 hooks")));
 
     // SIGTERM still ends the restored process as by default, and the agent cleans up its socket.
     assert!(agent_dir(pid).join("agent.sock").exists());
     let status = restored_view.terminate();
-    assert!(matches!(status, WaitStatus::Signaled(_, Signal::SIGTERM, _)), "{status:?}");
+    assert!(
+        matches!(status, WaitStatus::Signaled(_, Signal::SIGTERM, _)),
+        "{status:?}"
+    );
     assert!(!agent_dir(pid).exists(), "the agent folder was left behind");
 }
 
@@ -90,11 +102,20 @@ fn leave_running_resumes_the_original() {
     wait_until(Duration::from_secs(10), "after_restore (resumed)", || {
         target.hooks().len() == 6
     });
-    assert_eq!(target.hooks(), concat(&BEFORE_ALL, &after_all("resumed", 1)));
-    let state = target.state().expect("state");
+    assert_eq!(
+        target.hooks(),
+        concat(&BEFORE_ALL, &after_all("resumed", 1))
+    );
+    // The first heartbeat after the cycle shows the new generation.
+    let state = target.assert_serving(target.state().expect("state").counter);
     assert_eq!(state.generation, 1);
-    target.assert_serving(state.counter);
-    assert!(!images.join(".crac-post-dump").exists(), "marker left behind");
+    assert!(
+        !images.join(".crac-post-dump").exists(),
+        "marker left behind"
+    );
+    wait_until(Duration::from_secs(5), "the watcher to exit", || {
+        util::watchers().is_empty()
+    });
 }
 
 /// (c) A failing before hook: criu fails, the target was rolled back ("aborted") and serves.
@@ -114,11 +135,17 @@ fn a_failing_hook_aborts_the_dump_and_rolls_back() {
     )), "{dump:?}");
     assert!(dump.log.contains("Pre dump script failed"), "{dump:?}");
     assert!(target.is_alive());
-    assert_eq!(target.hooks(), concat(&BEFORE_ALL, &after_all("aborted", 0)));
+    assert_eq!(
+        target.hooks(),
+        concat(&BEFORE_ALL, &after_all("aborted", 0))
+    );
     let state = target.state().expect("state");
     assert_eq!(state.generation, 0);
     target.assert_serving(state.counter);
-    assert!(!images.join("pages-1.img").exists(), "a half image was written");
+    assert!(
+        !images.join("pages-1.img").exists(),
+        "a half image was written"
+    );
 }
 
 /// (d) A hook that hangs: the agent's per-hook limit refuses the checkpoint in time, naming the
@@ -129,7 +156,10 @@ fn a_hanging_hook_aborts_the_dump_within_the_hook_limit() {
     let scratch = Scratch::new("hanging");
     let target = Target::start(
         &scratch.join("t"),
-        &[("CRAC_TEST_HANG", "second"), ("CRAC_TEST_HOOK_LIMIT_MS", "500")],
+        &[
+            ("CRAC_TEST_HANG", "second"),
+            ("CRAC_TEST_HOOK_LIMIT_MS", "500"),
+        ],
     );
     target.assert_serving(3);
 
@@ -137,7 +167,8 @@ fn a_hanging_hook_aborts_the_dump_within_the_hook_limit() {
     assert!(!dump.ok(), "{dump:?}");
     assert!(dump.took < Duration::from_secs(10), "{dump:?}");
     assert!(
-        dump.log.contains("before_checkpoint of \"second\" timed out: still running after 500ms"),
+        dump.log
+            .contains("before_checkpoint of \"second\" timed out: still running after 500ms"),
         "{dump:?}"
     );
     // "second" is still stuck in its hook, so only the others come back up.
@@ -163,7 +194,10 @@ fn an_agent_that_does_not_answer_in_time_is_abandoned_and_rolls_back() {
     let scratch = Scratch::new("no-answer");
     let target = Target::start(
         &scratch.join("t"),
-        &[("CRAC_TEST_HANG", "second:2500"), ("CRAC_TEST_HOOK_LIMIT_MS", "10000")],
+        &[
+            ("CRAC_TEST_HANG", "second:2500"),
+            ("CRAC_TEST_HOOK_LIMIT_MS", "10000"),
+        ],
     );
     target.assert_serving(3);
 
@@ -187,7 +221,10 @@ fn an_agent_that_does_not_answer_in_time_is_abandoned_and_rolls_back() {
     wait_until(Duration::from_secs(15), "the agent to roll back", || {
         target.hooks().len() == 6
     });
-    assert_eq!(target.hooks(), concat(&BEFORE_ALL, &after_all("aborted", 0)));
+    assert_eq!(
+        target.hooks(),
+        concat(&BEFORE_ALL, &after_all("aborted", 0))
+    );
     let state = target.state().expect("state");
     assert_eq!(state.generation, 0);
     target.assert_serving(state.counter);

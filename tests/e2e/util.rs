@@ -175,10 +175,14 @@ impl Target {
     /// Waits until the heartbeat counter moves past `than`: the target is running its work.
     pub fn assert_serving(&self, than: u64) -> State {
         let mut last = None;
-        wait_until(Duration::from_secs(10), "the target's heartbeat to move", || {
-            last = self.state();
-            last.is_some_and(|s| s.counter > than)
-        });
+        wait_until(
+            Duration::from_secs(10),
+            "the target's heartbeat to move",
+            || {
+                last = self.state();
+                last.is_some_and(|s| s.counter > than)
+            },
+        );
         last.expect("state")
     }
 
@@ -196,27 +200,34 @@ impl Target {
     }
 
     /// Ends the target with SIGTERM and returns how it ended.
-    pub fn terminate(mut self) -> WaitStatus {
+    pub fn terminate(self) -> WaitStatus {
         kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM).expect("SIGTERM");
-        let status = match self.child.take() {
-            Some(mut child) => {
-                let status = child.wait().expect("reap");
-                use std::os::unix::process::ExitStatusExt;
-                match status.signal() {
-                    Some(sig) => WaitStatus::Signaled(
-                        Pid::from_raw(self.pid as i32),
-                        Signal::try_from(sig).expect("signal"),
-                        false,
-                    ),
-                    None => WaitStatus::Exited(
-                        Pid::from_raw(self.pid as i32),
-                        status.code().unwrap_or(-1),
-                    ),
-                }
-            }
-            None => reap(self.pid, Duration::from_secs(10)),
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits for the target to end by itself (after a signal, say) and returns how it ended.
+    pub fn wait_exit(mut self, limit: Duration) -> WaitStatus {
+        let pid = Pid::from_raw(self.pid as i32);
+        let Some(mut child) = self.child.take() else {
+            return reap(self.pid, limit);
         };
-        status
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                use std::os::unix::process::ExitStatusExt;
+                return match status.signal() {
+                    Some(sig) => {
+                        WaitStatus::Signaled(pid, Signal::try_from(sig).expect("signal"), false)
+                    }
+                    None => WaitStatus::Exited(pid, status.code().unwrap_or(-1)),
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -255,7 +266,10 @@ pub fn reap(pid: u32, limit: Duration) -> WaitStatus {
             Ok(status) => return status,
             Err(err) => panic!("cannot reap pid {pid}: {err}"),
         }
-        assert!(Instant::now() < deadline, "pid {pid} did not exit within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -272,7 +286,10 @@ pub fn read_lines(path: &Path) -> Vec<String> {
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -351,4 +368,21 @@ impl Env {
 /// The agent folder of `pid`.
 pub fn agent_dir(pid: u32) -> PathBuf {
     crac_agent::agent_dir(pid)
+}
+
+/// PIDs of crac-action watchers still running.
+pub fn watchers() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let mut args = cmdline.split(|&b| b == 0);
+            let exe = args.next()?;
+            (exe.ends_with(b"crac-action") && args.next() == Some(b"--watch".as_slice()))
+                .then_some(pid)
+        })
+        .collect()
 }

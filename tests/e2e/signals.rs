@@ -1,0 +1,70 @@
+//! The agent's socket is removed when the process ends, and the application's own handling of
+//! SIGTERM/SIGINT is kept. These need no CRIU.
+
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::util::{agent_dir, read_lines, Scratch, Target};
+
+fn ends_with(env: &[(&str, &str)], signal: Option<Signal>) -> (WaitStatus, Vec<String>, bool) {
+    let scratch = Scratch::new("signals");
+    let target = Target::start(&scratch.join("t"), env);
+    let pid = target.pid;
+    assert!(agent_dir(pid).join("agent.sock").exists());
+    if let Some(signal) = signal {
+        kill(Pid::from_raw(pid as i32), signal).expect("signal");
+    }
+    let hooks_log = target.dir.join("hooks.log");
+    let status = target.wait_exit(Duration::from_secs(10));
+    (status, read_lines(&hooks_log), agent_dir(pid).exists())
+}
+
+#[test]
+fn sigterm_still_terminates_and_the_socket_is_removed() {
+    let (status, _, left) = ends_with(&[], Some(Signal::SIGTERM));
+    assert!(
+        matches!(status, WaitStatus::Signaled(_, Signal::SIGTERM, _)),
+        "{status:?}"
+    );
+    assert!(!left, "agent folder left behind");
+}
+
+#[test]
+fn sigint_still_terminates_and_the_socket_is_removed() {
+    let (status, _, left) = ends_with(&[], Some(Signal::SIGINT));
+    assert!(
+        matches!(status, WaitStatus::Signaled(_, Signal::SIGINT, _)),
+        "{status:?}"
+    );
+    assert!(!left, "agent folder left behind");
+}
+
+#[test]
+fn an_application_handler_installed_before_the_agent_keeps_working() {
+    let (status, hooks, left) = ends_with(
+        &[("CRAC_TEST_OWN_SIGTERM", "before")],
+        Some(Signal::SIGTERM),
+    );
+    assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    assert_eq!(hooks, ["graceful exit"]);
+    assert!(!left, "agent folder left behind");
+}
+
+#[test]
+fn an_application_handler_installed_after_the_agent_keeps_working() {
+    let (status, hooks, left) =
+        ends_with(&[("CRAC_TEST_OWN_SIGTERM", "after")], Some(Signal::SIGTERM));
+    assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    assert_eq!(hooks, ["graceful exit"]);
+    assert!(!left, "agent folder left behind");
+}
+
+#[test]
+fn a_normal_exit_removes_the_socket() {
+    let (status, _, left) = ends_with(&[("CRAC_TEST_EXIT_AFTER", "5")], None);
+    assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    assert!(!left, "agent folder left behind");
+}
