@@ -16,6 +16,8 @@ pub enum Action {
     PreDump,
     /// The dump succeeded; the tree is still frozen.
     PostDump,
+    /// Before a restore: the agents' socket folders the image needs are recreated.
+    PreRestore,
     /// Restored tasks run again: run every `after_restore` with reason `restored`.
     PostResume,
     /// A step this script has nothing to do at (pre-restore, network-lock, ...), or one a
@@ -29,6 +31,7 @@ impl Action {
         match name {
             "pre-dump" => Action::PreDump,
             "post-dump" => Action::PostDump,
+            "pre-restore" => Action::PreRestore,
             "post-resume" => Action::PostResume,
             other => Action::Other(other.to_owned()),
         }
@@ -128,6 +131,8 @@ mod tests {
         assert_eq!(inv.action, Action::PreDump);
         assert_eq!(inv.init_pid, Some(42));
         assert_eq!(inv.image_dir, Some(PathBuf::from("/proc/7/fd/3")));
+        let inv = parse(&[("CRTOOLS_SCRIPT_ACTION", "pre-restore")]).unwrap();
+        assert_eq!(inv.action, Action::PreRestore);
         let inv = parse(&[("CRTOOLS_SCRIPT_ACTION", "query-ext-files")]).unwrap();
         assert_eq!(inv.action, Action::Other("query-ext-files".into()));
         assert_eq!(inv.init_pid, None);

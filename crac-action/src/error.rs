@@ -35,6 +35,9 @@ pub enum ActionError {
     /// An after-restore failed or timed out.
     #[error("after-restore failed: {0}")]
     AfterRestore(String),
+    /// Preparing a restore failed.
+    #[error("{0}")]
+    Restore(String),
     /// The watcher that ends the cycle after CRIU exits could not be started.
     #[error("cannot start the dump watcher ({0}); agents were rolled back")]
     Watcher(io::Error),

@@ -1,15 +1,47 @@
-//! post-dump: the dump succeeded and the tree is frozen. Nothing in it can answer now; leave a
-//! marker in the images folder so the watcher knows, once CRIU exits, that an image was made
-//! (a still-running tree was then resumed, not aborted).
+//! post-dump: the dump succeeded and the tree is frozen. Nothing in it can answer now. Two
+//! files go into the images folder:
+//! - a marker, so the watcher knows once CRIU exits that an image was made (a still-running
+//!   tree was then resumed, not aborted); the watcher removes it;
+//! - `crac-agents.json`, the agents' socket folders, which belong to the image: CRIU restores
+//!   each agent's listening socket by binding its path again, so pre-restore recreates the
+//!   folders when they are gone (a reboot, or the original process exited cleanly).
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 
 use crate::agents::{self, log};
 use crate::criu::Invocation;
 use crate::error::ActionError;
 
 const STEP: &str = "post-dump";
+
+/// The file in the images folder that lists the agents' socket folders.
+pub const AGENTS_FILE: &str = "crac-agents.json";
+
+/// The contents of [`AGENTS_FILE`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentFolders {
+    /// Format version (1).
+    pub format: u32,
+    /// One entry per agent in the dumped tree.
+    pub agents: Vec<AgentFolder>,
+}
+
+/// One agent's socket folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentFolder {
+    /// The process.
+    pub pid: u32,
+    /// Its folder (absolute).
+    pub dir: PathBuf,
+    /// The folder's owner.
+    pub uid: u32,
+    /// The folder's group.
+    pub gid: u32,
+}
 
 /// The marker's file name in the images folder. It holds the PID of the CRIU that made the
 /// image, so a marker left by another dump into the same folder is not mistaken for this one.
@@ -31,6 +63,36 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
     };
     let criu_pid = std::os::unix::process::parent_id();
+    let folders: Vec<AgentFolder> = agents::in_tree(init)
+        .into_iter()
+        .filter_map(|pid| {
+            let dir = crac_agent::agent_dir(pid);
+            let meta = std::fs::metadata(&dir).ok()?;
+            Some(AgentFolder {
+                pid,
+                dir,
+                uid: meta.uid(),
+                gid: meta.gid(),
+            })
+        })
+        .collect();
+    let record = AgentFolders {
+        format: 1,
+        agents: folders,
+    };
+    if let Err(err) = std::fs::write(
+        dir.join(AGENTS_FILE),
+        serde_json::to_vec_pretty(&record).expect("serialises"),
+    ) {
+        log(
+            out,
+            STEP,
+            &format!(
+                "cannot record the agents' socket folders in {}: {err}; a restore needs them to exist",
+                dir.display()
+            ),
+        );
+    }
     if let Err(err) = std::fs::write(dir.join(MARKER), format!("{criu_pid}\n")) {
         log(
             out,

@@ -8,7 +8,9 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use crac_agent::protocol::Request;
 use crac_core::RestoreReason;
@@ -21,6 +23,30 @@ use crate::tree::ProcessId;
 use crate::watcher::{self, Watch};
 
 const STEP: &str = "pre-dump";
+
+/// When set, pre-dump writes a [`HookReport`] (JSON) to this path: `crac checkpoint` reads
+/// the hook timings from it.
+pub const HOOK_REPORT_ENV: &str = "CRAC_HOOK_REPORT";
+
+/// What pre-dump did, for tools that drive CRIU and want the figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HookReport {
+    /// The cycle token.
+    pub cycle: String,
+    /// Wall time of the whole step's agent requests, in milliseconds.
+    pub wall_ms: f64,
+    /// Each agent told, in the order told.
+    pub agents: Vec<AgentHooks>,
+}
+
+/// One agent's hooks in a [`HookReport`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentHooks {
+    /// The process.
+    pub pid: u32,
+    /// Its hooks, in the order they ran.
+    pub hooks: Vec<crac_agent::protocol::HookReport>,
+}
 
 /// Runs the step.
 ///
@@ -43,6 +69,11 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     );
     let deadline = Deadline::after(settings.timeout);
     let request = Request::before_checkpoint(&cycle);
+    let started = Instant::now();
+    let mut report = HookReport {
+        cycle: cycle.clone(),
+        ..HookReport::default()
+    };
 
     let mut told: Vec<ProcessId> = Vec::new();
     let mut failure = None;
@@ -63,6 +94,10 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                         describe_hooks(&reply)
                     ),
                 );
+                report.agents.push(AgentHooks {
+                    pid,
+                    hooks: reply.hooks,
+                });
                 told.push(id);
             }
             Outcome::Refused(reply) => {
@@ -87,6 +122,12 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         }
     }
 
+    report.wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    if let Some(path) = std::env::var_os(HOOK_REPORT_ENV) {
+        if let Ok(json) = serde_json::to_vec(&report) {
+            let _ = std::fs::write(path, json);
+        }
+    }
     let image_dir = resolve_image_dir(inv);
     if let Some(reason) = failure {
         roll_back(&told, &cycle, settings, out);

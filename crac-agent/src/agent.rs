@@ -69,6 +69,20 @@ impl StartError {
 /// here and may start its own.
 static RUNNING_IN: AtomicU32 = AtomicU32::new(0);
 
+/// The coordinator the running agent drives (for the self-checkpoint API).
+static COORDINATOR: Mutex<Option<Coordinator>> = Mutex::new(None);
+
+/// The coordinator of the agent running in this process, if one runs.
+pub(crate) fn running_coordinator() -> Option<Coordinator> {
+    if RUNNING_IN.load(Ordering::SeqCst) != std::process::id() {
+        return None;
+    }
+    COORDINATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
 /// Starts the agent with default options, driving the [global](Coordinator::global)
 /// coordinator. Call it once, early in `main`.
 ///
@@ -238,6 +252,9 @@ impl Agent {
         drop(control);
         cleanup::remove_files();
         cleanup::disarm();
+        *COORDINATOR
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         RUNNING_IN.store(0, Ordering::SeqCst);
     }
 }

@@ -16,6 +16,8 @@
 //! - [`protocol`]: the line-based JSON requests and replies, with a version field.
 //! - [`client`]: the other end, as used by `crac-action` and `crac`.
 //! - Peer check: only root and the process's own uid are served (`SO_PEERCRED`).
+//! - [`SelfCheckpoint`]: the process checkpoints itself (through the `crac` command, which
+//!   runs CRIU from outside the process's tree).
 //! - Cleanup: the socket and its folder are removed at normal exit and when SIGTERM/SIGINT end
 //!   the process, keeping the application's own handling of those signals. A socket left by a
 //!   dead process with the same PID is replaced.
@@ -49,7 +51,11 @@ pub mod client;
 mod location;
 mod peer;
 pub mod protocol;
+mod self_checkpoint;
 mod server;
 
 pub use agent::{start, Agent, Builder, StartError};
 pub use location::{agent_dir, base_dir, socket_path, DEFAULT_DIR, DIR_ENV, SOCKET_NAME};
+pub use self_checkpoint::{
+    checkpoint_self, SelfCheckpoint, SelfCheckpointError, CHECKPOINT_TO_ENV, CRAC_BIN_ENV,
+};

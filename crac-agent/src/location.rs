@@ -53,6 +53,7 @@ pub fn socket_path(pid: u32) -> PathBuf {
 pub(crate) fn prepare(base: &Path, pid: u32) -> Result<(PathBuf, PathBuf), StartError> {
     let own_uid = geteuid().as_raw();
     prepare_base(base, own_uid)?;
+    sweep_stale(base, own_uid, pid);
     let dir = base.join(pid.to_string());
     match DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
@@ -124,6 +125,40 @@ fn prepare_base(base: &Path, own_uid: u32) -> Result<(), StartError> {
             }
             Ok(())
         }
+    }
+}
+
+/// Removes the folders that processes of this uid left when they were killed (a killed process
+/// cannot clean up). Only folders untouched for a minute are swept, so a folder that a restore
+/// has just recreated for a process not yet running is left alone; an image restored later
+/// gets its folder back from crac-action's pre-restore step.
+fn sweep_stale(base: &Path, own_uid: u32, own_pid: u32) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    let a_minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        let old = meta.modified().is_ok_and(|t| t < a_minute_ago);
+        if pid == own_pid
+            || !meta.file_type().is_dir()
+            || meta.uid() != own_uid
+            || !old
+            || Path::new(&format!("/proc/{pid}")).exists()
+        {
+            continue;
+        }
+        let _ = fs::remove_file(entry.path().join(SOCKET_NAME));
+        let _ = fs::remove_dir(entry.path());
     }
 }
 

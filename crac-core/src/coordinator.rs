@@ -2,7 +2,7 @@
 //! outlives them (generation, last restore, the critical-section gate).
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use once_cell::sync::Lazy;
@@ -112,12 +112,15 @@ struct Inner {
     gate: Arc<Gate>,
     limits: Mutex<Limits>,
     state: Mutex<State>,
+    /// Signalled when a cycle ends.
+    cycle_ended: Condvar,
 }
 
 struct State {
     in_cycle: bool,
     generation: u64,
     last_restore: Option<RestoreInfo>,
+    last_cycle: Option<RestoreInfo>,
 }
 
 static GLOBAL: Lazy<Coordinator> = Lazy::new(|| {
@@ -144,7 +147,9 @@ impl Coordinator {
                     in_cycle: false,
                     generation: 0,
                     last_restore: None,
+                    last_cycle: None,
                 }),
+                cycle_ended: Condvar::new(),
             }),
         }
     }
@@ -179,6 +184,39 @@ impl Coordinator {
     /// The last time this process came back from a checkpoint (restored or resumed), if ever.
     pub fn last_restore(&self) -> Option<RestoreInfo> {
         lock(&self.inner.state).last_restore.clone()
+    }
+
+    /// How the last cycle ended, whatever the reason (aborted included), if any did.
+    pub fn last_cycle(&self) -> Option<RestoreInfo> {
+        lock(&self.inner.state).last_cycle.clone()
+    }
+
+    /// Waits until no cycle is in progress, at most `timeout` if given; returns whether none
+    /// is.
+    pub fn wait_idle(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = lock(&self.inner.state);
+        while state.in_cycle {
+            state = match deadline {
+                None => self
+                    .inner
+                    .cycle_ended
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return false;
+                    }
+                    self.inner
+                        .cycle_ended
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0
+                }
+            };
+        }
+        true
     }
 
     /// Whether a cycle is in progress.
@@ -323,12 +361,14 @@ impl Coordinator {
             if let Some(info) = restore {
                 if info.reason != RestoreReason::Aborted {
                     state.generation = info.generation;
-                    state.last_restore = Some(info);
+                    state.last_restore = Some(info.clone());
                 }
+                state.last_cycle = Some(info);
             }
             state.in_cycle = false;
         }
         self.inner.gate.open();
+        self.inner.cycle_ended.notify_all();
     }
 }
 

@@ -108,6 +108,12 @@ pub fn critical_section() -> CriticalSection {
     Coordinator::global().critical_section()
 }
 
+/// Whether the current thread holds a [`CriticalSection`] (of any coordinator). A thread that
+/// does must not wait for a checkpoint: the checkpoint waits for it.
+pub fn in_critical_section() -> bool {
+    quiesce::held_by_this_thread()
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use inventory;

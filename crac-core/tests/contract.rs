@@ -668,3 +668,25 @@ fn the_simulated_cycle_reports_every_hook() {
     );
     assert!(report.hooks().iter().all(|r| r.is_ok()));
 }
+
+#[test]
+fn waiting_for_the_end_of_a_cycle() {
+    let c = Coordinator::new();
+    assert!(c.wait_idle(Some(Duration::from_millis(1))));
+    assert!(c.last_cycle().is_none());
+    let checkpoint = c.checkpoint().unwrap();
+    assert!(!c.wait_idle(Some(Duration::from_millis(20))));
+    let c2 = c.clone();
+    let waiter = thread::spawn(move || c2.wait_idle(None));
+    thread::sleep(Duration::from_millis(50));
+    checkpoint.complete(RestoreReason::Aborted).unwrap();
+    assert!(waiter.join().unwrap());
+    assert_eq!(c.last_cycle().unwrap().reason, RestoreReason::Aborted);
+    assert!(
+        c.last_restore().is_none(),
+        "an aborted cycle is not a restore"
+    );
+    assert!(!crac_core::in_critical_section());
+    let _cs = c.critical_section();
+    assert!(crac_core::in_critical_section());
+}

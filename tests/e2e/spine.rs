@@ -331,3 +331,41 @@ fn a_parent_and_a_child_are_both_coordinated() {
     drop(restored);
     util::reap(child, Duration::from_secs(10));
 }
+
+/// An image restored after the original exited cleanly (its agent folder removed, as after a
+/// reboot): crac-action's pre-restore puts the folder back so CRIU can bind the socket again.
+#[test]
+fn an_image_restores_after_the_original_exited_and_removed_its_socket() {
+    let Some(env) = util::env() else { return };
+    let scratch = Scratch::new("after-exit");
+    let target = Target::start(&scratch.join("t"), &[]);
+    target.assert_serving(3);
+    let pid = target.pid;
+    let images = scratch.join("img");
+    let dump = env.dump(pid, &images, &["--leave-running"], &[]);
+    assert!(dump.ok(), "{dump:?}");
+    wait_until(Duration::from_secs(10), "after_restore (resumed)", || {
+        target.hooks().len() == 6
+    });
+    let restored = Target::restored(&target);
+    let status = target.terminate();
+    assert!(
+        matches!(status, WaitStatus::Signaled(_, Signal::SIGTERM, _)),
+        "{status:?}"
+    );
+    assert!(!agent_dir(pid).exists());
+
+    let restore = env.restore(&images);
+    assert!(restore.ok(), "{restore:?}");
+    assert!(
+        restore.log.contains(&format!(
+            "crac-action: pre-restore: recreated the agent folder {} for pid {pid}",
+            agent_dir(pid).display()
+        )),
+        "{restore:?}"
+    );
+    let hooks = restored.hooks();
+    assert_eq!(hooks[6..], after_all("restored", 1), "{restore:?}");
+    let state = restored.assert_serving(restored.state().expect("state").counter);
+    assert_eq!(state.generation, 1);
+}

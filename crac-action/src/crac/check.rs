@@ -1,0 +1,179 @@
+//! `crac check`: is checkpoint/restore possible here? One verdict line, then the details.
+
+use std::process::Command;
+
+use serde::Serialize;
+
+use crac_action::driver::{self, OpError};
+use crac_action::locate;
+
+use crate::output::Out;
+
+#[derive(Debug, Serialize)]
+struct Report {
+    possible: bool,
+    verdict: String,
+    checks: Vec<Check>,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+pub fn run(out: Out) -> Result<u8, OpError> {
+    let mut checks = Vec::new();
+    let mut fixes = Vec::new();
+
+    let criu = locate::locate();
+    match &criu {
+        Ok(criu) => checks.push(Check {
+            name: "criu",
+            ok: true,
+            detail: format!(
+                "CRIU {} at {} (from {:?})",
+                criu.version,
+                criu.path.display(),
+                criu.source
+            ),
+        }),
+        Err(err) => {
+            checks.push(Check {
+                name: "criu",
+                ok: false,
+                detail: err.to_string(),
+            });
+            fixes.push("run scripts/provision-criu.sh as root, or set CRAC_CRIU".to_owned());
+        }
+    }
+
+    let root = nix::unistd::geteuid().is_root();
+    checks.push(Check {
+        name: "privileges",
+        ok: root,
+        detail: if root {
+            "running as root".to_owned()
+        } else {
+            "not root: CRIU needs root (or CAP_CHECKPOINT_RESTORE with a CRIU set up for it)"
+                .to_owned()
+        },
+    });
+    if !root {
+        fixes.push("run crac as root".to_owned());
+    }
+
+    if let (Ok(criu), true) = (&criu, root) {
+        let output = Command::new(&criu.path).arg("check").output();
+        let (ok, detail) = match output {
+            Ok(output) => {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.contains("RLIMIT_NOFILE") && !l.trim().is_empty())
+                    .collect();
+                (
+                    output.status.success() && text.contains("Looks good"),
+                    format!("`criu check`: {}", lines.join(" / ")),
+                )
+            }
+            Err(err) => (false, format!("cannot run `criu check`: {err}")),
+        };
+        if !ok {
+            fixes.push(
+                "read `criu check`'s complaint above; a kernel feature may be missing".to_owned(),
+            );
+        }
+        checks.push(Check {
+            name: "criu check",
+            ok,
+            detail,
+        });
+    }
+
+    match driver::action_script() {
+        Ok(path) => checks.push(Check {
+            name: "crac-action",
+            ok: true,
+            detail: format!("{}", path.display()),
+        }),
+        Err(err) => {
+            checks.push(Check {
+                name: "crac-action",
+                ok: false,
+                detail: err.message.clone(),
+            });
+            fixes.push("install crac-action next to crac, or set CRAC_ACTION".to_owned());
+        }
+    }
+
+    let (kernel, arch) = crac_action::metadata::this_machine();
+    checks.push(Check {
+        name: "kernel",
+        ok: true,
+        detail: format!("Linux {kernel} on {arch}"),
+    });
+    let ptrace_scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "absent".to_owned());
+    checks.push(Check {
+        name: "ptrace",
+        ok: ptrace_scope != "3",
+        detail: format!(
+            "yama ptrace_scope {ptrace_scope}{}",
+            if ptrace_scope == "3" {
+                ": ptrace is disabled, CRIU cannot seize processes"
+            } else {
+                ""
+            }
+        ),
+    });
+    let agent_dir = crac_agent::base_dir();
+    checks.push(Check {
+        name: "agents",
+        ok: true,
+        detail: format!(
+            "agent sockets under {} ({} set by {})",
+            agent_dir.display(),
+            if std::env::var_os(crac_agent::DIR_ENV).is_some() {
+                "as"
+            } else {
+                "default, can be"
+            },
+            crac_agent::DIR_ENV
+        ),
+    });
+
+    let possible = checks.iter().all(|c| c.ok);
+    let verdict = if possible {
+        "checkpoint/restore is possible here".to_owned()
+    } else {
+        format!(
+            "checkpoint/restore is NOT possible here: {}",
+            fixes.join("; ")
+        )
+    };
+    let report = Report {
+        possible,
+        verdict,
+        checks,
+    };
+    out.print(&report, || {
+        let mut text = format!("{}\n", report.verdict);
+        for check in &report.checks {
+            text.push_str(&format!(
+                "  [{}] {:<12} {}\n",
+                if check.ok { "ok" } else { "!!" },
+                check.name,
+                check.detail
+            ));
+        }
+        text
+    });
+    Ok(if possible { 0 } else { 3 })
+}

@@ -1,0 +1,236 @@
+//! `crac checkpoint`: a dump with hooks, into the image store, with metadata and timings.
+//!
+//! `--self` is how a process checkpoints itself (crac_agent::SelfCheckpoint): CRIU must not be
+//! part of the tree it dumps, so this copy of crac only checks the request, starts a detached
+//! worker and exits; the worker waits until it has been re-parented away from the process,
+//! runs the checkpoint, and writes one line with the outcome to stdout, a pipe the process
+//! reads.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crac_action::driver::{
+    self, CheckpointOutcome, CheckpointRequest, Destination, FailureKind, OpError,
+};
+use crac_action::metadata::DumpOptions;
+use crac_action::store::Store;
+
+use crate::cli::CheckpointArgs;
+use crate::output::{bytes, millis, Out};
+
+pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
+    let request = request(store, &args)?;
+    if args.for_self {
+        return detach_worker();
+    }
+    if args.self_worker {
+        return self_worker(&request);
+    }
+    let outcome = driver::checkpoint(&request)?;
+    print(&outcome, Out::new(args.json));
+    Ok(0)
+}
+
+fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, OpError> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "--timeout {} is not a number of seconds above 0",
+                args.timeout
+            ),
+        ));
+    }
+    let destination = match (&args.dir, &args.name) {
+        (Some(dir), _) => Destination::Dir(dir.clone()),
+        (None, name) => {
+            let name = match name {
+                Some(name) => name.clone(),
+                None => default_name(args.pid)?,
+            };
+            Store::validate_name(&name)
+                .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+            Destination::Store {
+                store: store.clone(),
+                name,
+                replace: args.replace,
+            }
+        }
+    };
+    Ok(CheckpointRequest {
+        pid: args.pid,
+        destination,
+        options: DumpOptions {
+            leave_running: args.leave_running,
+            tcp_established: args.tcp_established,
+            file_locks: args.file_locks,
+            timeout_secs: args.timeout,
+            extra_criu_args: args.criu_args.clone(),
+        },
+    })
+}
+
+/// The process's executable name, made into a valid image name.
+fn default_name(pid: u32) -> Result<String, OpError> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).map_err(|_| {
+        OpError::new(
+            FailureKind::BadInput,
+            format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
+        )
+    })?;
+    let name: String = comm
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = name.trim_start_matches(['.', '-']).to_owned();
+    Ok(if name.is_empty() {
+        format!("pid-{pid}")
+    } else {
+        name
+    })
+}
+
+fn print(outcome: &CheckpointOutcome, out: Out) {
+    out.print(outcome, || {
+        let meta = &outcome.metadata;
+        let mut hooks: Vec<String> = meta
+            .hooks
+            .iter()
+            .map(|h| format!("{} {}µs", h.resource, h.duration_us))
+            .collect();
+        if hooks.is_empty() {
+            hooks.push("no agent in the tree".into());
+        }
+        let mut text = format!(
+            "checkpointed pid {} ({}) into {}\n",
+            meta.pid,
+            meta.command_line.first().map(String::as_str).unwrap_or("?"),
+            outcome.path.display()
+        );
+        text.push_str(&format!(
+            "  hooks      {:>9}  ({})\n",
+            millis(meta.timings.hooks_ms),
+            hooks.join(", ")
+        ));
+        text.push_str(&format!(
+            "  criu dump  {:>9}  (CRIU's own figures: {})\n",
+            millis(meta.timings.dump_ms),
+            outcome.path.join("stats-dump").display()
+        ));
+        text.push_str(&format!(
+            "  total      {:>9}  image {}\n",
+            millis(meta.timings.total_ms),
+            bytes(meta.image_bytes)
+        ));
+        if outcome.left_running {
+            text.push_str("  the process keeps running (told after_restore \"resumed\")\n");
+        } else {
+            text.push_str(&format!(
+                "  the process was stopped; restore it with: crac restore {}\n",
+                if outcome.path.starts_with(Path::new("/")) && meta.name.is_empty() {
+                    outcome.path.display().to_string()
+                } else {
+                    meta.name.clone()
+                }
+            ));
+        }
+        text
+    });
+}
+
+/// `--self`: the request checked out; start the worker in its own process group and return at
+/// once, so the worker is re-parented away from the process being dumped.
+fn detach_worker() -> Result<u8, OpError> {
+    driver::criu()?;
+    driver::action_script()?;
+    let exe = std::env::current_exe().map_err(|e| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot find crac's own executable: {e}"),
+        )
+    })?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            if a == "--self" {
+                "--self-worker".to_owned()
+            } else {
+                a
+            }
+        })
+        .collect();
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot start the checkpoint worker: {e}"),
+            )
+        })?;
+    Ok(0)
+}
+
+/// The worker's one-line report, read by crac_agent::SelfCheckpoint.
+#[derive(Serialize)]
+struct SelfReport<'a> {
+    outcome: &'a str,
+    path: Option<String>,
+    left_running: bool,
+    error: Option<String>,
+}
+
+fn self_worker(request: &CheckpointRequest) -> Result<u8, OpError> {
+    // Wait until the `--self` copy that started us has exited and we were re-parented: only
+    // then are we outside the tree CRIU is about to dump.
+    let started_by = std::os::unix::process::parent_id();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::os::unix::process::parent_id() == started_by && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let result = if std::os::unix::process::parent_id() == started_by {
+        Err(OpError::new(
+            FailureKind::Failed,
+            "the checkpoint worker could not leave the process's tree",
+        ))
+    } else {
+        driver::checkpoint(request)
+    };
+    let report = match &result {
+        Ok(outcome) => SelfReport {
+            outcome: "dumped",
+            path: Some(outcome.path.display().to_string()),
+            left_running: outcome.left_running,
+            error: None,
+        },
+        Err(err) => SelfReport {
+            outcome: "failed",
+            path: None,
+            left_running: true,
+            error: Some(
+                std::iter::once(err.message.clone())
+                    .chain(err.details.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+        },
+    };
+    // The reader is gone if the dump stopped the process; nothing to do about that.
+    let line = serde_json::to_string(&report).expect("reports serialise");
+    let _ = writeln!(std::io::stdout(), "{line}");
+    result.map(|_| 0)
+}

@@ -1,0 +1,306 @@
+//! The command line, parsed and nothing else: names are pinned here, and every command's help
+//! ends with an example.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+const EXIT_CODES: &str = "\
+Exit codes: 0 done; 1 the operation failed (CRIU or a hook failed; the service keeps running);
+2 bad input (unknown PID, missing or invalid image, bad option); 3 checkpoint/restore is not
+possible here (no usable CRIU, no privileges, store not writable). `crac run` returns the
+service's own exit status.";
+
+/// Checkpoint and restore Rust services with CRIU, coordinating their hooks.
+#[derive(Debug, Parser)]
+#[command(name = "crac", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// The image store (default: $CRAC_STORE; as root /var/lib/crac/images, otherwise
+    /// ~/.local/share/crac/images).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Tell whether checkpoint/restore is possible here, and if not, why and how to fix it.
+    #[command(
+        name = "check",
+        after_help = "Example:\n  crac check\n  crac check --json"
+    )]
+    Check(JsonFlag),
+
+    /// Checkpoint a running process (and its children) into the image store.
+    #[command(
+        name = "checkpoint",
+        after_help = "Examples:\n  crac checkpoint 4242 --name web\n  crac checkpoint 4242 --name web --leave-running --replace\n  crac checkpoint 4242 --dir /srv/images/web -- --ext-unix-sk"
+    )]
+    Checkpoint(CheckpointArgs),
+
+    /// Restore a checkpointed process; its after_restore hooks run before this returns.
+    #[command(
+        name = "restore",
+        after_help = "Examples:\n  crac restore web --detach\n  crac restore /srv/images/web"
+    )]
+    Restore(RestoreArgs),
+
+    /// List, inspect, remove, export and import images.
+    #[command(name = "images", subcommand)]
+    Images(ImagesCommand),
+
+    /// Processes on this machine that run an agent, with their state and resources.
+    #[command(name = "ps", after_help = "Example:\n  crac ps --json")]
+    Ps(JsonFlag),
+
+    /// The state of one process's agent.
+    #[command(name = "status", after_help = "Example:\n  crac status 4242")]
+    Status(StatusArgs),
+
+    /// Start a service warm from its image if there is a good one, cold otherwise.
+    #[command(
+        name = "run",
+        after_help = "Examples:\n  crac run --image web -- ./target/release/web --port 8080\n  crac run --image web --restore-only --log /var/log/web.log -- ./web"
+    )]
+    Run(RunArgs),
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crac checkpoint`.
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// The process to checkpoint (the root of the tree that is dumped).
+    pub pid: u32,
+    /// The image's name in the store (default: the process's executable name).
+    #[arg(long, conflicts_with = "dir")]
+    pub name: Option<String>,
+    /// Write the images into this folder instead of the store.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Replace an image of the same name.
+    #[arg(long)]
+    pub replace: bool,
+    /// Keep the process running after the dump (it is told after_restore "resumed").
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Dump established TCP connections (CRIU's --tcp-established).
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Dump file locks (CRIU's --file-locks).
+    #[arg(long)]
+    pub file_locks: bool,
+    /// Seconds to wait for the hooks before the dump is aborted.
+    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: run on behalf of the process itself (the self-checkpoint API).
+    #[arg(long = "self", hide = true)]
+    pub for_self: bool,
+    /// Internal: the detached worker of --self.
+    #[arg(long, hide = true)]
+    pub self_worker: bool,
+    /// More options for `criu dump`, after `--`.
+    #[arg(last = true, value_name = "CRIU_ARGS")]
+    pub criu_args: Vec<String>,
+}
+
+/// `crac restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// An image name in the store, or an image folder (a path with a `/`).
+    pub image: String,
+    /// Return once the process runs (CRIU's -d) instead of waiting for it to exit.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crac images ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// The images in the store, oldest first.
+    #[command(name = "list", after_help = "Example:\n  crac images list --json")]
+    List(JsonFlag),
+    /// One image's metadata.
+    #[command(name = "show", after_help = "Example:\n  crac images show web")]
+    Show(ShowArgs),
+    /// Remove images.
+    #[command(name = "rm", after_help = "Example:\n  crac images rm web old-web")]
+    Rm(RmArgs),
+    /// Disk use per image and in total.
+    #[command(name = "du", after_help = "Example:\n  crac images du")]
+    Du(JsonFlag),
+    /// Remove old images.
+    #[command(
+        name = "prune",
+        after_help = "Examples:\n  crac images prune --keep 3\n  crac images prune --older-than 7d"
+    )]
+    Prune(PruneArgs),
+    /// Write one image to a portable, compressed, checksummed archive.
+    #[command(
+        name = "export",
+        after_help = "Example:\n  crac images export web web.crac"
+    )]
+    Export(ExportArgs),
+    /// Read an archive made by `export` into the store (checksums checked first).
+    #[command(
+        name = "import",
+        after_help = "Example:\n  crac images import web.crac --name web-from-prod"
+    )]
+    Import(ImportArgs),
+}
+
+/// `crac images show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The image.
+    pub name: String,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crac images rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The images to remove.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `crac images prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Keep this many of the newest images.
+    #[arg(long, value_name = "N")]
+    pub keep: Option<usize>,
+    /// Remove images older than this (90s, 30m, 12h, 7d).
+    #[arg(long, value_name = "AGE")]
+    pub older_than: Option<String>,
+}
+
+/// `crac images export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The image.
+    pub name: String,
+    /// The archive to write.
+    pub file: PathBuf,
+}
+
+/// `crac images import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The archive to read.
+    pub file: PathBuf,
+    /// The name to give the image (default: its name in the archive).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `crac status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The process.
+    pub pid: u32,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crac run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The image to restore from.
+    #[arg(long)]
+    pub image: String,
+    /// Fail instead of starting cold when the image is missing, invalid or fails to restore.
+    #[arg(long)]
+    pub restore_only: bool,
+    /// Where a cold-started service's stdout and stderr go (a checkpointable service must not
+    /// write to a terminal). Default: <store>/<image>.log.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// The service's command line, for a cold start.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn names_and_values_parse() {
+        let cli = Cli::try_parse_from([
+            "crac",
+            "checkpoint",
+            "42",
+            "--name",
+            "web",
+            "--leave-running",
+            "--",
+            "--shell-job",
+        ])
+        .unwrap();
+        let Command::Checkpoint(args) = cli.command else {
+            panic!("not checkpoint")
+        };
+        assert_eq!(args.pid, 42);
+        assert_eq!(args.name.as_deref(), Some("web"));
+        assert!(args.leave_running);
+        assert_eq!(args.criu_args, ["--shell-job"]);
+        assert_eq!(args.timeout, 30.0);
+
+        let cli = Cli::try_parse_from([
+            "crac", "run", "--image", "web", "--", "./web", "--port", "1",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.command, ["./web", "--port", "1"]);
+
+        let cli = Cli::try_parse_from(["crac", "--store", "/s", "images", "prune", "--keep", "2"])
+            .unwrap();
+        assert_eq!(cli.store, Some(PathBuf::from("/s")));
+        assert!(matches!(
+            cli.command,
+            Command::Images(ImagesCommand::Prune(PruneArgs { keep: Some(2), .. }))
+        ));
+    }
+
+    #[test]
+    fn bad_input_is_refused_by_the_parser() {
+        for args in [
+            &["crac", "checkpoint", "notapid"][..],
+            &["crac", "checkpoint", "1", "--name", "a", "--dir", "/x"],
+            &["crac", "run", "--image", "web"],
+            &["crac", "images", "rm"],
+            &["crac", "frobnicate"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} parsed");
+        }
+    }
+}

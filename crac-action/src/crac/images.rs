@@ -1,0 +1,266 @@
+//! `crac images ...`: the image store.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crac_action::archive;
+use crac_action::driver::{FailureKind, OpError};
+use crac_action::metadata::{self, Metadata};
+use crac_action::store::{self, Store, StoreError};
+
+use crate::cli::ImagesCommand;
+use crate::output::{bytes, millis, Out};
+
+/// An image name or folder, as an image folder.
+pub fn resolve(store: &Store, image: &str) -> Result<PathBuf, OpError> {
+    store.resolve(image).map_err(store_error)
+}
+
+fn store_error(err: StoreError) -> OpError {
+    let kind = match err {
+        StoreError::NotWritable { .. } => FailureKind::Unavailable,
+        StoreError::Io { .. } => FailureKind::Failed,
+        _ => FailureKind::BadInput,
+    };
+    OpError::new(kind, err.to_string())
+}
+
+/// Runs an images command; returns whether it printed JSON, and the outcome.
+pub fn run(store: &Store, command: ImagesCommand) -> (bool, Result<u8, OpError>) {
+    match command {
+        ImagesCommand::List(args) => (args.json, list(store, Out::new(args.json))),
+        ImagesCommand::Show(args) => (args.json, show(store, &args.name, Out::new(args.json))),
+        ImagesCommand::Rm(args) => (false, rm(store, &args.names)),
+        ImagesCommand::Du(args) => (args.json, du(store, Out::new(args.json))),
+        ImagesCommand::Prune(args) => (false, prune(store, args.keep, args.older_than.as_deref())),
+        ImagesCommand::Export(args) => (false, export(store, &args.name, &args.file)),
+        ImagesCommand::Import(args) => (false, import(store, &args.file, args.name.as_deref())),
+    }
+}
+
+#[derive(Serialize)]
+struct Listed {
+    name: String,
+    path: PathBuf,
+    created_unix_ms: u64,
+    bytes: u64,
+    metadata: Option<Metadata>,
+    error: Option<String>,
+}
+
+fn list(store: &Store, out: Out) -> Result<u8, OpError> {
+    let entries = store.list().map_err(store_error)?;
+    let listed: Vec<Listed> = entries
+        .into_iter()
+        .map(|e| {
+            let (metadata, error) = match e.metadata {
+                Ok(m) => (Some(m), None),
+                Err(err) => (None, Some(err.to_string())),
+            };
+            Listed {
+                name: e.name,
+                path: e.path,
+                created_unix_ms: e.created_unix_ms,
+                bytes: e.bytes,
+                metadata,
+                error,
+            }
+        })
+        .collect();
+    out.print(&listed, || {
+        if listed.is_empty() {
+            return format!("no images in {}\n", store.root().display());
+        }
+        let mut text = format!(
+            "{:<24} {:>10} {:>8}  {:<24} COMMAND\n",
+            "NAME", "SIZE", "PID", "CREATED"
+        );
+        for l in &listed {
+            let (pid, command) = match &l.metadata {
+                Some(m) => (m.pid.to_string(), m.command_line.join(" ")),
+                None => (
+                    "-".into(),
+                    format!("(unreadable: {})", l.error.as_deref().unwrap_or("?")),
+                ),
+            };
+            text.push_str(&format!(
+                "{:<24} {:>10} {:>8}  {:<24} {}\n",
+                l.name,
+                bytes(l.bytes),
+                pid,
+                age(l.created_unix_ms),
+                command
+            ));
+        }
+        text
+    });
+    Ok(0)
+}
+
+fn age(created_unix_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    let secs = now.saturating_sub(created_unix_ms) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
+    let dir = resolve(store, name)?;
+    let meta =
+        metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    let problems = metadata::validate(&dir, &meta).err().map(|e| e.to_string());
+    #[derive(Serialize)]
+    struct Shown<'a> {
+        path: &'a PathBuf,
+        valid: bool,
+        problems: Option<String>,
+        metadata: &'a Metadata,
+    }
+    let shown = Shown {
+        path: &dir,
+        valid: problems.is_none(),
+        problems: problems.clone(),
+        metadata: &meta,
+    };
+    out.print(&shown, || {
+        let mut text = format!("image {} at {}\n", meta.name, dir.display());
+        text.push_str(&format!(
+            "  valid:     {}\n",
+            problems.as_deref().unwrap_or("yes")
+        ));
+        text.push_str(&format!(
+            "  process:   pid {} `{}`\n",
+            meta.pid,
+            meta.command_line.join(" ")
+        ));
+        text.push_str(&format!("  created:   {}\n", age(meta.created_unix_ms)));
+        text.push_str(&format!(
+            "  size:      {} in {} files\n",
+            bytes(meta.image_bytes),
+            meta.files.len()
+        ));
+        text.push_str(&format!(
+            "  made with: CRIU {}, crac {}, Linux {} on {}\n",
+            meta.criu_version, meta.crac_version, meta.kernel, meta.arch
+        ));
+        text.push_str(&format!(
+            "  options:   leave_running={} tcp_established={} file_locks={} timeout={}s {}\n",
+            meta.options.leave_running,
+            meta.options.tcp_established,
+            meta.options.file_locks,
+            meta.options.timeout_secs,
+            meta.options.extra_criu_args.join(" ")
+        ));
+        text.push_str(&format!(
+            "  timings:   hooks {}, criu dump {}, total {}\n",
+            millis(meta.timings.hooks_ms),
+            millis(meta.timings.dump_ms),
+            millis(meta.timings.total_ms)
+        ));
+        for h in &meta.hooks {
+            text.push_str(&format!(
+                "  hook:      pid {} {} {} {}µs\n",
+                h.pid, h.phase, h.resource, h.duration_us
+            ));
+        }
+        text
+    });
+    Ok(0)
+}
+
+fn rm(store: &Store, names: &[String]) -> Result<u8, OpError> {
+    // Check every name first, so that a typo removes nothing.
+    for name in names {
+        store.resolve(name).map_err(store_error)?;
+    }
+    for name in names {
+        store.remove(name).map_err(store_error)?;
+        println!("removed {name}");
+    }
+    Ok(0)
+}
+
+fn du(store: &Store, out: Out) -> Result<u8, OpError> {
+    let usage = store.du().map_err(store_error)?;
+    #[derive(Serialize)]
+    struct Du<'a> {
+        images: &'a [(String, u64)],
+        staging: u64,
+        total: u64,
+    }
+    out.print(
+        &Du {
+            images: &usage.images,
+            staging: usage.staging,
+            total: usage.total,
+        },
+        || {
+            let mut text = String::new();
+            for (name, size) in &usage.images {
+                text.push_str(&format!("{:>10}  {name}\n", bytes(*size)));
+            }
+            if usage.staging > 0 {
+                text.push_str(&format!(
+                    "{:>10}  (working folders of dumps in progress or killed)\n",
+                    bytes(usage.staging)
+                ));
+            }
+            text.push_str(&format!(
+                "{:>10}  total in {}\n",
+                bytes(usage.total),
+                store.root().display()
+            ));
+            text
+        },
+    );
+    Ok(0)
+}
+
+fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result<u8, OpError> {
+    let older_than = older_than
+        .map(store::parse_age)
+        .transpose()
+        .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let removed = store.prune(keep, older_than).map_err(store_error)?;
+    if removed.is_empty() {
+        println!("nothing to prune");
+    }
+    for name in removed {
+        println!("removed {name}");
+    }
+    Ok(0)
+}
+
+fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpError> {
+    let summary = archive::export(store, name, file).map_err(archive_error)?;
+    println!(
+        "exported {name} to {}: {} files, {} -> {}",
+        file.display(),
+        summary.files,
+        bytes(summary.bytes_in),
+        bytes(summary.bytes_out)
+    );
+    Ok(0)
+}
+
+fn import(store: &Store, file: &std::path::Path, name: Option<&str>) -> Result<u8, OpError> {
+    let imported = archive::import(store, file, name).map_err(archive_error)?;
+    println!("imported {} as {imported}", file.display());
+    Ok(0)
+}
+
+fn archive_error(err: archive::ArchiveError) -> OpError {
+    let kind = match &err {
+        archive::ArchiveError::Store(StoreError::NotWritable { .. }) => FailureKind::Unavailable,
+        _ => FailureKind::BadInput,
+    };
+    OpError::new(kind, err.to_string())
+}

@@ -1,0 +1,44 @@
+//! `crac`: the operators' command. Each command lives in its own module; the work is done by
+//! the `crac_action` library (driver, store, metadata, archive), this binary parses, prints
+//! and maps outcomes to exit codes.
+
+mod check;
+mod checkpoint;
+mod cli;
+mod images;
+mod output;
+mod ps;
+mod restore;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use crac_action::store::Store;
+
+use crate::cli::{Cli, Command};
+use crate::output::Out;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let store = match cli.store {
+        Some(root) => Store::open(root),
+        None => Store::open_default(),
+    };
+    let (json, result) = match cli.command {
+        Command::Check(args) => (args.json, check::run(Out::new(args.json))),
+        Command::Checkpoint(args) => (args.json, checkpoint::run(&store, args)),
+        Command::Restore(args) => (args.json, restore::run(&store, args)),
+        Command::Images(command) => images::run(&store, command),
+        Command::Ps(args) => (args.json, ps::ps(Out::new(args.json))),
+        Command::Status(args) => (args.json, ps::status(args.pid, Out::new(args.json))),
+        Command::Run(args) => (false, run::run(&store, args)),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            output::print_error(&err, json);
+            ExitCode::from(err.kind.exit_code())
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `crac restore`: validate first (metadata, complete images, architecture, CRIU, free PID),
+//! then restore with crac-action so the after_restore hooks run before this returns.
+
+use crac_action::driver::{self, OpError, RestoreRequest};
+use crac_action::store::Store;
+
+use crate::cli::RestoreArgs;
+use crate::output::{millis, Out};
+
+pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
+    let dir = crate::images::resolve(store, &args.image)?;
+    let outcome = driver::restore(&RestoreRequest {
+        dir: dir.clone(),
+        detach: args.detach,
+    })?;
+    Out::new(args.json).print(&outcome, || {
+        let mut text = if args.detach {
+            format!(
+                "restored pid {} from {} in {}\n",
+                outcome.pid,
+                dir.display(),
+                millis(outcome.restore_ms)
+            )
+        } else {
+            format!(
+                "pid {} (restored from {}) exited with {} after {}\n",
+                outcome.pid,
+                dir.display(),
+                outcome
+                    .exit_code
+                    .map_or("no exit code".to_owned(), |c| format!("code {c}")),
+                millis(outcome.restore_ms)
+            )
+        };
+        if outcome.hook_lines.is_empty() {
+            text.push_str("  no agent in the restored tree\n");
+        }
+        for line in &outcome.hook_lines {
+            text.push_str(&format!("  {line}\n"));
+        }
+        text
+    });
+    Ok(0)
+}

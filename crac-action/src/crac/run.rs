@@ -1,0 +1,189 @@
+//! `crac run`: the warm-start launcher. Restore the image if it is there and valid, otherwise
+//! (or when the restore fails, unless --restore-only) start the command cold. Either way stay
+//! in the foreground as the service's parent: forward signals to it and exit with its status.
+//!
+//! crac run makes itself a child subreaper, so a service restored by `criu restore -d` is
+//! re-parented to it when CRIU exits, and can be waited for like a child it started itself.
+//! A cold-started service gets what a self-checkpoint needs: it is a session leader, its
+//! output goes to a log file (not a terminal, which would stop a dump), and its environment
+//! names the image (`CRAC_CHECKPOINT_TO`), the store (`CRAC_STORE`) and crac (`CRAC_BIN`).
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::iterator::Signals;
+
+use crac_action::driver::{self, FailureKind, OpError, RestoreRequest};
+use crac_action::store::{Store, STORE_ENV};
+
+use crate::cli::RunArgs;
+use crate::output::millis;
+
+/// Names the image a service checkpoints itself into (read by crac_agent::SelfCheckpoint).
+const CHECKPOINT_TO_ENV: &str = "CRAC_CHECKPOINT_TO";
+/// Names the crac binary for the service's self-checkpoint.
+const CRAC_BIN_ENV: &str = "CRAC_BIN";
+
+pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
+    let started = Instant::now();
+    Store::validate_name(&args.image)
+        .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot become a child subreaper: {e}"),
+        )
+    })?;
+    // The service's PID once there is one; signals that come before are delivered then.
+    let service = Arc::new(AtomicI32::new(0));
+    forward_signals(Arc::clone(&service))?;
+
+    let pid = match warm(store, &args.image) {
+        Ok(pid) => {
+            eprintln!(
+                "crac run: restored image {:?} as pid {pid} in {}",
+                args.image,
+                millis(started.elapsed().as_secs_f64() * 1e3)
+            );
+            pid
+        }
+        Err(err) if args.restore_only => {
+            return Err(OpError {
+                message: format!("no warm start (--restore-only): {}", err.message),
+                ..err
+            })
+        }
+        Err(err) => {
+            eprintln!("crac run: no warm start: {}", err.message);
+            for line in &err.details {
+                eprintln!("crac run:   {line}");
+            }
+            let pid = cold(store, &args)?;
+            eprintln!(
+                "crac run: started cold as pid {pid} in {}",
+                millis(started.elapsed().as_secs_f64() * 1e3)
+            );
+            pid
+        }
+    };
+    service.store(pid as i32, Ordering::SeqCst);
+    Ok(wait_for(pid))
+}
+
+fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
+    let dir = store
+        .resolve(image)
+        .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    let outcome = driver::restore(&RestoreRequest { dir, detach: true })?;
+    Ok(outcome.pid)
+}
+
+fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
+    let log = args
+        .log
+        .clone()
+        .unwrap_or_else(|| store.root().join(format!("{}.log", args.image)));
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    // Appending: a service restored later writes at the end, not over what came since.
+    let open_log = || {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| {
+                OpError::new(
+                    FailureKind::BadInput,
+                    format!(
+                        "cannot open the log {}: {e} (choose another with --log)",
+                        log.display()
+                    ),
+                )
+            })
+    };
+    let crac_bin = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("crac"));
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .stdin(Stdio::null())
+        .stdout(open_log()?)
+        .stderr(open_log()?)
+        .env(CHECKPOINT_TO_ENV, &args.image)
+        .env(STORE_ENV, store.root())
+        .env(CRAC_BIN_ENV, crac_bin);
+    // SAFETY: setsid is async-signal-safe and is the only call made between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        OpError::new(
+            FailureKind::BadInput,
+            format!("cannot start {:?}: {e}", args.command[0]),
+        )
+    })?;
+    Ok(child.id())
+}
+
+fn forward_signals(service: Arc<AtomicI32>) -> Result<(), OpError> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2]).map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot handle signals: {e}"),
+            )
+        })?;
+    std::thread::Builder::new()
+        .name("crac-run-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let pid = service.load(Ordering::SeqCst);
+                if pid > 0 {
+                    if let Ok(signal) = Signal::try_from(signal) {
+                        let _ = kill(Pid::from_raw(pid), signal);
+                    }
+                }
+            }
+        })
+        .map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot start a thread: {e}"),
+            )
+        })?;
+    Ok(())
+}
+
+/// Reaps children (orphans re-parented to this subreaper included) until the service exits;
+/// returns its status the way a shell does (128 + signal when killed).
+fn wait_for(service: u32) -> u8 {
+    loop {
+        match waitpid(None::<Pid>, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() as u32 == service => {
+                eprintln!("crac run: pid {service} exited with code {code}");
+                return u8::try_from(code).unwrap_or(1);
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid.as_raw() as u32 == service => {
+                eprintln!("crac run: pid {service} was killed by {signal}");
+                return 128u8.saturating_add(signal as u8);
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(err) => {
+                eprintln!("crac run: lost track of pid {service}: {err}");
+                return 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! Driving CRIU for the `crac` command: a checkpoint into the image store, a validated restore.
+//!
+//! Both run CRIU with crac-action as the action script, so hooks run as they would for an
+//! operator's own `criu dump --action-script`. What this adds: the image store (a failed dump
+//! leaves nothing in it), a metadata file beside the images, validation before a restore, and
+//! errors that quote CRIU's own lines with a hint for the ones people hit.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::locate::{self, Criu};
+use crate::metadata::{self, DumpOptions, HookTiming, Metadata, Timings};
+use crate::pre_dump::{HookReport, HOOK_REPORT_ENV};
+use crate::settings::TIMEOUT_ENV;
+use crate::store::{Staging, Store};
+use crate::tree::ProcessId;
+
+/// How an operation failed, which decides the `crac` exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The operation ran and failed (CRIU failed, a hook failed): exit code 1.
+    Failed,
+    /// The input was wrong (unknown PID, missing or invalid image): exit code 2.
+    BadInput,
+    /// Checkpoint/restore is not possible here (no CRIU, no privileges, store not writable):
+    /// exit code 3.
+    Unavailable,
+}
+
+impl FailureKind {
+    /// The `crac` exit code for this kind.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            FailureKind::Failed => 1,
+            FailureKind::BadInput => 2,
+            FailureKind::Unavailable => 3,
+        }
+    }
+}
+
+/// A failed operation: one line, and the details that explain it (CRIU's error lines,
+/// crac-action's lines, hints).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    /// Which kind of failure.
+    pub kind: FailureKind,
+    /// One line saying what went wrong and what to do.
+    pub message: String,
+    /// Supporting lines.
+    pub details: Vec<String>,
+}
+
+impl OpError {
+    /// A failure of `kind`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> OpError {
+        OpError {
+            kind,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    fn with_details(mut self, details: Vec<String>) -> OpError {
+        self.details = details;
+        self
+    }
+}
+
+/// Finds CRIU, as an [`OpError`].
+///
+/// # Errors
+///
+/// [`FailureKind::Unavailable`] with what was tried.
+pub fn criu() -> Result<Criu, OpError> {
+    locate::locate().map_err(|e| OpError::new(FailureKind::Unavailable, e.to_string()))
+}
+
+/// The crac-action binary: `$CRAC_ACTION`, else beside this executable, else on `PATH`.
+///
+/// # Errors
+///
+/// [`FailureKind::Unavailable`] when none is found.
+pub fn action_script() -> Result<PathBuf, OpError> {
+    if let Some(path) = std::env::var_os("CRAC_ACTION").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("crac-action")));
+    if let Some(path) = beside.filter(|p| p.is_file()) {
+        return Ok(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("crac-action"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            OpError::new(
+                FailureKind::Unavailable,
+                "crac-action not found beside crac nor on PATH: install it next to crac, or set CRAC_ACTION",
+            )
+        })
+}
+
+/// Where a checkpoint goes.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    /// An image of this name in the store.
+    Store {
+        /// The store.
+        store: Store,
+        /// The image's name.
+        name: String,
+        /// Whether an existing image of that name is replaced.
+        replace: bool,
+    },
+    /// A folder of the caller's (created; must not exist or be empty).
+    Dir(PathBuf),
+}
+
+/// A checkpoint to take.
+#[derive(Clone, Debug)]
+pub struct CheckpointRequest {
+    /// The root of the tree to dump.
+    pub pid: u32,
+    /// Where the images go.
+    pub destination: Destination,
+    /// Options passed on to CRIU.
+    pub options: DumpOptions,
+}
+
+/// A checkpoint taken.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CheckpointOutcome {
+    /// The image folder.
+    pub path: PathBuf,
+    /// Its metadata (written beside the images).
+    pub metadata: Metadata,
+    /// Whether the process still runs (`--leave-running`).
+    pub left_running: bool,
+}
+
+/// Takes a checkpoint. The target keeps running if anything fails (the hooks are rolled back),
+/// and nothing is left in the store.
+///
+/// # Errors
+///
+/// See [`OpError`]; CRIU's error lines and crac-action's lines are in the details.
+pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpError> {
+    let started = Instant::now();
+    let pid = request.pid;
+    let process = ProcessId::of(pid).ok_or_else(|| {
+        OpError::new(
+            FailureKind::BadInput,
+            format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
+        )
+    })?;
+    let command_line = read_cmdline(pid);
+    let executable = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let criu = criu()?;
+    let action = action_script()?;
+
+    let mut staging: Option<Staging> = None;
+    let images: PathBuf = match &request.destination {
+        Destination::Store {
+            store,
+            name,
+            replace,
+        } => {
+            if !replace && store.resolve(name).is_ok() {
+                return Err(OpError::new(
+                    FailureKind::BadInput,
+                    format!(
+                        "an image named {name:?} already exists: use --replace or another --name"
+                    ),
+                ));
+            }
+            let s = store
+                .begin(name)
+                .map_err(|e| OpError::new(FailureKind::Unavailable, e.to_string()))?;
+            let path = s.path().to_owned();
+            staging = Some(s);
+            path
+        }
+        Destination::Dir(dir) => {
+            prepare_dir(dir)?;
+            dir.clone()
+        }
+    };
+    let created_dir = matches!(request.destination, Destination::Dir(_));
+    let fail = |err: OpError| {
+        // A failed dump leaves no half image: the staging folder goes with `staging`; a
+        // caller's folder is emptied of what CRIU wrote (its log is kept for diagnosis).
+        if created_dir {
+            clean_dir_except_log(&images);
+        }
+        err
+    };
+
+    let report_path = std::env::temp_dir().join(format!(
+        "crac-hooks-{}-{}.json",
+        std::process::id(),
+        now_ms()
+    ));
+    let mut cmd = Command::new(&criu.path);
+    cmd.arg("dump")
+        .arg("-t")
+        .arg(pid.to_string())
+        .arg("-D")
+        .arg(&images)
+        .arg("-o")
+        .arg("dump.log")
+        .arg("--action-script")
+        .arg(&action)
+        .env(TIMEOUT_ENV, request.options.timeout_secs.to_string())
+        .env(HOOK_REPORT_ENV, &report_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if request.options.leave_running {
+        cmd.arg("--leave-running");
+    }
+    if request.options.tcp_established {
+        cmd.arg("--tcp-established");
+    }
+    if request.options.file_locks {
+        cmd.arg("--file-locks");
+    }
+    cmd.args(&request.options.extra_criu_args);
+    let dump_started = Instant::now();
+    let output = cmd.output().map_err(|e| {
+        fail(OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot run {}: {e}", criu.path.display()),
+        ))
+    })?;
+    let dump_ms = ms(dump_started.elapsed());
+    let hook_report: Option<HookReport> = fs::read(&report_path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let _ = fs::remove_file(&report_path);
+    let log = fs::read_to_string(images.join("dump.log")).unwrap_or_default();
+
+    if !output.status.success() {
+        let mut details = criu_lines(&log, &output.stderr);
+        details.extend(hints(&log));
+        let state = if process.is_alive() {
+            format!("pid {pid} is still running; hooks that ran were rolled back")
+        } else {
+            format!("pid {pid} is no longer running")
+        };
+        return Err(fail(
+            OpError::new(
+                FailureKind::Failed,
+                format!(
+                    "criu dump of pid {pid} failed ({}); {state}",
+                    status_text(&output.status)
+                ),
+            )
+            .with_details(details),
+        ));
+    }
+
+    let (kernel, arch) = metadata::this_machine();
+    let files = metadata::list_image_files(&images).map_err(|e| {
+        fail(OpError::new(
+            FailureKind::Failed,
+            format!("cannot list the images in {}: {e}", images.display()),
+        ))
+    })?;
+    let hooks: Vec<HookTiming> = hook_report
+        .iter()
+        .flat_map(|r| {
+            r.agents.iter().flat_map(|a| {
+                a.hooks.iter().map(move |h| HookTiming {
+                    pid: a.pid,
+                    resource: h.resource.clone(),
+                    phase: h.phase.clone(),
+                    duration_us: h.duration_us,
+                })
+            })
+        })
+        .collect();
+    let name = match &request.destination {
+        Destination::Store { name, .. } => name.clone(),
+        Destination::Dir(dir) => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let mut metadata = Metadata {
+        format: metadata::FORMAT,
+        name,
+        pid,
+        command_line,
+        executable,
+        created_unix_ms: now_ms(),
+        image_bytes: files.iter().map(|f| f.size).sum(),
+        criu_version: criu.version.clone(),
+        kernel,
+        arch,
+        options: request.options.clone(),
+        hooks,
+        timings: Timings {
+            hooks_ms: hook_report.as_ref().map_or(0.0, |r| r.wall_ms),
+            dump_ms,
+            total_ms: 0.0,
+        },
+        crac_version: env!("CARGO_PKG_VERSION").to_owned(),
+        files,
+    };
+    metadata.timings.total_ms = ms(started.elapsed());
+    metadata::write(&images, &metadata).map_err(|e| {
+        fail(OpError::new(
+            FailureKind::Failed,
+            format!("cannot write the metadata into {}: {e}", images.display()),
+        ))
+    })?;
+    let path = match (staging, &request.destination) {
+        (Some(staging), Destination::Store { replace, .. }) => staging
+            .commit(*replace)
+            .map_err(|e| OpError::new(FailureKind::Failed, e.to_string()))?,
+        _ => images,
+    };
+    Ok(CheckpointOutcome {
+        path,
+        metadata,
+        left_running: request.options.leave_running,
+    })
+}
+
+/// A restore to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreRequest {
+    /// The image folder.
+    pub dir: PathBuf,
+    /// Whether CRIU detaches (`-d`) instead of staying the restored tree's parent.
+    pub detach: bool,
+}
+
+/// A restore done.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RestoreOutcome {
+    /// The restored root.
+    pub pid: u32,
+    /// How long CRIU took (until it detached, or until the tree exited if not detached).
+    pub restore_ms: f64,
+    /// crac-action's lines from CRIU's log (hook order and durations).
+    pub hook_lines: Vec<String>,
+    /// The restored tree's exit code, when CRIU stayed its parent.
+    pub exit_code: Option<i32>,
+}
+
+/// Checks that the image in `dir` can be restored here, and returns its metadata.
+///
+/// # Errors
+///
+/// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image or a PID in
+/// use; [`FailureKind::Unavailable`] when no CRIU can run.
+pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
+    let meta =
+        metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    metadata::validate(dir, &meta)
+        .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    let criu = criu()?;
+    if let Some(holder) = ProcessId::of(meta.pid) {
+        let cmd = read_cmdline(holder.pid).join(" ");
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "pid {} is in use by `{}`: the image must get its original pid back; stop that process first",
+                meta.pid,
+                if cmd.is_empty() { "?".to_owned() } else { cmd }
+            ),
+        ));
+    }
+    Ok((meta, criu))
+}
+
+/// Restores the image in `request.dir` (validated first).
+///
+/// # Errors
+///
+/// As [`validate`], and [`FailureKind::Failed`] when CRIU fails (its lines in the details).
+pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
+    let (meta, criu) = validate(&request.dir)?;
+    let action = action_script()?;
+    let mut cmd = Command::new(&criu.path);
+    cmd.arg("restore")
+        .arg("-D")
+        .arg(&request.dir)
+        .arg("-o")
+        .arg("restore.log")
+        .arg("--action-script")
+        .arg(&action)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if request.detach {
+        cmd.arg("-d");
+    }
+    if meta.options.tcp_established {
+        cmd.arg("--tcp-established");
+    }
+    if meta.options.file_locks {
+        cmd.arg("--file-locks");
+    }
+    let started = Instant::now();
+    let output = cmd.output().map_err(|e| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot run {}: {e}", criu.path.display()),
+        )
+    })?;
+    let restore_ms = ms(started.elapsed());
+    let log = fs::read_to_string(request.dir.join("restore.log")).unwrap_or_default();
+    let hook_lines: Vec<String> = log
+        .lines()
+        .filter(|l| l.starts_with("crac-action:"))
+        .map(str::to_owned)
+        .collect();
+    let restored = log.contains("Restore finished successfully") || request.detach;
+    if !output.status.success() && (request.detach || !restored) {
+        let mut details = criu_lines(&log, &output.stderr);
+        details.extend(hints(&log));
+        return Err(OpError::new(
+            FailureKind::Failed,
+            format!(
+                "criu restore of {} failed ({})",
+                request.dir.display(),
+                status_text(&output.status)
+            ),
+        )
+        .with_details(details));
+    }
+    Ok(RestoreOutcome {
+        pid: meta.pid,
+        restore_ms,
+        hook_lines,
+        exit_code: if request.detach {
+            None
+        } else {
+            output.status.code()
+        },
+    })
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), OpError> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(OpError::new(
+                    FailureKind::BadInput,
+                    format!(
+                        "{} is not empty: checkpoint into a new or empty folder",
+                        dir.display()
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Err(_) => fs::create_dir_all(dir).map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        }),
+    }
+}
+
+fn clean_dir_except_log(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_name() != "dump.log" {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// The command line of `pid`, split into arguments.
+pub fn read_cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CRIU's error lines and crac-action's lines, which together say what went wrong.
+fn criu_lines(log: &str, stderr: &[u8]) -> Vec<String> {
+    let stderr = String::from_utf8_lossy(stderr);
+    log.lines()
+        .chain(stderr.lines())
+        .filter(|l| {
+            (l.contains("Error (") && !l.contains("RLIMIT_NOFILE")) || l.starts_with("crac-action:")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What to do about the CRIU errors people hit most.
+pub fn hints(log: &str) -> Vec<String> {
+    const HINTS: &[(&str, &str)] = &[
+        ("not a session leader", "hint: start the service as a session leader (setsid) with stdio redirected to files or /dev/null, or pass -- --shell-job"),
+        ("Found dangling tty", "hint: the service has a terminal on its stdio: redirect stdin/stdout/stderr to files or /dev/null"),
+        ("External socket is used", "hint: the service holds a Unix connection to a process outside the tree: close it in a before_checkpoint hook"),
+        ("Found a closed in-flight socket", "hint: a connection was closed by its peer before the service accepted it; retry the checkpoint"),
+        ("Connected TCP socket", "hint: the service holds established TCP connections: close them in a before_checkpoint hook, or pass --tcp-established"),
+        ("File exists", "hint: a pid of the image is in use (often a dumped process not yet reaped): wait for it to exit, then retry"),
+        ("Unexpected rt vDSO area bounds", "hint: this CRIU is too old for the kernel: run scripts/provision-criu.sh and use CRIU >= 4.1"),
+        ("Pre dump script failed", "hint: a before_checkpoint hook failed or timed out (see the crac-action line above); the service was rolled back and keeps running"),
+        ("Can't open file", "hint: a file the image refers to is gone or changed (rebuilt binary?): restore needs the same files"),
+    ];
+    HINTS
+        .iter()
+        .filter(|(needle, _)| log.contains(needle))
+        .map(|(_, hint)| (*hint).to_owned())
+        .collect()
+}
+
+fn status_text(status: &std::process::ExitStatus) -> String {
+    match status.code() {
+        Some(code) => format!("exit code {code}"),
+        None => format!("{status}"),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
