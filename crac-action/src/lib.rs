@@ -8,7 +8,8 @@
 //! | step (`CRTOOLS_SCRIPT_ACTION`) | what crac-action does | non-zero exit means |
 //! |---|---|---|
 //! | `pre-dump` | every agent in the tree runs `before_checkpoint`, children first; blocks until all replied; leaves a [watcher] | CRIU aborts the dump; the tree was rolled back and keeps running |
-//! | `post-dump` | leaves a marker for the watcher (the tree is frozen) | never returned: it would fail a dump that succeeded |
+//! | `post-dump` | leaves a marker for the watcher, and records the agents' socket folders in the image (`crac-agents.json`) | never returned: it would fail a dump that succeeded |
+//! | `pre-restore` | recreates those socket folders (CRIU binds the restored sockets there; after a reboot or a clean exit they are gone) | CRIU aborts the restore |
 //! | `post-resume` | every agent in the restored tree runs `after_restore` (`restored`), parents first; blocks until done | CRIU only logs it |
 //! | anything else | nothing; exit 0 (CRIU adds steps between releases) | |
 //!
@@ -18,20 +19,28 @@
 //! `CRAC_REQUIRE_AGENT=1`.
 //!
 //! The modules follow CRIU's steps: [`criu`] reads the environment, [`pre_dump`],
-//! [`post_dump`], [`post_resume`] and [`watcher`] are the steps, [`agents`] and [`tree`] find
+//! [`post_dump`], [`pre_restore`], [`post_resume`] and [`watcher`] are the steps, [`agents`] and [`tree`] find
 //! the agents of a process tree, and [`locate`] finds a working CRIU binary for the tools
 //! and tests that run one.
+//! For the `crac` command, [`store`] keeps the operator's images by name,
+//! [`metadata`] reads, writes and checks the `crac-meta.json` beside each image, and
+//! [`archive`] exports an image to one file and imports it on another machine.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
 pub mod agents;
+pub mod archive;
 pub mod criu;
+pub mod driver;
 pub mod error;
 pub mod locate;
+pub mod metadata;
 pub mod post_dump;
 pub mod post_resume;
 pub mod pre_dump;
+pub mod pre_restore;
 pub mod settings;
+pub mod store;
 pub mod tree;
 pub mod watcher;
 
@@ -51,6 +60,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     match &inv.action {
         Action::PreDump => pre_dump::run(inv, settings, out),
         Action::PostDump => post_dump::run(inv, out),
+        Action::PreRestore => pre_restore::run(inv, out),
         Action::PostResume => post_resume::run(inv, settings, out),
         Action::Other(_) => Ok(()),
     }

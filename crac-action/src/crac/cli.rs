@@ -233,7 +233,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub restore_only: bool,
     /// Where a cold-started service's stdout and stderr go (a checkpointable service must not
-    /// write to a terminal). Default: <store>/<image>.log.
+    /// write to a terminal). Default: `STORE/IMAGE.log`.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// The service's command line, for a cold start.
