@@ -177,13 +177,10 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
             name,
             replace,
         } => {
-            if !replace && store.resolve(name).is_ok() {
-                return Err(OpError::new(
-                    FailureKind::BadInput,
-                    format!(
-                        "an image named {name:?} already exists: use --replace or another --name"
-                    ),
-                ));
+            if !replace {
+                store
+                    .check_absent(name)
+                    .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
             }
             let s = store
                 .begin(name)
