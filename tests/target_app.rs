@@ -13,6 +13,8 @@
 //! - `CRAC_TEST_OWN_SIGTERM=before|after`: handle SIGTERM itself (a graceful exit with status
 //!   0), installing the handler before or after the agent starts.
 //! - `CRAC_TEST_EXIT_AFTER=N`: return from main after N heartbeats.
+//! - `CRAC_TEST_SELF_CHECKPOINT=leave|stop`: once ready, checkpoint itself (destination from
+//!   `CRAC_CHECKPOINT_TO`) and log `self-checkpoint: <reason>` or `self-checkpoint error: ...`.
 //! - `CRAC_TEST_ORDER_LOG`: a log shared by a parent and its child; each hook appends
 //!   `<pid> <line>`, so the order across processes shows.
 //!
@@ -133,6 +135,16 @@ fn main() {
         .as_nanos() as u64
         ^ (u64::from(std::process::id()) << 32);
     fs::write(dir.join("ready"), std::process::id().to_string()).expect("ready file");
+    if let Some(mode) = var("CRAC_TEST_SELF_CHECKPOINT") {
+        let line = match crac_agent::SelfCheckpoint::new()
+            .leave_running(mode == "leave")
+            .run()
+        {
+            Ok(reason) => format!("self-checkpoint: {reason}"),
+            Err(err) => format!("self-checkpoint error: {err}"),
+        };
+        append(&dir.join("hooks.log"), &line);
+    }
     let mut counter: u64 = 0;
     loop {
         if terminate.load(Ordering::SeqCst) {

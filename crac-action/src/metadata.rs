@@ -325,7 +325,9 @@ pub fn list_image_files(dir: &Path) -> io::Result<Vec<FileEntry>> {
                 ),
             )
         })?;
-        if name == METADATA_FILE || name.ends_with(".log") || name.starts_with(TEMP_PREFIX) {
+        // Hidden files are working files (crac-action's dump marker, our temporary files),
+        // never part of CRIU's image.
+        if name == METADATA_FILE || name.ends_with(".log") || name.starts_with('.') {
             continue;
         }
         files.push(FileEntry {

@@ -186,10 +186,13 @@ impl Builder {
         let control = listener
             .try_clone()
             .map_err(|e| StartError::io("duplicate the listener of", &socket, e))?;
-        let server = Server::new(
-            self.coordinator
-                .unwrap_or_else(|| Coordinator::global().clone()),
-        );
+        let coordinator = self
+            .coordinator
+            .unwrap_or_else(|| Coordinator::global().clone());
+        *COORDINATOR
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(coordinator.clone());
+        let server = Server::new(coordinator);
         let thread = {
             let stopping = Arc::clone(&stopping);
             std::thread::Builder::new()

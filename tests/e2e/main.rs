@@ -4,6 +4,7 @@
 //! whole process trees.
 
 mod action;
+mod crac_cli;
 mod signals;
 mod spine;
 mod util;

@@ -185,6 +185,21 @@ fn detach_worker() -> Result<u8, OpError> {
     Ok(0)
 }
 
+/// Whether `root` is an ancestor of this process.
+fn inside_tree_of(root: u32) -> bool {
+    let mut pid = std::process::id();
+    while let Some(parent) = crac_action::tree::parent_of(pid) {
+        if parent == root {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        pid = parent;
+    }
+    false
+}
+
 /// The worker's one-line report, read by crac_agent::SelfCheckpoint.
 #[derive(Serialize)]
 struct SelfReport<'a> {
@@ -197,12 +212,11 @@ struct SelfReport<'a> {
 fn self_worker(request: &CheckpointRequest) -> Result<u8, OpError> {
     // Wait until the `--self` copy that started us has exited and we were re-parented: only
     // then are we outside the tree CRIU is about to dump.
-    let started_by = std::os::unix::process::parent_id();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::os::unix::process::parent_id() == started_by && Instant::now() < deadline {
+    while inside_tree_of(request.pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
-    let result = if std::os::unix::process::parent_id() == started_by {
+    let result = if inside_tree_of(request.pid) {
         Err(OpError::new(
             FailureKind::Failed,
             "the checkpoint worker could not leave the process's tree",
