@@ -26,7 +26,9 @@ exit codes: 0 done or nothing to do; 1 a hook failed or an agent did not answer
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let mut err = io::stderr().lock();
+    // One write per line: CRIU's log gets whole lines, with few system calls on its
+    // critical path.
+    let mut err = io::LineWriter::new(io::stderr().lock());
     match args.first().and_then(|a| a.to_str()) {
         Some(WATCH_ARG) => {
             return match Watch::from_args(&args[1..]) {

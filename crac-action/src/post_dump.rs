@@ -1,10 +1,12 @@
 //! post-dump: the dump succeeded and the tree is frozen. Nothing in it can answer now. Two
-//! files go into the images folder:
-//! - a marker, so the watcher knows once CRIU exits that an image was made (a still-running
-//!   tree was then resumed, not aborted); the watcher removes it;
-//! - `crac-agents.json`, the agents' socket folders, which belong to the image: CRIU restores
-//!   each agent's listening socket by binding its path again, so pre-restore recreates the
-//!   folders when they are gone (a reboot, or the original process exited cleanly).
+//! things are written:
+//! - a marker in each agent's folder, so the watcher knows once CRIU exits that an image was
+//!   made (a still-running process was then resumed, not aborted); the watcher removes it.
+//!   It is not put in the images folder, which a tool may rename as soon as CRIU exits;
+//! - `crac-agents.json` in the images folder, the agents' socket folders, which belong to the
+//!   image: CRIU restores each agent's listening socket by binding its path again, so
+//!   pre-restore recreates the folders when they are gone (a reboot, or the original process
+//!   exited cleanly).
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -43,9 +45,12 @@ pub struct AgentFolder {
     pub gid: u32,
 }
 
-/// The marker's file name in the images folder. It holds the PID of the CRIU that made the
-/// image, so a marker left by another dump into the same folder is not mistaken for this one.
-pub const MARKER: &str = ".crac-post-dump";
+/// The marker post-dump leaves in the folder of agent `pid` for the CRIU process `criu_pid`.
+/// Named after the CRIU process, so that a marker of another dump is never mistaken for this
+/// one's.
+pub fn marker_path(pid: u32, criu_pid: u32) -> PathBuf {
+    crac_agent::agent_dir(pid).join(format!("post-dump.{criu_pid}"))
+}
 
 /// Runs the step.
 ///
@@ -93,15 +98,17 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
             ),
         );
     }
-    if let Err(err) = std::fs::write(dir.join(MARKER), format!("{criu_pid}\n")) {
-        log(
-            out,
-            STEP,
-            &format!(
-                "cannot leave the dump marker in {}: {err}; a --leave-running tree will be told \"aborted\" instead of \"resumed\"",
-                dir.display()
-            ),
-        );
+    for agent in &record.agents {
+        if let Err(err) = std::fs::write(marker_path(agent.pid, criu_pid), b"") {
+            log(
+                out,
+                STEP,
+                &format!(
+                    "cannot leave the dump marker for pid {}: {err}; if it keeps running it will be told \"aborted\" instead of \"resumed\"",
+                    agent.pid
+                ),
+            );
+        }
     }
     Ok(())
 }

@@ -7,7 +7,6 @@
 //! end the cycle for a tree that is still running when CRIU exits (see [`crate::watcher`]).
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -128,26 +127,19 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
             let _ = std::fs::write(path, json);
         }
     }
-    let image_dir = resolve_image_dir(inv);
     if let Some(reason) = failure {
         roll_back(&told, &cycle, settings, out);
         if !unanswered.is_empty() {
             // An agent that never answered may still finish its hooks later; the watcher ends
             // its cycle once CRIU has given up on this dump.
-            let _ = watcher::spawn(&Watch::new(
-                criu_pid,
-                image_dir,
-                &cycle,
-                &unanswered,
-                settings,
-            ));
+            let _ = watcher::spawn(&Watch::new(criu_pid, &cycle, &unanswered, settings));
         }
         return Err(ActionError::Refused(reason));
     }
     if told.is_empty() {
         return crate::no_agent(STEP, init, settings, out);
     }
-    if let Err(err) = watcher::spawn(&Watch::new(criu_pid, image_dir, &cycle, &told, settings)) {
+    if let Err(err) = watcher::spawn(&Watch::new(criu_pid, &cycle, &told, settings)) {
         roll_back(&told, &cycle, settings, out);
         return Err(ActionError::Watcher(err));
     }
@@ -161,15 +153,6 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         ),
     );
     Ok(())
-}
-
-/// Where post-dump leaves its marker: CRIU's images folder, resolved now because the
-/// `/proc/<criu>/fd/<n>` path dies with CRIU.
-fn resolve_image_dir(inv: &Invocation) -> Option<PathBuf> {
-    match &inv.image_dir {
-        Some(dir) => std::fs::read_link(dir).ok().or_else(|| Some(dir.clone())),
-        None => std::env::current_dir().ok(),
-    }
 }
 
 fn roll_back(told: &[ProcessId], cycle: &str, settings: &Settings, out: &mut dyn Write) {

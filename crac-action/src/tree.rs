@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::Read;
 
 /// A process, told apart from a later one with the same PID by its start time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,8 +54,13 @@ struct Stat {
 }
 
 fn read_stat(pid: u32) -> Option<Stat> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
+    // One read into a buffer that always fits (the line is a few hundred bytes): this runs
+    // for every process in a tree on CRIU's critical path.
+    let mut buf = [0u8; 1024];
+    let n = fs::File::open(format!("/proc/{pid}/stat"))
+        .and_then(|mut f| f.read(&mut buf))
+        .ok()?;
+    parse_stat(std::str::from_utf8(&buf[..n]).ok()?)
 }
 
 /// Parses /proc/PID/stat. The command name (field 2) may hold spaces and parentheses, so
@@ -78,20 +84,51 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 /// `root` and every process below it, parents before their children (pre-order), each
 /// level in PID order.
 pub fn descendants(root: u32) -> Vec<u32> {
-    let children = children_map();
     let mut out = Vec::new();
     let mut stack = vec![root];
+    let mut scanned: Option<HashMap<u32, Vec<u32>>> = None;
     while let Some(pid) = stack.pop() {
         out.push(pid);
-        if let Some(kids) = children.get(&pid) {
-            stack.extend(kids.iter().rev());
-        }
+        let mut kids = match children_of(pid) {
+            Some(kids) => kids,
+            // No /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN off): one pass over /proc.
+            None => scanned
+                .get_or_insert_with(children_map)
+                .get(&pid)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        kids.sort_unstable();
+        stack.extend(kids.iter().rev());
     }
     out
 }
 
-/// Parent to children, from one pass over /proc. (/proc/PID/task/TID/children would need
-/// CONFIG_PROC_CHILDREN and one read per thread; this needs neither.)
+/// The children of `pid` from /proc/PID/task/*/children (a few reads for a small tree, where
+/// a scan of /proc reads every process on the machine). None if the kernel lacks the file.
+fn children_of(pid: u32) -> Option<Vec<u32>> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut kids = Vec::new();
+    for task in tasks.flatten() {
+        match fs::read_to_string(task.path().join("children")) {
+            Ok(text) => kids.extend(
+                text.split_whitespace()
+                    .filter_map(|k| k.parse::<u32>().ok()),
+            ),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                // The task exited, or the kernel has no such file: tell them apart.
+                if task.path().exists() {
+                    return None;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    Some(kids)
+}
+
+/// Parent to children, from one pass over /proc: the fallback when the kernel has no
+/// /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN).
 fn children_map() -> HashMap<u32, Vec<u32>> {
     let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
     let Ok(entries) = fs::read_dir("/proc") else {

@@ -2,11 +2,11 @@
 //!
 //! CRIU runs no action when a dump fails after pre-dump, and none when a `--leave-running`
 //! dump is over (criu/cr-dump.c), so nothing would tell a tree that keeps running to come back
-//! up. pre-dump therefore leaves this watcher: a copy of crac-action in its own process group
-//! that is re-parented away from CRIU when pre-dump exits, so it is never part of a dumped
-//! tree. It waits (bounded) for the CRIU process to exit, then tells each told process that is
+//! up. pre-dump therefore leaves this watcher: a fork of crac-action named `crac-watcher`, in
+//! its own process group, that is re-parented away from CRIU when pre-dump exits, so it is
+//! never part of a dumped tree. It waits (bounded) for the CRIU process to exit, then tells each told process that is
 //! still the same live process `after-restore` with reason:
-//! - `resumed` if post-dump ran (the image exists; the marker says so), or
+//! - `resumed` if post-dump ran (the image exists; its marker in the agent's folder says so), or
 //! - `aborted` if it did not (the dump failed or was cancelled).
 //!
 //! A process that no longer lives (killed by a normal dump) is left alone: its image will be
@@ -19,16 +19,16 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crac_agent::protocol::Request;
 use crac_core::RestoreReason;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::unistd::{setpgid, ForkResult, Pid};
 
 use crate::agents::{ask, describe_hooks, log, Deadline, Outcome};
-use crate::post_dump::MARKER;
+use crate::post_dump::marker_path;
 use crate::settings::Settings;
 use crate::tree::{self, ProcessId};
 
@@ -42,8 +42,6 @@ pub const WATCH_ARG: &str = "--watch";
 pub struct Watch {
     /// The CRIU process.
     pub criu: ProcessId,
-    /// Where post-dump leaves its marker.
-    pub marker_dir: Option<PathBuf>,
     /// The cycle token sent with before-checkpoint.
     pub cycle: String,
     /// The processes told before-checkpoint, children first.
@@ -56,19 +54,12 @@ pub struct Watch {
 
 impl Watch {
     /// A watch on CRIU process `criu_pid` (which must be alive now).
-    pub fn new(
-        criu_pid: u32,
-        marker_dir: Option<PathBuf>,
-        cycle: &str,
-        targets: &[ProcessId],
-        settings: &Settings,
-    ) -> Watch {
+    pub fn new(criu_pid: u32, cycle: &str, targets: &[ProcessId], settings: &Settings) -> Watch {
         Watch {
             criu: ProcessId::of(criu_pid).unwrap_or(ProcessId {
                 pid: criu_pid,
                 start_time: 0,
             }),
-            marker_dir,
             cycle: cycle.to_owned(),
             targets: targets.to_vec(),
             wait_limit: settings.watcher_timeout,
@@ -88,10 +79,6 @@ impl Watch {
             "--timeout".into(),
             self.timeout.as_secs_f64().to_string().into(),
         ];
-        if let Some(dir) = &self.marker_dir {
-            args.push("--marker-dir".into());
-            args.push(dir.clone().into_os_string());
-        }
         args.extend(self.targets.iter().map(|t| OsString::from(t.to_arg())));
         args
     }
@@ -107,7 +94,6 @@ impl Watch {
                 pid: 0,
                 start_time: 0,
             },
-            marker_dir: None,
             cycle: String::new(),
             targets: Vec::new(),
             wait_limit: Settings::default().watcher_timeout,
@@ -136,7 +122,6 @@ impl Watch {
                 "--cycle" => watch.cycle = value()?,
                 "--wait" => watch.wait_limit = secs(value()?)?,
                 "--timeout" => watch.timeout = secs(value()?)?,
-                "--marker-dir" => watch.marker_dir = Some(PathBuf::from(value()?)),
                 target => watch
                     .targets
                     .push(ProcessId::parse_arg(target).ok_or(format!("bad target {target:?}"))?),
@@ -149,22 +134,48 @@ impl Watch {
     }
 }
 
+/// The watcher's process name (`comm`), as `ps` and `pgrep` show it.
+pub const PROCESS_NAME: &str = "crac-watcher";
+
 /// Starts a watcher for `watch` and returns without waiting for it.
+///
+/// In a single-threaded process (crac-action) the watcher is a plain fork: this runs on
+/// CRIU's critical path, and a fork returns in a fraction of the time of starting a program.
+/// In a process with threads, where the child of a fork may only call async-signal-safe
+/// functions, it is crac-action started again with [`WATCH_ARG`].
 ///
 /// # Errors
 ///
-/// When crac-action's own executable cannot be found or run.
+/// When the process cannot fork, or crac-action's own executable cannot be found or run.
 pub fn spawn(watch: &Watch) -> io::Result<()> {
+    if single_threaded() {
+        // SAFETY: this process has one thread (checked just above, and nothing here starts
+        // one in between), so the child may run any code, as after fork in any
+        // single-threaded program.
+        match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+            ForkResult::Parent { .. } => return Ok(()),
+            ForkResult::Child => {
+                // Its own process group: job-control signals aimed at CRIU's group do not
+                // reach it. stdout/stderr stay CRIU's log; stdin is CRIU's (closed) one.
+                let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
+                let _ = nix::sys::prctl::set_name(c"crac-watcher");
+                let code = run(watch, &mut io::stderr().lock());
+                std::process::exit(code);
+            }
+        }
+    }
     let exe = std::env::current_exe()?;
     Command::new(exe)
         .arg(WATCH_ARG)
         .args(watch.to_args())
         .stdin(Stdio::null())
-        // Its own process group: a terminal's job-control signals aimed at CRIU's group do not
-        // reach it. stdout/stderr stay CRIU's log.
         .process_group(0)
         .spawn()
         .map(drop)
+}
+
+fn single_threaded() -> bool {
+    fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
 }
 
 /// Runs a watcher to the end; returns the exit code.
@@ -192,19 +203,19 @@ pub fn run(watch: &Watch, out: &mut dyn Write) -> i32 {
         );
         return 1;
     }
-    let reason = if take_marker(watch) {
-        RestoreReason::Resumed
-    } else {
-        RestoreReason::Aborted
-    };
     let deadline = Deadline::after(watch.timeout);
-    let request = Request::after_restore(reason, Some(watch.cycle.clone()));
     let mut code = 0;
     // Parents come back up before their children.
     for target in watch.targets.iter().rev() {
+        let reason = if take_marker(target.pid, watch.criu.pid) {
+            RestoreReason::Resumed
+        } else {
+            RestoreReason::Aborted
+        };
         if !target.is_alive() {
             continue;
         }
+        let request = Request::after_restore(reason, Some(watch.cycle.clone()));
         let line = match ask(target.pid, &request, &deadline) {
             Outcome::Done(reply) => format!(
                 "pid {}: after_restore ({reason}) ok, {}",
@@ -259,19 +270,9 @@ fn ancestor_in(targets: &[ProcessId]) -> Option<u32> {
     None
 }
 
-/// Whether post-dump of this CRIU left its marker; removes it either way it matches.
-fn take_marker(watch: &Watch) -> bool {
-    let Some(dir) = &watch.marker_dir else {
-        return false;
-    };
-    let path = dir.join(MARKER);
-    match fs::read_to_string(&path) {
-        Ok(text) if text.trim() == watch.criu.pid.to_string() => {
-            let _ = fs::remove_file(&path);
-            true
-        }
-        _ => false,
-    }
+/// Whether post-dump of this CRIU left its marker for `pid`; removes it.
+fn take_marker(pid: u32, criu_pid: u32) -> bool {
+    fs::remove_file(marker_path(pid, criu_pid)).is_ok()
 }
 
 /// Waits until `process` has exited; false if it still runs after `limit`.
@@ -324,7 +325,6 @@ mod tests {
                 pid: 10,
                 start_time: 99,
             },
-            marker_dir: Some(PathBuf::from("/tmp/img dir")),
             cycle: "criu-10-5".into(),
             targets: vec![
                 ProcessId {

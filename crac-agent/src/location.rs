@@ -157,7 +157,16 @@ fn sweep_stale(base: &Path, own_uid: u32, own_pid: u32) {
         {
             continue;
         }
-        let _ = fs::remove_file(entry.path().join(SOCKET_NAME));
+        // The socket, and markers crac-action's post-dump left for a watcher.
+        if let Ok(files) = fs::read_dir(entry.path()) {
+            for file in files.flatten() {
+                let name = file.file_name();
+                let name = name.to_string_lossy();
+                if name == SOCKET_NAME || name.starts_with("post-dump.") {
+                    let _ = fs::remove_file(file.path());
+                }
+            }
+        }
         let _ = fs::remove_dir(entry.path());
     }
 }

@@ -50,10 +50,10 @@ fn dump_and_restore_run_the_hooks_in_order_and_keep_the_state() {
     let pid = target.pid;
     let restored_view = Target::restored(&target);
     target.reap_dumped();
-    assert!(
-        !images.join(".crac-post-dump").exists(),
-        "the watcher's marker was left in the images folder"
-    );
+    // The watcher removes its marker once CRIU has exited.
+    wait_until(Duration::from_secs(5), "the watcher's marker to go", || {
+        util::markers(pid).is_empty()
+    });
 
     let restore = env.restore(&images);
     assert!(restore.ok(), "{restore:?}");
@@ -95,6 +95,7 @@ fn leave_running_resumes_the_original() {
     target.assert_serving(3);
 
     let images = scratch.join("img");
+    let watchers_before = util::watchers();
     let dump = env.dump(target.pid, &images, &["--leave-running"], &[]);
     assert!(dump.ok(), "{dump:?}");
     assert!(images.join("pstree.img").exists(), "no image was written");
@@ -109,12 +110,11 @@ fn leave_running_resumes_the_original() {
     // The first heartbeat after the cycle shows the new generation.
     let state = target.assert_serving(target.state().expect("state").counter);
     assert_eq!(state.generation, 1);
-    assert!(
-        !images.join(".crac-post-dump").exists(),
-        "marker left behind"
-    );
+    assert!(util::markers(target.pid).is_empty(), "marker left behind");
     wait_until(Duration::from_secs(5), "the watcher to exit", || {
-        util::watchers().is_empty()
+        util::watchers()
+            .iter()
+            .all(|pid| watchers_before.contains(pid))
     });
 }
 
