@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::locate::{self, Criu};
 use crate::metadata::{self, DumpOptions, HookTiming, Metadata, Timings};
+use crate::post_dump::{AgentFolders, AGENTS_FILE};
 use crate::pre_dump::{HookReport, HOOK_REPORT_ENV};
 use crate::settings::TIMEOUT_ENV;
 use crate::store::{Staging, Store};
@@ -370,16 +371,25 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
     metadata::validate(dir, &meta)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu()?;
-    if let Some(holder) = ProcessId::of(meta.pid) {
-        let cmd = read_cmdline(holder.pid).join(" ");
-        return Err(OpError::new(
-            FailureKind::BadInput,
-            format!(
-                "pid {} is in use by `{}`: the image must get its original pid back; stop that process first",
-                meta.pid,
-                if cmd.is_empty() { "?".to_owned() } else { cmd }
-            ),
-        ));
+    // The root, and every process with an agent (recorded by crac-action's post-dump), must
+    // get its pid back.
+    let mut pids = vec![meta.pid];
+    if let Ok(bytes) = fs::read(dir.join(AGENTS_FILE)) {
+        if let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) {
+            pids.extend(record.agents.iter().map(|a| a.pid).filter(|&p| p != meta.pid));
+        }
+    }
+    for pid in pids {
+        if let Some(holder) = ProcessId::of(pid) {
+            let cmd = read_cmdline(holder.pid).join(" ");
+            return Err(OpError::new(
+                FailureKind::BadInput,
+                format!(
+                    "pid {pid} is in use by `{}`: the image must get its original pid back; stop that process first",
+                    if cmd.is_empty() { "?".to_owned() } else { cmd }
+                ),
+            ));
+        }
     }
     Ok((meta, criu))
 }

@@ -1,0 +1,866 @@
+//! `warm-start`: a service with an expensive cold start, started warm from a checkpoint of
+//! itself by `crac run`.
+//!
+//! # What it does
+//!
+//! On a cold start it does real warm-up work before it answers: it generates `--docs`
+//! documents from a seeded pseudo-random generator (deterministic: the same documents every
+//! time) and builds an inverted index over them, word -> ids of the documents that contain it.
+//! That takes a few seconds of CPU at the default size in a release build. Then it answers a
+//! one-line protocol on `127.0.0.1:PORT`, one request per connection:
+//!
+//! ```text
+//! SEARCH word\n  ->  OK COUNT ID ID ...\n   how many documents contain the word, and the first
+//!                                          (lowest) ids, at most 10
+//! STATS\n        ->  {"pid":..,"docs":..,"terms":..,"postings":..,"started":"cold"|"restored",
+//!                     "generation":..,"last_restore":..,"warmup_ms":..,"instance":..,
+//!                     "instance_renewals":..,"image":..}\n
+//! ```
+//!
+//! The vocabulary is made of syllables (`ka`, `lo`, `mi`, ... then `kaka`, `kalo`, ...) and
+//! drawn with a Zipf distribution, so `ka` is in most documents and long words in few.
+//!
+//! # What it shows
+//!
+//! The warm state (the index) is plain memory, which CRIU saves as it is. So after warming up,
+//! the service checkpoints *itself* once, with [`crac_agent::SelfCheckpoint`] and
+//! `leave_running(true)`, and keeps serving. The next `crac run` of the same command restores
+//! that image instead of starting cold, and the restored process answers at once with the index
+//! already built:
+//!
+//! ```text
+//! crac run --image warm -- target/release/warm-start --port 7080   # cold: warm-up, then image
+//! crac run --image warm -- target/release/warm-start --port 7080   # warm: restored
+//! ```
+//!
+//! `crac run` sets what the self-checkpoint needs: `CRAC_CHECKPOINT_TO` (the image name; without
+//! it the service runs without checkpointing), `CRAC_STORE`, `CRAC_BIN`, a session of its own,
+//! and stdio to a log file instead of a terminal. `scripts/warm-start-demo.sh` measures the time
+//! to the first answer both ways.
+//!
+//! Two resources are registered in the global context:
+//!
+//! | resource | before_checkpoint | after_restore |
+//! |---|---|---|
+//! | `seed` | nothing (logs the instance id) | `restored`: reseeds the random generator from the OS and takes a new instance id |
+//! | `listener` (registered last) | stops accepting, closes the listening socket | listens again |
+//!
+//! `seed` follows the uniqueness advice for snapshot-restored services (AWS Lambda SnapStart's
+//! "handling uniqueness"): every process restored from one image starts with the same memory,
+//! random generator state and ids included, so whatever must be unique or unpredictable is
+//! renewed after a restore. STATS shows the instance id; each restored process has its own.
+//! The original process keeps its id when it is told `resumed`: its copies are the ones that
+//! renew theirs.
+//!
+//! `listener` is why the dump needs no extra flags: when CRIU freezes the process there is no
+//! socket in it at all. The accept loop serves one connection at a time and closes each after
+//! its reply; a connection that arrives while a checkpoint starts is answered
+//! `ERR checkpoint in progress` and closed. Each request runs in a
+//! [critical section](crac_core::critical_section), so a checkpoint waits for the request in
+//! progress, and after a restore nothing is served until every after_restore hook has run (the
+//! new instance id included). The process answers only once the listener exists: it is bound
+//! after the warm-up, and the self-checkpoint runs after that, the listener's hooks closing it
+//! for the dump and reopening it when the process is told `resumed` (or, in a copy, `restored`).
+//!
+//! Options: `--port PORT` (default `$WARM_START_PORT`, then 7080), `--docs N` (default
+//! `$WARM_START_DOCS`, then 120000: about 3 s in a release build, 15 s in a debug build),
+//! `--no-checkpoint` (do not checkpoint even under `crac run`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crac_agent::{SelfCheckpoint, CHECKPOINT_TO_ENV};
+use crac_core::{
+    global_context, CheckpointInfo, Coordinator, HookError, Resource, RestoreInfo, RestoreReason,
+};
+
+const DEFAULT_PORT: u16 = 7080;
+/// About 2-4 s of warm-up in a release build on a small machine.
+const DEFAULT_DOCS: u32 = 120_000;
+/// The seed of the documents: the same corpus on every cold start.
+const CORPUS_SEED: u64 = 0x5eed_c0ff_ee00_0001;
+/// Words in the vocabulary, and the shortest and longest document (in words).
+const VOCABULARY: usize = 30_000;
+const MIN_WORDS: u64 = 40;
+const MAX_WORDS: u64 = 240;
+/// How many ids a SEARCH reply lists.
+const FIRST_IDS: usize = 10;
+/// The syllables words are made of.
+const SYLLABLES: [&str; 24] = [
+    "ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "go", "hi", "ju", "ke", "la",
+    "mo", "ni", "po", "qu", "re", "su", "te", "wa",
+];
+
+/// How long a client may take to send its request and read the reply (a request holds
+/// checkpoints off).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 1024;
+/// How long the listener's before_checkpoint waits for the accept loop to close the socket.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Attempts to listen again after a restore, and the pause between them.
+const BIND_ATTEMPTS: u32 = 50;
+const BIND_PAUSE: Duration = Duration::from_millis(100);
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("warm-start: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let launched = Instant::now();
+    let config = Config::from_args()?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port));
+
+    let state = Arc::new(State::new());
+    let seed = Arc::new(Seed::new());
+    let control = Arc::new(ListenerControl::new(addr));
+    // In registration order: after_restore renews the seed before the listener opens, and
+    // before_checkpoint closes the listener first.
+    global_context()
+        .register(SeedResource {
+            seed: Arc::clone(&seed),
+            state: Arc::clone(&state),
+        })
+        .keep();
+    global_context()
+        .register(ListenerResource(Arc::clone(&control)))
+        .keep();
+    let _agent =
+        crac_agent::start().map_err(|err| format!("cannot start the CRaC agent: {err}"))?;
+    let pid = std::process::id();
+    eprintln!(
+        "warm-start: pid {pid}, cold start: indexing {} documents (instance {})",
+        config.docs,
+        seed.instance()
+    );
+
+    // The warm-up: the work a restored process does not do again.
+    let index = Index::build(config.docs);
+    let warmup_ms = ms(launched.elapsed());
+    state.warmup_ms.store(warmup_ms.to_bits(), Ordering::SeqCst);
+    eprintln!(
+        "warm-start: warm-up done in {warmup_ms:.0} ms: {} documents, {} words, {} terms, {} postings",
+        index.docs, index.words, index.terms(), index.postings
+    );
+
+    let listener = TcpListener::bind(addr).map_err(|err| {
+        format!("cannot listen on {addr}: {err} (is another process using the port?)")
+    })?;
+    eprintln!(
+        "warm-start: serving SEARCH/STATS on {addr}, {:.0} ms after launch",
+        ms(launched.elapsed())
+    );
+    let service = Arc::new(Service {
+        index,
+        seed,
+        state: Arc::clone(&state),
+        coordinator: Coordinator::global(),
+    });
+    let server = {
+        let control = Arc::clone(&control);
+        let service = Arc::clone(&service);
+        thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(listener, &control, &service))
+            .map_err(|err| format!("cannot start the accept thread: {err}"))?
+    };
+
+    match std::env::var(CHECKPOINT_TO_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        Some(_) if config.no_checkpoint => {
+            eprintln!("warm-start: --no-checkpoint: not taking an image");
+        }
+        Some(to) => checkpoint_once(&to, &state, &service.seed),
+        None => eprintln!(
+            "warm-start: {CHECKPOINT_TO_ENV} is not set: not taking an image \
+             (start me with `crac run --image NAME -- ...` to get warm starts)"
+        ),
+    }
+
+    server
+        .join()
+        .map_err(|_| "the accept thread panicked".to_owned())?
+}
+
+/// Checkpoints this process into image `to` and keeps serving. Returns in the original process
+/// (`resumed`) and, later, in every process restored from the image (`restored`).
+fn checkpoint_once(to: &str, state: &State, seed: &Seed) {
+    state.set_image("saving");
+    eprintln!("warm-start: warm: checkpointing myself into image {to:?} (leave running)");
+    let started = Instant::now();
+    match SelfCheckpoint::new().to(to).leave_running(true).run() {
+        Ok(RestoreReason::Resumed) => {
+            state.set_image("saved");
+            eprintln!(
+                "warm-start: image {to:?} saved in {:.0} ms, still serving",
+                ms(started.elapsed())
+            );
+        }
+        Ok(RestoreReason::Restored) => {
+            // This runs in a process restored from the image, not in the one that took it.
+            state.set_image("started from it");
+            eprintln!(
+                "warm-start: pid {}: started warm from image {to:?} (instance {})",
+                std::process::id(),
+                seed.instance()
+            );
+        }
+        Ok(other) => {
+            state.set_image("aborted");
+            eprintln!("warm-start: the checkpoint ended with {other}: no image, still serving");
+        }
+        Err(err) => {
+            state.set_image("failed");
+            eprintln!("warm-start: no image: {err}; still serving (cold starts only)");
+        }
+    }
+}
+
+/// Accepts and serves connections one at a time until the listener cannot be reopened after
+/// a checkpoint.
+fn accept_loop(
+    mut listener: TcpListener,
+    control: &ListenerControl,
+    service: &Service,
+) -> Result<(), String> {
+    loop {
+        // A checkpoint asked the loop to let go of the listening socket: close it, wait until
+        // after_restore hands over a new one, then until every after_restore has finished.
+        let (kept, reopened) = control.park_if_requested(listener)?;
+        listener = kept;
+        if reopened {
+            drop(crac_core::critical_section());
+            continue;
+        }
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                eprintln!("warm-start: accept failed: {err}");
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        // The listener hook's wake-up connection, or a client that came in as a checkpoint
+        // started: answer at once and close, so that no connection is open in the dump.
+        if control.pause_requested() {
+            let _ = stream.write_all(b"ERR checkpoint in progress, try again\n");
+            continue;
+        }
+        let Some(_request) = service.coordinator.try_critical_section(Duration::ZERO) else {
+            let _ = stream.write_all(b"ERR checkpoint in progress, try again\n");
+            continue;
+        };
+        if let Err(err) = service.handle(&stream) {
+            eprintln!("warm-start: request failed: {err}");
+        }
+        // `stream` is closed here, inside the critical section.
+    }
+}
+
+// --- Configuration --------------------------------------------------------------------------
+
+struct Config {
+    port: u16,
+    docs: u32,
+    no_checkpoint: bool,
+}
+
+impl Config {
+    fn from_args() -> Result<Config, String> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let mut port = env("WARM_START_PORT");
+        let mut docs = env("WARM_START_DOCS");
+        let mut no_checkpoint = false;
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = |flag: &str| {
+                args.next()
+                    .ok_or_else(|| format!("{flag} needs a value (try --help)"))
+            };
+            match arg.as_str() {
+                "--port" => port = Some(value("--port")?),
+                "--docs" => docs = Some(value("--docs")?),
+                "--no-checkpoint" => no_checkpoint = true,
+                "-h" | "--help" => {
+                    println!(
+                        "usage: warm-start [--port PORT] [--docs N] [--no-checkpoint]\n  \
+                         --port           where to serve (default $WARM_START_PORT, then {DEFAULT_PORT})\n  \
+                         --docs           documents to index at a cold start (default $WARM_START_DOCS, then {DEFAULT_DOCS})\n  \
+                         --no-checkpoint  do not checkpoint after the warm-up, even if ${CHECKPOINT_TO_ENV} is set\n\
+                         Run it under `crac run --image NAME -- warm-start ...` for warm starts."
+                    );
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other:?} (try --help)")),
+            }
+        }
+        let port = match port {
+            None => DEFAULT_PORT,
+            Some(raw) => raw
+                .parse()
+                .map_err(|_| format!("invalid port {raw:?}: expected a number from 0 to 65535"))?,
+        };
+        let docs = match docs {
+            None => DEFAULT_DOCS,
+            Some(raw) => raw
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("invalid --docs {raw:?}: expected a number above 0"))?,
+        };
+        Ok(Config {
+            port,
+            docs,
+            no_checkpoint,
+        })
+    }
+}
+
+// --- The warm state: an inverted index --------------------------------------------------------
+
+/// SplitMix64 (Steele, Lea, Flood 2014): small, fast, and good enough for test data and ids.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n` > 0; the slight modulo bias does not matter here).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A float in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Word number `rank` of the vocabulary: `rank` written in bijective base 24 with a syllable
+/// per digit (0 = `ka`, 23 = `wa`, 24 = `kaka`, 25 = `kalo`, ...).
+fn word(mut rank: usize) -> String {
+    let mut syllables = Vec::new();
+    loop {
+        syllables.push(SYLLABLES[rank % SYLLABLES.len()]);
+        if rank < SYLLABLES.len() {
+            break;
+        }
+        rank = rank / SYLLABLES.len() - 1;
+    }
+    syllables.reverse();
+    syllables.concat()
+}
+
+struct Index {
+    /// word -> ids of the documents that contain it, ascending.
+    postings_by_word: HashMap<Box<str>, Vec<u32>>,
+    docs: u32,
+    /// Words in all documents.
+    words: u64,
+    /// (word, document) pairs.
+    postings: u64,
+}
+
+impl Index {
+    /// Generates `docs` documents (text, as a real indexer would get it) and indexes them.
+    fn build(docs: u32) -> Index {
+        let vocabulary: Vec<String> = (0..VOCABULARY).map(word).collect();
+        // Zipf's law: the word of rank r is drawn with weight 1 / (r + 1).
+        let mut cumulative = Vec::with_capacity(VOCABULARY);
+        let mut total = 0.0;
+        for rank in 0..VOCABULARY {
+            total += 1.0 / (rank + 1) as f64;
+            cumulative.push(total);
+        }
+        let mut rng = Rng(CORPUS_SEED);
+        let mut postings_by_word: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        let mut text = String::new();
+        let (mut words, mut postings) = (0u64, 0u64);
+        for id in 0..docs {
+            text.clear();
+            let length = MIN_WORDS + rng.below(MAX_WORDS - MIN_WORDS + 1);
+            for _ in 0..length {
+                let target = rng.unit() * total;
+                let rank = cumulative
+                    .partition_point(|&c| c <= target)
+                    .min(VOCABULARY - 1);
+                text.push_str(&vocabulary[rank]);
+                text.push(' ');
+            }
+            for token in text.split_ascii_whitespace() {
+                words += 1;
+                match postings_by_word.get_mut(token) {
+                    Some(ids) if ids.last() == Some(&id) => {}
+                    Some(ids) => {
+                        ids.push(id);
+                        postings += 1;
+                    }
+                    None => {
+                        postings_by_word.insert(token.into(), vec![id]);
+                        postings += 1;
+                    }
+                }
+            }
+        }
+        for ids in postings_by_word.values_mut() {
+            ids.shrink_to_fit();
+        }
+        Index {
+            postings_by_word,
+            docs,
+            words,
+            postings,
+        }
+    }
+
+    fn terms(&self) -> usize {
+        self.postings_by_word.len()
+    }
+
+    fn search(&self, word: &str) -> &[u32] {
+        self.postings_by_word
+            .get(word)
+            .map_or(&[][..], |ids| ids.as_slice())
+    }
+}
+
+// --- Requests -------------------------------------------------------------------------------
+
+/// What STATS reports besides the index.
+struct State {
+    /// "cold" or "restored".
+    started: Mutex<&'static str>,
+    /// The self-checkpoint's image: None (not taken), "saving", "saved", "started from it"
+    /// (in a restored copy), "aborted", "failed".
+    image: Mutex<Option<&'static str>>,
+    /// The cold start's warm-up time, f64 bits (restored copies keep the original's).
+    warmup_ms: AtomicU64,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            started: Mutex::new("cold"),
+            image: Mutex::new(None),
+            warmup_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn set_image(&self, what: &'static str) {
+        *lock(&self.image) = Some(what);
+    }
+
+    /// In a restored copy, from an after_restore hook (so before any request is served): it
+    /// started from an image, and the self-checkpoint it was in the middle of is over.
+    fn mark_restored(&self) {
+        *lock(&self.started) = "restored";
+        let mut image = lock(&self.image);
+        if *image == Some("saving") {
+            *image = Some("started from it");
+        }
+    }
+}
+
+struct Service {
+    index: Index,
+    seed: Arc<Seed>,
+    state: Arc<State>,
+    coordinator: &'static Coordinator,
+}
+
+impl Service {
+    /// Reads one request line and answers it; the caller closes the connection.
+    fn handle(&self, stream: &TcpStream) -> Result<(), String> {
+        stream
+            .set_read_timeout(Some(CLIENT_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)))
+            .map_err(|err| format!("cannot set client timeouts: {err}"))?;
+        let mut line = String::new();
+        BufReader::new(stream.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .map_err(|err| format!("cannot read the request: {err}"))?;
+        let reply = self.answer(line.trim_end_matches(['\r', '\n']));
+        let mut writer = stream;
+        writer
+            .write_all(format!("{reply}\n").as_bytes())
+            .map_err(|err| format!("cannot send the reply: {err}"))
+    }
+
+    fn answer(&self, request: &str) -> String {
+        match request.split_once(' ') {
+            Some(("SEARCH", word)) if !word.is_empty() && !word.contains(' ') => {
+                self.search(&word.to_ascii_lowercase())
+            }
+            None if request == "STATS" => self.stats(),
+            _ => "ERR expected: SEARCH word | STATS".to_owned(),
+        }
+    }
+
+    fn search(&self, word: &str) -> String {
+        let ids = self.index.search(word);
+        let mut reply = format!("OK {}", ids.len());
+        for id in ids.iter().take(FIRST_IDS) {
+            reply.push_str(&format!(" {id}"));
+        }
+        reply
+    }
+
+    fn stats(&self) -> String {
+        let (instance, renewals) = self.seed.snapshot();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "docs": self.index.docs,
+            "terms": self.index.terms(),
+            "postings": self.index.postings,
+            "started": *lock(&self.state.started),
+            "generation": self.coordinator.generation(),
+            "last_restore": self.coordinator.last_restore().map(|info| info.reason.as_str()),
+            "warmup_ms": (f64::from_bits(self.state.warmup_ms.load(Ordering::SeqCst)) * 10.0).round() / 10.0,
+            "instance": format!("{instance:016x}"),
+            "instance_renewals": renewals,
+            "image": *lock(&self.state.image),
+        })
+        .to_string()
+    }
+}
+
+// --- The seed resource ----------------------------------------------------------------------
+
+/// A random generator and the instance id drawn from it: both must differ between processes
+/// restored from one image.
+struct Seed {
+    inner: Mutex<SeedState>,
+}
+
+struct SeedState {
+    rng: Rng,
+    instance: u64,
+    renewals: u64,
+}
+
+impl Seed {
+    fn new() -> Seed {
+        let mut rng = Rng(os_entropy());
+        let instance = rng.next_u64();
+        Seed {
+            inner: Mutex::new(SeedState {
+                rng,
+                instance,
+                renewals: 0,
+            }),
+        }
+    }
+
+    fn instance(&self) -> String {
+        format!("{:016x}", lock(&self.inner).instance)
+    }
+
+    fn snapshot(&self) -> (u64, u64) {
+        let inner = lock(&self.inner);
+        (inner.instance, inner.renewals)
+    }
+
+    /// Reseeds from the OS and draws a new instance id; returns (old, new).
+    fn renew(&self) -> (u64, u64) {
+        let mut inner = lock(&self.inner);
+        let old = inner.instance;
+        inner.rng = Rng(os_entropy() ^ inner.rng.next_u64());
+        inner.instance = inner.rng.next_u64();
+        inner.renewals += 1;
+        (old, inner.instance)
+    }
+}
+
+/// 64 bits from the kernel's random pool (/dev/urandom), or, should that fail, from the clock
+/// and pid (different in every restored process, which is what matters here).
+fn os_entropy() -> u64 {
+    let mut bytes = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    match read {
+        Ok(()) => u64::from_ne_bytes(bytes),
+        Err(_) => {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let mut mix = Rng(nanos ^ (u64::from(std::process::id()) << 32));
+            mix.next_u64()
+        }
+    }
+}
+
+struct SeedResource {
+    seed: Arc<Seed>,
+    state: Arc<State>,
+}
+
+impl Resource for SeedResource {
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        "seed".into()
+    }
+
+    fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
+        log_hook(
+            "before_checkpoint",
+            "seed",
+            format_args!(
+                "instance {} goes into the image; restored copies will renew it",
+                self.seed.instance()
+            ),
+        );
+        Ok(())
+    }
+
+    /// A restored copy: new seed, new id, and it says it started from the image. The original
+    /// (`resumed`) and an aborted checkpoint keep theirs.
+    fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
+        if info.reason != RestoreReason::Restored {
+            log_hook(
+                "after_restore",
+                "seed",
+                format_args!(
+                    "{}: keeping instance {} (generation {})",
+                    info.reason,
+                    self.seed.instance(),
+                    info.generation
+                ),
+            );
+            return Ok(());
+        }
+        let (old, new) = self.seed.renew();
+        self.state.mark_restored();
+        log_hook(
+            "after_restore",
+            "seed",
+            format_args!(
+                "restored: reseeded from the OS, instance {old:016x} -> {new:016x} (generation {})",
+                info.generation
+            ),
+        );
+        Ok(())
+    }
+}
+
+// --- The listener ---------------------------------------------------------------------------
+
+/// Lets the listener's hooks take the listening socket away from the accept loop and give a
+/// new one back (as in the cache-server example).
+struct ListenerControl {
+    addr: SocketAddr,
+    state: Mutex<ListenState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ListenState {
+    /// before_checkpoint wants the socket closed.
+    pause_requested: bool,
+    /// The accept loop has closed it and waits.
+    closed: bool,
+    /// after_restore's new socket (or why there is none), for the waiting accept loop.
+    reopened: Option<Result<TcpListener, String>>,
+}
+
+impl ListenerControl {
+    fn new(addr: SocketAddr) -> ListenerControl {
+        ListenerControl {
+            addr,
+            state: Mutex::new(ListenState::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn pause_requested(&self) -> bool {
+        lock(&self.state).pause_requested
+    }
+
+    /// If a pause was requested: closes `listener`, tells before_checkpoint, waits for
+    /// after_restore's new socket and returns it with `true`. Otherwise returns `listener` with
+    /// `false`.
+    fn park_if_requested(&self, listener: TcpListener) -> Result<(TcpListener, bool), String> {
+        let mut state = lock(&self.state);
+        if !state.pause_requested {
+            return Ok((listener, false));
+        }
+        drop(listener);
+        state.closed = true;
+        self.changed.notify_all();
+        loop {
+            if let Some(reopened) = state.reopened.take() {
+                state.closed = false;
+                state.pause_requested = false;
+                return reopened.map(|listener| (listener, true));
+            }
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+struct ListenerResource(Arc<ListenerControl>);
+
+impl Resource for ListenerResource {
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        "listener".into()
+    }
+
+    /// Asks the accept loop to close the listening socket, wakes it from `accept` with a
+    /// connection of its own, and waits (bounded) until the socket is closed.
+    fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
+        let control = &self.0;
+        lock(&control.state).pause_requested = true;
+        // The accept loop answers and closes this connection before it closes the listener.
+        let wake = TcpStream::connect_timeout(&control.addr, PAUSE_TIMEOUT);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut state = lock(&control.state);
+        while !state.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "the accept loop did not close {} within {} s",
+                    control.addr,
+                    PAUSE_TIMEOUT.as_secs()
+                )
+                .into());
+            }
+            state = control
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        drop(state);
+        drop(wake);
+        log_hook(
+            "before_checkpoint",
+            "listener",
+            format_args!("stopped accepting, closed {}", control.addr),
+        );
+        Ok(())
+    }
+
+    /// Listens again on the same address and hands the socket to the accept loop (which
+    /// serves nothing until every after_restore hook has returned).
+    fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
+        let control = &self.0;
+        {
+            let mut state = lock(&control.state);
+            if !state.closed {
+                // before_checkpoint gave up before the loop let go: just cancel the request.
+                state.pause_requested = false;
+                log_hook(
+                    "after_restore",
+                    "listener",
+                    format_args!("{} was still open; accepting again", control.addr),
+                );
+                return Ok(());
+            }
+        }
+        let result = bind_with_retry(control.addr);
+        let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
+        lock(&control.state).reopened = Some(result);
+        control.changed.notify_all();
+        match outcome {
+            Ok(()) => {
+                log_hook(
+                    "after_restore",
+                    "listener",
+                    format_args!(
+                        "listening again on {} ({}, generation {})",
+                        control.addr, info.reason, info.generation
+                    ),
+                );
+                Ok(())
+            }
+            Err(err) => {
+                log_hook("after_restore", "listener", format_args!("FAILED: {err}"));
+                Err(err.into())
+            }
+        }
+    }
+}
+
+fn bind_with_retry(addr: SocketAddr) -> Result<TcpListener, String> {
+    let mut attempt = 1;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(err) if attempt >= BIND_ATTEMPTS => {
+                return Err(format!(
+                    "cannot listen on {addr} again ({attempt} attempts): {err}; \
+                     the server will exit"
+                ))
+            }
+            Err(_) => {
+                attempt += 1;
+                thread::sleep(BIND_PAUSE);
+            }
+        }
+    }
+}
+
+// --- Helpers --------------------------------------------------------------------------------
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One line per hook, in the order they run: `warm-start: after_restore seed: ...`.
+fn log_hook(hook: &str, resource: &str, what: fmt::Arguments<'_>) {
+    eprintln!("warm-start: {hook} {resource}: {what}");
+}
+
+/// Every update under these locks is a single assignment, so a poisoned lock holds consistent
+/// data.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_bijective_base_24() {
+        assert_eq!(word(0), "ka");
+        assert_eq!(word(23), "wa");
+        assert_eq!(word(24), "kaka");
+        assert_eq!(word(25), "kalo");
+        let all: std::collections::HashSet<String> = (0..VOCABULARY).map(word).collect();
+        assert_eq!(all.len(), VOCABULARY);
+    }
+
+    #[test]
+    fn the_index_is_deterministic_and_sorted() {
+        let a = Index::build(300);
+        let b = Index::build(300);
+        assert_eq!(a.postings, b.postings);
+        assert_eq!(a.search("ka"), b.search("ka"));
+        assert!(!a.search("ka").is_empty());
+        assert!(a.search("ka").windows(2).all(|w| w[0] < w[1]));
+        assert!(a.search("zz").is_empty());
+    }
+}
