@@ -376,7 +376,13 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
     let mut pids = vec![meta.pid];
     if let Ok(bytes) = fs::read(dir.join(AGENTS_FILE)) {
         if let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) {
-            pids.extend(record.agents.iter().map(|a| a.pid).filter(|&p| p != meta.pid));
+            pids.extend(
+                record
+                    .agents
+                    .iter()
+                    .map(|a| a.pid)
+                    .filter(|&p| p != meta.pid),
+            );
         }
     }
     for pid in pids {

@@ -92,13 +92,20 @@ fn check(path: &Path, source: Source) -> Result<Criu, String> {
     if !path.exists() {
         return Err("not found".into());
     }
-    let output = Command::new(path)
-        .arg("--version")
-        .output()
-        .map_err(|err| format!("cannot run it: {err}"))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let version = parse_version(&text)
-        .ok_or_else(|| format!("`--version` printed no version ({:?})", text.trim()))?;
+    let version = match cached_version(path) {
+        Some(version) => version,
+        None => {
+            let output = Command::new(path)
+                .arg("--version")
+                .output()
+                .map_err(|err| format!("cannot run it: {err}"))?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let version = parse_version(&text)
+                .ok_or_else(|| format!("`--version` printed no version ({:?})", text.trim()))?;
+            remember_version(path, &version);
+            version
+        }
+    };
     if !version_at_least(&version, MIN_VERSION) {
         return Err(format!(
             "version {version} is older than {}.{} and cannot run on this kernel",
@@ -110,6 +117,67 @@ fn check(path: &Path, source: Source) -> Result<Criu, String> {
         version,
         source,
     })
+}
+
+/// `criu --version` takes about 7 ms (the provisioned CRIU starts through a loader), which
+/// would be most of what `crac checkpoint` adds to a dump. So versions are cached in
+/// `$XDG_CACHE_HOME/crac/criu-versions` (else `~/.cache/...`), keyed by the binary's path,
+/// size and modification time: a replaced binary is asked again.
+fn cache_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|p| Path::new(p).is_absolute())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("crac").join("criu-versions"))
+}
+
+fn cache_key(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&canonical).ok()?;
+    Some(format!(
+        "{}\t{}\t{}.{}",
+        canonical.display(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
+}
+
+fn cached_version(path: &Path) -> Option<String> {
+    let key = cache_key(path)?;
+    let text = std::fs::read_to_string(cache_file()?).ok()?;
+    text.lines()
+        .find_map(|line| line.rsplit_once('\t').filter(|(k, _)| *k == key))
+        .map(|(_, version)| version.to_owned())
+}
+
+fn remember_version(path: &Path, version: &str) {
+    let (Some(key), Some(file)) = (cache_key(path), cache_file()) else {
+        return;
+    };
+    let mut lines: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| {
+            let path_part = line.split('\t').next().unwrap_or_default();
+            path_part != key.split('\t').next().unwrap_or_default()
+        })
+        .map(str::to_owned)
+        .collect();
+    lines.push(format!("{key}\t{version}"));
+    // A cache: failing to write it only costs the next run 7 ms.
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
+    if std::fs::write(&tmp, lines.join("\n") + "\n").is_ok() {
+        let _ = std::fs::rename(&tmp, &file);
+    }
 }
 
 /// The version in `criu --version` output ("Version: 4.1.1").
