@@ -313,6 +313,7 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
             hooks_ms: hook_report.as_ref().map_or(0.0, |r| r.wall_ms),
             dump_ms,
             total_ms: 0.0,
+            criu: crate::stats::dump(&images),
         },
         crac_version: env!("CARGO_PKG_VERSION").to_owned(),
         files,
@@ -357,6 +358,8 @@ pub struct RestoreOutcome {
     pub hook_lines: Vec<String>,
     /// The restored tree's exit code, when CRIU stayed its parent.
     pub exit_code: Option<i32>,
+    /// CRIU's own figures (from its `stats-restore`), when it wrote them.
+    pub criu: Option<crate::stats::RestoreStats>,
 }
 
 /// Checks that the image in `dir` can be restored here, and returns its metadata.
@@ -465,6 +468,7 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
         } else {
             output.status.code()
         },
+        criu: crate::stats::restore(&request.dir),
     })
 }
 

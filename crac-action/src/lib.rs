@@ -40,6 +40,7 @@ pub mod post_resume;
 pub mod pre_dump;
 pub mod pre_restore;
 pub mod settings;
+pub mod stats;
 pub mod store;
 pub mod tree;
 pub mod watcher;

@@ -104,6 +104,9 @@ pub struct Timings {
     pub dump_ms: f64,
     /// The whole `crac checkpoint`.
     pub total_ms: f64,
+    /// CRIU's own figures (from its `stats-dump`), when it wrote them.
+    #[serde(default)]
+    pub criu: Option<crate::stats::DumpStats>,
 }
 
 /// One CRIU image file.

@@ -109,6 +109,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
             hooks_ms: 1.5,
             dump_ms: 120.0,
             total_ms: 130.0,
+            criu: None,
         },
         crac_version: "0.1.0".to_owned(),
         files,

@@ -124,10 +124,20 @@ fn print(outcome: &CheckpointOutcome, out: Out) {
             millis(meta.timings.hooks_ms),
             hooks.join(", ")
         ));
+        let criu = match &meta.timings.criu {
+            Some(c) => format!(
+                "frozen {}: freezing {}, memory {} + writing {}, {} pages",
+                millis(c.frozen_ms),
+                millis(c.freezing_ms),
+                millis(c.memdump_ms),
+                millis(c.memwrite_ms),
+                c.pages_written
+            ),
+            None => "CRIU wrote no stats-dump".to_owned(),
+        };
         text.push_str(&format!(
-            "  criu dump  {:>9}  (CRIU's own figures: {})\n",
-            millis(meta.timings.dump_ms),
-            outcome.path.join("stats-dump").display()
+            "  criu dump  {:>9}  ({criu})\n",
+            millis(meta.timings.dump_ms)
         ));
         text.push_str(&format!(
             "  total      {:>9}  image {}\n",
