@@ -42,7 +42,8 @@
 //! before every `after_restore` hook has returned (the reconnect included). A connection that
 //! comes in while a checkpoint is starting is answered `ERR checkpoint in progress` at once
 //! rather than held open: an open client connection would make the dump fail. Each connection
-//! is closed after its reply, for the same reason.
+//! is closed after its reply, for the same reason. The listener and its hooks are
+//! [`PausableListener`], shared with the `warm-start` example.
 //!
 //! # Running it
 //!
@@ -61,12 +62,11 @@
 //! (default `$CACHE_SERVER_UPSTREAM`, then `127.0.0.1:7071`).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,8 @@ use crac_core::{
     from_fns, global_context, CheckpointInfo, Coordinator, HookError, Priority, Resource,
     RestoreInfo,
 };
+use crac_examples::listener::PausableListener;
+use crac_examples::{lock, Log};
 
 const DEFAULT_PORT: u16 = 7070;
 const DEFAULT_UPSTREAM: &str = "127.0.0.1:7071";
@@ -89,8 +91,9 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connection attempts to upstream, at startup and after a restore, and the pause between them.
 const CONNECT_ATTEMPTS: u32 = 50;
 const CONNECT_PAUSE: Duration = Duration::from_millis(100);
-/// How long the listener's before_checkpoint waits for the accept loop to close the socket.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Signs the log lines: one per hook, in the order they run:
+/// `cache-server: before_checkpoint cache: ...`.
+const LOG: Log = Log::new("cache-server");
 
 fn main() -> ExitCode {
     match run() {
@@ -104,22 +107,15 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let config = Config::from_args()?;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, config.port)).map_err(|err| {
-        format!(
-            "cannot listen on 127.0.0.1:{}: {err} (is another process using the port?)",
-            config.port
-        )
-    })?;
-    let local = listener
-        .local_addr()
-        .map_err(|err| format!("cannot read the listening address: {err}"))?;
+    let listener =
+        PausableListener::new(SocketAddr::from((Ipv4Addr::LOCALHOST, config.port)), LOG)?;
+    let local = listener.local_addr();
 
     let upstream = Arc::new(Upstream::new(config.upstream));
     upstream
         .connect_with_retry()
         .map_err(|err| format!("{err} (start `upstream` first, or pass --upstream HOST:PORT)"))?;
     let cache = Arc::new(Cache::default());
-    let control = Arc::new(ListenerControl::new(local));
 
     // Infrastructure: goes down last, comes up first.
     global_context()
@@ -128,9 +124,7 @@ fn run() -> Result<(), String> {
     // Application resources, in registration order: cache, then listener. The listener is
     // registered last so it stops accepting first and starts again last.
     global_context().register(cache_resource(&cache)).keep();
-    global_context()
-        .register(ListenerResource(Arc::clone(&control)))
-        .keep();
+    global_context().register(listener.resource()).keep();
 
     let _agent =
         crac_agent::start().map_err(|err| format!("cannot start the CRaC agent: {err}"))?;
@@ -149,48 +143,9 @@ fn run() -> Result<(), String> {
         upstream,
         coordinator: Coordinator::global(),
     };
-    accept_loop(listener, &control, &service)
-}
-
-/// Accepts and serves connections one at a time, on this thread, until the listener cannot be
-/// reopened after a checkpoint.
-fn accept_loop(
-    mut listener: TcpListener,
-    control: &ListenerControl,
-    service: &Service,
-) -> Result<(), String> {
-    loop {
-        // A checkpoint asked the loop to let go of the listening socket: close it, wait until
-        // after_restore hands over a new one, then until every after_restore has finished.
-        let (kept, reopened) = control.park_if_requested(listener)?;
-        listener = kept;
-        if reopened {
-            drop(crac_core::critical_section());
-            continue;
-        }
-        let (mut stream, _peer) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                eprintln!("cache-server: accept failed: {err}");
-                thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        // The wake-up connection of the listener's before_checkpoint, or a client that came in
-        // just as a checkpoint started: answer at once and close, so nothing stays open.
-        if control.pause_requested() {
-            let _ = stream.write_all(b"ERR checkpoint in progress, try again\n");
-            continue;
-        }
-        let Some(_request) = service.coordinator.try_critical_section(Duration::ZERO) else {
-            let _ = stream.write_all(b"ERR checkpoint in progress, try again\n");
-            continue;
-        };
-        if let Err(err) = service.handle(&stream) {
-            eprintln!("cache-server: request failed: {err}");
-        }
-        // `stream` is closed here, still inside the critical section.
-    }
+    // Serves connections one at a time, on this thread, until the listener cannot be reopened
+    // after a checkpoint.
+    listener.serve(|stream| service.handle(stream))
 }
 
 // --- Configuration --------------------------------------------------------------------------
@@ -364,7 +319,7 @@ fn cache_resource(cache: &Arc<Cache>) -> impl Resource {
     from_fns(
         "cache",
         move |_: &CheckpointInfo| {
-            log_hook(
+            LOG.hook(
                 "before_checkpoint",
                 "cache",
                 format_args!(
@@ -375,7 +330,7 @@ fn cache_resource(cache: &Arc<Cache>) -> impl Resource {
             Ok(())
         },
         move |info: &RestoreInfo| {
-            log_hook(
+            LOG.hook(
                 "after_restore",
                 "cache",
                 format_args!(
@@ -513,7 +468,7 @@ impl Resource for Upstream {
             Some(number) => format!("closed connection #{number} to {}", self.addr),
             None => "no connection was open".to_owned(),
         };
-        log_hook(
+        LOG.hook(
             "before_checkpoint",
             "upstream-connection",
             format_args!("{what}"),
@@ -525,13 +480,13 @@ impl Resource for Upstream {
     fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
         let started = Instant::now();
         let number = self.connect_with_retry().inspect_err(|err| {
-            log_hook(
+            LOG.hook(
                 "after_restore",
                 "upstream-connection",
                 format_args!("FAILED: {err}"),
             )
         })?;
-        log_hook(
+        LOG.hook(
             "after_restore",
             "upstream-connection",
             format_args!(
@@ -544,183 +499,4 @@ impl Resource for Upstream {
         );
         Ok(())
     }
-}
-
-// --- The listener ---------------------------------------------------------------------------
-
-/// Lets the listener's hooks take the listening socket away from the accept loop and give a
-/// new one back.
-struct ListenerControl {
-    addr: SocketAddr,
-    state: Mutex<ListenState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct ListenState {
-    /// before_checkpoint wants the socket closed.
-    pause_requested: bool,
-    /// The accept loop has closed it and waits.
-    closed: bool,
-    /// after_restore's new socket (or why there is none), for the waiting accept loop.
-    reopened: Option<Result<TcpListener, String>>,
-}
-
-impl ListenerControl {
-    fn new(addr: SocketAddr) -> ListenerControl {
-        ListenerControl {
-            addr,
-            state: Mutex::new(ListenState::default()),
-            changed: Condvar::new(),
-        }
-    }
-
-    fn pause_requested(&self) -> bool {
-        lock(&self.state).pause_requested
-    }
-
-    /// If a pause was requested: closes `listener`, tells before_checkpoint, waits for
-    /// after_restore's new socket and returns it with `true`. Otherwise returns `listener` with
-    /// `false`. Deciding under the lock means a pause request and its cancellation are never
-    /// half-seen.
-    fn park_if_requested(&self, listener: TcpListener) -> Result<(TcpListener, bool), String> {
-        let mut state = lock(&self.state);
-        if !state.pause_requested {
-            return Ok((listener, false));
-        }
-        drop(listener);
-        state.closed = true;
-        self.changed.notify_all();
-        loop {
-            if let Some(reopened) = state.reopened.take() {
-                state.closed = false;
-                state.pause_requested = false;
-                return reopened.map(|listener| (listener, true));
-            }
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-    }
-}
-
-struct ListenerResource(Arc<ListenerControl>);
-
-impl Resource for ListenerResource {
-    fn name(&self) -> std::borrow::Cow<'_, str> {
-        "listener".into()
-    }
-
-    /// Asks the accept loop to close the listening socket, wakes it from `accept` with a
-    /// connection of its own, and waits (bounded) until the socket is closed.
-    fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
-        let control = &self.0;
-        lock(&control.state).pause_requested = true;
-        // The accept loop answers and closes this connection before it closes the listener.
-        let wake = TcpStream::connect_timeout(&control.addr, PAUSE_TIMEOUT);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let mut state = lock(&control.state);
-        while !state.closed {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(format!(
-                    "the accept loop did not close {} within {} s",
-                    control.addr,
-                    PAUSE_TIMEOUT.as_secs()
-                )
-                .into());
-            }
-            state = control
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-        }
-        drop(state);
-        drop(wake);
-        log_hook(
-            "before_checkpoint",
-            "listener",
-            format_args!("stopped accepting, closed {}", control.addr),
-        );
-        Ok(())
-    }
-
-    /// Listens again on the same address, and hands the socket to the accept loop (which
-    /// serves nothing until every after_restore hook has returned).
-    fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
-        let control = &self.0;
-        {
-            let mut state = lock(&control.state);
-            if !state.closed {
-                // before_checkpoint gave up before the loop let go: just cancel the request.
-                state.pause_requested = false;
-                log_hook(
-                    "after_restore",
-                    "listener",
-                    format_args!("{} was still open; accepting again", control.addr),
-                );
-                return Ok(());
-            }
-        }
-        let result = bind_with_retry(control.addr);
-        let outcome = match &result {
-            Ok(_) => Ok(()),
-            Err(err) => Err(err.clone()),
-        };
-        lock(&control.state).reopened = Some(result);
-        control.changed.notify_all();
-        match outcome {
-            Ok(()) => {
-                log_hook(
-                    "after_restore",
-                    "listener",
-                    format_args!(
-                        "listening again on {} ({}, generation {})",
-                        control.addr, info.reason, info.generation
-                    ),
-                );
-                Ok(())
-            }
-            Err(err) => {
-                log_hook("after_restore", "listener", format_args!("FAILED: {err}"));
-                Err(err.into())
-            }
-        }
-    }
-}
-
-fn bind_with_retry(addr: SocketAddr) -> Result<TcpListener, String> {
-    let mut attempt = 1;
-    loop {
-        match TcpListener::bind(addr) {
-            Ok(listener) => return Ok(listener),
-            Err(err) if attempt >= CONNECT_ATTEMPTS => {
-                return Err(format!(
-                    "cannot listen on {addr} again ({attempt} attempts): {err}; \
-                     the server will exit"
-                ))
-            }
-            Err(_) => {
-                attempt += 1;
-                thread::sleep(CONNECT_PAUSE);
-            }
-        }
-    }
-}
-
-// --- Helpers --------------------------------------------------------------------------------
-
-/// One line per hook, in the order they run: `cache-server: before_checkpoint cache: ...`.
-fn log_hook(hook: &str, resource: &str, what: fmt::Arguments<'_>) {
-    eprintln!("cache-server: {hook} {resource}: {what}");
-}
-
-/// Every update under these locks is a single assignment, so a poisoned lock holds consistent
-/// data.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -61,18 +61,18 @@
 //! new instance id included). The process answers only once the listener exists: it is bound
 //! after the warm-up, and the self-checkpoint runs after that, the listener's hooks closing it
 //! for the dump and reopening it when the process is told `resumed` (or, in a copy, `restored`).
+//! The listener and its hooks are [`PausableListener`], shared with the `cache-server` example.
 //!
 //! Options: `--port PORT` (default `$WARM_START_PORT`, then 7080), `--docs N` (default
 //! `$WARM_START_DOCS`, then 120000: about 3 s in a release build, 15 s in a debug build),
 //! `--no-checkpoint` (do not checkpoint even under `crac run`).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -80,6 +80,8 @@ use crac_agent::{SelfCheckpoint, CHECKPOINT_TO_ENV};
 use crac_core::{
     global_context, CheckpointInfo, Coordinator, HookError, Resource, RestoreInfo, RestoreReason,
 };
+use crac_examples::listener::PausableListener;
+use crac_examples::{lock, Log};
 
 const DEFAULT_PORT: u16 = 7080;
 /// About 2-4 s of warm-up in a release build on a small machine.
@@ -103,11 +105,9 @@ const SYLLABLES: [&str; 24] = [
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 1024;
-/// How long the listener's before_checkpoint waits for the accept loop to close the socket.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Attempts to listen again after a restore, and the pause between them.
-const BIND_ATTEMPTS: u32 = 50;
-const BIND_PAUSE: Duration = Duration::from_millis(100);
+/// Signs the log lines: one per hook, in the order they run:
+/// `warm-start: after_restore seed: ...`.
+const LOG: Log = Log::new("warm-start");
 
 fn main() -> ExitCode {
     match run() {
@@ -126,17 +126,14 @@ fn run() -> Result<(), String> {
 
     let state = Arc::new(State::new());
     let seed = Arc::new(Seed::new());
-    let control = Arc::new(ListenerControl::new(addr));
-    // In registration order: after_restore renews the seed before the listener opens, and
+    // The listener is registered after the seed, once it is bound (after the warm-up): in
+    // registration order, after_restore renews the seed before the listener opens, and
     // before_checkpoint closes the listener first.
     global_context()
         .register(SeedResource {
             seed: Arc::clone(&seed),
             state: Arc::clone(&state),
         })
-        .keep();
-    global_context()
-        .register(ListenerResource(Arc::clone(&control)))
         .keep();
     let _agent =
         crac_agent::start().map_err(|err| format!("cannot start the CRaC agent: {err}"))?;
@@ -156,11 +153,11 @@ fn run() -> Result<(), String> {
         index.docs, index.words, index.terms(), index.postings
     );
 
-    let listener = TcpListener::bind(addr).map_err(|err| {
-        format!("cannot listen on {addr}: {err} (is another process using the port?)")
-    })?;
+    let listener = PausableListener::new(addr, LOG)?;
+    global_context().register(listener.resource()).keep();
     eprintln!(
-        "warm-start: serving SEARCH/STATS on {addr}, {:.0} ms after launch",
+        "warm-start: serving SEARCH/STATS on {}, {:.0} ms after launch",
+        listener.local_addr(),
         ms(launched.elapsed())
     );
     let service = Arc::new(Service {
@@ -170,11 +167,12 @@ fn run() -> Result<(), String> {
         coordinator: Coordinator::global(),
     });
     let server = {
-        let control = Arc::clone(&control);
         let service = Arc::clone(&service);
+        // Serves connections one at a time until the listener cannot be reopened after a
+        // checkpoint.
         thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(listener, &control, &service))
+            .spawn(move || listener.serve(|stream| service.handle(stream)))
             .map_err(|err| format!("cannot start the accept thread: {err}"))?
     };
 
@@ -228,47 +226,6 @@ fn checkpoint_once(to: &str, state: &State, seed: &Seed) {
             state.set_image("failed");
             eprintln!("warm-start: no image: {err}; still serving (cold starts only)");
         }
-    }
-}
-
-/// Accepts and serves connections one at a time until the listener cannot be reopened after
-/// a checkpoint.
-fn accept_loop(
-    mut listener: TcpListener,
-    control: &ListenerControl,
-    service: &Service,
-) -> Result<(), String> {
-    loop {
-        // A checkpoint asked the loop to let go of the listening socket: close it, wait until
-        // after_restore hands over a new one, then until every after_restore has finished.
-        let (kept, reopened) = control.park_if_requested(listener)?;
-        listener = kept;
-        if reopened {
-            drop(crac_core::critical_section());
-            continue;
-        }
-        let mut stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                eprintln!("warm-start: accept failed: {err}");
-                thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        // The listener hook's wake-up connection, or a client that came in as a checkpoint
-        // started: answer at once and close, so that no connection is open in the dump.
-        if control.pause_requested() {
-            let _ = stream.write_all(b"ERR checkpoint in progress, try again\n");
-            continue;
-        }
-        let Some(_request) = service.coordinator.try_critical_section(Duration::ZERO) else {
-            let _ = stream.write_all(b"ERR checkpoint in progress, try again\n");
-            continue;
-        };
-        if let Err(err) = service.handle(&stream) {
-            eprintln!("warm-start: request failed: {err}");
-        }
-        // `stream` is closed here, inside the critical section.
     }
 }
 
@@ -619,7 +576,7 @@ impl Resource for SeedResource {
     }
 
     fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
-        log_hook(
+        LOG.hook(
             "before_checkpoint",
             "seed",
             format_args!(
@@ -634,7 +591,7 @@ impl Resource for SeedResource {
     /// (`resumed`) and an aborted checkpoint keep theirs.
     fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
         if info.reason != RestoreReason::Restored {
-            log_hook(
+            LOG.hook(
                 "after_restore",
                 "seed",
                 format_args!(
@@ -648,7 +605,7 @@ impl Resource for SeedResource {
         }
         let (old, new) = self.seed.renew();
         self.state.mark_restored();
-        log_hook(
+        LOG.hook(
             "after_restore",
             "seed",
             format_args!(
@@ -660,183 +617,10 @@ impl Resource for SeedResource {
     }
 }
 
-// --- The listener ---------------------------------------------------------------------------
-
-/// Lets the listener's hooks take the listening socket away from the accept loop and give a
-/// new one back (as in the cache-server example).
-struct ListenerControl {
-    addr: SocketAddr,
-    state: Mutex<ListenState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct ListenState {
-    /// before_checkpoint wants the socket closed.
-    pause_requested: bool,
-    /// The accept loop has closed it and waits.
-    closed: bool,
-    /// after_restore's new socket (or why there is none), for the waiting accept loop.
-    reopened: Option<Result<TcpListener, String>>,
-}
-
-impl ListenerControl {
-    fn new(addr: SocketAddr) -> ListenerControl {
-        ListenerControl {
-            addr,
-            state: Mutex::new(ListenState::default()),
-            changed: Condvar::new(),
-        }
-    }
-
-    fn pause_requested(&self) -> bool {
-        lock(&self.state).pause_requested
-    }
-
-    /// If a pause was requested: closes `listener`, tells before_checkpoint, waits for
-    /// after_restore's new socket and returns it with `true`. Otherwise returns `listener` with
-    /// `false`.
-    fn park_if_requested(&self, listener: TcpListener) -> Result<(TcpListener, bool), String> {
-        let mut state = lock(&self.state);
-        if !state.pause_requested {
-            return Ok((listener, false));
-        }
-        drop(listener);
-        state.closed = true;
-        self.changed.notify_all();
-        loop {
-            if let Some(reopened) = state.reopened.take() {
-                state.closed = false;
-                state.pause_requested = false;
-                return reopened.map(|listener| (listener, true));
-            }
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-    }
-}
-
-struct ListenerResource(Arc<ListenerControl>);
-
-impl Resource for ListenerResource {
-    fn name(&self) -> std::borrow::Cow<'_, str> {
-        "listener".into()
-    }
-
-    /// Asks the accept loop to close the listening socket, wakes it from `accept` with a
-    /// connection of its own, and waits (bounded) until the socket is closed.
-    fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
-        let control = &self.0;
-        lock(&control.state).pause_requested = true;
-        // The accept loop answers and closes this connection before it closes the listener.
-        let wake = TcpStream::connect_timeout(&control.addr, PAUSE_TIMEOUT);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let mut state = lock(&control.state);
-        while !state.closed {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(format!(
-                    "the accept loop did not close {} within {} s",
-                    control.addr,
-                    PAUSE_TIMEOUT.as_secs()
-                )
-                .into());
-            }
-            state = control
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-        }
-        drop(state);
-        drop(wake);
-        log_hook(
-            "before_checkpoint",
-            "listener",
-            format_args!("stopped accepting, closed {}", control.addr),
-        );
-        Ok(())
-    }
-
-    /// Listens again on the same address and hands the socket to the accept loop (which
-    /// serves nothing until every after_restore hook has returned).
-    fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
-        let control = &self.0;
-        {
-            let mut state = lock(&control.state);
-            if !state.closed {
-                // before_checkpoint gave up before the loop let go: just cancel the request.
-                state.pause_requested = false;
-                log_hook(
-                    "after_restore",
-                    "listener",
-                    format_args!("{} was still open; accepting again", control.addr),
-                );
-                return Ok(());
-            }
-        }
-        let result = bind_with_retry(control.addr);
-        let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
-        lock(&control.state).reopened = Some(result);
-        control.changed.notify_all();
-        match outcome {
-            Ok(()) => {
-                log_hook(
-                    "after_restore",
-                    "listener",
-                    format_args!(
-                        "listening again on {} ({}, generation {})",
-                        control.addr, info.reason, info.generation
-                    ),
-                );
-                Ok(())
-            }
-            Err(err) => {
-                log_hook("after_restore", "listener", format_args!("FAILED: {err}"));
-                Err(err.into())
-            }
-        }
-    }
-}
-
-fn bind_with_retry(addr: SocketAddr) -> Result<TcpListener, String> {
-    let mut attempt = 1;
-    loop {
-        match TcpListener::bind(addr) {
-            Ok(listener) => return Ok(listener),
-            Err(err) if attempt >= BIND_ATTEMPTS => {
-                return Err(format!(
-                    "cannot listen on {addr} again ({attempt} attempts): {err}; \
-                     the server will exit"
-                ))
-            }
-            Err(_) => {
-                attempt += 1;
-                thread::sleep(BIND_PAUSE);
-            }
-        }
-    }
-}
-
 // --- Helpers --------------------------------------------------------------------------------
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// One line per hook, in the order they run: `warm-start: after_restore seed: ...`.
-fn log_hook(hook: &str, resource: &str, what: fmt::Arguments<'_>) {
-    eprintln!("warm-start: {hook} {resource}: {what}");
-}
-
-/// Every update under these locks is a single assignment, so a poisoned lock holds consistent
-/// data.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -1,0 +1,50 @@
+//! Code shared by the example programs (`cache-server`, `warm-start`): a TCP listener that
+//! steps aside for a checkpoint ([`listener::PausableListener`]) and two small helpers,
+//! [`Log`] for the one-line-per-hook logs and [`lock`].
+//!
+//! It is a library of the examples package only, not part of crac-rs's API: it exists so the
+//! examples do not each carry their own copy of the listener.
+
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::sync::{Mutex, MutexGuard};
+
+pub mod listener;
+
+/// How an example program signs its log lines on stderr: `cache-server: ...`.
+///
+/// Every hook writes one line with [`Log::hook`], so the order in which the hooks ran can be
+/// read in the program's log.
+#[derive(Clone, Copy, Debug)]
+pub struct Log {
+    program: &'static str,
+}
+
+impl Log {
+    /// Lines signed by `program`, e.g. `Log::new("cache-server")`.
+    pub const fn new(program: &'static str) -> Log {
+        Log { program }
+    }
+
+    /// The program name lines start with.
+    pub fn program(&self) -> &'static str {
+        self.program
+    }
+
+    /// Writes one line for a hook to stderr: `PROGRAM: HOOK RESOURCE: WHAT`, e.g.
+    /// `cache-server: before_checkpoint cache: keeping 3 entries in memory ...`.
+    pub fn hook(&self, hook: &str, resource: &str, what: fmt::Arguments<'_>) {
+        eprintln!("{}: {hook} {resource}: {what}", self.program);
+    }
+}
+
+/// Locks `mutex`, taking the data of a poisoned lock as it is.
+///
+/// The examples keep every update under their locks to a single assignment, so a thread that
+/// panicked while holding one cannot have left the data half-changed.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
