@@ -1,0 +1,197 @@
+//! `crac-bench`: the benchmarks of issue 4, each figure a median over repeated runs and each
+//! claim a ratio against a baseline measured in the same run. Run it through
+//! `scripts/bench.sh`, which provisions CRIU and socat and builds the workspace first.
+//!
+//! ```text
+//! crac-bench [--quick] [--only 1,3] [--out FILE] [--idle-secs N] [--alt-action PATH]
+//! ```
+//!
+//! Items: 1 coordination cost of one CRIU event (crac-action vs exec floor vs a
+//! socat-based action script), 2 dispatch scaling (Coordinator::simulate), 3 what we add to a
+//! checkpoint (crac checkpoint vs plain criu dump; dump/restore throughput vs memory size),
+//! 4 warm start through `crac run`, 5 the idle agent. Needs root (CRIU) for 1, 3 and 4.
+
+mod coord;
+mod dispatch;
+mod dump;
+mod idle;
+mod procs;
+mod stats;
+mod warm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use procs::{Bins, Res};
+use stats::Report;
+
+const USAGE: &str = "\
+usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-action PATH]
+
+  --quick         fewer repetitions (a smoke run; figures are noisier)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-5)
+  --out FILE      also write the results as a markdown section to FILE
+  --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
+  --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
+
+items: 1 coordination cost of one CRIU event; 2 dispatch scaling; 3 what we add to a
+checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the idle agent.
+Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
+
+/// What every item needs.
+pub struct Ctx {
+    pub bins: Bins,
+    pub quick: bool,
+    /// A scratch folder of this run (removed at the end).
+    pub scratch: PathBuf,
+    pub idle_secs: u64,
+    /// Another crac-action build that item 1 measures beside this one (--alt-action).
+    pub alt_action: Option<PathBuf>,
+}
+
+struct Options {
+    quick: bool,
+    only: Vec<u32>,
+    out: Option<PathBuf>,
+    idle_secs: Option<u64>,
+    alt_action: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut opts = Options {
+        quick: false,
+        only: vec![1, 2, 3, 4, 5],
+        out: None,
+        idle_secs: None,
+        alt_action: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--quick" => opts.quick = true,
+            "--only" => {
+                opts.only = value()?
+                    .split(',')
+                    .map(|n| match n.trim().parse::<u32>() {
+                        Ok(n @ 1..=5) => Ok(n),
+                        _ => Err(format!("--only takes item numbers 1 to 5, got {n:?}")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--out" => opts.out = Some(PathBuf::from(value()?)),
+            "--alt-action" => opts.alt_action = Some(PathBuf::from(value()?)),
+            "--idle-secs" => {
+                opts.idle_secs = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--idle-secs takes a number of seconds".to_owned())?,
+                )
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(opts)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args() {
+        Ok(opts) => opts,
+        Err(err) => {
+            eprintln!("crac-bench: {err}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&opts) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("crac-bench: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(opts: &Options) -> Res<bool> {
+    if !nix::unistd::geteuid().is_root() && opts.only.iter().any(|n| [1, 3, 4].contains(n)) {
+        return Err("items 1, 3 and 4 run CRIU and need root (try --only 2,5, or sudo)".into());
+    }
+    let bins = Bins::find()?;
+    procs::become_subreaper()?;
+    let scratch = std::env::temp_dir().join(format!("crac-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let ctx = Ctx {
+        quick: opts.quick,
+        idle_secs: opts.idle_secs.unwrap_or(if opts.quick { 3 } else { 10 }),
+        scratch,
+        bins,
+        alt_action: opts.alt_action.clone(),
+    };
+    let mut report = Report::default();
+    machine(&ctx, &mut report, opts);
+    let mut all_ok = true;
+    for &item in &opts.only {
+        let result = match item {
+            1 => coord::run(&ctx, &mut report),
+            2 => dispatch::run(&ctx, &mut report),
+            3 => dump::run(&ctx, &mut report),
+            4 => warm::run(&ctx, &mut report),
+            5 => idle::run(&ctx, &mut report),
+            _ => unreachable!("checked by the parser"),
+        };
+        if let Err(err) = result {
+            all_ok = false;
+            report.line(&format!("**Item {item} FAILED**: {err}"));
+        }
+        procs::kill_watchers();
+        procs::reap_zombies(&[]);
+    }
+    report.summary();
+    if let Some(out) = &opts.out {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        std::fs::write(out, report.markdown()).map_err(|e| format!("{}: {e}", out.display()))?;
+        println!("\nresults written to {}", out.display());
+    }
+    let _ = std::fs::remove_dir_all(&ctx.scratch);
+    Ok(all_ok)
+}
+
+/// The machine, as the figures must be read against it.
+fn machine(ctx: &Ctx, report: &mut Report, opts: &Options) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "?".into());
+    let mem_gib = procs::status_field("/proc/meminfo", "MemTotal").unwrap_or(0) as f64 / 1048576.0;
+    let avail_gib = procs::mem_available().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (free, fs) = procs::fs_info(&ctx.scratch).unwrap_or((0, "?".into()));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    report.section("Machine");
+    report.line(&format!(
+        "{nproc} CPUs ({model}), {mem_gib:.1} GiB memory ({avail_gib:.1} GiB available), \
+         kernel {kernel}, CRIU {} ({}), scratch and images in {} on {fs} with {:.1} GiB free; \
+         load average at start {}; mode: {}.",
+        ctx.bins.criu_version,
+        ctx.bins.criu.display(),
+        ctx.scratch.display(),
+        free as f64 / (1u64 << 30) as f64,
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        if opts.quick { "--quick" } else { "full" },
+    ));
+}

@@ -1,0 +1,339 @@
+//! Processes: the binaries under test, targets started as CRIU wants them, reaping (this
+//! process is a child subreaper, so dumped, restored and orphaned processes come back to it),
+//! crac-action watchers, and what /proc says about a process.
+
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+pub type Res<T> = Result<T, String>;
+
+/// The binaries of this build, and the CRIU to use.
+pub struct Bins {
+    pub crac_action: PathBuf,
+    pub crac: PathBuf,
+    pub test_target: PathBuf,
+    pub bench_target: PathBuf,
+    pub warm_start: PathBuf,
+    pub criu: PathBuf,
+    pub criu_version: String,
+}
+
+impl Bins {
+    pub fn find() -> Res<Bins> {
+        let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+        let dir = exe
+            .parent()
+            .ok_or("no folder for the executable")?
+            .to_owned();
+        let bin = |name: &str| -> Res<PathBuf> {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "{} not found: build the workspace first (cargo build --release --workspace)",
+                    path.display()
+                ))
+            }
+        };
+        let criu = crac_action::locate::locate().map_err(|e| e.to_string())?;
+        Ok(Bins {
+            crac_action: bin("crac-action")?,
+            crac: bin("crac")?,
+            test_target: bin("crac-test-target")?,
+            bench_target: bin("crac-bench-target")?,
+            // Optional: item 4 says so when it is missing.
+            warm_start: dir.join("warm-start"),
+            criu: criu.path,
+            criu_version: criu.version,
+        })
+    }
+}
+
+/// Makes this process a child subreaper: the orphans of dumped and restored trees (and
+/// crac-action's watchers) are re-parented here, so they can be reaped and their PIDs freed.
+pub fn become_subreaper() -> Res<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))
+}
+
+/// A process the benchmark started or adopted (a restored one).
+pub struct Proc {
+    pub pid: u32,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `cmd` as a session leader with no terminal (as CRIU wants), its stdio on
+    /// /dev/null and stderr in `stderr`, and waits (at most `limit`) for `ready` to appear.
+    pub fn start(mut cmd: Command, ready: &Path, stderr: &Path, limit: Duration) -> Res<Proc> {
+        let _ = fs::remove_file(ready);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+        let mut proc = Proc {
+            pid: child.id(),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + limit;
+        while !ready.exists() {
+            if let Some(child) = proc.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    proc.child = None;
+                    let err = fs::read_to_string(stderr).unwrap_or_default();
+                    return Err(format!(
+                        "{:?} exited ({status}) before it was ready: {}",
+                        cmd.get_program(),
+                        err.trim()
+                    ));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{:?} not ready after {limit:?}", cmd.get_program()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(proc)
+    }
+
+    /// A process restored by CRIU (re-parented to this subreaper when CRIU exited).
+    pub fn adopt(pid: u32) -> Proc {
+        Proc { pid, child: None }
+    }
+
+    /// Waits for a process that CRIU killed after dumping it, so its PID is free.
+    pub fn reap_dumped(mut self, limit: Duration) -> Res<()> {
+        match self.child.take() {
+            Some(mut child) => {
+                let deadline = Instant::now() + limit;
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) => break,
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(1))
+                        }
+                        Ok(None) => {
+                            return Err(format!("pid {} still runs after the dump", self.pid))
+                        }
+                        Err(e) => return Err(format!("wait for pid {}: {e}", self.pid)),
+                    }
+                }
+            }
+            None => reap(self.pid, limit)?,
+        }
+        self.pid = 0;
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    fn kill_now(&mut self) {
+        if self.pid == 0 {
+            return;
+        }
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = child.wait();
+            }
+            None => {
+                let _ = reap(self.pid, Duration::from_secs(10));
+            }
+        }
+        // A killed process cannot remove its agent folder.
+        let _ = fs::remove_dir_all(crac_agent::agent_dir(self.pid));
+        self.pid = 0;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+/// Reaps `pid` (a child, or an orphan re-parented here), waiting at most `limit`.
+pub fn reap(pid: u32, limit: Duration) -> Res<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::ECHILD) => {
+                // Not (or no longer) ours: wait until it is gone all the same.
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(format!("cannot reap pid {pid}: {e}")),
+        }
+        if Instant::now() > deadline {
+            return Err(format!("pid {pid} did not exit within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Spawns `cmd` (stdin /dev/null), waits for it, and returns its status and the wall time of
+/// spawn + wait.
+pub fn run_timed(cmd: &mut Command) -> Res<(ExitStatus, Duration)> {
+    cmd.stdin(Stdio::null());
+    let started = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    Ok((status, started.elapsed()))
+}
+
+/// The command line of `pid`.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (state, ppid) from /proc/PID/stat.
+pub fn stat(pid: u32) -> Option<(char, u32)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+pub fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The name a forked watcher gives itself (crac-action's watcher::PROCESS_NAME).
+pub const WATCHER_NAME: &str = "crac-watcher";
+
+fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+/// crac-action watchers that are children of this process (re-parented here when the
+/// crac-action that started them exited): forked ones, named `crac-watcher`, and started ones,
+/// `crac-action --watch`. Others' watchers are left alone.
+pub fn our_watchers() -> Vec<u32> {
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            stat(pid).is_some_and(|(state, ppid)| ppid == me && state != 'Z') && {
+                let args = cmdline(pid);
+                comm(pid) == WATCHER_NAME
+                    || (args.first().is_some_and(|a| a.ends_with("crac-action"))
+                        && args.get(1).is_some_and(|a| a == "--watch"))
+            }
+        })
+        .collect()
+}
+
+/// Kills and reaps our watchers; returns how many there were.
+pub fn kill_watchers() -> usize {
+    let watchers = our_watchers();
+    for &pid in &watchers {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    for &pid in &watchers {
+        let _ = reap(pid, Duration::from_secs(5));
+    }
+    watchers.len()
+}
+
+/// Reaps exited children of ours (watchers that ended on their own: re-parented here, they
+/// are not anyone's `Child`), except `keep`.
+pub fn reap_zombies(keep: &[u32]) {
+    let me = std::process::id();
+    for pid in all_pids() {
+        if !keep.contains(&pid)
+            && stat(pid).is_some_and(|(state, ppid)| ppid == me && state == 'Z')
+            && matches!(comm(pid).as_str(), "crac-action" | WATCHER_NAME)
+        {
+            let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+        }
+    }
+}
+
+/// A `Key:   value` field of a /proc status file, as its first number.
+pub fn status_field(path: &str, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The thread of `pid` named `name`, if any.
+pub fn thread_named(pid: u32, name: &str) -> Option<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|tid| {
+            fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|c| c.trim_end() == name)
+        })
+}
+
+/// Voluntary + non-voluntary context switches of one thread.
+pub fn ctxt_switches(pid: u32, tid: u32) -> Option<(u64, u64)> {
+    let path = format!("/proc/{pid}/task/{tid}/status");
+    Some((
+        status_field(&path, "voluntary_ctxt_switches")?,
+        status_field(&path, "nonvoluntary_ctxt_switches")?,
+    ))
+}
+
+/// Free bytes on the filesystem holding `path`, and its type name.
+pub fn fs_info(path: &Path) -> Option<(u64, String)> {
+    let st = nix::sys::statfs::statfs(path).ok()?;
+    let free = st.blocks_available() as u64 * st.block_size() as u64;
+    let magic = st.filesystem_type().0 as i64;
+    let name = match magic {
+        0x0102_1994 => "tmpfs",
+        0xEF53 => "ext2/3/4",
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x794C_7630 => "overlayfs",
+        _ => "other",
+    };
+    Some((free, format!("{name} (magic {magic:#x})")))
+}
+
+/// MemAvailable in bytes.
+pub fn mem_available() -> Option<u64> {
+    status_field("/proc/meminfo", "MemAvailable").map(|kb| kb * 1024)
+}

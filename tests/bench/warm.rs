@@ -1,0 +1,377 @@
+//! Item 4: warm start. The warm-start example (examples/warm_start.rs) started through
+//! `crac run --image NAME -- warm-start --port P`: time from launching `crac run` to the first
+//! answer to `STATS`, cold (no image: the service indexes its documents, answers, then
+//! checkpoints itself into the image) against restored (the same command once the image
+//! exists). Each cold run uses an image name of its own, so each is a real first start; the
+//! restored runs use the first cold run's image.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::procs::{self, Res};
+use crate::stats::{fmt_us, verdict, Report, Samples};
+use crate::Ctx;
+
+/// How long one start may take before it counts as failed (the cold one indexes first).
+const START_LIMIT: Duration = Duration::from_secs(120);
+
+fn free_port() -> Res<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| e.to_string())?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// One request; the reply line, unless there is none or it is an `ERR` (a checkpoint in
+/// progress).
+fn ask(port: u16, request: &str) -> Option<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("{request}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    let line = line.trim_end().to_owned();
+    (!line.is_empty() && !line.starts_with("ERR")).then_some(line)
+}
+
+struct Started {
+    run: Child,
+    first_answer: Duration,
+    stats: serde_json::Value,
+}
+
+/// Launches `crac run` and waits for the first answer.
+fn launch(ctx: &Ctx, store: &Path, image: &str, port: u16, log: &Path) -> Res<Started> {
+    let mut cmd = Command::new(&ctx.bins.crac);
+    cmd.env("CRAC_STORE", store)
+        .args(["run", "--image", image, "--"])
+        .arg(&ctx.bins.warm_start)
+        .args(["--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log).map_err(|e| e.to_string())?);
+    let started = Instant::now();
+    let mut run = cmd.spawn().map_err(|e| format!("crac run: {e}"))?;
+    loop {
+        if let Some(reply) = ask(port, "STATS") {
+            let first_answer = started.elapsed();
+            let stats =
+                serde_json::from_str(&reply).map_err(|e| format!("STATS reply {reply:?}: {e}"))?;
+            return Ok(Started {
+                run,
+                first_answer,
+                stats,
+            });
+        }
+        if let Ok(Some(status)) = run.try_wait() {
+            return Err(format!(
+                "crac run exited ({status}) before the service answered: {}",
+                fs::read_to_string(log).unwrap_or_default().trim()
+            ));
+        }
+        if started.elapsed() > START_LIMIT {
+            let _ = stop(run, None);
+            return Err(format!("no answer on port {port} within {START_LIMIT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// SIGTERM to crac run, which forwards it to the service and exits with it; then makes sure
+/// the service is gone (its PID must be free for the next restore).
+fn stop(mut run: Child, service: Option<u32>) -> Res<()> {
+    let _ = kill(Pid::from_raw(run.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if run.try_wait().map_err(|e| e.to_string())?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            let _ = run.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(pid) = service {
+        if procs::stat(pid).is_some_and(|(state, _)| state != 'Z') {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        // Re-parented here if crac run went first.
+        procs::reap(pid, Duration::from_secs(10))?;
+        let _ = fs::remove_dir_all(crac_agent::agent_dir(pid));
+    }
+    Ok(())
+}
+
+fn service_pid(stats: &serde_json::Value) -> Res<u32> {
+    stats["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .ok_or_else(|| format!("STATS has no pid: {stats}"))
+}
+
+/// Waits for the cold service to say its image is saved (or that it is not).
+fn wait_for_image(store: &Path, image: &str) -> Res<()> {
+    let log = store.join(format!("{image}.log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&format!("image \"{image}\" saved"))
+            && store.join(image).join("crac-meta.json").is_file()
+        {
+            return Ok(());
+        }
+        if let Some(line) = text.lines().find(|l| l.contains("warm-start: no image")) {
+            return Err(format!("the self-checkpoint failed: {line}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no image after 120 s; {}:\n{text}", log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    report.section("4. Warm start through `crac run`");
+    if !ctx.bins.warm_start.is_file() {
+        // TODO(item 4): measured once examples/warm_start.rs (the `warm-start` binary) exists.
+        report.line(&format!(
+            "TODO: not measured: {} is not built (examples/warm_start.rs is not there yet).",
+            ctx.bins.warm_start.display()
+        ));
+        report.verdict("4. restored / cold time to first answer", "<= 2%", None);
+        return Ok(());
+    }
+    let (cold_runs, warm_runs) = if ctx.quick { (1, 2) } else { (3, 5) };
+    let dir = ctx.scratch.join("warm");
+    let store = dir.join("store");
+    fs::create_dir_all(&store).map_err(|e| e.to_string())?;
+    let port = free_port()?;
+    report.note(&format!(
+        "{cold_runs} cold and {warm_runs} restored starts on port {port}"
+    ));
+
+    let (mut cold, mut warm) = (Samples::new(), Samples::new());
+    // crac run's own "restored ... in X" (validate, find CRIU, criu restore with crac-action),
+    // CRIU's restore_time (stats-restore), and a plain `criu restore -d` of the same image.
+    let (mut run_restore, mut criu_restore, mut plain, mut plain_answer) = (
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+    );
+    let mut warmup_ms = Samples::new();
+    let mut image_bytes = 0u64;
+    for i in 0..cold_runs {
+        let image = format!("warm-{i}");
+        let started = launch(
+            ctx,
+            &store,
+            &image,
+            port,
+            &dir.join(format!("cold-{i}.err")),
+        )?;
+        let pid = service_pid(&started.stats)?;
+        if started.stats["started"] != "cold" {
+            let _ = stop(started.run, Some(pid));
+            return Err(format!("expected a cold start: {}", started.stats));
+        }
+        cold.push(started.first_answer);
+        if let Some(ms) = started.stats["warmup_ms"].as_f64() {
+            warmup_ms.push_us(ms * 1e3);
+        }
+        let saved = wait_for_image(&store, &image);
+        stop(started.run, Some(pid))?;
+        saved?;
+        procs::reap_zombies(&[]);
+        if i > 0 {
+            let _ = fs::remove_dir_all(store.join(&image));
+        }
+    }
+    for i in 0..warm_runs {
+        let started = launch(
+            ctx,
+            &store,
+            "warm-0",
+            port,
+            &dir.join(format!("warm-{i}.err")),
+        )?;
+        let pid = service_pid(&started.stats)?;
+        let restored = started.stats["started"] == "restored";
+        if !restored {
+            let _ = stop(started.run, Some(pid));
+            return Err(format!(
+                "expected a restored start: {} (crac run said: {})",
+                started.stats,
+                fs::read_to_string(dir.join(format!("warm-{i}.err")))
+                    .unwrap_or_default()
+                    .trim()
+            ));
+        }
+        warm.push(started.first_answer);
+        stop(started.run, Some(pid))?;
+        if let Some(s) = crate::dump::read_restore_time(&store.join("warm-0/stats-restore")) {
+            criu_restore.push_us(s as f64);
+        }
+        // Read once crac run has exited: it prints this line after CRIU exits, which may be
+        // after the service's first answer.
+        let said = fs::read_to_string(dir.join(format!("warm-{i}.err"))).unwrap_or_default();
+        if let Some(us) = said
+            .lines()
+            .find(|l| l.contains("restored image"))
+            .and_then(|l| l.rsplit_once(" in "))
+            .and_then(|(_, t)| parse_duration_us(t))
+        {
+            run_restore.push_us(us);
+        }
+        procs::reap_zombies(&[]);
+    }
+    // The floor under a restored start: CRIU alone restoring the same image (with crac-action,
+    // which recreates the agent folder and runs after_restore), then the first answer.
+    for _ in 0..warm_runs {
+        let image = store.join("warm-0");
+        let started = Instant::now();
+        let status = Command::new(&ctx.bins.criu)
+            .args(["restore", "-d", "-D"])
+            .arg(&image)
+            .args(["-o", "bench-restore.log", "--action-script"])
+            .arg(&ctx.bins.crac_action)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("criu restore: {e}"))?;
+        let restored = started.elapsed();
+        if !status.success() {
+            return Err(format!(
+                "plain criu restore of {} failed ({status}); see bench-restore.log there",
+                image.display()
+            ));
+        }
+        let answer = loop {
+            if let Some(reply) = ask(port, "STATS") {
+                break reply;
+            }
+            if started.elapsed() > START_LIMIT {
+                return Err("the plainly restored service does not answer".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        plain.push(restored);
+        plain_answer.push(started.elapsed());
+        let stats: serde_json::Value =
+            serde_json::from_str(&answer).map_err(|e| format!("STATS {answer:?}: {e}"))?;
+        let pid = service_pid(&stats)?;
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        procs::reap(pid, Duration::from_secs(10))?;
+        let _ = fs::remove_dir_all(crac_agent::agent_dir(pid));
+        procs::reap_zombies(&[]);
+    }
+    if let Ok(entries) = fs::read_dir(store.join("warm-0")) {
+        image_bytes = entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+    }
+    let _ = fs::remove_dir_all(&store);
+
+    let ratio = warm.median() / cold.median();
+    report.line(&format!(
+        "Method: `crac run --image NAME -- warm-start --port P` (release build, default document \
+         count), CRAC_STORE in the scratch folder; time from spawning crac run to the first \
+         reply to STATS (polled every 2 ms; an `ERR checkpoint in progress` reply does not \
+         count). {cold_runs} cold starts (each with an image name of its own, so each is a \
+         first start that then checkpoints itself), then {warm_runs} restored starts of the \
+         first cold run's image ({:.0} MiB).",
+        image_bytes as f64 / 1048576.0
+    ));
+    let row = |name: &str, s: &Samples| {
+        vec![
+            name.to_owned(),
+            s.len().to_string(),
+            fmt_us(s.median()),
+            fmt_us(s.min()),
+            fmt_us(s.quantile(1.0)),
+        ]
+    };
+    report.table(
+        &["start", "runs", "median", "min", "max"],
+        &[
+            vec![
+                "cold".into(),
+                cold.len().to_string(),
+                fmt_us(cold.median()),
+                fmt_us(cold.min()),
+                fmt_us(cold.quantile(1.0)),
+            ],
+            vec![
+                "  of which the service's warm-up".into(),
+                warmup_ms.len().to_string(),
+                fmt_us(warmup_ms.median()),
+                fmt_us(warmup_ms.min()),
+                fmt_us(warmup_ms.quantile(1.0)),
+            ],
+            vec![
+                "restored".into(),
+                warm.len().to_string(),
+                fmt_us(warm.median()),
+                fmt_us(warm.min()),
+                fmt_us(warm.quantile(1.0)),
+            ],
+            row(
+                "  crac run's restore (validate, find CRIU, criu restore)",
+                &run_restore,
+            ),
+            row("  CRIU's restore_time (stats-restore)", &criu_restore),
+            row(
+                "plain `criu restore -d` (with crac-action), same image",
+                &plain,
+            ),
+            row("  ... to the first answer", &plain_answer),
+        ],
+    );
+    let met = ratio <= 0.02;
+    report.line(&format!(
+        "Restored / cold: {:.2}% (target <= 2%: {}); speed-up {:.0}x.",
+        ratio * 100.0,
+        verdict(met),
+        1.0 / ratio
+    ));
+    report.line(&format!(
+        "Where a restored start's time goes (medians): crac run's restore {} (of which CRIU's \
+         own restore_time {}); a plain criu restore of the same image takes {} and answers \
+         after {}: what `crac run` adds over it is {}. The 2% target needs a restored start \
+         of at most {}.",
+        fmt_us(run_restore.median()),
+        fmt_us(criu_restore.median()),
+        fmt_us(plain.median()),
+        fmt_us(plain_answer.median()),
+        fmt_us(warm.median() - plain_answer.median()),
+        fmt_us(cold.median() * 0.02),
+    ));
+    report.verdict(
+        "4. restored / cold time to first answer",
+        "<= 2%",
+        Some(met),
+    );
+    Ok(())
+}
+
+/// "71.2 ms" or "1.05 s" (crac's `millis`), in µs.
+fn parse_duration_us(text: &str) -> Option<f64> {
+    let (value, unit) = text.trim().split_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(value * 1e3),
+        "s" => Some(value * 1e6),
+        _ => None,
+    }
+}
