@@ -57,7 +57,9 @@ struct Entry {
 /// Nested contexts are kept as contexts (not as opaque resources) so that a cycle can expand
 /// them and time, name and report each resource inside on its own.
 enum Node {
-    Resource(Arc<dyn Resource>),
+    /// A resource and its name, asked once at registration: a cycle over thousands of
+    /// resources then shares names instead of building them.
+    Resource(Arc<dyn Resource>, Arc<str>),
     Context(Context),
 }
 
@@ -108,7 +110,10 @@ impl Context {
                 );
                 Node::Context(child.clone())
             }
-            None => Node::Resource(Arc::new(resource)),
+            None => {
+                let name: Arc<str> = Arc::from(resource.name().as_ref());
+                Node::Resource(Arc::new(resource), name)
+            }
         };
         let mut entries = self.lock();
         let seq = entries.next_seq;
@@ -130,7 +135,10 @@ impl Context {
 
     /// The names of the resources in `after_restore` order, nested ones as `context/name`.
     pub fn resource_names(&self) -> Vec<String> {
-        self.targets().into_iter().map(|t| t.name).collect()
+        self.targets()
+            .into_iter()
+            .map(|t| t.name.as_ref().to_owned())
+            .collect()
     }
 
     /// How many resources a cycle would notify, counting those in nested contexts.
@@ -159,14 +167,18 @@ impl Context {
             .list
             .iter()
             .map(|e| match &e.node {
-                Node::Resource(r) => NodeRef::Resource(Arc::clone(r)),
+                Node::Resource(r, name) => NodeRef::Resource(Arc::clone(r), Arc::clone(name)),
                 Node::Context(c) => NodeRef::Context(c.clone()),
             })
             .collect();
         for node in nodes {
             match node {
-                NodeRef::Resource(resource) => out.push(Target {
-                    name: join_name(prefix, &resource.name()),
+                NodeRef::Resource(resource, name) => out.push(Target {
+                    name: if prefix.is_empty() {
+                        name
+                    } else {
+                        Arc::from(join_name(prefix, &name))
+                    },
                     resource,
                 }),
                 NodeRef::Context(child) => {
@@ -186,7 +198,7 @@ impl Context {
             .iter()
             .filter_map(|e| match &e.node {
                 Node::Context(c) => Some(c.clone()),
-                Node::Resource(_) => None,
+                Node::Resource(..) => None,
             })
             .collect();
         children.iter().any(|c| c.contains_context(other))
@@ -203,7 +215,7 @@ impl Context {
 }
 
 enum NodeRef {
-    Resource(Arc<dyn Resource>),
+    Resource(Arc<dyn Resource>, Arc<str>),
     Context(Context),
 }
 

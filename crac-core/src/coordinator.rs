@@ -10,6 +10,7 @@ use once_cell::sync::Lazy;
 use crate::context::Context;
 use crate::dispatch::{self, in_hook, Call, Target};
 use crate::error::{CheckpointError, ErrorKind};
+use crate::hook_thread::HookThread;
 use crate::ordering::{visit_order, Direction};
 use crate::quiesce::{held_by_this_thread, CriticalSection, Gate};
 use crate::report::{CycleReport, HookRecord};
@@ -114,6 +115,8 @@ struct Inner {
     state: Mutex<State>,
     /// Signalled when a cycle ends.
     cycle_ended: Condvar,
+    /// Where hooks run when there are time limits.
+    hooks: HookThread,
 }
 
 struct State {
@@ -150,6 +153,7 @@ impl Coordinator {
                     last_cycle: None,
                 }),
                 cycle_ended: Condvar::new(),
+                hooks: HookThread::default(),
             }),
         }
     }
@@ -299,6 +303,7 @@ impl Coordinator {
         let targets: Arc<[Target]> = self.inner.context.targets().into();
         let order = visit_order(targets.len(), Direction::Down).collect();
         let before = dispatch::run(
+            &self.inner.hooks,
             &targets,
             order,
             &Call::Before(CheckpointInfo { generation }),
@@ -448,7 +453,13 @@ impl Checkpoint {
         };
         let limits = self.coordinator.limits();
         let order = std::mem::take(&mut self.told);
-        let after = dispatch::run(&self.targets, order, &Call::After(info.clone()), &limits);
+        let after = dispatch::run(
+            &self.coordinator.inner.hooks,
+            &self.targets,
+            order,
+            &Call::After(info.clone()),
+            &limits,
+        );
         self.coordinator.end_cycle(Some(info));
         after.records
     }

@@ -1,9 +1,9 @@
 //! Calling hooks: panic capture, timing, and time limits.
 //!
-//! Without limits, hooks run on the calling thread. With limits, they run in order on one
-//! worker thread while the caller waits with a deadline. A hook cannot be cancelled, so one that
-//! overruns is abandoned: its worker is told to stop after it returns, and a new worker carries
-//! on with the next hook. The cost per hook is two uncontended lock round trips, not a thread
+//! Without limits, hooks run on the calling thread. With limits, they run in order on the
+//! coordinator's hook thread while the caller waits with a deadline. A hook cannot be
+//! cancelled, so one that overruns is abandoned: its thread is told to stop after it returns,
+//! and a new thread carries on with the next hook. The cost per hook is two uncontended lock round trips, not a thread
 //! hand-off, so a cycle over thousands of resources stays cheap.
 
 use std::cell::Cell;
@@ -12,13 +12,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::coordinator::Limits;
+use crate::hook_thread::HookThread;
 use crate::ordering::{visit_order, Direction};
 use crate::report::{HookFailure, HookRecord, Phase};
 use crate::resource::{CheckpointInfo, HookError, Resource, RestoreInfo};
 
 /// A resource as one cycle sees it: its full name and the resource itself.
 pub(crate) struct Target {
-    pub(crate) name: String,
+    pub(crate) name: Arc<str>,
     pub(crate) resource: Arc<dyn Resource>,
 }
 
@@ -79,7 +80,7 @@ fn call_one(targets: &[Target], index: usize, call: &Call) -> HookRecord {
         Err(payload) => Some(HookFailure::Panicked(panic_message(payload.as_ref()))),
     };
     HookRecord {
-        resource: target.name.clone(),
+        resource: Arc::clone(&target.name),
         phase: call.phase(),
         duration,
         failure,
@@ -105,8 +106,10 @@ pub(crate) fn run_inline(targets: &[Target], direction: Direction, call: &Call) 
     PhaseRun { records }
 }
 
-/// Runs the hooks of `order` (indices into `targets`) under `limits`.
+/// Runs the hooks of `order` (indices into `targets`) under `limits`, on `thread` when there
+/// are limits.
 pub(crate) fn run(
+    thread: &HookThread,
     targets: &Arc<[Target]>,
     order: Vec<usize>,
     call: &Call,
@@ -119,7 +122,7 @@ pub(crate) fn run(
             .collect();
         return PhaseRun { records };
     }
-    run_limited(targets, order, call, limits)
+    run_limited(thread, targets, order, call, limits)
 }
 
 struct Progress {
@@ -147,6 +150,7 @@ impl Shared {
 }
 
 fn run_limited(
+    thread: &HookThread,
     targets: &Arc<[Target]>,
     order: Vec<usize>,
     call: &Call,
@@ -165,23 +169,18 @@ fn run_limited(
             }),
             finished: Condvar::new(),
         });
-        let worker = {
+        let job = {
             let shared = Arc::clone(&shared);
             let targets = Arc::clone(targets);
             let order = order[pos..].to_vec();
             let call = call.clone();
-            std::thread::Builder::new()
-                .name("crac-hooks".into())
-                .spawn(move || work(&shared, &targets, &order, &call))
+            Box::new(move || work(&shared, &targets, &order, &call))
         };
-        let worker = match worker {
-            Ok(handle) => handle,
-            Err(_) => {
-                // No thread to be had: run the rest here rather than not at all.
-                records.extend(order[pos..].iter().map(|&i| call_one(targets, i, call)));
-                break;
-            }
-        };
+        if thread.run(job).is_err() {
+            // No thread to be had: run the rest here rather than not at all.
+            records.extend(order[pos..].iter().map(|&i| call_one(targets, i, call)));
+            break;
+        }
 
         let mut progress = shared.lock();
         let overran_at = loop {
@@ -212,13 +211,12 @@ fn run_limited(
         pos += progress.records.len();
         records.append(&mut progress.records);
         let Some(now) = overran_at else {
-            drop(progress);
-            let _ = worker.join();
             break;
         };
 
-        // The hook at `pos` overran: leave its worker behind and go on without it.
+        // The hook at `pos` overran: leave its thread behind and go on without it.
         progress.abandoned = true;
+        thread.abandon();
         let started = progress.current_started;
         drop(progress);
         let phase_over = phase_deadline.is_some_and(|deadline| now >= deadline);
@@ -230,7 +228,7 @@ fn run_limited(
             (_, None, None) => unreachable!("run_limited is only called with a limit"),
         };
         records.push(HookRecord {
-            resource: targets[order[pos]].name.clone(),
+            resource: Arc::clone(&targets[order[pos]].name),
             phase: call.phase(),
             duration: now - started,
             failure: Some(HookFailure::TimedOut { limit }),
@@ -240,7 +238,7 @@ fn run_limited(
         if phase_over {
             let phase_limit = limits.phase.unwrap_or_default();
             records.extend(order[pos..].iter().map(|&index| HookRecord {
-                resource: targets[index].name.clone(),
+                resource: Arc::clone(&targets[index].name),
                 phase: call.phase(),
                 duration: Duration::ZERO,
                 failure: Some(HookFailure::NotRun { phase_limit }),

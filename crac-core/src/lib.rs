@@ -80,6 +80,7 @@ mod context;
 mod coordinator;
 mod dispatch;
 mod error;
+mod hook_thread;
 mod ordering;
 mod quiesce;
 mod report;

@@ -91,7 +91,7 @@ impl fmt::Display for HookFailure {
 /// One hook call (or one hook that was due and not called), in the order they were due.
 #[derive(Debug)]
 pub struct HookRecord {
-    pub(crate) resource: String,
+    pub(crate) resource: std::sync::Arc<str>,
     pub(crate) phase: Phase,
     pub(crate) duration: Duration,
     pub(crate) failure: Option<HookFailure>,

@@ -57,7 +57,8 @@ pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// coordinator.simulate().unwrap();
 /// ```
 pub trait Resource: Send + Sync {
-    /// The name used in errors, reports and logs. Defaults to the type's name.
+    /// The name used in errors, reports and logs. Defaults to the type's name. It is asked
+    /// once, when the resource is registered.
     fn name(&self) -> Cow<'_, str> {
         Cow::Borrowed(std::any::type_name::<Self>())
     }
