@@ -136,6 +136,9 @@ pub struct CheckpointRequest {
     pub destination: Destination,
     /// Options passed on to CRIU.
     pub options: DumpOptions,
+    /// Flush the image to disk before it gets its name in the store (see
+    /// [`Staging::set_durable`]).
+    pub durable: bool,
 }
 
 /// A checkpoint taken.
@@ -183,9 +186,10 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
                     .check_absent(name)
                     .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
             }
-            let s = store
+            let mut s = store
                 .begin(name)
                 .map_err(|e| OpError::new(FailureKind::Unavailable, e.to_string()))?;
+            s.set_durable(request.durable);
             let path = s.path().to_owned();
             staging = Some(s);
             path

@@ -14,7 +14,7 @@
 //! building the process tree.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -253,13 +253,10 @@ pub fn write(dir: &Path, meta: &Metadata) -> io::Result<()> {
             .open(&tmp)
             .map_err(|e| with_path(e, "create", &tmp))?;
         file.write_all(&json)
-            .and_then(|()| file.sync_all())
             .map_err(|e| with_path(e, "write", &tmp))?;
-        fs::rename(&tmp, &target).map_err(|e| with_path(e, "rename into place", &target))?;
-        // The rename itself is only durable once the folder is flushed.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| with_path(e, "flush", dir))
+        // Atomic, not durable: a reader sees the old file or the new one. Flushing is the
+        // image store's business (Staging::set_durable), for the whole image at once.
+        fs::rename(&tmp, &target).map_err(|e| with_path(e, "rename into place", &target))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

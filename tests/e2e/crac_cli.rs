@@ -256,6 +256,7 @@ fn an_existing_name_is_refused_unless_replaced() {
         "hooks ran for a refused checkpoint"
     );
 
+    // --sync: the replacement is flushed to disk before it takes the name.
     let out = crac.run(&[
         "checkpoint",
         &pid,
@@ -263,6 +264,7 @@ fn an_existing_name_is_refused_unless_replaced() {
         "web",
         "--leave-running",
         "--replace",
+        "--sync",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let second =

@@ -72,6 +72,7 @@ fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, Op
             timeout_secs: args.timeout,
             extra_criu_args: args.criu_args.clone(),
         },
+        durable: args.sync,
     })
 }
 

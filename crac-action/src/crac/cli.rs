@@ -100,6 +100,10 @@ pub struct CheckpointArgs {
     /// Dump file locks (CRIU's --file-locks).
     #[arg(long)]
     pub file_locks: bool,
+    /// Flush the image to disk before it gets its name in the store, so that it survives a
+    /// power loss (costs time that grows with the image; CRIU itself does not flush).
+    #[arg(long)]
+    pub sync: bool,
     /// Seconds to wait for the hooks before the dump is aborted.
     #[arg(long, value_name = "S", default_value_t = 30.0)]
     pub timeout: f64,
