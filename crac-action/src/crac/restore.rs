@@ -23,13 +23,13 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
             )
         } else {
             format!(
-                "pid {} (restored from {}) exited with {} after {}\n",
+                "pid {} (restored from {}) ran to its end after {}; criu exited with {}\n",
                 outcome.pid,
                 dir.display(),
+                millis(outcome.restore_ms),
                 outcome
                     .exit_code
-                    .map_or("no exit code".to_owned(), |c| format!("code {c}")),
-                millis(outcome.restore_ms)
+                    .map_or("no exit code".to_owned(), |c| format!("code {c}"))
             )
         };
         if outcome.hook_lines.is_empty() {
