@@ -12,17 +12,26 @@
 //! ```text
 //! SEARCH word\n  ->  OK COUNT ID ID ...\n   how many documents contain the word, and the first
 //!                                          (lowest) ids, at most 10
-//! STATS\n        ->  {"pid":..,"docs":..,"terms":..,"postings":..,"started":"cold"|"restored",
-//!                     "generation":..,"last_restore":..,"warmup_ms":..,"instance":..,
+//! STATS\n        ->  {"pid":..,"docs":..,"terms":..,"postings":..,"postings_bytes":..,
+//!                     "rss_kib":..,"started":"cold"|"restored","generation":..,
+//!                     "last_restore":..,"warmup_ms":..,"instance":..,
 //!                     "instance_renewals":..,"image":..}\n
 //! ```
+//!
+//! `postings_bytes` is the size of the posting lists and their table, `rss_kib` the process's
+//! resident memory (`VmRSS`) at the time of the request.
 //!
 //! The vocabulary is made of syllables (`ka`, `lo`, `mi`, ... then `kaka`, `kalo`, ...) and
 //! drawn with a Zipf distribution, so `ka` is in most documents and long words in few.
 //!
 //! # What it shows
 //!
-//! The warm state (the index) is plain memory, which CRIU saves as it is. So after warming up,
+//! The warm state (the index) is plain memory, which CRIU saves as it is, and restores at a
+//! cost that grows with the memory the process has touched, while the warm-up's value is the
+//! CPU time it took. So the index is kept compact (see `Index`): the posting lists are
+//! delta-encoded varints in one byte array, built in two passes over the (regenerated)
+//! documents so that no bigger temporary is ever allocated, and nothing else of the warm-up
+//! stays resident. The warm-up log line gives `VmRSS` before and after. After warming up,
 //! the service checkpoints *itself* once, with [`crac_agent::SelfCheckpoint`] and
 //! `leave_running(true)`, and keeps serving. The next `crac run` of the same command restores
 //! that image instead of starting cold, and the restored process answers at once with the index
@@ -64,7 +73,7 @@
 //! The listener and its hooks are [`PausableListener`], shared with the `cache-server` example.
 //!
 //! Options: `--port PORT` (default `$WARM_START_PORT`, then 7080), `--docs N` (default
-//! `$WARM_START_DOCS`, then 120000: about 3 s in a release build, 15 s in a debug build),
+//! `$WARM_START_DOCS`, then 100000: about 3 s in a release build, 25 s in a debug build),
 //! `--no-checkpoint` (do not checkpoint even under `crac run`).
 
 use std::collections::HashMap;
@@ -84,8 +93,9 @@ use crac_examples::listener::PausableListener;
 use crac_examples::{lock, Log};
 
 const DEFAULT_PORT: u16 = 7080;
-/// About 2-4 s of warm-up in a release build on a small machine.
-const DEFAULT_DOCS: u32 = 120_000;
+/// About 2.5-3 s of warm-up in a release build on a small machine (two passes over the
+/// documents, ~14 million words each).
+const DEFAULT_DOCS: u32 = 100_000;
 /// The seed of the documents: the same corpus on every cold start.
 const CORPUS_SEED: u64 = 0x5eed_c0ff_ee00_0001;
 /// Words in the vocabulary, and the shortest and longest document (in words).
@@ -145,12 +155,20 @@ fn run() -> Result<(), String> {
     );
 
     // The warm-up: the work a restored process does not do again.
+    let rss_before = rss_kib();
     let index = Index::build(config.docs);
     let warmup_ms = ms(launched.elapsed());
     state.warmup_ms.store(warmup_ms.to_bits(), Ordering::SeqCst);
     eprintln!(
-        "warm-start: warm-up done in {warmup_ms:.0} ms: {} documents, {} words, {} terms, {} postings",
-        index.docs, index.words, index.terms(), index.postings
+        "warm-start: warm-up done in {warmup_ms:.0} ms: {} documents, {} words, {} terms, \
+         {} postings in {:.1} MiB; VmRSS {} before, {} after",
+        index.docs,
+        index.words,
+        index.terms(),
+        index.postings,
+        index.list_bytes() as f64 / MIB,
+        show_kib(rss_before),
+        show_kib(rss_kib()),
     );
 
     let listener = PausableListener::new(addr, LOG)?;
@@ -328,9 +346,88 @@ fn word(mut rank: usize) -> String {
     syllables.concat()
 }
 
+/// The generated documents: the same ones, in the same order, every time they are generated.
+struct Corpus {
+    /// The words, by rank, one after another (two allocations rather than one per word, so
+    /// that nothing of it stays behind in the heap once it is dropped).
+    vocabulary: String,
+    /// Rank -> where its word ends in `vocabulary` (it starts where the previous one ends).
+    ends: Vec<u32>,
+    /// Zipf's law: the word of rank r is drawn with weight 1 / (r + 1); the running sums.
+    cumulative: Vec<f64>,
+}
+
+impl Corpus {
+    fn new() -> Corpus {
+        let mut total = 0.0;
+        let cumulative = (0..VOCABULARY)
+            .map(|rank| {
+                total += 1.0 / (rank + 1) as f64;
+                total
+            })
+            .collect();
+        let mut vocabulary = String::new();
+        let ends = (0..VOCABULARY)
+            .map(|rank| {
+                vocabulary.push_str(&word(rank));
+                vocabulary.len() as u32
+            })
+            .collect();
+        Corpus {
+            vocabulary,
+            ends,
+            cumulative,
+        }
+    }
+
+    /// The word of rank `rank`.
+    fn word(&self, rank: usize) -> &str {
+        let start = rank.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.vocabulary[start as usize..self.ends[rank] as usize]
+    }
+
+    /// Generates documents `0..docs` and calls `each(id, text)` with each one's text (words
+    /// separated by spaces, as a real indexer would get it). The text is not kept: one buffer
+    /// is reused.
+    fn for_each_document(&self, docs: u32, mut each: impl FnMut(u32, &str)) {
+        let total = self.cumulative[VOCABULARY - 1];
+        let mut rng = Rng(CORPUS_SEED);
+        let mut text = String::new();
+        for id in 0..docs {
+            text.clear();
+            let length = MIN_WORDS + rng.below(MAX_WORDS - MIN_WORDS + 1);
+            for _ in 0..length {
+                let target = rng.unit() * total;
+                let rank = self
+                    .cumulative
+                    .partition_point(|&c| c <= target)
+                    .min(VOCABULARY - 1);
+                text.push_str(self.word(rank));
+                text.push(' ');
+            }
+            each(id, &text);
+        }
+    }
+}
+
+/// The warm state: an inverted index, word -> ids of the documents that contain it, kept
+/// compact because its size is what a restore costs (CRIU restores every resident page).
+///
+/// All the posting lists are in one byte array, one list after another. A list holds its ids
+/// ascending, each as the difference from the previous id + 1 (so the first one is the id + 1,
+/// and the next ones are the gaps, 1 for consecutive documents), each difference a LEB128
+/// varint: 7 bits per byte, low bits first, the high bit set on every byte but the last. The
+/// common words, in most documents, take about a byte per document; the rare ones up to 3.
 struct Index {
-    /// word -> ids of the documents that contain it, ascending.
-    postings_by_word: HashMap<Box<str>, Vec<u32>>,
+    /// Word -> its term number, the index into `counts` and `starts`.
+    terms: HashMap<Box<str>, u32>,
+    /// Term -> how many documents contain it (how many ids its list holds).
+    counts: Vec<u32>,
+    /// Term -> where its list starts in `lists`; one more entry at the end, so the list of
+    /// term `t` is `lists[starts[t]..starts[t + 1]]`.
+    starts: Vec<usize>,
+    /// Every posting list, delta-encoded varints.
+    lists: Vec<u8>,
     docs: u32,
     /// Words in all documents.
     words: u64,
@@ -339,51 +436,80 @@ struct Index {
 }
 
 impl Index {
-    /// Generates `docs` documents (text, as a real indexer would get it) and indexes them.
+    /// Generates `docs` documents and indexes them, in two passes over the same (regenerated)
+    /// documents, so that nothing bigger than the index itself is ever allocated: the first
+    /// numbers the words, counts each one's documents and sums the size of its encoded list;
+    /// the second encodes every list into its place in one array of exactly that size.
     fn build(docs: u32) -> Index {
-        let vocabulary: Vec<String> = (0..VOCABULARY).map(word).collect();
-        // Zipf's law: the word of rank r is drawn with weight 1 / (r + 1).
-        let mut cumulative = Vec::with_capacity(VOCABULARY);
-        let mut total = 0.0;
-        for rank in 0..VOCABULARY {
-            total += 1.0 / (rank + 1) as f64;
-            cumulative.push(total);
-        }
-        let mut rng = Rng(CORPUS_SEED);
-        let mut postings_by_word: HashMap<Box<str>, Vec<u32>> = HashMap::new();
-        let mut text = String::new();
+        let corpus = Corpus::new();
+
+        // Pass 1: terms, and per term its document count and encoded size.
+        let mut terms: HashMap<Box<str>, u32> = HashMap::new();
+        let mut counts: Vec<u32> = Vec::new();
+        let mut sizes: Vec<usize> = Vec::new();
+        // Term -> id + 1 of the last document seen with it, 0 before the first.
+        let mut last: Vec<u32> = Vec::new();
         let (mut words, mut postings) = (0u64, 0u64);
-        for id in 0..docs {
-            text.clear();
-            let length = MIN_WORDS + rng.below(MAX_WORDS - MIN_WORDS + 1);
-            for _ in 0..length {
-                let target = rng.unit() * total;
-                let rank = cumulative
-                    .partition_point(|&c| c <= target)
-                    .min(VOCABULARY - 1);
-                text.push_str(&vocabulary[rank]);
-                text.push(' ');
-            }
+        corpus.for_each_document(docs, |id, text| {
+            let next = id + 1;
             for token in text.split_ascii_whitespace() {
                 words += 1;
-                match postings_by_word.get_mut(token) {
-                    Some(ids) if ids.last() == Some(&id) => {}
-                    Some(ids) => {
-                        ids.push(id);
-                        postings += 1;
-                    }
+                let term = match terms.get(token) {
+                    Some(&term) => term as usize,
                     None => {
-                        postings_by_word.insert(token.into(), vec![id]);
-                        postings += 1;
+                        let term = counts.len();
+                        terms.insert(token.into(), term as u32);
+                        counts.push(0);
+                        sizes.push(0);
+                        last.push(0);
+                        term
                     }
+                };
+                if last[term] != next {
+                    sizes[term] += varint_len(next - last[term]);
+                    counts[term] += 1;
+                    last[term] = next;
+                    postings += 1;
                 }
             }
+        });
+
+        // The lists' places, and each term's write position in pass 2.
+        let mut starts = Vec::with_capacity(sizes.len() + 1);
+        let mut end = 0;
+        for size in sizes {
+            starts.push(end);
+            end += size;
         }
-        for ids in postings_by_word.values_mut() {
-            ids.shrink_to_fit();
-        }
+        starts.push(end);
+        let mut at = starts[..starts.len() - 1].to_vec();
+        let mut lists = vec![0u8; end];
+
+        // Pass 2: the same documents again, each (term, document) encoded in its list.
+        last.fill(0);
+        corpus.for_each_document(docs, |id, text| {
+            let next = id + 1;
+            for token in text.split_ascii_whitespace() {
+                let term = terms[token] as usize;
+                if last[term] != next {
+                    let pos = at[term];
+                    at[term] = pos + put_varint(&mut lists[pos..], next - last[term]);
+                    last[term] = next;
+                }
+            }
+        });
+        assert!(
+            at.iter().eq(&starts[1..]),
+            "the second pass did not fill the lists the first one measured"
+        );
+
+        terms.shrink_to_fit();
+        counts.shrink_to_fit();
         Index {
-            postings_by_word,
+            terms,
+            counts,
+            starts,
+            lists,
             docs,
             words,
             postings,
@@ -391,14 +517,106 @@ impl Index {
     }
 
     fn terms(&self) -> usize {
-        self.postings_by_word.len()
+        self.terms.len()
     }
 
-    fn search(&self, word: &str) -> &[u32] {
-        self.postings_by_word
-            .get(word)
-            .map_or(&[][..], |ids| ids.as_slice())
+    /// Bytes of the posting lists and of their table (`counts` and `starts`).
+    fn list_bytes(&self) -> usize {
+        self.lists.len()
+            + self.counts.len() * std::mem::size_of::<u32>()
+            + self.starts.len() * std::mem::size_of::<usize>()
     }
+
+    /// The ids of the documents that contain `word`, ascending, decoded as they are read.
+    fn search(&self, word: &str) -> Postings<'_> {
+        match self.terms.get(word) {
+            Some(&term) => {
+                let term = term as usize;
+                Postings {
+                    bytes: &self.lists[self.starts[term]..self.starts[term + 1]],
+                    left: self.counts[term],
+                    last: 0,
+                }
+            }
+            None => Postings {
+                bytes: &[],
+                left: 0,
+                last: 0,
+            },
+        }
+    }
+}
+
+/// A posting list being decoded: see [`Index`].
+struct Postings<'a> {
+    /// The varints not read yet.
+    bytes: &'a [u8],
+    /// Ids not read yet.
+    left: u32,
+    /// The last id read + 1 (0 before the first).
+    last: u32,
+}
+
+impl Iterator for Postings<'_> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.left == 0 {
+            return None;
+        }
+        let mut delta = 0u32;
+        let mut shift = 0;
+        loop {
+            let (&byte, rest) = self.bytes.split_first()?;
+            self.bytes = rest;
+            delta |= u32::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        self.left -= 1;
+        self.last += delta;
+        Some(self.last - 1)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left as usize, Some(self.left as usize))
+    }
+}
+
+/// The count is stored: `len()` reads nothing.
+impl ExactSizeIterator for Postings<'_> {}
+
+/// Bytes of `value` as a LEB128 varint.
+fn varint_len(value: u32) -> usize {
+    let bits = u32::BITS - (value | 1).leading_zeros();
+    bits.div_ceil(7) as usize
+}
+
+/// Writes `value` as a LEB128 varint at the start of `out`; returns the bytes written.
+fn put_varint(out: &mut [u8], mut value: u32) -> usize {
+    let mut written = 0;
+    while value >= 0x80 {
+        out[written] = (value & 0x7f) as u8 | 0x80;
+        value >>= 7;
+        written += 1;
+    }
+    out[written] = value as u8;
+    written + 1
+}
+
+/// This process's resident memory (`VmRSS` in /proc/self/status), in KiB.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 // --- Requests -------------------------------------------------------------------------------
@@ -476,7 +694,7 @@ impl Service {
     fn search(&self, word: &str) -> String {
         let ids = self.index.search(word);
         let mut reply = format!("OK {}", ids.len());
-        for id in ids.iter().take(FIRST_IDS) {
+        for id in ids.take(FIRST_IDS) {
             reply.push_str(&format!(" {id}"));
         }
         reply
@@ -489,6 +707,8 @@ impl Service {
             "docs": self.index.docs,
             "terms": self.index.terms(),
             "postings": self.index.postings,
+            "postings_bytes": self.index.list_bytes(),
+            "rss_kib": rss_kib(),
             "started": *lock(&self.state.started),
             "generation": self.coordinator.generation(),
             "last_restore": self.coordinator.last_restore().map(|info| info.reason.as_str()),
@@ -623,6 +843,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// A size in KiB as MiB with one decimal, or `?` when it could not be read.
+fn show_kib(kib: Option<u64>) -> String {
+    kib.map_or_else(
+        || "?".to_owned(),
+        |kib| format!("{:.1} MiB", kib as f64 / 1024.0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,9 +872,65 @@ mod tests {
         let a = Index::build(300);
         let b = Index::build(300);
         assert_eq!(a.postings, b.postings);
-        assert_eq!(a.search("ka"), b.search("ka"));
-        assert!(!a.search("ka").is_empty());
-        assert!(a.search("ka").windows(2).all(|w| w[0] < w[1]));
-        assert!(a.search("zz").is_empty());
+        assert_eq!(a.lists, b.lists);
+        let ka: Vec<u32> = a.search("ka").collect();
+        assert_eq!(ka, b.search("ka").collect::<Vec<_>>());
+        assert!(!ka.is_empty());
+        assert!(ka.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(a.search("zz").len(), 0);
+        assert_eq!(a.search("zz").next(), None);
+    }
+
+    #[test]
+    fn varints_round_trip() {
+        for value in [
+            1,
+            2,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            u32::MAX,
+        ] {
+            let mut out = [0u8; 5];
+            let written = put_varint(&mut out, value);
+            assert_eq!(written, varint_len(value), "{value}");
+            let mut decoded = Postings {
+                bytes: &out[..written],
+                left: 1,
+                last: 0,
+            };
+            assert_eq!(decoded.next(), Some(value - 1), "{value}");
+            assert_eq!(decoded.next(), None);
+        }
+    }
+
+    /// The compact index holds the same lists as a plain word -> `Vec<u32>` map.
+    #[test]
+    fn the_compact_index_matches_a_plain_one() {
+        let docs = 2_000;
+        let index = Index::build(docs);
+        let mut plain: HashMap<String, Vec<u32>> = HashMap::new();
+        Corpus::new().for_each_document(docs, |id, text| {
+            for token in text.split_ascii_whitespace() {
+                let ids = plain.entry(token.to_owned()).or_default();
+                if ids.last() != Some(&id) {
+                    ids.push(id);
+                }
+            }
+        });
+        assert_eq!(index.terms(), plain.len());
+        assert_eq!(
+            index.postings,
+            plain.values().map(|ids| ids.len() as u64).sum::<u64>()
+        );
+        for (word, ids) in &plain {
+            let postings = index.search(word);
+            assert_eq!(postings.len(), ids.len(), "{word}");
+            assert_eq!(&postings.collect::<Vec<_>>(), ids, "{word}");
+        }
     }
 }

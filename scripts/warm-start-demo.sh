@@ -18,7 +18,7 @@
 #   is removed.
 #
 #   WARM_DEMO_PORT  the service's port (default 17080)
-#   WARM_DEMO_DOCS  documents to index at the cold start (default: warm-start's own, 120000)
+#   WARM_DEMO_DOCS  documents to index at the cold start (default: warm-start's own, 100000)
 #   WARM_DEMO_RUNS  how many warm starts to measure (default 3)
 #   WARM_DEMO_KEEP=1  keep the temporary folder (store, images, logs) instead of deleting it
 #   CRAC_CRIU / CRAC_CRIU_PREFIX  as for scripts/provision-criu.sh
