@@ -1,7 +1,8 @@
 //! Item 2: dispatch scaling. `Coordinator::simulate()` (a whole cycle: every
 //! `before_checkpoint`, then every `after_restore`) over 1, 100 and 10,000 registered no-op
-//! resources, with the default `Limits` (hooks on a worker thread, under time limits) and with
-//! `Limits::unlimited()` (hooks on the calling thread).
+//! resources, with the default `Limits` (hooks on the coordinator's hook thread, started on
+//! demand and reused across phases, under time limits) and with `Limits::unlimited()` (hooks
+//! on the calling thread).
 
 use std::time::Duration;
 
@@ -59,7 +60,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let budget = Duration::from_millis(if ctx.quick { 300 } else { 2000 });
     let mut rows = Vec::new();
     for (name, limits) in [
-        ("default (worker thread)", Limits::default()),
+        ("default (hook thread)", Limits::default()),
         ("unlimited (caller's thread)", Limits::unlimited()),
     ] {
         for n in SIZES {
@@ -104,7 +105,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         ],
         &table,
     );
-    for name in ["default (worker thread)", "unlimited (caller's thread)"] {
+    for name in ["default (hook thread)", "unlimited (caller's thread)"] {
         let of = |n: usize| {
             rows.iter()
                 .find(|r| r.limits == name && r.n == n)
