@@ -66,8 +66,8 @@ if ! command -v socat >/dev/null; then
     command -v socat >/dev/null || die "socat could not be installed"
 fi
 
-info "building the workspace (cargo build --release --workspace)"
-cargo build --release --workspace
+info "building the release binaries as installed (scripts/build-release.sh: LTO, static crac-action)"
+"$ROOT/scripts/build-release.sh"
 
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
