@@ -17,6 +17,8 @@ echo "test: cargo fmt --check"
 cargo fmt --all -- --check
 echo "test: cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "test: cargo doc (broken links and missing docs are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "test: cargo build"
 cargo build --workspace --all-targets --locked
 echo "test: cargo test"

@@ -683,7 +683,7 @@ impl Staging {
     /// image survives a power loss as soon as it has its name. Off by default, as CRIU itself
     /// does not flush its images: flushing costs time that grows with the image (about 30 ms
     /// per 64 MiB on a virtual disk, BENCHMARKS.md), and a torn image is still caught, by the
-    /// size checks of [`metadata::validate`](crate::metadata::validate), before a restore.
+    /// size checks of [`metadata::validate`], before a restore.
     pub fn set_durable(&mut self, durable: bool) {
         self.durable = durable;
     }
