@@ -76,6 +76,11 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The state letter of `pid` (`R`, `S`, `Z`, ... as in /proc/PID/stat), if it exists.
+pub fn state_of(pid: u32) -> Option<char> {
+    read_stat(pid).map(|s| s.state)
+}
+
 /// The parent of `pid`, if it exists.
 pub fn parent_of(pid: u32) -> Option<u32> {
     read_stat(pid).map(|s| s.ppid)

@@ -134,7 +134,7 @@ fn settle_watcher() {
         if !watchers.is_empty()
             && watchers
                 .iter()
-                .all(|&pid| procs::stat(pid).is_some_and(|(state, _)| state == 'S'))
+                .all(|&pid| crac_action::tree::state_of(pid) == Some('S'))
         {
             return;
         }

@@ -12,6 +12,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crac_action::driver::read_cmdline;
+use crac_action::tree;
+use crac_action::watcher::PROCESS_NAME;
+
 pub type Res<T> = Result<T, String>;
 
 /// The binaries of this build, and the CRIU to use.
@@ -204,28 +208,6 @@ pub fn run_timed(cmd: &mut Command) -> Res<(ExitStatus, Duration)> {
     Ok((status, started.elapsed()))
 }
 
-/// The command line of `pid`.
-pub fn cmdline(pid: u32) -> Vec<String> {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            raw.split(|&b| b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// (state, ppid) from /proc/PID/stat.
-pub fn stat(pid: u32) -> Option<(char, u32)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
 pub fn all_pids() -> Vec<u32> {
     fs::read_dir("/proc")
         .map(|entries| {
@@ -235,9 +217,6 @@ pub fn all_pids() -> Vec<u32> {
         })
         .unwrap_or_default()
 }
-
-/// The name a forked watcher gives itself (crac-action's watcher::PROCESS_NAME).
-pub const WATCHER_NAME: &str = "crac-watcher";
 
 fn comm(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -253,9 +232,9 @@ pub fn our_watchers() -> Vec<u32> {
     all_pids()
         .into_iter()
         .filter(|&pid| {
-            stat(pid).is_some_and(|(state, ppid)| ppid == me && state != 'Z') && {
-                let args = cmdline(pid);
-                comm(pid) == WATCHER_NAME
+            tree::parent_of(pid) == Some(me) && tree::ProcessId::of(pid).is_some() && {
+                let args = read_cmdline(pid);
+                comm(pid) == PROCESS_NAME
                     || (args.first().is_some_and(|a| a.ends_with("crac-action"))
                         && args.get(1).is_some_and(|a| a == "--watch"))
             }
@@ -281,8 +260,9 @@ pub fn reap_zombies(keep: &[u32]) {
     let me = std::process::id();
     for pid in all_pids() {
         if !keep.contains(&pid)
-            && stat(pid).is_some_and(|(state, ppid)| ppid == me && state == 'Z')
-            && matches!(comm(pid).as_str(), "crac-action" | WATCHER_NAME)
+            && tree::parent_of(pid) == Some(me)
+            && tree::state_of(pid) == Some('Z')
+            && matches!(comm(pid).as_str(), "crac-action" | PROCESS_NAME)
         {
             let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
         }
