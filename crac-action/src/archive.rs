@@ -494,21 +494,7 @@ impl Drop for TempOut {
 
 /// Copies `from` to `to` and returns the size and SHA-256 (lowercase hex) of what was copied.
 fn digest(mut from: impl Read, to: &mut impl Write) -> io::Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0; 1 << 16];
-    let mut count = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
-        };
-        hasher.update(&buf[..n]);
-        to.write_all(&buf[..n])?;
-        count += n as u64;
-    }
-    Ok((count, hex(hasher.finalize())))
+    copy_hashed(&mut from, to).map_err(|(CopyError::Read(err) | CopyError::Write(err))| err)
 }
 
 fn hex(bytes: impl AsRef<[u8]>) -> String {
@@ -620,7 +606,7 @@ pub fn import(store: &Store, file: &Path, name: Option<&str>) -> Result<String, 
             .mode(0o600)
             .open(&out_path)
             .map_err(store_write)?;
-        let (count, sha256) = copy_entry(&mut entry, &mut out).map_err(|e| match e {
+        let (count, sha256) = copy_hashed(&mut entry, &mut out).map_err(|e| match e {
             CopyError::Read(source) => stream(source),
             CopyError::Write(source) => store_write(source),
         })?;
@@ -742,9 +728,9 @@ enum CopyError {
     Write(io::Error),
 }
 
-/// Copies an archive entry into the store; read errors are the archive's, write errors the
-/// store's.
-fn copy_entry(from: &mut impl Read, to: &mut File) -> Result<(u64, String), CopyError> {
+/// Copies `from` to `to` and returns the size and SHA-256 (lowercase hex) of what was copied,
+/// telling read errors (the archive's, on import) from write errors (the store's).
+fn copy_hashed(from: &mut impl Read, to: &mut impl Write) -> Result<(u64, String), CopyError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0; 1 << 16];
     let mut count = 0;
