@@ -62,7 +62,7 @@
 //! (default `$CACHE_SERVER_UPSTREAM`, then `127.0.0.1:7071`).
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -220,19 +220,9 @@ struct Service {
 impl Service {
     /// Reads one request line, answers it and returns; the caller closes the connection.
     fn handle(&self, stream: &TcpStream) -> Result<(), String> {
-        stream
-            .set_read_timeout(Some(CLIENT_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)))
-            .map_err(|err| format!("cannot set client timeouts: {err}"))?;
-        let mut line = String::new();
-        BufReader::new(stream.take(MAX_REQUEST))
-            .read_line(&mut line)
-            .map_err(|err| format!("cannot read the request: {err}"))?;
-        let reply = self.answer(line.trim_end_matches(['\r', '\n']));
-        let mut writer = stream;
-        writer
-            .write_all(format!("{reply}\n").as_bytes())
-            .map_err(|err| format!("cannot send the reply: {err}"))
+        crac_examples::answer_one_line(stream, CLIENT_TIMEOUT, MAX_REQUEST, |request| {
+            self.answer(request)
+        })
     }
 
     fn answer(&self, request: &str) -> String {

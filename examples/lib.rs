@@ -1,6 +1,7 @@
 //! Code shared by the example programs (`cache-server`, `warm-start`): a TCP listener that
-//! steps aside for a checkpoint ([`listener::PausableListener`]) and two small helpers,
-//! [`Log`] for the one-line-per-hook logs and [`lock`].
+//! steps aside for a checkpoint ([`listener::PausableListener`]), the one-line protocol both
+//! speak ([`answer_one_line`]), and two small helpers, [`Log`] for the one-line-per-hook logs
+//! and [`lock`].
 //!
 //! It is a library of the examples package only, not part of crac-rs's API: it exists so the
 //! examples do not each carry their own copy of the listener.
@@ -8,7 +9,10 @@
 #![deny(missing_docs)]
 
 use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 pub mod listener;
 
@@ -47,4 +51,32 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Serves one request of the examples' line protocol on `stream`: reads one line (at most
+/// `max_request` bytes, within `timeout`), writes `answer(line)` and a newline. The caller
+/// closes the connection, so that none is open when CRIU freezes the process.
+///
+/// # Errors
+///
+/// A line saying which step failed.
+pub fn answer_one_line(
+    stream: &TcpStream,
+    timeout: Duration,
+    max_request: u64,
+    answer: impl FnOnce(&str) -> String,
+) -> Result<(), String> {
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|err| format!("cannot set client timeouts: {err}"))?;
+    let mut line = String::new();
+    BufReader::new(stream.take(max_request))
+        .read_line(&mut line)
+        .map_err(|err| format!("cannot read the request: {err}"))?;
+    let reply = answer(line.trim_end_matches(['\r', '\n']));
+    let mut writer = stream;
+    writer
+        .write_all(format!("{reply}\n").as_bytes())
+        .map_err(|err| format!("cannot send the reply: {err}"))
 }

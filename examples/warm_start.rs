@@ -77,7 +77,7 @@
 //! `--no-checkpoint` (do not checkpoint even under `crac run`).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -666,19 +666,9 @@ struct Service {
 impl Service {
     /// Reads one request line and answers it; the caller closes the connection.
     fn handle(&self, stream: &TcpStream) -> Result<(), String> {
-        stream
-            .set_read_timeout(Some(CLIENT_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)))
-            .map_err(|err| format!("cannot set client timeouts: {err}"))?;
-        let mut line = String::new();
-        BufReader::new(stream.take(MAX_REQUEST))
-            .read_line(&mut line)
-            .map_err(|err| format!("cannot read the request: {err}"))?;
-        let reply = self.answer(line.trim_end_matches(['\r', '\n']));
-        let mut writer = stream;
-        writer
-            .write_all(format!("{reply}\n").as_bytes())
-            .map_err(|err| format!("cannot send the reply: {err}"))
+        crac_examples::answer_one_line(stream, CLIENT_TIMEOUT, MAX_REQUEST, |request| {
+            self.answer(request)
+        })
     }
 
     fn answer(&self, request: &str) -> String {
