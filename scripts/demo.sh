@@ -19,24 +19,14 @@ set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+DEMO_NAME=demo
+# shellcheck source=scripts/demo-lib.sh
+source "$ROOT/scripts/demo-lib.sh"
 
 CACHE_PORT=${DEMO_CACHE_PORT:-17070}
 UPSTREAM_PORT=${DEMO_UPSTREAM_PORT:-17071}
 KEYS=${DEMO_KEYS:-40}
 
-if [[ -t 1 ]]; then BOLD=$'\e[1m' RED=$'\e[31m' GREEN=$'\e[32m' OFF=$'\e[0m'; else BOLD='' RED='' GREEN='' OFF=''; fi
-STEP_NO=0
-step() {
-    STEP_NO=$((STEP_NO + 1))
-    printf '\n%s==> %d. %s%s\n' "$BOLD" "$STEP_NO" "$*" "$OFF"
-}
-say() { printf '    %s\n' "$@"; }
-indent() { sed 's/^/    | /'; }
-die() {
-    printf '\n%sdemo: FAILED: %s%s\n' "$RED" "$*" "$OFF" >&2
-    exit 1
-}
-trap 'die "command failed (exit code $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 # --- Preconditions ---------------------------------------------------------------------------
 
@@ -64,35 +54,7 @@ ask() {
     printf '%s\n' "$reply"
 }
 
-# Whether something accepts connections on a local port.
-port_open() {
-    local fd
-    { exec {fd}<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null || return 1
-    exec {fd}>&-
-}
 
-# Whether process $1 exists and is not a zombie.
-alive() {
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]]
-}
-
-# A numeric or string field of the one-line STATS JSON (flat object, no nested values).
-field() {
-    local re="\"$2\":(\"[^\"]*\"|[^,}]*)"
-    [[ $1 =~ $re ]] || return 1
-    local v=${BASH_REMATCH[1]}
-    v=${v#\"}
-    echo "${v%\"}"
-}
-
-expect_field() { # expect_field JSON NAME WANT
-    local got
-    got=$(field "$1" "$2") || die "STATS has no field '$2': $1"
-    [[ $got == "$3" ]] || die "STATS: expected $2 = $3, got $got ($1)"
-}
 
 # --- Cleanup: everything this script started, by pid, and the temporary folder ---------------
 

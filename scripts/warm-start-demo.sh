@@ -26,6 +26,9 @@ set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+DEMO_NAME=warm-start-demo
+# shellcheck source=scripts/demo-lib.sh
+source "$ROOT/scripts/demo-lib.sh"
 
 PORT=${WARM_DEMO_PORT:-17080}
 DOCS=${WARM_DEMO_DOCS:-}
@@ -36,19 +39,6 @@ WORDS=(ka kalo sutewa kakakaka nosuchword)
 # How long a start may take before the script gives up (the cold one includes the warm-up).
 START_TIMEOUT_S=120
 
-if [[ -t 1 ]]; then BOLD=$'\e[1m' RED=$'\e[31m' GREEN=$'\e[32m' OFF=$'\e[0m'; else BOLD='' RED='' GREEN='' OFF=''; fi
-STEP_NO=0
-step() {
-    STEP_NO=$((STEP_NO + 1))
-    printf '\n%s==> %d. %s%s\n' "$BOLD" "$STEP_NO" "$*" "$OFF"
-}
-say() { printf '    %s\n' "$@"; }
-indent() { sed 's/^/    | /'; }
-die() {
-    printf '\n%swarm-start-demo: FAILED: %s%s\n' "$RED" "$*" "$OFF" >&2
-    exit 1
-}
-trap 'die "command failed (exit code $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 # --- Preconditions ---------------------------------------------------------------------------
 
@@ -89,34 +79,8 @@ ask_retry() {
     return 1
 }
 
-port_open() {
-    local fd
-    { exec {fd}<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null || return 1
-    exec {fd}>&-
-}
 
-# Whether process $1 exists and is not a zombie.
-alive() {
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]]
-}
 
-# A field of the one-line STATS JSON (flat object).
-field() {
-    local re="\"$2\":(\"[^\"]*\"|[^,}]*)"
-    [[ $1 =~ $re ]] || return 1
-    local v=${BASH_REMATCH[1]}
-    v=${v#\"}
-    echo "${v%\"}"
-}
-
-expect_field() { # expect_field JSON NAME WANT
-    local got
-    got=$(field "$1" "$2") || die "STATS has no field '$2': $1"
-    [[ $got == "$3" ]] || die "STATS: expected $2 = $3, got $got ($1)"
-}
 
 # --- Cleanup: everything this script started, by pid, and the temporary folder ---------------
 
