@@ -97,13 +97,7 @@ pub fn action_script() -> Result<PathBuf, OpError> {
     if let Some(path) = beside.filter(|p| p.is_file()) {
         return Ok(path);
     }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("crac-action"))
-                .find(|p| p.is_file())
-        })
-        .ok_or_else(|| {
+    locate::on_path("crac-action").ok_or_else(|| {
             OpError::new(
                 FailureKind::Unavailable,
                 "crac-action not found beside crac nor on PATH: install it next to crac, or set CRAC_ACTION",

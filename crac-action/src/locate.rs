@@ -81,7 +81,8 @@ pub fn locate() -> Result<Criu, LocateError> {
     }
 }
 
-fn on_path(name: &str) -> Option<PathBuf> {
+/// The first file called `name` in a folder of `PATH`.
+pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))

@@ -60,7 +60,9 @@ pub fn marker_path(pid: u32, criu_pid: u32) -> PathBuf {
 /// would fail a dump that succeeded.
 pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
     let init = inv.init_pid.ok_or(ActionError::NoInitPid(STEP))?;
-    if agents::in_tree(init).is_empty() {
+    // Walked once: this step runs while the tree is frozen.
+    let agents = agents::in_tree(init);
+    if agents.is_empty() {
         return Ok(());
     }
     let dir = match &inv.image_dir {
@@ -68,7 +70,7 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
     };
     let criu_pid = std::os::unix::process::parent_id();
-    let folders: Vec<AgentFolder> = agents::in_tree(init)
+    let folders: Vec<AgentFolder> = agents
         .into_iter()
         .filter_map(|pid| {
             let dir = crac_agent::agent_dir(pid);

@@ -157,17 +157,10 @@ fn sweep_stale(base: &Path, own_uid: u32, own_pid: u32) {
         {
             continue;
         }
-        // The socket, and markers crac-action's post-dump left for a watcher.
-        if let Ok(files) = fs::read_dir(entry.path()) {
-            for file in files.flatten() {
-                let name = file.file_name();
-                let name = name.to_string_lossy();
-                if name == SOCKET_NAME || name.starts_with("post-dump.") {
-                    let _ = fs::remove_file(file.path());
-                }
-            }
-        }
-        let _ = fs::remove_dir(entry.path());
+        // The whole folder: the socket, and whatever else was left for that process (the
+        // markers crac-action's post-dump leaves for its watcher). It is ours, and its
+        // process is gone.
+        let _ = fs::remove_dir_all(entry.path());
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::dispatch::{self, Call, Target};
 use crate::error::CheckpointError;
-use crate::ordering::{insertion_index, Direction, Priority};
+use crate::ordering::{insertion_index, visit_order, Direction, Priority};
 use crate::resource::{CheckpointInfo, HookError, Resource, RestoreInfo, RestoreReason};
 
 /// An ordered set of resources; itself a [`Resource`], so contexts nest.
@@ -237,8 +237,11 @@ impl Resource for Context {
 
     fn before_checkpoint(&self, checkpoint: &CheckpointInfo) -> Result<(), HookError> {
         let targets = self.targets();
-        let run =
-            dispatch::run_inline(&targets, Direction::Down, &Call::Before(checkpoint.clone()));
+        let run = dispatch::run_inline(
+            &targets,
+            visit_order(targets.len(), Direction::Down),
+            &Call::Before(checkpoint.clone()),
+        );
         if run.failed() {
             return Err(Box::new(CheckpointError::refused(run.records, Vec::new())));
         }
@@ -247,7 +250,11 @@ impl Resource for Context {
 
     fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError> {
         let targets = self.targets();
-        let run = dispatch::run_inline(&targets, Direction::Up, &Call::After(restore.clone()));
+        let run = dispatch::run_inline(
+            &targets,
+            visit_order(targets.len(), Direction::Up),
+            &Call::After(restore.clone()),
+        );
         if run.failed() {
             let err = if restore.reason == RestoreReason::Aborted {
                 CheckpointError::refused(Vec::new(), run.records)

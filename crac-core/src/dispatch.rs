@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use crate::coordinator::Limits;
 use crate::hook_thread::HookThread;
-use crate::ordering::{visit_order, Direction};
 use crate::report::{HookFailure, HookRecord, Phase};
 use crate::resource::{CheckpointInfo, HookError, Resource, RestoreInfo};
 
@@ -98,9 +97,14 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs every target's hook on this thread, with no time limit.
-pub(crate) fn run_inline(targets: &[Target], direction: Direction, call: &Call) -> PhaseRun {
-    let records = visit_order(targets.len(), direction)
+/// Runs the hooks of `order` (indices into `targets`) on this thread, with no time limit.
+pub(crate) fn run_inline(
+    targets: &[Target],
+    order: impl IntoIterator<Item = usize>,
+    call: &Call,
+) -> PhaseRun {
+    let records = order
+        .into_iter()
         .map(|index| call_one(targets, index, call))
         .collect();
     PhaseRun { records }
@@ -116,11 +120,7 @@ pub(crate) fn run(
     limits: &Limits,
 ) -> PhaseRun {
     if limits.hook.is_none() && limits.phase.is_none() {
-        let records = order
-            .into_iter()
-            .map(|index| call_one(targets, index, call))
-            .collect();
-        return PhaseRun { records };
+        return run_inline(targets, order, call);
     }
     run_limited(thread, targets, order, call, limits)
 }
