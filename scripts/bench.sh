@@ -8,7 +8,7 @@
 #   --alt-action P   item 1 also measures another crac-action build (e.g. a static one)
 #   --out FILE       where the markdown results go (default: target/bench/results.md)
 #
-# It provisions CRIU >= 4.1 (scripts/provision-criu.sh, a no-op when it is there), installs
+# It provisions CRIU >= 4.2 (scripts/provision-criu.sh, a no-op when it is there), installs
 # socat from Debian's packages if it is missing (the baseline of item 1), builds the workspace
 # in release mode, then runs target/release/crac-bench, which prints every figure with its
 # target and whether it is met, and writes them as markdown to the --out file, shown at the
@@ -53,7 +53,7 @@ done
 ((EUID == 0)) || die "run me as root (CRIU needs root to dump and restore): sudo $0 ${original[*]:-}"
 command -v cargo >/dev/null || die "cargo not found in PATH (under sudo, try: sudo env \"PATH=\$PATH\" $0)"
 
-info "provisioning CRIU >= 4.1 (scripts/provision-criu.sh)"
+info "provisioning CRIU >= 4.2 (scripts/provision-criu.sh)"
 bash scripts/provision-criu.sh
 
 if ! command -v socat >/dev/null; then

@@ -5,7 +5,7 @@
 # the time from launch to the first answer both ways.
 #
 # Usage: sudo scripts/warm-start-demo.sh      (root: CRIU needs it; runs from any directory)
-#   It provisions CRIU >= 4.1 (scripts/provision-criu.sh), builds the workspace in release
+#   It provisions CRIU >= 4.2 (scripts/provision-criu.sh), builds the workspace in release
 #   mode (so the timings mean something), then:
 #     a) cold: `crac run --image warm -- warm-start --port P`: no image yet, so it starts the
 #        service cold; the service warms up, answers, checkpoints itself into the store and
@@ -159,7 +159,7 @@ trap cleanup EXIT
 
 # --- 1. CRIU and the build ---------------------------------------------------------------------
 
-step "Provisioning CRIU >= 4.1 (scripts/provision-criu.sh; a no-op when it is already there)"
+step "Provisioning CRIU >= 4.2 (scripts/provision-criu.sh; a no-op when it is already there)"
 bash scripts/provision-criu.sh 2>&1 | indent || die "provisioning CRIU failed (see above)"
 
 step "Building the workspace in release mode (cargo build --release --workspace)"

@@ -1,18 +1,20 @@
 //! Finding a CRIU that works here: `$CRAC_CRIU`, then `criu` on `PATH`, then the copy that
 //! `scripts/provision-criu.sh` installs. Versions before 4.1 cannot start on kernels 6.13 and
-//! later ("vdso: Unexpected rt vDSO area bounds"), so they are passed over.
+//! later ("vdso: Unexpected rt vDSO area bounds"), and 4.1 cannot dump a process holding a TCP
+//! or UDP socket on recent kernels ("Can't get 1:16 opt": it asks for SO_PASSCRED on inet
+//! sockets, which those kernels refuse; fixed in 4.2), so versions before 4.2 are passed over.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Names the CRIU binary to use; it must be CRIU >= 4.1.
+/// Names the CRIU binary to use; it must be CRIU >= 4.2.
 pub const CRIU_ENV: &str = "CRAC_CRIU";
 /// The provisioning script's install prefix (default `/opt/crac-criu`).
 pub const PREFIX_ENV: &str = "CRAC_CRIU_PREFIX";
 /// Where `scripts/provision-criu.sh` installs by default.
 pub const DEFAULT_PREFIX: &str = "/opt/crac-criu";
-/// The oldest CRIU that works on current kernels.
-pub const MIN_VERSION: (u32, u32) = (4, 1);
+/// The oldest CRIU that works on current kernels with the sockets services hold.
+pub const MIN_VERSION: (u32, u32) = (4, 2);
 
 /// Where a CRIU was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +32,7 @@ pub enum Source {
 pub struct Criu {
     /// The binary (or wrapper) to run.
     pub path: PathBuf,
-    /// What `criu --version` says, e.g. `4.1.1`.
+    /// What `criu --version` says, e.g. `4.2.1`.
     pub version: String,
     /// Where it was found.
     pub source: Source,
@@ -38,7 +40,7 @@ pub struct Criu {
 
 /// No usable CRIU; the message lists what was tried and how to fix it.
 #[derive(Debug, thiserror::Error)]
-#[error("no usable CRIU (>= 4.1) found: {tried}; run scripts/provision-criu.sh as root, or set CRAC_CRIU to a CRIU >= 4.1")]
+#[error("no usable CRIU (>= 4.2) found: {tried}; run scripts/provision-criu.sh as root, or set CRAC_CRIU to a CRIU >= 4.2")]
 pub struct LocateError {
     tried: String,
 }
@@ -109,7 +111,7 @@ fn check(path: &Path, source: Source) -> Result<Criu, String> {
     };
     if !version_at_least(&version, MIN_VERSION) {
         return Err(format!(
-            "version {version} is older than {}.{} and cannot run on this kernel",
+            "version {version} is older than {}.{}, which current kernels need (4.1 cannot dump a process holding a TCP or UDP socket; older ones do not start)",
             MIN_VERSION.0, MIN_VERSION.1
         ));
     }
@@ -205,12 +207,12 @@ mod tests {
 
     #[test]
     fn versions() {
-        assert_eq!(parse_version("Version: 4.1.1\n"), Some("4.1.1".into()));
+        assert_eq!(parse_version("Version: 4.2.1\n"), Some("4.2.1".into()));
         assert_eq!(parse_version("GitID: x\n"), None);
-        assert!(version_at_least("4.1.1", (4, 1)));
-        assert!(version_at_least("4.2", (4, 1)));
-        assert!(version_at_least("5.0", (4, 1)));
-        assert!(!version_at_least("3.17.1", (4, 1)));
-        assert!(!version_at_least("4.0", (4, 1)));
+        assert!(version_at_least("4.2.1", MIN_VERSION));
+        assert!(version_at_least("4.3", MIN_VERSION));
+        assert!(version_at_least("5.0", MIN_VERSION));
+        assert!(!version_at_least("4.1.1", MIN_VERSION));
+        assert!(!version_at_least("3.17.1", MIN_VERSION));
     }
 }

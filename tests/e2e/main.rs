@@ -1,4 +1,4 @@
-//! End-to-end tests against a real CRIU. They need root and CRIU >= 4.1 (see
+//! End-to-end tests against a real CRIU. They need root and CRIU >= 4.2 (see
 //! scripts/provision-criu.sh); in CI (CI=true) a missing CRIU fails them, elsewhere they skip
 //! with a line saying how to enable them. They run one at a time: each dumps and restores
 //! whole process trees.
