@@ -79,6 +79,48 @@ pub fn has_agent(pid: u32) -> bool {
 ///
 /// See [`ClientError`].
 pub fn request_at(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
+    let stream = connect(path)?;
+    exchange(stream, path, request, timeout)
+}
+
+/// Connects to the agent listening at `path`.
+///
+/// # Errors
+///
+/// [`ClientError::NoAgent`] when there is no socket or nobody listens on it,
+/// [`ClientError::Io`] otherwise.
+pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(path).map_err(|err| {
+        if matches!(
+            err.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        ) {
+            ClientError::NoAgent {
+                path: path.to_owned(),
+                source: err,
+            }
+        } else {
+            ClientError::Io {
+                path: path.to_owned(),
+                source: err,
+            }
+        }
+    })
+}
+
+/// Sends `request` on `stream`, a connection to an agent, and waits at most `timeout` for the
+/// reply. `path` names the agent in errors. For a caller that must check who it is connected
+/// to before it sends anything (crac-action reaching an agent in a container).
+///
+/// # Errors
+///
+/// See [`ClientError`].
+pub fn exchange(
+    mut stream: UnixStream,
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Reply, ClientError> {
     let deadline = Instant::now() + timeout;
     let io_err = |source| ClientError::Io {
         path: path.to_owned(),
@@ -87,21 +129,6 @@ pub fn request_at(path: &Path, request: &Request, timeout: Duration) -> Result<R
     let timed_out = || ClientError::TimedOut {
         path: path.to_owned(),
         after: timeout,
-    };
-    let mut stream = match UnixStream::connect(path) {
-        Ok(stream) => stream,
-        Err(err)
-            if matches!(
-                err.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Err(ClientError::NoAgent {
-                path: path.to_owned(),
-                source: err,
-            })
-        }
-        Err(err) => return Err(io_err(err)),
     };
     stream
         .set_write_timeout(Some(remaining(deadline).ok_or_else(timed_out)?))

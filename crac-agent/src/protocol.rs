@@ -19,7 +19,10 @@
 //! - `reason` (after-restore only): `restored`, `resumed` or `aborted`.
 //! - `cycle` (optional): a token naming the checkpoint cycle, chosen by whoever sent
 //!   before-checkpoint. An after-restore that carries a different token than the pending
-//!   checkpoint is refused, so a late message from an old cycle cannot end a new one.
+//!   checkpoint is refused, so a late message from an old cycle cannot end a new one. A
+//!   before-checkpoint that carries the pending checkpoint's token is answered `ok` with code
+//!   `already` and runs nothing: a CRIU that runs its action script twice (CRIU 4.1 under runc)
+//!   gets the same outcome twice.
 //!
 //! # Replies
 //!
@@ -34,6 +37,10 @@
 //!   succeeded and the process may be dumped now; `false` means the checkpoint was refused and
 //!   the process has already rolled back.
 //! - `error`: one line saying what went wrong, naming every failed hook; `null` when `ok`.
+//! - `code`: what happened, as one word a program can test, when it is not plain success
+//!   (see [`code`]): `already` (ok: a before-checkpoint of the cycle already pending, nothing run
+//!   again), `bad-request`, `permission-denied`, `busy`, `not-checkpointing`, `cycle-mismatch`,
+//!   `failed`. Absent on plain success. New words may be added.
 //! - `hooks`: every hook the request ran, in order, with its duration in microseconds and its
 //!   error, if any.
 //! - `state` (`idle` or `checkpointing`), `generation`, `cycle`, `resources`, `pid`,
@@ -114,6 +121,25 @@ pub mod op {
     pub const STATUS: &str = "status";
 }
 
+/// The words of [`Reply::code`]. Readers must treat a word they do not know by `ok` alone.
+pub mod code {
+    /// `ok`: a before-checkpoint of the cycle already pending; nothing was run again.
+    pub const ALREADY: &str = "already";
+    /// The request could not be read, or is not a valid request.
+    pub const BAD_REQUEST: &str = "bad-request";
+    /// The peer may not control this process.
+    pub const PERMISSION_DENIED: &str = "permission-denied";
+    /// A before-checkpoint while another checkpoint is pending.
+    pub const BUSY: &str = "busy";
+    /// An after-restore with no checkpoint pending (it ended already, or never began).
+    pub const NOT_CHECKPOINTING: &str = "not-checkpointing";
+    /// An after-restore for another cycle than the pending one.
+    pub const CYCLE_MISMATCH: &str = "cycle-mismatch";
+    /// The request ran and failed: a checkpoint refused and rolled back (a hook failed, or
+    /// critical sections were held too long), or an after_restore hook that failed.
+    pub const FAILED: &str = "failed";
+}
+
 /// A reply line.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
@@ -148,6 +174,9 @@ pub struct Reply {
     /// What went wrong, when `ok` is false.
     #[serde(default)]
     pub error: Option<String>,
+    /// What happened as one of the words in [`code`], when it is not plain success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl Reply {

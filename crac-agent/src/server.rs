@@ -11,10 +11,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use nix::sys::socket::{send, MsgFlags};
 
-use crac_core::{Checkpoint, CheckpointError, Coordinator, Phase, RestoreReason};
+use crac_core::{Checkpoint, CheckpointError, Coordinator, ErrorKind, Phase, RestoreReason};
 
 use crate::peer;
-use crate::protocol::{op, HookReport, Reply, Request, MAX_REQUEST_LEN, VERSION};
+use crate::protocol::{code, op, HookReport, Reply, Request, MAX_REQUEST_LEN, VERSION};
+use crate::tcp;
 
 /// How long a client may take to send its request or read the reply. Bounds how long a stuck
 /// or hostile client can keep the agent (and so every other client) waiting.
@@ -29,6 +30,8 @@ pub(crate) struct Server {
 struct Pending {
     cycle: Option<String>,
     checkpoint: Checkpoint,
+    /// The TCP connections open when the hooks had gone down (see [`tcp`]).
+    connections: Vec<std::os::fd::RawFd>,
 }
 
 impl Server {
@@ -62,8 +65,11 @@ impl Server {
         // Read the request even from a peer about to be refused: closing a Unix socket with
         // unread data makes the peer's read fail (ECONNRESET) instead of showing our reply.
         let request = read(&stream);
-        let (reply, started_checkpoint) = match peer::check(&stream).and(request) {
-            Err(message) => (self.error("", message), false),
+        let checked = peer::check(&stream)
+            .map_err(|message| (code::PERMISSION_DENIED, message))
+            .and(request.map_err(|message| (code::BAD_REQUEST, message)));
+        let (reply, started_checkpoint) = match checked {
+            Err((code, message)) => (self.error("", code, message), false),
             Ok(request) => {
                 let started = request.op == op::BEFORE_CHECKPOINT;
                 let reply = self.serve(&request);
@@ -87,6 +93,7 @@ impl Server {
         if request.v != VERSION {
             return self.error(
                 &request.op,
+                code::BAD_REQUEST,
                 format!(
                     "unsupported protocol version {} (this agent speaks version {VERSION})",
                     request.v
@@ -96,9 +103,10 @@ impl Server {
         match request.op.as_str() {
             op::BEFORE_CHECKPOINT => self.before_checkpoint(request),
             op::AFTER_RESTORE => self.after_restore(request),
-            op::STATUS => self.reply(op::STATUS, true, Vec::new(), None),
+            op::STATUS => self.reply(op::STATUS, true, Vec::new(), None, None),
             other => self.error(
                 other,
+                code::BAD_REQUEST,
                 format!(
                     "unknown op {other:?}: expected {:?}, {:?} or {:?}",
                     op::BEFORE_CHECKPOINT,
@@ -111,11 +119,22 @@ impl Server {
 
     fn before_checkpoint(&mut self, request: &Request) -> Reply {
         if let Some(pending) = &self.pending {
+            if pending.cycle.is_some() && pending.cycle == request.cycle {
+                // The same cycle asked again (a CRIU that runs its action script twice): it is
+                // ready for the dump already.
+                return self.reply(
+                    op::BEFORE_CHECKPOINT,
+                    true,
+                    Vec::new(),
+                    Some(code::ALREADY),
+                    None,
+                );
+            }
             let message = format!(
                 "a checkpoint is already in progress{}: it must be ended with after-restore before another can start",
                 describe_cycle(&pending.cycle)
             );
-            return self.error(op::BEFORE_CHECKPOINT, message);
+            return self.error(op::BEFORE_CHECKPOINT, code::BUSY, message);
         }
         match self.coordinator.checkpoint() {
             Ok(checkpoint) => {
@@ -123,8 +142,9 @@ impl Server {
                 self.pending = Some(Pending {
                     cycle: request.cycle.clone(),
                     checkpoint,
+                    connections: tcp::connections(),
                 });
-                self.reply(op::BEFORE_CHECKPOINT, true, hooks, None)
+                self.reply(op::BEFORE_CHECKPOINT, true, hooks, None, None)
             }
             Err(err) => self.failed(op::BEFORE_CHECKPOINT, &err, None),
         }
@@ -136,6 +156,7 @@ impl Server {
             Some(None) | None => {
                 return self.error(
                     op::AFTER_RESTORE,
+                    code::BAD_REQUEST,
                     format!(
                         "after-restore needs a reason, \"restored\", \"resumed\" or \"aborted\"; got {:?}",
                         request.reason
@@ -146,6 +167,7 @@ impl Server {
         let Some(pending) = self.pending.take() else {
             return self.error(
                 op::AFTER_RESTORE,
+                code::NOT_CHECKPOINTING,
                 "no checkpoint in progress: after-restore must follow a successful before-checkpoint"
                     .into(),
             );
@@ -156,16 +178,17 @@ impl Server {
                     "cycle mismatch: the pending checkpoint is cycle {expected:?}, this after-restore is for cycle {got:?}"
                 );
                 self.pending = Some(pending);
-                return self.error(op::AFTER_RESTORE, message);
+                return self.error(op::AFTER_RESTORE, code::CYCLE_MISMATCH, message);
             }
         }
-        match pending.checkpoint.complete(reason) {
+        let connections = tcp::fate(&pending.connections);
+        match pending.checkpoint.complete_with(reason, connections) {
             Ok(report) => {
                 let hooks = report
                     .phase(Phase::AfterRestore)
                     .map(HookReport::from)
                     .collect();
-                self.reply(op::AFTER_RESTORE, true, hooks, None)
+                self.reply(op::AFTER_RESTORE, true, hooks, None, None)
             }
             Err(err) => self.failed(op::AFTER_RESTORE, &err, Some(Phase::AfterRestore)),
         }
@@ -178,14 +201,25 @@ impl Server {
             .filter(|r| only.is_none_or(|phase| r.phase() == phase))
             .map(HookReport::from)
             .collect();
-        self.reply(op, false, hooks, Some(err.to_string()))
+        let code = match err.kind() {
+            ErrorKind::InProgress => code::BUSY,
+            _ => code::FAILED,
+        };
+        self.reply(op, false, hooks, Some(code), Some(err.to_string()))
     }
 
-    fn error(&self, op: &str, message: String) -> Reply {
-        self.reply(op, false, Vec::new(), Some(message))
+    fn error(&self, op: &str, code: &'static str, message: String) -> Reply {
+        self.reply(op, false, Vec::new(), Some(code), Some(message))
     }
 
-    fn reply(&self, op: &str, ok: bool, hooks: Vec<HookReport>, error: Option<String>) -> Reply {
+    fn reply(
+        &self,
+        op: &str,
+        ok: bool,
+        hooks: Vec<HookReport>,
+        code: Option<&'static str>,
+        error: Option<String>,
+    ) -> Reply {
         let last_restore_unix_ms = self.coordinator.last_restore().and_then(|info| {
             info.at
                 .duration_since(UNIX_EPOCH)
@@ -204,6 +238,7 @@ impl Server {
             last_restore_unix_ms,
             hooks,
             error,
+            code: code.map(str::to_owned),
         }
     }
 }

@@ -30,6 +30,8 @@ struct WireReply {
     last_restore_unix_ms: Option<u64>,
     hooks: Vec<WireHook>,
     error: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +150,7 @@ fn status_reports_the_state() {
     assert_eq!(reply.last_restore_unix_ms, None);
     assert!(reply.hooks.is_empty());
     assert_eq!(reply.error, None);
+    assert_eq!(reply.code, None);
 }
 
 #[test]
@@ -168,6 +171,14 @@ fn a_full_cycle_over_the_socket() {
         .iter()
         .all(|h| h.error.is_none() && h.duration_us < 5_000_000));
     assert!(f.coordinator.is_quiesced());
+    assert_eq!(reply.code, None);
+    // The same cycle asked again (CRIU 4.1 under runc runs each action twice): ready already,
+    // nothing runs again.
+    let again = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n");
+    assert!(again.ok, "{again:?}");
+    assert_eq!(again.code.as_deref(), Some("already"));
+    assert!(again.hooks.is_empty());
+    assert_eq!(again.state, "checkpointing");
 
     let reply =
         f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"restored\",\"cycle\":\"c1\"}\n");
@@ -194,6 +205,7 @@ fn a_failing_hook_is_reported_and_rolled_back() {
     let f = fixture("failing", true);
     let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\"}\n");
     assert!(!reply.ok);
+    assert_eq!(reply.code.as_deref(), Some("failed"));
     assert_eq!(reply.state, "idle");
     assert_eq!(
         reply.error.as_deref(),
@@ -221,6 +233,7 @@ fn requests_out_of_order_are_refused_without_changing_state() {
         reply.error.as_deref(),
         Some("no checkpoint in progress: after-restore must follow a successful before-checkpoint")
     );
+    assert_eq!(reply.code.as_deref(), Some("not-checkpointing"));
     assert!(
         f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
             .ok
@@ -231,6 +244,7 @@ fn requests_out_of_order_are_refused_without_changing_state() {
         reply.error.as_deref(),
         Some("a checkpoint is already in progress (cycle \"c1\"): it must be ended with after-restore before another can start")
     );
+    assert_eq!(reply.code.as_deref(), Some("busy"));
     let reply =
         f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"c0\"}\n");
     assert!(!reply.ok);
@@ -238,6 +252,7 @@ fn requests_out_of_order_are_refused_without_changing_state() {
         reply.error.as_deref(),
         Some("cycle mismatch: the pending checkpoint is cycle \"c1\", this after-restore is for cycle \"c0\"")
     );
+    assert_eq!(reply.code.as_deref(), Some("cycle-mismatch"));
     assert_eq!(reply.state, "checkpointing");
     let reply =
         f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"c1\"}\n");
@@ -273,6 +288,7 @@ fn bad_input_gets_an_error_reply_and_the_agent_carries_on() {
     for (input, expected) in cases {
         let reply = f.send(&input);
         assert!(!reply.ok);
+        assert_eq!(reply.code.as_deref(), Some("bad-request"));
         let error = reply.error.unwrap_or_default();
         assert!(
             error.starts_with(expected),
@@ -418,6 +434,7 @@ fn a_client_of_another_uid_is_refused() {
             .as_str()
         )
     );
+    assert_eq!(reply.code.as_deref(), Some("permission-denied"));
     assert!(f.log().is_empty(), "no hook may run for a refused client");
     assert_eq!(f.coordinator.generation(), 0);
 }
