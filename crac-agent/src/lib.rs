@@ -53,6 +53,7 @@ mod peer;
 pub mod protocol;
 mod self_checkpoint;
 mod server;
+mod tcp;
 
 pub use agent::{start, Agent, Builder, StartError};
 pub use location::{agent_dir, base_dir, socket_path, DEFAULT_DIR, DIR_ENV, SOCKET_NAME};

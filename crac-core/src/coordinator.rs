@@ -14,7 +14,7 @@ use crate::hook_thread::HookThread;
 use crate::ordering::{visit_order, Direction};
 use crate::quiesce::{held_by_this_thread, CriticalSection, Gate};
 use crate::report::{CycleReport, HookRecord};
-use crate::resource::{CheckpointInfo, RestoreInfo, RestoreReason};
+use crate::resource::{CheckpointInfo, RestoreInfo, RestoreReason, TcpConnections};
 
 /// Time limits for a cycle.
 ///
@@ -317,7 +317,7 @@ impl Coordinator {
             done: false,
         };
         if checkpoint.records.iter().any(|r| r.failure.is_some()) {
-            let rollback = checkpoint.finish(RestoreReason::Aborted);
+            let rollback = checkpoint.finish(RestoreReason::Aborted, TcpConnections::default());
             return Err(CheckpointError::refused(
                 checkpoint.take_records(),
                 rollback,
@@ -427,8 +427,22 @@ impl Checkpoint {
     ///
     /// [`ErrorKind::AfterRestoreFailed`] naming every hook that failed; the others were told
     /// all the same, and the cycle is over either way.
-    pub fn complete(mut self, reason: RestoreReason) -> Result<CycleReport, CheckpointError> {
-        let after = self.finish(reason);
+    pub fn complete(self, reason: RestoreReason) -> Result<CycleReport, CheckpointError> {
+        self.complete_with(reason, TcpConnections::default())
+    }
+
+    /// [`complete`](Self::complete), telling the hooks what became of the process's
+    /// established TCP connections ([`RestoreInfo::tcp`]): the agent counts them.
+    ///
+    /// # Errors
+    ///
+    /// As [`complete`](Self::complete).
+    pub fn complete_with(
+        mut self,
+        reason: RestoreReason,
+        tcp: TcpConnections,
+    ) -> Result<CycleReport, CheckpointError> {
+        let after = self.finish(reason, tcp);
         let failed = after.iter().any(|r| r.failure.is_some());
         let mut records = self.take_records();
         records.extend(after);
@@ -442,7 +456,7 @@ impl Checkpoint {
         std::mem::take(&mut self.records)
     }
 
-    fn finish(&mut self, reason: RestoreReason) -> Vec<HookRecord> {
+    fn finish(&mut self, reason: RestoreReason, tcp: TcpConnections) -> Vec<HookRecord> {
         self.done = true;
         let generation =
             self.coordinator.generation() + u64::from(reason != RestoreReason::Aborted);
@@ -450,6 +464,7 @@ impl Checkpoint {
             reason,
             generation,
             at: SystemTime::now(),
+            tcp,
         };
         let limits = self.coordinator.limits();
         let order = std::mem::take(&mut self.told);
@@ -468,7 +483,7 @@ impl Checkpoint {
 impl Drop for Checkpoint {
     fn drop(&mut self) {
         if !self.done {
-            self.finish(RestoreReason::Aborted);
+            self.finish(RestoreReason::Aborted, TcpConnections::default());
         }
     }
 }

@@ -95,6 +95,7 @@ pub use quiesce::CriticalSection;
 pub use report::{CycleReport, HookFailure, HookRecord, Phase};
 pub use resource::{
     from_fns, CheckpointInfo, FnResource, HookError, Resource, RestoreInfo, RestoreReason,
+    TcpConnections,
 };
 pub use statics::StaticResource;
 

@@ -219,4 +219,41 @@ pub struct RestoreInfo {
     /// When the after-restore notification started: for a restored process, when it began
     /// to run again.
     pub at: SystemTime,
+    /// What became of the established TCP connections the process held when the image was
+    /// taken (counted by the agent; zero in a simulated cycle).
+    pub tcp: TcpConnections,
+}
+
+/// What became of a process's established TCP connections across a checkpoint.
+///
+/// A dump with `--tcp-established` keeps them; a restore with `--tcp-close` (podman's option
+/// too) brings them back closed: the socket is still there, but it is no longer connected and
+/// reads and writes fail. A resource that owns such a connection tells the two apart here,
+/// and reconnects when it must.
+///
+/// ```
+/// use crac_core::{RestoreInfo, TcpConnections};
+///
+/// fn after_restore(info: &RestoreInfo) {
+///     if info.tcp.closed > 0 {
+///         // reconnect what came back closed
+///     }
+/// }
+/// # let _ = after_restore;
+/// # assert_eq!(TcpConnections::default().kept, 0);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct TcpConnections {
+    /// Connections established when the checkpoint was taken that are connected again.
+    pub kept: usize,
+    /// Connections established when the checkpoint was taken that came back closed.
+    pub closed: usize,
+}
+
+impl TcpConnections {
+    /// `kept` connections still connected, `closed` ones no longer.
+    pub fn new(kept: usize, closed: usize) -> TcpConnections {
+        TcpConnections { kept, closed }
+    }
 }
