@@ -4,16 +4,32 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crac_agent::client::{self, ClientError};
-use crac_agent::protocol::{Reply, Request};
+use crac_agent::protocol::{code, Reply, Request};
 
+use crate::namespace::{AgentSocket, ConnectError, Refusal};
 use crate::tree;
 
-/// The processes of the tree rooted at `root` that have an agent socket, parents first.
-pub fn in_tree(root: u32) -> Vec<u32> {
-    tree::descendants(root)
-        .into_iter()
-        .filter(|&pid| client::has_agent(pid))
-        .collect()
+/// The agents of a process tree.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The agents, parents first.
+    pub agents: Vec<AgentSocket>,
+    /// The processes whose agent crac-action will not talk to, and why.
+    pub refused: Vec<Refusal>,
+}
+
+/// The agents of the tree rooted at `root` (wherever each process's root and pid namespace
+/// are; see [`crate::namespace`]).
+pub fn in_tree(root: u32) -> Found {
+    let mut found = Found::default();
+    for pid in tree::descendants(root) {
+        match AgentSocket::find(pid) {
+            Ok(Some(agent)) => found.agents.push(agent),
+            Ok(None) => {}
+            Err(refusal) => found.refused.push(refusal),
+        }
+    }
+    found
 }
 
 /// A shared deadline for one step.
@@ -55,11 +71,20 @@ pub enum Outcome {
     NoAgent,
     /// No answer (time-out, broken connection): what the agent did is unknown.
     NoAnswer(ClientError),
+    /// The socket is not the process's own: nothing was sent.
+    Untrusted(ConnectError),
 }
 
-/// Sends `request` to `pid`'s agent within `deadline`.
-pub fn ask(pid: u32, request: &Request, deadline: &Deadline) -> Outcome {
-    match client::request(pid, request, deadline.remaining()) {
+/// Sends `request` to `agent` within `deadline`.
+pub fn ask(agent: &AgentSocket, request: &Request, deadline: &Deadline) -> Outcome {
+    let stream = match agent.connect() {
+        Ok(stream) => stream,
+        Err(ConnectError::Client(ClientError::NoAgent { .. })) => return Outcome::NoAgent,
+        Err(ConnectError::Client(err)) => return Outcome::NoAnswer(err),
+        Err(err) => return Outcome::Untrusted(err),
+    };
+    let shown = std::path::PathBuf::from(agent.describe());
+    match client::exchange(stream, &shown, request, deadline.remaining()) {
         Ok(reply) if reply.ok => Outcome::Done(reply),
         Ok(reply) => Outcome::Refused(reply),
         Err(ClientError::NoAgent { .. }) => Outcome::NoAgent,
@@ -85,6 +110,9 @@ pub fn describe_no_answer(pid: u32, err: &ClientError) -> String {
 
 /// "3 hooks in 1.2ms: upstream 1.0ms, cache 0.1ms": the hooks in the order they ran.
 pub fn describe_hooks(reply: &Reply) -> String {
+    if reply.code.as_deref() == Some(code::ALREADY) {
+        return "already done for this cycle (this step ran before), nothing run again".to_owned();
+    }
     if reply.hooks.is_empty() {
         return "no resources registered".to_owned();
     }

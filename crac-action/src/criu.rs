@@ -4,10 +4,12 @@
 //! these variables (criu/action-scripts.c):
 //! - `CRTOOLS_SCRIPT_ACTION`: the step; the list grows between CRIU releases.
 //! - `CRTOOLS_INIT_PID`: the real PID of the tree's root (unset during pre-restore).
-//! - `CRTOOLS_IMAGE_DIR`: `/proc/<criu>/fd/<n>`, CRIU's images folder.
+//! - `CRTOOLS_IMAGE_DIR`: `/proc/<criu>/fd/<n>`, CRIU's images folder. It is also how the
+//!   script knows which process is CRIU: not its parent, which is a shell when an operator
+//!   wraps the script (`#!/bin/sh` setting `CRAC_*`, then running crac-action without `exec`).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The step CRIU is at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +20,8 @@ pub enum Action {
     PostDump,
     /// Before a restore: the agents' socket folders the image needs are recreated.
     PreRestore,
+    /// The restored tree's namespaces exist; its tasks do not run yet.
+    SetupNamespaces,
     /// Restored tasks run again: run every `after_restore` with reason `restored`.
     PostResume,
     /// A step this script has nothing to do at (pre-restore, network-lock, ...), or one a
@@ -32,6 +36,7 @@ impl Action {
             "pre-dump" => Action::PreDump,
             "post-dump" => Action::PostDump,
             "pre-restore" => Action::PreRestore,
+            "setup-namespaces" => Action::SetupNamespaces,
             "post-resume" => Action::PostResume,
             other => Action::Other(other.to_owned()),
         }
@@ -47,6 +52,8 @@ pub struct Invocation {
     pub init_pid: Option<u32>,
     /// CRIU's images folder, as CRIU passes it (a `/proc/<criu>/fd/<n>` path).
     pub image_dir: Option<PathBuf>,
+    /// The CRIU process, read from `image_dir`.
+    pub criu_pid: Option<u32>,
 }
 
 /// Why the environment is not a CRIU action-script environment.
@@ -61,6 +68,20 @@ pub enum InvocationError {
     /// A step that needs the root PID did not get a valid one.
     #[error("CRTOOLS_INIT_PID is {0:?}, not a process id")]
     BadPid(String),
+    /// `CRTOOLS_IMAGE_DIR` does not say which process is CRIU.
+    #[error(
+        "CRTOOLS_IMAGE_DIR is {}, not /proc/<criu pid>/fd/<n>: cannot tell which process is CRIU",
+        .0.as_deref().map_or("not set".to_owned(), |d| format!("{d:?}"))
+    )]
+    NoCriuPid(Option<String>),
+}
+
+/// The pid in `/proc/<pid>/fd/<n>`, CRIU's form of `CRTOOLS_IMAGE_DIR`.
+fn criu_pid_of(dir: &Path) -> Option<u32> {
+    let rest = dir.to_str()?.strip_prefix("/proc/")?;
+    let (pid, fd) = rest.split_once("/fd/")?;
+    fd.parse::<u32>().ok()?;
+    pid.parse().ok().filter(|&pid| pid > 0)
 }
 
 impl Invocation {
@@ -86,10 +107,23 @@ impl Invocation {
                 }
             }
         };
+        let image_dir = vars("CRTOOLS_IMAGE_DIR").map(PathBuf::from);
         Ok(Invocation {
             action: Action::parse(&action),
             init_pid,
-            image_dir: vars("CRTOOLS_IMAGE_DIR").map(PathBuf::from),
+            criu_pid: image_dir.as_deref().and_then(criu_pid_of),
+            image_dir,
+        })
+    }
+
+    /// The CRIU process, for the steps that must know it.
+    ///
+    /// # Errors
+    ///
+    /// [`InvocationError::NoCriuPid`] when `CRTOOLS_IMAGE_DIR` does not name it.
+    pub fn criu(&self) -> Result<u32, InvocationError> {
+        self.criu_pid.ok_or_else(|| {
+            InvocationError::NoCriuPid(self.image_dir.as_ref().map(|dir| dir.display().to_string()))
         })
     }
 
@@ -131,11 +165,35 @@ mod tests {
         assert_eq!(inv.action, Action::PreDump);
         assert_eq!(inv.init_pid, Some(42));
         assert_eq!(inv.image_dir, Some(PathBuf::from("/proc/7/fd/3")));
+        assert_eq!(inv.criu(), Ok(7));
         let inv = parse(&[("CRTOOLS_SCRIPT_ACTION", "pre-restore")]).unwrap();
         assert_eq!(inv.action, Action::PreRestore);
         let inv = parse(&[("CRTOOLS_SCRIPT_ACTION", "query-ext-files")]).unwrap();
         assert_eq!(inv.action, Action::Other("query-ext-files".into()));
         assert_eq!(inv.init_pid, None);
+    }
+
+    #[test]
+    fn criu_is_named_by_the_images_folder_alone() {
+        for (dir, pid) in [
+            ("/proc/4242/fd/5", Some(4242)),
+            ("/proc/self/fd/5", None),
+            ("/proc/4242/fd/x", None),
+            ("/srv/images", None),
+            ("/proc/0/fd/3", None),
+        ] {
+            let inv = parse(&[
+                ("CRTOOLS_SCRIPT_ACTION", "pre-dump"),
+                ("CRTOOLS_IMAGE_DIR", dir),
+            ])
+            .unwrap();
+            assert_eq!(inv.criu_pid, pid, "{dir}");
+        }
+        let inv = parse(&[("CRTOOLS_SCRIPT_ACTION", "pre-dump")]).unwrap();
+        assert_eq!(
+            inv.criu().unwrap_err().to_string(),
+            "CRTOOLS_IMAGE_DIR is not set, not /proc/<criu pid>/fd/<n>: cannot tell which process is CRIU"
+        );
     }
 
     #[test]

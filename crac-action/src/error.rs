@@ -1,7 +1,6 @@
 //! [`ActionError`] and the exit codes it maps to.
 
 use std::io;
-use std::path::PathBuf;
 
 use crate::criu::InvocationError;
 
@@ -20,14 +19,14 @@ pub enum ActionError {
     NoInitPid(&'static str),
     /// No agent in the tree, and `CRAC_REQUIRE_AGENT=1`.
     #[error(
-        "no agent in the process tree of pid {pid} (no socket at {path}); \
+        "no agent in the process tree of pid {pid} (no socket at {socket}); \
          start one in the service with crac_agent::start(), or unset CRAC_REQUIRE_AGENT"
     )]
     NoAgent {
         /// The tree's root.
         pid: u32,
         /// Where its socket would be.
-        path: PathBuf,
+        socket: String,
     },
     /// A before-checkpoint failed or timed out; agents already told were rolled back.
     #[error("{0}; the dump is aborted and the tree keeps running")]
@@ -38,6 +37,9 @@ pub enum ActionError {
     /// Preparing a restore failed.
     #[error("{0}")]
     Restore(String),
+    /// The CRIU process named by `CRTOOLS_IMAGE_DIR` does not run.
+    #[error("CRIU (pid {0}, named by CRTOOLS_IMAGE_DIR) does not run")]
+    NoCriu(u32),
     /// The watcher that ends the cycle after CRIU exits could not be started.
     #[error("cannot start the dump watcher ({0}); agents were rolled back")]
     Watcher(io::Error),

@@ -9,7 +9,8 @@
 //! |---|---|---|
 //! | `pre-dump` | every agent in the tree runs `before_checkpoint`, children first; blocks until all replied; leaves a [watcher] | CRIU aborts the dump; the tree was rolled back and keeps running |
 //! | `post-dump` | leaves a marker for the watcher, and records the agents' socket folders in the image (`crac-agents.json`) | never returned: it would fail a dump that succeeded |
-//! | `pre-restore` | recreates those socket folders (CRIU binds the restored sockets there; after a reboot or a clean exit they are gone) | CRIU aborts the restore |
+//! | `pre-restore` | recreates those socket folders (CRIU binds the restored sockets there; after a reboot or a clean exit they are gone); a container's are in its own file system | CRIU aborts the restore |
+//! | `setup-namespaces` | brings up the loopback interface of a restored network namespace that came back down (runc restores it empty) | never returned: only logged |
 //! | `post-resume` | every agent in the restored tree runs `after_restore` (`restored`), parents first; blocks until done | CRIU only logs it |
 //! | anything else | nothing; exit 0 (CRIU adds steps between releases) | |
 //!
@@ -35,11 +36,13 @@ pub mod driver;
 pub mod error;
 pub mod locate;
 pub mod metadata;
+pub mod namespace;
 pub mod post_dump;
 pub mod post_resume;
 pub mod pre_dump;
 pub mod pre_restore;
 pub mod settings;
+pub mod setup_namespaces;
 pub mod stats;
 pub mod store;
 pub mod tree;
@@ -62,6 +65,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         Action::PreDump => pre_dump::run(inv, settings, out),
         Action::PostDump => post_dump::run(inv, out),
         Action::PreRestore => pre_restore::run(inv, out),
+        Action::SetupNamespaces => setup_namespaces::run(inv, out),
         Action::PostResume => post_resume::run(inv, settings, out),
         Action::Other(_) => Ok(()),
     }
@@ -74,17 +78,14 @@ pub(crate) fn no_agent(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), ActionError> {
-    let path = crac_agent::socket_path(pid);
+    let socket = namespace::expected_socket(pid);
     if settings.require_agent {
-        return Err(ActionError::NoAgent { pid, path });
+        return Err(ActionError::NoAgent { pid, socket });
     }
     agents::log(
         out,
         step,
-        &format!(
-            "no agent in the process tree of pid {pid} (no socket at {}); nothing to coordinate",
-            path.display()
-        ),
+        &format!("no agent in the process tree of pid {pid} (no socket at {socket}); nothing to coordinate"),
     );
     Ok(())
 }

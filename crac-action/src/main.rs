@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use crac_action::criu::Invocation;
 use crac_action::settings::Settings;
-use crac_action::watcher::{self, Watch, WATCH_ARG};
 
 const HELP: &str = "\
 crac-action: the CRIU action script that runs CRaC hooks at checkpoint and restore
@@ -30,15 +29,6 @@ fn main() -> ExitCode {
     // critical path.
     let mut err = io::LineWriter::new(io::stderr().lock());
     match args.first().and_then(|a| a.to_str()) {
-        Some(WATCH_ARG) => {
-            return match Watch::from_args(&args[1..]) {
-                Ok(watch) => exit(watcher::run(&watch, &mut err)),
-                Err(message) => {
-                    let _ = writeln!(err, "crac-action: watcher: {message}");
-                    ExitCode::from(2)
-                }
-            }
-        }
         Some("-h" | "--help") => {
             println!("{HELP}");
             return ExitCode::SUCCESS;

@@ -1,15 +1,14 @@
 //! post-dump: the dump succeeded and the tree is frozen. Nothing in it can answer now. Two
-//! things are written:
-//! - a marker in each agent's folder, so the watcher knows once CRIU exits that an image was
-//!   made (a still-running process was then resumed, not aborted); the watcher removes it.
-//!   It is not put in the images folder, which a tool may rename as soon as CRIU exits;
-//! - `crac-agents.json` in the images folder, the agents' socket folders, which belong to the
-//!   image: CRIU restores each agent's listening socket by binding its path again, so
-//!   pre-restore recreates the folders when they are gone (a reboot, or the original process
-//!   exited cleanly).
+//! things are done:
+//! - the watcher that pre-dump left is told that an image was made, so a process that keeps
+//!   running is told `resumed`, not `aborted`, once CRIU exits (see [`crate::watcher`]);
+//! - `crac-agents.json` is written in the images folder: the agents' socket folders, which
+//!   belong to the image. CRIU restores each agent's listening socket by binding its path
+//!   again, so pre-restore recreates the folders when they are gone (a reboot, or the original
+//!   process exited cleanly). For a process with a root of its own (a container) the folder
+//!   is recorded as the process sees it; it travels in the container's file system.
 
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::agents::{self, log};
 use crate::criu::Invocation;
 use crate::error::ActionError;
+use crate::tree::ProcessId;
+use crate::watcher;
 
 const STEP: &str = "post-dump";
 
@@ -35,57 +36,82 @@ pub struct AgentFolders {
 /// One agent's socket folder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentFolder {
-    /// The process.
+    /// The process, as CRIU saw it.
     pub pid: u32,
-    /// Its folder (absolute).
+    /// The process's pid as it saw itself (differs in a pid namespace of its own).
+    #[serde(default)]
+    pub ns_pid: Option<u32>,
+    /// Its folder (absolute), as the process saw it.
     pub dir: PathBuf,
+    /// Whether the process had a root of its own (a container): `dir` is then inside it.
+    #[serde(default)]
+    pub in_own_root: bool,
     /// The folder's owner.
     pub uid: u32,
     /// The folder's group.
     pub gid: u32,
 }
 
-/// The marker post-dump leaves in the folder of agent `pid` for the CRIU process `criu_pid`.
-/// Named after the CRIU process, so that a marker of another dump is never mistaken for this
-/// one's.
-pub fn marker_path(pid: u32, criu_pid: u32) -> PathBuf {
-    crac_agent::agent_dir(pid).join(format!("post-dump.{criu_pid}"))
+impl AgentFolder {
+    /// Whether the process had a pid namespace of its own: a restore gives it a new one, so
+    /// its pid on this side need not be free.
+    pub fn in_own_pid_namespace(&self) -> bool {
+        self.ns_pid.is_some_and(|ns_pid| ns_pid != self.pid)
+    }
 }
 
 /// Runs the step.
 ///
 /// # Errors
 ///
-/// When CRIU gave no root PID. Failing to write the marker is only logged: failing post-dump
-/// would fail a dump that succeeded.
+/// When CRIU gave no root PID. Everything else is only logged: failing post-dump would fail a
+/// dump that succeeded.
 pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
     let init = inv.init_pid.ok_or(ActionError::NoInitPid(STEP))?;
     // Walked once: this step runs while the tree is frozen.
-    let agents = agents::in_tree(init);
-    if agents.is_empty() {
+    let found = agents::in_tree(init);
+    for refusal in &found.refused {
+        log(out, STEP, &refusal.to_string());
+    }
+    if found.agents.is_empty() {
         return Ok(());
+    }
+    match inv.criu().map(ProcessId::of) {
+        Ok(Some(criu)) => {
+            if let Err(err) = watcher::tell_dumped(criu) {
+                log(
+                    out,
+                    STEP,
+                    &format!(
+                        "cannot tell the watcher that the image was made ({err}); a process that keeps running will be told \"aborted\" instead of \"resumed\""
+                    ),
+                );
+            }
+        }
+        Ok(None) => log(out, STEP, "CRIU is gone; no watcher to tell"),
+        Err(err) => log(out, STEP, &err.to_string()),
     }
     let dir = match &inv.image_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
     };
-    let criu_pid = std::os::unix::process::parent_id();
-    let folders: Vec<AgentFolder> = agents
-        .into_iter()
-        .filter_map(|pid| {
-            let dir = crac_agent::agent_dir(pid);
-            let meta = std::fs::metadata(&dir).ok()?;
-            Some(AgentFolder {
-                pid,
-                dir,
-                uid: meta.uid(),
-                gid: meta.gid(),
-            })
-        })
-        .collect();
     let record = AgentFolders {
         format: 1,
-        agents: folders,
+        agents: found
+            .agents
+            .iter()
+            .map(|agent| {
+                let (uid, gid) = agent.owner();
+                AgentFolder {
+                    pid: agent.pid(),
+                    ns_pid: Some(agent.ns_pid()),
+                    dir: agent.dir().to_owned(),
+                    in_own_root: agent.in_own_root(),
+                    uid,
+                    gid,
+                }
+            })
+            .collect(),
     };
     if let Err(err) = std::fs::write(
         dir.join(AGENTS_FILE),
@@ -99,18 +125,6 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
                 dir.display()
             ),
         );
-    }
-    for agent in &record.agents {
-        if let Err(err) = std::fs::write(marker_path(agent.pid, criu_pid), b"") {
-            log(
-                out,
-                STEP,
-                &format!(
-                    "cannot leave the dump marker for pid {}: {err}; if it keeps running it will be told \"aborted\" instead of \"resumed\"",
-                    agent.pid
-                ),
-            );
-        }
     }
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use crac_agent::protocol::Request;
+use crac_agent::protocol::{code, Request};
 use crac_core::RestoreReason;
 
 use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
@@ -25,15 +25,16 @@ const STEP: &str = "post-resume";
 /// code: the restore has happened either way).
 pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result<(), ActionError> {
     let init = inv.init_pid.ok_or(ActionError::NoInitPid(STEP))?;
-    let agents = agents::in_tree(init);
-    if agents.is_empty() {
+    let found = agents::in_tree(init);
+    let mut failures: Vec<String> = found.refused.iter().map(ToString::to_string).collect();
+    if found.agents.is_empty() && failures.is_empty() {
         return crate::no_agent(STEP, init, settings, out);
     }
     let deadline = Deadline::after(settings.timeout);
     let request = Request::after_restore(RestoreReason::Restored, None);
-    let mut failures = Vec::new();
-    for pid in agents {
-        match ask(pid, &request, &deadline) {
+    for agent in &found.agents {
+        let pid = agent.pid();
+        match ask(agent, &request, &deadline) {
             Outcome::Done(reply) => log(
                 out,
                 STEP,
@@ -42,6 +43,14 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                     describe_hooks(&reply)
                 ),
             ),
+            // Told already: this step ran before for the same restore (CRIU 4.1 under runc).
+            Outcome::Refused(reply) if reply.code.as_deref() == Some(code::NOT_CHECKPOINTING) => {
+                log(
+                    out,
+                    STEP,
+                    &format!("pid {pid}: no checkpoint pending, already came back up"),
+                )
+            }
             Outcome::Refused(reply) => failures.push(format!(
                 "pid {pid}: {}",
                 reply.error.as_deref().unwrap_or("refused without a reason")
@@ -52,6 +61,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 &format!("pid {pid}: stale socket, no agent; skipped"),
             ),
             Outcome::NoAnswer(err) => failures.push(describe_no_answer(pid, &err)),
+            Outcome::Untrusted(err) => failures.push(err.to_string()),
         }
     }
     if failures.is_empty() {

@@ -7,19 +7,20 @@
 //! end the cycle for a tree that is still running when CRIU exits (see [`crate::watcher`]).
 
 use std::io::Write;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crac_agent::protocol::Request;
+use crac_agent::protocol::{code, Request};
 use crac_core::RestoreReason;
 
 use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
 use crate::criu::Invocation;
 use crate::error::ActionError;
+use crate::namespace::AgentSocket;
 use crate::settings::Settings;
 use crate::tree::ProcessId;
-use crate::watcher::{self, Watch};
+use crate::watcher::{self, Claim, Watch};
 
 const STEP: &str = "pre-dump";
 
@@ -54,18 +55,26 @@ pub struct AgentHooks {
 /// See [`ActionError`]; on error every agent told has been rolled back.
 pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result<(), ActionError> {
     let init = inv.init_pid.ok_or(ActionError::NoInitPid(STEP))?;
-    let agents = agents::in_tree(init);
-    if agents.is_empty() {
+    let found = agents::in_tree(init);
+    if !found.refused.is_empty() {
+        // Nobody was told anything yet: refusing now leaves the tree as it was.
+        return Err(ActionError::Refused(
+            found
+                .refused
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    if found.agents.is_empty() {
         return crate::no_agent(STEP, init, settings, out);
     }
-    let criu_pid = std::os::unix::process::parent_id();
-    let cycle = format!(
-        "criu-{criu_pid}-{}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-    );
+    let criu_pid = inv.criu()?;
+    let criu = ProcessId::of(criu_pid).ok_or(ActionError::NoCriu(criu_pid))?;
+    // The same token for every run of this step by this CRIU: an agent asked twice (CRIU 4.1
+    // under runc runs each action twice) answers the second time that it is ready already.
+    let cycle = format!("criu-{}-{}", criu.pid, criu.start_time);
     let deadline = Deadline::after(settings.timeout);
     let request = Request::before_checkpoint(&cycle);
     let started = Instant::now();
@@ -74,16 +83,18 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         ..HookReport::default()
     };
 
-    let mut told: Vec<ProcessId> = Vec::new();
+    let mut told: Vec<(ProcessId, AgentSocket)> = Vec::new();
     let mut failure = None;
-    let mut unanswered: Vec<ProcessId> = Vec::new();
+    let mut unanswered: Vec<(ProcessId, AgentSocket)> = Vec::new();
+    let mut repeated = 0;
     // Children go down before their parents, as resources within a process do.
-    for &pid in agents.iter().rev() {
+    for agent in found.agents.into_iter().rev() {
+        let pid = agent.pid();
         let Some(id) = ProcessId::of(pid) else {
             log(out, STEP, &format!("pid {pid}: exited; skipped"));
             continue;
         };
-        match ask(pid, &request, &deadline) {
+        match ask(&agent, &request, &deadline) {
             Outcome::Done(reply) => {
                 log(
                     out,
@@ -93,11 +104,14 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                         describe_hooks(&reply)
                     ),
                 );
+                if reply.code.as_deref() == Some(code::ALREADY) {
+                    repeated += 1;
+                }
                 report.agents.push(AgentHooks {
                     pid,
                     hooks: reply.hooks,
                 });
-                told.push(id);
+                told.push((id, agent));
             }
             Outcome::Refused(reply) => {
                 failure = Some(format!(
@@ -110,21 +124,31 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 log(
                     out,
                     STEP,
-                    &format!("pid {pid}: stale socket, no agent listening; skipped"),
+                    &format!(
+                        "pid {pid}: stale socket {}, no agent listening; skipped",
+                        agent.describe()
+                    ),
                 );
             }
             Outcome::NoAnswer(err) => {
                 failure = Some(describe_no_answer(pid, &err));
-                unanswered.push(id);
+                unanswered.push((id, agent));
+                break;
+            }
+            Outcome::Untrusted(err) => {
+                failure = Some(err.to_string());
                 break;
             }
         }
     }
 
     report.wall_ms = started.elapsed().as_secs_f64() * 1e3;
-    if let Some(path) = std::env::var_os(HOOK_REPORT_ENV) {
-        if let Ok(json) = serde_json::to_vec(&report) {
-            let _ = std::fs::write(path, json);
+    // A repeated step ran no hook: the first run's report stands.
+    if repeated < told.len() {
+        if let Some(path) = std::env::var_os(HOOK_REPORT_ENV) {
+            if let Ok(json) = serde_json::to_vec(&report) {
+                let _ = std::fs::write(path, json);
+            }
         }
     }
     if let Some(reason) = failure {
@@ -132,35 +156,59 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         if !unanswered.is_empty() {
             // An agent that never answered may still finish its hooks later; the watcher ends
             // its cycle once CRIU has given up on this dump.
-            let _ = watcher::spawn(&Watch::new(criu_pid, &cycle, &unanswered, settings));
+            let _ = start_watcher(&Watch::new(criu, &cycle, unanswered, settings), out);
         }
         return Err(ActionError::Refused(reason));
     }
     if told.is_empty() {
         return crate::no_agent(STEP, init, settings, out);
     }
-    if let Err(err) = watcher::spawn(&Watch::new(criu_pid, &cycle, &told, settings)) {
-        roll_back(&told, &cycle, settings, out);
+    let count = told.len();
+    let watch = Watch::new(criu, &cycle, told, settings);
+    if let Err(err) = start_watcher(&watch, out) {
+        roll_back(&watch.targets, &cycle, settings, out);
         return Err(ActionError::Watcher(err));
     }
     log(
         out,
         STEP,
         &format!(
-            "{} agent{} ready for the dump (cycle {cycle})",
-            told.len(),
-            if told.len() == 1 { "" } else { "s" }
+            "{count} agent{} ready for the dump (cycle {cycle})",
+            if count == 1 { "" } else { "s" }
         ),
     );
     Ok(())
 }
 
-fn roll_back(told: &[ProcessId], cycle: &str, settings: &Settings, out: &mut dyn Write) {
+/// Starts the watcher of this CRIU unless an earlier run of this step did.
+fn start_watcher(watch: &Watch, out: &mut dyn Write) -> std::io::Result<()> {
+    match watcher::claim(watch.criu)? {
+        Claim::New(listener) => watcher::spawn(watch, listener),
+        Claim::Running => {
+            log(
+                out,
+                STEP,
+                &format!(
+                    "a watcher for CRIU pid {} runs already (this step ran before)",
+                    watch.criu.pid
+                ),
+            );
+            Ok(())
+        }
+    }
+}
+
+fn roll_back(
+    told: &[(ProcessId, AgentSocket)],
+    cycle: &str,
+    settings: &Settings,
+    out: &mut dyn Write,
+) {
     let deadline = Deadline::after(settings.timeout);
     let request = Request::after_restore(RestoreReason::Aborted, Some(cycle.to_owned()));
     // Parents come back up before their children.
-    for id in told.iter().rev() {
-        let line = match ask(id.pid, &request, &deadline) {
+    for (id, agent) in told.iter().rev() {
+        let line = match ask(agent, &request, &deadline) {
             Outcome::Done(reply) => {
                 format!("pid {}: rolled back, {}", id.pid, describe_hooks(&reply))
             }
@@ -171,6 +219,7 @@ fn roll_back(told: &[ProcessId], cycle: &str, settings: &Settings, out: &mut dyn
             ),
             Outcome::NoAgent => format!("pid {}: gone before rollback", id.pid),
             Outcome::NoAnswer(err) => format!("pid {}: rollback got no answer: {err}", id.pid),
+            Outcome::Untrusted(err) => format!("pid {}: rollback refused: {err}", id.pid),
         };
         log(out, STEP, &line);
     }

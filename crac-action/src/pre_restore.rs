@@ -6,6 +6,10 @@
 //! the image ([`AGENTS_FILE`]); this step puts back the missing ones, with their owner and
 //! mode 0700, and the shared base folder (mode 1777) if it is missing too. CRIU gives no PID
 //! yet at this step, which is why the list comes from the image.
+//!
+//! A process that had a root of its own (a container) had its folder inside that root, which
+//! CRIU names to no action script at this step: those folders are left alone (one log line),
+//! and travel in the container's file system, which the container runtime restores.
 
 use std::fs::{self, DirBuilder};
 use std::io::{self, Write};
@@ -35,7 +39,23 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
         // Not an image with agents (or made without crac-action): nothing to prepare.
         Err(_) => return Ok(()),
     };
-    for agent in &record.agents {
+    let (inside, here): (Vec<_>, Vec<_>) = record.agents.iter().partition(|a| a.in_own_root);
+    if !inside.is_empty() {
+        let folders: Vec<String> = inside
+            .iter()
+            .map(|a| format!("{} (pid {})", a.dir.display(), a.pid))
+            .collect();
+        log(
+            out,
+            STEP,
+            &format!(
+                "{} inside the root of a container, which CRIU does not name at this step: not checked here (the container's file system brings {})",
+                folders.join(", "),
+                if inside.len() == 1 { "it" } else { "them" }
+            ),
+        );
+    }
+    for agent in here {
         if agent.dir.is_dir() {
             continue;
         }

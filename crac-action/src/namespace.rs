@@ -1,0 +1,734 @@
+//! Reaching a process's agent wherever the process runs: on the host, or in a container with
+//! its own pid and mount namespaces (runc, podman, Kubernetes through runc), or a chroot.
+//!
+//! crac-action runs in CRIU's namespaces and knows a process by its pid there
+//! (`CRTOOLS_INIT_PID` and the tree below it). The agent made its socket in its own view of
+//! the world: `$CRAC_AGENT_DIR/<pid>/agent.sock`, with the process's own `CRAC_AGENT_DIR`
+//! (from /proc/PID/environ), its own pid (the innermost of `NSpid:` in /proc/PID/status) and
+//! its own root (/proc/PID/root, which the kernel resolves in the process's mount namespace).
+//! [`AgentSocket::find`] looks there without trusting the process's file system:
+//!
+//! - the path is resolved with `openat2(RESOLVE_IN_ROOT)` from the process's root, so an
+//!   absolute symbolic link planted in a container resolves inside the container, never on
+//!   the host;
+//! - the agent makes the base folder and its pid folder itself, never as links, so a symbolic
+//!   link at either is a trap: refused, naming the path and where it points; so is a link in
+//!   place of the socket;
+//! - the folder must belong to the process's own uid and be writable by nobody else;
+//! - the socket is reached through the folder's handle (`/proc/self/fd/N/agent.sock`), so a
+//!   path longer than a `sockaddr_un` holds (108 bytes) still works;
+//! - once connected, the listening end must belong to the process itself (`SO_PEERCRED`):
+//!   anything else is refused before a byte is sent.
+//!
+//! A process in its own user namespace is refused with the reason: its agent checks its peer's
+//! uid, and root outside that namespace is an unmapped uid (nobody) inside it, so the agent
+//! would refuse every request anyway.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat2, readlinkat, OFlag, OpenHow, ResolveFlag};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
+
+use crac_agent::client::ClientError;
+
+/// An agent's socket, found and checked; see the [module documentation](self).
+///
+/// It holds a handle on the agent's folder: the folder stays reachable through it (to
+/// connect, or to remove a file) for as long as the value lives, even when the path changes.
+#[derive(Debug)]
+pub struct AgentSocket {
+    pid: u32,
+    ns_pid: u32,
+    dir: PathBuf,
+    in_own_root: bool,
+    uid: u32,
+    gid: u32,
+    folder: OwnedFd,
+}
+
+/// Why crac-action will not talk to a process's agent. Each says what was found and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A folder or the socket on the agent's path is a symbolic link.
+    #[error(
+        "pid {pid}: {} is a symbolic link (to {target:?}){}; crac-action does not follow it: \
+         the agent makes that path itself, so remove the link",
+        path.display(),
+        where_(*in_own_root)
+    )]
+    Symlink {
+        /// The process.
+        pid: u32,
+        /// The link, as the process sees it.
+        path: PathBuf,
+        /// Where it points.
+        target: OsString,
+        /// Whether the path is inside the process's own root (a container).
+        in_own_root: bool,
+    },
+    /// The agent's folder belongs to another uid, or others may write to it.
+    #[error(
+        "pid {pid}: its agent folder {}{} {problem}; refusing to use it (the agent makes \
+         it with mode 0700 as the process's own uid {uid}: remove it and restart the agent)",
+        path.display(),
+        where_(*in_own_root)
+    )]
+    Folder {
+        /// The process.
+        pid: u32,
+        /// The folder, as the process sees it.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// The process's effective uid.
+        uid: u32,
+        /// Whether the path is inside the process's own root (a container).
+        in_own_root: bool,
+    },
+    /// What sits where the socket should be is not a socket.
+    #[error("pid {pid}: {}{} is not a socket; refusing to use it", path.display(), where_(*in_own_root))]
+    NotSocket {
+        /// The process.
+        pid: u32,
+        /// The path, as the process sees it.
+        path: PathBuf,
+        /// Whether the path is inside the process's own root (a container).
+        in_own_root: bool,
+    },
+    /// The process runs in a user namespace of its own.
+    #[error(
+        "pid {pid} runs in a user namespace of its own, which crac-action does not support: its \
+         agent checks the uid of whoever asks, and root outside that namespace is an unmapped \
+         uid (nobody) inside it. Run the container without a user namespace (podman: \
+         --userns=host; runc: no \"user\" namespace in config.json)"
+    )]
+    UserNamespace {
+        /// The process.
+        pid: u32,
+    },
+    /// The folder could not be examined.
+    #[error("pid {pid}: cannot examine {}: {message}", path.display())]
+    Io {
+        /// The process.
+        pid: u32,
+        /// The path, as the process sees it.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn where_(in_own_root: bool) -> &'static str {
+    if in_own_root {
+        " inside the process's own root"
+    } else {
+        ""
+    }
+}
+
+/// Why connecting to a found agent did not give a connection crac-action may use.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// Connecting failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The listening end belongs to another process: the socket leads somewhere else.
+    #[error(
+        "pid {pid}: the socket {} is held by pid {peer}, not by pid {pid}; refusing to talk to it",
+        path.display()
+    )]
+    NotTheProcess {
+        /// The process.
+        pid: u32,
+        /// Who holds the socket.
+        peer: i32,
+        /// The socket, as the process sees it.
+        path: PathBuf,
+    },
+}
+
+/// What /proc says about a process.
+struct Proc {
+    ns_pid: u32,
+    euid: u32,
+    agent_dir: Option<PathBuf>,
+}
+
+impl Proc {
+    fn read(pid: u32) -> Option<Proc> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::split_whitespace)
+        };
+        // NSpid lists the pid in every namespace from the outermost; the agent sees the last.
+        let ns_pid = field("NSpid:")
+            .and_then(|ids| ids.last().and_then(|p| p.parse().ok()))
+            .unwrap_or(pid);
+        // Uid: real, effective, saved, filesystem.
+        let euid = field("Uid:")?.nth(1)?.parse().ok()?;
+        let agent_dir = fs::read(format!("/proc/{pid}/environ"))
+            .ok()
+            .and_then(|environ| {
+                let prefix = format!("{}=", crac_agent::DIR_ENV);
+                environ
+                    .split(|&b| b == 0)
+                    .find_map(|var| var.strip_prefix(prefix.as_bytes()).map(<[u8]>::to_vec))
+            })
+            .filter(|dir| !dir.is_empty())
+            .map(|dir| PathBuf::from(std::ffi::OsStr::from_bytes(&dir)));
+        Some(Proc {
+            ns_pid,
+            euid,
+            agent_dir,
+        })
+    }
+}
+
+/// The base folders to look in, in order: the process's own `CRAC_AGENT_DIR`, then
+/// crac-action's (a service that set its folder in code, with an operator who told CRIU the
+/// same), then the default. Only absolute paths: a relative one would depend on whose working
+/// folder it is taken from.
+fn base_candidates(own: Option<PathBuf>) -> Vec<PathBuf> {
+    let ours = std::env::var_os(crac_agent::DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    let mut bases: Vec<PathBuf> = Vec::with_capacity(3);
+    for base in [own, ours, Some(PathBuf::from(crac_agent::DEFAULT_DIR))]
+        .into_iter()
+        .flatten()
+    {
+        if base.is_absolute() && base.parent().is_some() && !bases.contains(&base) {
+            bases.push(base);
+        }
+    }
+    bases
+}
+
+/// Whether two open files are the same inode.
+fn same_file(a: &FileStat, b: &FileStat) -> bool {
+    a.st_dev == b.st_dev && a.st_ino == b.st_ino
+}
+
+fn is(stat: &FileStat, kind: SFlag) -> bool {
+    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == kind
+}
+
+fn namespace_of(pid: &str, kind: &str) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok()
+}
+
+fn open_how(resolve: ResolveFlag) -> OpenHow {
+    OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(resolve)
+}
+
+impl AgentSocket {
+    /// Finds the agent of process `pid` (a pid in crac-action's namespace).
+    ///
+    /// `Ok(None)` when it has none: the process is gone, or there is no agent folder or no
+    /// socket in it (the same as on the host).
+    ///
+    /// # Errors
+    ///
+    /// A [`Refusal`] when something on the way is not what the agent would have made.
+    pub fn find(pid: u32) -> Result<Option<AgentSocket>, Refusal> {
+        let Some(proc) = Proc::read(pid) else {
+            return Ok(None);
+        };
+        let root_path = format!("/proc/{pid}/root");
+        let Ok(root) = nix::fcntl::open(
+            root_path.as_str(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) else {
+            return Ok(None);
+        };
+        let in_own_root = match (fstat(&root), nix::sys::stat::stat("/")) {
+            (Ok(theirs), Ok(ours)) => !same_file(&theirs, &ours),
+            _ => true,
+        };
+        for base in base_candidates(proc.agent_dir.clone()) {
+            let dir = base.join(proc.ns_pid.to_string());
+            let Some(folder) = open_folder(&root, &base, proc.ns_pid, pid, in_own_root)? else {
+                continue;
+            };
+            let Some(found) = AgentSocket::check(pid, &proc, dir, folder, in_own_root)? else {
+                continue;
+            };
+            if namespace_of(&pid.to_string(), "user") != namespace_of("self", "user") {
+                return Err(Refusal::UserNamespace { pid });
+            }
+            return Ok(Some(found));
+        }
+        Ok(None)
+    }
+
+    /// Checks the folder's owner and mode and the socket in it.
+    fn check(
+        pid: u32,
+        proc: &Proc,
+        dir: PathBuf,
+        folder: OwnedFd,
+        in_own_root: bool,
+    ) -> Result<Option<AgentSocket>, Refusal> {
+        let io_refusal = |path: &Path, err: Errno| Refusal::Io {
+            pid,
+            path: path.to_owned(),
+            message: err.desc().to_owned(),
+        };
+        let meta = fstat(&folder).map_err(|e| io_refusal(&dir, e))?;
+        let problem = if meta.st_uid != proc.euid {
+            Some(format!(
+                "belongs to uid {}, not to the process's uid {}",
+                meta.st_uid, proc.euid
+            ))
+        } else if meta.st_mode & 0o022 != 0 {
+            Some(format!(
+                "may be written by others (mode {:o})",
+                meta.st_mode & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(Refusal::Folder {
+                pid,
+                path: dir,
+                problem,
+                uid: proc.euid,
+                in_own_root,
+            });
+        }
+        let socket = dir.join(crac_agent::SOCKET_NAME);
+        match fstatat(
+            &folder,
+            crac_agent::SOCKET_NAME,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Err(Errno::ENOENT) => Ok(None),
+            Err(err) => Err(io_refusal(&socket, err)),
+            Ok(stat) if is(&stat, SFlag::S_IFLNK) => Err(Refusal::Symlink {
+                pid,
+                target: readlinkat(&folder, crac_agent::SOCKET_NAME).unwrap_or_default(),
+                path: socket,
+                in_own_root,
+            }),
+            Ok(stat) if !is(&stat, SFlag::S_IFSOCK) => Err(Refusal::NotSocket {
+                pid,
+                path: socket,
+                in_own_root,
+            }),
+            Ok(_) => Ok(Some(AgentSocket {
+                pid,
+                ns_pid: proc.ns_pid,
+                dir,
+                in_own_root,
+                uid: meta.st_uid,
+                gid: meta.st_gid,
+                folder,
+            })),
+        }
+    }
+
+    /// The process, by its pid in crac-action's namespace.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The process's pid as it sees itself (differs inside a container).
+    pub fn ns_pid(&self) -> u32 {
+        self.ns_pid
+    }
+
+    /// The agent's folder, as the process sees it.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the process has a root of its own (a container, a chroot): then
+    /// [`dir`](Self::dir) is not a path on this side.
+    pub fn in_own_root(&self) -> bool {
+        self.in_own_root
+    }
+
+    /// The folder's owner and group.
+    pub fn owner(&self) -> (u32, u32) {
+        (self.uid, self.gid)
+    }
+
+    /// The socket, as the process sees it, with "inside the root of pid N" for a process
+    /// with a root of its own: for messages.
+    pub fn describe(&self) -> String {
+        let socket = self.dir.join(crac_agent::SOCKET_NAME);
+        if self.in_own_root {
+            format!("{} inside the root of pid {}", socket.display(), self.pid)
+        } else {
+            socket.display().to_string()
+        }
+    }
+
+    /// Connects to the agent, through the folder's handle, and checks that the listening end
+    /// is the process itself.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError::Client`] when nobody listens ([`ClientError::NoAgent`], a socket left
+    /// by a killed process) or connecting fails; [`ConnectError::NotTheProcess`] when the
+    /// socket is held by another process.
+    pub fn connect(&self) -> Result<UnixStream, ConnectError> {
+        let shown = PathBuf::from(self.describe());
+        let through = format!(
+            "/proc/self/fd/{}/{}",
+            self.folder.as_raw_fd(),
+            crac_agent::SOCKET_NAME
+        );
+        let stream = UnixStream::connect(&through).map_err(|err| {
+            if matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) {
+                ClientError::NoAgent {
+                    path: shown.clone(),
+                    source: err,
+                }
+            } else {
+                ClientError::Io {
+                    path: shown.clone(),
+                    source: err,
+                }
+            }
+        })?;
+        let peer = getsockopt(&stream, PeerCredentials)
+            .map_err(|err| ClientError::Io {
+                path: shown.clone(),
+                source: err.into(),
+            })?
+            .pid();
+        if u32::try_from(peer).ok() != Some(self.pid) {
+            return Err(ConnectError::NotTheProcess {
+                pid: self.pid,
+                peer,
+                path: self.dir.join(crac_agent::SOCKET_NAME),
+            });
+        }
+        Ok(stream)
+    }
+
+    /// The folder's handle, to reach files in it.
+    pub fn folder(&self) -> impl AsFd + '_ {
+        self.folder.as_fd()
+    }
+}
+
+impl fmt::Display for AgentSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Brings up the loopback interface of process `pid`'s network namespace, when that namespace
+/// is not crac-action's own and its loopback is down; returns whether it did.
+///
+/// runc (1.1) has CRIU restore a container's network namespace empty ("runc doesn't manage
+/// network devices": it passes CRIU `--empty-ns network`), so the loopback interface comes
+/// back down, where the container had it up: a listener on 127.0.0.1 restored with the service
+/// is there, and every client gets "Network is unreachable". podman's `--network none` is the
+/// same. A namespace that the runtime kept (Kubernetes' pod namespace) is left as it is.
+///
+/// # Errors
+///
+/// When the namespace cannot be entered, or the interface not set up.
+pub fn loopback_up(pid: u32) -> io::Result<bool> {
+    if namespace_of(&pid.to_string(), "net") == namespace_of("self", "net") {
+        return Ok(false);
+    }
+    let ours = fs::File::open("/proc/self/ns/net")?;
+    let theirs = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    setns(&theirs, CloneFlags::CLONE_NEWNET)?;
+    let result = interface_up(c"lo");
+    // crac-action exits soon after, but it goes on in its own namespace until then.
+    setns(&ours, CloneFlags::CLONE_NEWNET)?;
+    result
+}
+
+/// Sets interface `name` up in the current network namespace; false if it was up already.
+fn interface_up(name: &std::ffi::CStr) -> io::Result<bool> {
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain data (a name and a union of integers and addresses): all zeroes
+    // is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.to_bytes()) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name from `request` and writes the flags into it; the
+    // pointer is to a live ifreq on this stack.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS just filled in the flags member of the union.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(false);
+    }
+    request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads the name and flags from `request`, a live ifreq on this stack.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// Process `pid`'s pid as it sees itself (the innermost of `NSpid`), if it runs.
+pub fn ns_pid(pid: u32) -> Option<u32> {
+    Proc::read(pid).map(|p| p.ns_pid)
+}
+
+/// Where the socket of process `pid`'s agent would be, for a message saying there is none:
+/// `/tmp/crac/4242/agent.sock`, or `/tmp/crac/1/agent.sock inside the root of pid 4242`.
+pub fn expected_socket(pid: u32) -> String {
+    let (ns_pid, own_dir) = Proc::read(pid).map_or((pid, None), |p| (p.ns_pid, p.agent_dir));
+    let base = base_candidates(own_dir)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| PathBuf::from(crac_agent::DEFAULT_DIR));
+    let socket = base.join(ns_pid.to_string()).join(crac_agent::SOCKET_NAME);
+    let in_own_root = match (
+        nix::sys::stat::stat(format!("/proc/{pid}/root").as_str()),
+        nix::sys::stat::stat("/"),
+    ) {
+        (Ok(theirs), Ok(ours)) => !same_file(&theirs, &ours),
+        _ => false,
+    };
+    if in_own_root {
+        format!("{} inside the root of pid {pid}", socket.display())
+    } else {
+        socket.display().to_string()
+    }
+}
+
+/// Opens `<base>/<ns_pid>` inside `root`: `Ok(None)` when it is not there.
+fn open_folder(
+    root: &OwnedFd,
+    base: &Path,
+    ns_pid: u32,
+    pid: u32,
+    in_own_root: bool,
+) -> Result<Option<OwnedFd>, Refusal> {
+    let (Some(parent), Some(name)) = (base.parent(), base.file_name()) else {
+        return Ok(None);
+    };
+    // Above the base folder the process's links are followed, inside its root only.
+    let relative_parent = parent.strip_prefix("/").unwrap_or(parent);
+    let parent_fd = match openat2(
+        root,
+        if relative_parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            relative_parent
+        },
+        open_how(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES) => return Ok(None),
+        Err(err) => {
+            return Err(Refusal::Io {
+                pid,
+                path: parent.to_owned(),
+                message: err.desc().to_owned(),
+            })
+        }
+    };
+    // The base folder and the pid folder: made by the agent, never links.
+    let mut dir_fd = parent_fd;
+    let mut path = parent.to_owned();
+    let pid_name = ns_pid.to_string();
+    for component in [name, std::ffi::OsStr::new(&pid_name)] {
+        path.push(component);
+        match openat2(
+            &dir_fd,
+            component,
+            open_how(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH),
+        ) {
+            Ok(fd) => dir_fd = fd,
+            Err(Errno::ENOENT | Errno::ENOTDIR) => return Ok(None),
+            Err(Errno::ELOOP) => {
+                return Err(Refusal::Symlink {
+                    pid,
+                    target: readlinkat(&dir_fd, component).unwrap_or_default(),
+                    path,
+                    in_own_root,
+                })
+            }
+            Err(err) => {
+                return Err(Refusal::Io {
+                    pid,
+                    path,
+                    message: err.desc().to_owned(),
+                })
+            }
+        }
+    }
+    Ok(Some(dir_fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
+
+    #[test]
+    fn bases_are_absolute_and_each_tried_once() {
+        assert_eq!(
+            base_candidates(Some(PathBuf::from("relative/dir"))).last(),
+            Some(&PathBuf::from(crac_agent::DEFAULT_DIR))
+        );
+        let bases = base_candidates(Some(PathBuf::from(crac_agent::DEFAULT_DIR)));
+        assert_eq!(
+            bases
+                .iter()
+                .filter(|b| b.as_path() == Path::new(crac_agent::DEFAULT_DIR))
+                .count(),
+            1
+        );
+        assert_eq!(
+            base_candidates(Some(PathBuf::from("/srv/agents")))[0],
+            PathBuf::from("/srv/agents")
+        );
+    }
+
+    /// A scratch root with `base/<pid>` in it, as an agent would make it.
+    fn scratch(name: &str) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("crac-namespace-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        root
+    }
+
+    fn root_fd(path: &Path) -> OwnedFd {
+        nix::fcntl::open(
+            path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn links_on_the_agents_path_are_refused_and_named() {
+        let root = scratch("links");
+        fs::create_dir_all(root.join("etc/7")).unwrap();
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        // The trap: the base folder is a link to somewhere else.
+        symlink("/etc", root.join("tmp/crac")).unwrap();
+        let err = open_folder(&root_fd(&root), Path::new("/tmp/crac"), 7, 42, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pid 42: /tmp/crac is a symbolic link (to \"/etc\") inside the process's own root; \
+             crac-action does not follow it: the agent makes that path itself, so remove the link"
+        );
+        // A link above the base folder is followed, but inside the root: /run -> /var/run.
+        fs::create_dir_all(root.join("var/run/crac/7")).unwrap();
+        symlink("/var/run", root.join("run")).unwrap();
+        assert!(
+            open_folder(&root_fd(&root), Path::new("/run/crac"), 7, 42, true)
+                .unwrap()
+                .is_some()
+        );
+        // An absolute link that would leave the root stays inside it.
+        symlink("/", root.join("up")).unwrap();
+        assert!(
+            open_folder(&root_fd(&root), Path::new("/up/run/crac"), 7, 42, true)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            open_folder(&root_fd(&root), Path::new("/missing/crac"), 7, 42, true)
+                .unwrap()
+                .is_none()
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_folder_must_be_the_processs_own_and_closed_to_others() {
+        let root = scratch("owner");
+        let dir = root.join("base/7");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let proc = |euid| Proc {
+            ns_pid: 7,
+            euid,
+            agent_dir: None,
+        };
+        let folder = || {
+            open_folder(&root_fd(&root), Path::new("/base"), 7, 42, false)
+                .unwrap()
+                .unwrap()
+        };
+        // No socket in it: no agent.
+        assert!(
+            AgentSocket::check(42, &proc(me), dir.clone(), folder(), false)
+                .unwrap()
+                .is_none()
+        );
+        let err = AgentSocket::check(42, &proc(me + 1), dir.clone(), folder(), false).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "pid 42: its agent folder {} belongs to uid {me}, not to the process's uid {}",
+                dir.display(),
+                me + 1
+            )),
+            "{err}"
+        );
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = AgentSocket::check(42, &proc(me), dir.clone(), folder(), false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("may be written by others (mode 777)"),
+            "{err}"
+        );
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        symlink("/run/elsewhere.sock", dir.join("agent.sock")).unwrap();
+        let err = AgentSocket::check(42, &proc(me), dir.clone(), folder(), false).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "pid 42: {}/agent.sock is a symbolic link (to \"/run/elsewhere.sock\")",
+                dir.display()
+            )),
+            "{err}"
+        );
+        fs::remove_file(dir.join("agent.sock")).unwrap();
+        fs::write(dir.join("agent.sock"), b"").unwrap();
+        let err = AgentSocket::check(42, &proc(me), dir.clone(), folder(), false).unwrap_err();
+        assert!(err
+            .to_string()
+            .ends_with("agent.sock is not a socket; refusing to use it"));
+        let _ = fs::remove_dir_all(&root);
+    }
+}
