@@ -20,30 +20,29 @@
 //!
 //! A process holding a TCP connection to another host cannot simply be dumped: CRIU refuses
 //! established TCP connections unless told `--tcp-established`, and even then the peer would
-//! not expect the connection to come back from the dead. The state that matters here, a warm
-//! cache, is plain memory, which CRIU saves as it is. So the server registers three resources
-//! in the global context:
+//! not expect the connection to come back from the dead (a database closes it). The state
+//! that matters here, a warm cache, is plain memory, which CRIU saves as it is; the listening
+//! socket is kept too, so a restored server answers on its port at once. The server registers
+//! two resources in the global context:
 //!
 //! | resource | priority | before_checkpoint | after_restore |
 //! |---|---|---|---|
 //! | `upstream-connection` | [`Priority::Infrastructure`] | closes the connection | reconnects (bounded retry) |
 //! | `cache` | [`Priority::Application`] | keeps every entry (logs the size) | finds them all still there |
-//! | `listener` | [`Priority::Application`], registered last | stops accepting, closes the listening socket | listens again |
 //!
-//! Infrastructure goes down last and comes up first, so the cache and the listener can rely on
-//! upstream in both of their hooks: the checkpoint runs `listener`, `cache`,
-//! `upstream-connection`; the restore runs them the other way round. Every hook writes one
-//! line to stderr (`cache-server: before_checkpoint upstream-connection: closed ...`) so the
-//! order is visible. When CRIU freezes the process there is no TCP connection in it at all,
-//! and the dump needs no extra flag.
+//! Infrastructure goes down last and comes up first, so the cache can rely on upstream in
+//! both of its hooks: the checkpoint runs `cache`, then `upstream-connection`; the restore
+//! runs them the other way round. Every hook writes one line to stderr
+//! (`cache-server: before_checkpoint upstream-connection: closed ...`) so the order is
+//! visible. When CRIU freezes the process it holds its listener and no connection, and the
+//! dump needs no extra flag.
 //!
-//! Each request runs inside a [critical section](crac_core::critical_section): a checkpoint
-//! waits for the request in progress to finish, and after a restore no request is served
-//! before every `after_restore` hook has returned (the reconnect included). A connection that
-//! comes in while a checkpoint is starting is answered `ERR checkpoint in progress` at once
-//! rather than held open: an open client connection would make the dump fail. Each connection
-//! is closed after its reply, for the same reason. The listener and its hooks are
-//! [`PausableListener`], shared with the `warm-start` example.
+//! The listener needs no hooks ([`GatedListener`], shared with the `warm-start` example): its
+//! accept loop takes a [critical section](crac_core::critical_section) before each accept and
+//! serves the request inside it. A checkpoint waits for the request in progress; while it is
+//! taken nothing is accepted, and clients that connect wait in the listener's queue, to be
+//! served once every `after_restore` hook has returned (the reconnect included). Each
+//! connection is closed after its reply, so that none is open when CRIU freezes the process.
 //!
 //! # Running it
 //!
@@ -74,7 +73,7 @@ use crac_core::{
     from_fns, global_context, CheckpointInfo, Coordinator, HookError, Priority, Resource,
     RestoreInfo,
 };
-use crac_examples::listener::PausableListener;
+use crac_examples::listener::GatedListener;
 use crac_examples::{lock, Log};
 
 const DEFAULT_PORT: u16 = 7070;
@@ -107,8 +106,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let config = Config::from_args()?;
-    let listener =
-        PausableListener::new(SocketAddr::from((Ipv4Addr::LOCALHOST, config.port)), LOG)?;
+    let listener = GatedListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, config.port)), LOG)?;
     let local = listener.local_addr();
 
     let upstream = Arc::new(Upstream::new(config.upstream));
@@ -121,10 +119,7 @@ fn run() -> Result<(), String> {
     global_context()
         .register_with(Priority::Infrastructure, Arc::clone(&upstream))
         .keep();
-    // Application resources, in registration order: cache, then listener. The listener is
-    // registered last so it stops accepting first and starts again last.
     global_context().register(cache_resource(&cache)).keep();
-    global_context().register(listener.resource()).keep();
 
     let _agent =
         crac_agent::start().map_err(|err| format!("cannot start the CRaC agent: {err}"))?;
@@ -132,7 +127,7 @@ fn run() -> Result<(), String> {
     let pid = std::process::id();
     eprintln!(
         "cache-server: pid {pid} serving GET/STATS on {local}, upstream {} (connection #{}); \
-         checkpoint it with: criu dump -t {pid} -D IMAGES_DIR --action-script {}",
+         checkpoint it with: criu dump -t {pid} -D IMAGES_DIR --skip-in-flight --action-script {}",
         upstream.addr,
         upstream.connections(),
         action_script_hint()
@@ -143,8 +138,7 @@ fn run() -> Result<(), String> {
         upstream,
         coordinator: Coordinator::global(),
     };
-    // Serves connections one at a time, on this thread, until the listener cannot be reopened
-    // after a checkpoint.
+    // Serves connections one at a time, on this thread, for good.
     listener.serve(|stream| service.handle(stream))
 }
 

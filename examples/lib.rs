@@ -1,5 +1,6 @@
-//! Code shared by the example programs (`cache-server`, `warm-start`): a TCP listener that
-//! steps aside for a checkpoint ([`listener::PausableListener`]), the one-line protocol both
+//! Code shared by the example programs (`cache-server`, `warm-start`): a TCP listener kept
+//! across checkpoints, whose accept loop holds still while one is taken
+//! ([`listener::GatedListener`]), the one-line protocol both
 //! speak ([`answer_one_line`]), and two small helpers, [`Log`] for the one-line-per-hook logs
 //! and [`lock`].
 //!

@@ -47,12 +47,11 @@
 //! and stdio to a log file instead of a terminal. `scripts/warm-start-demo.sh` measures the time
 //! to the first answer both ways.
 //!
-//! Two resources are registered in the global context:
+//! One resource is registered in the global context:
 //!
 //! | resource | before_checkpoint | after_restore |
 //! |---|---|---|
 //! | `seed` | nothing (logs the instance id) | `restored`: reseeds the random generator from the OS and takes a new instance id |
-//! | `listener` (registered last) | stops accepting, closes the listening socket | listens again |
 //!
 //! `seed` follows the uniqueness advice for snapshot-restored services (AWS Lambda SnapStart's
 //! "handling uniqueness"): every process restored from one image starts with the same memory,
@@ -61,16 +60,14 @@
 //! The original process keeps its id when it is told `resumed`: its copies are the ones that
 //! renew theirs.
 //!
-//! `listener` is why the dump needs no extra flags: when CRIU freezes the process there is no
-//! socket in it at all. The accept loop serves one connection at a time and closes each after
-//! its reply; a connection that arrives while a checkpoint starts is answered
-//! `ERR checkpoint in progress` and closed. Each request runs in a
-//! [critical section](crac_core::critical_section), so a checkpoint waits for the request in
-//! progress, and after a restore nothing is served until every after_restore hook has run (the
+//! The listening socket is kept: it goes into the image, so a restored process answers on its
+//! port at once, with no hook. The accept loop ([`GatedListener`], shared with the
+//! `cache-server` example) serves one connection at a time, each in a
+//! [critical section](crac_core::critical_section) taken before the accept: a checkpoint waits
+//! for the request in progress, clients that connect while it is taken wait in the listener's
+//! queue, and after a restore nothing is served until every after_restore hook has run (the
 //! new instance id included). The process answers only once the listener exists: it is bound
-//! after the warm-up, and the self-checkpoint runs after that, the listener's hooks closing it
-//! for the dump and reopening it when the process is told `resumed` (or, in a copy, `restored`).
-//! The listener and its hooks are [`PausableListener`], shared with the `cache-server` example.
+//! after the warm-up, and the self-checkpoint runs after that.
 //!
 //! Options: `--port PORT` (default `$WARM_START_PORT`, then 7080), `--docs N` (default
 //! `$WARM_START_DOCS`, then 100000: about 3 s in a release build, 25 s in a debug build),
@@ -89,7 +86,7 @@ use crac_agent::{SelfCheckpoint, CHECKPOINT_TO_ENV};
 use crac_core::{
     global_context, CheckpointInfo, Coordinator, HookError, Resource, RestoreInfo, RestoreReason,
 };
-use crac_examples::listener::PausableListener;
+use crac_examples::listener::GatedListener;
 use crac_examples::{lock, Log};
 
 const DEFAULT_PORT: u16 = 7080;
@@ -136,9 +133,6 @@ fn run() -> Result<(), String> {
 
     let state = Arc::new(State::new());
     let seed = Arc::new(Seed::new());
-    // The listener is registered after the seed, once it is bound (after the warm-up): in
-    // registration order, after_restore renews the seed before the listener opens, and
-    // before_checkpoint closes the listener first.
     global_context()
         .register(SeedResource {
             seed: Arc::clone(&seed),
@@ -171,8 +165,7 @@ fn run() -> Result<(), String> {
         show_kib(rss_kib()),
     );
 
-    let listener = PausableListener::new(addr, LOG)?;
-    global_context().register(listener.resource()).keep();
+    let listener = GatedListener::bind(addr, LOG)?;
     eprintln!(
         "warm-start: serving SEARCH/STATS on {}, {:.0} ms after launch",
         listener.local_addr(),
@@ -186,8 +179,7 @@ fn run() -> Result<(), String> {
     });
     let server = {
         let service = Arc::clone(&service);
-        // Serves connections one at a time until the listener cannot be reopened after a
-        // checkpoint.
+        // Serves connections one at a time, for good.
         thread::Builder::new()
             .name("accept".into())
             .spawn(move || listener.serve(|stream| service.handle(stream)))

@@ -4,7 +4,7 @@
 # generation 1 -- and the hooks that made that possible ran in a visible order.
 #
 # Usage: sudo scripts/demo.sh        (root: CRIU needs it; runs from any directory)
-#   It provisions CRIU >= 4.1 (scripts/provision-criu.sh), builds the workspace, starts
+#   It provisions CRIU >= 4.2 (scripts/provision-criu.sh), builds the workspace, starts
 #   `upstream` (a slow "database") and `cache-server` (examples/), warms the cache, dumps the
 #   server with `criu dump --action-script crac-action`, restores it with `criu restore -d`,
 #   checks what came back, and cleans up everything it started.
@@ -13,7 +13,7 @@
 #   DEMO_UPSTREAM_PORT  upstream's port (default 17071)
 #   DEMO_KEYS           how many keys to warm the cache with (default 40)
 #   DEMO_KEEP=1         keep the temporary folder (logs, images) instead of deleting it
-#   CRAC_CRIU           a CRIU >= 4.1 to use instead of the provisioned one
+#   CRAC_CRIU           a CRIU >= 4.2 to use instead of the provisioned one
 #   CRAC_CRIU_PREFIX    where provision-criu.sh installs CRIU (default /opt/crac-criu)
 set -Eeuo pipefail
 
@@ -111,7 +111,7 @@ trap cleanup EXIT
 
 # --- 1. CRIU ---------------------------------------------------------------------------------
 
-step "Provisioning CRIU >= 4.1 (scripts/provision-criu.sh; a no-op when it is already there)"
+step "Provisioning CRIU >= 4.2 (scripts/provision-criu.sh; a no-op when it is already there)"
 bash scripts/provision-criu.sh 2>&1 | indent || die "provisioning CRIU failed (see above)"
 CRIU=${CRAC_CRIU_PREFIX:-/opt/crac-criu}/bin/criu
 if [[ -n ${CRAC_CRIU:-} ]] && "$CRAC_CRIU" --version >/dev/null 2>&1; then CRIU=$CRAC_CRIU; fi
@@ -199,13 +199,13 @@ misses=$(field "$before" misses)
 # --- 5. Checkpoint ---------------------------------------------------------------------------
 
 step "Checkpointing pid $SERVER_PID with CRIU (the process is dumped, then killed)"
-say "$ criu dump -t $SERVER_PID -D $IMG --action-script $ACTION -o dump.log"
+say "$ criu dump -t $SERVER_PID -D $IMG --skip-in-flight --action-script $ACTION -o dump.log"
 t0=$(now_us)
 dump_ok=1
 # The braces catch bash's own "Killed" notice about its background job, which would otherwise
 # land in the middle of the output.
 {
-    "$CRIU" dump -t "$SERVER_PID" -D "$IMG" --action-script "$ACTION" -o dump.log 2>&1 | indent ||
+    "$CRIU" dump -t "$SERVER_PID" -D "$IMG" --skip-in-flight --action-script "$ACTION" -o dump.log 2>&1 | indent ||
         dump_ok=0
     t1=$(now_us)
     rc=0
@@ -260,6 +260,8 @@ expect_field "$after" upstream_connection 2
 expect_field "$after" upstream_connected true
 say "same pid, same $entries entries and counters (the memory came back), generation 1," \
     "last restore 'restored', upstream connection #2"
+say "it answers on port $CACHE_PORT through the listening socket it had: CRIU restored it" \
+    "bound and listening (no hook closed or reopened it)"
 
 # --- 7. The hook order -----------------------------------------------------------------------
 
