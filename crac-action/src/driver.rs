@@ -162,6 +162,7 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         )
     })?;
     let command_line = read_cmdline(pid);
+    let ns_pid = crate::namespace::ns_pid(pid);
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();
@@ -229,6 +230,10 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
     if request.options.tcp_established {
         cmd.arg("--tcp-established");
     }
+    // A service keeps its listener: a client that connects during the dump waits in the
+    // listener's queue, which CRIU cannot dump ("In-flight connection"). Leave it out of the
+    // image: after --leave-running the process serves it; a restored copy never had it.
+    cmd.arg("--skip-in-flight");
     if request.options.file_locks {
         cmd.arg("--file-locks");
     }
@@ -298,6 +303,7 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         format: metadata::FORMAT,
         name,
         pid,
+        ns_pid,
         command_line,
         executable,
         created_unix_ms: now_ms(),
@@ -343,6 +349,9 @@ pub struct RestoreRequest {
     pub dir: PathBuf,
     /// Whether CRIU detaches (`-d`) instead of staying the restored tree's parent.
     pub detach: bool,
+    /// Restore established TCP connections closed (CRIU's `--tcp-close`, podman's option):
+    /// for an image made with `--tcp-established` whose peers are gone.
+    pub tcp_close: bool,
 }
 
 /// A restore done.
@@ -374,16 +383,22 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
     let criu = criu()?;
     // The root, and every process with an agent (recorded by crac-action's post-dump), must
     // get its pid back.
-    let mut pids = vec![meta.pid];
-    if let Ok(bytes) = fs::read(dir.join(AGENTS_FILE)) {
-        if let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) {
-            pids.extend(
-                record
-                    .agents
-                    .iter()
-                    .map(|a| a.pid)
-                    .filter(|&p| p != meta.pid),
-            );
+    // A tree that had a pid namespace of its own (its root was pid 1 there: a container, or
+    // `unshare --pid --fork`) is restored into a new one, where its pids are free by
+    // construction; so is any agent that had one.
+    let mut pids = Vec::new();
+    if !meta.in_own_pid_namespace() {
+        pids.push(meta.pid);
+        if let Ok(bytes) = fs::read(dir.join(AGENTS_FILE)) {
+            if let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) {
+                pids.extend(
+                    record
+                        .agents
+                        .iter()
+                        .filter(|a| a.pid != meta.pid && !a.in_own_pid_namespace())
+                        .map(|a| a.pid),
+                );
+            }
         }
     }
     for pid in pids {
@@ -423,7 +438,9 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
     if request.detach {
         cmd.arg("-d");
     }
-    if meta.options.tcp_established {
+    if request.tcp_close {
+        cmd.arg("--tcp-close");
+    } else if meta.options.tcp_established {
         cmd.arg("--tcp-established");
     }
     if meta.options.file_locks {
@@ -536,7 +553,9 @@ pub fn hints(log: &str) -> Vec<String> {
         ("Found a closed in-flight socket", "hint: a connection was closed by its peer before the service accepted it; retry the checkpoint"),
         ("Connected TCP socket", "hint: the service holds established TCP connections: close them in a before_checkpoint hook, or pass --tcp-established"),
         ("File exists", "hint: a pid of the image is in use (often a dumped process not yet reaped): wait for it to exit, then retry"),
-        ("Unexpected rt vDSO area bounds", "hint: this CRIU is too old for the kernel: run scripts/provision-criu.sh and use CRIU >= 4.1"),
+        ("Unexpected rt vDSO area bounds", "hint: this CRIU is too old for the kernel: run scripts/provision-criu.sh and use CRIU >= 4.2"),
+        ("Can't get 1:16 opt", "hint: this CRIU cannot dump TCP or UDP sockets on this kernel (CRIU 4.1 asks for SO_PASSCRED on them): use CRIU >= 4.2 (scripts/provision-criu.sh)"),
+        ("In-flight connection", "hint: a client connected to a listener the service keeps while it was being dumped, and was not accepted yet: pass --skip-in-flight to criu (crac checkpoint does), which leaves such connections out of the image"),
         ("Pre dump script failed", "hint: a before_checkpoint hook failed or timed out (see the crac-action line above); the service was rolled back and keeps running"),
         ("Can't open file", "hint: a file the image refers to is gone or changed (rebuilt binary?): restore needs the same files"),
     ];

@@ -41,6 +41,11 @@ pub struct Metadata {
     pub name: String,
     /// The PID of the root of the dumped process tree.
     pub pid: u32,
+    /// The root's pid as it saw itself: 1 when it was the init of a pid namespace of its own
+    /// (a container, `unshare --pid --fork`), which a restore makes anew. Absent in images of
+    /// older versions.
+    #[serde(default)]
+    pub ns_pid: Option<u32>,
     /// The dumped process's command line (`/proc/PID/cmdline`).
     pub command_line: Vec<String>,
     /// The dumped process's executable (`/proc/PID/exe`).
@@ -65,6 +70,13 @@ pub struct Metadata {
     pub crac_version: String,
     /// Every CRIU image file, sorted by name (see [`list_image_files`]).
     pub files: Vec<FileEntry>,
+}
+
+impl Metadata {
+    /// Whether the dumped tree had a pid namespace of its own: its pids need not be free here.
+    pub fn in_own_pid_namespace(&self) -> bool {
+        self.ns_pid.is_some_and(|ns_pid| ns_pid != self.pid)
+    }
 }
 
 /// The CRIU options a dump was made with.

@@ -85,11 +85,12 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         format: metadata::FORMAT,
         name: name.to_owned(),
         pid,
+        ns_pid: Some(pid),
         command_line: vec!["/usr/bin/service".to_owned(), "--port=8080".to_owned()],
         executable: "/usr/bin/service".to_owned(),
         created_unix_ms,
         image_bytes: files.iter().map(|f| f.size).sum(),
-        criu_version: "4.1.1".to_owned(),
+        criu_version: "4.2.1".to_owned(),
         kernel,
         arch,
         options: DumpOptions {

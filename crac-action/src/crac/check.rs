@@ -9,6 +9,8 @@ use crac_action::locate;
 
 use crate::output::Out;
 
+mod sockets;
+
 #[derive(Debug, Serialize)]
 struct Report {
     possible: bool,
@@ -91,6 +93,18 @@ pub fn run(out: Out) -> Result<u8, OpError> {
         }
         checks.push(Check {
             name: "criu check",
+            ok,
+            detail,
+        });
+        let (ok, detail) = sockets::probe(&criu.path);
+        if !ok {
+            fixes.push(
+                "use a CRIU that can dump the sockets services hold here (CRIU >= 4.2: scripts/provision-criu.sh)"
+                    .to_owned(),
+            );
+        }
+        checks.push(Check {
+            name: "sockets",
             ok,
             detail,
         });

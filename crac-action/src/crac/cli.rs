@@ -45,7 +45,7 @@ pub enum Command {
     /// Restore a checkpointed process; its after_restore hooks run before this returns.
     #[command(
         name = "restore",
-        after_help = "Examples:\n  crac restore web --detach\n  crac restore /srv/images/web"
+        after_help = "Examples:\n  crac restore web --detach\n  crac restore /srv/images/web\n  crac restore web --detach --tcp-close"
     )]
     Restore(RestoreArgs),
 
@@ -94,7 +94,10 @@ pub struct CheckpointArgs {
     /// Keep the process running after the dump (it is told after_restore "resumed").
     #[arg(long)]
     pub leave_running: bool,
-    /// Dump established TCP connections (CRIU's --tcp-established).
+    /// Dump established TCP connections (CRIU's --tcp-established); a restore brings them back
+    /// open (same addresses needed), or closed with `crac restore --tcp-close`. Listening
+    /// sockets need no option: they are always kept, and a client that connects during the
+    /// dump is left out of the image (CRIU's --skip-in-flight).
     #[arg(long)]
     pub tcp_established: bool,
     /// Dump file locks (CRIU's --file-locks).
@@ -129,6 +132,11 @@ pub struct RestoreArgs {
     /// Return once the process runs (CRIU's -d) instead of waiting for it to exit.
     #[arg(long, short = 'd')]
     pub detach: bool,
+    /// Restore the TCP connections an image made with --tcp-established holds, closed (as
+    /// podman's option of the same name): for a copy whose clients are gone. The service's
+    /// after_restore sees how many came back closed (RestoreInfo::tcp).
+    #[arg(long)]
+    pub tcp_close: bool,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,

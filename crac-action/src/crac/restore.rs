@@ -12,6 +12,7 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     let outcome = driver::restore(&RestoreRequest {
         dir: dir.clone(),
         detach: args.detach,
+        tcp_close: args.tcp_close,
     })?;
     Out::new(args.json).print(&outcome, || {
         let mut text = if args.detach {

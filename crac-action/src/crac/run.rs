@@ -83,7 +83,11 @@ fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
     let dir = store
         .resolve(image)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    let outcome = driver::restore(&RestoreRequest { dir, detach: true })?;
+    let outcome = driver::restore(&RestoreRequest {
+        dir,
+        detach: true,
+        tcp_close: false,
+    })?;
     Ok(outcome.pid)
 }
 
