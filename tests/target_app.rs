@@ -17,19 +17,44 @@
 //!   `CRAC_CHECKPOINT_TO`) and log `self-checkpoint: <reason>` or `self-checkpoint error: ...`.
 //! - `CRAC_TEST_ORDER_LOG`: a log shared by a parent and its child; each hook appends
 //!   `<pid> <line>`, so the order across processes shows.
+//! - `CRAC_TEST_LISTEN=PORT`: serve on TCP and UDP `127.0.0.1:PORT` (0: any free port; the
+//!   child, if any, takes PORT+1, or 0), writing `tcp udp` ports to `$CRAC_TEST_DIR/ports`.
+//!   TCP takes one request line per connection: `STATUS` answers one JSON line (pid, token,
+//!   counter, generation, instance, tcp_kept, tcp_closed, hooks: the hook lines this memory
+//!   holds) and closes; `HOLD` keeps the connection and echoes each line as `echo:LINE` until
+//!   it ends (then `connections.log` says how). Connections are accepted with a critical
+//!   section taken first, as a service that keeps its listener would. UDP answers each
+//!   datagram with `udp TOKEN DATA`. An `identity` resource renews `instance` when restored.
+//! - `CRAC_TEST_STOP_AGENT_ON=USR1`: SIGUSR1 stops the agent (its socket goes; the process
+//!   runs on).
 //!
 //! `state` holds `pid token counter generation`: the token is random and lives only in memory,
 //! so a restored process that shows the same token really is the same memory.
 
 use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crac_core::{CheckpointInfo, Coordinator, HookError, Limits, Resource, RestoreInfo};
+use crac_core::{
+    CheckpointInfo, Coordinator, HookError, Limits, Resource, RestoreInfo, RestoreReason,
+};
+
+/// The hook lines this process's memory holds (a restored copy has the original's before
+/// lines and its own after lines).
+static HOOKS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Renewed by the `identity` resource in a restored process.
+static INSTANCE: AtomicU64 = AtomicU64::new(0);
+/// `RestoreInfo::tcp` of the last after_restore.
+static TCP_KEPT: AtomicUsize = AtomicUsize::new(0);
+static TCP_CLOSED: AtomicUsize = AtomicUsize::new(0);
+/// The heartbeat counter.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 struct Logged {
     name: String,
@@ -41,6 +66,10 @@ struct Logged {
 
 impl Logged {
     fn append(&self, line: &str) {
+        HOOKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line.to_owned());
         append(&self.log, line);
         if let Some(order_log) = &self.order_log {
             append(order_log, &format!("{} {line}", std::process::id()));
@@ -69,6 +98,34 @@ impl Resource for Logged {
         ));
         Ok(())
     }
+}
+
+/// Renews the instance id in a restored process, and notes what became of its TCP connections.
+struct Identity;
+
+impl Resource for Identity {
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        "identity".into()
+    }
+    fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
+        Ok(())
+    }
+    fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
+        if info.reason == RestoreReason::Restored {
+            INSTANCE.store(random(), Ordering::SeqCst);
+        }
+        TCP_KEPT.store(info.tcp.kept, Ordering::SeqCst);
+        TCP_CLOSED.store(info.tcp.closed, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn random() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 32)
 }
 
 fn main() {
@@ -104,11 +161,26 @@ fn main() {
     if own_sigterm.as_deref() == Some("before") {
         handle_sigterm();
     }
-    let _agent = if var("CRAC_TEST_NO_AGENT").is_none() {
+    let listen: Option<u16> = var("CRAC_TEST_LISTEN").map(|p| p.parse().expect("a port"));
+    if listen.is_some() {
+        INSTANCE.store(random(), Ordering::SeqCst);
+        coordinator.context().register(Identity).keep();
+    }
+    let agent = if var("CRAC_TEST_NO_AGENT").is_none() {
         Some(crac_agent::start().expect("agent starts"))
     } else {
         None
     };
+    if let (Some("USR1"), Some(agent)) = (var("CRAC_TEST_STOP_AGENT_ON").as_deref(), &agent) {
+        let agent = agent.clone();
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])
+            .expect("SIGUSR1 handler");
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                agent.stop();
+            }
+        });
+    }
     if own_sigterm.as_deref() == Some("after") {
         handle_sigterm();
     }
@@ -116,7 +188,14 @@ fn main() {
     let mut child = None;
     if var("CRAC_TEST_CHILD").is_some() {
         let child_dir = dir.join("child");
-        let spawned = Command::new(std::env::current_exe().expect("own exe"))
+        let mut command = Command::new(std::env::current_exe().expect("own exe"));
+        if let Some(port) = listen {
+            command.env(
+                "CRAC_TEST_LISTEN",
+                if port == 0 { 0 } else { port + 1 }.to_string(),
+            );
+        }
+        let spawned = command
             .env("CRAC_TEST_DIR", &child_dir)
             .env_remove("CRAC_TEST_CHILD")
             .env("CRAC_TEST_RESOURCES", "child-a,child-b")
@@ -129,11 +208,10 @@ fn main() {
         // Report ready only once the child is ready, so the test dumps both with agents.
         wait_for(&child_dir.join("ready"));
     }
-    let token: u64 = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64
-        ^ (u64::from(std::process::id()) << 32);
+    let token: u64 = random();
+    if let Some(port) = listen {
+        serve(&dir, port, token, coordinator);
+    }
     fs::write(dir.join("ready"), std::process::id().to_string()).expect("ready file");
     if let Some(mode) = var("CRAC_TEST_SELF_CHECKPOINT") {
         let line = match crac_agent::SelfCheckpoint::new()
@@ -145,8 +223,8 @@ fn main() {
         };
         append(&dir.join("hooks.log"), &line);
     }
-    let mut counter: u64 = 0;
     loop {
+        let counter = COUNTER.load(Ordering::SeqCst);
         if terminate.load(Ordering::SeqCst) {
             append(&dir.join("hooks.log"), "graceful exit");
             break;
@@ -157,7 +235,7 @@ fn main() {
         {
             // Work that a checkpoint must not cut, and that must not run before after_restore.
             let _work = coordinator.critical_section();
-            counter += 1;
+            let counter = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
             let state = format!(
                 "{} {token} {counter} {}\n",
                 std::process::id(),
@@ -172,6 +250,95 @@ fn main() {
     if let Some(mut child) = child {
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// Serves TCP and UDP on `127.0.0.1:port` (see the module documentation).
+fn serve(dir: &Path, port: u16, token: u64, coordinator: &'static Coordinator) {
+    let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("TCP listener");
+    tcp.set_nonblocking(true).expect("non-blocking listener");
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).expect("UDP socket");
+    fs::write(
+        dir.join("ports"),
+        format!(
+            "{} {}",
+            tcp.local_addr().expect("bound").port(),
+            udp.local_addr().expect("bound").port()
+        ),
+    )
+    .expect("ports file");
+    let log = dir.join("connections.log");
+    std::thread::spawn(move || loop {
+        let mut ready = [nix::poll::PollFd::new(
+            tcp.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut ready, nix::poll::PollTimeout::NONE);
+        // Taken before the accept: nothing is accepted while a checkpoint is in progress.
+        let section = coordinator.critical_section();
+        let Ok((stream, _)) = tcp.accept() else {
+            continue;
+        };
+        let _ = stream.set_nonblocking(false);
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut line = String::new();
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        match line.trim_end() {
+            "STATUS" => {
+                let _ = (&stream).write_all(format!("{}\n", status(token, coordinator)).as_bytes());
+            }
+            "HOLD" => {
+                let log = log.clone();
+                drop(section);
+                std::thread::spawn(move || hold(stream, reader, &log));
+            }
+            other => {
+                let _ = (&stream).write_all(format!("ERR unknown request {other:?}\n").as_bytes());
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let reply = format!("udp {token} {}", String::from_utf8_lossy(&buf[..n]));
+            let _ = udp.send_to(reply.as_bytes(), from);
+        }
+    });
+}
+
+fn status(token: u64, coordinator: &Coordinator) -> String {
+    serde_json::json!({
+        "pid": std::process::id(),
+        "token": token,
+        "counter": COUNTER.load(Ordering::SeqCst),
+        "generation": coordinator.generation(),
+        "instance": INSTANCE.load(Ordering::SeqCst),
+        "tcp_kept": TCP_KEPT.load(Ordering::SeqCst),
+        "tcp_closed": TCP_CLOSED.load(Ordering::SeqCst),
+        "hooks": *HOOKS.lock().unwrap_or_else(|p| p.into_inner()),
+    })
+    .to_string()
+}
+
+/// A held connection: echoes lines until it ends, across checkpoints.
+fn hold(stream: TcpStream, mut reader: BufReader<TcpStream>, log: &Path) {
+    let _ = stream.set_read_timeout(None);
+    let mut writer = &stream;
+    loop {
+        let mut line = String::new();
+        let end = match reader.read_line(&mut line) {
+            Ok(0) => "closed by the peer".to_owned(),
+            Ok(_) => match writer.write_all(format!("echo:{}\n", line.trim_end()).as_bytes()) {
+                Ok(()) => continue,
+                Err(err) => format!("write failed: {err}"),
+            },
+            Err(err) => format!("read failed: {err}"),
+        };
+        append(log, &format!("held connection ended: {end}"));
+        return;
     }
 }
 

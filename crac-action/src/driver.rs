@@ -20,6 +20,13 @@ use crate::settings::TIMEOUT_ENV;
 use crate::store::{Staging, Store};
 use crate::tree::ProcessId;
 
+/// How `crac` has CRIU lock the TCP connections it dumps (`--network-lock`): nftables, not
+/// CRIU's default iptables. With iptables, a restore with `--tcp-close` never removes the
+/// rules that locked the connections at the dump (CRIU skips that unlock), and the peers'
+/// packets are dropped for good; the nftables lock is one table, which every restore deletes.
+/// It also needs no `iptables-restore` on the machine.
+pub const TCP_NETWORK_LOCK: &str = "nftables";
+
 /// How an operation failed, which decides the `crac` exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -230,6 +237,9 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
     if request.options.tcp_established {
         cmd.arg("--tcp-established");
     }
+    if let Some(lock) = &request.options.network_lock {
+        cmd.arg("--network-lock").arg(lock);
+    }
     // A service keeps its listener: a client that connects during the dump waits in the
     // listener's queue, which CRIU cannot dump ("In-flight connection"). Leave it out of the
     // image: after --leave-running the process serves it; a restored copy never had it.
@@ -424,12 +434,21 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
 pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
     let (meta, criu) = validate(&request.dir)?;
     let action = action_script()?;
+    // The restored root's pid: the image's, unless the tree had a pid namespace of its own,
+    // which the restore makes anew (and CRIU says where the root landed).
+    let pidfile = std::env::temp_dir().join(format!(
+        "crac-restore-{}-{}.pid",
+        std::process::id(),
+        now_ms()
+    ));
     let mut cmd = Command::new(&criu.path);
     cmd.arg("restore")
         .arg("-D")
         .arg(&request.dir)
         .arg("-o")
         .arg("restore.log")
+        .arg("--pidfile")
+        .arg(&pidfile)
         .arg("--action-script")
         .arg(&action)
         .stdin(Stdio::null())
@@ -443,6 +462,9 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
     } else if meta.options.tcp_established {
         cmd.arg("--tcp-established");
     }
+    if let Some(lock) = &meta.options.network_lock {
+        cmd.arg("--network-lock").arg(lock);
+    }
     if meta.options.file_locks {
         cmd.arg("--file-locks");
     }
@@ -454,6 +476,11 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
         )
     })?;
     let restore_ms = ms(started.elapsed());
+    let pid = fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(meta.pid);
+    let _ = fs::remove_file(&pidfile);
     let log = fs::read_to_string(request.dir.join("restore.log")).unwrap_or_default();
     let hook_lines: Vec<String> = log
         .lines()
@@ -475,7 +502,7 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
         .with_details(details));
     }
     Ok(RestoreOutcome {
-        pid: meta.pid,
+        pid,
         restore_ms,
         hook_lines,
         exit_code: if request.detach {
@@ -555,6 +582,7 @@ pub fn hints(log: &str) -> Vec<String> {
         ("File exists", "hint: a pid of the image is in use (often a dumped process not yet reaped): wait for it to exit, then retry"),
         ("Unexpected rt vDSO area bounds", "hint: this CRIU is too old for the kernel: run scripts/provision-criu.sh and use CRIU >= 4.2"),
         ("Can't get 1:16 opt", "hint: this CRIU cannot dump TCP or UDP sockets on this kernel (CRIU 4.1 asks for SO_PASSCRED on them): use CRIU >= 4.2 (scripts/provision-criu.sh)"),
+        ("iptables-restore", "hint: CRIU locks TCP connections with iptables by default and found no iptables-restore: install iptables, or pass -- --network-lock nftables (crac checkpoint --tcp-established does)"),
         ("In-flight connection", "hint: a client connected to a listener the service keeps while it was being dumped, and was not accepted yet: pass --skip-in-flight to criu (crac checkpoint does), which leaves such connections out of the image"),
         ("Pre dump script failed", "hint: a before_checkpoint hook failed or timed out (see the crac-action line above); the service was rolled back and keeps running"),
         ("Can't open file", "hint: a file the image refers to is gone or changed (rebuilt binary?): restore needs the same files"),

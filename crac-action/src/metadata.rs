@@ -92,6 +92,10 @@ pub struct DumpOptions {
     pub timeout_secs: f64,
     /// Arguments passed through to CRIU unchanged.
     pub extra_criu_args: Vec<String>,
+    /// How CRIU locked the dumped TCP connections (`--network-lock`), which the restore must
+    /// unlock the same way; absent when it locked none, or for CRIU's default (iptables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_lock: Option<String>,
 }
 
 /// One hook call during a checkpoint.

@@ -219,6 +219,17 @@ fn base_candidates(own: Option<PathBuf>) -> Vec<PathBuf> {
     bases
 }
 
+/// Whether process `pid` (whose root is `root`) sees a file system of its own: another root
+/// (a chroot, a container) or another mount namespace (mounts of its own, such as a private
+/// /tmp), so that its paths mean something else on this side.
+fn own_root(pid: u32, root: &OwnedFd) -> bool {
+    let same_root = match (fstat(root), nix::sys::stat::stat("/")) {
+        (Ok(theirs), Ok(ours)) => same_file(&theirs, &ours),
+        _ => false,
+    };
+    !same_root || namespace_of(&pid.to_string(), "mnt") != namespace_of("self", "mnt")
+}
+
 /// Whether two open files are the same inode.
 fn same_file(a: &FileStat, b: &FileStat) -> bool {
     a.st_dev == b.st_dev && a.st_ino == b.st_ino
@@ -259,10 +270,7 @@ impl AgentSocket {
         ) else {
             return Ok(None);
         };
-        let in_own_root = match (fstat(&root), nix::sys::stat::stat("/")) {
-            (Ok(theirs), Ok(ours)) => !same_file(&theirs, &ours),
-            _ => true,
-        };
+        let in_own_root = own_root(pid, &root);
         for base in base_candidates(proc.agent_dir.clone()) {
             let dir = base.join(proc.ns_pid.to_string());
             let Some(folder) = open_folder(&root, &base, proc.ns_pid, pid, in_own_root)? else {
@@ -513,13 +521,12 @@ pub fn expected_socket(pid: u32) -> String {
         .next()
         .unwrap_or_else(|| PathBuf::from(crac_agent::DEFAULT_DIR));
     let socket = base.join(ns_pid.to_string()).join(crac_agent::SOCKET_NAME);
-    let in_own_root = match (
-        nix::sys::stat::stat(format!("/proc/{pid}/root").as_str()),
-        nix::sys::stat::stat("/"),
-    ) {
-        (Ok(theirs), Ok(ours)) => !same_file(&theirs, &ours),
-        _ => false,
-    };
+    let in_own_root = nix::fcntl::open(
+        format!("/proc/{pid}/root").as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .is_ok_and(|root| own_root(pid, &root));
     if in_own_root {
         format!("{} inside the root of pid {pid}", socket.display())
     } else {

@@ -99,6 +99,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
             file_locks: false,
             timeout_secs: 30.0,
             extra_criu_args: vec![],
+            network_lock: None,
         },
         hooks: vec![HookTiming {
             pid,

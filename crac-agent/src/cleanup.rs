@@ -9,6 +9,10 @@
 //! - A signal the application already handles gets our cleanup added through signal-hook,
 //!   which calls the application's handler first and then ours.
 //! - An ignored signal stays ignored: the process does not end, so the socket stays.
+//! - The init of a pid namespace (pid 1, as a container's main process is) gets no handler
+//!   for a signal left at its default: the kernel does not deliver such a signal to it (the
+//!   process would not end), and a handler would make it remove its socket and live on
+//!   without one.
 //!
 //! Everything reachable from a signal handler here is async-signal-safe: atomics, `getpid`,
 //! `unlink`, `rmdir`, `sigaction`, `raise`. Paths are leaked `CString`s published through
@@ -115,6 +119,10 @@ fn install_signal_cleanup(signal: Signal) {
         current.sa_sigaction
     };
     if current == libc::SIG_IGN {
+        return;
+    }
+    // SAFETY: getpid has no preconditions.
+    if current == libc::SIG_DFL && unsafe { libc::getpid() } == 1 {
         return;
     }
     if current == libc::SIG_DFL {

@@ -53,8 +53,18 @@ fn tcp_state(fd: RawFd) -> Option<u8> {
     (rc == 0 && len >= 1).then_some(info[0])
 }
 
-/// The descriptors of this process's TCP connections (TCP sockets neither listening nor
-/// closed).
+/// The inode of the socket behind descriptor `fd`: one per connection, however many
+/// descriptors share it.
+fn inode(fd: RawFd) -> Option<u64> {
+    // SAFETY: an all-zero `stat` is a valid value, which fstat overwrites.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into `stat`, a struct on this stack; `fd` is only a number (see
+    // tcp_state).
+    (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some(stat.st_ino)
+}
+
+/// One descriptor for each of this process's TCP connections (TCP sockets neither listening
+/// nor closed).
 pub(crate) fn connections() -> Vec<RawFd> {
     let Ok(entries) = fs::read_dir("/proc/self/fd") else {
         return Vec::new();
@@ -64,6 +74,8 @@ pub(crate) fn connections() -> Vec<RawFd> {
         .filter(|&fd| tcp_state(fd).is_some_and(|s| s != TCP_CLOSE && s != TCP_LISTEN))
         .collect();
     fds.sort_unstable();
+    let mut seen = std::collections::HashSet::new();
+    fds.retain(|&fd| inode(fd).is_some_and(|ino| seen.insert(ino)));
     fds
 }
 
@@ -87,9 +99,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
+        // A second descriptor of the server's socket is the same connection.
+        let server_again = server.try_clone().unwrap();
         let found = connections();
         assert!(found.contains(&client.as_raw_fd()));
         assert!(found.contains(&server.as_raw_fd()));
+        assert!(!found.contains(&server_again.as_raw_fd()));
         assert!(!found.contains(&listener.as_raw_fd()));
         let both = [client.as_raw_fd(), server.as_raw_fd()];
         assert_eq!(fate(&both), TcpConnections::new(2, 0));

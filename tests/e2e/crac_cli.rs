@@ -3,7 +3,7 @@
 //! the process as they were.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -11,61 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::util::{self, agent_dir, bin, read_lines, wait_until, Scratch, Target};
-
-struct Crac {
-    store: PathBuf,
-}
-
-impl Crac {
-    fn new(scratch: &Scratch) -> Crac {
-        Crac {
-            store: scratch.join("store"),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("crac"));
-        cmd.arg("--store")
-            .arg(&self.store)
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("crac runs")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.run(args);
-        assert!(out.status.success(), "crac {args:?}: {}", text(&out));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
-    }
-
-    /// The store's entries (hidden working folders included), to show nothing changed.
-    fn listing(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.store)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use crate::util::{self, agent_dir, bin, read_lines, text, wait_until, Crac, Scratch, Target};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -5,6 +5,9 @@
 
 mod action;
 mod crac_cli;
+mod namespaces;
 mod signals;
+mod sockets;
 mod spine;
+mod twice;
 mod util;

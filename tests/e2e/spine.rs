@@ -330,6 +330,7 @@ fn a_parent_and_a_child_are_both_coordinated() {
     kill(Pid::from_raw(child as i32), Signal::SIGKILL).expect("kill the restored child");
     drop(restored);
     util::reap(child, Duration::from_secs(10));
+    let _ = fs::remove_dir_all(agent_dir(child));
 }
 
 /// An image restored after the original exited cleanly (its agent folder removed, as after a

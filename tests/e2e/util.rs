@@ -143,10 +143,70 @@ impl Target {
         target
     }
 
+    /// Starts the target as pid 1 of namespaces of its own: `unshare --pid --fork` plus
+    /// `unshare_args` (e.g. `--mount`), running `setup` (a shell command, e.g. a mount) first;
+    /// the target is a session leader there. `pid` is its pid on this side.
+    pub fn start_in_namespaces(
+        dir: &Path,
+        env: &[(&str, &str)],
+        unshare_args: &[&str],
+        setup: &str,
+    ) -> Target {
+        let mut cmd = Command::new("unshare");
+        cmd.args(unshare_args)
+            .args(["--pid", "--fork", "sh", "-c"])
+            .arg(format!("{setup}\nexec setsid \"$0\"", setup = setup))
+            .arg(bin("crac-test-target"))
+            .env("CRAC_TEST_DIR", dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.with_extension("stderr")).expect("stderr file"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("unshare starts");
+        let unshare = child.id();
+        let mut target = Target {
+            pid: 0,
+            dir: dir.to_owned(),
+            child: Some(child),
+        };
+        wait_until(
+            Duration::from_secs(10),
+            "the namespaced target to be ready",
+            || dir.join("ready").exists() && target.state().is_some(),
+        );
+        target.pid = fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+            .expect("unshare's children")
+            .split_whitespace()
+            .next()
+            .expect("unshare's child")
+            .parse()
+            .expect("a pid");
+        target
+    }
+
     /// A target restored by CRIU from an image of `original` (same PID and folder).
     pub fn restored(original: &Target) -> Target {
         Target {
             pid: original.pid,
+            dir: original.dir.clone(),
+            child: None,
+        }
+    }
+
+    /// A copy of `original` that CRIU restored as `pid` (a tree with a pid namespace of its
+    /// own gets a new pid on this side).
+    pub fn restored_as(original: &Target, pid: u32) -> Target {
+        Target {
+            pid,
             dir: original.dir.clone(),
             child: None,
         }
@@ -188,6 +248,13 @@ impl Target {
 
     pub fn is_alive(&self) -> bool {
         crac_action::tree::ProcessId::of(self.pid).is_some()
+    }
+
+    /// The TCP and UDP ports of a target started with `CRAC_TEST_LISTEN`.
+    pub fn ports(&self) -> (u16, u16) {
+        let text = fs::read_to_string(self.dir.join("ports")).expect("ports file");
+        let mut ports = text.split_whitespace().map(|p| p.parse().expect("a port"));
+        (ports.next().expect("tcp"), ports.next().expect("udp"))
     }
 
     /// Waits for a target that CRIU killed, so its PID is free for the restore.
@@ -245,6 +312,8 @@ impl Drop for Target {
                 reap(self.pid, Duration::from_secs(5));
             }
         }
+        // A killed agent cannot remove its folder.
+        let _ = fs::remove_dir_all(agent_dir(self.pid));
     }
 }
 
@@ -331,6 +400,19 @@ impl std::fmt::Debug for Run {
 
 impl Env {
     fn criu(&self, args: &[&str], images: &Path, log_name: &str, env: &[(&str, &str)]) -> Run {
+        self.criu_with(&bin("crac-action"), args, images, log_name, env)
+    }
+
+    /// `criu ARGS -D images -o log_name --action-script script`.
+    pub fn criu_with(
+        &self,
+        script: &Path,
+        args: &[&str],
+        images: &Path,
+        log_name: &str,
+        env: &[(&str, &str)],
+    ) -> Run {
+        fs::create_dir_all(images).expect("images folder");
         let mut cmd = Command::new(&self.criu.path);
         cmd.args(args)
             .arg("-D")
@@ -338,7 +420,7 @@ impl Env {
             .arg("-o")
             .arg(log_name)
             .arg("--action-script")
-            .arg(bin("crac-action"))
+            .arg(script)
             .stdin(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
@@ -408,4 +490,110 @@ pub fn markers(pid: u32) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The `crac` command with a store of the test's own.
+pub struct Crac {
+    pub store: PathBuf,
+}
+
+impl Crac {
+    pub fn new(scratch: &Scratch) -> Crac {
+        Crac {
+            store: scratch.join("store"),
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("crac"));
+        cmd.arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("crac runs")
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(args);
+        assert!(out.status.success(), "crac {args:?}: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    }
+
+    /// The store's entries (hidden working folders included), to show nothing changed.
+    pub fn listing(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.store)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+/// An output, for an assertion's message.
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asks the target listening on TCP `port` for its STATUS (retrying for a while: a restored
+/// or resumed target answers once its after_restore hooks have run).
+pub fn status(port: u16) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(mut stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                stream.write_all(b"STATUS\n").expect("send STATUS");
+                let mut line = String::new();
+                BufReader::new(stream)
+                    .read_line(&mut line)
+                    .expect("read STATUS");
+                return serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+            }
+            Err(err) => last = err.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing answers STATUS on port {port}: {last}");
+}
+
+/// Sends `data` to the target's UDP `port` and returns its answer.
+pub fn udp_ask(port: u16, data: &str) -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    socket
+        .send_to(data.as_bytes(), ("127.0.0.1", port))
+        .expect("send");
+    let mut buf = [0u8; 512];
+    let (n, _) = socket.recv_from(&mut buf).expect("a UDP answer");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// The hook lines a STATUS reply says the target's memory holds.
+pub fn status_hooks(status: &serde_json::Value) -> Vec<String> {
+    status["hooks"]
+        .as_array()
+        .expect("hooks")
+        .iter()
+        .map(|h| h.as_str().expect("a line").to_owned())
+        .collect()
 }

@@ -71,6 +71,9 @@ fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, Op
             file_locks: args.file_locks,
             timeout_secs: args.timeout,
             extra_criu_args: args.criu_args.clone(),
+            network_lock: args
+                .tcp_established
+                .then(|| driver::TCP_NETWORK_LOCK.to_owned()),
         },
         durable: args.sync,
     })

@@ -1,0 +1,204 @@
+//! Services in namespaces of their own, against the real CRIU: crac-action finds the agent by
+//! the process's own pid (`NSpid`) in its own root, and refuses what it must not follow.
+//!
+//! A tree with only a pid namespace of its own (`unshare --pid --fork`) is dumped and restored
+//! by CRIU here. A tree with a mount namespace of its own is what CRIU leaves to container
+//! runtimes (tests/e2e/containers.rs); here it shows the refusals, which happen at pre-dump,
+//! before CRIU touches the tree.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::util::{self, wait_until, Crac, Scratch, Target};
+
+const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
+
+fn after_all(reason: &str, generation: u64) -> Vec<String> {
+    ["first", "second", "third"]
+        .iter()
+        .map(|name| format!("after {name} {reason} gen={generation}"))
+        .collect()
+}
+
+/// A private /tmp/crac in a mount namespace of the target's own, as a container has.
+const PRIVATE_AGENT_DIR: &str =
+    "mkdir -p -m 1777 /tmp/crac && mount -t tmpfs -o mode=1777 tmpfs /tmp/crac || exit 1";
+
+/// pid 1 in its own pid namespace: the agent is at /tmp/crac/1, which crac-action finds from
+/// the host pid; the image restores beside the original (CRIU makes a new pid namespace, so
+/// the original's pid being in use does not matter, and `crac restore` knows it).
+#[test]
+fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside_it() {
+    let Some(_env) = util::env() else { return };
+    // The original and its copy are pid 1 of their namespaces, sharing this file system: their
+    // folder is /tmp/crac/1 here. pid 1 ignores SIGTERM, so they end by SIGKILL, which leaves
+    // the folder: remove it once they are gone (dropped after them).
+    let _folder = RemoveOnDrop(PathBuf::from("/tmp/crac/1"));
+    let scratch = Scratch::new("pidns");
+    let crac = Crac::new(&scratch);
+    let target = Target::start_in_namespaces(
+        &scratch.join("t"),
+        &[("CRAC_TEST_STOP_AGENT_ON", "USR1")],
+        &[],
+        "",
+    );
+    assert_eq!(
+        target.state().expect("state").pid,
+        1,
+        "not pid 1 in its namespace"
+    );
+    assert_ne!(target.pid, 1);
+    let pid = target.pid.to_string();
+
+    let done = crac.json(&[
+        "checkpoint",
+        &pid,
+        "--name",
+        "ns",
+        "--leave-running",
+        "--json",
+    ]);
+    assert_eq!(done["metadata"]["ns_pid"], 1);
+    wait_until(Duration::from_secs(10), "after_restore (resumed)", || {
+        target.hooks().len() == 6
+    });
+    let mut expected: Vec<String> = BEFORE_ALL.iter().map(|s| s.to_string()).collect();
+    expected.extend(after_all("resumed", 1));
+    assert_eq!(target.hooks(), expected);
+
+    // The copy binds /tmp/crac/1 again, on the file system it shares with the original: the
+    // original's agent steps aside, while the original keeps running with its pid.
+    kill(Pid::from_raw(target.pid as i32), Signal::SIGUSR1).expect("SIGUSR1");
+    wait_until(
+        Duration::from_secs(5),
+        "the original's agent to stop",
+        || !PathBuf::from("/tmp/crac/1/agent.sock").exists(),
+    );
+    assert!(target.is_alive());
+    let restored = crac.json(&["restore", "ns", "--detach", "--json"]);
+    let copy_pid = restored["pid"].as_u64().expect("pid") as u32;
+    assert_ne!(copy_pid, target.pid, "{restored}");
+    let copy = Target::restored_as(&target, copy_pid);
+    assert!(copy.is_alive());
+    let status = fs::read_to_string(format!("/proc/{copy_pid}/status")).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "{status}"
+    );
+    // The copy's memory is the image's: its cycle ends as generation 1 too.
+    expected.extend(after_all("restored", 1));
+    assert_eq!(target.hooks(), expected, "{restored}");
+}
+
+/// Removes a folder when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A trap: inside the container, the agent's folder is a link to another process's agent
+/// folder on the host. Followed from outside, the absolute link would resolve on the host.
+/// crac-action refuses, naming the link, and the host agent hears nothing.
+#[test]
+fn a_symlink_planted_in_a_containers_agent_folder_is_refused_and_not_followed() {
+    let Some(env) = util::env() else { return };
+    let scratch = Scratch::new("trap");
+    let host = Target::start(&scratch.join("host"), &[]);
+    let contained = Target::start_in_namespaces(
+        &scratch.join("c"),
+        &[],
+        &["--mount", "--propagation", "private"],
+        PRIVATE_AGENT_DIR,
+    );
+    let inside = PathBuf::from(format!("/proc/{}/root/tmp/crac", contained.pid));
+    assert!(inside.join("1/agent.sock").exists());
+    assert_ne!(
+        fs::metadata(&inside).expect("inside").ino(),
+        fs::metadata("/tmp/crac").expect("outside").ino(),
+        "the folder is not private"
+    );
+    fs::rename(inside.join("1"), inside.join("1.moved")).expect("move the folder");
+    let host_folder = format!("/tmp/crac/{}", host.pid);
+    symlink(&host_folder, inside.join("1")).expect("plant the link");
+
+    let dump = env.dump(contained.pid, &scratch.join("img"), &[], &[]);
+    assert!(!dump.ok(), "{dump:?}");
+    assert!(
+        dump.log.contains(&format!(
+            "crac-action: pre-dump: pid {}: /tmp/crac/1 is a symbolic link (to \"{host_folder}\") inside the process's own root; \
+             crac-action does not follow it: the agent makes that path itself, so remove the link; \
+             the dump is aborted and the tree keeps running",
+            contained.pid
+        )),
+        "{dump:?}"
+    );
+    assert!(host.hooks().is_empty(), "the host's agent was reached");
+    assert!(contained.hooks().is_empty());
+    assert!(contained.is_alive() && host.is_alive());
+}
+
+/// The agent's folder in the container belongs to another uid: refused before anyone is told.
+#[test]
+fn an_agent_folder_owned_by_another_uid_is_refused() {
+    let Some(env) = util::env() else { return };
+    let scratch = Scratch::new("owner");
+    let contained = Target::start_in_namespaces(
+        &scratch.join("c"),
+        &[],
+        &["--mount", "--propagation", "private"],
+        PRIVATE_AGENT_DIR,
+    );
+    let folder = PathBuf::from(format!("/proc/{}/root/tmp/crac/1", contained.pid));
+    std::os::unix::fs::chown(&folder, Some(65534), None).expect("chown");
+    let dump = env.dump(contained.pid, &scratch.join("img"), &[], &[]);
+    assert!(!dump.ok(), "{dump:?}");
+    assert!(
+        dump.log.contains(&format!(
+            "crac-action: pre-dump: pid {}: its agent folder /tmp/crac/1 inside the process's own root belongs to uid 65534, not to the process's uid 0; refusing to use it",
+            contained.pid
+        )),
+        "{dump:?}"
+    );
+    assert!(contained.hooks().is_empty());
+    contained.assert_serving(contained.state().expect("state").counter);
+}
+
+/// A service in a user namespace of its own: refused, saying why, before anyone is told.
+#[test]
+fn a_service_in_its_own_user_namespace_is_refused_with_the_reason() {
+    let Some(env) = util::env() else { return };
+    let scratch = Scratch::new("userns");
+    let contained = Target::start_in_namespaces(
+        &scratch.join("c"),
+        &[],
+        &[
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+        ],
+        PRIVATE_AGENT_DIR,
+    );
+    let dump = env.dump(contained.pid, &scratch.join("img"), &[], &[]);
+    assert!(!dump.ok(), "{dump:?}");
+    assert!(
+        dump.log.contains(&format!(
+            "crac-action: pre-dump: pid {} runs in a user namespace of its own, which crac-action does not support",
+            contained.pid
+        )),
+        "{dump:?}"
+    );
+    assert!(contained.hooks().is_empty());
+    assert!(contained.is_alive());
+}
