@@ -4,8 +4,10 @@
 //! whole process trees.
 
 mod action;
+mod containers;
 mod crac_cli;
 mod namespaces;
+mod oci;
 mod signals;
 mod sockets;
 mod spine;

@@ -597,3 +597,13 @@ pub fn status_hooks(status: &serde_json::Value) -> Vec<String> {
         .map(|h| h.as_str().expect("a line").to_owned())
         .collect()
 }
+
+/// Reaps every child that has exited: orphans re-parented to this subreaper (a container's
+/// processes once its runtime let go of them, conmon).
+pub fn reap_orphans() {
+    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}

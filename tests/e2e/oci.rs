@@ -1,0 +1,443 @@
+//! Real container runtimes for the end-to-end tests: runc and podman (Debian 12's packages,
+//! podman with `--runtime runc`), each configured for the test's containers only.
+//!
+//! - The containers run crac-test-target from a root file system folder made here: the
+//!   binary and the shared libraries it needs, nothing else (no registry is reachable).
+//! - CRIU runs crac-action because of a CRIU configuration file named by the container's
+//!   `org.criu.config` annotation, which runc 1.1 honours: nothing is written to /etc/criu.
+//! - runc keeps its state, podman its images, containers and state, in the test's scratch
+//!   folder. podman finds CRIU on `PATH`: a folder of the test's own holds a `criu` link to
+//!   the CRIU the tests use.
+//! - A client reaches a container's listener from a thread that entered the container's
+//!   network namespace ([`in_netns`]).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::util::{bin, text, Env, Scratch};
+
+/// Whether runc and podman are here: in CI a missing one fails the test, elsewhere it is
+/// skipped with a line saying how to get it.
+pub fn runtimes_present() -> bool {
+    let missing: Vec<&str> = ["runc", "podman"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let problem = format!("{} not installed", missing.join(" and "));
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("container test cannot run in CI: {problem}");
+    }
+    eprintln!(
+        "SKIPPED container test: {problem}. To run it: as root, scripts/test.sh (it installs runc and podman)"
+    );
+    false
+}
+
+/// Runs `cmd`, returning its output.
+fn run(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("command runs")
+}
+
+/// Runs `cmd` and asserts it succeeded.
+fn run_ok(cmd: Command, what: &str) -> Output {
+    let out = run(cmd);
+    assert!(out.status.success(), "{what}: {}", text(&out));
+    out
+}
+
+/// A root file system with crac-test-target at `/crac-test-target`, its libraries, and the
+/// empty folders a container needs.
+pub fn rootfs(scratch: &Scratch) -> PathBuf {
+    let root = scratch.join("rootfs");
+    let target = bin("crac-test-target");
+    for dir in ["proc", "dev", "sys", "tmp", "state"] {
+        fs::create_dir_all(root.join(dir)).expect("rootfs folder");
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).expect("chmod");
+    fs::copy(&target, root.join("crac-test-target")).expect("copy the target");
+    let ldd = run_ok(
+        {
+            let mut c = Command::new("ldd");
+            c.arg(&target);
+            c
+        },
+        "ldd",
+    );
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let Some(path) = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(PathBuf::from)
+        else {
+            continue;
+        };
+        let inside = root.join(path.strip_prefix("/").expect("absolute"));
+        fs::create_dir_all(inside.parent().expect("a folder")).expect("library folder");
+        fs::copy(&path, &inside).unwrap_or_else(|e| panic!("copy {}: {e}", path.display()));
+    }
+    root
+}
+
+/// The CRIU configuration the test containers name in `org.criu.config`.
+pub fn criu_config(scratch: &Scratch, action_script: &Path) -> PathBuf {
+    let path = scratch.join("criu.conf");
+    fs::write(
+        &path,
+        format!(
+            "# For the test containers only (named by their org.criu.config annotation).\n\
+             action-script {}\n\
+             # A kept listener may have a client queued while the container is dumped.\n\
+             skip-in-flight\n\
+             # Lock the container's network with nftables: no iptables-restore needed.\n\
+             network-lock nftables\n",
+            action_script.display()
+        ),
+    )
+    .expect("CRIU config");
+    path
+}
+
+/// The `criu` a runtime should run: the one the tests found.
+fn criu_path(env: &Env) -> &Path {
+    &env.criu.path
+}
+
+/// runc, with its state and its log in the test's scratch folder.
+pub struct Runc {
+    state: PathBuf,
+    log: PathBuf,
+    criu: PathBuf,
+    containers: BTreeSet<String>,
+}
+
+impl Runc {
+    pub fn new(env: &Env, scratch: &Scratch) -> Runc {
+        Runc {
+            state: scratch.join("runc-state"),
+            log: scratch.join("runc.log"),
+            criu: criu_path(env).to_owned(),
+            containers: BTreeSet::new(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root")
+            .arg(&self.state)
+            .arg("--log")
+            .arg(&self.log)
+            .arg("--criu")
+            .arg(&self.criu);
+        cmd
+    }
+
+    /// Runs a command that starts a container (run, restore). The container gets runc's
+    /// stdio, so it must not be a pipe of ours (we would wait for its end forever) nor a
+    /// file (CRIU cannot dump a descriptor of a file outside the container): /dev/null, and
+    /// runc's own messages go to its log.
+    fn start(&self, mut cmd: Command) -> Result<(), String> {
+        let status = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("runc runs");
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{status}; runc's log:\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            ))
+        }
+    }
+
+    /// A bundle for `rootfs` whose process has `env`, with `/state` bound to `state` (the
+    /// target's CRAC_TEST_DIR), a tmpfs `/tmp`, and the CRIU config annotation.
+    pub fn bundle(
+        &self,
+        dir: &Path,
+        rootfs: &Path,
+        config: &Path,
+        state: &Path,
+        env: &[(&str, &str)],
+    ) -> PathBuf {
+        fs::create_dir_all(dir).expect("bundle folder");
+        fs::create_dir_all(state).expect("state folder");
+        let mut spec = Command::new("runc");
+        spec.args(["spec", "--bundle"]).arg(dir);
+        run_ok(spec, "runc spec");
+        let path = dir.join("config.json");
+        let mut config_json: Value =
+            serde_json::from_slice(&fs::read(&path).expect("config.json")).expect("JSON");
+        let process = &mut config_json["process"];
+        process["terminal"] = json!(false);
+        process["args"] = json!(["/crac-test-target"]);
+        let vars = process["env"].as_array_mut().expect("env");
+        vars.push(json!("CRAC_TEST_DIR=/state"));
+        for (k, v) in env {
+            vars.push(json!(format!("{k}={v}")));
+        }
+        config_json["root"] = json!({ "path": rootfs, "readonly": true });
+        let mounts = config_json["mounts"].as_array_mut().expect("mounts");
+        mounts.push(json!({
+            "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=1777", "size=16m"]
+        }));
+        mounts.push(json!({
+            "destination": "/state", "type": "bind", "source": state,
+            "options": ["rbind", "rw"]
+        }));
+        config_json["annotations"] = json!({ "org.criu.config": config });
+        fs::write(
+            &path,
+            serde_json::to_vec_pretty(&config_json).expect("JSON"),
+        )
+        .expect("config.json");
+        dir.to_owned()
+    }
+
+    /// `runc run -d`: starts container `id` from `bundle`.
+    pub fn run(&mut self, id: &str, bundle: &Path) {
+        let mut cmd = self.command();
+        cmd.args(["run", "-d", "--bundle"]).arg(bundle).arg(id);
+        if let Err(err) = self.start(cmd) {
+            panic!("runc run {id}: {err}");
+        }
+        self.containers.insert(id.to_owned());
+    }
+
+    /// The host pid of container `id`'s init.
+    pub fn pid(&self, id: &str) -> u32 {
+        let mut cmd = self.command();
+        cmd.args(["state", id]);
+        let out = run_ok(cmd, "runc state");
+        let state: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        state["pid"].as_u64().expect("pid") as u32
+    }
+
+    /// `runc checkpoint` of `id` into `images`, with `extra` options and `env` for CRIU (and
+    /// so crac-action); returns runc's output and CRIU's log.
+    pub fn checkpoint(
+        &mut self,
+        id: &str,
+        images: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Output, String) {
+        let mut cmd = self.command();
+        cmd.args(["checkpoint", "--image-path"])
+            .arg(images)
+            .args(extra)
+            .arg(id)
+            .envs(env.iter().copied());
+        let out = run(cmd);
+        if out.status.success() && !extra.contains(&"--leave-running") {
+            // runc removes a container it checkpointed and stopped.
+            self.containers.remove(id);
+        }
+        (
+            out,
+            fs::read_to_string(images.join("dump.log")).unwrap_or_default(),
+        )
+    }
+
+    /// `runc restore -d` of `id` from `images` with `bundle`; returns whether it worked
+    /// (or runc's log) and CRIU's log.
+    pub fn restore(
+        &mut self,
+        id: &str,
+        bundle: &Path,
+        images: &Path,
+    ) -> (Result<(), String>, String) {
+        let mut cmd = self.command();
+        cmd.args(["restore", "-d", "--bundle"])
+            .arg(bundle)
+            .arg("--image-path")
+            .arg(images)
+            .arg(id);
+        let result = self.start(cmd);
+        if result.is_ok() {
+            self.containers.insert(id.to_owned());
+        }
+        (
+            result,
+            fs::read_to_string(images.join("restore.log")).unwrap_or_default(),
+        )
+    }
+
+    /// Whether container `id` runs.
+    pub fn running(&self, id: &str) -> bool {
+        let mut cmd = self.command();
+        cmd.args(["state", id]);
+        let out = run(cmd);
+        out.status.success()
+            && serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|s| s["status"] == "running")
+    }
+}
+
+impl Drop for Runc {
+    fn drop(&mut self) {
+        for id in std::mem::take(&mut self.containers) {
+            let mut cmd = self.command();
+            cmd.args(["delete", "-f", &id]);
+            let _ = run(cmd);
+        }
+        crate::util::reap_orphans();
+    }
+}
+
+/// podman, with `--runtime runc`, all its storage and state in the test's scratch folder.
+pub struct Podman {
+    dir: PathBuf,
+    path: String,
+    /// Whether podman's blob cache (written by `podman import` whatever the storage options)
+    /// was absent before: then it goes when the test ends.
+    remove_cache: bool,
+    /// The same for the state folder of the runc that podman runs.
+    remove_runc_state: bool,
+}
+
+/// Where the runc that podman runs keeps its state.
+const RUNC_STATE: &str = "/run/runc";
+
+/// podman's blob cache, which `podman import` writes outside the storage it is given.
+const PODMAN_CACHE: &str = "/var/lib/containers/cache";
+
+impl Podman {
+    pub fn new(env: &Env, scratch: &Scratch) -> Podman {
+        let dir = scratch.join("podman");
+        let bin_dir = dir.join("bin");
+        fs::create_dir_all(&bin_dir).expect("podman folder");
+        // podman checks for `criu` on PATH, and runs runc, which runs it from there too.
+        symlink(criu_path(env), bin_dir.join("criu")).expect("criu link");
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Podman {
+            remove_cache: !Path::new(PODMAN_CACHE).exists(),
+            remove_runc_state: !Path::new(RUNC_STATE).exists(),
+            dir,
+            path,
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .arg("--tmpdir")
+            .arg(self.dir.join("tmp"))
+            .arg("--network-config-dir")
+            .arg(self.dir.join("cni"))
+            .args([
+                "--storage-driver",
+                "overlay",
+                "--runtime",
+                "runc",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+            ])
+            .args(args)
+            .env("PATH", &self.path);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str], what: &str) -> Output {
+        run_ok(self.command(args), what)
+    }
+
+    pub fn try_run(&self, args: &[&str]) -> Output {
+        run(self.command(args))
+    }
+
+    /// Imports `rootfs` as image `name`, running crac-test-target.
+    pub fn import(&self, rootfs: &Path, name: &str) {
+        let tar = self.dir.join("rootfs.tar");
+        let mut cmd = Command::new("tar");
+        cmd.arg("-C").arg(rootfs).arg("-cf").arg(&tar).arg(".");
+        run_ok(cmd, "tar the rootfs");
+        self.run(
+            &[
+                "import",
+                "--change",
+                r#"CMD ["/crac-test-target"]"#,
+                tar.to_str().expect("utf-8"),
+                name,
+            ],
+            "podman import",
+        );
+    }
+
+    /// The host pid of container `name`'s init.
+    pub fn pid(&self, name: &str) -> u32 {
+        let out = self.run(&["inspect", "-f", "{{.State.Pid}}", name], "podman inspect");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.try_run(&["rm", "--all", "--force", "--time", "0"]);
+        let _ = self.try_run(&["rmi", "--all", "--force"]);
+        if self.remove_cache {
+            let _ = fs::remove_dir_all(PODMAN_CACHE);
+            // /var/lib/containers itself, if the cache was all podman put there.
+            let _ = fs::remove_dir(Path::new(PODMAN_CACHE).parent().expect("a parent"));
+        }
+        if self.remove_runc_state {
+            // Empty once the containers are gone.
+            let _ = fs::remove_dir(RUNC_STATE);
+        }
+        // The cgroups cgroupfs made for conmon and the containers, when nothing uses them.
+        if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
+            for controller in controllers.flatten() {
+                let parent = controller.path().join("libpod_parent");
+                let _ = fs::remove_dir(parent.join("conmon"));
+                let _ = fs::remove_dir(&parent);
+            }
+        }
+        crate::util::reap_orphans();
+    }
+}
+
+/// Runs `f` on a thread inside process `pid`'s network namespace (a socket made there stays
+/// there), and returns what it returns.
+pub fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let ns = fs::File::open(format!("/proc/{pid}/ns/net")).expect("netns");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("enter the network namespace");
+                f()
+            })
+            .join()
+            .expect("netns thread")
+    })
+}
