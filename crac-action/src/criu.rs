@@ -24,7 +24,7 @@ pub enum Action {
     SetupNamespaces,
     /// Restored tasks run again: run every `after_restore` with reason `restored`.
     PostResume,
-    /// A step this script has nothing to do at (pre-restore, network-lock, ...), or one a
+    /// A step this script has nothing to do at (network-lock, post-restore, ...), or one a
     /// newer CRIU added. Ignored with exit code 0.
     Other(String),
 }

@@ -20,9 +20,16 @@
 //! `CRAC_REQUIRE_AGENT=1`.
 //!
 //! The modules follow CRIU's steps: [`criu`] reads the environment, [`pre_dump`],
-//! [`post_dump`], [`pre_restore`], [`post_resume`] and [`watcher`] are the steps, [`agents`] and [`tree`] find
-//! the agents of a process tree, and [`locate`] finds a working CRIU binary for the tools
-//! and tests that run one.
+//! [`post_dump`], [`pre_restore`], [`setup_namespaces`], [`post_resume`] and [`watcher`] are
+//! the steps, [`agents`] and [`tree`] find the agents of a process tree, [`namespace`] reaches
+//! an agent wherever its process runs (a container's own pid, mount and network namespaces,
+//! and what is refused there), and [`locate`] finds a working CRIU binary for the tools and
+//! tests that run one.
+//!
+//! CRIU is known by `CRTOOLS_IMAGE_DIR` (`/proc/<criu>/fd/N`), never as the parent process, so
+//! the script may be wrapped; and every step is safe to run twice for one CRIU (CRIU 4.1 under
+//! runc runs each action twice): the second pre-dump finds the agents ready for the same cycle
+//! and the watcher already started, the second post-resume finds nothing pending.
 //! For the `crac` command, [`store`] keeps the operator's images by name,
 //! [`metadata`] reads, writes and checks the `crac-meta.json` beside each image, and
 //! [`archive`] exports an image to one file and imports it on another machine.

@@ -166,9 +166,19 @@ struct Proc {
     agent_dir: Option<PathBuf>,
 }
 
+/// Reads a /proc file in as few reads as it takes: /proc reports a size of 0, on which
+/// `fs::read` starts with a small read and doubles, eight reads for a status file. This runs
+/// for every process of a dumped tree, on CRIU's critical path.
+fn read_proc(path: &str) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(4096);
+    fs::File::open(path).ok()?.read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
 impl Proc {
     fn read(pid: u32) -> Option<Proc> {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let status = String::from_utf8(read_proc(&format!("/proc/{pid}/status"))?).ok()?;
         let field = |name: &str| {
             status
                 .lines()
@@ -181,8 +191,7 @@ impl Proc {
             .unwrap_or(pid);
         // Uid: real, effective, saved, filesystem.
         let euid = field("Uid:")?.nth(1)?.parse().ok()?;
-        let agent_dir = fs::read(format!("/proc/{pid}/environ"))
-            .ok()
+        let agent_dir = read_proc(&format!("/proc/{pid}/environ"))
             .and_then(|environ| {
                 let prefix = format!("{}=", crac_agent::DIR_ENV);
                 environ
@@ -223,11 +232,28 @@ fn base_candidates(own: Option<PathBuf>) -> Vec<PathBuf> {
 /// (a chroot, a container) or another mount namespace (mounts of its own, such as a private
 /// /tmp), so that its paths mean something else on this side.
 fn own_root(pid: u32, root: &OwnedFd) -> bool {
-    let same_root = match (fstat(root), nix::sys::stat::stat("/")) {
-        (Ok(theirs), Ok(ours)) => same_file(&theirs, &ours),
+    let same_root = match (fstat(root), &ours().root) {
+        (Ok(theirs), Some(ours)) => same_file(&theirs, ours),
         _ => false,
     };
-    !same_root || namespace_of(&pid.to_string(), "mnt") != namespace_of("self", "mnt")
+    !same_root || namespace_of(&pid.to_string(), "mnt") != ours().mnt
+}
+
+/// crac-action's own root and namespaces, looked up once: every process of a tree is
+/// compared with them.
+struct Ours {
+    root: Option<FileStat>,
+    mnt: Option<PathBuf>,
+    user: Option<PathBuf>,
+}
+
+fn ours() -> &'static Ours {
+    static OURS: std::sync::OnceLock<Ours> = std::sync::OnceLock::new();
+    OURS.get_or_init(|| Ours {
+        root: nix::sys::stat::stat("/").ok(),
+        mnt: namespace_of("self", "mnt"),
+        user: namespace_of("self", "user"),
+    })
 }
 
 /// Whether two open files are the same inode.
@@ -279,7 +305,7 @@ impl AgentSocket {
             let Some(found) = AgentSocket::check(pid, &proc, dir, folder, in_own_root)? else {
                 continue;
             };
-            if namespace_of(&pid.to_string(), "user") != namespace_of("self", "user") {
+            if namespace_of(&pid.to_string(), "user") != ours().user {
                 return Err(Refusal::UserNamespace { pid });
             }
             return Ok(Some(found));

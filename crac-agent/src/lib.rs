@@ -13,7 +13,8 @@
 //! - [`start`], [`Builder`], [`Agent`]: the agent's thread, which blocks in `accept` while
 //!   idle (no polling) and serves one connection at a time, closing each after its reply so
 //!   that no connection to the outside exists when CRIU freezes the process.
-//! - [`protocol`]: the line-based JSON requests and replies, with a version field.
+//! - [`protocol`]: the line-based JSON requests and replies, with a version field and reply
+//!   codes.
 //! - [`client`]: the other end, as used by `crac-action` and `crac`.
 //! - Peer check: only root and the process's own uid are served (`SO_PEERCRED`).
 //! - [`SelfCheckpoint`]: the process checkpoints itself (through the `crac` command, which
@@ -38,10 +39,18 @@
 //! }
 //! ```
 //!
+//! # Containers
+//!
+//! The pid and the folder in the path are the process's own view: in a container that is
+//! `/tmp/crac/1/agent.sock` inside the container's root. crac-action finds it from outside
+//! (the process's `NSpid`, root and `CRAC_AGENT_DIR`), and this agent needs nothing else.
+//! Being pid 1 there changes one thing: a SIGTERM left at its default does not end pid 1 of a
+//! namespace, so the agent does not remove its socket for it.
+//!
 //! # Limitations
 //!
-//! The PID in the path is the process's PID as it sees it. A service in its own PID namespace
-//! (a container) must be reached through its namespace's view; container runtimes come later.
+//! A process in a user namespace of its own cannot be served: root outside the namespace
+//! connects as an unmapped uid, which the peer check refuses (crac-action says so first).
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 

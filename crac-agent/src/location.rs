@@ -3,8 +3,10 @@
 //! `$CRAC_AGENT_DIR/<pid>/agent.sock`, with `CRAC_AGENT_DIR` defaulting to `/tmp/crac`. The
 //! base folder is shared by every user (mode 1777, like /tmp itself); each process's folder is
 //! its own (mode 0700), so only its uid and root can reach the socket. A client that knows the
-//! PID knows the path: no wildcard, no scanning. The variable must have the same value for the
-//! service and for CRIU (which passes its environment on to `crac-action`).
+//! PID knows the path: no wildcard, no scanning. crac-action reads the service's own
+//! `CRAC_AGENT_DIR` from its environment (/proc/PID/environ): a service that sets its folder
+//! in code instead ([`Builder::base_dir`](crate::Builder::base_dir)) must have CRIU's
+//! environment name the same folder.
 
 use std::fs::{self, DirBuilder};
 use std::io;

@@ -10,8 +10,13 @@
 //! agent (exec + the walk of the tree in /proc), and the agent round trips without any exec
 //! (crac_agent::client from this process).
 //!
-//! pre-dump leaves a watcher (`crac-action --watch`) waiting for its "CRIU" (this process) to
-//! exit; it is killed after each round, outside the timed region.
+//! The same pre-dump and post-resume also run against a target in namespaces of its own (pid
+//! 1 of a pid namespace, its agent folder on a tmpfs of a mount namespace of its own, as in a
+//! container), in the same rounds: what reaching an agent across namespaces costs.
+//!
+//! This process stands in for CRIU (`CRTOOLS_IMAGE_DIR=/proc/<this pid>/fd/0`). pre-dump
+//! leaves a watcher (`crac-watcher`) waiting for its "CRIU" to exit; it is killed after each
+//! pre-dump and post-resume pair, outside the timed region.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -109,6 +114,10 @@ fn action(program: &Path, step: &str, pid: u32, log: &File, cwd: &Path) -> Res<C
     let mut cmd = Command::new(program);
     cmd.env("CRTOOLS_SCRIPT_ACTION", step)
         .env("CRTOOLS_INIT_PID", pid.to_string())
+        .env(
+            "CRTOOLS_IMAGE_DIR",
+            format!("/proc/{}/fd/0", std::process::id()),
+        )
         .current_dir(cwd)
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log.try_clone().map_err(|e| e.to_string())?);
@@ -190,6 +199,37 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         &dir.join("no-agent.stderr"),
         Duration::from_secs(10),
     )?;
+    // The same target, as a container's pid 1: its own pid and mount namespaces, its agent
+    // folder (/tmp/crac/1) on a tmpfs only it sees. --kill-child: it dies with unshare.
+    let mut contained = Command::new("unshare");
+    contained
+        .args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mkdir -p -m 1777 /tmp/crac && mount -t tmpfs -o mode=1777 tmpfs /tmp/crac && exec setsid \"$@\"",
+            "sh",
+        ])
+        .arg(&ctx.bins.bench_target)
+        .arg("--dir")
+        .arg(dir.join("ns-target"))
+        .arg("--resources")
+        .arg(RESOURCES.to_string());
+    let unshare = Proc::start(
+        contained,
+        &dir.join("ns-target/ready"),
+        &dir.join("ns-target.stderr"),
+        Duration::from_secs(10),
+    )?;
+    let ns_target = fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.pid))
+        .ok()
+        .and_then(|kids| kids.split_whitespace().next()?.parse::<u32>().ok())
+        .ok_or("the namespaced target has no pid")?;
     let base = baseline(&dir)?;
 
     let mut floor = Samples::new();
@@ -200,6 +240,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let mut post = Samples::new();
     let mut test_pre = Samples::new();
     let mut test_post = Samples::new();
+    let mut ns_pre = Samples::new();
+    let mut ns_post = Samples::new();
     let mut rt_before = Samples::new();
     let mut rt_after = Samples::new();
     let mut rt_status = Samples::new();
@@ -340,6 +382,25 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         record(&mut test_post, d);
         watchers += procs::kill_watchers();
 
+        let d = ok(
+            "crac-action pre-dump (namespaced)",
+            procs::run_timed(&mut action(crac_action, "pre-dump", ns_target, &log, &dir)?),
+        )?;
+        record(&mut ns_pre, d);
+        settle_watcher();
+        let d = ok(
+            "crac-action post-resume (namespaced)",
+            procs::run_timed(&mut action(
+                crac_action,
+                "post-resume",
+                ns_target,
+                &log,
+                &dir,
+            )?),
+        )?;
+        record(&mut ns_post, d);
+        watchers += procs::kill_watchers();
+
         // The same two requests with no process started: the agent's own share; and a
         // status request, which runs no hook.
         let limit = Duration::from_secs(30);
@@ -399,9 +460,23 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         .find(|l| l.contains("pre-dump: pid") && l.contains("before_checkpoint ok"))
         .unwrap_or("")
         .to_owned();
+    let ns_cycles = action_log
+        .lines()
+        .filter(|l| {
+            l.contains(&format!(
+                "pre-dump: pid {ns_target}: before_checkpoint ok, {RESOURCES} hooks"
+            ))
+        })
+        .count();
+    if ns_cycles != rounds as usize {
+        return Err(format!(
+            "the namespaced target ran its hooks in {ns_cycles} of {rounds} pre-dumps"
+        ));
+    }
     drop(target);
     drop(test_target);
     drop(no_agent);
+    drop(unshare);
 
     report.line(&format!(
         "Method: {iterations} rounds after {warmup} warm-up rounds; in each round every variant \
@@ -440,6 +515,14 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
             "  post-resume, crac-test-target (logging hooks)",
             &test_post,
         ),
+        row(
+            "  pre-dump, the same target in its own pid + mount namespaces",
+            &ns_pre,
+        ),
+        row(
+            "  post-resume, the same target in its own pid + mount namespaces",
+            &ns_post,
+        ),
     ];
     if let Some(alt_action) = &ctx.alt_action {
         let name = alt_action.display();
@@ -474,6 +557,24 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     ));
     if !sample_line.is_empty() {
         report.line(&format!("A pre-dump log line: `{sample_line}`"));
+    }
+    for (name, ns, host) in [
+        ("pre-dump", &ns_pre, &pre),
+        ("post-resume", &ns_post, &post),
+    ] {
+        let ratio = ns.median() / host.median();
+        report.line(&format!(
+            "{name} against the target in its own pid + mount namespaces (found as pid 1 in its \
+             own root): {} = {} the same target on the host (target <= 1.2x: {})",
+            fmt_us(ns.median()),
+            fmt_ratio(ratio),
+            verdict(ratio <= 1.2),
+        ));
+        report.verdict(
+            &format!("1. crac-action {name}, namespaced / host"),
+            "<= 1.2x",
+            Some(ratio <= 1.2),
+        );
     }
     for (name, s) in [("pre-dump", &pre), ("post-resume", &post)] {
         let floor_ratio = s.median() / floor.median();

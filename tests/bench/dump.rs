@@ -9,6 +9,8 @@
 //!    that has touched 64 MiB, 256 MiB, 1 GiB; the restored process is dumped again in the next
 //!    round. Reported as MB/s (10^6 bytes/s) next to this machine's memory copy speed, measured
 //!    here in the same run.
+//! C. `crac checkpoint --leave-running --tcp-established` of a service holding a TCP listener
+//!    and 100 idle client connections, against the same service holding none, in alternation.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -133,7 +135,185 @@ fn image_pages_bytes(dir: &Path) -> u64 {
 pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("3. What we add to a checkpoint");
     overhead(ctx, report)?;
+    connections(ctx, report)?;
     throughput(ctx, report)
+}
+
+/// Idle client connections the service holds in part C.
+const CONNECTIONS: usize = 100;
+
+/// C: the cost of established connections in a dump.
+fn connections(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpStream;
+
+    let rounds = if ctx.quick { 5 } else { 15 };
+    let dir = ctx.scratch.join("connections");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let start = |name: &str| -> Res<(Proc, u16)> {
+        let mut cmd = Command::new(&ctx.bins.test_target);
+        cmd.env("CRAC_TEST_DIR", dir.join(name))
+            .env("CRAC_TEST_LISTEN", "0");
+        let proc = Proc::start(
+            cmd,
+            &dir.join(name).join("ready"),
+            &dir.join(format!("{name}.stderr")),
+            Duration::from_secs(10),
+        )?;
+        let ports = fs::read_to_string(dir.join(name).join("ports")).map_err(|e| e.to_string())?;
+        let port = ports
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or("no port")?;
+        Ok((proc, port))
+    };
+    let (idle, _) = start("none")?;
+    let (busy, port) = start("held")?;
+    let mut clients = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(b"HOLD\nping\n")
+            .map_err(|e| format!("send: {e}"))?;
+        let mut echo = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut echo)
+            .map_err(|e| format!("echo: {e}"))?;
+        if echo.trim_end() != "echo:ping" {
+            return Err(format!("unexpected echo {echo:?}"));
+        }
+        clients.push(stream);
+    }
+    let (mut wall, mut dump, mut frozen) = (
+        [Samples::new(), Samples::new()],
+        [Samples::new(), Samples::new()],
+        [Samples::new(), Samples::new()],
+    );
+    for round in 0..rounds + 1 {
+        for turn in 0..2 {
+            let k = (turn + round) % 2;
+            let target = if k == 0 { &idle } else { &busy };
+            let images = dir.join(format!("img-{round}-{k}"));
+            let mut cmd = Command::new(&ctx.bins.crac);
+            cmd.args([
+                "checkpoint",
+                &target.pid.to_string(),
+                "--leave-running",
+                "--tcp-established",
+                "--json",
+                "--dir",
+            ])
+            .arg(&images)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            let (output, took) = time(|| cmd.output());
+            let output = output.map_err(|e| format!("crac: {e}"))?;
+            if !output.status.success() {
+                return Err(format!(
+                    "crac checkpoint --tcp-established failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ));
+            }
+            let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+                .map_err(|e| format!("crac checkpoint --json: {e}"))?;
+            if round > 0 {
+                wall[k].push(took);
+                dump[k].push_us(
+                    json["metadata"]["timings"]["dump_ms"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                        * 1e3,
+                );
+                if let Some(s) = read_stats(&images.join("stats-dump")) {
+                    frozen[k].push_us(s.get(2) as f64);
+                }
+            }
+            let _ = fs::remove_dir_all(&images);
+            // The watcher tells the target "resumed"; the next dump waits for that (untimed).
+            wait_idle(target.pid)?;
+            procs::reap_zombies(&[]);
+        }
+    }
+    // The connections still carry data after every dump.
+    for stream in &mut clients {
+        stream
+            .write_all(b"pong\n")
+            .map_err(|e| format!("send after the dumps: {e}"))?;
+        let mut echo = String::new();
+        BufReader::new(&*stream)
+            .read_line(&mut echo)
+            .map_err(|e| format!("echo after the dumps: {e}"))?;
+        if echo.trim_end() != "echo:pong" {
+            return Err(format!("after the dumps, unexpected echo {echo:?}"));
+        }
+    }
+    drop(clients);
+    drop(busy);
+    drop(idle);
+
+    report.line(&format!(
+        "Method C: {rounds} rounds (after one warm-up round); in each, `crac checkpoint PID \
+         --leave-running --tcp-established --dir DIR` of two crac-test-targets serving TCP \
+         (CRAC_TEST_LISTEN), one holding {CONNECTIONS} idle client connections from this \
+         process (each echoed a line before, and again after all the dumps), one holding none, \
+         in alternating order. CRIU locks each connection (nftables) and dumps its state \
+         (TCP repair)."
+    ));
+    let row = |name: &str, s: &Samples| vec![name.to_owned(), fmt_us(s.median()), fmt_us(s.p90())];
+    report.table(
+        &["run", "median", "p90"],
+        &[
+            row("crac checkpoint, no connections", &wall[0]),
+            row(
+                &format!("crac checkpoint, {CONNECTIONS} connections"),
+                &wall[1],
+            ),
+            row("  criu dump (dump_ms), no connections", &dump[0]),
+            row(
+                &format!("  criu dump (dump_ms), {CONNECTIONS} connections"),
+                &dump[1],
+            ),
+            row("  CRIU frozen time, no connections", &frozen[0]),
+            row(
+                &format!("  CRIU frozen time, {CONNECTIONS} connections"),
+                &frozen[1],
+            ),
+        ],
+    );
+    report.line(&format!(
+        "{CONNECTIONS} established connections: dump {} against {} with none ({}), {} per \
+         connection; frozen {} against {}.",
+        fmt_us(dump[1].median()),
+        fmt_us(dump[0].median()),
+        crate::stats::fmt_ratio(dump[1].median() / dump[0].median()),
+        fmt_us((dump[1].median() - dump[0].median()) / CONNECTIONS as f64),
+        fmt_us(frozen[1].median()),
+        fmt_us(frozen[0].median()),
+    ));
+    Ok(())
+}
+
+/// Waits until the agent of `pid` has ended its cycle.
+fn wait_idle(pid: u32) -> Res<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = crac_agent::client::request(
+            pid,
+            &crac_agent::protocol::Request::status(),
+            Duration::from_secs(5),
+        )
+        .map_err(|e| format!("status of pid {pid}: {e}"))?;
+        if status.state == "idle" {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("pid {pid} still {} after 10 s", status.state));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// What `crac checkpoint --sync` does to an image after CRIU wrote it, before publishing it:

@@ -12,7 +12,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crac_action::driver::read_cmdline;
 use crac_action::tree;
 use crac_action::watcher::PROCESS_NAME;
 
@@ -224,20 +223,17 @@ fn comm(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// crac-action watchers that are children of this process (re-parented here when the
-/// crac-action that started them exited): forked ones, named `crac-watcher`, and started ones,
-/// `crac-action --watch`. Others' watchers are left alone.
+/// crac-action watchers (named `crac-watcher`) that are children of this process
+/// (re-parented here when the crac-action that forked them exited). Others' watchers are left
+/// alone.
 pub fn our_watchers() -> Vec<u32> {
     let me = std::process::id();
     all_pids()
         .into_iter()
         .filter(|&pid| {
-            tree::parent_of(pid) == Some(me) && tree::ProcessId::of(pid).is_some() && {
-                let args = read_cmdline(pid);
-                comm(pid) == PROCESS_NAME
-                    || (args.first().is_some_and(|a| a.ends_with("crac-action"))
-                        && args.get(1).is_some_and(|a| a == "--watch"))
-            }
+            tree::parent_of(pid) == Some(me)
+                && tree::ProcessId::of(pid).is_some()
+                && comm(pid) == PROCESS_NAME
         })
         .collect()
 }

@@ -26,6 +26,17 @@ fn concat(a: &[&str], b: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The names in the agent folder of `pid`.
+fn folder_entries(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(agent_dir(pid))
+        .expect("agent folder")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// (a) A killing dump, then a restore: before hooks in reverse order before the freeze, after
 /// hooks in order with reason "restored" by the time `criu restore` returns, memory intact.
 #[test]
@@ -50,10 +61,12 @@ fn dump_and_restore_run_the_hooks_in_order_and_keep_the_state() {
     let pid = target.pid;
     let restored_view = Target::restored(&target);
     target.reap_dumped();
-    // The watcher removes its marker once CRIU has exited.
-    wait_until(Duration::from_secs(5), "the watcher's marker to go", || {
-        util::markers(pid).is_empty()
+    // The watcher ends once CRIU has exited (its target is gone: nothing to tell).
+    wait_until(Duration::from_secs(5), "the watcher to exit", || {
+        util::watchers().is_empty()
     });
+    // Nothing was left in the agent's folder but its socket, which the image binds again.
+    assert_eq!(folder_entries(pid), ["agent.sock"]);
 
     let restore = env.restore(&images);
     assert!(restore.ok(), "{restore:?}");
@@ -110,7 +123,11 @@ fn leave_running_resumes_the_original() {
     // The first heartbeat after the cycle shows the new generation.
     let state = target.assert_serving(target.state().expect("state").counter);
     assert_eq!(state.generation, 1);
-    assert!(util::markers(target.pid).is_empty(), "marker left behind");
+    assert_eq!(
+        folder_entries(target.pid),
+        ["agent.sock"],
+        "a file left behind"
+    );
     wait_until(Duration::from_secs(5), "the watcher to exit", || {
         util::watchers()
             .iter()

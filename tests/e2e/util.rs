@@ -452,8 +452,8 @@ pub fn agent_dir(pid: u32) -> PathBuf {
     crac_agent::agent_dir(pid)
 }
 
-/// PIDs of crac-action watchers still running (forked ones, named crac-watcher, and started
-/// ones, `crac-action --watch`).
+/// PIDs of crac-action watchers (named crac-watcher) still running, re-parented to this
+/// subreaper; others may be running on the machine.
 pub fn watchers() -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -464,32 +464,11 @@ pub fn watchers() -> Vec<u32> {
             // An exited watcher waiting to be reaped by init is done with its job.
             crac_action::tree::ProcessId::of(pid)?;
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let mut args = cmdline.split(|&b| b == 0);
-            let exe = args.next()?;
-            // Ours were re-parented to this subreaper; others may be running on the machine.
-            if crac_action::tree::parent_of(pid) != Some(std::process::id()) {
-                return None;
-            }
-            let forked = comm.trim() == crac_action::watcher::PROCESS_NAME;
-            let started =
-                exe.ends_with(b"crac-action") && args.next() == Some(b"--watch".as_slice());
-            (forked || started).then_some(pid)
+            (crac_action::tree::parent_of(pid) == Some(std::process::id())
+                && comm.trim() == crac_action::watcher::PROCESS_NAME)
+                .then_some(pid)
         })
         .collect()
-}
-
-/// Dump markers crac-action's post-dump left in the agent folder of `pid`.
-pub fn markers(pid: u32) -> Vec<String> {
-    fs::read_dir(agent_dir(pid))
-        .map(|files| {
-            files
-                .flatten()
-                .map(|f| f.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("post-dump."))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The `crac` command with a store of the test's own.
