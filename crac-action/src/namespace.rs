@@ -159,38 +159,59 @@ pub enum ConnectError {
     },
 }
 
-/// What /proc says about a process.
+/// What /proc says about a process: what it takes to know where its agent would be.
 struct Proc {
     ns_pid: u32,
-    euid: u32,
     agent_dir: Option<PathBuf>,
 }
 
-/// Reads a /proc file in as few reads as it takes: /proc reports a size of 0, on which
-/// `fs::read` starts with a small read and doubles, eight reads for a status file. This runs
-/// for every process of a dumped tree, on CRIU's critical path.
+/// Reads a /proc file in as few system calls as it takes: /proc reports a size of 0, on which
+/// `fs::read` asks for the size and position, then starts with a small read and doubles (eight
+/// reads for a status file). This runs for every process of a dumped tree, on CRIU's critical
+/// path.
 fn read_proc(path: &str) -> Option<Vec<u8>> {
     use std::io::Read;
-    let mut buf = Vec::with_capacity(4096);
-    fs::File::open(path).ok()?.read_to_end(&mut buf).ok()?;
+    let mut file = fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    buf.truncate(len);
     Some(buf)
+}
+
+/// The words after `name` on its line of /proc/PID/status.
+fn status_field(pid: u32, name: &str) -> Option<Vec<String>> {
+    let status = String::from_utf8(read_proc(&format!("/proc/{pid}/status"))?).ok()?;
+    let line = status.lines().find_map(|line| line.strip_prefix(name))?;
+    Some(line.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The effective uid of process `pid`.
+fn euid_of(pid: u32) -> Option<u32> {
+    // Uid: real, effective, saved, filesystem.
+    status_field(pid, "Uid:")?.get(1)?.parse().ok()
 }
 
 impl Proc {
     fn read(pid: u32) -> Option<Proc> {
-        let status = String::from_utf8(read_proc(&format!("/proc/{pid}/status"))?).ok()?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .map(str::split_whitespace)
+        // In crac-action's own pid namespace the pid is the same (one readlink, where the
+        // status file is a read of a few kilobytes); otherwise NSpid lists the pid in every
+        // namespace from the outermost, and the agent sees the last.
+        let ns_pid = if namespace_of(&pid.to_string(), "pid")? == *ours().pid.as_ref()? {
+            pid
+        } else {
+            status_field(pid, "NSpid:")?.last()?.parse().ok()?
         };
-        // NSpid lists the pid in every namespace from the outermost; the agent sees the last.
-        let ns_pid = field("NSpid:")
-            .and_then(|ids| ids.last().and_then(|p| p.parse().ok()))
-            .unwrap_or(pid);
-        // Uid: real, effective, saved, filesystem.
-        let euid = field("Uid:")?.nth(1)?.parse().ok()?;
         let agent_dir = read_proc(&format!("/proc/{pid}/environ"))
             .and_then(|environ| {
                 let prefix = format!("{}=", crac_agent::DIR_ENV);
@@ -200,11 +221,7 @@ impl Proc {
             })
             .filter(|dir| !dir.is_empty())
             .map(|dir| PathBuf::from(std::ffi::OsStr::from_bytes(&dir)));
-        Some(Proc {
-            ns_pid,
-            euid,
-            agent_dir,
-        })
+        Some(Proc { ns_pid, agent_dir })
     }
 }
 
@@ -243,6 +260,7 @@ fn own_root(pid: u32, root: &OwnedFd) -> bool {
 /// compared with them.
 struct Ours {
     root: Option<FileStat>,
+    pid: Option<PathBuf>,
     mnt: Option<PathBuf>,
     user: Option<PathBuf>,
 }
@@ -251,6 +269,7 @@ fn ours() -> &'static Ours {
     static OURS: std::sync::OnceLock<Ours> = std::sync::OnceLock::new();
     OURS.get_or_init(|| Ours {
         root: nix::sys::stat::stat("/").ok(),
+        pid: namespace_of("self", "pid"),
         mnt: namespace_of("self", "mnt"),
         user: namespace_of("self", "user"),
     })
@@ -302,7 +321,12 @@ impl AgentSocket {
             let Some(folder) = open_folder(&root, &base, proc.ns_pid, pid, in_own_root)? else {
                 continue;
             };
-            let Some(found) = AgentSocket::check(pid, &proc, dir, folder, in_own_root)? else {
+            // Read only now: most processes of a tree have no agent folder.
+            let Some(euid) = euid_of(pid) else {
+                return Ok(None);
+            };
+            let Some(found) = AgentSocket::check(pid, proc.ns_pid, euid, dir, folder, in_own_root)?
+            else {
                 continue;
             };
             if namespace_of(&pid.to_string(), "user") != ours().user {
@@ -316,7 +340,8 @@ impl AgentSocket {
     /// Checks the folder's owner and mode and the socket in it.
     fn check(
         pid: u32,
-        proc: &Proc,
+        ns_pid: u32,
+        euid: u32,
         dir: PathBuf,
         folder: OwnedFd,
         in_own_root: bool,
@@ -327,10 +352,10 @@ impl AgentSocket {
             message: err.desc().to_owned(),
         };
         let meta = fstat(&folder).map_err(|e| io_refusal(&dir, e))?;
-        let problem = if meta.st_uid != proc.euid {
+        let problem = if meta.st_uid != euid {
             Some(format!(
-                "belongs to uid {}, not to the process's uid {}",
-                meta.st_uid, proc.euid
+                "belongs to uid {}, not to the process's uid {euid}",
+                meta.st_uid
             ))
         } else if meta.st_mode & 0o022 != 0 {
             Some(format!(
@@ -345,7 +370,7 @@ impl AgentSocket {
                 pid,
                 path: dir,
                 problem,
-                uid: proc.euid,
+                uid: euid,
                 in_own_root,
             });
         }
@@ -370,7 +395,7 @@ impl AgentSocket {
             }),
             Ok(_) => Ok(Some(AgentSocket {
                 pid,
-                ns_pid: proc.ns_pid,
+                ns_pid,
                 dir,
                 in_own_root,
                 uid: meta.st_uid,
@@ -714,23 +739,16 @@ mod tests {
             .create(&dir)
             .unwrap();
         let me = nix::unistd::geteuid().as_raw();
-        let proc = |euid| Proc {
-            ns_pid: 7,
-            euid,
-            agent_dir: None,
-        };
         let folder = || {
             open_folder(&root_fd(&root), Path::new("/base"), 7, 42, false)
                 .unwrap()
                 .unwrap()
         };
         // No socket in it: no agent.
-        assert!(
-            AgentSocket::check(42, &proc(me), dir.clone(), folder(), false)
-                .unwrap()
-                .is_none()
-        );
-        let err = AgentSocket::check(42, &proc(me + 1), dir.clone(), folder(), false).unwrap_err();
+        assert!(AgentSocket::check(42, 7, me, dir.clone(), folder(), false)
+            .unwrap()
+            .is_none());
+        let err = AgentSocket::check(42, 7, me + 1, dir.clone(), folder(), false).unwrap_err();
         assert!(
             err.to_string().starts_with(&format!(
                 "pid 42: its agent folder {} belongs to uid {me}, not to the process's uid {}",
@@ -740,7 +758,7 @@ mod tests {
             "{err}"
         );
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
-        let err = AgentSocket::check(42, &proc(me), dir.clone(), folder(), false).unwrap_err();
+        let err = AgentSocket::check(42, 7, me, dir.clone(), folder(), false).unwrap_err();
         assert!(
             err.to_string()
                 .contains("may be written by others (mode 777)"),
@@ -748,7 +766,7 @@ mod tests {
         );
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
         symlink("/run/elsewhere.sock", dir.join("agent.sock")).unwrap();
-        let err = AgentSocket::check(42, &proc(me), dir.clone(), folder(), false).unwrap_err();
+        let err = AgentSocket::check(42, 7, me, dir.clone(), folder(), false).unwrap_err();
         assert!(
             err.to_string().starts_with(&format!(
                 "pid 42: {}/agent.sock is a symbolic link (to \"/run/elsewhere.sock\")",
@@ -758,7 +776,7 @@ mod tests {
         );
         fs::remove_file(dir.join("agent.sock")).unwrap();
         fs::write(dir.join("agent.sock"), b"").unwrap();
-        let err = AgentSocket::check(42, &proc(me), dir.clone(), folder(), false).unwrap_err();
+        let err = AgentSocket::check(42, 7, me, dir.clone(), folder(), false).unwrap_err();
         assert!(err
             .to_string()
             .ends_with("agent.sock is not a socket; refusing to use it"));

@@ -118,6 +118,23 @@ fn runc_checkpoint_and_restore_coordinate_pid_1_and_its_child() {
         )),
         "{log}"
     );
+    // crac status and crac ps find the agents in the container too.
+    let crac = util::Crac::new(&scratch);
+    let status_doc = crac.json(&["status", &restored.to_string(), "--json"]);
+    assert_eq!(status_doc["state"], "idle");
+    assert_eq!(status_doc["generation"], 1);
+    let ps = crac.json(&["ps", "--json"]);
+    let row = ps
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["pid"] == restored)
+        .unwrap_or_else(|| panic!("crac ps does not list pid {restored}: {ps}"));
+    assert_eq!(row["ns_pid"], 1);
+    assert_eq!(
+        row["socket"],
+        format!("/tmp/crac/1/agent.sock inside the root of pid {restored}")
+    );
     // The listeners came back with the processes: the same memory answers on the same ports.
     let (after, child_after) = in_netns(restored, || (status(8080), status(8081)));
     for (was, is) in [(&before, &after), (&child_before, &child_after)] {

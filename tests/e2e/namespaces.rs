@@ -202,3 +202,37 @@ fn a_service_in_its_own_user_namespace_is_refused_with_the_reason() {
     assert!(contained.hooks().is_empty());
     assert!(contained.is_alive());
 }
+
+/// The agent's folder comes from the service's own environment (CRIU's, and so
+/// crac-action's, has no CRAC_AGENT_DIR), and a socket whose path, seen from outside through
+/// /proc/PID/root, is longer than a socket address holds (108 bytes) is still reached: through
+/// the folder's handle.
+#[test]
+fn an_agent_folder_named_by_the_service_with_a_long_path_is_reached() {
+    let Some(env) = util::env() else { return };
+    let scratch = Scratch::new("long");
+    let prefix = scratch.path.to_str().expect("utf-8").len() + 1;
+    let base = scratch.join(&"x".repeat(86 - prefix));
+    let base_text = base.to_str().expect("utf-8").to_owned();
+    let target = Target::start(
+        &scratch.join("t"),
+        &[(crac_agent::DIR_ENV, base_text.as_str())],
+    );
+    let socket = base.join(target.pid.to_string()).join("agent.sock");
+    assert!(socket.exists(), "the agent did not use its own folder");
+    let outside = format!("/proc/{}/root{}", target.pid, socket.display());
+    assert!(
+        socket.as_os_str().len() < 108 && outside.len() > 108,
+        "{outside} is not what this test is about"
+    );
+    assert!(std::env::var_os(crac_agent::DIR_ENV).is_none());
+
+    let dump = env.dump(target.pid, &scratch.join("img"), &["--leave-running"], &[]);
+    assert!(dump.ok(), "{dump:?}");
+    wait_until(Duration::from_secs(10), "after_restore (resumed)", || {
+        target.hooks().len() == 6
+    });
+    let mut expected: Vec<String> = BEFORE_ALL.iter().map(|s| s.to_string()).collect();
+    expected.extend(after_all("resumed", 1));
+    assert_eq!(target.hooks(), expected, "{dump:?}");
+}

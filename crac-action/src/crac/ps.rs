@@ -1,13 +1,15 @@
-//! `crac ps` and `crac status`: ask agents for their state.
+//! `crac ps` and `crac status`: ask agents for their state, wherever their processes run (on
+//! the host or in containers: see crac_action::namespace).
 
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crac_action::agents::{ask, Deadline, Outcome};
 use crac_action::driver::{read_cmdline, FailureKind, OpError};
+use crac_action::namespace::{expected_socket, AgentSocket};
 use crac_action::tree::ProcessId;
-use crac_agent::client::{self, ClientError};
-use crac_agent::protocol::{Reply, Request};
+use crac_agent::protocol::Request;
 
 use crate::output::Out;
 
@@ -16,62 +18,103 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Serialize)]
 struct Row {
     pid: u32,
+    /// The pid as the process sees itself, when it differs (a container).
+    ns_pid: Option<u32>,
     command: String,
     /// `idle`, `checkpointing`, or `stale` (a socket with no live agent), `unresponsive`.
     state: String,
     generation: Option<u64>,
     resources: Vec<String>,
+    socket: String,
     error: Option<String>,
 }
 
-fn row(pid: u32) -> Row {
-    let command = read_cmdline(pid).join(" ");
+fn row(agent: &AgentSocket) -> Row {
+    let pid = agent.pid();
     let mut row = Row {
         pid,
-        command,
+        ns_pid: Some(agent.ns_pid()).filter(|&n| n != pid),
+        command: read_cmdline(pid).join(" "),
         state: "stale".into(),
         generation: None,
         resources: Vec::new(),
+        socket: agent.describe(),
         error: None,
     };
-    if ProcessId::of(pid).is_none() {
-        row.error = Some("no such process: a socket left by a killed process".into());
-        return row;
-    }
-    match client::request(pid, &Request::status(), TIMEOUT) {
-        Ok(Reply {
-            state,
-            generation,
-            resources,
-            ..
-        }) => {
-            row.state = state;
-            row.generation = Some(generation);
-            row.resources = resources;
+    match ask(agent, &Request::status(), &Deadline::after(TIMEOUT)) {
+        Outcome::Done(reply) | Outcome::Refused(reply) => {
+            row.state = reply.state;
+            row.generation = Some(reply.generation);
+            row.resources = reply.resources;
         }
-        Err(ClientError::NoAgent { .. }) => {
-            row.error = Some("nobody listens on its socket".into());
-        }
-        Err(err) => {
+        Outcome::NoAgent => row.error = Some("nobody listens on its socket".into()),
+        Outcome::NoAnswer(err) => {
             row.state = "unresponsive".into();
+            row.error = Some(err.to_string());
+        }
+        Outcome::Untrusted(err) => {
+            row.state = "refused".into();
             row.error = Some(err.to_string());
         }
     }
     row
 }
 
-pub fn ps(out: Out) -> Result<u8, OpError> {
+/// Sockets left in this side's agent folder by processes that are gone (killed).
+fn stale_rows() -> Vec<Row> {
     let base = crac_agent::base_dir();
     let mut pids: Vec<u32> = std::fs::read_dir(&base)
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|&pid| crac_agent::socket_path(pid).exists())
+                .filter(|&pid| {
+                    crac_agent::socket_path(pid).exists() && ProcessId::of(pid).is_none()
+                })
                 .collect()
         })
         .unwrap_or_default();
     pids.sort_unstable();
-    let rows: Vec<Row> = pids.into_iter().map(row).collect();
+    pids.into_iter()
+        .map(|pid| Row {
+            pid,
+            ns_pid: None,
+            command: String::new(),
+            state: "stale".into(),
+            generation: None,
+            resources: Vec::new(),
+            socket: crac_agent::socket_path(pid).display().to_string(),
+            error: Some("no such process: a socket left by a killed process".into()),
+        })
+        .collect()
+}
+
+pub fn ps(out: Out) -> Result<u8, OpError> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    let mut rows: Vec<Row> = pids
+        .into_iter()
+        .filter_map(|pid| match AgentSocket::find(pid) {
+            Ok(Some(agent)) => Some(row(&agent)),
+            Ok(None) => None,
+            Err(refusal) => Some(Row {
+                pid,
+                ns_pid: None,
+                command: read_cmdline(pid).join(" "),
+                state: "refused".into(),
+                generation: None,
+                resources: Vec::new(),
+                socket: String::new(),
+                error: Some(refusal.to_string()),
+            }),
+        })
+        .collect();
+    rows.extend(stale_rows());
     out.print(&rows, || {
         let mut text = format!(
             "{:>8}  {:<13} {:>4}  {:<30} COMMAND\n",
@@ -92,7 +135,7 @@ pub fn ps(out: Out) -> Result<u8, OpError> {
             ));
         }
         if rows.is_empty() {
-            text = format!("no agents under {}\n", base.display());
+            text = "no process on this machine runs an agent\n".to_owned();
         }
         text
     });
@@ -106,20 +149,32 @@ pub fn status(pid: u32, out: Out) -> Result<u8, OpError> {
             format!("no process with pid {pid}"),
         ));
     }
-    let reply = client::request(pid, &Request::status(), TIMEOUT).map_err(|err| match err {
-        ClientError::NoAgent { path, .. } => OpError::new(
+    let no_agent = || {
+        OpError::new(
             FailureKind::BadInput,
             format!(
                 "pid {pid} runs no agent (no socket at {}): the service must call crac_agent::start()",
-                path.display()
+                expected_socket(pid)
             ),
-        ),
-        other => OpError::new(FailureKind::Failed, other.to_string()),
-    })?;
+        )
+    };
+    let agent = AgentSocket::find(pid)
+        .map_err(|refusal| OpError::new(FailureKind::Failed, refusal.to_string()))?
+        .ok_or_else(no_agent)?;
+    let reply = match ask(&agent, &Request::status(), &Deadline::after(TIMEOUT)) {
+        Outcome::Done(reply) | Outcome::Refused(reply) => reply,
+        Outcome::NoAgent => return Err(no_agent()),
+        Outcome::NoAnswer(err) => return Err(OpError::new(FailureKind::Failed, err.to_string())),
+        Outcome::Untrusted(err) => return Err(OpError::new(FailureKind::Failed, err.to_string())),
+    };
     out.print(&reply, || {
         format!(
-            "pid {}: {}, generation {}{}\n  resources (after_restore order): {}\n  command: {}\n",
-            reply.pid,
+            "pid {pid}{}: {}, generation {}{}\n  resources (after_restore order): {}\n  socket: {}\n  command: {}\n",
+            if agent.ns_pid() == pid {
+                String::new()
+            } else {
+                format!(" (pid {} in its namespace)", agent.ns_pid())
+            },
             reply.state,
             reply.generation,
             reply
@@ -131,6 +186,7 @@ pub fn status(pid: u32, out: Out) -> Result<u8, OpError> {
             } else {
                 reply.resources.join(", ")
             },
+            agent.describe(),
             read_cmdline(pid).join(" ")
         )
     });
