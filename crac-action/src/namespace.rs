@@ -457,22 +457,7 @@ impl AgentSocket {
             self.folder.as_raw_fd(),
             crac_agent::SOCKET_NAME
         );
-        let stream = UnixStream::connect(&through).map_err(|err| {
-            if matches!(
-                err.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) {
-                ClientError::NoAgent {
-                    path: shown.clone(),
-                    source: err,
-                }
-            } else {
-                ClientError::Io {
-                    path: shown.clone(),
-                    source: err,
-                }
-            }
-        })?;
+        let stream = crac_agent::client::connect_via(Path::new(&through), &shown)?;
         let peer = getsockopt(&stream, PeerCredentials)
             .map_err(|err| ClientError::Io {
                 path: shown.clone(),

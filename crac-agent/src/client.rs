@@ -90,18 +90,29 @@ pub fn request_at(path: &Path, request: &Request, timeout: Duration) -> Result<R
 /// [`ClientError::NoAgent`] when there is no socket or nobody listens on it,
 /// [`ClientError::Io`] otherwise.
 pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    connect_via(path, path)
+}
+
+/// Connects to the agent listening at `path`, naming it `name` in errors: for a caller that
+/// reaches a socket by another path than the one it is known by (crac-action reaches a
+/// container's agent through a handle on its folder, `/proc/self/fd/N/agent.sock`).
+///
+/// # Errors
+///
+/// As [`connect`].
+pub fn connect_via(path: &Path, name: &Path) -> Result<UnixStream, ClientError> {
     UnixStream::connect(path).map_err(|err| {
         if matches!(
             err.kind(),
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
         ) {
             ClientError::NoAgent {
-                path: path.to_owned(),
+                path: name.to_owned(),
                 source: err,
             }
         } else {
             ClientError::Io {
-                path: path.to_owned(),
+                path: name.to_owned(),
                 source: err,
             }
         }

@@ -9,20 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::oci::{self, in_netns, Podman, Runc};
-use crate::util::{self, bin, read_lines, status, status_hooks, text, wait_until, Scratch};
-
-const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
-
-fn after_all(reason: &str, generation: u64) -> Vec<String> {
-    ["first", "second", "third"]
-        .iter()
-        .map(|name| format!("after {name} {reason} gen={generation}"))
-        .collect()
-}
-
-fn with(lines: &[&str], more: Vec<String>) -> Vec<String> {
-    lines.iter().map(|s| s.to_string()).chain(more).collect()
-}
+use crate::util::{
+    self, after_all, bin, concat, read_lines, status, status_hooks, text, wait_until, Scratch,
+    BEFORE_ALL,
+};
 
 fn field(status: &serde_json::Value, name: &str) -> u64 {
     status[name]
@@ -185,7 +175,7 @@ fn runc_leave_running_resumes_and_a_failing_hook_leaves_the_container_serving() 
     });
     assert_eq!(
         read_lines(&state.join("hooks.log")),
-        with(&BEFORE_ALL, after_all("resumed", 1))
+        concat(&BEFORE_ALL, &after_all("resumed", 1))
     );
     assert!(runc.running("resumed"));
     assert_eq!(field(&in_netns(pid, || status(8080)), "generation"), 1);
@@ -202,7 +192,7 @@ fn runc_leave_running_resumes_and_a_failing_hook_leaves_the_container_serving() 
     );
     assert_eq!(
         read_lines(&state.join("hooks.log")),
-        with(&BEFORE_ALL, after_all("aborted", 0))
+        concat(&BEFORE_ALL, &after_all("aborted", 0))
     );
     assert!(runc.running("failing"));
     let now = in_netns(pid, || status(8080));
@@ -311,7 +301,7 @@ fn podman_export_import_and_a_second_copy_each_renew_what_is_unique() {
         }
         assert_eq!(
             status_hooks(&parent),
-            with(&BEFORE_ALL, after_all("restored", 1)),
+            concat(&BEFORE_ALL, &after_all("restored", 1)),
             "{name}"
         );
         instances.push(field(&parent, "instance"));

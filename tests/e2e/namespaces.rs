@@ -14,16 +14,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{self, wait_until, Crac, Scratch, Target};
-
-const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
-
-fn after_all(reason: &str, generation: u64) -> Vec<String> {
-    ["first", "second", "third"]
-        .iter()
-        .map(|name| format!("after {name} {reason} gen={generation}"))
-        .collect()
-}
+use crate::util::{self, after_all, concat, wait_until, Crac, Scratch, Target, BEFORE_ALL};
 
 /// A private /tmp/crac in a mount namespace of the target's own, as a container has.
 const PRIVATE_AGENT_DIR: &str =
@@ -67,8 +58,7 @@ fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside
     wait_until(Duration::from_secs(10), "after_restore (resumed)", || {
         target.hooks().len() == 6
     });
-    let mut expected: Vec<String> = BEFORE_ALL.iter().map(|s| s.to_string()).collect();
-    expected.extend(after_all("resumed", 1));
+    let mut expected = concat(&BEFORE_ALL, &after_all("resumed", 1));
     assert_eq!(target.hooks(), expected);
 
     // The copy binds /tmp/crac/1 again, on the file system it shares with the original: the
@@ -232,7 +222,6 @@ fn an_agent_folder_named_by_the_service_with_a_long_path_is_reached() {
     wait_until(Duration::from_secs(10), "after_restore (resumed)", || {
         target.hooks().len() == 6
     });
-    let mut expected: Vec<String> = BEFORE_ALL.iter().map(|s| s.to_string()).collect();
-    expected.extend(after_all("resumed", 1));
+    let expected = concat(&BEFORE_ALL, &after_all("resumed", 1));
     assert_eq!(target.hooks(), expected, "{dump:?}");
 }

@@ -8,23 +8,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::util::{self, agent_dir, read_lines, wait_until, Scratch, Target};
-
-const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
-
-fn after_all(reason: &str, generation: u64) -> Vec<String> {
-    ["first", "second", "third"]
-        .iter()
-        .map(|name| format!("after {name} {reason} gen={generation}"))
-        .collect()
-}
-
-fn concat(a: &[&str], b: &[String]) -> Vec<String> {
-    a.iter()
-        .map(|s| s.to_string())
-        .chain(b.iter().cloned())
-        .collect()
-}
+use crate::util::{
+    self, after_all, agent_dir, concat, read_lines, wait_until, Scratch, Target, BEFORE_ALL,
+};
 
 /// The names in the agent folder of `pid`.
 fn folder_entries(pid: u32) -> Vec<String> {

@@ -11,16 +11,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 
-use crate::util::{self, bin, wait_until, Scratch, Target};
-
-const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
-
-fn after_all(reason: &str, generation: u64) -> Vec<String> {
-    ["first", "second", "third"]
-        .iter()
-        .map(|name| format!("after {name} {reason} gen={generation}"))
-        .collect()
-}
+use crate::util::{self, after_all, bin, concat, wait_until, Scratch, Target, BEFORE_ALL};
 
 #[test]
 fn a_wrapper_that_runs_crac_action_twice_gets_one_cycle() {
@@ -55,8 +46,7 @@ fn a_wrapper_that_runs_crac_action_twice_gets_one_cycle() {
     });
     // Give a second, wrong, cycle the time to show up if there were one.
     std::thread::sleep(Duration::from_millis(300));
-    let mut expected: Vec<String> = BEFORE_ALL.iter().map(|s| s.to_string()).collect();
-    expected.extend(after_all("resumed", 1));
+    let expected = concat(&BEFORE_ALL, &after_all("resumed", 1));
     assert_eq!(target.hooks(), expected, "{dump:?}");
     let lines = dump.action_lines();
     assert!(

@@ -14,6 +14,25 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+/// The before_checkpoint lines of crac-test-target's default resources, in the order they run.
+pub const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
+
+/// The after_restore lines of crac-test-target's default resources for `reason`.
+pub fn after_all(reason: &str, generation: u64) -> Vec<String> {
+    ["first", "second", "third"]
+        .iter()
+        .map(|name| format!("after {name} {reason} gen={generation}"))
+        .collect()
+}
+
+/// `a` then `b`, as owned lines.
+pub fn concat(a: &[&str], b: &[String]) -> Vec<String> {
+    a.iter()
+        .map(|s| s.to_string())
+        .chain(b.iter().cloned())
+        .collect()
+}
+
 /// The binaries under test, built by `cargo build --workspace` (the test command does that).
 pub fn bin(name: &str) -> PathBuf {
     if name == "crac-test-target" {
@@ -115,32 +134,7 @@ impl Target {
     /// Starts the target as a session leader with no terminal, as CRIU wants, and waits until
     /// it is ready.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Target {
-        let mut cmd = Command::new(bin("crac-test-target"));
-        cmd.env("CRAC_TEST_DIR", dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.with_extension("stderr")).expect("stderr file"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("target starts");
-        let pid = child.id();
-        let target = Target {
-            pid,
-            dir: dir.to_owned(),
-            child: Some(child),
-        };
-        wait_until(Duration::from_secs(10), "the target to be ready", || {
-            dir.join("ready").exists() && target.state().is_some()
-        });
-        target
+        Target::launch(Command::new(bin("crac-test-target")), dir, env)
     }
 
     /// Starts the target as pid 1 of namespaces of its own: `unshare --pid --fork` plus
@@ -156,8 +150,23 @@ impl Target {
         cmd.args(unshare_args)
             .args(["--pid", "--fork", "sh", "-c"])
             .arg(format!("{setup}\nexec setsid \"$0\"", setup = setup))
-            .arg(bin("crac-test-target"))
-            .env("CRAC_TEST_DIR", dir)
+            .arg(bin("crac-test-target"));
+        let mut target = Target::launch(cmd, dir, env);
+        let unshare = target.pid;
+        target.pid = fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+            .expect("unshare's children")
+            .split_whitespace()
+            .next()
+            .expect("unshare's child")
+            .parse()
+            .expect("a pid");
+        target
+    }
+
+    /// Runs `cmd` (which runs the target) as a session leader with no terminal and the
+    /// target's settings, and waits until the target is ready; `pid` is `cmd`'s.
+    fn launch(mut cmd: Command, dir: &Path, env: &[(&str, &str)]) -> Target {
+        cmd.env("CRAC_TEST_DIR", dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.with_extension("stderr")).expect("stderr file"));
@@ -171,25 +180,15 @@ impl Target {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("unshare starts");
-        let unshare = child.id();
-        let mut target = Target {
-            pid: 0,
+        let child = cmd.spawn().expect("the target starts");
+        let target = Target {
+            pid: child.id(),
             dir: dir.to_owned(),
             child: Some(child),
         };
-        wait_until(
-            Duration::from_secs(10),
-            "the namespaced target to be ready",
-            || dir.join("ready").exists() && target.state().is_some(),
-        );
-        target.pid = fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
-            .expect("unshare's children")
-            .split_whitespace()
-            .next()
-            .expect("unshare's child")
-            .parse()
-            .expect("a pid");
+        wait_until(Duration::from_secs(10), "the target to be ready", || {
+            dir.join("ready").exists() && target.state().is_some()
+        });
         target
     }
 
