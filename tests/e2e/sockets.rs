@@ -143,8 +143,22 @@ fn echo(conn: &mut TcpStream, line: &str) -> std::io::Result<String> {
 }
 
 /// A service holding an established connection, checkpointed (killed) by `crac checkpoint
-/// --tcp-established`; returns the client's end of that connection.
-fn held_connection_checkpointed(crac: &Crac, target: &Target) -> TcpStream {
+/// --tcp-established` as image `held`.
+struct Held {
+    /// The client's end of the connection.
+    conn: TcpStream,
+    /// The service's TCP port.
+    tcp: u16,
+    /// The service, once restored.
+    restored: Target,
+    crac: Crac,
+    _scratch: Scratch,
+}
+
+fn held_connection_checkpointed(name: &str) -> Held {
+    let scratch = Scratch::new(name);
+    let crac = Crac::new(&scratch);
+    let target = Target::start(&scratch.join("t"), &[("CRAC_TEST_LISTEN", "0")]);
     let (tcp, _) = target.ports();
     let mut conn = TcpStream::connect(("127.0.0.1", tcp)).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -154,7 +168,15 @@ fn held_connection_checkpointed(crac: &Crac, target: &Target) -> TcpStream {
     let pid = target.pid.to_string();
     let out = crac.run(&["checkpoint", &pid, "--name", "held", "--tcp-established"]);
     assert!(out.status.success(), "{}", text(&out));
-    conn
+    let restored = Target::restored(&target);
+    target.reap_dumped();
+    Held {
+        conn,
+        tcp,
+        restored,
+        crac,
+        _scratch: scratch,
+    }
 }
 
 /// `crac checkpoint --tcp-established` then `crac restore`: the connection carries data both
@@ -162,14 +184,13 @@ fn held_connection_checkpointed(crac: &Crac, target: &Target) -> TcpStream {
 #[test]
 fn an_established_connection_carries_data_both_ways_after_a_restore() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("sockets-established");
-    let crac = Crac::new(&scratch);
-    let target = Target::start(&scratch.join("t"), &[("CRAC_TEST_LISTEN", "0")]);
-    let (tcp, _) = target.ports();
-    let mut conn = held_connection_checkpointed(&crac, &target);
-    let restored = Target::restored(&target);
-    target.reap_dumped();
-
+    let Held {
+        mut conn,
+        tcp,
+        restored,
+        crac,
+        _scratch,
+    } = held_connection_checkpointed("sockets-established");
     let out = crac.run(&["restore", "held", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(echo(&mut conn, "b").expect("echo after"), "echo:b");
@@ -188,14 +209,13 @@ fn an_established_connection_carries_data_both_ways_after_a_restore() {
 #[test]
 fn a_connection_restored_with_tcp_close_is_closed_and_the_service_knows() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("sockets-tcp-close");
-    let crac = Crac::new(&scratch);
-    let target = Target::start(&scratch.join("t"), &[("CRAC_TEST_LISTEN", "0")]);
-    let (tcp, _) = target.ports();
-    let mut conn = held_connection_checkpointed(&crac, &target);
-    let restored = Target::restored(&target);
-    target.reap_dumped();
-
+    let Held {
+        mut conn,
+        tcp,
+        restored,
+        crac,
+        _scratch,
+    } = held_connection_checkpointed("sockets-tcp-close");
     let out = crac.run(&["restore", "held", "--detach", "--tcp-close"]);
     assert!(out.status.success(), "{}", text(&out));
     let after = status(tcp);
