@@ -56,7 +56,7 @@ now_ns() { date +%s%N; }
 fmt_ms() { printf '%d.%d ms' $(($1 / 1000000)) $((($1 % 1000000) / 100000)); }
 
 # One request to the service; prints the one-line reply. Fails if there is none, or if the
-# reply is the "checkpoint in progress" refusal.
+# reply is an error.
 ask() {
     local fd reply
     { exec {fd}<>"/dev/tcp/127.0.0.1/$PORT"; } 2>/dev/null || return 1
@@ -69,7 +69,8 @@ ask() {
     printf '%s\n' "$reply"
 }
 
-# Asks until there is an answer (a checkpoint may be pausing the listener), for up to 10 s.
+# Asks until there is an answer (the service may not listen yet, or a checkpoint may hold the
+# request in the listener's queue), for up to 10 s.
 ask_retry() {
     local i
     for ((i = 0; i < 1000; i++)); do

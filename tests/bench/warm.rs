@@ -27,8 +27,7 @@ fn free_port() -> Res<u16> {
     Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-/// One request; the reply line, unless there is none or it is an `ERR` (a checkpoint in
-/// progress).
+/// One request; the reply line, unless there is none or it is an `ERR`.
 fn ask(port: u16, request: &str) -> Option<String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
@@ -284,10 +283,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.line(&format!(
         "Method: `crac run --image NAME -- warm-start --port P` (release build, default document \
          count), CRAC_STORE in the scratch folder; time from spawning crac run to the first \
-         reply to STATS (polled every 2 ms; an `ERR checkpoint in progress` reply does not \
-         count). {cold_runs} cold starts (each with an image name of its own, so each is a \
-         first start that then checkpoints itself), then {warm_runs} restored starts of the \
-         first cold run's image ({:.0} MiB).",
+         reply to STATS (polled every 2 ms; an `ERR` reply does not count). {cold_runs} cold \
+         starts (each with an image name of its own, so each is a first start that then \
+         checkpoints itself), then {warm_runs} restored starts of the first cold run's image \
+         ({:.0} MiB).",
         image_bytes as f64 / 1048576.0
     ));
     let row = |name: &str, s: &Samples| {
