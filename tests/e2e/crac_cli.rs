@@ -45,6 +45,22 @@ fn check_gives_a_verdict() {
         .unwrap()
         .iter()
         .any(|c| c["name"] == "criu check" && c["ok"] == true));
+    // CRIU was asked to dump a process holding TCP and UDP sockets, and could.
+    let sockets = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sockets")
+        .expect("a sockets check");
+    assert_eq!(sockets["ok"], true, "{sockets}");
+    assert!(sockets["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("CRIU dumps a process holding a TCP listener and a UDP socket ("));
+    assert!(
+        stdout.contains("[ok] sockets"),
+        "the probe's line is missing: {stdout}"
+    );
 }
 
 #[test]
