@@ -43,6 +43,10 @@ pub enum SelfCheckpointError {
     /// No destination was given.
     #[error("no destination for the checkpoint: call .to(NAME or DIR) or set {CHECKPOINT_TO_ENV}")]
     NoDestination,
+    /// Called from inside a hook: the checkpoint would run this process's hooks, and wait for
+    /// the very hook that asked for it.
+    #[error("called from inside a crac hook: a checkpoint runs the hooks, so it cannot be started from one; call it outside hooks")]
+    InHook,
     /// The calling thread holds a critical section, which the checkpoint would wait for.
     #[error("this thread holds a crac critical section, which the checkpoint would wait for: drop it first")]
     InCriticalSection,
@@ -142,6 +146,9 @@ impl SelfCheckpoint {
     pub fn run(&self) -> Result<RestoreReason, SelfCheckpointError> {
         let coordinator =
             crate::agent::running_coordinator().ok_or(SelfCheckpointError::NoAgent)?;
+        if crac_core::in_hook() {
+            return Err(SelfCheckpointError::InHook);
+        }
         if crac_core::in_critical_section() {
             return Err(SelfCheckpointError::InCriticalSection);
         }

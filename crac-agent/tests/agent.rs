@@ -498,3 +498,29 @@ fn as_nobody(socket: &Path, request: &[u8]) -> Vec<u8> {
         }
     }
 }
+
+/// A self-checkpoint asked for from inside a hook fails at once: it would wait for the hook
+/// that asked for it (and, left alone, run a nested dump after that hook's limit).
+#[test]
+fn a_self_checkpoint_from_inside_a_hook_is_refused() {
+    let f = fixture("self-in-hook", false);
+    let seen = Arc::new(Mutex::new(None));
+    let s = seen.clone();
+    let _r = f.coordinator.context().register(from_fns(
+        "asks-for-a-checkpoint",
+        move |_| {
+            let result = crac_agent::SelfCheckpoint::new()
+                .to("never-made")
+                .crac_binary("/nonexistent/crac")
+                .run();
+            *s.lock().unwrap() = Some(result.map_err(|e| e.to_string()));
+            Ok(())
+        },
+        |_| Ok(()),
+    ));
+    f.coordinator.simulate().unwrap();
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        Some(Err("called from inside a crac hook: a checkpoint runs the hooks, so it cannot be started from one; call it outside hooks".to_owned()))
+    );
+}

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use crate::dispatch::{self, Call, Target};
+use crate::dispatch::{self, Busy, Call, Target};
 use crate::error::CheckpointError;
 use crate::ordering::{insertion_index, visit_order, Direction, Priority};
 use crate::resource::{CheckpointInfo, HookError, Resource, RestoreInfo, RestoreReason};
@@ -241,6 +241,8 @@ impl Resource for Context {
             &targets,
             visit_order(targets.len(), Direction::Down),
             &Call::Before(checkpoint.clone()),
+            // Driven without limits, its hooks cannot be abandoned: nothing is ever busy.
+            &Busy::default(),
         );
         if run.failed() {
             return Err(Box::new(CheckpointError::refused(run.records, Vec::new())));
@@ -254,6 +256,7 @@ impl Resource for Context {
             &targets,
             visit_order(targets.len(), Direction::Up),
             &Call::After(restore.clone()),
+            &Busy::default(),
         );
         if run.failed() {
             let err = if restore.reason == RestoreReason::Aborted {

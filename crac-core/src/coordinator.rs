@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use once_cell::sync::Lazy;
 
 use crate::context::Context;
-use crate::dispatch::{self, in_hook, Call, Target};
+use crate::dispatch::{self, in_hook, Busy, Call, Target};
 use crate::error::{CheckpointError, ErrorKind};
 use crate::hook_thread::HookThread;
 use crate::ordering::{visit_order, Direction};
@@ -20,7 +20,9 @@ use crate::resource::{CheckpointInfo, RestoreInfo, RestoreReason, TcpConnections
 ///
 /// A hook cannot be cancelled: one that overruns is reported as
 /// [`HookFailure::TimedOut`](crate::HookFailure::TimedOut) and left running on its own thread
-/// while the cycle goes on. Set both hook limits to `None` to run hooks on the calling thread.
+/// while the cycle goes on; its resource sits out later cycles until it returns (see
+/// [`Resource`](crate::Resource), "Threads and blocking"). Set both hook limits to `None` to run
+/// hooks on the calling thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Limits {
@@ -117,6 +119,8 @@ struct Inner {
     cycle_ended: Condvar,
     /// Where hooks run when there are time limits.
     hooks: HookThread,
+    /// Resources whose hook overran and still runs.
+    busy: Arc<Busy>,
 }
 
 struct State {
@@ -154,6 +158,7 @@ impl Coordinator {
                 }),
                 cycle_ended: Condvar::new(),
                 hooks: HookThread::default(),
+                busy: Arc::default(),
             }),
         }
     }
@@ -304,6 +309,7 @@ impl Coordinator {
         let order = visit_order(targets.len(), Direction::Down).collect();
         let before = dispatch::run(
             &self.inner.hooks,
+            &self.inner.busy,
             &targets,
             order,
             &Call::Before(CheckpointInfo { generation }),
@@ -470,6 +476,7 @@ impl Checkpoint {
         let order = std::mem::take(&mut self.told);
         let after = dispatch::run(
             &self.coordinator.inner.hooks,
+            &self.coordinator.inner.busy,
             &self.targets,
             order,
             &Call::After(info.clone()),

@@ -3,18 +3,27 @@
 //! Without limits, hooks run on the calling thread. With limits, they run in order on the
 //! coordinator's hook thread while the caller waits with a deadline. A hook cannot be
 //! cancelled, so one that overruns is abandoned: its thread is told to stop after it returns,
-//! and a new thread carries on with the next hook. The cost per hook is two uncontended lock round trips, not a thread
-//! hand-off, so a cycle over thousands of resources stays cheap.
+//! and a new thread carries on with the next hook. The cost per hook is two uncontended lock
+//! round trips, not a thread hand-off, so a cycle over thousands of resources stays cheap.
+//!
+//! A resource whose hook was abandoned is [`Busy`] until that call returns: hooks never
+//! overlap, so no cycle calls it meanwhile (its hook is reported as still running, which
+//! refuses a checkpoint). When an abandoned `before_checkpoint` returns `Ok` after all, its
+//! resource went down for a checkpoint that was refused: it is told `after_restore` with
+//! reason `aborted` then, on the same thread, like every resource of that cycle was.
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::coordinator::Limits;
 use crate::hook_thread::HookThread;
 use crate::report::{HookFailure, HookRecord, Phase};
-use crate::resource::{CheckpointInfo, HookError, Resource, RestoreInfo};
+use crate::resource::{
+    CheckpointInfo, HookError, Resource, RestoreInfo, RestoreReason, TcpConnections,
+};
 
 /// A resource as one cycle sees it: its full name and the resource itself.
 pub(crate) struct Target {
@@ -55,6 +64,36 @@ pub(crate) fn in_hook() -> bool {
     IN_HOOK.with(Cell::get)
 }
 
+/// The resources with a hook still running on an abandoned thread (see the module
+/// documentation), by the address of the resource.
+#[derive(Default)]
+pub(crate) struct Busy(Mutex<HashSet<usize>>);
+
+impl Busy {
+    fn key(target: &Target) -> usize {
+        Arc::as_ptr(&target.resource) as *const () as usize
+    }
+
+    fn set(&self) -> MutexGuard<'_, HashSet<usize>> {
+        // Each critical section is one set operation: a poisoned lock holds usable data.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn contains(&self, target: &Target) -> bool {
+        self.set().contains(&Busy::key(target))
+    }
+
+    fn insert(&self, target: &Target) {
+        self.set().insert(Busy::key(target));
+    }
+
+    fn remove(&self, target: &Target) {
+        self.set().remove(&Busy::key(target));
+    }
+}
+
 /// The records of one phase, in the order the hooks were due.
 pub(crate) struct PhaseRun {
     pub(crate) records: Vec<HookRecord>,
@@ -66,8 +105,17 @@ impl PhaseRun {
     }
 }
 
-fn call_one(targets: &[Target], index: usize, call: &Call) -> HookRecord {
+fn call_one(targets: &[Target], index: usize, call: &Call, busy: &Busy) -> HookRecord {
     let target = &targets[index];
+    if busy.contains(target) {
+        return HookRecord {
+            resource: Arc::clone(&target.name),
+            phase: call.phase(),
+            duration: Duration::ZERO,
+            failure: Some(HookFailure::StillRunning),
+            target: index,
+        };
+    }
     let was_in_hook = IN_HOOK.with(|flag| flag.replace(true));
     let start = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| call.invoke(&*target.resource)));
@@ -102,10 +150,11 @@ pub(crate) fn run_inline(
     targets: &[Target],
     order: impl IntoIterator<Item = usize>,
     call: &Call,
+    busy: &Busy,
 ) -> PhaseRun {
     let records = order
         .into_iter()
-        .map(|index| call_one(targets, index, call))
+        .map(|index| call_one(targets, index, call, busy))
         .collect();
     PhaseRun { records }
 }
@@ -114,21 +163,25 @@ pub(crate) fn run_inline(
 /// are limits.
 pub(crate) fn run(
     thread: &HookThread,
+    busy: &Arc<Busy>,
     targets: &Arc<[Target]>,
     order: Vec<usize>,
     call: &Call,
     limits: &Limits,
 ) -> PhaseRun {
     if limits.hook.is_none() && limits.phase.is_none() {
-        return run_inline(targets, order, call);
+        return run_inline(targets, order, call, busy);
     }
-    run_limited(thread, targets, order, call, limits)
+    run_limited(thread, busy, targets, order, call, limits)
 }
 
 struct Progress {
     records: Vec<HookRecord>,
-    /// When the hook now running started.
-    current_started: Instant,
+    /// The hook now running (its index into the targets) and when it started; None between
+    /// hooks.
+    current: Option<(usize, Instant)>,
+    /// Since when no hook runs (the worker has not started one yet, or is between two).
+    idle_since: Instant,
     finished: bool,
     /// Set by the caller when it stops waiting for this worker.
     abandoned: bool,
@@ -151,6 +204,7 @@ impl Shared {
 
 fn run_limited(
     thread: &HookThread,
+    busy: &Arc<Busy>,
     targets: &Arc<[Target]>,
     order: Vec<usize>,
     call: &Call,
@@ -163,7 +217,8 @@ fn run_limited(
         let shared = Arc::new(Shared {
             progress: Mutex::new(Progress {
                 records: Vec::new(),
-                current_started: Instant::now(),
+                current: None,
+                idle_since: Instant::now(),
                 finished: false,
                 abandoned: false,
             }),
@@ -171,14 +226,19 @@ fn run_limited(
         });
         let job = {
             let shared = Arc::clone(&shared);
+            let busy = Arc::clone(busy);
             let targets = Arc::clone(targets);
             let order = order[pos..].to_vec();
             let call = call.clone();
-            Box::new(move || work(&shared, &targets, &order, &call))
+            Box::new(move || work(&shared, &busy, &targets, &order, &call))
         };
         if thread.run(job).is_err() {
             // No thread to be had: run the rest here rather than not at all.
-            records.extend(order[pos..].iter().map(|&i| call_one(targets, i, call)));
+            records.extend(
+                order[pos..]
+                    .iter()
+                    .map(|&i| call_one(targets, i, call, busy)),
+            );
             break;
         }
 
@@ -188,12 +248,21 @@ fn run_limited(
                 break None;
             }
             let now = Instant::now();
-            let hook_deadline = limits.hook.map(|limit| progress.current_started + limit);
+            let since = progress
+                .current
+                .map_or(progress.idle_since, |(_, started)| started);
+            let hook_deadline = limits.hook.map(|limit| since + limit);
             let deadline = match (hook_deadline, phase_deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            let phase_over = phase_deadline.is_some_and(|deadline| now >= deadline);
             progress = match deadline {
+                // No hook runs: the worker is late to start the next one, not overrunning.
+                Some(deadline) if now >= deadline && progress.current.is_none() && !phase_over => {
+                    progress.idle_since = now;
+                    continue;
+                }
                 Some(deadline) if now >= deadline => break Some(now),
                 Some(deadline) => {
                     shared
@@ -214,10 +283,26 @@ fn run_limited(
             break;
         };
 
-        // The hook at `pos` overran: leave its thread behind and go on without it.
+        // Leave the thread behind and go on without it.
         progress.abandoned = true;
         thread.abandon();
-        let started = progress.current_started;
+        let Some((index, started)) = progress.current else {
+            // The phase's time ran out between two hooks: the worker stops before the next.
+            drop(progress);
+            let phase_limit = limits.phase.unwrap_or_default();
+            records.extend(order[pos..].iter().map(|&index| HookRecord {
+                resource: Arc::clone(&targets[index].name),
+                phase: call.phase(),
+                duration: Duration::ZERO,
+                failure: Some(HookFailure::NotRun { phase_limit }),
+                target: index,
+            }));
+            break;
+        };
+        // The hook at `pos` overran. Marked busy under the worker's lock, so that its late
+        // return (which takes the same lock) always comes after.
+        debug_assert_eq!(index, order[pos]);
+        busy.insert(&targets[index]);
         drop(progress);
         let phase_over = phase_deadline.is_some_and(|deadline| now >= deadline);
         let hook_over = limits.hook.is_some_and(|limit| now >= started + limit);
@@ -250,22 +335,44 @@ fn run_limited(
     PhaseRun { records }
 }
 
-fn work(shared: &Shared, targets: &[Target], order: &[usize], call: &Call) {
+fn work(shared: &Shared, busy: &Busy, targets: &[Target], order: &[usize], call: &Call) {
     for &index in order {
         {
             let mut progress = shared.lock();
             if progress.abandoned {
                 return;
             }
-            progress.current_started = Instant::now();
+            progress.current = Some((index, Instant::now()));
         }
-        let record = call_one(targets, index, call);
+        let record = call_one(targets, index, call, busy);
         let mut progress = shared.lock();
         if progress.abandoned {
+            drop(progress);
+            returned_late(&targets[index], call, &record, busy);
             return;
         }
+        progress.current = None;
+        progress.idle_since = Instant::now();
         progress.records.push(record);
     }
     shared.lock().finished = true;
     shared.finished.notify_all();
+}
+
+/// An abandoned hook has returned, its cycle over. A `before_checkpoint` that succeeded took
+/// its resource down for a checkpoint that was refused (its overrun refused it): bring it
+/// back up as the others were, with reason `aborted`. Then the resource may be called again.
+fn returned_late(target: &Target, call: &Call, record: &HookRecord, busy: &Busy) {
+    if let (Call::Before(info), None) = (call, &record.failure) {
+        let back = Call::After(RestoreInfo {
+            reason: RestoreReason::Aborted,
+            generation: info.generation,
+            at: SystemTime::now(),
+            tcp: TcpConnections::default(),
+        });
+        let was_in_hook = IN_HOOK.with(|flag| flag.replace(true));
+        let _ = catch_unwind(AssertUnwindSafe(|| back.invoke(&*target.resource)));
+        IN_HOOK.with(|flag| flag.set(was_in_hook));
+    }
+    busy.remove(target);
 }

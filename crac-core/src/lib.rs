@@ -31,7 +31,8 @@
 //! 4. Registration is owned: dropping the [`Registration`] unregisters. Registering during a
 //!    cycle takes effect in the next one.
 //! 5. One cycle at a time; a cycle requested from inside a hook is an error, not a deadlock.
-//! 6. Per-hook and per-phase [`Limits`]; an overrun is an error naming the resource.
+//! 6. Per-hook and per-phase [`Limits`]; an overrun is an error naming the resource, and
+//!    that resource's hooks still never overlap (it sits out cycles until the call returns).
 //! 7. [`CriticalSection`]s: a checkpoint waits (bounded) for them, and new ones wait until
 //!    `after_restore` has finished.
 //! 8. [`Coordinator::simulate`]: a whole cycle without CRIU.
@@ -108,6 +109,12 @@ pub fn global_context() -> &'static Context {
 /// [`Coordinator::critical_section`].
 pub fn critical_section() -> CriticalSection {
     Coordinator::global().critical_section()
+}
+
+/// Whether the current thread is running a hook (of any coordinator). Whatever would wait for
+/// a cycle (a checkpoint of this process, say) must not be started from inside one.
+pub fn in_hook() -> bool {
+    dispatch::in_hook()
 }
 
 /// Whether the current thread holds a [`CriticalSection`] (of any coordinator). A thread that

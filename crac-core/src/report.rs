@@ -51,6 +51,9 @@ pub enum HookFailure {
         /// The phase limit that ran out.
         phase_limit: Duration,
     },
+    /// The hook was not called: a hook of the same resource that overran in an earlier cycle
+    /// is still running, and hooks of one resource never overlap.
+    StillRunning,
 }
 
 impl HookFailure {
@@ -83,6 +86,9 @@ impl fmt::Display for HookFailure {
                 f,
                 "not run: the phase time limit of {} ran out before its turn",
                 DisplayDuration(*phase_limit)
+            ),
+            HookFailure::StillRunning => f.write_str(
+                "not run: its hook of an earlier cycle, which overran, is still running",
             ),
         }
     }

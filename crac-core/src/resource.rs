@@ -22,7 +22,11 @@ pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// coordinator (a worker thread when time limits are set, otherwise the thread that asked for
 /// the checkpoint). They may block, up to the per-hook time limit (see
 /// [`Limits`](crate::Limits)); a hook that overruns is reported as failed and the cycle goes on
-/// without waiting for it.
+/// without waiting for it. It is still one at a time per resource: until that call returns, no
+/// later cycle calls the resource (its hook is reported as
+/// [`StillRunning`](crate::HookFailure::StillRunning), which refuses a checkpoint); and when a
+/// `before_checkpoint` that overran returns `Ok` at last, the resource is told `after_restore`
+/// with [`RestoreReason::Aborted`] then, since its checkpoint was refused.
 ///
 /// # Ordering
 ///

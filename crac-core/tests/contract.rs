@@ -507,6 +507,69 @@ fn a_hook_that_overruns_is_named_and_the_others_are_still_told() {
     );
 }
 
+/// Hooks of one resource never overlap: while the hook that overran still runs, the next
+/// cycle does not call that resource (which refuses the checkpoint), and when it returns at
+/// last, its resource, taken down for a checkpoint that was refused, is told to come back.
+#[test]
+fn a_resource_whose_hook_overran_is_left_alone_until_it_returns_then_brought_back() {
+    let log = Log::default();
+    let c = Coordinator::new();
+    c.set_limits(Limits::default().with_hook(Some(Duration::from_millis(100))));
+    let _a = c.context().register(rec("a", &log));
+    let _slow = c.context().register(with(
+        "slow",
+        &log,
+        Behaviour::Sleep(Duration::from_millis(700)),
+        Behaviour::Ok,
+    ));
+    let first = c.checkpoint().unwrap_err();
+    assert_eq!(first.failures().count(), 1);
+    assert_eq!(take(&log), ["slow:before", "a:before", "a:after:aborted"]);
+
+    // The overrunning call still runs: not called again, reported, the checkpoint refused.
+    let second = c.checkpoint().unwrap_err();
+    let failures: Vec<_> = second.failures().collect();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].resource(), "slow");
+    assert!(matches!(
+        failures[0].failure(),
+        Some(HookFailure::StillRunning)
+    ));
+    assert!(
+        second.to_string().contains(
+            "before_checkpoint of \"slow\" not run: its hook of an earlier cycle, which overran, is still running"
+        ),
+        "{second}"
+    );
+    assert_eq!(take(&log), ["a:before", "a:after:aborted"]);
+
+    // It returns: told "aborted", like the rest of its cycle; then it takes part again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !log
+        .lock()
+        .unwrap()
+        .contains(&"slow:after:aborted".to_owned())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the late before_checkpoint was never undone"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(take(&log), ["slow:after:aborted"]);
+    c.set_limits(Limits::default().with_hook(Some(Duration::from_secs(5))));
+    c.simulate().unwrap();
+    assert_eq!(
+        take(&log),
+        [
+            "slow:before",
+            "a:before",
+            "a:after:restored",
+            "slow:after:restored"
+        ]
+    );
+}
+
 #[test]
 fn the_phase_limit_stops_calling_hooks_and_names_those_not_run() {
     let log = Log::default();
