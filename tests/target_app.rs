@@ -12,6 +12,8 @@
 //! - `CRAC_TEST_CHILD=1`: also start a child process like this one, in `$CRAC_TEST_DIR/child`.
 //! - `CRAC_TEST_OWN_SIGTERM=before|after`: handle SIGTERM itself (a graceful exit with status
 //!   0), installing the handler before or after the agent starts.
+//! - `CRAC_TEST_DRAIN_MS=MS`: with `CRAC_TEST_OWN_SIGTERM`, keep running (and logging
+//!   `draining`) for MS milliseconds after SIGTERM before the graceful exit.
 //! - `CRAC_TEST_EXIT_AFTER=N`: return from main after N heartbeats.
 //! - `CRAC_TEST_SELF_CHECKPOINT=leave|stop`: once ready, checkpoint itself (destination from
 //!   `CRAC_CHECKPOINT_TO`) and log `self-checkpoint: <reason>` or `self-checkpoint error: ...`.
@@ -223,11 +225,23 @@ fn main() {
         };
         append(&dir.join("hooks.log"), &line);
     }
+    let drain: Option<Duration> = var("CRAC_TEST_DRAIN_MS")
+        .map(|ms| Duration::from_millis(ms.parse().expect("CRAC_TEST_DRAIN_MS is a number")));
+    let mut draining_until: Option<std::time::Instant> = None;
     loop {
         let counter = COUNTER.load(Ordering::SeqCst);
         if terminate.load(Ordering::SeqCst) {
-            append(&dir.join("hooks.log"), "graceful exit");
-            break;
+            match (drain, draining_until) {
+                (Some(drain), None) => {
+                    append(&dir.join("hooks.log"), "draining");
+                    draining_until = Some(std::time::Instant::now() + drain);
+                }
+                (Some(_), Some(until)) if std::time::Instant::now() < until => {}
+                _ => {
+                    append(&dir.join("hooks.log"), "graceful exit");
+                    break;
+                }
+            }
         }
         if exit_after.is_some_and(|n| counter >= n) {
             break;

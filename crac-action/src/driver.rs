@@ -584,14 +584,46 @@ pub fn hints(log: &str) -> Vec<String> {
         ("Can't get 1:16 opt", "hint: this CRIU cannot dump TCP or UDP sockets on this kernel (CRIU 4.1 asks for SO_PASSCRED on them): use CRIU >= 4.2 (scripts/provision-criu.sh)"),
         ("iptables-restore", "hint: CRIU locks TCP connections with iptables by default and found no iptables-restore: install iptables, or pass -- --network-lock nftables (crac checkpoint --tcp-established does)"),
         ("In-flight connection", "hint: a client connected to a listener the service keeps while it was being dumped, and was not accepted yet: pass --skip-in-flight to criu (crac checkpoint does), which leaves such connections out of the image"),
-        ("Pre dump script failed", "hint: a before_checkpoint hook failed or timed out (see the crac-action line above); the service was rolled back and keeps running"),
         ("Can't open file", "hint: a file the image refers to is gone or changed (rebuilt binary?): restore needs the same files"),
     ];
-    HINTS
+    let mut hints: Vec<String> = HINTS
         .iter()
         .filter(|(needle, _)| log.contains(needle))
         .map(|(_, hint)| (*hint).to_owned())
-        .collect()
+        .collect();
+    if log.contains("Pre dump script failed") {
+        hints.push(pre_dump_hint(log).to_owned());
+    }
+    hints
+}
+
+/// Why pre-dump failed, from what crac-action (or CRIU, about crac-action) wrote.
+fn pre_dump_hint(log: &str) -> &'static str {
+    let said = |what: &str| {
+        log.lines()
+            .any(|l| l.starts_with("crac-action: pre-dump:") && l.contains(what))
+    };
+    if log.contains("killed by signal") {
+        "hint: crac-action was killed before it finished (CRIU's line above says by which signal): the service keeps running, and an agent it had told ends that checkpoint by itself when its lease runs out (CRAC_ACTION_TIMEOUT + 10 s at the most)"
+    } else if said("checkpoint refused:") {
+        "hint: a before_checkpoint hook failed or timed out (see the crac-action line above); the service was rolled back and keeps running"
+    } else if said("did not reply within") {
+        "hint: an agent did not answer within crac-action's time limit (CRAC_ACTION_TIMEOUT, --timeout): its hooks are slower than that, or the process is stopped; it rolls itself back when it is done"
+    } else if said("no agent in the process tree") {
+        "hint: CRAC_REQUIRE_AGENT=1 refuses a tree without an agent: start one in the service (crac_agent::start()), or unset CRAC_REQUIRE_AGENT"
+    } else if said("runs a crac agent") {
+        "hint: the service's agent socket was removed; the agent makes it again within a minute: retry then"
+    } else if said("symbolic link")
+        || said("belongs to uid")
+        || said("may be written by others")
+        || said("is not a socket")
+        || said("refusing to talk to it")
+        || said("user namespace")
+    {
+        "hint: crac-action refused what it found where an agent's socket should be (see its line above); nothing was told, and the service keeps running"
+    } else {
+        "hint: the action script failed before the dump (see its lines above); the service keeps running"
+    }
 }
 
 fn status_text(status: &std::process::ExitStatus) -> String {
@@ -610,4 +642,49 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last line of a failed pre-dump, as CRIU writes it.
+    const FAILED: &str = "Error (criu/cr-dump.c:2011): Pre dump script failed with -1!";
+
+    fn hint(lines: &[&str]) -> String {
+        let log = lines.join("\n") + "\n" + FAILED;
+        let hints = hints(&log);
+        assert_eq!(hints.len(), 1, "{hints:?}");
+        hints[0].clone()
+    }
+
+    #[test]
+    fn a_failed_pre_dump_is_explained_by_its_cause() {
+        for (lines, expected) in [
+            (
+                &["crac-action: pre-dump: pid 7: checkpoint refused: before_checkpoint of \"db\" failed: down"][..],
+                "hint: a before_checkpoint hook failed or timed out",
+            ),
+            (
+                &["crac-action: pre-dump: pid 7: the agent at /tmp/crac/7/agent.sock did not reply within 30s (CRAC_ACTION_TIMEOUT sets this limit)"],
+                "hint: an agent did not answer within crac-action's time limit",
+            ),
+            (
+                &["crac-action: pre-dump: no agent in the process tree of pid 7 (no socket at /tmp/crac/7/agent.sock); start one in the service with crac_agent::start(), or unset CRAC_REQUIRE_AGENT"],
+                "hint: CRAC_REQUIRE_AGENT=1 refuses a tree without an agent",
+            ),
+            (
+                &["crac-action: pre-dump: pid 7: /tmp/crac is a symbolic link (to \"/etc\")"],
+                "hint: crac-action refused what it found",
+            ),
+            (
+                &["Error (criu/util.c:660): killed by signal 9: Killed"],
+                "hint: crac-action was killed before it finished",
+            ),
+            (&["something else"], "hint: the action script failed before the dump"),
+        ] {
+            let got = hint(lines);
+            assert!(got.starts_with(expected), "{lines:?}: {got}");
+        }
+    }
 }

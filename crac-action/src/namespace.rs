@@ -106,6 +106,18 @@ pub enum Refusal {
         /// Whether the path is inside the process's own root (a container).
         in_own_root: bool,
     },
+    /// The process runs an agent, but its socket is gone.
+    #[error(
+        "pid {pid} runs a crac agent (its crac-agent thread) but there is no socket at \
+         {socket}: it was removed (by a /tmp cleaner, or by hand). The agent makes it again \
+         within a minute (crac_agent::SOCKET_CHECK): retry then"
+    )]
+    SocketGone {
+        /// The process.
+        pid: u32,
+        /// Where the socket should be, as the process sees it.
+        socket: String,
+    },
     /// The process runs in a user namespace of its own.
     #[error(
         "pid {pid} runs in a user namespace of its own, which crac-action does not support: its \
@@ -334,6 +346,12 @@ impl AgentSocket {
             }
             return Ok(Some(found));
         }
+        if runs_an_agent(pid) {
+            return Err(Refusal::SocketGone {
+                pid,
+                socket: expected_socket(pid),
+            });
+        }
         Ok(None)
     }
 
@@ -546,6 +564,21 @@ fn interface_up(name: &std::ffi::CStr) -> io::Result<bool> {
 /// Process `pid`'s pid as it sees itself (the innermost of `NSpid`), if it runs.
 pub fn ns_pid(pid: u32) -> Option<u32> {
     Proc::read(pid).map(|p| p.ns_pid)
+}
+
+/// Whether process `pid` has the agent's thread (named `crac-agent`): it has an agent, whether
+/// or not its socket can be found.
+fn runs_an_agent(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        read_proc(&format!(
+            "/proc/{pid}/task/{}/comm",
+            task.file_name().to_string_lossy()
+        ))
+        .is_some_and(|comm| comm.strip_suffix(b"\n").unwrap_or(&comm) == b"crac-agent")
+    })
 }
 
 /// Where the socket of process `pid`'s agent would be, for a message saying there is none:

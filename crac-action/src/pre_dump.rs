@@ -24,6 +24,9 @@ use crate::watcher::{self, Claim, Watch};
 
 const STEP: &str = "pre-dump";
 
+/// What a before-checkpoint's lease allows beyond this step's own time limit.
+const LEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// When set, pre-dump writes a [`HookReport`] (JSON) to this path: `crac checkpoint` reads
 /// the hook timings from it.
 pub const HOOK_REPORT_ENV: &str = "CRAC_HOOK_REPORT";
@@ -76,7 +79,10 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // under runc runs each action twice) answers the second time that it is ready already.
     let cycle = format!("criu-{}-{}", criu.pid, criu.start_time);
     let deadline = Deadline::after(settings.timeout);
-    let request = Request::before_checkpoint(&cycle);
+    // If this step dies after an agent answered and before the watcher exists, the agent
+    // ends its checkpoint by itself when the lease runs out: this whole step's limit, and
+    // some more.
+    let request = Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE);
     let started = Instant::now();
     let mut report = HookReport {
         cycle: cycle.clone(),

@@ -1,19 +1,21 @@
 //! Starting and stopping the agent: [`start`], [`Builder`], [`Agent`].
 
-use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use std::{fmt, fs, io};
 
 use crac_core::Coordinator;
 
 use crate::cleanup;
+use crate::handler::Handler;
 use crate::location;
-use crate::server::Server;
+use crate::server::{Options, Server};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +103,16 @@ pub fn start() -> Result<Agent, StartError> {
     Builder::new().start()
 }
 
+/// How often an idle agent looks whether its socket is still there, by default.
+pub const SOCKET_CHECK: Duration = Duration::from_secs(60);
+
 /// Options for the agent.
 #[derive(Debug)]
 pub struct Builder {
     coordinator: Option<Coordinator>,
     base_dir: Option<PathBuf>,
     signal_cleanup: bool,
+    socket_check: Option<Duration>,
 }
 
 impl Default for Builder {
@@ -117,12 +123,14 @@ impl Default for Builder {
 
 impl Builder {
     /// Default options: the global coordinator, the folder from
-    /// [`CRAC_AGENT_DIR`](crate::DIR_ENV), cleanup on SIGTERM/SIGINT.
+    /// [`CRAC_AGENT_DIR`](crate::DIR_ENV), cleanup on SIGTERM/SIGINT, a look at the socket
+    /// every [`SOCKET_CHECK`].
     pub fn new() -> Builder {
         Builder {
             coordinator: None,
             base_dir: None,
             signal_cleanup: true,
+            socket_check: Some(SOCKET_CHECK),
         }
     }
 
@@ -140,9 +148,19 @@ impl Builder {
     }
 
     /// Whether to remove the socket when SIGTERM or SIGINT ends the process (default: yes).
-    /// The application's own handling of those signals is kept either way.
+    /// The application's own handling of those signals is kept either way: a signal it
+    /// handles is left to it, and the socket stays while the process lives on (draining);
+    /// it is removed at exit.
     pub fn signal_cleanup(mut self, enabled: bool) -> Builder {
         self.signal_cleanup = enabled;
+        self
+    }
+
+    /// How often the idle agent looks whether its socket is still there, and makes it again if
+    /// it is gone (removed by a /tmp cleaner such as systemd-tmpfiles, or by hand); `None`:
+    /// never. Default [`SOCKET_CHECK`]. It is the only time an idle agent wakes up.
+    pub fn socket_check(mut self, every: Option<Duration>) -> Builder {
+        self.socket_check = every;
         self
     }
 
@@ -181,24 +199,27 @@ impl Builder {
         }
         cleanup::arm(&socket, &dir, self.signal_cleanup);
 
-        let stopping = Arc::new(AtomicBool::new(false));
-        // A second handle on the same socket, so that stop() can shut it down.
-        let control = listener
-            .try_clone()
-            .map_err(|e| StartError::io("duplicate the listener of", &socket, e))?;
+        // stop() wakes the agent's thread by closing the other end of this pipe.
+        let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| StartError::io("make a pipe for", &socket, e.into()))?;
         let coordinator = self
             .coordinator
             .unwrap_or_else(|| Coordinator::global().clone());
         *COORDINATOR
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(coordinator.clone());
-        let server = Server::new(coordinator);
-        let thread = {
-            let stopping = Arc::clone(&stopping);
-            std::thread::Builder::new()
-                .name("crac-agent".into())
-                .spawn(move || server.run(listener, stopping))
-        };
+        let server = Server::new(
+            Handler::new(coordinator),
+            listener,
+            Options {
+                socket: socket.clone(),
+                base,
+                socket_check: self.socket_check,
+            },
+        );
+        let thread = std::thread::Builder::new()
+            .name("crac-agent".into())
+            .spawn(move || server.run(stop_read));
         let thread = match thread {
             Ok(thread) => thread,
             Err(err) => {
@@ -209,8 +230,7 @@ impl Builder {
         Ok(Agent {
             inner: Arc::new(AgentInner {
                 socket,
-                stopping,
-                running: Mutex::new(Some((thread, control))),
+                running: Mutex::new(Some((thread, stop_write))),
             }),
         })
     }
@@ -225,9 +245,8 @@ pub struct Agent {
 
 struct AgentInner {
     socket: PathBuf,
-    stopping: Arc<AtomicBool>,
-    /// The agent's thread and a second handle on its listening socket, until stopped.
-    running: Mutex<Option<(JoinHandle<()>, UnixListener)>>,
+    /// The agent's thread and the end of its stop pipe, until stopped.
+    running: Mutex<Option<(JoinHandle<()>, OwnedFd)>>,
 }
 
 impl Agent {
@@ -239,7 +258,7 @@ impl Agent {
     /// Stops the agent, aborts a checkpoint it left pending, and removes its socket and
     /// folder. Calling it again does nothing.
     pub fn stop(&self) {
-        let Some((thread, control)) = self
+        let Some((thread, stop)) = self
             .inner
             .running
             .lock()
@@ -248,11 +267,9 @@ impl Agent {
         else {
             return;
         };
-        self.inner.stopping.store(true, Ordering::SeqCst);
-        // Shutting a listening socket down makes a blocked accept() return (EINVAL) on Linux.
-        let _ = nix::sys::socket::shutdown(control.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        // The thread's end of the pipe becomes readable (end of file).
+        drop(stop);
         let _ = thread.join();
-        drop(control);
         cleanup::remove_files();
         cleanup::disarm();
         *COORDINATOR

@@ -1,13 +1,15 @@
-//! Removing the socket when the process ends: at normal exit (`atexit`) and on SIGTERM/SIGINT,
-//! without taking the signals away from the application.
+//! Removing the socket when the process ends: at normal exit (`atexit`) and when SIGTERM or
+//! SIGINT kills the process, without taking the signals away from the application, and never
+//! while it lives on: an application that handles SIGTERM and keeps running (draining its
+//! requests) keeps its agent, and can still be checkpointed.
 //!
 //! - A signal whose disposition is the default (terminate) gets a one-shot handler
 //!   (`SA_RESETHAND`) that removes the socket and raises the signal again, so the process still
 //!   dies of it, with the same status. If the application later installs its own handler with
-//!   signal-hook, that library chains ours before its own actions: we remove the socket, see
-//!   that someone else now owns the signal, and return.
-//! - A signal the application already handles gets our cleanup added through signal-hook,
-//!   which calls the application's handler first and then ours.
+//!   signal-hook, that library chains ours before its own actions: we see that someone else
+//!   owns the signal now, and leave the socket alone (the application decides whether the
+//!   process ends; if it exits, `atexit` removes the socket).
+//! - A signal the application already handles is left to it, for the same reason.
 //! - An ignored signal stays ignored: the process does not end, so the socket stays.
 //! - The init of a pid namespace (pid 1, as a container's main process is) gets no handler
 //!   for a signal left at its default: the kernel does not deliver such a signal to it (the
@@ -90,11 +92,11 @@ extern "C" fn at_exit() {
 }
 
 extern "C" fn on_default_signal(signal: libc::c_int) {
-    remove_files();
     // SA_RESETHAND reset our disposition to the default on entry. If it is still the default,
-    // we were called by the kernel: raise again and die of the signal as the process would
-    // have without us (the signal is blocked until we return, then delivered). If it is
-    // anything else, another handler took over and chained to us: leave the rest to it.
+    // we were called by the kernel: remove the socket, raise again and die of the signal as
+    // the process would have without us (the signal is blocked until we return, then
+    // delivered). If it is anything else, another handler took over and chained to us: the
+    // process may live on, so the socket stays, and the rest is left to that handler.
     // SAFETY: sigaction with a null new action only reads the current one; raise is
     // async-signal-safe. `current` is plain data that sigaction fills in.
     unsafe {
@@ -102,6 +104,7 @@ extern "C" fn on_default_signal(signal: libc::c_int) {
         if libc::sigaction(signal, ptr::null(), &mut current) == 0
             && current.sa_sigaction == libc::SIG_DFL
         {
+            remove_files();
             libc::raise(signal);
         }
     }
@@ -118,25 +121,20 @@ fn install_signal_cleanup(signal: Signal) {
         }
         current.sa_sigaction
     };
-    if current == libc::SIG_IGN {
+    // An ignored or handled signal is the application's: the process may live on.
+    if current != libc::SIG_DFL {
         return;
     }
     // SAFETY: getpid has no preconditions.
-    if current == libc::SIG_DFL && unsafe { libc::getpid() } == 1 {
+    if unsafe { libc::getpid() } == 1 {
         return;
     }
-    if current == libc::SIG_DFL {
-        let ours = SigAction::new(
-            SigHandler::Handler(on_default_signal),
-            SaFlags::SA_RESETHAND | SaFlags::SA_RESTART,
-            SigSet::empty(),
-        );
-        // SAFETY: `on_default_signal` is async-signal-safe (see above) and replaces only the
-        // default disposition, which it re-creates before re-raising.
-        let _ = unsafe { sigaction(signal, &ours) };
-    } else {
-        // SAFETY: `remove_files` is async-signal-safe; signal-hook chains the application's
-        // existing handler before it.
-        let _ = unsafe { signal_hook::low_level::register(signum, remove_files) };
-    }
+    let ours = SigAction::new(
+        SigHandler::Handler(on_default_signal),
+        SaFlags::SA_RESETHAND | SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: `on_default_signal` is async-signal-safe (see above) and replaces only the
+    // default disposition, which it re-creates before re-raising.
+    let _ = unsafe { sigaction(signal, &ours) };
 }

@@ -57,6 +57,7 @@
 mod agent;
 mod cleanup;
 pub mod client;
+mod handler;
 mod location;
 mod peer;
 pub mod protocol;
@@ -64,7 +65,7 @@ mod self_checkpoint;
 mod server;
 mod tcp;
 
-pub use agent::{start, Agent, Builder, StartError};
+pub use agent::{start, Agent, Builder, StartError, SOCKET_CHECK};
 pub use location::{agent_dir, base_dir, socket_path, DEFAULT_DIR, DIR_ENV, SOCKET_NAME};
 pub use self_checkpoint::{
     checkpoint_self, SelfCheckpoint, SelfCheckpointError, CHECKPOINT_TO_ENV, CRAC_BIN_ENV,

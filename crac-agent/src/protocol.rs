@@ -1,21 +1,28 @@
 //! The wire protocol between `crac-action` (or any client) and the agent.
 //!
 //! One connection carries one exchange: the client writes one request, a single line of JSON
-//! ending in `\n`, at most [`MAX_REQUEST_LEN`] bytes; the agent writes one reply line and closes
-//! the connection. Nothing stays connected, so CRIU never finds a socket to the outside when it
-//! freezes the process. Lines are meant to be read by people in CRIU's log as much as by
-//! programs.
+//! ending in `\n`, at most [`MAX_REQUEST_LEN`] bytes, within [`REQUEST_TIMEOUT`] of connecting;
+//! the agent writes one reply line and closes the connection (reading and dropping whatever
+//! else the client sent, so that the reply is not lost to a reset). Nothing stays connected,
+//! so CRIU never finds a socket to the outside when it freezes the process. The agent serves
+//! several connections at once: a slow or silent client delays nobody else. Lines are meant to
+//! be read by people in CRIU's log as much as by programs.
 //!
 //! # Requests
 //!
 //! ```text
-//! {"v":1,"op":"before-checkpoint","cycle":"criu-4242"}
+//! {"v":1,"op":"before-checkpoint","cycle":"criu-4242","lease_ms":40000}
 //! {"v":1,"op":"after-restore","reason":"restored","cycle":"criu-4242"}
 //! {"v":1,"op":"status"}
 //! ```
 //!
 //! - `v`: the protocol version, [`VERSION`]. A request with another version is refused.
-//! - `op`: `before-checkpoint`, `after-restore` or `status`.
+//! - `op`: `before-checkpoint`, `after-restore` or `status`. A before-checkpoint from a client
+//!   that has already closed its connection is not run: nobody could hear that it was.
+//! - `lease_ms` (before-checkpoint only, optional): how long the checkpoint may stay pending
+//!   without an after-restore before the agent ends it itself (reason `aborted`; `restored` in
+//!   a copy restored from an image); 60 s without it. Time the process spends frozen (by a
+//!   dump) does not count.
 //! - `reason` (after-restore only): `restored`, `resumed` or `aborted`.
 //! - `cycle` (optional): a token naming the checkpoint cycle, chosen by whoever sent
 //!   before-checkpoint. An after-restore that carries a different token than the pending
@@ -57,6 +64,9 @@ pub const VERSION: u32 = 1;
 /// The longest request line the agent reads, newline included.
 pub const MAX_REQUEST_LEN: usize = 4096;
 
+/// How long a client has, from connecting, to send its whole request line.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A request line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -70,6 +80,9 @@ pub struct Request {
     /// The cycle token; see the module documentation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle: Option<String>,
+    /// For `before-checkpoint`: how long it may stay pending; see the module documentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 impl Request {
@@ -80,7 +93,14 @@ impl Request {
             op: op::BEFORE_CHECKPOINT.into(),
             reason: None,
             cycle: Some(cycle.into()),
+            lease_ms: None,
         }
+    }
+
+    /// This request with a lease (before-checkpoint); see the module documentation.
+    pub fn with_lease(mut self, lease: std::time::Duration) -> Request {
+        self.lease_ms = Some(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+        self
     }
 
     /// An `after-restore` request with `reason`, optionally for one cycle only.
@@ -90,6 +110,7 @@ impl Request {
             op: op::AFTER_RESTORE.into(),
             reason: Some(reason.as_str().into()),
             cycle,
+            lease_ms: None,
         }
     }
 
@@ -100,6 +121,7 @@ impl Request {
             op: op::STATUS.into(),
             reason: None,
             cycle: None,
+            lease_ms: None,
         }
     }
 

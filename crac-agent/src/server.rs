@@ -1,334 +1,410 @@
-//! The agent's thread: accept a connection, check the peer, read one request, act on the
-//! coordinator, reply, close. One connection at a time, so requests are naturally serialised.
+//! The agent's thread: one event loop over the listening socket and the connections in
+//! progress. Each connection gets one request and one reply ([`crate::protocol`]); requests
+//! are handled one at a time by the [`Handler`], in the order they are complete, while slow or
+//! silent clients only hold their own connection, up to [`REQUEST_TIMEOUT`].
+//!
+//! The loop sleeps in `poll` with no timeout while idle (no wake-ups), except for a rare look
+//! at its socket ([`Options::socket_check`]): a socket or folder removed by someone else (a
+//! /tmp cleaner, an operator) is made again, so that the service does not lose its agent for
+//! the rest of its life. While a checkpoint is pending it ticks, for the lease
+//! ([`crate::handler`]).
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{send, MsgFlags};
 
-use crac_core::{Checkpoint, CheckpointError, Coordinator, ErrorKind, Phase, RestoreReason};
-
+use crate::handler::{Handler, TICK};
 use crate::peer;
-use crate::protocol::{code, op, HookReport, Reply, Request, MAX_REQUEST_LEN, VERSION};
-use crate::tcp;
+use crate::protocol::{code, op, Reply, Request, MAX_REQUEST_LEN, REQUEST_TIMEOUT};
 
-/// How long a client may take to send its request or read the reply. Bounds how long a stuck
-/// or hostile client can keep the agent (and so every other client) waiting.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has, after the reply, to close its end; until then what it sends is read
+/// and dropped (closing with unread data would reset the connection and lose the reply).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most a client may send after its request line.
+const MAX_DRAIN: usize = 64 * 1024;
+/// Connections served at once; more wait in the listening socket's queue.
+const MAX_CONNECTIONS: usize = 32;
+/// The most a reply may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub(crate) struct Server {
-    coordinator: Coordinator,
-    pending: Option<Pending>,
+/// What the loop is given.
+pub(crate) struct Options {
+    /// Where the socket is, and its folder's base (to make them again).
+    pub(crate) socket: PathBuf,
+    pub(crate) base: PathBuf,
+    /// How often the loop looks at its socket while idle (None: never).
+    pub(crate) socket_check: Option<Duration>,
 }
 
-/// A checkpoint between before-checkpoint and after-restore.
-struct Pending {
-    cycle: Option<String>,
-    checkpoint: Checkpoint,
-    /// The TCP connections open when the hooks had gone down (see [`tcp`]).
-    connections: Vec<std::os::fd::RawFd>,
+pub(crate) struct Server {
+    handler: Handler,
+    listener: UnixListener,
+    /// The inode of the socket file this agent bound, to tell it from a replacement.
+    socket_inode: Option<u64>,
+    options: Options,
+    conns: Vec<Conn>,
+    next_check: Option<Instant>,
+}
+
+enum Stage {
+    /// Reading the request line, until the deadline.
+    Reading,
+    /// Replied; dropping what else comes until the client closes, or the deadline.
+    Draining { drained: usize },
+}
+
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    deadline: Instant,
+    stage: Stage,
+    /// The peer check, done when it connected.
+    peer: Result<(), String>,
+}
+
+/// What reading from a connection gave.
+enum Received {
+    /// Not all there yet.
+    More,
+    /// The request line, or what the client sent before closing its end.
+    Line(Vec<u8>),
+    /// Something that is not a request line, with the reply's message.
+    Bad(String),
 }
 
 impl Server {
-    pub(crate) fn new(coordinator: Coordinator) -> Server {
+    pub(crate) fn new(handler: Handler, listener: UnixListener, options: Options) -> Server {
+        let now = Instant::now();
         Server {
-            coordinator,
-            pending: None,
+            handler,
+            socket_inode: socket_inode(&options.socket),
+            next_check: options.socket_check.map(|every| now + every),
+            listener,
+            options,
+            conns: Vec::new(),
         }
     }
 
-    /// Serves until `stopping` is set and the listener is shut down. Blocks in `accept` while
-    /// idle: no polling, no wake-ups.
-    pub(crate) fn run(mut self, listener: UnixListener, stopping: Arc<AtomicBool>) {
+    /// Serves until `stop` becomes readable (the other end written to or closed).
+    pub(crate) fn run(mut self, stop: OwnedFd) {
+        let _ = self.listener.set_nonblocking(true);
         loop {
-            match listener.accept() {
-                Ok((stream, _)) => self.serve_connection(stream),
-                Err(_) if stopping.load(Ordering::SeqCst) => break,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // Out of file descriptors or memory: back off instead of spinning.
-                    std::thread::sleep(Duration::from_millis(100));
+            let now = Instant::now();
+            self.expire(now);
+            let was_pending = self.handler.is_pending();
+            if was_pending {
+                self.handler.tick(now);
+            }
+            if self.next_check.is_some_and(|at| now >= at) {
+                self.check_socket();
+                self.next_check = self.options.socket_check.map(|every| now + every);
+            }
+            let timeout = self.timeout(now);
+            let (stopped, accept, ready) = {
+                let mut fds = Vec::with_capacity(self.conns.len() + 2);
+                fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+                let accepting = self.conns.len() < MAX_CONNECTIONS;
+                fds.push(PollFd::new(
+                    self.listener.as_fd(),
+                    if accepting {
+                        PollFlags::POLLIN
+                    } else {
+                        PollFlags::empty()
+                    },
+                ));
+                for conn in &self.conns {
+                    fds.push(PollFd::new(conn.stream.as_fd(), PollFlags::POLLIN));
                 }
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => {
+                        // Out of memory for the poll set: back off instead of spinning.
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                }
+                let woke = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+                let ready: Vec<bool> = fds[2..].iter().map(woke).collect();
+                (woke(&fds[0]), accepting && woke(&fds[1]), ready)
+            };
+            if stopped {
+                break;
+            }
+            // Connections that were there when poll returned, by position; new ones go after.
+            for index in (0..ready.len()).rev() {
+                if ready[index] {
+                    self.serve(index);
+                }
+            }
+            if accept {
+                self.accept();
+            }
+            if was_pending && !self.handler.is_pending() {
+                // The cycle ended; in a restored copy CRIU made the socket file anew.
+                self.socket_inode = socket_inode(&self.options.socket);
             }
         }
         // A checkpoint still pending when the agent stops is aborted by Checkpoint's Drop.
     }
 
-    fn serve_connection(&mut self, stream: UnixStream) {
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        // Read the request even from a peer about to be refused: closing a Unix socket with
-        // unread data makes the peer's read fail (ECONNRESET) instead of showing our reply.
-        let request = read(&stream);
-        let checked = peer::check(&stream)
+    /// How long poll may sleep: until the next connection deadline, tick or socket check.
+    fn timeout(&self, now: Instant) -> PollTimeout {
+        let mut next = self.conns.iter().map(|c| c.deadline).min();
+        if self.handler.is_pending() {
+            next = Some(next.map_or(now + TICK, |at| at.min(now + TICK)));
+        }
+        if let Some(check) = self.next_check {
+            next = Some(next.map_or(check, |at| at.min(check)));
+        }
+        match next {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let left = at.saturating_duration_since(now) + Duration::from_millis(1);
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        while self.conns.len() < MAX_CONNECTIONS {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let peer = peer::check(&stream);
+                    self.conns.push(Conn {
+                        stream,
+                        buf: Vec::with_capacity(256),
+                        deadline: Instant::now() + REQUEST_TIMEOUT,
+                        stage: Stage::Reading,
+                        peer,
+                    });
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                // WouldBlock, or out of file descriptors: poll again later.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Connections past their deadline: a request not complete in time gets an error reply;
+    /// a client that does not close after its reply is closed.
+    fn expire(&mut self, now: Instant) {
+        let mut index = 0;
+        while index < self.conns.len() {
+            if now < self.conns[index].deadline {
+                index += 1;
+                continue;
+            }
+            match self.conns[index].stage {
+                Stage::Reading => {
+                    let message = format!(
+                        "no complete request line within {}s",
+                        REQUEST_TIMEOUT.as_secs()
+                    );
+                    let reply = self.handler.error("", code::BAD_REQUEST, message);
+                    self.reply(index, &reply);
+                    index += 1;
+                }
+                Stage::Draining { .. } => {
+                    self.conns.swap_remove(index);
+                }
+            }
+        }
+    }
+
+    /// Reads what a ready connection has; acts on a complete request.
+    fn serve(&mut self, index: usize) {
+        match self.conns[index].stage {
+            Stage::Draining { drained } => {
+                let mut chunk = [0u8; 4096];
+                let mut drained = drained;
+                loop {
+                    match (&self.conns[index].stream).read(&mut chunk) {
+                        Ok(0) => {
+                            self.conns.swap_remove(index);
+                            return;
+                        }
+                        Ok(n) => drained += n,
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            self.conns.swap_remove(index);
+                            return;
+                        }
+                    }
+                    if drained > MAX_DRAIN {
+                        self.conns.swap_remove(index);
+                        return;
+                    }
+                }
+                self.conns[index].stage = Stage::Draining { drained };
+            }
+            Stage::Reading => match read_request(&mut self.conns[index]) {
+                Received::More => {}
+                Received::Bad(message) => {
+                    let reply = self.handler.error("", code::BAD_REQUEST, message);
+                    self.reply(index, &reply);
+                }
+                Received::Line(line) => self.answer(index, &line),
+            },
+        }
+    }
+
+    fn answer(&mut self, index: usize, line: &[u8]) {
+        let checked = self.conns[index]
+            .peer
+            .clone()
             .map_err(|message| (code::PERMISSION_DENIED, message))
-            .and(request.map_err(|message| (code::BAD_REQUEST, message)));
-        let (reply, started_checkpoint) = match checked {
-            Err((code, message)) => (self.error("", code, message), false),
-            Ok(request) => {
-                let started = request.op == op::BEFORE_CHECKPOINT;
-                let reply = self.serve(&request);
-                let started = started && reply.ok;
-                (reply, started)
+            .and(parse(line).map_err(|message| (code::BAD_REQUEST, message)));
+        let request = match checked {
+            Ok(request) => request,
+            Err((code, message)) => {
+                let reply = self.handler.error("", code, message);
+                self.reply(index, &reply);
+                return;
             }
         };
-        let delivered = send_all(&stream, reply.to_line().as_bytes()).is_ok();
-        let _ = stream.shutdown(Shutdown::Both);
-        drop(stream);
-        if started_checkpoint && !delivered {
-            // Nobody heard that the hooks ran, so no dump will follow: come back up now rather
-            // than stay quiesced for a checkpoint that will never happen.
-            if let Some(pending) = self.pending.take() {
-                let _ = pending.checkpoint.complete(RestoreReason::Aborted);
-            }
+        let starts_a_checkpoint = request.op == op::BEFORE_CHECKPOINT;
+        if starts_a_checkpoint && hung_up(&self.conns[index].stream) {
+            // The client gave up and left: nobody would hear that the hooks ran, and a dump
+            // will not follow. Running them now would be a cycle of nobody's.
+            self.conns.swap_remove(index);
+            return;
+        }
+        let was_pending = self.handler.is_pending();
+        let reply = self.handler.serve(&request);
+        let delivered = self.reply(index, &reply);
+        if starts_a_checkpoint && reply.ok && !was_pending && !delivered {
+            self.handler.unheard();
         }
     }
 
-    pub(crate) fn serve(&mut self, request: &Request) -> Reply {
-        if request.v != VERSION {
-            return self.error(
-                &request.op,
-                code::BAD_REQUEST,
-                format!(
-                    "unsupported protocol version {} (this agent speaks version {VERSION})",
-                    request.v
-                ),
-            );
-        }
-        match request.op.as_str() {
-            op::BEFORE_CHECKPOINT => self.before_checkpoint(request),
-            op::AFTER_RESTORE => self.after_restore(request),
-            op::STATUS => self.reply(op::STATUS, true, Vec::new(), None, None),
-            other => self.error(
-                other,
-                code::BAD_REQUEST,
-                format!(
-                    "unknown op {other:?}: expected {:?}, {:?} or {:?}",
-                    op::BEFORE_CHECKPOINT,
-                    op::AFTER_RESTORE,
-                    op::STATUS
-                ),
-            ),
-        }
+    /// Writes `reply` on connection `index`, then lets the client read it to the end: the
+    /// connection drains what else comes until the client closes. Returns whether the reply
+    /// was written whole.
+    fn reply(&mut self, index: usize, reply: &Reply) -> bool {
+        let conn = &mut self.conns[index];
+        let delivered = send_all(&conn.stream, reply.to_line().as_bytes()).is_ok();
+        let _ = conn.stream.shutdown(Shutdown::Write);
+        conn.stage = Stage::Draining { drained: 0 };
+        conn.deadline = Instant::now() + DRAIN_TIMEOUT;
+        delivered
     }
 
-    fn before_checkpoint(&mut self, request: &Request) -> Reply {
-        if let Some(pending) = &self.pending {
-            if pending.cycle.is_some() && pending.cycle == request.cycle {
-                // The same cycle asked again (a CRIU that runs its action script twice): it is
-                // ready for the dump already.
-                return self.reply(
-                    op::BEFORE_CHECKPOINT,
-                    true,
-                    Vec::new(),
-                    Some(code::ALREADY),
-                    None,
-                );
-            }
-            let message = format!(
-                "a checkpoint is already in progress{}: it must be ended with after-restore before another can start",
-                describe_cycle(&pending.cycle)
-            );
-            return self.error(op::BEFORE_CHECKPOINT, code::BUSY, message);
+    /// Makes the socket again if it is gone, or another file took its path.
+    fn check_socket(&mut self) {
+        if self.socket_inode.is_some() && socket_inode(&self.options.socket) == self.socket_inode {
+            return;
         }
-        match self.coordinator.checkpoint() {
-            Ok(checkpoint) => {
-                let hooks = checkpoint.hooks().iter().map(HookReport::from).collect();
-                self.pending = Some(Pending {
-                    cycle: request.cycle.clone(),
-                    checkpoint,
-                    connections: tcp::connections(),
-                });
-                self.reply(op::BEFORE_CHECKPOINT, true, hooks, None, None)
-            }
-            Err(err) => self.failed(op::BEFORE_CHECKPOINT, &err, None),
-        }
-    }
-
-    fn after_restore(&mut self, request: &Request) -> Reply {
-        let reason = match request.reason.as_deref().map(RestoreReason::parse) {
-            Some(Some(reason)) => reason,
-            Some(None) | None => {
-                return self.error(
-                    op::AFTER_RESTORE,
-                    code::BAD_REQUEST,
-                    format!(
-                        "after-restore needs a reason, \"restored\", \"resumed\" or \"aborted\"; got {:?}",
-                        request.reason
-                    ),
-                )
-            }
+        let pid = std::process::id();
+        let Ok((_dir, socket)) = crate::location::prepare(&self.options.base, pid) else {
+            return;
         };
-        let Some(pending) = self.pending.take() else {
-            return self.error(
-                op::AFTER_RESTORE,
-                code::NOT_CHECKPOINTING,
-                "no checkpoint in progress: after-restore must follow a successful before-checkpoint"
-                    .into(),
-            );
+        let Ok(listener) = UnixListener::bind(&socket) else {
+            return;
         };
-        if let (Some(expected), Some(got)) = (&pending.cycle, &request.cycle) {
-            if expected != got {
-                let message = format!(
-                    "cycle mismatch: the pending checkpoint is cycle {expected:?}, this after-restore is for cycle {got:?}"
-                );
-                self.pending = Some(pending);
-                return self.error(op::AFTER_RESTORE, code::CYCLE_MISMATCH, message);
-            }
-        }
-        let connections = tcp::fate(&pending.connections);
-        match pending.checkpoint.complete_with(reason, connections) {
-            Ok(report) => {
-                let hooks = report
-                    .phase(Phase::AfterRestore)
-                    .map(HookReport::from)
-                    .collect();
-                self.reply(op::AFTER_RESTORE, true, hooks, None, None)
-            }
-            Err(err) => self.failed(op::AFTER_RESTORE, &err, Some(Phase::AfterRestore)),
-        }
-    }
-
-    fn failed(&self, op: &str, err: &CheckpointError, only: Option<Phase>) -> Reply {
-        let hooks = err
-            .hooks()
-            .iter()
-            .filter(|r| only.is_none_or(|phase| r.phase() == phase))
-            .map(HookReport::from)
-            .collect();
-        let code = match err.kind() {
-            ErrorKind::InProgress => code::BUSY,
-            _ => code::FAILED,
-        };
-        self.reply(op, false, hooks, Some(code), Some(err.to_string()))
-    }
-
-    fn error(&self, op: &str, code: &'static str, message: String) -> Reply {
-        self.reply(op, false, Vec::new(), Some(code), Some(message))
-    }
-
-    fn reply(
-        &self,
-        op: &str,
-        ok: bool,
-        hooks: Vec<HookReport>,
-        code: Option<&'static str>,
-        error: Option<String>,
-    ) -> Reply {
-        let last_restore_unix_ms = self.coordinator.last_restore().and_then(|info| {
-            info.at
-                .duration_since(UNIX_EPOCH)
-                .ok()
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        });
-        Reply {
-            v: VERSION,
-            ok,
-            op: op.to_owned(),
-            pid: std::process::id(),
-            state: self.coordinator.state().as_str().to_owned(),
-            generation: self.coordinator.generation(),
-            cycle: self.pending.as_ref().and_then(|p| p.cycle.clone()),
-            resources: self.coordinator.context().resource_names(),
-            last_restore_unix_ms,
-            hooks,
-            error,
-            code: code.map(str::to_owned),
-        }
+        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+        let _ = listener.set_nonblocking(true);
+        self.listener = listener;
+        self.socket_inode = socket_inode(&socket);
     }
 }
 
-/// Reads and drops the rest of an oversized line (at most 1 MiB, within the read time-out), so
-/// the client gets to read the error reply instead of a connection reset.
-fn discard_line(mut stream: &UnixStream) {
+/// The inode of the file at `path`, if there is one.
+fn socket_inode(path: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Whether the client closed its connection entirely (not just its writing side).
+fn hung_up(stream: &UnixStream) -> bool {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+}
+
+/// Reads what the connection has. A request is a line of at most MAX_REQUEST_LEN bytes, ended
+/// by `\n` or by the client closing its side.
+fn read_request(conn: &mut Conn) -> Received {
     let mut chunk = [0u8; 4096];
-    let mut left = 1usize << 20;
-    while left > 0 {
-        match stream.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) if chunk[..n].contains(&b'\n') => return,
-            Ok(n) => left = left.saturating_sub(n),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Writes all of `bytes` with MSG_NOSIGNAL: a client that went away must show up as an error
-/// here (so a checkpoint nobody heard about is rolled back), not as a SIGPIPE that kills an
-/// application that did not ignore it.
-fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> nix::Result<()> {
-    while !bytes.is_empty() {
-        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
-}
-
-fn describe_cycle(cycle: &Option<String>) -> String {
-    match cycle {
-        Some(cycle) => format!(" (cycle {cycle:?})"),
-        None => String::new(),
-    }
-}
-
-/// Reads one request line: at most MAX_REQUEST_LEN bytes, ended by `\n` or by the client
-/// closing its side.
-fn read(mut stream: &UnixStream) -> Result<Request, String> {
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 1024];
     loop {
-        let n = match stream.read(&mut chunk) {
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(format!(
-                    "no complete request line within {}s",
-                    IO_TIMEOUT.as_secs()
-                ))
+        match (&conn.stream).read(&mut chunk) {
+            Ok(0) => return Received::Line(std::mem::take(&mut conn.buf)),
+            Ok(n) => {
+                let searched = conn.buf.len();
+                conn.buf.extend_from_slice(&chunk[..n]);
+                if let Some(at) = conn.buf[searched..].iter().position(|&b| b == b'\n') {
+                    let end = searched + at;
+                    if end + 1 > MAX_REQUEST_LEN {
+                        return Received::Bad(too_long());
+                    }
+                    // What follows the line is drained after the reply.
+                    conn.buf.truncate(end);
+                    return Received::Line(std::mem::take(&mut conn.buf));
+                }
+                if conn.buf.len() > MAX_REQUEST_LEN {
+                    return Received::Bad(too_long());
+                }
             }
-            Err(err) => return Err(format!("cannot read the request: {err}")),
-        };
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let newline = buf.iter().position(|&b| b == b'\n');
-        if newline.map_or(buf.len(), |end| end + 1) > MAX_REQUEST_LEN {
-            if newline.is_none() {
-                discard_line(stream);
-            }
-            return Err(format!(
-                "request too long: no newline within {MAX_REQUEST_LEN} bytes"
-            ));
-        }
-        if let Some(end) = newline {
-            buf.truncate(end);
-            break;
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Received::More,
+            Err(err) => return Received::Bad(format!("cannot read the request: {err}")),
         }
     }
-    if buf.iter().all(u8::is_ascii_whitespace) {
+}
+
+fn too_long() -> String {
+    format!("request too long: no newline within {MAX_REQUEST_LEN} bytes")
+}
+
+fn parse(line: &[u8]) -> Result<Request, String> {
+    if line.iter().all(u8::is_ascii_whitespace) {
         return Err(
             "empty request: send one JSON object on one line, e.g. {\"v\":1,\"op\":\"status\"}"
                 .into(),
         );
     }
-    serde_json::from_slice(&buf).map_err(|err| {
+    serde_json::from_slice(line).map_err(|err| {
         format!(
             "malformed request ({err}): send one JSON object on one line, e.g. {{\"v\":1,\"op\":\"status\"}}"
         )
     })
+}
+
+/// Writes all of `bytes` (a reply: a few kilobytes at most, which a socket buffer takes at
+/// once), waiting at most WRITE_TIMEOUT for room, with MSG_NOSIGNAL: a client that went away
+/// must show up as an error here (so a checkpoint nobody heard about is rolled back), not as a
+/// SIGPIPE that kills an application that did not ignore it.
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> nix::Result<()> {
+    let deadline = Instant::now() + WRITE_TIMEOUT;
+    while !bytes.is_empty() {
+        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(nix::errno::Errno::ETIMEDOUT);
+                }
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+                poll(
+                    &mut fds,
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+                )?;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crac_core::{from_fns, Coordinator, Registration};
 use serde::Deserialize;
@@ -300,34 +301,230 @@ fn bad_input_gets_an_error_reply_and_the_agent_carries_on() {
     assert!(f.log().is_empty());
 }
 
-#[test]
-fn a_checkpoint_whose_reply_nobody_reads_is_rolled_back() {
-    let f = fixture("unheard", false);
-    let slow = Arc::new(Mutex::new(()));
-    let guard = slow.lock().unwrap();
-    let s = slow.clone();
-    let _slow = f.coordinator.context().register(from_fns(
-        "slow",
+/// A resource whose before_checkpoint says when it has started, then waits to be let go.
+fn gated(f: &Fixture, name: &'static str) -> (Registration, mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let registration = f.coordinator.context().register(from_fns(
+        name,
         move |_| {
-            drop(s.lock().unwrap());
+            let _ = started_tx.send(());
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
             Ok(())
         },
         |_| Ok(()),
     ));
-    {
-        let mut stream = UnixStream::connect(f.agent.socket_path()).unwrap();
-        stream
-            .write_all(b"{\"v\":1,\"op\":\"before-checkpoint\"}\n")
-            .unwrap();
-        // Hang up before the hooks finish.
-    }
-    drop(guard);
+    (registration, started, release)
+}
+
+/// The client hangs up while the hooks run: nobody heard that they did, so no dump follows,
+/// and the agent comes back up at once.
+#[test]
+fn a_checkpoint_whose_reply_nobody_reads_is_rolled_back() {
+    let f = fixture("unheard", false);
+    let (_slow, started, release) = gated(&f, "slow");
+    let mut stream = UnixStream::connect(f.agent.socket_path()).unwrap();
+    stream
+        .write_all(b"{\"v\":1,\"op\":\"before-checkpoint\"}\n")
+        .unwrap();
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the hooks started");
+    drop(stream);
+    release.send(()).unwrap();
     let reply = f.send(b"{\"v\":1,\"op\":\"status\"}\n");
     assert_eq!(reply.state, "idle", "{reply:?}");
     assert_eq!(
         f.log(),
         ["before b", "before a", "after a aborted", "after b aborted"]
     );
+}
+
+/// A before-checkpoint whose client gave up and left before the agent got to it is not run:
+/// no "ghost" cycle after the client's dump has failed. Here the agent is busy ending a cycle
+/// (an after_restore that takes its time) while a client asks for a checkpoint and leaves.
+#[test]
+fn a_before_checkpoint_whose_client_left_is_not_run() {
+    let f = fixture("ghost", false);
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let log = f.log.clone();
+    let _slow_up = f.coordinator.context().register(from_fns(
+        "slow-up",
+        |_| Ok(()),
+        move |info| {
+            let _ = started_tx.send(());
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            log.lock()
+                .unwrap()
+                .push(format!("after slow-up {}", info.reason));
+            Ok(())
+        },
+    ));
+    assert!(
+        f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
+            .ok
+    );
+    let path = f.agent.socket_path().to_owned();
+    let ender = std::thread::spawn(move || {
+        send_to(
+            &path,
+            b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"c1\"}\n",
+        )
+    });
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the after_restore hooks started");
+    {
+        let mut gone = UnixStream::connect(f.agent.socket_path()).unwrap();
+        gone.write_all(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"ghost\"}\n")
+            .unwrap();
+    }
+    release.send(()).unwrap();
+    assert!(ender.join().unwrap().ok);
+    let reply = f.send(b"{\"v\":1,\"op\":\"status\"}\n");
+    assert_eq!(reply.state, "idle", "{reply:?}");
+    // One cycle, and nothing of the ghost's.
+    assert_eq!(
+        f.log(),
+        [
+            "before b",
+            "before a",
+            "after a aborted",
+            "after b aborted",
+            "after slow-up aborted"
+        ]
+    );
+}
+
+/// More data after the request line, in the same write: the reply still arrives (closing
+/// with unread data would reset the connection), and it says what happened.
+#[test]
+fn a_request_followed_by_more_data_still_gets_its_reply() {
+    let f = fixture("trailing", false);
+    let mut line = b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"t\"}\n".to_vec();
+    line.extend(std::iter::repeat_n(b'x', 8000));
+    let mut stream = UnixStream::connect(f.agent.socket_path()).unwrap();
+    stream.write_all(&line).unwrap();
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .expect("the reply, not a reset connection");
+    let reply: WireReply = serde_json::from_str(reply.trim_end()).unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.state, "checkpointing");
+    assert_eq!(f.log(), ["before b", "before a"]);
+}
+
+/// A silent client, and one that sends a byte now and then, hold only their own connection:
+/// others are answered at once, and they get an error when their time is up.
+#[test]
+fn slow_and_silent_clients_delay_nobody() {
+    let f = fixture("slow-clients", false);
+    let silent = UnixStream::connect(f.agent.socket_path()).unwrap();
+    let path = f.agent.socket_path().to_owned();
+    let trickle = std::thread::spawn(move || {
+        let mut stream = UnixStream::connect(&path).unwrap();
+        let started = Instant::now();
+        for byte in b"{\"v\":1,\"op\":\"status\"}\n" {
+            if stream.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            if started.elapsed() > Duration::from_secs(4) {
+                break;
+            }
+        }
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply);
+        (reply, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let reply = f.send(b"{\"v\":1,\"op\":\"status\"}\n");
+    assert!(reply.ok);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a status request waited {:?} behind slow clients",
+        started.elapsed()
+    );
+    let (reply, took) = trickle.join().unwrap();
+    let reply: WireReply = serde_json::from_str(reply.trim_end()).unwrap();
+    assert_eq!(
+        reply.error.as_deref(),
+        Some("no complete request line within 2s")
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "the slow client was served for {took:?}"
+    );
+    let mut reply = String::new();
+    (&silent).read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.contains("no complete request line within 2s"),
+        "{reply}"
+    );
+}
+
+/// A checkpoint that nobody ends (its client went away after the reply, before a watcher
+/// existed) is ended by the agent when its lease runs out: "aborted", and the service runs on.
+#[test]
+fn a_checkpoint_nobody_ends_is_rolled_back_when_its_lease_runs_out() {
+    let f = fixture("lease", false);
+    let reply =
+        f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"left\",\"lease_ms\":300}\n");
+    assert!(reply.ok);
+    assert!(f.coordinator.is_quiesced());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.coordinator.is_quiesced() {
+        assert!(Instant::now() < deadline, "still quiesced after 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        f.log(),
+        ["before b", "before a", "after a aborted", "after b aborted"]
+    );
+    let late =
+        f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"resumed\",\"cycle\":\"left\"}\n");
+    assert_eq!(late.code.as_deref(), Some("not-checkpointing"));
+}
+
+/// The socket's folder removed by someone else (a /tmp cleaner): the agent makes it again.
+#[test]
+fn a_removed_socket_is_made_again() {
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let base = scratch("heal");
+    let coordinator = Coordinator::new();
+    let agent = crac_agent::Builder::new()
+        .coordinator(coordinator)
+        .base_dir(&base)
+        .signal_cleanup(false)
+        .socket_check(Some(Duration::from_millis(100)))
+        .start()
+        .expect("agent starts");
+    let socket = agent.socket_path().to_owned();
+    fs::remove_dir_all(socket.parent().unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the socket was not made again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(send_to(&socket, b"{\"v\":1,\"op\":\"status\"}\n").ok);
+    assert_eq!(
+        fs::metadata(socket.parent().unwrap()).unwrap().mode() & 0o7777,
+        0o700
+    );
+    agent.stop();
+    let _ = fs::remove_dir_all(&base);
+    drop(serial);
 }
 
 #[test]

@@ -7,7 +7,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::util::{agent_dir, read_lines, Scratch, Target};
+use crate::util::{
+    self, after_all, agent_dir, concat, read_lines, wait_until, Scratch, Target, BEFORE_ALL,
+};
 
 fn ends_with(env: &[(&str, &str)], signal: Option<Signal>) -> (WaitStatus, Vec<String>, bool) {
     let scratch = Scratch::new("signals");
@@ -67,4 +69,44 @@ fn a_normal_exit_removes_the_socket() {
     let (status, _, left) = ends_with(&[("CRAC_TEST_EXIT_AFTER", "5")], None);
     assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
     assert!(!left, "agent folder left behind");
+}
+
+/// An application that handles SIGTERM and goes on serving for a while (draining) keeps its
+/// agent meanwhile: a checkpoint then still runs its hooks. The socket goes when it exits.
+#[test]
+fn a_draining_application_keeps_its_agent_until_it_exits() {
+    for when in ["before", "after"] {
+        let Some(env) = util::env() else { return };
+        let scratch = Scratch::new("draining");
+        let target = Target::start(
+            &scratch.join("t"),
+            &[
+                ("CRAC_TEST_OWN_SIGTERM", when),
+                ("CRAC_TEST_DRAIN_MS", "3000"),
+            ],
+        );
+        let pid = target.pid;
+        kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM");
+        wait_until(Duration::from_secs(5), "the application to drain", || {
+            target.hooks() == ["draining"]
+        });
+        assert!(
+            agent_dir(pid).join("agent.sock").exists(),
+            "handler installed {when} the agent: the socket went while the process lives on"
+        );
+        let dump = env.dump(pid, &scratch.join("img"), &["--leave-running"], &[]);
+        assert!(dump.ok(), "{dump:?}");
+        wait_until(Duration::from_secs(10), "after_restore (resumed)", || {
+            target.hooks().len() == 7
+        });
+        let mut expected = vec!["draining".to_owned()];
+        expected.extend(concat(&BEFORE_ALL, &after_all("resumed", 1)));
+        assert_eq!(target.hooks(), expected, "{dump:?}");
+        let status = target.wait_exit(Duration::from_secs(10));
+        assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+        assert!(
+            !agent_dir(pid).exists(),
+            "agent folder left behind after the exit"
+        );
+    }
 }

@@ -1,0 +1,322 @@
+//! What the agent does with a request: the state machine of a checkpoint cycle (idle, then
+//! checkpointing from a successful before-checkpoint until after-restore), its lease, and the
+//! replies. The connections are [`crate::server`]'s.
+//!
+//! # The lease
+//!
+//! A checkpoint pending with nobody to end it would keep the service quiesced forever: the
+//! client that asked for it went away (crac-action killed before it left its watcher, or a
+//! client that read the reply and left). So a before-checkpoint takes a lease (the request's
+//! `lease_ms`, [`DEFAULT_LEASE`] without one): if no after-restore has come when it runs out,
+//! the agent ends the cycle itself, with reason `aborted` (or `restored`, when this process is
+//! not the one that was asked: a copy restored from an image by a tool that never said so).
+//!
+//! A dump freezes the process, and a lease must not run out while it is frozen: the dump is
+//! going on, and the watcher tells the process as soon as CRIU exits. The agent's thread ticks
+//! while a checkpoint is pending ([`TICK`]); a tick that comes much later than due ([`GAP`]),
+//! or with the clock gone back (a copy restored on another machine), means the process was
+//! frozen or restored, and the lease starts again from then.
+
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use crac_core::{Checkpoint, CheckpointError, Coordinator, ErrorKind, Phase, RestoreReason};
+
+use crate::protocol::{code, op, HookReport, Reply, Request, VERSION};
+use crate::tcp;
+
+/// The lease of a before-checkpoint that names none.
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+/// How often the agent's thread looks at the lease while a checkpoint is pending (it sleeps
+/// while idle).
+pub(crate) const TICK: Duration = Duration::from_millis(250);
+/// A tick this much later than due means the process did not run in between.
+const GAP: Duration = Duration::from_secs(1);
+
+pub(crate) struct Handler {
+    coordinator: Coordinator,
+    pending: Option<Pending>,
+}
+
+/// A checkpoint between before-checkpoint and after-restore.
+struct Pending {
+    cycle: Option<String>,
+    checkpoint: Checkpoint,
+    /// The TCP connections open when the hooks had gone down (see [`tcp`]).
+    connections: Vec<std::os::fd::RawFd>,
+    lease: Lease,
+}
+
+/// How long a pending checkpoint may wait for its after-restore; see the module documentation.
+struct Lease {
+    limit: Duration,
+    since: Instant,
+    last_tick: Instant,
+    /// This process's start time when the checkpoint began: a restored copy has another.
+    started_as: Option<u64>,
+}
+
+impl Lease {
+    fn new(limit: Duration, now: Instant) -> Lease {
+        Lease {
+            limit,
+            since: now,
+            last_tick: now,
+            started_as: own_start_time(),
+        }
+    }
+
+    /// Whether the lease has run out at `now`.
+    fn expired(&mut self, now: Instant) -> bool {
+        let frozen = now < self.last_tick || now - self.last_tick > GAP;
+        if frozen {
+            self.since = now;
+        }
+        self.last_tick = now;
+        now.saturating_duration_since(self.since) >= self.limit
+    }
+}
+
+/// This process's start time, field 22 of /proc/self/stat (clock ticks after boot).
+fn own_start_time() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+impl Handler {
+    pub(crate) fn new(coordinator: Coordinator) -> Handler {
+        Handler {
+            coordinator,
+            pending: None,
+        }
+    }
+
+    /// Whether a checkpoint is pending (the agent's thread then ticks).
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Ends a pending checkpoint whose lease ran out.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        let Some(pending) = &mut self.pending else {
+            return;
+        };
+        if !pending.lease.expired(now) {
+            return;
+        }
+        let restored = own_start_time() != pending.lease.started_as;
+        let reason = if restored {
+            RestoreReason::Restored
+        } else {
+            RestoreReason::Aborted
+        };
+        if let Some(pending) = self.pending.take() {
+            let tcp = tcp::fate(&pending.connections);
+            let _ = pending.checkpoint.complete_with(reason, tcp);
+        }
+    }
+
+    /// The before-checkpoint just answered was not heard (its reply could not be sent): no dump
+    /// will follow, so the process comes back up now rather than at the end of the lease.
+    pub(crate) fn unheard(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            let _ = pending.checkpoint.complete(RestoreReason::Aborted);
+        }
+    }
+
+    pub(crate) fn serve(&mut self, request: &Request) -> Reply {
+        if request.v != VERSION {
+            return self.error(
+                &request.op,
+                code::BAD_REQUEST,
+                format!(
+                    "unsupported protocol version {} (this agent speaks version {VERSION})",
+                    request.v
+                ),
+            );
+        }
+        match request.op.as_str() {
+            op::BEFORE_CHECKPOINT => self.before_checkpoint(request),
+            op::AFTER_RESTORE => self.after_restore(request),
+            op::STATUS => self.reply(op::STATUS, true, Vec::new(), None, None),
+            other => self.error(
+                other,
+                code::BAD_REQUEST,
+                format!(
+                    "unknown op {other:?}: expected {:?}, {:?} or {:?}",
+                    op::BEFORE_CHECKPOINT,
+                    op::AFTER_RESTORE,
+                    op::STATUS
+                ),
+            ),
+        }
+    }
+
+    fn before_checkpoint(&mut self, request: &Request) -> Reply {
+        if let Some(pending) = &self.pending {
+            if pending.cycle.is_some() && pending.cycle == request.cycle {
+                // The same cycle asked again (a CRIU that runs its action script twice): it is
+                // ready for the dump already.
+                return self.reply(
+                    op::BEFORE_CHECKPOINT,
+                    true,
+                    Vec::new(),
+                    Some(code::ALREADY),
+                    None,
+                );
+            }
+            let message = format!(
+                "a checkpoint is already in progress{}: it must be ended with after-restore before another can start",
+                describe_cycle(&pending.cycle)
+            );
+            return self.error(op::BEFORE_CHECKPOINT, code::BUSY, message);
+        }
+        match self.coordinator.checkpoint() {
+            Ok(checkpoint) => {
+                let hooks = checkpoint.hooks().iter().map(HookReport::from).collect();
+                let lease = request
+                    .lease_ms
+                    .map_or(DEFAULT_LEASE, Duration::from_millis);
+                self.pending = Some(Pending {
+                    cycle: request.cycle.clone(),
+                    checkpoint,
+                    connections: tcp::connections(),
+                    lease: Lease::new(lease, Instant::now()),
+                });
+                self.reply(op::BEFORE_CHECKPOINT, true, hooks, None, None)
+            }
+            Err(err) => self.failed(op::BEFORE_CHECKPOINT, &err, None),
+        }
+    }
+
+    fn after_restore(&mut self, request: &Request) -> Reply {
+        let reason = match request.reason.as_deref().map(RestoreReason::parse) {
+            Some(Some(reason)) => reason,
+            Some(None) | None => {
+                return self.error(
+                    op::AFTER_RESTORE,
+                    code::BAD_REQUEST,
+                    format!(
+                        "after-restore needs a reason, \"restored\", \"resumed\" or \"aborted\"; got {:?}",
+                        request.reason
+                    ),
+                )
+            }
+        };
+        let Some(pending) = self.pending.take() else {
+            return self.error(
+                op::AFTER_RESTORE,
+                code::NOT_CHECKPOINTING,
+                "no checkpoint in progress: after-restore must follow a successful before-checkpoint"
+                    .into(),
+            );
+        };
+        if let (Some(expected), Some(got)) = (&pending.cycle, &request.cycle) {
+            if expected != got {
+                let message = format!(
+                    "cycle mismatch: the pending checkpoint is cycle {expected:?}, this after-restore is for cycle {got:?}"
+                );
+                self.pending = Some(pending);
+                return self.error(op::AFTER_RESTORE, code::CYCLE_MISMATCH, message);
+            }
+        }
+        let connections = tcp::fate(&pending.connections);
+        match pending.checkpoint.complete_with(reason, connections) {
+            Ok(report) => {
+                let hooks = report
+                    .phase(Phase::AfterRestore)
+                    .map(HookReport::from)
+                    .collect();
+                self.reply(op::AFTER_RESTORE, true, hooks, None, None)
+            }
+            Err(err) => self.failed(op::AFTER_RESTORE, &err, Some(Phase::AfterRestore)),
+        }
+    }
+
+    fn failed(&self, op: &str, err: &CheckpointError, only: Option<Phase>) -> Reply {
+        let hooks = err
+            .hooks()
+            .iter()
+            .filter(|r| only.is_none_or(|phase| r.phase() == phase))
+            .map(HookReport::from)
+            .collect();
+        let code = match err.kind() {
+            ErrorKind::InProgress => code::BUSY,
+            _ => code::FAILED,
+        };
+        self.reply(op, false, hooks, Some(code), Some(err.to_string()))
+    }
+
+    pub(crate) fn error(&self, op: &str, code: &'static str, message: String) -> Reply {
+        self.reply(op, false, Vec::new(), Some(code), Some(message))
+    }
+
+    fn reply(
+        &self,
+        op: &str,
+        ok: bool,
+        hooks: Vec<HookReport>,
+        code: Option<&'static str>,
+        error: Option<String>,
+    ) -> Reply {
+        let last_restore_unix_ms = self.coordinator.last_restore().and_then(|info| {
+            info.at
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        });
+        Reply {
+            v: VERSION,
+            ok,
+            op: op.to_owned(),
+            pid: std::process::id(),
+            state: self.coordinator.state().as_str().to_owned(),
+            generation: self.coordinator.generation(),
+            cycle: self.pending.as_ref().and_then(|p| p.cycle.clone()),
+            resources: self.coordinator.context().resource_names(),
+            last_restore_unix_ms,
+            hooks,
+            error,
+            code: code.map(str::to_owned),
+        }
+    }
+}
+
+fn describe_cycle(cycle: &Option<String>) -> String {
+    match cycle {
+        Some(cycle) => format!(" (cycle {cycle:?})"),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_runs_out_unless_the_process_was_frozen() {
+        let start = Instant::now();
+        let mut lease = Lease::new(Duration::from_millis(500), start);
+        let tick = |ms| start + Duration::from_millis(ms);
+        assert!(!lease.expired(tick(250)));
+        assert!(lease.expired(tick(500)));
+        // Frozen from 250 ms to 5 s: the lease starts again when it runs again.
+        let mut lease = Lease::new(Duration::from_millis(500), start);
+        assert!(!lease.expired(tick(250)));
+        assert!(!lease.expired(tick(5000)));
+        assert!(!lease.expired(tick(5250)));
+        assert!(lease.expired(tick(5500)));
+        // A clock gone back (restored on another machine) starts it again too.
+        let mut lease = Lease::new(Duration::from_millis(500), tick(10_000));
+        assert!(!lease.expired(tick(100)));
+        assert!(lease.expired(tick(600)));
+    }
+
+    #[test]
+    fn the_start_time_is_read() {
+        assert!(own_start_time().is_some_and(|t| t > 0));
+    }
+}
