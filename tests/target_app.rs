@@ -29,6 +29,8 @@
 //!   datagram with `udp TOKEN DATA`. An `identity` resource renews `instance` when restored.
 //! - `CRAC_TEST_STOP_AGENT_ON=USR1`: SIGUSR1 stops the agent (its socket goes; the process
 //!   runs on).
+//! - `CRAC_TEST_SOCKET_CHECK_MS=MS`: the agent looks at its socket every MS milliseconds.
+//! - `CRAC_TEST_MIB=N`: touch N MiB of memory at start (a slower dump).
 //!
 //! `state` holds `pid token counter generation`: the token is random and lives only in memory,
 //! so a restored process that shows the same token really is the same memory.
@@ -169,7 +171,13 @@ fn main() {
         coordinator.context().register(Identity).keep();
     }
     let agent = if var("CRAC_TEST_NO_AGENT").is_none() {
-        Some(crac_agent::start().expect("agent starts"))
+        let mut builder = crac_agent::Builder::new();
+        if let Some(ms) = var("CRAC_TEST_SOCKET_CHECK_MS") {
+            builder = builder.socket_check(Some(Duration::from_millis(
+                ms.parse().expect("CRAC_TEST_SOCKET_CHECK_MS is a number"),
+            )));
+        }
+        Some(builder.start().expect("agent starts"))
     } else {
         None
     };
@@ -210,6 +218,9 @@ fn main() {
         // Report ready only once the child is ready, so the test dumps both with agents.
         wait_for(&child_dir.join("ready"));
     }
+    // Memory the dump must write: every page touched, kept to the end.
+    let ballast: Vec<u8> =
+        vec![1; var("CRAC_TEST_MIB").map_or(0, |n| n.parse::<usize>().expect("a size") << 20)];
     let token: u64 = random();
     if let Some(port) = listen {
         serve(&dir, port, token, coordinator);
@@ -265,6 +276,7 @@ fn main() {
         let _ = child.kill();
         let _ = child.wait();
     }
+    drop(ballast);
 }
 
 /// Serves TCP and UDP on `127.0.0.1:port` (see the module documentation).

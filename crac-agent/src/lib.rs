@@ -10,9 +10,14 @@
 //!
 //! # Anatomy
 //!
-//! - [`start`], [`Builder`], [`Agent`]: the agent's thread, which blocks in `accept` while
-//!   idle (no polling) and serves one connection at a time, closing each after its reply so
-//!   that no connection to the outside exists when CRIU freezes the process.
+//! - [`start`], [`Builder`], [`Agent`]: the agent's thread, an event loop that sleeps while
+//!   idle (it wakes once a minute to see that its socket is still there, and makes it again if
+//!   a /tmp cleaner removed it). It serves several connections at once, a slow client holding
+//!   only its own, handles their requests one at a time, and closes each connection after its
+//!   reply, so that no connection to the outside exists when CRIU freezes the process.
+//! - A checkpoint cannot stay pending for good: a before-checkpoint has a lease, after which
+//!   the agent ends the cycle itself if nobody did (time frozen by a dump does not count); one
+//!   whose client already left is not run at all.
 //! - [`protocol`]: the line-based JSON requests and replies, with a version field and reply
 //!   codes.
 //! - [`client`]: the other end, as used by `crac-action` and `crac`.
@@ -20,8 +25,9 @@
 //! - [`SelfCheckpoint`]: the process checkpoints itself (through the `crac` command, which
 //!   runs CRIU from outside the process's tree).
 //! - Cleanup: the socket and its folder are removed at normal exit and when SIGTERM/SIGINT end
-//!   the process, keeping the application's own handling of those signals. A socket left by a
-//!   dead process with the same PID is replaced.
+//!   the process, keeping the application's own handling of those signals: a service that
+//!   handles SIGTERM and drains keeps its agent until it exits. A socket left by a dead process
+//!   with the same PID is replaced.
 //!
 //! # Example
 //!

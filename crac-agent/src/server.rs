@@ -3,6 +3,12 @@
 //! are handled one at a time by the [`Handler`], in the order they are complete, while slow or
 //! silent clients only hold their own connection, up to [`REQUEST_TIMEOUT`].
 //!
+//! While a checkpoint is pending the process may be frozen and dumped at any moment, and CRIU
+//! refuses a process that holds a connection to the outside ("External socket is used"). So
+//! when a before-checkpoint succeeds, every other connection is told to ask again later and
+//! closed, and until the cycle ends a connection is closed as soon as it is answered, and gets
+//! [`PENDING_REQUEST_TIMEOUT`] to send its request.
+//!
 //! The loop sleeps in `poll` with no timeout while idle (no wake-ups), except for a rare look
 //! at its socket ([`Options::socket_check`]): a socket or folder removed by someone else (a
 //! /tmp cleaner, an operator) is made again, so that the service does not lose its agent for
@@ -33,6 +39,11 @@ const MAX_DRAIN: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 32;
 /// The most a reply may take to write.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// While a checkpoint is pending: how long a client has to send its request.
+const PENDING_REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long the client of a successful before-checkpoint has to close its end after the reply
+/// (crac-action reads it and closes at once).
+const CHECKPOINT_CLIENT_CLOSE: Duration = Duration::from_millis(100);
 
 /// What the loop is given.
 pub(crate) struct Options {
@@ -181,10 +192,15 @@ impl Server {
                         continue;
                     }
                     let peer = peer::check(&stream);
+                    let limit = if self.handler.is_pending() {
+                        PENDING_REQUEST_TIMEOUT
+                    } else {
+                        REQUEST_TIMEOUT
+                    };
                     self.conns.push(Conn {
                         stream,
                         buf: Vec::with_capacity(256),
-                        deadline: Instant::now() + REQUEST_TIMEOUT,
+                        deadline: Instant::now() + limit,
                         stage: Stage::Reading,
                         peer,
                     });
@@ -283,22 +299,54 @@ impl Server {
         }
         let was_pending = self.handler.is_pending();
         let reply = self.handler.serve(&request);
-        let delivered = self.reply(index, &reply);
-        if starts_a_checkpoint && reply.ok && !was_pending && !delivered {
+        if starts_a_checkpoint && reply.ok && !was_pending {
+            self.ready_for_the_dump(index, &reply);
+            return;
+        }
+        self.reply(index, &reply);
+    }
+
+    /// A checkpoint has begun: the process may be frozen at any moment. Its client gets its
+    /// reply (a moment to read it and close), every other connection is told to ask again
+    /// later, and none is left open.
+    fn ready_for_the_dump(&mut self, index: usize, reply: &Reply) {
+        let conn = self.conns.swap_remove(index);
+        let delivered = send_all(&conn.stream, reply.to_line().as_bytes()).is_ok();
+        let _ = conn.stream.shutdown(Shutdown::Write);
+        if delivered {
+            drain_briefly(&conn.stream, CHECKPOINT_CLIENT_CLOSE);
+        }
+        drop(conn);
+        for other in std::mem::take(&mut self.conns) {
+            if matches!(other.stage, Stage::Reading) {
+                let busy = self.handler.error(
+                    "",
+                    code::BUSY,
+                    "a checkpoint is being taken now: ask again when it is over".into(),
+                );
+                let _ = send_all(&other.stream, busy.to_line().as_bytes());
+            }
+        }
+        if !delivered {
             self.handler.unheard();
         }
     }
 
     /// Writes `reply` on connection `index`, then lets the client read it to the end: the
-    /// connection drains what else comes until the client closes. Returns whether the reply
-    /// was written whole.
-    fn reply(&mut self, index: usize, reply: &Reply) -> bool {
+    /// connection drains what else comes until the client closes.
+    ///
+    /// While a checkpoint is pending the connection is closed at once instead.
+    fn reply(&mut self, index: usize, reply: &Reply) {
         let conn = &mut self.conns[index];
-        let delivered = send_all(&conn.stream, reply.to_line().as_bytes()).is_ok();
+        let _ = send_all(&conn.stream, reply.to_line().as_bytes());
         let _ = conn.stream.shutdown(Shutdown::Write);
+        if self.handler.is_pending() {
+            drain_briefly(&conn.stream, Duration::ZERO);
+            self.conns.swap_remove(index);
+            return;
+        }
         conn.stage = Stage::Draining { drained: 0 };
         conn.deadline = Instant::now() + DRAIN_TIMEOUT;
-        delivered
     }
 
     /// Makes the socket again if it is gone, or another file took its path.
@@ -317,6 +365,37 @@ impl Server {
         let _ = listener.set_nonblocking(true);
         self.listener = listener;
         self.socket_inode = socket_inode(&socket);
+    }
+}
+
+/// Reads and drops what the client sends until it closes its end, for at most `limit` (zero:
+/// only what is there already), so that closing does not reset the connection.
+fn drain_briefly(stream: &UnixStream, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut chunk = [0u8; 4096];
+    let mut drained = 0;
+    while drained <= MAX_DRAIN {
+        match (&*stream).read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+                if poll(
+                    &mut fds,
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+                )
+                .is_err()
+                {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
     }
 }
 

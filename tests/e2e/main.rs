@@ -6,6 +6,7 @@
 mod action;
 mod containers;
 mod crac_cli;
+mod faults;
 mod namespaces;
 mod oci;
 mod signals;
