@@ -9,13 +9,15 @@
 //! Items: 1 coordination cost of one CRIU event (crac-action vs exec floor vs a
 //! socat-based action script), 2 dispatch scaling (Coordinator::simulate), 3 what we add to a
 //! checkpoint (crac checkpoint vs plain criu dump; dump/restore throughput vs memory size),
-//! 4 warm start through `crac run`, 5 the idle agent. Needs root (CRIU) for 1, 3 and 4.
+//! 4 warm start through `crac run`, 5 the idle agent, 6 soak (repeated checkpoints of the
+//! cache server, killing and under load). Needs root (CRIU) for 1, 3, 4 and 6.
 
 mod coord;
 mod dispatch;
 mod dump;
 mod idle;
 mod procs;
+mod soak;
 mod stats;
 mod warm;
 
@@ -27,15 +29,18 @@ use stats::Report;
 
 const USAGE: &str = "\
 usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-action PATH]
+                  [--soak N]
 
   --quick         fewer repetitions (a smoke run; figures are noisier)
-  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-5)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-6)
   --out FILE      also write the results as a markdown section to FILE
   --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
   --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
+  --soak N        item 6's cycles of each kind (default 100; 10 with --quick)
 
 items: 1 coordination cost of one CRIU event; 2 dispatch scaling; 3 what we add to a
-checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the idle agent.
+checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the idle agent;
+6 soak.
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
@@ -47,6 +52,8 @@ pub struct Ctx {
     pub idle_secs: u64,
     /// Another crac-action build that item 1 measures beside this one (--alt-action).
     pub alt_action: Option<PathBuf>,
+    /// Item 6's cycles of each kind.
+    pub soak_cycles: usize,
 }
 
 struct Options {
@@ -55,15 +62,17 @@ struct Options {
     out: Option<PathBuf>,
     idle_secs: Option<u64>,
     alt_action: Option<PathBuf>,
+    soak: Option<usize>,
 }
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         quick: false,
-        only: vec![1, 2, 3, 4, 5],
+        only: vec![1, 2, 3, 4, 5, 6],
         out: None,
         idle_secs: None,
         alt_action: None,
+        soak: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -74,13 +83,20 @@ fn parse_args() -> Result<Options, String> {
                 opts.only = value()?
                     .split(',')
                     .map(|n| match n.trim().parse::<u32>() {
-                        Ok(n @ 1..=5) => Ok(n),
-                        _ => Err(format!("--only takes item numbers 1 to 5, got {n:?}")),
+                        Ok(n @ 1..=6) => Ok(n),
+                        _ => Err(format!("--only takes item numbers 1 to 6, got {n:?}")),
                     })
                     .collect::<Result<_, _>>()?
             }
             "--out" => opts.out = Some(PathBuf::from(value()?)),
             "--alt-action" => opts.alt_action = Some(PathBuf::from(value()?)),
+            "--soak" => {
+                opts.soak = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--soak takes a number of cycles".to_owned())?,
+                )
+            }
             "--idle-secs" => {
                 opts.idle_secs = Some(
                     value()?
@@ -117,8 +133,8 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: &Options) -> Res<bool> {
-    if !nix::unistd::geteuid().is_root() && opts.only.iter().any(|n| [1, 3, 4].contains(n)) {
-        return Err("items 1, 3 and 4 run CRIU and need root (try --only 2,5, or sudo)".into());
+    if !nix::unistd::geteuid().is_root() && opts.only.iter().any(|n| [1, 3, 4, 6].contains(n)) {
+        return Err("items 1, 3, 4 and 6 run CRIU and need root (try --only 2,5, or sudo)".into());
     }
     let bins = Bins::find()?;
     procs::become_subreaper()?;
@@ -131,6 +147,7 @@ fn run(opts: &Options) -> Res<bool> {
         scratch,
         bins,
         alt_action: opts.alt_action.clone(),
+        soak_cycles: opts.soak.unwrap_or(if opts.quick { 10 } else { 100 }),
     };
     let mut report = Report::default();
     machine(&ctx, &mut report, opts);
@@ -142,6 +159,7 @@ fn run(opts: &Options) -> Res<bool> {
             3 => dump::run(&ctx, &mut report),
             4 => warm::run(&ctx, &mut report),
             5 => idle::run(&ctx, &mut report),
+            6 => soak::run(&ctx, &mut report),
             _ => unreachable!("checked by the parser"),
         };
         if let Err(err) = result {

@@ -24,6 +24,8 @@ pub struct Bins {
     pub test_target: PathBuf,
     pub bench_target: PathBuf,
     pub warm_start: PathBuf,
+    pub cache_server: PathBuf,
+    pub upstream: PathBuf,
     pub criu: PathBuf,
     pub criu_version: String,
 }
@@ -54,6 +56,8 @@ impl Bins {
             bench_target: bin("crac-bench-target")?,
             // Optional: item 4 says so when it is missing.
             warm_start: dir.join("warm-start"),
+            cache_server: bin("cache-server")?,
+            upstream: bin("upstream")?,
             criu: criu.path,
             criu_version: criu.version,
         })
@@ -75,11 +79,25 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` as a session leader with no terminal (as CRIU wants), its stdio on
     /// /dev/null and stderr in `stderr`, and waits (at most `limit`) for `ready` to appear.
-    pub fn start(mut cmd: Command, ready: &Path, stderr: &Path, limit: Duration) -> Res<Proc> {
+    pub fn start(cmd: Command, ready: &Path, stderr: &Path, limit: Duration) -> Res<Proc> {
         let _ = fs::remove_file(ready);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?);
+        let log = File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
+        Proc::start_with(cmd, Stdio::null(), log, limit, || ready.exists()).map_err(|err| {
+            let said = fs::read_to_string(stderr).unwrap_or_default();
+            format!("{err}: {}", said.trim())
+        })
+    }
+
+    /// Starts `cmd` as a session leader with stdin on /dev/null and the given stdout and
+    /// stderr, and waits (at most `limit`) until `ready` says so.
+    pub fn start_with(
+        mut cmd: Command,
+        stdout: impl Into<Stdio>,
+        stderr: File,
+        limit: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Res<Proc> {
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
         // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
@@ -95,15 +113,13 @@ impl Proc {
             child: Some(child),
         };
         let deadline = Instant::now() + limit;
-        while !ready.exists() {
+        while !ready() {
             if let Some(child) = proc.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     proc.child = None;
-                    let err = fs::read_to_string(stderr).unwrap_or_default();
                     return Err(format!(
-                        "{:?} exited ({status}) before it was ready: {}",
-                        cmd.get_program(),
-                        err.trim()
+                        "{:?} exited ({status}) before it was ready",
+                        cmd.get_program()
                     ));
                 }
             }

@@ -10,6 +10,7 @@ mod faults;
 mod namespaces;
 mod oci;
 mod signals;
+mod soak;
 mod sockets;
 mod spine;
 mod twice;
