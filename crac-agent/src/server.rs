@@ -75,6 +75,8 @@ struct Conn {
     stream: UnixStream,
     buf: Vec<u8>,
     deadline: Instant,
+    /// The time it was given to send its request.
+    limit: Duration,
     stage: Stage,
     /// The peer check, done when it connected.
     peer: Result<(), String>,
@@ -150,8 +152,9 @@ impl Server {
                 break;
             }
             // Connections that were there when poll returned, by position; new ones go after.
+            // Serving one may close others: a checkpoint that begins closes them all.
             for index in (0..ready.len()).rev() {
-                if ready[index] {
+                if ready[index] && index < self.conns.len() {
                     self.serve(index);
                 }
             }
@@ -201,6 +204,7 @@ impl Server {
                         stream,
                         buf: Vec::with_capacity(256),
                         deadline: Instant::now() + limit,
+                        limit,
                         stage: Stage::Reading,
                         peer,
                     });
@@ -224,8 +228,8 @@ impl Server {
             match self.conns[index].stage {
                 Stage::Reading => {
                     let message = format!(
-                        "no complete request line within {}s",
-                        REQUEST_TIMEOUT.as_secs()
+                        "no complete request line within {} ms",
+                        self.conns[index].limit.as_millis()
                     );
                     let reply = self.handler.error("", code::BAD_REQUEST, message);
                     self.reply(index, &reply);
@@ -326,6 +330,9 @@ impl Server {
                 );
                 let _ = send_all(&other.stream, busy.to_line().as_bytes());
             }
+            // Unread data at close would reset the connection and lose the reply.
+            let _ = other.stream.shutdown(Shutdown::Write);
+            drain_briefly(&other.stream, Duration::ZERO);
         }
         if !delivered {
             self.handler.unheard();

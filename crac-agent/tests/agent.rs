@@ -405,6 +405,68 @@ fn a_before_checkpoint_whose_client_left_is_not_run() {
     );
 }
 
+/// A checkpoint begins while other clients wait in the same round of the agent's loop: they
+/// are told to ask again later, and the agent carries on (it once served a connection it had
+/// just closed, and its thread died). The agent is held in an after_restore hook while two
+/// clients connect, so that it takes both at once.
+#[test]
+fn a_checkpoint_that_begins_while_others_wait_closes_them_and_the_agent_carries_on() {
+    let f = fixture("together", false);
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let _slow_up = f.coordinator.context().register(from_fns(
+        "slow-up",
+        |_| Ok(()),
+        move |_| {
+            let _ = started_tx.send(());
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            Ok(())
+        },
+    ));
+    assert!(
+        f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
+            .ok
+    );
+    let path = f.agent.socket_path().to_owned();
+    let ender = std::thread::spawn(move || {
+        send_to(
+            &path,
+            b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"c1\"}\n",
+        )
+    });
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the after_restore hooks started");
+    let mut waiting = UnixStream::connect(f.agent.socket_path()).unwrap();
+    waiting.write_all(b"{\"v\":1,\"op\":\"status\"}\n").unwrap();
+    let mut starting = UnixStream::connect(f.agent.socket_path()).unwrap();
+    starting
+        .write_all(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c2\"}\n")
+        .unwrap();
+    release.send(()).unwrap();
+    assert!(ender.join().unwrap().ok);
+    let read = |stream: &mut UnixStream| -> WireReply {
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        serde_json::from_str(reply.trim_end()).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
+    };
+    let started = read(&mut starting);
+    assert!(started.ok, "{started:?}");
+    let told = read(&mut waiting);
+    assert_eq!(told.code.as_deref(), Some("busy"), "{told:?}");
+    assert_eq!(
+        told.error.as_deref(),
+        Some("a checkpoint is being taken now: ask again when it is over")
+    );
+    let reply = f.send(b"{\"v\":1,\"op\":\"status\"}\n");
+    assert_eq!(reply.state, "checkpointing", "{reply:?}");
+    assert_eq!(reply.cycle.as_deref(), Some("c2"));
+}
+
 /// More data after the request line, in the same write: the reply still arrives (closing
 /// with unread data would reset the connection), and it says what happened.
 #[test]
@@ -460,7 +522,7 @@ fn slow_and_silent_clients_delay_nobody() {
     let reply: WireReply = serde_json::from_str(reply.trim_end()).unwrap();
     assert_eq!(
         reply.error.as_deref(),
-        Some("no complete request line within 2s")
+        Some("no complete request line within 2000 ms")
     );
     assert!(
         took < Duration::from_secs(4),
@@ -469,7 +531,7 @@ fn slow_and_silent_clients_delay_nobody() {
     let mut reply = String::new();
     (&silent).read_to_string(&mut reply).unwrap();
     assert!(
-        reply.contains("no complete request line within 2s"),
+        reply.contains("no complete request line within 2000 ms"),
         "{reply}"
     );
 }
