@@ -4,7 +4,10 @@
 //! ending in `\n`, at most [`MAX_REQUEST_LEN`] bytes, within [`REQUEST_TIMEOUT`] of connecting;
 //! the agent writes one reply line and closes the connection (reading and dropping whatever
 //! else the client sent, so that the reply is not lost to a reset). Nothing stays connected,
-//! so CRIU never finds a socket to the outside when it freezes the process. The agent serves
+//! so CRIU never finds a socket to the outside when it freezes the process. While a checkpoint
+//! is pending that matters most: the connection is closed right after the reply, and what the
+//! client still sends after its line may reset it once the reply is through (read the reply
+//! line before anything else). The agent serves
 //! several connections at once: a slow or silent client delays nobody else. Lines are meant to
 //! be read by people in CRIU's log as much as by programs.
 //!
