@@ -321,6 +321,31 @@ fn gated(f: &Fixture, name: &'static str) -> (Registration, mpsc::Receiver<()>, 
     (registration, started, release)
 }
 
+/// A resource "slow-up" whose after_restore says when it has started, waits to be let go, then
+/// logs `after slow-up <reason>`: it holds the agent while clients line up.
+fn slow_up(f: &Fixture) -> (Registration, mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (started_tx, started) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let log = f.log.clone();
+    let registration = f.coordinator.context().register(from_fns(
+        "slow-up",
+        |_| Ok(()),
+        move |info| {
+            let _ = started_tx.send(());
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            log.lock()
+                .unwrap()
+                .push(format!("after slow-up {}", info.reason));
+            Ok(())
+        },
+    ));
+    (registration, started, release)
+}
+
 /// The client hangs up while the hooks run: nobody heard that they did, so no dump follows,
 /// and the agent comes back up at once.
 #[test]
@@ -350,25 +375,7 @@ fn a_checkpoint_whose_reply_nobody_reads_is_rolled_back() {
 #[test]
 fn a_before_checkpoint_whose_client_left_is_not_run() {
     let f = fixture("ghost", false);
-    let (started_tx, started) = mpsc::channel();
-    let (release, release_rx) = mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
-    let log = f.log.clone();
-    let _slow_up = f.coordinator.context().register(from_fns(
-        "slow-up",
-        |_| Ok(()),
-        move |info| {
-            let _ = started_tx.send(());
-            let _ = release_rx
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(10));
-            log.lock()
-                .unwrap()
-                .push(format!("after slow-up {}", info.reason));
-            Ok(())
-        },
-    ));
+    let (_slow_up, started, release) = slow_up(&f);
     assert!(
         f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
             .ok
@@ -412,21 +419,7 @@ fn a_before_checkpoint_whose_client_left_is_not_run() {
 #[test]
 fn a_checkpoint_that_begins_while_others_wait_closes_them_and_the_agent_carries_on() {
     let f = fixture("together", false);
-    let (started_tx, started) = mpsc::channel();
-    let (release, release_rx) = mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
-    let _slow_up = f.coordinator.context().register(from_fns(
-        "slow-up",
-        |_| Ok(()),
-        move |_| {
-            let _ = started_tx.send(());
-            let _ = release_rx
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(10));
-            Ok(())
-        },
-    ));
+    let (_slow_up, started, release) = slow_up(&f);
     assert!(
         f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
             .ok

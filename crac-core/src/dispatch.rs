@@ -159,6 +159,23 @@ pub(crate) fn run_inline(
     PhaseRun { records }
 }
 
+/// The records of the hooks at `rest` that the phase's time limit left no time for.
+fn not_run<'a>(
+    targets: &'a [Target],
+    rest: &'a [usize],
+    call: &'a Call,
+    limits: &Limits,
+) -> impl Iterator<Item = HookRecord> + 'a {
+    let phase_limit = limits.phase.unwrap_or_default();
+    rest.iter().map(move |&index| HookRecord {
+        resource: Arc::clone(&targets[index].name),
+        phase: call.phase(),
+        duration: Duration::ZERO,
+        failure: Some(HookFailure::NotRun { phase_limit }),
+        target: index,
+    })
+}
+
 /// Runs the hooks of `order` (indices into `targets`) under `limits`, on `thread` when there
 /// are limits.
 pub(crate) fn run(
@@ -289,14 +306,7 @@ fn run_limited(
         let Some((index, started)) = progress.current else {
             // The phase's time ran out between two hooks: the worker stops before the next.
             drop(progress);
-            let phase_limit = limits.phase.unwrap_or_default();
-            records.extend(order[pos..].iter().map(|&index| HookRecord {
-                resource: Arc::clone(&targets[index].name),
-                phase: call.phase(),
-                duration: Duration::ZERO,
-                failure: Some(HookFailure::NotRun { phase_limit }),
-                target: index,
-            }));
+            records.extend(not_run(targets, &order[pos..], call, limits));
             break;
         };
         // The hook at `pos` overran. Marked busy under the worker's lock, so that its late
@@ -321,14 +331,7 @@ fn run_limited(
         });
         pos += 1;
         if phase_over {
-            let phase_limit = limits.phase.unwrap_or_default();
-            records.extend(order[pos..].iter().map(|&index| HookRecord {
-                resource: Arc::clone(&targets[index].name),
-                phase: call.phase(),
-                duration: Duration::ZERO,
-                failure: Some(HookFailure::NotRun { phase_limit }),
-                target: index,
-            }));
+            records.extend(not_run(targets, &order[pos..], call, limits));
             break;
         }
     }

@@ -90,6 +90,18 @@ fn start(ctx: &Ctx, dir: &Path, port: u16, upstream: u16) -> Res<Proc> {
     })
 }
 
+/// The fields of a STATS reply that differ from what is due, each as one problem.
+fn differences(
+    at: &str,
+    stats: &serde_json::Value,
+    due: &[(&str, serde_json::Value)],
+) -> Vec<String> {
+    due.iter()
+        .filter(|(field, want)| stats[*field] != *want)
+        .map(|(field, want)| format!("{at}: {field} {} where {want} was due", stats[*field]))
+        .collect()
+}
+
 /// What the load saw: each answer (or failure) and when it came.
 #[derive(Default)]
 struct Load {
@@ -120,9 +132,6 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let mut worst = baseline;
     let mut problems: Vec<String> = Vec::new();
     let mut generation = 0u64;
-    let expect = |what: &str, got: &serde_json::Value, want: serde_json::Value| {
-        (*got != want).then(|| format!("{what}: {got} where {want} was due"))
-    };
 
     // Killing checkpoints, each followed by a restore.
     let mut dump_ms = Samples::new();
@@ -145,22 +154,16 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         check_ok(&out, "crac restore")?;
         service = Proc::adopt(pid);
         generation += 1;
-        let now = stats(port)?;
-        problems.extend(
-            [
-                expect("entries", &now["entries"], warm["entries"].clone()),
-                expect("generation", &now["generation"], generation.into()),
-                expect("last restore", &now["last_restore"], "restored".into()),
-                expect(
-                    "upstream connected",
-                    &now["upstream_connected"],
-                    true.into(),
-                ),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|p| format!("kill cycle {cycle}: {p}")),
-        );
+        problems.extend(differences(
+            &format!("kill cycle {cycle}"),
+            &stats(port)?,
+            &[
+                ("entries", warm["entries"].clone()),
+                ("generation", generation.into()),
+                ("last_restore", "restored".into()),
+                ("upstream_connected", true.into()),
+            ],
+        ));
         let _ = fs::remove_dir_all(&images);
         let now = footprint(service.pid)?;
         worst = (worst.0.max(now.0), worst.1.max(now.1), worst.2.max(now.2));
@@ -208,20 +211,15 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         loop {
             let now = stats(port)?;
             if now["generation"] == generation {
-                problems.extend(
-                    [
-                        expect("entries", &now["entries"], warm["entries"].clone()),
-                        expect("last restore", &now["last_restore"], "resumed".into()),
-                        expect(
-                            "upstream connected",
-                            &now["upstream_connected"],
-                            true.into(),
-                        ),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .map(|p| format!("leave-running cycle {cycle}: {p}")),
-                );
+                problems.extend(differences(
+                    &format!("leave-running cycle {cycle}"),
+                    &now,
+                    &[
+                        ("entries", warm["entries"].clone()),
+                        ("last_restore", "resumed".into()),
+                        ("upstream_connected", true.into()),
+                    ],
+                ));
                 break;
             }
             if Instant::now() > deadline {

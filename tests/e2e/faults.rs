@@ -176,12 +176,7 @@ fn crac_action_killed_after_an_agent_answered() {
     );
     target.assert_serving(target.state().expect("state").counter);
     nothing_left_running();
-    // The child is the target's, and outlives it unless killed; then it comes to this
-    // subreaper to be reaped.
-    kill(Pid::from_raw(child as i32), Signal::SIGKILL).expect("kill the child");
-    drop(target);
-    util::reap(child, Duration::from_secs(10));
-    let _ = fs::remove_dir_all(agent_dir(child));
+    target.end_with_child(child);
 }
 
 /// CRIU killed after pre-dump, while it dumps memory: the watcher sees CRIU gone without a

@@ -4,9 +4,8 @@
 use std::fs;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
-use nix::unistd::Pid;
 
 use crate::util::{
     self, after_all, agent_dir, concat, read_lines, wait_until, Scratch, Target, BEFORE_ALL,
@@ -330,10 +329,7 @@ fn a_parent_and_a_child_are_both_coordinated() {
         format!("{child} after child-b restored gen=1"),
     ]);
     assert_eq!(read_lines(&order_log), expected, "{restore:?}");
-    kill(Pid::from_raw(child as i32), Signal::SIGKILL).expect("kill the restored child");
-    drop(restored);
-    util::reap(child, Duration::from_secs(10));
-    let _ = fs::remove_dir_all(agent_dir(child));
+    restored.end_with_child(child);
 }
 
 /// An image restored after the original exited cleanly (its agent folder removed, as after a

@@ -271,6 +271,15 @@ impl Target {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// Kills the target and `child`, a child of its that outlives it unless killed (it then
+    /// comes to this subreaper), reaps both, and removes both agent folders.
+    pub fn end_with_child(self, child: u32) {
+        kill(Pid::from_raw(child as i32), Signal::SIGKILL).expect("kill the child");
+        drop(self);
+        reap(child, Duration::from_secs(10));
+        let _ = fs::remove_dir_all(agent_dir(child));
+    }
+
     /// Waits for the target to end by itself (after a signal, say) and returns how it ended.
     pub fn wait_exit(mut self, limit: Duration) -> WaitStatus {
         let pid = Pid::from_raw(self.pid as i32);
