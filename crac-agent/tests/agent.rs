@@ -321,9 +321,17 @@ fn gated(f: &Fixture, name: &'static str) -> (Registration, mpsc::Receiver<()>, 
     (registration, started, release)
 }
 
-/// A resource "slow-up" whose after_restore says when it has started, waits to be let go, then
-/// logs `after slow-up <reason>`: it holds the agent while clients line up.
-fn slow_up(f: &Fixture) -> (Registration, mpsc::Receiver<()>, mpsc::Sender<()>) {
+/// Holds the agent inside a cycle's after_restore: registers a resource "slow-up" whose
+/// after_restore waits to be let go (then logs `after slow-up <reason>`), begins cycle "c1",
+/// and ends it from another thread. Returns once the agent is held: the registration, that
+/// thread (its reply), and what lets the hook go.
+fn held_in_after_restore(
+    f: &Fixture,
+) -> (
+    Registration,
+    std::thread::JoinHandle<WireReply>,
+    mpsc::Sender<()>,
+) {
     let (started_tx, started) = mpsc::channel();
     let (release, release_rx) = mpsc::channel::<()>();
     let release_rx = Mutex::new(release_rx);
@@ -343,7 +351,21 @@ fn slow_up(f: &Fixture) -> (Registration, mpsc::Receiver<()>, mpsc::Sender<()>) 
             Ok(())
         },
     ));
-    (registration, started, release)
+    assert!(
+        f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
+            .ok
+    );
+    let path = f.agent.socket_path().to_owned();
+    let ender = std::thread::spawn(move || {
+        send_to(
+            &path,
+            b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"c1\"}\n",
+        )
+    });
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the after_restore hooks started");
+    (registration, ender, release)
 }
 
 /// The client hangs up while the hooks run: nobody heard that they did, so no dump follows,
@@ -375,21 +397,7 @@ fn a_checkpoint_whose_reply_nobody_reads_is_rolled_back() {
 #[test]
 fn a_before_checkpoint_whose_client_left_is_not_run() {
     let f = fixture("ghost", false);
-    let (_slow_up, started, release) = slow_up(&f);
-    assert!(
-        f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
-            .ok
-    );
-    let path = f.agent.socket_path().to_owned();
-    let ender = std::thread::spawn(move || {
-        send_to(
-            &path,
-            b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"c1\"}\n",
-        )
-    });
-    started
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the after_restore hooks started");
+    let (_slow_up, ender, release) = held_in_after_restore(&f);
     {
         let mut gone = UnixStream::connect(f.agent.socket_path()).unwrap();
         gone.write_all(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"ghost\"}\n")
@@ -419,21 +427,7 @@ fn a_before_checkpoint_whose_client_left_is_not_run() {
 #[test]
 fn a_checkpoint_that_begins_while_others_wait_closes_them_and_the_agent_carries_on() {
     let f = fixture("together", false);
-    let (_slow_up, started, release) = slow_up(&f);
-    assert!(
-        f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"c1\"}\n")
-            .ok
-    );
-    let path = f.agent.socket_path().to_owned();
-    let ender = std::thread::spawn(move || {
-        send_to(
-            &path,
-            b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"c1\"}\n",
-        )
-    });
-    started
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the after_restore hooks started");
+    let (_slow_up, ender, release) = held_in_after_restore(&f);
     let mut waiting = UnixStream::connect(f.agent.socket_path()).unwrap();
     waiting.write_all(b"{\"v\":1,\"op\":\"status\"}\n").unwrap();
     let mut starting = UnixStream::connect(f.agent.socket_path()).unwrap();
