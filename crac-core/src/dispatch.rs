@@ -108,14 +108,13 @@ impl PhaseRun {
 fn call_one(targets: &[Target], index: usize, call: &Call, busy: &Busy) -> HookRecord {
     let target = &targets[index];
     if busy.contains(target) {
-        return HookRecord {
-            resource: Arc::clone(&target.name),
-            phase: call.phase(),
-            duration: Duration::ZERO,
-            failure: Some(HookFailure::StillRunning),
-            target: index,
-        };
+        return not_called(target, index, call, HookFailure::StillRunning);
     }
+    invoke(target, index, call)
+}
+
+/// Calls the hook (marked as in a hook, panics caught) and records how it went.
+fn invoke(target: &Target, index: usize, call: &Call) -> HookRecord {
     let was_in_hook = IN_HOOK.with(|flag| flag.replace(true));
     let start = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| call.invoke(&*target.resource)));
@@ -131,6 +130,17 @@ fn call_one(targets: &[Target], index: usize, call: &Call, busy: &Busy) -> HookR
         phase: call.phase(),
         duration,
         failure,
+        target: index,
+    }
+}
+
+/// The record of a hook that was not called, and why.
+fn not_called(target: &Target, index: usize, call: &Call, why: HookFailure) -> HookRecord {
+    HookRecord {
+        resource: Arc::clone(&target.name),
+        phase: call.phase(),
+        duration: Duration::ZERO,
+        failure: Some(why),
         target: index,
     }
 }
@@ -167,12 +177,13 @@ fn not_run<'a>(
     limits: &Limits,
 ) -> impl Iterator<Item = HookRecord> + 'a {
     let phase_limit = limits.phase.unwrap_or_default();
-    rest.iter().map(move |&index| HookRecord {
-        resource: Arc::clone(&targets[index].name),
-        phase: call.phase(),
-        duration: Duration::ZERO,
-        failure: Some(HookFailure::NotRun { phase_limit }),
-        target: index,
+    rest.iter().map(move |&index| {
+        not_called(
+            &targets[index],
+            index,
+            call,
+            HookFailure::NotRun { phase_limit },
+        )
     })
 }
 
@@ -373,9 +384,7 @@ fn returned_late(target: &Target, call: &Call, record: &HookRecord, busy: &Busy)
             at: SystemTime::now(),
             tcp: TcpConnections::default(),
         });
-        let was_in_hook = IN_HOOK.with(|flag| flag.replace(true));
-        let _ = catch_unwind(AssertUnwindSafe(|| back.invoke(&*target.resource)));
-        IN_HOOK.with(|flag| flag.set(was_in_hook));
+        invoke(target, record.target, &back);
     }
     busy.remove(target);
 }
