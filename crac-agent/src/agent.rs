@@ -191,12 +191,7 @@ impl Builder {
     fn start_unguarded(self, pid: u32) -> Result<Agent, StartError> {
         let base = self.base_dir.unwrap_or_else(location::base_dir);
         let (dir, socket) = location::prepare(&base, pid)?;
-        let listener =
-            UnixListener::bind(&socket).map_err(|e| StartError::io("listen on", &socket, e))?;
-        if let Err(err) = fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)) {
-            let _ = fs::remove_file(&socket);
-            return Err(StartError::io("set permissions of", &socket, err));
-        }
+        let listener = listen(&socket)?;
         cleanup::arm(&socket, &dir, self.signal_cleanup);
 
         // stop() wakes the agent's thread by closing the other end of this pipe.
@@ -234,6 +229,17 @@ impl Builder {
             }),
         })
     }
+}
+
+/// Binds the agent's socket at `socket`, readable and writable by its owner only.
+pub(crate) fn listen(socket: &Path) -> Result<UnixListener, StartError> {
+    let listener =
+        UnixListener::bind(socket).map_err(|e| StartError::io("listen on", socket, e))?;
+    if let Err(err) = fs::set_permissions(socket, fs::Permissions::from_mode(0o600)) {
+        let _ = fs::remove_file(socket);
+        return Err(StartError::io("set permissions of", socket, err));
+    }
+    Ok(listener)
 }
 
 /// A handle to the running agent. Dropping it leaves the agent running (it serves for the

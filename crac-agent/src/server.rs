@@ -18,7 +18,7 @@
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -245,29 +245,12 @@ impl Server {
     /// Reads what a ready connection has; acts on a complete request.
     fn serve(&mut self, index: usize) {
         match self.conns[index].stage {
-            Stage::Draining { drained } => {
-                let mut chunk = [0u8; 4096];
-                let mut drained = drained;
-                loop {
-                    match (&self.conns[index].stream).read(&mut chunk) {
-                        Ok(0) => {
-                            self.conns.swap_remove(index);
-                            return;
-                        }
-                        Ok(n) => drained += n,
-                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => {
-                            self.conns.swap_remove(index);
-                            return;
-                        }
-                    }
-                    if drained > MAX_DRAIN {
-                        self.conns.swap_remove(index);
-                        return;
-                    }
+            Stage::Draining { mut drained } => {
+                if drop_input(&self.conns[index].stream, &mut drained) {
+                    self.conns[index].stage = Stage::Draining { drained };
+                } else {
+                    self.conns.swap_remove(index);
                 }
-                self.conns[index].stage = Stage::Draining { drained };
             }
             Stage::Reading => match read_request(&mut self.conns[index]) {
                 Received::More => {}
@@ -315,24 +298,16 @@ impl Server {
     /// later, and none is left open.
     fn ready_for_the_dump(&mut self, index: usize, reply: &Reply) {
         let conn = self.conns.swap_remove(index);
-        let delivered = send_all(&conn.stream, reply.to_line().as_bytes()).is_ok();
-        let _ = conn.stream.shutdown(Shutdown::Write);
-        if delivered {
-            drain_briefly(&conn.stream, CHECKPOINT_CLIENT_CLOSE);
-        }
-        drop(conn);
+        let delivered = close_with(conn.stream, Some(reply), CHECKPOINT_CLIENT_CLOSE);
+        let busy = self.handler.error(
+            "",
+            code::BUSY,
+            "a checkpoint is being taken now: ask again when it is over".into(),
+        );
         for other in std::mem::take(&mut self.conns) {
-            if matches!(other.stage, Stage::Reading) {
-                let busy = self.handler.error(
-                    "",
-                    code::BUSY,
-                    "a checkpoint is being taken now: ask again when it is over".into(),
-                );
-                let _ = send_all(&other.stream, busy.to_line().as_bytes());
-            }
-            // Unread data at close would reset the connection and lose the reply.
-            let _ = other.stream.shutdown(Shutdown::Write);
-            drain_briefly(&other.stream, Duration::ZERO);
+            // One that has its reply already is only waiting for the client to close.
+            let unanswered = matches!(other.stage, Stage::Reading);
+            close_with(other.stream, unanswered.then_some(&busy), Duration::ZERO);
         }
         if !delivered {
             self.handler.unheard();
@@ -344,14 +319,17 @@ impl Server {
     ///
     /// While a checkpoint is pending the connection is closed at once instead.
     fn reply(&mut self, index: usize, reply: &Reply) {
+        if self.handler.is_pending() {
+            close_with(
+                self.conns.swap_remove(index).stream,
+                Some(reply),
+                Duration::ZERO,
+            );
+            return;
+        }
         let conn = &mut self.conns[index];
         let _ = send_all(&conn.stream, reply.to_line().as_bytes());
         let _ = conn.stream.shutdown(Shutdown::Write);
-        if self.handler.is_pending() {
-            drain_briefly(&conn.stream, Duration::ZERO);
-            self.conns.swap_remove(index);
-            return;
-        }
         conn.stage = Stage::Draining { drained: 0 };
         conn.deadline = Instant::now() + DRAIN_TIMEOUT;
     }
@@ -365,43 +343,55 @@ impl Server {
         let Ok((_dir, socket)) = crate::location::prepare(&self.options.base, pid) else {
             return;
         };
-        let Ok(listener) = UnixListener::bind(&socket) else {
+        let Ok(listener) = crate::agent::listen(&socket) else {
             return;
         };
-        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
         let _ = listener.set_nonblocking(true);
         self.listener = listener;
         self.socket_inode = socket_inode(&socket);
     }
 }
 
-/// Reads and drops what the client sends until it closes its end, for at most `limit` (zero:
-/// only what is there already), so that closing does not reset the connection.
-fn drain_briefly(stream: &UnixStream, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    let mut chunk = [0u8; 4096];
+/// Writes `reply`, if any, and closes the connection, first reading and dropping what the
+/// client sends until it closes its end, for at most `linger` (zero: only what is there
+/// already): closing with unread data would reset the connection and lose the reply. Whether
+/// the reply was written.
+fn close_with(stream: UnixStream, reply: Option<&Reply>, linger: Duration) -> bool {
+    let delivered = reply.is_none_or(|reply| send_all(&stream, reply.to_line().as_bytes()).is_ok());
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + linger;
     let mut drained = 0;
-    while drained <= MAX_DRAIN {
+    while drop_input(&stream, &mut drained) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        if left.is_zero()
+            || poll(
+                &mut fds,
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+            )
+            .is_err()
+        {
+            break;
+        }
+    }
+    delivered
+}
+
+/// Reads and drops what the client has sent so far, adding it to `drained`. Whether the
+/// connection is still worth keeping: false once the client has closed its end, the
+/// connection failed, or it sent more than MAX_DRAIN in all.
+fn drop_input(stream: &UnixStream, drained: &mut usize) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
         match (&*stream).read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => drained += n,
+            Ok(0) => return false,
+            Ok(n) => *drained += n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return;
-                }
-                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-                if poll(
-                    &mut fds,
-                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
-                )
-                .is_err()
-                {
-                    return;
-                }
-            }
-            Err(_) => return,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+        if *drained > MAX_DRAIN {
+            return false;
         }
     }
 }

@@ -53,6 +53,11 @@ fn tcp_state(fd: RawFd) -> Option<u8> {
     (rc == 0 && len >= 1).then_some(info[0])
 }
 
+/// Whether descriptor `fd` is a TCP connection: a TCP socket neither listening nor closed.
+fn connected(fd: RawFd) -> bool {
+    tcp_state(fd).is_some_and(|s| s != TCP_CLOSE && s != TCP_LISTEN)
+}
+
 /// The inode of the socket behind descriptor `fd`: one per connection, however many
 /// descriptors share it.
 fn inode(fd: RawFd) -> Option<u64> {
@@ -63,15 +68,14 @@ fn inode(fd: RawFd) -> Option<u64> {
     (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some(stat.st_ino)
 }
 
-/// One descriptor for each of this process's TCP connections (TCP sockets neither listening
-/// nor closed).
+/// One descriptor for each of this process's TCP connections.
 pub(crate) fn connections() -> Vec<RawFd> {
     let Ok(entries) = fs::read_dir("/proc/self/fd") else {
         return Vec::new();
     };
     let mut fds: Vec<RawFd> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| tcp_state(fd).is_some_and(|s| s != TCP_CLOSE && s != TCP_LISTEN))
+        .filter(|&fd| connected(fd))
         .collect();
     fds.sort_unstable();
     let mut seen = std::collections::HashSet::new();
@@ -81,10 +85,7 @@ pub(crate) fn connections() -> Vec<RawFd> {
 
 /// How many of `fds` (from [`connections`]) are still connected, and how many are not.
 pub(crate) fn fate(fds: &[RawFd]) -> TcpConnections {
-    let kept = fds
-        .iter()
-        .filter(|&&fd| tcp_state(fd).is_some_and(|s| s != TCP_CLOSE && s != TCP_LISTEN))
-        .count();
+    let kept = fds.iter().filter(|&&fd| connected(fd)).count();
     TcpConnections::new(kept, fds.len() - kept)
 }
 
