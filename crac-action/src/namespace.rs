@@ -300,6 +300,20 @@ fn namespace_of(pid: &str, kind: &str) -> Option<PathBuf> {
     fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok()
 }
 
+/// A handle on the root folder of process `pid` as it sees it (/proc/PID/root).
+fn open_root(pid: u32) -> nix::Result<OwnedFd> {
+    open_dir_handle(Path::new(&format!("/proc/{pid}/root")))
+}
+
+/// A handle (O_PATH) on the folder at `path`, to resolve paths from.
+fn open_dir_handle(path: &Path) -> nix::Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+}
+
 fn open_how(resolve: ResolveFlag) -> OpenHow {
     OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
@@ -319,12 +333,7 @@ impl AgentSocket {
         let Some(proc) = Proc::read(pid) else {
             return Ok(None);
         };
-        let root_path = format!("/proc/{pid}/root");
-        let Ok(root) = nix::fcntl::open(
-            root_path.as_str(),
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        ) else {
+        let Ok(root) = open_root(pid) else {
             return Ok(None);
         };
         let in_own_root = own_root(pid, &root);
@@ -452,12 +461,11 @@ impl AgentSocket {
     /// The socket, as the process sees it, with "inside the root of pid N" for a process
     /// with a root of its own: for messages.
     pub fn describe(&self) -> String {
-        let socket = self.dir.join(crac_agent::SOCKET_NAME);
-        if self.in_own_root {
-            format!("{} inside the root of pid {}", socket.display(), self.pid)
-        } else {
-            socket.display().to_string()
-        }
+        shown(
+            &self.dir.join(crac_agent::SOCKET_NAME),
+            self.pid,
+            self.in_own_root,
+        )
     }
 
     /// Connects to the agent, through the folder's handle, and checks that the listening end
@@ -590,12 +598,13 @@ pub fn expected_socket(pid: u32) -> String {
         .next()
         .unwrap_or_else(|| PathBuf::from(crac_agent::DEFAULT_DIR));
     let socket = base.join(ns_pid.to_string()).join(crac_agent::SOCKET_NAME);
-    let in_own_root = nix::fcntl::open(
-        format!("/proc/{pid}/root").as_str(),
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .is_ok_and(|root| own_root(pid, &root));
+    let in_own_root = open_root(pid).is_ok_and(|root| own_root(pid, &root));
+    shown(&socket, pid, in_own_root)
+}
+
+/// `socket`, a path as process `pid` sees it, for a message: with "inside the root of pid N"
+/// when the process has a root of its own.
+fn shown(socket: &Path, pid: u32, in_own_root: bool) -> String {
     if in_own_root {
         format!("{} inside the root of pid {pid}", socket.display())
     } else {
@@ -703,12 +712,7 @@ mod tests {
     }
 
     fn root_fd(path: &Path) -> OwnedFd {
-        nix::fcntl::open(
-            path,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .unwrap()
+        open_dir_handle(path).unwrap()
     }
 
     #[test]

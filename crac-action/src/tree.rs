@@ -31,20 +31,6 @@ impl ProcessId {
     pub fn is_alive(&self) -> bool {
         ProcessId::of(self.pid) == Some(*self)
     }
-
-    /// `PID:START_TIME`, the form used on the watcher's command line.
-    pub fn to_arg(&self) -> String {
-        format!("{}:{}", self.pid, self.start_time)
-    }
-
-    /// Parses [`to_arg`](Self::to_arg)'s form.
-    pub fn parse_arg(arg: &str) -> Option<ProcessId> {
-        let (pid, start) = arg.split_once(':')?;
-        Some(ProcessId {
-            pid: pid.parse().ok()?,
-            start_time: start.parse().ok()?,
-        })
-    }
 }
 
 struct Stat {
@@ -177,7 +163,6 @@ mod tests {
         assert!(tree.contains(&child.id()));
         let id = ProcessId::of(child.id()).unwrap();
         assert!(id.is_alive());
-        assert_eq!(ProcessId::parse_arg(&id.to_arg()), Some(id));
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!id.is_alive());
