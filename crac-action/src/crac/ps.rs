@@ -15,7 +15,7 @@ use crate::output::Out;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct Row {
     pid: u32,
     /// The pid as the process sees itself, when it differs (a container).
@@ -36,10 +36,8 @@ fn row(agent: &AgentSocket) -> Row {
         ns_pid: Some(agent.ns_pid()).filter(|&n| n != pid),
         command: read_cmdline(pid).join(" "),
         state: "stale".into(),
-        generation: None,
-        resources: Vec::new(),
         socket: agent.describe(),
-        error: None,
+        ..Row::default()
     };
     match ask(agent, &Request::status(), &Deadline::after(TIMEOUT)) {
         Outcome::Done(reply) | Outcome::Refused(reply) => {
@@ -77,13 +75,10 @@ fn stale_rows() -> Vec<Row> {
     pids.into_iter()
         .map(|pid| Row {
             pid,
-            ns_pid: None,
-            command: String::new(),
             state: "stale".into(),
-            generation: None,
-            resources: Vec::new(),
             socket: crac_agent::socket_path(pid).display().to_string(),
             error: Some("no such process: a socket left by a killed process".into()),
+            ..Row::default()
         })
         .collect()
 }
@@ -104,13 +99,10 @@ pub fn ps(out: Out) -> Result<u8, OpError> {
             Ok(None) => None,
             Err(refusal) => Some(Row {
                 pid,
-                ns_pid: None,
                 command: read_cmdline(pid).join(" "),
                 state: "refused".into(),
-                generation: None,
-                resources: Vec::new(),
-                socket: String::new(),
                 error: Some(refusal.to_string()),
+                ..Row::default()
             }),
         })
         .collect();
