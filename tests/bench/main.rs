@@ -16,6 +16,7 @@ mod coord;
 mod dispatch;
 mod dump;
 mod idle;
+mod line;
 mod procs;
 mod soak;
 mod stats;

@@ -7,14 +7,14 @@
 //! short soak that the test suite runs).
 
 use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::line::{self, free_port};
 use crate::procs::{self, Proc, Res};
 use crate::stats::{fmt_us, Report, Samples};
 use crate::Ctx;
@@ -24,31 +24,9 @@ const KEYS: usize = 40;
 /// Resident memory a process may gain over the soak before it counts as growing.
 const RSS_SLACK_KIB: u64 = 2048;
 
-fn free_port() -> Res<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| e.to_string())?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
-}
-
-/// One request: the reply line, or why there is none.
+/// One request to the cache server.
 fn ask(port: u16, request: &str) -> Result<String, String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let line = line.trim_end().to_owned();
-    if line.is_empty() || line.starts_with("ERR") {
-        return Err(format!("reply {line:?}"));
-    }
-    Ok(line)
+    line::ask(port, request, Duration::from_secs(2))
 }
 
 fn stats(port: u16) -> Res<serde_json::Value> {

@@ -6,8 +6,6 @@
 //! restored runs use the first cold run's image.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::line::{self, free_port};
 use crate::procs::{self, Res};
 use crate::stats::{fmt_us, verdict, Report, Samples};
 use crate::Ctx;
@@ -22,21 +21,9 @@ use crate::Ctx;
 /// How long one start may take before it counts as failed (the cold one indexes first).
 const START_LIMIT: Duration = Duration::from_secs(120);
 
-fn free_port() -> Res<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| e.to_string())?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 /// One request; the reply line, unless there is none or it is an `ERR`.
 fn ask(port: u16, request: &str) -> Option<String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(format!("{request}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    let line = line.trim_end().to_owned();
-    (!line.is_empty() && !line.starts_with("ERR")).then_some(line)
+    line::ask(port, request, Duration::from_millis(200)).ok()
 }
 
 struct Started {
