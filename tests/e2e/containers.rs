@@ -10,15 +10,9 @@ use std::time::Duration;
 
 use crate::oci::{self, in_netns, Podman, Runc};
 use crate::util::{
-    self, after_all, bin, concat, read_lines, status, status_hooks, text, wait_until, Scratch,
-    BEFORE_ALL,
+    self, after_all, bin, concat, field, read_lines, status, status_hooks, text, wait_until,
+    Scratch, BEFORE_ALL,
 };
-
-fn field(status: &serde_json::Value, name: &str) -> u64 {
-    status[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{name} in {status}"))
-}
 
 /// Waits until the target (and its child, if any) in `state` said it is ready.
 fn wait_ready(state: &Path, child: bool) {

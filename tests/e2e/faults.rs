@@ -18,16 +18,9 @@ use crate::util::{
 /// Processes below this one (its children, and theirs) whose command name is `comm`.
 fn ours_named(comm: &str) -> Vec<u32> {
     let me = std::process::id();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| {
-            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-                && crac_action::tree::ProcessId::of(pid).is_some()
-                && descends_from(pid, me)
-        })
+    util::processes_named(comm)
+        .into_iter()
+        .filter(|&pid| descends_from(pid, me))
         .collect()
 }
 

@@ -9,14 +9,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use crate::util::{
-    self, read_lines, status, status_hooks, text, udp_ask, wait_until, Crac, Scratch, Target,
+    self, field, read_lines, status, status_hooks, text, udp_ask, wait_until, Crac, Scratch, Target,
 };
-
-fn field(status: &serde_json::Value, name: &str) -> u64 {
-    status[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{name} in {status}"))
-}
 
 /// A listener and a UDP socket survive a killing dump and a restore: same port, same memory,
 /// a new instance id, no hook closed or reopened anything.

@@ -460,22 +460,27 @@ pub fn agent_dir(pid: u32) -> PathBuf {
     crac_agent::agent_dir(pid)
 }
 
-/// PIDs of crac-action watchers (named crac-watcher) still running, re-parented to this
-/// subreaper; others may be running on the machine.
-pub fn watchers() -> Vec<u32> {
+/// Live processes (not zombies: an exited one waiting to be reaped is done) whose command
+/// name is `comm`, anywhere on the machine.
+pub fn processes_named(comm: &str) -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
-        .filter_map(|e| {
-            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-            // An exited watcher waiting to be reaped by init is done with its job.
-            crac_action::tree::ProcessId::of(pid)?;
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            (crac_action::tree::parent_of(pid) == Some(std::process::id())
-                && comm.trim() == crac_action::watcher::PROCESS_NAME)
-                .then_some(pid)
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+                && crac_action::tree::ProcessId::of(pid).is_some()
         })
+        .collect()
+}
+
+/// PIDs of crac-action watchers (named crac-watcher) still running, re-parented to this
+/// subreaper; others may be running on the machine.
+pub fn watchers() -> Vec<u32> {
+    processes_named(crac_action::watcher::PROCESS_NAME)
+        .into_iter()
+        .filter(|&pid| crac_action::tree::parent_of(pid) == Some(std::process::id()))
         .collect()
 }
 
@@ -573,6 +578,13 @@ pub fn udp_ask(port: u16, data: &str) -> String {
     let mut buf = [0u8; 512];
     let (n, _) = socket.recv_from(&mut buf).expect("a UDP answer");
     String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// A number in a STATUS reply.
+pub fn field(status: &serde_json::Value, name: &str) -> u64 {
+    status[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} in {status}"))
 }
 
 /// The hook lines a STATUS reply says the target's memory holds.
