@@ -5,10 +5,11 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use crate::dispatch::{self, Busy, Call, Target};
+use crate::dispatch::{self, Busy, Call, Hooks, Target};
 use crate::error::CheckpointError;
 use crate::ordering::{insertion_index, visit_order, Direction, Priority};
 use crate::resource::{CheckpointInfo, HookError, Resource, RestoreInfo, RestoreReason};
+use crate::trace::CycleSpan;
 
 /// An ordered set of resources; itself a [`Resource`], so contexts nest.
 ///
@@ -59,7 +60,7 @@ struct Entry {
 enum Node {
     /// A resource and its name, asked once at registration: a cycle over thousands of
     /// resources then shares names instead of building them.
-    Resource(Arc<dyn Resource>, Arc<str>),
+    Resource(Hooks, Arc<str>),
     Context(Context),
 }
 
@@ -112,9 +113,63 @@ impl Context {
             }
             None => {
                 let name: Arc<str> = Arc::from(resource.name().as_ref());
-                Node::Resource(Arc::new(resource), name)
+                Node::Resource(Hooks::Sync(Arc::new(resource)), name)
             }
         };
+        self.insert(priority, node)
+    }
+
+    /// Registers an async resource at [`Priority::Application`], its hooks to run on
+    /// `runtime`. See [`register_async_with`](Self::register_async_with).
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn register_async<R: crate::AsyncResource + 'static>(
+        &self,
+        runtime: tokio::runtime::Handle,
+        resource: R,
+    ) -> Registration {
+        self.register_async_with(Priority::Application, runtime, resource)
+    }
+
+    /// Registers an async resource at `priority`, its hooks to run as tasks on `runtime`
+    /// (usually `tokio::runtime::Handle::current()` from the service's `main`).
+    ///
+    /// It takes its place among the sync resources by priority and registration order like
+    /// any other, and is limited, rolled back and reported the same way; a hook still pending
+    /// at its limit is cancelled (see [`AsyncResource`](crate::AsyncResource)).
+    ///
+    /// ```
+    /// # async fn example() {
+    /// let _pool = crac_core::global_context().register_async(
+    ///     tokio::runtime::Handle::current(),
+    ///     crac_core::from_async_fns(
+    ///         "db-pool",
+    ///         |_| async { /* pool.close().await */ Ok(()) },
+    ///         |_| async { /* reconnect */ Ok(()) },
+    ///     ),
+    /// );
+    /// # }
+    /// ```
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn register_async_with<R: crate::AsyncResource + 'static>(
+        &self,
+        priority: Priority,
+        runtime: tokio::runtime::Handle,
+        resource: R,
+    ) -> Registration {
+        let name: Arc<str> = Arc::from(resource.name().as_ref());
+        let hooks = crate::runtime::AsyncHooks {
+            resource: Arc::new(resource),
+            runtime,
+        };
+        self.insert(
+            priority,
+            Node::Resource(Hooks::Async(Arc::new(hooks)), name),
+        )
+    }
+
+    fn insert(&self, priority: Priority, node: Node) -> Registration {
         let mut entries = self.lock();
         let seq = entries.next_seq;
         entries.next_seq += 1;
@@ -167,19 +222,19 @@ impl Context {
             .list
             .iter()
             .map(|e| match &e.node {
-                Node::Resource(r, name) => NodeRef::Resource(Arc::clone(r), Arc::clone(name)),
+                Node::Resource(hooks, name) => NodeRef::Resource(hooks.clone(), Arc::clone(name)),
                 Node::Context(c) => NodeRef::Context(c.clone()),
             })
             .collect();
         for node in nodes {
             match node {
-                NodeRef::Resource(resource, name) => out.push(Target {
+                NodeRef::Resource(hooks, name) => out.push(Target {
                     name: if prefix.is_empty() {
                         name
                     } else {
                         Arc::from(join_name(prefix, &name))
                     },
-                    resource,
+                    hooks,
                 }),
                 NodeRef::Context(child) => {
                     child.collect_targets(&join_name(prefix, child.name()), out)
@@ -215,7 +270,7 @@ impl Context {
 }
 
 enum NodeRef {
-    Resource(Arc<dyn Resource>, Arc<str>),
+    Resource(Hooks, Arc<str>),
     Context(Context),
 }
 
@@ -243,6 +298,7 @@ impl Resource for Context {
             &Call::Before(checkpoint.clone()),
             // Driven without limits, its hooks cannot be abandoned: nothing is ever busy.
             &Busy::default(),
+            &CycleSpan::current(),
         );
         if run.failed() {
             return Err(Box::new(CheckpointError::refused(run.records, Vec::new())));
@@ -257,6 +313,7 @@ impl Resource for Context {
             visit_order(targets.len(), Direction::Up),
             &Call::After(restore.clone()),
             &Busy::default(),
+            &CycleSpan::current(),
         );
         if run.failed() {
             let err = if restore.reason == RestoreReason::Aborted {

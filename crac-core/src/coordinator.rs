@@ -12,9 +12,10 @@ use crate::dispatch::{self, in_hook, Busy, Call, Target};
 use crate::error::{CheckpointError, ErrorKind};
 use crate::hook_thread::HookThread;
 use crate::ordering::{visit_order, Direction};
-use crate::quiesce::{held_by_this_thread, CriticalSection, Gate};
+use crate::quiesce::{held_by_this_thread, CriticalSection, EnterAsync, Gate};
 use crate::report::{CycleReport, HookRecord};
 use crate::resource::{CheckpointInfo, RestoreInfo, RestoreReason, TcpConnections};
+use crate::trace::CycleSpan;
 
 /// Time limits for a cycle.
 ///
@@ -260,6 +261,22 @@ impl Coordinator {
             .expect("entering a critical section with no time limit always succeeds")
     }
 
+    /// Enters a critical section from async code: the same gate as
+    /// [`critical_section`](Self::critical_section), but the wait is a future that never
+    /// blocks its thread, and the guard is `Send`, so it can be held across `.await`s in a
+    /// request handler. The [`tower`](crate::tower) layer (feature `tower`) takes one per
+    /// request.
+    ///
+    /// ```
+    /// # async fn handler(coordinator: crac_core::Coordinator) {
+    /// let _request = coordinator.critical_section_async().await;
+    /// // ... a request that a checkpoint must not cut in half ...
+    /// # }
+    /// ```
+    pub fn critical_section_async(&self) -> EnterAsync {
+        self.inner.gate.enter_async()
+    }
+
     /// Like [`critical_section`](Self::critical_section), but gives up after `timeout`.
     pub fn try_critical_section(&self, timeout: Duration) -> Option<CriticalSection> {
         self.inner.gate.enter(Some(timeout))
@@ -296,8 +313,10 @@ impl Coordinator {
             state.generation
         };
         let limits = self.limits();
+        let span = CycleSpan::start(generation);
         let quiesce_started = Instant::now();
         if let Err(held) = self.inner.gate.shut_and_drain(limits.quiesce) {
+            span.end(None, "critical sections still held");
             self.end_cycle(None);
             return Err(CheckpointError::new(ErrorKind::Quiesce {
                 held,
@@ -314,16 +333,19 @@ impl Coordinator {
             order,
             &Call::Before(CheckpointInfo { generation }),
             &limits,
+            &span,
         );
         let mut checkpoint = Checkpoint {
             coordinator: self.clone(),
             told: told(&before.records),
             records: before.records,
             targets,
+            span,
             done: false,
         };
         if checkpoint.records.iter().any(|r| r.failure.is_some()) {
             let rollback = checkpoint.finish(RestoreReason::Aborted, TcpConnections::default());
+            checkpoint.span.end(Some(RestoreReason::Aborted), "refused");
             return Err(CheckpointError::refused(
                 checkpoint.take_records(),
                 rollback,
@@ -417,6 +439,7 @@ pub struct Checkpoint {
     targets: Arc<[Target]>,
     told: Vec<usize>,
     records: Vec<HookRecord>,
+    span: CycleSpan,
     done: bool,
 }
 
@@ -450,6 +473,8 @@ impl Checkpoint {
     ) -> Result<CycleReport, CheckpointError> {
         let after = self.finish(reason, tcp);
         let failed = after.iter().any(|r| r.failure.is_some());
+        let outcome = if failed { "after_restore failed" } else { "ok" };
+        self.span.end(Some(reason), outcome);
         let mut records = self.take_records();
         records.extend(after);
         if failed {
@@ -481,6 +506,7 @@ impl Checkpoint {
             order,
             &Call::After(info.clone()),
             &limits,
+            &self.span,
         );
         self.coordinator.end_cycle(Some(info));
         after.records
@@ -491,6 +517,8 @@ impl Drop for Checkpoint {
     fn drop(&mut self) {
         if !self.done {
             self.finish(RestoreReason::Aborted, TcpConnections::default());
+            self.span
+                .end(Some(RestoreReason::Aborted), "dropped without complete");
         }
     }
 }

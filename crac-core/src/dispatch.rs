@@ -1,10 +1,13 @@
 //! Calling hooks: panic capture, timing, and time limits.
 //!
 //! Without limits, hooks run on the calling thread. With limits, they run in order on the
-//! coordinator's hook thread while the caller waits with a deadline. A hook cannot be
+//! coordinator's hook thread while the caller waits with a deadline. A sync hook cannot be
 //! cancelled, so one that overruns is abandoned: its thread is told to stop after it returns,
 //! and a new thread carries on with the next hook. The cost per hook is two uncontended lock
 //! round trips, not a thread hand-off, so a cycle over thousands of resources stays cheap.
+//! An async hook runs on its runtime and is cancelled (its future dropped) at its deadline by
+//! the hook thread itself; the caller only abandons it if dropping it does not finish within
+//! [`ASYNC_GRACE`] (its code blocks its thread).
 //!
 //! A resource whose hook was abandoned is [`Busy`] until that call returns: hooks never
 //! overlap, so no cycle calls it meanwhile (its hook is reported as still running, which
@@ -24,11 +27,43 @@ use crate::report::{HookFailure, HookRecord, Phase};
 use crate::resource::{
     CheckpointInfo, HookError, Resource, RestoreInfo, RestoreReason, TcpConnections,
 };
+use crate::trace::{CycleSpan, HookSpan};
 
-/// A resource as one cycle sees it: its full name and the resource itself.
+/// How long past its deadline an async hook's cancellation may take before the hook is
+/// treated like an overrunning sync hook (abandoned, its resource busy).
+const ASYNC_GRACE: Duration = Duration::from_secs(1);
+
+/// A resource's hooks, as a cycle calls them.
+#[derive(Clone)]
+pub(crate) enum Hooks {
+    Sync(Arc<dyn Resource>),
+    #[cfg(feature = "tokio")]
+    Async(Arc<crate::runtime::AsyncHooks>),
+}
+
+impl Hooks {
+    /// Identifies the resource across cycles (for [`Busy`]).
+    fn key(&self) -> usize {
+        match self {
+            Hooks::Sync(resource) => Arc::as_ptr(resource) as *const () as usize,
+            #[cfg(feature = "tokio")]
+            Hooks::Async(hooks) => Arc::as_ptr(hooks) as usize,
+        }
+    }
+
+    fn is_async(&self) -> bool {
+        match self {
+            Hooks::Sync(_) => false,
+            #[cfg(feature = "tokio")]
+            Hooks::Async(_) => true,
+        }
+    }
+}
+
+/// A resource as one cycle sees it: its full name and its hooks.
 pub(crate) struct Target {
     pub(crate) name: Arc<str>,
-    pub(crate) resource: Arc<dyn Resource>,
+    pub(crate) hooks: Hooks,
 }
 
 /// Which hook to call, with its argument.
@@ -54,6 +89,28 @@ impl Call {
     }
 }
 
+/// When a hook must be done by, and the limit that sets it (for the report).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) limit: Duration,
+}
+
+impl Deadline {
+    /// The earlier of the hook's own deadline (from `started`) and the phase's.
+    fn of_hook(started: Instant, limits: &Limits, phase: Option<Deadline>) -> Option<Deadline> {
+        let hook = limits.hook.map(|limit| Deadline {
+            at: started + limit,
+            limit,
+        });
+        match (hook, phase) {
+            (Some(hook), Some(phase)) if phase.at < hook.at => Some(phase),
+            (Some(hook), _) => Some(hook),
+            (None, phase) => phase,
+        }
+    }
+}
+
 thread_local! {
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
 }
@@ -64,16 +121,17 @@ pub(crate) fn in_hook() -> bool {
     IN_HOOK.with(Cell::get)
 }
 
+/// Marks this thread as running a hook (or not); returns what it was.
+pub(crate) fn set_in_hook(value: bool) -> bool {
+    IN_HOOK.with(|flag| flag.replace(value))
+}
+
 /// The resources with a hook still running on an abandoned thread (see the module
 /// documentation), by the address of the resource.
 #[derive(Default)]
 pub(crate) struct Busy(Mutex<HashSet<usize>>);
 
 impl Busy {
-    fn key(target: &Target) -> usize {
-        Arc::as_ptr(&target.resource) as *const () as usize
-    }
-
     fn set(&self) -> MutexGuard<'_, HashSet<usize>> {
         // Each critical section is one set operation: a poisoned lock holds usable data.
         self.0
@@ -82,15 +140,15 @@ impl Busy {
     }
 
     fn contains(&self, target: &Target) -> bool {
-        self.set().contains(&Busy::key(target))
+        self.set().contains(&target.hooks.key())
     }
 
     fn insert(&self, target: &Target) {
-        self.set().insert(Busy::key(target));
+        self.set().insert(target.hooks.key());
     }
 
     fn remove(&self, target: &Target) {
-        self.set().remove(&Busy::key(target));
+        self.set().remove(&target.hooks.key());
     }
 }
 
@@ -105,33 +163,58 @@ impl PhaseRun {
     }
 }
 
-fn call_one(targets: &[Target], index: usize, call: &Call, busy: &Busy) -> HookRecord {
+fn call_one(
+    targets: &[Target],
+    index: usize,
+    call: &Call,
+    busy: &Busy,
+    span: &CycleSpan,
+    deadline: Option<Deadline>,
+) -> HookRecord {
     let target = &targets[index];
     if busy.contains(target) {
         return not_called(target, index, call, HookFailure::StillRunning);
     }
-    invoke(target, index, call)
+    invoke(target, index, call, span, deadline)
 }
 
-/// Calls the hook (marked as in a hook, panics caught) and records how it went.
-fn invoke(target: &Target, index: usize, call: &Call) -> HookRecord {
-    let was_in_hook = IN_HOOK.with(|flag| flag.replace(true));
+/// Calls the hook (marked as in a hook, panics caught; an async one cancelled at `deadline`)
+/// and records how it went.
+fn invoke(
+    target: &Target,
+    index: usize,
+    call: &Call,
+    span: &CycleSpan,
+    deadline: Option<Deadline>,
+) -> HookRecord {
+    let hook_span = HookSpan::start(span, &target.name, call.phase());
     let start = Instant::now();
-    let result = catch_unwind(AssertUnwindSafe(|| call.invoke(&*target.resource)));
-    let duration = start.elapsed();
-    IN_HOOK.with(|flag| flag.set(was_in_hook));
-    let failure = match result {
-        Ok(Ok(())) => None,
-        Ok(Err(err)) => Some(HookFailure::Error(err)),
-        Err(payload) => Some(HookFailure::Panicked(panic_message(payload.as_ref()))),
+    let failure = match &target.hooks {
+        Hooks::Sync(resource) => {
+            let _entered = hook_span.enter();
+            let was_in_hook = set_in_hook(true);
+            let result = catch_unwind(AssertUnwindSafe(|| call.invoke(&**resource)));
+            set_in_hook(was_in_hook);
+            match result {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some(HookFailure::Error(err)),
+                Err(payload) => Some(HookFailure::Panicked(panic_message(payload.as_ref()))),
+            }
+        }
+        #[cfg(feature = "tokio")]
+        Hooks::Async(hooks) => hooks.run(call, deadline, &hook_span),
     };
-    HookRecord {
+    #[cfg(not(feature = "tokio"))]
+    let _ = deadline;
+    let record = HookRecord {
         resource: Arc::clone(&target.name),
         phase: call.phase(),
-        duration,
+        duration: start.elapsed(),
         failure,
         target: index,
-    }
+    };
+    hook_span.end(&record);
+    record
 }
 
 /// The record of a hook that was not called, and why.
@@ -145,7 +228,7 @@ fn not_called(target: &Target, index: usize, call: &Call, why: HookFailure) -> H
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -161,10 +244,11 @@ pub(crate) fn run_inline(
     order: impl IntoIterator<Item = usize>,
     call: &Call,
     busy: &Busy,
+    span: &CycleSpan,
 ) -> PhaseRun {
     let records = order
         .into_iter()
-        .map(|index| call_one(targets, index, call, busy))
+        .map(|index| call_one(targets, index, call, busy, span, None))
         .collect();
     PhaseRun { records }
 }
@@ -196,11 +280,12 @@ pub(crate) fn run(
     order: Vec<usize>,
     call: &Call,
     limits: &Limits,
+    span: &CycleSpan,
 ) -> PhaseRun {
     if limits.hook.is_none() && limits.phase.is_none() {
-        return run_inline(targets, order, call, busy);
+        return run_inline(targets, order, call, busy, span);
     }
-    run_limited(thread, busy, targets, order, call, limits)
+    run_limited(thread, busy, targets, order, call, limits, span)
 }
 
 struct Progress {
@@ -237,8 +322,12 @@ fn run_limited(
     order: Vec<usize>,
     call: &Call,
     limits: &Limits,
+    span: &CycleSpan,
 ) -> PhaseRun {
-    let phase_deadline = limits.phase.map(|limit| Instant::now() + limit);
+    let phase_deadline = limits.phase.map(|limit| Deadline {
+        at: Instant::now() + limit,
+        limit,
+    });
     let mut records = Vec::with_capacity(order.len());
     let mut pos = 0;
     while pos < order.len() {
@@ -252,21 +341,23 @@ fn run_limited(
             }),
             finished: Condvar::new(),
         });
-        let job = {
-            let shared = Arc::clone(&shared);
-            let busy = Arc::clone(busy);
-            let targets = Arc::clone(targets);
-            let order = order[pos..].to_vec();
-            let call = call.clone();
-            Box::new(move || work(&shared, &busy, &targets, &order, &call))
+        let job = Worker {
+            shared: Arc::clone(&shared),
+            busy: Arc::clone(busy),
+            targets: Arc::clone(targets),
+            order: order[pos..].to_vec(),
+            call: call.clone(),
+            limits: *limits,
+            phase_deadline,
+            span: span.clone(),
         };
-        if thread.run(job).is_err() {
+        if let Err(job) = thread.run(Box::new(move || job.work())) {
             // No thread to be had: run the rest here rather than not at all.
-            records.extend(
-                order[pos..]
-                    .iter()
-                    .map(|&i| call_one(targets, i, call, busy)),
-            );
+            drop(job);
+            records.extend(order[pos..].iter().map(|&i| {
+                let deadline = Deadline::of_hook(Instant::now(), limits, phase_deadline);
+                call_one(targets, i, call, busy, span, deadline)
+            }));
             break;
         }
 
@@ -276,15 +367,20 @@ fn run_limited(
                 break None;
             }
             let now = Instant::now();
-            let since = progress
-                .current
-                .map_or(progress.idle_since, |(_, started)| started);
+            // An async hook cancels itself at its deadline; it is only abandoned when that
+            // does not finish in time.
+            let (since, grace) = match progress.current {
+                Some((index, started)) if targets[index].hooks.is_async() => (started, ASYNC_GRACE),
+                Some((_, started)) => (started, Duration::ZERO),
+                None => (progress.idle_since, Duration::ZERO),
+            };
             let hook_deadline = limits.hook.map(|limit| since + limit);
-            let deadline = match (hook_deadline, phase_deadline) {
+            let deadline = match (hook_deadline, phase_deadline.map(|d| d.at)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
-            };
-            let phase_over = phase_deadline.is_some_and(|deadline| now >= deadline);
+            }
+            .map(|deadline| deadline + grace);
+            let phase_over = phase_deadline.is_some_and(|deadline| now >= deadline.at);
             progress = match deadline {
                 // No hook runs: the worker is late to start the next one, not overrunning.
                 Some(deadline) if now >= deadline && progress.current.is_none() && !phase_over => {
@@ -316,8 +412,6 @@ fn run_limited(
         thread.abandon();
         let Some((index, started)) = progress.current else {
             // The phase's time ran out between two hooks: the worker stops before the next.
-            drop(progress);
-            records.extend(not_run(targets, &order[pos..], call, limits));
             break;
         };
         // The hook at `pos` overran. Marked busy under the worker's lock, so that its late
@@ -325,11 +419,11 @@ fn run_limited(
         debug_assert_eq!(index, order[pos]);
         busy.insert(&targets[index]);
         drop(progress);
-        let phase_over = phase_deadline.is_some_and(|deadline| now >= deadline);
+        let phase_over = phase_deadline.is_some_and(|deadline| now >= deadline.at);
         let hook_over = limits.hook.is_some_and(|limit| now >= started + limit);
-        let limit = match (hook_over, limits.hook, limits.phase) {
+        let limit = match (hook_over, limits.hook, phase_deadline) {
             (true, Some(hook), _) => hook,
-            (_, _, Some(phase)) => phase,
+            (_, _, Some(phase)) => phase.limit,
             (_, Some(hook), None) => hook,
             (_, None, None) => unreachable!("run_limited is only called with a limit"),
         };
@@ -342,41 +436,80 @@ fn run_limited(
         });
         pos += 1;
         if phase_over {
-            records.extend(not_run(targets, &order[pos..], call, limits));
             break;
         }
     }
+    // Whatever is left had no time: the phase's limit ran out before its turn.
+    let done = records.len();
+    records.extend(not_run(targets, &order[done..], call, limits));
     PhaseRun { records }
 }
 
-fn work(shared: &Shared, busy: &Busy, targets: &[Target], order: &[usize], call: &Call) {
-    for &index in order {
-        {
+/// What the hook thread does for one phase (or for what is left of it after an overrun).
+struct Worker {
+    shared: Arc<Shared>,
+    busy: Arc<Busy>,
+    targets: Arc<[Target]>,
+    order: Vec<usize>,
+    call: Call,
+    limits: Limits,
+    phase_deadline: Option<Deadline>,
+    span: CycleSpan,
+}
+
+impl Worker {
+    fn work(self) {
+        let Worker {
+            shared,
+            busy,
+            targets,
+            order,
+            call,
+            limits,
+            phase_deadline,
+            span,
+        } = self;
+        for &index in &order {
+            let started = Instant::now();
+            if phase_deadline.is_some_and(|deadline| started >= deadline.at) {
+                // No time left for this hook: the caller reports the rest as not run.
+                break;
+            }
+            {
+                let mut progress = shared.lock();
+                if progress.abandoned {
+                    return;
+                }
+                progress.current = Some((index, started));
+            }
+            let deadline = Deadline::of_hook(started, &limits, phase_deadline);
+            let record = call_one(&targets, index, &call, &busy, &span, deadline);
             let mut progress = shared.lock();
             if progress.abandoned {
+                drop(progress);
+                returned_late(&targets[index], &call, &record, &busy, &limits, &span);
                 return;
             }
-            progress.current = Some((index, Instant::now()));
+            progress.current = None;
+            progress.idle_since = Instant::now();
+            progress.records.push(record);
         }
-        let record = call_one(targets, index, call, busy);
-        let mut progress = shared.lock();
-        if progress.abandoned {
-            drop(progress);
-            returned_late(&targets[index], call, &record, busy);
-            return;
-        }
-        progress.current = None;
-        progress.idle_since = Instant::now();
-        progress.records.push(record);
+        shared.lock().finished = true;
+        shared.finished.notify_all();
     }
-    shared.lock().finished = true;
-    shared.finished.notify_all();
 }
 
 /// An abandoned hook has returned, its cycle over. A `before_checkpoint` that succeeded took
 /// its resource down for a checkpoint that was refused (its overrun refused it): bring it
 /// back up as the others were, with reason `aborted`. Then the resource may be called again.
-fn returned_late(target: &Target, call: &Call, record: &HookRecord, busy: &Busy) {
+fn returned_late(
+    target: &Target,
+    call: &Call,
+    record: &HookRecord,
+    busy: &Busy,
+    limits: &Limits,
+    span: &CycleSpan,
+) {
     if let (Call::Before(info), None) = (call, &record.failure) {
         let back = Call::After(RestoreInfo {
             reason: RestoreReason::Aborted,
@@ -384,7 +517,8 @@ fn returned_late(target: &Target, call: &Call, record: &HookRecord, busy: &Busy)
             at: SystemTime::now(),
             tcp: TcpConnections::default(),
         });
-        invoke(target, record.target, &back);
+        let deadline = Deadline::of_hook(Instant::now(), limits, None);
+        invoke(target, record.target, &back, span, deadline);
     }
     busy.remove(target);
 }

@@ -71,12 +71,27 @@
 //!
 //! # Async services
 //!
-//! Hooks are synchronous functions. An async kind of resource will be a separate trait adapted
-//! into the same dispatch (contexts store their entries behind a private type), so adding it
-//! will not change anything here.
+//! [`AsyncResource`] is the async twin of [`Resource`] (and [`from_async_fns`] of
+//! [`from_fns`]): hooks that return futures, run as tasks on the application's own runtime
+//! ([`Context::register_async`], feature `tokio`), in the same order and under the same limits
+//! as sync ones; one still pending at its limit is cancelled. Request handlers take a `Send`
+//! guard with [`Coordinator::critical_section_async`], or let the [`tower`] layer (feature
+//! `tower`) take one per request.
+//!
+//! # Features
+//!
+//! All off by default; the crate then depends on nothing async.
+//!
+//! - `tokio`: [`Context::register_async`], hooks run on a tokio runtime.
+//! - `tower`: the [`tower`] module's request-gating layer.
+//! - `tracing`: a `crac.cycle` span per cycle and a `crac.hook` span per hook (resource,
+//!   phase, reason, duration, outcome), and a warning per failed hook. Without it the crate
+//!   logs nothing.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod async_resource;
 mod context;
 mod coordinator;
 mod dispatch;
@@ -86,13 +101,20 @@ mod ordering;
 mod quiesce;
 mod report;
 mod resource;
+#[cfg(feature = "tokio")]
+mod runtime;
 mod statics;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
+mod trace;
 
+pub use async_resource::{from_async_fns, AsyncFnResource, AsyncResource, BoxFuture};
 pub use context::{Context, Registration};
 pub use coordinator::{Checkpoint, Coordinator, CycleState, Limits};
 pub use error::{CheckpointError, ErrorKind};
 pub use ordering::Priority;
-pub use quiesce::CriticalSection;
+pub use quiesce::{AsyncCriticalSection, CriticalSection, EnterAsync};
 pub use report::{CycleReport, HookFailure, HookRecord, Phase};
 pub use resource::{
     from_fns, CheckpointInfo, FnResource, HookError, Resource, RestoreInfo, RestoreReason,
@@ -109,6 +131,12 @@ pub fn global_context() -> &'static Context {
 /// [`Coordinator::critical_section`].
 pub fn critical_section() -> CriticalSection {
     Coordinator::global().critical_section()
+}
+
+/// Enters a critical section of the global coordinator from async code; see
+/// [`Coordinator::critical_section_async`].
+pub fn critical_section_async() -> EnterAsync {
+    Coordinator::global().critical_section_async()
 }
 
 /// Whether the current thread is running a hook (of any coordinator). Whatever would wait for

@@ -9,8 +9,11 @@
 
 use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::dispatch::in_hook;
@@ -35,6 +38,8 @@ pub(crate) struct Gate {
 struct GateState {
     shut: bool,
     held: usize,
+    /// Tasks waiting in [`EnterAsync`] for the gate to open.
+    waiting: Vec<Waker>,
 }
 
 impl Gate {
@@ -87,9 +92,8 @@ impl Gate {
             let now = Instant::now();
             if now >= deadline {
                 let held = state.held;
-                state.shut = false;
                 drop(state);
-                self.changed.notify_all();
+                self.open();
                 return Err(held);
             }
             state = self
@@ -102,8 +106,20 @@ impl Gate {
     }
 
     pub(crate) fn open(&self) {
-        self.lock().shut = false;
+        let waiting = {
+            let mut state = self.lock();
+            state.shut = false;
+            std::mem::take(&mut state.waiting)
+        };
         self.changed.notify_all();
+        waiting.into_iter().for_each(Waker::wake);
+    }
+
+    /// Enters a critical section without blocking: see [`EnterAsync`].
+    pub(crate) fn enter_async(self: &Arc<Self>) -> EnterAsync {
+        EnterAsync {
+            gate: Some(Arc::clone(self)),
+        }
     }
 
     pub(crate) fn is_shut(&self) -> bool {
@@ -156,5 +172,75 @@ impl Drop for CriticalSection {
 impl fmt::Debug for CriticalSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CriticalSection").finish_non_exhaustive()
+    }
+}
+
+/// The future of [`Coordinator::critical_section_async`](crate::Coordinator::critical_section_async):
+/// ready at once while no checkpoint is in progress; otherwise pending, without blocking its
+/// thread, until the cycle's `after_restore` hooks have finished.
+#[must_use = "futures do nothing unless awaited"]
+pub struct EnterAsync {
+    gate: Option<Arc<Gate>>,
+}
+
+impl Future for EnterAsync {
+    type Output = AsyncCriticalSection;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AsyncCriticalSection> {
+        let gate = self
+            .gate
+            .take()
+            .expect("EnterAsync polled after it completed");
+        if in_hook() {
+            // An async hook runs while the gate is shut on purpose: it must not wait for itself.
+            return Poll::Ready(AsyncCriticalSection { gate: None });
+        }
+        let mut state = gate.lock();
+        if state.shut {
+            if !state.waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                state.waiting.push(cx.waker().clone());
+            }
+            drop(state);
+            self.gate = Some(gate);
+            return Poll::Pending;
+        }
+        state.held += 1;
+        drop(state);
+        Poll::Ready(AsyncCriticalSection { gate: Some(gate) })
+    }
+}
+
+impl fmt::Debug for EnterAsync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnterAsync").finish_non_exhaustive()
+    }
+}
+
+/// A guard that holds checkpoints off while it lives, for async code: the `Send` twin of
+/// [`CriticalSection`], taken with
+/// [`Coordinator::critical_section_async`](crate::Coordinator::critical_section_async).
+///
+/// It may move between threads with its task and be held across `.await`s. Unlike the
+/// thread-bound guard it cannot tell that its holder is the one asking for a checkpoint, so
+/// do not nest one inside another in the same task while a checkpoint may start: the inner
+/// one would wait for a checkpoint that waits for the outer one (the checkpoint then gives
+/// up after [`Limits::quiesce`](crate::Limits::quiesce) and both go on).
+#[must_use = "a critical section ends when the guard is dropped"]
+pub struct AsyncCriticalSection {
+    gate: Option<Arc<Gate>>,
+}
+
+impl Drop for AsyncCriticalSection {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            gate.leave();
+        }
+    }
+}
+
+impl fmt::Debug for AsyncCriticalSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncCriticalSection")
+            .finish_non_exhaustive()
     }
 }

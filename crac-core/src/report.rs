@@ -46,6 +46,16 @@ pub enum HookFailure {
         /// The limit that ran out.
         limit: Duration,
     },
+    /// An async hook was still pending at its limit (or the phase's limit ran out while it
+    /// ran): its future was dropped, and the cycle went on.
+    Cancelled {
+        /// The limit that ran out.
+        limit: Duration,
+    },
+    /// An async hook could not be run on its runtime (it has shut down, or waiting for it
+    /// would block the runtime's own thread); the message says why and what to do. The hook
+    /// was not called.
+    NoRuntime(String),
     /// The hook was never called: the phase's time limit ran out before its turn.
     NotRun {
         /// The phase limit that ran out.
@@ -57,10 +67,13 @@ pub enum HookFailure {
 }
 
 impl HookFailure {
-    /// Whether the hook was actually called (so a resource that failed this way has been
-    /// told, and must be told to come back).
+    /// Whether the hook was actually called and is over (so a resource that failed this way
+    /// has been told, and must be told to come back).
     pub(crate) fn hook_returned(&self) -> bool {
-        matches!(self, HookFailure::Error(_) | HookFailure::Panicked(_))
+        matches!(
+            self,
+            HookFailure::Error(_) | HookFailure::Panicked(_) | HookFailure::Cancelled { .. }
+        )
     }
 }
 
@@ -82,6 +95,12 @@ impl fmt::Display for HookFailure {
                 "timed out: still running after {}",
                 DisplayDuration(*limit)
             ),
+            HookFailure::Cancelled { limit } => write!(
+                f,
+                "cancelled: still pending after {}, its future was dropped",
+                DisplayDuration(*limit)
+            ),
+            HookFailure::NoRuntime(why) => write!(f, "not run: {why}"),
             HookFailure::NotRun { phase_limit } => write!(
                 f,
                 "not run: the phase time limit of {} ran out before its turn",

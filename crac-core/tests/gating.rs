@@ -1,0 +1,187 @@
+//! Request gating for async services: the `Send` critical section and the tower layer.
+#![cfg(all(feature = "tokio", feature = "tower"))]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crac_core::tower::CheckpointGateLayer;
+use crac_core::{from_fns, AsyncCriticalSection, Coordinator, ErrorKind, Limits};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn logging(log: &Log) -> impl crac_core::Resource + 'static {
+    let (b, a) = (log.clone(), log.clone());
+    from_fns(
+        "hooks",
+        move |_| {
+            b.lock().unwrap().push("before".into());
+            Ok(())
+        },
+        move |_| {
+            a.lock().unwrap().push("after".into());
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn the_async_guard_is_send_and_can_be_held_across_awaits() {
+    fn send<T: Send + Sync>() {}
+    send::<AsyncCriticalSection>();
+    send::<crac_core::EnterAsync>();
+    let rt = runtime();
+    let c = Coordinator::new();
+    let c2 = c.clone();
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            let _guard = c2.critical_section_async().await;
+            tokio::task::yield_now().await;
+        })
+        .await
+        .unwrap();
+    });
+    c.simulate().unwrap();
+}
+
+#[test]
+fn requests_wait_during_a_checkpoint_without_blocking_a_worker_and_go_on_after_restore() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let log = Log::default();
+    let c = Coordinator::new();
+    let _hooks = c.context().register(logging(&log));
+
+    let checkpoint = c.checkpoint().unwrap();
+    assert!(c.is_quiesced());
+    let (c2, l2) = (c.clone(), log.clone());
+    let request = rt.spawn(async move {
+        let _guard = c2.critical_section_async().await;
+        l2.lock().unwrap().push("request".into());
+    });
+    // The only worker thread is not blocked: other tasks run while the request waits.
+    let other = rt.block_on(async {
+        let other = tokio::spawn(async { "other task ran" }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        other
+    });
+    assert_eq!(other, "other task ran");
+    assert!(!request.is_finished());
+    assert_eq!(*log.lock().unwrap(), ["before"]);
+
+    checkpoint
+        .complete(crac_core::RestoreReason::Restored)
+        .unwrap();
+    rt.block_on(request).unwrap();
+    assert_eq!(*log.lock().unwrap(), ["before", "after", "request"]);
+}
+
+#[test]
+fn a_checkpoint_waits_for_async_guards_in_flight_and_gives_up_at_its_limit() {
+    let rt = runtime();
+    let log = Log::default();
+    let c = Coordinator::new();
+    c.set_limits(Limits::default().with_quiesce(Duration::from_millis(300)));
+    let _hooks = c.context().register(logging(&log));
+
+    // A request that ends soon: the checkpoint waits for it, then runs its hooks.
+    let guard = rt.block_on(c.critical_section_async());
+    let c2 = c.clone();
+    let waiter = std::thread::spawn(move || {
+        let checkpoint = c2.checkpoint().unwrap();
+        checkpoint
+            .complete(crac_core::RestoreReason::Resumed)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    log.lock().unwrap().push("request done".into());
+    drop(guard);
+    waiter.join().unwrap();
+    assert_eq!(*log.lock().unwrap(), ["request done", "before", "after"]);
+
+    // A request that does not end: the checkpoint is refused, no hook runs, requests go on.
+    let held = rt.block_on(c.critical_section_async());
+    let err = c.checkpoint().unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Quiesce { held: 1, .. }),
+        "{err}"
+    );
+    rt.block_on(async { drop(c.critical_section_async().await) });
+    drop(held);
+}
+
+#[test]
+fn the_layer_lets_no_request_run_between_before_checkpoint_and_after_restore_and_loses_none() {
+    let rt = runtime();
+    let c = Coordinator::new();
+    let events = Log::default();
+    let _hooks = c.context().register(logging(&events));
+    let served = Arc::new(AtomicU64::new(0));
+
+    let (e, s) = (events.clone(), served.clone());
+    let service = ServiceBuilder::new()
+        .layer(CheckpointGateLayer::with_coordinator(c.clone()))
+        .service_fn(move |n: u64| {
+            let (e, s) = (e.clone(), s.clone());
+            async move {
+                e.lock().unwrap().push(format!("start {n}"));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                e.lock().unwrap().push(format!("end {n}"));
+                s.fetch_add(1, Ordering::SeqCst);
+                Ok::<u64, std::convert::Infallible>(n * 2)
+            }
+        });
+
+    const REQUESTS: u64 = 400;
+    let clients = rt.spawn(async move {
+        let mut tasks = Vec::new();
+        for n in 0..REQUESTS {
+            let mut service = service.clone();
+            tasks.push(tokio::spawn(async move {
+                service.ready().await.unwrap().call(n).await.unwrap()
+            }));
+            if n % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.unwrap());
+        }
+        answers
+    });
+    // Checkpoints while the requests come in.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(5));
+        c.simulate().unwrap();
+    }
+    let answers = rt.block_on(clients).unwrap();
+
+    assert_eq!(answers, (0..REQUESTS).map(|n| n * 2).collect::<Vec<_>>());
+    assert_eq!(served.load(Ordering::SeqCst), REQUESTS);
+    let events = events.lock().unwrap();
+    let mut inside = false;
+    let mut cycles = 0;
+    for event in events.iter() {
+        match event.as_str() {
+            "before" => {
+                inside = true;
+                cycles += 1;
+            }
+            "after" => inside = false,
+            request => assert!(!inside, "{request} ran during a checkpoint: {events:?}"),
+        }
+    }
+    assert_eq!(cycles, 3);
+}
