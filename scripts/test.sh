@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it (.ci/run calls this): provisions CRIU, installs runc and
-# podman, checks formatting and lints, builds everything, and runs every test, end-to-end ones
-# against the real CRIU and the real container runtimes.
+# The whole test suite, as CI runs it (.ci/run calls this): provisions CRIU, installs runc,
+# podman and PostgreSQL, checks formatting and lints, builds everything, and runs every test,
+# end-to-end ones against the real CRIU, the real container runtimes and a real PostgreSQL.
 #
 # As root, CRIU is provisioned, the runtimes installed, and the end-to-end tests run. Not as
 # root, they skip with a message, except in CI (CI=true), where a missing CRIU or runtime fails
@@ -12,8 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ $EUID -eq 0 ]]; then
     scripts/provision-criu.sh
     scripts/install-runtimes.sh
+    scripts/postgres.sh install
 else
-    echo "test: not root, so CRIU and the container runtimes are not installed and end-to-end tests will skip (run as root to include them)"
+    echo "test: not root, so CRIU, the container runtimes and PostgreSQL are not installed and end-to-end tests will skip (run as root to include them)"
 fi
 
 echo "test: cargo fmt --check"

@@ -3,7 +3,7 @@
 //! cycle ends. The library prints nothing itself; without the feature these types are empty
 //! and every call compiles to nothing.
 //!
-//! Span fields: `crac.cycle` has `generation`, then `reason`, `outcome` and `duration_us` when
+//! Everything is under the target `crac`. Span fields: `crac.cycle` has `generation`, then `reason`, `outcome` and `duration_us` when
 //! it ends; `crac.hook` has `resource` and `phase`, then `outcome` and `duration_us`.
 
 use crate::report::{HookRecord, Phase};
@@ -28,6 +28,7 @@ mod imp {
         pub(crate) fn start(generation: u64) -> CycleSpan {
             CycleSpan {
                 span: tracing::info_span!(
+                    target: "crac",
                     "crac.cycle",
                     generation,
                     reason = Empty,
@@ -57,9 +58,9 @@ mod imp {
             self.span.record("duration_us", duration_us);
             let reason = reason.map_or("none", RestoreReason::as_str);
             if outcome == "ok" {
-                tracing::info!(parent: &self.span, reason, outcome, duration_us, "crac cycle ended");
+                tracing::info!(target: "crac", parent: &self.span, reason, outcome, duration_us, "crac cycle ended");
             } else {
-                tracing::warn!(parent: &self.span, reason, outcome, duration_us, "crac cycle ended");
+                tracing::warn!(target: "crac", parent: &self.span, reason, outcome, duration_us, "crac cycle ended");
             }
         }
     }
@@ -71,6 +72,7 @@ mod imp {
     impl HookSpan {
         pub(crate) fn start(cycle: &CycleSpan, resource: &str, phase: Phase) -> HookSpan {
             HookSpan(tracing::info_span!(
+                target: "crac",
                 parent: &cycle.span,
                 "crac.hook",
                 resource,
@@ -96,6 +98,7 @@ mod imp {
                 Some(failure) => {
                     self.0.record("outcome", "failed");
                     tracing::warn!(
+                        target: "crac",
                         parent: &self.0,
                         resource = record.resource(),
                         phase = record.phase().as_str(),

@@ -9,6 +9,7 @@ mod crac_cli;
 mod faults;
 mod namespaces;
 mod oci;
+mod postgres;
 mod signals;
 mod soak;
 mod sockets;
