@@ -31,6 +31,9 @@
 //!   runs on).
 //! - `CRAC_TEST_SOCKET_CHECK_MS=MS`: the agent looks at its socket every MS milliseconds.
 //! - `CRAC_TEST_MIB=N`: touch N MiB of memory at start (a slower dump).
+//! - `CRAC_TEST_ASYNC=panic|pending|shutdown`: also register an async resource `async`, on a
+//!   tokio runtime of the target's own, whose before_checkpoint panics, never completes, or
+//!   cannot run because its runtime was shut down right after it was registered.
 //!
 //! `state` holds `pid token counter generation`: the token is random and lives only in memory,
 //! so a restored process that shows the same token really is the same memory.
@@ -155,6 +158,9 @@ fn main() {
                 hang: hang_of(hang.as_deref(), name),
             })
             .keep();
+    }
+    if let Some(mode) = var("CRAC_TEST_ASYNC") {
+        register_async(coordinator, mode);
     }
     let terminate = Arc::new(AtomicBool::new(false));
     let own_sigterm = var("CRAC_TEST_OWN_SIGTERM");
@@ -395,4 +401,40 @@ fn wait_for(path: &Path) {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("{} did not appear", path.display());
+}
+
+/// `CRAC_TEST_ASYNC`: an async resource that misbehaves as `mode` says.
+fn register_async(coordinator: &Coordinator, mode: String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .expect("a tokio runtime");
+    let shut_down = mode == "shutdown";
+    coordinator
+        .context()
+        .register_async(
+            runtime.handle().clone(),
+            crac_core::from_async_fns(
+                "async",
+                move |_| {
+                    let mode = mode.clone();
+                    async move {
+                        match mode.as_str() {
+                            "panic" => panic!("async hook exploded"),
+                            "pending" => std::future::pending().await,
+                            _ => Ok(()),
+                        }
+                    }
+                },
+                |_| async { Ok(()) },
+            ),
+        )
+        .keep();
+    if shut_down {
+        runtime.shutdown_background();
+    } else {
+        // The runtime serves the hooks for the life of the process.
+        std::mem::forget(runtime);
+    }
 }

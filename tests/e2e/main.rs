@@ -4,6 +4,7 @@
 //! whole process trees.
 
 mod action;
+mod async_faults;
 mod containers;
 mod crac_cli;
 mod faults;
