@@ -12,8 +12,12 @@ use crate::resource::{CheckpointInfo, HookError, RestoreInfo};
 /// A boxed future that can move between threads: what [`AsyncResource`]'s hooks return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A resource whose hooks are async: they run on the application's own runtime, so they can
+/// A resource whose hooks are async: they run in the application's own runtime, so they can
 /// use its I/O (close a pool and wait until its sockets are shut, reconnect a client).
+///
+/// A hook starts on the coordinator's thread, inside the runtime's context, and goes on as a
+/// task of the runtime once it waits for something; so it must not rely on running on one of
+/// the runtime's worker threads (`block_in_place`, task-locals of the caller).
 ///
 /// The methods return boxed futures, which keeps the trait object-safe: async resources are
 /// stored beside sync [`Resource`](crate::Resource)s in the same [`Context`](crate::Context)

@@ -131,8 +131,11 @@ impl Context {
         self.register_async_with(Priority::Application, runtime, resource)
     }
 
-    /// Registers an async resource at `priority`, its hooks to run as tasks on `runtime`
-    /// (usually `tokio::runtime::Handle::current()` from the service's `main`).
+    /// Registers an async resource at `priority`, its hooks to run on `runtime` (usually
+    /// `tokio::runtime::Handle::current()` from the service's `main`): each hook starts on the
+    /// coordinator's thread inside the runtime's context, and once it waits for something it
+    /// goes on as a task of the runtime. So a hook that does not wait costs about what a sync
+    /// one does, and one that does uses the runtime's I/O and timers.
     ///
     /// It takes its place among the sync resources by priority and registration order like
     /// any other, and is limited, rolled back and reported the same way; a hook still pending
@@ -159,10 +162,7 @@ impl Context {
         resource: R,
     ) -> Registration {
         let name: Arc<str> = Arc::from(resource.name().as_ref());
-        let hooks = crate::runtime::AsyncHooks {
-            resource: Arc::new(resource),
-            runtime,
-        };
+        let hooks = crate::runtime::AsyncHooks::new(Arc::new(resource), runtime);
         self.insert(
             priority,
             Node::Resource(Hooks::Async(Arc::new(hooks)), name),

@@ -121,9 +121,15 @@ fn async_hooks_run_on_the_runtime_they_were_registered_with() {
             move |_| {
                 let s = s.clone();
                 async move {
-                    // The runtime's own I/O and timers work here.
+                    // The runtime's own I/O, timers and tasks work here.
+                    assert_eq!(Handle::current().metrics().num_workers(), 2);
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                    drop(listener);
+                    let addr = listener.local_addr()?;
+                    let accept = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+                    tokio::net::TcpStream::connect(addr).await?;
+                    accept.await??;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    // Once it has waited, the runtime's threads drive it.
                     let thread = std::thread::current().name().map(str::to_owned);
                     *s.lock().unwrap() = thread;
                     Ok(())

@@ -10,8 +10,10 @@
 //! socat-based action script), 2 dispatch scaling (Coordinator::simulate), 3 what we add to a
 //! checkpoint (crac checkpoint vs plain criu dump; dump/restore throughput vs memory size),
 //! 4 warm start through `crac run`, 5 the idle agent, 6 soak (repeated checkpoints of the
-//! cache server, killing and under load). Needs root (CRIU) for 1, 3, 4 and 6.
+//! cache server, killing and under load), 7 async services (async dispatch, request gating,
+//! the PostgreSQL example's warm start). Needs root (CRIU) for 1, 3, 4, 6 and 7.
 
+mod asyncs;
 mod coord;
 mod dispatch;
 mod dump;
@@ -33,7 +35,7 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
                   [--soak N]
 
   --quick         fewer repetitions (a smoke run; figures are noisier)
-  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-6)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-7)
   --out FILE      also write the results as a markdown section to FILE
   --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
   --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
@@ -41,7 +43,7 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
 
 items: 1 coordination cost of one CRIU event; 2 dispatch scaling; 3 what we add to a
 checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the idle agent;
-6 soak.
+6 soak; 7 async services.
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
@@ -69,7 +71,7 @@ struct Options {
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         quick: false,
-        only: vec![1, 2, 3, 4, 5, 6],
+        only: vec![1, 2, 3, 4, 5, 6, 7],
         out: None,
         idle_secs: None,
         alt_action: None,
@@ -84,8 +86,8 @@ fn parse_args() -> Result<Options, String> {
                 opts.only = value()?
                     .split(',')
                     .map(|n| match n.trim().parse::<u32>() {
-                        Ok(n @ 1..=6) => Ok(n),
-                        _ => Err(format!("--only takes item numbers 1 to 6, got {n:?}")),
+                        Ok(n @ 1..=7) => Ok(n),
+                        _ => Err(format!("--only takes item numbers 1 to 7, got {n:?}")),
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -134,8 +136,10 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: &Options) -> Res<bool> {
-    if !nix::unistd::geteuid().is_root() && opts.only.iter().any(|n| [1, 3, 4, 6].contains(n)) {
-        return Err("items 1, 3, 4 and 6 run CRIU and need root (try --only 2,5, or sudo)".into());
+    if !nix::unistd::geteuid().is_root() && opts.only.iter().any(|n| [1, 3, 4, 6, 7].contains(n)) {
+        return Err(
+            "items 1, 3, 4, 6 and 7 run CRIU and need root (try --only 2,5, or sudo)".into(),
+        );
     }
     let bins = Bins::find()?;
     procs::become_subreaper()?;
@@ -161,6 +165,7 @@ fn run(opts: &Options) -> Res<bool> {
             4 => warm::run(&ctx, &mut report),
             5 => idle::run(&ctx, &mut report),
             6 => soak::run(&ctx, &mut report),
+            7 => asyncs::run(&ctx, &mut report),
             _ => unreachable!("checked by the parser"),
         };
         if let Err(err) = result {
