@@ -185,3 +185,51 @@ fn the_layer_lets_no_request_run_between_before_checkpoint_and_after_restore_and
     }
     assert_eq!(cycles, 3);
 }
+
+/// The gate needs no runtime: here a hand-written executor (park the thread until woken)
+/// drives the guard's future while a checkpoint holds the gate shut.
+#[test]
+fn gating_needs_no_runtime_any_executor_drives_it() {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    let c = Coordinator::new();
+    let checkpoint = c.checkpoint().unwrap();
+    let c2 = c.clone();
+    let (waiting, is_waiting) = std::sync::mpsc::channel();
+    let request = std::thread::spawn(move || {
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut enter = pin!(c2.critical_section_async());
+        loop {
+            if let Poll::Ready(guard) = enter.as_mut().poll(&mut cx) {
+                break guard;
+            }
+            let _ = waiting.send(());
+            std::thread::park();
+        }
+    });
+    // Pending while the checkpoint runs...
+    is_waiting.recv().unwrap();
+    assert!(!request.is_finished());
+    checkpoint
+        .complete(crac_core::RestoreReason::Resumed)
+        .unwrap();
+    // ...then woken by its end, with a guard that holds the next checkpoint off.
+    let guard = request.join().unwrap();
+    c.set_limits(Limits::default().with_quiesce(Duration::from_millis(50)));
+    assert!(matches!(
+        c.checkpoint().unwrap_err().kind(),
+        ErrorKind::Quiesce { held: 1, .. }
+    ));
+    drop(guard);
+    c.simulate().unwrap();
+}
