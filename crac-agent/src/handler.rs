@@ -19,7 +19,9 @@
 
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use crac_core::{Checkpoint, CheckpointError, Coordinator, ErrorKind, Phase, RestoreReason};
+use crac_core::{
+    Checkpoint, CheckpointError, Coordinator, ErrorKind, Phase, RestoreDetails, RestoreReason,
+};
 
 use crate::protocol::{code, op, HookReport, Reply, Request, VERSION};
 use crate::tcp;
@@ -115,7 +117,8 @@ impl Handler {
         };
         if let Some(pending) = self.pending.take() {
             let tcp = tcp::fate(&pending.connections);
-            let _ = pending.checkpoint.complete_with(reason, tcp);
+            let details = RestoreDetails::default().with_tcp(tcp);
+            let _ = pending.checkpoint.complete_with(reason, details);
         }
     }
 
@@ -223,8 +226,10 @@ impl Handler {
                 return self.error(op::AFTER_RESTORE, code::CYCLE_MISMATCH, message);
             }
         }
-        let connections = tcp::fate(&pending.connections);
-        match pending.checkpoint.complete_with(reason, connections) {
+        let details = RestoreDetails::default()
+            .with_tcp(tcp::fate(&pending.connections))
+            .with_env(request.env.clone());
+        match pending.checkpoint.complete_with(reason, details) {
             Ok(report) => {
                 let hooks = report
                     .phase(Phase::AfterRestore)

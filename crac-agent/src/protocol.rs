@@ -27,6 +27,9 @@
 //!   a copy restored from an image); 60 s without it. Time the process spends frozen (by a
 //!   dump) does not count.
 //! - `reason` (after-restore only): `restored`, `resumed` or `aborted`.
+//! - `env` (after-restore only, optional): settings for the restored process, an object of
+//!   strings (`{"LOG_LEVEL":"debug"}`), handed to the hooks as `RestoreInfo::env`. The whole
+//!   line still fits in [`MAX_REQUEST_LEN`].
 //! - `cycle` (optional): a token naming the checkpoint cycle, chosen by whoever sent
 //!   before-checkpoint. An after-restore that carries a different token than the pending
 //!   checkpoint is refused, so a late message from an old cycle cannot end a new one. A
@@ -59,6 +62,8 @@
 //! Fields may be added to requests and replies in later versions of the same `v`; readers must
 //! ignore fields they do not know.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks.
@@ -86,6 +91,9 @@ pub struct Request {
     /// For `before-checkpoint`: how long it may stay pending; see the module documentation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
+    /// Settings for the restored process (after-restore only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 impl Request {
@@ -97,12 +105,20 @@ impl Request {
             reason: None,
             cycle: Some(cycle.into()),
             lease_ms: None,
+            env: BTreeMap::new(),
         }
     }
 
     /// This request with a lease (before-checkpoint); see the module documentation.
     pub fn with_lease(mut self, lease: std::time::Duration) -> Request {
         self.lease_ms = Some(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// These settings for the restored process (after-restore only); see
+    /// `RestoreInfo::env`.
+    pub fn with_env(mut self, env: BTreeMap<String, String>) -> Request {
+        self.env = env;
         self
     }
 
@@ -114,6 +130,7 @@ impl Request {
             reason: Some(reason.as_str().into()),
             cycle,
             lease_ms: None,
+            env: BTreeMap::new(),
         }
     }
 
@@ -125,6 +142,7 @@ impl Request {
             reason: None,
             cycle: None,
             lease_ms: None,
+            env: BTreeMap::new(),
         }
     }
 

@@ -770,3 +770,41 @@ fn a_self_checkpoint_from_inside_a_hook_is_refused() {
         Some(Err("called from inside a crac hook: a checkpoint runs the hooks, so it cannot be started from one; call it outside hooks".to_owned()))
     );
 }
+
+#[test]
+fn settings_sent_with_after_restore_reach_the_hooks() {
+    let f = fixture("env", false);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let _r = f.coordinator.context().register(from_fns(
+        "config",
+        |_| Ok(()),
+        move |info| {
+            s.lock().unwrap().push(format!(
+                "{:?} {:?} {}",
+                info.var("LOG_LEVEL"),
+                info.var("MISSING"),
+                info.env.len()
+            ));
+            Ok(())
+        },
+    ));
+    assert!(f.send(b"{\"v\":1,\"op\":\"before-checkpoint\"}\n").ok);
+    let reply = f.send(
+        b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"restored\",\
+          \"env\":{\"LOG_LEVEL\":\"debug\",\"UPSTREAM\":\"10.0.0.2:80\"}}\n",
+    );
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(*seen.lock().unwrap(), ["Some(\"debug\") None 2"]);
+    // Settings that are not strings are a bad request, and the checkpoint stays pending.
+    assert!(f.send(b"{\"v\":1,\"op\":\"before-checkpoint\"}\n").ok);
+    let bad =
+        f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"restored\",\"env\":{\"N\":3}}\n");
+    assert!(!bad.ok);
+    assert_eq!(bad.code.as_deref(), Some("bad-request"));
+    assert!(f.coordinator.is_quiesced());
+    assert!(
+        f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\"}\n")
+            .ok
+    );
+}

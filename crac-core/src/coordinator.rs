@@ -14,7 +14,7 @@ use crate::hook_thread::HookThread;
 use crate::ordering::{visit_order, Direction};
 use crate::quiesce::{held_by_this_thread, CriticalSection, EnterAsync, Gate};
 use crate::report::{CycleReport, HookRecord};
-use crate::resource::{CheckpointInfo, RestoreInfo, RestoreReason, TcpConnections};
+use crate::resource::{CheckpointInfo, RestoreDetails, RestoreInfo, RestoreReason};
 use crate::trace::CycleSpan;
 
 /// Time limits for a cycle.
@@ -344,7 +344,7 @@ impl Coordinator {
             done: false,
         };
         if checkpoint.records.iter().any(|r| r.failure.is_some()) {
-            let rollback = checkpoint.finish(RestoreReason::Aborted, TcpConnections::default());
+            let rollback = checkpoint.finish(RestoreReason::Aborted, RestoreDetails::default());
             checkpoint.span.end(Some(RestoreReason::Aborted), "refused");
             return Err(CheckpointError::refused(
                 checkpoint.take_records(),
@@ -457,11 +457,12 @@ impl Checkpoint {
     /// [`ErrorKind::AfterRestoreFailed`] naming every hook that failed; the others were told
     /// all the same, and the cycle is over either way.
     pub fn complete(self, reason: RestoreReason) -> Result<CycleReport, CheckpointError> {
-        self.complete_with(reason, TcpConnections::default())
+        self.complete_with(reason, RestoreDetails::default())
     }
 
-    /// [`complete`](Self::complete), telling the hooks what became of the process's
-    /// established TCP connections ([`RestoreInfo::tcp`]): the agent counts them.
+    /// [`complete`](Self::complete), telling the hooks more about how the process came back
+    /// ([`RestoreInfo::tcp`], [`RestoreInfo::env`]): the agent counts the connections and
+    /// passes on the settings the restore was given.
     ///
     /// # Errors
     ///
@@ -469,9 +470,9 @@ impl Checkpoint {
     pub fn complete_with(
         mut self,
         reason: RestoreReason,
-        tcp: TcpConnections,
+        details: RestoreDetails,
     ) -> Result<CycleReport, CheckpointError> {
-        let after = self.finish(reason, tcp);
+        let after = self.finish(reason, details);
         let failed = after.iter().any(|r| r.failure.is_some());
         let outcome = if failed { "after_restore failed" } else { "ok" };
         self.span.end(Some(reason), outcome);
@@ -487,7 +488,7 @@ impl Checkpoint {
         std::mem::take(&mut self.records)
     }
 
-    fn finish(&mut self, reason: RestoreReason, tcp: TcpConnections) -> Vec<HookRecord> {
+    fn finish(&mut self, reason: RestoreReason, details: RestoreDetails) -> Vec<HookRecord> {
         self.done = true;
         let generation =
             self.coordinator.generation() + u64::from(reason != RestoreReason::Aborted);
@@ -495,7 +496,8 @@ impl Checkpoint {
             reason,
             generation,
             at: SystemTime::now(),
-            tcp,
+            tcp: details.tcp,
+            env: Arc::new(details.env),
         };
         let limits = self.coordinator.limits();
         let order = std::mem::take(&mut self.told);
@@ -516,7 +518,7 @@ impl Checkpoint {
 impl Drop for Checkpoint {
     fn drop(&mut self) {
         if !self.done {
-            self.finish(RestoreReason::Aborted, TcpConnections::default());
+            self.finish(RestoreReason::Aborted, RestoreDetails::default());
             self.span
                 .end(Some(RestoreReason::Aborted), "dropped without complete");
         }

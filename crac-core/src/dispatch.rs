@@ -516,6 +516,7 @@ fn returned_late(
             generation: info.generation,
             at: SystemTime::now(),
             tcp: TcpConnections::default(),
+            env: Arc::default(),
         });
         let deadline = Deadline::of_hook(Instant::now(), limits, None);
         invoke(target, record.target, &back, span, deadline);

@@ -117,8 +117,8 @@ pub use ordering::Priority;
 pub use quiesce::{AsyncCriticalSection, CriticalSection, EnterAsync};
 pub use report::{CycleReport, HookFailure, HookRecord, Phase};
 pub use resource::{
-    from_fns, CheckpointInfo, FnResource, HookError, Resource, RestoreInfo, RestoreReason,
-    TcpConnections,
+    from_fns, CheckpointInfo, FnResource, HookError, Resource, RestoreDetails, RestoreInfo,
+    RestoreReason, TcpConnections,
 };
 pub use statics::StaticResource;
 

@@ -1,6 +1,7 @@
 //! The [`Resource`] trait and the values its hooks receive.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -226,6 +227,53 @@ pub struct RestoreInfo {
     /// What became of the established TCP connections the process held when the image was
     /// taken (counted by the agent; zero in a simulated cycle).
     pub tcp: TcpConnections,
+    /// Settings handed to the restored process by whoever restored it (`crac restore --env
+    /// K=V`, or what `crac run`'s own environment changes): a new log level, a new upstream
+    /// address. Empty unless given. The process's own environment stays the image's: a
+    /// service that wants a new value reads it here and applies it. See [`var`](Self::var).
+    pub env: Arc<BTreeMap<String, String>>,
+}
+
+impl RestoreInfo {
+    /// A setting handed over at restore ([`env`](Self::env)), if given.
+    ///
+    /// ```
+    /// # fn after_restore(info: &crac_core::RestoreInfo) {
+    /// if let Some(level) = info.var("LOG_LEVEL") {
+    ///     // apply the new log level
+    /// #   let _ = level;
+    /// }
+    /// # }
+    /// ```
+    pub fn var(&self, name: &str) -> Option<&str> {
+        self.env.get(name).map(String::as_str)
+    }
+}
+
+/// How a process came back, beyond the reason: what
+/// [`Checkpoint::complete_with`](crate::Checkpoint::complete_with) tells the `after_restore`
+/// hooks through [`RestoreInfo`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RestoreDetails {
+    /// See [`RestoreInfo::tcp`].
+    pub tcp: TcpConnections,
+    /// See [`RestoreInfo::env`].
+    pub env: BTreeMap<String, String>,
+}
+
+impl RestoreDetails {
+    /// These details with what became of the TCP connections.
+    pub fn with_tcp(mut self, tcp: TcpConnections) -> RestoreDetails {
+        self.tcp = tcp;
+        self
+    }
+
+    /// These details with settings for the restored process.
+    pub fn with_env(mut self, env: BTreeMap<String, String>) -> RestoreDetails {
+        self.env = env;
+        self
+    }
 }
 
 /// What became of a process's established TCP connections across a checkpoint.
