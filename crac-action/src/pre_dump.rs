@@ -18,6 +18,7 @@ use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline
 use crate::criu::Invocation;
 use crate::error::ActionError;
 use crate::namespace::AgentSocket;
+use crate::preflight;
 use crate::settings::Settings;
 use crate::tree::ProcessId;
 use crate::watcher::{self, Claim, Watch};
@@ -58,6 +59,26 @@ pub struct AgentHooks {
 /// See [`ActionError`]; on error every agent told has been rolled back.
 pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result<(), ActionError> {
     let init = inv.init_pid.ok_or(ActionError::NoInitPid(STEP))?;
+    // A bad policy stops everything before anyone is told anything.
+    let policy =
+        preflight::configured(|name| std::env::var(name).ok()).map_err(ActionError::Settings)?;
+    // `quiet`: a tree with no agent keeps its one log line when nothing is found.
+    let preflight = |out: &mut dyn Write, quiet: bool| -> Result<(), String> {
+        let Some(policy) = &policy else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let refusal = preflight::check(init, inv.criu().ok(), policy);
+        if refusal.is_none() && !quiet {
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            log(
+                out,
+                STEP,
+                &format!("preflight: nothing CRIU would refuse ({ms:.2} ms)"),
+            );
+        }
+        refusal.map_or(Ok(()), Err)
+    };
     let found = agents::in_tree(init);
     if !found.refused.is_empty() {
         // Nobody was told anything yet: refusing now leaves the tree as it was.
@@ -71,6 +92,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         ));
     }
     if found.agents.is_empty() {
+        preflight(out, true).map_err(ActionError::Refused)?;
         return crate::no_agent(STEP, init, settings, out);
     }
     let criu_pid = inv.criu()?;
@@ -155,6 +177,12 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
             if let Ok(json) = serde_json::to_vec(&report) {
                 let _ = std::fs::write(path, json);
             }
+        }
+    }
+    // The hooks have closed what they close: what is still open is what CRIU will see.
+    if failure.is_none() {
+        if let Err(refusal) = preflight(out, false) {
+            failure = Some(refusal);
         }
     }
     if let Some(reason) = failure {

@@ -11,6 +11,7 @@ mod faults;
 mod namespaces;
 mod oci;
 mod postgres;
+mod preflight;
 mod signals;
 mod soak;
 mod sockets;

@@ -120,7 +120,7 @@ fn a_client_that_connects_during_a_checkpoint_is_served_after_it() {
 }
 
 /// Sends `line` on a held connection and reads the echo.
-fn echo(conn: &mut TcpStream, line: &str) -> std::io::Result<String> {
+pub(crate) fn echo(conn: &mut TcpStream, line: &str) -> std::io::Result<String> {
     conn.write_all(format!("{line}\n").as_bytes())?;
     let mut reply = String::new();
     let mut byte = [0u8; 1];

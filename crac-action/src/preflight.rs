@@ -1,0 +1,827 @@
+//! Preflight: every descriptor in the tree that CRIU, with the options it was given, will
+//! refuse to dump, found after the hooks ran and before CRIU seizes the tree, and listed in
+//! one refusal (pid, fd, kind, address or path, and what to do).
+//!
+//! CRIU's own refusals come one at a time, in its words ("Connected TCP socket, consider using
+//! --tcp-established", "External socket is used"), after the service was quiesced and frozen.
+//! This looks at `/proc/PID/fd` of every process in the tree and, for sockets, at the socket
+//! tables of the process's network namespace (`/proc/PID/net/*`, and the kernel's sock_diag
+//! for who is at the other end of a Unix socket). What it checks:
+//!
+//! | descriptor | CRIU refuses it | unless |
+//! |---|---|---|
+//! | a TCP socket with a peer (established, closing) | "Connected TCP socket" | `--tcp-established` |
+//! | a Unix stream or seqpacket socket whose peer is outside the tree | "External socket is used" | `--ext-unix-sk` |
+//! | a terminal (`/dev/pts/N`, `/dev/ttyN`) whose other side is outside the tree | the session's terminal | `--shell-job` |
+//! | an io_uring, userfaultfd, perf event or KVM descriptor | "unsupported" | never |
+//! | a deleted file bigger than the ghost limit | "Can't dump ghost file" | a bigger `--ghost-limit` |
+//!
+//! CRIU's options come from its command line and the configuration files it reads. Under a
+//! container runtime CRIU runs as `criu swrk` and gets its options over RPC, which cannot be
+//! read from outside: then only the checks that no option changes run.
+//!
+//! A [`Policy`] (`CRAC_POLICY`, a file) ignores or refuses descriptors by kind and pattern.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Turns the preflight off (`CRAC_PREFLIGHT=off`): CRIU then finds what it finds.
+pub const PREFLIGHT_ENV: &str = "CRAC_PREFLIGHT";
+/// A [`Policy`] file.
+pub const POLICY_ENV: &str = "CRAC_POLICY";
+
+/// CRIU's default `--ghost-limit`: 1 MiB.
+const DEFAULT_GHOST_LIMIT: u64 = 1 << 20;
+
+/// The options of a CRIU run that decide what it accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CriuOptions {
+    /// Whether the options could be read (not under `criu swrk`).
+    pub known: bool,
+    /// `--tcp-established`.
+    pub tcp_established: bool,
+    /// `--ext-unix-sk`.
+    pub ext_unix_sk: bool,
+    /// `--shell-job`.
+    pub shell_job: bool,
+    /// `--ghost-limit`, in bytes.
+    pub ghost_limit: u64,
+}
+
+impl CriuOptions {
+    /// Options as CRIU accepts them when it is given none.
+    pub fn defaults() -> CriuOptions {
+        CriuOptions {
+            known: true,
+            tcp_established: false,
+            ext_unix_sk: false,
+            shell_job: false,
+            ghost_limit: DEFAULT_GHOST_LIMIT,
+        }
+    }
+
+    /// The options of the CRIU process `pid`: its command line, then the configuration files
+    /// it read (`--config`, `CRIU_CONFIG_FILE`, `/etc/criu/default.conf`,
+    /// `~/.criu/default.conf`, unless `--no-default-config`).
+    pub fn of_process(pid: u32) -> CriuOptions {
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            return CriuOptions {
+                known: false,
+                ..CriuOptions::defaults()
+            };
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "swrk") {
+            return CriuOptions {
+                known: false,
+                ..CriuOptions::defaults()
+            };
+        }
+        let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let var = |name: &str| {
+            environ.split(|&b| b == 0).find_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                kv.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('='))
+                    .map(str::to_owned)
+            })
+        };
+        let mut words: Vec<String> = Vec::new();
+        if !args.iter().any(|a| a == "--no-default-config") {
+            let mut files = vec!["/etc/criu/default.conf".to_owned()];
+            if let Some(home) = var("HOME") {
+                files.push(format!("{home}/.criu/default.conf"));
+            }
+            files.extend(var("CRIU_CONFIG_FILE"));
+            for file in files {
+                words.extend(config_words(Path::new(&file)));
+            }
+        }
+        if let Some(at) = args.iter().position(|a| a == "--config") {
+            if let Some(file) = args.get(at + 1) {
+                words.extend(config_words(Path::new(file)));
+            }
+        }
+        words.extend(args);
+        CriuOptions::from_words(&words)
+    }
+
+    /// Options from command-line words (`--tcp-established`, `--ghost-limit 4M`, ...) and
+    /// configuration lines (`tcp-established`).
+    pub fn from_words(words: &[String]) -> CriuOptions {
+        let mut opts = CriuOptions::defaults();
+        let mut words = words.iter().map(|w| w.trim_start_matches('-'));
+        while let Some(word) = words.next() {
+            let (name, inline) = match word.split_once(['=', ' ']) {
+                Some((name, value)) => (name, Some(value.trim().to_owned())),
+                None => (word, None),
+            };
+            match name {
+                "tcp-established" => opts.tcp_established = true,
+                "ext-unix-sk" => opts.ext_unix_sk = true,
+                "shell-job" | "j" => opts.shell_job = true,
+                "ghost-limit" => {
+                    let value = inline.or_else(|| words.next().map(str::to_owned));
+                    if let Some(limit) = value.as_deref().and_then(parse_size) {
+                        opts.ghost_limit = limit;
+                    }
+                }
+                _ => {}
+            }
+        }
+        opts
+    }
+}
+
+/// The option lines of a CRIU configuration file (comments and blanks dropped).
+fn config_words(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// `1048576`, `512K`, `4M`, `1G`, as CRIU reads sizes.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.chars().last()? {
+        'k' | 'K' => (&text[..text.len() - 1], 10),
+        'm' | 'M' => (&text[..text.len() - 1], 20),
+        'g' | 'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    digits.parse::<u64>().ok().map(|n| n << shift)
+}
+
+/// What kind of descriptor a [`Problem`] is about: the first word of a policy rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A TCP socket with a peer.
+    Tcp,
+    /// A Unix socket connected outside the tree.
+    Unix,
+    /// A terminal.
+    Tty,
+    /// A kind of file CRIU cannot dump at all.
+    Unsupported,
+    /// A deleted file bigger than the ghost limit.
+    Ghost,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Unix => "unix",
+            Kind::Tty => "tty",
+            Kind::Unsupported => "unsupported",
+            Kind::Ghost => "ghost",
+        }
+    }
+
+    fn parse(word: &str) -> Option<Kind> {
+        [
+            Kind::Tcp,
+            Kind::Unix,
+            Kind::Tty,
+            Kind::Unsupported,
+            Kind::Ghost,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == word)
+    }
+}
+
+/// A descriptor CRIU would refuse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The process (as this side sees it).
+    pub pid: u32,
+    /// The descriptor.
+    pub fd: u32,
+    /// Its kind.
+    pub kind: Kind,
+    /// What it is: an address (`127.0.0.1:40000 -> 127.0.0.1:5432`) or a path.
+    pub what: String,
+    /// Why CRIU refuses it, and what to do.
+    pub why: &'static str,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pid {} fd {}: {} {} ({})",
+            self.pid,
+            self.fd,
+            self.kind.as_str(),
+            self.what,
+            self.why
+        )
+    }
+}
+
+/// What to do with descriptors a rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not a problem: CRIU is left to deal with it (an option given another way, say).
+    Ignore,
+    /// A problem, whatever CRIU's options: the checkpoint is refused.
+    Refuse,
+}
+
+/// Rules that decide about descriptors by kind and pattern, first match wins.
+///
+/// One rule per line: `ignore|refuse KIND PATTERN`, where KIND is `tcp`, `unix`, `tty`,
+/// `unsupported`, `ghost` or `any`, and PATTERN a glob (`*` any run of characters) matched
+/// against the address or path (`*:5432`, `/var/log/*`). `#` starts a comment.
+///
+/// ```text
+/// # the log shipper's socket is dumped with --ext-unix-sk by our wrapper
+/// ignore unix /run/shipper.sock
+/// # never checkpoint while connected to the primary database
+/// refuse tcp *-> 10.0.0.5:5432
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    verdict: Verdict,
+    kind: Option<Kind>,
+    pattern: String,
+}
+
+/// A policy file that does not parse: where and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PolicyError {
+    /// The file.
+    pub file: String,
+    /// The line, from 1.
+    pub line: usize,
+    /// The column, from 1.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Policy {
+    /// Reads a policy file.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be read or a line does not parse, with the line and column.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = fs::read_to_string(path).map_err(|err| PolicyError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read it: {err}"),
+        })?;
+        Policy::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses a policy's text; `file` names it in errors.
+    ///
+    /// # Errors
+    ///
+    /// When a line does not parse, with the line and column.
+    pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
+        let mut rules = Vec::new();
+        for (n, raw) in text.lines().enumerate() {
+            let content = raw.split('#').next().unwrap_or("");
+            let mut words = Vec::new();
+            let mut at = 0;
+            for word in content.split_whitespace() {
+                let column = content[at..].find(word).map_or(at, |i| at + i);
+                at = column + word.len();
+                words.push((column + 1, word));
+            }
+            let error = |column: usize, message: String| PolicyError {
+                file: file.to_owned(),
+                line: n + 1,
+                column,
+                message,
+            };
+            let Some(&(column, verdict)) = words.first() else {
+                continue;
+            };
+            let verdict = match verdict {
+                "ignore" => Verdict::Ignore,
+                "refuse" => Verdict::Refuse,
+                other => {
+                    return Err(error(
+                        column,
+                        format!("expected `ignore` or `refuse`, found `{other}`"),
+                    ))
+                }
+            };
+            let Some(&(column, kind)) = words.get(1) else {
+                return Err(error(
+                    content.trim_end().len() + 1,
+                    "expected a kind (tcp, unix, tty, unsupported, ghost or any)".into(),
+                ));
+            };
+            let kind = match kind {
+                "any" => None,
+                other => Some(Kind::parse(other).ok_or_else(|| {
+                    error(
+                        column,
+                        format!(
+                            "unknown kind `{other}`: expected tcp, unix, tty, unsupported, \
+                             ghost or any"
+                        ),
+                    )
+                })?),
+            };
+            let Some(&(column, _)) = words.get(2) else {
+                return Err(error(
+                    content.trim_end().len() + 1,
+                    "expected a pattern (a path or address, `*` for any characters)".into(),
+                ));
+            };
+            // The pattern is the rest of the line: addresses hold spaces ("a -> b").
+            let pattern = content[column - 1..].trim().to_owned();
+            rules.push(Rule {
+                verdict,
+                kind,
+                pattern,
+            });
+        }
+        Ok(Policy { rules })
+    }
+
+    /// The first rule's verdict on a descriptor of `kind` that is `what`, if a rule matches.
+    pub fn verdict(&self, kind: Kind, what: &str) -> Option<Verdict> {
+        self.rules
+            .iter()
+            .find(|r| r.kind.is_none_or(|k| k == kind) && glob(&r.pattern, what))
+            .map(|r| r.verdict)
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The preflight as the environment sets it: `None` when it is turned off
+/// ([`PREFLIGHT_ENV`]`=off`), else the [`Policy`] of [`POLICY_ENV`] (empty without one).
+///
+/// # Errors
+///
+/// A bad setting, or a policy file that does not parse (with its line and column).
+pub fn configured(vars: impl Fn(&str) -> Option<String>) -> Result<Option<Policy>, String> {
+    match vars(PREFLIGHT_ENV).as_deref().map(str::trim) {
+        None | Some("" | "on" | "1") => {}
+        Some("off" | "0") => return Ok(None),
+        Some(other) => return Err(format!("{PREFLIGHT_ENV}={other:?}: expected on or off")),
+    }
+    match vars(POLICY_ENV).filter(|p| !p.is_empty()) {
+        None => Ok(Some(Policy::default())),
+        Some(path) => Policy::load(Path::new(&path))
+            .map(Some)
+            .map_err(|err| format!("{POLICY_ENV}: {err}")),
+    }
+}
+
+/// Everything in the tree under `root` that the CRIU process `criu` (if known) will refuse,
+/// or `policy` refuses, as one line for a refusal; `None` when there is nothing.
+pub fn check(root: u32, criu: Option<u32>, policy: &Policy) -> Option<String> {
+    let pids = crate::tree::descendants(root);
+    let opts = criu.map_or(
+        CriuOptions {
+            known: false,
+            ..CriuOptions::defaults()
+        },
+        CriuOptions::of_process,
+    );
+    let mut problems = scan(&pids, &opts, policy);
+    for refused in refused_by_policy(&pids, policy) {
+        if !problems
+            .iter()
+            .any(|p| p.pid == refused.pid && p.fd == refused.fd)
+        {
+            problems.push(refused);
+        }
+    }
+    if problems.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    Some(format!(
+        "preflight: CRIU would refuse {} descriptor{} of the tree: {} (CRAC_PREFLIGHT=off skips this check)",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        list.join("; ")
+    ))
+}
+
+/// The problems in the tree of `pids`: what CRIU with `opts` will refuse, with `policy`
+/// applied.
+pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
+    let mut found = Vec::new();
+    let mut tables: HashMap<u64, NetTables> = HashMap::new();
+    let mut tree_sockets: HashSet<u64> = HashSet::new();
+    let mut unix_fds: Vec<(u32, u32, u64, u64)> = Vec::new();
+    let mut ptmx_in_tree = false;
+    let mut ttys: Vec<(u32, u32, String)> = Vec::new();
+    for &pid in pids {
+        let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let netns = fs::metadata(format!("/proc/{pid}/ns/net")).map_or(0, |m| m.ino());
+        for entry in entries.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy().into_owned();
+            if let Some(inode) = socket_inode(&target) {
+                tree_sockets.insert(inode);
+                let table = tables.entry(netns).or_insert_with(|| NetTables::read(pid));
+                if let Some(tcp) = table.tcp.get(&inode) {
+                    if tcp.has_peer && opts.known && !opts.tcp_established {
+                        found.push(Problem {
+                            pid,
+                            fd,
+                            kind: Kind::Tcp,
+                            what: format!("{} -> {}", tcp.local, tcp.remote),
+                            why: "CRIU refuses a connected TCP socket without --tcp-established: \
+                                  close it in a before_checkpoint hook, or dump with \
+                                  --tcp-established",
+                        });
+                    }
+                } else if table.unix_stream.contains(&inode) {
+                    unix_fds.push((pid, fd, inode, netns));
+                }
+                continue;
+            }
+            if target == "/dev/ptmx" || target == "/dev/pts/ptmx" {
+                ptmx_in_tree = true;
+            } else if target.starts_with("/dev/pts/") || is_vt(&target) {
+                ttys.push((pid, fd, target));
+            } else if let Some(kind) = unsupported(&target) {
+                found.push(Problem {
+                    pid,
+                    fd,
+                    kind: Kind::Unsupported,
+                    what: kind.to_owned(),
+                    why: "CRIU cannot dump this kind of descriptor: close it in a \
+                          before_checkpoint hook and make a new one after",
+                });
+            } else if let Some(path) = target.strip_suffix(" (deleted)") {
+                let size =
+                    fs::metadata(entry.path()).map_or(0, |m| if m.is_file() { m.len() } else { 0 });
+                if opts.known && size > opts.ghost_limit {
+                    found.push(Problem {
+                        pid,
+                        fd,
+                        kind: Kind::Ghost,
+                        what: format!("{path} ({size} bytes, deleted)"),
+                        why: "CRIU copies an open deleted file into the image only up to \
+                              --ghost-limit (1 MiB unless set): close it, or raise the limit",
+                    });
+                }
+            }
+        }
+    }
+    if opts.known && !opts.shell_job && !ptmx_in_tree {
+        found.extend(ttys.into_iter().map(|(pid, fd, path)| Problem {
+            pid,
+            fd,
+            kind: Kind::Tty,
+            what: path,
+            why: "CRIU dumps a terminal only with --shell-job: start the service with setsid \
+                  and its stdio on files or /dev/null, or dump with --shell-job",
+        }));
+    }
+    if opts.known && !opts.ext_unix_sk && !unix_fds.is_empty() {
+        let own_netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
+        // The kernel answers for this process's network namespace only.
+        if let Ok(peers) = crate::sock_diag::unix_peers() {
+            let ours: HashSet<u64> = own_socket_inodes();
+            for (pid, fd, inode, netns) in unix_fds {
+                if netns != own_netns {
+                    continue;
+                }
+                let Some(&(peer, ref name)) = peers.get(&inode) else {
+                    continue;
+                };
+                if peer != 0 && !tree_sockets.contains(&peer) && !ours.contains(&peer) {
+                    let peer_name = peers
+                        .get(&peer)
+                        .map(|(_, n)| n.as_str())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or("(unnamed)");
+                    let local = if name.is_empty() { "(unnamed)" } else { name };
+                    found.push(Problem {
+                        pid,
+                        fd,
+                        kind: Kind::Unix,
+                        what: format!("{local} -> {peer_name}"),
+                        why: "CRIU refuses a Unix socket connected to a process outside the \
+                              tree (\"External socket is used\"): close it in a \
+                              before_checkpoint hook, or dump with --ext-unix-sk",
+                    });
+                }
+            }
+        }
+    }
+    found.retain(|p| policy.verdict(p.kind, &p.what) != Some(Verdict::Ignore));
+    found
+}
+
+/// Descriptors a policy refuses whatever CRIU's options (they are not problems to CRIU).
+pub fn refused_by_policy(pids: &[u32], policy: &Policy) -> Vec<Problem> {
+    if policy.rules.iter().all(|r| r.verdict != Verdict::Refuse) {
+        return Vec::new();
+    }
+    let lenient = CriuOptions {
+        known: true,
+        tcp_established: false,
+        ext_unix_sk: false,
+        shell_job: false,
+        ghost_limit: 0,
+    };
+    scan(pids, &lenient, &Policy::default())
+        .into_iter()
+        .filter(|p| policy.verdict(p.kind, &p.what) == Some(Verdict::Refuse))
+        .map(|mut p| {
+            p.why = "refused by the preflight policy (CRAC_POLICY)";
+            p
+        })
+        .collect()
+}
+
+fn socket_inode(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+fn is_vt(target: &str) -> bool {
+    target
+        .strip_prefix("/dev/tty")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The anonymous-inode kinds CRIU cannot dump.
+fn unsupported(target: &str) -> Option<&'static str> {
+    let name = target.strip_prefix("anon_inode:")?;
+    [
+        ("[io_uring]", "io_uring"),
+        ("[userfaultfd]", "userfaultfd"),
+        ("[perf_event]", "perf event"),
+        ("kvm-vm", "KVM virtual machine"),
+        ("kvm-vcpu", "KVM virtual CPU"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| name.starts_with(prefix))
+    .map(|(_, kind)| kind)
+}
+
+fn own_socket_inodes() -> HashSet<u64> {
+    fs::read_dir("/proc/self/fd")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .filter_map(|t| socket_inode(&t.to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One network namespace's TCP sockets and connection-oriented Unix sockets, by inode.
+#[derive(Default)]
+struct NetTables {
+    tcp: HashMap<u64, TcpEntry>,
+    unix_stream: HashSet<u64>,
+}
+
+struct TcpEntry {
+    local: String,
+    remote: String,
+    has_peer: bool,
+}
+
+impl NetTables {
+    /// As `pid` sees them (its network namespace).
+    fn read(pid: u32) -> NetTables {
+        let mut tables = NetTables::default();
+        for file in ["tcp", "tcp6"] {
+            let text = fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let (Some(local), Some(remote), Some(state), Some(inode)) =
+                    (f.get(1), f.get(2), f.get(3), f.get(9))
+                else {
+                    continue;
+                };
+                let Ok(inode) = inode.parse::<u64>() else {
+                    continue;
+                };
+                // 0A is LISTEN; 07 CLOSE (bound, never connected). Anything else has a peer.
+                let has_peer = *state != "0A" && *state != "07";
+                tables.tcp.insert(
+                    inode,
+                    TcpEntry {
+                        local: address(local),
+                        remote: address(remote),
+                        has_peer,
+                    },
+                );
+            }
+        }
+        let text = fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Type 0001 is SOCK_STREAM, 0005 SOCK_SEQPACKET; state 03 is connected.
+            if let (Some(kind), Some(&"03"), Some(inode)) = (f.get(4), f.get(5), f.get(6)) {
+                if *kind == "0001" || *kind == "0005" {
+                    if let Ok(inode) = inode.parse() {
+                        tables.unix_stream.insert(inode);
+                    }
+                }
+            }
+        }
+        tables
+    }
+}
+
+/// `0100007F:1F90` -> `127.0.0.1:8080`; IPv6 likewise, in brackets.
+fn address(hex: &str) -> String {
+    let Some((ip, port)) = hex.split_once(':') else {
+        return hex.to_owned();
+    };
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .filter_map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
+        .collect();
+    match words.as_slice() {
+        [v4] => format!("{}:{port}", std::net::Ipv4Addr::from(v4.swap_bytes())),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (i, w) in [a, b, c, d].into_iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            format!("[{}]:{port}", std::net::Ipv6Addr::from(bytes))
+        }
+        _ => hex.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_come_from_flags_and_config_lines() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let opts = CriuOptions::from_words(&words(&[
+            "criu",
+            "dump",
+            "--tcp-established",
+            "--ghost-limit",
+            "4M",
+        ]));
+        assert!(opts.tcp_established && !opts.shell_job && !opts.ext_unix_sk);
+        assert_eq!(opts.ghost_limit, 4 << 20);
+        let opts = CriuOptions::from_words(&words(&["shell-job", "ext-unix-sk", "ghost-limit 2K"]));
+        assert!(opts.shell_job && opts.ext_unix_sk && !opts.tcp_established);
+        assert_eq!(opts.ghost_limit, 2048);
+        let opts = CriuOptions::from_words(&words(&["-j", "--ghost-limit=1G"]));
+        assert!(opts.shell_job);
+        assert_eq!(opts.ghost_limit, 1 << 30);
+    }
+
+    #[test]
+    fn addresses_read_as_people_write_them() {
+        assert_eq!(address("0100007F:1F90"), "127.0.0.1:8080");
+        assert_eq!(address("00000000000000000000000001000000:0050"), "[::1]:80");
+    }
+
+    #[test]
+    fn policies_parse_and_match_first_rule_first() {
+        let policy = Policy::parse(
+            "p",
+            "# comment\n\nignore unix /run/shipper.sock\nrefuse tcp * -> 10.0.0.5:5432\nignore any *\n",
+        )
+        .unwrap();
+        assert_eq!(
+            policy.verdict(Kind::Unix, "/run/shipper.sock"),
+            Some(Verdict::Ignore)
+        );
+        assert_eq!(
+            policy.verdict(Kind::Tcp, "10.0.0.1:4000 -> 10.0.0.5:5432"),
+            Some(Verdict::Refuse)
+        );
+        assert_eq!(
+            policy.verdict(Kind::Tty, "/dev/pts/3"),
+            Some(Verdict::Ignore)
+        );
+        assert_eq!(Policy::default().verdict(Kind::Tty, "/dev/pts/3"), None);
+    }
+
+    #[test]
+    fn a_policy_that_does_not_parse_says_where() {
+        let err = Policy::parse("crac.policy", "ignore tcp *\n  allow tcp *\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "crac.policy:2:3: expected `ignore` or `refuse`, found `allow`"
+        );
+        let err = Policy::parse("p", "refuse sockets *").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p:1:8: unknown kind `sockets`: expected tcp, unix, tty, unsupported, ghost or any"
+        );
+        let err = Policy::parse("p", "refuse tcp").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p:1:11: expected a pattern (a path or address, `*` for any characters)"
+        );
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*:5432", "1.2.3.4:5432"));
+        assert!(glob("/var/log/*", "/var/log/a.log"));
+        assert!(!glob("/var/log/*", "/var/lib/a"));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "axxcyyb"));
+        assert!(glob("exact", "exact"));
+    }
+
+    #[test]
+    fn a_process_with_an_established_connection_and_a_big_deleted_file_is_listed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let path = std::env::temp_dir().join(format!("crac-preflight-{}", std::process::id()));
+        let file = fs::File::create(&path).unwrap();
+        file.set_len(2 << 20).unwrap();
+        fs::remove_file(&path).unwrap();
+
+        let me = std::process::id();
+        let problems = scan(&[me], &CriuOptions::defaults(), &Policy::default());
+        let tcp: Vec<_> = problems.iter().filter(|p| p.kind == Kind::Tcp).collect();
+        assert_eq!(tcp.len(), 2, "{problems:#?}");
+        let port = listener.local_addr().unwrap().port();
+        assert!(tcp
+            .iter()
+            .any(|p| p.what.ends_with(&format!(" -> 127.0.0.1:{port}"))));
+        let ghost: Vec<_> = problems.iter().filter(|p| p.kind == Kind::Ghost).collect();
+        assert_eq!(ghost.len(), 1, "{problems:#?}");
+        assert!(ghost[0]
+            .to_string()
+            .contains(&format!("{} (2097152 bytes, deleted)", path.display())));
+
+        // With the options that make CRIU accept them, nothing is listed.
+        let mut accepting = CriuOptions::defaults();
+        accepting.tcp_established = true;
+        accepting.ghost_limit = 4 << 20;
+        let left = scan(&[me], &accepting, &Policy::default());
+        assert!(
+            left.iter()
+                .all(|p| p.kind != Kind::Tcp && p.kind != Kind::Ghost),
+            "{left:#?}"
+        );
+        drop(file);
+    }
+}

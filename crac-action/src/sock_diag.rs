@@ -1,0 +1,150 @@
+//! Who is at the other end of each Unix socket: the kernel's sock_diag netlink interface
+//! (`NETLINK_SOCK_DIAG`, `unix_diag`), which `/proc/net/unix` does not tell. It answers for the
+//! network namespace of the asking process.
+
+use std::collections::HashMap;
+use std::io;
+
+use nix::sys::socket::{
+    recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const UDIAG_SHOW_NAME: u32 = 0x1;
+const UDIAG_SHOW_PEER: u32 = 0x4;
+const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_PEER: u16 = 2;
+const NLMSG_HDR: usize = 16;
+const UNIX_DIAG_MSG: usize = 16;
+
+/// Every Unix socket of this network namespace: its inode, and its peer's inode (0 when it
+/// has none) and its name (empty when unnamed; `@name` when abstract).
+///
+/// # Errors
+///
+/// When the kernel has no sock_diag for Unix sockets or refuses the request.
+pub(crate) fn unix_peers() -> io::Result<HashMap<u64, (u64, String)>> {
+    let sock = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    let mut request = Vec::with_capacity(NLMSG_HDR + 24);
+    request.extend_from_slice(&((NLMSG_HDR + 24) as u32).to_ne_bytes());
+    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+    request.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]); // family, protocol, pad
+    request.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    request.extend_from_slice(&0u32.to_ne_bytes()); // any inode
+    request.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+    request.extend_from_slice(&[0u8; 8]); // cookie
+    sendto(
+        std::os::fd::AsRawFd::as_raw_fd(&sock),
+        &request,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+
+    let mut sockets = HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            &mut buf,
+            MsgFlags::empty(),
+        )?;
+        let mut at = 0;
+        while at + NLMSG_HDR <= n {
+            let len = u32_at(&buf, at) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < NLMSG_HDR || at + len > n {
+                return Err(io::Error::other("a malformed sock_diag reply"));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(sockets),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(
+                        buf[at + NLMSG_HDR..at + NLMSG_HDR + 4]
+                            .try_into()
+                            .expect("4 bytes"),
+                    );
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => {
+                    if let Some((inode, peer, name)) = parse_socket(&buf[at + NLMSG_HDR..at + len])
+                    {
+                        sockets.insert(inode, (peer, name));
+                    }
+                }
+            }
+            at += align(len);
+        }
+    }
+}
+
+/// One `unix_diag_msg` and its attributes: inode, peer inode, name.
+fn parse_socket(msg: &[u8]) -> Option<(u64, u64, String)> {
+    if msg.len() < UNIX_DIAG_MSG {
+        return None;
+    }
+    let inode = u64::from(u32_at(msg, 4));
+    let (mut peer, mut name) = (0, String::new());
+    let mut at = UNIX_DIAG_MSG;
+    while at + 4 <= msg.len() {
+        let len = usize::from(u16::from_ne_bytes([msg[at], msg[at + 1]]));
+        let kind = u16::from_ne_bytes([msg[at + 2], msg[at + 3]]);
+        if len < 4 || at + len > msg.len() {
+            break;
+        }
+        let data = &msg[at + 4..at + len];
+        match kind {
+            UNIX_DIAG_PEER if data.len() >= 4 => peer = u64::from(u32_at(data, 0)),
+            UNIX_DIAG_NAME => {
+                name = match data.split_first() {
+                    Some((0, abstract_name)) => {
+                        format!("@{}", String::from_utf8_lossy(abstract_name))
+                    }
+                    _ => String::from_utf8_lossy(data)
+                        .trim_end_matches('\0')
+                        .to_owned(),
+                };
+            }
+            _ => {}
+        }
+        at += align(len);
+    }
+    Some((inode, peer, name))
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_socketpair_is_seen_with_its_peer() {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let inode = |s: &std::os::unix::net::UnixStream| {
+            use std::os::fd::AsRawFd;
+            std::fs::metadata(format!("/proc/self/fd/{}", s.as_raw_fd()))
+                .unwrap()
+                .ino()
+        };
+        let peers = super::unix_peers().unwrap();
+        assert_eq!(peers.get(&inode(&a)).map(|p| p.0), Some(inode(&b)));
+        assert_eq!(peers.get(&inode(&b)).map(|p| p.0), Some(inode(&a)));
+    }
+}

@@ -1,0 +1,122 @@
+//! Preflight: what CRIU would refuse is listed before CRIU seizes the tree, in one refusal,
+//! and the service goes on untouched (its connections included).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::sockets::echo;
+use crate::util::{self, after_all, concat, text, Crac, Scratch, Target, BEFORE_ALL};
+
+/// A target holding one established connection, and the client's end of it.
+fn holding(scratch: &Scratch) -> (Target, TcpStream) {
+    let target = Target::start(&scratch.join("t"), &[("CRAC_TEST_LISTEN", "0")]);
+    let (tcp, _) = target.ports();
+    let mut conn = TcpStream::connect(("127.0.0.1", tcp)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(b"HOLD\n").expect("send");
+    assert_eq!(echo(&mut conn, "a").expect("echo"), "echo:a");
+    (target, conn)
+}
+
+#[test]
+fn an_established_connection_is_listed_before_criu_runs_and_the_service_goes_on() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("preflight-tcp");
+    let crac = Crac::new(&scratch);
+    let (target, mut conn) = holding(&scratch);
+    let pid = target.pid.to_string();
+    let (tcp, _) = target.ports();
+    let client = conn.local_addr().expect("client address").port();
+
+    let out = crac.run(&["checkpoint", &pid, "--name", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The target reads and writes the connection through two descriptors.
+    let listed = format!("preflight: CRIU would refuse 2 descriptors of the tree: pid {pid} fd ");
+    assert!(stderr.contains(&listed), "{}", text(&out));
+    let entry = format!(
+        ": tcp 127.0.0.1:{tcp} -> 127.0.0.1:{client} (CRIU refuses a connected TCP socket \
+         without --tcp-established: close it in a before_checkpoint hook, or dump with \
+         --tcp-established)"
+    );
+    assert_eq!(stderr.matches(&entry).count(), 2, "{}", text(&out));
+    // CRIU never saw it: no "Connected TCP socket" from CRIU itself.
+    assert!(!stderr.contains("Connected TCP socket"), "{}", text(&out));
+    // The hooks ran and were rolled back; the connection is still there and works.
+    assert_eq!(
+        target.hooks(),
+        concat(&BEFORE_ALL, &after_all("aborted", 0))
+    );
+    assert_eq!(echo(&mut conn, "b").expect("echo after"), "echo:b");
+    assert!(crac.listing().is_empty());
+
+    // With --tcp-established, CRIU accepts it and so does the preflight.
+    let out = crac.run(&["checkpoint", &pid, "--name", "web", "--tcp-established"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = Target::restored(&target);
+    target.reap_dumped();
+    let out = crac.run(&["restore", "web", "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(echo(&mut conn, "c").expect("echo after restore"), "echo:c");
+    restored.terminate();
+}
+
+#[test]
+fn a_policy_ignores_or_refuses_and_a_bad_one_stops_everything_with_its_line() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("preflight-policy");
+    let crac = Crac::new(&scratch);
+    let (target, mut conn) = holding(&scratch);
+    let pid = target.pid.to_string();
+    let policy = scratch.join("crac.policy");
+
+    // A policy that does not parse: nothing is told, nothing dumped, and it says where.
+    std::fs::write(&policy, "# rules\nignore tcp *\nallow unix /run/x.sock\n").unwrap();
+    let out = crac
+        .command(&["checkpoint", &pid, "--name", "web"])
+        .env("CRAC_POLICY", &policy)
+        .output()
+        .expect("crac runs");
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "CRAC_POLICY: {}:3:1: expected `ignore` or `refuse`, found `allow`",
+            policy.display()
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(target.hooks().is_empty(), "hooks ran despite a bad policy");
+
+    // Ignoring the connection hands it to CRIU, which refuses it in its own words.
+    std::fs::write(&policy, "ignore tcp *\n").unwrap();
+    let out = crac
+        .command(&["checkpoint", &pid, "--name", "web"])
+        .env("CRAC_POLICY", &policy)
+        .output()
+        .expect("crac runs");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("preflight: CRIU would refuse"), "{stderr}");
+    assert!(stderr.contains("Connected TCP socket"), "{stderr}");
+
+    // Refusing it refuses even what CRIU would take (--tcp-established).
+    std::fs::write(&policy, "refuse tcp 127.0.0.1:* -> *\n").unwrap();
+    let out = crac
+        .command(&["checkpoint", &pid, "--name", "web", "--tcp-established"])
+        .env("CRAC_POLICY", &policy)
+        .output()
+        .expect("crac runs");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("(refused by the preflight policy (CRAC_POLICY))"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(echo(&mut conn, "still").expect("echo"), "echo:still");
+    assert!(crac.listing().is_empty());
+    target.terminate();
+}
