@@ -44,6 +44,7 @@ pub mod error;
 pub mod locate;
 pub mod metadata;
 pub mod namespace;
+mod pidfd;
 pub mod post_dump;
 pub mod post_resume;
 pub mod pre_dump;

@@ -18,7 +18,7 @@ use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline
 use crate::criu::Invocation;
 use crate::error::ActionError;
 use crate::namespace::AgentSocket;
-use crate::preflight;
+use crate::preflight::{self, CriuOptions};
 use crate::settings::Settings;
 use crate::tree::ProcessId;
 use crate::watcher::{self, Claim, Watch};
@@ -68,7 +68,11 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
             return Ok(());
         };
         let started = Instant::now();
-        let refusal = preflight::check(init, inv.criu().ok(), policy);
+        let opts = inv
+            .criu()
+            .ok()
+            .map_or_else(CriuOptions::unknown, CriuOptions::of_process);
+        let refusal = preflight::check(init, &opts, policy);
         if refusal.is_none() && !quiet {
             let ms = started.elapsed().as_secs_f64() * 1e3;
             log(

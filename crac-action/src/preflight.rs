@@ -25,8 +25,11 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use crate::pidfd::{Pidfd, SocketFacts};
 
 /// Turns the preflight off (`CRAC_PREFLIGHT=off`): CRIU then finds what it finds.
 pub const PREFLIGHT_ENV: &str = "CRAC_PREFLIGHT";
@@ -63,15 +66,20 @@ impl CriuOptions {
         }
     }
 
+    /// Options that could not be read: only the checks no option changes run.
+    pub fn unknown() -> CriuOptions {
+        CriuOptions {
+            known: false,
+            ..CriuOptions::defaults()
+        }
+    }
+
     /// The options of the CRIU process `pid`: its command line, then the configuration files
     /// it read (`--config`, `CRIU_CONFIG_FILE`, `/etc/criu/default.conf`,
     /// `~/.criu/default.conf`, unless `--no-default-config`).
     pub fn of_process(pid: u32) -> CriuOptions {
         let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            return CriuOptions {
-                known: false,
-                ..CriuOptions::defaults()
-            };
+            return CriuOptions::unknown();
         };
         let args: Vec<String> = cmdline
             .split(|&b| b == 0)
@@ -79,10 +87,7 @@ impl CriuOptions {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         if args.iter().any(|a| a == "swrk") {
-            return CriuOptions {
-                known: false,
-                ..CriuOptions::defaults()
-            };
+            return CriuOptions::unknown();
         }
         let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let var = |name: &str| {
@@ -412,18 +417,11 @@ pub fn configured(vars: impl Fn(&str) -> Option<String>) -> Result<Option<Policy
     }
 }
 
-/// Everything in the tree under `root` that the CRIU process `criu` (if known) will refuse,
-/// or `policy` refuses, as one line for a refusal; `None` when there is nothing.
-pub fn check(root: u32, criu: Option<u32>, policy: &Policy) -> Option<String> {
+/// Everything in the tree under `root` that CRIU with `opts` will refuse, or `policy`
+/// refuses, as one line for a refusal; `None` when there is nothing.
+pub fn check(root: u32, opts: &CriuOptions, policy: &Policy) -> Option<String> {
     let pids = crate::tree::descendants(root);
-    let opts = criu.map_or(
-        CriuOptions {
-            known: false,
-            ..CriuOptions::defaults()
-        },
-        CriuOptions::of_process,
-    );
-    let mut problems = scan(&pids, &opts, policy);
+    let mut problems = scan(&pids, opts, policy);
     for refused in refused_by_policy(&pids, policy) {
         if !problems
             .iter()
@@ -454,10 +452,14 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
     let mut ptmx_in_tree = false;
     let mut ttys: Vec<(u32, u32, String)> = Vec::new();
     for &pid in pids {
-        let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        let fd_dir = format!("/proc/{pid}/fd");
+        let (Ok(entries), Ok(dir)) = (fs::read_dir(&fd_dir), fs::File::open(&fd_dir)) else {
             continue;
         };
         let netns = fs::metadata(format!("/proc/{pid}/ns/net")).map_or(0, |m| m.ino());
+        // Sockets are asked directly when we may copy the process's descriptors; the
+        // namespace's tables are the fallback.
+        let pidfd = Pidfd::open(pid);
         for entry in entries.flatten() {
             let Some(fd) = entry
                 .file_name()
@@ -466,26 +468,35 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
             else {
                 continue;
             };
-            let Ok(target) = fs::read_link(entry.path()) else {
+            // Relative to the open folder: no walk of /proc/PID/fd/ per descriptor.
+            let Ok(target) = nix::fcntl::readlinkat(dir.as_fd(), entry.file_name().as_os_str())
+            else {
                 continue;
             };
             let target = target.to_string_lossy().into_owned();
             if let Some(inode) = socket_inode(&target) {
                 tree_sockets.insert(inode);
                 let table = tables.entry(netns).or_insert_with(|| NetTables::read(pid));
-                if let Some(tcp) = table.tcp.get(&inode) {
-                    if tcp.has_peer && opts.known && !opts.tcp_established {
-                        found.push(Problem {
-                            pid,
-                            fd,
-                            kind: Kind::Tcp,
-                            what: format!("{} -> {}", tcp.local, tcp.remote),
-                            why: "CRIU refuses a connected TCP socket without --tcp-established: \
-                                  close it in a before_checkpoint hook, or dump with \
-                                  --tcp-established",
-                        });
-                    }
-                } else if table.unix_stream.contains(&inode) {
+                // Unix sockets are in the namespace's table, cheap to read; others are
+                // asked directly, and the TCP tables (slow to read) are the last resort.
+                let facts = table
+                    .unix(inode)
+                    .or_else(|| pidfd.as_ref().and_then(|p| p.socket(fd)))
+                    .or_else(|| table.tcp(pid, inode));
+                let Some(facts) = facts else {
+                    continue;
+                };
+                if facts.tcp_peer && opts.known && !opts.tcp_established {
+                    found.push(Problem {
+                        pid,
+                        fd,
+                        kind: Kind::Tcp,
+                        what: format!("{} -> {}", facts.local, facts.peer),
+                        why: "CRIU refuses a connected TCP socket without --tcp-established: \
+                              close it in a before_checkpoint hook, or dump with \
+                              --tcp-established",
+                    });
+                } else if facts.unix_connected {
                     unix_fds.push((pid, fd, inode, netns));
                 }
                 continue;
@@ -628,60 +639,73 @@ fn own_socket_inodes() -> HashSet<u64> {
         .unwrap_or_default()
 }
 
-/// One network namespace's TCP sockets and connection-oriented Unix sockets, by inode.
+/// One network namespace's sockets, by inode, from `/proc/PID/net`: its Unix sockets (a
+/// short read), and its TCP sockets, read only for a socket that cannot be asked directly
+/// (reading them walks the kernel's whole TCP hash table).
 #[derive(Default)]
 struct NetTables {
-    tcp: HashMap<u64, TcpEntry>,
-    unix_stream: HashSet<u64>,
-}
-
-struct TcpEntry {
-    local: String,
-    remote: String,
-    has_peer: bool,
+    /// Unix sockets, and whether each is a connected stream or seqpacket one.
+    unix: HashMap<u64, bool>,
+    tcp: Option<HashMap<u64, (String, String, bool)>>,
 }
 
 impl NetTables {
-    /// As `pid` sees them (its network namespace).
+    /// The Unix sockets as `pid` sees them (its network namespace).
     fn read(pid: u32) -> NetTables {
-        let mut tables = NetTables::default();
-        for file in ["tcp", "tcp6"] {
-            let text = fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
-            for line in text.lines().skip(1) {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                let (Some(local), Some(remote), Some(state), Some(inode)) =
-                    (f.get(1), f.get(2), f.get(3), f.get(9))
-                else {
-                    continue;
-                };
-                let Ok(inode) = inode.parse::<u64>() else {
-                    continue;
-                };
-                // 0A is LISTEN; 07 CLOSE (bound, never connected). Anything else has a peer.
-                let has_peer = *state != "0A" && *state != "07";
-                tables.tcp.insert(
-                    inode,
-                    TcpEntry {
-                        local: address(local),
-                        remote: address(remote),
-                        has_peer,
-                    },
-                );
-            }
-        }
+        let mut unix = HashMap::new();
         let text = fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            // Type 0001 is SOCK_STREAM, 0005 SOCK_SEQPACKET; state 03 is connected.
-            if let (Some(kind), Some(&"03"), Some(inode)) = (f.get(4), f.get(5), f.get(6)) {
-                if *kind == "0001" || *kind == "0005" {
-                    if let Ok(inode) = inode.parse() {
-                        tables.unix_stream.insert(inode);
-                    }
+            if let (Some(kind), Some(state), Some(inode)) = (f.get(4), f.get(5), f.get(6)) {
+                if let Ok(inode) = inode.parse() {
+                    // Type 0001 is SOCK_STREAM, 0005 SOCK_SEQPACKET; state 03 is connected.
+                    let connected = (*kind == "0001" || *kind == "0005") && *state == "03";
+                    unix.insert(inode, connected);
                 }
             }
         }
-        tables
+        NetTables { unix, tcp: None }
+    }
+
+    fn unix(&self, inode: u64) -> Option<SocketFacts> {
+        self.unix.get(&inode).map(|&connected| SocketFacts {
+            tcp_peer: false,
+            unix_connected: connected,
+            local: String::new(),
+            peer: String::new(),
+        })
+    }
+
+    /// A TCP socket as `pid`'s namespace lists it (the tables are read on first use).
+    fn tcp(&mut self, pid: u32, inode: u64) -> Option<SocketFacts> {
+        let tcp = self.tcp.get_or_insert_with(|| {
+            let mut tcp = HashMap::new();
+            for file in ["tcp", "tcp6"] {
+                let text =
+                    fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+                for line in text.lines().skip(1) {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let (Some(local), Some(remote), Some(state), Some(inode)) =
+                        (f.get(1), f.get(2), f.get(3), f.get(9))
+                    else {
+                        continue;
+                    };
+                    let Ok(inode) = inode.parse::<u64>() else {
+                        continue;
+                    };
+                    // 0A is LISTEN, 07 CLOSE (bound, never connected); others have a peer.
+                    let has_peer = *state != "0A" && *state != "07";
+                    tcp.insert(inode, (address(local), address(remote), has_peer));
+                }
+            }
+            tcp
+        });
+        tcp.get(&inode).map(|(local, peer, has_peer)| SocketFacts {
+            tcp_peer: *has_peer,
+            unix_connected: false,
+            local: local.clone(),
+            peer: peer.clone(),
+        })
     }
 }
 
@@ -803,9 +827,11 @@ mod tests {
         let tcp: Vec<_> = problems.iter().filter(|p| p.kind == Kind::Tcp).collect();
         assert_eq!(tcp.len(), 2, "{problems:#?}");
         let port = listener.local_addr().unwrap().port();
-        assert!(tcp
-            .iter()
-            .any(|p| p.what.ends_with(&format!(" -> 127.0.0.1:{port}"))));
+        assert!(
+            tcp.iter()
+                .any(|p| p.what.ends_with(&format!(" -> 127.0.0.1:{port}"))),
+            "{tcp:#?}"
+        );
         let ghost: Vec<_> = problems.iter().filter(|p| p.kind == Kind::Ghost).collect();
         assert_eq!(ghost.len(), 1, "{problems:#?}");
         assert!(ghost[0]

@@ -1,0 +1,91 @@
+//! Looking at another process's sockets through a copy of its descriptor (`pidfd_open` and
+//! `pidfd_getfd`, Linux >= 5.6, with the right to ptrace it): asking the socket itself is a
+//! few system calls, where finding it in `/proc/PID/net/tcp` walks the kernel's whole TCP hash
+//! table (about 4 ms per file on this kind of machine, whatever the number of sockets).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use nix::sys::socket::{
+    getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage,
+};
+
+/// A handle on a process, to copy its descriptors.
+pub(crate) struct Pidfd(OwnedFd);
+
+/// What a socket says about itself.
+pub(crate) struct SocketFacts {
+    /// A TCP socket with a peer (connected or closing).
+    pub(crate) tcp_peer: bool,
+    /// A connected Unix stream or seqpacket socket.
+    pub(crate) unix_connected: bool,
+    /// Its address, and its peer's when it has one.
+    pub(crate) local: String,
+    pub(crate) peer: String,
+}
+
+impl Pidfd {
+    /// A handle on `pid`, if the kernel and our rights allow.
+    pub(crate) fn open(pid: u32) -> Option<Pidfd> {
+        let pid = libc::pid_t::try_from(pid).ok()?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+        // memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: the kernel just returned this descriptor to us, and nothing else owns it.
+        Some(Pidfd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// What the process's descriptor `fd` says about itself, if it is a socket we may copy.
+    pub(crate) fn socket(&self, fd: u32) -> Option<SocketFacts> {
+        let fd = i32::try_from(fd).ok()?;
+        // SAFETY: pidfd_getfd takes our pidfd, the other process's descriptor number and
+        // flags, and returns a new descriptor of ours or -1; no memory is passed.
+        let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.0.as_raw_fd(), fd, 0) };
+        let copy = i32::try_from(copy).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: the kernel just returned this descriptor to us, and nothing else owns it.
+        let copy = unsafe { OwnedFd::from_raw_fd(copy) };
+        let raw = copy.as_raw_fd();
+        let Ok(peer) = getpeername::<SockaddrStorage>(raw) else {
+            // Not connected (listening, bound, or not a socket at all).
+            return Some(SocketFacts {
+                tcp_peer: false,
+                unix_connected: false,
+                local: String::new(),
+                peer: String::new(),
+            });
+        };
+        let kind = getsockopt(&copy, sockopt::SockType).ok()?;
+        let local = getsockname::<SockaddrStorage>(raw)
+            .map(|a| show(&a))
+            .unwrap_or_default();
+        let family = peer.family();
+        let inet = matches!(
+            family,
+            Some(nix::sys::socket::AddressFamily::Inet | nix::sys::socket::AddressFamily::Inet6)
+        );
+        let unix = family == Some(nix::sys::socket::AddressFamily::Unix);
+        Some(SocketFacts {
+            tcp_peer: inet && kind == SockType::Stream,
+            unix_connected: unix && matches!(kind, SockType::Stream | SockType::SeqPacket),
+            local,
+            peer: show(&peer),
+        })
+    }
+}
+
+fn show(addr: &SockaddrStorage) -> String {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return std::net::SocketAddrV4::from(*v4).to_string();
+    }
+    if let Some(v6) = addr.as_sockaddr_in6() {
+        return std::net::SocketAddrV6::from(*v6).to_string();
+    }
+    match addr.as_unix_addr() {
+        Some(unix) => match (unix.path(), unix.as_abstract()) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
+            _ => String::new(),
+        },
+        None => String::new(),
+    }
+}

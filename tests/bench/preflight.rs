@@ -1,0 +1,155 @@
+//! Item 8: preflight. `crac_action::preflight::check` (what pre-dump runs after the hooks)
+//! over a process holding 10, 1,000 and 10,000 open descriptors (a third each: files,
+//! connected Unix socket pairs, established TCP connections on loopback), and its share of a
+//! `crac checkpoint --leave-running` of the test target measured in the same run.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use crac_action::preflight::{self, CriuOptions, Policy};
+
+use crate::procs::{Proc, Res};
+use crate::stats::{fmt_us, time, verdict, Report, Samples};
+use crate::Ctx;
+
+const SIZES: [usize; 3] = [10, 1_000, 10_000];
+
+/// Opens about `n` descriptors in this process: files, Unix pairs and TCP connections.
+fn open(n: usize) -> Res<Vec<OwnedFd>> {
+    let mut fds: Vec<OwnedFd> = Vec::with_capacity(n + 2);
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut kind = 0;
+    while fds.len() < n {
+        kind += 1;
+        match kind % 3 {
+            0 => fds.push(
+                std::fs::File::open("/dev/null")
+                    .map_err(|e| e.to_string())?
+                    .into(),
+            ),
+            1 => {
+                let (a, b) = UnixStream::pair().map_err(|e| e.to_string())?;
+                fds.push(a.into());
+                fds.push(b.into());
+            }
+            _ => {
+                let client = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+                let (server, _) = listener.accept().map_err(|e| e.to_string())?;
+                fds.push(client.into());
+                fds.push(server.into());
+            }
+        }
+    }
+    Ok(fds)
+}
+
+/// The median wall time of `crac checkpoint --leave-running` of crac-test-target, in ms.
+fn checkpoint_ms(ctx: &Ctx) -> Res<f64> {
+    let dir = ctx.scratch.join("preflight-target");
+    let mut cmd = std::process::Command::new(&ctx.bins.test_target);
+    cmd.env("CRAC_TEST_DIR", &dir);
+    let target = Proc::start(
+        cmd,
+        &dir.join("ready"),
+        &ctx.scratch.join("preflight-target.stderr"),
+        Duration::from_secs(10),
+    )?;
+    let store = ctx.scratch.join("preflight-store");
+    let mut samples = Samples::new();
+    for _ in 0..if ctx.quick { 3 } else { 7 } {
+        let (status, took) = crate::procs::run_timed(
+            std::process::Command::new(&ctx.bins.crac)
+                .arg("--store")
+                .arg(&store)
+                .args(["checkpoint", &target.pid.to_string(), "--name", "pf"])
+                .args(["--replace", "--leave-running"])
+                .stdout(std::process::Stdio::null()),
+        )?;
+        if !status.success() {
+            target.kill();
+            return Err(format!("crac checkpoint --leave-running failed ({status})"));
+        }
+        samples.push(took);
+    }
+    target.kill();
+    Ok(samples.median() / 1e3)
+}
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    report.section("8. Preflight: what CRIU would refuse, per descriptor count");
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(|e| e.to_string())?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+        .map_err(|e| format!("raising the descriptor limit to {hard}: {e}"))?;
+    let me = std::process::id();
+    let budget = Duration::from_millis(if ctx.quick { 300 } else { 1500 });
+    let mut rows = Vec::new();
+    let mut at_1000 = None;
+    for n in SIZES {
+        let fds = open(n)?;
+        let held = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        let mut samples = Samples::new();
+        let started = Instant::now();
+        let mut listed = 0;
+        while samples.len() < 5 || (started.elapsed() < budget && samples.len() < 1000) {
+            // The bench itself is the tree, under CRIU's defaults (every check on).
+            let (refusal, took) =
+                time(|| preflight::check(me, &CriuOptions::defaults(), &Policy::default()));
+            listed = refusal.map_or(0, |r| r.matches("; pid ").count() + 1);
+            samples.push(took);
+        }
+        drop(fds);
+        if n == 1_000 {
+            at_1000 = Some(samples.median());
+        }
+        rows.push(vec![
+            n.to_string(),
+            held.to_string(),
+            listed.to_string(),
+            samples.len().to_string(),
+            fmt_us(samples.median()),
+            fmt_us(samples.p90()),
+            fmt_us(samples.median() / held as f64),
+        ]);
+    }
+    report.line(&format!(
+        "Method: this process opens n descriptors (a third /dev/null, a third connected Unix \
+         socket pairs, a third established loopback TCP connections, both ends), then \
+         preflight::check runs on it repeatedly for about {} (at least 5 runs): read every \
+         /proc/PID/fd link, the namespace's TCP and Unix tables, and sock_diag for Unix peers. \
+         'Listed' is what it would refuse (the TCP connections; Unix pairs within the process \
+         are fine). With a CRIU run by a container runtime (`criu swrk`), only the \
+         option-independent checks run.",
+        fmt_us(budget.as_secs_f64() * 1e6)
+    ));
+    report.table(
+        &[
+            "n",
+            "descriptors held",
+            "listed",
+            "runs",
+            "median",
+            "p90",
+            "per descriptor",
+        ],
+        &rows,
+    );
+    let at_1000 = at_1000.unwrap_or(f64::NAN);
+    let met = at_1000 < 1000.0;
+    let ms = checkpoint_ms(ctx)?;
+    let share = format!(
+        " That is {:.2} % of a median `crac checkpoint --leave-running` of the test target \
+         ({ms:.1} ms, measured just now).",
+        at_1000 / 10.0 / ms
+    );
+    report.line(&format!(
+        "At 1,000 descriptors: {}. Target under 1 ms: {}.{share}",
+        fmt_us(at_1000),
+        verdict(met)
+    ));
+    report.verdict("8. preflight at 1,000 descriptors", "< 1 ms", Some(met));
+    Ok(())
+}
