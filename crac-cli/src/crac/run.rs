@@ -22,8 +22,8 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
-use crac_action::driver::{self, FailureKind, OpError, RestoreRequest};
-use crac_action::store::{Store, STORE_ENV};
+use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
+use crac_cli::store::{Store, STORE_ENV};
 
 use crate::cli::RunArgs;
 use crate::output::millis;

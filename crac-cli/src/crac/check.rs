@@ -4,8 +4,8 @@ use std::process::Command;
 
 use serde::Serialize;
 
-use crac_action::driver::{self, OpError};
-use crac_action::locate;
+use crac_cli::driver::{self, OpError};
+use crac_cli::locate;
 
 use crate::output::Out;
 
@@ -126,7 +126,7 @@ pub fn run(out: Out) -> Result<u8, OpError> {
         }
     }
 
-    let (kernel, arch) = crac_action::metadata::this_machine();
+    let (kernel, arch) = crac_cli::metadata::this_machine();
     checks.push(Check {
         name: "kernel",
         ok: true,

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crac_action::archive;
-use crac_action::driver::{FailureKind, OpError};
-use crac_action::metadata::{self, Metadata};
-use crac_action::store::{self, Store, StoreError};
+use crac_cli::archive;
+use crac_cli::driver::{FailureKind, OpError};
+use crac_cli::metadata::{self, Metadata};
+use crac_cli::store::{self, Store, StoreError};
 
 use crate::cli::ImagesCommand;
 use crate::output::{bytes, millis, Out};

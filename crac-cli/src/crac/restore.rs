@@ -1,8 +1,8 @@
 //! `crac restore`: validate first (metadata, complete images, architecture, CRIU, free PID),
 //! then restore with crac-action so the after_restore hooks run before this returns.
 
-use crac_action::driver::{self, OpError, RestoreRequest};
-use crac_action::store::Store;
+use crac_cli::driver::{self, OpError, RestoreRequest};
+use crac_cli::store::Store;
 
 use crate::cli::RestoreArgs;
 use crate::output::{millis, Out};

@@ -13,7 +13,7 @@ service's own exit status.";
 
 /// Checkpoint and restore Rust services with CRIU, coordinating their hooks.
 #[derive(Debug, Parser)]
-#[command(name = "crac", version, about, after_help = EXIT_CODES)]
+#[command(name = "crac", version, after_help = EXIT_CODES)]
 pub struct Cli {
     /// The image store (default: $CRAC_STORE; as root /var/lib/crac/images, otherwise
     /// ~/.local/share/crac/images).
@@ -261,6 +261,17 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_opens_with_crac_s_own_headline() {
+        let help = Cli::command().render_help().to_string();
+        assert!(
+            help.starts_with(
+                "Checkpoint and restore Rust services with CRIU, coordinating their hooks\n"
+            ),
+            "{help}"
+        );
     }
 
     #[test]

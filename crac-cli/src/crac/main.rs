@@ -1,5 +1,5 @@
 //! `crac`: the operators' command. Each command lives in its own module; the work is done by
-//! the `crac_action` library (driver, store, metadata, archive), this binary parses, prints
+//! the `crac_cli` library (driver, store, metadata, archive), this binary parses, prints
 //! and maps outcomes to exit codes.
 
 mod check;
@@ -14,7 +14,7 @@ mod run;
 use std::process::ExitCode;
 
 use clap::Parser;
-use crac_action::store::Store;
+use crac_cli::store::Store;
 
 use crate::cli::{Cli, Command};
 use crate::output::Out;

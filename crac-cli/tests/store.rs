@@ -10,11 +10,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crac_action::archive::{self, ArchiveError};
-use crac_action::metadata::{
+use crac_cli::archive::{self, ArchiveError};
+use crac_cli::metadata::{
     self, DumpOptions, FileEntry, HookTiming, Metadata, MetadataError, Timings, METADATA_FILE,
 };
-use crac_action::store::{self, Store, StoreError};
+use crac_cli::store::{self, Store, StoreError};
 
 const PAGES_LEN: usize = 64 * 1024;
 

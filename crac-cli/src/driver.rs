@@ -14,11 +14,11 @@ use serde::Serialize;
 
 use crate::locate::{self, Criu};
 use crate::metadata::{self, DumpOptions, HookTiming, Metadata, Timings};
-use crate::post_dump::{AgentFolders, AGENTS_FILE};
-use crate::pre_dump::{HookReport, HOOK_REPORT_ENV};
-use crate::settings::TIMEOUT_ENV;
 use crate::store::{Staging, Store};
-use crate::tree::ProcessId;
+use crac_action::post_dump::{AgentFolders, AGENTS_FILE};
+use crac_action::pre_dump::{HookReport, HOOK_REPORT_ENV};
+use crac_action::settings::TIMEOUT_ENV;
+use crac_action::tree::ProcessId;
 
 /// How `crac` has CRIU lock the TCP connections it dumps (`--network-lock`): nftables, not
 /// CRIU's default iptables. With iptables, a restore with `--tcp-close` never removes the
@@ -169,7 +169,7 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         )
     })?;
     let command_line = read_cmdline(pid);
-    let ns_pid = crate::namespace::ns_pid(pid);
+    let ns_pid = crac_action::namespace::ns_pid(pid);
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crac_action::driver::{
+use crac_cli::driver::{
     self, CheckpointOutcome, CheckpointRequest, Destination, FailureKind, OpError,
 };
-use crac_action::metadata::DumpOptions;
-use crac_action::store::Store;
+use crac_cli::metadata::DumpOptions;
+use crac_cli::store::Store;
 
 use crate::cli::CheckpointArgs;
 use crate::output::{bytes, millis, Out};
