@@ -8,6 +8,10 @@
 //! - `CRAC_TEST_HANG`: a resource whose before_checkpoint sleeps: `name` for a minute,
 //!   `name:MS` for MS milliseconds.
 //! - `CRAC_TEST_HOOK_LIMIT_MS`: the per-hook time limit.
+//! - `CRAC_TEST_FAIL_RESTORE`: a resource whose after_restore fails when the process was
+//!   restored from an image.
+//! - `CRAC_TEST_BEFORE_SH=name:COMMAND`: resource `name` runs `sh -c COMMAND` in its
+//!   before_checkpoint, and waits for it (a fault injected while a dump is under way).
 //! - `CRAC_TEST_NO_AGENT=1`: do not start the agent.
 //! - `CRAC_TEST_CHILD=1`: also start a child process like this one, in `$CRAC_TEST_DIR/child`.
 //! - `CRAC_TEST_OWN_SIGTERM=before|after`: handle SIGTERM itself (a graceful exit with status
@@ -65,6 +69,8 @@ struct Logged {
     log: PathBuf,
     order_log: Option<PathBuf>,
     fail: bool,
+    fail_restore: bool,
+    before_sh: Option<String>,
     hang: Option<Duration>,
 }
 
@@ -87,6 +93,16 @@ impl Resource for Logged {
     }
     fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
         self.append(&format!("before {}", self.name));
+        if let Some(command) = &self.before_sh {
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .stdin(Stdio::null())
+                .status()?;
+            if !status.success() {
+                return Err(format!("{} could not run {command:?}: {status}", self.name).into());
+            }
+        }
         if let Some(hang) = self.hang {
             std::thread::sleep(hang);
         }
@@ -100,6 +116,9 @@ impl Resource for Logged {
             "after {} {} gen={}",
             self.name, info.reason, info.generation
         ));
+        if self.fail_restore && info.reason == RestoreReason::Restored {
+            return Err(format!("{} cannot come back up", self.name).into());
+        }
         Ok(())
     }
 }
@@ -139,6 +158,8 @@ fn main() {
     let names = var("CRAC_TEST_RESOURCES").unwrap_or_else(|| "first,second,third".into());
     let fail = var("CRAC_TEST_FAIL");
     let hang = var("CRAC_TEST_HANG");
+    let fail_restore = var("CRAC_TEST_FAIL_RESTORE");
+    let before_sh = var("CRAC_TEST_BEFORE_SH");
     let coordinator = Coordinator::global();
     if let Some(ms) = var("CRAC_TEST_HOOK_LIMIT_MS") {
         let ms: u64 = ms.parse().expect("CRAC_TEST_HOOK_LIMIT_MS is a number");
@@ -152,6 +173,12 @@ fn main() {
                 log: dir.join("hooks.log"),
                 order_log: var("CRAC_TEST_ORDER_LOG").map(PathBuf::from),
                 fail: fail.as_deref() == Some(name),
+                fail_restore: fail_restore.as_deref() == Some(name),
+                before_sh: before_sh
+                    .as_deref()
+                    .and_then(|v| v.split_once(':'))
+                    .filter(|(resource, _)| *resource == name)
+                    .map(|(_, command)| command.to_owned()),
                 hang: hang_of(hang.as_deref(), name),
             })
             .keep();

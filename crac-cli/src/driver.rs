@@ -6,6 +6,7 @@
 //! errors that quote CRIU's own lines with a hint for the ones people hit.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -38,6 +39,13 @@ pub enum FailureKind {
     /// Checkpoint/restore is not possible here (no CRIU, no privileges, store not writable):
     /// exit code 3.
     Unavailable,
+    /// A checkpoint's image was made (the service stopped, unless `--leave-running`) but could
+    /// not be finished or filed in the store: it is kept where it is, and the message says how
+    /// to restore it: exit code 4.
+    ImageKept,
+    /// A restore brought the service back, but an after_restore hook failed or timed out (the
+    /// message names the resource; see [`RestoreOutcome::hook_failures`]): exit code 5.
+    HooksFailed,
 }
 
 impl FailureKind {
@@ -47,6 +55,8 @@ impl FailureKind {
             FailureKind::Failed => 1,
             FailureKind::BadInput => 2,
             FailureKind::Unavailable => 3,
+            FailureKind::ImageKept => 4,
+            FailureKind::HooksFailed => 5,
         }
     }
 }
@@ -153,8 +163,13 @@ pub struct CheckpointOutcome {
     pub left_running: bool,
 }
 
-/// Takes a checkpoint. The target keeps running if anything fails (the hooks are rolled back),
-/// and nothing is left in the store.
+/// Takes a checkpoint. The target keeps running if anything fails before CRIU's dump succeeds
+/// (the hooks are rolled back), and nothing is left in the store. Once it succeeded, the image
+/// is never discarded: if the metadata or the store's commit fails, it is kept where it is
+/// ([`FailureKind::ImageKept`]).
+///
+/// Refused up front: pid 1, this process and its ancestors (CRIU cannot dump a tree it is
+/// part of, and would stop the caller), and a caller that is not root.
 ///
 /// # Errors
 ///
@@ -168,11 +183,15 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
             format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
         )
     })?;
+    refuse_up_front(pid)?;
     let command_line = read_cmdline(pid);
     let ns_pid = crac_action::namespace::ns_pid(pid);
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    // Opened now and hashed after the dump: it stays the file the service ran even if the path
+    // is replaced meanwhile, and hashing it costs nothing while the service is frozen.
+    let executable_file = fs::File::open(format!("/proc/{pid}/exe")).ok();
     let criu = criu()?;
     let action = action_script()?;
 
@@ -211,6 +230,42 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         err
     };
 
+    let (kernel, arch) = metadata::this_machine();
+    let name = match &request.destination {
+        Destination::Store { name, .. } => name.clone(),
+        Destination::Dir(dir) => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let mut metadata = Metadata {
+        format: metadata::FORMAT,
+        name,
+        pid,
+        ns_pid,
+        command_line,
+        executable,
+        created_unix_ms: 0,
+        image_bytes: 0,
+        criu_version: criu.version.clone(),
+        kernel,
+        arch,
+        options: request.options.clone(),
+        hooks: Vec::new(),
+        timings: Timings::default(),
+        crac_version: env!("CARGO_PKG_VERSION").to_owned(),
+        files: Vec::new(),
+        executable_sha256: None,
+    };
+    // If this crac is killed while CRIU dumps, the next one finishes the image from this
+    // (metadata::complete_pending).
+    metadata::write_pending(&images, &metadata).map_err(|e| {
+        fail(OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot write into {}: {e}", images.display()),
+        ))
+    })?;
+
     let report_path = std::env::temp_dir().join(format!(
         "crac-hooks-{}-{}.json",
         std::process::id(),
@@ -230,7 +285,11 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         .env(HOOK_REPORT_ENV, &report_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // A Ctrl-C at the terminal goes to the whole foreground process group: CRIU killed
+        // half-way would leave the service half-dumped. crac, which gets the signal, lets the
+        // dump end (see `crac checkpoint`).
+        .process_group(0);
     if request.options.leave_running {
         cmd.arg("--leave-running");
     }
@@ -282,14 +341,9 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         ));
     }
 
-    let (kernel, arch) = metadata::this_machine();
-    let files = metadata::list_image_files(&images).map_err(|e| {
-        fail(OpError::new(
-            FailureKind::Failed,
-            format!("cannot list the images in {}: {e}", images.display()),
-        ))
-    })?;
-    let hooks: Vec<HookTiming> = hook_report
+    // CRIU's dump succeeded: unless --leave-running, the service is stopped and this image is
+    // all that is left of it. From here on nothing discards it.
+    metadata.hooks = hook_report
         .iter()
         .flat_map(|r| {
             r.agents.iter().flat_map(|a| {
@@ -302,47 +356,63 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
             })
         })
         .collect();
-    let name = match &request.destination {
-        Destination::Store { name, .. } => name.clone(),
-        Destination::Dir(dir) => dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+    metadata.created_unix_ms = now_ms();
+    metadata.timings = Timings {
+        hooks_ms: hook_report.as_ref().map_or(0.0, |r| r.wall_ms),
+        dump_ms,
+        hash_ms: 0.0,
+        total_ms: 0.0,
+        criu: crate::stats::dump(&images),
     };
-    let mut metadata = Metadata {
-        format: metadata::FORMAT,
-        name,
-        pid,
-        ns_pid,
-        command_line,
-        executable,
-        created_unix_ms: now_ms(),
-        image_bytes: files.iter().map(|f| f.size).sum(),
-        criu_version: criu.version.clone(),
-        kernel,
-        arch,
-        options: request.options.clone(),
-        hooks,
-        timings: Timings {
-            hooks_ms: hook_report.as_ref().map_or(0.0, |r| r.wall_ms),
-            dump_ms,
-            total_ms: 0.0,
-            criu: crate::stats::dump(&images),
-        },
-        crac_version: env!("CARGO_PKG_VERSION").to_owned(),
-        files,
+    let kept = |what: String, written: bool, staging: Option<Staging>| {
+        let path = staging.map_or_else(|| images.clone(), Staging::keep);
+        image_kept(request, &criu, &action, &path, &what, written)
     };
+    let hash_started = Instant::now();
+    let files = metadata::list_image_files(&images).and_then(|mut files| {
+        metadata::hash_files(&images, &mut files)?;
+        Ok(files)
+    });
+    let files = match files {
+        Ok(files) => files,
+        Err(e) => {
+            return Err(kept(
+                format!(
+                    "could not read the image files in {}: {e}",
+                    images.display()
+                ),
+                false,
+                staging,
+            ))
+        }
+    };
+    metadata.executable_sha256 = executable_file.and_then(|f| metadata::sha256_of(f).ok());
+    metadata.timings.hash_ms = ms(hash_started.elapsed());
+    metadata.image_bytes = files.iter().map(|f| f.size).sum();
+    metadata.files = files;
     metadata.timings.total_ms = ms(started.elapsed());
-    metadata::write(&images, &metadata).map_err(|e| {
-        fail(OpError::new(
-            FailureKind::Failed,
-            format!("cannot write the metadata into {}: {e}", images.display()),
-        ))
-    })?;
+    if let Err(e) = metadata::write(&images, &metadata) {
+        return Err(kept(
+            format!(
+                "could not write the metadata into {}: {e}",
+                images.display()
+            ),
+            false,
+            staging,
+        ));
+    }
+    let _ = fs::remove_file(images.join(metadata::PENDING_FILE));
     let path = match (staging, &request.destination) {
-        (Some(staging), Destination::Store { replace, .. }) => staging
-            .commit(*replace)
-            .map_err(|e| OpError::new(FailureKind::Failed, e.to_string()))?,
+        (Some(mut staging), Destination::Store { replace, .. }) => match staging.commit(*replace) {
+            Ok(path) => path,
+            Err(e) => {
+                return Err(kept(
+                    format!("could not file it in the store: {e}"),
+                    true,
+                    Some(staging),
+                ))
+            }
+        },
         _ => images,
     };
     Ok(CheckpointOutcome {
@@ -350,6 +420,109 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         metadata,
         left_running: request.options.leave_running,
     })
+}
+
+/// What crac refuses to checkpoint before touching anything, with the reason.
+fn refuse_up_front(pid: u32) -> Result<(), OpError> {
+    if pid == 1 {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            "pid 1 is this system's init: dumping it would stop every process on the machine; crac does not checkpoint it (a container's init has another pid out here: see `crac ps`)",
+        ));
+    }
+    let me = std::process::id();
+    let mut ancestor = Some(me);
+    while let Some(p) = ancestor {
+        if p == pid {
+            let who = if p == me {
+                "crac itself".to_owned()
+            } else {
+                format!("an ancestor of this crac (`{}`)", read_cmdline(p).join(" "))
+            };
+            return Err(OpError::new(
+                FailureKind::BadInput,
+                format!(
+                    "pid {pid} is {who}: CRIU cannot dump a tree that it runs in, and stopping it would stop crac; run crac from outside that process tree"
+                ),
+            ));
+        }
+        ancestor = crac_action::tree::parent_of(p).filter(|&parent| parent > 0 && parent != p);
+    }
+    require_root("checkpoint")
+}
+
+/// CRIU needs root (it ptraces the tree, reads its memory and recreates its resources): say so
+/// before CRIU fails with a bare exit code.
+///
+/// # Errors
+///
+/// [`FailureKind::Unavailable`] when the effective user is not root.
+pub fn require_root(what: &str) -> Result<(), OpError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    Err(OpError::new(
+        FailureKind::Unavailable,
+        format!(
+            "crac {what} needs root: CRIU stops the process tree, reads all its memory and recreates its resources, which only root may do; run it as root (sudo crac {what} ...)"
+        ),
+    ))
+}
+
+/// The error for an image CRIU made that crac could not finish or file: where it is, and the
+/// exact command that restores it.
+fn image_kept(
+    request: &CheckpointRequest,
+    criu: &Criu,
+    action: &Path,
+    path: &Path,
+    what: &str,
+    metadata_written: bool,
+) -> OpError {
+    let pid = request.pid;
+    let state = if request.options.leave_running {
+        "it keeps running (--leave-running)"
+    } else {
+        "stopped it"
+    };
+    let command = if metadata_written {
+        format!("crac restore {} --detach", path.display())
+    } else {
+        let mut args = vec![
+            criu.path.display().to_string(),
+            "restore".to_owned(),
+            "-D".to_owned(),
+            path.display().to_string(),
+            "-d".to_owned(),
+            "--action-script".to_owned(),
+            action.display().to_string(),
+        ];
+        if request.options.tcp_established {
+            args.push("--tcp-established".to_owned());
+        }
+        if let Some(lock) = &request.options.network_lock {
+            args.extend(["--network-lock".to_owned(), lock.clone()]);
+        }
+        if request.options.file_locks {
+            args.push("--file-locks".to_owned());
+        }
+        args.join(" ")
+    };
+    let mut details = vec![format!("restore it with: {command}")];
+    if matches!(request.destination, Destination::Store { .. }) {
+        details.push(
+            "or leave it there: the next crac that writes to the store (`crac images prune`) files it in the store, under its name if that is free"
+                .to_owned(),
+        );
+    }
+    OpError::new(
+        FailureKind::ImageKept,
+        format!(
+            "criu dumped pid {pid} and {state}, but crac {what}; the complete image is kept in {}",
+            path.display()
+        ),
+    )
+    .with_details(details)
 }
 
 /// A restore to run.
@@ -373,23 +546,33 @@ pub struct RestoreOutcome {
     pub restore_ms: f64,
     /// crac-action's lines from CRIU's log (hook order and durations).
     pub hook_lines: Vec<String>,
+    /// What crac-action's post-resume said failed: after_restore hooks that failed or timed
+    /// out, each naming its resource, and agents that did not answer. The service was restored
+    /// and runs either way.
+    pub hook_failures: Vec<String>,
     /// The restored tree's exit code, when CRIU stayed its parent.
     pub exit_code: Option<i32>,
     /// CRIU's own figures (from its `stats-restore`), when it wrote them.
     pub criu: Option<crate::stats::RestoreStats>,
 }
 
-/// Checks that the image in `dir` can be restored here, and returns its metadata.
+/// How long a restore waits for a zombie that holds one of the image's pids to be reaped: the
+/// process a checkpoint just stopped stays a zombie until its parent waits for it.
+pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
+
+/// Checks that the image in `dir` can be restored here, and returns its metadata: its files
+/// (sizes and contents, [`metadata::verify`]), the executable, the architecture, CRIU, and
+/// that the image's pids are free, waiting up to [`ZOMBIE_WAIT`] for zombies that hold them
+/// (`notice` is told once per zombie it waits for).
 ///
 /// # Errors
 ///
-/// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image or a PID in
-/// use; [`FailureKind::Unavailable`] when no CRIU can run.
-pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
+/// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image, a changed
+/// executable or a PID in use; [`FailureKind::Unavailable`] when no CRIU can run.
+pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    metadata::validate(dir, &meta)
-        .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    metadata::verify(dir, &meta).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu()?;
     // The root, and every process with an agent (recorded by crac-action's post-dump), must
     // get its pid back.
@@ -412,6 +595,18 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
         }
     }
     for pid in pids {
+        if crac_action::tree::state_of(pid) == Some('Z') {
+            let parent = crac_action::tree::parent_of(pid).unwrap_or(0);
+            notice(&format!(
+                "waiting for pid {pid} to be reaped (a zombie: the process the checkpoint stopped, not yet waited for by its parent, pid {parent} `{}`), at most {}s",
+                read_cmdline(parent).join(" "),
+                ZOMBIE_WAIT.as_secs()
+            ));
+            let deadline = Instant::now() + ZOMBIE_WAIT;
+            while crac_action::tree::state_of(pid) == Some('Z') && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         if let Some(holder) = ProcessId::of(pid) {
             let cmd = read_cmdline(holder.pid).join(" ");
             return Err(OpError::new(
@@ -426,13 +621,18 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
     Ok((meta, criu))
 }
 
-/// Restores the image in `request.dir` (validated first).
+/// Restores the image in `request.dir` (validated first; `notice` as for [`validate`]).
 ///
 /// # Errors
 ///
-/// As [`validate`], and [`FailureKind::Failed`] when CRIU fails (its lines in the details).
-pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
-    let (meta, criu) = validate(&request.dir)?;
+/// As [`validate`], [`FailureKind::Unavailable`] when not root, and [`FailureKind::Failed`]
+/// when CRIU fails (its lines in the details).
+pub fn restore(
+    request: &RestoreRequest,
+    notice: &mut dyn FnMut(&str),
+) -> Result<RestoreOutcome, OpError> {
+    require_root("restore")?;
+    let (meta, criu) = validate(&request.dir, notice)?;
     let action = action_script()?;
     // The restored root's pid: the image's, unless the tree had a pid namespace of its own,
     // which the restore makes anew (and CRIU says where the root landed).
@@ -487,6 +687,13 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
         .filter(|l| l.starts_with("crac-action:"))
         .map(str::to_owned)
         .collect();
+    // crac-action's post-resume: "crac-action: post-resume: after-restore failed: pid N: ..."
+    // (crac_action::ActionError::AfterRestore).
+    let hook_failures: Vec<String> = hook_lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("crac-action: post-resume: after-restore failed: "))
+        .map(str::to_owned)
+        .collect();
     let restored = log.contains("Restore finished successfully") || request.detach;
     if !output.status.success() && (request.detach || !restored) {
         let mut details = criu_lines(&log, &output.stderr);
@@ -505,6 +712,7 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
         pid,
         restore_ms,
         hook_lines,
+        hook_failures,
         exit_code: if request.detach {
             None
         } else {
@@ -585,6 +793,7 @@ pub fn hints(log: &str) -> Vec<String> {
         ("iptables-restore", "hint: CRIU locks TCP connections with iptables by default and found no iptables-restore: install iptables, or pass -- --network-lock nftables (crac checkpoint --tcp-established does)"),
         ("In-flight connection", "hint: a client connected to a listener the service keeps while it was being dumped, and was not accepted yet: pass --skip-in-flight to criu (crac checkpoint does), which leaves such connections out of the image"),
         ("Can't open file", "hint: a file the image refers to is gone or changed (rebuilt binary?): restore needs the same files"),
+        ("has bad size", "hint: a file the service had open changed size since the checkpoint: most often a log it writes to, opened without O_APPEND (`>` rather than `>>`), that grew; start the service with `>>` and checkpoint it again"),
     ];
     let mut hints: Vec<String> = HINTS
         .iter()

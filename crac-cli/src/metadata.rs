@@ -8,10 +8,29 @@
 //! an older reader would misread gets a new `format`, and [`read`] refuses formats it does not
 //! know instead of guessing.
 //!
-//! `files` lists every CRIU image file with its size when the dump finished. [`validate`]
-//! checks it before a restore or an export, because CRIU's own errors for a truncated or
+//! `files` lists every CRIU image file with its size when the dump finished, and its SHA-256;
+//! `executable_sha256` is the SHA-256 of the dumped process's executable. [`validate`] checks
+//! the sizes before a restore or an export, because CRIU's own errors for a truncated or
 //! missing image file name an internal structure, not the file, and come after it has started
-//! building the process tree.
+//! building the process tree. [`verify`] checks the contents: CRIU itself compares only the
+//! size of the executable, so a same-size rebuilt binary, or a damaged page file, would be
+//! restored without a word.
+//!
+//! # Integrity: where the hashing runs
+//!
+//! The hashes are computed by `crac checkpoint` after CRIU has exited, before the image gets its
+//! name in the store: never while the service is frozen, and the executable is hashed through a
+//! handle opened before the dump, so it is the file the service ran even if it was replaced
+//! meanwhile. At SHA-NI speeds (about 1.5-2 GB/s on one core) that is some 40 ms per 64 MiB of
+//! image, spread over both cores when there are several files (BENCHMARKS.md, item 2).
+//!
+//! # Interrupted checkpoints
+//!
+//! Before CRIU runs, `crac checkpoint` writes what it already knows into the image folder as
+//! [`PENDING_FILE`]. CRIU writes `stats-dump` only once a dump has succeeded (after it stopped
+//! or resumed the tree, `criu/cr-dump.c`, `cr_dump_finish`), so a folder that holds both is a
+//! complete image whose crac was killed before it wrote the metadata: [`complete_pending`]
+//! finishes it, and the store files it under its name ([`crate::store::Store::recover`]).
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -31,6 +50,12 @@ pub const FORMAT: u32 = 1;
 const INVENTORY: &str = "inventory.img";
 /// Prefix of the temporary file [`write`] renames into place; never an image file.
 const TEMP_PREFIX: &str = ".crac-meta.json.tmp-";
+/// What `crac checkpoint` knew before CRIU ran (a [`Metadata`] without files, hashes or
+/// timings), in the image folder until the metadata proper is written; see the module
+/// documentation.
+pub const PENDING_FILE: &str = ".crac-pending.json";
+/// CRIU writes this only when a dump succeeded.
+pub const DUMP_DONE_FILE: &str = "stats-dump";
 
 /// What `crac checkpoint` records about one image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,6 +95,11 @@ pub struct Metadata {
     pub crac_version: String,
     /// Every CRIU image file, sorted by name (see [`list_image_files`]).
     pub files: Vec<FileEntry>,
+    /// The SHA-256 (lowercase hex) of the dumped process's executable, checked by [`verify`].
+    /// Absent in images of older versions and in images recovered after crac was killed (the
+    /// file the service ran can no longer be told from a replacement then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable_sha256: Option<String>,
 }
 
 impl Metadata {
@@ -118,6 +148,9 @@ pub struct Timings {
     pub hooks_ms: f64,
     /// CRIU's dump, hooks included.
     pub dump_ms: f64,
+    /// Hashing the image files and the executable, after the dump (absent in older images).
+    #[serde(default)]
+    pub hash_ms: f64,
     /// The whole `crac checkpoint`.
     pub total_ms: f64,
     /// CRIU's own figures (from its `stats-dump`), when it wrote them.
@@ -132,6 +165,9 @@ pub struct FileEntry {
     pub name: String,
     /// Its size in bytes.
     pub size: u64,
+    /// Its SHA-256 (lowercase hex), checked by [`verify`]; absent in images of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Why [`read`] could not return an image's metadata.
@@ -253,6 +289,19 @@ fn folder_name(dir: &Path) -> String {
 /// Any I/O error; the error names the file and keeps the [`io::ErrorKind`]. The temporary file
 /// is removed.
 pub fn write(dir: &Path, meta: &Metadata) -> io::Result<()> {
+    write_as(dir, METADATA_FILE, meta)
+}
+
+/// Writes what is known before CRIU runs as [`PENDING_FILE`] (see the module documentation).
+///
+/// # Errors
+///
+/// As [`write()`].
+pub fn write_pending(dir: &Path, meta: &Metadata) -> io::Result<()> {
+    write_as(dir, PENDING_FILE, meta)
+}
+
+fn write_as(dir: &Path, file_name: &str, meta: &Metadata) -> io::Result<()> {
     let mut json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
     json.push(b'\n');
     let nanos = SystemTime::now()
@@ -260,7 +309,7 @@ pub fn write(dir: &Path, meta: &Metadata) -> io::Result<()> {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let tmp = dir.join(format!("{TEMP_PREFIX}{}-{nanos}", std::process::id()));
-    let target = dir.join(METADATA_FILE);
+    let target = dir.join(file_name);
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -349,10 +398,181 @@ pub fn list_image_files(dir: &Path) -> io::Result<Vec<FileEntry>> {
         files.push(FileEntry {
             size: entry.metadata()?.len(),
             name,
+            sha256: None,
         });
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)
+}
+
+/// Fills in the SHA-256 of every file in `files`, read from `dir`. The files are shared out
+/// between two threads (the page files hold nearly all the bytes; on a machine with two cores
+/// or more, the rest are hashed beside the largest).
+///
+/// # Errors
+///
+/// The first file that cannot be read, named.
+pub fn hash_files(dir: &Path, files: &mut [FileEntry]) -> io::Result<()> {
+    // Largest first, alternating between the two halves, so both get a fair share of bytes.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    let (mut left, mut right) = (Vec::new(), Vec::new());
+    let (mut left_bytes, mut right_bytes) = (0u64, 0u64);
+    for i in order {
+        if left_bytes <= right_bytes {
+            left_bytes += files[i].size;
+            left.push(i);
+        } else {
+            right_bytes += files[i].size;
+            right.push(i);
+        }
+    }
+    let hash_all = |indices: &[usize], files: &[FileEntry]| -> io::Result<Vec<(usize, String)>> {
+        indices
+            .iter()
+            .map(|&i| {
+                let path = dir.join(&files[i].name);
+                let digest = fs::File::open(&path)
+                    .and_then(sha256_of)
+                    .map_err(|e| with_path(e, "hash", &path))?;
+                Ok((i, digest))
+            })
+            .collect()
+    };
+    let shared: &[FileEntry] = files;
+    let (a, b) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| hash_all(&right, shared));
+        let mine = hash_all(&left, shared);
+        (
+            mine,
+            other.join().expect("the hashing thread does not panic"),
+        )
+    });
+    for (i, digest) in a?.into_iter().chain(b?) {
+        files[i].sha256 = Some(digest);
+    }
+    Ok(())
+}
+
+/// The SHA-256 (lowercase hex) of what `file` holds, read from where its offset is.
+///
+/// # Errors
+///
+/// A read error.
+pub fn sha256_of(mut file: fs::File) -> io::Result<String> {
+    crate::archive::digest(&mut file, &mut io::sink()).map(|(_, digest)| digest)
+}
+
+/// Finishes the image in `dir` whose `crac checkpoint` was killed (or failed to file it) after
+/// CRIU's dump succeeded: turns its [`PENDING_FILE`] into the metadata proper, named `name`,
+/// with the files, their hashes and CRIU's figures; a folder whose metadata was written
+/// already is returned as it is, once it passes [`validate`]. Returns `None` when the folder
+/// is not a complete image (see [`is_complete_dump`]).
+///
+/// Metadata made from the pending file has no `executable_sha256`, and its hooks and crac
+/// timings are unknown (empty, zero); `created_unix_ms` is when CRIU finished.
+///
+/// # Errors
+///
+/// An I/O error reading the folder, hashing or writing the metadata.
+pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> {
+    let Some(done) = dump_done(dir)? else {
+        return Ok(None);
+    };
+    let bytes = match fs::read(dir.join(PENDING_FILE)) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Ok(read(dir).ok().filter(|meta| validate(dir, meta).is_ok()))
+        }
+        Err(err) => return Err(err),
+    };
+    let Ok(mut meta) = serde_json::from_slice::<Metadata>(&bytes) else {
+        return Ok(None);
+    };
+    let mut files = list_image_files(dir)?;
+    hash_files(dir, &mut files)?;
+    meta.name = name.to_owned();
+    meta.image_bytes = files.iter().map(|f| f.size).sum();
+    meta.files = files;
+    meta.executable_sha256 = None;
+    meta.created_unix_ms = done
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    meta.timings.criu = crate::stats::dump(dir);
+    write(dir, &meta)?;
+    let _ = fs::remove_file(dir.join(PENDING_FILE));
+    Ok(Some(meta))
+}
+
+/// Whether `dir` holds a dump CRIU finished, made by `crac checkpoint` (its pending file, or
+/// its metadata, is there): such a folder is the only copy of a service CRIU stopped, and is
+/// never removed as a leftover.
+pub fn is_complete_dump(dir: &Path) -> bool {
+    matches!(dump_done(dir), Ok(Some(_)))
+        && (dir.join(PENDING_FILE).is_file() || dir.join(METADATA_FILE).is_file())
+}
+
+/// CRIU's `stats-dump`, if the dump finished.
+fn dump_done(dir: &Path) -> io::Result<Option<fs::Metadata>> {
+    match fs::metadata(dir.join(DUMP_DONE_FILE)) {
+        Ok(done) => Ok(Some(done)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Checks the image in `dir` as [`validate`] does, then its contents: each listed file against
+/// its SHA-256, and the executable at `meta.executable` against `executable_sha256` (as it is
+/// now: that is the file a restore maps). Hashes an older image lacks are not checked.
+///
+/// # Errors
+///
+/// A [`ValidateError`] listing every problem found, each naming its file.
+pub fn verify(dir: &Path, meta: &Metadata) -> Result<(), ValidateError> {
+    validate(dir, meta)?;
+    let mut files: Vec<FileEntry> = meta
+        .files
+        .iter()
+        .filter(|f| f.sha256.is_some())
+        .cloned()
+        .collect();
+    let mut problems = Vec::new();
+    let mut now = files.clone();
+    for file in &mut now {
+        file.sha256 = None;
+    }
+    if let Err(source) = hash_files(dir, &mut now) {
+        problems.push(Problem::Unreadable {
+            name: dir.display().to_string(),
+            source,
+        });
+        files.clear();
+    }
+    for (recorded, found) in files.iter().zip(&now) {
+        if recorded.sha256 != found.sha256 {
+            problems.push(Problem::Corrupted {
+                name: recorded.name.clone(),
+            });
+        }
+    }
+    if let Some(expected) = &meta.executable_sha256 {
+        let path = PathBuf::from(&meta.executable);
+        match fs::File::open(&path).and_then(sha256_of) {
+            Ok(found) if &found == expected => {}
+            Ok(_) => problems.push(Problem::ExecutableChanged { path }),
+            Err(source) => problems.push(Problem::ExecutableUnreadable { path, source }),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidateError {
+            dir: dir.to_owned(),
+            problems,
+        })
+    }
 }
 
 /// This machine's kernel release (`uname -r`) and CPU architecture, as [`Metadata`] records
@@ -422,6 +642,23 @@ pub enum Problem {
         /// The cause.
         source: io::Error,
     },
+    /// A listed file has its recorded size but not its recorded content (SHA-256).
+    Corrupted {
+        /// The file.
+        name: String,
+    },
+    /// The executable the service ran is not the file at its path any more (SHA-256).
+    ExecutableChanged {
+        /// The executable's path.
+        path: PathBuf,
+    },
+    /// The executable the service ran cannot be read at its path.
+    ExecutableUnreadable {
+        /// The executable's path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -457,6 +694,21 @@ impl fmt::Display for Problem {
                 "cannot inspect image file {name} ({})",
                 crate::store::why(source)
             ),
+            Problem::Corrupted { name } => write!(
+                f,
+                "image file {name} does not hold what was dumped (its SHA-256 differs)"
+            ),
+            Problem::ExecutableChanged { path } => write!(
+                f,
+                "the executable {} is not the one the service ran (its SHA-256 differs)",
+                path.display()
+            ),
+            Problem::ExecutableUnreadable { path, source } => write!(
+                f,
+                "cannot read the executable {} ({})",
+                path.display(),
+                crate::store::why(source)
+            ),
         }
     }
 }
@@ -485,12 +737,23 @@ impl ValidateError {
     pub(crate) fn summary(&self) -> String {
         let list: Vec<String> = self.problems.iter().map(Problem::to_string).collect();
         let mut hints = Vec::new();
+        let executable = |p: &Problem| {
+            matches!(
+                p,
+                Problem::ExecutableChanged { .. } | Problem::ExecutableUnreadable { .. }
+            )
+        };
         if self
             .problems
             .iter()
-            .any(|p| !matches!(p, Problem::ForeignArch { .. }))
+            .any(|p| !matches!(p, Problem::ForeignArch { .. }) && !executable(p))
         {
             hints.push("the image is damaged: make it again with `crac checkpoint`");
+        }
+        if self.problems.iter().any(executable) {
+            hints.push(
+                "a restore maps the executable from its path: put back the binary the service ran, or checkpoint the service again",
+            );
         }
         if self
             .problems

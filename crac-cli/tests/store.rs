@@ -110,11 +110,13 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         timings: Timings {
             hooks_ms: 1.5,
             dump_ms: 120.0,
+            hash_ms: 0.0,
             total_ms: 130.0,
             criu: None,
         },
         crac_version: "0.1.0".to_owned(),
         files,
+        executable_sha256: None,
     };
     metadata::write(dir, &meta).expect("write metadata");
     meta
@@ -122,7 +124,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
 
 /// Adds a fake image to `store` the way `crac checkpoint` does.
 fn add_image(store: &Store, name: &str, pid: u32, created_unix_ms: u64) -> PathBuf {
-    let staging = store.begin(name).expect("begin");
+    let mut staging = store.begin(name).expect("begin");
     make_image(staging.path(), name, pid, created_unix_ms);
     staging.commit(false).expect("commit")
 }
@@ -210,7 +212,7 @@ fn names_are_validated_with_the_reason() {
 fn staging_commit_moves_the_image_into_place() {
     let scratch = Scratch::new("commit");
     let store = scratch.store();
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     assert_eq!(staging.name(), "web");
     let staging_path = staging.path().to_owned();
     let staging_name = staging_path
@@ -245,9 +247,10 @@ fn commit_refuses_an_existing_name_unless_replacing() {
     let store = scratch.store();
     add_image(&store, "web", 1, 1000);
 
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     make_image(staging.path(), "web", 2, 2000);
     let err = staging.commit(false).expect_err("name taken");
+    drop(staging);
     assert!(matches!(err, StoreError::Exists { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
@@ -261,7 +264,7 @@ fn commit_refuses_an_existing_name_unless_replacing() {
     let dir = store.root().join("web");
     assert_eq!(metadata::read(&dir).expect("metadata").pid, 1);
 
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     make_image(staging.path(), "web", 3, 3000);
     assert_eq!(staging.commit(true).expect("replace"), dir);
     assert_eq!(metadata::read(&dir).expect("metadata").pid, 3);
@@ -575,15 +578,18 @@ fn metadata_round_trips_and_lists_only_image_files() {
         vec![
             FileEntry {
                 name: "core-1.img".to_owned(),
-                size: 300
+                size: 300,
+                sha256: None
             },
             FileEntry {
                 name: "inventory.img".to_owned(),
-                size: 64
+                size: 64,
+                sha256: None
             },
             FileEntry {
                 name: "pages-1.img".to_owned(),
-                size: PAGES_LEN as u64
+                size: PAGES_LEN as u64,
+                sha256: None
             },
         ]
     );
@@ -1230,7 +1236,7 @@ fn an_unwritable_store_says_how_to_fix_it() {
 fn an_image_cannot_be_resolved_until_committed() {
     let scratch = Scratch::new("whole");
     let store = scratch.store();
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     let mut f = File::create(staging.path().join("inventory.img")).expect("create");
     f.write_all(b"inventory").expect("write");
     drop(f);

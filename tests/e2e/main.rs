@@ -8,6 +8,7 @@ mod containers;
 mod crac_cli;
 mod faults;
 mod namespaces;
+mod nothing_lost;
 mod oci;
 mod signals;
 mod soak;

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crac_cli::driver::{self, OpError};
 use crac_cli::locate;
+use crac_cli::store::Store;
 
 use crate::output::Out;
 
@@ -25,9 +26,25 @@ struct Check {
     detail: String,
 }
 
-pub fn run(out: Out) -> Result<u8, OpError> {
+pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
     let mut checks = Vec::new();
     let mut fixes = Vec::new();
+
+    match store.check_writable() {
+        Ok(()) => checks.push(Check {
+            name: "store",
+            ok: true,
+            detail: format!("image store {} is writable", store.root().display()),
+        }),
+        Err(err) => {
+            checks.push(Check {
+                name: "store",
+                ok: false,
+                detail: err.to_string(),
+            });
+            fixes.push("give crac a writable image store (--store DIR or CRAC_STORE)".to_owned());
+        }
+    }
 
     let criu = locate::locate();
     match &criu {

@@ -28,9 +28,18 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     if args.for_self {
         return detach_worker();
     }
+    // Before the store is touched: a user who is not root gets the reason, not a store error.
+    driver::require_root("checkpoint")?;
+    if matches!(request.destination, Destination::Store { .. }) {
+        crate::images::recover(store)?;
+    }
     if args.self_worker {
         return self_worker(&request);
     }
+    for warning in stdio_warnings(args.pid) {
+        eprintln!("crac: warning: {warning}");
+    }
+    finish_when_interrupted();
     let outcome = driver::checkpoint(&request)?;
     print(&outcome, Out::new(args.json));
     Ok(0)
@@ -77,6 +86,69 @@ fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, Op
         },
         durable: args.sync,
     })
+}
+
+/// A service whose stdout or stderr is a file opened without `O_APPEND` (`> file` rather than
+/// `>> file`) makes a single-use image: CRIU records the file's size and offset, and refuses
+/// to restore once the file has grown ("has bad size"), which it does as soon as the service,
+/// or its restored copy, writes a line. Said before the dump, with the fix.
+fn stdio_warnings(pid: u32) -> Vec<String> {
+    const O_ACCMODE: u32 = 0o3;
+    let mut warnings = Vec::new();
+    for (fd, name) in [(1, "stdout"), (2, "stderr")] {
+        let link = format!("/proc/{pid}/fd/{fd}");
+        let Ok(target) = std::fs::read_link(&link) else {
+            continue;
+        };
+        if !std::fs::metadata(&link).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let flags = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            });
+        let Some(flags) = flags else { continue };
+        let writes = flags & O_ACCMODE != 0;
+        if writes && flags & libc::O_APPEND as u32 == 0 {
+            warnings.push(format!(
+                "pid {pid}'s {name} is the file {} opened without O_APPEND (`>` rather than `>>`): once that file grows, CRIU refuses to restore this image (\"has bad size\"); start the service with `>> {}` (or open the file with O_APPEND)",
+                target.display(),
+                target.display()
+            ));
+        }
+    }
+    warnings
+}
+
+/// SIGINT and SIGTERM (Ctrl-C, a supervisor stopping crac) do not end a checkpoint half-way:
+/// once the hooks have run or CRIU has started, stopping would leave the service quiesced, or
+/// stopped with its image in a working folder. The checkpoint runs to its end (every wait in it
+/// is bounded), and crac says so at once. CRIU runs in a process group of its own, out of
+/// reach of the terminal's Ctrl-C. The handlers stay for the rest of this process, which ends
+/// with the checkpoint.
+fn finish_when_interrupted() {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) else {
+        // Without handlers a signal ends crac, and the next crac recovers what it leaves.
+        return;
+    };
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            let name = if signal == signal_hook::consts::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            eprintln!(
+                "crac: {name} received: finishing this checkpoint first, so that the service ends up either running (rolled back) or in a complete image; it ends by itself within --timeout and the dump"
+            );
+        }
+    });
 }
 
 /// The process's executable name, made into a valid image name.

@@ -32,6 +32,7 @@ pub fn run(store: &Store, command: ImagesCommand) -> (bool, Result<u8, OpError>)
         ImagesCommand::List(args) => (args.json, list(store, Out::new(args.json))),
         ImagesCommand::Show(args) => (args.json, show(store, &args.name, Out::new(args.json))),
         ImagesCommand::Rm(args) => (false, rm(store, &args.names)),
+        ImagesCommand::Verify(args) => (args.json, verify(store, &args.name, Out::new(args.json))),
         ImagesCommand::Du(args) => (args.json, du(store, Out::new(args.json))),
         ImagesCommand::Prune(args) => (false, prune(store, args.keep, args.older_than.as_deref())),
         ImagesCommand::Export(args) => (false, export(store, &args.name, &args.file)),
@@ -116,7 +117,7 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     let dir = resolve(store, name)?;
     let meta =
         metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    let problems = metadata::validate(&dir, &meta).err().map(|e| e.to_string());
+    let problems = metadata::verify(&dir, &meta).err().map(|e| e.to_string());
     #[derive(Serialize)]
     struct Shown<'a> {
         path: &'a PathBuf,
@@ -176,6 +177,77 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     Ok(0)
 }
 
+fn verify(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
+    let dir = resolve(store, name)?;
+    let meta =
+        metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    metadata::verify(&dir, &meta)
+        .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    let hashed = meta.files.iter().filter(|f| f.sha256.is_some()).count();
+    #[derive(Serialize)]
+    struct Verified {
+        ok: bool,
+        files_checked: usize,
+        files_without_hash: usize,
+        executable_checked: bool,
+    }
+    let verified = Verified {
+        ok: true,
+        files_checked: hashed,
+        files_without_hash: meta.files.len() - hashed,
+        executable_checked: meta.executable_sha256.is_some(),
+    };
+    out.print(&verified, || {
+        let mut text = format!(
+            "image {name}: intact ({hashed} image files hold what was dumped",
+        );
+        if verified.executable_checked {
+            text.push_str(&format!(
+                "; {} is the executable the service ran)\n",
+                meta.executable
+            ));
+        } else {
+            text.push_str(
+                "; the executable was not hashed at the checkpoint, so it is not checked)\n",
+            );
+        }
+        if verified.files_without_hash > 0 {
+            text.push_str(&format!(
+                "  {} files have no recorded hash (an image of an older crac): only their sizes were checked\n",
+                verified.files_without_hash
+            ));
+        }
+        text
+    });
+    Ok(0)
+}
+
+/// Files the complete images of interrupted checkpoints and removes what other interrupted
+/// writes left, saying so on stderr (stdout stays the command's own).
+pub fn recover(store: &Store) -> Result<(), OpError> {
+    let recovery = store.recover().map_err(store_error)?;
+    for image in &recovery.recovered {
+        eprintln!(
+            "crac: filed the complete image of an interrupted checkpoint of pid {} as {} (found in {})",
+            image.pid,
+            image.name,
+            image.from.display()
+        );
+    }
+    for path in &recovery.removed {
+        eprintln!(
+            "crac: removed {}, left by an interrupted dump or import",
+            path.display()
+        );
+    }
+    for err in &recovery.stuck {
+        eprintln!(
+            "crac: warning: a complete image of an interrupted checkpoint stays where it is: {err}"
+        );
+    }
+    Ok(())
+}
+
 fn rm(store: &Store, names: &[String]) -> Result<u8, OpError> {
     // Check every name first, so that a typo removes nothing.
     for name in names {
@@ -209,7 +281,7 @@ fn du(store: &Store, out: Out) -> Result<u8, OpError> {
             }
             if usage.staging > 0 {
                 text.push_str(&format!(
-                    "{:>10}  (working folders of dumps in progress or killed)\n",
+                    "{:>10}  working folders of checkpoints and imports in progress or interrupted: `crac images prune` (and any crac that writes to the store) files the complete images among them in the store and removes the rest\n",
                     bytes(usage.staging)
                 ));
             }
@@ -229,8 +301,32 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
         .map(store::parse_age)
         .transpose()
         .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let recovery = store.recover().map_err(store_error)?;
+    for image in &recovery.recovered {
+        println!(
+            "recovered {} (the complete image of an interrupted checkpoint of pid {}, found in {})",
+            image.name,
+            image.pid,
+            image.from.display()
+        );
+    }
+    for path in &recovery.removed {
+        println!(
+            "removed {} (left by an interrupted dump or import)",
+            path.display()
+        );
+    }
+    for err in &recovery.stuck {
+        eprintln!(
+            "crac: warning: a complete image of an interrupted checkpoint stays where it is: {err}"
+        );
+    }
     let removed = store.prune(keep, older_than).map_err(store_error)?;
-    if removed.is_empty() {
+    if removed.is_empty()
+        && recovery.recovered.is_empty()
+        && recovery.removed.is_empty()
+        && recovery.stuck.is_empty()
+    {
         println!("nothing to prune");
     }
     for name in removed {
@@ -252,6 +348,7 @@ fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpErr
 }
 
 fn import(store: &Store, file: &std::path::Path, name: Option<&str>) -> Result<u8, OpError> {
+    recover(store)?;
     let imported = archive::import(store, file, name).map_err(archive_error)?;
     println!("imported {} as {imported}", file.display());
     Ok(0)

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         None => Store::open_default(),
     };
     let (json, result) = match cli.command {
-        Command::Check(args) => (args.json, check::run(Out::new(args.json))),
+        Command::Check(args) => (args.json, check::run(&store, Out::new(args.json))),
         Command::Checkpoint(args) => (args.json, checkpoint::run(&store, args)),
         Command::Restore(args) => (args.json, restore::run(&store, args)),
         Command::Images(command) => images::run(&store, command),

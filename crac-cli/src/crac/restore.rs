@@ -1,7 +1,7 @@
 //! `crac restore`: validate first (metadata, complete images, architecture, CRIU, free PID),
 //! then restore with crac-action so the after_restore hooks run before this returns.
 
-use crac_cli::driver::{self, OpError, RestoreRequest};
+use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
 use crac_cli::store::Store;
 
 use crate::cli::RestoreArgs;
@@ -9,11 +9,14 @@ use crate::output::{millis, Out};
 
 pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     let dir = crate::images::resolve(store, &args.image)?;
-    let outcome = driver::restore(&RestoreRequest {
-        dir: dir.clone(),
-        detach: args.detach,
-        tcp_close: args.tcp_close,
-    })?;
+    let outcome = driver::restore(
+        &RestoreRequest {
+            dir: dir.clone(),
+            detach: args.detach,
+            tcp_close: args.tcp_close,
+        },
+        &mut |notice| eprintln!("crac: {notice}"),
+    )?;
     Out::new(args.json).print(&outcome, || {
         let mut text = if args.detach {
             format!(
@@ -41,5 +44,15 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         }
         text
     });
+    if !outcome.hook_failures.is_empty() {
+        // Printed after the outcome: the service runs, restored, and what did not come back
+        // up is the operator's to see to.
+        eprintln!(
+            "crac: pid {} was restored and runs, but after_restore failed: {}",
+            outcome.pid,
+            outcome.hook_failures.join("; ")
+        );
+        return Ok(FailureKind::HooksFailed.exit_code());
+    }
     Ok(0)
 }

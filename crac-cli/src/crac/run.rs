@@ -83,11 +83,18 @@ fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
     let dir = store
         .resolve(image)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    let outcome = driver::restore(&RestoreRequest {
-        dir,
-        detach: true,
-        tcp_close: false,
-    })?;
+    let outcome = driver::restore(
+        &RestoreRequest {
+            dir,
+            detach: true,
+            tcp_close: false,
+        },
+        &mut |notice| eprintln!("crac run: {notice}"),
+    )?;
+    // Restored and running: starting cold now would make a second copy. Say what failed.
+    for failure in &outcome.hook_failures {
+        eprintln!("crac run: restored, but after_restore failed: {failure}");
+    }
     Ok(outcome.pid)
 }
 
