@@ -52,10 +52,14 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
             name: "criu",
             ok: true,
             detail: format!(
-                "CRIU {} at {} (from {:?})",
+                "CRIU {} at {} ({})",
                 criu.version,
                 criu.path.display(),
-                criu.source
+                match criu.source {
+                    locate::Source::Env => "named by CRAC_CRIU",
+                    locate::Source::Path => "found on PATH",
+                    locate::Source::Provisioned => "installed by scripts/provision-criu.sh",
+                }
             ),
         }),
         Err(err) => {

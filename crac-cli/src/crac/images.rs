@@ -79,16 +79,18 @@ fn list(store: &Store, out: Out) -> Result<u8, OpError> {
         );
         for l in &listed {
             let (pid, command) = match &l.metadata {
-                Some(m) => (m.pid.to_string(), m.command_line.join(" ")),
+                Some(m) => (m.pid.to_string(), one_line(&m.command_line)),
                 None => (
                     "-".into(),
                     format!("(unreadable: {})", l.error.as_deref().unwrap_or("?")),
                 ),
             };
+            // The image's own size, as `show` and `export` give it; `du` adds logs.
+            let size = l.metadata.as_ref().map_or(l.bytes, |m| m.image_bytes);
             text.push_str(&format!(
                 "{:<24} {:>10} {:>8}  {:<24} {}\n",
                 l.name,
-                bytes(l.bytes),
+                bytes(size),
                 pid,
                 age(l.created_unix_ms),
                 command
@@ -97,6 +99,21 @@ fn list(store: &Store, out: Out) -> Result<u8, OpError> {
         text
     });
     Ok(0)
+}
+
+/// A command line on one line of a table: arguments with newlines, tabs or other control
+/// characters are shown escaped (`\n`), so one image is one row.
+fn one_line(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.chars().any(char::is_control) {
+                a.escape_debug().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn age(created_unix_ms: u64) -> String {
@@ -140,7 +157,7 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
         text.push_str(&format!(
             "  process:   pid {} `{}`\n",
             meta.pid,
-            meta.command_line.join(" ")
+            one_line(&meta.command_line)
         ));
         text.push_str(&format!("  created:   {}\n", age(meta.created_unix_ms)));
         text.push_str(&format!(
@@ -337,11 +354,14 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
 
 fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpError> {
     let summary = archive::export(store, name, file).map_err(archive_error)?;
+    // The image's size as `list` and `show` give it (its CRIU files), then the archive's.
+    let image =
+        metadata::read(&resolve(store, name)?).map_or(summary.bytes_in, |meta| meta.image_bytes);
     println!(
-        "exported {name} to {}: {} files, {} -> {}",
+        "exported {name} ({}) to {}: {} files, archive {}",
+        bytes(image),
         file.display(),
         summary.files,
-        bytes(summary.bytes_in),
         bytes(summary.bytes_out)
     );
     Ok(0)
@@ -360,4 +380,19 @@ fn archive_error(err: archive::ArchiveError) -> OpError {
         _ => FailureKind::BadInput,
     };
     OpError::new(kind, err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_command_line_with_newlines_stays_on_one_row() {
+        let args = [
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "echo a\n\techo b".to_owned(),
+        ];
+        assert_eq!(one_line(&args), "sh -c echo a\\n\\techo b");
+    }
 }
