@@ -90,6 +90,29 @@ impl OpError {
     }
 }
 
+/// What a checkpoint or a restore is doing, for a progress display (see [`Progress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// The before_checkpoint hooks run (CRIU's pre-dump).
+    Hooks,
+    /// CRIU freezes the tree and writes the image.
+    Dump,
+    /// crac hashes the image files and the executable.
+    Hash,
+    /// crac writes the metadata and files the image in the store.
+    Commit,
+    /// A restore checks the image's files and the executable.
+    Verify,
+    /// CRIU restores the tree, and the after_restore hooks run.
+    Restore,
+}
+
+/// Told what an operation is doing: the phase, and the bytes of image written so far (during
+/// [`Phase::Dump`]; 0 otherwise). Called from a thread of the driver's too, about ten times a
+/// second while CRIU dumps; with no `Progress` given, nothing polls.
+pub type Progress<'a> = &'a (dyn Fn(Phase, u64) + Sync);
+
 /// Finds CRIU, as an [`OpError`].
 ///
 /// # Errors
@@ -171,10 +194,15 @@ pub struct CheckpointOutcome {
 /// Refused up front: pid 1, this process and its ancestors (CRIU cannot dump a tree it is
 /// part of, and would stop the caller), and a caller that is not root.
 ///
+/// `progress`, if given, is told each phase, and the bytes written while CRIU dumps.
+///
 /// # Errors
 ///
 /// See [`OpError`]; CRIU's error lines and crac-action's lines are in the details.
-pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpError> {
+pub fn checkpoint(
+    request: &CheckpointRequest,
+    progress: Option<Progress<'_>>,
+) -> Result<CheckpointOutcome, OpError> {
     let started = Instant::now();
     let pid = request.pid;
     let process = ProcessId::of(pid).ok_or_else(|| {
@@ -308,7 +336,33 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
     }
     cmd.args(&request.options.extra_criu_args);
     let dump_started = Instant::now();
-    let output = cmd.output().map_err(|e| {
+    let output = std::thread::scope(|scope| {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        if let Some(progress) = progress {
+            let (images, report_path) = (&images, &report_path);
+            scope.spawn(move || loop {
+                let written = image_bytes_so_far(images);
+                // crac-action writes its report when the hooks are done; without agents, the
+                // first image file says CRIU is dumping.
+                let phase = if written > 0 || report_path.exists() {
+                    Phase::Dump
+                } else {
+                    Phase::Hooks
+                };
+                progress(phase, written);
+                if !matches!(
+                    stopped.recv_timeout(Duration::from_millis(100)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                ) {
+                    break;
+                }
+            });
+        }
+        let output = cmd.output();
+        drop(stop);
+        output
+    });
+    let output = output.map_err(|e| {
         fail(OpError::new(
             FailureKind::Unavailable,
             format!("cannot run {}: {e}", criu.path.display()),
@@ -368,6 +422,9 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         let path = staging.map_or_else(|| images.clone(), Staging::keep);
         image_kept(request, &criu, &action, &path, &what, written)
     };
+    if let Some(progress) = progress {
+        progress(Phase::Hash, 0);
+    }
     let hash_started = Instant::now();
     let files = metadata::list_image_files(&images).and_then(|mut files| {
         metadata::hash_files(&images, &mut files)?;
@@ -391,6 +448,9 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
     metadata.image_bytes = files.iter().map(|f| f.size).sum();
     metadata.files = files;
     metadata.timings.total_ms = ms(started.elapsed());
+    if let Some(progress) = progress {
+        progress(Phase::Commit, 0);
+    }
     if let Err(e) = metadata::write(&images, &metadata) {
         return Err(kept(
             format!(
@@ -420,6 +480,20 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         metadata,
         left_running: request.options.leave_running,
     })
+}
+
+/// The bytes of CRIU image files (`*.img`) in `dir` so far.
+fn image_bytes_so_far(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".img"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// What crac refuses to checkpoint before touching anything, with the reason.
@@ -621,7 +695,8 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
     Ok((meta, criu))
 }
 
-/// Restores the image in `request.dir` (validated first; `notice` as for [`validate`]).
+/// Restores the image in `request.dir` (validated first; `notice` as for [`validate`];
+/// `progress`, if given, is told [`Phase::Verify`] then [`Phase::Restore`]).
 ///
 /// # Errors
 ///
@@ -630,9 +705,16 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
 pub fn restore(
     request: &RestoreRequest,
     notice: &mut dyn FnMut(&str),
+    progress: Option<Progress<'_>>,
 ) -> Result<RestoreOutcome, OpError> {
     require_root("restore")?;
+    if let Some(progress) = progress {
+        progress(Phase::Verify, 0);
+    }
     let (meta, criu) = validate(&request.dir, notice)?;
+    if let Some(progress) = progress {
+        progress(Phase::Restore, 0);
+    }
     let action = action_script()?;
     // The restored root's pid: the image's, unless the tree had a pid namespace of its own,
     // which the restore makes anew (and CRIU says where the root landed).

@@ -493,3 +493,52 @@ fn run_returns_the_services_exit_status() {
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(stderr(&out).contains("crac run: pid "), "{}", text(&out));
 }
+
+/// On a terminal (`script` gives crac one), a checkpoint shows its phase while the hooks run,
+/// and the line is gone at the end; off a terminal nothing but the outcome is written.
+#[test]
+fn a_checkpoint_shows_its_progress_on_a_terminal_only() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("cli-progress");
+    let crac = Crac::new(&scratch);
+    let slow = [
+        ("CRAC_TEST_HANG", "second:1500"),
+        ("CRAC_TEST_HOOK_LIMIT_MS", "10000"),
+    ];
+    let target = Target::start(&scratch.join("t"), &slow);
+    let command = format!(
+        "{} --store {} checkpoint {} --name web --leave-running",
+        bin("crac").display(),
+        crac.store.display(),
+        target.pid
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    assert!(out.status.success(), "{}", text(&out));
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("running before_checkpoint hooks"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains(&format!("checkpointed pid {} (", target.pid)),
+        "{screen}"
+    );
+
+    let other = Target::start(&scratch.join("u"), &slow);
+    let out = crac.run(&[
+        "checkpoint",
+        &other.pid.to_string(),
+        "--name",
+        "web-2",
+        "--leave-running",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .starts_with(&format!("checkpointed pid {} (", other.pid)));
+}

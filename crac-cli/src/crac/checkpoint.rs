@@ -22,6 +22,7 @@ use crac_cli::store::Store;
 
 use crate::cli::CheckpointArgs;
 use crate::output::{bytes, millis, Out};
+use crate::progress;
 
 pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     let request = request(store, &args)?;
@@ -40,7 +41,11 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
         eprintln!("crac: warning: {warning}");
     }
     finish_when_interrupted();
-    let outcome = driver::checkpoint(&request)?;
+    let bar = progress::Bar::new(args.json, Some(progress::resident(args.pid)));
+    let update = |phase, written| bar.update(phase, written);
+    let outcome = driver::checkpoint(&request, bar.shown().then_some(&update as _));
+    drop(bar);
+    let outcome = outcome?;
     print(&outcome, Out::new(args.json));
     Ok(0)
 }
@@ -308,7 +313,7 @@ fn self_worker(request: &CheckpointRequest) -> Result<u8, OpError> {
             "the checkpoint worker could not leave the process's tree",
         ))
     } else {
-        driver::checkpoint(request)
+        driver::checkpoint(request, None)
     };
     let report = match &result {
         Ok(outcome) => SelfReport {

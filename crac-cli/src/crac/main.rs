@@ -7,6 +7,7 @@ mod checkpoint;
 mod cli;
 mod images;
 mod output;
+mod progress;
 mod ps;
 mod restore;
 mod run;

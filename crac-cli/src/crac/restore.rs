@@ -6,17 +6,24 @@ use crac_cli::store::Store;
 
 use crate::cli::RestoreArgs;
 use crate::output::{millis, Out};
+use crate::progress;
 
 pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     let dir = crate::images::resolve(store, &args.image)?;
+    // Without --detach CRIU stays until the restored service exits: no progress line then.
+    let bar = progress::Bar::new(args.json || !args.detach, None);
+    let update = |phase, written| bar.update(phase, written);
     let outcome = driver::restore(
         &RestoreRequest {
             dir: dir.clone(),
             detach: args.detach,
             tcp_close: args.tcp_close,
         },
-        &mut |notice| eprintln!("crac: {notice}"),
-    )?;
+        &mut |notice| bar.note(&format!("crac: {notice}")),
+        bar.shown().then_some(&update as _),
+    );
+    drop(bar);
+    let outcome = outcome?;
     Out::new(args.json).print(&outcome, || {
         let mut text = if args.detach {
             format!(

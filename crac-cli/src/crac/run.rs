@@ -90,6 +90,7 @@ fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
             tcp_close: false,
         },
         &mut |notice| eprintln!("crac run: {notice}"),
+        None,
     )?;
     // Restored and running: starting cold now would make a second copy. Say what failed.
     for failure in &outcome.hook_failures {
