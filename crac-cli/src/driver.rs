@@ -211,7 +211,7 @@ pub fn checkpoint(
             format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
         )
     })?;
-    refuse_up_front(pid)?;
+    refuse_up_front(pid, &request.options)?;
     let command_line = read_cmdline(pid);
     let ns_pid = crac_action::namespace::ns_pid(pid);
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
@@ -378,10 +378,19 @@ pub fn checkpoint(
     if !output.status.success() {
         let mut details = criu_lines(&log, &output.stderr);
         details.extend(hints(&log));
-        let state = if process.is_alive() {
-            format!("pid {pid} is still running; hooks that ran were rolled back")
-        } else {
+        let state = if !process.is_alive() {
             format!("pid {pid} is no longer running")
+        } else if log.contains("killed by signal") && log.contains("Pre dump script failed") {
+            // Nobody rolled back an agent that had answered: its lease does (crac-agent).
+            format!(
+                "pid {pid} is still running; an agent that crac-action had told ends that checkpoint by itself when its lease runs out (--timeout + 10 s at the most)"
+            )
+        } else if log.contains("did not reply within") {
+            format!(
+                "pid {pid} is still running; an agent that did not answer in time rolls back when its hooks are done"
+            )
+        } else {
+            format!("pid {pid} is still running; hooks that ran were rolled back")
         };
         return Err(fail(
             OpError::new(
@@ -497,7 +506,7 @@ fn image_bytes_so_far(dir: &Path) -> u64 {
 }
 
 /// What crac refuses to checkpoint before touching anything, with the reason.
-fn refuse_up_front(pid: u32) -> Result<(), OpError> {
+fn refuse_up_front(pid: u32, options: &DumpOptions) -> Result<(), OpError> {
     if pid == 1 {
         return Err(OpError::new(
             FailureKind::BadInput,
@@ -522,7 +531,46 @@ fn refuse_up_front(pid: u32) -> Result<(), OpError> {
         }
         ancestor = crac_action::tree::parent_of(p).filter(|&parent| parent > 0 && parent != p);
     }
-    require_root("checkpoint")
+    require_root("checkpoint")?;
+    // What CRIU refuses without --shell-job, after the hooks would have run for nothing.
+    let shell_job = options
+        .extra_criu_args
+        .iter()
+        .any(|a| a == "--shell-job" || a == "-j");
+    if shell_job {
+        return Ok(());
+    }
+    if let Some(session) = session_of(pid).filter(|&session| session != pid) {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "pid {pid} is not a session leader (its session is {session}): CRIU dumps a tree whose root leads its own session; start the service with setsid, or pass -- --shell-job"
+            ),
+        ));
+    }
+    for (fd, name) in [(0, "stdin"), (1, "stdout"), (2, "stderr")] {
+        let Ok(target) = fs::read_link(format!("/proc/{pid}/fd/{fd}")) else {
+            continue;
+        };
+        let path = target.to_string_lossy();
+        if path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console" {
+            return Err(OpError::new(
+                FailureKind::BadInput,
+                format!(
+                    "pid {pid} has the terminal {path} as its {name}: CRIU cannot dump a terminal outside the tree; start the service with its stdio redirected (setsid ./service </dev/null >>service.log 2>&1), or pass -- --shell-job"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The session id of `pid`, as this process's pid namespace sees it (`/proc/PID/stat`).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold spaces and parentheses: state, ppid, pgrp, session.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// CRIU needs root (it ptraces the tree, reads its memory and recreates its resources): say so

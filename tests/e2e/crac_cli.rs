@@ -368,6 +368,24 @@ fn status_and_ps_explain_what_is_missing() {
     let doc: Value = serde_json::from_slice(&out.stdout).expect("a JSON error document");
     assert_eq!(doc["ok"], false);
     assert_eq!(doc["error"]["kind"], "bad-input");
+    // --store is global, and these two read no store: refused rather than ignored.
+    for command in ["ps", "status"] {
+        let mut args = vec!["--store", "/tmp", command];
+        let pid = target.pid.to_string();
+        if command == "status" {
+            args.push(&pid);
+        }
+        let out = Command::new(bin("crac"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("crac runs");
+        fails_with(
+            &out,
+            2,
+            "crac: --store: `crac ps` and `crac status` read no image store (they ask running processes); drop --store",
+        );
+    }
 }
 
 /// `crac run` with self-checkpoint: the first run starts cold, the service warms up and

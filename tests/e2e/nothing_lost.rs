@@ -360,6 +360,25 @@ fn what_cannot_work_is_refused_up_front_with_the_reason() {
     );
     assert!(crac.listing().is_empty(), "{:?}", crac.listing());
 
+    // Not a session leader (it shares this test's session): CRIU would refuse after the hooks.
+    let mut sleeper = Command::new("sleep")
+        .arg("60")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("sleep starts");
+    let sleeper_pid = sleeper.id().to_string();
+    let out = crac.run(&["checkpoint", &sleeper_pid, "--name", "sleep"]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "crac: pid {sleeper_pid} is not a session leader (its session is "
+        )) && stderr(&out).contains("start the service with setsid, or pass -- --shell-job"),
+        "{}",
+        text(&out)
+    );
+
     let target = Target::start(&scratch.join("t"), &[]);
     let pid = target.pid.to_string();
     let out = crac

@@ -520,12 +520,14 @@ impl Crac {
         }
     }
 
+    /// `crac ARGS`, with `--store` for the commands that use a store (`ps` and `status`
+    /// refuse it).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("crac"));
-        cmd.arg("--store")
-            .arg(&self.store)
-            .args(args)
-            .stdin(Stdio::null());
+        if !matches!(args.first(), Some(&"ps" | &"status")) {
+            cmd.arg("--store").arg(&self.store);
+        }
+        cmd.args(args).stdin(Stdio::null());
         cmd
     }
 

@@ -15,6 +15,7 @@ mod run;
 use std::process::ExitCode;
 
 use clap::Parser;
+use crac_cli::driver::{FailureKind, OpError};
 use crac_cli::store::Store;
 
 use crate::cli::{Cli, Command};
@@ -22,6 +23,16 @@ use crate::output::Out;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let (Some(_), Command::Ps(_) | Command::Status(_)) = (&cli.store, &cli.command) {
+        // Accepted by every command (it is global), but these two read no store: say so
+        // rather than ignore it.
+        let err = OpError::new(
+            FailureKind::BadInput,
+            "--store: `crac ps` and `crac status` read no image store (they ask running processes); drop --store",
+        );
+        output::print_error(&err, false);
+        return ExitCode::from(err.kind.exit_code());
+    }
     let store = match cli.store {
         Some(root) => Store::open(root),
         None => Store::open_default(),
