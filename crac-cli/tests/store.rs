@@ -1247,3 +1247,62 @@ fn an_image_cannot_be_resolved_until_committed() {
         b"inventory"
     );
 }
+
+/// A dump CRIU finished (its `stats-dump` is there) whose crac was killed: what crac wrote
+/// before CRIU ran is the pending file, and there is no metadata yet.
+fn make_killed_dump(dir: &Path, name: &str, pid: u32, finished: bool) {
+    let meta = make_image(dir, name, pid, 1000);
+    fs::rename(dir.join(METADATA_FILE), dir.join(metadata::PENDING_FILE)).expect("pending file");
+    if finished {
+        fs::write(dir.join(metadata::DUMP_DONE_FILE), b"stats").expect("stats-dump");
+    }
+    assert_eq!(meta.pid, pid);
+}
+
+#[test]
+fn recover_files_complete_dumps_and_removes_the_rest() {
+    let scratch = Scratch::new("recover");
+    let store = scratch.store();
+    add_image(&store, "api", 1, 1000);
+    let dead = 99_999_999;
+    let root = store.root().to_owned();
+    make_killed_dump(&root.join(format!(".staging-web-{dead}-1")), "web", 2, true);
+    make_killed_dump(&root.join(format!(".staging-api-{dead}-2")), "api", 3, true);
+    make_killed_dump(
+        &root.join(format!(".staging-half-{dead}-3")),
+        "half",
+        4,
+        false,
+    );
+
+    let recovery = store.recover().expect("recover");
+    assert!(recovery.stuck.is_empty(), "{:?}", recovery.stuck);
+    let mut names: Vec<(String, u32)> = recovery
+        .recovered
+        .iter()
+        .map(|r| (r.name.clone(), r.pid))
+        .collect();
+    names.sort();
+    // The image that had the name keeps it: a recovered image never replaces one.
+    let api = store.resolve("api").expect("api");
+    assert_eq!(metadata::read(&api).expect("api's metadata").pid, 1);
+    assert_eq!(names.len(), 2);
+    assert_eq!(names[1], ("web".to_owned(), 2));
+    assert!(
+        names[0].0.starts_with("api-recovered-") && names[0].1 == 3,
+        "{names:?}"
+    );
+    assert_eq!(
+        recovery.removed,
+        [root.join(format!(".staging-half-{dead}-3"))]
+    );
+    for (name, pid) in &names {
+        let dir = store.resolve(name).expect("filed");
+        let meta = metadata::read(&dir).expect("metadata");
+        assert_eq!((&meta.name, meta.pid), (name, *pid));
+        assert!(meta.files.iter().all(|f| f.sha256.is_some()), "{meta:?}");
+        metadata::verify(&dir, &meta).expect("a recovered image verifies");
+        assert!(!dir.join(metadata::PENDING_FILE).exists());
+    }
+    assert_eq!(store.list().expect("list").len(), 3);
+}
