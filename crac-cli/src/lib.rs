@@ -9,10 +9,12 @@
 //! action script recorded in an image.
 //!
 //! The modules: [`driver`] runs `criu dump` and `criu restore` and turns their outcome into a
-//! report or an error that says what happened to the service; [`locate`] finds a working CRIU
-//! (>= 4.2); [`store`] keeps the operator's images by name; [`metadata`] reads, writes and
-//! checks the `crac-meta.json` beside each image; [`archive`] exports an image to one file and
-//! imports it on another machine; [`stats`] reads CRIU's own figures from an image.
+//! report or an error that says what happened to the service (an image CRIU made is never
+//! discarded); [`locate`] finds a working CRIU (>= 4.2); [`store`] keeps the operator's images
+//! by name and files the images of interrupted checkpoints; [`metadata`] reads, writes and
+//! checks the `crac-meta.json` beside each image, with the SHA-256 of every image file and of
+//! the executable; [`archive`] exports an image to one file and imports it on another
+//! machine; [`stats`] reads CRIU's own figures from an image.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
