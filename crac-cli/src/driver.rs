@@ -194,13 +194,16 @@ pub struct CheckpointOutcome {
 /// Refused up front: pid 1, this process and its ancestors (CRIU cannot dump a tree it is
 /// part of, and would stop the caller), and a caller that is not root.
 ///
-/// `progress`, if given, is told each phase, and the bytes written while CRIU dumps.
+/// `warn` is told, before the dump, what will make the image hard to use (stdout or stderr on a
+/// file opened without `O_APPEND`); `progress`, if given, is told each phase, and the bytes
+/// written while CRIU dumps.
 ///
 /// # Errors
 ///
 /// See [`OpError`]; CRIU's error lines and crac-action's lines are in the details.
 pub fn checkpoint(
     request: &CheckpointRequest,
+    warn: &mut dyn FnMut(&str),
     progress: Option<Progress<'_>>,
 ) -> Result<CheckpointOutcome, OpError> {
     let started = Instant::now();
@@ -212,6 +215,9 @@ pub fn checkpoint(
         )
     })?;
     refuse_up_front(pid, &request.options)?;
+    for warning in stdio_warnings(pid) {
+        warn(&warning);
+    }
     let command_line = read_cmdline(pid);
     let ns_pid = crac_action::namespace::ns_pid(pid);
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
@@ -563,6 +569,41 @@ fn refuse_up_front(pid: u32, options: &DumpOptions) -> Result<(), OpError> {
         }
     }
     Ok(())
+}
+
+/// A service whose stdout or stderr is a file opened without `O_APPEND` (`> file` rather than
+/// `>> file`) makes a single-use image: CRIU records the file's size and offset, and refuses
+/// to restore once the file has grown ("has bad size"), which it does as soon as the service,
+/// or its restored copy, writes a line. Said before the dump, with the fix.
+fn stdio_warnings(pid: u32) -> Vec<String> {
+    const O_ACCMODE: u32 = 0o3;
+    let mut warnings = Vec::new();
+    for (fd, name) in [(1, "stdout"), (2, "stderr")] {
+        let link = format!("/proc/{pid}/fd/{fd}");
+        let Ok(target) = fs::read_link(&link) else {
+            continue;
+        };
+        if !fs::metadata(&link).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let flags = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            });
+        let Some(flags) = flags else { continue };
+        let writes = flags & O_ACCMODE != 0;
+        if writes && flags & libc::O_APPEND as u32 == 0 {
+            warnings.push(format!(
+                "pid {pid}'s {name} is the file {} opened without O_APPEND (`>` rather than `>>`): once that file grows, CRIU refuses to restore this image (\"has bad size\"); start the service with `>> {}` (or open the file with O_APPEND)",
+                target.display(),
+                target.display()
+            ));
+        }
+    }
+    warnings
 }
 
 /// The session id of `pid`, as this process's pid namespace sees it (`/proc/PID/stat`).

@@ -506,12 +506,14 @@ pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> 
     Ok(Some(meta))
 }
 
-/// Whether `dir` holds a dump CRIU finished, made by `crac checkpoint` (its pending file, or
-/// its metadata, is there): such a folder is the only copy of a service CRIU stopped, and is
-/// never removed as a leftover.
+/// Whether `dir` holds a dump CRIU finished, made by `crac checkpoint`: its pending file, or
+/// metadata that the files match ([`validate`]; an interrupted import also has metadata and a
+/// `stats-dump`, but misses files). Such a folder is the only copy of a service CRIU stopped,
+/// and is never removed as a leftover.
 pub fn is_complete_dump(dir: &Path) -> bool {
     matches!(dump_done(dir), Ok(Some(_)))
-        && (dir.join(PENDING_FILE).is_file() || dir.join(METADATA_FILE).is_file())
+        && (dir.join(PENDING_FILE).is_file()
+            || read(dir).is_ok_and(|meta| validate(dir, &meta).is_ok()))
 }
 
 /// CRIU's `stats-dump`, if the dump finished.

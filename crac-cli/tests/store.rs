@@ -1274,6 +1274,11 @@ fn recover_files_complete_dumps_and_removes_the_rest() {
         4,
         false,
     );
+    // An import killed half-way: metadata and CRIU's stats-dump came first, a page file not.
+    let import = root.join(format!(".staging-imp-{dead}-4"));
+    make_image(&import, "imp", 5, 1000);
+    fs::write(import.join(metadata::DUMP_DONE_FILE), b"stats").expect("stats-dump");
+    fs::remove_file(import.join("pages-1.img")).expect("a file missing");
 
     let recovery = store.recover().expect("recover");
     assert!(recovery.stuck.is_empty(), "{:?}", recovery.stuck);
@@ -1292,9 +1297,14 @@ fn recover_files_complete_dumps_and_removes_the_rest() {
         names[0].0.starts_with("api-recovered-") && names[0].1 == 3,
         "{names:?}"
     );
+    let mut removed = recovery.removed.clone();
+    removed.sort();
     assert_eq!(
-        recovery.removed,
-        [root.join(format!(".staging-half-{dead}-3"))]
+        removed,
+        [
+            root.join(format!(".staging-half-{dead}-3")),
+            root.join(format!(".staging-imp-{dead}-4")),
+        ]
     );
     for (name, pid) in &names {
         let dir = store.resolve(name).expect("filed");

@@ -37,13 +37,14 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     if args.self_worker {
         return self_worker(&request);
     }
-    for warning in stdio_warnings(args.pid) {
-        eprintln!("crac: warning: {warning}");
-    }
     finish_when_interrupted();
     let bar = progress::Bar::new(args.json, Some(progress::resident(args.pid)));
     let update = |phase, written| bar.update(phase, written);
-    let outcome = driver::checkpoint(&request, bar.shown().then_some(&update as _));
+    let outcome = driver::checkpoint(
+        &request,
+        &mut |warning| bar.note(&format!("crac: warning: {warning}")),
+        bar.shown().then_some(&update as _),
+    );
     drop(bar);
     let outcome = outcome?;
     print(&outcome, Out::new(args.json));
@@ -91,41 +92,6 @@ fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, Op
         },
         durable: args.sync,
     })
-}
-
-/// A service whose stdout or stderr is a file opened without `O_APPEND` (`> file` rather than
-/// `>> file`) makes a single-use image: CRIU records the file's size and offset, and refuses
-/// to restore once the file has grown ("has bad size"), which it does as soon as the service,
-/// or its restored copy, writes a line. Said before the dump, with the fix.
-fn stdio_warnings(pid: u32) -> Vec<String> {
-    const O_ACCMODE: u32 = 0o3;
-    let mut warnings = Vec::new();
-    for (fd, name) in [(1, "stdout"), (2, "stderr")] {
-        let link = format!("/proc/{pid}/fd/{fd}");
-        let Ok(target) = std::fs::read_link(&link) else {
-            continue;
-        };
-        if !std::fs::metadata(&link).is_ok_and(|m| m.is_file()) {
-            continue;
-        }
-        let flags = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("flags:"))
-                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-            });
-        let Some(flags) = flags else { continue };
-        let writes = flags & O_ACCMODE != 0;
-        if writes && flags & libc::O_APPEND as u32 == 0 {
-            warnings.push(format!(
-                "pid {pid}'s {name} is the file {} opened without O_APPEND (`>` rather than `>>`): once that file grows, CRIU refuses to restore this image (\"has bad size\"); start the service with `>> {}` (or open the file with O_APPEND)",
-                target.display(),
-                target.display()
-            ));
-        }
-    }
-    warnings
 }
 
 /// SIGINT and SIGTERM (Ctrl-C, a supervisor stopping crac) do not end a checkpoint half-way:
@@ -313,7 +279,12 @@ fn self_worker(request: &CheckpointRequest) -> Result<u8, OpError> {
             "the checkpoint worker could not leave the process's tree",
         ))
     } else {
-        driver::checkpoint(request, None)
+        // The process's own stderr, which it may read: warnings go there too.
+        driver::checkpoint(
+            request,
+            &mut |warning| eprintln!("crac: warning: {warning}"),
+            None,
+        )
     };
     let report = match &result {
         Ok(outcome) => SelfReport {
