@@ -458,7 +458,13 @@ pub fn checkpoint(
             ))
         }
     };
-    metadata.executable_sha256 = executable_file.and_then(|f| metadata::sha256_of(f).ok());
+    // The identity of the file the service ran, noted below as intact if the path still
+    // leads to it, so that a restore on this machine need not hash it again.
+    let mut executable_identity = None;
+    metadata.executable_sha256 = executable_file.and_then(|f| {
+        executable_identity = f.metadata().ok().map(|m| metadata::Identity::of(&m));
+        metadata::sha256_of(f).ok()
+    });
     metadata.timings.hash_ms = ms(hash_started.elapsed());
     metadata.image_bytes = files.iter().map(|f| f.size).sum();
     metadata.files = files;
@@ -477,6 +483,13 @@ pub fn checkpoint(
         ));
     }
     let _ = fs::remove_file(images.join(metadata::PENDING_FILE));
+    metadata::note_intact(
+        &images,
+        &metadata,
+        executable_identity
+            .as_ref()
+            .filter(|identity| identity.is_at(Path::new(&metadata.executable))),
+    );
     let path = match (staging, &request.destination) {
         (Some(mut staging), Destination::Store { replace, .. }) => match staging.commit(*replace) {
             Ok(path) => path,
@@ -724,7 +737,8 @@ pub struct RestoreOutcome {
 pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 
 /// Checks that the image in `dir` can be restored here, and returns its metadata: its files
-/// (sizes and contents, [`metadata::verify`]), the executable, the architecture, CRIU, and
+/// (sizes, and contents changed since last found intact: [`metadata::verify`] with
+/// [`metadata::Check::Changed`]), the executable, the architecture, CRIU, and
 /// that the image's pids are free, waiting up to [`ZOMBIE_WAIT`] for zombies that hold them
 /// (`notice` is told once per zombie it waits for).
 ///
@@ -735,7 +749,8 @@ pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    metadata::verify(dir, &meta).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    metadata::verify(dir, &meta, metadata::Check::Changed)
+        .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu()?;
     // The root, and every process with an agent (recorded by crac-action's post-dump), must
     // get its pid back.

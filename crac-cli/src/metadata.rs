@@ -32,6 +32,7 @@
 //! complete image whose crac was killed before it wrote the metadata: [`complete_pending`]
 //! finishes it, and the store files it under its name ([`crate::store::Store::recover`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -503,6 +504,7 @@ pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> 
     meta.timings.criu = crate::stats::dump(dir);
     write(dir, &meta)?;
     let _ = fs::remove_file(dir.join(PENDING_FILE));
+    note_intact(dir, &meta, None);
     Ok(Some(meta))
 }
 
@@ -525,49 +527,173 @@ fn dump_done(dir: &Path) -> io::Result<Option<fs::Metadata>> {
     }
 }
 
+/// How much of an image's contents [`verify`] hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Every file, and the executable (`crac images verify`).
+    Full,
+    /// Only what changed since it was last found intact on this machine (a restore): a file
+    /// whose device, inode, size, modification and change times are those [`VERIFIED_FILE`]
+    /// noted when it matched the same hash is not read again. Any write to the file, a copy or
+    /// a replacement changes one of them (and the change time cannot be set back); what this
+    /// does not catch is damage below the file system, which [`Check::Full`] does.
+    Changed,
+}
+
+/// Where [`verify`] (and `crac checkpoint`, right after hashing) notes what it found intact:
+/// each file's identity on this machine with the hash it matched. Hidden, so not part of the
+/// image nor of an export.
+pub const VERIFIED_FILE: &str = ".crac-verified.json";
+
+/// What identifies a file's contents on this machine without reading it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Identity {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether `path` is this very file (same device and inode), whatever its times.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+}
+
+/// A file found intact: its identity then, and the hash it matched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Intact {
+    identity: Identity,
+    sha256: String,
+}
+
+/// The contents of [`VERIFIED_FILE`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Verified {
+    files: BTreeMap<String, Intact>,
+    executable: Option<Intact>,
+}
+
+fn intact(path: &Path, sha256: &str) -> Option<Intact> {
+    fs::metadata(path).ok().map(|m| Intact {
+        identity: Identity::of(&m),
+        sha256: sha256.to_owned(),
+    })
+}
+
+/// Notes that the image in `dir` was found intact, as it is now (its files, and the executable
+/// when `executable` is its identity at the path), so that [`Check::Changed`] need not read
+/// it again. Best effort: an image in a read-only store is simply hashed again next time.
+pub fn note_intact(dir: &Path, meta: &Metadata, executable: Option<&Identity>) {
+    let mut verified = Verified::default();
+    for file in &meta.files {
+        if let Some(sha256) = &file.sha256 {
+            if let Some(found) = intact(&dir.join(&file.name), sha256) {
+                verified.files.insert(file.name.clone(), found);
+            }
+        }
+    }
+    verified.executable = meta.executable_sha256.as_ref().and_then(|sha256| {
+        let identity = executable?.clone();
+        Some(Intact {
+            identity,
+            sha256: sha256.clone(),
+        })
+    });
+    if let Ok(json) = serde_json::to_vec(&verified) {
+        let tmp = dir.join(format!("{VERIFIED_FILE}.{}", std::process::id()));
+        if fs::write(&tmp, json).is_ok() && fs::rename(&tmp, dir.join(VERIFIED_FILE)).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+}
+
 /// Checks the image in `dir` as [`validate`] does, then its contents: each listed file against
 /// its SHA-256, and the executable at `meta.executable` against `executable_sha256` (as it is
-/// now: that is the file a restore maps). Hashes an older image lacks are not checked.
+/// now: that is the file a restore maps); all of them, or with [`Check::Changed`] only what
+/// changed since it was last found intact here. Hashes an older image lacks are not checked.
+/// An image found intact is noted so ([`note_intact`]).
 ///
 /// # Errors
 ///
 /// A [`ValidateError`] listing every problem found, each naming its file.
-pub fn verify(dir: &Path, meta: &Metadata) -> Result<(), ValidateError> {
+pub fn verify(dir: &Path, meta: &Metadata, check: Check) -> Result<(), ValidateError> {
     validate(dir, meta)?;
-    let mut files: Vec<FileEntry> = meta
+    let noted: Verified = match check {
+        Check::Full => Verified::default(),
+        Check::Changed => fs::read(dir.join(VERIFIED_FILE))
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .unwrap_or_default(),
+    };
+    let unchanged = |noted: Option<&Intact>, path: &Path, sha256: &str| {
+        noted.is_some_and(|noted| Some(noted) == intact(path, sha256).as_ref())
+    };
+    let recorded: Vec<&FileEntry> = meta
         .files
         .iter()
-        .filter(|f| f.sha256.is_some())
-        .cloned()
+        .filter(|f| {
+            f.sha256.as_deref().is_some_and(|sha256| {
+                !unchanged(noted.files.get(&f.name), &dir.join(&f.name), sha256)
+            })
+        })
         .collect();
     let mut problems = Vec::new();
-    let mut now = files.clone();
-    for file in &mut now {
-        file.sha256 = None;
-    }
-    if let Err(source) = hash_files(dir, &mut now) {
-        problems.push(Problem::Unreadable {
+    let mut now: Vec<FileEntry> = recorded
+        .iter()
+        .map(|f| FileEntry {
+            sha256: None,
+            ..(*f).clone()
+        })
+        .collect();
+    match hash_files(dir, &mut now) {
+        Ok(()) => {
+            for (recorded, found) in recorded.iter().zip(&now) {
+                if recorded.sha256 != found.sha256 {
+                    problems.push(Problem::Corrupted {
+                        name: recorded.name.clone(),
+                    });
+                }
+            }
+        }
+        Err(source) => problems.push(Problem::Unreadable {
             name: dir.display().to_string(),
             source,
-        });
-        files.clear();
+        }),
     }
-    for (recorded, found) in files.iter().zip(&now) {
-        if recorded.sha256 != found.sha256 {
-            problems.push(Problem::Corrupted {
-                name: recorded.name.clone(),
-            });
-        }
-    }
+    let path = PathBuf::from(&meta.executable);
+    let mut executable = None;
     if let Some(expected) = &meta.executable_sha256 {
-        let path = PathBuf::from(&meta.executable);
-        match fs::File::open(&path).and_then(sha256_of) {
-            Ok(found) if &found == expected => {}
-            Ok(_) => problems.push(Problem::ExecutableChanged { path }),
-            Err(source) => problems.push(Problem::ExecutableUnreadable { path, source }),
+        if unchanged(noted.executable.as_ref(), &path, expected) {
+            executable = noted.executable.map(|n| n.identity);
+        } else {
+            match fs::File::open(&path).and_then(|file| {
+                let identity = Identity::of(&file.metadata()?);
+                Ok((sha256_of(file)?, identity))
+            }) {
+                Ok((found, identity)) if &found == expected => executable = Some(identity),
+                Ok(_) => problems.push(Problem::ExecutableChanged { path }),
+                Err(source) => problems.push(Problem::ExecutableUnreadable { path, source }),
+            }
         }
     }
     if problems.is_empty() {
+        note_intact(dir, meta, executable.as_ref());
         Ok(())
     } else {
         Err(ValidateError {

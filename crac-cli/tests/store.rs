@@ -1311,8 +1311,39 @@ fn recover_files_complete_dumps_and_removes_the_rest() {
         let meta = metadata::read(&dir).expect("metadata");
         assert_eq!((&meta.name, meta.pid), (name, *pid));
         assert!(meta.files.iter().all(|f| f.sha256.is_some()), "{meta:?}");
-        metadata::verify(&dir, &meta).expect("a recovered image verifies");
+        metadata::verify(&dir, &meta, metadata::Check::Full).expect("a recovered image verifies");
         assert!(!dir.join(metadata::PENDING_FILE).exists());
     }
     assert_eq!(store.list().expect("list").len(), 3);
+}
+
+#[test]
+fn verify_trusts_only_files_unchanged_since_found_intact() {
+    let scratch = Scratch::new("verify");
+    let dir = scratch.path().join("img");
+    let mut meta = make_image(&dir, "img", 7, 1000);
+    metadata::hash_files(&dir, &mut meta.files).expect("hash");
+    metadata::write(&dir, &meta).expect("metadata");
+    metadata::verify(&dir, &meta, metadata::Check::Full).expect("intact");
+    assert!(dir.join(metadata::VERIFIED_FILE).is_file());
+    assert!(metadata::list_image_files(&dir)
+        .expect("list")
+        .iter()
+        .all(|f| f.name != metadata::VERIFIED_FILE));
+
+    // Same size, other content, written in place: the change time moved, so even a restore's
+    // quick check reads the file again.
+    let pages = dir.join("pages-1.img");
+    let mut bytes = fs::read(&pages).expect("pages");
+    bytes[10] ^= 0xff;
+    fs::write(&pages, &bytes).expect("rewrite");
+    for check in [metadata::Check::Changed, metadata::Check::Full] {
+        let err = metadata::verify(&dir, &meta, check).expect_err("damaged");
+        assert!(
+            err.to_string().contains(
+                "image file pages-1.img does not hold what was dumped (its SHA-256 differs)"
+            ),
+            "{err}"
+        );
+    }
 }

@@ -134,7 +134,9 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     let dir = resolve(store, name)?;
     let meta =
         metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    let problems = metadata::verify(&dir, &meta).err().map(|e| e.to_string());
+    let problems = metadata::verify(&dir, &meta, metadata::Check::Changed)
+        .err()
+        .map(|e| e.to_string());
     #[derive(Serialize)]
     struct Shown<'a> {
         path: &'a PathBuf,
@@ -198,7 +200,7 @@ fn verify(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     let dir = resolve(store, name)?;
     let meta =
         metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    metadata::verify(&dir, &meta)
+    metadata::verify(&dir, &meta, metadata::Check::Full)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let hashed = meta.files.iter().filter(|f| f.sha256.is_some()).count();
     #[derive(Serialize)]
