@@ -35,6 +35,8 @@
 //!   runs on).
 //! - `CRAC_TEST_SOCKET_CHECK_MS=MS`: the agent looks at its socket every MS milliseconds.
 //! - `CRAC_TEST_MIB=N`: touch N MiB of memory at start (a slower dump).
+//! - `CRAC_TEST_MAP=PATH`: keep the file PATH mapped, read-only, as a service maps a library or
+//!   a data file (a restore maps it again from its path).
 //!
 //! `state` holds `pid token counter generation`: the token is random and lives only in memory,
 //! so a restored process that shows the same token really is the same memory.
@@ -248,6 +250,23 @@ fn main() {
     // Memory the dump must write: every page touched, kept to the end.
     let ballast: Vec<u8> =
         vec![1; var("CRAC_TEST_MIB").map_or(0, |n| n.parse::<usize>().expect("a size") << 20)];
+    if let Some(path) = var("CRAC_TEST_MAP") {
+        let file = fs::File::open(&path).expect("CRAC_TEST_MAP names a readable file");
+        let len = file.metadata().expect("its size").len() as usize;
+        // SAFETY: a new private read-only mapping of a file opened here, whole; nothing reads
+        // through it, and it stays mapped for the life of the process on purpose.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap {path}");
+    }
     let token: u64 = random();
     if let Some(port) = listen {
         serve(&dir, port, token, coordinator);

@@ -5,6 +5,7 @@
 //! leaves nothing in it), a metadata file beside the images, validation before a restore, and
 //! errors that quote CRIU's own lines with a hint for the ones people hit.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::locate::{self, Criu};
-use crate::metadata::{self, DumpOptions, HookTiming, Metadata, Timings};
+use crate::metadata::{self, DumpOptions, HookTiming, MappedFile, Metadata, Timings};
 use crate::store::{Staging, Store};
 use crac_action::post_dump::{AgentFolders, AGENTS_FILE};
 use crac_action::pre_dump::{HookReport, HOOK_REPORT_ENV};
@@ -223,9 +224,10 @@ pub fn checkpoint(
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    // Opened now and hashed after the dump: it stays the file the service ran even if the path
-    // is replaced meanwhile, and hashing it costs nothing while the service is frozen.
+    // Opened now and hashed after the dump: they stay the files the service ran even if their
+    // paths are replaced meanwhile, and hashing them costs nothing while the service is frozen.
     let executable_file = fs::File::open(format!("/proc/{pid}/exe")).ok();
+    let mapped_files = open_mapped_files(pid, &executable);
     let criu = criu()?;
     let action = action_script()?;
 
@@ -290,6 +292,7 @@ pub fn checkpoint(
         crac_version: env!("CARGO_PKG_VERSION").to_owned(),
         files: Vec::new(),
         executable_sha256: None,
+        mapped_files: Vec::new(),
     };
     // If this crac is killed while CRIU dumps, the next one finishes the image from this
     // (metadata::complete_pending).
@@ -441,9 +444,28 @@ pub fn checkpoint(
         progress(Phase::Hash, 0);
     }
     let hash_started = Instant::now();
-    let files = metadata::list_image_files(&images).and_then(|mut files| {
-        metadata::hash_files(&images, &mut files)?;
-        Ok(files)
+    // The files outside the image (the executable, the mapped ones) are hashed on a thread of
+    // their own while the image files are.
+    let (files, (executable_hash, mapped_hashes)) = std::thread::scope(|scope| {
+        let outside = scope.spawn(move || {
+            let executable = executable_file.and_then(|f| metadata::hash_with_identity(f).ok());
+            let mapped: Vec<(String, String, metadata::Identity)> = mapped_files
+                .into_iter()
+                .filter_map(|(path, file)| {
+                    let (sha256, identity) = metadata::hash_with_identity(file).ok()?;
+                    Some((path, sha256, identity))
+                })
+                .collect();
+            (executable, mapped)
+        });
+        let files = metadata::list_image_files(&images).and_then(|mut files| {
+            metadata::hash_files(&images, &mut files)?;
+            Ok(files)
+        });
+        (
+            files,
+            outside.join().expect("the hashing thread does not panic"),
+        )
     });
     let files = match files {
         Ok(files) => files,
@@ -458,13 +480,17 @@ pub fn checkpoint(
             ))
         }
     };
-    // The identity of the file the service ran, noted below as intact if the path still
-    // leads to it, so that a restore on this machine need not hash it again.
-    let mut executable_identity = None;
-    metadata.executable_sha256 = executable_file.and_then(|f| {
-        executable_identity = f.metadata().ok().map(|m| metadata::Identity::of(&m));
-        metadata::sha256_of(f).ok()
-    });
+    // The identities of the files that were hashed, noted below as intact where their paths
+    // still lead to them, so that a restore on this machine need not hash them again.
+    let mut outside = BTreeMap::new();
+    if let Some((sha256, identity)) = executable_hash {
+        outside.insert(metadata.executable.clone(), identity);
+        metadata.executable_sha256 = Some(sha256);
+    }
+    for (path, sha256, identity) in mapped_hashes {
+        outside.insert(path.clone(), identity);
+        metadata.mapped_files.push(MappedFile { path, sha256 });
+    }
     metadata.timings.hash_ms = ms(hash_started.elapsed());
     metadata.image_bytes = files.iter().map(|f| f.size).sum();
     metadata.files = files;
@@ -483,13 +509,7 @@ pub fn checkpoint(
         ));
     }
     let _ = fs::remove_file(images.join(metadata::PENDING_FILE));
-    metadata::note_intact(
-        &images,
-        &metadata,
-        executable_identity
-            .as_ref()
-            .filter(|identity| identity.is_at(Path::new(&metadata.executable))),
-    );
+    metadata::note_intact(&images, &metadata, &outside);
     let path = match (staging, &request.destination) {
         (Some(mut staging), Destination::Store { replace, .. }) => match staging.commit(*replace) {
             Ok(path) => path,
@@ -508,6 +528,37 @@ pub fn checkpoint(
         metadata,
         left_running: request.options.leave_running,
     })
+}
+
+/// The regular files `pid` has mapped besides `executable` (shared libraries, locale files),
+/// each opened through `/proc/PID/map_files`, which is the mapped file itself even if its path
+/// was replaced since. A deleted file, or one that cannot be opened, is left out: it cannot be
+/// checked at a restore either.
+fn open_mapped_files(pid: u32, executable: &str) -> Vec<(String, fs::File)> {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut fields = line.splitn(6, char::is_whitespace);
+        let Some(range) = fields.next() else { continue };
+        let Some(path) = fields.nth(4).map(str::trim_start) else {
+            continue;
+        };
+        if !path.starts_with('/')
+            || path.ends_with(" (deleted)")
+            || path == executable
+            || !seen.insert(path.to_owned())
+        {
+            continue;
+        }
+        if let Ok(file) = fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
+            files.push((path.to_owned(), file));
+        }
+    }
+    files
 }
 
 /// The bytes of CRIU image files (`*.img`) in `dir` so far.

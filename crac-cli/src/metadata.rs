@@ -101,6 +101,20 @@ pub struct Metadata {
     /// file the service ran can no longer be told from a replacement then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executable_sha256: Option<String>,
+    /// The other files the dumped process had mapped (shared libraries, locale files), which a
+    /// restore maps again from their paths, with their SHA-256, checked by [`verify`]. Absent
+    /// in images of older versions and in recovered ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mapped_files: Vec<MappedFile>,
+}
+
+/// A file the dumped process had mapped, outside the image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedFile {
+    /// Its path, as the process saw it.
+    pub path: String,
+    /// Its SHA-256 (lowercase hex) when the process was dumped.
+    pub sha256: String,
 }
 
 impl Metadata {
@@ -470,8 +484,9 @@ pub fn sha256_of(mut file: fs::File) -> io::Result<String> {
 /// already is returned as it is, once it passes [`validate`]. Returns `None` when the folder
 /// is not a complete image (see [`is_complete_dump`]).
 ///
-/// Metadata made from the pending file has no `executable_sha256`, and its hooks and crac
-/// timings are unknown (empty, zero); `created_unix_ms` is when CRIU finished.
+/// Metadata made from the pending file has no `executable_sha256` nor `mapped_files` (the files
+/// the service ran can no longer be told from replacements), and its hooks and crac timings are
+/// unknown (empty, zero); `created_unix_ms` is when CRIU finished.
 ///
 /// # Errors
 ///
@@ -496,6 +511,7 @@ pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> 
     meta.image_bytes = files.iter().map(|f| f.size).sum();
     meta.files = files;
     meta.executable_sha256 = None;
+    meta.mapped_files.clear();
     meta.created_unix_ms = done
         .modified()
         .ok()
@@ -504,7 +520,7 @@ pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> 
     meta.timings.criu = crate::stats::dump(dir);
     write(dir, &meta)?;
     let _ = fs::remove_file(dir.join(PENDING_FILE));
-    note_intact(dir, &meta, None);
+    note_intact(dir, &meta, &BTreeMap::new());
     Ok(Some(meta))
 }
 
@@ -582,11 +598,12 @@ struct Intact {
     sha256: String,
 }
 
-/// The contents of [`VERIFIED_FILE`].
+/// The contents of [`VERIFIED_FILE`]: image files by name, files outside the image (the
+/// executable, mapped files) by path.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Verified {
     files: BTreeMap<String, Intact>,
-    executable: Option<Intact>,
+    outside: BTreeMap<String, Intact>,
 }
 
 fn intact(path: &Path, sha256: &str) -> Option<Intact> {
@@ -596,10 +613,25 @@ fn intact(path: &Path, sha256: &str) -> Option<Intact> {
     })
 }
 
-/// Notes that the image in `dir` was found intact, as it is now (its files, and the executable
-/// when `executable` is its identity at the path), so that [`Check::Changed`] need not read
-/// it again. Best effort: an image in a read-only store is simply hashed again next time.
-pub fn note_intact(dir: &Path, meta: &Metadata, executable: Option<&Identity>) {
+/// The files outside the image that `meta` recorded a hash of: path, hash, and whether it is
+/// the executable.
+fn outside_files(meta: &Metadata) -> Vec<(&str, &str, bool)> {
+    meta.executable_sha256
+        .iter()
+        .map(|sha256| (meta.executable.as_str(), sha256.as_str(), true))
+        .chain(
+            meta.mapped_files
+                .iter()
+                .map(|m| (m.path.as_str(), m.sha256.as_str(), false)),
+        )
+        .collect()
+}
+
+/// Notes that the image in `dir` was found intact, as it is now: its files, and the files
+/// outside it whose identity at their path is the one in `outside` (the file that was hashed),
+/// so that [`Check::Changed`] need not read them again. Best effort: an image in a read-only
+/// store is simply hashed again next time.
+pub fn note_intact(dir: &Path, meta: &Metadata, outside: &BTreeMap<String, Identity>) {
     let mut verified = Verified::default();
     for file in &meta.files {
         if let Some(sha256) = &file.sha256 {
@@ -608,13 +640,17 @@ pub fn note_intact(dir: &Path, meta: &Metadata, executable: Option<&Identity>) {
             }
         }
     }
-    verified.executable = meta.executable_sha256.as_ref().and_then(|sha256| {
-        let identity = executable?.clone();
-        Some(Intact {
-            identity,
-            sha256: sha256.clone(),
-        })
-    });
+    for (path, sha256, _) in outside_files(meta) {
+        if let Some(identity) = outside.get(path).filter(|i| i.is_at(Path::new(path))) {
+            verified.outside.insert(
+                path.to_owned(),
+                Intact {
+                    identity: identity.clone(),
+                    sha256: sha256.to_owned(),
+                },
+            );
+        }
+    }
     if let Ok(json) = serde_json::to_vec(&verified) {
         let tmp = dir.join(format!("{VERIFIED_FILE}.{}", std::process::id()));
         if fs::write(&tmp, json).is_ok() && fs::rename(&tmp, dir.join(VERIFIED_FILE)).is_err() {
@@ -623,11 +659,21 @@ pub fn note_intact(dir: &Path, meta: &Metadata, executable: Option<&Identity>) {
     }
 }
 
+/// The SHA-256 of `file` and the identity of what was read.
+///
+/// # Errors
+///
+/// A read error.
+pub fn hash_with_identity(file: fs::File) -> io::Result<(String, Identity)> {
+    let identity = Identity::of(&file.metadata()?);
+    Ok((sha256_of(file)?, identity))
+}
+
 /// Checks the image in `dir` as [`validate`] does, then its contents: each listed file against
-/// its SHA-256, and the executable at `meta.executable` against `executable_sha256` (as it is
-/// now: that is the file a restore maps); all of them, or with [`Check::Changed`] only what
-/// changed since it was last found intact here. Hashes an older image lacks are not checked.
-/// An image found intact is noted so ([`note_intact`]).
+/// its SHA-256, and the executable and the mapped files at their paths (as they are now: those
+/// are the files a restore maps) against theirs; all of them, or with [`Check::Changed`] only
+/// what changed since it was last found intact here. Hashes an older image lacks are not
+/// checked. An image found intact is noted so ([`note_intact`]).
 ///
 /// # Errors
 ///
@@ -676,24 +722,30 @@ pub fn verify(dir: &Path, meta: &Metadata, check: Check) -> Result<(), ValidateE
             source,
         }),
     }
-    let path = PathBuf::from(&meta.executable);
-    let mut executable = None;
-    if let Some(expected) = &meta.executable_sha256 {
-        if unchanged(noted.executable.as_ref(), &path, expected) {
-            executable = noted.executable.map(|n| n.identity);
-        } else {
-            match fs::File::open(&path).and_then(|file| {
-                let identity = Identity::of(&file.metadata()?);
-                Ok((sha256_of(file)?, identity))
-            }) {
-                Ok((found, identity)) if &found == expected => executable = Some(identity),
-                Ok(_) => problems.push(Problem::ExecutableChanged { path }),
-                Err(source) => problems.push(Problem::ExecutableUnreadable { path, source }),
+    let mut found_intact = BTreeMap::new();
+    for (path, expected, is_executable) in outside_files(meta) {
+        let noted = noted.outside.get(path);
+        if unchanged(noted, Path::new(path), expected) {
+            if let Some(noted) = noted {
+                found_intact.insert(path.to_owned(), noted.identity.clone());
             }
+            continue;
+        }
+        let path_buf = PathBuf::from(path);
+        match fs::File::open(path).and_then(hash_with_identity) {
+            Ok((found, identity)) if found == expected => {
+                found_intact.insert(path.to_owned(), identity);
+            }
+            Ok(_) if is_executable => problems.push(Problem::ExecutableChanged { path: path_buf }),
+            Ok(_) => problems.push(Problem::MappedFileChanged { path: path_buf }),
+            Err(source) => problems.push(Problem::ExecutableUnreadable {
+                path: path_buf,
+                source,
+            }),
         }
     }
     if problems.is_empty() {
-        note_intact(dir, meta, executable.as_ref());
+        note_intact(dir, meta, &found_intact);
         Ok(())
     } else {
         Err(ValidateError {
@@ -780,7 +832,13 @@ pub enum Problem {
         /// The executable's path.
         path: PathBuf,
     },
-    /// The executable the service ran cannot be read at its path.
+    /// A file the service had mapped (a shared library) is not the same file any more
+    /// (SHA-256).
+    MappedFileChanged {
+        /// The file's path.
+        path: PathBuf,
+    },
+    /// The executable, or a file the service had mapped, cannot be read at its path.
     ExecutableUnreadable {
         /// The executable's path.
         path: PathBuf,
@@ -831,9 +889,14 @@ impl fmt::Display for Problem {
                 "the executable {} is not the one the service ran (its SHA-256 differs)",
                 path.display()
             ),
+            Problem::MappedFileChanged { path } => write!(
+                f,
+                "the file {} that the service had mapped is not the one it had (its SHA-256 differs)",
+                path.display()
+            ),
             Problem::ExecutableUnreadable { path, source } => write!(
                 f,
-                "cannot read the executable {} ({})",
+                "cannot read {} ({})",
                 path.display(),
                 crate::store::why(source)
             ),
@@ -868,7 +931,9 @@ impl ValidateError {
         let executable = |p: &Problem| {
             matches!(
                 p,
-                Problem::ExecutableChanged { .. } | Problem::ExecutableUnreadable { .. }
+                Problem::ExecutableChanged { .. }
+                    | Problem::MappedFileChanged { .. }
+                    | Problem::ExecutableUnreadable { .. }
             )
         };
         if self
@@ -880,7 +945,7 @@ impl ValidateError {
         }
         if self.problems.iter().any(executable) {
             hints.push(
-                "a restore maps the executable from its path: put back the binary the service ran, or checkpoint the service again",
+                "a restore maps the executable and the libraries from their paths: put back the files the service ran with, or checkpoint the service again",
             );
         }
         if self

@@ -117,6 +117,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         crac_version: "0.1.0".to_owned(),
         files,
         executable_sha256: None,
+        mapped_files: Vec::new(),
     };
     metadata::write(dir, &meta).expect("write metadata");
     meta

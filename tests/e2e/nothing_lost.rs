@@ -424,16 +424,24 @@ fn flip_byte(path: &Path, offset: u64) {
     file.write_all(&[byte[0] ^ 0xff]).expect("write");
 }
 
-/// A same-size corrupted image file, and a same-size changed executable: `images verify` and
-/// `restore` refuse, naming the file; put back, the image verifies and restores.
+/// A same-size corrupted image file, a same-size changed executable and a changed mapped file:
+/// `images verify` and `restore` refuse, naming the file; put back, the image verifies and
+/// restores.
 #[test]
-fn a_corrupted_image_or_a_changed_executable_is_refused_by_name() {
+fn a_corrupted_image_or_a_changed_executable_or_library_is_refused_by_name() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("integrity");
     let crac = Crac::new(&scratch);
     let exe = scratch.join("service");
     fs::copy(bin("crac-test-target"), &exe).expect("copy the target");
-    let target = Target::start_with(&exe, &scratch.join("t"), &[], None);
+    let data = scratch.join("data.bin");
+    fs::write(&data, vec![7u8; 8192]).expect("a file to map");
+    let target = Target::start_with(
+        &exe,
+        &scratch.join("t"),
+        &[("CRAC_TEST_MAP", &data.display().to_string())],
+        None,
+    );
     let pid = target.pid.to_string();
     let before = target.assert_serving(1);
     let out = crac.run(&["checkpoint", &pid, "--name", "web"]);
@@ -477,6 +485,21 @@ fn a_corrupted_image_or_a_changed_executable_is_refused_by_name() {
     }
     assert!(!restored.is_alive());
     flip_byte(&exe, len - 1);
+
+    flip_byte(&data, 100);
+    let changed = format!(
+        "the file {} that the service had mapped is not the one it had (its SHA-256 differs)",
+        data.display()
+    );
+    for args in [
+        &["images", "verify", "web"][..],
+        &["restore", "web", "--detach"],
+    ] {
+        let out = crac.run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(stderr(&out).contains(&changed), "{args:?}: {}", text(&out));
+    }
+    flip_byte(&data, 100);
     let out = crac.run(&["restore", "web", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(restored.assert_serving(before.counter).token, before.token);
