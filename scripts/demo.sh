@@ -146,8 +146,9 @@ mkdir -p "$IMG"
 say "working folder: $WORK"
 
 # setsid: CRIU dumps a tree whose root leads its own session; stdio to files: it must not be a
-# terminal. (upstream is not dumped; it just gets the same treatment.)
-setsid "$BIN/upstream" "$UPSTREAM_PORT" </dev/null >"$WORK/upstream.log" 2>&1 &
+# terminal; appended to (>>): a log opened with > makes an image that cannot be restored once
+# the log has grown (CRIU: "has bad size"). (upstream is not dumped; it gets the same treatment.)
+setsid "$BIN/upstream" "$UPSTREAM_PORT" </dev/null >>"$WORK/upstream.log" 2>&1 &
 UPSTREAM_PID=$!
 for ((i = 0; i < 100; i++)); do
     grep -q 'listening on' "$WORK/upstream.log" && break
@@ -158,7 +159,7 @@ grep -q 'listening on' "$WORK/upstream.log" || die "upstream did not start liste
 say "upstream:     pid $UPSTREAM_PID on 127.0.0.1:$UPSTREAM_PORT (log: upstream.log)"
 
 setsid "$SERVER_BIN" --port "$CACHE_PORT" --upstream "127.0.0.1:$UPSTREAM_PORT" \
-    </dev/null >"$WORK/server.log" 2>&1 &
+    </dev/null >>"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 stats=''
 for ((i = 0; i < 100; i++)); do

@@ -9,6 +9,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# One line at the end says how it went, and which step failed.
+started=$SECONDS
+step="provisioning CRIU and the container runtimes"
+trap 'rc=$?; if ((rc == 0)); then echo "test: ok: fmt, clippy, rustdoc, build and every test passed in $((SECONDS - started)) s"; else echo "test: FAILED at step: $step (exit code $rc; its output is above)" >&2; fi' EXIT
+
 if [[ $EUID -eq 0 ]]; then
     scripts/provision-criu.sh
     scripts/install-runtimes.sh
@@ -17,13 +22,18 @@ else
     echo "test: not root, so CRIU, the container runtimes and PostgreSQL are not installed and end-to-end tests will skip (run as root to include them)"
 fi
 
-echo "test: cargo fmt --check"
+step="cargo fmt --check"
+echo "test: $step"
 cargo fmt --all -- --check
-echo "test: cargo clippy"
+step="cargo clippy"
+echo "test: $step"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "test: cargo doc (broken links and missing docs are errors)"
+step="cargo doc"
+echo "test: $step (broken links and missing docs are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
-echo "test: cargo build"
+step="cargo build"
+echo "test: $step"
 cargo build --workspace --all-targets --locked
-echo "test: cargo test"
+step="cargo test"
+echo "test: $step"
 cargo test --workspace --locked

@@ -8,6 +8,10 @@
 //! - `CRAC_TEST_HANG`: a resource whose before_checkpoint sleeps: `name` for a minute,
 //!   `name:MS` for MS milliseconds.
 //! - `CRAC_TEST_HOOK_LIMIT_MS`: the per-hook time limit.
+//! - `CRAC_TEST_FAIL_RESTORE`: a resource whose after_restore fails when the process was
+//!   restored from an image.
+//! - `CRAC_TEST_BEFORE_SH=name:COMMAND`: resource `name` runs `sh -c COMMAND` in its
+//!   before_checkpoint, and waits for it (a fault injected while a dump is under way).
 //! - `CRAC_TEST_NO_AGENT=1`: do not start the agent.
 //! - `CRAC_TEST_CHILD=1`: also start a child process like this one, in `$CRAC_TEST_DIR/child`.
 //! - `CRAC_TEST_OWN_SIGTERM=before|after`: handle SIGTERM itself (a graceful exit with status
@@ -34,6 +38,8 @@
 //! - `CRAC_TEST_ASYNC=panic|pending|shutdown`: also register an async resource `async`, on a
 //!   tokio runtime of the target's own, whose before_checkpoint panics, never completes, or
 //!   cannot run because its runtime was shut down right after it was registered.
+//! - `CRAC_TEST_MAP=PATH`: keep the file PATH mapped, read-only, as a service maps a library or
+//!   a data file (a restore maps it again from its path).
 //!
 //! `state` holds `pid token counter generation`: the token is random and lives only in memory,
 //! so a restored process that shows the same token really is the same memory.
@@ -68,6 +74,8 @@ struct Logged {
     log: PathBuf,
     order_log: Option<PathBuf>,
     fail: bool,
+    fail_restore: bool,
+    before_sh: Option<String>,
     hang: Option<Duration>,
 }
 
@@ -90,6 +98,16 @@ impl Resource for Logged {
     }
     fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
         self.append(&format!("before {}", self.name));
+        if let Some(command) = &self.before_sh {
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .stdin(Stdio::null())
+                .status()?;
+            if !status.success() {
+                return Err(format!("{} could not run {command:?}: {status}", self.name).into());
+            }
+        }
         if let Some(hang) = self.hang {
             std::thread::sleep(hang);
         }
@@ -103,6 +121,9 @@ impl Resource for Logged {
             "after {} {} gen={}",
             self.name, info.reason, info.generation
         ));
+        if self.fail_restore && info.reason == RestoreReason::Restored {
+            return Err(format!("{} cannot come back up", self.name).into());
+        }
         Ok(())
     }
 }
@@ -142,6 +163,8 @@ fn main() {
     let names = var("CRAC_TEST_RESOURCES").unwrap_or_else(|| "first,second,third".into());
     let fail = var("CRAC_TEST_FAIL");
     let hang = var("CRAC_TEST_HANG");
+    let fail_restore = var("CRAC_TEST_FAIL_RESTORE");
+    let before_sh = var("CRAC_TEST_BEFORE_SH");
     let coordinator = Coordinator::global();
     if let Some(ms) = var("CRAC_TEST_HOOK_LIMIT_MS") {
         let ms: u64 = ms.parse().expect("CRAC_TEST_HOOK_LIMIT_MS is a number");
@@ -155,6 +178,12 @@ fn main() {
                 log: dir.join("hooks.log"),
                 order_log: var("CRAC_TEST_ORDER_LOG").map(PathBuf::from),
                 fail: fail.as_deref() == Some(name),
+                fail_restore: fail_restore.as_deref() == Some(name),
+                before_sh: before_sh
+                    .as_deref()
+                    .and_then(|v| v.split_once(':'))
+                    .filter(|(resource, _)| *resource == name)
+                    .map(|(_, command)| command.to_owned()),
                 hang: hang_of(hang.as_deref(), name),
             })
             .keep();
@@ -227,6 +256,23 @@ fn main() {
     // Memory the dump must write: every page touched, kept to the end.
     let ballast: Vec<u8> =
         vec![1; var("CRAC_TEST_MIB").map_or(0, |n| n.parse::<usize>().expect("a size") << 20)];
+    if let Some(path) = var("CRAC_TEST_MAP") {
+        let file = fs::File::open(&path).expect("CRAC_TEST_MAP names a readable file");
+        let len = file.metadata().expect("its size").len() as usize;
+        // SAFETY: a new private read-only mapping of a file opened here, whole; nothing reads
+        // through it, and it stays mapped for the life of the process on purpose.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap {path}");
+    }
     let token: u64 = random();
     if let Some(port) = listen {
         serve(&dir, port, token, coordinator);

@@ -23,26 +23,24 @@
 //! [`post_dump`], [`pre_restore`], [`setup_namespaces`], [`post_resume`] and [`watcher`] are
 //! the steps, [`agents`] and [`tree`] find the agents of a process tree, [`namespace`] reaches
 //! an agent wherever its process runs (a container's own pid, mount and network namespaces,
-//! and what is refused there), and [`locate`] finds a working CRIU binary for the tools and
-//! tests that run one.
+//! and what is refused there).
 //!
 //! CRIU is known by `CRTOOLS_IMAGE_DIR` (`/proc/<criu>/fd/N`), never as the parent process, so
 //! the script may be wrapped; and every step is safe to run twice for one CRIU (CRIU 4.1 under
 //! runc runs each action twice): the second pre-dump finds the agents ready for the same cycle
 //! and the watcher already started, the second post-resume finds nothing pending.
-//! For the `crac` command, [`store`] keeps the operator's images by name,
-//! [`metadata`] reads, writes and checks the `crac-meta.json` beside each image, and
-//! [`archive`] exports an image to one file and imports it on another machine.
+//!
+//! This is one of the four roles of crac-rs: crac-core is the API, crac-agent the in-process
+//! agent, crac-action (this crate) CRIU's action script, and crac-cli the operator's `crac`
+//! command, which runs CRIU with this script and uses this library to find agents
+//! ([`agents`], [`namespace`], [`tree`]) and to read what the script recorded ([`post_dump`],
+//! [`pre_dump`]).
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
 pub mod agents;
-pub mod archive;
 pub mod criu;
-pub mod driver;
 pub mod error;
-pub mod locate;
-pub mod metadata;
 pub mod namespace;
 mod pidfd;
 pub mod post_dump;
@@ -53,8 +51,6 @@ pub mod preflight;
 pub mod settings;
 pub mod setup_namespaces;
 mod sock_diag;
-pub mod stats;
-pub mod store;
 pub mod tree;
 pub mod watcher;
 

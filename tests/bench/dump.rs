@@ -356,6 +356,7 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Res<()> {
         Samples::new(),
         Samples::new(),
     );
+    let mut hash_ms = Samples::new();
     report.note(&format!(
         "{rounds} rounds of: plain criu dump, criu dump --action-script crac-action, crac checkpoint (rotating order)"
     ));
@@ -406,6 +407,7 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Res<()> {
                 if keep {
                     hooks.push_us(timing("hooks_ms") * 1e3);
                     criu_in_crac.push_us(timing("dump_ms") * 1e3);
+                    hash_ms.push_us(timing("hash_ms") * 1e3);
                     crac_total.push_us(timing("total_ms") * 1e3);
                 }
                 store.join("bench/stats-dump")
@@ -476,6 +478,10 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Res<()> {
             row("  crac: hooks (pre-dump's agent requests)", &hooks),
             row("  crac: the criu dump it runs (dump_ms)", &criu_in_crac),
             row(
+                "  crac: SHA-256 of the image files and the executable, after the dump (hash_ms)",
+                &hash_ms,
+            ),
+            row(
                 "  crac: total_ms (find CRIU, staging, dump, metadata)",
                 &crac_total,
             ),
@@ -495,7 +501,7 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Res<()> {
          Where it goes (medians): crac-action as CRIU's action script (pre-dump, post-dump, \
          hooks, watcher) = (criu with crac-action) − (plain), paired per round = {}, of which \
          {} while the tree is frozen (post-dump; paired difference of CRIU's frozen time); \
-         crac's own work before and after the dump (finding CRIU, \
+         crac's own work before and after the dump (finding CRIU, hashing, \
          staging, metadata) ≈ total_ms − dump_ms = {} (an uncached `criu --version` alone takes \
          {}; crac caches it); crac's process start and what follows total_ms (the store's \
          commit without fsync: atomic metadata, rename, removal of the replaced image; JSON \
@@ -612,6 +618,7 @@ fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             Samples::new(),
         );
         let mut pages_bytes = 0;
+        let mut hash = Samples::new();
         let mut previous: Option<PathBuf> = None;
         for round in 0..rounds {
             let images = dir.join(format!("images-{mib}-{round}"));
@@ -635,6 +642,12 @@ fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
                 memwrite.push_us(s.get(4) as f64);
             }
             pages_bytes = image_pages_bytes(&images);
+            // What `crac checkpoint` adds after CRIU exits: the SHA-256 of every image file.
+            let mut files = crac_cli::metadata::list_image_files(&images)
+                .map_err(|e| format!("{}: {e}", images.display()))?;
+            let (hashed, d) = time(|| crac_cli::metadata::hash_files(&images, &mut files));
+            hashed.map_err(|e| e.to_string())?;
+            hash.push(d);
             proc.reap_dumped(Duration::from_secs(30))?;
             if let Some(old) = previous.take() {
                 let _ = fs::remove_dir_all(old);
@@ -687,6 +700,11 @@ fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             format!("{:.2}", mbps(restore.median()) / copy_mbps),
             format!("{write_mbps:.0} / {flush_mbps:.0} / {read_mbps:.0}"),
             fmt_us(flush.median()),
+            format!(
+                "{} ({:.0} MB/s)",
+                fmt_us(hash.median()),
+                mbps(hash.median())
+            ),
         ]);
     }
     let fs_name = procs::fs_info(&dir).map(|f| f.1).unwrap_or_default();
@@ -700,8 +718,11 @@ fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
          same run: {copy_mbps:.0} MB/s (copy_from_slice between two touched 256 MiB buffers); \
          first write of fresh memory (page faults): {fresh_mbps:.0} MB/s. The filesystem's own \
          speed for the same size, same run: writing a file of that size (page cache), its \
-         fsync, and reading it back into fresh memory; and the fsync of each image (what \
-         `crac checkpoint --sync` adds at that size; untimed for the dump and restore).",
+         fsync, and reading it back into fresh memory; the fsync of each image (what \
+         `crac checkpoint --sync` adds at that size; untimed for the dump and restore); and \
+         the SHA-256 of every image file as `crac checkpoint` computes it after CRIU exited, \
+         before the image is filed (crac_cli::metadata::hash_files, two threads; untimed for \
+         the dump).",
         dir.display()
     ));
     report.table(
@@ -718,6 +739,7 @@ fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             "restore / memcpy",
             "file write / fsync / read-back MB/s",
             "fsync of the image",
+            "SHA-256 of the image (crac, after the dump)",
         ],
         &rows,
     );

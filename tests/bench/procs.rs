@@ -48,7 +48,7 @@ impl Bins {
                 ))
             }
         };
-        let criu = crac_action::locate::locate().map_err(|e| e.to_string())?;
+        let criu = crac_cli::locate::locate().map_err(|e| e.to_string())?;
         Ok(Bins {
             crac_action: bin("crac-action")?,
             crac: bin("crac")?,

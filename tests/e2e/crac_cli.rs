@@ -368,6 +368,24 @@ fn status_and_ps_explain_what_is_missing() {
     let doc: Value = serde_json::from_slice(&out.stdout).expect("a JSON error document");
     assert_eq!(doc["ok"], false);
     assert_eq!(doc["error"]["kind"], "bad-input");
+    // --store is global, and these two read no store: refused rather than ignored.
+    for command in ["ps", "status"] {
+        let mut args = vec!["--store", "/tmp", command];
+        let pid = target.pid.to_string();
+        if command == "status" {
+            args.push(&pid);
+        }
+        let out = Command::new(bin("crac"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("crac runs");
+        fails_with(
+            &out,
+            2,
+            "crac: --store: `crac ps` and `crac status` read no image store (they ask running processes); drop --store",
+        );
+    }
 }
 
 /// `crac run` with self-checkpoint: the first run starts cold, the service warms up and
@@ -492,4 +510,53 @@ fn run_returns_the_services_exit_status() {
         .unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(stderr(&out).contains("crac run: pid "), "{}", text(&out));
+}
+
+/// On a terminal (`script` gives crac one), a checkpoint shows its phase while the hooks run,
+/// and the line is gone at the end; off a terminal nothing but the outcome is written.
+#[test]
+fn a_checkpoint_shows_its_progress_on_a_terminal_only() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("cli-progress");
+    let crac = Crac::new(&scratch);
+    let slow = [
+        ("CRAC_TEST_HANG", "second:1500"),
+        ("CRAC_TEST_HOOK_LIMIT_MS", "10000"),
+    ];
+    let target = Target::start(&scratch.join("t"), &slow);
+    let command = format!(
+        "{} --store {} checkpoint {} --name web --leave-running",
+        bin("crac").display(),
+        crac.store.display(),
+        target.pid
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    assert!(out.status.success(), "{}", text(&out));
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("running before_checkpoint hooks"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains(&format!("checkpointed pid {} (", target.pid)),
+        "{screen}"
+    );
+
+    let other = Target::start(&scratch.join("u"), &slow);
+    let out = crac.run(&[
+        "checkpoint",
+        &other.pid.to_string(),
+        "--name",
+        "web-2",
+        "--leave-running",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .starts_with(&format!("checkpointed pid {} (", other.pid)));
 }

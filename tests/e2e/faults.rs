@@ -83,6 +83,14 @@ fn crac_action_killed_during_pre_dump() {
         "{}",
         text(&out)
     );
+    // What really happened to the service, not "rolled back": nobody could roll it back.
+    assert!(
+        stderr.starts_with(&format!(
+            "crac: criu dump of pid {pid} failed (exit code 1); pid {pid} is still running; an agent that crac-action had told ends that checkpoint by itself when its lease runs out"
+        )),
+        "{}",
+        text(&out)
+    );
     wait_until(
         Duration::from_secs(10),
         "the service to come back up",

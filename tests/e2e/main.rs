@@ -9,6 +9,7 @@ mod containers;
 mod crac_cli;
 mod faults;
 mod namespaces;
+mod nothing_lost;
 mod oci;
 mod postgres;
 mod preflight;

@@ -405,6 +405,14 @@ impl Drop for Podman {
     fn drop(&mut self) {
         let _ = self.try_run(&["rm", "--all", "--force", "--time", "0"]);
         let _ = self.try_run(&["rmi", "--all", "--force"]);
+        // The overlay driver mounts its home on itself and unmounts it only in some exits; a
+        // mount left there keeps the scratch folder from being removed.
+        let overlay = self.dir.join("root/overlay");
+        if fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|m| m.lines().any(|l| l.contains(&*overlay.to_string_lossy())))
+        {
+            let _ = Command::new("umount").arg("-l").arg(&overlay).status();
+        }
         if self.remove_cache {
             let _ = fs::remove_dir_all(PODMAN_CACHE);
             // /var/lib/containers itself, if the cache was all podman put there.

@@ -1,7 +1,7 @@
 //! Helpers for end-to-end tests against a real CRIU: finding CRIU (a failure in CI, a skip
 //! with instructions elsewhere), targets in scratch folders, dump and restore, reaping.
 
-use std::fs;
+use std::fs::{self, OpenOptions};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use crac_action::locate::{self, Criu};
+use crac_cli::locate::{self, Criu};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -134,7 +134,18 @@ impl Target {
     /// Starts the target as a session leader with no terminal, as CRIU wants, and waits until
     /// it is ready.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Target {
-        Target::launch(Command::new(bin("crac-test-target")), dir, env)
+        Target::launch(Command::new(bin("crac-test-target")), dir, env, None)
+    }
+
+    /// As [`Target::start`], running the executable `exe` (a copy of crac-test-target) with
+    /// its stdout going to `stdout` if given.
+    pub fn start_with(
+        exe: &Path,
+        dir: &Path,
+        env: &[(&str, &str)],
+        stdout: Option<fs::File>,
+    ) -> Target {
+        Target::launch(Command::new(exe), dir, env, stdout)
     }
 
     /// Starts the target as pid 1 of namespaces of its own: `unshare --pid --fork` plus
@@ -151,7 +162,7 @@ impl Target {
             .args(["--pid", "--fork", "sh", "-c"])
             .arg(format!("{setup}\nexec setsid \"$0\"", setup = setup))
             .arg(bin("crac-test-target"));
-        let mut target = Target::launch(cmd, dir, env);
+        let mut target = Target::launch(cmd, dir, env, None);
         let unshare = target.pid;
         target.pid = fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
             .expect("unshare's children")
@@ -165,11 +176,24 @@ impl Target {
 
     /// Runs `cmd` (which runs the target) as a session leader with no terminal and the
     /// target's settings, and waits until the target is ready; `pid` is `cmd`'s.
-    fn launch(mut cmd: Command, dir: &Path, env: &[(&str, &str)]) -> Target {
+    fn launch(
+        mut cmd: Command,
+        dir: &Path,
+        env: &[(&str, &str)],
+        stdout: Option<fs::File>,
+    ) -> Target {
         cmd.env("CRAC_TEST_DIR", dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.with_extension("stderr")).expect("stderr file"));
+            .stdout(stdout.map_or_else(Stdio::null, Stdio::from))
+            // Appended to, as a service's log must be (a file opened without O_APPEND makes
+            // an image CRIU refuses once the file grew, and crac warns about it).
+            .stderr(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.with_extension("stderr"))
+                    .expect("stderr file"),
+            );
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -496,12 +520,14 @@ impl Crac {
         }
     }
 
+    /// `crac ARGS`, with `--store` for the commands that use a store (`ps` and `status`
+    /// refuse it).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("crac"));
-        cmd.arg("--store")
-            .arg(&self.store)
-            .args(args)
-            .stdin(Stdio::null());
+        if !matches!(args.first(), Some(&"ps" | &"status")) {
+            cmd.arg("--store").arg(&self.store);
+        }
+        cmd.args(args).stdin(Stdio::null());
         cmd
     }
 

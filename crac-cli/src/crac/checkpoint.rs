@@ -14,24 +14,39 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crac_action::driver::{
+use crac_cli::driver::{
     self, CheckpointOutcome, CheckpointRequest, Destination, FailureKind, OpError,
 };
-use crac_action::metadata::DumpOptions;
-use crac_action::store::Store;
+use crac_cli::metadata::DumpOptions;
+use crac_cli::store::Store;
 
 use crate::cli::CheckpointArgs;
 use crate::output::{bytes, millis, Out};
+use crate::progress;
 
 pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     let request = request(store, &args)?;
     if args.for_self {
         return detach_worker();
     }
+    // Before the store is touched: a user who is not root gets the reason, not a store error.
+    driver::require_root("checkpoint")?;
+    if matches!(request.destination, Destination::Store { .. }) {
+        crate::images::recover(store)?;
+    }
     if args.self_worker {
         return self_worker(&request);
     }
-    let outcome = driver::checkpoint(&request)?;
+    finish_when_interrupted();
+    let bar = progress::Bar::new(args.json, Some(progress::resident(args.pid)));
+    let update = |phase, written| bar.update(phase, written);
+    let outcome = driver::checkpoint(
+        &request,
+        &mut |warning| bar.note(&format!("crac: warning: {warning}")),
+        bar.shown().then_some(&update as _),
+    );
+    drop(bar);
+    let outcome = outcome?;
     print(&outcome, Out::new(args.json));
     Ok(0)
 }
@@ -77,6 +92,34 @@ fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, Op
         },
         durable: args.sync,
     })
+}
+
+/// SIGINT and SIGTERM (Ctrl-C, a supervisor stopping crac) do not end a checkpoint half-way:
+/// once the hooks have run or CRIU has started, stopping would leave the service quiesced, or
+/// stopped with its image in a working folder. The checkpoint runs to its end (every wait in it
+/// is bounded), and crac says so at once. CRIU runs in a process group of its own, out of
+/// reach of the terminal's Ctrl-C. The handlers stay for the rest of this process, which ends
+/// with the checkpoint.
+fn finish_when_interrupted() {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) else {
+        // Without handlers a signal ends crac, and the next crac recovers what it leaves.
+        return;
+    };
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            let name = if signal == signal_hook::consts::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            eprintln!(
+                "crac: {name} received: finishing this checkpoint first, so that the service ends up either running (rolled back) or in a complete image; it ends by itself within --timeout and the dump"
+            );
+        }
+    });
 }
 
 /// The process's executable name, made into a valid image name.
@@ -236,7 +279,12 @@ fn self_worker(request: &CheckpointRequest) -> Result<u8, OpError> {
             "the checkpoint worker could not leave the process's tree",
         ))
     } else {
-        driver::checkpoint(request)
+        // The process's own stderr, which it may read: warnings go there too.
+        driver::checkpoint(
+            request,
+            &mut |warning| eprintln!("crac: warning: {warning}"),
+            None,
+        )
     };
     let report = match &result {
         Ok(outcome) => SelfReport {

@@ -1,5 +1,5 @@
 //! `crac`: the operators' command. Each command lives in its own module; the work is done by
-//! the `crac_action` library (driver, store, metadata, archive), this binary parses, prints
+//! the `crac_cli` library (driver, store, metadata, archive), this binary parses, prints
 //! and maps outcomes to exit codes.
 
 mod check;
@@ -7,6 +7,7 @@ mod checkpoint;
 mod cli;
 mod images;
 mod output;
+mod progress;
 mod ps;
 mod restore;
 mod run;
@@ -14,19 +15,30 @@ mod run;
 use std::process::ExitCode;
 
 use clap::Parser;
-use crac_action::store::Store;
+use crac_cli::driver::{FailureKind, OpError};
+use crac_cli::store::Store;
 
 use crate::cli::{Cli, Command};
 use crate::output::Out;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let (Some(_), Command::Ps(_) | Command::Status(_)) = (&cli.store, &cli.command) {
+        // Accepted by every command (it is global), but these two read no store: say so
+        // rather than ignore it.
+        let err = OpError::new(
+            FailureKind::BadInput,
+            "--store: `crac ps` and `crac status` read no image store (they ask running processes); drop --store",
+        );
+        output::print_error(&err, false);
+        return ExitCode::from(err.kind.exit_code());
+    }
     let store = match cli.store {
         Some(root) => Store::open(root),
         None => Store::open_default(),
     };
     let (json, result) = match cli.command {
-        Command::Check(args) => (args.json, check::run(Out::new(args.json))),
+        Command::Check(args) => (args.json, check::run(&store, Out::new(args.json))),
         Command::Checkpoint(args) => (args.json, checkpoint::run(&store, args)),
         Command::Restore(args) => (args.json, restore::run(&store, args)),
         Command::Images(command) => images::run(&store, command),

@@ -13,7 +13,11 @@
 //! An image is written into a staging folder and renamed to its name only when complete
 //! ([`Staging::commit`]), so the store never shows half an image: a failed dump or import drops
 //! its [`Staging`], which removes the folder, and a killed one leaves a hidden folder that
-//! [`Store::list`] ignores and [`Store::clean_stale_staging`] removes once its process is gone.
+//! [`Store::list`] ignores. [`Store::recover`] (run by `crac` before it writes to the store,
+//! and by `crac images prune`) deals with those once their process is gone and no process
+//! works in them (CRIU's working folder is the image folder): a complete image whose crac was
+//! killed after CRIU's dump succeeded is filed under its name (the service is in it: CRIU
+//! stopped it), the rest is removed ([`Store::clean_stale_staging`]).
 //! Replacing and removing rename the old image to a hidden name first for the same reason.
 //!
 //! # Permissions
@@ -280,6 +284,29 @@ impl Store {
         &self.root
     }
 
+    /// Checks that images can be written here: makes and removes an empty hidden folder in the
+    /// root, or, while the root does not exist yet, in its nearest existing parent (the root is
+    /// made by the first write).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotWritable`] (permissions, a read-only file system), [`StoreError::Io`].
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let mut dir = self.root.as_path();
+        while fs::symlink_metadata(dir).is_err() {
+            match dir.parent() {
+                Some(parent) => dir = parent,
+                None => break,
+            }
+        }
+        let probe = dir.join(format!(".crac-check-{}", std::process::id()));
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&probe)
+            .map_err(|e| self.write_error("write into", dir, e))?;
+        fs::remove_dir(&probe).map_err(|e| self.write_error("remove", &probe, e))
+    }
+
     /// The free function [`validate_name`], reachable through the type.
     ///
     /// # Errors
@@ -528,8 +555,69 @@ impl Store {
         Ok(removed)
     }
 
+    /// Files the complete images of checkpoints whose crac was killed after CRIU's dump had
+    /// succeeded (see [`metadata::complete_pending`]), then removes the other working folders of
+    /// processes that are gone ([`Store::clean_stale_staging`]).
+    ///
+    /// An image is filed under the name it was to have, or, if that is taken by now, under
+    /// `NAME-recovered-SECONDS` (SECONDS: when CRIU finished): a recovered image never replaces
+    /// another one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::clean_stale_staging`], and the error of finishing an image's metadata, which
+    /// leaves that folder where it is for the next attempt.
+    pub fn recover(&self) -> Result<Recovery, StoreError> {
+        let mut recovered = Vec::new();
+        let mut stuck = Vec::new();
+        for (kind, image, path) in self.working_folders()? {
+            if kind != STAGING || pid_alive(folder_pid(&path)) || in_use(&path) {
+                continue;
+            }
+            let meta = match metadata::complete_pending(&path, &image) {
+                Ok(Some(meta)) => meta,
+                Ok(None) => continue,
+                // Left where it is (clean_stale_staging never removes a complete dump): the
+                // next attempt may succeed, and the caller says where it is meanwhile.
+                Err(source) => {
+                    stuck.push(self.io("finish the image in", &path, source));
+                    continue;
+                }
+            };
+            let mut name = image.clone();
+            let mut target = self.root.join(&name);
+            if rename_noreplace(&path, &target).is_err() {
+                let secs = meta.created_unix_ms / 1000;
+                let suffix = format!("-recovered-{secs}");
+                name = format!(
+                    "{}{suffix}",
+                    &image[..image.len().min(MAX_NAME_LEN - suffix.len())]
+                );
+                target = self.root.join(&name);
+                let mut renamed = meta.clone();
+                renamed.name = name.clone();
+                metadata::write(&path, &renamed).map_err(|e| self.io("recover", &path, e))?;
+                rename_noreplace(&path, &target)
+                    .map_err(|e| self.write_error("recover", &path, e))?;
+            }
+            recovered.push(Recovered {
+                name,
+                pid: meta.pid,
+                from: path,
+            });
+        }
+        let removed = self.clean_stale_staging()?;
+        Ok(Recovery {
+            recovered,
+            removed,
+            stuck,
+        })
+    }
+
     /// Cleans up after crac processes that were killed while writing, replacing or removing an
-    /// image: removes their hidden working folders, and returns what was removed.
+    /// image: removes their hidden working folders, and returns what was removed. A folder
+    /// some process works in (CRIU, still dumping after its crac was killed) is left alone, and
+    /// so is a complete dump ([`metadata::is_complete_dump`]): that is [`Store::recover`]'s.
     ///
     /// A folder belongs to a process whose PID is in its name; it is left alone while that
     /// process exists (a reused PID keeps it until the next cleanup, which is the safe side). A
@@ -543,7 +631,10 @@ impl Store {
     pub fn clean_stale_staging(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut removed = Vec::new();
         for (kind, image, path) in self.working_folders()? {
-            if pid_alive(folder_pid(&path)) {
+            if pid_alive(folder_pid(&path))
+                || in_use(&path)
+                || (kind == STAGING && metadata::is_complete_dump(&path))
+            {
                 continue;
             }
             let home = self.root.join(&image);
@@ -616,6 +707,44 @@ impl Store {
             _ => self.io(action, path, source),
         }
     }
+}
+
+/// What [`Store::recover`] did.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// The complete images of interrupted checkpoints, now in the store.
+    pub recovered: Vec<Recovered>,
+    /// The working folders removed (incomplete dumps and imports, set-aside images).
+    pub removed: Vec<PathBuf>,
+    /// Complete images that could not be finished or filed (a full disk, say), each error
+    /// naming its folder; they stay where they are.
+    pub stuck: Vec<StoreError>,
+}
+
+/// One image [`Store::recover`] filed in the store.
+#[derive(Debug)]
+pub struct Recovered {
+    /// Its name in the store.
+    pub name: String,
+    /// The process it holds (CRIU stopped it, unless it was dumped with `--leave-running`).
+    pub pid: u32,
+    /// The working folder it was found in.
+    pub from: PathBuf,
+}
+
+/// Whether some process works in `dir`: CRIU's working folder is its images folder, and CRIU
+/// goes on after the crac that started it was killed.
+fn in_use(dir: &Path) -> bool {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|entry| {
+        entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            && fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+    })
 }
 
 /// `.KIND-NAME-PID-NANOS` → (KIND, NAME, PID), for the kinds the store makes.
@@ -700,9 +829,11 @@ impl Staging {
     ///
     /// [`StoreError::Exists`] if the name is taken and `replace` is false; I/O errors as
     /// [`StoreError::NotWritable`] or [`StoreError::Io`]. On error the staging folder is
-    /// removed. Failing to remove a replaced image is not an error: the new image is in place
-    /// and the old one is left in a hidden folder for [`Store::clean_stale_staging`].
-    pub fn commit(mut self, replace: bool) -> Result<PathBuf, StoreError> {
+    /// left as it was: dropping the [`Staging`] removes it, [`Staging::keep`] keeps it (an
+    /// image that holds a service CRIU stopped must not be lost to a full disk). Failing to
+    /// remove a replaced image is not an error: the new image is in place and the old one is
+    /// left in a hidden folder for [`Store::clean_stale_staging`].
+    pub fn commit(&mut self, replace: bool) -> Result<PathBuf, StoreError> {
         let store = Store::open(self.root.clone());
         if self.durable {
             sync_tree(&self.path).map_err(|e| store.io("flush", &self.path, e))?;
@@ -761,6 +892,16 @@ impl Staging {
         }
         let _ = fs::remove_dir_all(&old);
         Ok(target)
+    }
+}
+
+impl Staging {
+    /// Leaves the staging folder where it is, image and all, and returns its path: for an image
+    /// that could not be committed but must not be lost. [`Store::recover`] files it later if
+    /// it is a complete dump.
+    pub fn keep(mut self) -> PathBuf {
+        self.committed = true;
+        self.path.clone()
     }
 }
 

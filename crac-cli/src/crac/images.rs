@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crac_action::archive;
-use crac_action::driver::{FailureKind, OpError};
-use crac_action::metadata::{self, Metadata};
-use crac_action::store::{self, Store, StoreError};
+use crac_cli::archive;
+use crac_cli::driver::{FailureKind, OpError};
+use crac_cli::metadata::{self, Metadata};
+use crac_cli::store::{self, Store, StoreError};
 
 use crate::cli::ImagesCommand;
 use crate::output::{bytes, millis, Out};
@@ -32,6 +32,7 @@ pub fn run(store: &Store, command: ImagesCommand) -> (bool, Result<u8, OpError>)
         ImagesCommand::List(args) => (args.json, list(store, Out::new(args.json))),
         ImagesCommand::Show(args) => (args.json, show(store, &args.name, Out::new(args.json))),
         ImagesCommand::Rm(args) => (false, rm(store, &args.names)),
+        ImagesCommand::Verify(args) => (args.json, verify(store, &args.name, Out::new(args.json))),
         ImagesCommand::Du(args) => (args.json, du(store, Out::new(args.json))),
         ImagesCommand::Prune(args) => (false, prune(store, args.keep, args.older_than.as_deref())),
         ImagesCommand::Export(args) => (false, export(store, &args.name, &args.file)),
@@ -78,16 +79,18 @@ fn list(store: &Store, out: Out) -> Result<u8, OpError> {
         );
         for l in &listed {
             let (pid, command) = match &l.metadata {
-                Some(m) => (m.pid.to_string(), m.command_line.join(" ")),
+                Some(m) => (m.pid.to_string(), one_line(&m.command_line)),
                 None => (
                     "-".into(),
                     format!("(unreadable: {})", l.error.as_deref().unwrap_or("?")),
                 ),
             };
+            // The image's own size, as `show` and `export` give it; `du` adds logs.
+            let size = l.metadata.as_ref().map_or(l.bytes, |m| m.image_bytes);
             text.push_str(&format!(
                 "{:<24} {:>10} {:>8}  {:<24} {}\n",
                 l.name,
-                bytes(l.bytes),
+                bytes(size),
                 pid,
                 age(l.created_unix_ms),
                 command
@@ -96,6 +99,21 @@ fn list(store: &Store, out: Out) -> Result<u8, OpError> {
         text
     });
     Ok(0)
+}
+
+/// A command line on one line of a table: arguments with newlines, tabs or other control
+/// characters are shown escaped (`\n`), so one image is one row.
+fn one_line(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.chars().any(char::is_control) {
+                a.escape_debug().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn age(created_unix_ms: u64) -> String {
@@ -116,7 +134,9 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     let dir = resolve(store, name)?;
     let meta =
         metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    let problems = metadata::validate(&dir, &meta).err().map(|e| e.to_string());
+    let problems = metadata::verify(&dir, &meta, metadata::Check::Changed)
+        .err()
+        .map(|e| e.to_string());
     #[derive(Serialize)]
     struct Shown<'a> {
         path: &'a PathBuf,
@@ -139,7 +159,7 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
         text.push_str(&format!(
             "  process:   pid {} `{}`\n",
             meta.pid,
-            meta.command_line.join(" ")
+            one_line(&meta.command_line)
         ));
         text.push_str(&format!("  created:   {}\n", age(meta.created_unix_ms)));
         text.push_str(&format!(
@@ -176,6 +196,77 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     Ok(0)
 }
 
+fn verify(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
+    let dir = resolve(store, name)?;
+    let meta =
+        metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    metadata::verify(&dir, &meta, metadata::Check::Full)
+        .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    let hashed = meta.files.iter().filter(|f| f.sha256.is_some()).count();
+    #[derive(Serialize)]
+    struct Verified {
+        ok: bool,
+        files_checked: usize,
+        files_without_hash: usize,
+        executable_checked: bool,
+    }
+    let verified = Verified {
+        ok: true,
+        files_checked: hashed,
+        files_without_hash: meta.files.len() - hashed,
+        executable_checked: meta.executable_sha256.is_some(),
+    };
+    out.print(&verified, || {
+        let mut text = format!(
+            "image {name}: intact ({hashed} image files hold what was dumped",
+        );
+        if verified.executable_checked {
+            text.push_str(&format!(
+                "; {} is the executable the service ran)\n",
+                meta.executable
+            ));
+        } else {
+            text.push_str(
+                "; the executable was not hashed at the checkpoint, so it is not checked)\n",
+            );
+        }
+        if verified.files_without_hash > 0 {
+            text.push_str(&format!(
+                "  {} files have no recorded hash (an image of an older crac): only their sizes were checked\n",
+                verified.files_without_hash
+            ));
+        }
+        text
+    });
+    Ok(0)
+}
+
+/// Files the complete images of interrupted checkpoints and removes what other interrupted
+/// writes left, saying so on stderr (stdout stays the command's own).
+pub fn recover(store: &Store) -> Result<(), OpError> {
+    let recovery = store.recover().map_err(store_error)?;
+    for image in &recovery.recovered {
+        eprintln!(
+            "crac: filed the complete image of an interrupted checkpoint of pid {} as {} (found in {})",
+            image.pid,
+            image.name,
+            image.from.display()
+        );
+    }
+    for path in &recovery.removed {
+        eprintln!(
+            "crac: removed {}, left by an interrupted dump or import",
+            path.display()
+        );
+    }
+    for err in &recovery.stuck {
+        eprintln!(
+            "crac: warning: a complete image of an interrupted checkpoint stays where it is: {err}"
+        );
+    }
+    Ok(())
+}
+
 fn rm(store: &Store, names: &[String]) -> Result<u8, OpError> {
     // Check every name first, so that a typo removes nothing.
     for name in names {
@@ -209,7 +300,7 @@ fn du(store: &Store, out: Out) -> Result<u8, OpError> {
             }
             if usage.staging > 0 {
                 text.push_str(&format!(
-                    "{:>10}  (working folders of dumps in progress or killed)\n",
+                    "{:>10}  working folders of checkpoints and imports in progress or interrupted: `crac images prune` (and any crac that writes to the store) files the complete images among them in the store and removes the rest\n",
                     bytes(usage.staging)
                 ));
             }
@@ -229,8 +320,32 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
         .map(store::parse_age)
         .transpose()
         .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let recovery = store.recover().map_err(store_error)?;
+    for image in &recovery.recovered {
+        println!(
+            "recovered {} (the complete image of an interrupted checkpoint of pid {}, found in {})",
+            image.name,
+            image.pid,
+            image.from.display()
+        );
+    }
+    for path in &recovery.removed {
+        println!(
+            "removed {} (left by an interrupted dump or import)",
+            path.display()
+        );
+    }
+    for err in &recovery.stuck {
+        eprintln!(
+            "crac: warning: a complete image of an interrupted checkpoint stays where it is: {err}"
+        );
+    }
     let removed = store.prune(keep, older_than).map_err(store_error)?;
-    if removed.is_empty() {
+    if removed.is_empty()
+        && recovery.recovered.is_empty()
+        && recovery.removed.is_empty()
+        && recovery.stuck.is_empty()
+    {
         println!("nothing to prune");
     }
     for name in removed {
@@ -241,17 +356,21 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
 
 fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpError> {
     let summary = archive::export(store, name, file).map_err(archive_error)?;
+    // The image's size as `list` and `show` give it (its CRIU files), then the archive's.
+    let image =
+        metadata::read(&resolve(store, name)?).map_or(summary.bytes_in, |meta| meta.image_bytes);
     println!(
-        "exported {name} to {}: {} files, {} -> {}",
+        "exported {name} ({}) to {}: {} files, archive {}",
+        bytes(image),
         file.display(),
         summary.files,
-        bytes(summary.bytes_in),
         bytes(summary.bytes_out)
     );
     Ok(0)
 }
 
 fn import(store: &Store, file: &std::path::Path, name: Option<&str>) -> Result<u8, OpError> {
+    recover(store)?;
     let imported = archive::import(store, file, name).map_err(archive_error)?;
     println!("imported {} as {imported}", file.display());
     Ok(0)
@@ -263,4 +382,19 @@ fn archive_error(err: archive::ArchiveError) -> OpError {
         _ => FailureKind::BadInput,
     };
     OpError::new(kind, err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_command_line_with_newlines_stays_on_one_row() {
+        let args = [
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "echo a\n\techo b".to_owned(),
+        ];
+        assert_eq!(one_line(&args), "sh -c echo a\\n\\techo b");
+    }
 }

@@ -4,8 +4,9 @@ use std::process::Command;
 
 use serde::Serialize;
 
-use crac_action::driver::{self, OpError};
-use crac_action::locate;
+use crac_cli::driver::{self, OpError};
+use crac_cli::locate;
+use crac_cli::store::Store;
 
 use crate::output::Out;
 
@@ -25,9 +26,25 @@ struct Check {
     detail: String,
 }
 
-pub fn run(out: Out) -> Result<u8, OpError> {
+pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
     let mut checks = Vec::new();
     let mut fixes = Vec::new();
+
+    match store.check_writable() {
+        Ok(()) => checks.push(Check {
+            name: "store",
+            ok: true,
+            detail: format!("image store {} is writable", store.root().display()),
+        }),
+        Err(err) => {
+            checks.push(Check {
+                name: "store",
+                ok: false,
+                detail: err.to_string(),
+            });
+            fixes.push("give crac a writable image store (--store DIR or CRAC_STORE)".to_owned());
+        }
+    }
 
     let criu = locate::locate();
     match &criu {
@@ -35,10 +52,14 @@ pub fn run(out: Out) -> Result<u8, OpError> {
             name: "criu",
             ok: true,
             detail: format!(
-                "CRIU {} at {} (from {:?})",
+                "CRIU {} at {} ({})",
                 criu.version,
                 criu.path.display(),
-                criu.source
+                match criu.source {
+                    locate::Source::Env => "named by CRAC_CRIU",
+                    locate::Source::Path => "found on PATH",
+                    locate::Source::Provisioned => "installed by scripts/provision-criu.sh",
+                }
             ),
         }),
         Err(err) => {
@@ -126,7 +147,7 @@ pub fn run(out: Out) -> Result<u8, OpError> {
         }
     }
 
-    let (kernel, arch) = crac_action::metadata::this_machine();
+    let (kernel, arch) = crac_cli::metadata::this_machine();
     checks.push(Check {
         name: "kernel",
         ok: true,

@@ -10,11 +10,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crac_action::archive::{self, ArchiveError};
-use crac_action::metadata::{
+use crac_cli::archive::{self, ArchiveError};
+use crac_cli::metadata::{
     self, DumpOptions, FileEntry, HookTiming, Metadata, MetadataError, Timings, METADATA_FILE,
 };
-use crac_action::store::{self, Store, StoreError};
+use crac_cli::store::{self, Store, StoreError};
 
 const PAGES_LEN: usize = 64 * 1024;
 
@@ -110,11 +110,14 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         timings: Timings {
             hooks_ms: 1.5,
             dump_ms: 120.0,
+            hash_ms: 0.0,
             total_ms: 130.0,
             criu: None,
         },
         crac_version: "0.1.0".to_owned(),
         files,
+        executable_sha256: None,
+        mapped_files: Vec::new(),
     };
     metadata::write(dir, &meta).expect("write metadata");
     meta
@@ -122,7 +125,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
 
 /// Adds a fake image to `store` the way `crac checkpoint` does.
 fn add_image(store: &Store, name: &str, pid: u32, created_unix_ms: u64) -> PathBuf {
-    let staging = store.begin(name).expect("begin");
+    let mut staging = store.begin(name).expect("begin");
     make_image(staging.path(), name, pid, created_unix_ms);
     staging.commit(false).expect("commit")
 }
@@ -210,7 +213,7 @@ fn names_are_validated_with_the_reason() {
 fn staging_commit_moves_the_image_into_place() {
     let scratch = Scratch::new("commit");
     let store = scratch.store();
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     assert_eq!(staging.name(), "web");
     let staging_path = staging.path().to_owned();
     let staging_name = staging_path
@@ -245,9 +248,10 @@ fn commit_refuses_an_existing_name_unless_replacing() {
     let store = scratch.store();
     add_image(&store, "web", 1, 1000);
 
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     make_image(staging.path(), "web", 2, 2000);
     let err = staging.commit(false).expect_err("name taken");
+    drop(staging);
     assert!(matches!(err, StoreError::Exists { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
@@ -261,7 +265,7 @@ fn commit_refuses_an_existing_name_unless_replacing() {
     let dir = store.root().join("web");
     assert_eq!(metadata::read(&dir).expect("metadata").pid, 1);
 
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     make_image(staging.path(), "web", 3, 3000);
     assert_eq!(staging.commit(true).expect("replace"), dir);
     assert_eq!(metadata::read(&dir).expect("metadata").pid, 3);
@@ -575,15 +579,18 @@ fn metadata_round_trips_and_lists_only_image_files() {
         vec![
             FileEntry {
                 name: "core-1.img".to_owned(),
-                size: 300
+                size: 300,
+                sha256: None
             },
             FileEntry {
                 name: "inventory.img".to_owned(),
-                size: 64
+                size: 64,
+                sha256: None
             },
             FileEntry {
                 name: "pages-1.img".to_owned(),
-                size: PAGES_LEN as u64
+                size: PAGES_LEN as u64,
+                sha256: None
             },
         ]
     );
@@ -1230,7 +1237,7 @@ fn an_unwritable_store_says_how_to_fix_it() {
 fn an_image_cannot_be_resolved_until_committed() {
     let scratch = Scratch::new("whole");
     let store = scratch.store();
-    let staging = store.begin("web").expect("begin");
+    let mut staging = store.begin("web").expect("begin");
     let mut f = File::create(staging.path().join("inventory.img")).expect("create");
     f.write_all(b"inventory").expect("write");
     drop(f);
@@ -1240,4 +1247,104 @@ fn an_image_cannot_be_resolved_until_committed() {
         fs::read(path.join("inventory.img")).expect("read"),
         b"inventory"
     );
+}
+
+/// A dump CRIU finished (its `stats-dump` is there) whose crac was killed: what crac wrote
+/// before CRIU ran is the pending file, and there is no metadata yet.
+fn make_killed_dump(dir: &Path, name: &str, pid: u32, finished: bool) {
+    let meta = make_image(dir, name, pid, 1000);
+    fs::rename(dir.join(METADATA_FILE), dir.join(metadata::PENDING_FILE)).expect("pending file");
+    if finished {
+        fs::write(dir.join(metadata::DUMP_DONE_FILE), b"stats").expect("stats-dump");
+    }
+    assert_eq!(meta.pid, pid);
+}
+
+#[test]
+fn recover_files_complete_dumps_and_removes_the_rest() {
+    let scratch = Scratch::new("recover");
+    let store = scratch.store();
+    add_image(&store, "api", 1, 1000);
+    let dead = 99_999_999;
+    let root = store.root().to_owned();
+    make_killed_dump(&root.join(format!(".staging-web-{dead}-1")), "web", 2, true);
+    make_killed_dump(&root.join(format!(".staging-api-{dead}-2")), "api", 3, true);
+    make_killed_dump(
+        &root.join(format!(".staging-half-{dead}-3")),
+        "half",
+        4,
+        false,
+    );
+    // An import killed half-way: metadata and CRIU's stats-dump came first, a page file not.
+    let import = root.join(format!(".staging-imp-{dead}-4"));
+    make_image(&import, "imp", 5, 1000);
+    fs::write(import.join(metadata::DUMP_DONE_FILE), b"stats").expect("stats-dump");
+    fs::remove_file(import.join("pages-1.img")).expect("a file missing");
+
+    let recovery = store.recover().expect("recover");
+    assert!(recovery.stuck.is_empty(), "{:?}", recovery.stuck);
+    let mut names: Vec<(String, u32)> = recovery
+        .recovered
+        .iter()
+        .map(|r| (r.name.clone(), r.pid))
+        .collect();
+    names.sort();
+    // The image that had the name keeps it: a recovered image never replaces one.
+    let api = store.resolve("api").expect("api");
+    assert_eq!(metadata::read(&api).expect("api's metadata").pid, 1);
+    assert_eq!(names.len(), 2);
+    assert_eq!(names[1], ("web".to_owned(), 2));
+    assert!(
+        names[0].0.starts_with("api-recovered-") && names[0].1 == 3,
+        "{names:?}"
+    );
+    let mut removed = recovery.removed.clone();
+    removed.sort();
+    assert_eq!(
+        removed,
+        [
+            root.join(format!(".staging-half-{dead}-3")),
+            root.join(format!(".staging-imp-{dead}-4")),
+        ]
+    );
+    for (name, pid) in &names {
+        let dir = store.resolve(name).expect("filed");
+        let meta = metadata::read(&dir).expect("metadata");
+        assert_eq!((&meta.name, meta.pid), (name, *pid));
+        assert!(meta.files.iter().all(|f| f.sha256.is_some()), "{meta:?}");
+        metadata::verify(&dir, &meta, metadata::Check::Full).expect("a recovered image verifies");
+        assert!(!dir.join(metadata::PENDING_FILE).exists());
+    }
+    assert_eq!(store.list().expect("list").len(), 3);
+}
+
+#[test]
+fn verify_trusts_only_files_unchanged_since_found_intact() {
+    let scratch = Scratch::new("verify");
+    let dir = scratch.path().join("img");
+    let mut meta = make_image(&dir, "img", 7, 1000);
+    metadata::hash_files(&dir, &mut meta.files).expect("hash");
+    metadata::write(&dir, &meta).expect("metadata");
+    metadata::verify(&dir, &meta, metadata::Check::Full).expect("intact");
+    assert!(dir.join(metadata::VERIFIED_FILE).is_file());
+    assert!(metadata::list_image_files(&dir)
+        .expect("list")
+        .iter()
+        .all(|f| f.name != metadata::VERIFIED_FILE));
+
+    // Same size, other content, written in place: the change time moved, so even a restore's
+    // quick check reads the file again.
+    let pages = dir.join("pages-1.img");
+    let mut bytes = fs::read(&pages).expect("pages");
+    bytes[10] ^= 0xff;
+    fs::write(&pages, &bytes).expect("rewrite");
+    for check in [metadata::Check::Changed, metadata::Check::Full] {
+        let err = metadata::verify(&dir, &meta, check).expect_err("damaged");
+        assert!(
+            err.to_string().contains(
+                "image file pages-1.img does not hold what was dumped (its SHA-256 differs)"
+            ),
+            "{err}"
+        );
+    }
 }

@@ -1,19 +1,29 @@
 //! `crac restore`: validate first (metadata, complete images, architecture, CRIU, free PID),
 //! then restore with crac-action so the after_restore hooks run before this returns.
 
-use crac_action::driver::{self, OpError, RestoreRequest};
-use crac_action::store::Store;
+use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
+use crac_cli::store::Store;
 
 use crate::cli::RestoreArgs;
 use crate::output::{millis, Out};
+use crate::progress;
 
 pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     let dir = crate::images::resolve(store, &args.image)?;
-    let outcome = driver::restore(&RestoreRequest {
-        dir: dir.clone(),
-        detach: args.detach,
-        tcp_close: args.tcp_close,
-    })?;
+    // Without --detach CRIU stays until the restored service exits: no progress line then.
+    let bar = progress::Bar::new(args.json || !args.detach, None);
+    let update = |phase, written| bar.update(phase, written);
+    let outcome = driver::restore(
+        &RestoreRequest {
+            dir: dir.clone(),
+            detach: args.detach,
+            tcp_close: args.tcp_close,
+        },
+        &mut |notice| bar.note(&format!("crac: {notice}")),
+        bar.shown().then_some(&update as _),
+    );
+    drop(bar);
+    let outcome = outcome?;
     Out::new(args.json).print(&outcome, || {
         let mut text = if args.detach {
             format!(
@@ -41,5 +51,15 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         }
         text
     });
+    if !outcome.hook_failures.is_empty() {
+        // Printed after the outcome: the service runs, restored, and what did not come back
+        // up is the operator's to see to.
+        eprintln!(
+            "crac: pid {} was restored and runs, but after_restore failed: {}",
+            outcome.pid,
+            outcome.hook_failures.join("; ")
+        );
+        return Ok(FailureKind::HooksFailed.exit_code());
+    }
     Ok(0)
 }

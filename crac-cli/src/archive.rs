@@ -493,7 +493,7 @@ impl Drop for TempOut {
 }
 
 /// Copies `from` to `to` and returns the size and SHA-256 (lowercase hex) of what was copied.
-fn digest(mut from: impl Read, to: &mut impl Write) -> io::Result<(u64, String)> {
+pub(crate) fn digest(mut from: impl Read, to: &mut impl Write) -> io::Result<(u64, String)> {
     copy_hashed(&mut from, to).map_err(|(CopyError::Read(err) | CopyError::Write(err))| err)
 }
 
@@ -664,7 +664,7 @@ fn check_free(store: &Store, name: &str) -> Result<(), ArchiveError> {
     }
 }
 
-fn commit(staging: Staging, name: &str) -> Result<(), ArchiveError> {
+fn commit(mut staging: Staging, name: &str) -> Result<(), ArchiveError> {
     match staging.commit(false) {
         Ok(_) => Ok(()),
         Err(StoreError::Exists { .. }) => Err(ArchiveError::Exists {

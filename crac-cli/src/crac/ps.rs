@@ -6,10 +6,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crac_action::agents::{ask, Deadline, Outcome};
-use crac_action::driver::{read_cmdline, FailureKind, OpError};
 use crac_action::namespace::{expected_socket, AgentSocket};
 use crac_action::tree::ProcessId;
 use crac_agent::protocol::Request;
+use crac_cli::driver::{read_cmdline, FailureKind, OpError};
 
 use crate::output::Out;
 

@@ -5,7 +5,9 @@
 //! leaves nothing in it), a metadata file beside the images, validation before a restore, and
 //! errors that quote CRIU's own lines with a hint for the ones people hit.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,12 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::locate::{self, Criu};
-use crate::metadata::{self, DumpOptions, HookTiming, Metadata, Timings};
-use crate::post_dump::{AgentFolders, AGENTS_FILE};
-use crate::pre_dump::{HookReport, HOOK_REPORT_ENV};
-use crate::settings::TIMEOUT_ENV;
+use crate::metadata::{self, DumpOptions, HookTiming, MappedFile, Metadata, Timings};
 use crate::store::{Staging, Store};
-use crate::tree::ProcessId;
+use crac_action::post_dump::{AgentFolders, AGENTS_FILE};
+use crac_action::pre_dump::{HookReport, HOOK_REPORT_ENV};
+use crac_action::settings::TIMEOUT_ENV;
+use crac_action::tree::ProcessId;
 
 /// How `crac` has CRIU lock the TCP connections it dumps (`--network-lock`): nftables, not
 /// CRIU's default iptables. With iptables, a restore with `--tcp-close` never removes the
@@ -38,6 +40,13 @@ pub enum FailureKind {
     /// Checkpoint/restore is not possible here (no CRIU, no privileges, store not writable):
     /// exit code 3.
     Unavailable,
+    /// A checkpoint's image was made (the service stopped, unless `--leave-running`) but could
+    /// not be finished or filed in the store: it is kept where it is, and the message says how
+    /// to restore it: exit code 4.
+    ImageKept,
+    /// A restore brought the service back, but an after_restore hook failed or timed out (the
+    /// message names the resource; see [`RestoreOutcome::hook_failures`]): exit code 5.
+    HooksFailed,
 }
 
 impl FailureKind {
@@ -47,6 +56,8 @@ impl FailureKind {
             FailureKind::Failed => 1,
             FailureKind::BadInput => 2,
             FailureKind::Unavailable => 3,
+            FailureKind::ImageKept => 4,
+            FailureKind::HooksFailed => 5,
         }
     }
 }
@@ -79,6 +90,29 @@ impl OpError {
         self
     }
 }
+
+/// What a checkpoint or a restore is doing, for a progress display (see [`Progress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// The before_checkpoint hooks run (CRIU's pre-dump).
+    Hooks,
+    /// CRIU freezes the tree and writes the image.
+    Dump,
+    /// crac hashes the image files and the executable.
+    Hash,
+    /// crac writes the metadata and files the image in the store.
+    Commit,
+    /// A restore checks the image's files and the executable.
+    Verify,
+    /// CRIU restores the tree, and the after_restore hooks run.
+    Restore,
+}
+
+/// Told what an operation is doing: the phase, and the bytes of image written so far (during
+/// [`Phase::Dump`]; 0 otherwise). Called from a thread of the driver's too, about ten times a
+/// second while CRIU dumps; with no `Progress` given, nothing polls.
+pub type Progress<'a> = &'a (dyn Fn(Phase, u64) + Sync);
 
 /// Finds CRIU, as an [`OpError`].
 ///
@@ -153,13 +187,26 @@ pub struct CheckpointOutcome {
     pub left_running: bool,
 }
 
-/// Takes a checkpoint. The target keeps running if anything fails (the hooks are rolled back),
-/// and nothing is left in the store.
+/// Takes a checkpoint. The target keeps running if anything fails before CRIU's dump succeeds
+/// (the hooks are rolled back), and nothing is left in the store. Once it succeeded, the image
+/// is never discarded: if the metadata or the store's commit fails, it is kept where it is
+/// ([`FailureKind::ImageKept`]).
+///
+/// Refused up front: pid 1, this process and its ancestors (CRIU cannot dump a tree it is
+/// part of, and would stop the caller), and a caller that is not root.
+///
+/// `warn` is told, before the dump, what will make the image hard to use (stdout or stderr on a
+/// file opened without `O_APPEND`); `progress`, if given, is told each phase, and the bytes
+/// written while CRIU dumps.
 ///
 /// # Errors
 ///
 /// See [`OpError`]; CRIU's error lines and crac-action's lines are in the details.
-pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpError> {
+pub fn checkpoint(
+    request: &CheckpointRequest,
+    warn: &mut dyn FnMut(&str),
+    progress: Option<Progress<'_>>,
+) -> Result<CheckpointOutcome, OpError> {
     let started = Instant::now();
     let pid = request.pid;
     let process = ProcessId::of(pid).ok_or_else(|| {
@@ -168,11 +215,19 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
             format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
         )
     })?;
+    refuse_up_front(pid, &request.options)?;
+    for warning in stdio_warnings(pid) {
+        warn(&warning);
+    }
     let command_line = read_cmdline(pid);
-    let ns_pid = crate::namespace::ns_pid(pid);
+    let ns_pid = crac_action::namespace::ns_pid(pid);
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    // Opened now and hashed after the dump: they stay the files the service ran even if their
+    // paths are replaced meanwhile, and hashing them costs nothing while the service is frozen.
+    let executable_file = fs::File::open(format!("/proc/{pid}/exe")).ok();
+    let mapped_files = open_mapped_files(pid, &executable);
     let criu = criu()?;
     let action = action_script()?;
 
@@ -211,6 +266,43 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         err
     };
 
+    let (kernel, arch) = metadata::this_machine();
+    let name = match &request.destination {
+        Destination::Store { name, .. } => name.clone(),
+        Destination::Dir(dir) => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let mut metadata = Metadata {
+        format: metadata::FORMAT,
+        name,
+        pid,
+        ns_pid,
+        command_line,
+        executable,
+        created_unix_ms: 0,
+        image_bytes: 0,
+        criu_version: criu.version.clone(),
+        kernel,
+        arch,
+        options: request.options.clone(),
+        hooks: Vec::new(),
+        timings: Timings::default(),
+        crac_version: env!("CARGO_PKG_VERSION").to_owned(),
+        files: Vec::new(),
+        executable_sha256: None,
+        mapped_files: Vec::new(),
+    };
+    // If this crac is killed while CRIU dumps, the next one finishes the image from this
+    // (metadata::complete_pending).
+    metadata::write_pending(&images, &metadata).map_err(|e| {
+        fail(OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot write into {}: {e}", images.display()),
+        ))
+    })?;
+
     let report_path = std::env::temp_dir().join(format!(
         "crac-hooks-{}-{}.json",
         std::process::id(),
@@ -230,7 +322,11 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         .env(HOOK_REPORT_ENV, &report_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // A Ctrl-C at the terminal goes to the whole foreground process group: CRIU killed
+        // half-way would leave the service half-dumped. crac, which gets the signal, lets the
+        // dump end (see `crac checkpoint`).
+        .process_group(0);
     if request.options.leave_running {
         cmd.arg("--leave-running");
     }
@@ -249,7 +345,33 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
     }
     cmd.args(&request.options.extra_criu_args);
     let dump_started = Instant::now();
-    let output = cmd.output().map_err(|e| {
+    let output = std::thread::scope(|scope| {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        if let Some(progress) = progress {
+            let (images, report_path) = (&images, &report_path);
+            scope.spawn(move || loop {
+                let written = image_bytes_so_far(images);
+                // crac-action writes its report when the hooks are done; without agents, the
+                // first image file says CRIU is dumping.
+                let phase = if written > 0 || report_path.exists() {
+                    Phase::Dump
+                } else {
+                    Phase::Hooks
+                };
+                progress(phase, written);
+                if !matches!(
+                    stopped.recv_timeout(Duration::from_millis(100)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                ) {
+                    break;
+                }
+            });
+        }
+        let output = cmd.output();
+        drop(stop);
+        output
+    });
+    let output = output.map_err(|e| {
         fail(OpError::new(
             FailureKind::Unavailable,
             format!("cannot run {}: {e}", criu.path.display()),
@@ -265,10 +387,19 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
     if !output.status.success() {
         let mut details = criu_lines(&log, &output.stderr);
         details.extend(hints(&log));
-        let state = if process.is_alive() {
-            format!("pid {pid} is still running; hooks that ran were rolled back")
-        } else {
+        let state = if !process.is_alive() {
             format!("pid {pid} is no longer running")
+        } else if log.contains("killed by signal") && log.contains("Pre dump script failed") {
+            // Nobody rolled back an agent that had answered: its lease does (crac-agent).
+            format!(
+                "pid {pid} is still running; an agent that crac-action had told ends that checkpoint by itself when its lease runs out (--timeout + 10 s at the most)"
+            )
+        } else if log.contains("did not reply within") {
+            format!(
+                "pid {pid} is still running; an agent that did not answer in time rolls back when its hooks are done"
+            )
+        } else {
+            format!("pid {pid} is still running; hooks that ran were rolled back")
         };
         return Err(fail(
             OpError::new(
@@ -282,14 +413,9 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         ));
     }
 
-    let (kernel, arch) = metadata::this_machine();
-    let files = metadata::list_image_files(&images).map_err(|e| {
-        fail(OpError::new(
-            FailureKind::Failed,
-            format!("cannot list the images in {}: {e}", images.display()),
-        ))
-    })?;
-    let hooks: Vec<HookTiming> = hook_report
+    // CRIU's dump succeeded: unless --leave-running, the service is stopped and this image is
+    // all that is left of it. From here on nothing discards it.
+    metadata.hooks = hook_report
         .iter()
         .flat_map(|r| {
             r.agents.iter().flat_map(|a| {
@@ -302,47 +428,99 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
             })
         })
         .collect();
-    let name = match &request.destination {
-        Destination::Store { name, .. } => name.clone(),
-        Destination::Dir(dir) => dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+    metadata.created_unix_ms = now_ms();
+    metadata.timings = Timings {
+        hooks_ms: hook_report.as_ref().map_or(0.0, |r| r.wall_ms),
+        dump_ms,
+        hash_ms: 0.0,
+        total_ms: 0.0,
+        criu: crate::stats::dump(&images),
     };
-    let mut metadata = Metadata {
-        format: metadata::FORMAT,
-        name,
-        pid,
-        ns_pid,
-        command_line,
-        executable,
-        created_unix_ms: now_ms(),
-        image_bytes: files.iter().map(|f| f.size).sum(),
-        criu_version: criu.version.clone(),
-        kernel,
-        arch,
-        options: request.options.clone(),
-        hooks,
-        timings: Timings {
-            hooks_ms: hook_report.as_ref().map_or(0.0, |r| r.wall_ms),
-            dump_ms,
-            total_ms: 0.0,
-            criu: crate::stats::dump(&images),
-        },
-        crac_version: env!("CARGO_PKG_VERSION").to_owned(),
-        files,
+    let kept = |what: String, written: bool, staging: Option<Staging>| {
+        let path = staging.map_or_else(|| images.clone(), Staging::keep);
+        image_kept(request, &criu, &action, &path, &what, written)
     };
+    if let Some(progress) = progress {
+        progress(Phase::Hash, 0);
+    }
+    let hash_started = Instant::now();
+    // The files outside the image (the executable, the mapped ones) are hashed on a thread of
+    // their own while the image files are.
+    let (files, (executable_hash, mapped_hashes)) = std::thread::scope(|scope| {
+        let outside = scope.spawn(move || {
+            let executable = executable_file.and_then(|f| metadata::hash_with_identity(f).ok());
+            let mapped: Vec<(String, String, metadata::Identity)> = mapped_files
+                .into_iter()
+                .filter_map(|(path, file)| {
+                    let (sha256, identity) = metadata::hash_with_identity(file).ok()?;
+                    Some((path, sha256, identity))
+                })
+                .collect();
+            (executable, mapped)
+        });
+        let files = metadata::list_image_files(&images).and_then(|mut files| {
+            metadata::hash_files(&images, &mut files)?;
+            Ok(files)
+        });
+        (
+            files,
+            outside.join().expect("the hashing thread does not panic"),
+        )
+    });
+    let files = match files {
+        Ok(files) => files,
+        Err(e) => {
+            return Err(kept(
+                format!(
+                    "could not read the image files in {}: {e}",
+                    images.display()
+                ),
+                false,
+                staging,
+            ))
+        }
+    };
+    // The identities of the files that were hashed, noted below as intact where their paths
+    // still lead to them, so that a restore on this machine need not hash them again.
+    let mut outside = BTreeMap::new();
+    if let Some((sha256, identity)) = executable_hash {
+        outside.insert(metadata.executable.clone(), identity);
+        metadata.executable_sha256 = Some(sha256);
+    }
+    for (path, sha256, identity) in mapped_hashes {
+        outside.insert(path.clone(), identity);
+        metadata.mapped_files.push(MappedFile { path, sha256 });
+    }
+    metadata.timings.hash_ms = ms(hash_started.elapsed());
+    metadata.image_bytes = files.iter().map(|f| f.size).sum();
+    metadata.files = files;
     metadata.timings.total_ms = ms(started.elapsed());
-    metadata::write(&images, &metadata).map_err(|e| {
-        fail(OpError::new(
-            FailureKind::Failed,
-            format!("cannot write the metadata into {}: {e}", images.display()),
-        ))
-    })?;
+    if let Some(progress) = progress {
+        progress(Phase::Commit, 0);
+    }
+    if let Err(e) = metadata::write(&images, &metadata) {
+        return Err(kept(
+            format!(
+                "could not write the metadata into {}: {e}",
+                images.display()
+            ),
+            false,
+            staging,
+        ));
+    }
+    let _ = fs::remove_file(images.join(metadata::PENDING_FILE));
+    metadata::note_intact(&images, &metadata, &outside);
     let path = match (staging, &request.destination) {
-        (Some(staging), Destination::Store { replace, .. }) => staging
-            .commit(*replace)
-            .map_err(|e| OpError::new(FailureKind::Failed, e.to_string()))?,
+        (Some(mut staging), Destination::Store { replace, .. }) => match staging.commit(*replace) {
+            Ok(path) => path,
+            Err(e) => {
+                return Err(kept(
+                    format!("could not file it in the store: {e}"),
+                    true,
+                    Some(staging),
+                ))
+            }
+        },
         _ => images,
     };
     Ok(CheckpointOutcome {
@@ -350,6 +528,228 @@ pub fn checkpoint(request: &CheckpointRequest) -> Result<CheckpointOutcome, OpEr
         metadata,
         left_running: request.options.leave_running,
     })
+}
+
+/// The regular files `pid` has mapped besides `executable` (shared libraries, locale files),
+/// each opened through `/proc/PID/map_files`, which is the mapped file itself even if its path
+/// was replaced since. A deleted file, or one that cannot be opened, is left out: it cannot be
+/// checked at a restore either.
+fn open_mapped_files(pid: u32, executable: &str) -> Vec<(String, fs::File)> {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut fields = line.splitn(6, char::is_whitespace);
+        let Some(range) = fields.next() else { continue };
+        let Some(path) = fields.nth(4).map(str::trim_start) else {
+            continue;
+        };
+        if !path.starts_with('/')
+            || path.ends_with(" (deleted)")
+            || path == executable
+            || !seen.insert(path.to_owned())
+        {
+            continue;
+        }
+        if let Ok(file) = fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
+            files.push((path.to_owned(), file));
+        }
+    }
+    files
+}
+
+/// The bytes of CRIU image files (`*.img`) in `dir` so far.
+fn image_bytes_so_far(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".img"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// What crac refuses to checkpoint before touching anything, with the reason.
+fn refuse_up_front(pid: u32, options: &DumpOptions) -> Result<(), OpError> {
+    if pid == 1 {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            "pid 1 is this system's init: dumping it would stop every process on the machine; crac does not checkpoint it (a container's init has another pid out here: see `crac ps`)",
+        ));
+    }
+    let me = std::process::id();
+    let mut ancestor = Some(me);
+    while let Some(p) = ancestor {
+        if p == pid {
+            let who = if p == me {
+                "crac itself".to_owned()
+            } else {
+                format!("an ancestor of this crac (`{}`)", read_cmdline(p).join(" "))
+            };
+            return Err(OpError::new(
+                FailureKind::BadInput,
+                format!(
+                    "pid {pid} is {who}: CRIU cannot dump a tree that it runs in, and stopping it would stop crac; run crac from outside that process tree"
+                ),
+            ));
+        }
+        ancestor = crac_action::tree::parent_of(p).filter(|&parent| parent > 0 && parent != p);
+    }
+    require_root("checkpoint")?;
+    // What CRIU refuses without --shell-job, after the hooks would have run for nothing.
+    let shell_job = options
+        .extra_criu_args
+        .iter()
+        .any(|a| a == "--shell-job" || a == "-j");
+    if shell_job {
+        return Ok(());
+    }
+    if let Some(session) = session_of(pid).filter(|&session| session != pid) {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "pid {pid} is not a session leader (its session is {session}): CRIU dumps a tree whose root leads its own session; start the service with setsid, or pass -- --shell-job"
+            ),
+        ));
+    }
+    for (fd, name) in [(0, "stdin"), (1, "stdout"), (2, "stderr")] {
+        let Ok(target) = fs::read_link(format!("/proc/{pid}/fd/{fd}")) else {
+            continue;
+        };
+        let path = target.to_string_lossy();
+        if path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console" {
+            return Err(OpError::new(
+                FailureKind::BadInput,
+                format!(
+                    "pid {pid} has the terminal {path} as its {name}: CRIU cannot dump a terminal outside the tree; start the service with its stdio redirected (setsid ./service </dev/null >>service.log 2>&1), or pass -- --shell-job"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A service whose stdout or stderr is a file opened without `O_APPEND` (`> file` rather than
+/// `>> file`) makes a single-use image: CRIU records the file's size and offset, and refuses
+/// to restore once the file has grown ("has bad size"), which it does as soon as the service,
+/// or its restored copy, writes a line. Said before the dump, with the fix.
+fn stdio_warnings(pid: u32) -> Vec<String> {
+    const O_ACCMODE: u32 = 0o3;
+    let mut warnings = Vec::new();
+    for (fd, name) in [(1, "stdout"), (2, "stderr")] {
+        let link = format!("/proc/{pid}/fd/{fd}");
+        let Ok(target) = fs::read_link(&link) else {
+            continue;
+        };
+        if !fs::metadata(&link).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let flags = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            });
+        let Some(flags) = flags else { continue };
+        let writes = flags & O_ACCMODE != 0;
+        if writes && flags & libc::O_APPEND as u32 == 0 {
+            warnings.push(format!(
+                "pid {pid}'s {name} is the file {} opened without O_APPEND (`>` rather than `>>`): once that file grows, CRIU refuses to restore this image (\"has bad size\"); start the service with `>> {}` (or open the file with O_APPEND)",
+                target.display(),
+                target.display()
+            ));
+        }
+    }
+    warnings
+}
+
+/// The session id of `pid`, as this process's pid namespace sees it (`/proc/PID/stat`).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold spaces and parentheses: state, ppid, pgrp, session.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// CRIU needs root (it ptraces the tree, reads its memory and recreates its resources): say so
+/// before CRIU fails with a bare exit code.
+///
+/// # Errors
+///
+/// [`FailureKind::Unavailable`] when the effective user is not root.
+pub fn require_root(what: &str) -> Result<(), OpError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    Err(OpError::new(
+        FailureKind::Unavailable,
+        format!(
+            "crac {what} needs root: CRIU stops the process tree, reads all its memory and recreates its resources, which only root may do; run it as root (sudo crac {what} ...)"
+        ),
+    ))
+}
+
+/// The error for an image CRIU made that crac could not finish or file: where it is, and the
+/// exact command that restores it.
+fn image_kept(
+    request: &CheckpointRequest,
+    criu: &Criu,
+    action: &Path,
+    path: &Path,
+    what: &str,
+    metadata_written: bool,
+) -> OpError {
+    let pid = request.pid;
+    let state = if request.options.leave_running {
+        "it keeps running (--leave-running)"
+    } else {
+        "stopped it"
+    };
+    let command = if metadata_written {
+        format!("crac restore {} --detach", path.display())
+    } else {
+        let mut args = vec![
+            criu.path.display().to_string(),
+            "restore".to_owned(),
+            "-D".to_owned(),
+            path.display().to_string(),
+            "-d".to_owned(),
+            "--action-script".to_owned(),
+            action.display().to_string(),
+        ];
+        if request.options.tcp_established {
+            args.push("--tcp-established".to_owned());
+        }
+        if let Some(lock) = &request.options.network_lock {
+            args.extend(["--network-lock".to_owned(), lock.clone()]);
+        }
+        if request.options.file_locks {
+            args.push("--file-locks".to_owned());
+        }
+        args.join(" ")
+    };
+    let mut details = vec![format!("restore it with: {command}")];
+    if matches!(request.destination, Destination::Store { .. }) {
+        details.push(
+            "or leave it there: the next crac that writes to the store (`crac images prune`) files it in the store, under its name if that is free"
+                .to_owned(),
+        );
+    }
+    OpError::new(
+        FailureKind::ImageKept,
+        format!(
+            "criu dumped pid {pid} and {state}, but crac {what}; the complete image is kept in {}",
+            path.display()
+        ),
+    )
+    .with_details(details)
 }
 
 /// A restore to run.
@@ -373,22 +773,34 @@ pub struct RestoreOutcome {
     pub restore_ms: f64,
     /// crac-action's lines from CRIU's log (hook order and durations).
     pub hook_lines: Vec<String>,
+    /// What crac-action's post-resume said failed: after_restore hooks that failed or timed
+    /// out, each naming its resource, and agents that did not answer. The service was restored
+    /// and runs either way.
+    pub hook_failures: Vec<String>,
     /// The restored tree's exit code, when CRIU stayed its parent.
     pub exit_code: Option<i32>,
     /// CRIU's own figures (from its `stats-restore`), when it wrote them.
     pub criu: Option<crate::stats::RestoreStats>,
 }
 
-/// Checks that the image in `dir` can be restored here, and returns its metadata.
+/// How long a restore waits for a zombie that holds one of the image's pids to be reaped: the
+/// process a checkpoint just stopped stays a zombie until its parent waits for it.
+pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
+
+/// Checks that the image in `dir` can be restored here, and returns its metadata: its files
+/// (sizes, and contents changed since last found intact: [`metadata::verify`] with
+/// [`metadata::Check::Changed`]), the executable, the architecture, CRIU, and
+/// that the image's pids are free, waiting up to [`ZOMBIE_WAIT`] for zombies that hold them
+/// (`notice` is told once per zombie it waits for).
 ///
 /// # Errors
 ///
-/// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image or a PID in
-/// use; [`FailureKind::Unavailable`] when no CRIU can run.
-pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
+/// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image, a changed
+/// executable or a PID in use; [`FailureKind::Unavailable`] when no CRIU can run.
+pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    metadata::validate(dir, &meta)
+    metadata::verify(dir, &meta, metadata::Check::Changed)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu()?;
     // The root, and every process with an agent (recorded by crac-action's post-dump), must
@@ -412,6 +824,18 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
         }
     }
     for pid in pids {
+        if crac_action::tree::state_of(pid) == Some('Z') {
+            let parent = crac_action::tree::parent_of(pid).unwrap_or(0);
+            notice(&format!(
+                "waiting for pid {pid} to be reaped (a zombie: the process the checkpoint stopped, not yet waited for by its parent, pid {parent} `{}`), at most {}s",
+                read_cmdline(parent).join(" "),
+                ZOMBIE_WAIT.as_secs()
+            ));
+            let deadline = Instant::now() + ZOMBIE_WAIT;
+            while crac_action::tree::state_of(pid) == Some('Z') && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         if let Some(holder) = ProcessId::of(pid) {
             let cmd = read_cmdline(holder.pid).join(" ");
             return Err(OpError::new(
@@ -426,13 +850,26 @@ pub fn validate(dir: &Path) -> Result<(Metadata, Criu), OpError> {
     Ok((meta, criu))
 }
 
-/// Restores the image in `request.dir` (validated first).
+/// Restores the image in `request.dir` (validated first; `notice` as for [`validate`];
+/// `progress`, if given, is told [`Phase::Verify`] then [`Phase::Restore`]).
 ///
 /// # Errors
 ///
-/// As [`validate`], and [`FailureKind::Failed`] when CRIU fails (its lines in the details).
-pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
-    let (meta, criu) = validate(&request.dir)?;
+/// As [`validate`], [`FailureKind::Unavailable`] when not root, and [`FailureKind::Failed`]
+/// when CRIU fails (its lines in the details).
+pub fn restore(
+    request: &RestoreRequest,
+    notice: &mut dyn FnMut(&str),
+    progress: Option<Progress<'_>>,
+) -> Result<RestoreOutcome, OpError> {
+    require_root("restore")?;
+    if let Some(progress) = progress {
+        progress(Phase::Verify, 0);
+    }
+    let (meta, criu) = validate(&request.dir, notice)?;
+    if let Some(progress) = progress {
+        progress(Phase::Restore, 0);
+    }
     let action = action_script()?;
     // The restored root's pid: the image's, unless the tree had a pid namespace of its own,
     // which the restore makes anew (and CRIU says where the root landed).
@@ -487,6 +924,13 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
         .filter(|l| l.starts_with("crac-action:"))
         .map(str::to_owned)
         .collect();
+    // crac-action's post-resume: "crac-action: post-resume: after-restore failed: pid N: ..."
+    // (crac_action::ActionError::AfterRestore).
+    let hook_failures: Vec<String> = hook_lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("crac-action: post-resume: after-restore failed: "))
+        .map(str::to_owned)
+        .collect();
     let restored = log.contains("Restore finished successfully") || request.detach;
     if !output.status.success() && (request.detach || !restored) {
         let mut details = criu_lines(&log, &output.stderr);
@@ -505,6 +949,7 @@ pub fn restore(request: &RestoreRequest) -> Result<RestoreOutcome, OpError> {
         pid,
         restore_ms,
         hook_lines,
+        hook_failures,
         exit_code: if request.detach {
             None
         } else {
@@ -585,6 +1030,7 @@ pub fn hints(log: &str) -> Vec<String> {
         ("iptables-restore", "hint: CRIU locks TCP connections with iptables by default and found no iptables-restore: install iptables, or pass -- --network-lock nftables (crac checkpoint --tcp-established does)"),
         ("In-flight connection", "hint: a client connected to a listener the service keeps while it was being dumped, and was not accepted yet: pass --skip-in-flight to criu (crac checkpoint does), which leaves such connections out of the image"),
         ("Can't open file", "hint: a file the image refers to is gone or changed (rebuilt binary?): restore needs the same files"),
+        ("has bad size", "hint: a file the service had open changed size since the checkpoint: most often a log it writes to, opened without O_APPEND (`>` rather than `>>`), that grew; start the service with `>>` and checkpoint it again"),
     ];
     let mut hints: Vec<String> = HINTS
         .iter()

@@ -7,13 +7,16 @@ use clap::{Args, Parser, Subcommand};
 
 const EXIT_CODES: &str = "\
 Exit codes: 0 done; 1 the operation failed (CRIU or a hook failed; the service keeps running);
-2 bad input (unknown PID, missing or invalid image, bad option); 3 checkpoint/restore is not
-possible here (no usable CRIU, no privileges, store not writable). `crac run` returns the
-service's own exit status.";
+2 bad input (unknown PID, pid 1 or crac's own ancestor, missing, damaged or changed image, bad
+option); 3 checkpoint/restore is not possible here (no usable CRIU, not root, store not
+writable); 4 checkpoint: the image was made (the service stopped, unless --leave-running) but
+could not be finished or filed in the store: it is kept, and the message says where and how to
+restore it; 5 restore: the service was restored and runs, but an after_restore hook failed or
+timed out (named). `crac run` returns the service's own exit status.";
 
 /// Checkpoint and restore Rust services with CRIU, coordinating their hooks.
 #[derive(Debug, Parser)]
-#[command(name = "crac", version, about, after_help = EXIT_CODES)]
+#[command(name = "crac", version, after_help = EXIT_CODES)]
 pub struct Cli {
     /// The image store (default: $CRAC_STORE; as root /var/lib/crac/images, otherwise
     /// ~/.local/share/crac/images).
@@ -154,10 +157,15 @@ pub enum ImagesCommand {
     /// Remove images.
     #[command(name = "rm", after_help = "Example:\n  crac images rm web old-web")]
     Rm(RmArgs),
+    /// Check an image's contents: every image file and the executable against the SHA-256
+    /// recorded at the checkpoint (a restore does the same first).
+    #[command(name = "verify", after_help = "Example:\n  crac images verify web")]
+    Verify(ShowArgs),
     /// Disk use per image and in total.
     #[command(name = "du", after_help = "Example:\n  crac images du")]
     Du(JsonFlag),
-    /// Remove old images.
+    /// Remove old images; first file the complete images of interrupted checkpoints in the store
+    /// and remove what interrupted dumps and imports left.
     #[command(
         name = "prune",
         after_help = "Examples:\n  crac images prune --keep 3\n  crac images prune --older-than 7d"
@@ -177,7 +185,7 @@ pub enum ImagesCommand {
     Import(ImportArgs),
 }
 
-/// `crac images show`.
+/// `crac images show` and `crac images verify`.
 #[derive(Debug, Args)]
 pub struct ShowArgs {
     /// The image.
@@ -261,6 +269,17 @@ mod tests {
     #[test]
     fn the_cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_opens_with_crac_s_own_headline() {
+        let help = Cli::command().render_help().to_string();
+        assert!(
+            help.starts_with(
+                "Checkpoint and restore Rust services with CRIU, coordinating their hooks\n"
+            ),
+            "{help}"
+        );
     }
 
     #[test]

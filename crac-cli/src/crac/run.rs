@@ -22,8 +22,8 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
-use crac_action::driver::{self, FailureKind, OpError, RestoreRequest};
-use crac_action::store::{Store, STORE_ENV};
+use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
+use crac_cli::store::{Store, STORE_ENV};
 
 use crate::cli::RunArgs;
 use crate::output::millis;
@@ -83,11 +83,19 @@ fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
     let dir = store
         .resolve(image)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
-    let outcome = driver::restore(&RestoreRequest {
-        dir,
-        detach: true,
-        tcp_close: false,
-    })?;
+    let outcome = driver::restore(
+        &RestoreRequest {
+            dir,
+            detach: true,
+            tcp_close: false,
+        },
+        &mut |notice| eprintln!("crac run: {notice}"),
+        None,
+    )?;
+    // Restored and running: starting cold now would make a second copy. Say what failed.
+    for failure in &outcome.hook_failures {
+        eprintln!("crac run: restored, but after_restore failed: {failure}");
+    }
     Ok(outcome.pid)
 }
 

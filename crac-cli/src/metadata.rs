@@ -8,11 +8,31 @@
 //! an older reader would misread gets a new `format`, and [`read`] refuses formats it does not
 //! know instead of guessing.
 //!
-//! `files` lists every CRIU image file with its size when the dump finished. [`validate`]
-//! checks it before a restore or an export, because CRIU's own errors for a truncated or
+//! `files` lists every CRIU image file with its size when the dump finished, and its SHA-256;
+//! `executable_sha256` is the SHA-256 of the dumped process's executable. [`validate`] checks
+//! the sizes before a restore or an export, because CRIU's own errors for a truncated or
 //! missing image file name an internal structure, not the file, and come after it has started
-//! building the process tree.
+//! building the process tree. [`verify`] checks the contents: CRIU itself compares only the
+//! size of the executable, so a same-size rebuilt binary, or a damaged page file, would be
+//! restored without a word.
+//!
+//! # Integrity: where the hashing runs
+//!
+//! The hashes are computed by `crac checkpoint` after CRIU has exited, before the image gets its
+//! name in the store: never while the service is frozen, and the executable is hashed through a
+//! handle opened before the dump, so it is the file the service ran even if it was replaced
+//! meanwhile. At SHA-NI speeds (about 1.5-2 GB/s on one core) that is some 40 ms per 64 MiB of
+//! image, spread over both cores when there are several files (BENCHMARKS.md, item 2).
+//!
+//! # Interrupted checkpoints
+//!
+//! Before CRIU runs, `crac checkpoint` writes what it already knows into the image folder as
+//! [`PENDING_FILE`]. CRIU writes `stats-dump` only once a dump has succeeded (after it stopped
+//! or resumed the tree, `criu/cr-dump.c`, `cr_dump_finish`), so a folder that holds both is a
+//! complete image whose crac was killed before it wrote the metadata: [`complete_pending`]
+//! finishes it, and the store files it under its name ([`crate::store::Store::recover`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -31,6 +51,12 @@ pub const FORMAT: u32 = 1;
 const INVENTORY: &str = "inventory.img";
 /// Prefix of the temporary file [`write`] renames into place; never an image file.
 const TEMP_PREFIX: &str = ".crac-meta.json.tmp-";
+/// What `crac checkpoint` knew before CRIU ran (a [`Metadata`] without files, hashes or
+/// timings), in the image folder until the metadata proper is written; see the module
+/// documentation.
+pub const PENDING_FILE: &str = ".crac-pending.json";
+/// CRIU writes this only when a dump succeeded.
+pub const DUMP_DONE_FILE: &str = "stats-dump";
 
 /// What `crac checkpoint` records about one image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,6 +96,25 @@ pub struct Metadata {
     pub crac_version: String,
     /// Every CRIU image file, sorted by name (see [`list_image_files`]).
     pub files: Vec<FileEntry>,
+    /// The SHA-256 (lowercase hex) of the dumped process's executable, checked by [`verify`].
+    /// Absent in images of older versions and in images recovered after crac was killed (the
+    /// file the service ran can no longer be told from a replacement then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable_sha256: Option<String>,
+    /// The other files the dumped process had mapped (shared libraries, locale files), which a
+    /// restore maps again from their paths, with their SHA-256, checked by [`verify`]. Absent
+    /// in images of older versions and in recovered ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mapped_files: Vec<MappedFile>,
+}
+
+/// A file the dumped process had mapped, outside the image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedFile {
+    /// Its path, as the process saw it.
+    pub path: String,
+    /// Its SHA-256 (lowercase hex) when the process was dumped.
+    pub sha256: String,
 }
 
 impl Metadata {
@@ -118,6 +163,9 @@ pub struct Timings {
     pub hooks_ms: f64,
     /// CRIU's dump, hooks included.
     pub dump_ms: f64,
+    /// Hashing the image files and the executable, after the dump (absent in older images).
+    #[serde(default)]
+    pub hash_ms: f64,
     /// The whole `crac checkpoint`.
     pub total_ms: f64,
     /// CRIU's own figures (from its `stats-dump`), when it wrote them.
@@ -132,6 +180,9 @@ pub struct FileEntry {
     pub name: String,
     /// Its size in bytes.
     pub size: u64,
+    /// Its SHA-256 (lowercase hex), checked by [`verify`]; absent in images of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Why [`read`] could not return an image's metadata.
@@ -253,6 +304,19 @@ fn folder_name(dir: &Path) -> String {
 /// Any I/O error; the error names the file and keeps the [`io::ErrorKind`]. The temporary file
 /// is removed.
 pub fn write(dir: &Path, meta: &Metadata) -> io::Result<()> {
+    write_as(dir, METADATA_FILE, meta)
+}
+
+/// Writes what is known before CRIU runs as [`PENDING_FILE`] (see the module documentation).
+///
+/// # Errors
+///
+/// As [`write()`].
+pub fn write_pending(dir: &Path, meta: &Metadata) -> io::Result<()> {
+    write_as(dir, PENDING_FILE, meta)
+}
+
+fn write_as(dir: &Path, file_name: &str, meta: &Metadata) -> io::Result<()> {
     let mut json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
     json.push(b'\n');
     let nanos = SystemTime::now()
@@ -260,7 +324,7 @@ pub fn write(dir: &Path, meta: &Metadata) -> io::Result<()> {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let tmp = dir.join(format!("{TEMP_PREFIX}{}-{nanos}", std::process::id()));
-    let target = dir.join(METADATA_FILE);
+    let target = dir.join(file_name);
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -349,10 +413,346 @@ pub fn list_image_files(dir: &Path) -> io::Result<Vec<FileEntry>> {
         files.push(FileEntry {
             size: entry.metadata()?.len(),
             name,
+            sha256: None,
         });
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)
+}
+
+/// Fills in the SHA-256 of every file in `files`, read from `dir`. The files are shared out
+/// between two threads (the page files hold nearly all the bytes; on a machine with two cores
+/// or more, the rest are hashed beside the largest).
+///
+/// # Errors
+///
+/// The first file that cannot be read, named.
+pub fn hash_files(dir: &Path, files: &mut [FileEntry]) -> io::Result<()> {
+    // Largest first, alternating between the two halves, so both get a fair share of bytes.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    let (mut left, mut right) = (Vec::new(), Vec::new());
+    let (mut left_bytes, mut right_bytes) = (0u64, 0u64);
+    for i in order {
+        if left_bytes <= right_bytes {
+            left_bytes += files[i].size;
+            left.push(i);
+        } else {
+            right_bytes += files[i].size;
+            right.push(i);
+        }
+    }
+    let hash_all = |indices: &[usize], files: &[FileEntry]| -> io::Result<Vec<(usize, String)>> {
+        indices
+            .iter()
+            .map(|&i| {
+                let path = dir.join(&files[i].name);
+                let digest = fs::File::open(&path)
+                    .and_then(sha256_of)
+                    .map_err(|e| with_path(e, "hash", &path))?;
+                Ok((i, digest))
+            })
+            .collect()
+    };
+    let shared: &[FileEntry] = files;
+    let (a, b) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| hash_all(&right, shared));
+        let mine = hash_all(&left, shared);
+        (
+            mine,
+            other.join().expect("the hashing thread does not panic"),
+        )
+    });
+    for (i, digest) in a?.into_iter().chain(b?) {
+        files[i].sha256 = Some(digest);
+    }
+    Ok(())
+}
+
+/// The SHA-256 (lowercase hex) of what `file` holds, read from where its offset is.
+///
+/// # Errors
+///
+/// A read error.
+pub fn sha256_of(mut file: fs::File) -> io::Result<String> {
+    crate::archive::digest(&mut file, &mut io::sink()).map(|(_, digest)| digest)
+}
+
+/// Finishes the image in `dir` whose `crac checkpoint` was killed (or failed to file it) after
+/// CRIU's dump succeeded: turns its [`PENDING_FILE`] into the metadata proper, named `name`,
+/// with the files, their hashes and CRIU's figures; a folder whose metadata was written
+/// already is returned as it is, once it passes [`validate`]. Returns `None` when the folder
+/// is not a complete image (see [`is_complete_dump`]).
+///
+/// Metadata made from the pending file has no `executable_sha256` nor `mapped_files` (the files
+/// the service ran can no longer be told from replacements), and its hooks and crac timings are
+/// unknown (empty, zero); `created_unix_ms` is when CRIU finished.
+///
+/// # Errors
+///
+/// An I/O error reading the folder, hashing or writing the metadata.
+pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> {
+    let Some(done) = dump_done(dir)? else {
+        return Ok(None);
+    };
+    let bytes = match fs::read(dir.join(PENDING_FILE)) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Ok(read(dir).ok().filter(|meta| validate(dir, meta).is_ok()))
+        }
+        Err(err) => return Err(err),
+    };
+    let Ok(mut meta) = serde_json::from_slice::<Metadata>(&bytes) else {
+        return Ok(None);
+    };
+    let mut files = list_image_files(dir)?;
+    hash_files(dir, &mut files)?;
+    meta.name = name.to_owned();
+    meta.image_bytes = files.iter().map(|f| f.size).sum();
+    meta.files = files;
+    meta.executable_sha256 = None;
+    meta.mapped_files.clear();
+    meta.created_unix_ms = done
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    meta.timings.criu = crate::stats::dump(dir);
+    write(dir, &meta)?;
+    let _ = fs::remove_file(dir.join(PENDING_FILE));
+    note_intact(dir, &meta, &BTreeMap::new());
+    Ok(Some(meta))
+}
+
+/// Whether `dir` holds a dump CRIU finished, made by `crac checkpoint`: its pending file, or
+/// metadata that the files match ([`validate`]; an interrupted import also has metadata and a
+/// `stats-dump`, but misses files). Such a folder is the only copy of a service CRIU stopped,
+/// and is never removed as a leftover.
+pub fn is_complete_dump(dir: &Path) -> bool {
+    matches!(dump_done(dir), Ok(Some(_)))
+        && (dir.join(PENDING_FILE).is_file()
+            || read(dir).is_ok_and(|meta| validate(dir, &meta).is_ok()))
+}
+
+/// CRIU's `stats-dump`, if the dump finished.
+fn dump_done(dir: &Path) -> io::Result<Option<fs::Metadata>> {
+    match fs::metadata(dir.join(DUMP_DONE_FILE)) {
+        Ok(done) => Ok(Some(done)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// How much of an image's contents [`verify`] hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Every file, and the executable (`crac images verify`).
+    Full,
+    /// Only what changed since it was last found intact on this machine (a restore): a file
+    /// whose device, inode, size, modification and change times are those [`VERIFIED_FILE`]
+    /// noted when it matched the same hash is not read again. Any write to the file, a copy or
+    /// a replacement changes one of them (and the change time cannot be set back); what this
+    /// does not catch is damage below the file system, which [`Check::Full`] does.
+    Changed,
+}
+
+/// Where [`verify`] (and `crac checkpoint`, right after hashing) notes what it found intact:
+/// each file's identity on this machine with the hash it matched. Hidden, so not part of the
+/// image nor of an export.
+pub const VERIFIED_FILE: &str = ".crac-verified.json";
+
+/// What identifies a file's contents on this machine without reading it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Identity {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether `path` is this very file (same device and inode), whatever its times.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+}
+
+/// A file found intact: its identity then, and the hash it matched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Intact {
+    identity: Identity,
+    sha256: String,
+}
+
+/// The contents of [`VERIFIED_FILE`]: image files by name, files outside the image (the
+/// executable, mapped files) by path.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Verified {
+    files: BTreeMap<String, Intact>,
+    outside: BTreeMap<String, Intact>,
+}
+
+fn intact(path: &Path, sha256: &str) -> Option<Intact> {
+    fs::metadata(path).ok().map(|m| Intact {
+        identity: Identity::of(&m),
+        sha256: sha256.to_owned(),
+    })
+}
+
+/// The files outside the image that `meta` recorded a hash of: path, hash, and whether it is
+/// the executable.
+fn outside_files(meta: &Metadata) -> Vec<(&str, &str, bool)> {
+    meta.executable_sha256
+        .iter()
+        .map(|sha256| (meta.executable.as_str(), sha256.as_str(), true))
+        .chain(
+            meta.mapped_files
+                .iter()
+                .map(|m| (m.path.as_str(), m.sha256.as_str(), false)),
+        )
+        .collect()
+}
+
+/// Notes that the image in `dir` was found intact, as it is now: its files, and the files
+/// outside it whose identity at their path is the one in `outside` (the file that was hashed),
+/// so that [`Check::Changed`] need not read them again. Best effort: an image in a read-only
+/// store is simply hashed again next time.
+pub fn note_intact(dir: &Path, meta: &Metadata, outside: &BTreeMap<String, Identity>) {
+    let mut verified = Verified::default();
+    for file in &meta.files {
+        if let Some(sha256) = &file.sha256 {
+            if let Some(found) = intact(&dir.join(&file.name), sha256) {
+                verified.files.insert(file.name.clone(), found);
+            }
+        }
+    }
+    for (path, sha256, _) in outside_files(meta) {
+        if let Some(identity) = outside.get(path).filter(|i| i.is_at(Path::new(path))) {
+            verified.outside.insert(
+                path.to_owned(),
+                Intact {
+                    identity: identity.clone(),
+                    sha256: sha256.to_owned(),
+                },
+            );
+        }
+    }
+    if let Ok(json) = serde_json::to_vec(&verified) {
+        let tmp = dir.join(format!("{VERIFIED_FILE}.{}", std::process::id()));
+        if fs::write(&tmp, json).is_ok() && fs::rename(&tmp, dir.join(VERIFIED_FILE)).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+}
+
+/// The SHA-256 of `file` and the identity of what was read.
+///
+/// # Errors
+///
+/// A read error.
+pub fn hash_with_identity(file: fs::File) -> io::Result<(String, Identity)> {
+    let identity = Identity::of(&file.metadata()?);
+    Ok((sha256_of(file)?, identity))
+}
+
+/// Checks the image in `dir` as [`validate`] does, then its contents: each listed file against
+/// its SHA-256, and the executable and the mapped files at their paths (as they are now: those
+/// are the files a restore maps) against theirs; all of them, or with [`Check::Changed`] only
+/// what changed since it was last found intact here. Hashes an older image lacks are not
+/// checked. An image found intact is noted so ([`note_intact`]).
+///
+/// # Errors
+///
+/// A [`ValidateError`] listing every problem found, each naming its file.
+pub fn verify(dir: &Path, meta: &Metadata, check: Check) -> Result<(), ValidateError> {
+    validate(dir, meta)?;
+    let noted: Verified = match check {
+        Check::Full => Verified::default(),
+        Check::Changed => fs::read(dir.join(VERIFIED_FILE))
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .unwrap_or_default(),
+    };
+    let unchanged = |noted: Option<&Intact>, path: &Path, sha256: &str| {
+        noted.is_some_and(|noted| Some(noted) == intact(path, sha256).as_ref())
+    };
+    let recorded: Vec<&FileEntry> = meta
+        .files
+        .iter()
+        .filter(|f| {
+            f.sha256.as_deref().is_some_and(|sha256| {
+                !unchanged(noted.files.get(&f.name), &dir.join(&f.name), sha256)
+            })
+        })
+        .collect();
+    let mut problems = Vec::new();
+    let mut now: Vec<FileEntry> = recorded
+        .iter()
+        .map(|f| FileEntry {
+            sha256: None,
+            ..(*f).clone()
+        })
+        .collect();
+    match hash_files(dir, &mut now) {
+        Ok(()) => {
+            for (recorded, found) in recorded.iter().zip(&now) {
+                if recorded.sha256 != found.sha256 {
+                    problems.push(Problem::Corrupted {
+                        name: recorded.name.clone(),
+                    });
+                }
+            }
+        }
+        Err(source) => problems.push(Problem::Unreadable {
+            name: dir.display().to_string(),
+            source,
+        }),
+    }
+    let mut found_intact = BTreeMap::new();
+    for (path, expected, is_executable) in outside_files(meta) {
+        let noted = noted.outside.get(path);
+        if unchanged(noted, Path::new(path), expected) {
+            if let Some(noted) = noted {
+                found_intact.insert(path.to_owned(), noted.identity.clone());
+            }
+            continue;
+        }
+        let path_buf = PathBuf::from(path);
+        match fs::File::open(path).and_then(hash_with_identity) {
+            Ok((found, identity)) if found == expected => {
+                found_intact.insert(path.to_owned(), identity);
+            }
+            Ok(_) if is_executable => problems.push(Problem::ExecutableChanged { path: path_buf }),
+            Ok(_) => problems.push(Problem::MappedFileChanged { path: path_buf }),
+            Err(source) => problems.push(Problem::ExecutableUnreadable {
+                path: path_buf,
+                source,
+            }),
+        }
+    }
+    if problems.is_empty() {
+        note_intact(dir, meta, &found_intact);
+        Ok(())
+    } else {
+        Err(ValidateError {
+            dir: dir.to_owned(),
+            problems,
+        })
+    }
 }
 
 /// This machine's kernel release (`uname -r`) and CPU architecture, as [`Metadata`] records
@@ -422,6 +822,29 @@ pub enum Problem {
         /// The cause.
         source: io::Error,
     },
+    /// A listed file has its recorded size but not its recorded content (SHA-256).
+    Corrupted {
+        /// The file.
+        name: String,
+    },
+    /// The executable the service ran is not the file at its path any more (SHA-256).
+    ExecutableChanged {
+        /// The executable's path.
+        path: PathBuf,
+    },
+    /// A file the service had mapped (a shared library) is not the same file any more
+    /// (SHA-256).
+    MappedFileChanged {
+        /// The file's path.
+        path: PathBuf,
+    },
+    /// The executable, or a file the service had mapped, cannot be read at its path.
+    ExecutableUnreadable {
+        /// The executable's path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -457,6 +880,26 @@ impl fmt::Display for Problem {
                 "cannot inspect image file {name} ({})",
                 crate::store::why(source)
             ),
+            Problem::Corrupted { name } => write!(
+                f,
+                "image file {name} does not hold what was dumped (its SHA-256 differs)"
+            ),
+            Problem::ExecutableChanged { path } => write!(
+                f,
+                "the executable {} is not the one the service ran (its SHA-256 differs)",
+                path.display()
+            ),
+            Problem::MappedFileChanged { path } => write!(
+                f,
+                "the file {} that the service had mapped is not the one it had (its SHA-256 differs)",
+                path.display()
+            ),
+            Problem::ExecutableUnreadable { path, source } => write!(
+                f,
+                "cannot read {} ({})",
+                path.display(),
+                crate::store::why(source)
+            ),
         }
     }
 }
@@ -485,12 +928,25 @@ impl ValidateError {
     pub(crate) fn summary(&self) -> String {
         let list: Vec<String> = self.problems.iter().map(Problem::to_string).collect();
         let mut hints = Vec::new();
+        let executable = |p: &Problem| {
+            matches!(
+                p,
+                Problem::ExecutableChanged { .. }
+                    | Problem::MappedFileChanged { .. }
+                    | Problem::ExecutableUnreadable { .. }
+            )
+        };
         if self
             .problems
             .iter()
-            .any(|p| !matches!(p, Problem::ForeignArch { .. }))
+            .any(|p| !matches!(p, Problem::ForeignArch { .. }) && !executable(p))
         {
             hints.push("the image is damaged: make it again with `crac checkpoint`");
+        }
+        if self.problems.iter().any(executable) {
+            hints.push(
+                "a restore maps the executable and the libraries from their paths: put back the files the service ran with, or checkpoint the service again",
+            );
         }
         if self
             .problems

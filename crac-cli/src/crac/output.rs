@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crac_action::driver::OpError;
+use crac_cli::driver::OpError;
 
 /// Where a command's result goes.
 #[derive(Clone, Copy, Debug)]
