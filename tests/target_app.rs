@@ -2,7 +2,8 @@
 //! state that must survive, and a heartbeat that shows whether it still runs.
 //!
 //! Configured by environment:
-//! - `CRAC_TEST_DIR` (required): where it writes `hooks.log`, `state` and `ready`.
+//! - `CRAC_TEST_DIR` (required): where it writes `hooks.log`, `state` and `ready`, and a
+//!   restore's settings (`RestoreInfo::env`) in `restore-env`, one `K=V` a line.
 //! - `CRAC_TEST_RESOURCES`: resource names, in registration order (default `first,second,third`).
 //! - `CRAC_TEST_FAIL`: a resource whose before_checkpoint fails.
 //! - `CRAC_TEST_HANG`: a resource whose before_checkpoint sleeps: `name` for a minute,
@@ -121,6 +122,12 @@ impl Resource for Logged {
             "after {} {} gen={}",
             self.name, info.reason, info.generation
         ));
+        if !info.env.is_empty() {
+            let settings: String = info.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+            if let Some(dir) = self.log.parent() {
+                let _ = fs::write(dir.join("restore-env"), settings);
+            }
+        }
         if self.fail_restore && info.reason == RestoreReason::Restored {
             return Err(format!("{} cannot come back up", self.name).into());
         }

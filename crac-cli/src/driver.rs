@@ -293,6 +293,8 @@ pub fn checkpoint(
         files: Vec::new(),
         executable_sha256: None,
         mapped_files: Vec::new(),
+        cpu_features: crate::cpu::features(),
+        env_sha256: env_hashes(pid),
     };
     // If this crac is killed while CRIU dumps, the next one finishes the image from this
     // (metadata::complete_pending).
@@ -762,6 +764,8 @@ pub struct RestoreRequest {
     /// Restore established TCP connections closed (CRIU's `--tcp-close`, podman's option):
     /// for an image made with `--tcp-established` whose peers are gone.
     pub tcp_close: bool,
+    /// Settings for the restored processes' after_restore hooks (`RestoreInfo::env`).
+    pub env: BTreeMap<String, String>,
 }
 
 /// A restore done.
@@ -800,6 +804,26 @@ pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    if meta.cpu_features.is_empty() {
+        notice("the image records no CPU features (made by an older crac): not checked");
+    } else {
+        let missing = crate::cpu::missing(&meta.cpu_features);
+        if !missing.is_empty() {
+            return Err(OpError::new(
+                FailureKind::BadInput,
+                format!(
+                    "this machine's CPU lacks {} the image's machine had, which the service may \
+                     rely on ({}): restore it on a machine with them, or start the service cold",
+                    if missing.len() == 1 {
+                        "a feature"
+                    } else {
+                        "features"
+                    },
+                    missing.join(", ")
+                ),
+            ));
+        }
+    }
     metadata::verify(dir, &meta, metadata::Check::Changed)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu()?;
@@ -904,6 +928,12 @@ pub fn restore(
     }
     if meta.options.file_locks {
         cmd.arg("--file-locks");
+    }
+    if !request.env.is_empty() {
+        // CRIU hands its environment to crac-action, whose post-resume hands this to agents.
+        let encoded = crac_action::post_resume::encode_env(&request.env)
+            .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+        cmd.env(crac_action::post_resume::RESTORE_ENV, encoded);
     }
     let started = Instant::now();
     let output = cmd.output().map_err(|e| {
@@ -1133,4 +1163,27 @@ mod tests {
             assert!(got.starts_with(expected), "{lines:?}: {got}");
         }
     }
+}
+
+/// The SHA-256 of each environment variable `pid` started with, by name (see
+/// [`Metadata::env_sha256`]).
+fn env_hashes(pid: u32) -> BTreeMap<String, String> {
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    environ
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (name, value) = kv.split_once('=')?;
+            Some((name.to_owned(), value_sha256(value)))
+        })
+        .collect()
+}
+
+/// How [`Metadata::env_sha256`] records a value.
+pub fn value_sha256(value: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(value.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -19,6 +19,7 @@
 #![warn(rust_2018_idioms)]
 
 pub mod archive;
+pub mod cpu;
 pub mod driver;
 pub mod locate;
 pub mod metadata;

@@ -106,6 +106,16 @@ pub struct Metadata {
     /// in images of older versions and in recovered ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mapped_files: Vec<MappedFile>,
+    /// The instruction-set features of the machine the image was made on
+    /// ([`crate::cpu`]): a restore on a machine lacking one is refused. Absent in images of
+    /// older versions (not checked then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_features: Vec<String>,
+    /// The SHA-256 (lowercase hex) of each environment variable's value the dumped process
+    /// started with, by name: `crac run` hands a restored service the variables whose value
+    /// changed since (`RestoreInfo::env`), without the image's values being written down.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_sha256: BTreeMap<String, String>,
 }
 
 /// A file the dumped process had mapped, outside the image.

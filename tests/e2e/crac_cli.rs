@@ -398,7 +398,7 @@ fn run_starts_cold_then_warm_from_the_services_own_checkpoint() {
     let dir = scratch.join("t");
     fs::create_dir_all(&dir).unwrap();
     let log = scratch.join("service.log");
-    let run = |name: &str| {
+    let run = |name: &str, setting: Option<(&str, &str)>| {
         let stderr = scratch.join(name);
         let child = crac
             .command(&[
@@ -412,6 +412,7 @@ fn run_starts_cold_then_warm_from_the_services_own_checkpoint() {
             .arg(bin("crac-test-target"))
             .env("CRAC_TEST_DIR", &dir)
             .env("CRAC_TEST_SELF_CHECKPOINT", "leave")
+            .envs(setting)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr).unwrap())
             .spawn()
@@ -420,7 +421,7 @@ fn run_starts_cold_then_warm_from_the_services_own_checkpoint() {
     };
     let hooks = || read_lines(&dir.join("hooks.log"));
 
-    let (mut cold, cold_err) = run("cold.stderr");
+    let (mut cold, cold_err) = run("cold.stderr", None);
     wait_until(Duration::from_secs(30), "the self-checkpoint", || {
         hooks().iter().any(|l| l.starts_with("self-checkpoint"))
     });
@@ -453,7 +454,8 @@ fn run_starts_cold_then_warm_from_the_services_own_checkpoint() {
     );
     assert!(said.contains("crac run: started cold as pid"), "{said}");
 
-    let (mut warm, warm_err) = run("warm.stderr");
+    // What the restoring command's environment changes is handed to the restored service.
+    let (mut warm, warm_err) = run("warm.stderr", Some(("E2E_LOG_LEVEL", "debug")));
     wait_until(Duration::from_secs(30), "the restored service", || {
         hooks().iter().any(|l| l == "self-checkpoint: restored")
     });
@@ -475,6 +477,10 @@ fn run_starts_cold_then_warm_from_the_services_own_checkpoint() {
                 .unwrap()
                 .contains("crac run: restored image \"svc\" as pid")
         },
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("restore-env")).unwrap(),
+        "E2E_LOG_LEVEL=debug\n"
     );
     kill(Pid::from_raw(warm.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(warm.wait().unwrap().code(), Some(128 + 15));

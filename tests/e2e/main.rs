@@ -13,6 +13,7 @@ mod nothing_lost;
 mod oci;
 mod postgres;
 mod preflight;
+mod restore_config;
 mod signals;
 mod soak;
 mod sockets;

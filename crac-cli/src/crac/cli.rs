@@ -140,9 +140,27 @@ pub struct RestoreArgs {
     /// after_restore sees how many came back closed (RestoreInfo::tcp).
     #[arg(long)]
     pub tcp_close: bool,
+    /// A setting for the restored service, K=V (repeat for more): its after_restore hooks
+    /// find it in RestoreInfo::env. The process's own environment stays the image's.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_setting)]
+    pub env: Vec<(String, String)>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `K=V` for `--env`.
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value))
+            if !name.is_empty() && !name.contains('\0') && !value.contains('\0') =>
+        {
+            Ok((name.to_owned(), value.to_owned()))
+        }
+        _ => Err(format!(
+            "expected NAME=VALUE, e.g. LOG_LEVEL=debug, not {text:?}"
+        )),
+    }
 }
 
 /// `crac images ...`.

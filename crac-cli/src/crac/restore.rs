@@ -18,6 +18,7 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
             dir: dir.clone(),
             detach: args.detach,
             tcp_close: args.tcp_close,
+            env: args.env.into_iter().collect(),
         },
         &mut |notice| bar.note(&format!("crac: {notice}")),
         bar.shown().then_some(&update as _),

@@ -8,6 +8,7 @@
 //! output goes to a log file (not a terminal, which would stop a dump), and its environment
 //! names the image (`CRAC_CHECKPOINT_TO`), the store (`CRAC_STORE`) and crac (`CRAC_BIN`).
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -83,11 +84,13 @@ fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
     let dir = store
         .resolve(image)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    let env = changed_env(&dir);
     let outcome = driver::restore(
         &RestoreRequest {
             dir,
             detach: true,
             tcp_close: false,
+            env,
         },
         &mut |notice| eprintln!("crac run: {notice}"),
         None,
@@ -97,6 +100,30 @@ fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
         eprintln!("crac run: restored, but after_restore failed: {failure}");
     }
     Ok(outcome.pid)
+}
+
+/// What this command's environment changes from the one the image's service started with:
+/// the settings a restored service gets (`RestoreInfo::env`). crac's own `CRAC_*` variables
+/// are not settings of the service.
+fn changed_env(dir: &std::path::Path) -> BTreeMap<String, String> {
+    let Ok(meta) = crac_cli::metadata::read(dir) else {
+        return BTreeMap::new();
+    };
+    if meta.env_sha256.is_empty() {
+        return BTreeMap::new();
+    }
+    let changed: BTreeMap<String, String> = std::env::vars()
+        .filter(|(name, _)| !name.starts_with("CRAC_"))
+        .filter(|(name, value)| meta.env_sha256.get(name) != Some(&driver::value_sha256(value)))
+        .collect();
+    if let Err(err) = crac_action::post_resume::encode_env(&changed) {
+        eprintln!(
+            "crac run: the {} changed environment variables are not passed on: {err}",
+            changed.len()
+        );
+        return BTreeMap::new();
+    }
+    changed
 }
 
 fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
