@@ -1120,6 +1120,29 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
+/// The SHA-256 of each environment variable `pid` started with, by name (see
+/// [`Metadata::env_sha256`]).
+fn env_hashes(pid: u32) -> BTreeMap<String, String> {
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    environ
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (name, value) = kv.split_once('=')?;
+            Some((name.to_owned(), value_sha256(value)))
+        })
+        .collect()
+}
+
+/// How [`Metadata::env_sha256`] records a value.
+pub fn value_sha256(value: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(value.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1163,27 +1186,4 @@ mod tests {
             assert!(got.starts_with(expected), "{lines:?}: {got}");
         }
     }
-}
-
-/// The SHA-256 of each environment variable `pid` started with, by name (see
-/// [`Metadata::env_sha256`]).
-fn env_hashes(pid: u32) -> BTreeMap<String, String> {
-    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    environ
-        .split(|&b| b == 0)
-        .filter_map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            let (name, value) = kv.split_once('=')?;
-            Some((name.to_owned(), value_sha256(value)))
-        })
-        .collect()
-}
-
-/// How [`Metadata::env_sha256`] records a value.
-pub fn value_sha256(value: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(value.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
