@@ -118,6 +118,8 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         files,
         executable_sha256: None,
         mapped_files: Vec::new(),
+        cpu_features: Vec::new(),
+        env_sha256: Default::default(),
     };
     metadata::write(dir, &meta).expect("write metadata");
     meta
