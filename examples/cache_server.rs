@@ -59,6 +59,13 @@
 //!
 //! Options: `--port PORT` (default `$CACHE_SERVER_PORT`, then 7070) and `--upstream HOST:PORT`
 //! (default `$CACHE_SERVER_UPSTREAM`, then `127.0.0.1:7071`).
+//!
+//! # Configuration after a restore
+//!
+//! A restored process keeps the environment it started with. The upstream address can change
+//! anyway: `crac restore NAME --env CACHE_SERVER_UPSTREAM=HOST:PORT` (or `crac run` with a new
+//! `CACHE_SERVER_UPSTREAM` in its own environment) hands it to the restored server, whose
+//! `upstream-connection` hook reads it from [`RestoreInfo::env`] and reconnects there.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -78,6 +85,8 @@ use crac_examples::{lock, Log};
 
 const DEFAULT_PORT: u16 = 7070;
 const DEFAULT_UPSTREAM: &str = "127.0.0.1:7071";
+/// Where upstream is, at start and (as a restore's setting) after a restore.
+const UPSTREAM_ENV: &str = "CACHE_SERVER_UPSTREAM";
 
 /// How long a client may take to send its request and read the reply. A request holds
 /// checkpoints off (it runs in a critical section), so this bounds how long a slow client can
@@ -128,7 +137,7 @@ fn run() -> Result<(), String> {
     eprintln!(
         "cache-server: pid {pid} serving GET/STATS on {local}, upstream {} (connection #{}); \
          checkpoint it with: criu dump -t {pid} -D IMAGES_DIR --skip-in-flight --action-script {}",
-        upstream.addr,
+        upstream.addr(),
         upstream.connections(),
         action_script_hint()
     );
@@ -153,7 +162,7 @@ impl Config {
     fn from_args() -> Result<Config, String> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mut port = env("CACHE_SERVER_PORT");
-        let mut upstream = env("CACHE_SERVER_UPSTREAM");
+        let mut upstream = env(UPSTREAM_ENV);
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let mut value = |flag: &str| {
@@ -180,14 +189,18 @@ impl Config {
                 .parse()
                 .map_err(|_| format!("invalid port {raw:?}: expected a number from 0 to 65535"))?,
         };
-        let upstream = upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
-        let upstream = upstream
-            .to_socket_addrs()
-            .map_err(|err| format!("invalid upstream address {upstream:?}: {err}"))?
-            .next()
-            .ok_or_else(|| format!("upstream address {upstream:?} resolves to nothing"))?;
+        let upstream = resolve(&upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned()))?;
         Ok(Config { port, upstream })
     }
+}
+
+/// The first address `upstream` (HOST:PORT) resolves to.
+fn resolve(upstream: &str) -> Result<SocketAddr, String> {
+    upstream
+        .to_socket_addrs()
+        .map_err(|err| format!("invalid upstream address {upstream:?}: {err}"))?
+        .next()
+        .ok_or_else(|| format!("upstream address {upstream:?} resolves to nothing"))
 }
 
 /// The crac-action path to suggest: next to this binary when it was built in the same
@@ -333,7 +346,8 @@ fn cache_resource(cache: &Arc<Cache>) -> impl Resource {
 
 /// The one persistent connection to upstream.
 struct Upstream {
-    addr: SocketAddr,
+    /// Where upstream is; a restore may move it (see `after_restore`).
+    addr: Mutex<SocketAddr>,
     conn: Mutex<Option<UpstreamConn>>,
     /// How many times a connection was established.
     connections: AtomicU64,
@@ -348,10 +362,14 @@ struct UpstreamConn {
 impl Upstream {
     fn new(addr: SocketAddr) -> Upstream {
         Upstream {
-            addr,
+            addr: Mutex::new(addr),
             conn: Mutex::new(None),
             connections: AtomicU64::new(0),
         }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        *lock(&self.addr)
     }
 
     fn connections(&self) -> u64 {
@@ -364,7 +382,7 @@ impl Upstream {
 
     /// One connection attempt; on success the connection replaces any previous one.
     fn connect(&self) -> io::Result<u64> {
-        let stream = TcpStream::connect_timeout(&self.addr, UPSTREAM_TIMEOUT)?;
+        let stream = TcpStream::connect_timeout(&self.addr(), UPSTREAM_TIMEOUT)?;
         stream.set_read_timeout(Some(UPSTREAM_TIMEOUT))?;
         stream.set_write_timeout(Some(UPSTREAM_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -387,7 +405,7 @@ impl Upstream {
                 Err(err) if attempt >= CONNECT_ATTEMPTS => {
                     return Err(format!(
                         "cannot connect to upstream at {} ({attempt} attempts over {:.1} s): {err}",
-                        self.addr,
+                        self.addr(),
                         (CONNECT_PAUSE * (attempt - 1)).as_secs_f64()
                     ))
                 }
@@ -414,18 +432,18 @@ impl Upstream {
         if guard.is_none() {
             drop(guard);
             self.connect()
-                .map_err(|err| format!("cannot connect to {}: {err}", self.addr))?;
+                .map_err(|err| format!("cannot connect to {}: {err}", self.addr()))?;
             guard = lock(&self.conn);
         }
         let Some(conn) = guard.as_mut() else {
-            return Err(format!("no connection to {}", self.addr));
+            return Err(format!("no connection to {}", self.addr()));
         };
         let number = conn.number;
         let result = ask_upstream(conn, key);
         if result.is_err() {
             *guard = None;
         }
-        result.map_err(|err| format!("connection #{number} to {}: {err}", self.addr))
+        result.map_err(|err| format!("connection #{number} to {}: {err}", self.addr()))
     }
 }
 
@@ -449,7 +467,7 @@ impl Resource for Upstream {
     /// A TCP connection cannot go into the image: close it.
     fn before_checkpoint(&self, _: &CheckpointInfo) -> Result<(), HookError> {
         let what = match self.disconnect() {
-            Some(number) => format!("closed connection #{number} to {}", self.addr),
+            Some(number) => format!("closed connection #{number} to {}", self.addr()),
             None => "no connection was open".to_owned(),
         };
         LOG.hook(
@@ -460,9 +478,21 @@ impl Resource for Upstream {
         Ok(())
     }
 
-    /// Whatever the reason (restored, resumed, aborted), the connection was closed: reopen it.
+    /// Whatever the reason (restored, resumed, aborted), the connection was closed: reopen it,
+    /// at the address the restore says if it says one (`crac restore --env
+    /// CACHE_SERVER_UPSTREAM=HOST:PORT`, or `crac run` under a new `CACHE_SERVER_UPSTREAM`):
+    /// a copy restored elsewhere talks to the upstream there.
     fn after_restore(&self, info: &RestoreInfo) -> Result<(), HookError> {
         let started = Instant::now();
+        if let Some(moved) = info.var(UPSTREAM_ENV) {
+            let addr = resolve(moved).map_err(|err| format!("{UPSTREAM_ENV}: {err}"))?;
+            *lock(&self.addr) = addr;
+            LOG.hook(
+                "after_restore",
+                "upstream-connection",
+                format_args!("upstream is now {addr} (the restore's {UPSTREAM_ENV})"),
+            );
+        }
         let number = self.connect_with_retry().inspect_err(|err| {
             LOG.hook(
                 "after_restore",
@@ -475,7 +505,7 @@ impl Resource for Upstream {
             "upstream-connection",
             format_args!(
                 "reconnected to {} (connection #{number}) in {:.1} ms ({}, generation {})",
-                self.addr,
+                self.addr(),
                 started.elapsed().as_secs_f64() * 1000.0,
                 info.reason,
                 info.generation

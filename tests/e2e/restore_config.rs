@@ -110,3 +110,98 @@ fn a_cpu_without_a_feature_the_image_had_is_refused_and_run_starts_cold() {
     .unwrap();
     run.wait().unwrap();
 }
+
+/// One request to the cache server's line protocol; its reply line.
+fn ask(port: u16, request: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut last = String::new();
+    for _ in 0..200 {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(mut stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                stream.write_all(format!("{request}\n").as_bytes()).unwrap();
+                let mut line = String::new();
+                BufReader::new(stream).read_line(&mut line).unwrap();
+                return line.trim_end().to_owned();
+            }
+            Err(err) => last = err.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing answers on port {port}: {last}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_restored_cache_server_reconnects_to_the_upstream_the_restore_names() {
+    use std::os::unix::process::CommandExt;
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("restore-upstream");
+    let crac = Crac::new(&scratch);
+    let (first, second, port) = (free_port(), free_port(), free_port());
+    let upstream = |port: u16| {
+        std::process::Command::new(bin("upstream"))
+            .arg(port.to_string())
+            .env("UPSTREAM_DELAY_MS", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("upstream starts")
+    };
+    let (mut old, mut new) = (upstream(first), upstream(second));
+    let mut cmd = std::process::Command::new(bin("cache-server"));
+    cmd.args(["--port", &port.to_string()])
+        .args(["--upstream", &format!("127.0.0.1:{first}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(scratch.join("server.log")).unwrap());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut server = cmd.spawn().expect("cache-server starts");
+    let pid = server.id();
+    assert_eq!(ask(port, "GET a"), "value-of-a");
+
+    let out = crac.run(&["checkpoint", &pid.to_string(), "--name", "cache"]);
+    assert!(out.status.success(), "{}", text(&out));
+    server.wait().unwrap();
+    // The old upstream goes away; the copy is restored next to the new one.
+    old.kill().unwrap();
+    old.wait().unwrap();
+    let setting = format!("CACHE_SERVER_UPSTREAM=127.0.0.1:{second}");
+    let out = crac.run(&["restore", "cache", "--detach", "--env", &setting]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(ask(port, "GET b"), "value-of-b");
+    let stats: serde_json::Value = serde_json::from_str(&ask(port, "STATS")).unwrap();
+    assert_eq!(stats["upstream_connection"], 2);
+    assert_eq!(stats["entries"], 2, "the cache came back warm: {stats}");
+    let log = fs::read_to_string(scratch.join("server.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "upstream is now 127.0.0.1:{second} (the restore's CACHE_SERVER_UPSTREAM)"
+        )),
+        "{log}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    util::reap(pid, Duration::from_secs(10));
+    new.kill().unwrap();
+    new.wait().unwrap();
+}
