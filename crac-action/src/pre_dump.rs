@@ -262,3 +262,102 @@ fn roll_back(
         log(out, STEP, &line);
     }
 }
+
+/// What a dry run found; see [`dry_run`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DryRun {
+    /// Each agent's hooks, both phases, in the order they ran.
+    pub agents: Vec<AgentHooks>,
+    /// A before_checkpoint that failed, or an agent that did not answer: the dump would be
+    /// refused for that first.
+    pub hook_failure: Option<String>,
+    /// How many descriptors the preflight looked at.
+    pub descriptors: usize,
+    /// What CRIU would refuse (see [`crate::preflight`]), one line each.
+    pub refused: Vec<String>,
+}
+
+/// `crac checkpoint --dry-run`: every `before_checkpoint` in the tree under `root` (children
+/// first), then the preflight with `opts` and `policy`, then every `after_restore` with reason
+/// `aborted` (parents first), as pre-dump would on a refusal. Nothing is dumped: the answer
+/// to "what would stop a checkpoint now?".
+///
+/// # Errors
+///
+/// When the tree holds a socket that is not a trustworthy agent (nothing was told then).
+pub fn dry_run(
+    root: u32,
+    opts: &preflight::CriuOptions,
+    policy: &preflight::Policy,
+    settings: &Settings,
+    out: &mut dyn Write,
+) -> Result<DryRun, ActionError> {
+    let found = agents::in_tree(root);
+    if !found.refused.is_empty() {
+        return Err(ActionError::Refused(
+            found
+                .refused
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    let cycle = format!(
+        "dry-run-{root}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let deadline = Deadline::after(settings.timeout);
+    let request = Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE);
+    let mut result = DryRun::default();
+    let mut told: Vec<(ProcessId, AgentSocket)> = Vec::new();
+    for agent in found.agents.into_iter().rev() {
+        let pid = agent.pid();
+        let Some(id) = ProcessId::of(pid) else {
+            continue;
+        };
+        match ask(&agent, &request, &deadline) {
+            Outcome::Done(reply) => {
+                result.agents.push(AgentHooks {
+                    pid,
+                    hooks: reply.hooks,
+                });
+                told.push((id, agent));
+            }
+            Outcome::Refused(reply) => {
+                result.agents.push(AgentHooks {
+                    pid,
+                    hooks: reply.hooks,
+                });
+                result.hook_failure = Some(format!(
+                    "pid {pid}: {}",
+                    reply.error.as_deref().unwrap_or("refused without a reason")
+                ));
+                break;
+            }
+            Outcome::NoAgent => {}
+            Outcome::NoAnswer(err) => {
+                result.hook_failure = Some(describe_no_answer(pid, &err));
+                break;
+            }
+            Outcome::Untrusted(err) => {
+                result.hook_failure = Some(err.to_string());
+                break;
+            }
+        }
+    }
+    let pids = crate::tree::descendants(root);
+    result.descriptors = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+        .map(Iterator::count)
+        .sum();
+    result.refused = preflight::problems(&pids, opts, policy)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    roll_back(&told, &cycle, settings, out);
+    Ok(result)
+}

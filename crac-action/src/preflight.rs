@@ -420,16 +420,7 @@ pub fn configured(vars: impl Fn(&str) -> Option<String>) -> Result<Option<Policy
 /// Everything in the tree under `root` that CRIU with `opts` will refuse, or `policy`
 /// refuses, as one line for a refusal; `None` when there is nothing.
 pub fn check(root: u32, opts: &CriuOptions, policy: &Policy) -> Option<String> {
-    let pids = crate::tree::descendants(root);
-    let mut problems = scan(&pids, opts, policy);
-    for refused in refused_by_policy(&pids, policy) {
-        if !problems
-            .iter()
-            .any(|p| p.pid == refused.pid && p.fd == refused.fd)
-        {
-            problems.push(refused);
-        }
-    }
+    let problems = problems(&crate::tree::descendants(root), opts, policy);
     if problems.is_empty() {
         return None;
     }
@@ -440,6 +431,20 @@ pub fn check(root: u32, opts: &CriuOptions, policy: &Policy) -> Option<String> {
         if problems.len() == 1 { "" } else { "s" },
         list.join("; ")
     ))
+}
+
+/// What CRIU with `opts` will refuse in the processes `pids`, and what `policy` refuses.
+pub fn problems(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
+    let mut problems = scan(pids, opts, policy);
+    for refused in refused_by_policy(pids, policy) {
+        if !problems
+            .iter()
+            .any(|p| p.pid == refused.pid && p.fd == refused.fd)
+        {
+            problems.push(refused);
+        }
+    }
+    problems
 }
 
 /// The problems in the tree of `pids`: what CRIU with `opts` will refuse, with `policy`

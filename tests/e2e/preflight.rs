@@ -120,3 +120,58 @@ fn a_policy_ignores_or_refuses_and_a_bad_one_stops_everything_with_its_line() {
     assert!(crac.listing().is_empty());
     target.terminate();
 }
+
+#[test]
+fn a_dry_run_runs_the_hooks_lists_what_would_fail_and_rolls_back_without_dumping() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("preflight-dry-run");
+    let crac = Crac::new(&scratch);
+    let (target, mut conn) = holding(&scratch);
+    let pid = target.pid.to_string();
+    let (tcp, _) = target.ports();
+
+    let out = crac.run(&["checkpoint", &pid, "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("pid {pid}: before_checkpoint: identity ok, third ok, second ok, first ok"),
+        "{stdout}"
+    );
+    let bad: Vec<&&str> = lines.iter().filter(|l| l.starts_with("BAD  ")).collect();
+    assert_eq!(bad.len(), 2, "{stdout}");
+    assert!(
+        bad.iter()
+            .all(|l| l.contains(&format!(": tcp 127.0.0.1:{tcp} -> 127.0.0.1:"))),
+        "{stdout}"
+    );
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .ends_with("2 CRIU would refuse; hooks rolled back, nothing dumped"),
+        "{stdout}"
+    );
+    assert_eq!(
+        target.hooks(),
+        concat(&BEFORE_ALL, &after_all("aborted", 0))
+    );
+    assert_eq!(echo(&mut conn, "x").expect("echo"), "echo:x");
+
+    // With the option that makes CRIU take the connection, nothing would stop it.
+    let out = crac.run(&["checkpoint", &pid, "--dry-run", "--tcp-established"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("OK: "),
+        "{}",
+        text(&out)
+    );
+    assert!(crac.listing().is_empty(), "a dry run wrote into the store");
+    assert_eq!(target.state().expect("state").generation, 0);
+    target.terminate();
+}

@@ -25,6 +25,9 @@ use crate::output::{bytes, millis, Out};
 use crate::progress;
 
 pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
+    if args.dry_run {
+        return dry_run(&args);
+    }
     let request = request(store, &args)?;
     if args.for_self {
         return detach_worker();
@@ -49,6 +52,70 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     let outcome = outcome?;
     print(&outcome, Out::new(args.json));
     Ok(0)
+}
+
+/// `--dry-run`: hooks, preflight, rollback; what would stop a checkpoint.
+fn dry_run(args: &CheckpointArgs) -> Result<u8, OpError> {
+    driver::require_root("checkpoint --dry-run")?;
+    if crac_action::tree::state_of(args.pid).is_none() {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!("no process with pid {}", args.pid),
+        ));
+    }
+    // The options crac would give CRIU: its own, and those after `--`.
+    let mut words = args.criu_args.clone();
+    if args.tcp_established {
+        words.push("--tcp-established".into());
+    }
+    let opts = crac_action::preflight::CriuOptions::from_words(&words);
+    let policy = crac_action::preflight::configured(|name| std::env::var(name).ok())
+        .map_err(|e| OpError::new(FailureKind::BadInput, e))?
+        .unwrap_or_default();
+    let settings = crac_action::settings::Settings {
+        timeout: Duration::from_secs_f64(args.timeout),
+        ..Default::default()
+    };
+    let mut log = Vec::new();
+    let found = crac_action::pre_dump::dry_run(args.pid, &opts, &policy, &settings, &mut log)
+        .map_err(|e| OpError::new(FailureKind::Failed, e.to_string()))?;
+    let clear = found.hook_failure.is_none() && found.refused.is_empty();
+    Out::new(args.json).print(&found, || {
+        let mut text = String::new();
+        for agent in &found.agents {
+            let hooks: Vec<String> = agent
+                .hooks
+                .iter()
+                .map(|h| match &h.error {
+                    None => format!("{} ok", h.resource),
+                    Some(err) => format!("{} FAILED: {err}", h.resource),
+                })
+                .collect();
+            text.push_str(&format!(
+                "pid {}: before_checkpoint: {}\n",
+                agent.pid,
+                if hooks.is_empty() { "no hooks".to_owned() } else { hooks.join(", ") }
+            ));
+        }
+        if let Some(failure) = &found.hook_failure {
+            text.push_str(&format!("BAD  hooks: {failure}\n"));
+        }
+        for line in &found.refused {
+            text.push_str(&format!("BAD  {line}\n"));
+        }
+        text.push_str(&format!(
+            "{}: {} descriptors looked at, {} CRIU would refuse; hooks rolled back, nothing dumped\n",
+            if clear { "OK" } else { "would fail" },
+            found.descriptors,
+            found.refused.len()
+        ));
+        text
+    });
+    Ok(if clear {
+        0
+    } else {
+        FailureKind::Failed.exit_code()
+    })
 }
 
 fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, OpError> {

@@ -113,6 +113,11 @@ pub struct CheckpointArgs {
     /// Seconds to wait for the hooks before the dump is aborted.
     #[arg(long, value_name = "S", default_value_t = 30.0)]
     pub timeout: f64,
+    /// Run the hooks and the preflight (what this CRIU, with these options, would refuse),
+    /// then roll back: nothing is dumped. Lists what would stop the checkpoint; exit code 0
+    /// when nothing would. CRAC_POLICY applies.
+    #[arg(long, conflicts_with_all = ["leave_running", "sync", "replace", "for_self", "self_worker"])]
+    pub dry_run: bool,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
