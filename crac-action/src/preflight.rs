@@ -74,9 +74,10 @@ impl CriuOptions {
         }
     }
 
-    /// The options of the CRIU process `pid`: its command line, then the configuration files
-    /// it read (`--config`, `CRIU_CONFIG_FILE`, `/etc/criu/default.conf`,
-    /// `~/.criu/default.conf`, unless `--no-default-config`).
+    /// The options of the CRIU process `pid`: the configuration files it read, then its
+    /// command line. The default files (`/etc/criu/default.conf`, `~/.criu/default.conf`)
+    /// count unless `--no-default-config` or `--config FILE` replaced them; `CRIU_CONFIG_FILE`
+    /// counts either way.
     pub fn of_process(pid: u32) -> CriuOptions {
         let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
             return CriuOptions::unknown();
@@ -98,21 +99,25 @@ impl CriuOptions {
                     .map(str::to_owned)
             })
         };
-        let mut words: Vec<String> = Vec::new();
-        if !args.iter().any(|a| a == "--no-default-config") {
-            let mut files = vec!["/etc/criu/default.conf".to_owned()];
-            if let Some(home) = var("HOME") {
-                files.push(format!("{home}/.criu/default.conf"));
+        let mut files = Vec::new();
+        let config = args
+            .iter()
+            .position(|a| a == "--config")
+            .and_then(|at| args.get(at + 1));
+        match config {
+            Some(file) => files.push(file.clone()),
+            None if !args.iter().any(|a| a == "--no-default-config") => {
+                files.push("/etc/criu/default.conf".to_owned());
+                if let Some(home) = var("HOME") {
+                    files.push(format!("{home}/.criu/default.conf"));
+                }
             }
-            files.extend(var("CRIU_CONFIG_FILE"));
-            for file in files {
-                words.extend(config_words(Path::new(&file)));
-            }
+            None => {}
         }
-        if let Some(at) = args.iter().position(|a| a == "--config") {
-            if let Some(file) = args.get(at + 1) {
-                words.extend(config_words(Path::new(file)));
-            }
+        files.extend(var("CRIU_CONFIG_FILE"));
+        let mut words: Vec<String> = Vec::new();
+        for file in files {
+            words.extend(config_words(Path::new(&file)));
         }
         words.extend(args);
         CriuOptions::from_words(&words)
