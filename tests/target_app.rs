@@ -35,7 +35,8 @@
 //! - `CRAC_TEST_STOP_AGENT_ON=USR1`: SIGUSR1 stops the agent (its socket goes; the process
 //!   runs on).
 //! - `CRAC_TEST_SOCKET_CHECK_MS=MS`: the agent looks at its socket every MS milliseconds.
-//! - `CRAC_TEST_MIB=N`: touch N MiB of memory at start (a slower dump).
+//! - `CRAC_TEST_MIB=N`: touch N MiB of memory at start (a slower dump), every page with content
+//!   of its own, which the TCP request `HEAP` checks (`heap ok N MiB`).
 //! - `CRAC_TEST_ASYNC=panic|pending|shutdown`: also register an async resource `async`, on a
 //!   tokio runtime of the target's own, whose before_checkpoint panics, never completes, or
 //!   cannot run because its runtime was shut down right after it was registered.
@@ -260,9 +261,10 @@ fn main() {
         // Report ready only once the child is ready, so the test dumps both with agents.
         wait_for(&child_dir.join("ready"));
     }
-    // Memory the dump must write: every page touched, kept to the end.
-    let ballast: Vec<u8> =
-        vec![1; var("CRAC_TEST_MIB").map_or(0, |n| n.parse::<usize>().expect("a size") << 20)];
+    // Memory the dump must write: every page touched, each with its own content, kept to the
+    // end (`HEAP` checks it).
+    let mib = var("CRAC_TEST_MIB").map_or(0, |n| n.parse::<usize>().expect("a size"));
+    BALLAST.get_or_init(|| (0..mib << 17).map(ballast_word).collect());
     if let Some(path) = var("CRAC_TEST_MAP") {
         let file = fs::File::open(&path).expect("CRAC_TEST_MAP names a readable file");
         let len = file.metadata().expect("its size").len() as usize;
@@ -335,7 +337,6 @@ fn main() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    drop(ballast);
 }
 
 /// Serves TCP and UDP on `127.0.0.1:port` (see the module documentation).
@@ -375,6 +376,9 @@ fn serve(dir: &Path, port: u16, token: u64, coordinator: &'static Coordinator) {
             "STATUS" => {
                 let _ = (&stream).write_all(format!("{}\n", status(token, coordinator)).as_bytes());
             }
+            "HEAP" => {
+                let _ = (&stream).write_all(format!("{}\n", check_heap()).as_bytes());
+            }
             "HOLD" => {
                 let log = log.clone();
                 drop(section);
@@ -392,6 +396,32 @@ fn serve(dir: &Path, port: u16, token: u64, coordinator: &'static Coordinator) {
             let _ = udp.send_to(reply.as_bytes(), from);
         }
     });
+}
+
+/// `CRAC_TEST_MIB`'s memory, in 8-byte words.
+static BALLAST: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+
+/// What word `i` of the ballast holds: every page differs from every other.
+fn ballast_word(i: usize) -> u64 {
+    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 >> 9)
+}
+
+/// `heap ok N MiB`, or where the ballast differs from what was written.
+fn check_heap() -> String {
+    let heap = BALLAST.get().map_or(&[][..], Vec::as_slice);
+    match heap
+        .iter()
+        .enumerate()
+        .find(|&(i, &w)| w != ballast_word(i))
+    {
+        None => format!("heap ok {} MiB", heap.len() >> 17),
+        Some((i, w)) => format!(
+            "heap bad at byte {} (page {}): {w:#x}, expected {:#x}",
+            i * 8,
+            i >> 9,
+            ballast_word(i)
+        ),
+    }
 }
 
 fn status(token: u64, coordinator: &Coordinator) -> String {

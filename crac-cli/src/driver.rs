@@ -85,7 +85,7 @@ impl OpError {
         }
     }
 
-    fn with_details(mut self, details: Vec<String>) -> OpError {
+    pub(crate) fn with_details(mut self, details: Vec<String>) -> OpError {
         self.details = details;
         self
     }
@@ -886,6 +886,32 @@ pub fn restore(
     notice: &mut dyn FnMut(&str),
     progress: Option<Progress<'_>>,
 ) -> Result<RestoreOutcome, OpError> {
+    restore_with(request, notice, progress, false).map(|(outcome, _)| outcome)
+}
+
+/// [`restore`], lazily: the tree runs as soon as CRIU has made it, and its memory arrives
+/// from CRIU's page server as it is touched ([`crate::lazy`]). The caller must
+/// [`PageServer::wait`](crate::lazy::PageServer::wait) for the server, which kills the tree if
+/// it fails.
+///
+/// # Errors
+///
+/// As [`restore`]; when the page server cannot start, nothing was restored.
+pub fn restore_lazily(
+    request: &RestoreRequest,
+    notice: &mut dyn FnMut(&str),
+    progress: Option<Progress<'_>>,
+) -> Result<(RestoreOutcome, crate::lazy::PageServer), OpError> {
+    let (outcome, server) = restore_with(request, notice, progress, true)?;
+    Ok((outcome, server.expect("a lazy restore has a page server")))
+}
+
+fn restore_with(
+    request: &RestoreRequest,
+    notice: &mut dyn FnMut(&str),
+    progress: Option<Progress<'_>>,
+    lazy: bool,
+) -> Result<(RestoreOutcome, Option<crate::lazy::PageServer>), OpError> {
     require_root("restore")?;
     if let Some(progress) = progress {
         progress(Phase::Verify, 0);
@@ -936,12 +962,22 @@ pub fn restore(
         cmd.env(crac_action::post_resume::RESTORE_ENV, encoded);
     }
     let started = Instant::now();
-    let output = cmd.output().map_err(|e| {
-        OpError::new(
-            FailureKind::Unavailable,
-            format!("cannot run {}: {e}", criu.path.display()),
-        )
-    })?;
+    let server = if lazy {
+        cmd.arg("--lazy-pages");
+        Some(crate::lazy::PageServer::start(&criu.path, &request.dir)?)
+    } else {
+        None
+    };
+    let output = match cmd.output() {
+        Ok(output) => output,
+        Err(e) => {
+            server.map(crate::lazy::PageServer::stop);
+            return Err(OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot run {}: {e}", criu.path.display()),
+            ));
+        }
+    };
     let restore_ms = ms(started.elapsed());
     let pid = fs::read_to_string(&pidfile)
         .ok()
@@ -963,6 +999,7 @@ pub fn restore(
         .collect();
     let restored = log.contains("Restore finished successfully") || request.detach;
     if !output.status.success() && (request.detach || !restored) {
+        server.map(crate::lazy::PageServer::stop);
         let mut details = criu_lines(&log, &output.stderr);
         details.extend(hints(&log));
         return Err(OpError::new(
@@ -975,7 +1012,7 @@ pub fn restore(
         )
         .with_details(details));
     }
-    Ok(RestoreOutcome {
+    let outcome = RestoreOutcome {
         pid,
         restore_ms,
         hook_lines,
@@ -986,7 +1023,8 @@ pub fn restore(
             output.status.code()
         },
         criu: crate::stats::restore(&request.dir),
-    })
+    };
+    Ok((outcome, server))
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), OpError> {

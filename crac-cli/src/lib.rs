@@ -21,6 +21,7 @@
 pub mod archive;
 pub mod cpu;
 pub mod driver;
+pub mod lazy;
 pub mod locate;
 pub mod metadata;
 pub mod stats;

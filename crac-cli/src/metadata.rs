@@ -151,6 +151,10 @@ pub struct DumpOptions {
     /// unlock the same way; absent when it locked none, or for CRIU's default (iptables).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_lock: Option<String>,
+    /// `--lazy-restore`: restores of this image are lazy unless told `--eager`
+    /// ([`crate::lazy`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lazy_restore: bool,
 }
 
 /// One hook call during a checkpoint.

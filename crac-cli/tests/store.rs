@@ -100,6 +100,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
             timeout_secs: 30.0,
             extra_criu_args: vec![],
             network_lock: None,
+            lazy_restore: false,
         },
         hooks: vec![HookTiming {
             pid,

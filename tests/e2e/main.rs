@@ -8,6 +8,7 @@ mod async_faults;
 mod containers;
 mod crac_cli;
 mod faults;
+mod lazy;
 mod namespaces;
 mod nothing_lost;
 mod oci;

@@ -156,6 +156,7 @@ fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, Op
             network_lock: args
                 .tcp_established
                 .then(|| driver::TCP_NETWORK_LOCK.to_owned()),
+            lazy_restore: args.lazy_restore,
         },
         durable: args.sync,
     })

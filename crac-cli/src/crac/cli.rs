@@ -113,6 +113,10 @@ pub struct CheckpointArgs {
     /// Seconds to wait for the hooks before the dump is aborted.
     #[arg(long, value_name = "S", default_value_t = 30.0)]
     pub timeout: f64,
+    /// Make restores of this image lazy by default (`crac restore --eager` overrides): the
+    /// service runs before its memory has arrived, and answers sooner the more it has.
+    #[arg(long)]
+    pub lazy_restore: bool,
     /// Run the hooks and the preflight (what this CRIU, with these options, would refuse),
     /// then roll back: nothing is dumped. Lists what would stop the checkpoint; exit code 0
     /// when nothing would. CRAC_POLICY applies.
@@ -145,6 +149,15 @@ pub struct RestoreArgs {
     /// after_restore sees how many came back closed (RestoreInfo::tcp).
     #[arg(long)]
     pub tcp_close: bool,
+    /// Run the service before its memory has arrived: CRIU's page server (`criu lazy-pages`)
+    /// hands it each page when first touched, then the rest; crac returns once every page is
+    /// in, and kills the restored tree if the server fails (its memory would be incomplete).
+    #[arg(long, conflicts_with = "eager")]
+    pub lazy: bool,
+    /// Restore every page before the service runs, even for an image checkpointed with
+    /// --lazy-restore.
+    #[arg(long)]
+    pub eager: bool,
     /// A setting for the restored service, K=V (repeat for more): its after_restore hooks
     /// find it in RestoreInfo::env. The process's own environment stays the image's.
     #[arg(long = "env", value_name = "K=V", value_parser = parse_setting)]
@@ -275,6 +288,13 @@ pub struct RunArgs {
     /// Fail instead of starting cold when the image is missing, invalid or fails to restore.
     #[arg(long)]
     pub restore_only: bool,
+    /// Restore lazily (see `crac restore --lazy`); if the page server fails, the restored
+    /// service is killed and the command started cold.
+    #[arg(long, conflicts_with = "eager")]
+    pub lazy: bool,
+    /// Restore eagerly even if the image says --lazy-restore.
+    #[arg(long)]
+    pub eager: bool,
     /// Where a cold-started service's stdout and stderr go (a checkpointable service must not
     /// write to a terminal). Default: `STORE/IMAGE.log`.
     #[arg(long, value_name = "FILE")]

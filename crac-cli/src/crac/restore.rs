@@ -13,18 +13,21 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     // Without --detach CRIU stays until the restored service exits: no progress line then.
     let bar = progress::Bar::new(args.json || !args.detach, None);
     let update = |phase, written| bar.update(phase, written);
-    let outcome = driver::restore(
-        &RestoreRequest {
-            dir: dir.clone(),
-            detach: args.detach,
-            tcp_close: args.tcp_close,
-            env: args.env.into_iter().collect(),
-        },
-        &mut |notice| bar.note(&format!("crac: {notice}")),
-        bar.shown().then_some(&update as _),
-    );
+    let request = RestoreRequest {
+        dir: dir.clone(),
+        detach: args.detach,
+        tcp_close: args.tcp_close,
+        env: args.env.into_iter().collect(),
+    };
+    let mut notice = |notice: &str| bar.note(&format!("crac: {notice}"));
+    let progress = bar.shown().then_some(&update as _);
+    let (outcome, server) = if lazy(&dir, args.lazy, args.eager) {
+        let (outcome, server) = driver::restore_lazily(&request, &mut notice, progress)?;
+        (outcome, Some(server))
+    } else {
+        (driver::restore(&request, &mut notice, progress)?, None)
+    };
     drop(bar);
-    let outcome = outcome?;
     Out::new(args.json).print(&outcome, || {
         let mut text = if args.detach {
             format!(
@@ -52,6 +55,16 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         }
         text
     });
+    if let Some(server) = server {
+        // The service runs already; its memory is whole only once the server is done.
+        let all_in = server.wait(outcome.pid)?;
+        if !args.json {
+            println!(
+                "  every page arrived {} after the restore began",
+                millis(all_in.as_secs_f64() * 1e3)
+            );
+        }
+    }
     if !outcome.hook_failures.is_empty() {
         // Printed after the outcome: the service runs, restored, and what did not come back
         // up is the operator's to see to.
@@ -63,4 +76,9 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         return Ok(FailureKind::HooksFailed.exit_code());
     }
     Ok(0)
+}
+
+/// Whether to restore `dir` lazily: as asked, else as the image says (`--lazy-restore`).
+pub(crate) fn lazy(dir: &std::path::Path, lazy: bool, eager: bool) -> bool {
+    lazy || (!eager && crac_cli::metadata::read(dir).is_ok_and(|meta| meta.options.lazy_restore))
 }

@@ -24,6 +24,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
+use crac_cli::lazy::PageServer;
 use crac_cli::store::{Store, STORE_ENV};
 
 use crate::cli::RunArgs;
@@ -48,14 +49,14 @@ pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
     let service = Arc::new(AtomicI32::new(0));
     forward_signals(Arc::clone(&service))?;
 
-    let pid = match warm(store, &args.image) {
-        Ok(pid) => {
+    let (pid, server) = match warm(store, &args) {
+        Ok((pid, server)) => {
             eprintln!(
                 "crac run: restored image {:?} as pid {pid} in {}",
                 args.image,
                 millis(started.elapsed().as_secs_f64() * 1e3)
             );
-            pid
+            (pid, server)
         }
         Err(err) if args.restore_only => {
             return Err(OpError {
@@ -73,33 +74,49 @@ pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
                 "crac run: started cold as pid {pid} in {}",
                 millis(started.elapsed().as_secs_f64() * 1e3)
             );
-            pid
+            (pid, None)
         }
     };
     service.store(pid as i32, Ordering::SeqCst);
-    Ok(wait_for(pid))
+    let (status, lost) = wait_for(pid, server);
+    let Some(err) = lost else {
+        return Ok(status);
+    };
+    // The restored copy was killed: its memory never arrived. Start afresh.
+    eprintln!("crac run: {}", err.message);
+    for line in &err.details {
+        eprintln!("crac run:   {line}");
+    }
+    let pid = cold(store, &args)?;
+    eprintln!("crac run: started cold as pid {pid} instead");
+    service.store(pid as i32, Ordering::SeqCst);
+    Ok(wait_for(pid, None).0)
 }
 
-fn warm(store: &Store, image: &str) -> Result<u32, OpError> {
+fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpError> {
     let dir = store
-        .resolve(image)
+        .resolve(&args.image)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let env = changed_env(&dir);
-    let outcome = driver::restore(
-        &RestoreRequest {
-            dir,
-            detach: true,
-            tcp_close: false,
-            env,
-        },
-        &mut |notice| eprintln!("crac run: {notice}"),
-        None,
-    )?;
+    let lazy = crate::restore::lazy(&dir, args.lazy, args.eager);
+    let request = RestoreRequest {
+        dir,
+        detach: true,
+        tcp_close: false,
+        env,
+    };
+    let mut notice = |notice: &str| eprintln!("crac run: {notice}");
+    let (outcome, server) = if lazy {
+        let (outcome, server) = driver::restore_lazily(&request, &mut notice, None)?;
+        (outcome, Some(server))
+    } else {
+        (driver::restore(&request, &mut notice, None)?, None)
+    };
     // Restored and running: starting cold now would make a second copy. Say what failed.
     for failure in &outcome.hook_failures {
         eprintln!("crac run: restored, but after_restore failed: {failure}");
     }
-    Ok(outcome.pid)
+    Ok((outcome.pid, server))
 }
 
 /// What this command's environment changes from the one the image's service started with:
@@ -206,23 +223,45 @@ fn forward_signals(service: Arc<AtomicI32>) -> Result<(), OpError> {
 
 /// Reaps children (orphans re-parented to this subreaper included) until the service exits;
 /// returns its status the way a shell does (128 + signal when killed).
-fn wait_for(service: u32) -> u8 {
-    loop {
-        match waitpid(None::<Pid>, None) {
+/// Reaps children until `service` exits: its status. A lazy restore's page `server` is one
+/// of those children; if it fails, the service is killed (see [`PageServer::reaped`]) and the
+/// error comes back with the status.
+fn wait_for(service: u32, mut server: Option<PageServer>) -> (u8, Option<OpError>) {
+    let mut lost = None;
+    let status = loop {
+        let reaped = waitpid(None::<Pid>, None);
+        if let (Ok(status), Some(page_server)) = (&reaped, &server) {
+            if status
+                .pid()
+                .is_some_and(|p| p.as_raw() as u32 == page_server.pid())
+            {
+                let page_server = server.take().expect("checked above");
+                match page_server.reaped(*status, service) {
+                    Ok(took) => eprintln!(
+                        "crac run: every page of pid {service} arrived {} after the restore began",
+                        millis(took.as_secs_f64() * 1e3)
+                    ),
+                    Err(err) => lost = Some(err),
+                }
+                continue;
+            }
+        }
+        match reaped {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() as u32 == service => {
                 eprintln!("crac run: pid {service} exited with code {code}");
-                return u8::try_from(code).unwrap_or(1);
+                break u8::try_from(code).unwrap_or(1);
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) if pid.as_raw() as u32 == service => {
                 eprintln!("crac run: pid {service} was killed by {signal}");
-                return 128u8.saturating_add(signal as u8);
+                break 128u8.saturating_add(signal as u8);
             }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
             Err(err) => {
                 eprintln!("crac run: lost track of pid {service}: {err}");
-                return 1;
+                break 1;
             }
         }
-    }
+    };
+    (status, lost)
 }
