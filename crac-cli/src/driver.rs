@@ -971,7 +971,9 @@ fn restore_with(
     let output = match cmd.output() {
         Ok(output) => output,
         Err(e) => {
-            server.map(crate::lazy::PageServer::stop);
+            if let Some(server) = server {
+                server.stop();
+            }
             return Err(OpError::new(
                 FailureKind::Unavailable,
                 format!("cannot run {}: {e}", criu.path.display()),
@@ -999,7 +1001,9 @@ fn restore_with(
         .collect();
     let restored = log.contains("Restore finished successfully") || request.detach;
     if !output.status.success() && (request.detach || !restored) {
-        server.map(crate::lazy::PageServer::stop);
+        if let Some(server) = server {
+            server.stop();
+        }
         let mut details = criu_lines(&log, &output.stderr);
         details.extend(hints(&log));
         return Err(OpError::new(
