@@ -74,7 +74,7 @@ fn a_page_server_that_dies_midway_takes_the_restored_tree_with_it_and_run_starts
     let (crac, restored, _) = checkpointed(&scratch, "512", false);
     let pid = restored.pid;
 
-    let mut restore = crac
+    let restore = crac
         .command(&["restore", "svc", "--detach", "--lazy"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
