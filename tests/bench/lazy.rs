@@ -1,0 +1,205 @@
+//! Item 9: time to first answer against touched memory, side by side: a cold start, an eager
+//! `crac restore`, and a lazy one (`crac restore --lazy`), for crac-test-target holding 16,
+//! 256 and 1,024 MiB of touched memory (each page its own content); and the price of lazy:
+//! the time until every page has arrived, and a request's latency while pages still arrive.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::line::{self, free_port};
+use crate::procs::{self, Proc, Res};
+use crate::stats::{fmt_ratio, fmt_us, verdict, Report, Samples};
+use crate::Ctx;
+
+const SIZES_MIB: [u64; 3] = [16, 256, 1024];
+
+/// Waits for the first STATUS answer on `port`; the time since `since`.
+fn first_answer(port: u16, since: Instant, limit: Duration) -> Res<Duration> {
+    loop {
+        if line::ask(port, "STATUS", Duration::from_millis(100)).is_ok() {
+            return Ok(since.elapsed());
+        }
+        if since.elapsed() > limit {
+            return Err(format!("nothing answered on port {port} within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+struct Row {
+    mib: u64,
+    cold: Samples,
+    eager: Samples,
+    lazy: Samples,
+    all_in: Samples,
+    latency_during: Samples,
+    latency_after: Samples,
+}
+
+fn measure(ctx: &Ctx, mib: u64, rounds: usize) -> Res<Row> {
+    let mut row = Row {
+        mib,
+        cold: Samples::new(),
+        eager: Samples::new(),
+        lazy: Samples::new(),
+        all_in: Samples::new(),
+        latency_during: Samples::new(),
+        latency_after: Samples::new(),
+    };
+    let store = ctx.scratch.join(format!("lazy-store-{mib}"));
+    let dir = ctx.scratch.join(format!("lazy-target-{mib}"));
+    let crac = |args: &[&str]| {
+        let mut cmd = Command::new(&ctx.bins.crac);
+        cmd.arg("--store")
+            .arg(&store)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    for round in 0..rounds {
+        let port = free_port()?;
+        let mut cmd = Command::new(&ctx.bins.test_target);
+        cmd.env("CRAC_TEST_DIR", &dir)
+            .env("CRAC_TEST_MIB", mib.to_string())
+            .env("CRAC_TEST_LISTEN", port.to_string());
+        let started = Instant::now();
+        let target = Proc::start(
+            cmd,
+            &dir.join("ready"),
+            &ctx.scratch.join("lazy-target.stderr"),
+            Duration::from_secs(120),
+        )?;
+        row.cold
+            .push(first_answer(port, started, Duration::from_secs(120))?);
+        let name = format!("m{round}");
+        let out = crac(&["checkpoint", &target.pid.to_string(), "--name", &name])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            target.kill();
+            return Err(format!(
+                "crac checkpoint failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let pid = target.pid;
+        target.reap_dumped(Duration::from_secs(30))?;
+
+        // Eager: every page is in before the service runs.
+        let started = Instant::now();
+        let mut eager = crac(&["restore", &name, "--detach", "--eager"])
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        row.eager
+            .push(first_answer(port, started, Duration::from_secs(120))?);
+        let _ = eager.wait();
+        Proc::adopt(pid).kill();
+        procs::reap_zombies(&[]);
+
+        // Lazy: the service answers first; crac returns once every page has arrived.
+        let started = Instant::now();
+        let mut lazy = crac(&["restore", &name, "--detach", "--lazy"])
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        row.lazy
+            .push(first_answer(port, started, Duration::from_secs(120))?);
+        while lazy.try_wait().map_err(|e| e.to_string())?.is_none() {
+            let asked = Instant::now();
+            if line::ask(port, "STATUS", Duration::from_secs(5)).is_ok() {
+                row.latency_during.push(asked.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        row.all_in.push(started.elapsed());
+        let status = lazy.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            Proc::adopt(pid).kill();
+            return Err(format!("crac restore --lazy failed ({status})"));
+        }
+        for _ in 0..20 {
+            let asked = Instant::now();
+            if line::ask(port, "STATUS", Duration::from_secs(5)).is_ok() {
+                row.latency_after.push(asked.elapsed());
+            }
+        }
+        let heap = line::ask(port, "HEAP", Duration::from_secs(5))?;
+        if heap != format!("heap ok {mib} MiB") {
+            Proc::adopt(pid).kill();
+            return Err(format!("the lazily restored heap is wrong: {heap}"));
+        }
+        Proc::adopt(pid).kill();
+        procs::reap_zombies(&[]);
+        let _ = std::fs::remove_dir_all(store.join(&name));
+    }
+    Ok(row)
+}
+
+pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    report.section("9. Time to first answer against memory: cold, eager and lazy restore");
+    let rounds = if ctx.quick { 1 } else { 3 };
+    let mut rows = Vec::new();
+    for mib in SIZES_MIB {
+        report.note(&format!("{mib} MiB"));
+        rows.push(measure(ctx, mib, rounds)?);
+    }
+    report.line(&format!(
+        "Method: crac-test-target touching N MiB (each page its own content), serving STATUS on \
+         TCP. Cold: from spawning it to the first STATUS answer (it fills its memory first). Then \
+         `crac checkpoint` (stopped), and from spawning `crac restore --detach --eager`, then \
+         `crac restore --detach --lazy` (CRIU's page server), to the first answer. 'All in': \
+         until the lazy `crac restore` returned (every page arrived). Latency: STATUS round trips \
+         while pages still arrive, and 20 after. {rounds} round(s) each; medians. After each \
+         lazy restore the service checks its whole heap (HEAP): correct in every run."
+    ));
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                format!("{} MiB", r.mib),
+                fmt_us(r.cold.median()),
+                fmt_us(r.eager.median()),
+                fmt_us(r.lazy.median()),
+                fmt_us(r.all_in.median()),
+                if r.latency_during.len() == 0 {
+                    "(none: all in first)".into()
+                } else {
+                    format!(
+                        "{} (p90 {}, {} asked)",
+                        fmt_us(r.latency_during.median()),
+                        fmt_us(r.latency_during.p90()),
+                        r.latency_during.len()
+                    )
+                },
+                fmt_us(r.latency_after.median()),
+            ]
+        })
+        .collect();
+    report.table(
+        &[
+            "memory",
+            "cold",
+            "eager restore",
+            "lazy restore",
+            "lazy: all in",
+            "latency while arriving",
+            "latency after",
+        ],
+        &table,
+    );
+    let lazy_of = |mib: u64| {
+        rows.iter()
+            .find(|r| r.mib == mib)
+            .map_or(f64::NAN, |r| r.lazy.median())
+    };
+    let ratio = lazy_of(1024) / lazy_of(16);
+    let met = ratio <= 1.5;
+    report.line(&format!(
+        "Lazy restore's first answer at 1 GiB / at 16 MiB: {}. Target at most 1.5x: {}.",
+        fmt_ratio(ratio),
+        verdict(met)
+    ));
+    report.verdict("9. lazy first answer, 1 GiB / 16 MiB", "<= 1.5x", Some(met));
+    Ok(())
+}
