@@ -168,6 +168,12 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
             }
         ),
     });
+    checks.push(Check {
+        name: "kdat cache",
+        // Not having it costs time, not correctness.
+        ok: true,
+        detail: kdat_cache(),
+    });
     let agent_dir = crac_agent::base_dir();
     checks.push(Check {
         name: "agents",
@@ -211,4 +217,20 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         text
     });
     Ok(if possible { 0 } else { 3 })
+}
+
+/// Whether CRIU keeps its kernel-feature probe (`/run/criu.kdat`) between runs. CRIU saves it
+/// only where `/run` is a tmpfs, which a reboot empties: a cache on a disk would outlive a
+/// kernel update, and every CRIU on the machine would trust it. So crac does not place one
+/// itself; it says what each CRIU start then costs.
+fn kdat_cache() -> String {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let tmpfs =
+        nix::sys::statfs::statfs("/run").is_ok_and(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC);
+    let present = std::path::Path::new("/run/criu.kdat").exists();
+    match (tmpfs, present) {
+        (true, true) => "in use: CRIU loads /run/criu.kdat (a tmpfs, emptied at reboot) instead of probing the kernel at every start".to_owned(),
+        (true, false) => "not yet made: CRIU writes /run/criu.kdat (a tmpfs) at its next run, and later runs skip the kernel probe".to_owned(),
+        (false, _) => "not in use: /run is not a tmpfs, so CRIU probes the kernel at every start (about 25-40 ms here; BENCHMARKS.md has the figures with and without)".to_owned(),
+    }
 }
