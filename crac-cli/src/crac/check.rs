@@ -224,9 +224,8 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
 /// kernel update, and every CRIU on the machine would trust it. So crac does not place one
 /// itself; it says what each CRIU start then costs.
 fn kdat_cache() -> String {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    let tmpfs =
-        nix::sys::statfs::statfs("/run").is_ok_and(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC);
+    let tmpfs = nix::sys::statfs::statfs("/run")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
     let present = std::path::Path::new("/run/criu.kdat").exists();
     match (tmpfs, present) {
         (true, true) => "in use: CRIU loads /run/criu.kdat (a tmpfs, emptied at reboot) instead of probing the kernel at every start".to_owned(),
