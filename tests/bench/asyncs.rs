@@ -267,6 +267,12 @@ fn pg_warm_start(ctx: &Ctx, report: &mut Report) -> Res<()> {
         .ok_or("no bin folder")?
         .join("pg-service");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/postgres.sh");
+    // The server runs as the `postgres` user, which must reach its folder whatever the umask.
+    std::fs::set_permissions(
+        &ctx.scratch,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(|e| format!("{}: {e}", ctx.scratch.display()))?;
     let data = ctx.scratch.join("pg");
     let pg_port = free_port()?;
     let out = Command::new(&script)

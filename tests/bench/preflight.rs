@@ -51,11 +51,19 @@ fn checkpoint_ms(ctx: &Ctx) -> Res<f64> {
     let dir = ctx.scratch.join("preflight-target");
     let mut cmd = std::process::Command::new(&ctx.bins.test_target);
     cmd.env("CRAC_TEST_DIR", &dir);
-    let target = Proc::start(
+    // Appended to, as a service's log must be (crac warns otherwise).
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ctx.scratch.join("preflight-target.stderr"))
+        .map_err(|e| e.to_string())?;
+    let ready = dir.join("ready");
+    let target = Proc::start_with(
         cmd,
-        &dir.join("ready"),
-        &ctx.scratch.join("preflight-target.stderr"),
+        std::process::Stdio::null(),
+        stderr,
         Duration::from_secs(10),
+        || ready.exists(),
     )?;
     let store = ctx.scratch.join("preflight-store");
     let mut samples = Samples::new();
@@ -119,7 +127,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         "Method: this process opens n descriptors (a third /dev/null, a third connected Unix \
          socket pairs, a third established loopback TCP connections, both ends), then \
          preflight::check runs on it repeatedly for about {} (at least 5 runs): read every \
-         /proc/PID/fd link, the namespace's TCP and Unix tables, and sock_diag for Unix peers. \
+         /proc/PID/fd link, the namespace's Unix table, each other socket through a copy of \
+         its descriptor (pidfd_getfd), and sock_diag for Unix peers. \
          'Listed' is what it would refuse (the TCP connections; Unix pairs within the process \
          are fine). With a CRIU run by a container runtime (`criu swrk`), only the \
          option-independent checks run.",

@@ -33,6 +33,11 @@ impl Postgres {
     /// Starts a cluster, or returns None (saying how to enable it) when PostgreSQL is not
     /// installed here outside CI. In CI a PostgreSQL that cannot start fails the test.
     fn start(scratch: &Scratch) -> Option<Postgres> {
+        // The server runs as the `postgres` user, which must reach its folder whatever the
+        // umask this test runs under.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o755))
+            .expect("scratch folder permissions");
         let dir = scratch.join("pg");
         let port = free_port();
         let out = Command::new(script())
