@@ -448,17 +448,28 @@ pub fn checkpoint(
     let hash_started = Instant::now();
     // The files outside the image (the executable, the mapped ones) are hashed on a thread of
     // their own while the image files are.
-    let (files, (executable_hash, mapped_hashes)) = std::thread::scope(|scope| {
+    // Libraries and the executable are usually the same as at the last checkpoint: their
+    // hashes are reused while the files have the same identity (metadata::KnownHashes).
+    let known_path = match &request.destination {
+        Destination::Store { store, .. } => Some(store.root().join(metadata::KNOWN_HASHES_FILE)),
+        Destination::Dir(_) => None,
+    };
+    let mut known = known_path
+        .as_deref()
+        .map(metadata::KnownHashes::load)
+        .unwrap_or_default();
+    let (files, (executable_hash, mapped_hashes, mut known)) = std::thread::scope(|scope| {
+        let executable_path = metadata.executable.clone();
         let outside = scope.spawn(move || {
-            let executable = executable_file.and_then(|f| metadata::hash_with_identity(f).ok());
+            let executable = executable_file.and_then(|f| known.hash(&executable_path, f).ok());
             let mapped: Vec<(String, String, metadata::Identity)> = mapped_files
                 .into_iter()
                 .filter_map(|(path, file)| {
-                    let (sha256, identity) = metadata::hash_with_identity(file).ok()?;
+                    let (sha256, identity) = known.hash(&path, file).ok()?;
                     Some((path, sha256, identity))
                 })
                 .collect();
-            (executable, mapped)
+            (executable, mapped, known)
         });
         let files = metadata::list_image_files(&images).and_then(|mut files| {
             metadata::hash_files(&images, &mut files)?;
@@ -525,6 +536,10 @@ pub fn checkpoint(
         },
         _ => images,
     };
+    // After the image is filed: a write the image does not wait for.
+    if let Some(known_path) = &known_path {
+        known.save(known_path);
+    }
     Ok(CheckpointOutcome {
         path,
         metadata,

@@ -673,6 +673,69 @@ pub fn note_intact(dir: &Path, meta: &Metadata, outside: &BTreeMap<String, Ident
     }
 }
 
+/// Where the image store keeps [`KnownHashes`], in its root.
+pub const KNOWN_HASHES_FILE: &str = ".crac-known-hashes.json";
+
+/// The hashes of files outside images (executables, shared libraries) by path, each with the
+/// identity its file had when it was hashed. `crac checkpoint` reuses a hash when the file it is
+/// about to hash still has that identity (what that trusts: see [`Check::Changed`]), so a
+/// library is read once, not at every checkpoint, which keeps the hashing of a small service's
+/// image well under a millisecond.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KnownHashes {
+    files: BTreeMap<String, Intact>,
+}
+
+impl KnownHashes {
+    /// The most entries kept: far more than the libraries of the services one machine runs.
+    const MAX: usize = 4096;
+
+    /// Reads them from `path`; missing or unreadable, there are none.
+    pub fn load(path: &Path) -> KnownHashes {
+        fs::read(path)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .unwrap_or_default()
+    }
+
+    /// The SHA-256 of `file`, which is at `path`, and its identity: known already, or read now
+    /// and remembered.
+    ///
+    /// # Errors
+    ///
+    /// A read error.
+    pub fn hash(&mut self, path: &str, file: fs::File) -> io::Result<(String, Identity)> {
+        let identity = Identity::of(&file.metadata()?);
+        if let Some(known) = self.files.get(path).filter(|k| k.identity == identity) {
+            return Ok((known.sha256.clone(), identity));
+        }
+        let sha256 = sha256_of(file)?;
+        self.files.insert(
+            path.to_owned(),
+            Intact {
+                identity: identity.clone(),
+                sha256: sha256.clone(),
+            },
+        );
+        Ok((sha256, identity))
+    }
+
+    /// Writes them to `path` (atomically), without the entries whose files are gone. Best
+    /// effort: without them, the next checkpoint hashes those files again.
+    pub fn save(&mut self, path: &Path) {
+        self.files.retain(|file, _| Path::new(file).exists());
+        while self.files.len() > Self::MAX {
+            self.files.pop_first();
+        }
+        if let Ok(json) = serde_json::to_vec(self) {
+            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+            if fs::write(&tmp, json).is_ok() && fs::rename(&tmp, path).is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+        }
+    }
+}
+
 /// The SHA-256 of `file` and the identity of what was read.
 ///
 /// # Errors

@@ -1351,3 +1351,40 @@ fn verify_trusts_only_files_unchanged_since_found_intact() {
         );
     }
 }
+
+#[test]
+fn known_hashes_follow_the_files_they_describe() {
+    let scratch = Scratch::new("known");
+    let lib = scratch.path().join("libfoo.so");
+    fs::write(&lib, b"version 1").expect("lib");
+    let known_path = scratch.path().join(metadata::KNOWN_HASHES_FILE);
+    let name = lib.display().to_string();
+
+    let mut known = metadata::KnownHashes::load(&known_path);
+    let (first, _) = known
+        .hash(&name, File::open(&lib).expect("open"))
+        .expect("hash");
+    known.save(&known_path);
+    let mut known = metadata::KnownHashes::load(&known_path);
+    let (again, _) = known
+        .hash(&name, File::open(&lib).expect("open"))
+        .expect("hash");
+    assert_eq!(again, first);
+
+    // Same size, other content: the identity changed, so it is hashed anew.
+    fs::write(&lib, b"version 2").expect("rewrite");
+    let (changed, _) = known
+        .hash(&name, File::open(&lib).expect("open"))
+        .expect("hash");
+    assert_ne!(changed, first);
+    assert_eq!(
+        changed,
+        metadata::sha256_of(File::open(&lib).expect("open")).expect("sha")
+    );
+
+    // A file that is gone is forgotten.
+    fs::remove_file(&lib).expect("remove");
+    known.save(&known_path);
+    let json = fs::read_to_string(&known_path).expect("saved");
+    assert!(!json.contains("libfoo.so"), "{json}");
+}

@@ -478,7 +478,7 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Res<()> {
             row("  crac: hooks (pre-dump's agent requests)", &hooks),
             row("  crac: the criu dump it runs (dump_ms)", &criu_in_crac),
             row(
-                "  crac: SHA-256 of the image files and the executable, after the dump (hash_ms)",
+                "  crac: SHA-256 of the image files, executable and libraries, after the dump (hash_ms)",
                 &hash_ms,
             ),
             row(

@@ -541,13 +541,15 @@ impl Crac {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
     }
 
-    /// The store's entries (hidden working folders included), to show nothing changed.
+    /// The store's entries (hidden working folders included), to show nothing changed; not
+    /// the store's cache of known hashes, which any checkpoint may update.
     pub fn listing(&self) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(&self.store)
             .map(|entries| {
                 entries
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name != crac_cli::metadata::KNOWN_HASHES_FILE)
                     .collect()
             })
             .unwrap_or_default();
