@@ -41,9 +41,6 @@ const MAX_CONNECTIONS: usize = 32;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// While a checkpoint is pending: how long a client has to send its request.
 const PENDING_REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
-/// How long the client of a successful before-checkpoint has to close its end after the reply
-/// (crac-action reads it and closes at once).
-const CHECKPOINT_CLIENT_CLOSE: Duration = Duration::from_millis(100);
 
 /// What the loop is given.
 pub(crate) struct Options {
@@ -294,11 +291,18 @@ impl Server {
     }
 
     /// A checkpoint has begun: the process may be frozen at any moment. Its client gets its
-    /// reply (a moment to read it and close), every other connection is told to ask again
-    /// later, and none is left open.
+    /// reply, every other connection is told to ask again later, and none is left open.
+    ///
+    /// The client's connection is closed at once, not when the client closes its end: the
+    /// client (crac-action) reads to the end of the reply, and the end is this close, so by
+    /// the time the client has its reply this process holds no socket of it. Waiting for the
+    /// client instead left a moment, after the client had closed and CRIU had begun to freeze
+    /// the tree, when this process still held a socket whose peer was gone, and CRIU failed
+    /// the dump ("Unix socket N not found"). What the client sent after its line and before
+    /// now is read first, so nothing unread resets the connection.
     fn ready_for_the_dump(&mut self, index: usize, reply: &Reply) {
         let conn = self.conns.swap_remove(index);
-        let delivered = close_with(conn.stream, Some(reply), CHECKPOINT_CLIENT_CLOSE);
+        let delivered = close_with(conn.stream, Some(reply), Duration::ZERO);
         let busy = self.handler.error(
             "",
             code::BUSY,
@@ -358,7 +362,12 @@ impl Server {
 /// the reply was written.
 fn close_with(stream: UnixStream, reply: Option<&Reply>, linger: Duration) -> bool {
     let delivered = reply.is_none_or(|reply| send_all(&stream, reply.to_line().as_bytes()).is_ok());
-    let _ = stream.shutdown(Shutdown::Write);
+    if !linger.is_zero() {
+        // The client reads to the end: it sees it now, while what it sends is still read.
+        // Without lingering the end is the close itself, so the client cannot see it while
+        // this process still holds the socket.
+        let _ = stream.shutdown(Shutdown::Write);
+    }
     let deadline = Instant::now() + linger;
     let mut drained = 0;
     while drop_input(&stream, &mut drained) {
