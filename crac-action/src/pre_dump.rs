@@ -83,18 +83,8 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         }
         refusal.map_or(Ok(()), Err)
     };
-    let found = agents::in_tree(init);
-    if !found.refused.is_empty() {
-        // Nobody was told anything yet: refusing now leaves the tree as it was.
-        return Err(ActionError::Refused(
-            found
-                .refused
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        ));
-    }
+    // Nobody was told anything yet: refusing now leaves the tree as it was.
+    let found = trusted_agents(init)?;
     if found.agents.is_empty() {
         preflight(out, true).map_err(ActionError::Refused)?;
         return crate::no_agent(STEP, init, settings, out);
@@ -218,6 +208,22 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     Ok(())
 }
 
+/// The agents in the tree under `root`, unless a socket there is not a trustworthy agent.
+fn trusted_agents(root: u32) -> Result<agents::Found, ActionError> {
+    let found = agents::in_tree(root);
+    if found.refused.is_empty() {
+        return Ok(found);
+    }
+    Err(ActionError::Refused(
+        found
+            .refused
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    ))
+}
+
 /// Starts the watcher of this CRIU unless an earlier run of this step did.
 fn start_watcher(watch: &Watch, out: &mut dyn Write) -> std::io::Result<()> {
     match watcher::claim(watch.criu)? {
@@ -292,17 +298,7 @@ pub fn dry_run(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<DryRun, ActionError> {
-    let found = agents::in_tree(root);
-    if !found.refused.is_empty() {
-        return Err(ActionError::Refused(
-            found
-                .refused
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        ));
-    }
+    let found = trusted_agents(root)?;
     let cycle = format!(
         "dry-run-{root}-{}",
         std::time::SystemTime::now()

@@ -15,7 +15,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{self, text, wait_until, Crac, Scratch};
+use crate::util::{self, free_port, text, wait_until, Crac, Scratch};
 
 /// A PostgreSQL cluster of the test's own, on a free loopback port; stopped and removed when
 /// dropped.
@@ -100,13 +100,6 @@ impl Drop for Postgres {
             .stdin(Stdio::null())
             .status();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// One HTTP/1.1 exchange on a kept-alive connection: the status and the body.

@@ -1,24 +1,8 @@
 //! Preflight: what CRIU would refuse is listed before CRIU seizes the tree, in one refusal,
 //! and the service goes on untouched (its connections included).
 
-use std::io::Write;
-use std::net::TcpStream;
-use std::time::Duration;
-
-use crate::sockets::echo;
+use crate::sockets::{echo, holding};
 use crate::util::{self, after_all, concat, text, Crac, Scratch, Target, BEFORE_ALL};
-
-/// A target holding one established connection, and the client's end of it.
-fn holding(scratch: &Scratch) -> (Target, TcpStream) {
-    let target = Target::start(&scratch.join("t"), &[("CRAC_TEST_LISTEN", "0")]);
-    let (tcp, _) = target.ports();
-    let mut conn = TcpStream::connect(("127.0.0.1", tcp)).expect("connect");
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    conn.write_all(b"HOLD\n").expect("send");
-    assert_eq!(echo(&mut conn, "a").expect("echo"), "echo:a");
-    (target, conn)
-}
 
 #[test]
 fn an_established_connection_is_listed_before_criu_runs_and_the_service_goes_on() {

@@ -5,7 +5,7 @@ use std::fs;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::util::{self, bin, text, wait_until, Crac, Scratch, Target};
+use crate::util::{self, bin, free_port, text, wait_until, Crac, Scratch, Target};
 
 #[test]
 fn settings_given_to_a_restore_reach_the_hooks_and_nothing_else_changes() {
@@ -131,14 +131,6 @@ fn ask(port: u16, request: &str) -> String {
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("nothing answers on port {port}: {last}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -149,9 +149,8 @@ struct Held {
     _scratch: Scratch,
 }
 
-fn held_connection_checkpointed(name: &str) -> Held {
-    let scratch = Scratch::new(name);
-    let crac = Crac::new(&scratch);
+/// A target serving on TCP, and a connection it holds (echoing lines), checked once.
+pub(crate) fn holding(scratch: &Scratch) -> (Target, TcpStream) {
     let target = Target::start(&scratch.join("t"), &[("CRAC_TEST_LISTEN", "0")]);
     let (tcp, _) = target.ports();
     let mut conn = TcpStream::connect(("127.0.0.1", tcp)).expect("connect");
@@ -159,6 +158,14 @@ fn held_connection_checkpointed(name: &str) -> Held {
         .expect("timeout");
     conn.write_all(b"HOLD\n").expect("send");
     assert_eq!(echo(&mut conn, "a").expect("echo before"), "echo:a");
+    (target, conn)
+}
+
+fn held_connection_checkpointed(name: &str) -> Held {
+    let scratch = Scratch::new(name);
+    let crac = Crac::new(&scratch);
+    let (target, conn) = holding(&scratch);
+    let (tcp, _) = target.ports();
     let pid = target.pid.to_string();
     let out = crac.run(&["checkpoint", &pid, "--name", "held", "--tcp-established"]);
     assert!(out.status.success(), "{}", text(&out));

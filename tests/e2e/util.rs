@@ -508,6 +508,14 @@ pub fn watchers() -> Vec<u32> {
         .collect()
 }
 
+/// A loopback TCP port free now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// The `crac` command with a store of the test's own.
 pub struct Crac {
     pub store: PathBuf,
