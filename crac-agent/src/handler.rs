@@ -37,6 +37,8 @@ const GAP: Duration = Duration::from_secs(1);
 pub(crate) struct Handler {
     coordinator: Coordinator,
     pending: Option<Pending>,
+    /// The hooks that failed in the last cycle that ended.
+    last_failures: Vec<HookReport>,
 }
 
 /// A checkpoint between before-checkpoint and after-restore.
@@ -93,6 +95,7 @@ impl Handler {
         Handler {
             coordinator,
             pending: None,
+            last_failures: Vec::new(),
         }
     }
 
@@ -118,7 +121,8 @@ impl Handler {
         if let Some(pending) = self.pending.take() {
             let tcp = tcp::fate(&pending.connections);
             let details = RestoreDetails::default().with_tcp(tcp);
-            let _ = pending.checkpoint.complete_with(reason, details);
+            let outcome = pending.checkpoint.complete_with(reason, details);
+            self.ended(failures_of(outcome.err().as_ref()));
         }
     }
 
@@ -126,7 +130,8 @@ impl Handler {
     /// will follow, so the process comes back up now rather than at the end of the lease.
     pub(crate) fn unheard(&mut self) {
         if let Some(pending) = self.pending.take() {
-            let _ = pending.checkpoint.complete(RestoreReason::Aborted);
+            let outcome = pending.checkpoint.complete(RestoreReason::Aborted);
+            self.ended(failures_of(outcome.err().as_ref()));
         }
     }
 
@@ -191,7 +196,12 @@ impl Handler {
                 });
                 self.reply(op::BEFORE_CHECKPOINT, true, hooks, None, None)
             }
-            Err(err) => self.failed(op::BEFORE_CHECKPOINT, &err, None),
+            Err(err) => {
+                if matches!(err.kind(), ErrorKind::Refused) {
+                    self.ended(failures_of(Some(&err)));
+                }
+                self.failed(op::BEFORE_CHECKPOINT, &err, None)
+            }
         }
     }
 
@@ -231,14 +241,23 @@ impl Handler {
             .with_env(request.env.clone());
         match pending.checkpoint.complete_with(reason, details) {
             Ok(report) => {
+                self.ended(Vec::new());
                 let hooks = report
                     .phase(Phase::AfterRestore)
                     .map(HookReport::from)
                     .collect();
                 self.reply(op::AFTER_RESTORE, true, hooks, None, None)
             }
-            Err(err) => self.failed(op::AFTER_RESTORE, &err, Some(Phase::AfterRestore)),
+            Err(err) => {
+                self.ended(failures_of(Some(&err)));
+                self.failed(op::AFTER_RESTORE, &err, Some(Phase::AfterRestore))
+            }
         }
+    }
+
+    /// Keeps what failed in a cycle that just ended (nothing when `report` is a success).
+    fn ended(&mut self, failed: Vec<HookReport>) {
+        self.last_failures = failed;
     }
 
     fn failed(&self, op: &str, err: &CheckpointError, only: Option<Phase>) -> Reply {
@@ -286,8 +305,20 @@ impl Handler {
             hooks,
             error,
             code: code.map(str::to_owned),
+            last_cycle: self
+                .coordinator
+                .last_cycle()
+                .map(|info| info.reason.as_str().to_owned()),
+            last_failures: self.last_failures.clone(),
         }
     }
+}
+
+/// The hooks that failed in a cycle's error, both phases.
+fn failures_of(err: Option<&CheckpointError>) -> Vec<HookReport> {
+    err.map_or_else(Vec::new, |err| {
+        err.failures().map(HookReport::from).collect()
+    })
 }
 
 fn describe_cycle(cycle: &Option<String>) -> String {

@@ -220,6 +220,13 @@ pub struct Reply {
     /// What happened as one of the words in [`code`], when it is not plain success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+    /// How the last cycle ended (`restored`, `resumed` or `aborted`), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cycle: Option<String>,
+    /// The hooks of the last cycle that failed (both phases): what `crac status` and `crac ps`
+    /// show after the fact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_failures: Vec<HookReport>,
 }
 
 impl Reply {

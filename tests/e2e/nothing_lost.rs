@@ -295,6 +295,30 @@ fn a_failed_after_restore_has_its_own_exit_code() {
         "{err}"
     );
     assert!(restored.is_alive());
+    // crac status and crac ps still say so afterwards.
+    let out = crac.run(&["status", &pid]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(
+            "  last cycle: restored, with failures:\n    after_restore of \"second\": failed: \
+             second cannot come back up\n"
+        ),
+        "{status}"
+    );
+    let ps = crac.json(&["ps", "--json"]);
+    let row = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pid"] == restored.pid)
+        .expect("the restored target is listed");
+    assert_eq!(row["last_cycle"], "restored");
+    assert_eq!(
+        row["last_failures"],
+        serde_json::json!(["after_restore of \"second\": failed: second cannot come back up"])
+    );
+    restored.terminate();
 }
 
 /// Restoring while the dumped process is still a zombie: crac waits for it to be reaped.

@@ -27,6 +27,19 @@ struct Row {
     resources: Vec<String>,
     socket: String,
     error: Option<String>,
+    /// How the last cycle ended, and its hooks that failed.
+    last_cycle: Option<String>,
+    last_failures: Vec<String>,
+}
+
+/// A failed hook as a line: `after_restore of "db": failed: ...`.
+fn failure_line(hook: &crac_agent::protocol::HookReport) -> String {
+    format!(
+        "{} of {:?}: {}",
+        hook.phase,
+        hook.resource,
+        hook.error.as_deref().unwrap_or("failed")
+    )
 }
 
 fn row(agent: &AgentSocket) -> Row {
@@ -44,6 +57,8 @@ fn row(agent: &AgentSocket) -> Row {
             row.state = reply.state;
             row.generation = Some(reply.generation);
             row.resources = reply.resources;
+            row.last_cycle = reply.last_cycle;
+            row.last_failures = reply.last_failures.iter().map(failure_line).collect();
         }
         Outcome::NoAgent => row.error = Some("nobody listens on its socket".into()),
         Outcome::NoAnswer(err) => {
@@ -125,6 +140,9 @@ pub fn ps(out: Out) -> Result<u8, OpError> {
                     r.command.clone()
                 }
             ));
+            for failure in &r.last_failures {
+                text.push_str(&format!("{:>8}  last cycle: {failure}\n", ""));
+            }
         }
         if rows.is_empty() {
             text = "no process on this machine runs an agent\n".to_owned();
@@ -160,8 +178,18 @@ pub fn status(pid: u32, out: Out) -> Result<u8, OpError> {
         Outcome::Untrusted(err) => return Err(OpError::new(FailureKind::Failed, err.to_string())),
     };
     out.print(&reply, || {
+        let mut last = match &reply.last_cycle {
+            None => "  last cycle: none yet\n".to_owned(),
+            Some(reason) if reply.last_failures.is_empty() => {
+                format!("  last cycle: {reason}, every hook ok\n")
+            }
+            Some(reason) => format!("  last cycle: {reason}, with failures:\n"),
+        };
+        for hook in &reply.last_failures {
+            last.push_str(&format!("    {}\n", failure_line(hook)));
+        }
         format!(
-            "pid {pid}{}: {}, generation {}{}\n  resources (after_restore order): {}\n  socket: {}\n  command: {}\n",
+            "pid {pid}{}: {}, generation {}{}\n  resources (after_restore order): {}\n{last}  socket: {}\n  command: {}\n",
             if agent.ns_pid() == pid {
                 String::new()
             } else {
