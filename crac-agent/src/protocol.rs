@@ -58,6 +58,8 @@
 //!   error, if any.
 //! - `state` (`idle` or `checkpointing`), `generation`, `cycle`, `resources`, `pid`,
 //!   `last_restore_unix_ms`: the agent's state after the request.
+//! - `last_cycle` (`restored`, `resumed` or `aborted`) and `last_failures` (the hooks of that
+//!   cycle that failed, as in `hooks`): how the last cycle that ended went; absent before any.
 //!
 //! Fields may be added to requests and replies in later versions of the same `v`; readers must
 //! ignore fields they do not know.
