@@ -14,7 +14,8 @@
 //! - `CRAC_TEST_BEFORE_SH=name:COMMAND`: resource `name` runs `sh -c COMMAND` in its
 //!   before_checkpoint, and waits for it (a fault injected while a dump is under way).
 //! - `CRAC_TEST_NO_AGENT=1`: do not start the agent.
-//! - `CRAC_TEST_CHILD=1`: also start a child process like this one, in `$CRAC_TEST_DIR/child`.
+//! - `CRAC_TEST_CHILD=1`: also start a child process like this one, in `$CRAC_TEST_DIR/child`;
+//!   `CRAC_TEST_CHILD_MAP=PATH` makes it map PATH (see `CRAC_TEST_MAP`).
 //! - `CRAC_TEST_OWN_SIGTERM=before|after`: handle SIGTERM itself (a graceful exit with status
 //!   0), installing the handler before or after the agent starts.
 //! - `CRAC_TEST_DRAIN_MS=MS`: with `CRAC_TEST_OWN_SIGTERM`, keep running (and logging
@@ -247,6 +248,9 @@ fn main() {
                 "CRAC_TEST_LISTEN",
                 if port == 0 { 0 } else { port + 1 }.to_string(),
             );
+        }
+        if let Some(path) = var("CRAC_TEST_CHILD_MAP") {
+            command.env("CRAC_TEST_MAP", path);
         }
         let spawned = command
             .env("CRAC_TEST_DIR", &child_dir)

@@ -227,7 +227,7 @@ pub fn checkpoint(
     // Opened now and hashed after the dump: they stay the files the service ran even if their
     // paths are replaced meanwhile, and hashing them costs nothing while the service is frozen.
     let executable_file = fs::File::open(format!("/proc/{pid}/exe")).ok();
-    let mapped_files = open_mapped_files(pid, &executable);
+    let mapped_files = open_mapped_files(&crac_action::tree::descendants(pid), &executable);
     let criu = criu()?;
     let action = action_script()?;
 
@@ -547,16 +547,30 @@ pub fn checkpoint(
     })
 }
 
-/// The regular files `pid` has mapped besides `executable` (shared libraries, locale files),
-/// each opened through `/proc/PID/map_files`, which is the mapped file itself even if its path
-/// was replaced since. A deleted file, or one that cannot be opened, is left out: it cannot be
+/// The regular files the processes `pids` (the dumped tree) have mapped besides the root's
+/// `executable` (shared libraries, locale files, a child's own executable), each once, each
+/// opened through `/proc/PID/map_files`, which is the mapped file itself even if its path was
+/// replaced since. A deleted file, or one that cannot be opened, is left out: it cannot be
 /// checked at a restore either.
-fn open_mapped_files(pid: u32, executable: &str) -> Vec<(String, fs::File)> {
-    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
+fn open_mapped_files(pids: &[u32], executable: &str) -> Vec<(String, fs::File)> {
     let mut seen = std::collections::BTreeSet::new();
     let mut files = Vec::new();
+    for &pid in pids {
+        open_mapped_files_of(pid, executable, &mut seen, &mut files);
+    }
+    files
+}
+
+/// [`open_mapped_files`] for one process, skipping the paths in `seen`.
+fn open_mapped_files_of(
+    pid: u32,
+    executable: &str,
+    seen: &mut std::collections::BTreeSet<String>,
+    files: &mut Vec<(String, fs::File)>,
+) {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return;
+    };
     for line in maps.lines() {
         // start-end perms offset dev inode path
         let mut fields = line.splitn(6, char::is_whitespace);
@@ -575,7 +589,6 @@ fn open_mapped_files(pid: u32, executable: &str) -> Vec<(String, fs::File)> {
             files.push((path.to_owned(), file));
         }
     }
-    files
 }
 
 /// The bytes of CRIU image files (`*.img`) in `dir` so far.

@@ -435,6 +435,52 @@ fn what_cannot_work_is_refused_up_front_with_the_reason() {
 }
 
 /// Flips one byte of `path` at `offset` (same size, other content).
+/// A file a child of the dumped root had mapped is checked too.
+#[test]
+fn a_changed_file_a_child_had_mapped_is_refused_by_name() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("integrity-child");
+    let crac = Crac::new(&scratch);
+    let data = scratch.join("child-data.bin");
+    fs::write(&data, vec![7u8; 8192]).expect("a file to map");
+    let target = Target::start(
+        &scratch.join("t"),
+        &[
+            ("CRAC_TEST_CHILD", "1"),
+            ("CRAC_TEST_CHILD_MAP", &data.display().to_string()),
+        ],
+    );
+    let pid = target.pid.to_string();
+    let out = crac.run(&["checkpoint", &pid, "--name", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = Target::restored(&target);
+    target.reap_dumped();
+    // The dumped child, re-parented to this test (a subreaper) when its parent went.
+    util::reap_orphans();
+    flip_byte(&data, 100);
+    let out = crac.run(&["restore", "web", "--detach"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the file {} that the service had mapped is not the one it had",
+            data.display()
+        )),
+        "{}",
+        text(&out)
+    );
+    flip_byte(&data, 100);
+    let out = crac.run(&["restore", "web", "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let child: u32 = fs::read_to_string(restored.dir.join("child/state"))
+        .expect("the child's state")
+        .split_whitespace()
+        .next()
+        .expect("its pid")
+        .parse()
+        .expect("a pid");
+    restored.end_with_child(child);
+}
+
 fn flip_byte(path: &Path, offset: u64) {
     let mut file = OpenOptions::new()
         .read(true)
