@@ -221,7 +221,11 @@ fn main() {
                 ms.parse().expect("CRAC_TEST_SOCKET_CHECK_MS is a number"),
             )));
         }
-        Some(builder.start().expect("agent starts"))
+        Some(
+            builder
+                .start()
+                .unwrap_or_else(|err| panic!("agent starts: {err}")),
+        )
     } else {
         None
     };

@@ -126,6 +126,13 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                         describe_hooks(&reply)
                     ),
                 );
+                for closed in &reply.closed {
+                    log(
+                        out,
+                        STEP,
+                        &format!("pid {pid}: closed by its descriptor policy: {closed}"),
+                    );
+                }
                 if reply.code.as_deref() == Some(code::ALREADY) {
                     repeated += 1;
                 }
@@ -279,6 +286,8 @@ pub struct DryRun {
     pub hook_failure: Option<String>,
     /// How many descriptors the preflight looked at.
     pub descriptors: usize,
+    /// What the agents' descriptor policies would close, by process.
+    pub would_close: Vec<(u32, crac_agent::fd_policy::Descriptor)>,
     /// What CRIU would refuse (see [`crate::preflight`]), one line each.
     pub refused: Vec<String>,
 }
@@ -306,7 +315,10 @@ pub fn dry_run(
             .map_or(0, |d| d.as_nanos())
     );
     let deadline = Deadline::after(settings.timeout);
-    let request = Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE);
+    let request = Request {
+        dry_run: true,
+        ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
+    };
     let mut result = DryRun::default();
     let mut told: Vec<(ProcessId, AgentSocket)> = Vec::new();
     for agent in found.agents.into_iter().rev() {
@@ -316,6 +328,9 @@ pub fn dry_run(
         };
         match ask(&agent, &request, &deadline) {
             Outcome::Done(reply) => {
+                result
+                    .would_close
+                    .extend(reply.closed.iter().map(|c| (pid, c.clone())));
                 result.agents.push(AgentHooks {
                     pid,
                     hooks: reply.hooks,
@@ -350,8 +365,15 @@ pub fn dry_run(
         .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
         .map(Iterator::count)
         .sum();
+    // What a policy would close is not in the way of a real checkpoint.
     result.refused = preflight::problems(&pids, opts, policy)
         .iter()
+        .filter(|p| {
+            !result
+                .would_close
+                .iter()
+                .any(|(pid, d)| *pid == p.pid && d.fd as u32 == p.fd)
+        })
         .map(ToString::to_string)
         .collect();
     roll_back(&told, &cycle, settings, out);

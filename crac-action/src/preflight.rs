@@ -29,6 +29,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+pub use crac_agent::fd_policy::{Kind, Policy, PolicyError, Verdict};
+
 use crate::pidfd::{Pidfd, SocketFacts};
 
 /// Turns the preflight off (`CRAC_PREFLIGHT=off`): CRIU then finds what it finds.
@@ -172,45 +174,6 @@ fn parse_size(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok().map(|n| n << shift)
 }
 
-/// What kind of descriptor a [`Problem`] is about: the first word of a policy rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// A TCP socket with a peer.
-    Tcp,
-    /// A Unix socket connected outside the tree.
-    Unix,
-    /// A terminal.
-    Tty,
-    /// A kind of file CRIU cannot dump at all.
-    Unsupported,
-    /// A deleted file bigger than the ghost limit.
-    Ghost,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Tcp => "tcp",
-            Kind::Unix => "unix",
-            Kind::Tty => "tty",
-            Kind::Unsupported => "unsupported",
-            Kind::Ghost => "ghost",
-        }
-    }
-
-    fn parse(word: &str) -> Option<Kind> {
-        [
-            Kind::Tcp,
-            Kind::Unix,
-            Kind::Tty,
-            Kind::Unsupported,
-            Kind::Ghost,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == word)
-    }
-}
-
 /// A descriptor CRIU would refuse.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -238,168 +201,6 @@ impl fmt::Display for Problem {
             self.why
         )
     }
-}
-
-/// What to do with descriptors a rule matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not a problem: CRIU is left to deal with it (an option given another way, say).
-    Ignore,
-    /// A problem, whatever CRIU's options: the checkpoint is refused.
-    Refuse,
-}
-
-/// Rules that decide about descriptors by kind and pattern, first match wins.
-///
-/// One rule per line: `ignore|refuse KIND PATTERN`, where KIND is `tcp`, `unix`, `tty`,
-/// `unsupported`, `ghost` or `any`, and PATTERN a glob (`*` any run of characters) matched
-/// against the address or path (`*:5432`, `/var/log/*`). `#` starts a comment.
-///
-/// ```text
-/// # the log shipper's socket is dumped with --ext-unix-sk by our wrapper
-/// ignore unix /run/shipper.sock
-/// # never checkpoint while connected to the primary database
-/// refuse tcp *-> 10.0.0.5:5432
-/// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
-    rules: Vec<Rule>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Rule {
-    verdict: Verdict,
-    kind: Option<Kind>,
-    pattern: String,
-}
-
-/// A policy file that does not parse: where and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
-pub struct PolicyError {
-    /// The file.
-    pub file: String,
-    /// The line, from 1.
-    pub line: usize,
-    /// The column, from 1.
-    pub column: usize,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl Policy {
-    /// Reads a policy file.
-    ///
-    /// # Errors
-    ///
-    /// When it cannot be read or a line does not parse, with the line and column.
-    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let text = fs::read_to_string(path).map_err(|err| PolicyError {
-            file: path.display().to_string(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read it: {err}"),
-        })?;
-        Policy::parse(&path.display().to_string(), &text)
-    }
-
-    /// Parses a policy's text; `file` names it in errors.
-    ///
-    /// # Errors
-    ///
-    /// When a line does not parse, with the line and column.
-    pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
-        let mut rules = Vec::new();
-        for (n, raw) in text.lines().enumerate() {
-            let content = raw.split('#').next().unwrap_or("");
-            let mut words = Vec::new();
-            let mut at = 0;
-            for word in content.split_whitespace() {
-                let column = content[at..].find(word).map_or(at, |i| at + i);
-                at = column + word.len();
-                words.push((column + 1, word));
-            }
-            let error = |column: usize, message: String| PolicyError {
-                file: file.to_owned(),
-                line: n + 1,
-                column,
-                message,
-            };
-            let Some(&(column, verdict)) = words.first() else {
-                continue;
-            };
-            let verdict = match verdict {
-                "ignore" => Verdict::Ignore,
-                "refuse" => Verdict::Refuse,
-                other => {
-                    return Err(error(
-                        column,
-                        format!("expected `ignore` or `refuse`, found `{other}`"),
-                    ))
-                }
-            };
-            let Some(&(column, kind)) = words.get(1) else {
-                return Err(error(
-                    content.trim_end().len() + 1,
-                    "expected a kind (tcp, unix, tty, unsupported, ghost or any)".into(),
-                ));
-            };
-            let kind = match kind {
-                "any" => None,
-                other => Some(Kind::parse(other).ok_or_else(|| {
-                    error(
-                        column,
-                        format!(
-                            "unknown kind `{other}`: expected tcp, unix, tty, unsupported, \
-                             ghost or any"
-                        ),
-                    )
-                })?),
-            };
-            let Some(&(column, _)) = words.get(2) else {
-                return Err(error(
-                    content.trim_end().len() + 1,
-                    "expected a pattern (a path or address, `*` for any characters)".into(),
-                ));
-            };
-            // The pattern is the rest of the line: addresses hold spaces ("a -> b").
-            let pattern = content[column - 1..].trim().to_owned();
-            rules.push(Rule {
-                verdict,
-                kind,
-                pattern,
-            });
-        }
-        Ok(Policy { rules })
-    }
-
-    /// The first rule's verdict on a descriptor of `kind` that is `what`, if a rule matches.
-    pub fn verdict(&self, kind: Kind, what: &str) -> Option<Verdict> {
-        self.rules
-            .iter()
-            .find(|r| r.kind.is_none_or(|k| k == kind) && glob(&r.pattern, what))
-            .map(|r| r.verdict)
-    }
-}
-
-/// Whether `text` matches `pattern`, where `*` stands for any run of characters.
-fn glob(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
 }
 
 /// The preflight as the environment sets it: `None` when it is turned off
@@ -588,7 +389,7 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
 
 /// Descriptors a policy refuses whatever CRIU's options (they are not problems to CRIU).
 pub fn refused_by_policy(pids: &[u32], policy: &Policy) -> Vec<Problem> {
-    if policy.rules.iter().all(|r| r.verdict != Verdict::Refuse) {
+    if !policy.says(Verdict::Refuse) {
         return Vec::new();
     }
     let lenient = CriuOptions {
@@ -769,57 +570,6 @@ mod tests {
     fn addresses_read_as_people_write_them() {
         assert_eq!(address("0100007F:1F90"), "127.0.0.1:8080");
         assert_eq!(address("00000000000000000000000001000000:0050"), "[::1]:80");
-    }
-
-    #[test]
-    fn policies_parse_and_match_first_rule_first() {
-        let policy = Policy::parse(
-            "p",
-            "# comment\n\nignore unix /run/shipper.sock\nrefuse tcp * -> 10.0.0.5:5432\nignore any *\n",
-        )
-        .unwrap();
-        assert_eq!(
-            policy.verdict(Kind::Unix, "/run/shipper.sock"),
-            Some(Verdict::Ignore)
-        );
-        assert_eq!(
-            policy.verdict(Kind::Tcp, "10.0.0.1:4000 -> 10.0.0.5:5432"),
-            Some(Verdict::Refuse)
-        );
-        assert_eq!(
-            policy.verdict(Kind::Tty, "/dev/pts/3"),
-            Some(Verdict::Ignore)
-        );
-        assert_eq!(Policy::default().verdict(Kind::Tty, "/dev/pts/3"), None);
-    }
-
-    #[test]
-    fn a_policy_that_does_not_parse_says_where() {
-        let err = Policy::parse("crac.policy", "ignore tcp *\n  allow tcp *\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "crac.policy:2:3: expected `ignore` or `refuse`, found `allow`"
-        );
-        let err = Policy::parse("p", "refuse sockets *").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "p:1:8: unknown kind `sockets`: expected tcp, unix, tty, unsupported, ghost or any"
-        );
-        let err = Policy::parse("p", "refuse tcp").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "p:1:11: expected a pattern (a path or address, `*` for any characters)"
-        );
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob("*:5432", "1.2.3.4:5432"));
-        assert!(glob("/var/log/*", "/var/log/a.log"));
-        assert!(!glob("/var/log/*", "/var/lib/a"));
-        assert!(glob("a*b*c", "axxbyyc"));
-        assert!(!glob("a*b*c", "axxcyyb"));
-        assert!(glob("exact", "exact"));
     }
 
     #[test]

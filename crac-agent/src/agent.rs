@@ -55,6 +55,9 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// The descriptor policy (`CRAC_POLICY`) cannot be read or does not parse.
+    #[error("CRAC_POLICY: {0}")]
+    Policy(#[from] crate::fd_policy::PolicyError),
 }
 
 impl StartError {
@@ -113,6 +116,7 @@ pub struct Builder {
     base_dir: Option<PathBuf>,
     signal_cleanup: bool,
     socket_check: Option<Duration>,
+    fd_policy: Option<crate::fd_policy::Policy>,
 }
 
 impl Default for Builder {
@@ -131,7 +135,22 @@ impl Builder {
             base_dir: None,
             signal_cleanup: true,
             socket_check: Some(SOCKET_CHECK),
+            fd_policy: None,
         }
+    }
+
+    /// The descriptor policy the agent carries out once a checkpoint's hooks have run: its
+    /// `close` rules point what they match at `/dev/null` (see [`crate::fd_policy`]). Default:
+    /// the file named by `CRAC_POLICY` in this process's environment, if any.
+    ///
+    /// ```
+    /// let policy = crac_agent::fd_policy::Policy::parse("inline", "close tcp * -> *:8125")
+    ///     .expect("a policy");
+    /// let _builder = crac_agent::Builder::new().fd_policy(policy);
+    /// ```
+    pub fn fd_policy(mut self, policy: crate::fd_policy::Policy) -> Builder {
+        self.fd_policy = Some(policy);
+        self
     }
 
     /// Drives this coordinator instead of the global one.
@@ -189,6 +208,15 @@ impl Builder {
     }
 
     fn start_unguarded(self, pid: u32) -> Result<Agent, StartError> {
+        let fd_policy = match self.fd_policy {
+            Some(policy) => policy,
+            None => {
+                match std::env::var_os(crate::fd_policy::POLICY_ENV).filter(|p| !p.is_empty()) {
+                    Some(path) => crate::fd_policy::Policy::load(Path::new(&path))?,
+                    None => crate::fd_policy::Policy::default(),
+                }
+            }
+        };
         let base = self.base_dir.unwrap_or_else(location::base_dir);
         let (dir, socket) = location::prepare(&base, pid)?;
         let listener = listen(&socket)?;
@@ -207,6 +235,7 @@ impl Builder {
             Handler::new(coordinator),
             listener,
             Options {
+                fd_policy,
                 socket: socket.clone(),
                 base,
                 socket_check: self.socket_check,

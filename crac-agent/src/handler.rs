@@ -150,14 +150,19 @@ impl Handler {
             op::BEFORE_CHECKPOINT => self.before_checkpoint(request),
             op::AFTER_RESTORE => self.after_restore(request),
             op::STATUS => self.reply(op::STATUS, true, Vec::new(), None, None),
+            op::DESCRIPTORS => Reply {
+                descriptors: crate::fd_policy::descriptors(),
+                ..self.reply(op::DESCRIPTORS, true, Vec::new(), None, None)
+            },
             other => self.error(
                 other,
                 code::BAD_REQUEST,
                 format!(
-                    "unknown op {other:?}: expected {:?}, {:?} or {:?}",
+                    "unknown op {other:?}: expected {:?}, {:?}, {:?} or {:?}",
                     op::BEFORE_CHECKPOINT,
                     op::AFTER_RESTORE,
-                    op::STATUS
+                    op::STATUS,
+                    op::DESCRIPTORS
                 ),
             ),
         }
@@ -310,6 +315,8 @@ impl Handler {
                 .last_cycle()
                 .map(|info| info.reason.as_str().to_owned()),
             last_failures: self.last_failures.clone(),
+            closed: Vec::new(),
+            descriptors: Vec::new(),
         }
     }
 }

@@ -63,6 +63,7 @@
 mod agent;
 mod cleanup;
 pub mod client;
+pub mod fd_policy;
 mod handler;
 mod location;
 mod peer;

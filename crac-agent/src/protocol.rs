@@ -20,13 +20,16 @@
 //! ```
 //!
 //! - `v`: the protocol version, [`VERSION`]. A request with another version is refused.
-//! - `op`: `before-checkpoint`, `after-restore` or `status`. A before-checkpoint from a client
+//! - `op`: `before-checkpoint`, `after-restore`, `status` or `descriptors` (the status and
+//!   every descriptor of the process: number, kind, path or addresses). A before-checkpoint from a client
 //!   that has already closed its connection is not run: nobody could hear that it was.
 //! - `lease_ms` (before-checkpoint only, optional): how long the checkpoint may stay pending
 //!   without an after-restore before the agent ends it itself (reason `aborted`; `restored` in
 //!   a copy restored from an image); 60 s without it. Time the process spends frozen (by a
 //!   dump) does not count.
 //! - `reason` (after-restore only): `restored`, `resumed` or `aborted`.
+//! - `dry_run` (before-checkpoint only, optional): list what the process's descriptor policy
+//!   would close (`closed` in the reply) instead of closing it.
 //! - `env` (after-restore only, optional): settings for the restored process, an object of
 //!   strings (`{"LOG_LEVEL":"debug"}`), handed to the hooks as `RestoreInfo::env`. The whole
 //!   line still fits in [`MAX_REQUEST_LEN`].
@@ -96,6 +99,10 @@ pub struct Request {
     /// Settings for the restored process (after-restore only).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// A dry run (before-checkpoint only): the hooks run, but the descriptors the process's
+    /// policy would close are only listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 impl Request {
@@ -108,6 +115,7 @@ impl Request {
             cycle: Some(cycle.into()),
             lease_ms: None,
             env: BTreeMap::new(),
+            dry_run: false,
         }
     }
 
@@ -133,6 +141,15 @@ impl Request {
             cycle,
             lease_ms: None,
             env: BTreeMap::new(),
+            dry_run: false,
+        }
+    }
+
+    /// A `descriptors` request: the state, and the process's descriptors.
+    pub fn descriptors() -> Request {
+        Request {
+            op: op::DESCRIPTORS.into(),
+            ..Request::status()
         }
     }
 
@@ -145,6 +162,7 @@ impl Request {
             cycle: None,
             lease_ms: None,
             env: BTreeMap::new(),
+            dry_run: false,
         }
     }
 
@@ -164,6 +182,8 @@ pub mod op {
     pub const AFTER_RESTORE: &str = "after-restore";
     /// Report the agent's state.
     pub const STATUS: &str = "status";
+    /// Report the agent's state and its process's descriptors.
+    pub const DESCRIPTORS: &str = "descriptors";
 }
 
 /// The words of [`Reply::code`]. Readers must treat a word they do not know by `ok` alone.
@@ -229,6 +249,13 @@ pub struct Reply {
     /// show after the fact.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub last_failures: Vec<HookReport>,
+    /// What the process's descriptor policy closed once the before-checkpoint hooks had run
+    /// (would close, in a dry run), one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub closed: Vec<crate::fd_policy::Descriptor>,
+    /// The process's descriptors (`descriptors` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub descriptors: Vec<crate::fd_policy::Descriptor>,
 }
 
 impl Reply {

@@ -44,6 +44,8 @@ const PENDING_REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// What the loop is given.
 pub(crate) struct Options {
+    /// What to close once a checkpoint's hooks have run.
+    pub(crate) fd_policy: crate::fd_policy::Policy,
     /// Where the socket is, and its folder's base (to make them again).
     pub(crate) socket: PathBuf,
     pub(crate) base: PathBuf,
@@ -59,6 +61,8 @@ pub(crate) struct Server {
     options: Options,
     conns: Vec<Conn>,
     next_check: Option<Instant>,
+    /// The pipe `run` watches to stop (one of the agent's own descriptors).
+    stop_fd: Option<std::os::fd::RawFd>,
 }
 
 enum Stage {
@@ -99,11 +103,13 @@ impl Server {
             listener,
             options,
             conns: Vec::new(),
+            stop_fd: None,
         }
     }
 
     /// Serves until `stop` becomes readable (the other end written to or closed).
     pub(crate) fn run(mut self, stop: OwnedFd) {
+        self.stop_fd = Some(stop.as_raw_fd());
         let _ = self.listener.set_nonblocking(true);
         loop {
             let now = Instant::now();
@@ -282,8 +288,9 @@ impl Server {
             return;
         }
         let was_pending = self.handler.is_pending();
-        let reply = self.handler.serve(&request);
+        let mut reply = self.handler.serve(&request);
         if starts_a_checkpoint && reply.ok && !was_pending {
+            reply.closed = self.close_by_policy(request.dry_run);
             self.ready_for_the_dump(index, &reply);
             return;
         }
@@ -316,6 +323,16 @@ impl Server {
         if !delivered {
             self.handler.unheard();
         }
+    }
+
+    /// Carries out the descriptor policy's `close` rules (or only lists them, in a dry run),
+    /// leaving the agent's own socket and connections alone.
+    fn close_by_policy(&self, dry_run: bool) -> Vec<crate::fd_policy::Descriptor> {
+        let mut keep: Vec<std::os::fd::RawFd> =
+            self.conns.iter().map(|c| c.stream.as_raw_fd()).collect();
+        keep.push(self.listener.as_raw_fd());
+        keep.extend(self.stop_fd);
+        crate::fd_policy::close_matching(&self.options.fd_policy, &keep, dry_run)
     }
 
     /// Writes `reply` on connection `index`, then lets the client read it to the end: the

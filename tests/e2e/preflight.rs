@@ -66,7 +66,7 @@ fn a_policy_ignores_or_refuses_and_a_bad_one_stops_everything_with_its_line() {
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!(
-            "CRAC_POLICY: {}:3:1: expected `ignore` or `refuse`, found `allow`",
+            "CRAC_POLICY: {}:3:1: expected `ignore`, `refuse` or `close`, found `allow`",
             policy.display()
         )),
         "{}",
@@ -158,4 +158,99 @@ fn a_dry_run_runs_the_hooks_lists_what_would_fail_and_rolls_back_without_dumping
     assert!(crac.listing().is_empty(), "a dry run wrote into the store");
     assert_eq!(target.state().expect("state").generation, 0);
     target.terminate();
+}
+
+#[test]
+fn the_service_s_own_policy_closes_what_no_hook_reaches_and_the_checkpoint_goes_through() {
+    use std::io::Write;
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("preflight-close");
+    let crac = Crac::new(&scratch);
+    let policy = scratch.join("service.policy");
+    std::fs::write(
+        &policy,
+        "# a library's connection\nclose tcp 127.0.0.1:* -> *\n",
+    )
+    .unwrap();
+    let target = Target::start(
+        &scratch.join("t"),
+        &[
+            ("CRAC_TEST_LISTEN", "0"),
+            ("CRAC_POLICY", policy.to_str().unwrap()),
+        ],
+    );
+    let (tcp, _) = target.ports();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", tcp)).expect("connect");
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"HOLD\n").unwrap();
+    assert_eq!(echo(&mut conn, "a").unwrap(), "echo:a");
+    let pid = target.pid.to_string();
+    let client = conn.local_addr().unwrap().port();
+    let held = format!("tcp 127.0.0.1:{tcp} -> 127.0.0.1:{client}");
+
+    // The agent lists its process's descriptors, the held connection among them.
+    let out = crac.run(&["status", &pid, "--descriptors"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listed.matches(&held).count(), 2, "{listed}");
+
+    // A dry run says the policy would close it, and that nothing else is in the way.
+    let out = crac.run(&["checkpoint", &pid, "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.lines()
+            .filter(|l| l.starts_with("CLOSE ")
+                && l.contains(&held)
+                && l.ends_with("(its descriptor policy closes it)"))
+            .count(),
+        2,
+        "{said}"
+    );
+    assert_eq!(
+        echo(&mut conn, "b").unwrap(),
+        "echo:b",
+        "a dry run closed it"
+    );
+
+    // The real one closes it once the hooks have run, and CRIU dumps without it.
+    let out = crac.run(&["checkpoint", &pid, "--name", "svc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = std::fs::read_to_string(crac.store.join("svc/dump.log")).unwrap();
+    assert!(
+        log.contains(&format!("pid {pid}: closed by its descriptor policy: fd "))
+            && log.contains(&held),
+        "{log}"
+    );
+    assert!(echo(&mut conn, "c").is_err(), "the connection was closed");
+    let restored = Target::restored(&target);
+    target.reap_dumped();
+    let out = crac.run(&["restore", "svc", "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    restored.assert_serving(0);
+    restored.terminate();
+}
+
+#[test]
+fn a_service_policy_that_does_not_parse_stops_its_agent_with_the_line() {
+    let scratch = Scratch::new("preflight-bad-service-policy");
+    let policy = scratch.join("service.policy");
+    std::fs::write(&policy, "close tcp\n").unwrap();
+    // The target starts its agent with `.expect("agent starts")`: the error is its panic.
+    let out = std::process::Command::new(util::bin("crac-test-target"))
+        .env("CRAC_TEST_DIR", scratch.join("t"))
+        .env("CRAC_POLICY", &policy)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the target runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "CRAC_POLICY: {}:1:10: expected a pattern (a path or address, `*` for any characters)",
+            policy.display()
+        )),
+        "{}",
+        text(&out)
+    );
 }

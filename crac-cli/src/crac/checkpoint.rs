@@ -97,6 +97,11 @@ fn dry_run(args: &CheckpointArgs) -> Result<u8, OpError> {
                 if hooks.is_empty() { "no hooks".to_owned() } else { hooks.join(", ") }
             ));
         }
+        for (pid, descriptor) in &found.would_close {
+            text.push_str(&format!(
+                "CLOSE pid {pid} {descriptor} (its descriptor policy closes it)\n"
+            ));
+        }
         if let Some(failure) = &found.hook_failure {
             text.push_str(&format!("BAD  hooks: {failure}\n"));
         }

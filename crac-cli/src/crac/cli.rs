@@ -274,6 +274,10 @@ pub struct ImportArgs {
 pub struct StatusArgs {
     /// The process.
     pub pid: u32,
+    /// Also list the process's descriptors, as its agent sees them (number, kind, path or
+    /// addresses): what a checkpoint would find open.
+    #[arg(long)]
+    pub descriptors: bool,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,

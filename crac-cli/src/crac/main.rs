@@ -43,7 +43,10 @@ fn main() -> ExitCode {
         Command::Restore(args) => (args.json, restore::run(&store, args)),
         Command::Images(command) => images::run(&store, command),
         Command::Ps(args) => (args.json, ps::ps(Out::new(args.json))),
-        Command::Status(args) => (args.json, ps::status(args.pid, Out::new(args.json))),
+        Command::Status(args) => (
+            args.json,
+            ps::status(args.pid, args.descriptors, Out::new(args.json)),
+        ),
         Command::Run(args) => (false, run::run(&store, args)),
     };
     match result {

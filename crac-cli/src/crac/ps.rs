@@ -152,7 +152,7 @@ pub fn ps(out: Out) -> Result<u8, OpError> {
     Ok(0)
 }
 
-pub fn status(pid: u32, out: Out) -> Result<u8, OpError> {
+pub fn status(pid: u32, descriptors: bool, out: Out) -> Result<u8, OpError> {
     if ProcessId::of(pid).is_none() {
         return Err(OpError::new(
             FailureKind::BadInput,
@@ -171,7 +171,12 @@ pub fn status(pid: u32, out: Out) -> Result<u8, OpError> {
     let agent = AgentSocket::find(pid)
         .map_err(|refusal| OpError::new(FailureKind::Failed, refusal.to_string()))?
         .ok_or_else(no_agent)?;
-    let reply = match ask(&agent, &Request::status(), &Deadline::after(TIMEOUT)) {
+    let request = if descriptors {
+        Request::descriptors()
+    } else {
+        Request::status()
+    };
+    let reply = match ask(&agent, &request, &Deadline::after(TIMEOUT)) {
         Outcome::Done(reply) | Outcome::Refused(reply) => reply,
         Outcome::NoAgent => return Err(no_agent()),
         Outcome::NoAnswer(err) => return Err(OpError::new(FailureKind::Failed, err.to_string())),
@@ -187,6 +192,12 @@ pub fn status(pid: u32, out: Out) -> Result<u8, OpError> {
         };
         for hook in &reply.last_failures {
             last.push_str(&format!("    {}\n", failure_line(hook)));
+        }
+        if descriptors {
+            last.push_str(&format!("  descriptors ({}):\n", reply.descriptors.len()));
+            for descriptor in &reply.descriptors {
+                last.push_str(&format!("    {descriptor}\n"));
+            }
         }
         format!(
             "pid {pid}{}: {}, generation {}{}\n  resources (after_restore order): {}\n{last}  socket: {}\n  command: {}\n",

@@ -1,0 +1,479 @@
+//! File-descriptor policies: rules that decide, by kind and by path or address pattern,
+//! about the descriptors a checkpoint finds open (OpenJDK CRaC's file-descriptor policies).
+//! The preflight (crac-action) ignores or refuses by them; the agent closes by them, in its
+//! own process, and lists its process's descriptors ([`descriptors`]).
+
+use std::fs;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::path::Path;
+
+use nix::sys::socket::{
+    getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage,
+};
+
+/// The environment variable naming a policy file.
+pub const POLICY_ENV: &str = "CRAC_POLICY";
+
+/// What kind of descriptor a rule is about: its second word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A TCP socket with a peer.
+    Tcp,
+    /// A connected Unix stream socket (to the preflight: one connected outside the tree).
+    Unix,
+    /// A terminal.
+    Tty,
+    /// A kind of file CRIU cannot dump at all.
+    Unsupported,
+    /// An open deleted file (to the preflight: one bigger than CRIU's ghost limit).
+    Ghost,
+}
+
+impl Kind {
+    /// The kind's word in a rule.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Unix => "unix",
+            Kind::Tty => "tty",
+            Kind::Unsupported => "unsupported",
+            Kind::Ghost => "ghost",
+        }
+    }
+
+    /// The kind a rule's word names.
+    pub fn parse(word: &str) -> Option<Kind> {
+        [
+            Kind::Tcp,
+            Kind::Unix,
+            Kind::Tty,
+            Kind::Unsupported,
+            Kind::Ghost,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == word)
+    }
+}
+
+/// What to do with descriptors a rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not a problem: CRIU is left to deal with it (an option given another way, say).
+    Ignore,
+    /// A problem, whatever CRIU's options: the checkpoint is refused.
+    Refuse,
+    /// Closed by the service's own agent once its `before_checkpoint` hooks have run (the
+    /// descriptor is pointed at `/dev/null`, so the number stays valid for whoever owns it):
+    /// for what a library keeps open that no hook can reach. Only an agent can do this: to
+    /// crac-action's preflight a `close` rule is no rule.
+    Close,
+}
+
+/// Rules that decide about descriptors by kind and pattern, first match wins.
+///
+/// One rule per line: `ignore|refuse|close KIND PATTERN`, where KIND is `tcp`, `unix`, `tty`,
+/// `unsupported`, `ghost` or `any`, and PATTERN a glob (`*` any run of characters) matched
+/// against the address or path (`*:5432`, `/var/log/*`). `#` starts a comment.
+///
+/// ```text
+/// # the log shipper's socket is dumped with --ext-unix-sk by our wrapper
+/// ignore unix /run/shipper.sock
+/// # never checkpoint while connected to the primary database
+/// refuse tcp *-> 10.0.0.5:5432
+/// # a metrics library's connection: close it (the agent does, in the service)
+/// close tcp * -> *:8125
+/// ```
+///
+/// The operator's policy (`CRAC_POLICY` in crac's or CRIU's environment) is applied by the
+/// preflight; the service's (`CRAC_POLICY` in its own environment, or
+/// [`Builder::fd_policy`](crate::Builder::fd_policy)) by its agent, which carries out `close`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    verdict: Verdict,
+    kind: Option<Kind>,
+    pattern: String,
+}
+
+/// A policy file that does not parse: where and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PolicyError {
+    /// The file.
+    pub file: String,
+    /// The line, from 1.
+    pub line: usize,
+    /// The column, from 1.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Policy {
+    /// Reads a policy file.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be read or a line does not parse, with the line and column.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = fs::read_to_string(path).map_err(|err| PolicyError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read it: {err}"),
+        })?;
+        Policy::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses a policy's text; `file` names it in errors.
+    ///
+    /// # Errors
+    ///
+    /// When a line does not parse, with the line and column.
+    pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
+        let mut rules = Vec::new();
+        for (n, raw) in text.lines().enumerate() {
+            let content = raw.split('#').next().unwrap_or("");
+            let mut words = Vec::new();
+            let mut at = 0;
+            for word in content.split_whitespace() {
+                let column = content[at..].find(word).map_or(at, |i| at + i);
+                at = column + word.len();
+                words.push((column + 1, word));
+            }
+            let error = |column: usize, message: String| PolicyError {
+                file: file.to_owned(),
+                line: n + 1,
+                column,
+                message,
+            };
+            let Some(&(column, verdict)) = words.first() else {
+                continue;
+            };
+            let verdict = match verdict {
+                "ignore" => Verdict::Ignore,
+                "refuse" => Verdict::Refuse,
+                "close" => Verdict::Close,
+                other => {
+                    return Err(error(
+                        column,
+                        format!("expected `ignore`, `refuse` or `close`, found `{other}`"),
+                    ))
+                }
+            };
+            let Some(&(column, kind)) = words.get(1) else {
+                return Err(error(
+                    content.trim_end().len() + 1,
+                    "expected a kind (tcp, unix, tty, unsupported, ghost or any)".into(),
+                ));
+            };
+            let kind = match kind {
+                "any" => None,
+                other => Some(Kind::parse(other).ok_or_else(|| {
+                    error(
+                        column,
+                        format!(
+                            "unknown kind `{other}`: expected tcp, unix, tty, unsupported, \
+                             ghost or any"
+                        ),
+                    )
+                })?),
+            };
+            let Some(&(column, _)) = words.get(2) else {
+                return Err(error(
+                    content.trim_end().len() + 1,
+                    "expected a pattern (a path or address, `*` for any characters)".into(),
+                ));
+            };
+            // The pattern is the rest of the line: addresses hold spaces ("a -> b").
+            let pattern = content[column - 1..].trim().to_owned();
+            rules.push(Rule {
+                verdict,
+                kind,
+                pattern,
+            });
+        }
+        Ok(Policy { rules })
+    }
+
+    /// Whether any rule says `verdict`.
+    pub fn says(&self, verdict: Verdict) -> bool {
+        self.rules.iter().any(|r| r.verdict == verdict)
+    }
+
+    /// The first rule's verdict on a descriptor of `kind` that is `what`, if a rule matches.
+    pub fn verdict(&self, kind: Kind, what: &str) -> Option<Verdict> {
+        self.rules
+            .iter()
+            .find(|r| r.kind.is_none_or(|k| k == kind) && glob(&r.pattern, what))
+            .map(|r| r.verdict)
+    }
+
+    /// The first `any` rule's verdict on a descriptor of no nameable kind that is `what`.
+    pub fn verdict_any(&self, what: &str) -> Option<Verdict> {
+        self.rules
+            .iter()
+            .find(|r| r.kind.is_none() && glob(&r.pattern, what))
+            .map(|r| r.verdict)
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// One of this process's descriptors, as a policy sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Descriptor {
+    /// The descriptor number.
+    pub fd: i32,
+    /// Its kind, when it is one a rule can name besides `any` (`tcp` with a peer, a
+    /// connected `unix` stream, a `tty`, an `unsupported` one, a deleted file as `ghost`).
+    pub kind: Option<String>,
+    /// What it is: a path, or `local -> peer` for a connected socket.
+    pub what: String,
+}
+
+/// This process's descriptors, each with its kind and what it is: what the agent reports.
+pub fn descriptors() -> Vec<Descriptor> {
+    let Ok(entries) = fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut out: Vec<Descriptor> = entries
+        .flatten()
+        .filter_map(|e| {
+            let fd: RawFd = e.file_name().to_str()?.parse().ok()?;
+            let target = fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
+            Some(describe(fd, &target))
+        })
+        .collect();
+    out.sort_by_key(|d| d.fd);
+    out
+}
+
+fn describe(fd: RawFd, target: &str) -> Descriptor {
+    let (kind, what) = if target.starts_with("socket:[") {
+        socket(fd).unwrap_or((None, target.to_owned()))
+    } else if target.starts_with("/dev/pts/")
+        || target
+            .strip_prefix("/dev/tty")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        (Some(Kind::Tty), target.to_owned())
+    } else if let Some(path) = target.strip_suffix(" (deleted)") {
+        (Some(Kind::Ghost), path.to_owned())
+    } else if ["[io_uring]", "[userfaultfd]", "[perf_event]", "kvm-"]
+        .iter()
+        .any(|k| {
+            target
+                .strip_prefix("anon_inode:")
+                .is_some_and(|n| n.starts_with(k))
+        })
+    {
+        (Some(Kind::Unsupported), target.to_owned())
+    } else {
+        (None, target.to_owned())
+    };
+    Descriptor {
+        fd,
+        kind: kind.map(|k| k.as_str().to_owned()),
+        what,
+    }
+}
+
+/// A socket of this process: its kind and `local -> peer` when connected.
+fn socket(fd: RawFd) -> Option<(Option<Kind>, String)> {
+    let peer = getpeername::<SockaddrStorage>(fd).ok()?;
+    let local = getsockname::<SockaddrStorage>(fd).ok()?;
+    // SAFETY: `fd` is open in this process for the length of this call (it was just listed
+    // in /proc/self/fd); the borrow does not outlive it and does not close it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stream = matches!(
+        getsockopt(&borrowed, sockopt::SockType).ok()?,
+        SockType::Stream | SockType::SeqPacket
+    );
+    let kind =
+        match peer.family() {
+            Some(
+                nix::sys::socket::AddressFamily::Inet | nix::sys::socket::AddressFamily::Inet6,
+            ) if stream => Some(Kind::Tcp),
+            Some(nix::sys::socket::AddressFamily::Unix) if stream => Some(Kind::Unix),
+            _ => None,
+        };
+    Some((kind, format!("{} -> {}", show(&local), show(&peer))))
+}
+
+fn show(addr: &SockaddrStorage) -> String {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return std::net::SocketAddrV4::from(*v4).to_string();
+    }
+    if let Some(v6) = addr.as_sockaddr_in6() {
+        return std::net::SocketAddrV6::from(*v6).to_string();
+    }
+    match addr.as_unix_addr() {
+        Some(unix) => match (unix.path(), unix.as_abstract()) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
+            _ => "(unnamed)".to_owned(),
+        },
+        None => "(unnamed)".to_owned(),
+    }
+}
+
+impl std::fmt::Display for Descriptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fd {}: ", self.fd)?;
+        if let Some(kind) = &self.kind {
+            write!(f, "{kind} ")?;
+        }
+        f.write_str(&self.what)
+    }
+}
+
+/// Points every descriptor of this process that `policy` says to `close` at `/dev/null`
+/// (`dup2`), and says which; a `dry_run` only says. The descriptors in `keep` (the agent's
+/// own) are left alone.
+pub(crate) fn close_matching(policy: &Policy, keep: &[RawFd], dry_run: bool) -> Vec<Descriptor> {
+    if !policy.says(Verdict::Close) {
+        return Vec::new();
+    }
+    let Ok(null) = fs::File::open("/dev/null") else {
+        return Vec::new();
+    };
+    descriptors()
+        .into_iter()
+        .filter(|d| d.fd != null.as_raw_fd() && !keep.contains(&d.fd))
+        .filter(|d| {
+            let kind = d.kind.as_deref().and_then(Kind::parse);
+            let verdict = match kind {
+                Some(kind) => policy.verdict(kind, &d.what),
+                None => policy.verdict_any(&d.what),
+            };
+            verdict == Some(Verdict::Close)
+        })
+        .filter_map(|d| {
+            if !dry_run {
+                // SAFETY: both descriptors are open in this process; dup2 replaces `d.fd` by a
+                // duplicate of /dev/null atomically, so its owner keeps a valid descriptor.
+                let replaced = unsafe { libc::dup2(null.as_raw_fd(), d.fd) };
+                if replaced != d.fd {
+                    return None;
+                }
+            }
+            Some(d)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_parse_and_match_first_rule_first() {
+        let policy = Policy::parse(
+            "p",
+            "# comment\n\nignore unix /run/shipper.sock\nrefuse tcp * -> 10.0.0.5:5432\nignore any *\n",
+        )
+        .unwrap();
+        assert_eq!(
+            policy.verdict(Kind::Unix, "/run/shipper.sock"),
+            Some(Verdict::Ignore)
+        );
+        assert_eq!(
+            policy.verdict(Kind::Tcp, "10.0.0.1:4000 -> 10.0.0.5:5432"),
+            Some(Verdict::Refuse)
+        );
+        assert_eq!(
+            policy.verdict(Kind::Tty, "/dev/pts/3"),
+            Some(Verdict::Ignore)
+        );
+        assert_eq!(Policy::default().verdict(Kind::Tty, "/dev/pts/3"), None);
+    }
+
+    #[test]
+    fn a_policy_that_does_not_parse_says_where() {
+        let err = Policy::parse("crac.policy", "ignore tcp *\n  allow tcp *\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "crac.policy:2:3: expected `ignore`, `refuse` or `close`, found `allow`"
+        );
+        let err = Policy::parse("p", "refuse sockets *").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p:1:8: unknown kind `sockets`: expected tcp, unix, tty, unsupported, ghost or any"
+        );
+        let err = Policy::parse("p", "refuse tcp").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p:1:11: expected a pattern (a path or address, `*` for any characters)"
+        );
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*:5432", "1.2.3.4:5432"));
+        assert!(glob("/var/log/*", "/var/log/a.log"));
+        assert!(!glob("/var/log/*", "/var/lib/a"));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "axxcyyb"));
+        assert!(glob("exact", "exact"));
+    }
+
+    #[test]
+    fn this_process_s_descriptors_are_described_and_a_close_rule_points_them_at_dev_null() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let fd = client.as_raw_fd();
+        let mine = descriptors().into_iter().find(|d| d.fd == fd).unwrap();
+        assert_eq!(mine.kind.as_deref(), Some("tcp"));
+        assert!(
+            mine.what.ends_with(&format!(" -> 127.0.0.1:{port}")),
+            "{mine:?}"
+        );
+
+        let policy = Policy::parse("p", &format!("close tcp * -> 127.0.0.1:{port}")).unwrap();
+        let listed = close_matching(&policy, &[], true);
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            listed[0].to_string(),
+            format!(
+                "fd {fd}: {}",
+                mine.kind.map_or(String::new(), |k| format!("{k} ")) + &mine.what
+            )
+        );
+        // A dry run leaves it open.
+        assert!(fs::read_link(format!("/proc/self/fd/{fd}"))
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("socket:"));
+        let closed = close_matching(&policy, &[], false);
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert_eq!(
+            fs::read_link(format!("/proc/self/fd/{fd}")).unwrap(),
+            Path::new("/dev/null")
+        );
+    }
+}
