@@ -33,6 +33,10 @@ struct WireReply {
     error: Option<String>,
     #[serde(default)]
     code: Option<String>,
+    #[serde(default)]
+    last_cycle: Option<String>,
+    #[serde(default)]
+    last_failures: Vec<WireHook>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +227,15 @@ fn a_failing_hook_is_reported_and_rolled_back() {
         f.log(),
         ["before b", "before a", "after a aborted", "after b aborted"]
     );
+    // A status afterwards still says how the last cycle went, and what failed in it.
+    let status = f.send(b"{\"v\":1,\"op\":\"status\"}\n");
+    assert_eq!(status.last_cycle.as_deref(), Some("aborted"));
+    let failed: Vec<_> = status
+        .last_failures
+        .iter()
+        .map(|h| (h.resource.as_str(), h.phase.as_str()))
+        .collect();
+    assert_eq!(failed, [("b", "before_checkpoint")]);
 }
 
 #[test]
