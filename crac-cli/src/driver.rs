@@ -305,11 +305,9 @@ pub fn checkpoint(
         ))
     })?;
 
-    let report_path = std::env::temp_dir().join(format!(
-        "crac-hooks-{}-{}.json",
-        std::process::id(),
-        now_ms()
-    ));
+    // In the image folder, a hidden working file: if crac is killed before it reads it, it
+    // goes with the folder (or stays hidden in a recovered image), never stray in /tmp.
+    let report_path = images.join(".crac-hooks.json");
     let mut cmd = Command::new(&criu.path);
     cmd.arg("dump")
         .arg("-t")

@@ -185,6 +185,8 @@ fn kill_tree(root: u32) -> String {
     }
     for &pid in pids.iter().rev() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        // A killed agent cannot remove its socket's folder: nothing else will.
+        let _ = fs::remove_dir_all(crac_agent::agent_dir(pid));
     }
     format!(
         "the restored tree (pid {root}, {} process{}) was killed rather than left to run on \
