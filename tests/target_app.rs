@@ -25,6 +25,8 @@
 //!   `CRAC_CHECKPOINT_TO`) and log `self-checkpoint: <reason>` or `self-checkpoint error: ...`.
 //! - `CRAC_TEST_ORDER_LOG`: a log shared by a parent and its child; each hook appends
 //!   `<pid> <line>`, so the order across processes shows.
+//! - `CRAC_TEST_REUSEPORT=1`: with `CRAC_TEST_LISTEN`, bind with SO_REUSEPORT (copies restored
+//!   from one image then serve the port side by side).
 //! - `CRAC_TEST_LISTEN=PORT`: serve on TCP and UDP `127.0.0.1:PORT` (0: any free port; the
 //!   child, if any, takes PORT+1, or 0), writing `tcp udp` ports to `$CRAC_TEST_DIR/ports`.
 //!   TCP takes one request line per connection: `STATUS` answers one JSON line (pid, token,
@@ -349,9 +351,15 @@ fn main() {
 
 /// Serves TCP and UDP on `127.0.0.1:port` (see the module documentation).
 fn serve(dir: &Path, port: u16, token: u64, coordinator: &'static Coordinator) {
-    let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("TCP listener");
+    let (tcp, udp) = if std::env::var_os("CRAC_TEST_REUSEPORT").is_some() {
+        shared_sockets(port)
+    } else {
+        (
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("TCP listener"),
+            UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).expect("UDP socket"),
+        )
+    };
     tcp.set_nonblocking(true).expect("non-blocking listener");
-    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).expect("UDP socket");
     fs::write(
         dir.join("ports"),
         format!(
@@ -404,6 +412,28 @@ fn serve(dir: &Path, port: u16, token: u64, coordinator: &'static Coordinator) {
             let _ = udp.send_to(reply.as_bytes(), from);
         }
     });
+}
+
+/// A TCP listener and a UDP socket on `127.0.0.1:port` with SO_REUSEPORT, so that several
+/// processes (copies restored from one image) serve the same port side by side.
+fn shared_sockets(port: u16) -> (TcpListener, UdpSocket) {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    let addr = SockaddrIn::new(127, 0, 0, 1, port);
+    let open = |kind| {
+        let fd = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+        setsockopt(&fd, sockopt::ReusePort, &true).expect("SO_REUSEPORT");
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).expect("bind");
+        fd
+    };
+    let tcp = open(SockType::Stream);
+    listen(&tcp, Backlog::new(64).expect("a backlog")).expect("listen");
+    (
+        TcpListener::from(tcp),
+        UdpSocket::from(open(SockType::Datagram)),
+    )
 }
 
 /// `CRAC_TEST_MIB`'s memory, in 8-byte words.

@@ -987,6 +987,10 @@ fn restore_with(
             .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
         cmd.env(crac_action::post_resume::RESTORE_ENV, encoded);
     }
+    // Restores of one image take turns: CRIU writes its log and figures into the image
+    // folder, and a lazy restore's page server listens there. Copies restored at once (each
+    // into a pid namespace of its own) come up one after the other, tens of ms apart.
+    let _turn = restore_turn(&request.dir)?;
     let started = Instant::now();
     let server = if lazy {
         cmd.arg("--lazy-pages");
@@ -1209,6 +1213,29 @@ pub fn value_sha256(value: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Waits for this image's turn to be restored (an exclusive lock on a hidden file in its
+/// folder, released when the returned guard is dropped).
+fn restore_turn(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, OpError> {
+    let path = dir.join(".crac-restore.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot open {}: {e}", path.display()),
+            )
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot lock {}: {e}", path.display()),
+        )
+    })
 }
 
 #[cfg(test)]

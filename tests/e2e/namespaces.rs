@@ -87,6 +87,88 @@ fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside
     assert_eq!(target.hooks(), expected, "{restored}");
 }
 
+/// Many copies from one image at once: each restored into a pid namespace of its own, so
+/// pids never collide; all serve the port the original listened on (SO_REUSEPORT: the kernel
+/// spreads connections among them), and each renews what is unique (its instance id) in
+/// after_restore. Restores of one image take turns (tens of ms each), so each copy's agent is
+/// told right after its own restore; the copies share this file system, so their agent
+/// folder is /tmp/crac/1, the last copy's.
+#[test]
+fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
+    let Some(_env) = util::env() else { return };
+    // pid 1 of each copy ends by SIGKILL, which leaves the folder (dropped after them).
+    let _folder = RemoveOnDrop(PathBuf::from("/tmp/crac/1"));
+    let scratch = Scratch::new("copies");
+    let crac = Crac::new(&scratch);
+    let target = Target::start_in_namespaces(
+        &scratch.join("t"),
+        &[("CRAC_TEST_LISTEN", "0"), ("CRAC_TEST_REUSEPORT", "1")],
+        &[],
+        "",
+    );
+    let (port, _) = target.ports();
+    let original = util::status(port);
+    let pid = target.pid.to_string();
+    crac.json(&[
+        "checkpoint",
+        &pid,
+        "--name",
+        "svc",
+        "--leave-running",
+        "--json",
+    ]);
+
+    const COPIES: usize = 3;
+    let restores: Vec<_> = (0..COPIES)
+        .map(|_| {
+            crac.command(&["restore", "svc", "--detach", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("crac restore starts")
+        })
+        .collect();
+    let copies: Vec<u32> = restores
+        .into_iter()
+        .map(|restore| {
+            let out = restore.wait_with_output().expect("crac restore ends");
+            assert!(out.status.success(), "{}", util::text(&out));
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            json["pid"].as_u64().expect("pid") as u32
+        })
+        .collect();
+    let mut distinct = copies.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), COPIES, "{copies:?}");
+    for &copy in &copies {
+        assert_ne!(copy, target.pid);
+        let status = fs::read_to_string(format!("/proc/{copy}/status")).expect("status");
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+            "{status}"
+        );
+    }
+
+    // Connections to the port reach the original and every copy: each its own instance, the
+    // same memory (token) and generation 1.
+    let mut instances = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let status = util::status(port);
+        assert_eq!(status["token"], original["token"]);
+        instances.insert(status["instance"].as_u64().expect("instance"));
+    }
+    assert_eq!(instances.len(), COPIES + 1, "{instances:?}");
+    assert!(instances.contains(&original["instance"].as_u64().unwrap()));
+
+    for copy in copies {
+        kill(Pid::from_raw(copy as i32), Signal::SIGKILL).expect("kill a copy");
+        util::reap(copy, Duration::from_secs(10));
+    }
+}
+
 /// Removes a folder when dropped.
 struct RemoveOnDrop(PathBuf);
 
