@@ -201,7 +201,138 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         verdict(met)
     ));
     report.verdict("9. lazy first answer, 1 GiB / 16 MiB", "<= 1.5x", Some(met));
-    kdat(ctx, report)
+    let startup = kdat(ctx, report)?;
+    breakdown(ctx, report, startup)
+}
+
+/// Where an eager `crac restore` of a small service spends its time, part by part.
+fn breakdown(ctx: &Ctx, report: &mut Report, startup: (f64, f64)) -> Res<()> {
+    let rounds = if ctx.quick { 3 } else { 9 };
+    let store = ctx.scratch.join("breakdown-store");
+    let dir = ctx.scratch.join("breakdown-target");
+    let port = free_port()?;
+    let mut cmd = Command::new(&ctx.bins.test_target);
+    cmd.env("CRAC_TEST_DIR", &dir)
+        .env("CRAC_TEST_MIB", "16")
+        .env("CRAC_TEST_LISTEN", port.to_string());
+    let target = Proc::start(
+        cmd,
+        &dir.join("ready"),
+        &ctx.scratch.join("breakdown.stderr"),
+        Duration::from_secs(60),
+    )?;
+    let out = Command::new(&ctx.bins.crac)
+        .arg("--store")
+        .arg(&store)
+        .args(["checkpoint", &target.pid.to_string(), "--name", "b"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        target.kill();
+        return Err(format!(
+            "crac checkpoint failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let pid = target.pid;
+    target.reap_dumped(Duration::from_secs(30))?;
+    let (mut answer, mut wall, mut criu, mut criu_restore, mut hooks) = (
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+    );
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let restore = Command::new(&ctx.bins.crac)
+            .arg("--store")
+            .arg(&store)
+            .args(["restore", "b", "--detach", "--eager", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        answer.push(first_answer(port, started, Duration::from_secs(60))?);
+        let out = restore.wait_with_output().map_err(|e| e.to_string())?;
+        wall.push(started.elapsed());
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("crac restore --json: {e}"))?;
+        criu.push_us(json["restore_ms"].as_f64().unwrap_or(f64::NAN) * 1e3);
+        criu_restore.push_us(json["criu"]["restore_ms"].as_f64().unwrap_or(f64::NAN) * 1e3);
+        // "... after_restore (restored) ok, 3 hooks in 41µs: ..." from crac-action.
+        let hook_us = json["hook_lines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str())
+            .filter_map(|l| l.split(" hooks in ").nth(1))
+            .filter_map(|rest| rest.split(':').next())
+            .map(parse_duration_us)
+            .sum::<f64>();
+        hooks.push_us(hook_us);
+        Proc::adopt(pid).kill();
+        procs::reap_zombies(&[]);
+    }
+    let (probe, cached) = startup;
+    let rows = vec![
+        vec![
+            "crac restore, spawn to exit".to_owned(),
+            fmt_us(wall.median()),
+        ],
+        vec![
+            "  of which CRIU's process (start to exit)".to_owned(),
+            fmt_us(criu.median()),
+        ],
+        vec![
+            "    of which CRIU's restore proper (its restore_time)".to_owned(),
+            fmt_us(criu_restore.median()),
+        ],
+        vec![
+            "    of which CRIU's start-up, kernel probe included (`criu check`)".to_owned(),
+            fmt_us(probe),
+        ],
+        vec![
+            "      of which the kernel probe (saved by a kdat cache)".to_owned(),
+            fmt_us(probe - cached),
+        ],
+        vec![
+            "  crac's own (validation, hashes of changed files, lock, pidfile, output)".to_owned(),
+            fmt_us(wall.median() - criu.median()),
+        ],
+        vec![
+            "after_restore hooks (inside CRIU's post-resume)".to_owned(),
+            fmt_us(hooks.median()),
+        ],
+        vec![
+            "first answer, from spawning crac".to_owned(),
+            fmt_us(answer.median()),
+        ],
+    ];
+    report.line(&format!(
+        "Where a restore's time goes: crac-test-target with 16 MiB, `crac restore --detach --eager \
+         --json`, {rounds} rounds, medians. CRIU's start-up is measured apart (`criu check`, \
+         above), so the parts overlap rather than add up."
+    ));
+    report.table(&["part", "median"], &rows);
+    Ok(())
+}
+
+/// `41µs`, `3ms`, `1.2s` (crac-core's durations) in microseconds.
+fn parse_duration_us(text: &str) -> f64 {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("µs") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (text, f64::NAN)
+    };
+    number.parse::<f64>().map_or(f64::NAN, |n| n * scale)
 }
 
 /// The hidden argument that makes crac-bench the kdat probe.
@@ -211,7 +342,7 @@ const KDAT_RUNS: usize = 21;
 /// CRIU's start-up with and without its kernel-feature cache. /run is not a tmpfs here, so
 /// CRIU keeps no cache; `with` runs this binary as [`kdat_probe`] in a mount namespace of its
 /// own whose /run is a tmpfs, where CRIU makes and then loads one.
-fn kdat(ctx: &Ctx, report: &mut Report) -> Res<()> {
+fn kdat(ctx: &Ctx, report: &mut Report) -> Res<(f64, f64)> {
     let without = criu_check_runs(&ctx.bins.criu, KDAT_RUNS)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = Command::new("unshare")
@@ -241,7 +372,7 @@ fn kdat(ctx: &Ctx, report: &mut Report) -> Res<()> {
         fmt_us(with),
         fmt_us(without - with)
     ));
-    Ok(())
+    Ok((without, with))
 }
 
 /// Median microseconds of `runs` `criu check`.
