@@ -56,7 +56,7 @@ impl Pidfd {
         };
         let kind = getsockopt(&copy, sockopt::SockType).ok()?;
         let local = getsockname::<SockaddrStorage>(raw)
-            .map(|a| show(&a))
+            .map(|a| crac_agent::fd_policy::address(&a))
             .unwrap_or_default();
         let family = peer.family();
         let inet = matches!(
@@ -68,24 +68,7 @@ impl Pidfd {
             tcp_peer: inet && kind == SockType::Stream,
             unix_connected: unix && matches!(kind, SockType::Stream | SockType::SeqPacket),
             local,
-            peer: show(&peer),
+            peer: crac_agent::fd_policy::address(&peer),
         })
-    }
-}
-
-fn show(addr: &SockaddrStorage) -> String {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return std::net::SocketAddrV4::from(*v4).to_string();
-    }
-    if let Some(v6) = addr.as_sockaddr_in6() {
-        return std::net::SocketAddrV6::from(*v6).to_string();
-    }
-    match addr.as_unix_addr() {
-        Some(unix) => match (unix.path(), unix.as_abstract()) {
-            (Some(path), _) => path.display().to_string(),
-            (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
-            _ => String::new(),
-        },
-        None => String::new(),
     }
 }

@@ -320,10 +320,12 @@ fn socket(fd: RawFd) -> Option<(Option<Kind>, String)> {
             Some(nix::sys::socket::AddressFamily::Unix) if stream => Some(Kind::Unix),
             _ => None,
         };
-    Some((kind, format!("{} -> {}", show(&local), show(&peer))))
+    Some((kind, format!("{} -> {}", address(&local), address(&peer))))
 }
 
-fn show(addr: &SockaddrStorage) -> String {
+/// A socket address as people write it: `127.0.0.1:8080`, `[::1]:80`, a path, `@abstract`,
+/// or `(unnamed)`.
+pub fn address(addr: &SockaddrStorage) -> String {
     if let Some(v4) = addr.as_sockaddr_in() {
         return std::net::SocketAddrV4::from(*v4).to_string();
     }

@@ -60,32 +60,10 @@ fn measure(ctx: &Ctx, mib: u64, rounds: usize) -> Res<Row> {
     };
     for round in 0..rounds {
         let port = free_port()?;
-        let mut cmd = Command::new(&ctx.bins.test_target);
-        cmd.env("CRAC_TEST_DIR", &dir)
-            .env("CRAC_TEST_MIB", mib.to_string())
-            .env("CRAC_TEST_LISTEN", port.to_string());
-        let started = Instant::now();
-        let target = Proc::start(
-            cmd,
-            &dir.join("ready"),
-            &ctx.scratch.join("lazy-target.stderr"),
-            Duration::from_secs(120),
-        )?;
-        row.cold
-            .push(first_answer(port, started, Duration::from_secs(120))?);
         let name = format!("m{round}");
-        let out = crac(&["checkpoint", &target.pid.to_string(), "--name", &name])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            target.kill();
-            return Err(format!(
-                "crac checkpoint failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let pid = target.pid;
-        target.reap_dumped(Duration::from_secs(30))?;
+        let started = Instant::now();
+        let (pid, cold) = checkpointed(ctx, &store, &dir, mib, port, &name)?;
+        row.cold.push(cold.saturating_duration_since(started));
 
         // Eager: every page is in before the service runs.
         let started = Instant::now();
@@ -211,32 +189,7 @@ fn breakdown(ctx: &Ctx, report: &mut Report, startup: (f64, f64)) -> Res<()> {
     let store = ctx.scratch.join("breakdown-store");
     let dir = ctx.scratch.join("breakdown-target");
     let port = free_port()?;
-    let mut cmd = Command::new(&ctx.bins.test_target);
-    cmd.env("CRAC_TEST_DIR", &dir)
-        .env("CRAC_TEST_MIB", "16")
-        .env("CRAC_TEST_LISTEN", port.to_string());
-    let target = Proc::start(
-        cmd,
-        &dir.join("ready"),
-        &ctx.scratch.join("breakdown.stderr"),
-        Duration::from_secs(60),
-    )?;
-    let out = Command::new(&ctx.bins.crac)
-        .arg("--store")
-        .arg(&store)
-        .args(["checkpoint", &target.pid.to_string(), "--name", "b"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        target.kill();
-        return Err(format!(
-            "crac checkpoint failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let pid = target.pid;
-    target.reap_dumped(Duration::from_secs(30))?;
+    let (pid, _) = checkpointed(ctx, &store, &dir, 16, port, "b")?;
     let (mut answer, mut wall, mut criu, mut criu_restore, mut hooks) = (
         Samples::new(),
         Samples::new(),
@@ -318,6 +271,47 @@ fn breakdown(ctx: &Ctx, report: &mut Report, startup: (f64, f64)) -> Res<()> {
     ));
     report.table(&["part", "median"], &rows);
     Ok(())
+}
+
+/// Starts crac-test-target with `mib` MiB serving on `port`, and `crac checkpoint`s it (it
+/// stops) into image `name` of `store`: its pid, and when it first answered.
+fn checkpointed(
+    ctx: &Ctx,
+    store: &std::path::Path,
+    dir: &std::path::Path,
+    mib: u64,
+    port: u16,
+    name: &str,
+) -> Res<(u32, Instant)> {
+    let mut cmd = Command::new(&ctx.bins.test_target);
+    cmd.env("CRAC_TEST_DIR", dir)
+        .env("CRAC_TEST_MIB", mib.to_string())
+        .env("CRAC_TEST_LISTEN", port.to_string());
+    let started = Instant::now();
+    let target = Proc::start(
+        cmd,
+        &dir.join("ready"),
+        &ctx.scratch.join("lazy-target.stderr"),
+        Duration::from_secs(120),
+    )?;
+    let answered = started + first_answer(port, started, Duration::from_secs(120))?;
+    let out = Command::new(&ctx.bins.crac)
+        .arg("--store")
+        .arg(store)
+        .args(["checkpoint", &target.pid.to_string(), "--name", name])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        target.kill();
+        return Err(format!(
+            "crac checkpoint failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let pid = target.pid;
+    target.reap_dumped(Duration::from_secs(30))?;
+    Ok((pid, answered))
 }
 
 /// `41µs`, `3ms`, `1.2s` (crac-core's durations) in microseconds.
