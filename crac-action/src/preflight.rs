@@ -363,7 +363,14 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
                 let Some(&(peer, ref name)) = peers.get(&inode) else {
                     continue;
                 };
-                if peer != 0 && !tree_sockets.contains(&peer) && !ours.contains(&peer) {
+                // An agent's own connections (its socket's name) are the agent's to close:
+                // it closes each within moments while a checkpoint is pending.
+                let agents_own = name.ends_with(&format!("/{}", crac_agent::SOCKET_NAME));
+                if peer != 0
+                    && !agents_own
+                    && !tree_sockets.contains(&peer)
+                    && !ours.contains(&peer)
+                {
                     let peer_name = peers
                         .get(&peer)
                         .map(|(_, n)| n.as_str())

@@ -309,17 +309,19 @@ impl Server {
     /// now is read first, so nothing unread resets the connection.
     fn ready_for_the_dump(&mut self, index: usize, reply: &Reply) {
         let conn = self.conns.swap_remove(index);
-        let delivered = close_with(conn.stream, Some(reply), Duration::ZERO);
         let busy = self.handler.error(
             "",
             code::BUSY,
             "a checkpoint is being taken now: ask again when it is over".into(),
         );
+        // The others first: once the checkpoint's client has its reply, the dump may begin,
+        // and no connection to the outside may be left then.
         for other in std::mem::take(&mut self.conns) {
             // One that has its reply already is only waiting for the client to close.
             let unanswered = matches!(other.stage, Stage::Reading);
             close_with(other.stream, unanswered.then_some(&busy), Duration::ZERO);
         }
+        let delivered = close_with(conn.stream, Some(reply), Duration::ZERO);
         if !delivered {
             self.handler.unheard();
         }

@@ -227,7 +227,8 @@ pub fn checkpoint(
     // Opened now and hashed after the dump: they stay the files the service ran even if their
     // paths are replaced meanwhile, and hashing them costs nothing while the service is frozen.
     let executable_file = fs::File::open(format!("/proc/{pid}/exe")).ok();
-    let mapped_files = open_mapped_files(&crac_action::tree::descendants(pid), &executable);
+    let tree = crac_action::tree::descendants(pid);
+    let mapped_files = open_mapped_files(&tree, &executable);
     let criu = criu()?;
     let action = action_script()?;
 
@@ -415,6 +416,21 @@ pub fn checkpoint(
 
     // CRIU's dump succeeded: unless --leave-running, the service is stopped and this image is
     // all that is left of it. From here on nothing discards it.
+    if !request.options.leave_running {
+        // Its agents died by CRIU's SIGKILL and could not remove their socket folders; a
+        // restore makes them again (crac-action's pre-restore), so none stays behind meanwhile.
+        // CRIU has sent SIGKILL; the processes may take a moment to be gone.
+        let dead = |pid| crac_action::tree::state_of(pid).is_none_or(|state| state == 'Z');
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for &member in &tree {
+            while !dead(member) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if dead(member) {
+                let _ = fs::remove_dir_all(crac_agent::agent_dir(member));
+            }
+        }
+    }
     metadata.hooks = hook_report
         .iter()
         .flat_map(|r| {
