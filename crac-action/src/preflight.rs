@@ -4,9 +4,11 @@
 //!
 //! CRIU's own refusals come one at a time, in its words ("Connected TCP socket, consider using
 //! --tcp-established", "External socket is used"), after the service was quiesced and frozen.
-//! This looks at `/proc/PID/fd` of every process in the tree and, for sockets, at the socket
-//! tables of the process's network namespace (`/proc/PID/net/*`, and the kernel's sock_diag
-//! for who is at the other end of a Unix socket). What it checks:
+//! This looks at `/proc/PID/fd` of every process in the tree, and asks each socket about
+//! itself through a copy of its descriptor (`pidfd_getfd`); the namespace's socket tables in
+//! `/proc/PID/net` are the fallback (they list every socket of the namespace, and reading the
+//! TCP ones walks the kernel's whole hash table). Who is at the other end of a Unix socket
+//! comes from the kernel's sock_diag. What it checks:
 //!
 //! | descriptor | CRIU refuses it | unless |
 //! |---|---|---|
@@ -20,7 +22,9 @@
 //! container runtime CRIU runs as `criu swrk` and gets its options over RPC, which cannot be
 //! read from outside: then only the checks that no option changes run.
 //!
-//! A [`Policy`] (`CRAC_POLICY`, a file) ignores or refuses descriptors by kind and pattern.
+//! A [`Policy`] (`CRAC_POLICY`, a file) ignores or refuses descriptors by kind and pattern;
+//! its `close` rules are for a service's own agent ([`crac_agent::fd_policy`]). An agent's
+//! own connections are left to the agent, which closes them while a checkpoint is pending.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -287,13 +291,13 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
             let target = target.to_string_lossy().into_owned();
             if let Some(inode) = socket_inode(&target) {
                 tree_sockets.insert(inode);
-                let table = tables.entry(netns).or_insert_with(|| NetTables::read(pid));
-                // Unix sockets are in the namespace's table, cheap to read; others are
-                // asked directly, and the TCP tables (slow to read) are the last resort.
-                let facts = table
-                    .unix(inode)
-                    .or_else(|| pidfd.as_ref().and_then(|p| p.socket(fd)))
-                    .or_else(|| table.tcp(pid, inode));
+                // Each socket is asked directly (a few system calls); the namespace's tables,
+                // which list every socket of the namespace (the TCP ones by walking the
+                // kernel's whole hash table), are the fallback.
+                let facts = pidfd.as_ref().and_then(|p| p.socket(fd)).or_else(|| {
+                    let table = tables.entry(netns).or_insert_with(|| NetTables::read(pid));
+                    table.unix(inode).or_else(|| table.tcp(pid, inode))
+                });
                 let Some(facts) = facts else {
                     continue;
                 };
