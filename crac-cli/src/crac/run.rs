@@ -263,5 +263,15 @@ fn wait_for(service: u32, mut server: Option<PageServer>) -> (u8, Option<OpError
             }
         }
     };
+    // The service ended before its page server: how the server ends says whether the
+    // service's memory was whole (it may have died of a page that never came).
+    if let Some(page_server) = server {
+        let pid = Pid::from_raw(page_server.pid() as i32);
+        if let Ok(status) = waitpid(pid, None) {
+            if let Err(err) = page_server.reaped(status, service) {
+                lost = Some(err);
+            }
+        }
+    }
     (status, lost)
 }
