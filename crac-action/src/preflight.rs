@@ -33,6 +33,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use crac_agent::fd_policy;
 pub use crac_agent::fd_policy::{Kind, Policy, PolicyError, Verdict};
 
 use crate::pidfd::{Pidfd, SocketFacts};
@@ -318,9 +319,9 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
             }
             if target == "/dev/ptmx" || target == "/dev/pts/ptmx" {
                 ptmx_in_tree = true;
-            } else if target.starts_with("/dev/pts/") || is_vt(&target) {
+            } else if fd_policy::is_terminal(&target) {
                 ttys.push((pid, fd, target));
-            } else if let Some(kind) = unsupported(&target) {
+            } else if let Some(kind) = fd_policy::unsupported(&target) {
                 found.push(Problem {
                     pid,
                     fd,
@@ -426,27 +427,6 @@ fn socket_inode(target: &str) -> Option<u64> {
         .strip_suffix(']')?
         .parse()
         .ok()
-}
-
-fn is_vt(target: &str) -> bool {
-    target
-        .strip_prefix("/dev/tty")
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// The anonymous-inode kinds CRIU cannot dump.
-fn unsupported(target: &str) -> Option<&'static str> {
-    let name = target.strip_prefix("anon_inode:")?;
-    [
-        ("[io_uring]", "io_uring"),
-        ("[userfaultfd]", "userfaultfd"),
-        ("[perf_event]", "perf event"),
-        ("kvm-vm", "KVM virtual machine"),
-        ("kvm-vcpu", "KVM virtual CPU"),
-    ]
-    .into_iter()
-    .find(|(prefix, _)| name.starts_with(prefix))
-    .map(|(_, kind)| kind)
 }
 
 fn own_socket_inodes() -> HashSet<u64> {

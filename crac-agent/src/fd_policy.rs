@@ -271,25 +271,38 @@ pub fn descriptors() -> Vec<Descriptor> {
     out
 }
 
-fn describe(fd: RawFd, target: &str) -> Descriptor {
-    let (kind, what) = if target.starts_with("socket:[") {
-        socket(fd).unwrap_or((None, target.to_owned()))
-    } else if target.starts_with("/dev/pts/")
+/// Whether a descriptor's link target (`/proc/PID/fd/N`) is a terminal: a pseudo-terminal
+/// (`/dev/pts/N`) or a virtual console (`/dev/ttyN`).
+pub fn is_terminal(target: &str) -> bool {
+    target.starts_with("/dev/pts/")
         || target
             .strip_prefix("/dev/tty")
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    {
+}
+
+/// The kind of anonymous inode a descriptor's link target names, if CRIU cannot dump it.
+pub fn unsupported(target: &str) -> Option<&'static str> {
+    let name = target.strip_prefix("anon_inode:")?;
+    [
+        ("[io_uring]", "io_uring"),
+        ("[userfaultfd]", "userfaultfd"),
+        ("[perf_event]", "perf event"),
+        ("kvm-vm", "KVM virtual machine"),
+        ("kvm-vcpu", "KVM virtual CPU"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| name.starts_with(prefix))
+    .map(|(_, kind)| kind)
+}
+
+fn describe(fd: RawFd, target: &str) -> Descriptor {
+    let (kind, what) = if target.starts_with("socket:[") {
+        socket(fd).unwrap_or((None, target.to_owned()))
+    } else if is_terminal(target) {
         (Some(Kind::Tty), target.to_owned())
     } else if let Some(path) = target.strip_suffix(" (deleted)") {
         (Some(Kind::Ghost), path.to_owned())
-    } else if ["[io_uring]", "[userfaultfd]", "[perf_event]", "kvm-"]
-        .iter()
-        .any(|k| {
-            target
-                .strip_prefix("anon_inode:")
-                .is_some_and(|n| n.starts_with(k))
-        })
-    {
+    } else if unsupported(target).is_some() {
         (Some(Kind::Unsupported), target.to_owned())
     } else {
         (None, target.to_owned())
