@@ -5,7 +5,7 @@ use std::fs;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::util::{self, bin, free_port, text, wait_until, Crac, Scratch, Target};
+use crate::util::{self, ask, bin, free_port, text, wait_until, Crac, Scratch, Target};
 
 #[test]
 fn settings_given_to_a_restore_reach_the_hooks_and_nothing_else_changes() {
@@ -109,28 +109,6 @@ fn a_cpu_without_a_feature_the_image_had_is_refused_and_run_starts_cold() {
     )
     .unwrap();
     run.wait().unwrap();
-}
-
-/// One request to the cache server's line protocol; its reply line.
-fn ask(port: u16, request: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let mut last = String::new();
-    for _ in 0..200 {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(mut stream) => {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                stream.write_all(format!("{request}\n").as_bytes()).unwrap();
-                let mut line = String::new();
-                BufReader::new(stream).read_line(&mut line).unwrap();
-                return line.trim_end().to_owned();
-            }
-            Err(err) => last = err.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nothing answers on port {port}: {last}");
 }
 
 #[test]

@@ -579,6 +579,14 @@ pub fn text(out: &Output) -> String {
 /// Asks the target listening on TCP `port` for its STATUS (retrying for a while: a restored
 /// or resumed target answers once its after_restore hooks have run).
 pub fn status(port: u16) -> serde_json::Value {
+    let line = ask(port, "STATUS");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// Sends one `request` line to the service listening on TCP `port` and returns its reply line
+/// (retrying to connect for a while: a restored or resumed service answers once its
+/// after_restore hooks have run).
+pub fn ask(port: u16, request: &str) -> String {
     use std::io::{BufRead, BufReader, Write};
     let mut last = String::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -588,18 +596,20 @@ pub fn status(port: u16) -> serde_json::Value {
                 stream
                     .set_read_timeout(Some(Duration::from_secs(10)))
                     .expect("timeout");
-                stream.write_all(b"STATUS\n").expect("send STATUS");
+                stream
+                    .write_all(format!("{request}\n").as_bytes())
+                    .unwrap_or_else(|e| panic!("send {request}: {e}"));
                 let mut line = String::new();
                 BufReader::new(stream)
                     .read_line(&mut line)
-                    .expect("read STATUS");
-                return serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+                    .unwrap_or_else(|e| panic!("read the reply to {request}: {e}"));
+                return line.trim_end().to_owned();
             }
             Err(err) => last = err.to_string(),
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("nothing answers STATUS on port {port}: {last}");
+    panic!("nothing answers {request} on port {port}: {last}");
 }
 
 /// Sends `data` to the target's UDP `port` and returns its answer.
