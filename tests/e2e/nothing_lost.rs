@@ -7,6 +7,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -405,8 +406,20 @@ fn what_cannot_work_is_refused_up_front_with_the_reason() {
 
     let target = Target::start(&scratch.join("t"), &[]);
     let pid = target.pid.to_string();
-    let out = crac
-        .command(&["checkpoint", &pid, "--name", "web"])
+    // Run from a folder any user can reach: the checkout may sit in one only root can (a
+    // mktemp -d clone).
+    let unprivileged = scratch.join("unprivileged");
+    fs::create_dir_all(&unprivileged).expect("a folder for nobody");
+    fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::set_permissions(&unprivileged, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let crac_copy = unprivileged.join("crac");
+    fs::copy(bin("crac"), &crac_copy).expect("copy crac");
+    let out = Command::new(&crac_copy)
+        .args(["--store"])
+        .arg(&crac.store)
+        .args(["checkpoint", &pid, "--name", "web"])
+        .current_dir(&unprivileged)
+        .stdin(Stdio::null())
         .uid(65534)
         .gid(65534)
         .output()
