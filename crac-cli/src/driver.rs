@@ -730,12 +730,38 @@ fn session_of(pid: u32) -> Option<u32> {
 /// [`FailureKind::Unavailable`] when the effective user is not root.
 pub fn require_root(what: &str) -> Result<(), OpError> {
     if nix::unistd::geteuid().is_root() {
-        return Ok(());
+        return require_criu_capability(what);
     }
     Err(OpError::new(
         FailureKind::Unavailable,
         format!(
             "crac {what} needs root: CRIU stops the process tree, reads all its memory and recreates its resources, which only root may do; run it as root (sudo crac {what} ...)"
+        ),
+    ))
+}
+
+/// CRIU refuses to run without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, and says so on its
+/// standard output only. Root in a container without privileges has neither.
+fn require_criu_capability(what: &str) -> Result<(), OpError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_CHECKPOINT_RESTORE: u32 = 40;
+    let effective = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        });
+    let Some(effective) = effective else {
+        // Unknown: let CRIU decide.
+        return Ok(());
+    };
+    if effective & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0 {
+        return Ok(());
+    }
+    Err(OpError::new(
+        FailureKind::Unavailable,
+        format!(
+            "crac {what} runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs (root in a container without privileges has neither): run the container with --privileged"
         ),
     ))
 }

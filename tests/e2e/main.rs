@@ -5,6 +5,7 @@
 
 mod action;
 mod async_faults;
+mod container_image;
 mod containers;
 mod crac_cli;
 mod faults;

@@ -340,17 +340,21 @@ impl Podman {
         }
     }
 
-    pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(self.dir.join("root"))
-            .arg("--runroot")
-            .arg(self.dir.join("runroot"))
-            .arg("--tmpdir")
-            .arg(self.dir.join("tmp"))
-            .arg("--network-config-dir")
-            .arg(self.dir.join("cni"))
-            .args([
+    /// podman's options for this test's storage and runtime, before the command's own.
+    pub fn global_options(&self) -> Vec<String> {
+        let dir = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
+        let mut options = vec![
+            "--root".to_owned(),
+            dir("root"),
+            "--runroot".to_owned(),
+            dir("runroot"),
+            "--tmpdir".to_owned(),
+            dir("tmp"),
+            "--network-config-dir".to_owned(),
+            dir("cni"),
+        ];
+        options.extend(
+            [
                 "--storage-driver",
                 "overlay",
                 "--runtime",
@@ -359,7 +363,15 @@ impl Podman {
                 "cgroupfs",
                 "--events-backend",
                 "file",
-            ])
+            ]
+            .map(str::to_owned),
+        );
+        options
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.args(self.global_options())
             .args(args)
             .env("PATH", &self.path);
         cmd

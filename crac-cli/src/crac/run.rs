@@ -144,6 +144,7 @@ fn changed_env(dir: &std::path::Path) -> BTreeMap<String, String> {
 }
 
 fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
+    raise_pid_floor();
     let log = args
         .log
         .clone()
@@ -190,6 +191,37 @@ fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
         )
     })?;
     Ok(child.id())
+}
+
+/// The lowest pid a cold-started service gets when its pid namespace is young.
+///
+/// A restore gives every process and thread its pids back, so they must be free then. In a
+/// container crac run is pid 1: a service started cold right after it gets pids 2, 3, ...,
+/// which in the container a restore starts in are CRIU's and its helpers' ("Unable to create a
+/// thread: -17"). Above this floor they are free in any young namespace. (OpenJDK CRaC's
+/// `-XX:CRaCMinPid` does the same, with 128.)
+const PID_FLOOR: u32 = 1000;
+
+/// Moves the pid namespace's counter up to [`PID_FLOOR`] when it is below (a young
+/// namespace: a container); on a host it is far above already and nothing is done.
+fn raise_pid_floor() {
+    let read =
+        |path: &str| -> Option<u32> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let (Some(last), Some(max)) = (
+        read("/proc/sys/kernel/ns_last_pid"),
+        read("/proc/sys/kernel/pid_max"),
+    ) else {
+        return;
+    };
+    if last >= PID_FLOOR || max <= PID_FLOOR * 2 {
+        return;
+    }
+    // Needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE over the namespace, as CRIU's restore does.
+    if let Err(e) = std::fs::write("/proc/sys/kernel/ns_last_pid", PID_FLOOR.to_string()) {
+        eprintln!(
+            "crac run: cannot move this pid namespace's pids up to {PID_FLOOR} ({e}): an image of the service made here may not restore in a new container, its pids taken by CRIU (run this container with --privileged)"
+        );
+    }
 }
 
 fn forward_signals(service: Arc<AtomicI32>) -> Result<(), OpError> {

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Builds a container image that starts a service warm: its entrypoint is `crac run`, which
+# restores the service's checkpoint when the image carries one, and starts it cold (saying
+# why) when it does not, or when the checkpoint is damaged or refused here (CPU, kernel, CRIU).
+#
+# The image holds the service and the shared libraries it needs, crac and crac-action, and
+# CRIU >= 4.2 with its libraries (the one crac finds: $CRAC_CRIU, `criu` on PATH, or the copy
+# scripts/provision-criu.sh makes, whose newer C library then serves every program in the
+# image). No registry is needed: the root file system is made here and imported.
+#
+# Usage: scripts/container-image.sh [options] TAG -- SERVICE [ARGS...]
+#   TAG               the image to make, e.g. localhost/warm-start:cold
+#   SERVICE [ARGS]    the service's binary on this machine, and its arguments in the container;
+#                     it is copied to /app/ under its own name
+#   --name NAME       the checkpoint's name in the image's store (default: SERVICE's file name)
+#   --bin-dir DIR     where crac and crac-action are (default: target/release of this checkout)
+#   --tar FILE        also keep the root file system as this tar file
+#
+# Environment: PODMAN, the podman command to import with (default `podman`; word-split, so
+# `PODMAN="podman --root /some/where"` uses other storage), and CRAC_CRIU as for crac.
+#
+# The warm-up, done once where the image is built (XTDB's and PrestaShop's guides do the same
+# steps by hand):
+#   podman run -d --name warmup --privileged --network host TAG
+#     the service starts cold; a service that checkpoints itself (crac_agent::SelfCheckpoint,
+#     e.g. examples/warm_start.rs) does so once it is warm, or run
+#     `podman exec warmup crac checkpoint --leave-running --name NAME PID` (`crac ps` lists it)
+#   podman exec warmup crac images list      # the checkpoint is there
+#   podman stop warmup && podman commit warmup TAG-warm
+#   podman run --privileged --network host TAG-warm   # restored; cold if it cannot be
+# CRIU in a container needs --privileged (CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, ptrace, and a
+# writable /proc/sys). `podman save` or `podman push` carries the checkpoint with the image.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+info() { printf 'container-image: %s\n' "$*"; }
+die() {
+    printf 'container-image: error: %s\n' "$*" >&2
+    exit 1
+}
+
+name=''
+bin_dir=$ROOT/target/release
+tar_out=''
+tag=''
+while (($#)); do
+    case $1 in
+        -h | --help)
+            sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+            exit 0
+            ;;
+        --name | --bin-dir | --tar)
+            (($# >= 2)) || die "$1 needs a value"
+            case $1 in
+                --name) name=$2 ;;
+                --bin-dir) bin_dir=$2 ;;
+                --tar) tar_out=$2 ;;
+            esac
+            shift 2
+            ;;
+        --)
+            shift
+            break
+            ;;
+        -*) die "unknown option '$1' (try --help)" ;;
+        *)
+            [[ -z $tag ]] || die "one TAG only, then -- and the service (try --help)"
+            tag=$1
+            shift
+            ;;
+    esac
+done
+[[ -n $tag ]] || die "no TAG given (try --help)"
+(($#)) || die "no service given after -- (try --help)"
+service=$1
+shift
+[[ -f $service && -x $service ]] || die "the service $service is not an executable file"
+name=${name:-$(basename "$service")}
+[[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "'$name' is not a valid image name (letters, digits, . _ -)"
+for bin in crac crac-action; do
+    [[ -x $bin_dir/$bin ]] || die "no $bin in $bin_dir (build it: cargo build --release --workspace, or name the folder with --bin-dir)"
+done
+read -r -a podman <<<"${PODMAN:-podman}"
+command -v "${podman[0]}" >/dev/null || die "${podman[0]} not found (scripts/install-runtimes.sh installs it)"
+
+rootfs=$(mktemp -d)
+trap 'rm -rf "$rootfs"' EXIT
+
+# Copies the file $1 to $2 inside the image (a folder path ending in / keeps the name).
+put() {
+    local dest=$rootfs/${2#/}
+    [[ $dest == */ ]] && dest=$dest$(basename "$1")
+    mkdir -p "$(dirname "$dest")"
+    cp -L "$1" "$dest"
+}
+
+# The shared libraries $1 loads, as paths on this machine, one per line, through the loader
+# and library path given in $2 and $3 (empty: the system's).
+libraries() {
+    local out
+    if [[ -n ${2:-} ]]; then
+        out=$("$2" --library-path "$3" --list "$1") || die "cannot list the libraries of $1"
+    else
+        out=$(ldd "$1") || die "cannot list the libraries of $1 (not a dynamic executable?)"
+    fi
+    awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$out"
+}
+
+# CRIU: the provisioned copy is a wrapper that runs a newer Debian's criu through that
+# suite's own loader; the image gets that suite's files as its /usr, and so its C library.
+# The CRIU crac would run (crac-cli's locate.rs): $CRAC_CRIU, else the first >= 4.2 of criu on
+# PATH and the provisioned one.
+criu_ok() {
+    local v
+    v=$("$1" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n 1) || return 1
+    [[ $v =~ ^([0-9]+)\.([0-9]+) ]] || return 1
+    ((BASH_REMATCH[1] > 4 || (BASH_REMATCH[1] == 4 && BASH_REMATCH[2] >= 2)))
+}
+criu=''
+for candidate in ${CRAC_CRIU:-$(command -v criu) "${CRAC_CRIU_PREFIX:-/opt/crac-criu}/bin/criu"}; do
+    if [[ -x $candidate ]] && criu_ok "$candidate"; then
+        criu=$candidate
+        break
+    fi
+done
+[[ -n $criu ]] || die "no CRIU >= 4.2 found (run scripts/provision-criu.sh as root, or set CRAC_CRIU)"
+mkdir -p "$rootfs/usr/lib" "$rootfs/usr/lib64" "$rootfs/usr/bin" "$rootfs/usr/sbin"
+if provisioned=$(sed -n 's/^R=\(\/.*\)$/\1/p' "$criu" 2>/dev/null) && [[ -n $provisioned && -d $provisioned/usr ]]; then
+    info "CRIU: $criu (the provisioned copy in $provisioned, with its own C library)"
+    cp -a "$provisioned/usr/." "$rootfs/usr/"
+    [[ -d $provisioned/etc ]] && cp -a "$provisioned/etc" "$rootfs/etc"
+else
+    info "CRIU: $criu"
+    put "$criu" /usr/sbin/criu
+    while read -r lib; do put "$lib" "$lib"; done < <(libraries "$criu")
+fi
+# Merged /usr, as Debian lays it out: the loader is /lib64/ld-linux-x86-64.so.2.
+for dir in lib lib64 bin sbin; do
+    [[ -e $rootfs/$dir ]] || ln -s "usr/$dir" "$rootfs/$dir"
+done
+
+# crac, crac-action and the service, each with the libraries the image does not have yet.
+put "$bin_dir/crac" /usr/local/bin/
+put "$bin_dir/crac-action" /usr/local/bin/
+put "$service" /app/
+for bin in "$bin_dir/crac" "$bin_dir/crac-action" "$service"; do
+    while read -r lib; do
+        [[ -e $rootfs/${lib#/} || -e $rootfs/usr/lib/x86_64-linux-gnu/$(basename "$lib") ]] ||
+            put "$lib" "$lib"
+    done < <(libraries "$bin")
+done
+# Debug information is most of a debug build's size, and no use in the image.
+if command -v strip >/dev/null; then
+    strip --strip-debug "$rootfs/usr/local/bin/crac" "$rootfs/usr/local/bin/crac-action" \
+        "$rootfs/app/$(basename "$service")"
+fi
+mkdir -p "$rootfs"/{proc,dev,sys,run,tmp,var/lib/crac/images}
+chmod 1777 "$rootfs/tmp"
+
+# The entrypoint, as a JSON array.
+json() {
+    local s=${1//\\/\\\\}
+    printf '"%s"' "${s//\"/\\\"}"
+}
+entry="[$(json /usr/local/bin/crac),$(json run),$(json --image),$(json "$name"),$(json --)"
+entry+=",$(json "/app/$(basename "$service")")"
+for arg in "$@"; do entry+=",$(json "$arg")"; done
+entry+="]"
+
+tar=${tar_out:-$rootfs.tar}
+tar -C "$rootfs" -cf "$tar" .
+[[ -n $tar_out ]] || trap 'rm -rf "$rootfs" "$tar"' EXIT
+out=$("${podman[@]}" import --change "ENTRYPOINT $entry" \
+    --change "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin" "$tar" "$tag" 2>&1) ||
+    die "podman import of $tar as $tag failed: $out"
+info "made $tag ($(du -sh "$rootfs" | cut -f1)): entrypoint $entry"

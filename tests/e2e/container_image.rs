@@ -1,0 +1,202 @@
+//! Warm start inside a container image, with podman: an image made by
+//! scripts/container-image.sh (entrypoint `crac run`, CRIU and crac inside), a warm-up
+//! container in which the warm-start example checkpoints itself, `podman commit`, and
+//! containers of the committed image that start restored, or cold, saying why, when the
+//! checkpoint is missing, damaged or refused.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::oci::{self, Podman};
+use crate::util::{self, ask, bin, free_port, text, wait_until, Scratch};
+
+/// What `podman run` needs for crac run and CRIU inside, as the script's usage says.
+const RUN_OPTIONS: [&str; 7] = [
+    "--privileged",
+    "--network",
+    "host",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
+/// The warm-start example's STATS.
+fn stats(port: u16) -> Value {
+    let line = ask(port, "STATS");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// Container `name`'s output: crac run's lines.
+fn logs(podman: &Podman, name: &str) -> String {
+    text(&podman.run(&["logs", name], "podman logs"))
+}
+
+/// Waits until crac run in container `name` said how the service started; returns its lines.
+fn started(podman: &Podman, name: &str) -> String {
+    let mut lines = String::new();
+    wait_until(
+        Duration::from_secs(30),
+        "crac run to start the service",
+        || {
+            lines = logs(podman, name);
+            lines.contains("crac run: restored image") || lines.contains("crac run: started cold")
+        },
+    );
+    lines
+}
+
+/// Creates a container of `image` whose store the test changes with `edit` (the image folder
+/// on the host) before it starts; returns crac run's lines once the service answers.
+fn start_edited(
+    podman: &Podman,
+    image: &str,
+    name: &str,
+    port: u16,
+    edit: impl FnOnce(&Path),
+) -> (String, Value) {
+    let mut args = vec!["create", "--name", name];
+    args.extend(RUN_OPTIONS);
+    args.push(image);
+    podman.run(&args, "podman create");
+    let mount = podman.run(&["mount", name], "podman mount");
+    let root = String::from_utf8_lossy(&mount.stdout).trim().to_owned();
+    edit(&Path::new(&root).join("var/lib/crac/images/warm"));
+    podman.run(&["umount", name], "podman umount");
+    podman.run(&["start", name], "podman start");
+    let lines = started(podman, name);
+    let stats = stats(port);
+    podman.run(&["rm", "--force", "--time", "0", name], "podman rm");
+    (lines, stats)
+}
+
+/// The image's entrypoint restores the checkpoint the warm-up left in it, with the warm-up's
+/// memory and a new instance id; a container whose checkpoint is missing, damaged, refused
+/// for the CPU, or that lacks the privileges CRIU needs, starts cold and its first lines say
+/// which and why.
+#[test]
+fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_used() {
+    let Some(env) = util::env() else { return };
+    if !oci::runtimes_present() {
+        return;
+    }
+    let scratch = Scratch::new("image");
+    let podman = Podman::new(&env, &scratch);
+    let port = free_port();
+    let port_arg = port.to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/container-image.sh");
+    let built = Command::new("bash")
+        .arg(&script)
+        .arg("--bin-dir")
+        .arg(bin("crac").parent().expect("the binaries' folder"))
+        .args(["--name", "warm", "localhost/warm-start:cold", "--"])
+        .arg(bin("warm-start"))
+        .args(["--port", &port_arg, "--docs", "2000"])
+        .env(
+            "PODMAN",
+            format!("podman {}", podman.global_options().join(" ")),
+        )
+        .output()
+        .expect("run scripts/container-image.sh");
+    assert!(built.status.success(), "{}", text(&built));
+
+    // The warm-up: no checkpoint yet, so a cold start, after which the service checkpoints
+    // itself and keeps serving.
+    let mut args = vec!["run", "-d", "--name", "warmup"];
+    args.extend(RUN_OPTIONS);
+    args.push("localhost/warm-start:cold");
+    podman.run(&args, "podman run (warm-up)");
+    let lines = started(&podman, "warmup");
+    assert!(
+        lines.contains(
+            "crac run: no warm start: no image named warm in /var/lib/crac/images (see `crac images list`)"
+        ) && lines.contains("crac run: started cold as pid 1001"),
+        "{lines}"
+    );
+    wait_until(Duration::from_secs(60), "the self-checkpoint", || {
+        stats(port)["image"] == "saved"
+    });
+    let warm = stats(port);
+    assert_eq!(warm["started"], "cold", "{warm}");
+    podman.run(&["stop", "--time", "10", "warmup"], "podman stop");
+    podman.run(
+        &["commit", "--quiet", "warmup", "localhost/warm-start:warm"],
+        "podman commit",
+    );
+    podman.run(&["rm", "warmup"], "podman rm");
+
+    // Restored: the warm-up's index and pid, a new instance id.
+    let mut args = vec!["run", "-d", "--name", "warm"];
+    args.extend(RUN_OPTIONS);
+    args.push("localhost/warm-start:warm");
+    podman.run(&args, "podman run (warm)");
+    let lines = started(&podman, "warm");
+    assert!(
+        lines.contains("crac run: restored image \"warm\" as pid 1001"),
+        "{lines}"
+    );
+    let restored = stats(port);
+    assert_eq!(restored["started"], "restored", "{restored}");
+    for same in ["pid", "docs", "terms", "postings", "warmup_ms"] {
+        assert_eq!(restored[same], warm[same], "{same}: {restored} vs {warm}");
+    }
+    assert_ne!(restored["instance"], warm["instance"], "{restored}");
+    podman.run(&["rm", "--force", "--time", "0", "warm"], "podman rm");
+
+    // Damaged: a page file cut short.
+    let (lines, cold) = start_edited(
+        &podman,
+        "localhost/warm-start:warm",
+        "damaged",
+        port,
+        |dir| {
+            let pages = fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("pages-1.img"))
+                .expect("the page file");
+            pages.set_len(4096).expect("truncate");
+        },
+    );
+    assert!(
+        lines.contains("crac run: no warm start: image /var/lib/crac/images/warm cannot be restored: image file pages-1.img is truncated: 4096 bytes")
+            && lines.contains("(the image is damaged: make it again with `crac checkpoint`)")
+            && lines.contains("crac run: started cold as pid 1001"),
+        "{lines}"
+    );
+    assert_eq!(cold["started"], "cold", "{cold}");
+
+    // Refused: the image says its CPU had a feature this one lacks.
+    let (lines, cold) = start_edited(&podman, "localhost/warm-start:warm", "cpu", port, |dir| {
+        let path = dir.join("crac-meta.json");
+        let mut meta: Value =
+            serde_json::from_slice(&fs::read(&path).expect("metadata")).expect("JSON");
+        meta["cpu_features"]
+            .as_array_mut()
+            .expect("the image records CPU features")
+            .push("avx9000".into());
+        fs::write(&path, serde_json::to_vec(&meta).expect("JSON")).expect("write metadata");
+    });
+    assert!(
+        lines.contains("crac run: no warm start: this machine's CPU lacks a feature the image's machine had, which the service may rely on (avx9000)")
+            && lines.contains("crac run: started cold"),
+        "{lines}"
+    );
+    assert_eq!(cold["started"], "cold", "{cold}");
+
+    // Without --privileged CRIU cannot restore: said before it runs.
+    let mut args = vec!["run", "-d", "--name", "unprivileged"];
+    args.extend(&RUN_OPTIONS[1..]);
+    args.push("localhost/warm-start:warm");
+    podman.run(&args, "podman run (unprivileged)");
+    let lines = started(&podman, "unprivileged");
+    assert!(
+        lines.contains("crac run: no warm start: crac restore runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs (root in a container without privileges has neither): run the container with --privileged")
+            && lines.contains("crac run: started cold"),
+        "{lines}"
+    );
+    assert_eq!(stats(port)["started"], "cold");
+}
