@@ -199,4 +199,14 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
         "{lines}"
     );
     assert_eq!(stats(port)["started"], "cold");
+    let check = podman.try_run(&["exec", "unprivileged", "crac", "check"]);
+    assert!(
+        !check.status.success()
+            && text(&check).contains(
+                "crac checkpoint runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE"
+            )
+            && text(&check).contains("run the container with --privileged"),
+        "{}",
+        text(&check)
+    );
 }

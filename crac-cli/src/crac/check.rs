@@ -72,19 +72,22 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         }
     }
 
-    let root = nix::unistd::geteuid().is_root();
+    let privileges = driver::require_root("checkpoint");
+    let root = privileges.is_ok();
     checks.push(Check {
         name: "privileges",
         ok: root,
-        detail: if root {
-            "running as root".to_owned()
-        } else {
-            "not root: CRIU needs root (or CAP_CHECKPOINT_RESTORE with a CRIU set up for it)"
-                .to_owned()
+        detail: match &privileges {
+            Ok(()) => "running as root".to_owned(),
+            Err(err) => err.message.clone(),
         },
     });
     if !root {
-        fixes.push("run crac as root".to_owned());
+        fixes.push(if nix::unistd::geteuid().is_root() {
+            "run the container with --privileged".to_owned()
+        } else {
+            "run crac as root".to_owned()
+        });
     }
 
     if let (Ok(criu), true) = (&criu, root) {
