@@ -12,15 +12,22 @@
 //! 4 warm start through `crac run`, 5 the idle agent, 6 soak (repeated checkpoints of the
 //! cache server, killing and under load), 7 async services (async dispatch, request gating,
 //! the PostgreSQL example's warm start), 8 preflight per descriptor count, 9 time to first
-//! answer against memory (cold, eager and lazy restore). Needs root (CRIU) for all but 2 and 5.
+//! answer against memory (cold, eager and lazy restore), 10 warm start inside a container
+//! image (podman). Needs root (CRIU) for all but 2 and 5.
 
 mod asyncs;
+mod container;
 mod coord;
 mod dispatch;
 mod dump;
 mod idle;
+mod kdat;
 mod lazy;
 mod line;
+// Shared with the end-to-end tests, which use all of it.
+#[allow(dead_code)]
+#[path = "../podman.rs"]
+mod podman;
 mod preflight;
 mod procs;
 mod soak;
@@ -38,7 +45,7 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
                   [--soak N]
 
   --quick         fewer repetitions (a smoke run; figures are noisier)
-  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-9)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-10)
   --out FILE      also write the results as a markdown section to FILE
   --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
   --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
@@ -46,7 +53,8 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
 
 items: 1 coordination cost of one CRIU event; 2 dispatch scaling; 3 what we add to a
 checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the idle agent;
-6 soak; 7 async services; 8 preflight; 9 time to first answer against memory.
+6 soak; 7 async services; 8 preflight; 9 time to first answer against memory;
+10 warm start inside a container image (podman).
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
@@ -74,7 +82,7 @@ struct Options {
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         quick: false,
-        only: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+        only: (1..=10).collect(),
         out: None,
         idle_secs: None,
         alt_action: None,
@@ -89,8 +97,8 @@ fn parse_args() -> Result<Options, String> {
                 opts.only = value()?
                     .split(',')
                     .map(|n| match n.trim().parse::<u32>() {
-                        Ok(n @ 1..=9) => Ok(n),
-                        _ => Err(format!("--only takes item numbers 1 to 9, got {n:?}")),
+                        Ok(n @ 1..=10) => Ok(n),
+                        _ => Err(format!("--only takes item numbers 1 to 10, got {n:?}")),
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -175,6 +183,7 @@ fn run(opts: &Options) -> Res<bool> {
             7 => asyncs::run(&ctx, &mut report),
             8 => preflight::run(&ctx, &mut report),
             9 => lazy::run(&ctx, &mut report),
+            10 => container::run(&ctx, &mut report),
             _ => unreachable!("checked by the parser"),
         };
         if let Err(err) = result {

@@ -85,7 +85,7 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
         return;
     }
     let scratch = Scratch::new("image");
-    let podman = Podman::new(&env, &scratch);
+    let podman = Podman::new(&scratch.join("podman"), &env.criu.path);
     let port = free_port();
     let port_arg = port.to_string();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/container-image.sh");

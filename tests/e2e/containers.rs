@@ -221,9 +221,9 @@ fn podman_export_import_and_a_second_copy_each_renew_what_is_unique() {
     let scratch = Scratch::new("podman");
     let rootfs = oci::rootfs(&scratch);
     let config = oci::criu_config(&scratch, &bin("crac-action"));
-    let podman = Podman::new(&env, &scratch);
+    let podman = Podman::new(&scratch.join("podman"), &env.criu.path);
     let image = "localhost/crac-test:e2e";
-    podman.import(&rootfs, image);
+    oci::import(&podman, &rootfs, image);
     let annotation = format!("org.criu.config={}", config.display());
     podman.run(
         &[

@@ -13,6 +13,8 @@ mod lazy;
 mod namespaces;
 mod nothing_lost;
 mod oci;
+#[path = "../podman.rs"]
+mod podman;
 mod postgres;
 mod preflight;
 mod restore_config;

@@ -13,12 +13,13 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{json, Value};
 
+pub use crate::podman::Podman;
 use crate::util::{bin, text, Env, Scratch};
 
 /// Whether runc and podman are here: in CI a missing one fails the test, elsewhere it is
@@ -303,147 +304,22 @@ impl Drop for Runc {
     }
 }
 
-/// podman, with `--runtime runc`, all its storage and state in the test's scratch folder.
-pub struct Podman {
-    dir: PathBuf,
-    path: String,
-    /// Whether podman's blob cache (written by `podman import` whatever the storage options)
-    /// was absent before: then it goes when the test ends.
-    remove_cache: bool,
-    /// The same for the state folder of the runc that podman runs.
-    remove_runc_state: bool,
-}
-
-/// Where the runc that podman runs keeps its state.
-const RUNC_STATE: &str = "/run/runc";
-
-/// podman's blob cache, which `podman import` writes outside the storage it is given.
-const PODMAN_CACHE: &str = "/var/lib/containers/cache";
-
-impl Podman {
-    pub fn new(env: &Env, scratch: &Scratch) -> Podman {
-        let dir = scratch.join("podman");
-        let bin_dir = dir.join("bin");
-        fs::create_dir_all(&bin_dir).expect("podman folder");
-        // podman checks for `criu` on PATH, and runs runc, which runs it from there too.
-        symlink(criu_path(env), bin_dir.join("criu")).expect("criu link");
-        let path = format!(
-            "{}:{}",
-            bin_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        Podman {
-            remove_cache: !Path::new(PODMAN_CACHE).exists(),
-            remove_runc_state: !Path::new(RUNC_STATE).exists(),
-            dir,
-            path,
-        }
-    }
-
-    /// podman's options for this test's storage and runtime, before the command's own.
-    pub fn global_options(&self) -> Vec<String> {
-        let dir = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
-        let mut options = vec![
-            "--root".to_owned(),
-            dir("root"),
-            "--runroot".to_owned(),
-            dir("runroot"),
-            "--tmpdir".to_owned(),
-            dir("tmp"),
-            "--network-config-dir".to_owned(),
-            dir("cni"),
-        ];
-        options.extend(
-            [
-                "--storage-driver",
-                "overlay",
-                "--runtime",
-                "runc",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--events-backend",
-                "file",
-            ]
-            .map(str::to_owned),
-        );
-        options
-    }
-
-    pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.args(self.global_options())
-            .args(args)
-            .env("PATH", &self.path);
-        cmd
-    }
-
-    pub fn run(&self, args: &[&str], what: &str) -> Output {
-        run_ok(self.command(args), what)
-    }
-
-    pub fn try_run(&self, args: &[&str]) -> Output {
-        run(self.command(args))
-    }
-
-    /// Imports `rootfs` as image `name`, running crac-test-target.
-    pub fn import(&self, rootfs: &Path, name: &str) {
-        let tar = self.dir.join("rootfs.tar");
-        let mut cmd = Command::new("tar");
-        cmd.arg("-C").arg(rootfs).arg("-cf").arg(&tar).arg(".");
-        run_ok(cmd, "tar the rootfs");
-        self.run(
-            &[
-                "import",
-                "--change",
-                r#"CMD ["/crac-test-target"]"#,
-                tar.to_str().expect("utf-8"),
-                name,
-            ],
-            "podman import",
-        );
-    }
-
-    /// The host pid of container `name`'s init.
-    pub fn pid(&self, name: &str) -> u32 {
-        let out = self.run(&["inspect", "-f", "{{.State.Pid}}", name], "podman inspect");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a pid")
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = self.try_run(&["rm", "--all", "--force", "--time", "0"]);
-        let _ = self.try_run(&["rmi", "--all", "--force"]);
-        // The overlay driver mounts its home on itself and unmounts it only in some exits; a
-        // mount left there keeps the scratch folder from being removed.
-        let overlay = self.dir.join("root/overlay");
-        if fs::read_to_string("/proc/self/mountinfo")
-            .is_ok_and(|m| m.lines().any(|l| l.contains(&*overlay.to_string_lossy())))
-        {
-            let _ = Command::new("umount").arg("-l").arg(&overlay).status();
-        }
-        if self.remove_cache {
-            let _ = fs::remove_dir_all(PODMAN_CACHE);
-            // /var/lib/containers itself, if the cache was all podman put there.
-            let _ = fs::remove_dir(Path::new(PODMAN_CACHE).parent().expect("a parent"));
-        }
-        if self.remove_runc_state {
-            // Empty once the containers are gone.
-            let _ = fs::remove_dir(RUNC_STATE);
-        }
-        // The cgroups cgroupfs made for conmon and the containers, when nothing uses them.
-        if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
-            for controller in controllers.flatten() {
-                let parent = controller.path().join("libpod_parent");
-                let _ = fs::remove_dir(parent.join("conmon"));
-                let _ = fs::remove_dir(&parent);
-            }
-        }
-        crate::util::reap_orphans();
-    }
+/// Imports `rootfs` as image `name`, running crac-test-target.
+pub fn import(podman: &Podman, rootfs: &Path, name: &str) {
+    let tar = rootfs.with_extension("tar");
+    let mut cmd = Command::new("tar");
+    cmd.arg("-C").arg(rootfs).arg("-cf").arg(&tar).arg(".");
+    run_ok(cmd, "tar the rootfs");
+    podman.run(
+        &[
+            "import",
+            "--change",
+            r#"CMD ["/crac-test-target"]"#,
+            tar.to_str().expect("utf-8"),
+            name,
+        ],
+        "podman import",
+    );
 }
 
 /// Runs `f` on a thread inside process `pid`'s network namespace (a socket made there stays

@@ -1,0 +1,157 @@
+//! podman for the end-to-end tests and the benchmarks: Debian 12's podman with
+//! `--runtime runc`, its storage, state and blob cache kept where the caller says and removed
+//! when it is dropped, and `criu` found on its PATH (a folder of its own holds a link to the
+//! CRIU to use). Used by both targets (`#[path]`), so it needs nothing but std and nix.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// podman, with `--runtime runc`, all its storage and state in one folder.
+pub struct Podman {
+    dir: PathBuf,
+    path: String,
+    /// Whether podman's blob cache (written by `podman import` whatever the storage options)
+    /// was absent before: then it goes when the test ends.
+    remove_cache: bool,
+    /// The same for the state folder of the runc that podman runs.
+    remove_runc_state: bool,
+}
+
+/// Where the runc that podman runs keeps its state.
+const RUNC_STATE: &str = "/run/runc";
+
+/// podman's blob cache, which `podman import` writes outside the storage it is given.
+const PODMAN_CACHE: &str = "/var/lib/containers/cache";
+
+impl Podman {
+    /// podman keeping everything in `dir`, running `criu` (found on its PATH).
+    pub fn new(dir: &Path, criu: &Path) -> Podman {
+        let dir = dir.to_owned();
+        let bin_dir = dir.join("bin");
+        fs::create_dir_all(&bin_dir).expect("podman folder");
+        // podman checks for `criu` on PATH, and runs runc, which runs it from there too.
+        symlink(criu, bin_dir.join("criu")).expect("criu link");
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Podman {
+            remove_cache: !Path::new(PODMAN_CACHE).exists(),
+            remove_runc_state: !Path::new(RUNC_STATE).exists(),
+            dir,
+            path,
+        }
+    }
+
+    /// podman's options for this test's storage and runtime, before the command's own.
+    pub fn global_options(&self) -> Vec<String> {
+        let dir = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
+        let mut options = vec![
+            "--root".to_owned(),
+            dir("root"),
+            "--runroot".to_owned(),
+            dir("runroot"),
+            "--tmpdir".to_owned(),
+            dir("tmp"),
+            "--network-config-dir".to_owned(),
+            dir("cni"),
+        ];
+        options.extend(
+            [
+                "--storage-driver",
+                "overlay",
+                "--runtime",
+                "runc",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+            ]
+            .map(str::to_owned),
+        );
+        options
+    }
+
+    /// A podman command with `args`, on this storage.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.args(self.global_options())
+            .args(args)
+            .env("PATH", &self.path);
+        cmd
+    }
+
+    /// Runs podman with `args`, asserting that it succeeded (`what` says what it did).
+    pub fn run(&self, args: &[&str], what: &str) -> Output {
+        let out = self.try_run(args);
+        assert!(
+            out.status.success(),
+            "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Runs podman with `args`.
+    pub fn try_run(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("podman runs")
+    }
+
+    /// The host pid of container `name`'s init.
+    pub fn pid(&self, name: &str) -> u32 {
+        let out = self.run(&["inspect", "-f", "{{.State.Pid}}", name], "podman inspect");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.try_run(&["rm", "--all", "--force", "--time", "0"]);
+        let _ = self.try_run(&["rmi", "--all", "--force"]);
+        // The overlay driver mounts its home on itself and unmounts it only in some exits; a
+        // mount left there keeps the scratch folder from being removed.
+        let overlay = self.dir.join("root/overlay");
+        if fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|m| m.lines().any(|l| l.contains(&*overlay.to_string_lossy())))
+        {
+            let _ = Command::new("umount").arg("-l").arg(&overlay).status();
+        }
+        if self.remove_cache {
+            let _ = fs::remove_dir_all(PODMAN_CACHE);
+            // /var/lib/containers itself, if the cache was all podman put there.
+            let _ = fs::remove_dir(Path::new(PODMAN_CACHE).parent().expect("a parent"));
+        }
+        if self.remove_runc_state {
+            // Empty once the containers are gone.
+            let _ = fs::remove_dir(RUNC_STATE);
+        }
+        // The cgroups cgroupfs made for conmon and the containers, when nothing uses them.
+        if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
+            for controller in controllers.flatten() {
+                let parent = controller.path().join("libpod_parent");
+                let _ = fs::remove_dir(parent.join("conmon"));
+                let _ = fs::remove_dir(&parent);
+            }
+        }
+        // conmon, re-parented to this subreaper once its container is gone.
+        while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+    }
+}
