@@ -95,24 +95,17 @@ put() {
     cp -L "$1" "$dest"
 }
 
-# The shared libraries $1 loads, as paths on this machine, one per line, through the loader
-# and library path given in $2 and $3 (empty: the system's).
+# The shared libraries the dynamic executable $1 loads, as paths on this machine, one a line.
 libraries() {
     local out
-    if [[ -n ${2:-} ]]; then
-        out=$("$2" --library-path "$3" --list "$1") || die "cannot list the libraries of $1"
-    else
-        out=$(LC_ALL=C ldd "$1" 2>&1) || {
-            # A static binary (crac-action as scripts/build-release.sh builds it) needs none.
-            [[ $out == *"not a dynamic executable"* ]] && return 0
-            die "cannot list the libraries of $1: $out"
-        }
-    fi
+    out=$(LC_ALL=C ldd "$1" 2>&1) || {
+        # A static binary (crac-action as scripts/build-release.sh builds it) needs none.
+        [[ $out == *"not a dynamic executable"* ]] && return 0
+        die "cannot list the libraries of $1: $out"
+    }
     awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$out"
 }
 
-# CRIU: the provisioned copy is a wrapper that runs a newer Debian's criu through that
-# suite's own loader; the image gets that suite's files as its /usr, and so its C library.
 # The CRIU crac would run (crac-cli's locate.rs): $CRAC_CRIU, else the first >= 4.2 of criu on
 # PATH and the provisioned one.
 criu_ok() {
@@ -129,7 +122,13 @@ for candidate in ${CRAC_CRIU:-$(command -v criu) "${CRAC_CRIU_PREFIX:-/opt/crac-
     fi
 done
 [[ -n $criu ]] || die "no CRIU >= 4.2 found (run scripts/provision-criu.sh as root, or set CRAC_CRIU)"
-mkdir -p "$rootfs/usr/lib" "$rootfs/usr/lib64" "$rootfs/usr/bin" "$rootfs/usr/sbin"
+# Merged /usr, as Debian lays it out: the loader is /lib64/ld-linux-x86-64.so.2.
+for dir in lib lib64 bin sbin; do
+    mkdir -p "$rootfs/usr/$dir"
+    ln -s "usr/$dir" "$rootfs/$dir"
+done
+# The provisioned copy is a wrapper that runs a newer Debian's criu through that suite's own
+# loader: the image gets that suite's files as its /usr, and so its C library.
 if provisioned=$(sed -n 's/^R=\(\/.*\)$/\1/p' "$criu" 2>/dev/null) && [[ -n $provisioned && -d $provisioned/usr ]]; then
     info "CRIU: $criu (the provisioned copy in $provisioned, with its own C library)"
     cp -a "$provisioned/usr/." "$rootfs/usr/"
@@ -139,11 +138,6 @@ else
     put "$criu" /usr/sbin/criu
     while read -r lib; do put "$lib" "$lib"; done < <(libraries "$criu")
 fi
-# Merged /usr, as Debian lays it out: the loader is /lib64/ld-linux-x86-64.so.2.
-for dir in lib lib64 bin sbin; do
-    [[ -e $rootfs/$dir ]] || ln -s "usr/$dir" "$rootfs/$dir"
-done
-
 # crac, crac-action and the service, each with the libraries the image does not have yet.
 put "$bin_dir/crac" /usr/local/bin/
 put "$bin_dir/crac-action" /usr/local/bin/
