@@ -161,7 +161,10 @@ json() {
     local s=${1//\\/\\\\}
     printf '"%s"' "${s//\"/\\\"}"
 }
-entry="[$(json /usr/local/bin/crac),$(json run),$(json --image),$(json "$name"),$(json --)"
+# `--log -`: the service writes to crac run's stdout and stderr, which `podman logs` reads,
+# restored or not.
+entry="[$(json /usr/local/bin/crac),$(json run),$(json --log),$(json -),$(json --image)"
+entry+=",$(json "$name"),$(json --)"
 entry+=",$(json "/app/$(basename "$service")")"
 for arg in "$@"; do entry+=",$(json "$arg")"; done
 entry+="]"

@@ -5,8 +5,9 @@
 //! leaves nothing in it), a metadata file beside the images, validation before a restore, and
 //! errors that quote CRIU's own lines with a hint for the ones people hit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -296,6 +297,7 @@ pub fn checkpoint(
         mapped_files: Vec::new(),
         cpu_features: crate::cpu::features(),
         env_sha256: env_hashes(pid),
+        stdio_pipes: stdio_pipes(pid),
     };
     // If this crac is killed while CRIU dumps, the next one finishes the image from this
     // (metadata::complete_pending).
@@ -714,6 +716,20 @@ fn stdio_warnings(pid: u32) -> Vec<String> {
     warnings
 }
 
+/// `pid`'s stdout and stderr that are pipes ([`Metadata::stdio_pipes`]).
+fn stdio_pipes(pid: u32) -> BTreeMap<u32, String> {
+    [1, 2]
+        .into_iter()
+        .filter_map(|fd| {
+            let target = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            let target = target.to_str()?;
+            target
+                .starts_with("pipe:[")
+                .then(|| (fd, target.to_owned()))
+        })
+        .collect()
+}
+
 /// The session id of `pid`, as this process's pid namespace sees it (`/proc/PID/stat`).
 fn session_of(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -834,6 +850,9 @@ pub struct RestoreRequest {
     pub tcp_close: bool,
     /// Settings for the restored processes' after_restore hooks (`RestoreInfo::env`).
     pub env: BTreeMap<String, String>,
+    /// Give the restored tree this process's stdout and stderr in place of the pipes its root
+    /// wrote to when it was dumped ([`Metadata::stdio_pipes`]).
+    pub inherit_stdio: bool,
 }
 
 /// A restore done.
@@ -853,6 +872,61 @@ pub struct RestoreOutcome {
     pub exit_code: Option<i32>,
     /// CRIU's own figures (from its `stats-restore`), when it wrote them.
     pub criu: Option<crate::stats::RestoreStats>,
+}
+
+/// Where CRIU gets this process's stdout (and stderr): descriptor numbers well above what
+/// CRIU opens before it reads its options.
+const INHERITED_STDIO_FD: RawFd = 200;
+
+/// Makes `cmd` (a `criu restore`) hand the restored tree this process's stdout and stderr in
+/// place of the pipes the image's root had there: each is passed to CRIU under a number of
+/// its own, named by `--inherit-fd fd[N]:pipe:[INODE]`.
+fn inherit_stdio(cmd: &mut Command, meta: &Metadata) -> Result<(), OpError> {
+    let mut passed: Vec<(RawFd, OwnedFd)> = Vec::new();
+    let mut keys = BTreeSet::new();
+    for (&fd, key) in &meta.stdio_pipes {
+        // The same pipe as stdout and stderr (`2>&1`) is one file to CRIU.
+        if !keys.insert(key) {
+            continue;
+        }
+        let Ok(own) = RawFd::try_from(fd) else {
+            continue;
+        };
+        // SAFETY: stdout and stderr stay open for this process's life.
+        let copy = unsafe { BorrowedFd::borrow_raw(own) }
+            .try_clone_to_owned()
+            .map_err(|e| {
+                OpError::new(
+                    FailureKind::Unavailable,
+                    format!("cannot pass descriptor {fd} on to CRIU: {e}"),
+                )
+            })?;
+        let number = INHERITED_STDIO_FD + own;
+        cmd.arg("--inherit-fd").arg(format!("fd[{number}]:{key}"));
+        passed.push((number, copy));
+    }
+    if passed.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: dup2 and fcntl are async-signal-safe; the copies (close-on-exec, so CRIU gets
+    // only the duplicates dup2 makes) live in the closure until the child has exec'd.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (number, copy) in &passed {
+                let done = if copy.as_raw_fd() == *number {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    libc::fcntl(*number, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(copy.as_raw_fd(), *number)
+                };
+                if done == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// How long a restore waits for a zombie that holds one of the image's pids to be reaped: the
@@ -1022,6 +1096,18 @@ fn restore_with(
     }
     if meta.options.file_locks {
         cmd.arg("--file-locks");
+    }
+    if request.inherit_stdio {
+        inherit_stdio(&mut cmd, &meta)?;
+    } else if !meta.stdio_pipes.is_empty() {
+        notice(&format!(
+            "the service wrote its output to a pipe ({}), which the restored one gets back with nobody reading it: its writes there fail (`crac run --log -` hands it its own output instead)",
+            meta.stdio_pipes
+                .iter()
+                .map(|(fd, key)| format!("descriptor {fd}: {key}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     if !request.env.is_empty() {
         // CRIU hands its environment to crac-action, whose post-resume hands this to agents.

@@ -116,6 +116,12 @@ pub struct Metadata {
     /// changed since (`RestoreInfo::env`), without the image's values being written down.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env_sha256: BTreeMap<String, String>,
+    /// The root's stdout and stderr that were pipes, by descriptor number, as CRIU names them
+    /// (`pipe:[INODE]`): `crac run --log -` hands the restored tree its own in their place
+    /// (CRIU's `--inherit-fd`), so the service writes where the new run's output goes (a
+    /// container's log) instead of into a pipe nobody reads. Absent when there were none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stdio_pipes: BTreeMap<u32, String>,
 }
 
 /// A file the dumped process had mapped, outside the image.

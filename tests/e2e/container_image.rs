@@ -145,6 +145,16 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
         assert_eq!(restored[same], warm[same], "{same}: {restored} vs {warm}");
     }
     assert_ne!(restored["instance"], warm["instance"], "{restored}");
+    // The restored service writes to the new container's log, not to the warm-up's pipe.
+    let said = format!(
+        "warm-start: pid 1001: started warm from image \"warm\" (instance {})",
+        restored["instance"].as_str().expect("an instance id")
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the restored service's line in its log",
+        || logs(&podman, "warm").contains(&said),
+    );
     podman.run(&["rm", "--force", "--time", "0", "warm"], "podman rm");
 
     // Damaged: a page file cut short.

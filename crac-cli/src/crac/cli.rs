@@ -136,6 +136,13 @@ pub struct CheckpointArgs {
     pub criu_args: Vec<String>,
 }
 
+impl RunArgs {
+    /// `--log -`: the service writes to crac run's own stdout and stderr.
+    pub fn output_passed_on(&self) -> bool {
+        self.log.as_deref() == Some(std::path::Path::new("-"))
+    }
+}
+
 /// `crac restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
@@ -300,7 +307,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub eager: bool,
     /// Where a cold-started service's stdout and stderr go (a checkpointable service must not
-    /// write to a terminal). Default: `STORE/IMAGE.log`.
+    /// write to a terminal). Default: `STORE/IMAGE.log`. `-`: to this command's own stdout
+    /// and stderr (a container's log pipe), which a restore hands the restored service in
+    /// place of the pipes it had.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// The service's command line, for a cold start.

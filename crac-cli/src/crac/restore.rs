@@ -18,6 +18,7 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         detach: args.detach,
         tcp_close: args.tcp_close,
         env: args.env.into_iter().collect(),
+        inherit_stdio: false,
     };
     let mut notice = |notice: &str| bar.note(&format!("crac: {notice}"));
     let progress = bar.shown().then_some(&update as _);

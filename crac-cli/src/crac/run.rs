@@ -7,6 +7,9 @@
 //! A cold-started service gets what a self-checkpoint needs: it is a session leader, its
 //! output goes to a log file (not a terminal, which would stop a dump), and its environment
 //! names the image (`CRAC_CHECKPOINT_TO`), the store (`CRAC_STORE`) and crac (`CRAC_BIN`).
+//! With `--log -` its output is crac run's own instead (in a container: the pipes the
+//! runtime's log reads), and a restore hands the restored service the new run's in place of
+//! the pipes it had (CRIU's `--inherit-fd`), which nobody reads any more.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -104,6 +107,7 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
         detach: true,
         tcp_close: false,
         env,
+        inherit_stdio: args.output_passed_on(),
     };
     let mut notice = |notice: &str| eprintln!("crac run: {notice}");
     let (outcome, server) = if lazy {
@@ -145,6 +149,35 @@ fn changed_env(dir: &std::path::Path) -> BTreeMap<String, String> {
 
 fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
     raise_pid_floor();
+    let crac_bin = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("crac"));
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .stdin(Stdio::null())
+        .env(CHECKPOINT_TO_ENV, &args.image)
+        .env(STORE_ENV, store.root())
+        .env(CRAC_BIN_ENV, crac_bin);
+    if !args.output_passed_on() {
+        let (stdout, stderr) = open_log(store, args)?;
+        cmd.stdout(stdout).stderr(stderr);
+    }
+    // SAFETY: setsid is async-signal-safe and is the only call made between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        OpError::new(
+            FailureKind::BadInput,
+            format!("cannot start {:?}: {e}", args.command[0]),
+        )
+    })?;
+    Ok(child.id())
+}
+
+/// The log a cold-started service writes to (`--log`, default `STORE/IMAGE.log`), twice.
+fn open_log(store: &Store, args: &RunArgs) -> Result<(std::fs::File, std::fs::File), OpError> {
     let log = args
         .log
         .clone()
@@ -168,29 +201,7 @@ fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
                 )
             })
     };
-    let crac_bin = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("crac"));
-    let mut cmd = Command::new(&args.command[0]);
-    cmd.args(&args.command[1..])
-        .stdin(Stdio::null())
-        .stdout(open_log()?)
-        .stderr(open_log()?)
-        .env(CHECKPOINT_TO_ENV, &args.image)
-        .env(STORE_ENV, store.root())
-        .env(CRAC_BIN_ENV, crac_bin);
-    // SAFETY: setsid is async-signal-safe and is the only call made between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|e| {
-        OpError::new(
-            FailureKind::BadInput,
-            format!("cannot start {:?}: {e}", args.command[0]),
-        )
-    })?;
-    Ok(child.id())
+    Ok((open_log()?, open_log()?))
 }
 
 /// The lowest pid a cold-started service gets when its pid namespace is young.
