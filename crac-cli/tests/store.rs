@@ -121,6 +121,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         mapped_files: Vec::new(),
         cpu_features: Vec::new(),
         env_sha256: Default::default(),
+        stdio_pipes: Default::default(),
     };
     metadata::write(dir, &meta).expect("write metadata");
     meta
