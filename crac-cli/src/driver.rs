@@ -946,6 +946,14 @@ pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    let (kernel, _) = metadata::this_machine();
+    if meta.kernel != kernel {
+        // Not refused: CRIU restores across kernels, and says which feature is missing if one is.
+        notice(&format!(
+            "the image was made on Linux {}, this machine runs {kernel}: CRIU refuses the restore if the image needs a kernel feature missing here",
+            meta.kernel
+        ));
+    }
     if meta.cpu_features.is_empty() {
         notice("the image records no CPU features (made by an older crac): not checked");
     } else {

@@ -75,9 +75,10 @@ fn start_edited(
 }
 
 /// The image's entrypoint restores the checkpoint the warm-up left in it, with the warm-up's
-/// memory and a new instance id; a container whose checkpoint is missing, damaged, refused
-/// for the CPU, or that lacks the privileges CRIU needs, starts cold and its first lines say
-/// which and why.
+/// memory and a new instance id, its output in the container's log; a container whose
+/// checkpoint is missing, damaged, refused for the CPU, or that lacks the privileges CRIU
+/// needs, starts cold and its first lines say which and why; another kernel is said, and left
+/// to CRIU.
 #[test]
 fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_used() {
     let Some(env) = util::env() else { return };
@@ -196,6 +197,27 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
         "{lines}"
     );
     assert_eq!(cold["started"], "cold", "{cold}");
+
+    // Another kernel: said, and left to CRIU, which restores this image there.
+    let (lines, restored) = start_edited(
+        &podman,
+        "localhost/warm-start:warm",
+        "kernel",
+        port,
+        |dir| {
+            let path = dir.join("crac-meta.json");
+            let mut meta: Value =
+                serde_json::from_slice(&fs::read(&path).expect("metadata")).expect("JSON");
+            meta["kernel"] = "5.10.0-older".into();
+            fs::write(&path, serde_json::to_vec(&meta).expect("JSON")).expect("write metadata");
+        },
+    );
+    assert!(
+        lines.contains("crac run: the image was made on Linux 5.10.0-older, this machine runs ")
+            && lines.contains("crac run: restored image \"warm\" as pid 1001"),
+        "{lines}"
+    );
+    assert_eq!(restored["started"], "restored", "{restored}");
 
     // Without --privileged CRIU cannot restore: said before it runs.
     let mut args = vec!["run", "-d", "--name", "unprivileged"];
