@@ -192,6 +192,9 @@ pub struct Problem {
     pub what: String,
     /// Why CRIU refuses it, and what to do.
     pub why: &'static str,
+    /// The resource most likely holding it, when the process's agent can tell (asked only
+    /// once there is something to refuse).
+    pub owner: Option<crac_agent::Owner>,
 }
 
 impl fmt::Display for Problem {
@@ -204,7 +207,11 @@ impl fmt::Display for Problem {
             self.kind.as_str(),
             self.what,
             self.why
-        )
+        )?;
+        if let Some(owner) = &self.owner {
+            write!(f, " [{owner}]")?;
+        }
+        Ok(())
     }
 }
 
@@ -231,7 +238,11 @@ pub fn configured(vars: impl Fn(&str) -> Option<String>) -> Result<Option<Policy
 /// Everything in the tree under `root` that CRIU with `opts` will refuse, or `policy`
 /// refuses, as one line for a refusal; `None` when there is nothing.
 pub fn check(root: u32, opts: &CriuOptions, policy: &Policy) -> Option<String> {
-    let problems = problems(&crate::tree::descendants(root), opts, policy);
+    refusal(&problems(&crate::tree::descendants(root), opts, policy))
+}
+
+/// The refusal that lists `problems`, as one line; `None` when there are none.
+pub fn refusal(problems: &[Problem]) -> Option<String> {
     if problems.is_empty() {
         return None;
     }
@@ -311,6 +322,7 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
                         why: "CRIU refuses a connected TCP socket without --tcp-established: \
                               close it in a before_checkpoint hook, or dump with \
                               --tcp-established",
+                        owner: None,
                     });
                 } else if facts.unix_connected {
                     unix_fds.push((pid, fd, inode, netns));
@@ -329,6 +341,7 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
                     what: kind.to_owned(),
                     why: "CRIU cannot dump this kind of descriptor: close it in a \
                           before_checkpoint hook and make a new one after",
+                    owner: None,
                 });
             } else if let Some(path) = target.strip_suffix(" (deleted)") {
                 let size =
@@ -341,6 +354,7 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
                         what: format!("{path} ({size} bytes, deleted)"),
                         why: "CRIU copies an open deleted file into the image only up to \
                               --ghost-limit (1 MiB unless set): close it, or raise the limit",
+                        owner: None,
                     });
                 }
             }
@@ -354,6 +368,7 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
             what: path,
             why: "CRIU dumps a terminal only with --shell-job: start the service with setsid \
                   and its stdio on files or /dev/null, or dump with --shell-job",
+            owner: None,
         }));
     }
     if opts.known && !opts.ext_unix_sk && !unix_fds.is_empty() {
@@ -390,6 +405,7 @@ pub fn scan(pids: &[u32], opts: &CriuOptions, policy: &Policy) -> Vec<Problem> {
                         why: "CRIU refuses a Unix socket connected to a process outside the \
                               tree (\"External socket is used\"): close it in a \
                               before_checkpoint hook, or dump with --ext-unix-sk",
+                        owner: None,
                     });
                 }
             }

@@ -97,6 +97,7 @@ mod coordinator;
 mod dispatch;
 mod error;
 mod hook_thread;
+mod hook_watch;
 mod ordering;
 mod quiesce;
 mod report;
@@ -113,6 +114,7 @@ pub use async_resource::{from_async_fns, AsyncFnResource, AsyncResource, BoxFutu
 pub use context::{Context, Registration};
 pub use coordinator::{Checkpoint, Coordinator, CycleState, Limits};
 pub use error::{CheckpointError, ErrorKind};
+pub use hook_watch::AfterRestoreWatcher;
 pub use ordering::Priority;
 pub use quiesce::{AsyncCriticalSection, CriticalSection, EnterAsync};
 pub use report::{CycleReport, HookFailure, HookRecord, Phase};
