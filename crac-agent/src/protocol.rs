@@ -21,7 +21,10 @@
 //!
 //! - `v`: the protocol version, [`VERSION`]. A request with another version is refused.
 //! - `op`: `before-checkpoint`, `after-restore`, `status` or `descriptors` (the status and
-//!   every descriptor of the process: number, kind, path or addresses). A before-checkpoint from a client
+//!   every descriptor of the process: number, kind, path or addresses, and where the agent can
+//!   tell, `owner`: `{"resource":"db","how":"declared"}` for one the resource declares,
+//!   `"how":"after_restore"` for one that appeared while its `after_restore` ran and is still
+//!   the same file, most likely its own). A before-checkpoint from a client
 //!   that has already closed its connection is not run: nobody could hear that it was.
 //! - `lease_ms` (before-checkpoint only, optional): how long the checkpoint may stay pending
 //!   without an after-restore before the agent ends it itself (reason `aborted`; `restored` in
