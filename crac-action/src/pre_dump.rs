@@ -18,7 +18,7 @@ use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline
 use crate::criu::Invocation;
 use crate::error::ActionError;
 use crate::namespace::AgentSocket;
-use crate::preflight::{self, CriuOptions};
+use crate::preflight::{self, AgentFacts, CriuOptions};
 use crate::settings::Settings;
 use crate::tree::ProcessId;
 use crate::watcher::{self, Claim, Watch};
@@ -67,6 +67,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     let preflight = |out: &mut dyn Write,
                      quiet: bool,
                      told: &[(ProcessId, AgentSocket)],
+                     facts: &AgentFacts,
                      deadline: &Deadline|
      -> Result<(), String> {
         let Some(policy) = &policy else {
@@ -77,7 +78,8 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
             .criu()
             .ok()
             .map_or_else(CriuOptions::unknown, CriuOptions::of_process);
-        let mut problems = preflight::problems(&crate::tree::descendants(init), &opts, policy);
+        let pids = crate::tree::descendants(init);
+        let mut problems = preflight::problems(&pids, facts, &opts, policy);
         if problems.is_empty() {
             if !quiet {
                 let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -95,8 +97,14 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // Nobody was told anything yet: refusing now leaves the tree as it was.
     let found = trusted_agents(init)?;
     if found.agents.is_empty() {
-        preflight(out, true, &[], &Deadline::after(settings.timeout))
-            .map_err(ActionError::Refused)?;
+        preflight(
+            out,
+            true,
+            &[],
+            &AgentFacts::new(),
+            &Deadline::after(settings.timeout),
+        )
+        .map_err(ActionError::Refused)?;
         return crate::no_agent(STEP, init, settings, out);
     }
     let criu_pid = inv.criu()?;
@@ -108,7 +116,12 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // If this step dies after an agent answered and before the watcher exists, the agent
     // ends its checkpoint by itself when the lease runs out: this whole step's limit, and
     // some more.
-    let request = Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE);
+    // The agents tell the preflight about their own descriptors: cheaper from inside.
+    let request = Request {
+        facts: policy.is_some(),
+        ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
+    };
+    let mut facts = AgentFacts::new();
     let started = Instant::now();
     let mut report = HookReport {
         cycle: cycle.clone(),
@@ -145,6 +158,9 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 }
                 if reply.code.as_deref() == Some(code::ALREADY) {
                     repeated += 1;
+                }
+                if let Some(told) = reply.facts {
+                    facts.insert(pid, told);
                 }
                 report.agents.push(AgentHooks {
                     pid,
@@ -192,7 +208,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     }
     // The hooks have closed what they close: what is still open is what CRIU will see.
     if failure.is_none() {
-        if let Err(refusal) = preflight(out, false, &told, &deadline) {
+        if let Err(refusal) = preflight(out, false, &told, &facts, &deadline) {
             failure = Some(refusal);
         }
     }
@@ -352,8 +368,10 @@ pub fn dry_run(
     let deadline = Deadline::after(settings.timeout);
     let request = Request {
         dry_run: true,
+        facts: true,
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
+    let mut facts = AgentFacts::new();
     let mut result = DryRun::default();
     let mut told: Vec<(ProcessId, AgentSocket)> = Vec::new();
     for agent in found.agents.into_iter().rev() {
@@ -366,6 +384,9 @@ pub fn dry_run(
                 result
                     .would_close
                     .extend(reply.closed.iter().map(|c| (pid, c.clone())));
+                if let Some(told) = reply.facts {
+                    facts.insert(pid, told);
+                }
                 result.agents.push(AgentHooks {
                     pid,
                     hooks: reply.hooks,
@@ -401,7 +422,7 @@ pub fn dry_run(
         .map(Iterator::count)
         .sum();
     // What a policy would close is not in the way of a real checkpoint.
-    let mut refused: Vec<preflight::Problem> = preflight::problems(&pids, opts, policy)
+    let mut refused: Vec<preflight::Problem> = preflight::problems(&pids, &facts, opts, policy)
         .into_iter()
         .filter(|p| {
             !result

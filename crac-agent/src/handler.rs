@@ -327,6 +327,7 @@ impl Handler {
                 .map(|info| info.reason.as_str().to_owned()),
             last_failures: self.last_failures.clone(),
             closed: Vec::new(),
+            facts: None,
             descriptors: Vec::new(),
         }
     }

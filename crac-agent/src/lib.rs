@@ -64,6 +64,7 @@ mod agent;
 mod cleanup;
 pub mod client;
 mod descriptor_owners;
+pub mod fd_facts;
 pub mod fd_policy;
 mod handler;
 mod location;
