@@ -17,6 +17,9 @@
 //!   [`Checkpoint::complete`]), one cycle at a time, under [`Limits`]; keeps the generation and
 //!   the last restore time; [`CriticalSection`]s hold checkpoints off.
 //! - [`CheckpointError`] and [`CycleReport`]: every hook's outcome and duration, by name.
+//! - Who holds a descriptor, for a refused checkpoint to name: [`Resource::descriptors`]
+//!   (declared), [`Coordinator::declared_descriptors`], and an [`AfterRestoreWatcher`] told
+//!   around each `after_restore` (the agent notes what each one opened).
 //!
 //! # The contract
 //!
