@@ -12,15 +12,15 @@
 //!   and on the same file (so a number reused for something else is not taken for it), was
 //!   most likely opened by that hook and left open by its resource's `before_checkpoint`. It
 //!   is a guess: another thread may open a descriptor while the hook runs. The tables are
-//!   taken after a restore, off a dump's path, and cost a listing of `/proc/self/fd` and an
-//!   `fstat` per descriptor for each `after_restore` hook.
+//!   taken after a restore, off a dump's path, but on the way to the first answer: two per
+//!   `after_restore` hook, each an `fstat` per descriptor number below the table's size
+//!   (~0.4 µs a descriptor here).
 //!
 //! A descriptor a resource opened before it was registered, and does not declare, has no
 //! owner here.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
@@ -139,12 +139,8 @@ impl AfterRestoreWatcher for Tracker {
 
 /// This process's descriptors, each with the file it is.
 fn table() -> HashMap<RawFd, Identity> {
-    let Ok(entries) = fs::read_dir("/proc/self/fd") else {
-        return HashMap::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok())
+    crate::fd_facts::open_descriptors()
+        .into_iter()
         .filter_map(|fd| Some((fd, identity(fd)?)))
         .collect()
 }
@@ -160,6 +156,7 @@ fn identity(fd: RawFd) -> Option<Identity> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::os::fd::AsRawFd;
     use std::sync::Arc;
 

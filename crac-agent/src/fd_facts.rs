@@ -126,7 +126,7 @@ fn anonymous_inode_device() -> Option<u64> {
 /// This process's descriptor numbers: every number below the descriptor table's size
 /// (`FDSize` in /proc/self/status) is tried when the table is small, since a failed `fstat`
 /// costs less than a directory entry of /proc/self/fd; a big table is listed instead.
-fn open_descriptors() -> Vec<RawFd> {
+pub(crate) fn open_descriptors() -> Vec<RawFd> {
     const PROBE_UP_TO: RawFd = 16_384;
     let size = fs::read_to_string("/proc/self/status")
         .ok()
