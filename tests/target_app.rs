@@ -43,6 +43,10 @@
 //! - `CRAC_TEST_ASYNC=panic|pending|shutdown`: also register an async resource `async`, on a
 //!   tokio runtime of the target's own, whose before_checkpoint panics, never completes, or
 //!   cannot run because its runtime was shut down right after it was registered.
+//! - `CRAC_TEST_CONNECT=name:ADDR`: resource `name` opens a TCP connection to ADDR at start,
+//!   keeps it open across checkpoints and declares it (`Resource::descriptors`).
+//! - `CRAC_TEST_RECONNECT=name:ADDR`: resource `name`'s after_restore opens a TCP connection to
+//!   ADDR, which its before_checkpoint leaves open (and does not declare).
 //! - `CRAC_TEST_MAP=PATH`: keep the file PATH mapped, read-only, as a service maps a library or
 //!   a data file (a restore maps it again from its path).
 //!
@@ -82,6 +86,11 @@ struct Logged {
     fail_restore: bool,
     before_sh: Option<String>,
     hang: Option<Duration>,
+    /// `CRAC_TEST_CONNECT`'s connection, declared.
+    declared: Option<TcpStream>,
+    /// Where `CRAC_TEST_RECONNECT` connects in after_restore, and what it opened.
+    reconnect: Option<String>,
+    opened: Mutex<Vec<TcpStream>>,
 }
 
 impl Logged {
@@ -135,7 +144,18 @@ impl Resource for Logged {
         if self.fail_restore && info.reason == RestoreReason::Restored {
             return Err(format!("{} cannot come back up", self.name).into());
         }
+        if let Some(addr) = &self.reconnect {
+            let stream = TcpStream::connect(addr.as_str())?;
+            self.opened
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(stream);
+        }
         Ok(())
+    }
+    fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.declared.iter().map(AsRawFd::as_raw_fd).collect()
     }
 }
 
@@ -176,6 +196,14 @@ fn main() {
     let hang = var("CRAC_TEST_HANG");
     let fail_restore = var("CRAC_TEST_FAIL_RESTORE");
     let before_sh = var("CRAC_TEST_BEFORE_SH");
+    let of = |knob: &Option<String>, name: &str| {
+        knob.as_deref()
+            .and_then(|v| v.split_once(':'))
+            .filter(|(resource, _)| *resource == name)
+            .map(|(_, rest)| rest.to_owned())
+    };
+    let connect = var("CRAC_TEST_CONNECT");
+    let reconnect = var("CRAC_TEST_RECONNECT");
     let coordinator = Coordinator::global();
     if let Some(ms) = var("CRAC_TEST_HOOK_LIMIT_MS") {
         let ms: u64 = ms.parse().expect("CRAC_TEST_HOOK_LIMIT_MS is a number");
@@ -190,12 +218,13 @@ fn main() {
                 order_log: var("CRAC_TEST_ORDER_LOG").map(PathBuf::from),
                 fail: fail.as_deref() == Some(name),
                 fail_restore: fail_restore.as_deref() == Some(name),
-                before_sh: before_sh
-                    .as_deref()
-                    .and_then(|v| v.split_once(':'))
-                    .filter(|(resource, _)| *resource == name)
-                    .map(|(_, command)| command.to_owned()),
+                before_sh: of(&before_sh, name),
                 hang: hang_of(hang.as_deref(), name),
+                declared: of(&connect, name).map(|addr| {
+                    TcpStream::connect(addr.as_str()).expect("CRAC_TEST_CONNECT connects")
+                }),
+                reconnect: of(&reconnect, name),
+                opened: Mutex::new(Vec::new()),
             })
             .keep();
     }

@@ -18,7 +18,7 @@ use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline
 use crate::criu::Invocation;
 use crate::error::ActionError;
 use crate::namespace::AgentSocket;
-use crate::preflight::{self, CriuOptions};
+use crate::preflight::{self, AgentFacts, CriuOptions};
 use crate::settings::Settings;
 use crate::tree::ProcessId;
 use crate::watcher::{self, Claim, Watch};
@@ -62,8 +62,14 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // A bad policy stops everything before anyone is told anything.
     let policy =
         preflight::configured(|name| std::env::var(name).ok()).map_err(ActionError::Settings)?;
-    // `quiet`: a tree with no agent keeps its one log line when nothing is found.
-    let preflight = |out: &mut dyn Write, quiet: bool| -> Result<(), String> {
+    // `quiet`: a tree with no agent keeps its one log line when nothing is found. The agents
+    // told are asked who holds what is refused, and only then.
+    let preflight = |out: &mut dyn Write,
+                     quiet: bool,
+                     told: &[(ProcessId, AgentSocket)],
+                     facts: &AgentFacts,
+                     deadline: &Deadline|
+     -> Result<(), String> {
         let Some(policy) = &policy else {
             return Ok(());
         };
@@ -72,21 +78,33 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
             .criu()
             .ok()
             .map_or_else(CriuOptions::unknown, CriuOptions::of_process);
-        let refusal = preflight::check(init, &opts, policy);
-        if refusal.is_none() && !quiet {
-            let ms = started.elapsed().as_secs_f64() * 1e3;
-            log(
-                out,
-                STEP,
-                &format!("preflight: nothing CRIU would refuse ({ms:.2} ms)"),
-            );
+        let pids = crate::tree::descendants(init);
+        let mut problems = preflight::problems(&pids, facts, &opts, policy);
+        if problems.is_empty() {
+            if !quiet {
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                log(
+                    out,
+                    STEP,
+                    &format!("preflight: nothing CRIU would refuse ({ms:.2} ms)"),
+                );
+            }
+            return Ok(());
         }
-        refusal.map_or(Ok(()), Err)
+        name_owners(&mut problems, told, deadline);
+        preflight::refusal(&problems).map_or(Ok(()), Err)
     };
     // Nobody was told anything yet: refusing now leaves the tree as it was.
     let found = trusted_agents(init)?;
     if found.agents.is_empty() {
-        preflight(out, true).map_err(ActionError::Refused)?;
+        preflight(
+            out,
+            true,
+            &[],
+            &AgentFacts::new(),
+            &Deadline::after(settings.timeout),
+        )
+        .map_err(ActionError::Refused)?;
         return crate::no_agent(STEP, init, settings, out);
     }
     let criu_pid = inv.criu()?;
@@ -98,7 +116,12 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // If this step dies after an agent answered and before the watcher exists, the agent
     // ends its checkpoint by itself when the lease runs out: this whole step's limit, and
     // some more.
-    let request = Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE);
+    // The agents tell the preflight about their own descriptors: cheaper from inside.
+    let request = Request {
+        facts: policy.is_some(),
+        ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
+    };
+    let mut facts = AgentFacts::new();
     let started = Instant::now();
     let mut report = HookReport {
         cycle: cycle.clone(),
@@ -135,6 +158,9 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 }
                 if reply.code.as_deref() == Some(code::ALREADY) {
                     repeated += 1;
+                }
+                if let Some(told) = reply.facts {
+                    facts.insert(pid, told);
                 }
                 report.agents.push(AgentHooks {
                     pid,
@@ -182,7 +208,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     }
     // The hooks have closed what they close: what is still open is what CRIU will see.
     if failure.is_none() {
-        if let Err(refusal) = preflight(out, false) {
+        if let Err(refusal) = preflight(out, false, &told, &facts, &deadline) {
             failure = Some(refusal);
         }
     }
@@ -213,6 +239,31 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         ),
     );
     Ok(())
+}
+
+/// Names, in each problem, the resource most likely holding its descriptor, as the agent of
+/// its process tells (the `descriptors` request, one per agent whose process has a problem).
+/// A checkpoint that goes through never asks.
+fn name_owners(
+    problems: &mut [preflight::Problem],
+    agents: &[(ProcessId, AgentSocket)],
+    deadline: &Deadline,
+) {
+    for (id, agent) in agents {
+        if !problems.iter().any(|p| p.pid == id.pid) {
+            continue;
+        }
+        let Outcome::Done(reply) = ask(agent, &Request::descriptors(), deadline) else {
+            continue;
+        };
+        for problem in problems.iter_mut().filter(|p| p.pid == id.pid) {
+            problem.owner = reply
+                .descriptors
+                .iter()
+                .find(|d| u32::try_from(d.fd).ok() == Some(problem.fd))
+                .and_then(|d| d.owner.clone());
+        }
+    }
 }
 
 /// The agents in the tree under `root`, unless a socket there is not a trustworthy agent.
@@ -317,8 +368,10 @@ pub fn dry_run(
     let deadline = Deadline::after(settings.timeout);
     let request = Request {
         dry_run: true,
+        facts: true,
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
+    let mut facts = AgentFacts::new();
     let mut result = DryRun::default();
     let mut told: Vec<(ProcessId, AgentSocket)> = Vec::new();
     for agent in found.agents.into_iter().rev() {
@@ -331,6 +384,9 @@ pub fn dry_run(
                 result
                     .would_close
                     .extend(reply.closed.iter().map(|c| (pid, c.clone())));
+                if let Some(told) = reply.facts {
+                    facts.insert(pid, told);
+                }
                 result.agents.push(AgentHooks {
                     pid,
                     hooks: reply.hooks,
@@ -366,16 +422,17 @@ pub fn dry_run(
         .map(Iterator::count)
         .sum();
     // What a policy would close is not in the way of a real checkpoint.
-    result.refused = preflight::problems(&pids, opts, policy)
-        .iter()
+    let mut refused: Vec<preflight::Problem> = preflight::problems(&pids, &facts, opts, policy)
+        .into_iter()
         .filter(|p| {
             !result
                 .would_close
                 .iter()
                 .any(|(pid, d)| *pid == p.pid && d.fd as u32 == p.fd)
         })
-        .map(ToString::to_string)
         .collect();
+    name_owners(&mut refused, &told, &deadline);
+    result.refused = refused.iter().map(ToString::to_string).collect();
     roll_back(&told, &cycle, settings, out);
     Ok(result)
 }

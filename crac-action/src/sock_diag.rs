@@ -21,13 +21,23 @@ const UNIX_DIAG_PEER: u16 = 2;
 const NLMSG_HDR: usize = 16;
 const UNIX_DIAG_MSG: usize = 16;
 
-/// Every Unix socket of this network namespace: its inode, and its peer's inode (0 when it
-/// has none) and its name (empty when unnamed; `@name` when abstract).
+/// A Unix socket as sock_diag tells it.
+pub(crate) struct UnixSocket {
+    /// Its peer's inode, 0 when it has none.
+    pub(crate) peer: u64,
+    /// Whether it is a stream or seqpacket socket (CRIU's "external socket" check is about
+    /// those).
+    pub(crate) stream: bool,
+    /// Its name: empty when unnamed, `@name` when abstract.
+    pub(crate) name: String,
+}
+
+/// Every Unix socket of this network namespace, by inode.
 ///
 /// # Errors
 ///
 /// When the kernel has no sock_diag for Unix sockets or refuses the request.
-pub(crate) fn unix_peers() -> io::Result<HashMap<u64, (u64, String)>> {
+pub(crate) fn unix_peers() -> io::Result<HashMap<u64, UnixSocket>> {
     let sock = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
@@ -78,9 +88,8 @@ pub(crate) fn unix_peers() -> io::Result<HashMap<u64, (u64, String)>> {
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
                 _ => {
-                    if let Some((inode, peer, name)) = parse_socket(&buf[at + NLMSG_HDR..at + len])
-                    {
-                        sockets.insert(inode, (peer, name));
+                    if let Some((inode, socket)) = parse_socket(&buf[at + NLMSG_HDR..at + len]) {
+                        sockets.insert(inode, socket);
                     }
                 }
             }
@@ -89,11 +98,13 @@ pub(crate) fn unix_peers() -> io::Result<HashMap<u64, (u64, String)>> {
     }
 }
 
-/// One `unix_diag_msg` and its attributes: inode, peer inode, name.
-fn parse_socket(msg: &[u8]) -> Option<(u64, u64, String)> {
+/// One `unix_diag_msg` (family, type, state, pad, inode, cookie) and its attributes.
+fn parse_socket(msg: &[u8]) -> Option<(u64, UnixSocket)> {
     if msg.len() < UNIX_DIAG_MSG {
         return None;
     }
+    let kind = i32::from(msg[1]);
+    let stream = kind == libc::SOCK_STREAM || kind == libc::SOCK_SEQPACKET;
     let inode = u64::from(u32_at(msg, 4));
     let (mut peer, mut name) = (0, String::new());
     let mut at = UNIX_DIAG_MSG;
@@ -120,7 +131,7 @@ fn parse_socket(msg: &[u8]) -> Option<(u64, u64, String)> {
         }
         at += align(len);
     }
-    Some((inode, peer, name))
+    Some((inode, UnixSocket { peer, stream, name }))
 }
 
 fn u32_at(buf: &[u8], at: usize) -> u32 {
@@ -144,7 +155,8 @@ mod tests {
                 .ino()
         };
         let peers = super::unix_peers().unwrap();
-        assert_eq!(peers.get(&inode(&a)).map(|p| p.0), Some(inode(&b)));
-        assert_eq!(peers.get(&inode(&b)).map(|p| p.0), Some(inode(&a)));
+        assert_eq!(peers.get(&inode(&a)).map(|p| p.peer), Some(inode(&b)));
+        assert_eq!(peers.get(&inode(&b)).map(|p| p.peer), Some(inode(&a)));
+        assert!(peers[&inode(&a)].stream);
     }
 }

@@ -252,6 +252,10 @@ pub struct Descriptor {
     pub kind: Option<String>,
     /// What it is: a path, or `local -> peer` for a connected socket.
     pub what: String,
+    /// The resource that most likely holds it, where the agent can tell (`descriptors`
+    /// replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::Owner>,
 }
 
 /// This process's descriptors, each with its kind and what it is: what the agent reports.
@@ -311,6 +315,7 @@ fn describe(fd: RawFd, target: &str) -> Descriptor {
         fd,
         kind: kind.map(|k| k.as_str().to_owned()),
         what,
+        owner: None,
     }
 }
 
@@ -361,7 +366,11 @@ impl std::fmt::Display for Descriptor {
         if let Some(kind) = &self.kind {
             write!(f, "{kind} ")?;
         }
-        f.write_str(&self.what)
+        f.write_str(&self.what)?;
+        if let Some(owner) = &self.owner {
+            write!(f, " [{owner}]")?;
+        }
+        Ok(())
     }
 }
 

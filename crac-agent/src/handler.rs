@@ -17,12 +17,14 @@
 //! or with the clock gone back (a copy restored on another machine), means the process was
 //! frozen or restored, and the lease starts again from then.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crac_core::{
     Checkpoint, CheckpointError, Coordinator, ErrorKind, Phase, RestoreDetails, RestoreReason,
 };
 
+use crate::descriptor_owners::Tracker;
 use crate::protocol::{code, op, HookReport, Reply, Request, VERSION};
 use crate::tcp;
 
@@ -36,6 +38,8 @@ const GAP: Duration = Duration::from_secs(1);
 
 pub(crate) struct Handler {
     coordinator: Coordinator,
+    /// What each after_restore opened, to name who holds a descriptor.
+    owners: Arc<Tracker>,
     pending: Option<Pending>,
     /// The hooks that failed in the last cycle that ended.
     last_failures: Vec<HookReport>,
@@ -92,8 +96,11 @@ fn own_start_time() -> Option<u64> {
 
 impl Handler {
     pub(crate) fn new(coordinator: Coordinator) -> Handler {
+        let owners = Arc::new(Tracker::default());
+        coordinator.set_after_restore_watcher(Some(owners.clone()));
         Handler {
             coordinator,
+            owners,
             pending: None,
             last_failures: Vec::new(),
         }
@@ -150,10 +157,14 @@ impl Handler {
             op::BEFORE_CHECKPOINT => self.before_checkpoint(request),
             op::AFTER_RESTORE => self.after_restore(request),
             op::STATUS => self.reply(op::STATUS, true, Vec::new(), None, None),
-            op::DESCRIPTORS => Reply {
-                descriptors: crate::fd_policy::descriptors(),
-                ..self.reply(op::DESCRIPTORS, true, Vec::new(), None, None)
-            },
+            op::DESCRIPTORS => {
+                let mut descriptors = crate::fd_policy::descriptors();
+                self.owners.attribute(&self.coordinator, &mut descriptors);
+                Reply {
+                    descriptors,
+                    ..self.reply(op::DESCRIPTORS, true, Vec::new(), None, None)
+                }
+            }
             other => self.error(
                 other,
                 code::BAD_REQUEST,
@@ -316,8 +327,16 @@ impl Handler {
                 .map(|info| info.reason.as_str().to_owned()),
             last_failures: self.last_failures.clone(),
             closed: Vec::new(),
+            facts: None,
             descriptors: Vec::new(),
         }
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        // A stopped agent answers nobody: nothing need watch its hooks any more.
+        self.coordinator.set_after_restore_watcher(None);
     }
 }
 

@@ -63,6 +63,8 @@
 mod agent;
 mod cleanup;
 pub mod client;
+mod descriptor_owners;
+pub mod fd_facts;
 pub mod fd_policy;
 mod handler;
 mod location;
@@ -73,6 +75,7 @@ mod server;
 mod tcp;
 
 pub use agent::{start, Agent, Builder, StartError, SOCKET_CHECK};
+pub use descriptor_owners::{Owner, Ownership};
 pub use location::{agent_dir, base_dir, socket_path, DEFAULT_DIR, DIR_ENV, SOCKET_NAME};
 pub use self_checkpoint::{
     checkpoint_self, SelfCheckpoint, SelfCheckpointError, CHECKPOINT_TO_ENV, CRAC_BIN_ENV,

@@ -21,7 +21,10 @@
 //!
 //! - `v`: the protocol version, [`VERSION`]. A request with another version is refused.
 //! - `op`: `before-checkpoint`, `after-restore`, `status` or `descriptors` (the status and
-//!   every descriptor of the process: number, kind, path or addresses). A before-checkpoint from a client
+//!   every descriptor of the process: number, kind, path or addresses, and where the agent can
+//!   tell, `owner`: `{"resource":"db","how":"declared"}` for one the resource declares,
+//!   `"how":"after_restore"` for one that appeared while its `after_restore` ran and is still
+//!   the same file, most likely its own). A before-checkpoint from a client
 //!   that has already closed its connection is not run: nobody could hear that it was.
 //! - `lease_ms` (before-checkpoint only, optional): how long the checkpoint may stay pending
 //!   without an after-restore before the agent ends it itself (reason `aborted`; `restored` in
@@ -30,6 +33,9 @@
 //! - `reason` (after-restore only): `restored`, `resumed` or `aborted`.
 //! - `dry_run` (before-checkpoint only, optional): list what the process's descriptor policy
 //!   would close (`closed` in the reply) instead of closing it.
+//! - `facts` (before-checkpoint only, optional): reply, once the hooks ran, with what the
+//!   preflight must know about the process's descriptors (`facts` in the reply:
+//!   [`crate::fd_facts::Facts`]), found from inside the process.
 //! - `env` (after-restore only, optional): settings for the restored process, an object of
 //!   strings (`{"LOG_LEVEL":"debug"}`), handed to the hooks as `RestoreInfo::env`. The whole
 //!   line still fits in [`MAX_REQUEST_LEN`].
@@ -103,6 +109,11 @@ pub struct Request {
     /// policy would close are only listed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// Before-checkpoint only: send, with the reply, what the preflight must know about the
+    /// process's descriptors ([`Reply::facts`]), found once the hooks have run and the
+    /// descriptor policy has closed what it closes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub facts: bool,
 }
 
 impl Request {
@@ -116,6 +127,7 @@ impl Request {
             lease_ms: None,
             env: BTreeMap::new(),
             dry_run: false,
+            facts: false,
         }
     }
 
@@ -142,6 +154,7 @@ impl Request {
             lease_ms: None,
             env: BTreeMap::new(),
             dry_run: false,
+            facts: false,
         }
     }
 
@@ -163,6 +176,7 @@ impl Request {
             lease_ms: None,
             env: BTreeMap::new(),
             dry_run: false,
+            facts: false,
         }
     }
 
@@ -256,6 +270,10 @@ pub struct Reply {
     /// The process's descriptors (`descriptors` only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub descriptors: Vec<crate::fd_policy::Descriptor>,
+    /// What the preflight must know about the process's descriptors (a successful
+    /// before-checkpoint that asked for [`Request::facts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<crate::fd_facts::Facts>,
 }
 
 impl Reply {

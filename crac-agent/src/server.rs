@@ -291,6 +291,9 @@ impl Server {
         let mut reply = self.handler.serve(&request);
         if starts_a_checkpoint && reply.ok && !was_pending {
             reply.closed = self.close_by_policy(request.dry_run);
+            if request.facts {
+                reply.facts = Some(crate::fd_facts::gather(&self.own_fds()));
+            }
             self.ready_for_the_dump(index, &reply);
             return;
         }
@@ -330,11 +333,17 @@ impl Server {
     /// Carries out the descriptor policy's `close` rules (or only lists them, in a dry run),
     /// leaving the agent's own socket and connections alone.
     fn close_by_policy(&self, dry_run: bool) -> Vec<crate::fd_policy::Descriptor> {
-        let mut keep: Vec<std::os::fd::RawFd> =
+        crate::fd_policy::close_matching(&self.options.fd_policy, &self.own_fds(), dry_run)
+    }
+
+    /// The agent's own descriptors: its socket, its connections (closed before any dump) and
+    /// its stop pipe.
+    fn own_fds(&self) -> Vec<std::os::fd::RawFd> {
+        let mut own: Vec<std::os::fd::RawFd> =
             self.conns.iter().map(|c| c.stream.as_raw_fd()).collect();
-        keep.push(self.listener.as_raw_fd());
-        keep.extend(self.stop_fd);
-        crate::fd_policy::close_matching(&self.options.fd_policy, &keep, dry_run)
+        own.push(self.listener.as_raw_fd());
+        own.extend(self.stop_fd);
+        own
     }
 
     /// Writes `reply` on connection `index`, then lets the client read it to the end: the

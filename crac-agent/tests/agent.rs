@@ -37,6 +37,36 @@ struct WireReply {
     last_cycle: Option<String>,
     #[serde(default)]
     last_failures: Vec<WireHook>,
+    #[serde(default)]
+    facts: Option<WireFacts>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireFacts {
+    sockets: Vec<u64>,
+    connected: Vec<WireConnected>,
+    linked: Vec<WireLinked>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireConnected {
+    fd: i32,
+    inode: u64,
+    tcp: bool,
+    #[serde(default)]
+    local: String,
+    #[serde(default)]
+    peer: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireLinked {
+    fd: i32,
+    target: String,
+    size: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +233,52 @@ fn a_full_cycle_over_the_socket() {
         ]
     );
     assert!(!f.coordinator.is_quiesced());
+}
+
+#[test]
+fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descriptors() {
+    use std::os::fd::AsRawFd;
+    let f = fixture("facts", false);
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let conn = std::net::TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+    let null = fs::File::open("/dev/null").unwrap();
+    let path = scratch("facts-deleted");
+    let deleted = fs::File::create(&path).unwrap();
+    deleted.set_len(5).unwrap();
+    fs::remove_file(&path).unwrap();
+
+    let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"f\",\"facts\":true}\n");
+    assert!(reply.ok, "{reply:?}");
+    let facts = reply.facts.expect("facts, as asked");
+    let tcp: Vec<&WireConnected> = facts
+        .connected
+        .iter()
+        .filter(|c| c.fd == conn.as_raw_fd())
+        .collect();
+    assert_eq!(tcp.len(), 1, "{facts:?}");
+    assert!(tcp[0].tcp);
+    assert_eq!(tcp[0].local, conn.local_addr().unwrap().to_string());
+    assert_eq!(tcp[0].peer, upstream.local_addr().unwrap().to_string());
+    assert!(facts.sockets.contains(&tcp[0].inode));
+    // A deleted file is told with its link and size; a memory device is nothing to CRIU.
+    let ghost: Vec<&WireLinked> = facts
+        .linked
+        .iter()
+        .filter(|l| l.fd == deleted.as_raw_fd())
+        .collect();
+    assert_eq!(ghost.len(), 1, "{facts:?}");
+    assert_eq!(ghost[0].target, format!("{} (deleted)", path.display()));
+    assert_eq!(ghost[0].size, 5);
+    assert!(
+        !facts.linked.iter().any(|l| l.fd == null.as_raw_fd()),
+        "{facts:?}"
+    );
+    f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"f\"}\n");
+
+    // Not asked, not sent.
+    let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"g\"}\n");
+    assert!(reply.ok && reply.facts.is_none(), "{reply:?}");
+    f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"g\"}\n");
 }
 
 #[test]

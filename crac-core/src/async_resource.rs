@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -83,6 +84,12 @@ pub trait AsyncResource: Send + Sync {
         &'a self,
         restore: &'a RestoreInfo,
     ) -> BoxFuture<'a, Result<(), HookError>>;
+
+    /// The descriptors this resource holds open; see
+    /// [`Resource::descriptors`](crate::Resource::descriptors). Defaults to none.
+    fn descriptors(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
 }
 
 impl<R: AsyncResource + ?Sized> AsyncResource for Arc<R> {
@@ -101,6 +108,9 @@ impl<R: AsyncResource + ?Sized> AsyncResource for Arc<R> {
     ) -> BoxFuture<'a, Result<(), HookError>> {
         (**self).after_restore(restore)
     }
+    fn descriptors(&self) -> Vec<RawFd> {
+        (**self).descriptors()
+    }
 }
 
 impl<R: AsyncResource + ?Sized> AsyncResource for Box<R> {
@@ -118,6 +128,9 @@ impl<R: AsyncResource + ?Sized> AsyncResource for Box<R> {
         restore: &'a RestoreInfo,
     ) -> BoxFuture<'a, Result<(), HookError>> {
         (**self).after_restore(restore)
+    }
+    fn descriptors(&self) -> Vec<RawFd> {
+        (**self).descriptors()
     }
 }
 

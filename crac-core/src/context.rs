@@ -311,7 +311,7 @@ impl Resource for Context {
         let run = dispatch::run_inline(
             &targets,
             visit_order(targets.len(), Direction::Up),
-            &Call::After(restore.clone()),
+            &Call::After(restore.clone(), None),
             &Busy::default(),
             &CycleSpan::current(),
         );

@@ -2,6 +2,7 @@
 //! outlives them (generation, last restore, the critical-section gate).
 
 use std::fmt;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,6 +12,7 @@ use crate::context::Context;
 use crate::dispatch::{self, in_hook, Busy, Call, Target};
 use crate::error::{CheckpointError, ErrorKind};
 use crate::hook_thread::HookThread;
+use crate::hook_watch::AfterRestoreWatcher;
 use crate::ordering::{visit_order, Direction};
 use crate::quiesce::{held_by_this_thread, CriticalSection, EnterAsync, Gate};
 use crate::report::{CycleReport, HookRecord};
@@ -122,6 +124,8 @@ struct Inner {
     hooks: HookThread,
     /// Resources whose hook overran and still runs.
     busy: Arc<Busy>,
+    /// Told around each `after_restore` hook.
+    watcher: Mutex<Option<Arc<dyn AfterRestoreWatcher>>>,
 }
 
 struct State {
@@ -160,6 +164,7 @@ impl Coordinator {
                 cycle_ended: Condvar::new(),
                 hooks: HookThread::default(),
                 busy: Arc::default(),
+                watcher: Mutex::new(None),
             }),
         }
     }
@@ -183,6 +188,31 @@ impl Coordinator {
     /// Sets the time limits for cycles that start from now on.
     pub fn set_limits(&self, limits: Limits) {
         *lock(&self.inner.limits) = limits;
+    }
+
+    /// Sets what is told around each `after_restore` hook of the cycles that end from now on
+    /// (`None`: nothing). The agent sets one to note which descriptors each hook opened.
+    pub fn set_after_restore_watcher(&self, watcher: Option<Arc<dyn AfterRestoreWatcher>>) {
+        *lock(&self.inner.watcher) = watcher;
+    }
+
+    /// The descriptors each registered resource declares it holds
+    /// ([`Resource::descriptors`](crate::Resource::descriptors)), with its full name, in
+    /// registration order. A resource whose `descriptors` panics declares none.
+    pub fn declared_descriptors(&self) -> Vec<(String, RawFd)> {
+        self.inner
+            .context
+            .targets()
+            .iter()
+            .flat_map(|target| {
+                let name = target.name.to_string();
+                target
+                    .hooks
+                    .descriptors()
+                    .into_iter()
+                    .map(move |fd| (name.clone(), fd))
+            })
+            .collect()
     }
 
     /// Completed checkpoints (restored or resumed, not aborted) in this process's history,
@@ -506,7 +536,7 @@ impl Checkpoint {
             &self.coordinator.inner.busy,
             &self.targets,
             order,
-            &Call::After(info.clone()),
+            &Call::After(info.clone(), lock(&self.coordinator.inner.watcher).clone()),
             &limits,
             &self.span,
         );

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::coordinator::Limits;
 use crate::hook_thread::HookThread;
+use crate::hook_watch::AfterRestoreWatcher;
 use crate::report::{HookFailure, HookRecord, Phase};
 use crate::resource::{
     CheckpointInfo, HookError, Resource, RestoreInfo, RestoreReason, TcpConnections,
@@ -42,6 +43,16 @@ pub(crate) enum Hooks {
 }
 
 impl Hooks {
+    /// The descriptors the resource declares it holds (none if asking panicked).
+    pub(crate) fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        catch_unwind(AssertUnwindSafe(|| match self {
+            Hooks::Sync(resource) => resource.descriptors(),
+            #[cfg(feature = "tokio")]
+            Hooks::Async(hooks) => hooks.descriptors(),
+        }))
+        .unwrap_or_default()
+    }
+
     /// Identifies the resource across cycles (for [`Busy`]).
     fn key(&self) -> usize {
         match self {
@@ -66,25 +77,32 @@ pub(crate) struct Target {
     pub(crate) hooks: Hooks,
 }
 
-/// Which hook to call, with its argument.
+/// Which hook to call, with its argument (and for `after_restore`, what watches it).
 #[derive(Clone)]
 pub(crate) enum Call {
     Before(CheckpointInfo),
-    After(RestoreInfo),
+    After(RestoreInfo, Option<Arc<dyn AfterRestoreWatcher>>),
 }
 
 impl Call {
     fn phase(&self) -> Phase {
         match self {
             Call::Before(_) => Phase::BeforeCheckpoint,
-            Call::After(_) => Phase::AfterRestore,
+            Call::After(..) => Phase::AfterRestore,
         }
     }
 
     fn invoke(&self, resource: &dyn Resource) -> Result<(), HookError> {
         match self {
             Call::Before(info) => resource.before_checkpoint(info),
-            Call::After(info) => resource.after_restore(info),
+            Call::After(info, _) => resource.after_restore(info),
+        }
+    }
+
+    fn watcher(&self) -> Option<&dyn AfterRestoreWatcher> {
+        match self {
+            Call::Before(_) => None,
+            Call::After(_, watcher) => watcher.as_deref(),
         }
     }
 }
@@ -188,6 +206,9 @@ fn invoke(
     deadline: Option<Deadline>,
 ) -> HookRecord {
     let hook_span = HookSpan::start(span, &target.name, call.phase());
+    if let Some(watcher) = call.watcher() {
+        watcher.before(&target.name);
+    }
     let start = Instant::now();
     let failure = match &target.hooks {
         Hooks::Sync(resource) => {
@@ -206,10 +227,14 @@ fn invoke(
     };
     #[cfg(not(feature = "tokio"))]
     let _ = deadline;
+    let duration = start.elapsed();
+    if let Some(watcher) = call.watcher() {
+        watcher.after(&target.name);
+    }
     let record = HookRecord {
         resource: Arc::clone(&target.name),
         phase: call.phase(),
-        duration: start.elapsed(),
+        duration,
         failure,
         target: index,
     };
@@ -511,13 +536,17 @@ fn returned_late(
     span: &CycleSpan,
 ) {
     if let (Call::Before(info), None) = (call, &record.failure) {
-        let back = Call::After(RestoreInfo {
-            reason: RestoreReason::Aborted,
-            generation: info.generation,
-            at: SystemTime::now(),
-            tcp: TcpConnections::default(),
-            env: Arc::default(),
-        });
+        let back = Call::After(
+            RestoreInfo {
+                reason: RestoreReason::Aborted,
+                generation: info.generation,
+                at: SystemTime::now(),
+                tcp: TcpConnections::default(),
+                env: Arc::default(),
+            },
+            // Its cycle is over, and so is the watch of it.
+            None,
+        );
         let deadline = Deadline::of_hook(Instant::now(), limits, None);
         invoke(target, record.target, &back, span, deadline);
     }

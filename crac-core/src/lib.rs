@@ -17,6 +17,9 @@
 //!   [`Checkpoint::complete`]), one cycle at a time, under [`Limits`]; keeps the generation and
 //!   the last restore time; [`CriticalSection`]s hold checkpoints off.
 //! - [`CheckpointError`] and [`CycleReport`]: every hook's outcome and duration, by name.
+//! - Who holds a descriptor, for a refused checkpoint to name: [`Resource::descriptors`]
+//!   (declared), [`Coordinator::declared_descriptors`], and an [`AfterRestoreWatcher`] told
+//!   around each `after_restore` (the agent notes what each one opened).
 //!
 //! # The contract
 //!
@@ -97,6 +100,7 @@ mod coordinator;
 mod dispatch;
 mod error;
 mod hook_thread;
+mod hook_watch;
 mod ordering;
 mod quiesce;
 mod report;
@@ -113,6 +117,7 @@ pub use async_resource::{from_async_fns, AsyncFnResource, AsyncResource, BoxFutu
 pub use context::{Context, Registration};
 pub use coordinator::{Checkpoint, Coordinator, CycleState, Limits};
 pub use error::{CheckpointError, ErrorKind};
+pub use hook_watch::AfterRestoreWatcher;
 pub use ordering::Priority;
 pub use quiesce::{AsyncCriticalSection, CriticalSection, EnterAsync};
 pub use report::{CycleReport, HookFailure, HookRecord, Phase};

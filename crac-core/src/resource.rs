@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -84,6 +85,16 @@ pub trait Resource: Send + Sync {
     /// An error is reported to whoever completed the cycle; the other resources are told
     /// anyway. The process runs on either way: there is nothing to roll back to.
     fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError>;
+
+    /// The descriptors this resource holds open and means to keep open across a checkpoint
+    /// (a connection it closes only in some cases, a file it keeps). Asked only when a
+    /// checkpoint is about to be refused for a descriptor, so that the refusal can name the
+    /// resource that holds it ("held by resource `pool`"). Defaults to none.
+    ///
+    /// Asked from the agent's thread while no hook of this resource runs; it must not block.
+    fn descriptors(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
 }
 
 impl<R: Resource + ?Sized> Resource for Arc<R> {
@@ -96,6 +107,9 @@ impl<R: Resource + ?Sized> Resource for Arc<R> {
     fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError> {
         (**self).after_restore(restore)
     }
+    fn descriptors(&self) -> Vec<RawFd> {
+        (**self).descriptors()
+    }
 }
 
 impl<R: Resource + ?Sized> Resource for Box<R> {
@@ -107,6 +121,9 @@ impl<R: Resource + ?Sized> Resource for Box<R> {
     }
     fn after_restore(&self, restore: &RestoreInfo) -> Result<(), HookError> {
         (**self).after_restore(restore)
+    }
+    fn descriptors(&self) -> Vec<RawFd> {
+        (**self).descriptors()
     }
 }
 

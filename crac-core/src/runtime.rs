@@ -68,6 +68,11 @@ impl Drop for AsyncHooks {
 type Outcome = Result<Result<(), HookError>, String>;
 
 impl AsyncHooks {
+    /// The descriptors the resource declares it holds.
+    pub(crate) fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        self.resource.descriptors()
+    }
+
     pub(crate) fn new(resource: Arc<dyn AsyncResource>, runtime: Handle) -> AsyncHooks {
         let runtime_alive = Arc::new(AtomicBool::new(true));
         let sentinel = Sentinel(Arc::clone(&runtime_alive));
@@ -112,7 +117,7 @@ impl AsyncHooks {
             future: Box::pin(async move {
                 match &call {
                     Call::Before(info) => resource.before_checkpoint(info).await,
-                    Call::After(info) => resource.after_restore(info).await,
+                    Call::After(info, _) => resource.after_restore(info).await,
                 }
             }),
             span: span.clone(),

@@ -1,14 +1,19 @@
-//! Item 8: preflight. `crac_action::preflight::check` (what pre-dump runs after the hooks)
-//! over a process holding 10, 1,000 and 10,000 open descriptors (a third each: files,
-//! connected Unix socket pairs, established TCP connections on loopback), and its share of a
-//! `crac checkpoint --leave-running` of the test target measured in the same run.
+//! Item 8: preflight, what pre-dump runs after the hooks, over a process holding 10, 1,000 and
+//! 10,000 open descriptors (a third each: files, connected Unix socket pairs, established TCP
+//! connections on loopback), both ways: a process with an agent tells its own descriptors
+//! with its before-checkpoint reply (`Request::facts`), one without is read through `/proc`
+//! (`crac_action::preflight::check`). Then its share of a `crac checkpoint --leave-running`
+//! of the test target measured in the same run.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use crac_action::preflight::{self, CriuOptions, Policy};
+use crac_action::preflight::{self, AgentFacts, CriuOptions, Policy};
+use crac_agent::client;
+use crac_agent::protocol::Request;
+use crac_core::RestoreReason;
 
 use crate::procs::{Proc, Res};
 use crate::stats::{fmt_us, time, verdict, Report, Samples};
@@ -86,8 +91,63 @@ fn checkpoint_ms(ctx: &Ctx) -> Res<f64> {
     Ok(samples.median() / 1e3)
 }
 
+/// With this process's agent: the before-checkpoint round trip with the facts and the
+/// preflight on them, and the same round trip without facts, in pairs; each cycle is ended
+/// with an after-restore. Returns the medians (µs) and how many it would refuse.
+fn with_agent(socket: &std::path::Path, budget: Duration) -> Res<(Samples, Samples, usize)> {
+    let me = std::process::id();
+    let (mut with, mut without) = (Samples::new(), Samples::new());
+    let mut listed = 0;
+    let started = Instant::now();
+    let mut cycle = 0u64;
+    while with.len() < 5 || (started.elapsed() < budget && with.len() < 1000) {
+        for facts in [true, false] {
+            cycle += 1;
+            let token = format!("bench-{cycle}");
+            let request = Request {
+                facts,
+                ..Request::before_checkpoint(&token)
+            };
+            let (reply, took) = time(|| -> Res<usize> {
+                let reply = client::request_at(socket, &request, Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+                let Some(told) = reply.facts else {
+                    return Ok(0);
+                };
+                let told: AgentFacts = [(me, told)].into();
+                Ok(
+                    preflight::problems(&[me], &told, &CriuOptions::defaults(), &Policy::default())
+                        .len(),
+                )
+            });
+            let found = reply?;
+            client::request_at(
+                socket,
+                &Request::after_restore(RestoreReason::Aborted, Some(token)),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| e.to_string())?;
+            if facts {
+                listed = found;
+                with.push(took);
+            } else {
+                without.push(took);
+            }
+        }
+    }
+    Ok((with, without, listed))
+}
+
 pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("8. Preflight: what CRIU would refuse, per descriptor count");
+    // An agent of this process's own, with no resources: its round trip is pre-dump's.
+    let agent = crac_agent::Builder::new()
+        .coordinator(crac_core::Coordinator::new())
+        .base_dir(ctx.scratch.join("preflight-agent"))
+        .signal_cleanup(false)
+        .socket_check(None)
+        .start()
+        .map_err(|e| e.to_string())?;
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_err(|e| e.to_string())?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
@@ -109,38 +169,53 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
             listed = refusal.map_or(0, |r| r.matches("; pid ").count() + 1);
             samples.push(took);
         }
+        let (with, without, told) = with_agent(agent.socket_path(), budget)?;
         drop(fds);
+        if told != listed {
+            return Err(format!(
+                "at {n}: the agent's facts give {told} problems, /proc gives {listed}"
+            ));
+        }
+        let cost = with.median() - without.median();
         if n == 1_000 {
-            at_1000 = Some(samples.median());
+            at_1000 = Some(cost);
         }
         rows.push(vec![
             n.to_string(),
             held.to_string(),
             listed.to_string(),
-            samples.len().to_string(),
+            fmt_us(cost),
+            fmt_us(cost / held as f64),
+            fmt_us(without.median()),
             fmt_us(samples.median()),
             fmt_us(samples.p90()),
             fmt_us(samples.median() / held as f64),
         ]);
     }
+    agent.stop();
     report.line(&format!(
         "Method: this process opens n descriptors (a third /dev/null, a third connected Unix \
-         socket pairs, a third established loopback TCP connections, both ends), then \
-         preflight::check runs on it repeatedly for about {} (at least 5 runs): read every \
-         /proc/PID/fd link, the namespace's Unix table, each other socket through a copy of \
-         its descriptor (pidfd_getfd), and sock_diag for Unix peers. \
-         'Listed' is what it would refuse (the TCP connections; Unix pairs within the process \
-         are fine). With a CRIU run by a container runtime (`criu swrk`), only the \
-         option-independent checks run.",
-        fmt_us(budget.as_secs_f64() * 1e6)
+         socket pairs, a third established loopback TCP connections, both ends) and runs an \
+         agent with no resources. With the agent (what pre-dump does for a process that runs \
+         one): a before-checkpoint asking for the facts (the agent fstat's each descriptor \
+         and asks each socket, in its own process) plus the preflight on them, against the \
+         same round trip without facts, in pairs for about {budget} (at least 5 pairs); the \
+         cost is the difference of the medians. Without an agent: preflight::check on this \
+         process for about {budget}: every /proc/PID/fd link, each socket through a copy of \
+         its descriptor (pidfd_getfd). Both then ask sock_diag for Unix peers. 'Listed' is \
+         what it would refuse (the TCP connections; Unix pairs within the process are fine), \
+         the same both ways.",
+        budget = fmt_us(budget.as_secs_f64() * 1e6)
     ));
     report.table(
         &[
             "n",
             "descriptors held",
             "listed",
-            "runs",
-            "median",
+            "with an agent",
+            "per descriptor",
+            "(round trip without facts)",
+            "through /proc: median",
             "p90",
             "per descriptor",
         ],
@@ -155,7 +230,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         at_1000 / 10.0 / ms
     );
     report.line(&format!(
-        "At 1,000 descriptors: {}. Target under 1 ms: {}.{share}",
+        "At 1,000 descriptors, with an agent: {}. Target under 1 ms: {}.{share}",
         fmt_us(at_1000),
         verdict(met)
     ));

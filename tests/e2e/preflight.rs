@@ -254,3 +254,86 @@ fn a_service_policy_that_does_not_parse_stops_its_agent_with_the_line() {
         text(&out)
     );
 }
+
+#[test]
+fn a_refused_descriptor_names_the_resource_most_likely_holding_it() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("preflight-owner");
+    let crac = Crac::new(&scratch);
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = upstream.local_addr().expect("address").to_string();
+    let target = Target::start(
+        &scratch.join("t"),
+        &[
+            ("CRAC_TEST_CONNECT", &format!("third:{addr}")),
+            ("CRAC_TEST_RECONNECT", &format!("second:{addr}")),
+        ],
+    );
+    let pid = target.pid.to_string();
+    let port_of = |(conn, _): (std::net::TcpStream, _)| conn.peer_addr().expect("peer").port();
+    let declared = port_of(upstream.accept().expect("third's connection"));
+    let why = "(CRIU refuses a connected TCP socket without --tcp-established: close it in a \
+               before_checkpoint hook, or dump with --tcp-established)";
+    let held = format!(
+        ": tcp 127.0.0.1:{declared} -> {addr} {why} [held by resource \"third\", which declares it]"
+    );
+
+    // Resource third declares its connection: the refusal says it holds it.
+    let out = crac.run(&["checkpoint", &pid, "--name", "svc"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "preflight: CRIU would refuse 1 descriptor of the tree: pid {pid} fd "
+        )) && stderr.contains(&held),
+        "{}",
+        text(&out)
+    );
+
+    // The rollback ran second's after_restore, which connected and kept the connection: the
+    // dry run names second as most likely responsible for that one.
+    let reopened = port_of(upstream.accept().expect("second's connection"));
+    let opened = format!(
+        ": tcp 127.0.0.1:{reopened} -> {addr} {why} [most likely resource \"second\"'s: opened \
+         while its after_restore ran, open since]"
+    );
+    let out = crac.run(&["checkpoint", &pid, "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = stdout.lines().filter(|l| l.starts_with("BAD  ")).collect();
+    assert_eq!(bad.len(), 2, "{stdout}");
+    assert!(
+        bad.iter()
+            .any(|l| l.starts_with(&format!("BAD  pid {pid} fd ")) && l.ends_with(&held)),
+        "{stdout}"
+    );
+    assert!(
+        bad.iter()
+            .any(|l| l.starts_with(&format!("BAD  pid {pid} fd ")) && l.ends_with(&opened)),
+        "{stdout}"
+    );
+
+    // The agent's listing says the same of every connection second's after_restore opened
+    // (the dry run's rollback opened one more).
+    let again = port_of(upstream.accept().expect("second's second connection"));
+    let out = crac.run(&["status", &pid, "--descriptors"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for port in [reopened, again] {
+        assert!(
+            listed.lines().any(|l| l.ends_with(&format!(
+                ": tcp 127.0.0.1:{port} -> {addr} [most likely resource \"second\"'s: opened \
+                 while its after_restore ran, open since]"
+            ))),
+            "{listed}"
+        );
+    }
+    assert!(
+        listed.lines().any(|l| l.ends_with(&format!(
+            ": tcp 127.0.0.1:{declared} -> {addr} [held by resource \"third\", which declares it]"
+        ))),
+        "{listed}"
+    );
+    assert!(crac.listing().is_empty());
+    target.terminate();
+}
