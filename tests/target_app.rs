@@ -366,7 +366,8 @@ fn main() {
                 std::process::id(),
                 coordinator.generation()
             );
-            let tmp = dir.join("state.tmp");
+            // A name of its own: copies restored from one image share the folder (and pid 1).
+            let tmp = dir.join(format!("state.tmp.{}", random()));
             fs::write(&tmp, state).expect("state file");
             fs::rename(&tmp, dir.join("state")).expect("state file");
         }

@@ -24,7 +24,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr;
-use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Once;
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -35,12 +35,24 @@ static DIR: AtomicPtr<libc::c_char> = AtomicPtr::new(ptr::null_mut());
 /// remove its parent's socket.
 static OWNER: AtomicI32 = AtomicI32::new(0);
 
+/// The inode of the socket file when this process last knew the file at the path to be its
+/// own (0: not known). Only that file is removed: copies restored from one image into pid
+/// namespaces of their own share the path (all are pid 1), and the one that ends must not
+/// take the socket of the one that bound the path last.
+static SOCKET_INODE: AtomicU64 = AtomicU64::new(0);
+
 static INSTALL: Once = Once::new();
 
 /// Publishes the files to remove and installs the exit and signal hooks (once per process).
 pub(crate) fn arm(socket: &Path, dir: &Path, signals: bool) {
     SOCKET.store(leak(socket), Ordering::SeqCst);
     DIR.store(leak(dir), Ordering::SeqCst);
+    // Just bound: the file at the path is this process's socket.
+    own_socket_file(
+        std::fs::symlink_metadata(socket)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
+    );
     OWNER.store(std::process::id() as i32, Ordering::SeqCst);
     INSTALL.call_once(|| {
         // SAFETY: `at_exit` is an `extern "C" fn()` that only touches atomics and calls
@@ -52,6 +64,11 @@ pub(crate) fn arm(socket: &Path, dir: &Path, signals: bool) {
             }
         }
     });
+}
+
+/// Notes the inode of the file at the socket's path, known to be this process's socket.
+pub(crate) fn own_socket_file(inode: Option<u64>) {
+    SOCKET_INODE.store(inode.unwrap_or(0), Ordering::SeqCst);
 }
 
 /// Forgets the files (after they were removed by a clean stop).
@@ -78,7 +95,15 @@ pub(crate) fn remove_files() {
     // SAFETY: non-null pointers here come from CString::into_raw and are never freed, so they
     // are valid NUL-terminated strings; unlink and rmdir are async-signal-safe.
     unsafe {
-        if !socket.is_null() {
+        let own = SOCKET_INODE.load(Ordering::SeqCst);
+        // SAFETY: an all-zero stat is a valid value for lstat to overwrite; lstat is
+        // async-signal-safe.
+        let mut stat: libc::stat = std::mem::zeroed();
+        if !socket.is_null()
+            && own != 0
+            && libc::lstat(socket, &mut stat) == 0
+            && stat.st_ino == own
+        {
             libc::unlink(socket);
         }
         if !dir.is_null() {

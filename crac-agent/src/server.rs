@@ -96,15 +96,24 @@ enum Received {
 impl Server {
     pub(crate) fn new(handler: Handler, listener: UnixListener, options: Options) -> Server {
         let now = Instant::now();
-        Server {
+        let mut server = Server {
             handler,
-            socket_inode: socket_inode(&options.socket),
+            socket_inode: None,
             next_check: options.socket_check.map(|every| now + every),
             listener,
             options,
             conns: Vec::new(),
             stop_fd: None,
-        }
+        };
+        server.own_the_socket_file();
+        server
+    }
+
+    /// Notes that the file at the socket's path is this agent's socket: just bound, or a
+    /// client just reached this listener through it.
+    fn own_the_socket_file(&mut self) {
+        self.socket_inode = socket_inode(&self.options.socket);
+        crate::cleanup::own_socket_file(self.socket_inode);
     }
 
     /// Serves until `stop` becomes readable (the other end written to or closed).
@@ -166,7 +175,7 @@ impl Server {
             }
             if was_pending && !self.handler.is_pending() {
                 // The cycle ended; in a restored copy CRIU made the socket file anew.
-                self.socket_inode = socket_inode(&self.options.socket);
+                self.own_the_socket_file();
             }
         }
         // A checkpoint still pending when the agent stops is aborted by Checkpoint's Drop.
@@ -194,6 +203,11 @@ impl Server {
         while self.conns.len() < MAX_CONNECTIONS {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    // Clients connect through the path: the file there led to this listener
+                    // (after a restore, CRIU made it anew).
+                    if socket_inode(&self.options.socket) != self.socket_inode {
+                        self.own_the_socket_file();
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -366,7 +380,11 @@ impl Server {
         conn.deadline = Instant::now() + DRAIN_TIMEOUT;
     }
 
-    /// Makes the socket again if it is gone, or another file took its path.
+    /// Makes the socket again if it is gone, or another file took its path. A live socket
+    /// there is left alone (`location::prepare` refuses it): a copy restored from the same
+    /// image into a pid namespace of its own, in the same file system, bound it last; or it
+    /// is this very listener, in a file a restore made, and prepare's probe, accepted here,
+    /// notes it as this agent's.
     fn check_socket(&mut self) {
         if self.socket_inode.is_some() && socket_inode(&self.options.socket) == self.socket_inode {
             return;
@@ -380,7 +398,7 @@ impl Server {
         };
         let _ = listener.set_nonblocking(true);
         self.listener = listener;
-        self.socket_inode = socket_inode(&socket);
+        self.own_the_socket_file();
     }
 }
 

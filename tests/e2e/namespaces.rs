@@ -102,7 +102,12 @@ fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
     let crac = Crac::new(&scratch);
     let target = Target::start_in_namespaces(
         &scratch.join("t"),
-        &[("CRAC_TEST_LISTEN", "0"), ("CRAC_TEST_REUSEPORT", "1")],
+        &[
+            ("CRAC_TEST_LISTEN", "0"),
+            ("CRAC_TEST_REUSEPORT", "1"),
+            ("CRAC_TEST_OWN_SIGTERM", "after"),
+            ("CRAC_TEST_SOCKET_CHECK_MS", "100"),
+        ],
         &[],
         "",
     );
@@ -163,9 +168,39 @@ fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
     assert_eq!(instances.len(), COPIES + 1, "{instances:?}");
     assert!(instances.contains(&original["instance"].as_u64().unwrap()));
 
-    for copy in copies {
-        kill(Pid::from_raw(copy as i32), Signal::SIGKILL).expect("kill a copy");
+    // The agent folder's path is the same for all; the copy restored last bound it. The
+    // others' socket checks (every 100 ms here) leave that live socket alone, and their ending
+    // (a graceful exit runs the agent's cleanup) does too.
+    let reachable = || -> Vec<u32> {
+        copies
+            .iter()
+            .copied()
+            .filter(|copy| crac.run(&["status", &copy.to_string()]).status.success())
+            .collect()
+    };
+    let reachable_first = reachable();
+    assert_eq!(
+        reachable_first.len(),
+        1,
+        "copies whose agent answers: {reachable_first:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let reachable = reachable();
+    assert_eq!(
+        reachable, reachable_first,
+        "the copy whose agent answers changed"
+    );
+    for &copy in copies.iter().filter(|&&copy| copy != reachable[0]) {
+        kill(Pid::from_raw(copy as i32), Signal::SIGTERM).expect("end a copy");
         util::reap(copy, Duration::from_secs(10));
+    }
+    let status = crac.run(&["status", &reachable[0].to_string()]);
+    assert!(status.status.success(), "{}", util::text(&status));
+    for copy in copies {
+        if copy == reachable[0] {
+            kill(Pid::from_raw(copy as i32), Signal::SIGKILL).expect("kill a copy");
+            util::reap(copy, Duration::from_secs(10));
+        }
     }
 }
 
