@@ -12,9 +12,10 @@
 //!   and on the same file (so a number reused for something else is not taken for it), was
 //!   most likely opened by that hook and left open by its resource's `before_checkpoint`. It
 //!   is a guess: another thread may open a descriptor while the hook runs. The tables are
-//!   taken after a restore, off a dump's path, but on the way to the first answer: two per
-//!   `after_restore` hook, each an `fstat` per descriptor number below the table's size
-//!   (~0.4 µs a descriptor here).
+//!   taken after a restore, off a dump's path, but on the way to the first answer, so they
+//!   are cheap: one before the first hook and one after each (the table after a hook is the
+//!   next one's before), each one `poll` over every number below the table's size (which
+//!   says which are open) and an `fstat` per open descriptor.
 //!
 //! A descriptor a resource opened before it was registered, and does not declare, has no
 //! owner here.
@@ -23,6 +24,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crac_core::{AfterRestoreWatcher, Coordinator};
 
@@ -77,9 +79,17 @@ pub(crate) struct Tracker(Mutex<State>);
 struct State {
     /// The table before the hook now running.
     before: HashMap<RawFd, Identity>,
+    /// The table after the last hook, and when it was taken: the next hook's `before` when
+    /// it follows at once (hooks of one cycle run back to back).
+    last: Option<(Instant, HashMap<RawFd, Identity>)>,
+    /// The descriptor table's size (`FDSize`), read at the first hook of a cycle.
+    size: RawFd,
     /// Descriptors that appeared during a hook: the file, and the hook's resource.
     opened: HashMap<RawFd, (Identity, String)>,
 }
+
+/// How soon after a hook's end the next one's start counts as the same cycle's.
+const SAME_CYCLE: Duration = Duration::from_millis(1);
 
 impl Tracker {
     fn state(&self) -> MutexGuard<'_, State> {
@@ -119,29 +129,81 @@ impl Tracker {
 
 impl AfterRestoreWatcher for Tracker {
     fn before(&self, _resource: &str) {
-        let table = table();
-        self.state().before = table;
+        let mut state = self.state();
+        state.before = match state.last.take() {
+            Some((at, table)) if at.elapsed() < SAME_CYCLE => table,
+            _ => {
+                state.size = table_size();
+                table(state.size)
+            }
+        };
     }
 
     fn after(&self, resource: &str) {
-        let now = table();
         let mut state = self.state();
+        let mut now = table(state.size);
+        if now.contains_key(&(state.size - 1)) {
+            // A full table may have grown while the hook ran: look at the new numbers too.
+            state.size = table_size();
+            now = table(state.size);
+        }
         let before = std::mem::take(&mut state.before);
         // What was closed, or became another file, is no longer what a hook opened.
         state.opened.retain(|fd, (id, _)| now.get(fd) == Some(id));
-        for (fd, id) in now {
+        for (&fd, &id) in &now {
             if before.get(&fd) != Some(&id) {
                 state.opened.insert(fd, (id, resource.to_owned()));
             }
         }
+        state.last = Some((Instant::now(), now));
     }
 }
 
-/// This process's descriptors, each with the file it is.
-fn table() -> HashMap<RawFd, Identity> {
-    crate::fd_facts::open_descriptors()
-        .into_iter()
-        .filter_map(|fd| Some((fd, identity(fd)?)))
+/// The size of this process's descriptor table (`FDSize`): every descriptor is below it.
+fn table_size() -> RawFd {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("FDSize:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+/// This process's descriptors below `size`, each with the file it is.
+fn table(size: RawFd) -> HashMap<RawFd, Identity> {
+    // poll takes no more numbers than the soft limit on open files (EINVAL), and no
+    // descriptor is above it.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limits into `limit`, a valid rlimit.
+    let size = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        size.min(RawFd::try_from(limit.rlim_cur).unwrap_or(RawFd::MAX))
+    } else {
+        size
+    };
+    // One poll says which numbers are open (a closed one comes back POLLNVAL), so only those
+    // are looked at.
+    let mut fds: Vec<libc::pollfd> = (0..size)
+        .map(|fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries for the call's duration;
+    // poll with no events and a zero timeout only reports on each number, open or not.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    if ready < 0 {
+        return HashMap::new();
+    }
+    fds.iter()
+        .filter(|p| p.revents & libc::POLLNVAL == 0)
+        .filter_map(|p| Some((p.fd, identity(p.fd)?)))
         .collect()
 }
 
