@@ -82,7 +82,7 @@ struct State {
     /// The table after the last hook, and when it was taken: the next hook's `before` when
     /// it follows at once (hooks of one cycle run back to back).
     last: Option<(Instant, HashMap<RawFd, Identity>)>,
-    /// The descriptor table's size (`FDSize`), read at the first hook of a cycle.
+    /// The descriptor table's size (`FDSize`; 0 until read).
     size: RawFd,
     /// Descriptors that appeared during a hook: the file, and the hook's resource.
     opened: HashMap<RawFd, (Identity, String)>,
@@ -133,7 +133,10 @@ impl AfterRestoreWatcher for Tracker {
         state.before = match state.last.take() {
             Some((at, table)) if at.elapsed() < SAME_CYCLE => table,
             _ => {
-                state.size = table_size();
+                // A table never shrinks: its size is read once, and again when it may have grown.
+                if state.size == 0 {
+                    state.size = table_size();
+                }
                 table(state.size)
             }
         };
