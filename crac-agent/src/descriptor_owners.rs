@@ -6,16 +6,17 @@
 //! - **Declared**: a resource lists the descriptors it holds
 //!   ([`Resource::descriptors`](crac_core::Resource::descriptors)). Asked only when someone
 //!   wants owners (the `descriptors` request), never on a checkpoint's way.
-//! - **Opened by an `after_restore`**: around each `after_restore` hook the agent takes the
-//!   process's descriptor table (number, device and inode of each) and notes what appeared
-//!   while the hook ran. A descriptor still open at the next checkpoint, under the same number
-//!   and on the same file (so a number reused for something else is not taken for it), was
-//!   most likely opened by that hook and left open by its resource's `before_checkpoint`. It
-//!   is a guess: another thread may open a descriptor while the hook runs. The tables are
-//!   taken after a restore, off a dump's path, but on the way to the first answer, so they
-//!   are cheap: one before the first hook and one after each (the table after a hook is the
-//!   next one's before), each one `poll` over every number below the table's size (which
-//!   says which are open) and an `fstat` per open descriptor.
+//! - **Opened by an `after_restore`**: around each `after_restore` hook the agent notes which
+//!   descriptor numbers are open, and records the file (device and inode) of each number that
+//!   was closed before the hook and is open after it. A descriptor still open at the next
+//!   checkpoint, under the same number and on the same file (so a number reused for something
+//!   else is not taken for it), was most likely opened by that hook and left open by its
+//!   resource's `before_checkpoint`. It is a guess: another thread may open a descriptor while
+//!   the hook runs, and a hook that closes a descriptor and opens another under the same number
+//!   is not seen. This runs after a restore, off a dump's path but on the way to the first
+//!   answer, so it is cheap: one `poll` over the descriptor table says which numbers are open
+//!   (once before the first hook, then once after each: the set after a hook is the next one's
+//!   before), and only the newly opened descriptors are looked at (`fstat`).
 //!
 //! A descriptor a resource opened before it was registered, and does not declare, has no
 //! owner here.
@@ -77,11 +78,11 @@ pub(crate) struct Tracker(Mutex<State>);
 
 #[derive(Default)]
 struct State {
-    /// The table before the hook now running.
-    before: HashMap<RawFd, Identity>,
-    /// The table after the last hook, and when it was taken: the next hook's `before` when
-    /// it follows at once (hooks of one cycle run back to back).
-    last: Option<(Instant, HashMap<RawFd, Identity>)>,
+    /// The numbers open before the hook now running, ascending.
+    before: Vec<RawFd>,
+    /// The numbers open after the last hook, and when they were noted: the next hook's
+    /// `before` when it follows at once (hooks of one cycle run back to back).
+    last: Option<(Instant, Vec<RawFd>)>,
     /// The descriptor table's size (`FDSize`; 0 until read).
     size: RawFd,
     /// Descriptors that appeared during a hook: the file, and the hook's resource.
@@ -131,31 +132,33 @@ impl AfterRestoreWatcher for Tracker {
     fn before(&self, _resource: &str) {
         let mut state = self.state();
         state.before = match state.last.take() {
-            Some((at, table)) if at.elapsed() < SAME_CYCLE => table,
+            Some((at, open)) if at.elapsed() < SAME_CYCLE => open,
             _ => {
                 // A table never shrinks: its size is read once, and again when it may have grown.
                 if state.size == 0 {
                     state.size = table_size();
                 }
-                table(state.size)
+                open_numbers(state.size)
             }
         };
     }
 
     fn after(&self, resource: &str) {
         let mut state = self.state();
-        let mut now = table(state.size);
-        if now.contains_key(&(state.size - 1)) {
+        let mut now = open_numbers(state.size);
+        if now.last() == Some(&(state.size - 1)) {
             // A full table may have grown while the hook ran: look at the new numbers too.
             state.size = table_size();
-            now = table(state.size);
+            now = open_numbers(state.size);
         }
         let before = std::mem::take(&mut state.before);
-        // What was closed, or became another file, is no longer what a hook opened.
-        state.opened.retain(|fd, (id, _)| now.get(fd) == Some(id));
-        for (&fd, &id) in &now {
-            if before.get(&fd) != Some(&id) {
-                state.opened.insert(fd, (id, resource.to_owned()));
+        // What was closed is no longer what a hook opened.
+        state.opened.retain(|fd, _| now.binary_search(fd).is_ok());
+        for &fd in &now {
+            if before.binary_search(&fd).is_err() {
+                if let Some(id) = identity(fd) {
+                    state.opened.insert(fd, (id, resource.to_owned()));
+                }
             }
         }
         state.last = Some((Instant::now(), now));
@@ -175,8 +178,9 @@ fn table_size() -> RawFd {
         .unwrap_or(1024)
 }
 
-/// This process's descriptors below `size`, each with the file it is.
-fn table(size: RawFd) -> HashMap<RawFd, Identity> {
+/// The open descriptor numbers below `size`, ascending: one poll (a closed number comes back
+/// POLLNVAL).
+fn open_numbers(size: RawFd) -> Vec<RawFd> {
     // poll takes no more numbers than the soft limit on open files (EINVAL), and no
     // descriptor is above it.
     let mut limit = libc::rlimit {
@@ -189,8 +193,6 @@ fn table(size: RawFd) -> HashMap<RawFd, Identity> {
     } else {
         size
     };
-    // One poll says which numbers are open (a closed one comes back POLLNVAL), so only those
-    // are looked at.
     let mut fds: Vec<libc::pollfd> = (0..size)
         .map(|fd| libc::pollfd {
             fd,
@@ -202,11 +204,11 @@ fn table(size: RawFd) -> HashMap<RawFd, Identity> {
     // poll with no events and a zero timeout only reports on each number, open or not.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
     if ready < 0 {
-        return HashMap::new();
+        return Vec::new();
     }
     fds.iter()
         .filter(|p| p.revents & libc::POLLNVAL == 0)
-        .filter_map(|p| Some((p.fd, identity(p.fd)?)))
+        .map(|p| p.fd)
         .collect()
 }
 
