@@ -89,6 +89,9 @@ struct State {
     opened: HashMap<RawFd, (Identity, String)>,
 }
 
+/// How many numbers above the highest open one a hook's new descriptors are looked for first.
+const NEW_NUMBERS: RawFd = 64;
+
 /// How soon after a hook's end the next one's start counts as the same cycle's.
 const SAME_CYCLE: Duration = Duration::from_millis(1);
 
@@ -145,7 +148,14 @@ impl AfterRestoreWatcher for Tracker {
 
     fn after(&self, resource: &str) {
         let mut state = self.state();
-        let mut now = open_numbers(state.size);
+        // A new descriptor takes the lowest free number: one a hook opened is in a hole of the
+        // table before it, or just above its highest. Numbers far above are looked at only if
+        // the last one looked at is open.
+        let above = state.before.last().map_or(0, |&fd| fd + 1) + NEW_NUMBERS;
+        let mut now = open_numbers(above.min(state.size));
+        if above < state.size && now.last() == Some(&(above - 1)) {
+            now = open_numbers(state.size);
+        }
         if now.last() == Some(&(state.size - 1)) {
             // A full table may have grown while the hook ran: look at the new numbers too.
             state.size = table_size();
