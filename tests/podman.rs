@@ -22,6 +22,18 @@ pub struct Podman {
     remove_runc_state: bool,
 }
 
+/// What `podman run` needs for crac run and CRIU inside an image scripts/container-image.sh
+/// made (its usage says why): privileges, the host's network, and limits runc can set here.
+pub const WARM_RUN_OPTIONS: [&str; 7] = [
+    "--privileged",
+    "--network",
+    "host",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
 /// Where the runc that podman runs keeps its state.
 const RUNC_STATE: &str = "/run/runc";
 

@@ -10,23 +10,13 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::line::{self, free_port};
-use crate::podman::Podman;
+use crate::podman::{Podman, WARM_RUN_OPTIONS};
 use crate::procs::Res;
 use crate::stats::{fmt_us, Report, Samples};
 use crate::Ctx;
 
 const COLD: &str = "localhost/crac-bench:cold";
 const WARM: &str = "localhost/crac-bench:warm";
-/// What `podman run` needs for crac run and CRIU inside (scripts/container-image.sh).
-const RUN_OPTIONS: [&str; 7] = [
-    "--privileged",
-    "--network",
-    "host",
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=4096:4096",
-];
 const START_LIMIT: Duration = Duration::from_secs(120);
 
 fn ok(out: Output, what: &str) -> Res<Output> {
@@ -54,7 +44,7 @@ fn start(
     port: u16,
 ) -> Res<(Duration, serde_json::Value)> {
     let mut args = vec!["run", "-d", "--name", name];
-    args.extend(RUN_OPTIONS);
+    args.extend(WARM_RUN_OPTIONS);
     args.push(image);
     let started = Instant::now();
     ok(podman.try_run(&args), "podman run")?;
@@ -177,22 +167,13 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let mut floor = Samples::new();
     for _ in 0..runs {
         let mut args = vec!["run", "--rm", "--entrypoint", "/usr/local/bin/crac"];
-        args.extend(RUN_OPTIONS);
+        args.extend(WARM_RUN_OPTIONS);
         args.extend([COLD, "--version"]);
         let started = Instant::now();
         ok(podman.try_run(&args), "podman run crac --version")?;
         floor.push(started.elapsed());
     }
 
-    let row = |name: &str, s: &Samples| {
-        vec![
-            name.to_owned(),
-            s.len().to_string(),
-            fmt_us(s.median()),
-            fmt_us(s.min()),
-            fmt_us(s.quantile(1.0)),
-        ]
-    };
     report.line(&format!(
         "Method: scripts/container-image.sh builds {COLD} (release build, default document \
          count), podman 4 with runc, `--privileged --network host`; time from spawning \
@@ -204,13 +185,10 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.table(
         &["container", "runs", "median", "min", "max"],
         &[
-            row("cold", &cold),
-            row("restored", &warm),
-            row("  of which crac run's restore inside", &inside),
-            row(
-                "`podman run --rm` of `crac --version` (podman's share)",
-                &floor,
-            ),
+            cold.runs_row("cold"),
+            warm.runs_row("restored"),
+            inside.runs_row("  of which crac run's restore inside"),
+            floor.runs_row("`podman run --rm` of `crac --version` (podman's share)"),
         ],
     );
     report.line(&format!(

@@ -57,6 +57,17 @@ impl Samples {
         self.quantile(0.9)
     }
 
+    /// A table row: `name`, the number of samples, the median, the least and the most.
+    pub fn runs_row(&self, name: &str) -> Vec<String> {
+        vec![
+            name.to_owned(),
+            self.len().to_string(),
+            fmt_us(self.median()),
+            fmt_us(self.min()),
+            fmt_us(self.quantile(1.0)),
+        ]
+    }
+
     pub fn min(&self) -> f64 {
         self.sorted().first().copied().unwrap_or(f64::NAN)
     }

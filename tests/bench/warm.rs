@@ -302,53 +302,17 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
          ({:.0} MiB).",
         image_bytes as f64 / 1048576.0
     ));
-    let row = |name: &str, s: &Samples| {
-        vec![
-            name.to_owned(),
-            s.len().to_string(),
-            fmt_us(s.median()),
-            fmt_us(s.min()),
-            fmt_us(s.quantile(1.0)),
-        ]
-    };
     report.table(
         &["start", "runs", "median", "min", "max"],
         &[
-            vec![
-                "cold".into(),
-                cold.len().to_string(),
-                fmt_us(cold.median()),
-                fmt_us(cold.min()),
-                fmt_us(cold.quantile(1.0)),
-            ],
-            vec![
-                "  of which the service's warm-up".into(),
-                warmup_ms.len().to_string(),
-                fmt_us(warmup_ms.median()),
-                fmt_us(warmup_ms.min()),
-                fmt_us(warmup_ms.quantile(1.0)),
-            ],
-            row(
-                "restored, with CRIU's kdat cache (a tmpfs /run, as most hosts have)",
-                &cached,
-            ),
-            vec![
-                "restored, without (this machine: /run is not a tmpfs)".into(),
-                warm.len().to_string(),
-                fmt_us(warm.median()),
-                fmt_us(warm.min()),
-                fmt_us(warm.quantile(1.0)),
-            ],
-            row(
-                "  crac run's restore (validate, find CRIU, criu restore)",
-                &run_restore,
-            ),
-            row("  CRIU's restore_time (stats-restore)", &criu_restore),
-            row(
-                "plain `criu restore -d` (with crac-action), same image",
-                &plain,
-            ),
-            row("  ... to the first answer", &plain_answer),
+            cold.runs_row("cold"),
+            warmup_ms.runs_row("  of which the service's warm-up"),
+            cached.runs_row("restored, with CRIU's kdat cache (a tmpfs /run, as most hosts have)"),
+            warm.runs_row("restored, without (this machine: /run is not a tmpfs)"),
+            run_restore.runs_row("  crac run's restore (validate, find CRIU, criu restore)"),
+            criu_restore.runs_row("  CRIU's restore_time (stats-restore)"),
+            plain.runs_row("plain `criu restore -d` (with crac-action), same image"),
+            plain_answer.runs_row("  ... to the first answer"),
         ],
     );
     let met = ratio <= 0.02;

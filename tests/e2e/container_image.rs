@@ -11,19 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::oci::{self, Podman};
+use crate::oci;
+use crate::podman::{Podman, WARM_RUN_OPTIONS};
 use crate::util::{self, ask, bin, free_port, text, wait_until, Scratch};
-
-/// What `podman run` needs for crac run and CRIU inside, as the script's usage says.
-const RUN_OPTIONS: [&str; 7] = [
-    "--privileged",
-    "--network",
-    "host",
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=4096:4096",
-];
 
 /// The warm-start example's STATS.
 fn stats(port: u16) -> Value {
@@ -60,7 +50,7 @@ fn start_edited(
     edit: impl FnOnce(&Path),
 ) -> (String, Value) {
     let mut args = vec!["create", "--name", name];
-    args.extend(RUN_OPTIONS);
+    args.extend(WARM_RUN_OPTIONS);
     args.push(image);
     podman.run(&args, "podman create");
     let mount = podman.run(&["mount", name], "podman mount");
@@ -72,6 +62,15 @@ fn start_edited(
     let stats = stats(port);
     podman.run(&["rm", "--force", "--time", "0", name], "podman rm");
     (lines, stats)
+}
+
+/// Changes the metadata of the image in `dir` with `edit`.
+fn edit_metadata(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = dir.join("crac-meta.json");
+    let mut meta: Value =
+        serde_json::from_slice(&fs::read(&path).expect("metadata")).expect("JSON");
+    edit(&mut meta);
+    fs::write(&path, serde_json::to_vec(&meta).expect("JSON")).expect("write metadata");
 }
 
 /// The image's entrypoint restores the checkpoint the warm-up left in it, with the warm-up's
@@ -108,7 +107,7 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
     // The warm-up: no checkpoint yet, so a cold start, after which the service checkpoints
     // itself and keeps serving.
     let mut args = vec!["run", "-d", "--name", "warmup"];
-    args.extend(RUN_OPTIONS);
+    args.extend(WARM_RUN_OPTIONS);
     args.push("localhost/warm-start:cold");
     podman.run(&args, "podman run (warm-up)");
     let lines = started(&podman, "warmup");
@@ -132,7 +131,7 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
 
     // Restored: the warm-up's index and pid, a new instance id.
     let mut args = vec!["run", "-d", "--name", "warm"];
-    args.extend(RUN_OPTIONS);
+    args.extend(WARM_RUN_OPTIONS);
     args.push("localhost/warm-start:warm");
     podman.run(&args, "podman run (warm)");
     let lines = started(&podman, "warm");
@@ -182,14 +181,12 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
 
     // Refused: the image says its CPU had a feature this one lacks.
     let (lines, cold) = start_edited(&podman, "localhost/warm-start:warm", "cpu", port, |dir| {
-        let path = dir.join("crac-meta.json");
-        let mut meta: Value =
-            serde_json::from_slice(&fs::read(&path).expect("metadata")).expect("JSON");
-        meta["cpu_features"]
-            .as_array_mut()
-            .expect("the image records CPU features")
-            .push("avx9000".into());
-        fs::write(&path, serde_json::to_vec(&meta).expect("JSON")).expect("write metadata");
+        edit_metadata(dir, |meta| {
+            meta["cpu_features"]
+                .as_array_mut()
+                .expect("the image records CPU features")
+                .push("avx9000".into())
+        })
     });
     assert!(
         lines.contains("crac run: no warm start: this machine's CPU lacks a feature the image's machine had, which the service may rely on (avx9000)")
@@ -204,13 +201,7 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
         "localhost/warm-start:warm",
         "kernel",
         port,
-        |dir| {
-            let path = dir.join("crac-meta.json");
-            let mut meta: Value =
-                serde_json::from_slice(&fs::read(&path).expect("metadata")).expect("JSON");
-            meta["kernel"] = "5.10.0-older".into();
-            fs::write(&path, serde_json::to_vec(&meta).expect("JSON")).expect("write metadata");
-        },
+        |dir| edit_metadata(dir, |meta| meta["kernel"] = "5.10.0-older".into()),
     );
     assert!(
         lines.contains("crac run: the image was made on Linux 5.10.0-older, this machine runs ")
@@ -221,7 +212,7 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
 
     // Without --privileged CRIU cannot restore: said before it runs.
     let mut args = vec!["run", "-d", "--name", "unprivileged"];
-    args.extend(&RUN_OPTIONS[1..]);
+    args.extend(&WARM_RUN_OPTIONS[1..]);
     args.push("localhost/warm-start:warm");
     podman.run(&args, "podman run (unprivileged)");
     let lines = started(&podman, "unprivileged");
