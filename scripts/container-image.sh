@@ -76,6 +76,9 @@ done
 service=$1
 shift
 [[ -f $service && -x $service ]] || die "the service $service is not an executable file"
+# The image has no shell: the service must be a program, not a script.
+is_elf() { [[ $(head -c 4 "$1" 2>/dev/null) == $'\x7fELF' ]]; }
+is_elf "$service" || die "the service $service is not an ELF program (the image has no shell to run a script)"
 name=${name:-$(basename "$service")}
 [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "'$name' is not a valid image name (letters, digits, . _ -)"
 for bin in crac crac-action; do
@@ -85,7 +88,8 @@ read -r -a podman <<<"${PODMAN:-podman}"
 command -v "${podman[0]}" >/dev/null || die "${podman[0]} not found (scripts/install-runtimes.sh installs it)"
 
 rootfs=$(mktemp -d)
-trap 'rm -rf "$rootfs"' EXIT
+tar=${tar_out:-$rootfs.tar}
+trap 'rm -rf "$rootfs"; [[ -n $tar_out ]] || rm -f "$tar"' EXIT
 
 # Copies the file $1 to $2 inside the image (a folder path ending in / keeps the name).
 put() {
@@ -95,15 +99,26 @@ put() {
     cp -L "$1" "$dest"
 }
 
-# The shared libraries the dynamic executable $1 loads, as paths on this machine, one a line.
-libraries() {
-    local out
+# Copies the shared libraries the program $1 loads into the image: the loader at its own
+# path, the others into the folder the loader searches by default (the image has no
+# ld.so.cache, so a library found on this machine through /etc/ld.so.conf would not be found
+# at its own path).
+TRIPLET=$(uname -m)-linux-gnu
+put_libraries() {
+    local out lib
     out=$(LC_ALL=C ldd "$1" 2>&1) || {
         # A static binary (crac-action as scripts/build-release.sh builds it) needs none.
         [[ $out == *"not a dynamic executable"* ]] && return 0
         die "cannot list the libraries of $1: $out"
     }
-    awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$out"
+    [[ $out != *"not found"* ]] || die "$1 needs libraries this machine lacks: $out"
+    while read -r lib; do
+        if [[ $(basename "$lib") == ld-linux* ]]; then
+            [[ -e $rootfs/${lib#/} ]] || put "$lib" "$lib"
+        elif [[ ! -e $rootfs/usr/lib/$TRIPLET/$(basename "$lib") ]]; then
+            put "$lib" "/usr/lib/$TRIPLET/"
+        fi
+    done < <(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }' <<<"$out")
 }
 
 # The CRIU crac would run (crac-cli's locate.rs): $CRAC_CRIU, else the first >= 4.2 of criu on
@@ -132,21 +147,21 @@ done
 if provisioned=$(sed -n 's/^R=\(\/.*\)$/\1/p' "$criu" 2>/dev/null) && [[ -n $provisioned && -d $provisioned/usr ]]; then
     info "CRIU: $criu (the provisioned copy in $provisioned, with its own C library)"
     cp -a "$provisioned/usr/." "$rootfs/usr/"
-    [[ -d $provisioned/etc ]] && cp -a "$provisioned/etc" "$rootfs/etc"
+    if [[ -d $provisioned/lib ]]; then cp -a "$provisioned/lib/." "$rootfs/usr/lib/"; fi
+    if [[ -d $provisioned/etc ]]; then cp -a "$provisioned/etc" "$rootfs/etc"; fi
 else
     info "CRIU: $criu"
+    is_elf "$(readlink -f "$criu")" ||
+        die "$criu is not a CRIU program (a wrapper script?): name the binary itself in CRAC_CRIU"
     put "$criu" /usr/sbin/criu
-    while read -r lib; do put "$lib" "$lib"; done < <(libraries "$criu")
+    put_libraries "$criu"
 fi
 # crac, crac-action and the service, each with the libraries the image does not have yet.
 put "$bin_dir/crac" /usr/local/bin/
 put "$bin_dir/crac-action" /usr/local/bin/
 put "$service" /app/
 for bin in "$bin_dir/crac" "$bin_dir/crac-action" "$service"; do
-    while read -r lib; do
-        [[ -e $rootfs/${lib#/} || -e $rootfs/usr/lib/x86_64-linux-gnu/$(basename "$lib") ]] ||
-            put "$lib" "$lib"
-    done < <(libraries "$bin")
+    put_libraries "$bin"
 done
 # Debug information is most of a debug build's size, and no use in the image.
 if command -v strip >/dev/null; then
@@ -156,7 +171,10 @@ fi
 mkdir -p "$rootfs"/{proc,dev,sys,run,tmp,var/lib/crac/images}
 chmod 1777 "$rootfs/tmp"
 
-# The entrypoint, as a JSON array.
+# The entrypoint, as a JSON array (of arguments without control characters).
+for arg in "$name" "$@"; do
+    [[ $arg != *[[:cntrl:]]* ]] || die "an argument holds a control character: $(printf '%q' "$arg")"
+done
 json() {
     local s=${1//\\/\\\\}
     printf '"%s"' "${s//\"/\\\"}"
@@ -169,9 +187,7 @@ entry+=",$(json "/app/$(basename "$service")")"
 for arg in "$@"; do entry+=",$(json "$arg")"; done
 entry+="]"
 
-tar=${tar_out:-$rootfs.tar}
 tar -C "$rootfs" -cf "$tar" .
-[[ -n $tar_out ]] || trap 'rm -rf "$rootfs" "$tar"' EXIT
 out=$("${podman[@]}" import --change "ENTRYPOINT $entry" \
     --change "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin" "$tar" "$tag" 2>&1) ||
     die "podman import of $tar as $tag failed: $out"

@@ -17,7 +17,7 @@
 //!   without one.
 //!
 //! Everything reachable from a signal handler here is async-signal-safe: atomics, `getpid`,
-//! `unlink`, `rmdir`, `sigaction`, `raise`. Paths are leaked `CString`s published through
+//! `lstat`, `unlink`, `rmdir`, `sigaction`, `raise`. Paths are leaked `CString`s published through
 //! atomic pointers, so a handler never sees a freed one.
 
 use std::ffi::CString;
@@ -35,10 +35,11 @@ static DIR: AtomicPtr<libc::c_char> = AtomicPtr::new(ptr::null_mut());
 /// remove its parent's socket.
 static OWNER: AtomicI32 = AtomicI32::new(0);
 
-/// The inode of the socket file when this process last knew the file at the path to be its
-/// own (0: not known). Only that file is removed: copies restored from one image into pid
-/// namespaces of their own share the path (all are pid 1), and the one that ends must not
+/// The device and inode of the socket file when this process last knew the file at the path
+/// to be its own (0: not known). Only that file is removed: copies restored from one image into
+/// pid namespaces of their own share the path (all are pid 1), and the one that ends must not
 /// take the socket of the one that bound the path last.
+static SOCKET_DEV: AtomicU64 = AtomicU64::new(0);
 static SOCKET_INODE: AtomicU64 = AtomicU64::new(0);
 
 static INSTALL: Once = Once::new();
@@ -48,11 +49,7 @@ pub(crate) fn arm(socket: &Path, dir: &Path, signals: bool) {
     SOCKET.store(leak(socket), Ordering::SeqCst);
     DIR.store(leak(dir), Ordering::SeqCst);
     // Just bound: the file at the path is this process's socket.
-    own_socket_file(
-        std::fs::symlink_metadata(socket)
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
-    );
+    own_socket_file(file_identity(socket));
     OWNER.store(std::process::id() as i32, Ordering::SeqCst);
     INSTALL.call_once(|| {
         // SAFETY: `at_exit` is an `extern "C" fn()` that only touches atomics and calls
@@ -66,9 +63,23 @@ pub(crate) fn arm(socket: &Path, dir: &Path, signals: bool) {
     });
 }
 
-/// Notes the inode of the file at the socket's path, known to be this process's socket.
-pub(crate) fn own_socket_file(inode: Option<u64>) {
-    SOCKET_INODE.store(inode.unwrap_or(0), Ordering::SeqCst);
+/// Notes the device and inode of the file at the socket's path, known to be this process's
+/// socket.
+pub(crate) fn own_socket_file(file: Option<(u64, u64)>) {
+    let (dev, ino) = file.unwrap_or((0, 0));
+    // A handler that reads a new device with an old inode (or the reverse) finds no match and
+    // leaves the file: the safe side.
+    SOCKET_INODE.store(0, Ordering::SeqCst);
+    SOCKET_DEV.store(dev, Ordering::SeqCst);
+    SOCKET_INODE.store(ino, Ordering::SeqCst);
+}
+
+/// The device and inode of the file at `path`, not following a link.
+pub(crate) fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Forgets the files (after they were removed by a clean stop).
@@ -93,16 +104,19 @@ pub(crate) fn remove_files() {
     let socket = SOCKET.swap(ptr::null_mut(), Ordering::SeqCst);
     let dir = DIR.swap(ptr::null_mut(), Ordering::SeqCst);
     // SAFETY: non-null pointers here come from CString::into_raw and are never freed, so they
-    // are valid NUL-terminated strings; unlink and rmdir are async-signal-safe.
+    // are valid NUL-terminated strings; lstat, unlink and rmdir are async-signal-safe.
     unsafe {
-        let own = SOCKET_INODE.load(Ordering::SeqCst);
-        // SAFETY: an all-zero stat is a valid value for lstat to overwrite; lstat is
-        // async-signal-safe.
+        let (dev, ino) = (
+            SOCKET_DEV.load(Ordering::SeqCst),
+            SOCKET_INODE.load(Ordering::SeqCst),
+        );
+        // An all-zero stat is a valid value for lstat to overwrite.
         let mut stat: libc::stat = std::mem::zeroed();
         if !socket.is_null()
-            && own != 0
+            && ino != 0
             && libc::lstat(socket, &mut stat) == 0
-            && stat.st_ino == own
+            && stat.st_dev == dev
+            && stat.st_ino == ino
         {
             libc::unlink(socket);
         }

@@ -78,8 +78,8 @@ pub(crate) struct Tracker(Mutex<State>);
 
 #[derive(Default)]
 struct State {
-    /// The numbers open before the hook now running, ascending.
-    before: Vec<RawFd>,
+    /// The hook now running (its resource), and the numbers open before it, ascending.
+    before: Option<(String, Vec<RawFd>)>,
     /// The numbers open after the last hook, and when they were noted: the next hook's
     /// `before` when it follows at once (hooks of one cycle run back to back).
     last: Option<(Instant, Vec<RawFd>)>,
@@ -132,9 +132,9 @@ impl Tracker {
 }
 
 impl AfterRestoreWatcher for Tracker {
-    fn before(&self, _resource: &str) {
+    fn before(&self, resource: &str) {
         let mut state = self.state();
-        state.before = match state.last.take() {
+        let open = match state.last.take() {
             Some((at, open)) if at.elapsed() < SAME_CYCLE => open,
             _ => {
                 // A table never shrinks: its size is read once, and again when it may have grown.
@@ -144,14 +144,24 @@ impl AfterRestoreWatcher for Tracker {
                 open_numbers(state.size)
             }
         };
+        state.before = Some((resource.to_owned(), open));
     }
 
     fn after(&self, resource: &str) {
         let mut state = self.state();
+        // A hook that overran its limit returns while later ones run: what appeared since its
+        // start is not its own doing more than theirs, so it is not noted.
+        let before = match state.before.take() {
+            Some((running, open)) if running == resource => open,
+            other => {
+                state.before = other;
+                return;
+            }
+        };
         // A new descriptor takes the lowest free number: one a hook opened is in a hole of the
         // table before it, or just above its highest. Numbers far above are looked at only if
         // the last one looked at is open.
-        let above = state.before.last().map_or(0, |&fd| fd + 1) + NEW_NUMBERS;
+        let above = before.last().map_or(0, |&fd| fd + 1) + NEW_NUMBERS;
         let mut now = open_numbers(above.min(state.size));
         if above < state.size && now.last() == Some(&(above - 1)) {
             now = open_numbers(state.size);
@@ -161,7 +171,6 @@ impl AfterRestoreWatcher for Tracker {
             state.size = table_size();
             now = open_numbers(state.size);
         }
-        let before = std::mem::take(&mut state.before);
         // What was closed is no longer what a hook opened.
         state.opened.retain(|fd, _| now.binary_search(fd).is_ok());
         for &fd in &now {
@@ -328,5 +337,24 @@ mod tests {
             owner.to_string(),
             "held by resource \"holder\", which declares it"
         );
+    }
+
+    #[test]
+    fn a_hook_that_returns_late_while_another_runs_is_not_given_what_that_one_opened() {
+        let coordinator = Coordinator::new();
+        let tracker = Tracker::default();
+        // "slow" overran its limit; "next" started while it still ran, and opened a file.
+        tracker.before("slow");
+        tracker.before("next");
+        let opened = fs::File::open("/dev/null").unwrap();
+        tracker.after("next");
+        tracker.after("slow");
+        let mut descriptors = [listed(opened.as_raw_fd()), listed(0)];
+        tracker.attribute(&coordinator, &mut descriptors);
+        assert_eq!(
+            descriptors[0].owner.as_ref().map(|o| o.resource.as_str()),
+            Some("next")
+        );
+        assert_eq!(descriptors[1].owner, None, "open before any hook");
     }
 }

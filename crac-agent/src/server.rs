@@ -18,7 +18,6 @@
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -57,7 +56,7 @@ pub(crate) struct Server {
     handler: Handler,
     listener: UnixListener,
     /// The inode of the socket file this agent bound, to tell it from a replacement.
-    socket_inode: Option<u64>,
+    socket_inode: Option<(u64, u64)>,
     options: Options,
     conns: Vec<Conn>,
     next_check: Option<Instant>,
@@ -110,7 +109,10 @@ impl Server {
     }
 
     /// Notes that the file at the socket's path is this agent's socket: just bound, or a
-    /// client just reached this listener through it.
+    /// client just reached this listener through it (in a restored copy, CRIU made the file
+    /// anew; crac-action's post-resume reaches it while the restore still holds its turn, so
+    /// no copy restored after it has bound the path yet). Never later, at the end of a
+    /// cycle: by then another copy may have.
     fn own_the_socket_file(&mut self) {
         self.socket_inode = socket_inode(&self.options.socket);
         crate::cleanup::own_socket_file(self.socket_inode);
@@ -172,10 +174,6 @@ impl Server {
             }
             if accept {
                 self.accept();
-            }
-            if was_pending && !self.handler.is_pending() {
-                // The cycle ended; in a restored copy CRIU made the socket file anew.
-                self.own_the_socket_file();
             }
         }
         // A checkpoint still pending when the agent stops is aborted by Checkpoint's Drop.
@@ -452,8 +450,8 @@ fn drop_input(stream: &UnixStream, drained: &mut usize) -> bool {
 }
 
 /// The inode of the file at `path`, if there is one.
-fn socket_inode(path: &Path) -> Option<u64> {
-    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+fn socket_inode(path: &Path) -> Option<(u64, u64)> {
+    crate::cleanup::file_identity(path)
 }
 
 /// Whether the client closed its connection entirely (not just its writing side).

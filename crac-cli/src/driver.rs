@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -777,7 +777,7 @@ fn require_criu_capability(what: &str) -> Result<(), OpError> {
     Err(OpError::new(
         FailureKind::Unavailable,
         format!(
-            "crac {what} runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs (root in a container without privileges has neither): run the container with --privileged"
+            "crac {what} runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs: run the container with --privileged (root in a container without privileges has neither), or give crac one of them"
         ),
     ))
 }
@@ -892,15 +892,23 @@ fn inherit_stdio(cmd: &mut Command, meta: &Metadata) -> Result<(), OpError> {
         let Ok(own) = RawFd::try_from(fd) else {
             continue;
         };
-        // SAFETY: stdout and stderr stay open for this process's life.
-        let copy = unsafe { BorrowedFd::borrow_raw(own) }
-            .try_clone_to_owned()
-            .map_err(|e| {
-                OpError::new(
+        // The copy is numbered above the numbers CRIU gets them under, so that putting one
+        // in place never closes another.
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) only reads `own` (stdout or stderr, open for this
+        // process's life) and returns a new descriptor, which the OwnedFd then owns alone.
+        let copy = unsafe {
+            let copy = libc::fcntl(own, libc::F_DUPFD_CLOEXEC, INHERITED_STDIO_FD + 16);
+            if copy == -1 {
+                return Err(OpError::new(
                     FailureKind::Unavailable,
-                    format!("cannot pass descriptor {fd} on to CRIU: {e}"),
-                )
-            })?;
+                    format!(
+                        "cannot pass descriptor {fd} on to CRIU: {}",
+                        std::io::Error::last_os_error()
+                    ),
+                ));
+            }
+            OwnedFd::from_raw_fd(copy)
+        };
         let number = INHERITED_STDIO_FD + own;
         cmd.arg("--inherit-fd").arg(format!("fd[{number}]:{key}"));
         passed.push((number, copy));
@@ -908,18 +916,12 @@ fn inherit_stdio(cmd: &mut Command, meta: &Metadata) -> Result<(), OpError> {
     if passed.is_empty() {
         return Ok(());
     }
-    // SAFETY: dup2 and fcntl are async-signal-safe; the copies (close-on-exec, so CRIU gets
-    // only the duplicates dup2 makes) live in the closure until the child has exec'd.
+    // SAFETY: dup2 is async-signal-safe; the copies (close-on-exec, so CRIU gets only the
+    // duplicates dup2 makes) live in the closure until the child has exec'd.
     unsafe {
         cmd.pre_exec(move || {
             for (number, copy) in &passed {
-                let done = if copy.as_raw_fd() == *number {
-                    // dup2 onto itself keeps close-on-exec: clear it instead.
-                    libc::fcntl(*number, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(copy.as_raw_fd(), *number)
-                };
-                if done == -1 {
+                if libc::dup2(copy.as_raw_fd(), *number) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

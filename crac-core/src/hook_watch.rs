@@ -7,8 +7,10 @@
 /// [`Coordinator::set_after_restore_watcher`](crate::Coordinator::set_after_restore_watcher).
 ///
 /// Only `after_restore` is watched: it runs once the process runs again, off a dump's path,
-/// while `before_checkpoint` is on it. Hooks never overlap, so `after` always belongs to the
-/// last `before`; a hook that overran its time limit is told `after` when it returns at last.
+/// while `before_checkpoint` is on it. Hooks run one at a time, with one exception: a hook
+/// that overran its time limit is left running while the next ones run, and is told `after`
+/// when it returns at last, maybe between another hook's `before` and `after`. A watcher
+/// matches each `after` to its `before` by the resource's name.
 ///
 /// # Panics and blocking
 ///

@@ -212,12 +212,12 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
 
     // Without --privileged CRIU cannot restore: said before it runs.
     let mut args = vec!["run", "-d", "--name", "unprivileged"];
-    args.extend(&WARM_RUN_OPTIONS[1..]);
+    args.extend(WARM_RUN_OPTIONS.iter().filter(|&&o| o != "--privileged"));
     args.push("localhost/warm-start:warm");
     podman.run(&args, "podman run (unprivileged)");
     let lines = started(&podman, "unprivileged");
     assert!(
-        lines.contains("crac run: no warm start: crac restore runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs (root in a container without privileges has neither): run the container with --privileged")
+        lines.contains("crac run: no warm start: crac restore runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs: run the container with --privileged (root in a container without privileges has neither), or give crac one of them")
             && lines.contains("crac run: started cold"),
         "{lines}"
     );
@@ -228,7 +228,9 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
             && text(&check).contains(
                 "crac checkpoint runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE"
             )
-            && text(&check).contains("run the container with --privileged"),
+            && text(&check).contains(
+                "give crac CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (a container: --privileged)"
+            ),
         "{}",
         text(&check)
     );

@@ -72,6 +72,7 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         }
     }
 
+    let is_root = nix::unistd::geteuid().is_root();
     let privileges = driver::require_root("checkpoint");
     let root = privileges.is_ok();
     checks.push(Check {
@@ -79,12 +80,17 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         ok: root,
         detail: match &privileges {
             Ok(()) => "running as root".to_owned(),
+            Err(_) if !is_root => {
+                "not root: CRIU needs root (or CAP_CHECKPOINT_RESTORE with a CRIU set up for it)"
+                    .to_owned()
+            }
             Err(err) => err.message.clone(),
         },
     });
     if !root {
-        fixes.push(if nix::unistd::geteuid().is_root() {
-            "run the container with --privileged".to_owned()
+        fixes.push(if is_root {
+            "give crac CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (a container: --privileged)"
+                .to_owned()
         } else {
             "run crac as root".to_owned()
         });

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -159,6 +160,13 @@ fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
     if !args.output_passed_on() {
         let (stdout, stderr) = open_log(store, args)?;
         cmd.stdout(stdout).stderr(stderr);
+    } else if [std::io::stdout().as_fd(), std::io::stderr().as_fd()]
+        .into_iter()
+        .any(|fd| nix::unistd::isatty(fd).unwrap_or(false))
+    {
+        eprintln!(
+            "crac run: --log -: the service writes to this terminal, so it cannot be checkpointed (CRIU cannot dump a terminal outside the tree); give it a file with --log FILE, or run crac run with its output in a pipe"
+        );
     }
     // SAFETY: setsid is async-signal-safe and is the only call made between fork and exec.
     unsafe {
