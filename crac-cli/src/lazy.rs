@@ -181,6 +181,10 @@ fn kill_tree(root: u32) -> String {
         .filter(|&pid| crac_action::tree::state_of(pid).is_some_and(|s| s != 'Z'))
         .collect();
     if pids.is_empty() {
+        // Most likely of a page that never came (SIGBUS): no agent could remove its folder.
+        if crac_action::tree::state_of(root).is_none_or(|s| s == 'Z') {
+            let _ = fs::remove_dir_all(crac_agent::agent_dir(root));
+        }
         return format!("the restored tree (pid {root}) had already exited");
     }
     for &pid in pids.iter().rev() {

@@ -109,6 +109,10 @@ fn a_page_server_that_dies_midway_takes_the_restored_tree_with_it_and_run_starts
         kill(Pid::from_raw(pid as i32), None).is_err(),
         "the tree is gone"
     );
+    assert!(
+        !util::agent_dir(pid).exists(),
+        "the killed tree's agent folder is left behind"
+    );
 
     // crac run does the same, then starts the service cold.
     let dir = scratch.join("cold");
@@ -133,8 +137,11 @@ fn a_page_server_that_dies_midway_takes_the_restored_tree_with_it_and_run_starts
     let server = page_server(&crac);
     kill(Pid::from_raw(server as i32), Signal::SIGSTOP).unwrap();
     kill(Pid::from_raw(server as i32), Signal::SIGKILL).unwrap();
+    // crac run says it started cold once the spawn returned, which may be after the service
+    // is ready.
     wait_until(Duration::from_secs(30), "the cold start", || {
         dir.join("ready").exists()
+            && fs::read_to_string(&stderr).is_ok_and(|s| s.contains("crac run: started cold"))
     });
     let said = fs::read_to_string(&stderr).unwrap();
     assert!(
