@@ -141,7 +141,7 @@ impl AfterRestoreWatcher for Tracker {
                 if state.size == 0 {
                     state.size = table_size();
                 }
-                open_numbers(state.size)
+                crate::fd_facts::open_below(state.size)
             }
         };
         state.before = Some((resource.to_owned(), open));
@@ -162,14 +162,14 @@ impl AfterRestoreWatcher for Tracker {
         // table before it, or just above its highest. Numbers far above are looked at only if
         // the last one looked at is open.
         let above = before.last().map_or(0, |&fd| fd + 1) + NEW_NUMBERS;
-        let mut now = open_numbers(above.min(state.size));
+        let mut now = crate::fd_facts::open_below(above.min(state.size));
         if above < state.size && now.last() == Some(&(above - 1)) {
-            now = open_numbers(state.size);
+            now = crate::fd_facts::open_below(state.size);
         }
         if now.last() == Some(&(state.size - 1)) {
             // A full table may have grown while the hook ran: look at the new numbers too.
             state.size = table_size();
-            now = open_numbers(state.size);
+            now = crate::fd_facts::open_below(state.size);
         }
         // What was closed is no longer what a hook opened.
         state.opened.retain(|fd, _| now.binary_search(fd).is_ok());
@@ -184,51 +184,9 @@ impl AfterRestoreWatcher for Tracker {
     }
 }
 
-/// The size of this process's descriptor table (`FDSize`): every descriptor is below it.
+/// The descriptor table's size, or a common one if /proc does not say.
 fn table_size() -> RawFd {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("FDSize:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(1024)
-}
-
-/// The open descriptor numbers below `size`, ascending: one poll (a closed number comes back
-/// POLLNVAL).
-fn open_numbers(size: RawFd) -> Vec<RawFd> {
-    // poll takes no more numbers than the soft limit on open files (EINVAL), and no
-    // descriptor is above it.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the limits into `limit`, a valid rlimit.
-    let size = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        size.min(RawFd::try_from(limit.rlim_cur).unwrap_or(RawFd::MAX))
-    } else {
-        size
-    };
-    let mut fds: Vec<libc::pollfd> = (0..size)
-        .map(|fd| libc::pollfd {
-            fd,
-            events: 0,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries for the call's duration;
-    // poll with no events and a zero timeout only reports on each number, open or not.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
-    if ready < 0 {
-        return Vec::new();
-    }
-    fds.iter()
-        .filter(|p| p.revents & libc::POLLNVAL == 0)
-        .map(|p| p.fd)
-        .collect()
+    crate::fd_facts::table_size().unwrap_or(1024)
 }
 
 /// The device and inode of descriptor `fd`, if it is open.

@@ -123,20 +123,12 @@ fn anonymous_inode_device() -> Option<u64> {
     fstat(&probe).ok().map(|s| s.st_dev)
 }
 
-/// This process's descriptor numbers: every number below the descriptor table's size
-/// (`FDSize` in /proc/self/status) is tried when the table is small, since a failed `fstat`
-/// costs less than a directory entry of /proc/self/fd; a big table is listed instead.
+/// This process's descriptor numbers: every number below the descriptor table's size is tried
+/// when the table is small, since a failed `fstat` costs less than a directory entry of
+/// /proc/self/fd; a big table is listed instead.
 pub(crate) fn open_descriptors() -> Vec<RawFd> {
     const PROBE_UP_TO: RawFd = 16_384;
-    let size = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("FDSize:"))
-                .and_then(|n| n.trim().parse::<RawFd>().ok())
-        });
-    match size {
+    match table_size() {
         Some(size) if size <= PROBE_UP_TO => (0..size).collect(),
         _ => fs::read_dir("/proc/self/fd")
             .map(|entries| {
@@ -147,6 +139,53 @@ pub(crate) fn open_descriptors() -> Vec<RawFd> {
             })
             .unwrap_or_default(),
     }
+}
+
+/// The size of this process's descriptor table (`FDSize` in /proc/self/status): every
+/// descriptor is below it.
+pub(crate) fn table_size() -> Option<RawFd> {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("FDSize:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+}
+
+/// The open descriptor numbers below `size`, ascending: one poll (a closed number comes back
+/// POLLNVAL), which looks at no descriptor's file.
+pub(crate) fn open_below(size: RawFd) -> Vec<RawFd> {
+    // poll takes no more numbers than the soft limit on open files (EINVAL), and no
+    // descriptor is above it.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limits into `limit`, a valid rlimit.
+    let size = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        size.min(RawFd::try_from(limit.rlim_cur).unwrap_or(RawFd::MAX))
+    } else {
+        size
+    };
+    let mut fds: Vec<libc::pollfd> = (0..size)
+        .map(|fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries for the call's duration;
+    // poll with no events and a zero timeout only reports on each number, open or not.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    if ready < 0 {
+        return Vec::new();
+    }
+    fds.iter()
+        .filter(|p| p.revents & libc::POLLNVAL == 0)
+        .map(|p| p.fd)
+        .collect()
 }
 
 /// A socket's peer, as crac-action's copy of it would find it: none when `getpeername`
