@@ -3,9 +3,10 @@
 //! 256, 1,024 and 4,096 MiB of touched memory (4 GiB once, and not with --quick) (each page its own content); and the price of lazy:
 //! the time until every page has arrived, and a request's latency while pages still arrive.
 
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::kdat::TmpfsRun;
 use crate::line::{self, free_port};
 use crate::procs::{self, Proc, Res};
 use crate::stats::{fmt_ratio, fmt_us, verdict, Report, Samples};
@@ -345,32 +346,15 @@ fn parse_duration_us(text: &str) -> f64 {
     number.parse::<f64>().map_or(f64::NAN, |n| n * scale)
 }
 
-/// The hidden argument that makes crac-bench the kdat probe.
-pub const KDAT_PROBE_ARG: &str = "--kdat-probe";
 const KDAT_RUNS: usize = 21;
 
 /// CRIU's start-up with and without its kernel-feature cache. /run is not a tmpfs here, so
-/// CRIU keeps no cache; `with` runs this binary as [`kdat_probe`] in a mount namespace of its
-/// own whose /run is a tmpfs, where CRIU makes and then loads one.
+/// CRIU keeps no cache; `with` is measured in a mount namespace whose /run is one
+/// ([`TmpfsRun`], which makes the cache first).
 fn kdat(ctx: &Ctx, report: &mut Report) -> Res<(f64, f64)> {
-    let without = criu_check_runs(&ctx.bins.criu, KDAT_RUNS)?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--"])
-        .arg(exe)
-        .arg(KDAT_PROBE_ARG)
-        .arg(&ctx.bins.criu)
-        .output()
-        .map_err(|e| format!("unshare: {e}"))?;
-    let with: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| {
-            format!(
-                "the kdat probe said nothing usable: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-        })?;
+    let without = criu_check_runs(&ctx.bins.criu, None, KDAT_RUNS)?;
+    let tmpfs_run = TmpfsRun::new(&ctx.bins.criu)?;
+    let with = criu_check_runs(&ctx.bins.criu, Some(&tmpfs_run), KDAT_RUNS)?;
     report.line(&format!(
         "CRIU's start-up (`criu check`, {KDAT_RUNS} runs, median): {} probing the kernel (no \
          cache: /run is not a tmpfs here), {} loading /run/criu.kdat from a tmpfs (in a mount \
@@ -385,54 +369,25 @@ fn kdat(ctx: &Ctx, report: &mut Report) -> Res<(f64, f64)> {
     Ok((without, with))
 }
 
-/// Median microseconds of `runs` `criu check`.
-fn criu_check_runs(criu: &std::path::Path, runs: usize) -> Res<f64> {
+/// Median microseconds of `runs` `criu check`, inside `tmpfs_run` if given.
+fn criu_check_runs(criu: &std::path::Path, tmpfs_run: Option<&TmpfsRun>, runs: usize) -> Res<f64> {
     let mut samples = Samples::new();
     for _ in 0..runs {
-        let started = Instant::now();
-        let status = Command::new(criu)
+        let mut check = Command::new(criu);
+        check
             .arg("check")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| e.to_string())?;
+            .stderr(Stdio::null());
+        if let Some(ns) = tmpfs_run {
+            ns.enter(&mut check);
+        }
+        let started = Instant::now();
+        let status = check.status().map_err(|e| e.to_string())?;
         if !status.success() {
             return Err(format!("criu check failed ({status})"));
         }
         samples.push(started.elapsed());
     }
     Ok(samples.median())
-}
-
-/// In a private mount namespace: a tmpfs on /run, one `criu check` to make the cache, then
-/// the median of [`KDAT_RUNS`] more, printed in microseconds.
-pub fn kdat_probe() -> ExitCode {
-    let criu = std::env::args().nth(2).unwrap_or_else(|| "criu".into());
-    let mounted = nix::mount::mount(
-        Some("tmpfs"),
-        "/run",
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    );
-    if let Err(err) = mounted {
-        eprintln!("cannot mount a tmpfs on /run: {err}");
-        return ExitCode::FAILURE;
-    }
-    let criu = std::path::Path::new(&criu);
-    match criu_check_runs(criu, 1).and_then(|_| criu_check_runs(criu, KDAT_RUNS)) {
-        Ok(median) if std::path::Path::new("/run/criu.kdat").exists() => {
-            println!("{median}");
-            ExitCode::SUCCESS
-        }
-        Ok(_) => {
-            eprintln!("CRIU made no /run/criu.kdat on the tmpfs");
-            ExitCode::FAILURE
-        }
-        Err(err) => {
-            eprintln!("{err}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -129,10 +129,6 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    // Item 9's helper, run by itself in a mount namespace of its own (see lazy::kdat).
-    if std::env::args().nth(1).as_deref() == Some(lazy::KDAT_PROBE_ARG) {
-        return lazy::kdat_probe();
-    }
     let opts = match parse_args() {
         Ok(opts) => opts,
         Err(err) => {
