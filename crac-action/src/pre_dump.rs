@@ -121,82 +121,22 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         facts: policy.is_some(),
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
-    let mut facts = AgentFacts::new();
     let started = Instant::now();
     let mut report = HookReport {
         cycle: cycle.clone(),
         ..HookReport::default()
     };
 
-    let mut told: Vec<(ProcessId, AgentSocket)> = Vec::new();
-    let mut failure = None;
-    let mut unanswered: Vec<(ProcessId, AgentSocket)> = Vec::new();
-    let mut repeated = 0;
-    // Children go down before their parents, as resources within a process do.
-    for agent in found.agents.into_iter().rev() {
-        let pid = agent.pid();
-        let Some(id) = ProcessId::of(pid) else {
-            log(out, STEP, &format!("pid {pid}: exited; skipped"));
-            continue;
-        };
-        match ask(&agent, &request, &deadline) {
-            Outcome::Done(reply) => {
-                log(
-                    out,
-                    STEP,
-                    &format!(
-                        "pid {pid}: before_checkpoint ok, {}",
-                        describe_hooks(&reply)
-                    ),
-                );
-                for closed in &reply.closed {
-                    log(
-                        out,
-                        STEP,
-                        &format!("pid {pid}: closed by its descriptor policy: {closed}"),
-                    );
-                }
-                if reply.code.as_deref() == Some(code::ALREADY) {
-                    repeated += 1;
-                }
-                if let Some(told) = reply.facts {
-                    facts.insert(pid, told);
-                }
-                report.agents.push(AgentHooks {
-                    pid,
-                    hooks: reply.hooks,
-                });
-                told.push((id, agent));
-            }
-            Outcome::Refused(reply) => {
-                failure = Some(format!(
-                    "pid {pid}: {}",
-                    reply.error.as_deref().unwrap_or("refused without a reason")
-                ));
-                break;
-            }
-            Outcome::NoAgent => {
-                log(
-                    out,
-                    STEP,
-                    &format!(
-                        "pid {pid}: stale socket {}, no agent listening; skipped",
-                        agent.describe()
-                    ),
-                );
-            }
-            Outcome::NoAnswer(err) => {
-                failure = Some(describe_no_answer(pid, &err));
-                unanswered.push((id, agent));
-                break;
-            }
-            Outcome::Untrusted(err) => {
-                failure = Some(err.to_string());
-                break;
-            }
-        }
-    }
-
+    let Told {
+        agents: told,
+        hooks,
+        facts,
+        repeated,
+        mut failure,
+        unanswered,
+        ..
+    } = tell_before(found.agents, &request, &deadline, out);
+    report.agents = hooks;
     report.wall_ms = started.elapsed().as_secs_f64() * 1e3;
     // A repeated step ran no hook: the first run's report stands.
     if repeated < told.len() {
@@ -239,6 +179,117 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         ),
     );
     Ok(())
+}
+
+/// What telling the agents `before_checkpoint` found; see [`tell_before`].
+struct Told {
+    /// The agents that answered ok, children first: the ones to roll back.
+    agents: Vec<(ProcessId, AgentSocket)>,
+    /// Their hooks, in the order they ran.
+    hooks: Vec<AgentHooks>,
+    /// The hooks of the agent that refused, if one did.
+    refused_hooks: Option<AgentHooks>,
+    /// What the agents told of their own descriptors (when asked).
+    facts: AgentFacts,
+    /// What their descriptor policies closed (in a dry run: would close), by process.
+    closed: Vec<(u32, crac_agent::fd_policy::Descriptor)>,
+    /// How many had been told this cycle already (this step ran before).
+    repeated: usize,
+    /// Why the checkpoint cannot go on: the first refusal, silence or untrusted socket.
+    failure: Option<String>,
+    /// The agent that did not answer: it may still finish its hooks later.
+    unanswered: Vec<(ProcessId, AgentSocket)>,
+}
+
+/// Tells each agent `request` (a before-checkpoint), children first (they go down before
+/// their parents, as resources within a process do), logging each answer; stops at the first
+/// that refuses, does not answer or is not trusted.
+fn tell_before(
+    agents: Vec<AgentSocket>,
+    request: &Request,
+    deadline: &Deadline,
+    out: &mut dyn Write,
+) -> Told {
+    let mut told = Told {
+        agents: Vec::new(),
+        hooks: Vec::new(),
+        refused_hooks: None,
+        facts: AgentFacts::new(),
+        closed: Vec::new(),
+        repeated: 0,
+        failure: None,
+        unanswered: Vec::new(),
+    };
+    for agent in agents.into_iter().rev() {
+        let pid = agent.pid();
+        let Some(id) = ProcessId::of(pid) else {
+            log(out, STEP, &format!("pid {pid}: exited; skipped"));
+            continue;
+        };
+        match ask(&agent, request, deadline) {
+            Outcome::Done(reply) => {
+                log(
+                    out,
+                    STEP,
+                    &format!(
+                        "pid {pid}: before_checkpoint ok, {}",
+                        describe_hooks(&reply)
+                    ),
+                );
+                for closed in &reply.closed {
+                    log(
+                        out,
+                        STEP,
+                        &format!("pid {pid}: closed by its descriptor policy: {closed}"),
+                    );
+                }
+                if reply.code.as_deref() == Some(code::ALREADY) {
+                    told.repeated += 1;
+                }
+                if let Some(facts) = reply.facts {
+                    told.facts.insert(pid, facts);
+                }
+                told.closed
+                    .extend(reply.closed.into_iter().map(|c| (pid, c)));
+                told.hooks.push(AgentHooks {
+                    pid,
+                    hooks: reply.hooks,
+                });
+                told.agents.push((id, agent));
+            }
+            Outcome::Refused(reply) => {
+                told.failure = Some(format!(
+                    "pid {pid}: {}",
+                    reply.error.as_deref().unwrap_or("refused without a reason")
+                ));
+                told.refused_hooks = Some(AgentHooks {
+                    pid,
+                    hooks: reply.hooks,
+                });
+                break;
+            }
+            Outcome::NoAgent => {
+                log(
+                    out,
+                    STEP,
+                    &format!(
+                        "pid {pid}: stale socket {}, no agent listening; skipped",
+                        agent.describe()
+                    ),
+                );
+            }
+            Outcome::NoAnswer(err) => {
+                told.failure = Some(describe_no_answer(pid, &err));
+                told.unanswered.push((id, agent));
+                break;
+            }
+            Outcome::Untrusted(err) => {
+                told.failure = Some(err.to_string());
+                break;
+            }
+        }
+    }
+    told
 }
 
 /// Names, in each problem, the resource most likely holding its descriptor, as the agent of
@@ -371,50 +422,22 @@ pub fn dry_run(
         facts: true,
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
-    let mut facts = AgentFacts::new();
-    let mut result = DryRun::default();
-    let mut told: Vec<(ProcessId, AgentSocket)> = Vec::new();
-    for agent in found.agents.into_iter().rev() {
-        let pid = agent.pid();
-        let Some(id) = ProcessId::of(pid) else {
-            continue;
-        };
-        match ask(&agent, &request, &deadline) {
-            Outcome::Done(reply) => {
-                result
-                    .would_close
-                    .extend(reply.closed.iter().map(|c| (pid, c.clone())));
-                if let Some(told) = reply.facts {
-                    facts.insert(pid, told);
-                }
-                result.agents.push(AgentHooks {
-                    pid,
-                    hooks: reply.hooks,
-                });
-                told.push((id, agent));
-            }
-            Outcome::Refused(reply) => {
-                result.agents.push(AgentHooks {
-                    pid,
-                    hooks: reply.hooks,
-                });
-                result.hook_failure = Some(format!(
-                    "pid {pid}: {}",
-                    reply.error.as_deref().unwrap_or("refused without a reason")
-                ));
-                break;
-            }
-            Outcome::NoAgent => {}
-            Outcome::NoAnswer(err) => {
-                result.hook_failure = Some(describe_no_answer(pid, &err));
-                break;
-            }
-            Outcome::Untrusted(err) => {
-                result.hook_failure = Some(err.to_string());
-                break;
-            }
-        }
-    }
+    let Told {
+        agents: told,
+        mut hooks,
+        refused_hooks,
+        facts,
+        closed,
+        failure,
+        ..
+    } = tell_before(found.agents, &request, &deadline, out);
+    hooks.extend(refused_hooks);
+    let mut result = DryRun {
+        agents: hooks,
+        hook_failure: failure,
+        would_close: closed,
+        ..DryRun::default()
+    };
     let pids = crate::tree::descendants(root);
     result.descriptors = pids
         .iter()
