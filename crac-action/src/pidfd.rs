@@ -3,7 +3,7 @@
 //! few system calls, where finding it in `/proc/PID/net/tcp` walks the kernel's whole TCP hash
 //! table (about 4 ms per file on this kind of machine, whatever the number of sockets).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use nix::sys::socket::{
     getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage,
@@ -14,9 +14,10 @@ pub(crate) struct Pidfd(OwnedFd);
 
 /// What a socket says about itself.
 pub(crate) struct SocketFacts {
-    /// A TCP socket with a peer (connected or closing).
+    /// A TCP connection (neither listening nor closed).
     pub(crate) tcp_peer: bool,
-    /// A connected Unix stream or seqpacket socket.
+    /// A connected Unix stream or seqpacket socket (from an agent's facts: a socket that may
+    /// be one, which the namespace's sock_diag dump then tells).
     pub(crate) unix_connected: bool,
     /// Its address, and its peer's when it has one.
     pub(crate) local: String,
@@ -45,30 +46,30 @@ impl Pidfd {
         // SAFETY: the kernel just returned this descriptor to us, and nothing else owns it.
         let copy = unsafe { OwnedFd::from_raw_fd(copy) };
         let raw = copy.as_raw_fd();
-        let Ok(peer) = getpeername::<SockaddrStorage>(raw) else {
-            // Not connected (listening, bound, or not a socket at all).
-            return Some(SocketFacts {
-                tcp_peer: false,
-                unix_connected: false,
-                local: String::new(),
-                peer: String::new(),
-            });
+        let address = |addr: nix::Result<SockaddrStorage>| {
+            addr.map(|a| crac_agent::fd_policy::address(&a))
+                .unwrap_or_default()
         };
-        let kind = getsockopt(&copy, sockopt::SockType).ok()?;
-        let local = getsockname::<SockaddrStorage>(raw)
-            .map(|a| crac_agent::fd_policy::address(&a))
-            .unwrap_or_default();
-        let family = peer.family();
-        let inet = matches!(
-            family,
-            Some(nix::sys::socket::AddressFamily::Inet | nix::sys::socket::AddressFamily::Inet6)
-        );
-        let unix = family == Some(nix::sys::socket::AddressFamily::Unix);
+        // As the process's agent would tell it (crac_agent::fd_facts), so the verdicts agree.
+        if crac_agent::fd_facts::is_tcp_connection(copy.as_fd()) {
+            return Some(SocketFacts {
+                tcp_peer: true,
+                unix_connected: false,
+                local: address(getsockname(raw)),
+                peer: address(getpeername(raw)),
+            });
+        }
+        let unix_connected = getpeername::<SockaddrStorage>(raw)
+            .is_ok_and(|peer| peer.family() == Some(nix::sys::socket::AddressFamily::Unix))
+            && matches!(
+                getsockopt(&copy, sockopt::SockType),
+                Ok(SockType::Stream | SockType::SeqPacket)
+            );
         Some(SocketFacts {
-            tcp_peer: inet && kind == SockType::Stream,
-            unix_connected: unix && matches!(kind, SockType::Stream | SockType::SeqPacket),
-            local,
-            peer: crac_agent::fd_policy::address(&peer),
+            tcp_peer: false,
+            unix_connected,
+            local: String::new(),
+            peer: String::new(),
         })
     }
 }

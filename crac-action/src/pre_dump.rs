@@ -62,6 +62,10 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // A bad policy stops everything before anyone is told anything.
     let policy =
         preflight::configured(|name| std::env::var(name).ok()).map_err(ActionError::Settings)?;
+    let opts = inv
+        .criu()
+        .ok()
+        .map_or_else(CriuOptions::unknown, CriuOptions::of_process);
     // `quiet`: a tree with no agent keeps its one log line when nothing is found. The agents
     // told are asked who holds what is refused, and only then.
     let preflight = |out: &mut dyn Write,
@@ -74,10 +78,6 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
             return Ok(());
         };
         let started = Instant::now();
-        let opts = inv
-            .criu()
-            .ok()
-            .map_or_else(CriuOptions::unknown, CriuOptions::of_process);
         let pids = crate::tree::descendants(init);
         let mut problems = preflight::problems(&pids, facts, &opts, policy);
         if problems.is_empty() {
@@ -119,6 +119,9 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // The agents tell the preflight about their own descriptors: cheaper from inside.
     let request = Request {
         facts: policy.is_some(),
+        tcp_addresses: policy
+            .as_ref()
+            .is_some_and(|policy| preflight::needs_tcp_addresses(&opts, policy)),
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
     let started = Instant::now();
@@ -420,6 +423,7 @@ pub fn dry_run(
     let request = Request {
         dry_run: true,
         facts: true,
+        tcp_addresses: preflight::needs_tcp_addresses(opts, policy),
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
     let Told {

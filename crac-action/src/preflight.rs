@@ -5,13 +5,15 @@
 //! CRIU's own refusals come one at a time, in its words ("Connected TCP socket, consider using
 //! --tcp-established", "External socket is used"), after the service was quiesced and frozen.
 //! A process with an agent tells its own descriptors with its before-checkpoint reply
-//! ([`crac_agent::fd_facts`]: an `fstat` each and a few socket calls, from inside, about four
-//! times cheaper than from outside). For any other process this looks at `/proc/PID/fd`, and
-//! asks each socket about itself through a copy of its descriptor (`pidfd_getfd`); the
+//! ([`crac_agent::fd_facts`]: an `fstat` each and a `TCP_INFO` per socket, from inside, in the
+//! pass the agent makes anyway to count its TCP connections; about eight times cheaper than
+//! from outside). The addresses of TCP connections are asked for only when they will be shown
+//! or matched ([`needs_tcp_addresses`]). For any other process this looks at `/proc/PID/fd`,
+//! and asks each socket about itself through a copy of its descriptor (`pidfd_getfd`); the
 //! namespace's socket tables in `/proc/PID/net` are the fallback (they list every socket of
 //! the namespace, and reading the TCP ones walks the kernel's whole hash table). The verdicts
-//! are the same either way. Who is at the other end of a Unix socket, and its type, come from
-//! the kernel's sock_diag. Where the process's agent can tell, each refused descriptor names
+//! are the same either way. Which sockets are connected Unix ones, who is at the other end and
+//! the socket's type come from one sock_diag dump of the namespace's connected Unix sockets. Where the process's agent can tell, each refused descriptor names
 //! the resource most likely holding it (asked only once there is something to refuse). What
 //! it checks:
 //!
@@ -382,51 +384,82 @@ pub fn scan(pids: &[u32], facts: &AgentFacts, opts: &CriuOptions, policy: &Polic
         }));
     }
     if opts.known && !opts.ext_unix_sk && !unix_fds.is_empty() {
-        let own_netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
-        // The kernel answers for this process's network namespace only.
-        if let Ok(peers) = crate::sock_diag::unix_peers() {
-            // Read only for a peer outside the tree: it lists this process's descriptors.
-            let mut ours: Option<HashSet<u64>> = None;
-            for (pid, fd, inode, netns) in unix_fds {
-                if netns != own_netns {
-                    continue;
-                }
-                // A datagram socket is not CRIU's concern here (the agent's facts leave its
-                // type to this check).
-                let Some(socket) = peers.get(&inode).filter(|s| s.stream) else {
-                    continue;
-                };
-                let (peer, name) = (socket.peer, &socket.name);
-                // An agent's own connections (its socket's name) are the agent's to close:
-                // it closes each within moments while a checkpoint is pending.
-                let agents_own = name.ends_with(&format!("/{}", crac_agent::SOCKET_NAME));
-                if peer != 0
-                    && !agents_own
-                    && !tree_sockets.contains(&peer)
-                    && !ours.get_or_insert_with(own_socket_inodes).contains(&peer)
-                {
-                    let peer_name = peers
-                        .get(&peer)
-                        .map(|s| s.name.as_str())
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or("(unnamed)");
-                    let local = if name.is_empty() { "(unnamed)" } else { name };
-                    found.push(Problem {
-                        pid,
-                        fd,
-                        kind: Kind::Unix,
-                        what: format!("{local} -> {peer_name}"),
-                        why: "CRIU refuses a Unix socket connected to a process outside the \
-                              tree (\"External socket is used\"): close it in a \
-                              before_checkpoint hook, or dump with --ext-unix-sk",
-                        owner: None,
-                    });
-                }
-            }
-        }
+        found.extend(external_unix(unix_fds, &tree_sockets));
     }
     found.retain(|p| policy.verdict(p.kind, &p.what) != Some(Verdict::Ignore));
     found
+}
+
+/// The connected Unix sockets among `unix_fds` (pid, fd, inode, network namespace) whose
+/// peer is outside the tree (`tree_sockets`): CRIU's "External socket is used".
+fn external_unix(
+    mut unix_fds: Vec<(u32, u32, u64, u64)>,
+    tree_sockets: &HashSet<u64>,
+) -> Vec<Problem> {
+    // The kernel answers for this process's network namespace only.
+    let own_netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
+    unix_fds.retain(|&(_, _, _, netns)| netns == own_netns);
+    let Ok(peers) = crate::sock_diag::connected_unix(false) else {
+        return Vec::new();
+    };
+    // A datagram socket is not CRIU's concern here (the agent's facts leave its type to this
+    // check).
+    unix_fds.retain(|(_, _, inode, _)| {
+        peers
+            .get(inode)
+            .is_some_and(|s| s.stream && s.peer != 0 && !tree_sockets.contains(&s.peer))
+    });
+    if unix_fds.is_empty() {
+        return Vec::new();
+    }
+    // This process's own sockets (crac-action's connections to the tree) are read only now:
+    // it lists this process's descriptors.
+    let ours = own_socket_inodes();
+    unix_fds.retain(|(_, _, inode, _)| !ours.contains(&peers[inode].peer));
+    if unix_fds.is_empty() {
+        return Vec::new();
+    }
+    // Names, for the refusal, in a second look (they may have changed; a socket gone since
+    // is left out).
+    let Ok(named) = crate::sock_diag::connected_unix(true) else {
+        return Vec::new();
+    };
+    let agent_socket = format!("/{}", crac_agent::SOCKET_NAME);
+    let name_of = |inode: &u64| {
+        named
+            .get(inode)
+            .map(|s| s.name.as_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("(unnamed)")
+    };
+    unix_fds
+        .into_iter()
+        .filter_map(|(pid, fd, inode, _)| {
+            let socket = named.get(&inode)?;
+            // An agent's own connections (its socket's name) are the agent's to close: it
+            // closes each within moments while a checkpoint is pending.
+            if socket.name.ends_with(&agent_socket) {
+                return None;
+            }
+            Some(Problem {
+                pid,
+                fd,
+                kind: Kind::Unix,
+                what: format!("{} -> {}", name_of(&inode), name_of(&socket.peer)),
+                why: "CRIU refuses a Unix socket connected to a process outside the tree \
+                      (\"External socket is used\"): close it in a before_checkpoint hook, or \
+                      dump with --ext-unix-sk",
+                owner: None,
+            })
+        })
+        .collect()
+}
+
+/// Whether the preflight will show or match the addresses of TCP connections with `opts` and
+/// `policy`: when CRIU refuses connections, or a policy may refuse anything. Otherwise an
+/// agent need not find them ([`crac_agent::protocol::Request::tcp_addresses`]).
+pub fn needs_tcp_addresses(opts: &CriuOptions, policy: &Policy) -> bool {
+    (opts.known && !opts.tcp_established) || policy.says(Verdict::Refuse)
 }
 
 /// Descriptors a policy refuses whatever CRIU's options (they are not problems to CRIU).
@@ -451,7 +484,7 @@ pub fn refused_by_policy(pids: &[u32], facts: &AgentFacts, policy: &Policy) -> V
         .collect()
 }
 
-/// A process's descriptors as its agent told them: every socket, the connected ones with
+/// A process's descriptors as its agent told them: every socket, the TCP connections with
 /// what they say, and the links that decide.
 fn from_facts(facts: &Facts) -> Vec<(u32, Seen)> {
     let connected: HashMap<u64, &fd_facts::Connected> =
@@ -474,14 +507,28 @@ fn from_facts(facts: &Facts) -> Vec<(u32, Seen)> {
             ),
         ));
     }
-    // The others count only as members of the tree (a Unix peer among them is inside it).
-    seen.extend(
-        facts
-            .sockets
-            .iter()
-            .filter(|inode| !connected.contains_key(inode))
-            .map(|&inode| (u32::MAX, Seen::Socket(inode, None))),
-    );
+    let others = facts
+        .sockets
+        .iter()
+        .enumerate()
+        .filter(|(_, inode)| !connected.contains_key(inode));
+    if facts.socket_fds.len() == facts.sockets.len() {
+        // Any of the others may be a connected Unix socket: the sock_diag dump tells which.
+        seen.extend(others.filter_map(|(i, &inode)| {
+            let fd = u32::try_from(facts.socket_fds[i]).ok()?;
+            let maybe_unix = SocketFacts {
+                tcp_peer: false,
+                unix_connected: true,
+                local: String::new(),
+                peer: String::new(),
+            };
+            Some((fd, Seen::Socket(inode, Some(maybe_unix))))
+        }));
+    } else {
+        // An older agent listed its connected Unix sockets among `connected`: the others
+        // count only as members of the tree (a Unix peer among them is inside it).
+        seen.extend(others.map(|(_, &inode)| (u32::MAX, Seen::Socket(inode, None))));
+    }
     for l in &facts.linked {
         if let Ok(fd) = u32::try_from(l.fd) {
             seen.push((fd, Seen::Linked(l.target.clone(), l.size)));
@@ -718,7 +765,7 @@ mod tests {
 
         // The process's own account of its descriptors (what its agent sends) comes to the
         // same verdicts, in the same order.
-        let told: AgentFacts = [(me, fd_facts::gather(&[]))].into();
+        let told: AgentFacts = [(me, fd_facts::gather(&[], true))].into();
         assert_eq!(
             scan(&[me], &told, &CriuOptions::defaults(), &Policy::default()),
             problems
@@ -735,5 +782,90 @@ mod tests {
             "{left:#?}"
         );
         drop(file);
+    }
+
+    #[test]
+    fn a_unix_socket_connected_outside_the_tree_is_listed_with_its_names() {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::process::{Command, Stdio};
+        let dir = std::env::temp_dir().join(format!("crac-preflight-unix-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("server.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = UnixStream::connect(&path).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        // Each end in a process of its own (on its stdin); this one keeps none of them.
+        let hold = |end: UnixStream| {
+            Command::new("sleep")
+                .arg("30")
+                .stdin(Stdio::from(std::os::fd::OwnedFd::from(end)))
+                .spawn()
+                .unwrap()
+        };
+        let mut children = [hold(client), hold(server), hold(a), hold(b)];
+        drop(listener);
+        let [client, server, a, b] = children.each_ref().map(std::process::Child::id);
+
+        let refused = |pids: &[u32], opts: &CriuOptions| {
+            scan(pids, &AgentFacts::new(), opts, &Policy::default())
+                .into_iter()
+                .filter(|p| p.kind == Kind::Unix)
+                .map(|p| (p.pid, p.fd, p.what))
+                .collect::<Vec<_>>()
+        };
+        let defaults = CriuOptions::defaults();
+        assert_eq!(
+            refused(&[client, a], &defaults),
+            [
+                (client, 0, format!("(unnamed) -> {}", path.display())),
+                (a, 0, "(unnamed) -> (unnamed)".to_owned()),
+            ]
+        );
+        assert_eq!(
+            refused(&[server], &defaults),
+            [(server, 0, format!("{} -> (unnamed)", path.display()))]
+        );
+        // What an agent in the client would tell comes to the same, and so does what agents
+        // told before they gave every socket's descriptor (their connected Unix sockets
+        // among `connected`).
+        let inode = fs::metadata(format!("/proc/{client}/fd/0")).unwrap().ino();
+        let told = |facts: Facts| -> AgentFacts { [(client, facts)].into() };
+        let now = Facts {
+            sockets: vec![inode],
+            socket_fds: vec![0],
+            ..Facts::default()
+        };
+        let before = Facts {
+            sockets: vec![inode],
+            connected: vec![fd_facts::Connected {
+                fd: 0,
+                inode,
+                tcp: false,
+                local: String::new(),
+                peer: String::new(),
+            }],
+            ..Facts::default()
+        };
+        for facts in [now, before] {
+            let problems = scan(&[client], &told(facts), &defaults, &Policy::default());
+            assert_eq!(problems.len(), 1, "{problems:#?}");
+            assert_eq!(
+                (problems[0].fd, problems[0].what.as_str()),
+                (0, format!("(unnamed) -> {}", path.display()).as_str())
+            );
+        }
+
+        // Both ends in the tree, or CRIU told to take external sockets: nothing.
+        assert!(refused(&[client, server, a, b], &defaults).is_empty());
+        let mut external = defaults.clone();
+        external.ext_unix_sk = true;
+        assert!(refused(&[client, a], &external).is_empty());
+
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -15,6 +15,8 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const UDIAG_SHOW_NAME: u32 = 0x1;
+/// `TCP_ESTABLISHED`: the state of a connected Unix socket.
+const CONNECTED: u32 = 1;
 const UDIAG_SHOW_PEER: u32 = 0x4;
 const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_PEER: u16 = 2;
@@ -28,16 +30,19 @@ pub(crate) struct UnixSocket {
     /// Whether it is a stream or seqpacket socket (CRIU's "external socket" check is about
     /// those).
     pub(crate) stream: bool,
-    /// Its name: empty when unnamed, `@name` when abstract.
+    /// Its name: empty when unnamed (or not asked for), `@name` when abstract.
     pub(crate) name: String,
 }
 
-/// Every Unix socket of this network namespace, by inode.
+/// Every connected Unix socket of this network namespace, by inode, with its name if `names`.
+///
+/// Only connected sockets are asked for (a socket's peer is connected too), and names only
+/// when a refusal will show them: the kernel then has less to write, and this less to read.
 ///
 /// # Errors
 ///
 /// When the kernel has no sock_diag for Unix sockets or refuses the request.
-pub(crate) fn unix_peers() -> io::Result<HashMap<u64, UnixSocket>> {
+pub(crate) fn connected_unix(names: bool) -> io::Result<HashMap<u64, UnixSocket>> {
     let sock = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
@@ -51,9 +56,14 @@ pub(crate) fn unix_peers() -> io::Result<HashMap<u64, UnixSocket>> {
     request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
     request.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]); // family, protocol, pad
-    request.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    request.extend_from_slice(&(1u32 << CONNECTED).to_ne_bytes()); // states
     request.extend_from_slice(&0u32.to_ne_bytes()); // any inode
-    request.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+    let show = if names {
+        UDIAG_SHOW_NAME | UDIAG_SHOW_PEER
+    } else {
+        UDIAG_SHOW_PEER
+    };
+    request.extend_from_slice(&show.to_ne_bytes());
     request.extend_from_slice(&[0u8; 8]); // cookie
     sendto(
         std::os::fd::AsRawFd::as_raw_fd(&sock),
@@ -63,7 +73,8 @@ pub(crate) fn unix_peers() -> io::Result<HashMap<u64, UnixSocket>> {
     )?;
 
     let mut sockets = HashMap::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    // A dump's messages come in parts of at most 32 KiB.
+    let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = recv(
             std::os::fd::AsRawFd::as_raw_fd(&sock),
@@ -154,9 +165,35 @@ mod tests {
                 .unwrap()
                 .ino()
         };
-        let peers = super::unix_peers().unwrap();
+        let peers = super::connected_unix(false).unwrap();
         assert_eq!(peers.get(&inode(&a)).map(|p| p.peer), Some(inode(&b)));
         assert_eq!(peers.get(&inode(&b)).map(|p| p.peer), Some(inode(&a)));
         assert!(peers[&inode(&a)].stream);
+
+        let dir = std::env::temp_dir().join(format!("crac-sock-diag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let named = super::connected_unix(true).unwrap();
+        assert_eq!(named[&inode(&server)].name, path.display().to_string());
+        assert_eq!(named[&inode(&client)].peer, inode(&server));
+        assert!(
+            !named.contains_key(&inode_of_listener(&listener)),
+            "a listener is not connected"
+        );
+        assert!(super::connected_unix(false).unwrap()[&inode(&server)]
+            .name
+            .is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn inode_of_listener(listener: &std::os::unix::net::UnixListener) -> u64 {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+            .unwrap()
+            .ino()
     }
 }

@@ -1,21 +1,23 @@
 //! What the preflight must know about this process's descriptors, found from inside it: an
-//! `fstat` per descriptor, socket calls only for sockets, and the `/proc/self/fd` link only
-//! for the few kinds whose path decides (terminals, anonymous inodes, deleted files).
+//! `fstat` per descriptor, a `TCP_INFO` per socket (which tells a TCP connection from
+//! anything else in one call), the addresses of each TCP connection only when they will be
+//! shown or matched, and the `/proc/self/fd` link only for the few kinds whose path decides
+//! (terminals, anonymous inodes, deleted files). Which other sockets are connected Unix ones,
+//! and to whom, crac-action finds in one sock_diag dump of the namespace, by inode.
 //!
 //! crac-action's preflight otherwise reads every `/proc/PID/fd` link from outside (a path
 //! lookup and a formatted name each, ~3 µs) and copies each socket (`pidfd_getfd`) to ask it
 //! about itself. An agent sends [`Facts`] with its before-checkpoint reply when asked
 //! ([`Request::facts`](crate::protocol::Request::facts)); crac-action applies CRIU's options
 //! and the operator's policy to them exactly as to what it reads itself, so the verdicts are
-//! the same either way.
+//! the same either way. The same pass finds the TCP connections the agent counts across the
+//! checkpoint ([`crac_core::RestoreInfo::tcp`]), so the preflight adds little to a
+//! before-checkpoint.
 
 use std::fs;
 use std::os::fd::{BorrowedFd, RawFd};
 
-use nix::sys::socket::{
-    getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike,
-    SockaddrStorage,
-};
+use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
 use nix::sys::stat::{fstat, FileStat, SFlag};
 
 /// The descriptors of a process that can matter to CRIU, as the process sees them.
@@ -23,24 +25,30 @@ use nix::sys::stat::{fstat, FileStat, SFlag};
 pub struct Facts {
     /// The inode of every socket: a Unix socket whose peer is among them is inside the tree.
     pub sockets: Vec<u64>,
-    /// The connected sockets: TCP ones with a peer, and Unix ones with a peer (of any type).
+    /// The descriptor of each of `sockets`, in the same order. (Agents before it listed their
+    /// connected Unix sockets in `connected` instead.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub socket_fds: Vec<RawFd>,
+    /// The TCP connections (TCP sockets neither listening nor closed).
     pub connected: Vec<Connected>,
     /// The descriptors whose `/proc/PID/fd` link decides (terminals and character devices
     /// other than the memory ones, anonymous inodes, deleted files), with the link.
     pub linked: Vec<Linked>,
 }
 
-/// A connected socket.
+/// A TCP connection.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Connected {
     /// The descriptor.
     pub fd: RawFd,
     /// Its inode.
     pub inode: u64,
-    /// `true` for TCP, `false` for a Unix socket.
+    /// `true`: a TCP connection. (`false` only from agents that listed connected Unix
+    /// sockets here.)
     pub tcp: bool,
-    /// Its address and its peer's, as people write them (TCP only; empty for Unix, and then
-    /// left out of the wire).
+    /// Its address and its peer's, as people write them, when they were asked for
+    /// ([`Request::tcp_addresses`](crate::protocol::Request::tcp_addresses)); empty otherwise
+    /// (a connection still being made has no peer yet), and then left out of the wire.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub local: String,
     /// See `local`.
@@ -63,18 +71,56 @@ pub struct Linked {
 /// never a terminal, and the commonest character devices by far.
 const MEM_MAJOR: u64 = 1;
 
-/// Looks at every descriptor of this process but those in `skip` (the agent's own).
-pub fn gather(skip: &[RawFd]) -> Facts {
+/// One look at this process's descriptors once the hooks ran: its TCP connections, which
+/// the agent counts again after the restore ([`crac_core::RestoreInfo::tcp`]), and, when the
+/// preflight asks, its [`Facts`]. One pass finds both.
+pub(crate) struct Look {
+    /// One descriptor per TCP connection (see [`crate::tcp`]).
+    pub(crate) connections: Vec<RawFd>,
+    /// The preflight's facts, if asked for.
+    pub(crate) facts: Option<Facts>,
+}
+
+/// Looks at this process's descriptors: only for its TCP connections, or (`facts`) at every
+/// descriptor but those in `skip` (the agent's own) for the preflight too, with the TCP
+/// connections' addresses if `tcp_addresses`.
+pub(crate) fn look(skip: &[RawFd], facts: bool, tcp_addresses: bool) -> Look {
+    if !facts {
+        return Look {
+            connections: crate::tcp::connections(),
+            facts: None,
+        };
+    }
+    let mut connections = crate::tcp::Connections::default();
+    let facts = gather_noting(skip, tcp_addresses, &mut connections);
+    Look {
+        connections: connections.into_fds(),
+        facts: Some(facts),
+    }
+}
+
+/// Looks at every descriptor of this process but those in `skip` (the agent's own), with the
+/// TCP connections' addresses if `tcp_addresses`.
+pub fn gather(skip: &[RawFd], tcp_addresses: bool) -> Facts {
+    gather_noting(skip, tcp_addresses, &mut crate::tcp::Connections::default())
+}
+
+/// [`gather`], noting the TCP connections on the way.
+fn gather_noting(
+    skip: &[RawFd],
+    tcp_addresses: bool,
+    connections: &mut crate::tcp::Connections,
+) -> Facts {
     let mut facts = Facts::default();
     let anon_dev = anonymous_inode_device();
     for fd in open_descriptors() {
         if skip.contains(&fd) {
             continue;
         }
-        // SAFETY: `fd` is a number that may be open (it is below the table's size, or was
-        // listed); `fstat` of one that is not fails with EBADF, and the socket calls below
-        // only run on a socket `fstat` found. The borrow is used for these calls alone and
-        // nothing here closes it.
+        // SAFETY: `fd` was open when listed (another thread may have closed it since);
+        // `fstat` of a closed number fails with EBADF, and the socket calls below only run
+        // on a socket `fstat` found. The borrow is used for these calls alone and nothing
+        // here closes it.
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
         let Ok(stat) = fstat(borrowed) else {
             continue;
@@ -82,8 +128,22 @@ pub fn gather(skip: &[RawFd]) -> Facts {
         let kind = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits());
         if kind == SFlag::S_IFSOCK {
             facts.sockets.push(stat.st_ino);
-            if let Some(connected) = connected(borrowed, stat.st_ino) {
-                facts.connected.push(connected);
+            facts.socket_fds.push(fd);
+            // Any other socket: whether it is a connected Unix one is sock_diag's to tell.
+            if is_tcp_connection(borrowed) {
+                connections.add(fd, stat.st_ino);
+                let (local, peer) = if tcp_addresses {
+                    addresses(borrowed)
+                } else {
+                    Default::default()
+                };
+                facts.connected.push(Connected {
+                    fd,
+                    inode: stat.st_ino,
+                    tcp: true,
+                    local,
+                    peer,
+                });
             }
         } else if needs_link(&stat, kind, anon_dev) {
             if let Ok(target) = fs::read_link(format!("/proc/self/fd/{fd}")) {
@@ -102,6 +162,27 @@ pub fn gather(skip: &[RawFd]) -> Facts {
     facts
 }
 
+/// Whether `socket` is a TCP connection (a TCP socket neither listening nor closed, a
+/// connection still being made included): one `TCP_INFO`. crac-action asks a copy of another
+/// process's socket the same, so the verdicts agree.
+pub fn is_tcp_connection(socket: BorrowedFd<'_>) -> bool {
+    crate::tcp::tcp_state(std::os::fd::AsRawFd::as_raw_fd(&socket))
+        .is_some_and(crate::tcp::is_connection)
+}
+
+/// A socket's own address and its peer's, as people write them (empty where there is none).
+fn addresses(socket: BorrowedFd<'_>) -> (String, String) {
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let text = |addr: nix::Result<SockaddrStorage>| {
+        addr.map(|a| crate::fd_policy::address(&a))
+            .unwrap_or_default()
+    };
+    (
+        text(getsockname::<SockaddrStorage>(raw)),
+        text(getpeername::<SockaddrStorage>(raw)),
+    )
+}
+
 /// Whether a descriptor's path can decide anything: a character device that is not a memory
 /// device (a terminal is one), an anonymous inode (io_uring, userfaultfd, perf, KVM; mode
 /// without a type, or on the anonymous-inode file system), a regular file no link names
@@ -116,29 +197,39 @@ fn needs_link(stat: &FileStat, kind: SFlag, anon_dev: Option<u64>) -> bool {
     kind == SFlag::S_IFREG && stat.st_nlink == 0
 }
 
-/// The device of the anonymous-inode file system, from an eventfd made for the purpose.
+/// The device of the anonymous-inode file system, from an eventfd made for the purpose (once:
+/// it is the same for every process until the machine restarts).
 fn anonymous_inode_device() -> Option<u64> {
-    let probe =
-        nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC).ok()?;
-    fstat(&probe).ok().map(|s| s.st_dev)
+    static DEVICE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *DEVICE.get_or_init(|| {
+        let probe =
+            nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+                .ok()?;
+        fstat(&probe).ok().map(|s| s.st_dev)
+    })
 }
 
-/// This process's descriptor numbers: every number below the descriptor table's size is tried
-/// when the table is small, since a failed `fstat` costs less than a directory entry of
-/// /proc/self/fd; a big table is listed instead.
+/// This process's descriptor numbers, ascending: one `poll` over every number below the
+/// descriptor table's size (~25 ns a number here, where a failed `fstat` costs ~270 ns and a
+/// directory entry of /proc/self/fd ~600 ns); a very big table is listed instead.
 pub(crate) fn open_descriptors() -> Vec<RawFd> {
-    const PROBE_UP_TO: RawFd = 16_384;
-    match table_size() {
-        Some(size) if size <= PROBE_UP_TO => (0..size).collect(),
-        _ => fs::read_dir("/proc/self/fd")
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default(),
+    const POLL_UP_TO: RawFd = 16_384;
+    if let Some(open) = table_size()
+        .filter(|&size| size <= POLL_UP_TO)
+        .and_then(polled_below)
+    {
+        return open;
     }
+    let mut listed: Vec<RawFd> = fs::read_dir("/proc/self/fd")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    listed.sort_unstable();
+    listed
 }
 
 /// The size of this process's descriptor table (`FDSize` in /proc/self/status): every
@@ -155,8 +246,13 @@ pub(crate) fn table_size() -> Option<RawFd> {
 }
 
 /// The open descriptor numbers below `size`, ascending: one poll (a closed number comes back
-/// POLLNVAL), which looks at no descriptor's file.
+/// POLLNVAL), which looks at no descriptor's file; none if the poll fails.
 pub(crate) fn open_below(size: RawFd) -> Vec<RawFd> {
+    polled_below(size).unwrap_or_default()
+}
+
+/// [`open_below`], or `None` if the poll fails.
+fn polled_below(size: RawFd) -> Option<Vec<RawFd>> {
     // poll takes no more numbers than the soft limit on open files (EINVAL), and no
     // descriptor is above it.
     let mut limit = libc::rlimit {
@@ -180,44 +276,14 @@ pub(crate) fn open_below(size: RawFd) -> Vec<RawFd> {
     // poll with no events and a zero timeout only reports on each number, open or not.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
     if ready < 0 {
-        return Vec::new();
+        return None;
     }
-    fds.iter()
-        .filter(|p| p.revents & libc::POLLNVAL == 0)
-        .map(|p| p.fd)
-        .collect()
-}
-
-/// A socket's peer, as crac-action's copy of it would find it: none when `getpeername`
-/// fails; TCP for an Internet stream socket; any Unix socket with a peer (its type is left to
-/// the preflight, which has it from sock_diag: one system call less per socket).
-fn connected(socket: BorrowedFd<'_>, inode: u64) -> Option<Connected> {
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
-    let peer = getpeername::<SockaddrStorage>(raw).ok()?;
-    match peer.family() {
-        Some(AddressFamily::Inet | AddressFamily::Inet6)
-            if getsockopt(&socket, sockopt::SockType).ok()? == SockType::Stream =>
-        {
-            let local = getsockname::<SockaddrStorage>(raw)
-                .map(|a| crate::fd_policy::address(&a))
-                .unwrap_or_default();
-            Some(Connected {
-                fd: raw,
-                inode,
-                tcp: true,
-                local,
-                peer: crate::fd_policy::address(&peer),
-            })
-        }
-        Some(AddressFamily::Unix) => Some(Connected {
-            fd: raw,
-            inode,
-            tcp: false,
-            local: String::new(),
-            peer: String::new(),
-        }),
-        _ => None,
-    }
+    Some(
+        fds.iter()
+            .filter(|p| p.revents & libc::POLLNVAL == 0)
+            .map(|p| p.fd)
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -231,31 +297,33 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.connect(listener.local_addr().unwrap()).unwrap();
         let null = fs::File::open("/dev/null").unwrap();
         let path = std::env::temp_dir().join(format!("crac-fd-facts-{}", std::process::id()));
         let deleted = fs::File::create(&path).unwrap();
         deleted.set_len(3).unwrap();
         fs::remove_file(&path).unwrap();
 
-        let facts = gather(&[]);
+        let facts = gather(&[], true);
         let tcp = facts
             .connected
             .iter()
             .find(|c| c.fd == client.as_raw_fd())
-            .expect("the client is connected");
+            .expect("the client is a connection");
         assert!(tcp.tcp);
         assert_eq!(tcp.peer, listener.local_addr().unwrap().to_string());
-        let unix = facts
-            .connected
-            .iter()
-            .find(|c| c.fd == a.as_raw_fd())
-            .expect("the pair is connected");
-        assert!(!unix.tcp && unix.local.is_empty());
-        assert!(
-            !facts.connected.iter().any(|c| c.fd == listener.as_raw_fd()),
-            "a listener has no peer"
-        );
-        assert!(facts.sockets.len() >= 3);
+        assert_eq!(tcp.local, client.local_addr().unwrap().to_string());
+        // Only TCP connections: not a listener, a Unix pair or a UDP socket with a peer.
+        for other in [listener.as_raw_fd(), a.as_raw_fd(), udp.as_raw_fd()] {
+            assert!(!facts.connected.iter().any(|c| c.fd == other), "{other}");
+        }
+        // Every socket is told with its descriptor: which are connected Unix sockets is the
+        // preflight's to find.
+        assert_eq!(facts.sockets.len(), facts.socket_fds.len());
+        for socket in [&listener.as_raw_fd(), &a.as_raw_fd(), &client.as_raw_fd()] {
+            assert!(facts.socket_fds.contains(socket), "{socket}");
+        }
         assert!(!facts.linked.iter().any(|l| l.fd == null.as_raw_fd()));
         let ghost = facts
             .linked
@@ -265,8 +333,14 @@ mod tests {
         assert_eq!(ghost.target, format!("{} (deleted)", path.display()));
         assert_eq!(ghost.size, 3);
 
+        // Addresses only when asked for.
+        let bare = gather(&[], false);
+        let tcp = bare.connected.iter().find(|c| c.fd == client.as_raw_fd());
+        assert!(tcp.is_some_and(|c| c.local.is_empty() && c.peer.is_empty()));
+
         // What the agent keeps for itself is not looked at.
-        let without = gather(&[client.as_raw_fd()]);
+        let without = gather(&[client.as_raw_fd()], false);
         assert!(!without.connected.iter().any(|c| c.fd == client.as_raw_fd()));
+        assert!(!without.socket_fds.contains(&client.as_raw_fd()));
     }
 }

@@ -17,6 +17,7 @@
 //! or with the clock gone back (a copy restored on another machine), means the process was
 //! frozen or restored, and the lease starts again from then.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -50,7 +51,7 @@ struct Pending {
     cycle: Option<String>,
     checkpoint: Checkpoint,
     /// The TCP connections open when the hooks had gone down (see [`tcp`]).
-    connections: Vec<std::os::fd::RawFd>,
+    connections: Vec<RawFd>,
     lease: Lease,
 }
 
@@ -109,6 +110,15 @@ impl Handler {
     /// Whether a checkpoint is pending (the agent's thread then ticks).
     pub(crate) fn is_pending(&self) -> bool {
         self.pending.is_some()
+    }
+
+    /// The TCP connections the pending checkpoint's process holds, one descriptor each, as the
+    /// server's look after the hooks found them ([`crate::fd_facts::look`]): after the restore
+    /// the same descriptors tell which survived.
+    pub(crate) fn note_connections(&mut self, connections: Vec<RawFd>) {
+        if let Some(pending) = &mut self.pending {
+            pending.connections = connections;
+        }
     }
 
     /// Ends a pending checkpoint whose lease ran out.
@@ -207,7 +217,7 @@ impl Handler {
                 self.pending = Some(Pending {
                     cycle: request.cycle.clone(),
                     checkpoint,
-                    connections: tcp::connections(),
+                    connections: Vec::new(),
                     lease: Lease::new(lease, Instant::now()),
                 });
                 self.reply(op::BEFORE_CHECKPOINT, true, hooks, None, None)

@@ -36,6 +36,9 @@
 //! - `facts` (before-checkpoint only, optional): reply, once the hooks ran, with what the
 //!   preflight must know about the process's descriptors (`facts` in the reply:
 //!   [`crate::fd_facts::Facts`]), found from inside the process.
+//! - `tcp_addresses` (with `facts`, optional): give each TCP connection's addresses too, for a
+//!   refusal to show or a policy to match (two system calls a connection, spared when CRIU
+//!   takes connections as they are).
 //! - `env` (after-restore only, optional): settings for the restored process, an object of
 //!   strings (`{"LOG_LEVEL":"debug"}`), handed to the hooks as `RestoreInfo::env`. The whole
 //!   line still fits in [`MAX_REQUEST_LEN`].
@@ -114,6 +117,9 @@ pub struct Request {
     /// descriptor policy has closed what it closes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub facts: bool,
+    /// With [`Request::facts`]: each TCP connection's addresses too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tcp_addresses: bool,
 }
 
 impl Request {
@@ -128,6 +134,7 @@ impl Request {
             env: BTreeMap::new(),
             dry_run: false,
             facts: false,
+            tcp_addresses: false,
         }
     }
 
@@ -155,6 +162,7 @@ impl Request {
             env: BTreeMap::new(),
             dry_run: false,
             facts: false,
+            tcp_addresses: false,
         }
     }
 
@@ -177,6 +185,7 @@ impl Request {
             env: BTreeMap::new(),
             dry_run: false,
             facts: false,
+            tcp_addresses: false,
         }
     }
 

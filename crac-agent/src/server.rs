@@ -303,9 +303,10 @@ impl Server {
         let mut reply = self.handler.serve(&request);
         if starts_a_checkpoint && reply.ok && !was_pending {
             reply.closed = self.close_by_policy(request.dry_run);
-            if request.facts {
-                reply.facts = Some(crate::fd_facts::gather(&self.own_fds()));
-            }
+            // After the policy's closes: what is left is what CRIU will dump.
+            let look = crate::fd_facts::look(&self.own_fds(), request.facts, request.tcp_addresses);
+            self.handler.note_connections(look.connections);
+            reply.facts = look.facts;
             self.ready_for_the_dump(index, &reply);
             return;
         }

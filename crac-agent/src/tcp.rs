@@ -7,7 +7,7 @@
 //! [`crac_core::RestoreInfo::tcp`], whichever tool restored the process (crac, criu, runc,
 //! podman), since the process looks at itself.
 
-use std::fs;
+use std::collections::HashSet;
 use std::os::fd::RawFd;
 
 use crac_core::TcpConnections;
@@ -17,30 +17,17 @@ use crac_core::TcpConnections;
 const TCP_CLOSE: u8 = 7;
 const TCP_LISTEN: u8 = 10;
 
-/// The TCP state of descriptor `fd`, if it is a TCP socket.
-fn tcp_state(fd: RawFd) -> Option<u8> {
-    let mut protocol: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `protocol`, a c_int that lives on
-    // this stack, and updates `len`. `fd` is only a number: if another thread closed it in the
-    // meantime the call fails (EBADF), or it inspects whatever now has that number, which
-    // only changes what this counts.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PROTOCOL,
-            (&mut protocol as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || protocol != libc::IPPROTO_TCP {
-        return None;
-    }
-    // The state is the first byte of struct tcp_info; the kernel copies no more than asked.
+/// The TCP state of descriptor `fd`, if it is a TCP socket: the first byte of `struct
+/// tcp_info`. Only a TCP socket answers `TCP_INFO`; any other descriptor fails the call (not a
+/// socket, or no such option at that level), so one call both tells a TCP socket and gives
+/// its state.
+pub(crate) fn tcp_state(fd: RawFd) -> Option<u8> {
     let mut info = [0u8; 8];
     let mut len = info.len() as libc::socklen_t;
-    // SAFETY: as above; `info` is a buffer of `len` bytes on this stack.
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a buffer on this stack, and
+    // updates `len`; the kernel copies no more than asked. `fd` is only a number: if another
+    // thread closed it in the meantime the call fails (EBADF), or it inspects whatever now
+    // has that number, which only changes what this counts.
     let rc = unsafe {
         libc::getsockopt(
             fd,
@@ -53,9 +40,14 @@ fn tcp_state(fd: RawFd) -> Option<u8> {
     (rc == 0 && len >= 1).then_some(info[0])
 }
 
-/// Whether descriptor `fd` is a TCP connection: a TCP socket neither listening nor closed.
+/// Whether a TCP socket in `state` is a connection: neither listening nor closed.
+pub(crate) fn is_connection(state: u8) -> bool {
+    state != TCP_CLOSE && state != TCP_LISTEN
+}
+
+/// Whether descriptor `fd` is a TCP connection.
 fn connected(fd: RawFd) -> bool {
-    tcp_state(fd).is_some_and(|s| s != TCP_CLOSE && s != TCP_LISTEN)
+    tcp_state(fd).is_some_and(is_connection)
 }
 
 /// The inode of the socket behind descriptor `fd`: one per connection, however many
@@ -68,19 +60,41 @@ fn inode(fd: RawFd) -> Option<u64> {
     (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some(stat.st_ino)
 }
 
-/// One descriptor for each of this process's TCP connections.
+/// Connections as a pass over the descriptors (in ascending order) finds them: the first
+/// descriptor of each socket.
+#[derive(Default)]
+pub(crate) struct Connections {
+    fds: Vec<RawFd>,
+    sockets: HashSet<u64>,
+}
+
+impl Connections {
+    /// Notes descriptor `fd`, a TCP connection on the socket with inode `inode`.
+    pub(crate) fn add(&mut self, fd: RawFd, inode: u64) {
+        if self.sockets.insert(inode) {
+            self.fds.push(fd);
+        }
+    }
+
+    /// One descriptor per connection, ascending.
+    pub(crate) fn into_fds(self) -> Vec<RawFd> {
+        self.fds
+    }
+}
+
+/// One descriptor for each of this process's TCP connections: a `TCP_INFO` per descriptor,
+/// and an `fstat` per connection. (When the preflight's facts are asked for, their pass finds
+/// the connections instead: [`crate::fd_facts::look`].)
 pub(crate) fn connections() -> Vec<RawFd> {
-    let Ok(entries) = fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    let mut fds: Vec<RawFd> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| connected(fd))
-        .collect();
-    fds.sort_unstable();
-    let mut seen = std::collections::HashSet::new();
-    fds.retain(|&fd| inode(fd).is_some_and(|ino| seen.insert(ino)));
-    fds
+    let mut found = Connections::default();
+    for fd in crate::fd_facts::open_descriptors() {
+        if connected(fd) {
+            if let Some(inode) = inode(fd) {
+                found.add(fd, inode);
+            }
+        }
+    }
+    found.into_fds()
 }
 
 /// How many of `fds` (from [`connections`]) are still connected, and how many are not.
@@ -110,6 +124,17 @@ mod tests {
         let higher = server.as_raw_fd().max(server_again.as_raw_fd());
         assert!(found.contains(&lower) && !found.contains(&higher));
         assert!(!found.contains(&listener.as_raw_fd()));
+        // Other sockets with a peer are not TCP connections.
+        let (unix, _unix_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.connect(listener.local_addr().unwrap()).unwrap();
+        let found = connections();
+        assert!(!found.contains(&unix.as_raw_fd()) && !found.contains(&udp.as_raw_fd()));
+        // The preflight's pass finds the same ones.
+        let look = crate::fd_facts::look(&[], true, false);
+        assert!(look.connections.contains(&client.as_raw_fd()));
+        assert!(look.connections.contains(&lower) && !look.connections.contains(&higher));
+        assert!(!look.connections.contains(&udp.as_raw_fd()));
         let both = [client.as_raw_fd(), server.as_raw_fd()];
         assert_eq!(fate(&both), TcpConnections::new(2, 0));
         // What --tcp-close leaves: the descriptor is a TCP socket that is not connected.

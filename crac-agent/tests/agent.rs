@@ -45,6 +45,8 @@ struct WireReply {
 #[serde(deny_unknown_fields)]
 struct WireFacts {
     sockets: Vec<u64>,
+    #[serde(default)]
+    socket_fds: Vec<i32>,
     connected: Vec<WireConnected>,
     linked: Vec<WireLinked>,
 }
@@ -241,13 +243,16 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
     let f = fixture("facts", false);
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let conn = std::net::TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+    let (pair, _other_end) = std::os::unix::net::UnixStream::pair().unwrap();
     let null = fs::File::open("/dev/null").unwrap();
     let path = scratch("facts-deleted");
     let deleted = fs::File::create(&path).unwrap();
     deleted.set_len(5).unwrap();
     fs::remove_file(&path).unwrap();
 
-    let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"f\",\"facts\":true}\n");
+    let reply = f.send(
+        b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"f\",\"facts\":true,\"tcp_addresses\":true}\n",
+    );
     assert!(reply.ok, "{reply:?}");
     let facts = reply.facts.expect("facts, as asked");
     let tcp: Vec<&WireConnected> = facts
@@ -260,6 +265,10 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
     assert_eq!(tcp[0].local, conn.local_addr().unwrap().to_string());
     assert_eq!(tcp[0].peer, upstream.local_addr().unwrap().to_string());
     assert!(facts.sockets.contains(&tcp[0].inode));
+    // Every socket with its descriptor; only TCP connections among `connected`.
+    assert_eq!(facts.sockets.len(), facts.socket_fds.len(), "{facts:?}");
+    assert!(facts.socket_fds.contains(&pair.as_raw_fd()), "{facts:?}");
+    assert!(facts.connected.iter().all(|c| c.tcp), "{facts:?}");
     // A deleted file is told with its link and size; a memory device is nothing to CRIU.
     let ghost: Vec<&WireLinked> = facts
         .linked
@@ -274,6 +283,16 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
         "{facts:?}"
     );
     f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"f\"}\n");
+
+    // Without tcp_addresses the connection comes without them.
+    let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"h\",\"facts\":true}\n");
+    let facts = reply.facts.expect("facts, as asked");
+    let tcp = facts.connected.iter().find(|c| c.fd == conn.as_raw_fd());
+    assert!(
+        tcp.is_some_and(|c| c.local.is_empty() && c.peer.is_empty()),
+        "{facts:?}"
+    );
+    f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"h\"}\n");
 
     // Not asked, not sent.
     let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"g\"}\n");

@@ -2,8 +2,10 @@
 //! 10,000 open descriptors (a third each: files, connected Unix socket pairs, established TCP
 //! connections on loopback), both ways: a process with an agent tells its own descriptors
 //! with its before-checkpoint reply (`Request::facts`), one without is read through `/proc`
-//! (`crac_action::preflight::check`). Then its share of a `crac checkpoint --leave-running`
-//! of the test target measured in the same run.
+//! (`crac_action::preflight::check`). Two cases: CRIU told to take connections
+//! (`--tcp-established`), so the checkpoint goes through and nothing is listed, and CRIU's
+//! defaults, which refuse the TCP connections (listed, with their addresses). Then its share
+//! of a `crac checkpoint --leave-running` of the test target measured in the same run.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -92,9 +94,14 @@ fn checkpoint_ms(ctx: &Ctx) -> Res<f64> {
 }
 
 /// With this process's agent: the before-checkpoint round trip with the facts and the
-/// preflight on them, and the same round trip without facts, in pairs; each cycle is ended
-/// with an after-restore. Returns the medians (µs) and how many it would refuse.
-fn with_agent(socket: &std::path::Path, budget: Duration) -> Res<(Samples, Samples, usize)> {
+/// preflight on them with `opts`, and the same round trip without facts, in pairs; each
+/// cycle is ended with an after-restore. Returns the medians (µs) and how many it would
+/// refuse.
+fn with_agent(
+    socket: &std::path::Path,
+    opts: &CriuOptions,
+    budget: Duration,
+) -> Res<(Samples, Samples, usize)> {
     let me = std::process::id();
     let (mut with, mut without) = (Samples::new(), Samples::new());
     let mut listed = 0;
@@ -104,8 +111,10 @@ fn with_agent(socket: &std::path::Path, budget: Duration) -> Res<(Samples, Sampl
         for facts in [true, false] {
             cycle += 1;
             let token = format!("bench-{cycle}");
+            // As pre-dump asks.
             let request = Request {
                 facts,
+                tcp_addresses: facts && preflight::needs_tcp_addresses(opts, &Policy::default()),
                 ..Request::before_checkpoint(&token)
             };
             let (reply, took) = time(|| -> Res<usize> {
@@ -115,10 +124,7 @@ fn with_agent(socket: &std::path::Path, budget: Duration) -> Res<(Samples, Sampl
                     return Ok(0);
                 };
                 let told: AgentFacts = [(me, told)].into();
-                Ok(
-                    preflight::problems(&[me], &told, &CriuOptions::defaults(), &Policy::default())
-                        .len(),
-                )
+                Ok(preflight::problems(&[me], &told, opts, &Policy::default()).len())
             });
             let found = reply?;
             client::request_at(
@@ -138,6 +144,21 @@ fn with_agent(socket: &std::path::Path, budget: Duration) -> Res<(Samples, Sampl
     Ok((with, without, listed))
 }
 
+/// Through `/proc`, as for a process without an agent: `preflight::check` on this process
+/// with `opts`, for about `budget`. Returns the times and how many it would refuse.
+fn through_proc(opts: &CriuOptions, budget: Duration) -> (Samples, usize) {
+    let me = std::process::id();
+    let mut samples = Samples::new();
+    let started = Instant::now();
+    let mut listed = 0;
+    while samples.len() < 5 || (started.elapsed() < budget && samples.len() < 1000) {
+        let (refusal, took) = time(|| preflight::check(me, opts, &Policy::default()));
+        listed = refusal.map_or(0, |r| r.matches("; pid ").count() + 1);
+        samples.push(took);
+    }
+    (samples, listed)
+}
+
 pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("8. Preflight: what CRIU would refuse, per descriptor count");
     // An agent of this process's own, with no resources: its round trip is pre-dump's.
@@ -152,44 +173,49 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         .map_err(|e| e.to_string())?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
         .map_err(|e| format!("raising the descriptor limit to {hard}: {e}"))?;
-    let me = std::process::id();
     let budget = Duration::from_millis(if ctx.quick { 300 } else { 1500 });
+    let defaults = CriuOptions::defaults();
+    let taking = CriuOptions {
+        tcp_established: true,
+        ..CriuOptions::defaults()
+    };
     let mut rows = Vec::new();
     let mut at_1000 = None;
     for n in SIZES {
         let fds = open(n)?;
         let held = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
-        let mut samples = Samples::new();
-        let started = Instant::now();
-        let mut listed = 0;
-        while samples.len() < 5 || (started.elapsed() < budget && samples.len() < 1000) {
-            // The bench itself is the tree, under CRIU's defaults (every check on).
-            let (refusal, took) =
-                time(|| preflight::check(me, &CriuOptions::defaults(), &Policy::default()));
-            listed = refusal.map_or(0, |r| r.matches("; pid ").count() + 1);
-            samples.push(took);
+        let mut costs = Vec::new();
+        let mut refused = 0;
+        let mut plain = Samples::new();
+        let mut proc = Samples::new();
+        for opts in [&taking, &defaults] {
+            let (proc_samples, listed) = through_proc(opts, budget);
+            let (with, without, told) = with_agent(agent.socket_path(), opts, budget)?;
+            if told != listed {
+                return Err(format!(
+                    "at {n}: the agent's facts give {told} problems, /proc gives {listed}"
+                ));
+            }
+            costs.push(with.median() - without.median());
+            refused = listed;
+            plain = without;
+            proc = proc_samples;
         }
-        let (with, without, told) = with_agent(agent.socket_path(), budget)?;
         drop(fds);
-        if told != listed {
-            return Err(format!(
-                "at {n}: the agent's facts give {told} problems, /proc gives {listed}"
-            ));
-        }
-        let cost = with.median() - without.median();
         if n == 1_000 {
-            at_1000 = Some(cost);
+            at_1000 = Some(costs[0]);
         }
         rows.push(vec![
             n.to_string(),
             held.to_string(),
-            listed.to_string(),
-            fmt_us(cost),
-            fmt_us(cost / held as f64),
-            fmt_us(without.median()),
-            fmt_us(samples.median()),
-            fmt_us(samples.p90()),
-            fmt_us(samples.median() / held as f64),
+            fmt_us(costs[0]),
+            fmt_us(costs[0] / held as f64),
+            fmt_us(costs[1]),
+            refused.to_string(),
+            fmt_us(plain.median()),
+            fmt_us(proc.median()),
+            fmt_us(proc.p90()),
+            fmt_us(proc.median() / held as f64),
         ]);
     }
     agent.stop();
@@ -198,22 +224,26 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
          socket pairs, a third established loopback TCP connections, both ends) and runs an \
          agent with no resources. With the agent (what pre-dump does for a process that runs \
          one): a before-checkpoint asking for the facts (the agent fstat's each descriptor \
-         and asks each socket, in its own process) plus the preflight on them, against the \
-         same round trip without facts, in pairs for about {budget} (at least 5 pairs); the \
-         cost is the difference of the medians. Without an agent: preflight::check on this \
-         process for about {budget}: every /proc/PID/fd link, each socket through a copy of \
-         its descriptor (pidfd_getfd). Both then ask sock_diag for Unix peers. 'Listed' is \
-         what it would refuse (the TCP connections; Unix pairs within the process are fine), \
-         the same both ways.",
+         and asks each socket TCP_INFO, in its own process, in the pass that also counts its \
+         TCP connections for RestoreInfo::tcp) plus the preflight on them, against the same \
+         round trip without facts (which still counts the connections), in pairs for about \
+         {budget} (at least 5 pairs); the cost is the difference of the medians. Two cases: \
+         CRIU taking connections (--tcp-established: the checkpoint goes through, nothing is \
+         listed), and CRIU's defaults, which refuse the TCP connections (listed with their \
+         addresses: two more calls each). Without an agent: preflight::check on this process \
+         (CRIU's defaults) for about {budget}: every /proc/PID/fd link, each socket through a \
+         copy of its descriptor (pidfd_getfd). Both then ask sock_diag which sockets are \
+         connected Unix ones, and to whom. The listings agree both ways (checked).",
         budget = fmt_us(budget.as_secs_f64() * 1e6)
     ));
     report.table(
         &[
             "n",
             "descriptors held",
-            "listed",
-            "with an agent",
+            "with an agent, goes through",
             "per descriptor",
+            "with an agent, refused",
+            "listed",
             "(round trip without facts)",
             "through /proc: median",
             "p90",
@@ -230,7 +260,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         at_1000 / 10.0 / ms
     );
     report.line(&format!(
-        "At 1,000 descriptors, with an agent: {}. Target under 1 ms: {}.{share}",
+        "At 1,000 descriptors, with an agent, for a checkpoint that goes through: {}. Target \
+         under 1 ms: {}.{share}",
         fmt_us(at_1000),
         verdict(met)
     ));
