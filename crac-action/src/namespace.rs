@@ -528,11 +528,21 @@ pub fn loopback_up(pid: u32) -> io::Result<bool> {
     if namespace_of(&pid.to_string(), "net") == namespace_of("self", "net") {
         return Ok(false);
     }
+    in_network_of(pid, || interface_up(c"lo"))
+}
+
+/// Runs `f` in the network namespace of process `pid`, then comes back to this one. What `f`
+/// makes there stays there: a socket keeps the namespace it was made in (a sock_diag socket
+/// made there answers for that namespace).
+///
+/// # Errors
+///
+/// When the namespace cannot be entered (it needs CAP_SYS_ADMIN) or left, or `f` fails.
+pub(crate) fn in_network_of<T>(pid: u32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let ours = fs::File::open("/proc/self/ns/net")?;
     let theirs = fs::File::open(format!("/proc/{pid}/ns/net"))?;
     setns(&theirs, CloneFlags::CLONE_NEWNET)?;
-    let result = interface_up(c"lo");
-    // crac-action exits soon after, but it goes on in its own namespace until then.
+    let result = f();
     setns(&ours, CloneFlags::CLONE_NEWNET)?;
     result
 }

@@ -36,7 +36,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -392,16 +392,36 @@ pub fn scan(pids: &[u32], facts: &AgentFacts, opts: &CriuOptions, policy: &Polic
 
 /// The connected Unix sockets among `unix_fds` (pid, fd, inode, network namespace) whose
 /// peer is outside the tree (`tree_sockets`): CRIU's "External socket is used".
+///
+/// A socket belongs to the network namespace it was made in, whoever holds it now, and a
+/// sock_diag socket answers for its own namespace only: this namespace's and that of each
+/// process holding a candidate are asked (one dump each), and the answers merged (socket
+/// inodes are unique across namespaces).
 fn external_unix(
     mut unix_fds: Vec<(u32, u32, u64, u64)>,
     tree_sockets: &HashSet<u64>,
 ) -> Vec<Problem> {
-    // The kernel answers for this process's network namespace only.
     let own_netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
-    unix_fds.retain(|&(_, _, _, netns)| netns == own_netns);
-    let Ok(peers) = crate::sock_diag::connected_unix(false) else {
-        return Vec::new();
+    let mut asked = vec![own_netns];
+    let mut diag: Vec<OwnedFd> = crate::sock_diag::socket().into_iter().collect();
+    for &(pid, _, _, netns) in &unix_fds {
+        if !asked.contains(&netns) {
+            asked.push(netns);
+            diag.extend(crate::namespace::in_network_of(
+                pid,
+                crate::sock_diag::socket,
+            ));
+        }
+    }
+    let dump = |names: bool| {
+        let mut sockets = HashMap::new();
+        for sock in &diag {
+            sockets
+                .extend(crate::sock_diag::connected_unix(sock.as_fd(), names).unwrap_or_default());
+        }
+        sockets
     };
+    let peers = dump(false);
     // A datagram socket is not CRIU's concern here (the agent's facts leave its type to this
     // check).
     unix_fds.retain(|(_, _, inode, _)| {
@@ -419,11 +439,8 @@ fn external_unix(
     if unix_fds.is_empty() {
         return Vec::new();
     }
-    // Names, for the refusal, in a second look (they may have changed; a socket gone since
-    // is left out).
-    let Ok(named) = crate::sock_diag::connected_unix(true) else {
-        return Vec::new();
-    };
+    // Names, for the refusal, in a second look (a socket gone since is left out).
+    let named = dump(true);
     let agent_socket = format!("/{}", crac_agent::SOCKET_NAME);
     let name_of = |inode: &u64| {
         named

@@ -1,12 +1,14 @@
 //! Who is at the other end of each Unix socket: the kernel's sock_diag netlink interface
-//! (`NETLINK_SOCK_DIAG`, `unix_diag`), which `/proc/net/unix` does not tell. It answers for the
-//! network namespace of the asking process.
+//! (`NETLINK_SOCK_DIAG`, `unix_diag`), which `/proc/net/unix` does not tell. A sock_diag socket
+//! answers for the network namespace it was made in ([`socket`]; another namespace's through
+//! [`crate::namespace::in_network_of`]).
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::sys::socket::{
-    recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    recv, sendto, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -34,7 +36,22 @@ pub(crate) struct UnixSocket {
     pub(crate) name: String,
 }
 
-/// Every connected Unix socket of this network namespace, by inode, with its name if `names`.
+/// A sock_diag socket of the current network namespace.
+///
+/// # Errors
+///
+/// When the kernel refuses a netlink socket.
+pub(crate) fn socket() -> io::Result<OwnedFd> {
+    Ok(nix::sys::socket::socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?)
+}
+
+/// Every connected Unix socket of the network namespace of `sock` (from [`socket`]), by
+/// inode, with its name if `names`.
 ///
 /// Only connected sockets are asked for (a socket's peer is connected too), and names only
 /// when a refusal will show them: the kernel then has less to write, and this less to read.
@@ -42,13 +59,10 @@ pub(crate) struct UnixSocket {
 /// # Errors
 ///
 /// When the kernel has no sock_diag for Unix sockets or refuses the request.
-pub(crate) fn connected_unix(names: bool) -> io::Result<HashMap<u64, UnixSocket>> {
-    let sock = socket(
-        AddressFamily::Netlink,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkSockDiag,
-    )?;
+pub(crate) fn connected_unix(
+    sock: BorrowedFd<'_>,
+    names: bool,
+) -> io::Result<HashMap<u64, UnixSocket>> {
     let mut request = Vec::with_capacity(NLMSG_HDR + 24);
     request.extend_from_slice(&((NLMSG_HDR + 24) as u32).to_ne_bytes());
     request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
@@ -66,7 +80,7 @@ pub(crate) fn connected_unix(names: bool) -> io::Result<HashMap<u64, UnixSocket>
     request.extend_from_slice(&show.to_ne_bytes());
     request.extend_from_slice(&[0u8; 8]); // cookie
     sendto(
-        std::os::fd::AsRawFd::as_raw_fd(&sock),
+        sock.as_raw_fd(),
         &request,
         &NetlinkAddr::new(0, 0),
         MsgFlags::empty(),
@@ -76,11 +90,7 @@ pub(crate) fn connected_unix(names: bool) -> io::Result<HashMap<u64, UnixSocket>
     // A dump's messages come in parts of at most 32 KiB.
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        let n = recv(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            &mut buf,
-            MsgFlags::empty(),
-        )?;
+        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
         let mut at = 0;
         while at + NLMSG_HDR <= n {
             let len = u32_at(&buf, at) as usize;
@@ -157,6 +167,7 @@ fn align(len: usize) -> usize {
 mod tests {
     #[test]
     fn a_socketpair_is_seen_with_its_peer() {
+        use std::os::fd::AsFd;
         use std::os::unix::fs::MetadataExt;
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let inode = |s: &std::os::unix::net::UnixStream| {
@@ -165,7 +176,9 @@ mod tests {
                 .unwrap()
                 .ino()
         };
-        let peers = super::connected_unix(false).unwrap();
+        let sock = super::socket().unwrap();
+        let connected = |names| super::connected_unix(sock.as_fd(), names).unwrap();
+        let peers = connected(false);
         assert_eq!(peers.get(&inode(&a)).map(|p| p.peer), Some(inode(&b)));
         assert_eq!(peers.get(&inode(&b)).map(|p| p.peer), Some(inode(&a)));
         assert!(peers[&inode(&a)].stream);
@@ -176,16 +189,14 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let client = std::os::unix::net::UnixStream::connect(&path).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let named = super::connected_unix(true).unwrap();
+        let named = connected(true);
         assert_eq!(named[&inode(&server)].name, path.display().to_string());
         assert_eq!(named[&inode(&client)].peer, inode(&server));
         assert!(
             !named.contains_key(&inode_of_listener(&listener)),
             "a listener is not connected"
         );
-        assert!(super::connected_unix(false).unwrap()[&inode(&server)]
-            .name
-            .is_empty());
+        assert!(connected(false)[&inode(&server)].name.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{self, after_all, concat, wait_until, Crac, Scratch, Target, BEFORE_ALL};
+use crate::util::{self, after_all, concat, text, wait_until, Crac, Scratch, Target, BEFORE_ALL};
 
 /// A private /tmp/crac in a mount namespace of the target's own, as a container has.
 const PRIVATE_AGENT_DIR: &str =
@@ -205,6 +205,66 @@ fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
 }
 
 /// Removes a folder when dropped.
+/// A service in network and mount namespaces of its own, whose stdin is a Unix socket
+/// connected to this process: the preflight lists it as connected outside the tree, and the
+/// hooks are rolled back. A socket belongs to the namespace it was made in, whoever holds it:
+/// once made here (crac-action's namespace), once in the service's namespace (which only a
+/// sock_diag socket made there can ask about).
+#[test]
+fn a_unix_socket_connected_outside_a_service_in_its_own_network_namespace_is_listed() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("netns-unix");
+    let crac = Crac::new(&scratch);
+    let start = |name: &str, inside: std::os::unix::net::UnixStream, unshare: &[&str]| {
+        Target::start_in_namespaces_with(
+            &scratch.join(name),
+            &[],
+            unshare,
+            PRIVATE_AGENT_DIR,
+            std::process::Stdio::from(std::os::fd::OwnedFd::from(inside)),
+        )
+    };
+    let (made_here, outside_here) = std::os::unix::net::UnixStream::pair().expect("a pair");
+    let first = start("here", made_here, &["--net", "--mount"]);
+    // The second is started from a thread in a network namespace of its own, where the pair
+    // is made: the service runs there.
+    let (second, _outside_there) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a netns");
+                let (made_there, outside) = std::os::unix::net::UnixStream::pair().expect("a pair");
+                (start("there", made_there, &["--mount"]), outside)
+            })
+            .join()
+            .expect("the thread")
+    });
+    let netns = |pid: &str| fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino();
+    for target in [first, second] {
+        let pid = target.pid.to_string();
+        assert_ne!(netns(&pid), netns("self"));
+
+        let out = crac.run(&["checkpoint", &pid, "--dry-run"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let bad: Vec<&str> = stdout.lines().filter(|l| l.starts_with("BAD  ")).collect();
+        assert_eq!(bad.len(), 1, "{}", text(&out));
+        assert!(
+            bad[0].contains(&format!(
+                "pid {pid} fd 0: unix (unnamed) -> (unnamed) (CRIU refuses a Unix socket \
+                 connected to a process outside the tree"
+            )),
+            "{}",
+            text(&out)
+        );
+        assert_eq!(
+            target.hooks(),
+            concat(&BEFORE_ALL, &after_all("aborted", 0))
+        );
+        assert!(target.is_alive());
+    }
+    drop(outside_here);
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {

@@ -134,7 +134,13 @@ impl Target {
     /// Starts the target as a session leader with no terminal, as CRIU wants, and waits until
     /// it is ready.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Target {
-        Target::launch(Command::new(bin("crac-test-target")), dir, env, None)
+        Target::launch(
+            Command::new(bin("crac-test-target")),
+            dir,
+            env,
+            None,
+            Stdio::null(),
+        )
     }
 
     /// As [`Target::start`], running the executable `exe` (a copy of crac-test-target) with
@@ -145,7 +151,7 @@ impl Target {
         env: &[(&str, &str)],
         stdout: Option<fs::File>,
     ) -> Target {
-        Target::launch(Command::new(exe), dir, env, stdout)
+        Target::launch(Command::new(exe), dir, env, stdout, Stdio::null())
     }
 
     /// Starts the target as pid 1 of namespaces of its own: `unshare --pid --fork` plus
@@ -157,12 +163,24 @@ impl Target {
         unshare_args: &[&str],
         setup: &str,
     ) -> Target {
+        Target::start_in_namespaces_with(dir, env, unshare_args, setup, Stdio::null())
+    }
+
+    /// As [`Target::start_in_namespaces`], with `stdin` as the target's standard input (a
+    /// socket whose other end stays out of its tree, say).
+    pub fn start_in_namespaces_with(
+        dir: &Path,
+        env: &[(&str, &str)],
+        unshare_args: &[&str],
+        setup: &str,
+        stdin: Stdio,
+    ) -> Target {
         let mut cmd = Command::new("unshare");
         cmd.args(unshare_args)
             .args(["--pid", "--fork", "sh", "-c"])
             .arg(format!("{setup}\nexec setsid \"$0\"", setup = setup))
             .arg(bin("crac-test-target"));
-        let mut target = Target::launch(cmd, dir, env, None);
+        let mut target = Target::launch(cmd, dir, env, None, stdin);
         let unshare = target.pid;
         target.pid = fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
             .expect("unshare's children")
@@ -181,9 +199,10 @@ impl Target {
         dir: &Path,
         env: &[(&str, &str)],
         stdout: Option<fs::File>,
+        stdin: Stdio,
     ) -> Target {
         cmd.env("CRAC_TEST_DIR", dir)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(stdout.map_or_else(Stdio::null, Stdio::from))
             // Appended to, as a service's log must be (a file opened without O_APPEND makes
             // an image CRIU refuses once the file grew, and crac warns about it).
