@@ -5,6 +5,8 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
+use crac_agent::fd_facts::Tcp;
+
 use nix::sys::socket::{
     getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage,
 };
@@ -13,6 +15,7 @@ use nix::sys::socket::{
 pub(crate) struct Pidfd(OwnedFd);
 
 /// What a socket says about itself.
+#[derive(Default)]
 pub(crate) struct SocketFacts {
     /// A TCP connection (neither listening nor closed).
     pub(crate) tcp_peer: bool,
@@ -22,6 +25,8 @@ pub(crate) struct SocketFacts {
     /// Its address, and its peer's when it has one.
     pub(crate) local: String,
     pub(crate) peer: String,
+    /// For a TCP listener: how many connections wait to be accepted.
+    pub(crate) waiting: u32,
 }
 
 impl Pidfd {
@@ -51,13 +56,24 @@ impl Pidfd {
                 .unwrap_or_default()
         };
         // As the process's agent would tell it (crac_agent::fd_facts), so the verdicts agree.
-        if crac_agent::fd_facts::is_tcp_connection(copy.as_fd()) {
-            return Some(SocketFacts {
-                tcp_peer: true,
-                unix_connected: false,
-                local: address(getsockname(raw)),
-                peer: address(getpeername(raw)),
-            });
+        match crac_agent::fd_facts::tcp(copy.as_fd()) {
+            Some(Tcp::Connection) => {
+                return Some(SocketFacts {
+                    tcp_peer: true,
+                    local: address(getsockname(raw)),
+                    peer: address(getpeername(raw)),
+                    ..SocketFacts::default()
+                })
+            }
+            Some(Tcp::Listening(waiting @ 1..)) => {
+                return Some(SocketFacts {
+                    waiting,
+                    local: address(getsockname(raw)),
+                    ..SocketFacts::default()
+                })
+            }
+            Some(_) => return Some(SocketFacts::default()),
+            None => {}
         }
         let unix_connected = getpeername::<SockaddrStorage>(raw)
             .is_ok_and(|peer| peer.family() == Some(nix::sys::socket::AddressFamily::Unix))
@@ -66,10 +82,8 @@ impl Pidfd {
                 Ok(SockType::Stream | SockType::SeqPacket)
             );
         Some(SocketFacts {
-            tcp_peer: false,
             unix_connected,
-            local: String::new(),
-            peer: String::new(),
+            ..SocketFacts::default()
         })
     }
 }

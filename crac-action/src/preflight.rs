@@ -19,7 +19,8 @@
 //!
 //! | descriptor | CRIU refuses it | unless |
 //! |---|---|---|
-//! | a TCP socket with a peer (established, closing) | "Connected TCP socket" | `--tcp-established` |
+//! | a TCP connection (established, being made, closing) | "Connected TCP socket" | `--tcp-established` or `--tcp-close` |
+//! | a TCP listener with connections not accepted yet | "In-flight connection" | `--skip-in-flight` |
 //! | a Unix stream or seqpacket socket whose peer is outside the tree | "External socket is used" | `--ext-unix-sk` |
 //! | a terminal (`/dev/pts/N`, `/dev/ttyN`) whose other side is outside the tree | the session's terminal | `--shell-job` |
 //! | an io_uring, userfaultfd, perf event or KVM descriptor | "unsupported" | never |
@@ -36,7 +37,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -67,6 +68,10 @@ pub struct CriuOptions {
     pub shell_job: bool,
     /// `--ghost-limit`, in bytes.
     pub ghost_limit: u64,
+    /// `--tcp-close`: connections are not dumped but closed, so CRIU takes them too.
+    pub tcp_close: bool,
+    /// `--skip-in-flight`: connections waiting on a listener are left out of the image.
+    pub skip_in_flight: bool,
 }
 
 impl CriuOptions {
@@ -78,6 +83,8 @@ impl CriuOptions {
             ext_unix_sk: false,
             shell_job: false,
             ghost_limit: DEFAULT_GHOST_LIMIT,
+            tcp_close: false,
+            skip_in_flight: false,
         }
     }
 
@@ -151,6 +158,8 @@ impl CriuOptions {
             match name {
                 "tcp-established" => opts.tcp_established = true,
                 "ext-unix-sk" => opts.ext_unix_sk = true,
+                "tcp-close" => opts.tcp_close = true,
+                "skip-in-flight" => opts.skip_in_flight = true,
                 "shell-job" | "j" => opts.shell_job = true,
                 "ghost-limit" => {
                     let value = inline.or_else(|| words.next().map(str::to_owned));
@@ -324,7 +333,8 @@ pub fn scan(pids: &[u32], facts: &AgentFacts, opts: &CriuOptions, policy: &Polic
                     let Some(facts) = facts else {
                         continue;
                     };
-                    if facts.tcp_peer && opts.known && !opts.tcp_established {
+                    let takes_connections = opts.tcp_established || opts.tcp_close;
+                    if facts.tcp_peer && opts.known && !takes_connections {
                         found.push(Problem {
                             pid,
                             fd,
@@ -333,6 +343,21 @@ pub fn scan(pids: &[u32], facts: &AgentFacts, opts: &CriuOptions, policy: &Polic
                             why: "CRIU refuses a connected TCP socket without --tcp-established: \
                                   close it in a before_checkpoint hook, or dump with \
                                   --tcp-established",
+                            owner: None,
+                        });
+                    } else if facts.waiting > 0 && opts.known && !opts.skip_in_flight {
+                        let (n, s) = (facts.waiting, if facts.waiting == 1 { "" } else { "s" });
+                        found.push(Problem {
+                            pid,
+                            fd,
+                            kind: Kind::Tcp,
+                            what: format!(
+                                "{} (listening, {n} connection{s} not accepted)",
+                                facts.local
+                            ),
+                            why: "CRIU refuses a listener with connections not accepted yet \
+                                  (\"In-flight connection\"): dump with --skip-in-flight, which \
+                                  leaves them out of the image (crac checkpoint passes it)",
                             owner: None,
                         });
                     } else if facts.unix_connected {
@@ -476,7 +501,7 @@ fn external_unix(
 /// `policy`: when CRIU refuses connections, or a policy may refuse anything. Otherwise an
 /// agent need not find them ([`crac_agent::protocol::Request::tcp_addresses`]).
 pub fn needs_tcp_addresses(opts: &CriuOptions, policy: &Policy) -> bool {
-    (opts.known && !opts.tcp_established) || policy.says(Verdict::Refuse)
+    (opts.known && !opts.tcp_established && !opts.tcp_close) || policy.says(Verdict::Refuse)
 }
 
 /// Descriptors a policy refuses whatever CRIU's options (they are not problems to CRIU).
@@ -490,6 +515,8 @@ pub fn refused_by_policy(pids: &[u32], facts: &AgentFacts, policy: &Policy) -> V
         ext_unix_sk: false,
         shell_job: false,
         ghost_limit: 0,
+        tcp_close: false,
+        skip_in_flight: false,
     };
     scan(pids, facts, &lenient, &Policy::default())
         .into_iter()
@@ -520,6 +547,7 @@ fn from_facts(facts: &Facts) -> Vec<(u32, Seen)> {
                     unix_connected: !c.tcp,
                     local: c.local.clone(),
                     peer: c.peer.clone(),
+                    waiting: 0,
                 }),
             ),
         ));
@@ -530,16 +558,25 @@ fn from_facts(facts: &Facts) -> Vec<(u32, Seen)> {
         .enumerate()
         .filter(|(_, inode)| !connected.contains_key(inode));
     if facts.socket_fds.len() == facts.sockets.len() {
-        // Any of the others may be a connected Unix socket: the sock_diag dump tells which.
+        let listening: HashMap<RawFd, &fd_facts::Listening> =
+            facts.listening.iter().map(|l| (l.fd, l)).collect();
         seen.extend(others.filter_map(|(i, &inode)| {
-            let fd = u32::try_from(facts.socket_fds[i]).ok()?;
-            let maybe_unix = SocketFacts {
-                tcp_peer: false,
-                unix_connected: true,
-                local: String::new(),
-                peer: String::new(),
+            let raw = facts.socket_fds[i];
+            let fd = u32::try_from(raw).ok()?;
+            let other = match listening.get(&raw) {
+                Some(l) => SocketFacts {
+                    waiting: l.waiting,
+                    local: l.local.clone(),
+                    ..SocketFacts::default()
+                },
+                // Any of the others may be a connected Unix socket: the sock_diag dump tells
+                // which.
+                None => SocketFacts {
+                    unix_connected: true,
+                    ..SocketFacts::default()
+                },
             };
-            Some((fd, Seen::Socket(inode, Some(maybe_unix))))
+            Some((fd, Seen::Socket(inode, Some(other))))
         }));
     } else {
         // An older agent listed its connected Unix sockets among `connected`: the others
@@ -634,7 +671,8 @@ fn own_socket_inodes() -> HashSet<u64> {
 struct NetTables {
     /// Unix sockets, and whether each is a connected stream or seqpacket one.
     unix: HashMap<u64, bool>,
-    tcp: Option<HashMap<u64, (String, String, bool)>>,
+    /// TCP sockets: what they say, without their descriptors.
+    tcp: Option<HashMap<u64, SocketFacts>>,
 }
 
 impl NetTables {
@@ -657,10 +695,8 @@ impl NetTables {
 
     fn unix(&self, inode: u64) -> Option<SocketFacts> {
         self.unix.get(&inode).map(|&connected| SocketFacts {
-            tcp_peer: false,
             unix_connected: connected,
-            local: String::new(),
-            peer: String::new(),
+            ..SocketFacts::default()
         })
     }
 
@@ -683,16 +719,33 @@ impl NetTables {
                     };
                     // 0A is LISTEN, 07 CLOSE (bound, never connected); others have a peer.
                     let has_peer = *state != "0A" && *state != "07";
-                    tcp.insert(inode, (address(local), address(remote), has_peer));
+                    // tx_queue:rx_queue; a listener's rx_queue is its accept queue.
+                    let waiting = f
+                        .get(4)
+                        .and_then(|q| q.split_once(':'))
+                        .and_then(|(_, rx)| u32::from_str_radix(rx, 16).ok())
+                        .filter(|_| *state == "0A")
+                        .unwrap_or(0);
+                    let facts = SocketFacts {
+                        tcp_peer: has_peer,
+                        local: address(local),
+                        peer: if has_peer {
+                            address(remote)
+                        } else {
+                            String::new()
+                        },
+                        waiting,
+                        ..SocketFacts::default()
+                    };
+                    tcp.insert(inode, facts);
                 }
             }
             tcp
         });
-        tcp.get(&inode).map(|(local, peer, has_peer)| SocketFacts {
-            tcp_peer: *has_peer,
-            unix_connected: false,
-            local: local.clone(),
-            peer: peer.clone(),
+        tcp.get(&inode).map(|facts| SocketFacts {
+            local: facts.local.clone(),
+            peer: facts.peer.clone(),
+            ..*facts
         })
     }
 }
@@ -739,8 +792,10 @@ mod tests {
         assert!(opts.shell_job && opts.ext_unix_sk && !opts.tcp_established);
         assert_eq!(opts.ghost_limit, 2048);
         let opts = CriuOptions::from_words(&words(&["-j", "--ghost-limit=1G"]));
-        assert!(opts.shell_job);
+        assert!(opts.shell_job && !opts.skip_in_flight && !opts.tcp_close);
         assert_eq!(opts.ghost_limit, 1 << 30);
+        let opts = CriuOptions::from_words(&words(&["--skip-in-flight", "tcp-close"]));
+        assert!(opts.skip_in_flight && opts.tcp_close && !opts.tcp_established);
     }
 
     #[test]
@@ -754,6 +809,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, _) = listener.accept().unwrap();
+        // A listener with a connection it has not accepted (CRIU's "In-flight connection").
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _queued = std::net::TcpStream::connect(busy.local_addr().unwrap()).unwrap();
         let path = std::env::temp_dir().join(format!("crac-preflight-{}", std::process::id()));
         let file = fs::File::create(&path).unwrap();
         file.set_len(2 << 20).unwrap();
@@ -767,11 +825,20 @@ mod tests {
             &Policy::default(),
         );
         let tcp: Vec<_> = problems.iter().filter(|p| p.kind == Kind::Tcp).collect();
-        assert_eq!(tcp.len(), 2, "{problems:#?}");
+        // The connection both ways, the queued one's client end, and the busy listener.
+        assert_eq!(tcp.len(), 4, "{problems:#?}");
         let port = listener.local_addr().unwrap().port();
         assert!(
             tcp.iter()
                 .any(|p| p.what.ends_with(&format!(" -> 127.0.0.1:{port}"))),
+            "{tcp:#?}"
+        );
+        let busy_port = busy.local_addr().unwrap().port();
+        assert!(
+            tcp.iter()
+                .any(|p| p.fd == std::os::fd::AsRawFd::as_raw_fd(&busy) as u32
+                    && p.what
+                        == format!("127.0.0.1:{busy_port} (listening, 1 connection not accepted)")),
             "{tcp:#?}"
         );
         let ghost: Vec<_> = problems.iter().filter(|p| p.kind == Kind::Ghost).collect();
@@ -789,15 +856,27 @@ mod tests {
         );
 
         // With the options that make CRIU accept them, nothing is listed.
-        let mut accepting = CriuOptions::defaults();
-        accepting.tcp_established = true;
-        accepting.ghost_limit = 4 << 20;
-        let left = scan(&[me], &AgentFacts::new(), &accepting, &Policy::default());
-        assert!(
-            left.iter()
-                .all(|p| p.kind != Kind::Tcp && p.kind != Kind::Ghost),
-            "{left:#?}"
-        );
+        let accepting = CriuOptions::from_words(&[
+            "--tcp-established".into(),
+            "--skip-in-flight".into(),
+            "--ghost-limit".into(),
+            "4M".into(),
+        ]);
+        let closing = CriuOptions {
+            tcp_established: false,
+            tcp_close: true,
+            ..accepting.clone()
+        };
+        for opts in [accepting, closing] {
+            for told in [AgentFacts::new(), told.clone()] {
+                let left = scan(&[me], &told, &opts, &Policy::default());
+                assert!(
+                    left.iter()
+                        .all(|p| p.kind != Kind::Tcp && p.kind != Kind::Ghost),
+                    "{left:#?}"
+                );
+            }
+        }
         drop(file);
     }
 

@@ -31,6 +31,9 @@ pub struct Facts {
     pub socket_fds: Vec<RawFd>,
     /// The TCP connections (TCP sockets neither listening nor closed).
     pub connected: Vec<Connected>,
+    /// The TCP listeners with connections waiting to be accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listening: Vec<Listening>,
     /// The descriptors whose `/proc/PID/fd` link decides (terminals and character devices
     /// other than the memory ones, anonymous inodes, deleted files), with the link.
     pub linked: Vec<Linked>,
@@ -54,6 +57,18 @@ pub struct Connected {
     /// See `local`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub peer: String,
+}
+
+/// A TCP listener with connections waiting to be accepted: CRIU's "In-flight connection"
+/// unless it is told to leave them out (`--skip-in-flight`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Listening {
+    /// The descriptor.
+    pub fd: RawFd,
+    /// How many connections wait.
+    pub waiting: u32,
+    /// Its address, as people write it.
+    pub local: String,
 }
 
 /// A descriptor and its `/proc/PID/fd` link.
@@ -130,7 +145,15 @@ fn gather_noting(
             facts.sockets.push(stat.st_ino);
             facts.socket_fds.push(fd);
             // Any other socket: whether it is a connected Unix one is sock_diag's to tell.
-            if is_tcp_connection(borrowed) {
+            let tcp = tcp(borrowed);
+            if let Some(Tcp::Listening(waiting @ 1..)) = tcp {
+                facts.listening.push(Listening {
+                    fd,
+                    waiting,
+                    local: addresses(borrowed).0,
+                });
+            }
+            if tcp == Some(Tcp::Connection) {
                 connections.add(fd, stat.st_ino);
                 let (local, peer) = if tcp_addresses {
                     addresses(borrowed)
@@ -162,12 +185,28 @@ fn gather_noting(
     facts
 }
 
-/// Whether `socket` is a TCP connection (a TCP socket neither listening nor closed, a
-/// connection still being made included): one `TCP_INFO`. crac-action asks a copy of another
+/// A TCP socket as CRIU sorts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tcp {
+    /// A connection: neither listening nor closed (one still being made included).
+    Connection,
+    /// A listener, and how many connections wait to be accepted.
+    Listening(u32),
+    /// Closed: bound, or never connected.
+    Closed,
+}
+
+/// What `socket` is if it is a TCP socket: one `TCP_INFO`. crac-action asks a copy of another
 /// process's socket the same, so the verdicts agree.
-pub fn is_tcp_connection(socket: BorrowedFd<'_>) -> bool {
-    crate::tcp::tcp_state(std::os::fd::AsRawFd::as_raw_fd(&socket))
-        .is_some_and(crate::tcp::is_connection)
+pub fn tcp(socket: BorrowedFd<'_>) -> Option<Tcp> {
+    let (state, unacked) = crate::tcp::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&socket))?;
+    Some(if crate::tcp::is_connection(state) {
+        Tcp::Connection
+    } else if crate::tcp::is_listening(state) {
+        Tcp::Listening(unacked)
+    } else {
+        Tcp::Closed
+    })
 }
 
 /// A socket's own address and its peer's, as people write them (empty where there is none).

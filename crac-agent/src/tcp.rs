@@ -17,17 +17,19 @@ use crac_core::TcpConnections;
 const TCP_CLOSE: u8 = 7;
 const TCP_LISTEN: u8 = 10;
 
-/// The TCP state of descriptor `fd`, if it is a TCP socket: the first byte of `struct
-/// tcp_info`. Only a TCP socket answers `TCP_INFO`; any other descriptor fails the call (not a
-/// socket, or no such option at that level), so one call both tells a TCP socket and gives
-/// its state.
-pub(crate) fn tcp_state(fd: RawFd) -> Option<u8> {
-    let mut info = [0u8; 8];
+/// What `TCP_INFO` tells of descriptor `fd`, if it is a TCP socket: its state (the first
+/// byte of `struct tcp_info`) and `tcpi_unacked`, which for a listener is how many connections
+/// wait to be accepted. Only a TCP socket answers `TCP_INFO`; any other descriptor fails the
+/// call (not a socket, or no such option at that level), so one call both tells a TCP socket
+/// and describes it.
+pub(crate) fn tcp_info(fd: RawFd) -> Option<(u8, u32)> {
+    // Up to and including tcpi_unacked (offset 24): the kernel copies no more than asked.
+    let mut info = [0u8; 28];
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `info`, a buffer on this stack, and
-    // updates `len`; the kernel copies no more than asked. `fd` is only a number: if another
-    // thread closed it in the meantime the call fails (EBADF), or it inspects whatever now
-    // has that number, which only changes what this counts.
+    // updates `len`. `fd` is only a number: if another thread closed it in the meantime the
+    // call fails (EBADF), or it inspects whatever now has that number, which only changes
+    // what this counts.
     let rc = unsafe {
         libc::getsockopt(
             fd,
@@ -37,7 +39,15 @@ pub(crate) fn tcp_state(fd: RawFd) -> Option<u8> {
             &mut len,
         )
     };
-    (rc == 0 && len >= 1).then_some(info[0])
+    if rc != 0 || len < 1 {
+        return None;
+    }
+    let unacked = if len >= 28 {
+        u32::from_ne_bytes([info[24], info[25], info[26], info[27]])
+    } else {
+        0
+    };
+    Some((info[0], unacked))
 }
 
 /// Whether a TCP socket in `state` is a connection: neither listening nor closed.
@@ -45,9 +55,14 @@ pub(crate) fn is_connection(state: u8) -> bool {
     state != TCP_CLOSE && state != TCP_LISTEN
 }
 
+/// Whether a TCP socket in `state` listens.
+pub(crate) fn is_listening(state: u8) -> bool {
+    state == TCP_LISTEN
+}
+
 /// Whether descriptor `fd` is a TCP connection.
 fn connected(fd: RawFd) -> bool {
-    tcp_state(fd).is_some_and(is_connection)
+    tcp_info(fd).is_some_and(|(state, _)| is_connection(state))
 }
 
 /// The inode of the socket behind descriptor `fd`: one per connection, however many
@@ -56,7 +71,7 @@ fn inode(fd: RawFd) -> Option<u64> {
     // SAFETY: an all-zero `stat` is a valid value, which fstat overwrites.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat writes into `stat`, a struct on this stack; `fd` is only a number (see
-    // tcp_state).
+    // tcp_info).
     (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some(stat.st_ino)
 }
 

@@ -337,3 +337,64 @@ fn a_refused_descriptor_names_the_resource_most_likely_holding_it() {
     assert!(crac.listing().is_empty());
     target.terminate();
 }
+
+/// A listener with a connection it has not accepted yet: CRIU without `--skip-in-flight`
+/// refuses it ("In-flight connection"). Here the connection comes while the hooks run (the
+/// service accepts nothing then); the preflight names the listener before CRIU does, and the
+/// service, rolled back, accepts the connection and answers it.
+#[test]
+fn a_listener_with_a_connection_not_accepted_is_listed_when_criu_would_refuse_it() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(env) = util::env() else { return };
+    let scratch = Scratch::new("preflight-in-flight");
+    let marker = scratch.join("in-hook");
+    let hook = format!("first:touch {} && sleep 1", marker.display());
+    let target = Target::start(
+        &scratch.join("t"),
+        &[("CRAC_TEST_LISTEN", "0"), ("CRAC_TEST_BEFORE_SH", &hook)],
+    );
+    let (tcp, _) = target.ports();
+
+    let (run, conn) = std::thread::scope(|scope| {
+        let dump = scope.spawn(|| env.dump(target.pid, &scratch.join("img"), &[], &[]));
+        util::wait_until(
+            std::time::Duration::from_secs(10),
+            "the hook to run",
+            || marker.exists(),
+        );
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", tcp)).expect("connect");
+        conn.write_all(b"STATUS\n").expect("send");
+        (dump.join().expect("the dump's thread"), conn)
+    });
+    assert!(!run.ok(), "{run:?}");
+    let listed = format!(
+        "preflight: CRIU would refuse 1 descriptor of the tree: pid {} fd ",
+        target.pid
+    );
+    let entry = format!(
+        ": tcp 127.0.0.1:{tcp} (listening, 1 connection not accepted) (CRIU refuses a listener \
+         with connections not accepted yet (\"In-flight connection\"): dump with \
+         --skip-in-flight, which leaves them out of the image (crac checkpoint passes it))"
+    );
+    assert!(
+        run.log.contains(&listed) && run.log.contains(&entry),
+        "{run:?}"
+    );
+    assert!(!run.log.contains("In-flight connection (l)"), "{run:?}");
+    assert_eq!(
+        target.hooks(),
+        concat(&BEFORE_ALL, &after_all("aborted", 0))
+    );
+    // Rolled back, the service accepts the connection and answers it.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    BufReader::new(conn)
+        .read_line(&mut answer)
+        .expect("an answer");
+    assert!(
+        answer.contains(&format!("\"pid\":{}", target.pid)),
+        "{answer}"
+    );
+    target.terminate();
+}

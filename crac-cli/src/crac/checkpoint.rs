@@ -65,6 +65,7 @@ fn dry_run(args: &CheckpointArgs) -> Result<u8, OpError> {
     }
     // The options crac would give CRIU: its own, and those after `--`.
     let mut words = args.criu_args.clone();
+    words.push("--skip-in-flight".into());
     if args.tcp_established {
         words.push("--tcp-established".into());
     }
