@@ -250,7 +250,8 @@ fn anonymous_inode_device() -> Option<u64> {
 
 /// This process's descriptor numbers, ascending: one `poll` over every number below the
 /// descriptor table's size (~25 ns a number here, where a failed `fstat` costs ~270 ns and a
-/// directory entry of /proc/self/fd ~600 ns); a very big table is listed instead.
+/// directory entry of /proc/self/fd ~600 ns); a very big table, or one bigger than the soft
+/// limit on open files (which poll cannot take), is listed instead.
 pub(crate) fn open_descriptors() -> Vec<RawFd> {
     const POLL_UP_TO: RawFd = 16_384;
     if let Some(open) = table_size()
@@ -285,25 +286,33 @@ pub(crate) fn table_size() -> Option<RawFd> {
 }
 
 /// The open descriptor numbers below `size`, ascending: one poll (a closed number comes back
-/// POLLNVAL), which looks at no descriptor's file; none if the poll fails.
+/// POLLNVAL), which looks at no descriptor's file; none if the poll fails. poll takes no more
+/// numbers than the soft limit on open files (EINVAL), so a descriptor at or above the limit
+/// (opened before the limit was lowered) is not seen.
 pub(crate) fn open_below(size: RawFd) -> Vec<RawFd> {
-    polled_below(size).unwrap_or_default()
+    polled_below(size.min(soft_limit())).unwrap_or_default()
 }
 
-/// [`open_below`], or `None` if the poll fails.
-fn polled_below(size: RawFd) -> Option<Vec<RawFd>> {
-    // poll takes no more numbers than the soft limit on open files (EINVAL), and no
-    // descriptor is above it.
+/// The soft limit on open files.
+fn soft_limit() -> RawFd {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes the limits into `limit`, a valid rlimit.
-    let size = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        size.min(RawFd::try_from(limit.rlim_cur).unwrap_or(RawFd::MAX))
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        RawFd::try_from(limit.rlim_cur).unwrap_or(RawFd::MAX)
     } else {
-        size
-    };
+        RawFd::MAX
+    }
+}
+
+/// [`open_below`] when `size` is within the soft limit on open files, or `None` (also when
+/// the poll fails).
+fn polled_below(size: RawFd) -> Option<Vec<RawFd>> {
+    if size > soft_limit() {
+        return None;
+    }
     let mut fds: Vec<libc::pollfd> = (0..size)
         .map(|fd| libc::pollfd {
             fd,
@@ -381,5 +390,38 @@ mod tests {
         let without = gather(&[client.as_raw_fd()], false);
         assert!(!without.connected.iter().any(|c| c.fd == client.as_raw_fd()));
         assert!(!without.socket_fds.contains(&client.as_raw_fd()));
+    }
+
+    #[test]
+    fn a_descriptor_above_a_lowered_limit_is_still_listed() {
+        let set = |soft: libc::rlim_t, hard: libc::rlim_t| {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit reads `limit`, a valid rlimit on this stack.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        };
+        let mut was = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the limits into `was`, a valid rlimit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut was) }, 0);
+        let top = was.rlim_max.min(4096);
+        set(top, was.rlim_max);
+        let null = fs::File::open("/dev/null").unwrap();
+        let high = RawFd::try_from(top - 1).unwrap();
+        // SAFETY: dup2 onto a number no one uses (the table only now reaches it); closed below.
+        assert_eq!(unsafe { libc::dup2(null.as_raw_fd(), high) }, high);
+        // Lowered below the table's size (poll could not take it), yet roomy for the tests
+        // running beside this one.
+        set(top / 2, was.rlim_max);
+        let listed = open_descriptors();
+        set(was.rlim_cur, was.rlim_max);
+        // SAFETY: `high` is the duplicate made above, owned by this test.
+        unsafe { libc::close(high) };
+        assert!(listed.contains(&high) && listed.contains(&null.as_raw_fd()));
+        assert!(listed.windows(2).all(|w| w[0] < w[1]), "ascending");
     }
 }
