@@ -525,7 +525,7 @@ impl fmt::Display for AgentSocket {
 ///
 /// When the namespace cannot be entered, or the interface not set up.
 pub fn loopback_up(pid: u32) -> io::Result<bool> {
-    if namespace_of(&pid.to_string(), "net") == namespace_of("self", "net") {
+    if namespace_of(&pid.to_string(), "net") == namespace_of("thread-self", "net") {
         return Ok(false);
     }
     in_network_of(pid, || interface_up(c"lo"))
@@ -533,18 +533,33 @@ pub fn loopback_up(pid: u32) -> io::Result<bool> {
 
 /// Runs `f` in the network namespace of process `pid`, then comes back to this one. What `f`
 /// makes there stays there: a socket keeps the namespace it was made in (a sock_diag socket
-/// made there answers for that namespace).
+/// made there answers for that namespace). Only the calling thread moves.
 ///
 /// # Errors
 ///
-/// When the namespace cannot be entered (it needs CAP_SYS_ADMIN) or left, or `f` fails.
+/// When the namespace cannot be entered (it needs CAP_SYS_ADMIN), or `f` fails.
 pub(crate) fn in_network_of<T>(pid: u32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    let ours = fs::File::open("/proc/self/ns/net")?;
+    let ours = fs::File::open("/proc/thread-self/ns/net")?;
     let theirs = fs::File::open(format!("/proc/{pid}/ns/net"))?;
     setns(&theirs, CloneFlags::CLONE_NEWNET)?;
-    let result = f();
-    setns(&ours, CloneFlags::CLONE_NEWNET)?;
-    result
+    let _back = BackTo(ours);
+    f()
+}
+
+/// Brings the calling thread back to the network namespace it holds, when dropped (after a
+/// panic too).
+struct BackTo(fs::File);
+
+impl Drop for BackTo {
+    fn drop(&mut self) {
+        if let Err(err) = setns(&self.0, CloneFlags::CLONE_NEWNET) {
+            // Going on in the service's namespace would have every later step look at the
+            // wrong sockets: crac-action stops here, and CRIU with it (the agents roll back
+            // when their lease ends).
+            eprintln!("crac-action: cannot come back to its own network namespace: {err}");
+            std::process::abort();
+        }
+    }
 }
 
 /// Sets interface `name` up in the current network namespace; false if it was up already.

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crac_agent::protocol::{code, Request};
+use crac_agent::protocol::{code, Lean, Request};
 use crac_core::RestoreReason;
 
 use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
@@ -119,9 +119,11 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // The agents tell the preflight about their own descriptors: cheaper from inside.
     let request = Request {
         facts: policy.is_some(),
-        tcp_addresses: policy
-            .as_ref()
-            .is_some_and(|policy| preflight::needs_tcp_addresses(&opts, policy)),
+        lean: Some(Lean {
+            tcp_addresses: policy
+                .as_ref()
+                .is_some_and(|policy| preflight::needs_tcp_addresses(&opts, policy)),
+        }),
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
     let started = Instant::now();
@@ -423,7 +425,9 @@ pub fn dry_run(
     let request = Request {
         dry_run: true,
         facts: true,
-        tcp_addresses: preflight::needs_tcp_addresses(opts, policy),
+        lean: Some(Lean {
+            tcp_addresses: preflight::needs_tcp_addresses(opts, policy),
+        }),
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
     let Told {

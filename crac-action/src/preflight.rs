@@ -13,9 +13,10 @@
 //! namespace's socket tables in `/proc/PID/net` are the fallback (they list every socket of
 //! the namespace, and reading the TCP ones walks the kernel's whole hash table). The verdicts
 //! are the same either way. Which sockets are connected Unix ones, who is at the other end and
-//! the socket's type come from one sock_diag dump of the namespace's connected Unix sockets. Where the process's agent can tell, each refused descriptor names
-//! the resource most likely holding it (asked only once there is something to refuse). What
-//! it checks:
+//! the socket's type come from sock_diag dumps of connected Unix sockets: one for this network
+//! namespace and one for each other namespace a process of the tree is in. Where the
+//! process's agent can tell, each refused descriptor names the resource most likely holding it
+//! (asked only once there is something to refuse). What it checks:
 //!
 //! | descriptor | CRIU refuses it | unless |
 //! |---|---|---|
@@ -426,7 +427,8 @@ fn external_unix(
     mut unix_fds: Vec<(u32, u32, u64, u64)>,
     tree_sockets: &HashSet<u64>,
 ) -> Vec<Problem> {
-    let own_netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
+    // This thread's namespace (/proc/self is the thread group leader's).
+    let own_netns = fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino());
     let mut asked = vec![own_netns];
     let mut diag: Vec<OwnedFd> = crate::sock_diag::socket().into_iter().collect();
     for &(pid, _, _, netns) in &unix_fds {
@@ -464,7 +466,7 @@ fn external_unix(
     if unix_fds.is_empty() {
         return Vec::new();
     }
-    // Names, for the refusal, in a second look (a socket gone since is left out).
+    // Names, for the refusal, in a second look.
     let named = dump(true);
     let agent_socket = format!("/{}", crac_agent::SOCKET_NAME);
     let name_of = |inode: &u64| {
@@ -477,7 +479,8 @@ fn external_unix(
     unix_fds
         .into_iter()
         .filter_map(|(pid, fd, inode, _)| {
-            let socket = named.get(&inode)?;
+            // Without its name (that dump failed) it is still refused, unnamed.
+            let socket = named.get(&inode).or_else(|| peers.get(&inode))?;
             // An agent's own connections (its socket's name) are the agent's to close: it
             // closes each within moments while a checkpoint is pending.
             if socket.name.ends_with(&agent_socket) {
@@ -499,7 +502,7 @@ fn external_unix(
 
 /// Whether the preflight will show or match the addresses of TCP connections with `opts` and
 /// `policy`: when CRIU refuses connections, or a policy may refuse anything. Otherwise an
-/// agent need not find them ([`crac_agent::protocol::Request::tcp_addresses`]).
+/// agent need not find them ([`crac_agent::protocol::Lean::tcp_addresses`]).
 pub fn needs_tcp_addresses(opts: &CriuOptions, policy: &Policy) -> bool {
     (opts.known && !opts.tcp_established && !opts.tcp_close) || policy.says(Verdict::Refuse)
 }
@@ -516,7 +519,9 @@ pub fn refused_by_policy(pids: &[u32], facts: &AgentFacts, policy: &Policy) -> V
         shell_job: false,
         ghost_limit: 0,
         tcp_close: false,
-        skip_in_flight: false,
+        // A listener is refused by a rule for what it is, not for a client that happens to
+        // be waiting.
+        skip_in_flight: true,
     };
     scan(pids, facts, &lenient, &Policy::default())
         .into_iter()
@@ -806,6 +811,7 @@ mod tests {
 
     #[test]
     fn a_process_with_an_established_connection_and_a_big_deleted_file_is_listed() {
+        let _alone = scanning_this_process();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, _) = listener.accept().unwrap();
@@ -849,11 +855,27 @@ mod tests {
 
         // The process's own account of its descriptors (what its agent sends) comes to the
         // same verdicts, in the same order.
-        let told: AgentFacts = [(me, fd_facts::gather(&[], true))].into();
+        // So does an agent's account for a reader before `lean` (Unix peers among
+        // `connected`, no descriptors with `sockets`).
+        let lean = fd_facts::Ask {
+            tcp_addresses: true,
+            unix_peers: false,
+        };
+        let told: AgentFacts = [(me, fd_facts::gather(&[], lean))].into();
         assert_eq!(
             scan(&[me], &told, &CriuOptions::defaults(), &Policy::default()),
             problems
         );
+        let mut full = fd_facts::gather(&[], fd_facts::Ask::ALL);
+        full.socket_fds.clear();
+        let before: AgentFacts = [(me, full)].into();
+        let told_before = scan(&[me], &before, &CriuOptions::defaults(), &Policy::default());
+        // (It has no listeners' queues: the busy listener is the one thing it misses.)
+        let expected: Vec<&Problem> = problems
+            .iter()
+            .filter(|p| !p.what.contains("listening"))
+            .collect();
+        assert_eq!(told_before.iter().collect::<Vec<_>>(), expected);
 
         // With the options that make CRIU accept them, nothing is listed.
         let accepting = CriuOptions::from_words(&[
@@ -882,6 +904,7 @@ mod tests {
 
     #[test]
     fn a_unix_socket_connected_outside_the_tree_is_listed_with_its_names() {
+        let _alone = scanning_this_process();
         use std::os::unix::net::{UnixListener, UnixStream};
         use std::process::{Command, Stdio};
         let dir = std::env::temp_dir().join(format!("crac-preflight-unix-{}", std::process::id()));
@@ -963,5 +986,14 @@ mod tests {
             let _ = child.wait();
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Tests that scan this process, or hold sockets such a scan would list, take turns: each
+    /// would see the other's.
+    fn scanning_this_process() -> std::sync::MutexGuard<'static, ()> {
+        static SCANS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SCANS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -17,7 +17,7 @@
 use std::fs;
 use std::os::fd::{BorrowedFd, RawFd};
 
-use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+use nix::sys::socket::{getpeername, getsockname, SockaddrLike, SockaddrStorage};
 use nix::sys::stat::{fstat, FileStat, SFlag};
 
 /// The descriptors of a process that can matter to CRIU, as the process sees them.
@@ -25,11 +25,11 @@ use nix::sys::stat::{fstat, FileStat, SFlag};
 pub struct Facts {
     /// The inode of every socket: a Unix socket whose peer is among them is inside the tree.
     pub sockets: Vec<u64>,
-    /// The descriptor of each of `sockets`, in the same order. (Agents before it listed their
-    /// connected Unix sockets in `connected` instead.)
+    /// The descriptor of each of `sockets`, in the same order (empty from agents before it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub socket_fds: Vec<RawFd>,
-    /// The TCP connections (TCP sockets neither listening nor closed).
+    /// The TCP connections (TCP sockets neither listening nor closed), and, when asked
+    /// ([`Ask::unix_peers`]), the sockets with a Unix peer.
     pub connected: Vec<Connected>,
     /// The TCP listeners with connections waiting to be accepted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -39,19 +39,18 @@ pub struct Facts {
     pub linked: Vec<Linked>,
 }
 
-/// A TCP connection.
+/// A TCP connection, or a socket with a Unix peer.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Connected {
     /// The descriptor.
     pub fd: RawFd,
     /// Its inode.
     pub inode: u64,
-    /// `true`: a TCP connection. (`false` only from agents that listed connected Unix
-    /// sockets here.)
+    /// `true` for a TCP connection, `false` for a socket with a Unix peer.
     pub tcp: bool,
-    /// Its address and its peer's, as people write them, when they were asked for
-    /// ([`Request::tcp_addresses`](crate::protocol::Request::tcp_addresses)); empty otherwise
-    /// (a connection still being made has no peer yet), and then left out of the wire.
+    /// Its address and its peer's, as people write them, for a TCP connection when they were
+    /// asked for ([`Ask::tcp_addresses`]); empty otherwise (a connection still being made has
+    /// no peer yet), and then left out of the wire.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub local: String,
     /// See `local`.
@@ -96,43 +95,58 @@ pub(crate) struct Look {
     pub(crate) facts: Option<Facts>,
 }
 
+/// What the facts' reader wants found beyond each descriptor's kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ask {
+    /// The addresses of each TCP connection.
+    pub tcp_addresses: bool,
+    /// Which sockets have a Unix peer (listed among `connected`, `tcp: false`): a reader that
+    /// asks sock_diag by inode (crac-action since `socket_fds`) does not need them, one
+    /// `getpeername` a socket.
+    pub unix_peers: bool,
+}
+
+impl Ask {
+    /// Everything: what readers that predate [`Request::lean`](crate::protocol::Request::lean)
+    /// expect.
+    pub const ALL: Ask = Ask {
+        tcp_addresses: true,
+        unix_peers: true,
+    };
+}
+
 /// Looks at this process's descriptors: only for its TCP connections, or (`facts`) at every
-/// descriptor but those in `skip` (the agent's own) for the preflight too, with the TCP
-/// connections' addresses if `tcp_addresses`.
-pub(crate) fn look(skip: &[RawFd], facts: bool, tcp_addresses: bool) -> Look {
-    if !facts {
+/// descriptor but those in `skip` (the agent's own) for the preflight too.
+pub(crate) fn look(skip: &[RawFd], facts: Option<Ask>) -> Look {
+    let Some(ask) = facts else {
         return Look {
             connections: crate::tcp::connections(),
             facts: None,
         };
-    }
+    };
     let mut connections = crate::tcp::Connections::default();
-    let facts = gather_noting(skip, tcp_addresses, &mut connections);
+    let facts = gather_noting(skip, ask, &mut connections);
     Look {
         connections: connections.into_fds(),
         facts: Some(facts),
     }
 }
 
-/// Looks at every descriptor of this process but those in `skip` (the agent's own), with the
-/// TCP connections' addresses if `tcp_addresses`.
-pub fn gather(skip: &[RawFd], tcp_addresses: bool) -> Facts {
-    gather_noting(skip, tcp_addresses, &mut crate::tcp::Connections::default())
+/// Looks at every descriptor of this process but those in `skip` (the agent's own), finding
+/// what `ask` says.
+pub fn gather(skip: &[RawFd], ask: Ask) -> Facts {
+    gather_noting(skip, ask, &mut crate::tcp::Connections::default())
 }
 
 /// [`gather`], noting the TCP connections on the way.
-fn gather_noting(
-    skip: &[RawFd],
-    tcp_addresses: bool,
-    connections: &mut crate::tcp::Connections,
-) -> Facts {
+fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connections) -> Facts {
     let mut facts = Facts::default();
     let anon_dev = anonymous_inode_device();
-    for fd in open_descriptors() {
+    for fd in every_number() {
         if skip.contains(&fd) {
             continue;
         }
-        // SAFETY: `fd` was open when listed (another thread may have closed it since);
+        // SAFETY: `fd` is a number that may be open (below the table's size, or listed);
         // `fstat` of a closed number fails with EBADF, and the socket calls below only run
         // on a socket `fstat` found. The borrow is used for these calls alone and nothing
         // here closes it.
@@ -155,7 +169,7 @@ fn gather_noting(
             }
             if tcp == Some(Tcp::Connection) {
                 connections.add(fd, stat.st_ino);
-                let (local, peer) = if tcp_addresses {
+                let (local, peer) = if ask.tcp_addresses {
                     addresses(borrowed)
                 } else {
                     Default::default()
@@ -166,6 +180,14 @@ fn gather_noting(
                     tcp: true,
                     local,
                     peer,
+                });
+            } else if tcp.is_none() && ask.unix_peers && has_unix_peer(borrowed) {
+                facts.connected.push(Connected {
+                    fd,
+                    inode: stat.st_ino,
+                    tcp: false,
+                    local: String::new(),
+                    peer: String::new(),
                 });
             }
         } else if needs_link(&stat, kind, anon_dev) {
@@ -209,6 +231,12 @@ pub fn tcp(socket: BorrowedFd<'_>) -> Option<Tcp> {
     })
 }
 
+/// Whether `socket` has a Unix peer (of any type: the preflight tells the types apart).
+fn has_unix_peer(socket: BorrowedFd<'_>) -> bool {
+    getpeername::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&socket))
+        .is_ok_and(|peer| peer.family() == Some(nix::sys::socket::AddressFamily::Unix))
+}
+
 /// A socket's own address and its peer's, as people write them (empty where there is none).
 fn addresses(socket: BorrowedFd<'_>) -> (String, String) {
     let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
@@ -248,18 +276,23 @@ fn anonymous_inode_device() -> Option<u64> {
     })
 }
 
-/// This process's descriptor numbers, ascending: one `poll` over every number below the
-/// descriptor table's size (~25 ns a number here, where a failed `fstat` costs ~270 ns and a
-/// directory entry of /proc/self/fd ~600 ns); a very big table, or one bigger than the soft
-/// limit on open files (which poll cannot take), is listed instead.
-pub(crate) fn open_descriptors() -> Vec<RawFd> {
-    const POLL_UP_TO: RawFd = 16_384;
-    if let Some(open) = table_size()
-        .filter(|&size| size <= POLL_UP_TO)
-        .and_then(polled_below)
-    {
-        return open;
+/// Every number that may be a descriptor of this process, ascending: each number below the
+/// descriptor table's size (a closed one costs a failed `fstat`, ~270 ns, less than a
+/// directory entry of /proc/self/fd, ~600 ns), or for a very big table the listed ones. Unlike
+/// [`open_descriptors`] it misses no `O_PATH` descriptor, which `poll` does not see.
+fn every_number() -> Vec<RawFd> {
+    match table_size() {
+        Some(size) if size <= POLL_UP_TO => (0..size).collect(),
+        _ => listed_descriptors(),
     }
+}
+
+/// Above this table size, descriptors are listed from /proc/self/fd instead of tried by
+/// number.
+const POLL_UP_TO: RawFd = 16_384;
+
+/// This process's descriptors as /proc/self/fd lists them, ascending.
+fn listed_descriptors() -> Vec<RawFd> {
     let mut listed: Vec<RawFd> = fs::read_dir("/proc/self/fd")
         .map(|entries| {
             entries
@@ -270,6 +303,17 @@ pub(crate) fn open_descriptors() -> Vec<RawFd> {
         .unwrap_or_default();
     listed.sort_unstable();
     listed
+}
+
+/// This process's open descriptors but `O_PATH` ones (never sockets), ascending: one `poll`
+/// over every number below the descriptor table's size (~25 ns a number here, where a failed
+/// system call costs ~270 ns); a very big table, or one bigger than the soft limit on open
+/// files (which poll cannot take), is listed instead.
+pub(crate) fn open_descriptors() -> Vec<RawFd> {
+    table_size()
+        .filter(|&size| size <= POLL_UP_TO)
+        .and_then(polled_below)
+        .unwrap_or_else(listed_descriptors)
 }
 
 /// The size of this process's descriptor table (`FDSize` in /proc/self/status): every
@@ -353,7 +397,11 @@ mod tests {
         deleted.set_len(3).unwrap();
         fs::remove_file(&path).unwrap();
 
-        let facts = gather(&[], true);
+        let lean = Ask {
+            tcp_addresses: true,
+            unix_peers: false,
+        };
+        let facts = gather(&[], lean);
         let tcp = facts
             .connected
             .iter()
@@ -382,18 +430,69 @@ mod tests {
         assert_eq!(ghost.size, 3);
 
         // Addresses only when asked for.
-        let bare = gather(&[], false);
-        let tcp = bare.connected.iter().find(|c| c.fd == client.as_raw_fd());
+        let bare = Ask {
+            tcp_addresses: false,
+            unix_peers: false,
+        };
+        let facts = gather(&[], bare);
+        let tcp = facts.connected.iter().find(|c| c.fd == client.as_raw_fd());
         assert!(tcp.is_some_and(|c| c.local.is_empty() && c.peer.is_empty()));
 
+        // For a reader before `lean`: the Unix pair among `connected` too, addresses always.
+        let facts = gather(&[], Ask::ALL);
+        let unix = facts.connected.iter().find(|c| c.fd == a.as_raw_fd());
+        assert!(unix.is_some_and(|c| !c.tcp), "{facts:?}");
+        let tcp = facts.connected.iter().find(|c| c.fd == client.as_raw_fd());
+        assert!(
+            tcp.is_some_and(|c| c.tcp && !c.peer.is_empty()),
+            "{facts:?}"
+        );
+        for other in [listener.as_raw_fd(), udp.as_raw_fd()] {
+            assert!(!facts.connected.iter().any(|c| c.fd == other), "{other}");
+        }
+
+        // An O_PATH descriptor on a deleted file counts as much as any other.
+        let opath_path = path.with_extension("opath");
+        fs::write(&opath_path, b"x").unwrap();
+        let opath = nix::fcntl::open(
+            &opath_path,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        fs::remove_file(&opath_path).unwrap();
+        let facts = gather(&[], bare);
+        assert!(
+            facts.linked.iter().any(|l| l.fd == opath.as_raw_fd()),
+            "{facts:?}"
+        );
+
         // What the agent keeps for itself is not looked at.
-        let without = gather(&[client.as_raw_fd()], false);
+        let without = gather(&[client.as_raw_fd()], bare);
         assert!(!without.connected.iter().any(|c| c.fd == client.as_raw_fd()));
         assert!(!without.socket_fds.contains(&client.as_raw_fd()));
     }
 
     #[test]
     fn a_descriptor_above_a_lowered_limit_is_still_listed() {
+        // It changes the process's limit on open files: in a process of its own, away from
+        // the tests running beside it.
+        const ALONE: &str = "CRAC_FD_FACTS_TEST_ALONE";
+        if std::env::var_os(ALONE).is_none() {
+            let me = "fd_facts::tests::a_descriptor_above_a_lowered_limit_is_still_listed";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([me, "--exact", "--test-threads=1"])
+                .env(ALONE, "1")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
         let set = |soft: libc::rlim_t, hard: libc::rlim_t| {
             let limit = libc::rlimit {
                 rlim_cur: soft,
@@ -412,14 +511,14 @@ mod tests {
         set(top, was.rlim_max);
         let null = fs::File::open("/dev/null").unwrap();
         let high = RawFd::try_from(top - 1).unwrap();
-        // SAFETY: dup2 onto a number no one uses (the table only now reaches it); closed below.
+        // SAFETY: F_GETFD only asks about the number; it is not open in this fresh process.
+        assert_eq!(unsafe { libc::fcntl(high, libc::F_GETFD) }, -1);
+        // SAFETY: dup2 onto that free number; the duplicate is this test's, closed below.
         assert_eq!(unsafe { libc::dup2(null.as_raw_fd(), high) }, high);
-        // Lowered below the table's size (poll could not take it), yet roomy for the tests
-        // running beside this one.
+        // Lowered below the table's size: poll could not take it.
         set(top / 2, was.rlim_max);
         let listed = open_descriptors();
-        set(was.rlim_cur, was.rlim_max);
-        // SAFETY: `high` is the duplicate made above, owned by this test.
+        // SAFETY: `high` is the duplicate made above.
         unsafe { libc::close(high) };
         assert!(listed.contains(&high) && listed.contains(&null.as_raw_fd()));
         assert!(listed.windows(2).all(|w| w[0] < w[1]), "ascending");

@@ -50,7 +50,8 @@ pub(crate) struct Handler {
 struct Pending {
     cycle: Option<String>,
     checkpoint: Checkpoint,
-    /// The TCP connections open when the hooks had gone down (see [`tcp`]).
+    /// The TCP connections open when the hooks had gone down and the descriptor policy had
+    /// closed what it closes: those CRIU dumps (see [`tcp`]).
     connections: Vec<RawFd>,
     lease: Lease,
 }

@@ -36,9 +36,12 @@
 //! - `facts` (before-checkpoint only, optional): reply, once the hooks ran, with what the
 //!   preflight must know about the process's descriptors (`facts` in the reply:
 //!   [`crate::fd_facts::Facts`]), found from inside the process.
-//! - `tcp_addresses` (with `facts`, optional): give each TCP connection's addresses too, for a
-//!   refusal to show or a policy to match (two system calls a connection, spared when CRIU
-//!   takes connections as they are).
+//! - `lean` (with `facts`, optional): `{"tcp_addresses":BOOL}` from a reader that finds which
+//!   sockets are connected Unix ones itself (one sock_diag dump, by inode): the agent then
+//!   asks no socket for its peer, and gives TCP connections' addresses only if
+//!   `tcp_addresses` (for a refusal to show or a policy to match; two system calls a
+//!   connection, spared when CRIU takes connections as they are). Without it the facts carry
+//!   both, as readers before it expect.
 //! - `env` (after-restore only, optional): settings for the restored process, an object of
 //!   strings (`{"LOG_LEVEL":"debug"}`), handed to the hooks as `RestoreInfo::env`. The whole
 //!   line still fits in [`MAX_REQUEST_LEN`].
@@ -117,8 +120,17 @@ pub struct Request {
     /// descriptor policy has closed what it closes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub facts: bool,
-    /// With [`Request::facts`]: each TCP connection's addresses too.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// With [`Request::facts`], from a reader that finds Unix peers itself: what it still
+    /// needs; see the module documentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lean: Option<Lean>,
+}
+
+/// What a reader of [`Request::facts`] that finds Unix peers itself still needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lean {
+    /// Each TCP connection's addresses.
+    #[serde(default)]
     pub tcp_addresses: bool,
 }
 
@@ -134,7 +146,7 @@ impl Request {
             env: BTreeMap::new(),
             dry_run: false,
             facts: false,
-            tcp_addresses: false,
+            lean: None,
         }
     }
 
@@ -162,7 +174,7 @@ impl Request {
             env: BTreeMap::new(),
             dry_run: false,
             facts: false,
-            tcp_addresses: false,
+            lean: None,
         }
     }
 
@@ -185,7 +197,7 @@ impl Request {
             env: BTreeMap::new(),
             dry_run: false,
             facts: false,
-            tcp_addresses: false,
+            lean: None,
         }
     }
 

@@ -304,7 +304,14 @@ impl Server {
         if starts_a_checkpoint && reply.ok && !was_pending {
             reply.closed = self.close_by_policy(request.dry_run);
             // After the policy's closes: what is left is what CRIU will dump.
-            let look = crate::fd_facts::look(&self.own_fds(), request.facts, request.tcp_addresses);
+            let ask = request.facts.then_some(match request.lean {
+                Some(lean) => crate::fd_facts::Ask {
+                    tcp_addresses: lean.tcp_addresses,
+                    unix_peers: false,
+                },
+                None => crate::fd_facts::Ask::ALL,
+            });
+            let look = crate::fd_facts::look(&self.own_fds(), ask);
             self.handler.note_connections(look.connections);
             reply.facts = look.facts;
             self.ready_for_the_dump(index, &reply);

@@ -146,7 +146,11 @@ mod tests {
         let found = connections();
         assert!(!found.contains(&unix.as_raw_fd()) && !found.contains(&udp.as_raw_fd()));
         // The preflight's pass finds the same ones.
-        let look = crate::fd_facts::look(&[], true, false);
+        let lean = crate::fd_facts::Ask {
+            tcp_addresses: false,
+            unix_peers: false,
+        };
+        let look = crate::fd_facts::look(&[], Some(lean));
         assert!(look.connections.contains(&client.as_raw_fd()));
         assert!(look.connections.contains(&lower) && !look.connections.contains(&higher));
         assert!(!look.connections.contains(&udp.as_raw_fd()));

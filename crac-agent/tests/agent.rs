@@ -48,7 +48,17 @@ struct WireFacts {
     #[serde(default)]
     socket_fds: Vec<i32>,
     connected: Vec<WireConnected>,
+    #[serde(default)]
+    listening: Vec<WireListening>,
     linked: Vec<WireLinked>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireListening {
+    fd: i32,
+    waiting: u32,
+    local: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,7 +261,7 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
     fs::remove_file(&path).unwrap();
 
     let reply = f.send(
-        b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"f\",\"facts\":true,\"tcp_addresses\":true}\n",
+        b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"f\",\"facts\":true,\"lean\":{\"tcp_addresses\":true}}\n",
     );
     assert!(reply.ok, "{reply:?}");
     let facts = reply.facts.expect("facts, as asked");
@@ -269,6 +279,18 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
     assert_eq!(facts.sockets.len(), facts.socket_fds.len(), "{facts:?}");
     assert!(facts.socket_fds.contains(&pair.as_raw_fd()), "{facts:?}");
     assert!(facts.connected.iter().all(|c| c.tcp), "{facts:?}");
+    // The listener has one connection it has not accepted (`conn`).
+    let listening: Vec<&WireListening> = facts
+        .listening
+        .iter()
+        .filter(|l| l.fd == upstream.as_raw_fd())
+        .collect();
+    assert_eq!(listening.len(), 1, "{facts:?}");
+    assert_eq!(listening[0].waiting, 1);
+    assert_eq!(
+        listening[0].local,
+        upstream.local_addr().unwrap().to_string()
+    );
     // A deleted file is told with its link and size; a memory device is nothing to CRIU.
     let ghost: Vec<&WireLinked> = facts
         .linked
@@ -285,7 +307,9 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
     f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"f\"}\n");
 
     // Without tcp_addresses the connection comes without them.
-    let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"h\",\"facts\":true}\n");
+    let reply = f.send(
+        b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"h\",\"facts\":true,\"lean\":{}}\n",
+    );
     let facts = reply.facts.expect("facts, as asked");
     let tcp = facts.connected.iter().find(|c| c.fd == conn.as_raw_fd());
     assert!(
@@ -293,6 +317,19 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
         "{facts:?}"
     );
     f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"h\"}\n");
+
+    // A reader before `lean` gets what it expects: addresses, and the Unix pair among
+    // `connected`.
+    let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"i\",\"facts\":true}\n");
+    let facts = reply.facts.expect("facts, as asked");
+    let tcp = facts.connected.iter().find(|c| c.fd == conn.as_raw_fd());
+    assert!(
+        tcp.is_some_and(|c| c.tcp && !c.peer.is_empty()),
+        "{facts:?}"
+    );
+    let unix = facts.connected.iter().find(|c| c.fd == pair.as_raw_fd());
+    assert!(unix.is_some_and(|c| !c.tcp), "{facts:?}");
+    f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"i\"}\n");
 
     // Not asked, not sent.
     let reply = f.send(b"{\"v\":1,\"op\":\"before-checkpoint\",\"cycle\":\"g\"}\n");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crac_action::preflight::{self, AgentFacts, CriuOptions, Policy};
 use crac_agent::client;
-use crac_agent::protocol::Request;
+use crac_agent::protocol::{Lean, Request};
 use crac_core::RestoreReason;
 
 use crate::procs::{Proc, Res};
@@ -114,7 +114,9 @@ fn with_agent(
             // As pre-dump asks.
             let request = Request {
                 facts,
-                tcp_addresses: facts && preflight::needs_tcp_addresses(opts, &Policy::default()),
+                lean: facts.then_some(Lean {
+                    tcp_addresses: preflight::needs_tcp_addresses(opts, &Policy::default()),
+                }),
                 ..Request::before_checkpoint(&token)
             };
             let (reply, took) = time(|| -> Res<usize> {

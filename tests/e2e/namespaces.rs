@@ -204,7 +204,6 @@ fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
     }
 }
 
-/// Removes a folder when dropped.
 /// A service in network and mount namespaces of its own, whose stdin is a Unix socket
 /// connected to this process: the preflight lists it as connected outside the tree, and the
 /// hooks are rolled back. A socket belongs to the namespace it was made in, whoever holds it:
@@ -265,6 +264,7 @@ fn a_unix_socket_connected_outside_a_service_in_its_own_network_namespace_is_lis
     drop(outside_here);
 }
 
+/// Removes a folder when dropped.
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
