@@ -585,7 +585,8 @@ fn from_facts(facts: &Facts) -> Vec<(u32, Seen)> {
         }));
     } else {
         // An older agent listed its connected Unix sockets among `connected`: the others
-        // count only as members of the tree (a Unix peer among them is inside it).
+        // count only as members of the tree (a Unix peer among them is inside it). It tells
+        // no listener's queue either: CRIU alone finds an in-flight connection there.
         seen.extend(others.map(|(_, &inode)| (u32::MAX, Seen::Socket(inode, None))));
     }
     for l in &facts.linked {

@@ -142,11 +142,11 @@ pub fn gather(skip: &[RawFd], ask: Ask) -> Facts {
 fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connections) -> Facts {
     let mut facts = Facts::default();
     let anon_dev = anonymous_inode_device();
-    for fd in every_number() {
+    for fd in every_descriptor() {
         if skip.contains(&fd) {
             continue;
         }
-        // SAFETY: `fd` is a number that may be open (below the table's size, or listed);
+        // SAFETY: `fd` is a number that may be open (listed, or below the table's size);
         // `fstat` of a closed number fails with EBADF, and the socket calls below only run
         // on a socket `fstat` found. The borrow is used for these calls alone and nothing
         // here closes it.
@@ -276,14 +276,22 @@ fn anonymous_inode_device() -> Option<u64> {
     })
 }
 
-/// Every number that may be a descriptor of this process, ascending: each number below the
-/// descriptor table's size (a closed one costs a failed `fstat`, ~270 ns, less than a
-/// directory entry of /proc/self/fd, ~600 ns), or for a very big table the listed ones. Unlike
-/// [`open_descriptors`] it misses no `O_PATH` descriptor, which `poll` does not see.
-fn every_number() -> Vec<RawFd> {
-    match table_size() {
-        Some(size) if size <= POLL_UP_TO => (0..size).collect(),
-        _ => listed_descriptors(),
+/// Every descriptor of this process, ascending, `O_PATH` ones included, which `poll` does not
+/// see: one `poll`, and one `stat` of /proc/self/fd, whose size is how many descriptors are
+/// open (Linux >= 6.2). When the two agree, that is all; otherwise every number below the
+/// table's size is tried (a closed one costs a failed `fstat`, ~270 ns). A very big table is
+/// listed from /proc/self/fd instead.
+fn every_descriptor() -> Vec<RawFd> {
+    let Some(size) = table_size().filter(|&size| size <= POLL_UP_TO) else {
+        return listed_descriptors();
+    };
+    let open_count = fs::metadata("/proc/self/fd")
+        .ok()
+        .and_then(|m| usize::try_from(m.len()).ok())
+        .filter(|&n| n > 0);
+    match polled_below(size) {
+        Some(open) if Some(open.len()) == open_count => open,
+        _ => (0..size).collect(),
     }
 }
 
