@@ -3,7 +3,9 @@
 //! anything else in one call), the addresses of each TCP connection only when they will be
 //! shown or matched, and the `/proc/self/fd` link only for the few kinds whose path decides
 //! (terminals, anonymous inodes, deleted files). Which other sockets are connected Unix ones,
-//! and to whom, crac-action finds in one sock_diag dump of the namespace, by inode.
+//! and to whom, crac-action finds in one sock_diag dump of the namespace, by inode (readers
+//! from before [`Request::lean`](crate::protocol::Request::lean) get them found here, a
+//! `getpeername` each, and every TCP connection's addresses).
 //!
 //! crac-action's preflight otherwise reads every `/proc/PID/fd` link from outside (a path
 //! lookup and a formatted name each, ~3 µs) and copies each socket (`pidfd_getfd`) to ask it
