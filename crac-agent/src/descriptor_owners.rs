@@ -217,6 +217,7 @@ mod tests {
 
     #[test]
     fn what_an_after_restore_opened_and_kept_is_its_resource_s_and_a_reused_number_is_not() {
+        let _turn = crate::descriptor_table_turn();
         let coordinator = Coordinator::new();
         let tracker = Arc::new(Tracker::default());
         coordinator.set_after_restore_watcher(Some(tracker.clone()));
@@ -262,6 +263,7 @@ mod tests {
 
     #[test]
     fn a_declared_descriptor_is_held_by_the_resource_that_declares_it() {
+        let _turn = crate::descriptor_table_turn();
         struct Holder(fs::File);
         impl crac_core::Resource for Holder {
             fn name(&self) -> std::borrow::Cow<'_, str> {
@@ -299,6 +301,7 @@ mod tests {
 
     #[test]
     fn a_hook_that_returns_late_while_another_runs_is_not_given_what_that_one_opened() {
+        let _turn = crate::descriptor_table_turn();
         let coordinator = Coordinator::new();
         let tracker = Tracker::default();
         // "slow" overran its limit; "next" started while it still ran, and opened a file.

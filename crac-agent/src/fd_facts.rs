@@ -396,6 +396,7 @@ mod tests {
 
     #[test]
     fn connections_terminal_like_devices_and_deleted_files_are_told_and_the_rest_counted() {
+        let _turn = crate::descriptor_table_turn();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -485,6 +486,7 @@ mod tests {
 
     #[test]
     fn a_descriptor_above_a_lowered_limit_is_still_listed() {
+        let _turn = crate::descriptor_table_turn();
         // It changes the process's limit on open files: in a process of its own, away from
         // the tests running beside it.
         const ALONE: &str = "CRAC_FD_FACTS_TEST_ALONE";

@@ -466,6 +466,7 @@ mod tests {
 
     #[test]
     fn this_process_s_descriptors_are_described_and_a_close_rule_points_them_at_dev_null() {
+        let _turn = crate::descriptor_table_turn();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -74,6 +74,14 @@ mod self_checkpoint;
 mod server;
 mod tcp;
 
+/// Unit tests that open or close descriptors take turns: some watch which numbers a hook
+/// opened, and a number another test's thread took or freed meanwhile fools them.
+#[cfg(test)]
+pub(crate) fn descriptor_table_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub use agent::{start, Agent, Builder, StartError, SOCKET_CHECK};
 pub use descriptor_owners::{Owner, Ownership};
 pub use location::{agent_dir, base_dir, socket_path, DEFAULT_DIR, DIR_ENV, SOCKET_NAME};

@@ -126,6 +126,7 @@ mod tests {
 
     #[test]
     fn connections_are_told_from_listeners_and_closed_sockets() {
+        let _turn = crate::descriptor_table_turn();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
