@@ -5,11 +5,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use crac_agent::fd_facts::Tcp;
-
-use nix::sys::socket::{
-    getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage,
-};
+use crac_agent::fd_facts::{self, Sorted};
 
 /// A handle on a process, to copy its descriptors.
 pub(crate) struct Pidfd(OwnedFd);
@@ -19,8 +15,8 @@ pub(crate) struct Pidfd(OwnedFd);
 pub(crate) struct SocketFacts {
     /// A TCP connection (neither listening nor closed).
     pub(crate) tcp_peer: bool,
-    /// A connected Unix stream or seqpacket socket (from an agent's facts: a socket that may
-    /// be one, which the namespace's sock_diag dump then tells).
+    /// A socket that may be a connected Unix stream or seqpacket one: it has a Unix peer, or
+    /// (from an agent's facts) is no TCP connection. The namespace's sock_diag dump tells.
     pub(crate) unix_connected: bool,
     /// Its address, and its peer's when it has one.
     pub(crate) local: String,
@@ -50,40 +46,26 @@ impl Pidfd {
         let copy = i32::try_from(copy).ok().filter(|&fd| fd >= 0)?;
         // SAFETY: the kernel just returned this descriptor to us, and nothing else owns it.
         let copy = unsafe { OwnedFd::from_raw_fd(copy) };
-        let raw = copy.as_raw_fd();
-        let address = |addr: nix::Result<SockaddrStorage>| {
-            addr.map(|a| crac_agent::fd_policy::address(&a))
-                .unwrap_or_default()
-        };
-        // As the process's agent would tell it (crac_agent::fd_facts), so the verdicts agree.
-        match crac_agent::fd_facts::tcp(copy.as_fd()) {
-            Some(Tcp::Connection) => {
-                return Some(SocketFacts {
+        // As the process's agent would tell it, so the verdicts agree.
+        Some(
+            match fd_facts::sort_socket(copy.as_fd(), fd_facts::Ask::ALL) {
+                Sorted::Connection { local, peer } => SocketFacts {
                     tcp_peer: true,
-                    local: address(getsockname(raw)),
-                    peer: address(getpeername(raw)),
+                    local,
+                    peer,
                     ..SocketFacts::default()
-                })
-            }
-            Some(Tcp::Listening(waiting @ 1..)) => {
-                return Some(SocketFacts {
+                },
+                Sorted::Queued { waiting, local } => SocketFacts {
                     waiting,
-                    local: address(getsockname(raw)),
+                    local,
                     ..SocketFacts::default()
-                })
-            }
-            Some(_) => return Some(SocketFacts::default()),
-            None => {}
-        }
-        let unix_connected = getpeername::<SockaddrStorage>(raw)
-            .is_ok_and(|peer| peer.family() == Some(nix::sys::socket::AddressFamily::Unix))
-            && matches!(
-                getsockopt(&copy, sockopt::SockType),
-                Ok(SockType::Stream | SockType::SeqPacket)
-            );
-        Some(SocketFacts {
-            unix_connected,
-            ..SocketFacts::default()
-        })
+                },
+                Sorted::UnixPeer => SocketFacts {
+                    unix_connected: true,
+                    ..SocketFacts::default()
+                },
+                Sorted::Other => SocketFacts::default(),
+            },
+        )
     }
 }

@@ -160,37 +160,29 @@ fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connect
         if kind == SFlag::S_IFSOCK {
             facts.sockets.push(stat.st_ino);
             facts.socket_fds.push(fd);
-            // Any other socket: whether it is a connected Unix one is sock_diag's to tell.
-            let tcp = tcp(borrowed);
-            if let Some(Tcp::Listening(waiting @ 1..)) = tcp {
-                facts.listening.push(Listening {
-                    fd,
-                    waiting,
-                    local: addresses(borrowed).0,
-                });
-            }
-            if tcp == Some(Tcp::Connection) {
-                connections.add(fd, stat.st_ino);
-                let (local, peer) = if ask.tcp_addresses {
-                    addresses(borrowed)
-                } else {
-                    Default::default()
-                };
-                facts.connected.push(Connected {
-                    fd,
-                    inode: stat.st_ino,
-                    tcp: true,
-                    local,
-                    peer,
-                });
-            } else if tcp.is_none() && ask.unix_peers && has_unix_peer(borrowed) {
-                facts.connected.push(Connected {
+            match sort_socket(borrowed, ask) {
+                Sorted::Connection { local, peer } => {
+                    connections.add(fd, stat.st_ino);
+                    facts.connected.push(Connected {
+                        fd,
+                        inode: stat.st_ino,
+                        tcp: true,
+                        local,
+                        peer,
+                    });
+                }
+                Sorted::Queued { waiting, local } => {
+                    facts.listening.push(Listening { fd, waiting, local });
+                }
+                Sorted::UnixPeer => facts.connected.push(Connected {
                     fd,
                     inode: stat.st_ino,
                     tcp: false,
                     local: String::new(),
                     peer: String::new(),
-                });
+                }),
+                // Whether it is a connected Unix one is sock_diag's to tell.
+                Sorted::Other => {}
             }
         } else if needs_link(&stat, kind, anon_dev) {
             if let Ok(target) = fs::read_link(format!("/proc/self/fd/{fd}")) {
@@ -209,28 +201,53 @@ fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connect
     facts
 }
 
-/// A TCP socket as CRIU sorts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tcp {
-    /// A connection: neither listening nor closed (one still being made included).
-    Connection,
-    /// A listener, and how many connections wait to be accepted.
-    Listening(u32),
-    /// Closed: bound, or never connected.
-    Closed,
+/// One socket as the preflight sorts it, asked directly: by its own process (an agent's
+/// facts) or through a copy of its descriptor (crac-action, for a process without an agent),
+/// so that both sort alike.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sorted {
+    /// A TCP connection (neither listening nor closed; one still being made included), with
+    /// its address and its peer's if asked for ([`Ask::tcp_addresses`]).
+    Connection {
+        /// Its address, as people write it.
+        local: String,
+        /// Its peer's (empty while the connection is being made).
+        peer: String,
+    },
+    /// A TCP listener with connections waiting to be accepted.
+    Queued {
+        /// How many wait.
+        waiting: u32,
+        /// Its address, as people write it.
+        local: String,
+    },
+    /// A socket with a Unix peer, of any type (only if asked for, [`Ask::unix_peers`]): the
+    /// preflight tells the types apart.
+    UnixPeer,
+    /// Anything else, which the socket itself gives no reason to refuse.
+    Other,
 }
 
-/// What `socket` is if it is a TCP socket: one `TCP_INFO`. crac-action asks a copy of another
-/// process's socket the same, so the verdicts agree.
-pub fn tcp(socket: BorrowedFd<'_>) -> Option<Tcp> {
-    let (state, unacked) = crate::tcp::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&socket))?;
-    Some(if crate::tcp::is_connection(state) {
-        Tcp::Connection
-    } else if crate::tcp::is_listening(state) {
-        Tcp::Listening(unacked)
-    } else {
-        Tcp::Closed
-    })
+/// Sorts `socket`: one `TCP_INFO` (only a TCP socket answers it; it gives the state and, for a
+/// listener, its accept queue), then only the calls `ask` needs.
+pub fn sort_socket(socket: BorrowedFd<'_>, ask: Ask) -> Sorted {
+    match crate::tcp::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&socket)) {
+        Some((state, _)) if crate::tcp::is_connection(state) => {
+            let (local, peer) = if ask.tcp_addresses {
+                addresses(socket)
+            } else {
+                Default::default()
+            };
+            Sorted::Connection { local, peer }
+        }
+        Some((state, waiting @ 1..)) if crate::tcp::is_listening(state) => Sorted::Queued {
+            waiting,
+            local: addresses(socket).0,
+        },
+        Some(_) => Sorted::Other,
+        None if ask.unix_peers && has_unix_peer(socket) => Sorted::UnixPeer,
+        None => Sorted::Other,
+    }
 }
 
 /// Whether `socket` has a Unix peer (of any type: the preflight tells the types apart).
