@@ -176,8 +176,9 @@ impl Builder {
     }
 
     /// How often the idle agent looks whether its socket is still there, and makes it again if
-    /// it is gone (removed by a /tmp cleaner such as systemd-tmpfiles, or by hand); `None`:
-    /// never. Default [`SOCKET_CHECK`]. It is the only time an idle agent wakes up.
+    /// it is gone (removed by a /tmp cleaner such as systemd-tmpfiles, or by hand) at two looks
+    /// in a row; `None`: never. Default [`SOCKET_CHECK`]. It is the only time an idle agent
+    /// wakes up.
     pub fn socket_check(mut self, every: Option<Duration>) -> Builder {
         self.socket_check = every;
         self

@@ -60,6 +60,8 @@ pub(crate) struct Server {
     options: Options,
     conns: Vec<Conn>,
     next_check: Option<Instant>,
+    /// The last socket check found nothing at the socket's path.
+    found_gone: bool,
     /// The pipe `run` watches to stop (one of the agent's own descriptors).
     stop_fd: Option<std::os::fd::RawFd>,
 }
@@ -99,6 +101,7 @@ impl Server {
             handler,
             socket_inode: None,
             next_check: options.socket_check.map(|every| now + every),
+            found_gone: false,
             listener,
             options,
             conns: Vec::new(),
@@ -391,8 +394,19 @@ impl Server {
     /// image into a pid namespace of its own, in the same file system, bound it last; or it
     /// is this very listener, in a file a restore made, and prepare's probe, accepted here,
     /// notes it as this agent's.
+    ///
+    /// A path found empty is made again only if the next check finds it empty too: CRIU,
+    /// restoring another copy of the same image, removes the file and binds the path a few
+    /// tens of milliseconds later, and taking it in between made that restore fail ("Address
+    /// already in use").
     fn check_socket(&mut self) {
-        if self.socket_inode.is_some() && socket_inode(&self.options.socket) == self.socket_inode {
+        let now = socket_inode(&self.options.socket);
+        if self.socket_inode.is_some() && now == self.socket_inode {
+            self.found_gone = false;
+            return;
+        }
+        let seen_gone_before = std::mem::replace(&mut self.found_gone, now.is_none());
+        if now.is_none() && !seen_gone_before {
             return;
         }
         let pid = std::process::id();

@@ -1298,7 +1298,7 @@ fn pre_dump_hint(log: &str) -> &'static str {
     } else if said("no agent in the process tree") {
         "hint: CRAC_REQUIRE_AGENT=1 refuses a tree without an agent: start one in the service (crac_agent::start()), or unset CRAC_REQUIRE_AGENT"
     } else if said("runs a crac agent") {
-        "hint: the service's agent socket was removed; the agent makes it again within a minute: retry then"
+        "hint: the service's agent socket was removed; the agent makes it again within two minutes: retry then"
     } else if said("symbolic link")
         || said("belongs to uid")
         || said("may be written by others")
