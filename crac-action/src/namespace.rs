@@ -110,7 +110,7 @@ pub enum Refusal {
     #[error(
         "pid {pid} runs a crac agent (its crac-agent thread) but there is no socket at \
          {socket}: it was removed (by a /tmp cleaner, or by hand). The agent makes it again \
-         within a minute (crac_agent::SOCKET_CHECK): retry then"
+         within two minutes (two looks, crac_agent::SOCKET_CHECK apart): retry then"
     )]
     SocketGone {
         /// The process.
