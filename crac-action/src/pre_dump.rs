@@ -59,13 +59,17 @@ pub struct AgentHooks {
 /// See [`ActionError`]; on error every agent told has been rolled back.
 pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result<(), ActionError> {
     let init = inv.init_pid.ok_or(ActionError::NoInitPid(STEP))?;
-    // A bad policy stops everything before anyone is told anything.
-    let policy =
-        preflight::configured(|name| std::env::var(name).ok()).map_err(ActionError::Settings)?;
-    let opts = inv
-        .criu()
-        .ok()
-        .map_or_else(CriuOptions::unknown, CriuOptions::of_process);
+    // A bad policy stops everything before anyone is told anything. CRIU's options are read
+    // only when the preflight runs.
+    let checks = preflight::configured(|name| std::env::var(name).ok())
+        .map_err(ActionError::Settings)?
+        .map(|policy| {
+            let opts = inv
+                .criu()
+                .ok()
+                .map_or_else(CriuOptions::unknown, CriuOptions::of_process);
+            (policy, opts)
+        });
     // `quiet`: a tree with no agent keeps its one log line when nothing is found. The agents
     // told are asked who holds what is refused, and only then.
     let preflight = |out: &mut dyn Write,
@@ -74,12 +78,12 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                      facts: &AgentFacts,
                      deadline: &Deadline|
      -> Result<(), String> {
-        let Some(policy) = &policy else {
+        let Some((policy, opts)) = &checks else {
             return Ok(());
         };
         let started = Instant::now();
         let pids = crate::tree::descendants(init);
-        let mut problems = preflight::problems(&pids, facts, &opts, policy);
+        let mut problems = preflight::problems(&pids, facts, opts, policy);
         if problems.is_empty() {
             if !quiet {
                 let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -118,11 +122,11 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // some more.
     // The agents tell the preflight about their own descriptors: cheaper from inside.
     let request = Request {
-        facts: policy.is_some(),
+        facts: checks.is_some(),
         lean: Some(Lean {
-            tcp_addresses: policy
+            tcp_addresses: checks
                 .as_ref()
-                .is_some_and(|policy| preflight::needs_tcp_addresses(&opts, policy)),
+                .is_some_and(|(policy, opts)| preflight::needs_tcp_addresses(opts, policy)),
         }),
         ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
     };
