@@ -190,7 +190,7 @@ fn table_size() -> RawFd {
 }
 
 /// The device and inode of descriptor `fd`, if it is open.
-fn identity(fd: RawFd) -> Option<Identity> {
+pub(crate) fn identity(fd: RawFd) -> Option<Identity> {
     // SAFETY: `fstat` only reads the descriptor's file; if another thread closed `fd` since it
     // was listed, the call fails with EBADF (or describes whatever now has the number, which
     // the caller treats as another file). The borrow ends with the call.

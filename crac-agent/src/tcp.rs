@@ -65,16 +65,6 @@ fn connected(fd: RawFd) -> bool {
     tcp_info(fd).is_some_and(|(state, _)| is_connection(state))
 }
 
-/// The inode of the socket behind descriptor `fd`: one per connection, however many
-/// descriptors share it.
-fn inode(fd: RawFd) -> Option<u64> {
-    // SAFETY: an all-zero `stat` is a valid value, which fstat overwrites.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes into `stat`, a struct on this stack; `fd` is only a number (see
-    // tcp_info).
-    (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some(stat.st_ino)
-}
-
 /// Connections as a pass over the descriptors (in ascending order) finds them: the first
 /// descriptor of each socket.
 #[derive(Default)]
@@ -104,7 +94,8 @@ pub(crate) fn connections() -> Vec<RawFd> {
     let mut found = Connections::default();
     for fd in crate::fd_facts::open_descriptors() {
         if connected(fd) {
-            if let Some(inode) = inode(fd) {
+            // The socket's inode: one per connection, however many descriptors share it.
+            if let Some((_, inode)) = crate::descriptor_owners::identity(fd) {
                 found.add(fd, inode);
             }
         }
