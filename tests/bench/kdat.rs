@@ -39,14 +39,9 @@ impl TmpfsRun {
         }
         let ns = File::open(format!("/proc/{}/ns/mnt", holder.id())).map_err(|e| e.to_string())?;
         let run = TmpfsRun { holder, ns };
-        let mut check = Command::new(criu);
-        check
-            .arg("check")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        run.enter(&mut check);
-        let status = check.status().map_err(|e| format!("criu check: {e}"))?;
+        let status = criu_check(criu, Some(&run))
+            .status()
+            .map_err(|e| format!("criu check: {e}"))?;
         let cache = format!("/proc/{}/root/run/criu.kdat", run.holder.id());
         if !status.success() || !Path::new(&cache).exists() {
             return Err(format!(
@@ -71,6 +66,20 @@ impl TmpfsRun {
             });
         }
     }
+}
+
+/// A quiet `criu check`, inside `tmpfs_run` if given: what makes CRIU load or write its cache.
+pub fn criu_check(criu: &Path, tmpfs_run: Option<&TmpfsRun>) -> Command {
+    let mut check = Command::new(criu);
+    check
+        .arg("check")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(run) = tmpfs_run {
+        run.enter(&mut check);
+    }
+    check
 }
 
 impl Drop for TmpfsRun {

@@ -373,15 +373,7 @@ fn kdat(ctx: &Ctx, report: &mut Report) -> Res<(f64, f64)> {
 fn criu_check_runs(criu: &std::path::Path, tmpfs_run: Option<&TmpfsRun>, runs: usize) -> Res<f64> {
     let mut samples = Samples::new();
     for _ in 0..runs {
-        let mut check = Command::new(criu);
-        check
-            .arg("check")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(ns) = tmpfs_run {
-            ns.enter(&mut check);
-        }
+        let mut check = crate::kdat::criu_check(criu, tmpfs_run);
         let started = Instant::now();
         let status = check.status().map_err(|e| e.to_string())?;
         if !status.success() {
