@@ -1,0 +1,563 @@
+//! Private files and folders: the one place crac-rs creates them, and the one place that
+//! decides whether an existing one may be trusted.
+//!
+//! A checkpoint image is a service's memory (its keys, tokens and passwords), and a restore
+//! runs that memory with the credentials the image names, usually root's. So everything crac
+//! writes is private, and nothing another local user made is ever reused. The rules, each
+//! enforced here rather than at every call site:
+//!
+//! - **Private whatever the umask.** Folders are 0700 and files 0600: the mode is set with
+//!   `fchmod` on the open descriptor after creation, so neither umask 000 nor umask 077 changes
+//!   the outcome.
+//! - **No links followed.** The last component is opened with `O_NOFOLLOW` (a symbolic link
+//!   planted where crac is about to write is refused, not written through), and a file is
+//!   created with `O_EXCL`.
+//! - **Never reusing what someone else made.** An existing folder or file is accepted only if
+//!   it belongs to the caller's own uid (root's folders too when the caller is root) and no
+//!   other user can write to it; otherwise the error says who owns it and what to do.
+//! - **A trusted path.** Each folder on the way must belong to root or the caller, and be
+//!   writable by nobody else unless it is sticky (`/tmp`): then no other user can rename or
+//!   replace what the caller made inside it, so a check made once still holds when the path is
+//!   used.
+//! - **Scratch places have unguessable names** ([`TempDir`], `mkdtemp`).
+//! - **Only regular files are read**, and only up to a bound ([`open_regular`],
+//!   [`read_bounded`]): a FIFO or `/dev/zero` named by an image cannot hang or exhaust crac.
+//!
+//! Errors are [`io::Error`]s whose message names the path and the reason, so callers keep
+//! their own error types.
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms)]
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::unistd::geteuid;
+
+/// The mode of every folder crac creates.
+pub const DIR_MODE: u32 = 0o700;
+/// The mode of every file crac creates.
+pub const FILE_MODE: u32 = 0o600;
+
+fn untrusted(path: &Path, why: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("{} cannot be trusted: {why}", path.display()),
+    )
+}
+
+/// Whether `uid` may own something the caller trusts: root, or the caller's own uid.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == geteuid().as_raw()
+}
+
+fn who(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => format!("uid {uid} ({})", user.name),
+        _ => format!("uid {uid}"),
+    }
+}
+
+/// Checks every folder above `path` (not `path` itself): each belongs to root or the caller,
+/// and no other user can write to it unless it is sticky. A symbolic link on the way is
+/// accepted only when root or the caller owns it (`/var/run` -> `/run`).
+///
+/// # Errors
+///
+/// `PermissionDenied` naming the first folder that fails, and why.
+pub fn check_ancestors(path: &Path) -> io::Result<()> {
+    let absolute = absolute(path)?;
+    let mut prefix = PathBuf::new();
+    let mut components = absolute.components().peekable();
+    while let Some(component) = components.next() {
+        prefix.push(component);
+        if components.peek().is_none() {
+            break;
+        }
+        let meta = match fs::symlink_metadata(&prefix) {
+            Ok(meta) => meta,
+            // Missing folders are made by the caller, privately.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        if !trusted_owner(meta.uid()) {
+            return Err(untrusted(
+                &prefix,
+                format!(
+                    "it belongs to {}, who could replace what crac puts under it",
+                    who(meta.uid())
+                ),
+            ));
+        }
+        if meta.file_type().is_symlink() {
+            // Owned by root or the caller, in a folder checked above: follow it, and check
+            // what it leads to as well.
+            let target = fs::metadata(&prefix)?;
+            if !trusted_owner(target.uid()) || others_can_write(&target) {
+                return Err(untrusted(
+                    &prefix,
+                    "it is a link to a folder that another user owns or may write to",
+                ));
+            }
+            continue;
+        }
+        if others_can_write(&meta) && meta.mode() & 0o1000 == 0 {
+            return Err(untrusted(
+                &prefix,
+                format!(
+                    "other users may write to it (mode {:o}) and it is not sticky",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn others_can_write(meta: &fs::Metadata) -> bool {
+    meta.mode() & 0o022 != 0
+}
+
+fn absolute(path: &Path) -> io::Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path.to_owned())
+    } else {
+        Ok(std::env::current_dir()?.join(path))
+    }
+}
+
+/// Opens the folder `path` itself, refusing a symbolic link or anything that is not a folder.
+fn open_dir_nofollow(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => untrusted(path, "it is a symbolic link"),
+            // With O_DIRECTORY, Linux says ENOTDIR for a link too.
+            Some(libc::ENOTDIR) => match fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    untrusted(path, "it is a symbolic link")
+                }
+                _ => untrusted(path, "it is not a folder"),
+            },
+            _ => err,
+        })
+}
+
+/// Checks that the open folder (or file) `file` at `path` is the caller's own and private,
+/// tightening the mode of one that is the caller's but readable by others (made by an older
+/// crac, or by hand).
+fn check_own(file: &File, path: &Path, private_mode: u32) -> io::Result<()> {
+    let meta = file.metadata()?;
+    let own = geteuid().as_raw();
+    if meta.uid() != own {
+        return Err(untrusted(
+            path,
+            format!(
+                "it belongs to {}, not to {} who runs crac; remove it (another user may have \
+                 made it to read or replace what crac writes there)",
+                who(meta.uid()),
+                who(own)
+            ),
+        ));
+    }
+    if others_can_write(&meta) {
+        return Err(untrusted(
+            path,
+            format!(
+                "other users may write to it (mode {:o}), so anything in it may have been \
+                 planted; check it, then chmod {:o} it",
+                meta.mode() & 0o7777,
+                private_mode
+            ),
+        ));
+    }
+    if meta.mode() & 0o7777 != private_mode {
+        file.set_permissions(fs::Permissions::from_mode(private_mode))?;
+    }
+    Ok(())
+}
+
+/// Creates the folder `path`, mode 0700; it must not exist. Its parent must exist.
+///
+/// # Errors
+///
+/// `AlreadyExists` when something is at `path` already, `PermissionDenied` when a folder above
+/// is not trusted ([`check_ancestors`]), and the errors of `mkdir`.
+pub fn create_dir(path: &Path) -> io::Result<()> {
+    check_ancestors(path)?;
+    nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
+        .map_err(io::Error::from)?;
+    let dir = open_dir_nofollow(path)?;
+    dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))
+}
+
+/// Makes sure the folder `path` exists and is the caller's own private folder: creates it
+/// (mode 0700, and any missing folder above it too) or accepts an existing one only if it
+/// belongs to the caller, is not a symbolic link, and no other user may write to it (a
+/// folder of the caller's that others may read is tightened to 0700).
+///
+/// # Errors
+///
+/// `PermissionDenied` with the reason when the folder, or one above it, cannot be trusted;
+/// the errors of creating it otherwise.
+///
+/// # Examples
+///
+/// ```
+/// # let base = std::env::temp_dir().join(format!("crac-fs-doc-{}", std::process::id()));
+/// let dir = base.join("a/b");
+/// crac_fs::ensure_dir(&dir)?;
+/// crac_fs::ensure_dir(&dir)?; // an existing folder of our own is fine
+/// use std::os::unix::fs::PermissionsExt;
+/// assert_eq!(std::fs::metadata(&dir)?.permissions().mode() & 0o777, 0o700);
+/// # std::fs::remove_dir_all(&base)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn ensure_dir(path: &Path) -> io::Result<()> {
+    check_ancestors(path)?;
+    let absolute = absolute(path)?;
+    let mut prefix = PathBuf::new();
+    for component in absolute.components() {
+        prefix.push(component);
+        if matches!(component, Component::RootDir | Component::Prefix(_)) {
+            continue;
+        }
+        let last = prefix == absolute;
+        match nix::unistd::mkdir(&prefix, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE)) {
+            Ok(()) => {
+                let dir = open_dir_nofollow(&prefix)?;
+                dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))?;
+            }
+            Err(nix::errno::Errno::EEXIST) if last => {
+                let dir = open_dir_nofollow(&prefix)?;
+                check_own(&dir, &prefix, DIR_MODE)?;
+            }
+            // An existing folder above: check_ancestors vouched for it.
+            Err(nix::errno::Errno::EEXIST) => {}
+            Err(err) => return Err(annotate(err.into(), "create", &prefix)),
+        }
+    }
+    Ok(())
+}
+
+/// Checks that an existing folder may be trusted as the caller's: a real folder (not a link),
+/// owned by root or the caller, that no other user may write to, below trusted folders. It is
+/// not changed.
+///
+/// # Errors
+///
+/// `PermissionDenied` with the reason, or the error of looking.
+pub fn check_dir(path: &Path) -> io::Result<()> {
+    check_ancestors(path)?;
+    let dir = open_dir_nofollow(path)?;
+    let meta = dir.metadata()?;
+    if !trusted_owner(meta.uid()) {
+        return Err(untrusted(
+            path,
+            format!("it belongs to {}", who(meta.uid())),
+        ));
+    }
+    if others_can_write(&meta) {
+        return Err(untrusted(
+            path,
+            format!(
+                "other users may write to it (mode {:o}), so anything in it may have been \
+                 planted; check it, then chmod 700 it",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the file `path` for writing, mode 0600; it must not exist (`O_EXCL`), and a
+/// symbolic link there is not followed.
+///
+/// # Errors
+///
+/// `AlreadyExists` when anything is at `path`, `PermissionDenied` when a folder above is not
+/// trusted, and the errors of `open`.
+pub fn create_file(path: &Path) -> io::Result<File> {
+    check_ancestors(path)?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| annotate(e, "create", path))?;
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
+
+/// Opens the file `path` for appending, creating it (mode 0600) if missing: for logs. An
+/// existing file is accepted only if it is a regular file of the caller's with no other
+/// name (no hard link to a file elsewhere), that no other user may write to; its mode is
+/// tightened to 0600.
+///
+/// # Errors
+///
+/// `PermissionDenied` with the reason when the file or a folder above cannot be trusted;
+/// the errors of `open` otherwise.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    check_ancestors(path)?;
+    let file = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => untrusted(path, "it is a symbolic link"),
+            _ => annotate(err, "open", path),
+        })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(untrusted(path, "it is not a regular file"));
+    }
+    if meta.nlink() > 1 {
+        return Err(untrusted(
+            path,
+            "it has other names (a hard link to a file elsewhere); remove it",
+        ));
+    }
+    check_own(&file, path, FILE_MODE)?;
+    clear_nonblock(&file)?;
+    Ok(file)
+}
+
+/// Writes `bytes` to `path` in one step: into a new private file beside it, then renamed over
+/// it, so a reader sees the old content or the new, and a link at `path` is replaced, not
+/// followed.
+///
+/// # Errors
+///
+/// The errors of [`create_file`], of writing, and of `rename`; nothing is left behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().unwrap_or_else(|| OsStr::new("file"));
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".tmp-{}-{:x}", std::process::id(), random_u64()));
+    let temp = parent.join(temp_name);
+    let result = (|| {
+        let mut file = create_file(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_data()?;
+        fs::rename(&temp, path).map_err(|e| annotate(e, "replace", path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Takes away every other user's access to the tree at `dir`: folders become 0700, files keep
+/// only their owner's bits. For trees another program wrote with its own modes (CRIU writes
+/// its image files 0644). Links are not followed, and left as they are.
+///
+/// # Errors
+///
+/// The first error of reading or changing the tree.
+pub fn tighten_tree(dir: &Path) -> io::Result<()> {
+    let top = open_dir_nofollow(dir)?;
+    top.set_permissions(fs::Permissions::from_mode(DIR_MODE))?;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let path = entry.path();
+        if meta.file_type().is_dir() {
+            tighten_tree(&path)?;
+        } else if meta.file_type().is_file() && meta.mode() & 0o077 != 0 {
+            // The folder is already private, so nobody can swap this entry for a link now.
+            fs::set_permissions(&path, fs::Permissions::from_mode(meta.mode() & 0o700))?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading only if it is a regular file (links are followed: image metadata
+/// names files by their real paths, and a link to a regular file is still one). A FIFO, a
+/// device or a folder is refused before anything is read from it, and opening never blocks.
+///
+/// # Errors
+///
+/// `InvalidInput` naming what the path is when it is not a regular file; the errors of
+/// `open` otherwise.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let before = fs::metadata(path)?;
+    refuse_irregular(path, &before)?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    // Swapped between the two looks? The open file is what counts.
+    refuse_irregular(path, &file.metadata()?)?;
+    clear_nonblock(&file)?;
+    Ok(file)
+}
+
+fn refuse_irregular(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        return Ok(());
+    }
+    let what = if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {what}, not a regular file: crac reads only regular files",
+            path.display()
+        ),
+    ))
+}
+
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(file, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+    fcntl(file, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Reads a regular file ([`open_regular`]) of at most `limit` bytes.
+///
+/// # Errors
+///
+/// `InvalidData` when the file holds more than `limit` bytes (nothing past the limit is
+/// read), and the errors of [`open_regular`] and of reading.
+pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is larger than {limit} bytes, more than crac accepts for it",
+                path.display()
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A private scratch folder with an unguessable name (`mkdtemp`, mode 0700), removed with its
+/// contents when dropped.
+#[derive(Debug)]
+pub struct TempDir {
+    path: Option<PathBuf>,
+}
+
+impl TempDir {
+    /// Makes a new folder `PREFIX.XXXXXX` in `parent` (which must be trusted, like `/tmp`).
+    ///
+    /// # Errors
+    ///
+    /// `PermissionDenied` when `parent` cannot be trusted, and the errors of `mkdtemp`.
+    pub fn new_in(parent: &Path, prefix: &str) -> io::Result<TempDir> {
+        let template = parent.join(format!("{prefix}.XXXXXX"));
+        check_ancestors(&template)?;
+        let path = nix::unistd::mkdtemp(&template)
+            .map_err(|e| annotate(e.into(), "create a folder in", parent))?;
+        // mkdtemp makes it 0700 regardless of the umask; make sure of it.
+        let dir = open_dir_nofollow(&path)?;
+        check_own(&dir, &path, DIR_MODE)?;
+        Ok(TempDir { path: Some(path) })
+    }
+
+    /// Makes a new folder `PREFIX.XXXXXX` in the system's temporary folder (`$TMPDIR` or
+    /// `/tmp`).
+    ///
+    /// # Errors
+    ///
+    /// As [`TempDir::new_in`].
+    pub fn new(prefix: &str) -> io::Result<TempDir> {
+        TempDir::new_in(&std::env::temp_dir(), prefix)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.path
+            .as_deref()
+            .expect("a TempDir has its path until dropped or kept")
+    }
+
+    /// Keeps the folder: it is no longer removed on drop.
+    pub fn keep(mut self) -> PathBuf {
+        self.path.take().expect("a TempDir has its path until kept")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = fs::remove_dir_all(path);
+        }
+    }
+}
+
+fn annotate(err: io::Error, action: &str, path: &Path) -> io::Error {
+    io::Error::new(
+        err.kind(),
+        format!("cannot {action} {}: {err}", path.display()),
+    )
+}
+
+/// 64 bits from the kernel's random source, for names that must not be guessed.
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Never on Linux >= 3.17 with 8 bytes; a name that is unique if not secret still works
+        // here, since the file is created with O_EXCL.
+        let nanos = std::time::UNIX_EPOCH
+            .elapsed()
+            .map_or(0, |d| d.as_nanos() as u64);
+        return u64::from(std::process::id()) ^ nanos;
+    }
+    u64::from_ne_bytes(bytes)
+}
+
+/// Makes sure a path is not a symbolic link and is owned by the caller, for paths crac is
+/// about to remove or reuse. Returns whether it exists.
+///
+/// # Errors
+///
+/// `PermissionDenied` naming who owns it when it is not the caller's, or a link.
+pub fn check_own_path(path: &Path) -> io::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(err),
+        Ok(meta) if meta.file_type().is_symlink() => Err(untrusted(path, "it is a symbolic link")),
+        Ok(meta) if meta.uid() != geteuid().as_raw() => Err(untrusted(
+            path,
+            format!("it belongs to {}", who(meta.uid())),
+        )),
+        Ok(_) => Ok(true),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+//! Unit tests of the rules, as the caller's own user; the other user's side (a folder or link
+//! planted by `nobody`) is played for real by the end-to-end tests.
+
+use super::*;
+use std::os::unix::fs::symlink;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!("crac-fs-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        ensure_dir(&path).unwrap();
+        Scratch(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+/// Runs `f` with the process's umask set to `mask`; tests that change it take turns.
+fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    let out = f();
+    nix::sys::stat::umask(old);
+    out
+}
+
+#[test]
+fn folders_and_files_are_private_whatever_the_umask() {
+    for mask in [0o000, 0o022, 0o077, 0o777] {
+        let scratch = Scratch::new(&format!("umask{mask:o}"));
+        with_umask(mask, || {
+            let deep = scratch.0.join("a/b");
+            ensure_dir(&deep).unwrap();
+            assert_eq!(mode(&scratch.0.join("a")), 0o700, "umask {mask:o}");
+            assert_eq!(mode(&deep), 0o700, "umask {mask:o}");
+            let file = deep.join("f");
+            create_file(&file).unwrap();
+            assert_eq!(mode(&file), 0o600, "umask {mask:o}");
+            let log = deep.join("log");
+            open_append(&log).unwrap().write_all(b"x").unwrap();
+            assert_eq!(mode(&log), 0o600, "umask {mask:o}");
+            write_atomic(&deep.join("w"), b"y").unwrap();
+            assert_eq!(mode(&deep.join("w")), 0o600, "umask {mask:o}");
+            let temp = TempDir::new_in(&deep, "t").unwrap();
+            assert_eq!(mode(temp.path()), 0o700, "umask {mask:o}");
+        });
+    }
+}
+
+#[test]
+fn a_link_where_crac_writes_is_refused_not_followed() {
+    let scratch = Scratch::new("link");
+    let victim = scratch.0.join("victim");
+    fs::write(&victim, b"root's").unwrap();
+    let link = scratch.0.join("link");
+    symlink(&victim, &link).unwrap();
+
+    assert_eq!(
+        create_file(&link).unwrap_err().kind(),
+        io::ErrorKind::AlreadyExists
+    );
+    let err = open_append(&link).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("cannot be trusted: it is a symbolic link"),
+        "{err}"
+    );
+    let err = ensure_dir(&link).unwrap_err();
+    assert!(err.to_string().contains("it is a symbolic link"), "{err}");
+    write_atomic(&link, b"new").unwrap();
+    assert_eq!(
+        fs::read(&victim).unwrap(),
+        b"root's",
+        "written through the link"
+    );
+    assert_eq!(fs::read(&link).unwrap(), b"new");
+    assert!(!fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn a_folder_others_may_write_is_refused_and_ones_own_readable_folder_tightened() {
+    let scratch = Scratch::new("modes");
+    let open = scratch.0.join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = ensure_dir(&open).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} cannot be trusted: other users may write to it (mode 777), so anything in it \
+             may have been planted; check it, then chmod 700 it",
+            open.display()
+        )
+    );
+    assert!(check_dir(&open).is_err());
+    let err = ensure_dir(&open.join("below")).unwrap_err();
+    assert!(err.to_string().contains("and it is not sticky"), "{err}");
+
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+    ensure_dir(&open.join("below")).unwrap();
+
+    let readable = scratch.0.join("readable");
+    fs::create_dir(&readable).unwrap();
+    fs::set_permissions(&readable, fs::Permissions::from_mode(0o755)).unwrap();
+    ensure_dir(&readable).unwrap();
+    assert_eq!(mode(&readable), 0o700);
+}
+
+#[test]
+fn a_hard_linked_log_is_refused() {
+    let scratch = Scratch::new("hardlink");
+    let other = scratch.0.join("other");
+    fs::write(&other, b"").unwrap();
+    let log = scratch.0.join("log");
+    fs::hard_link(&other, &log).unwrap();
+    let err = open_append(&log).unwrap_err();
+    assert!(
+        err.to_string().contains("other names (a hard link"),
+        "{err}"
+    );
+}
+
+#[test]
+fn only_regular_files_are_read_and_only_up_to_the_bound() {
+    let scratch = Scratch::new("regular");
+    let fifo = scratch.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = open_regular(&fifo).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} is a FIFO, not a regular file: crac reads only regular files",
+            fifo.display()
+        )
+    );
+    let err = open_regular(Path::new("/dev/zero")).unwrap_err();
+    assert!(err.to_string().contains("is a character device"), "{err}");
+    assert!(open_regular(&scratch.0).is_err());
+
+    let file = scratch.0.join("f");
+    fs::write(&file, b"12345").unwrap();
+    assert_eq!(read_bounded(&file, 5).unwrap(), b"12345");
+    let err = read_bounded(&file, 4).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
+
+#[test]
+fn tighten_tree_takes_away_others_access() {
+    let scratch = Scratch::new("tighten");
+    let sub = scratch.0.join("sub");
+    fs::create_dir(&sub).unwrap();
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
+    let file = sub.join("pages-1.img");
+    fs::write(&file, b"secret").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let exe = scratch.0.join("x");
+    fs::write(&exe, b"").unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o755)).unwrap();
+    tighten_tree(&scratch.0).unwrap();
+    assert_eq!(mode(&scratch.0), 0o700);
+    assert_eq!(mode(&sub), 0o700);
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(&exe), 0o700);
+}
+
+#[test]
+fn temp_dirs_have_unguessable_names_and_go_away() {
+    let scratch = Scratch::new("temp");
+    let a = TempDir::new_in(&scratch.0, "crac-check").unwrap();
+    let b = TempDir::new_in(&scratch.0, "crac-check").unwrap();
+    assert_ne!(a.path(), b.path());
+    let name = a.path().file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        name.starts_with("crac-check.") && name.len() == "crac-check.".len() + 6,
+        "{name}"
+    );
+    let path = a.path().to_owned();
+    fs::write(path.join("inside"), b"").unwrap();
+    drop(a);
+    assert!(!path.exists());
+    let kept = b.keep();
+    assert!(kept.exists());
+}
