@@ -716,6 +716,8 @@ fn metadata_reason(err: &MetadataError) -> String {
         MetadataError::Missing { .. } => "it is missing".to_owned(),
         MetadataError::Unreadable { source, .. } => why(source),
         MetadataError::Corrupt { source, .. } => source.to_string(),
+        MetadataError::Tampered { missing: true, .. } => "it has no digest of itself".to_owned(),
+        MetadataError::Tampered { .. } => "it does not match its digest".to_owned(),
         MetadataError::UnsupportedFormat { found, .. } => format!(
             "format {found}, this crac reads format {}",
             metadata::FORMAT

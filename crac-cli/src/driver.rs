@@ -381,6 +381,15 @@ pub fn checkpoint(
         ))
     })?;
     let dump_ms = ms(dump_started.elapsed());
+    // CRIU writes its files 0644: the folder keeps others out, and the files themselves are
+    // the service's memory, so they are made private too (a copy or move of the folder keeps
+    // their modes).
+    if let Err(e) = crac_fs::tighten_tree(&images) {
+        warn(&format!(
+            "could not make the files in {} private to their owner: {e}",
+            images.display()
+        ));
+    }
     let hook_report: Option<HookReport> = fs::read(&report_path)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok());
@@ -987,7 +996,7 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
     let mut pids = Vec::new();
     if !meta.in_own_pid_namespace() {
         pids.push(meta.pid);
-        if let Ok(bytes) = fs::read(dir.join(AGENTS_FILE)) {
+        if let Ok(bytes) = crac_fs::read_bounded(&dir.join(AGENTS_FILE), 1 << 20) {
             if let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) {
                 pids.extend(
                     record
@@ -1199,27 +1208,40 @@ fn restore_with(
     Ok((outcome, server))
 }
 
+/// The folder of a `--dir` image: made private (0700), or an existing empty one that is the
+/// caller's own (tightened to 0700). A folder another user made, or can write to, or a link, is
+/// refused: the image is the service's memory, and whoever controls the folder could read it or
+/// swap its files before a restore.
 fn prepare_dir(dir: &Path) -> Result<(), OpError> {
-    match fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(OpError::new(
-                    FailureKind::BadInput,
-                    format!(
-                        "{} is not empty: checkpoint into a new or empty folder",
-                        dir.display()
-                    ),
-                ));
-            }
-            Ok(())
-        }
-        Err(_) => fs::create_dir_all(dir).map_err(|e| {
+    crac_fs::ensure_dir(dir).map_err(|e| {
+        OpError::new(
+            if crac_fs::is_untrusted(&e) {
+                FailureKind::BadInput
+            } else {
+                FailureKind::Unavailable
+            },
+            format!("cannot use {} for the image: {e}", dir.display()),
+        )
+    })?;
+    let not_empty = fs::read_dir(dir)
+        .map_err(|e| {
             OpError::new(
                 FailureKind::Unavailable,
-                format!("cannot create {}: {e}", dir.display()),
+                format!("cannot read {}: {e}", dir.display()),
             )
-        }),
+        })?
+        .next()
+        .is_some();
+    if not_empty {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "{} is not empty: checkpoint into a new or empty folder",
+                dir.display()
+            ),
+        ));
     }
+    Ok(())
 }
 
 fn clean_dir_except_log(dir: &Path) {

@@ -153,7 +153,11 @@ fn cache_key(path: &Path) -> Option<String> {
 
 fn cached_version(path: &Path) -> Option<String> {
     let key = cache_key(path)?;
-    let text = std::fs::read_to_string(cache_file()?).ok()?;
+    let file = cache_file()?;
+    // Only a cache of our own that nobody else may write: a planted one would name another
+    // version than the binary's.
+    crac_fs::check_dir(file.parent()?).ok()?;
+    let text = String::from_utf8(crac_fs::read_bounded(&file, 1 << 20).ok()?).ok()?;
     text.lines()
         .find_map(|line| line.rsplit_once('\t').filter(|(k, _)| *k == key))
         .map(|(_, version)| version.to_owned())
@@ -163,7 +167,9 @@ fn remember_version(path: &Path, version: &str) {
     let (Some(key), Some(file)) = (cache_key(path), cache_file()) else {
         return;
     };
-    let mut lines: Vec<String> = std::fs::read_to_string(&file)
+    let mut lines: Vec<String> = crac_fs::read_bounded(&file, 1 << 20)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
         .unwrap_or_default()
         .lines()
         .filter(|line| {
@@ -175,11 +181,9 @@ fn remember_version(path: &Path, version: &str) {
     lines.push(format!("{key}\t{version}"));
     // A cache: failing to write it only costs the next run 7 ms.
     if let Some(dir) = file.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let tmp = file.with_extension(format!("tmp-{}", std::process::id()));
-    if std::fs::write(&tmp, lines.join("\n") + "\n").is_ok() {
-        let _ = std::fs::rename(&tmp, &file);
+        if crac_fs::ensure_dir(dir).is_ok() {
+            let _ = crac_fs::write_atomic(&file, (lines.join("\n") + "\n").as_bytes());
+        }
     }
 }
 

@@ -34,11 +34,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,10 +46,16 @@ pub const METADATA_FILE: &str = "crac-meta.json";
 /// The metadata layout version this crac writes and reads.
 pub const FORMAT: u32 = 1;
 
+/// The field of the metadata file that holds the SHA-256 of the rest of it; see [`seal`].
+pub const DIGEST_FIELD: &str = "metadata_sha256";
+/// The largest metadata file read: a real one is a few kilobytes (a long command line and a few
+/// hundred mapped files).
+const MAX_METADATA_BYTES: u64 = 16 << 20;
+/// The largest cache file ([`VERIFIED_FILE`], [`KNOWN_HASHES_FILE`]) read.
+const MAX_CACHE_BYTES: u64 = 16 << 20;
+
 /// The CRIU image file that every dump writes; without it CRIU cannot restore anything.
 const INVENTORY: &str = "inventory.img";
-/// Prefix of the temporary file [`write`] renames into place; never an image file.
-const TEMP_PREFIX: &str = ".crac-meta.json.tmp-";
 /// What `crac checkpoint` knew before CRIU ran (a [`Metadata`] without files, hashes or
 /// timings), in the image folder until the metadata proper is written; see the module
 /// documentation.
@@ -237,6 +242,23 @@ pub enum MetadataError {
         #[source]
         source: serde_json::Error,
     },
+    /// The metadata does not match its own digest ([`DIGEST_FIELD`]), or has none: it was
+    /// changed after `crac checkpoint` wrote it, by hand or by damage, so nothing it says
+    /// (pids, options, the digests of the image's files) can be relied on.
+    #[error(
+        "crac-meta.json in {dir} {}: it was changed after the checkpoint (by hand or by damage), \
+         so the image cannot be trusted; remove it with `crac images rm {name}` and make it again \
+         with `crac checkpoint`",
+        if *.missing { "has no digest of itself" } else { "does not match its digest" }
+    )]
+    Tampered {
+        /// The image folder.
+        dir: PathBuf,
+        /// The folder's name, which is the image's name in the store.
+        name: String,
+        /// Whether the digest is missing (rather than different).
+        missing: bool,
+    },
     /// The metadata file has a format this crac does not read.
     #[error("{}", unsupported_message(.dir, *.found, .made_by.as_deref()))]
     UnsupportedFormat {
@@ -270,7 +292,9 @@ fn unsupported_message(dir: &Path, found: u32, made_by: Option<&str>) -> String 
 /// `format` other than [`FORMAT`].
 pub fn read(dir: &Path) -> Result<Metadata, MetadataError> {
     let path = dir.join(METADATA_FILE);
-    let bytes = match fs::read(&path) {
+    // Only a regular file, and only so much: an image from elsewhere may hold a FIFO or a
+    // link to /dev/zero here.
+    let bytes = match crac_fs::read_bounded(&path, MAX_METADATA_BYTES) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             return Err(MetadataError::Missing {
@@ -304,7 +328,68 @@ pub fn read(dir: &Path) -> Result<Metadata, MetadataError> {
                 .map(str::to_owned),
         });
     }
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(corrupt)?;
+    let recorded = value
+        .as_object_mut()
+        .and_then(|fields| fields.remove(DIGEST_FIELD));
+    let tampered = |missing| MetadataError::Tampered {
+        dir: dir.to_owned(),
+        name: folder_name(dir),
+        missing,
+    };
+    match recorded {
+        None => return Err(tampered(true)),
+        Some(recorded) if recorded.as_str() != Some(digest_of(&value).as_str()) => {
+            return Err(tampered(false))
+        }
+        Some(_) => {}
+    }
+    // From the bytes again (a few kilobytes): serde's errors then say where in the file.
     serde_json::from_slice(&bytes).map_err(corrupt)
+}
+
+/// The SHA-256 (lowercase hex) of the metadata `value` without its digest field: of its
+/// compact JSON, keys in sorted order, so that neither the layout of the file nor the order of
+/// its fields matters, and fields a newer crac added are covered too.
+fn digest_of(value: &serde_json::Value) -> String {
+    use sha2::Digest;
+    let canonical = canonical(value);
+    let bytes = serde_json::to_vec(&canonical).expect("a JSON value serializes");
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `value` with every object's keys sorted (serde_json keeps them in insertion order when a
+/// crate in the build asks for `preserve_order`).
+fn canonical(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(fields) => {
+            let sorted: BTreeMap<&String, Value> =
+                fields.iter().map(|(k, v)| (k, canonical(v))).collect();
+            Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+        }
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Adds to the metadata `value` (a JSON object) its digest, [`DIGEST_FIELD`], replacing any it
+/// had: what [`write()`] does, for a tool that edits an image's metadata on purpose (a test
+/// making an image "from another machine"). [`read`] refuses metadata whose digest does not
+/// match, so an edit without it reads as damage.
+///
+/// # Panics
+///
+/// When `value` is not a JSON object.
+pub fn seal(value: &mut serde_json::Value) {
+    let fields = value.as_object_mut().expect("metadata is a JSON object");
+    fields.remove(DIGEST_FIELD);
+    let digest = digest_of(value);
+    value
+        .as_object_mut()
+        .expect("metadata is a JSON object")
+        .insert(DIGEST_FIELD.to_owned(), serde_json::Value::String(digest));
 }
 
 fn folder_name(dir: &Path) -> String {
@@ -337,31 +422,14 @@ pub fn write_pending(dir: &Path, meta: &Metadata) -> io::Result<()> {
 }
 
 fn write_as(dir: &Path, file_name: &str, meta: &Metadata) -> io::Result<()> {
-    let mut json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+    let mut value = serde_json::to_value(meta).map_err(io::Error::other)?;
+    seal(&mut value);
+    let mut json = serde_json::to_vec_pretty(&value).map_err(io::Error::other)?;
     json.push(b'\n');
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = dir.join(format!("{TEMP_PREFIX}{}-{nanos}", std::process::id()));
     let target = dir.join(file_name);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| with_path(e, "create", &tmp))?;
-        file.write_all(&json)
-            .map_err(|e| with_path(e, "write", &tmp))?;
-        // Atomic, not durable: a reader sees the old file or the new one. Flushing is the
-        // image store's business (Staging::set_durable), for the whole image at once.
-        fs::rename(&tmp, &target).map_err(|e| with_path(e, "rename into place", &target))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    // Atomic, not durable: a reader sees the old file or the new one. Flushing is the image
+    // store's business (Staging::set_durable), for the whole image at once.
+    crac_fs::write_atomic(&target, &json).map_err(|e| with_path(e, "write", &target))
 }
 
 /// An I/O error that names the file it happened to; keeps the kind and the cause.
@@ -467,7 +535,7 @@ pub fn hash_files(dir: &Path, files: &mut [FileEntry]) -> io::Result<()> {
             .iter()
             .map(|&i| {
                 let path = dir.join(&files[i].name);
-                let digest = fs::File::open(&path)
+                let digest = crac_fs::open_regular(&path)
                     .and_then(sha256_of)
                     .map_err(|e| with_path(e, "hash", &path))?;
                 Ok((i, digest))
@@ -515,7 +583,7 @@ pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> 
     let Some(done) = dump_done(dir)? else {
         return Ok(None);
     };
-    let bytes = match fs::read(dir.join(PENDING_FILE)) {
+    let bytes = match crac_fs::read_bounded(&dir.join(PENDING_FILE), MAX_METADATA_BYTES) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             return Ok(read(dir).ok().filter(|meta| validate(dir, meta).is_ok()))
@@ -672,10 +740,7 @@ pub fn note_intact(dir: &Path, meta: &Metadata, outside: &BTreeMap<String, Ident
         }
     }
     if let Ok(json) = serde_json::to_vec(&verified) {
-        let tmp = dir.join(format!("{VERIFIED_FILE}.{}", std::process::id()));
-        if fs::write(&tmp, json).is_ok() && fs::rename(&tmp, dir.join(VERIFIED_FILE)).is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+        let _ = crac_fs::write_atomic(&dir.join(VERIFIED_FILE), &json);
     }
 }
 
@@ -698,7 +763,8 @@ impl KnownHashes {
 
     /// Reads them from `path`; missing or unreadable, there are none.
     pub fn load(path: &Path) -> KnownHashes {
-        fs::read(path)
+        // As for the image's own note: only one that nobody else could have written.
+        crac_fs::read_trusted(path, MAX_CACHE_BYTES)
             .ok()
             .and_then(|json| serde_json::from_slice(&json).ok())
             .unwrap_or_default()
@@ -734,10 +800,7 @@ impl KnownHashes {
             self.files.pop_first();
         }
         if let Ok(json) = serde_json::to_vec(self) {
-            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-            if fs::write(&tmp, json).is_ok() && fs::rename(&tmp, path).is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
+            let _ = crac_fs::write_atomic(path, &json);
         }
     }
 }
@@ -762,10 +825,20 @@ pub fn hash_with_identity(file: fs::File) -> io::Result<(String, Identity)> {
 ///
 /// A [`ValidateError`] listing every problem found, each naming its file.
 pub fn verify(dir: &Path, meta: &Metadata, check: Check) -> Result<(), ValidateError> {
+    if let Err(source) = crac_fs::check_dir(dir) {
+        if crac_fs::is_untrusted(&source) {
+            return Err(ValidateError {
+                dir: dir.to_owned(),
+                problems: vec![Problem::FolderUntrusted { source }],
+            });
+        }
+    }
     validate(dir, meta)?;
     let noted: Verified = match check {
         Check::Full => Verified::default(),
-        Check::Changed => fs::read(dir.join(VERIFIED_FILE))
+        // Only a note crac itself left, in a folder nobody else may write to: a forged one
+        // would vouch for replaced files. Anything else, and everything is hashed again.
+        Check::Changed => crac_fs::read_trusted(&dir.join(VERIFIED_FILE), MAX_CACHE_BYTES)
             .ok()
             .and_then(|json| serde_json::from_slice(&json).ok())
             .unwrap_or_default(),
@@ -815,7 +888,9 @@ pub fn verify(dir: &Path, meta: &Metadata, check: Check) -> Result<(), ValidateE
             continue;
         }
         let path_buf = PathBuf::from(path);
-        match fs::File::open(path).and_then(hash_with_identity) {
+        // Paths named by the metadata: only regular files are read (a FIFO would hang the
+        // check, /dev/zero never end it).
+        match crac_fs::open_regular(Path::new(path)).and_then(hash_with_identity) {
             Ok((found, identity)) if found == expected => {
                 found_intact.insert(path.to_owned(), identity);
             }
@@ -856,6 +931,13 @@ pub(crate) fn is_plain_name(name: &str) -> bool {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Problem {
+    /// The image folder, or a folder above it, is not the caller's own and private (another
+    /// user's, writable by others, a link): its files could be swapped after any check, so
+    /// nothing in it is checked or restored.
+    FolderUntrusted {
+        /// What is wrong, from [`crac_fs`].
+        source: io::Error,
+    },
     /// The image was made on another CPU architecture.
     ForeignArch {
         /// Where the image was made.
@@ -933,6 +1015,11 @@ pub enum Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Problem::FolderUntrusted { source } => write!(
+                f,
+                "{source}: another user could swap the image's files after any check, so it is \
+                 neither verified nor restored"
+            ),
             Problem::ForeignArch { image, here } => {
                 write!(f, "image was made on {image}, this machine is {here}")
             }

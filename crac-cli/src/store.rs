@@ -31,10 +31,9 @@
 //! The cause is also kept as the error's `source` for callers that inspect it.
 
 use std::ffi::CString;
-use std::fs::{self, DirBuilder, File};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -207,6 +206,20 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// The store's root, or a folder above it, is not the caller's own and private: another
+    /// user may have planted or changed images there, so nothing in it is listed, restored or
+    /// filed.
+    #[error(
+        "{source}; crac neither lists, restores nor files images in the store {root} until that \
+         is fixed"
+    )]
+    Untrusted {
+        /// The store's root.
+        root: PathBuf,
+        /// What is wrong, from [`crac_fs`].
+        #[source]
+        source: io::Error,
+    },
     /// [`Store::prune`] was given nothing to prune by.
     #[error("prune needs a number of images to keep, an age, or both")]
     NoPruneRule,
@@ -292,6 +305,7 @@ impl Store {
     ///
     /// [`StoreError::NotWritable`] (permissions, a read-only file system), [`StoreError::Io`].
     pub fn check_writable(&self) -> Result<(), StoreError> {
+        self.trusted()?;
         let mut dir = self.root.as_path();
         while fs::symlink_metadata(dir).is_err() {
             match dir.parent() {
@@ -299,12 +313,10 @@ impl Store {
                 None => break,
             }
         }
-        let probe = dir.join(format!(".crac-check-{}", std::process::id()));
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&probe)
-            .map_err(|e| self.write_error("write into", dir, e))?;
-        fs::remove_dir(&probe).map_err(|e| self.write_error("remove", &probe, e))
+        let probe = crac_fs::TempDir::new_in(dir, ".crac-check")
+            .map_err(|e| self.create_error("write into", dir, e))?;
+        drop(probe);
+        Ok(())
     }
 
     /// The free function [`validate_name`], reachable through the type.
@@ -339,6 +351,7 @@ impl Store {
             };
         }
         validate_name(name_or_dir)?;
+        self.trusted()?;
         let path = self.root.join(name_or_dir);
         // Not following links, as `list` and `remove` do not: a link is not an image the
         // store made.
@@ -386,16 +399,9 @@ impl Store {
     /// file system stand in the way, [`StoreError::Io`] otherwise.
     pub fn begin(&self, name: &str) -> Result<Staging, StoreError> {
         validate_name(name)?;
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.root)
-            .map_err(|e| self.write_error("create", &self.root, e))?;
+        crac_fs::ensure_dir(&self.root).map_err(|e| self.create_error("create", &self.root, e))?;
         let path = self.hidden(STAGING, name);
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| self.write_error("create", &path, e))?;
+        crac_fs::create_dir(&path).map_err(|e| self.create_error("create", &path, e))?;
         Ok(Staging {
             root: self.root.clone(),
             name: name.to_owned(),
@@ -414,6 +420,7 @@ impl Store {
     /// [`StoreError::Io`] when the root or an image folder cannot be read. An image with
     /// unreadable metadata is listed, with the error in [`Entry::metadata`].
     pub fn list(&self) -> Result<Vec<Entry>, StoreError> {
+        self.trusted()?;
         let read = match fs::read_dir(&self.root) {
             Ok(read) => read,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -476,6 +483,7 @@ impl Store {
     /// the store and the error names the hidden folder left behind.
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         validate_name(name)?;
+        self.trusted()?;
         let path = self.root.join(name);
         match fs::symlink_metadata(&path) {
             Ok(found) if found.is_dir() => {}
@@ -651,8 +659,24 @@ impl Store {
         Ok(removed)
     }
 
+    /// Fails unless the root (when it exists) and every folder above it can be trusted
+    /// ([`crac_fs::check_dir`]): a store another user can write to may hold images they
+    /// planted, which a restore would run as root.
+    fn trusted(&self) -> Result<(), StoreError> {
+        match crac_fs::check_dir(&self.root) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) if crac_fs::is_untrusted(&source) => Err(StoreError::Untrusted {
+                root: self.root.clone(),
+                source,
+            }),
+            Err(source) => Err(self.io("open", &self.root, source)),
+        }
+    }
+
     /// The hidden working folders: kind, image name and path.
     fn working_folders(&self) -> Result<Vec<(&'static str, String, PathBuf)>, StoreError> {
+        self.trusted()?;
         let read = match fs::read_dir(&self.root) {
             Ok(read) => read,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -693,6 +717,18 @@ impl Store {
             action,
             path: path.to_owned(),
             source,
+        }
+    }
+
+    /// The error of creating the store's root or a folder in it through [`crac_fs`].
+    fn create_error(&self, action: &'static str, path: &Path, source: io::Error) -> StoreError {
+        if crac_fs::is_untrusted(&source) {
+            StoreError::Untrusted {
+                root: self.root.clone(),
+                source,
+            }
+        } else {
+            self.write_error(action, path, source)
         }
     }
 

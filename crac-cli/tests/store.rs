@@ -622,6 +622,7 @@ fn metadata_round_trips_and_lists_only_image_files() {
     // A newer crac's extra fields are ignored.
     let mut value = serde_json::to_value(&meta).expect("to json");
     value["restore_hints"] = serde_json::json!({"cpu": "any"});
+    metadata::seal(&mut value);
     fs::write(dir.join(METADATA_FILE), value.to_string()).expect("write");
     assert_eq!(metadata::read(&dir).expect("read"), meta);
 }
@@ -660,6 +661,7 @@ fn metadata_errors_say_what_is_wrong_and_what_to_do() {
     let meta = make_image(&dir, "web", 1, 1000);
     let mut value = serde_json::to_value(&meta).expect("to json");
     value.as_object_mut().expect("object").remove("pid");
+    metadata::seal(&mut value);
     fs::write(dir.join(METADATA_FILE), value.to_string()).expect("write");
     let err = metadata::read(&dir).expect_err("no pid");
     let text = err.to_string();
@@ -1388,4 +1390,173 @@ fn known_hashes_follow_the_files_they_describe() {
     known.save(&known_path);
     let json = fs::read_to_string(&known_path).expect("saved");
     assert!(!json.contains("libfoo.so"), "{json}");
+}
+
+/// The metadata is covered by a digest of itself: an edit (here, of the pid and of a file's
+/// recorded digest) reads as tampering, blamed on the metadata, not on the file it describes.
+#[test]
+fn metadata_that_does_not_match_its_digest_is_refused_as_tampered() {
+    let scratch = Scratch::new("tampered");
+    let dir = scratch.path().join("web");
+    let mut meta = make_image(&dir, "web", 7, 1000);
+    metadata::hash_files(&dir, &mut meta.files).expect("hash");
+    metadata::write(&dir, &meta).expect("metadata");
+    let sealed: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join(METADATA_FILE)).expect("read")).expect("JSON");
+    assert_eq!(
+        sealed[metadata::DIGEST_FIELD].as_str().map(str::len),
+        Some(64),
+        "{sealed}"
+    );
+
+    let tampered = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut value = sealed.clone();
+        edit(&mut value);
+        fs::write(dir.join(METADATA_FILE), value.to_string()).expect("write");
+        metadata::read(&dir).expect_err("tampered").to_string()
+    };
+    let changed = format!(
+        "crac-meta.json in {} does not match its digest: it was changed after the checkpoint \
+         (by hand or by damage), so the image cannot be trusted; remove it with `crac images \
+         rm web` and make it again with `crac checkpoint`",
+        dir.display()
+    );
+    assert_eq!(tampered(&|v| v["pid"] = 1.into()), changed);
+    assert_eq!(
+        tampered(&|v| v["options"]["extra_criu_args"] = serde_json::json!(["--shell-job"])),
+        changed
+    );
+    assert_eq!(
+        tampered(&|v| v["files"][0]["sha256"] = "00".repeat(32).into()),
+        changed,
+        "a damaged digest is the metadata's fault, not the file's"
+    );
+    assert_eq!(
+        tampered(&|v| {
+            v.as_object_mut()
+                .expect("object")
+                .remove(metadata::DIGEST_FIELD);
+        }),
+        changed.replace("does not match its digest", "has no digest of itself")
+    );
+
+    // Layout and field order do not matter; the content does.
+    let mut reordered = String::from("{");
+    let fields = sealed.as_object().expect("object");
+    for (i, (key, value)) in fields.iter().rev().enumerate() {
+        if i > 0 {
+            reordered.push_str(",\n  ");
+        }
+        reordered.push_str(&format!(
+            "{}: {value}",
+            serde_json::Value::from(key.as_str())
+        ));
+    }
+    reordered.push('}');
+    fs::write(dir.join(METADATA_FILE), reordered).expect("write");
+    assert_eq!(metadata::read(&dir).expect("same content"), meta);
+}
+
+/// A store another user may write to may hold images they planted: nothing in it is listed,
+/// resolved, filed, recovered or pruned, and the message says why.
+#[test]
+fn a_store_others_may_write_to_is_not_used() {
+    let scratch = Scratch::new("open-store");
+    let store = scratch.store();
+    add_image(&store, "web", 1, 1000);
+    fs::set_permissions(store.root(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    let expected = format!(
+        "{} cannot be trusted: other users may write to it (mode 777), so anything in it may \
+         have been planted; check it, then chmod 700 it; crac neither lists, restores nor files \
+         images in the store {} until that is fixed",
+        store.root().display(),
+        store.root().display()
+    );
+    let errors = [
+        store.list().map(|_| ()).expect_err("list"),
+        store.resolve("web").map(|_| ()).expect_err("resolve"),
+        store.begin("new").map(|_| ()).expect_err("begin"),
+        store.recover().map(|_| ()).expect_err("recover"),
+        store.prune(Some(0), None).map(|_| ()).expect_err("prune"),
+        store.remove("web").expect_err("remove"),
+        store.check_writable().expect_err("check_writable"),
+    ];
+    for err in errors {
+        assert!(matches!(err, StoreError::Untrusted { .. }), "{err:?}");
+        assert_eq!(err.to_string(), expected);
+    }
+    assert!(store.root().join("web").is_dir(), "nothing was touched");
+
+    // A store of one's own that others may only read (made by an older crac) is tightened.
+    fs::set_permissions(store.root(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    store.begin("new").expect("begin");
+    assert_eq!(
+        fs::metadata(store.root())
+            .expect("root")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+}
+
+/// The restore's quick check skips files a note says were found intact: a note in a folder
+/// others may write to, or that others may write to itself, is not believed.
+#[test]
+fn a_forged_intact_note_is_not_believed() {
+    let scratch = Scratch::new("forged-note");
+    let dir = scratch.path().join("img");
+    let mut meta = make_image(&dir, "img", 7, 1000);
+    metadata::hash_files(&dir, &mut meta.files).expect("hash");
+    metadata::write(&dir, &meta).expect("metadata");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+    metadata::verify(&dir, &meta, metadata::Check::Full).expect("intact");
+
+    // Another user's memory in place of the service's, and a note forged to vouch for it.
+    let pages = dir.join("pages-1.img");
+    let mut bytes = fs::read(&pages).expect("pages");
+    bytes[10] ^= 0xff;
+    fs::write(&pages, &bytes).expect("rewrite");
+    metadata::note_intact(&dir, &meta, &Default::default());
+    let note = dir.join(metadata::VERIFIED_FILE);
+    fs::set_permissions(&note, fs::Permissions::from_mode(0o666)).expect("chmod");
+    let err = metadata::verify(&dir, &meta, metadata::Check::Changed).expect_err("forged");
+    assert!(
+        err.to_string()
+            .contains("image file pages-1.img does not hold what was dumped"),
+        "{err}"
+    );
+
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let err = metadata::verify(&dir, &meta, metadata::Check::Changed).expect_err("open folder");
+    assert!(
+        err.to_string().contains(&format!(
+            "{} cannot be trusted: other users may write to it (mode 777), so anything in it \
+             may have been planted; check it, then chmod 700 it: another user could swap the \
+             image's files after any check, so it is neither verified nor restored",
+            dir.display()
+        )),
+        "{err}"
+    );
+}
+
+/// Only regular files are hashed: an executable path that names a FIFO or /dev/zero is an
+/// error at once, not a hang or an endless read.
+#[test]
+fn verify_reads_only_regular_files() {
+    let scratch = Scratch::new("fifo");
+    let dir = scratch.path().join("img");
+    let mut meta = make_image(&dir, "img", 7, 1000);
+    let fifo = scratch.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+    for path in [fifo.display().to_string(), "/dev/zero".to_owned()] {
+        meta.executable = path.clone();
+        meta.executable_sha256 = Some("00".repeat(32));
+        let err = metadata::verify(&dir, &meta, metadata::Check::Full).expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("not a regular file: crac reads only regular files"),
+            "{path}: {err}"
+        );
+    }
 }

@@ -23,8 +23,10 @@
 //! - **Only regular files are read**, and only up to a bound ([`open_regular`],
 //!   [`read_bounded`]): a FIFO or `/dev/zero` named by an image cannot hang or exhaust crac.
 //!
-//! Errors are [`io::Error`]s whose message names the path and the reason, so callers keep
-//! their own error types.
+//! Errors are [`io::Error`]s, so callers keep their own error types: a refusal is
+//! `PermissionDenied` with a message that names the path and the reason ([`is_untrusted`] tells
+//! it from the system's own `EACCES`); the system's errors are passed on as they are, for the
+//! caller to name the path it asked for.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
@@ -41,11 +43,30 @@ pub const DIR_MODE: u32 = 0o700;
 /// The mode of every file crac creates.
 pub const FILE_MODE: u32 = 0o600;
 
+/// Why a path cannot be trusted: the payload of the `PermissionDenied` errors this crate
+/// makes, told apart from the system's own by [`is_untrusted`].
+#[derive(Debug)]
+struct Untrusted(String);
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Untrusted {}
+
 fn untrusted(path: &Path, why: impl std::fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
-        format!("{} cannot be trusted: {why}", path.display()),
+        Untrusted(format!("{} cannot be trusted: {why}", path.display())),
     )
+}
+
+/// Whether `err` is this crate's refusal of a path it cannot trust (another user's, a link,
+/// writable by others), rather than an error of the system (such as `EACCES`).
+pub fn is_untrusted(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|inner| inner.is::<Untrusted>())
 }
 
 /// Whether `uid` may own something the caller trusts: root, or the caller's own uid.
@@ -238,7 +259,7 @@ pub fn ensure_dir(path: &Path) -> io::Result<()> {
             }
             // An existing folder above: check_ancestors vouched for it.
             Err(nix::errno::Errno::EEXIST) => {}
-            Err(err) => return Err(annotate(err.into(), "create", &prefix)),
+            Err(err) => return Err(err.into()),
         }
     }
     Ok(())
@@ -288,8 +309,7 @@ pub fn create_file(path: &Path) -> io::Result<File> {
         .create_new(true)
         .mode(FILE_MODE)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| annotate(e, "create", path))?;
+        .open(path)?;
     file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
     Ok(file)
 }
@@ -313,7 +333,7 @@ pub fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
         .map_err(|err| match err.raw_os_error() {
             Some(libc::ELOOP) => untrusted(path, "it is a symbolic link"),
-            _ => annotate(err, "open", path),
+            _ => err,
         })?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
@@ -351,7 +371,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let mut file = create_file(&temp)?;
         file.write_all(bytes)?;
         file.sync_data()?;
-        fs::rename(&temp, path).map_err(|e| annotate(e, "replace", path))
+        fs::rename(&temp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&temp);
@@ -462,6 +482,57 @@ pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Reads a file crac wrote earlier and now relies on (a cache that lets it skip work, a
+/// record it acts upon), only if it can still be trusted: its folder passes [`check_dir`], and
+/// the file itself is a regular file, not a link, of the caller's own, that no other user may
+/// write to, of at most `limit` bytes.
+///
+/// # Errors
+///
+/// `PermissionDenied` ([`is_untrusted`]) with the reason, `InvalidData` past the limit, and
+/// the errors of opening and reading.
+pub fn read_trusted(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check_dir(dir)?;
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => untrusted(path, "it is a symbolic link"),
+            _ => err,
+        })?;
+    let meta = file.metadata()?;
+    refuse_irregular(path, &meta)?;
+    let own = geteuid().as_raw();
+    if meta.uid() != own {
+        return Err(untrusted(
+            path,
+            format!("it belongs to {}, not to {}", who(meta.uid()), who(own)),
+        ));
+    }
+    if others_can_write(&meta) {
+        return Err(untrusted(
+            path,
+            format!(
+                "other users may write to it (mode {:o})",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    clear_nonblock(&file)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {limit} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// A private scratch folder with an unguessable name (`mkdtemp`, mode 0700), removed with its
 /// contents when dropped.
 #[derive(Debug)]
@@ -478,8 +549,7 @@ impl TempDir {
     pub fn new_in(parent: &Path, prefix: &str) -> io::Result<TempDir> {
         let template = parent.join(format!("{prefix}.XXXXXX"));
         check_ancestors(&template)?;
-        let path = nix::unistd::mkdtemp(&template)
-            .map_err(|e| annotate(e.into(), "create a folder in", parent))?;
+        let path = nix::unistd::mkdtemp(&template).map_err(io::Error::from)?;
         // mkdtemp makes it 0700 regardless of the umask; make sure of it.
         let dir = open_dir_nofollow(&path)?;
         check_own(&dir, &path, DIR_MODE)?;
@@ -515,13 +585,6 @@ impl Drop for TempDir {
             let _ = fs::remove_dir_all(path);
         }
     }
-}
-
-fn annotate(err: io::Error, action: &str, path: &Path) -> io::Error {
-    io::Error::new(
-        err.kind(),
-        format!("cannot {action} {}: {err}", path.display()),
-    )
 }
 
 /// 64 bits from the kernel's random source, for names that must not be guessed.

@@ -197,3 +197,40 @@ fn temp_dirs_have_unguessable_names_and_go_away() {
     let kept = b.keep();
     assert!(kept.exists());
 }
+
+#[test]
+fn read_trusted_takes_only_the_callers_private_regular_files() {
+    let scratch = Scratch::new("trusted");
+    let file = scratch.0.join("cache");
+    write_atomic(&file, b"noted").unwrap();
+    assert_eq!(read_trusted(&file, 100).unwrap(), b"noted");
+
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o666)).unwrap();
+    let err = read_trusted(&file, 100).unwrap_err();
+    assert!(is_untrusted(&err), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("other users may write to it (mode 666)"),
+        "{err}"
+    );
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let link = scratch.0.join("link");
+    symlink(&file, &link).unwrap();
+    assert!(is_untrusted(&read_trusted(&link, 100).unwrap_err()));
+
+    fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = read_trusted(&file, 100).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("other users may write to it (mode 777)"),
+        "{err}"
+    );
+    fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o700)).unwrap();
+
+    assert_eq!(
+        read_trusted(&file, 2).unwrap_err().kind(),
+        io::ErrorKind::InvalidData
+    );
+    assert!(!is_untrusted(&io::Error::from_raw_os_error(libc::EACCES)));
+}

@@ -70,6 +70,9 @@ fn edit_metadata(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let mut meta: Value =
         serde_json::from_slice(&fs::read(&path).expect("metadata")).expect("JSON");
     edit(&mut meta);
+    // An image made elsewhere, on purpose: sealed as crac would have (an unsealed edit reads
+    // as damage).
+    crac_cli::metadata::seal(&mut meta);
     fs::write(&path, serde_json::to_vec(&meta).expect("JSON")).expect("write metadata");
 }
 

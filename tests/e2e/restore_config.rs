@@ -68,6 +68,7 @@ fn a_cpu_without_a_feature_the_image_had_is_refused_and_run_starts_cold() {
         .expect("cpu_features recorded");
     assert!(!features.is_empty());
     features.push("avx9000".into());
+    crac_cli::metadata::seal(&mut meta);
     fs::write(&meta_path, serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
 
     let out = crac.run(&["restore", "svc", "--detach"]);

@@ -12,7 +12,6 @@
 //! the pipes it had (CRIU's `--inherit-fd`), which nobody reads any more.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -190,24 +189,30 @@ fn open_log(store: &Store, args: &RunArgs) -> Result<(std::fs::File, std::fs::Fi
         .log
         .clone()
         .unwrap_or_else(|| store.root().join(format!("{}.log", args.image)));
-    if let Some(dir) = log.parent() {
-        let _ = std::fs::create_dir_all(dir);
+    if let Some(dir) = log
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        crac_fs::ensure_dir(dir).map_err(|e| {
+            OpError::new(
+                FailureKind::BadInput,
+                format!("cannot create the log's folder: {e} (choose another with --log)"),
+            )
+        })?;
     }
-    // Appending: a service restored later writes at the end, not over what came since.
+    // Appending: a service restored later writes at the end, not over what came since. The
+    // log is the service's output (it may hold secrets): private, and never one another user
+    // made or linked elsewhere.
     let open_log = || {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| {
-                OpError::new(
-                    FailureKind::BadInput,
-                    format!(
-                        "cannot open the log {}: {e} (choose another with --log)",
-                        log.display()
-                    ),
-                )
-            })
+        crac_fs::open_append(&log).map_err(|e| {
+            OpError::new(
+                FailureKind::BadInput,
+                format!(
+                    "cannot open the log {}: {e} (choose another with --log)",
+                    log.display()
+                ),
+            )
+        })
     };
     Ok((open_log()?, open_log()?))
 }

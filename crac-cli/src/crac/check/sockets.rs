@@ -16,15 +16,17 @@ use nix::unistd::{fork, ForkResult, Pid};
 
 /// Runs the probe: whether it passed, and a line saying what was found.
 pub fn probe(criu: &Path) -> (bool, String) {
-    let images = std::env::temp_dir().join(format!("crac-check-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&images);
-    if let Err(err) = fs::create_dir_all(&images) {
-        return (false, format!("cannot create {}: {err}", images.display()));
-    }
+    // The dump holds this process's memory and environment: a private folder with a name
+    // nobody can guess or make first (a predictable one let another user redirect root's CRIU
+    // through their links, and read the dump).
+    let images = match crac_fs::TempDir::new("crac-check") {
+        Ok(images) => images,
+        Err(err) => return (false, format!("cannot create a scratch folder: {err}")),
+    };
     let started = Instant::now();
-    let result = dump_a_socket_holder(criu, &images);
+    let result = dump_a_socket_holder(criu, images.path());
     let took = started.elapsed().as_secs_f64() * 1e3;
-    let _ = fs::remove_dir_all(&images);
+    drop(images);
     match result {
         Ok(()) => (
             true,
