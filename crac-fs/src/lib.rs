@@ -331,10 +331,7 @@ pub fn open_append(path: &Path) -> io::Result<File> {
         .mode(FILE_MODE)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|err| match err.raw_os_error() {
-            Some(libc::ELOOP) => untrusted(path, "it is a symbolic link"),
-            _ => err,
-        })?;
+        .map_err(|err| explain_refused_open(path, err))?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
         return Err(untrusted(path, "it is not a regular file"));
@@ -348,6 +345,23 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     check_own(&file, path, FILE_MODE)?;
     clear_nonblock(&file)?;
     Ok(file)
+}
+
+/// The reason behind a refused `open` of an existing path: `O_NOFOLLOW` says `ELOOP` for a
+/// link, but with `O_CREAT` in a sticky folder the kernel says `EACCES` for another user's
+/// link or file first.
+fn explain_refused_open(path: &Path, err: io::Error) -> io::Error {
+    if !matches!(err.raw_os_error(), Some(libc::ELOOP | libc::EACCES)) {
+        return err;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => untrusted(path, "it is a symbolic link"),
+        Ok(meta) if meta.uid() != geteuid().as_raw() => untrusted(
+            path,
+            format!("it belongs to {}; remove it", who(meta.uid())),
+        ),
+        _ => err,
+    }
 }
 
 /// Writes `bytes` to `path` in one step: into a new private file beside it, then renamed over
@@ -499,10 +513,7 @@ pub fn read_trusted(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|err| match err.raw_os_error() {
-            Some(libc::ELOOP) => untrusted(path, "it is a symbolic link"),
-            _ => err,
-        })?;
+        .map_err(|err| explain_refused_open(path, err))?;
     let meta = file.metadata()?;
     refuse_irregular(path, &meta)?;
     let own = geteuid().as_raw();
