@@ -151,7 +151,8 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     if repeated < told.len() {
         if let Some(path) = std::env::var_os(HOOK_REPORT_ENV) {
             if let Ok(json) = serde_json::to_vec(&report) {
-                let _ = std::fs::write(path, json);
+                // Into the image folder crac made: private, and never through a link.
+                let _ = crac_fs::write_atomic(std::path::Path::new(&path), &json);
             }
         }
     }

@@ -1379,17 +1379,12 @@ pub fn value_sha256(value: &str) -> String {
 /// folder, released when the returned guard is dropped).
 fn restore_turn(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, OpError> {
     let path = dir.join(".crac-restore.lock");
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| {
-            OpError::new(
-                FailureKind::Unavailable,
-                format!("cannot open {}: {e}", path.display()),
-            )
-        })?;
+    let file = crac_fs::open_append(&path).map_err(|e| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot open {}: {e}", path.display()),
+        )
+    })?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
         OpError::new(
             FailureKind::Unavailable,

@@ -352,11 +352,7 @@ pub fn read(dir: &Path) -> Result<Metadata, MetadataError> {
 /// compact JSON, keys in sorted order, so that neither the layout of the file nor the order of
 /// its fields matters, and fields a newer crac added are covered too.
 fn digest_of(value: &serde_json::Value) -> String {
-    use sha2::Digest;
-    let canonical = canonical(value);
-    let bytes = serde_json::to_vec(&canonical).expect("a JSON value serializes");
-    let digest = sha2::Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::driver::value_sha256(&canonical(value).to_string())
 }
 
 /// `value` with every object's keys sorted (serde_json keeps them in insertion order when a

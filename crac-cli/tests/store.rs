@@ -1560,3 +1560,28 @@ fn verify_reads_only_regular_files() {
         );
     }
 }
+
+/// Timings are floats: the seal covers them as read back, so every float must read back
+/// exactly as written.
+#[test]
+fn sealed_metadata_reads_back_whatever_its_floats() {
+    let scratch = Scratch::new("floats");
+    let dir = scratch.path().join("web");
+    let mut meta = make_image(&dir, "web", 7, 1000);
+    for (i, value) in [
+        0.1 + 0.2,
+        1.234_567_890_123_456_7,
+        1e-300,
+        2.0f64.sqrt() * 1e17,
+        0.0,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        meta.timings.hooks_ms = value;
+        meta.timings.dump_ms = value * 3.0 + i as f64;
+        meta.timings.total_ms = 1.0 / (value + 3.0);
+        metadata::write(&dir, &meta).expect("write");
+        assert_eq!(metadata::read(&dir).expect("read back"), meta, "{value}");
+    }
+}
