@@ -366,7 +366,8 @@ fn explain_refused_open(path: &Path, err: io::Error) -> io::Error {
 
 /// Writes `bytes` to `path` in one step: into a new private file beside it, then renamed over
 /// it, so a reader sees the old content or the new, and a link at `path` is replaced, not
-/// followed.
+/// followed. Atomic, not durable: nothing is flushed to disk (a caller that needs that, such
+/// as the image store's `--sync`, flushes the whole folder once).
 ///
 /// # Errors
 ///
@@ -384,7 +385,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let result = (|| {
         let mut file = create_file(&temp)?;
         file.write_all(bytes)?;
-        file.sync_data()?;
         fs::rename(&temp, path)
     })();
     if result.is_err() {

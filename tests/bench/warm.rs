@@ -27,14 +27,14 @@ fn ask(port: u16, request: &str) -> Option<String> {
     line::ask(port, request, Duration::from_millis(200)).ok()
 }
 
-struct Started {
-    run: Child,
+pub(crate) struct Started {
+    pub(crate) run: Child,
     first_answer: Duration,
-    stats: serde_json::Value,
+    pub(crate) stats: serde_json::Value,
 }
 
 /// Launches `crac run` (inside `tmpfs_run` if given) and waits for the first answer.
-fn launch(
+pub(crate) fn launch(
     ctx: &Ctx,
     store: &Path,
     image: &str,
@@ -82,7 +82,7 @@ fn launch(
 
 /// SIGTERM to crac run, which forwards it to the service and exits with it; then makes sure
 /// the service is gone (its PID must be free for the next restore).
-fn stop(mut run: Child, service: Option<u32>) -> Res<()> {
+pub(crate) fn stop(mut run: Child, service: Option<u32>) -> Res<()> {
     let _ = kill(Pid::from_raw(run.id() as i32), Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -107,7 +107,7 @@ fn stop(mut run: Child, service: Option<u32>) -> Res<()> {
     Ok(())
 }
 
-fn service_pid(stats: &serde_json::Value) -> Res<u32> {
+pub(crate) fn service_pid(stats: &serde_json::Value) -> Res<u32> {
     stats["pid"]
         .as_u64()
         .map(|p| p as u32)
@@ -115,7 +115,7 @@ fn service_pid(stats: &serde_json::Value) -> Res<u32> {
 }
 
 /// Waits for the cold service to say its image is saved (or that it is not).
-fn wait_for_image(store: &Path, image: &str) -> Res<()> {
+pub(crate) fn wait_for_image(store: &Path, image: &str) -> Res<()> {
     let log = store.join(format!("{image}.log"));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
