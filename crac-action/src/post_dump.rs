@@ -50,6 +50,13 @@ pub struct AgentFolder {
     pub uid: u32,
     /// The folder's group.
     pub gid: u32,
+    /// The process's `CRAC_AGENT_DIR` at the checkpoint: a base folder pre-restore accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_dir_env: Option<PathBuf>,
+    /// The process's `XDG_RUNTIME_DIR` at the checkpoint: `<it>/crac` is a base folder
+    /// pre-restore accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
 }
 
 impl AgentFolder {
@@ -109,13 +116,16 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
                     in_own_root: agent.in_own_root(),
                     uid,
                     gid,
+                    agent_dir_env: agent.agent_dir_env().map(ToOwned::to_owned),
+                    runtime_dir: agent.runtime_dir().map(ToOwned::to_owned),
                 }
             })
             .collect(),
     };
-    if let Err(err) = std::fs::write(
-        dir.join(AGENTS_FILE),
-        serde_json::to_vec_pretty(&record).expect("serialises"),
+    // Private, and never through a link planted where it goes.
+    if let Err(err) = crac_fs::write_atomic(
+        &dir.join(AGENTS_FILE),
+        &serde_json::to_vec_pretty(&record).expect("serialises"),
     ) {
         log(
             out,

@@ -159,8 +159,9 @@ impl Builder {
         self
     }
 
-    /// Uses this base folder instead of the one from the environment. `crac-action` only
-    /// finds the agent if it is given the same folder through `CRAC_AGENT_DIR`.
+    /// Uses this base folder instead of the one [`crate::base_dir`] chooses. `crac-action`
+    /// only finds the agent if it is given the same folder through `CRAC_AGENT_DIR` (or the
+    /// folder is one of those it tries anyway).
     pub fn base_dir(mut self, dir: impl Into<PathBuf>) -> Builder {
         self.base_dir = Some(dir.into());
         self
@@ -219,7 +220,11 @@ impl Builder {
             }
         };
         let base = self.base_dir.unwrap_or_else(location::base_dir);
-        let (dir, socket) = location::prepare(&base, pid)?;
+        let location::Prepared {
+            dir,
+            socket,
+            moved_aside,
+        } = location::prepare(&base, pid)?;
         let listener = listen(&socket)?;
         cleanup::arm(&socket, &dir, self.signal_cleanup);
 
@@ -238,6 +243,7 @@ impl Builder {
             Options {
                 fd_policy,
                 socket: socket.clone(),
+                dir,
                 base,
                 socket_check: self.socket_check,
             },
@@ -255,6 +261,7 @@ impl Builder {
         Ok(Agent {
             inner: Arc::new(AgentInner {
                 socket,
+                moved_aside,
                 running: Mutex::new(Some((thread, stop_write))),
             }),
         })
@@ -281,14 +288,25 @@ pub struct Agent {
 
 struct AgentInner {
     socket: PathBuf,
+    moved_aside: Option<PathBuf>,
     /// The agent's thread and the end of its stop pipe, until stopped.
     running: Mutex<Option<(JoinHandle<()>, OwnedFd)>>,
 }
 
 impl Agent {
-    /// The socket the agent listens on.
+    /// The socket the agent listens on: `<base>/<pid>/agent.sock`, or
+    /// `<base>/<pid>.XXXXXX/agent.sock` when another user's entry took `<base>/<pid>` and
+    /// could not be moved aside (see [`crate::base_dir`]).
     pub fn socket_path(&self) -> &Path {
         &self.inner.socket
+    }
+
+    /// Where another user's entry (a folder, a file or a link) found at this process's folder
+    /// path, `<base>/<pid>`, was moved when the agent started: `<base>/<pid>.foreign-<random>`,
+    /// left there for whoever made it (nothing of it was used). `None` when the path was free
+    /// or the process's own.
+    pub fn moved_aside(&self) -> Option<&Path> {
+        self.inner.moved_aside.as_deref()
     }
 
     /// Stops the agent, aborts a checkpoint it left pending, and removes its socket and
@@ -319,6 +337,7 @@ impl fmt::Debug for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
             .field("socket", &self.inner.socket)
+            .field("moved_aside", &self.inner.moved_aside)
             .finish()
     }
 }
