@@ -7,7 +7,7 @@
 //! the image ([`AGENTS_FILE`]); CRIU gives no PID yet at this step, which is why the list comes
 //! from the image. Nothing in that list is taken on trust (an image may come from elsewhere):
 //!
-//! - an entry is acted on only if its folder is where an agent puts one ([`plausible`]):
+//! - an entry is acted on only if its folder is where an agent puts one:
 //!   `<base>/<pid>` or `<base>/<pid>.XXXXXX`, with the base one of `/run/crac`, `/tmp/crac`,
 //!   the service's `$XDG_RUNTIME_DIR/crac` or `CRAC_AGENT_DIR` recorded at the checkpoint, or
 //!   this step's own `CRAC_AGENT_DIR`; any other entry stops the restore, naming it, and
