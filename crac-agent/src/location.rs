@@ -68,10 +68,24 @@ pub const FALLBACK_DIR: &str = "/tmp/crac";
 /// The socket's file name inside the process's folder.
 pub const SOCKET_NAME: &str = "agent.sock";
 
-/// The base folder this process's agent uses, in the order of the
-/// [module documentation](self): `$CRAC_AGENT_DIR`, else [`ROOT_DIR`] for root, else
-/// `$XDG_RUNTIME_DIR/crac`, else [`FALLBACK_DIR`]. It looks at the environment and at `/run`
-/// or the runtime folder as they are now.
+/// The base folder this process's agent uses, the first that applies:
+///
+/// 1. `$CRAC_AGENT_DIR` ([`DIR_ENV`]), when set: it overrides everything;
+/// 2. for a process running as root, [`ROOT_DIR`] (`/run/crac`, mode 0700, only root can
+///    write to it), when `/run` is a folder of root's that nobody else may write to and that
+///    is not read-only;
+/// 3. for any other user, `$XDG_RUNTIME_DIR/crac`, when `XDG_RUNTIME_DIR` is an absolute path
+///    to a folder of the process's own uid that nobody else may write to;
+/// 4. [`FALLBACK_DIR`] (`/tmp/crac`), shared by every user like /tmp (mode 1777, sticky; each
+///    process's folder in it 0700, its own).
+///
+/// It looks at the environment and at `/run` or the runtime folder as they are now. In
+/// `<base>/<pid>`, another user's entry is moved aside when the agent may (root), else the
+/// agent uses a folder `<base>/<pid>.XXXXXX` of its own ([`Agent::moved_aside`],
+/// [`Agent::socket_path`]).
+///
+/// [`Agent::moved_aside`]: crate::Agent::moved_aside
+/// [`Agent::socket_path`]: crate::Agent::socket_path
 pub fn base_dir() -> PathBuf {
     match std::env::var_os(DIR_ENV) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
