@@ -9,9 +9,9 @@
 //!
 //! - an entry is acted on only if its folder is where an agent puts one:
 //!   `<base>/<pid>` or `<base>/<pid>.XXXXXX`, with the base one of `/run/crac`, `/tmp/crac`,
-//!   the service's `$XDG_RUNTIME_DIR/crac` or `CRAC_AGENT_DIR` recorded at the checkpoint, or
-//!   this step's own `CRAC_AGENT_DIR`; any other entry stops the restore, naming it, and
-//!   nothing is created;
+//!   the service's `$XDG_RUNTIME_DIR/crac` or `CRAC_AGENT_DIR` recorded at the checkpoint,
+//!   this step's own `CRAC_AGENT_DIR`, or the private base `/tmp/crac-<uid>.XXXXXX` of the
+//!   entry's uid; any other entry stops the restore, naming it, and nothing is created;
 //! - the base must be a folder (not a link) of root's or of the entry's uid, that nobody else
 //!   may write to unless it is sticky; a missing one is made as the agent makes it (`/tmp/crac`
 //!   mode 1777, the others 0700);
@@ -110,6 +110,9 @@ pub(crate) enum Base {
     Runtime(PathBuf),
     /// A `CRAC_AGENT_DIR`: the service's at the checkpoint, or this step's.
     Named(PathBuf),
+    /// `/tmp/crac-<uid>.XXXXXX`: the private base an agent of the entry's uid made when
+    /// `/tmp/crac` could not be trusted.
+    Private(PathBuf),
 }
 
 impl Base {
@@ -117,7 +120,7 @@ impl Base {
         match self {
             Base::Root => Path::new(crac_agent::ROOT_DIR),
             Base::Fallback => Path::new(crac_agent::FALLBACK_DIR),
-            Base::Runtime(path) | Base::Named(path) => path,
+            Base::Runtime(path) | Base::Named(path) | Base::Private(path) => path,
         }
     }
 }
@@ -184,6 +187,8 @@ pub(crate) fn plausible(agent: &AgentFolder, own_base: Option<&Path>) -> Result<
         Ok(Base::Runtime(base.to_owned()))
     } else if let Some(named) = named {
         Ok(Base::Named(named.to_owned()))
+    } else if crac_agent::private_base_uid(base) == Some(agent.uid) {
+        Ok(Base::Private(base.to_owned()))
     } else {
         Err(refuse("is not in a base folder agents use"))
     }
@@ -209,44 +214,56 @@ fn prepare(agent: &AgentFolder, base: &Base, out: &mut dyn Write) -> io::Result<
         Err(err) => return Err(err),
     }
     let dir = &agent.dir;
-    match fs::symlink_metadata(dir) {
-        Ok(meta) if meta.is_dir() && meta.uid() == agent.uid && meta.mode() & 0o022 == 0 => {
-            return Ok(())
+    // A user racing to plant it again between the move and the mkdir gets it moved again;
+    // three times is a fight, and the restore stops saying so.
+    for _ in 0..3 {
+        match fs::symlink_metadata(dir) {
+            Ok(meta) if meta.is_dir() && meta.uid() == agent.uid && meta.mode() & 0o022 == 0 => {
+                return Ok(())
+            }
+            Ok(meta) if meta.is_dir() && meta.uid() == agent.uid => {
+                // The image's uid's own folder, but open to others: closed.
+                return fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+            }
+            Ok(meta) => {
+                let aside = crac_fs::move_aside(dir)?;
+                log(
+                    out,
+                    STEP,
+                    &format!(
+                        "{} was {} of uid {}, not a folder of the image's uid {}: moved aside to {} (nothing of it is used)",
+                        dir.display(),
+                        kind(&meta),
+                        meta.uid(),
+                        agent.uid,
+                        aside.display()
+                    ),
+                );
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
         }
-        Ok(meta) if meta.is_dir() && meta.uid() == agent.uid => {
-            // The image's uid's own folder, but open to others: closed.
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-            return Ok(());
+        match crac_fs::create_dir_for(dir, agent.uid, agent.gid) {
+            Ok(()) => {
+                log(
+                    out,
+                    STEP,
+                    &format!(
+                        "recreated the agent folder {} for pid {}",
+                        dir.display(),
+                        agent.pid
+                    ),
+                );
+                return Ok(());
+            }
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(err),
         }
-        Ok(meta) => {
-            let aside = crac_fs::move_aside(dir)?;
-            log(
-                out,
-                STEP,
-                &format!(
-                    "{} was {} of uid {}, not a folder of the image's uid {}: moved aside to {} (nothing of it is used)",
-                    dir.display(),
-                    kind(&meta),
-                    meta.uid(),
-                    agent.uid,
-                    aside.display()
-                ),
-            );
-        }
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(err),
     }
-    crac_fs::create_dir_for(dir, agent.uid, agent.gid)?;
-    log(
-        out,
-        STEP,
-        &format!(
-            "recreated the agent folder {} for pid {}",
-            dir.display(),
-            agent.pid
-        ),
-    );
-    Ok(())
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "another user keeps making something at its path",
+    ))
 }
 
 fn kind(meta: &fs::Metadata) -> &'static str {
@@ -315,6 +332,8 @@ fn make_base(base: &Base, agent: &AgentFolder) -> io::Result<()> {
             }
             crac_fs::create_dir_for(path, agent.uid, agent.gid)
         }
+        // In /tmp, which check_ancestors vouched for when the uid is root.
+        Base::Private(_) => crac_fs::create_dir_for(path, agent.uid, agent.gid),
         Base::Named(_) if parent_meta.mode() & 0o1002 == 0o1002 => crac_fs::create_shared_dir(path),
         Base::Named(_) => {
             crac_fs::check_ancestors(path)?;
@@ -369,7 +388,18 @@ mod tests {
             ),
             Ok(Base::Named(PathBuf::from("/srv/agents")))
         );
+        assert_eq!(
+            plausible(&entry("/tmp/crac-1000.Ab3xYz/42", 42, 1000), None),
+            Ok(Base::Private(PathBuf::from("/tmp/crac-1000.Ab3xYz")))
+        );
         for (dir, pid, uid, why) in [
+            // Another uid's private base.
+            (
+                "/tmp/crac-1001.Ab3xYz/42",
+                42,
+                1000,
+                "is not in a base folder agents use",
+            ),
             (
                 "/etc/evil",
                 42,

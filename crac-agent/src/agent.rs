@@ -77,6 +77,21 @@ static RUNNING_IN: AtomicU32 = AtomicU32::new(0);
 /// The coordinator the running agent drives (for the self-checkpoint API).
 static COORDINATOR: Mutex<Option<Coordinator>> = Mutex::new(None);
 
+/// The socket of the agent running in this process (it may be in a folder of its own when its
+/// usual one was taken; see [`crate::base_dir`]).
+static SOCKET: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The socket of the agent running in this process, if one runs.
+pub(crate) fn running_socket() -> Option<PathBuf> {
+    if RUNNING_IN.load(Ordering::SeqCst) != std::process::id() {
+        return None;
+    }
+    SOCKET
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
 /// The coordinator of the agent running in this process, if one runs.
 pub(crate) fn running_coordinator() -> Option<Coordinator> {
     if RUNNING_IN.load(Ordering::SeqCst) != std::process::id() {
@@ -199,7 +214,7 @@ impl Builder {
                 .is_err()
         {
             return Err(StartError::AlreadyRunning {
-                socket: location::socket_path(pid),
+                socket: running_socket().unwrap_or_else(|| location::socket_path(pid)),
             });
         }
         let started = self.start_unguarded(pid);
@@ -219,14 +234,23 @@ impl Builder {
                 }
             }
         };
+        let chosen = self.base_dir.is_none()
+            && std::env::var_os(location::DIR_ENV).is_none_or(|d| d.is_empty());
         let base = self.base_dir.unwrap_or_else(location::base_dir);
         let location::Prepared {
+            base,
+            private_base,
             dir,
             socket,
             moved_aside,
-        } = location::prepare(&base, pid)?;
+        } = location::prepare(&base, pid, chosen)?;
         let listener = listen(&socket)?;
-        cleanup::arm(&socket, &dir, self.signal_cleanup);
+        cleanup::arm(
+            &socket,
+            &dir,
+            private_base.then_some(base.as_path()),
+            self.signal_cleanup,
+        );
 
         // stop() wakes the agent's thread by closing the other end of this pipe.
         let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -237,6 +261,9 @@ impl Builder {
         *COORDINATOR
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(coordinator.clone());
+        *SOCKET
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(socket.clone());
         let server = Server::new(
             Handler::new(coordinator),
             listener,
@@ -245,6 +272,7 @@ impl Builder {
                 socket: socket.clone(),
                 dir,
                 base,
+                private_base,
                 socket_check: self.socket_check,
             },
         );

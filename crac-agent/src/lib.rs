@@ -86,8 +86,8 @@ pub(crate) fn descriptor_table_turn() -> std::sync::MutexGuard<'static, ()> {
 pub use agent::{start, Agent, Builder, StartError, SOCKET_CHECK};
 pub use descriptor_owners::{Owner, Ownership};
 pub use location::{
-    agent_dir, base_dir, parse_folder_name, socket_path, DIR_ENV, FALLBACK_DIR, ROOT_DIR,
-    RUNTIME_DIR_ENV, RUNTIME_SUBDIR, SOCKET_NAME,
+    agent_dir, base_dir, parse_folder_name, private_base_uid, socket_path, DIR_ENV, FALLBACK_DIR,
+    ROOT_DIR, RUNTIME_DIR_ENV, RUNTIME_SUBDIR, SOCKET_NAME,
 };
 pub use self_checkpoint::{
     checkpoint_self, SelfCheckpoint, SelfCheckpointError, CHECKPOINT_TO_ENV, CRAC_BIN_ENV,

@@ -17,6 +17,9 @@
 //! A base that is missing is made: mode 1777 when its parent is a folder every user may write
 //! to (`/tmp`: then it is shared, as /tmp is), otherwise 0700, the process's own. An existing
 //! base must belong to root or the process's uid, and be writable by nobody else unless sticky.
+//! When the fallback `/tmp/crac` fails that (another user made it first), an agent that was not
+//! told its base makes a private one instead, `/tmp/crac-<uid>.XXXXXX` (`mkdtemp`, 0700),
+//! removed at exit ([`private_base_uid`] recognises its name).
 //!
 //! Each process's folder is its own (mode 0700), so only its uid and root can reach the
 //! socket. When something that is not the process's own folder sits at `<base>/<pid>` (another
@@ -180,9 +183,39 @@ pub fn parse_folder_name(name: &str) -> Option<(u32, bool)> {
     }
 }
 
+/// `crac-<uid>`: the prefix of a private base's name.
+fn private_prefix(uid: u32) -> String {
+    format!("crac-{uid}")
+}
+
+/// The uid whose private base `path` is: `/tmp/crac-<uid>.XXXXXX` (six letters or digits),
+/// the base an agent makes for itself when the shared `/tmp/crac` cannot be trusted.
+pub fn private_base_uid(path: &Path) -> Option<u32> {
+    let fallback = Path::new(FALLBACK_DIR);
+    if path.parent() != fallback.parent() {
+        return None;
+    }
+    let name = path.file_name()?.to_str()?;
+    let (uid, suffix) = name.strip_prefix("crac-")?.split_once('.')?;
+    if uid.is_empty()
+        || !uid.bytes().all(|b| b.is_ascii_digit())
+        || (uid.len() > 1 && uid.starts_with('0'))
+        || suffix.len() != 6
+        || !suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return None;
+    }
+    uid.parse().ok()
+}
+
 /// Where [`prepare`] put the agent.
 #[derive(Debug)]
 pub(crate) struct Prepared {
+    /// The base folder used: the one asked for, or a private one when the shared fallback
+    /// could not be trusted.
+    pub(crate) base: PathBuf,
+    /// Whether `base` is such a private base (removed with the folder at exit).
+    pub(crate) private_base: bool,
     /// The process's folder.
     pub(crate) dir: PathBuf,
     /// The socket's path in it.
@@ -192,9 +225,24 @@ pub(crate) struct Prepared {
 }
 
 /// Creates (or checks) the base folder and this process's folder, and clears a stale socket.
-pub(crate) fn prepare(base: &Path, pid: u32) -> Result<Prepared, StartError> {
+/// `chosen`: the base is the one [`base_dir`] chose, not one the service named; then a shared
+/// fallback base that cannot be trusted (another user made `/tmp/crac`) is not fatal: the
+/// agent makes a private base of its own beside it, `/tmp/crac-<uid>.XXXXXX` (`mkdtemp`,
+/// 0700), removed at exit.
+pub(crate) fn prepare(base: &Path, pid: u32, chosen: bool) -> Result<Prepared, StartError> {
     let own_uid = geteuid().as_raw();
-    prepare_base(base, own_uid)?;
+    let (base, private_base) = match prepare_base(base, own_uid) {
+        Ok(()) => (base.to_owned(), false),
+        Err(StartError::UnsafeDir { .. }) if chosen && base == Path::new(FALLBACK_DIR) => {
+            let parent = base.parent().unwrap_or(Path::new("/"));
+            let private = crac_fs::TempDir::new_in(parent, &private_prefix(own_uid))
+                .map(crac_fs::TempDir::keep)
+                .map_err(|e| StartError::io("create a folder in", parent, e))?;
+            (private, true)
+        }
+        Err(err) => return Err(err),
+    };
+    let base = base.as_path();
     sweep_stale(base, own_uid, pid);
     let dir = base.join(pid.to_string());
     let mut moved_aside = None;
@@ -218,6 +266,8 @@ pub(crate) fn prepare(base: &Path, pid: u32) -> Result<Prepared, StartError> {
     let socket = dir.join(SOCKET_NAME);
     clear_stale(&socket)?;
     Ok(Prepared {
+        base: base.to_owned(),
+        private_base,
         dir,
         socket,
         moved_aside,
@@ -226,9 +276,20 @@ pub(crate) fn prepare(base: &Path, pid: u32) -> Result<Prepared, StartError> {
 
 /// Makes this process's folder `dir` again (a /tmp cleaner removed it): the same path as
 /// before, never another. Returns the socket's path.
-pub(crate) fn prepare_again(base: &Path, dir: &Path) -> Result<PathBuf, StartError> {
+pub(crate) fn prepare_again(
+    base: &Path,
+    private_base: bool,
+    dir: &Path,
+) -> Result<PathBuf, StartError> {
     let own_uid = geteuid().as_raw();
-    prepare_base(base, own_uid)?;
+    if private_base {
+        crac_fs::ensure_dir(base).map_err(|e| StartError::UnsafeDir {
+            path: base.to_owned(),
+            reason: e.to_string(),
+        })?;
+    } else {
+        prepare_base(base, own_uid)?;
+    }
     if own_folder(dir, own_uid)?.is_none() {
         return Err(StartError::UnsafeDir {
             path: dir.to_owned(),
@@ -416,6 +477,27 @@ mod tests {
         // /run/crac is usable only when /run is root's own folder, closed to others.
         assert!(!run_usable(&scratch.join("crac")) || me == 0);
         let _ = fs::remove_dir_all(&scratch);
+    }
+
+    #[test]
+    fn private_bases_are_crac_uid_and_six_random_characters_in_tmp() {
+        assert_eq!(
+            private_base_uid(Path::new("/tmp/crac-1000.Ab3xYz")),
+            Some(1000)
+        );
+        assert_eq!(private_base_uid(Path::new("/tmp/crac-0.Ab3xYz")), Some(0));
+        for path in [
+            "/tmp/crac",
+            "/tmp/crac-1000",
+            "/tmp/crac-1000.Ab3xY",
+            "/tmp/crac-01000.Ab3xYz",
+            "/tmp/crac-.Ab3xYz",
+            "/var/tmp/crac-1000.Ab3xYz",
+            "/tmp/sub/crac-1000.Ab3xYz",
+            "/tmp/crac-1000.Ab-xYz",
+        ] {
+            assert_eq!(private_base_uid(Path::new(path)), None, "{path}");
+        }
     }
 
     #[test]

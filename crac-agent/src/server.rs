@@ -49,6 +49,8 @@ pub(crate) struct Options {
     pub(crate) socket: PathBuf,
     pub(crate) dir: PathBuf,
     pub(crate) base: PathBuf,
+    /// Whether `base` is the agent's private one (made again 0700 if removed).
+    pub(crate) private_base: bool,
     /// How often the loop looks at its socket while idle (None: never).
     pub(crate) socket_check: Option<Duration>,
 }
@@ -410,8 +412,11 @@ impl Server {
         if now.is_none() && !seen_gone_before {
             return;
         }
-        let Ok(socket) = crate::location::prepare_again(&self.options.base, &self.options.dir)
-        else {
+        let Ok(socket) = crate::location::prepare_again(
+            &self.options.base,
+            self.options.private_base,
+            &self.options.dir,
+        ) else {
             return;
         };
         let Ok(listener) = crate::agent::listen(&socket) else {

@@ -179,7 +179,11 @@ fn start_as(scratch: &Scratch, uid: u32, name: &str) -> Target {
 /// The agent's socket of `pid`, as `crac status` reports it (the agent answered, idle).
 fn status_socket(crac: &Crac, pid: u32, env: &[(&str, &str)]) -> String {
     let out = crac_ok(crac, &["status", &pid.to_string()], env);
-    assert!(out.starts_with(&format!("pid {pid}: idle, ")), "{out}");
+    let first = out.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("pid {pid}")) && first.contains(": idle, "),
+        "{out}"
+    );
     out.lines()
         .find_map(|l| l.strip_prefix("  socket: "))
         .unwrap_or_else(|| panic!("no socket line: {out}"))
@@ -512,4 +516,75 @@ fn a_crafted_agents_list_is_refused_and_nothing_is_created() {
             }
         });
     }
+}
+
+/// (e) nobody made /tmp/crac itself (seen so only in a mount namespace of the service's own,
+/// so that other services on this machine keep the real one): a service of an unprivileged
+/// uid, which has no runtime folder, still starts, in a private base of its own,
+/// `/tmp/crac-<uid>.XXXXXX`, where crac finds and asks its agent; nobody's folder gets nothing.
+#[test]
+fn a_shared_base_made_by_another_user_denies_no_service() {
+    let Some(_env) = util::env() else { return };
+    shared_base();
+    for mask in MASKS {
+        let scratch = Scratch::new("taken-base");
+        let crac = Crac::new(&scratch);
+        let taken = scratch.join("nobodys-crac");
+        fs::create_dir(&taken).expect("nobody's folder");
+        std::os::unix::fs::chown(&taken, Some(NOBODY), Some(NOBODY)).expect("chown");
+        fs::set_permissions(&taken, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let dir = scratch.join("t");
+        fs::create_dir(&dir).expect("the target's folder");
+        std::os::unix::fs::chown(&dir, Some(SERVICE_UID), Some(SERVICE_UID)).expect("chown");
+        with_umask(mask, || {
+            let before = private_bases();
+            let target = Target::start_in_namespaces(
+                &dir,
+                &[],
+                &["--mount", "--propagation", "private"],
+                &format!(
+                    "mount --bind {} {FALLBACK} || exit 1\n\
+                     unset XDG_RUNTIME_DIR CRAC_AGENT_DIR\n\
+                     exec setsid setpriv --reuid={SERVICE_UID} --regid={SERVICE_UID} --clear-groups \"$0\"",
+                    taken.display()
+                ),
+            );
+            let made: Vec<PathBuf> = private_bases()
+                .into_iter()
+                .filter(|b| !before.contains(b))
+                .collect();
+            let _made = Remove(made.clone());
+            assert_eq!(made.len(), 1, "{made:?}");
+            let base = fs::symlink_metadata(&made[0]).expect("private base");
+            assert_eq!(
+                (base.uid(), base.mode() & 0o7777),
+                (SERVICE_UID, 0o700),
+                "{}",
+                made[0].display()
+            );
+            let socket = status_socket(&crac, target.pid, &[]);
+            assert_eq!(
+                socket,
+                format!(
+                    "{}/1/agent.sock inside the root of pid {}",
+                    made[0].display(),
+                    target.pid
+                )
+            );
+            assert_eq!(fs::read_dir(&taken).expect("read").count(), 0);
+            let shared = fs::symlink_metadata(FALLBACK).expect("/tmp/crac");
+            assert_eq!((shared.uid(), shared.mode() & 0o7777), (0, 0o1777));
+            drop(target);
+        });
+    }
+}
+
+/// The private bases `/tmp/crac-<SERVICE_UID>.XXXXXX` there are now.
+fn private_bases() -> Vec<PathBuf> {
+    fs::read_dir("/tmp")
+        .expect("/tmp")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| crac_agent::private_base_uid(p) == Some(SERVICE_UID))
+        .collect()
 }
