@@ -138,3 +138,28 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
     }
     Ok(())
 }
+
+/// Removes the agent folders that post-dump recorded in `images` whose process `is_gone`
+/// (killed by the dump: a killed agent cannot remove its folder, and a restore makes it again).
+/// Only a folder that is still what was recorded is removed: a real folder (not a link) of the
+/// recorded uid, on this side (not inside a container's root).
+pub fn remove_dead_folders(images: &std::path::Path, is_gone: impl Fn(u32) -> bool) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(bytes) = crac_fs::read_bounded(&images.join(AGENTS_FILE), 1 << 20) else {
+        return;
+    };
+    let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) else {
+        return;
+    };
+    for agent in record
+        .agents
+        .iter()
+        .filter(|a| !a.in_own_root && is_gone(a.pid))
+    {
+        let recorded = std::fs::symlink_metadata(&agent.dir)
+            .is_ok_and(|meta| meta.is_dir() && meta.uid() == agent.uid);
+        if recorded {
+            let _ = std::fs::remove_dir_all(&agent.dir);
+        }
+    }
+}
