@@ -3,10 +3,16 @@
 //!
 //! crac-action runs in CRIU's namespaces and knows a process by its pid there
 //! (`CRTOOLS_INIT_PID` and the tree below it). The agent made its socket in its own view of
-//! the world: `$CRAC_AGENT_DIR/<pid>/agent.sock`, with the process's own `CRAC_AGENT_DIR`
-//! (from /proc/PID/environ), its own pid (the innermost of `NSpid:` in /proc/PID/status) and
-//! its own root (/proc/PID/root, which the kernel resolves in the process's mount namespace).
-//! [`AgentSocket::find`] looks there without trusting the process's file system:
+//! the world: `<base>/<pid>/agent.sock`, with its own pid (the innermost of `NSpid:` in
+//! /proc/PID/status) and its own root (/proc/PID/root, which the kernel resolves in the
+//! process's mount namespace). [`AgentSocket::find`] tries the bases in the agent's own order
+//! (`crac_agent::base_dir`): the process's `CRAC_AGENT_DIR` (from /proc/PID/environ),
+//! crac-action's, `/run/crac`, the process's `$XDG_RUNTIME_DIR/crac`, `/tmp/crac`. An agent
+//! whose usual folder another user took listens elsewhere (`<base>/<pid>.XXXXXX`, or a private
+//! base `/tmp/crac-<uid>.XXXXXX`): for a process that runs an agent found at none of those,
+//! the path its listening socket is bound to says where (its socket inodes from /proc/PID/fd,
+//! their bound paths from /proc/PID/net/unix), and that folder gets the same checks. Each
+//! look is made without trusting the process's file system:
 //!
 //! - the path is resolved with `openat2(RESOLVE_IN_ROOT)` from the process's root, so an
 //!   absolute symbolic link planted in a container resolves inside the container, never on
