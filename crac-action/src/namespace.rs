@@ -363,14 +363,21 @@ impl AgentSocket {
         };
         let in_own_root = own_root(pid, &root);
         let pid_name = proc.ns_pid.to_string();
-        // Another user's folder at a usual path: the agent may have made one of its own
-        // elsewhere (see below); if not, this is the answer.
+        // Another user's folder (or a link) at a usual path: the agent may have made one of its
+        // own elsewhere (see below); if not, this is the answer.
         let mut taken = None;
         let mut euid = None;
         for base in base_candidates(proc.agent_dir.clone(), proc.runtime_dir.clone()) {
-            let Some(folder) = open_folder(&root, &base, OsStr::new(&pid_name), pid, in_own_root)?
-            else {
-                continue;
+            let folder = match open_folder(&root, &base, OsStr::new(&pid_name), pid, in_own_root) {
+                Ok(Some(folder)) => folder,
+                Ok(None) => continue,
+                // A link where the agent would have made a folder: it went elsewhere, or this
+                // is the answer.
+                Err(refusal @ Refusal::Symlink { .. }) => {
+                    taken.get_or_insert(refusal);
+                    continue;
+                }
+                Err(refusal) => return Err(refusal),
             };
             // Read only now: most processes of a tree have no agent folder.
             let Some(uid) = euid.or_else(|| euid_of(pid)) else {

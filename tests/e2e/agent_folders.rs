@@ -37,15 +37,25 @@ fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// The folders `nobody` planted, removed when dropped (after checking nothing was put in
-/// them, when asked to).
+/// The folders (or links) `nobody` planted, removed when dropped (after checking nothing was
+/// put in them, when asked to).
 struct Planted(Vec<PathBuf>);
+
+/// Where nobody's planted links lead (nothing must be made there).
+fn link_target() -> PathBuf {
+    PathBuf::from(format!("/tmp/crac-e2e-nobody-links-{}", std::process::id()))
+}
 
 impl Planted {
     /// `nobody` makes `<base>/<pid>` (mode 0777) for the next `count` pids, as a user who wants
     /// to deny or take the agent folders of services yet to start would. Only what nobody
     /// actually made is kept (a folder that is there already is someone else's).
     fn next_pids(base: &Path, count: u32) -> Planted {
+        Planted::next_pids_as(base, count, false)
+    }
+
+    /// As [`Planted::next_pids`], with links to [`link_target`]`/<pid>` if `links`.
+    fn next_pids_as(base: &Path, count: u32, links: bool) -> Planted {
         let last: u32 = fs::read_to_string("/proc/sys/kernel/ns_last_pid")
             .expect("ns_last_pid")
             .trim()
@@ -58,17 +68,22 @@ impl Planted {
             .expect("a number");
         let first = last + 1;
         let end = (last + count).min(pid_max - 1);
-        let mut script = format!(
-            "mkdir -m 0777 {}/{{{first}..{end}}} 2>/dev/null",
-            base.display()
-        );
+        let plant = |range: String| {
+            if links {
+                format!(
+                    "ln -s -t {} {}/{range} 2>/dev/null",
+                    base.display(),
+                    link_target().display()
+                )
+            } else {
+                format!("mkdir -m 0777 {}/{range} 2>/dev/null", base.display())
+            }
+        };
+        let mut script = plant(format!("{{{first}..{end}}}"));
         if end - first + 1 < count {
             // Pids wrap around to 300 after pid_max.
-            script.push_str(&format!(
-                "; mkdir -m 0777 {}/{{300..{}}} 2>/dev/null",
-                base.display(),
-                300 + count
-            ));
+            script.push_str("; ");
+            script.push_str(&plant(format!("{{300..{}}}", 300 + count)));
         }
         as_nobody(&format!("{script}; true"));
         let planted = (first..=end)
@@ -83,11 +98,17 @@ impl Planted {
         self.0.iter().any(|p| p == path)
     }
 
-    /// Every planted folder is still nobody's, 0777, and empty: nothing was written into it.
+    /// Every planted folder is still nobody's, 0777, and empty, every link still nobody's and
+    /// leading nowhere: nothing was written into them.
     fn assert_untouched(&self) {
+        assert!(!link_target().exists(), "something was made through a link");
         for path in &self.0 {
             let meta =
                 fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if meta.file_type().is_symlink() {
+                assert_eq!(meta.uid(), NOBODY, "{}", path.display());
+                continue;
+            }
             assert_eq!(
                 (meta.uid(), meta.mode() & 0o7777),
                 (NOBODY, 0o777),
@@ -300,7 +321,8 @@ fn can_dump_other_users() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
-/// (b) A service of an unprivileged uid, whose /tmp/crac/<pid> nobody planted (the sticky
+/// (b) A service of an unprivileged uid, whose /tmp/crac/<pid> nobody planted, a folder or a
+/// link (the sticky
 /// base forbids moving it): it starts anyway, in a folder of its own with an unguessable name,
 /// where crac finds it (`status`, `ps`), checkpoints it (kill) and restores it; where root
 /// lacks CAP_SYS_RESOURCE, CRIU cannot dump another uid's process at all, and the test stops
@@ -313,7 +335,8 @@ fn an_unprivileged_service_whose_folder_was_taken_starts_and_is_checkpointed() {
         let scratch = Scratch::new("planted-user");
         with_umask(mask, || {
             let crac = Crac::new(&scratch);
-            let planted = Planted::next_pids(Path::new(FALLBACK), 3000);
+            // Folders, then links.
+            let planted = Planted::next_pids_as(Path::new(FALLBACK), 3000, mask == 0);
             let target = start_as(&scratch, SERVICE_UID, "t");
             let pid = target.pid;
             let usual = Path::new(FALLBACK).join(pid.to_string());
