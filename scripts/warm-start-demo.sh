@@ -143,8 +143,12 @@ cleanup() {
         stop_pid "$pid"
     done
     # An agent removes its socket folder when SIGTERM ends it, not after a SIGKILL.
+    # It is in the first agent base that has it (crac_agent::base_dir); only ours is removed.
     for pid in "${SERVICE_PIDS[@]}"; do
-        if ! alive "$pid" && [[ -d /tmp/crac/$pid ]]; then rm -rf "/tmp/crac/$pid"; fi
+        alive "$pid" && continue
+        for base in "${CRAC_AGENT_DIR:-}" /run/crac "${XDG_RUNTIME_DIR:+$XDG_RUNTIME_DIR/crac}" /tmp/crac; do
+            if [[ -n $base && -d $base/$pid && -O $base/$pid && ! -L $base/$pid ]]; then rm -rf "${base:?}/$pid"; fi
+        done
     done
     if [[ -n $WORK && -d $WORK ]]; then
         if [[ ${WARM_DEMO_KEEP:-0} == 1 ]]; then

@@ -19,7 +19,7 @@ environment:
   CRAC_REQUIRE_AGENT    1: fail when the dumped tree has no agent (default: log and pass)
   CRAC_WATCHER_TIMEOUT  seconds the watcher waits for CRIU to finish (default 3600)
   CRAC_AGENT_DIR        where agents' sockets are, if a service's own environment does not say
-                        (default /tmp/crac)
+                        (tried after it; then /run/crac, $XDG_RUNTIME_DIR/crac, /tmp/crac)
 
 exit codes: 0 done or nothing to do; 1 a hook failed or an agent did not answer
 (at pre-dump this aborts the dump, after rolling the tree back); 2 bad environment";

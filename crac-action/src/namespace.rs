@@ -3,10 +3,16 @@
 //!
 //! crac-action runs in CRIU's namespaces and knows a process by its pid there
 //! (`CRTOOLS_INIT_PID` and the tree below it). The agent made its socket in its own view of
-//! the world: `$CRAC_AGENT_DIR/<pid>/agent.sock`, with the process's own `CRAC_AGENT_DIR`
-//! (from /proc/PID/environ), its own pid (the innermost of `NSpid:` in /proc/PID/status) and
-//! its own root (/proc/PID/root, which the kernel resolves in the process's mount namespace).
-//! [`AgentSocket::find`] looks there without trusting the process's file system:
+//! the world: `<base>/<pid>/agent.sock`, with its own pid (the innermost of `NSpid:` in
+//! /proc/PID/status) and its own root (/proc/PID/root, which the kernel resolves in the
+//! process's mount namespace). [`AgentSocket::find`] tries the bases in the agent's own order
+//! (`crac_agent::base_dir`): the process's `CRAC_AGENT_DIR` (from /proc/PID/environ),
+//! crac-action's, `/run/crac`, the process's `$XDG_RUNTIME_DIR/crac`, `/tmp/crac`. An agent
+//! whose usual folder another user took listens elsewhere (`<base>/<pid>.XXXXXX`, or a private
+//! base `/tmp/crac-<uid>.XXXXXX`): for a process that runs an agent found at none of those,
+//! the path its listening socket is bound to says where (its socket inodes from /proc/PID/fd,
+//! their bound paths from /proc/PID/net/unix), and that folder gets the same checks. Each
+//! look is made without trusting the process's file system:
 //!
 //! - the path is resolved with `openat2(RESOLVE_IN_ROOT)` from the process's root, so an
 //!   absolute symbolic link planted in a container resolves inside the container, never on
@@ -24,7 +30,7 @@
 //! uid, and root outside that namespace is an unmapped uid (nobody) inside it, so the agent
 //! would refuse every request anyway.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
 use std::io;
@@ -50,6 +56,8 @@ pub struct AgentSocket {
     pid: u32,
     ns_pid: u32,
     dir: PathBuf,
+    /// The process's `CRAC_AGENT_DIR` and `XDG_RUNTIME_DIR`.
+    env_dirs: (Option<PathBuf>, Option<PathBuf>),
     in_own_root: bool,
     uid: u32,
     gid: u32,
@@ -174,7 +182,10 @@ pub enum ConnectError {
 /// What /proc says about a process: what it takes to know where its agent would be.
 struct Proc {
     ns_pid: u32,
+    /// Its `CRAC_AGENT_DIR`.
     agent_dir: Option<PathBuf>,
+    /// Its `XDG_RUNTIME_DIR`.
+    runtime_dir: Option<PathBuf>,
 }
 
 /// Reads a /proc file in as few system calls as it takes: /proc reports a size of 0, on which
@@ -224,31 +235,45 @@ impl Proc {
         } else {
             status_field(pid, "NSpid:")?.last()?.parse().ok()?
         };
-        let agent_dir = read_proc(&format!("/proc/{pid}/environ"))
-            .and_then(|environ| {
-                let prefix = format!("{}=", crac_agent::DIR_ENV);
-                environ
-                    .split(|&b| b == 0)
-                    .find_map(|var| var.strip_prefix(prefix.as_bytes()).map(<[u8]>::to_vec))
-            })
-            .filter(|dir| !dir.is_empty())
-            .map(|dir| PathBuf::from(std::ffi::OsStr::from_bytes(&dir)));
-        Some(Proc { ns_pid, agent_dir })
+        let environ = read_proc(&format!("/proc/{pid}/environ")).unwrap_or_default();
+        let var = |name: &str| {
+            let prefix = format!("{name}=");
+            environ
+                .split(|&b| b == 0)
+                .find_map(|var| var.strip_prefix(prefix.as_bytes()))
+                .filter(|value| !value.is_empty())
+                .map(|value| PathBuf::from(std::ffi::OsStr::from_bytes(value)))
+        };
+        Some(Proc {
+            ns_pid,
+            agent_dir: var(crac_agent::DIR_ENV),
+            runtime_dir: var(crac_agent::RUNTIME_DIR_ENV),
+        })
     }
 }
 
 /// The base folders to look in, in order: the process's own `CRAC_AGENT_DIR`, then
 /// crac-action's (a service that set its folder in code, with an operator who told CRIU the
-/// same), then the default. Only absolute paths: a relative one would depend on whose working
-/// folder it is taken from.
-fn base_candidates(own: Option<PathBuf>) -> Vec<PathBuf> {
+/// same), then the defaults in the agent's order (`crac_agent::base_dir`): /run/crac (root's),
+/// the process's `$XDG_RUNTIME_DIR/crac`, /tmp/crac. Only absolute paths: a relative one
+/// would depend on whose working folder it is taken from.
+fn base_candidates(own: Option<PathBuf>, runtime: Option<PathBuf>) -> Vec<PathBuf> {
     let ours = std::env::var_os(crac_agent::DIR_ENV)
         .filter(|d| !d.is_empty())
         .map(PathBuf::from);
-    let mut bases: Vec<PathBuf> = Vec::with_capacity(3);
-    for base in [own, ours, Some(PathBuf::from(crac_agent::DEFAULT_DIR))]
-        .into_iter()
-        .flatten()
+    let runtime = runtime
+        .filter(|r| r.is_absolute())
+        .map(|r| r.join(crac_agent::RUNTIME_SUBDIR));
+    let mut bases: Vec<PathBuf> = Vec::with_capacity(5);
+    for base in [
+        own,
+        ours,
+        Some(PathBuf::from(crac_agent::ROOT_DIR)),
+        runtime,
+        Some(PathBuf::from(crac_agent::FALLBACK_DIR)),
+    ]
+    .into_iter()
+    .flatten()
     {
         if base.is_absolute() && base.parent().is_some() && !bases.contains(&base) {
             bases.push(base);
@@ -337,31 +362,71 @@ impl AgentSocket {
             return Ok(None);
         };
         let in_own_root = own_root(pid, &root);
-        for base in base_candidates(proc.agent_dir.clone()) {
-            let dir = base.join(proc.ns_pid.to_string());
-            let Some(folder) = open_folder(&root, &base, proc.ns_pid, pid, in_own_root)? else {
-                continue;
+        let pid_name = proc.ns_pid.to_string();
+        // Another user's folder (or a link) at a usual path: the agent may have made one of its
+        // own elsewhere (see below); if not, this is the answer.
+        let mut taken = None;
+        let mut euid = None;
+        for base in base_candidates(proc.agent_dir.clone(), proc.runtime_dir.clone()) {
+            let folder = match open_folder(&root, &base, OsStr::new(&pid_name), pid, in_own_root) {
+                Ok(Some(folder)) => folder,
+                Ok(None) => continue,
+                // A link where the agent would have made a folder: it went elsewhere, or this
+                // is the answer.
+                Err(refusal @ Refusal::Symlink { .. }) => {
+                    taken.get_or_insert(refusal);
+                    continue;
+                }
+                Err(refusal) => return Err(refusal),
             };
             // Read only now: most processes of a tree have no agent folder.
-            let Some(euid) = euid_of(pid) else {
+            let Some(uid) = euid.or_else(|| euid_of(pid)) else {
                 return Ok(None);
             };
-            let Some(found) = AgentSocket::check(pid, proc.ns_pid, euid, dir, folder, in_own_root)?
-            else {
+            euid = Some(uid);
+            let dir = base.join(&pid_name);
+            match AgentSocket::check(pid, proc.ns_pid, uid, dir, folder, in_own_root) {
+                Ok(Some(found)) => return found.in_our_user_namespace(&proc),
+                Ok(None) => {}
+                Err(refusal @ Refusal::Folder { .. }) => {
+                    taken.get_or_insert(refusal);
+                }
+                Err(refusal) => return Err(refusal),
+            }
+        }
+        if !runs_an_agent(pid) {
+            return taken.map_or(Ok(None), Err);
+        }
+        // An agent whose usual folder was taken listens in `<base>/<pid>.XXXXXX`: its
+        // listening socket says where.
+        for (base, name) in listening_folders(pid, proc.ns_pid) {
+            let Some(folder) = open_folder(&root, &base, &name, pid, in_own_root)? else {
                 continue;
             };
-            if namespace_of(&pid.to_string(), "user") != ours().user {
-                return Err(Refusal::UserNamespace { pid });
+            let Some(uid) = euid.or_else(|| euid_of(pid)) else {
+                return Ok(None);
+            };
+            euid = Some(uid);
+            let dir = base.join(&name);
+            if let Some(found) =
+                AgentSocket::check(pid, proc.ns_pid, uid, dir, folder, in_own_root)?
+            {
+                return found.in_our_user_namespace(&proc);
             }
-            return Ok(Some(found));
         }
-        if runs_an_agent(pid) {
-            return Err(Refusal::SocketGone {
-                pid,
-                socket: expected_socket(pid),
-            });
+        Err(taken.unwrap_or_else(|| Refusal::SocketGone {
+            pid,
+            socket: expected_socket(pid),
+        }))
+    }
+
+    /// The agent, unless its process is in a user namespace of its own.
+    fn in_our_user_namespace(mut self, proc: &Proc) -> Result<Option<AgentSocket>, Refusal> {
+        if namespace_of(&self.pid.to_string(), "user") != ours().user {
+            return Err(Refusal::UserNamespace { pid: self.pid });
         }
-        Ok(None)
+        self.env_dirs = (proc.agent_dir.clone(), proc.runtime_dir.clone());
+        Ok(Some(self))
     }
 
     /// Checks the folder's owner and mode and the socket in it.
@@ -424,6 +489,7 @@ impl AgentSocket {
                 pid,
                 ns_pid,
                 dir,
+                env_dirs: (None, None),
                 in_own_root,
                 uid: meta.st_uid,
                 gid: meta.st_gid,
@@ -445,6 +511,16 @@ impl AgentSocket {
     /// The agent's folder, as the process sees it.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The process's own `CRAC_AGENT_DIR`, if set.
+    pub fn agent_dir_env(&self) -> Option<&Path> {
+        self.env_dirs.0.as_deref()
+    }
+
+    /// The process's own `XDG_RUNTIME_DIR`, if set.
+    pub fn runtime_dir(&self) -> Option<&Path> {
+        self.env_dirs.1.as_deref()
     }
 
     /// Whether the process has a root of its own (a container, a chroot): then
@@ -614,17 +690,141 @@ fn runs_an_agent(pid: u32) -> bool {
     })
 }
 
-/// Where the socket of process `pid`'s agent would be, for a message saying there is none:
-/// `/tmp/crac/4242/agent.sock`, or `/tmp/crac/1/agent.sock inside the root of pid 4242`.
+/// Where the socket of process `pid`'s agent would usually be, for a message saying there is
+/// none: by the agent's own rule (`crac_agent::base_dir`), as far as it can be told from
+/// outside: `/run/crac/4242/agent.sock`, or `/tmp/crac/1/agent.sock inside the root of pid
+/// 4242`.
 pub fn expected_socket(pid: u32) -> String {
-    let (ns_pid, own_dir) = Proc::read(pid).map_or((pid, None), |p| (p.ns_pid, p.agent_dir));
-    let base = base_candidates(own_dir)
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| PathBuf::from(crac_agent::DEFAULT_DIR));
+    let proc = Proc::read(pid);
+    let ns_pid = proc.as_ref().map_or(pid, |p| p.ns_pid);
+    let root = open_root(pid).ok();
+    let base = match proc {
+        Some(Proc {
+            agent_dir: Some(dir),
+            ..
+        }) => dir,
+        proc => match euid_of(pid) {
+            Some(0) if root.as_ref().is_some_and(run_usable_in) => {
+                PathBuf::from(crac_agent::ROOT_DIR)
+            }
+            Some(uid) if uid != 0 => proc
+                .and_then(|p| p.runtime_dir)
+                .filter(|dir| {
+                    root.as_ref()
+                        .is_some_and(|root| runtime_usable_in(root, dir, uid))
+                })
+                .map_or_else(
+                    || PathBuf::from(crac_agent::FALLBACK_DIR),
+                    |dir| dir.join(crac_agent::RUNTIME_SUBDIR),
+                ),
+            _ => PathBuf::from(crac_agent::FALLBACK_DIR),
+        },
+    };
     let socket = base.join(ns_pid.to_string()).join(crac_agent::SOCKET_NAME);
-    let in_own_root = open_root(pid).is_ok_and(|root| own_root(pid, &root));
+    let in_own_root = root.is_some_and(|root| own_root(pid, &root));
     shown(&socket, pid, in_own_root)
+}
+
+/// Whether an agent running as root in the process whose root is `root` would use /run/crac:
+/// it is there, or /run is root's, closed to others, and not read-only.
+fn run_usable_in(root: &OwnedFd) -> bool {
+    let in_root = |path: &str| {
+        openat2(
+            root,
+            path,
+            open_how(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS),
+        )
+        .ok()
+    };
+    if in_root("run/crac").is_some() {
+        return true;
+    }
+    in_root("run").is_some_and(|run| {
+        fstat(&run).is_ok_and(|st| st.st_uid == 0 && st.st_mode & 0o022 == 0)
+            && nix::sys::statvfs::fstatvfs(&run)
+                .is_ok_and(|vfs| !vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+    })
+}
+
+/// Whether `dir`, inside `root`, is a runtime folder the agent of `uid` would trust.
+fn runtime_usable_in(root: &OwnedFd, dir: &Path, uid: u32) -> bool {
+    let relative = dir.strip_prefix("/").unwrap_or(dir);
+    openat2(
+        root,
+        relative,
+        open_how(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS),
+    )
+    .ok()
+    .and_then(|fd| fstat(&fd).ok())
+    .is_some_and(|st| st.st_uid == uid && st.st_mode & 0o022 == 0)
+}
+
+/// The folders in which process `pid` (`ns_pid` as it sees itself) listens on an agent's
+/// socket, as `(base, folder name)`: the bound paths of the listening Unix sockets among its
+/// descriptors (/proc/PID/fd, then /proc/PID/net/unix: its network namespace's sockets, with
+/// the paths as the process bound them) that end in `<pid>/agent.sock` or
+/// `<pid>.XXXXXX/agent.sock`. Each is checked like a usual folder before anything is sent.
+fn listening_folders(pid: u32, ns_pid: u32) -> Vec<(PathBuf, std::ffi::OsString)> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: std::collections::HashSet<u64> = fds
+        .flatten()
+        .filter_map(|fd| {
+            let target = fs::read_link(fd.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let Some(table) = read_proc(&format!("/proc/{pid}/net/unix")) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    // Num RefCount Protocol Flags Type St Inode Path; Flags has __SO_ACCEPTCON (listening).
+    for line in table.split(|&b| b == b'\n').skip(1) {
+        let mut fields = line.split(|&b| b == b' ').filter(|field| !field.is_empty());
+        let (Some(flags), Some(inode), Some(path)) = (fields.nth(3), fields.nth(2), fields.next())
+        else {
+            continue;
+        };
+        let listening = std::str::from_utf8(flags)
+            .ok()
+            .and_then(|f| u32::from_str_radix(f, 16).ok())
+            .is_some_and(|f| f & 0x10000 != 0);
+        let ours = std::str::from_utf8(inode)
+            .ok()
+            .and_then(|i| i.parse::<u64>().ok())
+            .is_some_and(|i| inodes.contains(&i));
+        if !listening || !ours {
+            continue;
+        }
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        if path.file_name() != Some(OsStr::new(crac_agent::SOCKET_NAME)) || !path.is_absolute() {
+            continue;
+        }
+        let Some(folder) = path.parent() else {
+            continue;
+        };
+        let (Some(base), Some(name)) = (folder.parent(), folder.file_name()) else {
+            continue;
+        };
+        if name
+            .to_str()
+            .and_then(crac_agent::parse_folder_name)
+            .is_some_and(|(p, _)| p == ns_pid)
+            && base.parent().is_some()
+        {
+            found.push((base.to_owned(), name.to_owned()));
+        }
+    }
+    found
 }
 
 /// `socket`, a path as process `pid` sees it, for a message: with "inside the root of pid N"
@@ -637,11 +837,11 @@ fn shown(socket: &Path, pid: u32, in_own_root: bool) -> String {
     }
 }
 
-/// Opens `<base>/<ns_pid>` inside `root`: `Ok(None)` when it is not there.
+/// Opens `<base>/<folder>` inside `root`: `Ok(None)` when it is not there.
 fn open_folder(
     root: &OwnedFd,
     base: &Path,
-    ns_pid: u32,
+    folder: &OsStr,
     pid: u32,
     in_own_root: bool,
 ) -> Result<Option<OwnedFd>, Refusal> {
@@ -672,8 +872,7 @@ fn open_folder(
     // The base folder and the pid folder: made by the agent, never links.
     let mut dir_fd = parent_fd;
     let mut path = parent.to_owned();
-    let pid_name = ns_pid.to_string();
-    for component in [name, std::ffi::OsStr::new(&pid_name)] {
+    for component in [name, folder] {
         path.push(component);
         match openat2(
             &dir_fd,
@@ -708,23 +907,61 @@ mod tests {
     use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 
     #[test]
-    fn bases_are_absolute_and_each_tried_once() {
+    fn bases_are_tried_in_the_agents_order_absolute_and_each_once() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::remove_var(crac_agent::DIR_ENV);
         assert_eq!(
-            base_candidates(Some(PathBuf::from("relative/dir"))).last(),
-            Some(&PathBuf::from(crac_agent::DEFAULT_DIR))
+            base_candidates(
+                Some(PathBuf::from("/srv/agents")),
+                Some(PathBuf::from("/run/user/1000"))
+            ),
+            [
+                "/srv/agents",
+                "/run/crac",
+                "/run/user/1000/crac",
+                "/tmp/crac"
+            ]
+            .map(PathBuf::from)
         );
-        let bases = base_candidates(Some(PathBuf::from(crac_agent::DEFAULT_DIR)));
+        // crac-action's own comes right after the process's.
+        std::env::set_var(crac_agent::DIR_ENV, "/var/lib/agents");
         assert_eq!(
-            bases
-                .iter()
-                .filter(|b| b.as_path() == Path::new(crac_agent::DEFAULT_DIR))
-                .count(),
-            1
+            base_candidates(Some(PathBuf::from("/srv/agents")), None),
+            ["/srv/agents", "/var/lib/agents", "/run/crac", "/tmp/crac"].map(PathBuf::from)
+        );
+        std::env::remove_var(crac_agent::DIR_ENV);
+        // Relative ones are dropped; each base once.
+        assert_eq!(
+            base_candidates(
+                Some(PathBuf::from("relative/dir")),
+                Some(PathBuf::from("relative"))
+            ),
+            ["/run/crac", "/tmp/crac"].map(PathBuf::from)
         );
         assert_eq!(
-            base_candidates(Some(PathBuf::from("/srv/agents")))[0],
-            PathBuf::from("/srv/agents")
+            base_candidates(Some(PathBuf::from("/tmp/crac")), None),
+            ["/tmp/crac", "/run/crac"].map(PathBuf::from)
         );
+    }
+
+    /// Tests that set crac-action's own environment take turns.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn an_agent_in_an_alternative_folder_is_found_by_its_listening_socket() {
+        let root = scratch("alternative");
+        let folder = root.join("7.Ab3xYz");
+        fs::DirBuilder::new().mode(0o700).create(&folder).unwrap();
+        let socket = folder.join("agent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // Neither a socket that only has the name, nor one of another pid's.
+        let other = root.join("8");
+        fs::DirBuilder::new().mode(0o700).create(&other).unwrap();
+        let _other = std::os::unix::net::UnixListener::bind(other.join("agent.sock")).unwrap();
+        let found = listening_folders(std::process::id(), 7);
+        assert_eq!(found, vec![(root.clone(), OsString::from("7.Ab3xYz"))]);
+        assert!(listening_folders(std::process::id(), 9).is_empty());
+        let _ = fs::remove_dir_all(&root);
     }
 
     /// A scratch root with `base/<pid>` in it, as an agent would make it.
@@ -747,7 +984,14 @@ mod tests {
         fs::create_dir_all(root.join("tmp")).unwrap();
         // The trap: the base folder is a link to somewhere else.
         symlink("/etc", root.join("tmp/crac")).unwrap();
-        let err = open_folder(&root_fd(&root), Path::new("/tmp/crac"), 7, 42, true).unwrap_err();
+        let err = open_folder(
+            &root_fd(&root),
+            Path::new("/tmp/crac"),
+            OsStr::new("7"),
+            42,
+            true,
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "pid 42: /tmp/crac is a symbolic link (to \"/etc\") inside the process's own root; \
@@ -756,23 +1000,35 @@ mod tests {
         // A link above the base folder is followed, but inside the root: /run -> /var/run.
         fs::create_dir_all(root.join("var/run/crac/7")).unwrap();
         symlink("/var/run", root.join("run")).unwrap();
-        assert!(
-            open_folder(&root_fd(&root), Path::new("/run/crac"), 7, 42, true)
-                .unwrap()
-                .is_some()
-        );
+        assert!(open_folder(
+            &root_fd(&root),
+            Path::new("/run/crac"),
+            OsStr::new("7"),
+            42,
+            true
+        )
+        .unwrap()
+        .is_some());
         // An absolute link that would leave the root stays inside it.
         symlink("/", root.join("up")).unwrap();
-        assert!(
-            open_folder(&root_fd(&root), Path::new("/up/run/crac"), 7, 42, true)
-                .unwrap()
-                .is_some()
-        );
-        assert!(
-            open_folder(&root_fd(&root), Path::new("/missing/crac"), 7, 42, true)
-                .unwrap()
-                .is_none()
-        );
+        assert!(open_folder(
+            &root_fd(&root),
+            Path::new("/up/run/crac"),
+            OsStr::new("7"),
+            42,
+            true
+        )
+        .unwrap()
+        .is_some());
+        assert!(open_folder(
+            &root_fd(&root),
+            Path::new("/missing/crac"),
+            OsStr::new("7"),
+            42,
+            true
+        )
+        .unwrap()
+        .is_none());
         let _ = fs::remove_dir_all(&root);
     }
 
@@ -787,9 +1043,15 @@ mod tests {
             .unwrap();
         let me = nix::unistd::geteuid().as_raw();
         let folder = || {
-            open_folder(&root_fd(&root), Path::new("/base"), 7, 42, false)
-                .unwrap()
-                .unwrap()
+            open_folder(
+                &root_fd(&root),
+                Path::new("/base"),
+                OsStr::new("7"),
+                42,
+                false,
+            )
+            .unwrap()
+            .unwrap()
         };
         // No socket in it: no agent.
         assert!(AgentSocket::check(42, 7, me, dir.clone(), folder(), false)

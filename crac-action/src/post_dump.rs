@@ -50,6 +50,13 @@ pub struct AgentFolder {
     pub uid: u32,
     /// The folder's group.
     pub gid: u32,
+    /// The process's `CRAC_AGENT_DIR` at the checkpoint: a base folder pre-restore accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_dir_env: Option<PathBuf>,
+    /// The process's `XDG_RUNTIME_DIR` at the checkpoint: `<it>/crac` is a base folder
+    /// pre-restore accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
 }
 
 impl AgentFolder {
@@ -109,13 +116,16 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
                     in_own_root: agent.in_own_root(),
                     uid,
                     gid,
+                    agent_dir_env: agent.agent_dir_env().map(ToOwned::to_owned),
+                    runtime_dir: agent.runtime_dir().map(ToOwned::to_owned),
                 }
             })
             .collect(),
     };
-    if let Err(err) = std::fs::write(
-        dir.join(AGENTS_FILE),
-        serde_json::to_vec_pretty(&record).expect("serialises"),
+    // Private, and never through a link planted where it goes.
+    if let Err(err) = crac_fs::write_atomic(
+        &dir.join(AGENTS_FILE),
+        &serde_json::to_vec_pretty(&record).expect("serialises"),
     ) {
         log(
             out,
@@ -127,4 +137,29 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
         );
     }
     Ok(())
+}
+
+/// Removes the agent folders that post-dump recorded in `images` whose process `is_gone`
+/// (killed by the dump: a killed agent cannot remove its folder, and a restore makes it again).
+/// Only a folder that is still what was recorded is removed: a real folder (not a link) of the
+/// recorded uid, on this side (not inside a container's root).
+pub fn remove_dead_folders(images: &std::path::Path, is_gone: impl Fn(u32) -> bool) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(bytes) = crac_fs::read_bounded(&images.join(AGENTS_FILE), 1 << 20) else {
+        return;
+    };
+    let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) else {
+        return;
+    };
+    for agent in record
+        .agents
+        .iter()
+        .filter(|a| !a.in_own_root && is_gone(a.pid))
+    {
+        let recorded = std::fs::symlink_metadata(&agent.dir)
+            .is_ok_and(|meta| meta.is_dir() && meta.uid() == agent.uid);
+        if recorded {
+            let _ = std::fs::remove_dir_all(&agent.dir);
+        }
+    }
 }

@@ -77,6 +77,21 @@ static RUNNING_IN: AtomicU32 = AtomicU32::new(0);
 /// The coordinator the running agent drives (for the self-checkpoint API).
 static COORDINATOR: Mutex<Option<Coordinator>> = Mutex::new(None);
 
+/// The socket of the agent running in this process (it may be in a folder of its own when its
+/// usual one was taken; see [`crate::base_dir`]).
+static SOCKET: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The socket of the agent running in this process, if one runs.
+pub(crate) fn running_socket() -> Option<PathBuf> {
+    if RUNNING_IN.load(Ordering::SeqCst) != std::process::id() {
+        return None;
+    }
+    SOCKET
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
 /// The coordinator of the agent running in this process, if one runs.
 pub(crate) fn running_coordinator() -> Option<Coordinator> {
     if RUNNING_IN.load(Ordering::SeqCst) != std::process::id() {
@@ -159,8 +174,9 @@ impl Builder {
         self
     }
 
-    /// Uses this base folder instead of the one from the environment. `crac-action` only
-    /// finds the agent if it is given the same folder through `CRAC_AGENT_DIR`.
+    /// Uses this base folder instead of the one [`crate::base_dir`] chooses. `crac-action`
+    /// only finds the agent if it is given the same folder through `CRAC_AGENT_DIR` (or the
+    /// folder is one of those it tries anyway).
     pub fn base_dir(mut self, dir: impl Into<PathBuf>) -> Builder {
         self.base_dir = Some(dir.into());
         self
@@ -198,7 +214,7 @@ impl Builder {
                 .is_err()
         {
             return Err(StartError::AlreadyRunning {
-                socket: location::socket_path(pid),
+                socket: running_socket().unwrap_or_else(|| location::socket_path(pid)),
             });
         }
         let started = self.start_unguarded(pid);
@@ -218,10 +234,23 @@ impl Builder {
                 }
             }
         };
+        let chosen = self.base_dir.is_none()
+            && std::env::var_os(location::DIR_ENV).is_none_or(|d| d.is_empty());
         let base = self.base_dir.unwrap_or_else(location::base_dir);
-        let (dir, socket) = location::prepare(&base, pid)?;
+        let location::Prepared {
+            base,
+            private_base,
+            dir,
+            socket,
+            moved_aside,
+        } = location::prepare(&base, pid, chosen)?;
         let listener = listen(&socket)?;
-        cleanup::arm(&socket, &dir, self.signal_cleanup);
+        cleanup::arm(
+            &socket,
+            &dir,
+            private_base.then_some(base.as_path()),
+            self.signal_cleanup,
+        );
 
         // stop() wakes the agent's thread by closing the other end of this pipe.
         let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -232,13 +261,18 @@ impl Builder {
         *COORDINATOR
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(coordinator.clone());
+        *SOCKET
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(socket.clone());
         let server = Server::new(
             Handler::new(coordinator),
             listener,
             Options {
                 fd_policy,
                 socket: socket.clone(),
+                dir,
                 base,
+                private_base,
                 socket_check: self.socket_check,
             },
         );
@@ -255,6 +289,7 @@ impl Builder {
         Ok(Agent {
             inner: Arc::new(AgentInner {
                 socket,
+                moved_aside,
                 running: Mutex::new(Some((thread, stop_write))),
             }),
         })
@@ -281,14 +316,25 @@ pub struct Agent {
 
 struct AgentInner {
     socket: PathBuf,
+    moved_aside: Option<PathBuf>,
     /// The agent's thread and the end of its stop pipe, until stopped.
     running: Mutex<Option<(JoinHandle<()>, OwnedFd)>>,
 }
 
 impl Agent {
-    /// The socket the agent listens on.
+    /// The socket the agent listens on: `<base>/<pid>/agent.sock`, or
+    /// `<base>/<pid>.XXXXXX/agent.sock` when another user's entry took `<base>/<pid>` and
+    /// could not be moved aside (see [`crate::base_dir`]).
     pub fn socket_path(&self) -> &Path {
         &self.inner.socket
+    }
+
+    /// Where another user's entry (a folder, a file or a link) found at this process's folder
+    /// path, `<base>/<pid>`, was moved when the agent started: `<base>/<pid>.foreign-<random>`,
+    /// left there for whoever made it (nothing of it was used). `None` when the path was free
+    /// or the process's own.
+    pub fn moved_aside(&self) -> Option<&Path> {
+        self.inner.moved_aside.as_deref()
     }
 
     /// Stops the agent, aborts a checkpoint it left pending, and removes its socket and
@@ -319,6 +365,7 @@ impl fmt::Debug for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
             .field("socket", &self.inner.socket)
+            .field("moved_aside", &self.inner.moved_aside)
             .finish()
     }
 }

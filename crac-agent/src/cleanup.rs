@@ -31,6 +31,8 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 
 static SOCKET: AtomicPtr<libc::c_char> = AtomicPtr::new(ptr::null_mut());
 static DIR: AtomicPtr<libc::c_char> = AtomicPtr::new(ptr::null_mut());
+/// The agent's private base folder, if it had to make one (removed after `DIR`, if empty).
+static BASE: AtomicPtr<libc::c_char> = AtomicPtr::new(ptr::null_mut());
 /// The process whose files these are: a forked child inherits the handlers but must not
 /// remove its parent's socket.
 static OWNER: AtomicI32 = AtomicI32::new(0);
@@ -45,9 +47,10 @@ static SOCKET_INODE: AtomicU64 = AtomicU64::new(0);
 static INSTALL: Once = Once::new();
 
 /// Publishes the files to remove and installs the exit and signal hooks (once per process).
-pub(crate) fn arm(socket: &Path, dir: &Path, signals: bool) {
+pub(crate) fn arm(socket: &Path, dir: &Path, private_base: Option<&Path>, signals: bool) {
     SOCKET.store(leak(socket), Ordering::SeqCst);
     DIR.store(leak(dir), Ordering::SeqCst);
+    BASE.store(private_base.map_or(ptr::null_mut(), leak), Ordering::SeqCst);
     // Just bound: the file at the path is this process's socket.
     own_socket_file(file_identity(socket));
     OWNER.store(std::process::id() as i32, Ordering::SeqCst);
@@ -86,6 +89,7 @@ pub(crate) fn file_identity(path: &Path) -> Option<(u64, u64)> {
 pub(crate) fn disarm() {
     SOCKET.store(ptr::null_mut(), Ordering::SeqCst);
     DIR.store(ptr::null_mut(), Ordering::SeqCst);
+    BASE.store(ptr::null_mut(), Ordering::SeqCst);
 }
 
 fn leak(path: &Path) -> *mut libc::c_char {
@@ -95,7 +99,8 @@ fn leak(path: &Path) -> *mut libc::c_char {
         .unwrap_or(ptr::null_mut())
 }
 
-/// Removes the socket file and the process's folder. Async-signal-safe.
+/// Removes the socket file, the process's folder and its private base, if any.
+/// Async-signal-safe.
 pub(crate) fn remove_files() {
     // SAFETY: getpid has no preconditions and is async-signal-safe.
     if OWNER.load(Ordering::SeqCst) != unsafe { libc::getpid() } {
@@ -103,6 +108,7 @@ pub(crate) fn remove_files() {
     }
     let socket = SOCKET.swap(ptr::null_mut(), Ordering::SeqCst);
     let dir = DIR.swap(ptr::null_mut(), Ordering::SeqCst);
+    let base = BASE.swap(ptr::null_mut(), Ordering::SeqCst);
     // SAFETY: non-null pointers here come from CString::into_raw and are never freed, so they
     // are valid NUL-terminated strings; lstat, unlink and rmdir are async-signal-safe.
     unsafe {
@@ -122,6 +128,9 @@ pub(crate) fn remove_files() {
         }
         if !dir.is_null() {
             libc::rmdir(dir);
+        }
+        if !base.is_null() {
+            libc::rmdir(base);
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The in-process CRaC agent: lets CRIU's action script drive a service's checkpoint hooks.
 //!
 //! A service calls [`start`] once. The agent listens on a Unix socket whose path follows from
-//! the process's PID alone ([`socket_path`]), in a folder only the process's uid (and root)
-//! can enter. When an operator runs `criu dump --action-script crac-action`, `crac-action`
+//! the process's PID and user ([`socket_path`]; [`base_dir`] says which base folder and why),
+//! in a folder only the process's uid (and root) can enter. When an operator runs `criu dump --action-script crac-action`, `crac-action`
 //! connects at pre-dump and asks for `before-checkpoint`: the agent runs every
 //! `before_checkpoint` hook of the [global](crac_core::Coordinator::global) coordinator and
 //! replies only when they are done (or refused, after rolling back). After a restore it asks
@@ -48,8 +48,9 @@
 //! # Containers
 //!
 //! The pid and the folder in the path are the process's own view: in a container that is
-//! `/tmp/crac/1/agent.sock` inside the container's root. crac-action finds it from outside
-//! (the process's `NSpid`, root and `CRAC_AGENT_DIR`), and this agent needs nothing else.
+//! `/run/crac/1/agent.sock` (or `/tmp/crac/1/agent.sock` when the container's /run is not
+//! writable) inside the container's root. crac-action finds it from outside (the process's
+//! `NSpid`, root, `CRAC_AGENT_DIR` and listening socket), and this agent needs nothing else.
 //! Being pid 1 there changes one thing: a SIGTERM left at its default does not end pid 1 of a
 //! namespace, so the agent does not remove its socket for it.
 //!
@@ -84,7 +85,10 @@ pub(crate) fn descriptor_table_turn() -> std::sync::MutexGuard<'static, ()> {
 
 pub use agent::{start, Agent, Builder, StartError, SOCKET_CHECK};
 pub use descriptor_owners::{Owner, Ownership};
-pub use location::{agent_dir, base_dir, socket_path, DEFAULT_DIR, DIR_ENV, SOCKET_NAME};
+pub use location::{
+    agent_dir, base_dir, parse_folder_name, private_base_uid, socket_path, DIR_ENV, FALLBACK_DIR,
+    ROOT_DIR, RUNTIME_DIR_ENV, RUNTIME_SUBDIR, SOCKET_NAME,
+};
 pub use self_checkpoint::{
     checkpoint_self, SelfCheckpoint, SelfCheckpointError, CHECKPOINT_TO_ENV, CRAC_BIN_ENV,
 };

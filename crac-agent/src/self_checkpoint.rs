@@ -240,8 +240,11 @@ impl SelfCheckpoint {
         if !coordinator.wait_idle(Some(self.restore_grace)) {
             // Restored without crac-action (a plain `criu restore`): run the hooks ourselves,
             // through our own agent so that the cycle ends the one way it always does.
-            let _ = crate::client::request(
-                pid,
+            // Our agent's own socket: the usual path for this pid may not be it.
+            let socket =
+                crate::agent::running_socket().unwrap_or_else(|| crate::location::socket_path(pid));
+            let _ = crate::client::request_at(
+                &socket,
                 &Request::after_restore(RestoreReason::Restored, None),
                 self.timeout,
             );

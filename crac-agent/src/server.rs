@@ -45,9 +45,12 @@ const PENDING_REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
 pub(crate) struct Options {
     /// What to close once a checkpoint's hooks have run.
     pub(crate) fd_policy: crate::fd_policy::Policy,
-    /// Where the socket is, and its folder's base (to make them again).
+    /// Where the socket is, its folder, and the folder's base (to make them again).
     pub(crate) socket: PathBuf,
+    pub(crate) dir: PathBuf,
     pub(crate) base: PathBuf,
+    /// Whether `base` is the agent's private one (made again 0700 if removed).
+    pub(crate) private_base: bool,
     /// How often the loop looks at its socket while idle (None: never).
     pub(crate) socket_check: Option<Duration>,
 }
@@ -390,7 +393,7 @@ impl Server {
     }
 
     /// Makes the socket again if it is gone, or another file took its path. A live socket
-    /// there is left alone (`location::prepare` refuses it): a copy restored from the same
+    /// there is left alone (`location::prepare_again` refuses it): a copy restored from the same
     /// image into a pid namespace of its own, in the same file system, bound it last; or it
     /// is this very listener, in a file a restore made, and prepare's probe, accepted here,
     /// notes it as this agent's.
@@ -409,8 +412,11 @@ impl Server {
         if now.is_none() && !seen_gone_before {
             return;
         }
-        let pid = std::process::id();
-        let Ok((_dir, socket)) = crate::location::prepare(&self.options.base, pid) else {
+        let Ok(socket) = crate::location::prepare_again(
+            &self.options.base,
+            self.options.private_base,
+            &self.options.dir,
+        ) else {
             return;
         };
         let Ok(listener) = crate::agent::listen(&socket) else {

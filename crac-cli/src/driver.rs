@@ -437,10 +437,12 @@ pub fn checkpoint(
             while !dead(member) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            if dead(member) {
-                let _ = fs::remove_dir_all(crac_agent::agent_dir(member));
-            }
         }
+        // Where each agent's folder was (post-dump's list): not necessarily where this
+        // process's own base would put it (another uid's, a folder of its own).
+        crac_action::post_dump::remove_dead_folders(&images, |member| {
+            tree.contains(&member) && dead(member)
+        });
     }
     metadata.hooks = hook_report
         .iter()

@@ -614,6 +614,66 @@ fn random_u64() -> u64 {
     u64::from_ne_bytes(bytes)
 }
 
+/// Creates the folder `path` shared by every user like `/tmp` itself: mode 1777 (sticky: no
+/// user can rename or remove what another made in it), owned by the caller. It must not exist;
+/// its parent must. The mode is set on the open folder (`O_NOFOLLOW`), so neither the umask nor
+/// a link swapped in after `mkdir` changes what gets it. For the fallback base of the agents'
+/// folders, `/tmp/crac`.
+///
+/// # Errors
+///
+/// `AlreadyExists` when something is at `path`, `PermissionDenied` when a folder above is not
+/// trusted, and the errors of `mkdir`.
+pub fn create_shared_dir(path: &Path) -> io::Result<()> {
+    check_ancestors(path)?;
+    nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
+        .map_err(io::Error::from)?;
+    let dir = open_dir_nofollow(path)?;
+    dir.set_permissions(fs::Permissions::from_mode(0o1777))
+}
+
+/// Creates the folder `path`, mode 0700, for the user `uid` (group `gid`): root making a
+/// service's own folder. It must not exist; its parent must. Owner and mode are set on the
+/// open folder (`O_NOFOLLOW`), never through a link swapped in after `mkdir`. The folders
+/// above are the caller's to check: which owners it trusts there depends on for whom it is.
+///
+/// # Errors
+///
+/// `AlreadyExists` when something is at `path`, and the errors of `mkdir` and `fchown`.
+pub fn create_dir_for(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
+        .map_err(io::Error::from)?;
+    let dir = open_dir_nofollow(path)?;
+    std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
+    dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))
+}
+
+/// Moves whatever is at `path` (a folder, a file or a link, whoever made it) out of the way, to
+/// `<path>.foreign-<16 random hex digits>` beside it, without following a link and without
+/// replacing anything. Returns the new path. In a sticky folder only root (or the entry's
+/// owner) may do this; others get `PermissionDenied`.
+///
+/// # Errors
+///
+/// The errors of `renameat2(RENAME_NOREPLACE)`.
+pub fn move_aside(path: &Path) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name to move"))?;
+    let mut aside = name.to_owned();
+    aside.push(format!(".foreign-{:016x}", random_u64()));
+    let aside = path.with_file_name(aside);
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::AT_FDCWD,
+        &aside,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(io::Error::from)?;
+    Ok(aside)
+}
+
 /// Makes sure a path is not a symbolic link and is owned by the caller, for paths crac is
 /// about to remove or reuse. Returns whether it exists.
 ///

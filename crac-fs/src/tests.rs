@@ -234,3 +234,70 @@ fn read_trusted_takes_only_the_callers_private_regular_files() {
     );
     assert!(!is_untrusted(&io::Error::from_raw_os_error(libc::EACCES)));
 }
+
+#[test]
+fn a_shared_folder_is_sticky_and_open_to_all_whatever_the_umask() {
+    let scratch = Scratch::new("shared");
+    for (i, mask) in [0o000, 0o022, 0o077].into_iter().enumerate() {
+        let dir = scratch.0.join(format!("shared-{i}"));
+        with_umask(mask, || create_shared_dir(&dir)).unwrap();
+        assert_eq!(mode(&dir), 0o1777);
+        assert_eq!(
+            create_shared_dir(&dir).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+    }
+    // A link there is not made into a shared folder, nor is what it leads to.
+    let target = scratch.0.join("target");
+    ensure_dir(&target).unwrap();
+    symlink(&target, scratch.0.join("link")).unwrap();
+    assert!(create_shared_dir(&scratch.0.join("link")).is_err());
+    assert_eq!(mode(&target), 0o700);
+}
+
+#[test]
+fn moving_aside_keeps_the_entry_under_an_unguessable_name_and_follows_no_link() {
+    let scratch = Scratch::new("aside");
+    let planted = scratch.0.join("42");
+    symlink("/etc", &planted).unwrap();
+    let aside = move_aside(&planted).unwrap();
+    assert!(!planted.exists() && fs::symlink_metadata(&planted).is_err());
+    let name = aside.file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        name.starts_with("42.foreign-") && name.len() == "42.foreign-".len() + 16,
+        "{name}"
+    );
+    assert_eq!(fs::read_link(&aside).unwrap(), Path::new("/etc"));
+    // Twice: two names.
+    ensure_dir(&planted).unwrap();
+    let again = move_aside(&planted).unwrap();
+    assert_ne!(again, aside);
+    assert!(fs::symlink_metadata(&again).unwrap().is_dir());
+    assert_eq!(
+        move_aside(&planted).unwrap_err().kind(),
+        io::ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn a_folder_made_for_another_user_is_theirs_and_private_whatever_the_umask() {
+    let scratch = Scratch::new("for");
+    let (uid, gid) = if geteuid().is_root() {
+        (65534, 65534)
+    } else {
+        (geteuid().as_raw(), nix::unistd::getegid().as_raw())
+    };
+    for (i, mask) in [0o000, 0o022].into_iter().enumerate() {
+        let dir = scratch.0.join(format!("for-{i}"));
+        with_umask(mask, || create_dir_for(&dir, uid, gid)).unwrap();
+        let meta = fs::symlink_metadata(&dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (uid, gid, 0o700)
+        );
+        assert_eq!(
+            create_dir_for(&dir, uid, gid).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+    }
+}

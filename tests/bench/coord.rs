@@ -200,7 +200,8 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         Duration::from_secs(10),
     )?;
     // The same target, as a container's pid 1: its own pid and mount namespaces, its agent
-    // folder (/tmp/crac/1) on a tmpfs only it sees. --kill-child: it dies with unshare.
+    // folder (/run/crac/1, root's agents' base) on a tmpfs only it sees. --kill-child: it dies
+    // with unshare.
     let mut contained = Command::new("unshare");
     contained
         .args([
@@ -212,7 +213,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
             "private",
             "sh",
             "-c",
-            "mkdir -p -m 1777 /tmp/crac && mount -t tmpfs -o mode=1777 tmpfs /tmp/crac && exec setsid \"$@\"",
+            "mkdir -p -m 0700 /run/crac && mount -t tmpfs -o mode=0700 tmpfs /run/crac && exec setsid \"$@\"",
             "sh",
         ])
         .arg(&ctx.bins.bench_target)

@@ -49,8 +49,12 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
 
     let rounds = if ctx.quick { 50 } else { 300 };
     let scratch = ctx.scratch.join("trust-work");
-    let (mut ck_new, mut ck_old, mut rs_new, mut rs_old) =
-        (Samples::new(), Samples::new(), Samples::new(), Samples::new());
+    let (mut ck_new, mut ck_old, mut rs_new, mut rs_old) = (
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+    );
     for round in 0..rounds {
         // The files as CRIU leaves them, for tighten_tree to have its work to do.
         loosen(&image)?;

@@ -16,20 +16,21 @@ use nix::unistd::Pid;
 
 use crate::util::{self, after_all, concat, text, wait_until, Crac, Scratch, Target, BEFORE_ALL};
 
-/// A private /tmp/crac in a mount namespace of the target's own, as a container has.
+/// A private /run/crac (root's agents' base) in a mount namespace of the target's own, as a
+/// container has.
 const PRIVATE_AGENT_DIR: &str =
-    "mkdir -p -m 1777 /tmp/crac && mount -t tmpfs -o mode=1777 tmpfs /tmp/crac || exit 1";
+    "mkdir -p -m 0700 /run/crac && mount -t tmpfs -o mode=0700 tmpfs /run/crac || exit 1";
 
-/// pid 1 in its own pid namespace: the agent is at /tmp/crac/1, which crac-action finds from
+/// pid 1 in its own pid namespace: the agent is at /run/crac/1, which crac-action finds from
 /// the host pid; the image restores beside the original (CRIU makes a new pid namespace, so
 /// the original's pid being in use does not matter, and `crac restore` knows it).
 #[test]
 fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside_it() {
     let Some(_env) = util::env() else { return };
     // The original and its copy are pid 1 of their namespaces, sharing this file system: their
-    // folder is /tmp/crac/1 here. pid 1 ignores SIGTERM, so they end by SIGKILL, which leaves
+    // folder is /run/crac/1 here. pid 1 ignores SIGTERM, so they end by SIGKILL, which leaves
     // the folder: remove it once they are gone (dropped after them).
-    let _folder = RemoveOnDrop(PathBuf::from("/tmp/crac/1"));
+    let _folder = RemoveOnDrop(PathBuf::from("/run/crac/1"));
     let scratch = Scratch::new("pidns");
     let crac = Crac::new(&scratch);
     let target = Target::start_in_namespaces(
@@ -61,13 +62,13 @@ fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside
     let mut expected = concat(&BEFORE_ALL, &after_all("resumed", 1));
     assert_eq!(target.hooks(), expected);
 
-    // The copy binds /tmp/crac/1 again, on the file system it shares with the original: the
+    // The copy binds /run/crac/1 again, on the file system it shares with the original: the
     // original's agent steps aside, while the original keeps running with its pid.
     kill(Pid::from_raw(target.pid as i32), Signal::SIGUSR1).expect("SIGUSR1");
     wait_until(
         Duration::from_secs(5),
         "the original's agent to stop",
-        || !PathBuf::from("/tmp/crac/1/agent.sock").exists(),
+        || !PathBuf::from("/run/crac/1/agent.sock").exists(),
     );
     assert!(target.is_alive());
     let restored = crac.json(&["restore", "ns", "--detach", "--json"]);
@@ -92,12 +93,12 @@ fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside
 /// spreads connections among them), and each renews what is unique (its instance id) in
 /// after_restore. Restores of one image take turns (tens of ms each), so each copy's agent is
 /// told right after its own restore; the copies share this file system, so their agent
-/// folder is /tmp/crac/1, the last copy's.
+/// folder is /run/crac/1, the last copy's.
 #[test]
 fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
     let Some(_env) = util::env() else { return };
     // pid 1 of each copy ends by SIGKILL, which leaves the folder (dropped after them).
-    let _folder = RemoveOnDrop(PathBuf::from("/tmp/crac/1"));
+    let _folder = RemoveOnDrop(PathBuf::from("/run/crac/1"));
     let scratch = Scratch::new("copies");
     let crac = Crac::new(&scratch);
     let target = Target::start_in_namespaces(
@@ -287,22 +288,22 @@ fn a_symlink_planted_in_a_containers_agent_folder_is_refused_and_not_followed() 
         &["--mount", "--propagation", "private"],
         PRIVATE_AGENT_DIR,
     );
-    let inside = PathBuf::from(format!("/proc/{}/root/tmp/crac", contained.pid));
+    let inside = PathBuf::from(format!("/proc/{}/root/run/crac", contained.pid));
     assert!(inside.join("1/agent.sock").exists());
     assert_ne!(
         fs::metadata(&inside).expect("inside").ino(),
-        fs::metadata("/tmp/crac").expect("outside").ino(),
+        fs::metadata("/run/crac").expect("outside").ino(),
         "the folder is not private"
     );
     fs::rename(inside.join("1"), inside.join("1.moved")).expect("move the folder");
-    let host_folder = format!("/tmp/crac/{}", host.pid);
+    let host_folder = format!("/run/crac/{}", host.pid);
     symlink(&host_folder, inside.join("1")).expect("plant the link");
 
     let dump = env.dump(contained.pid, &scratch.join("img"), &[], &[]);
     assert!(!dump.ok(), "{dump:?}");
     assert!(
         dump.log.contains(&format!(
-            "crac-action: pre-dump: pid {}: /tmp/crac/1 is a symbolic link (to \"{host_folder}\") inside the process's own root; \
+            "crac-action: pre-dump: pid {}: /run/crac/1 is a symbolic link (to \"{host_folder}\") inside the process's own root; \
              crac-action does not follow it: the agent makes that path itself, so remove the link; \
              the dump is aborted and the tree keeps running",
             contained.pid
@@ -325,13 +326,13 @@ fn an_agent_folder_owned_by_another_uid_is_refused() {
         &["--mount", "--propagation", "private"],
         PRIVATE_AGENT_DIR,
     );
-    let folder = PathBuf::from(format!("/proc/{}/root/tmp/crac/1", contained.pid));
+    let folder = PathBuf::from(format!("/proc/{}/root/run/crac/1", contained.pid));
     std::os::unix::fs::chown(&folder, Some(65534), None).expect("chown");
     let dump = env.dump(contained.pid, &scratch.join("img"), &[], &[]);
     assert!(!dump.ok(), "{dump:?}");
     assert!(
         dump.log.contains(&format!(
-            "crac-action: pre-dump: pid {}: its agent folder /tmp/crac/1 inside the process's own root belongs to uid 65534, not to the process's uid 0; refusing to use it",
+            "crac-action: pre-dump: pid {}: its agent folder /run/crac/1 inside the process's own root belongs to uid 65534, not to the process's uid 0; refusing to use it",
             contained.pid
         )),
         "{dump:?}"
