@@ -9,7 +9,7 @@ use crac_cli::driver::{FailureKind, OpError};
 use crac_cli::metadata::{self, Metadata};
 use crac_cli::store::{self, Store, StoreError};
 
-use crate::cli::ImagesCommand;
+use crate::cli::{ExportArgs, ImagesCommand, ImportArgs};
 use crate::output::{bytes, millis, Out};
 
 /// An image name or folder, as an image folder.
@@ -35,8 +35,9 @@ pub fn run(store: &Store, command: ImagesCommand) -> (bool, Result<u8, OpError>)
         ImagesCommand::Verify(args) => (args.json, verify(store, &args.name, Out::new(args.json))),
         ImagesCommand::Du(args) => (args.json, du(store, Out::new(args.json))),
         ImagesCommand::Prune(args) => (false, prune(store, args.keep, args.older_than.as_deref())),
-        ImagesCommand::Export(args) => (false, export(store, &args.name, &args.file)),
-        ImagesCommand::Import(args) => (false, import(store, &args.file, args.name.as_deref())),
+        ImagesCommand::Export(args) => (false, export(store, &args)),
+        ImagesCommand::Import(args) => (false, import(store, &args)),
+        ImagesCommand::Keygen(args) => (false, keygen(&args.output)),
     }
 }
 
@@ -254,10 +255,7 @@ pub fn recover(store: &Store) -> Result<(), OpError> {
         );
     }
     for path in &recovery.removed {
-        eprintln!(
-            "crac: removed {}, left by an interrupted dump or import",
-            path.display()
-        );
+        eprintln!("crac: removed {}, {}", path.display(), left_by(path));
     }
     for err in &recovery.stuck {
         eprintln!(
@@ -265,6 +263,16 @@ pub fn recover(store: &Store) -> Result<(), OpError> {
         );
     }
     Ok(())
+}
+
+/// What left a working folder that recovery removed.
+fn left_by(path: &std::path::Path) -> &'static str {
+    if store::is_import_folder(path) {
+        "left by an interrupted import: its files were never all checked, so nothing of it was \
+         filed; import the archive again"
+    } else {
+        "left by an interrupted dump, replacement or removal"
+    }
 }
 
 fn rm(store: &Store, names: &[String]) -> Result<u8, OpError> {
@@ -330,10 +338,7 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
         );
     }
     for path in &recovery.removed {
-        println!(
-            "removed {} (left by an interrupted dump or import)",
-            path.display()
-        );
+        println!("removed {} ({})", path.display(), left_by(path));
     }
     for err in &recovery.stuck {
         eprintln!(
@@ -354,13 +359,32 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
     Ok(0)
 }
 
-fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpError> {
-    let summary = archive::export(store, name, file).map_err(archive_error)?;
+fn export(store: &Store, args: &ExportArgs) -> Result<u8, OpError> {
+    let (name, file) = (args.name.as_str(), args.file.as_path());
+    let mut recipients = archive::Recipients::new();
+    for text in &args.encrypt_to {
+        recipients.add(text).map_err(archive_error)?;
+    }
+    for path in &args.recipients_file {
+        recipients.add_file(path).map_err(|err| {
+            OpError::new(
+                FailureKind::BadInput,
+                format!("{err}; nothing was exported"),
+            )
+        })?;
+    }
+    let encrypt_to = (!recipients.is_empty()).then_some(&recipients);
+    let summary = archive::export_with(store, name, file, encrypt_to).map_err(archive_error)?;
     // The image's size as `list` and `show` give it (its CRIU files), then the archive's.
     let image =
         metadata::read(&resolve(store, name)?).map_or(summary.bytes_in, |meta| meta.image_bytes);
+    let encrypted = match recipients.len() {
+        0 => String::new(),
+        1 => ", encrypted to 1 recipient".to_owned(),
+        n => format!(", encrypted to {n} recipients"),
+    };
     println!(
-        "exported {name} ({}) to {}: {} files, archive {}",
+        "exported {name} ({}) to {}: {} files, archive {}{encrypted}",
         bytes(image),
         file.display(),
         summary.files,
@@ -369,10 +393,42 @@ fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpErr
     Ok(0)
 }
 
-fn import(store: &Store, file: &std::path::Path, name: Option<&str>) -> Result<u8, OpError> {
+fn import(store: &Store, args: &ImportArgs) -> Result<u8, OpError> {
+    let identities = args
+        .identity
+        .as_deref()
+        .map(archive::Identities::read)
+        .transpose()
+        .map_err(|err| {
+            OpError::new(
+                FailureKind::BadInput,
+                format!("{err}; nothing was imported"),
+            )
+        })?;
     recover(store)?;
-    let imported = archive::import(store, file, name).map_err(archive_error)?;
-    println!("imported {} as {imported}", file.display());
+    let options = archive::ImportOptions {
+        name: args.name.as_deref(),
+        identities: identities.as_ref(),
+        max_ratio: args.max_ratio,
+    };
+    let imported = archive::import_with(store, &args.file, &options).map_err(archive_error)?;
+    let decrypted = if identities.is_some() {
+        " (decrypted)"
+    } else {
+        ""
+    };
+    println!("imported {}{decrypted} as {imported}", args.file.display());
+    Ok(0)
+}
+
+fn keygen(output: &std::path::Path) -> Result<u8, OpError> {
+    let recipient = archive::keygen(output).map_err(archive_error)?;
+    eprintln!(
+        "crac: wrote a new identity to {} (keep it secret; lose it and nothing encrypted to it can be imported)",
+        output.display()
+    );
+    // The recipient alone on stdout, for scripts: `R=$(crac images keygen -o key.txt)`.
+    println!("{recipient}");
     Ok(0)
 }
 
