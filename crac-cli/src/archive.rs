@@ -357,6 +357,13 @@ pub enum ArchiveError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A secret key was given where a recipient belongs (on the command line, so exposed).
+    #[error(
+        "a secret key (AGE-SECRET-KEY-1…) was given as a recipient: give its recipient, the \
+         public key `age1…` that `crac images keygen` printed, and count the secret key as \
+         exposed (other users can see command lines); nothing was exported"
+    )]
+    SecretKeyAsRecipient,
     /// A key file (identities or recipients) cannot be used.
     #[error("cannot use key file {path}: {reason}")]
     KeyFile {
@@ -616,8 +623,17 @@ impl Recipients {
     ///
     /// # Errors
     ///
-    /// [`ArchiveError::Recipient`] quoting the text and saying what a recipient looks like.
+    /// [`ArchiveError::Recipient`] quoting the text and saying what a recipient looks like;
+    /// [`ArchiveError::SecretKeyAsRecipient`], not quoting it, for a secret key.
     pub fn add(&mut self, text: &str) -> Result<(), ArchiveError> {
+        if text
+            .trim()
+            .get(..15)
+            .is_some_and(|start| start.eq_ignore_ascii_case("AGE-SECRET-KEY-"))
+        {
+            // Never repeated back: it is a secret.
+            return Err(ArchiveError::SecretKeyAsRecipient);
+        }
         let key = text
             .trim()
             .parse::<age::x25519::Recipient>()

@@ -4,6 +4,7 @@
 //! whole process trees.
 
 mod action;
+mod archives;
 mod async_faults;
 mod container_image;
 mod containers;
