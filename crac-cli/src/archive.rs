@@ -474,7 +474,16 @@ pub fn export_with(
     file: &Path,
     encrypt_to: Option<&Recipients>,
 ) -> Result<ExportSummary, ArchiveError> {
-    let dir = store.resolve(name)?;
+    export_dir(&store.resolve(name)?, file, encrypt_to)
+}
+
+/// [`export_with`] of the image folder `dir`.
+fn export_dir(
+    dir: &Path,
+    file: &Path,
+    encrypt_to: Option<&Recipients>,
+) -> Result<ExportSummary, ArchiveError> {
+    let dir = dir.to_owned();
     let meta = metadata::read(&dir)?;
     metadata::validate(&dir, &meta)?;
 
@@ -1294,6 +1303,98 @@ fn check_room(
         });
     }
     Ok(())
+}
+
+/// The one file of an image kept encrypted in the store ([`seal`]): an archive as
+/// [`export_with`] writes it, encrypted.
+pub const SEALED_FILE: &str = "crac-image.age";
+
+/// Where images are decrypted for a restore, and dumped before they are encrypted: a tmpfs,
+/// so that the plaintext of a sealed image lives in memory only.
+pub const PLAIN_TMPFS: &str = "/dev/shm";
+
+/// Whether the image folder `dir` holds an image encrypted at rest ([`seal`]).
+pub fn is_sealed(dir: &Path) -> bool {
+    dir.join(SEALED_FILE).is_file() && !dir.join(METADATA_FILE).exists()
+}
+
+/// A private folder (0700, an unguessable name) on the tmpfs [`PLAIN_TMPFS`], for the
+/// plaintext of a sealed image; removed with its contents when dropped.
+///
+/// # Errors
+///
+/// When [`PLAIN_TMPFS`] is missing or not a tmpfs (the plaintext would reach a disk), or the
+/// folder cannot be made.
+pub fn plain_tmpfs(prefix: &str) -> io::Result<crac_fs::TempDir> {
+    let base = Path::new(PLAIN_TMPFS);
+    let stat = nix::sys::statfs::statfs(base).map_err(|err| {
+        io::Error::new(
+            io::Error::from(err).kind(),
+            format!("{PLAIN_TMPFS} is unusable ({})", err.desc()),
+        )
+    })?;
+    if stat.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{PLAIN_TMPFS} is not a tmpfs, so the plaintext image would be written to a \
+                 disk; mount one there (mount -t tmpfs tmpfs {PLAIN_TMPFS})"
+            ),
+        ));
+    }
+    crac_fs::TempDir::new_in(base, prefix)
+}
+
+/// Files the plaintext image folder `plain` in `store` as the image `name`, encrypted to
+/// `recipients`: its folder holds only [`SEALED_FILE`]. An image of that name is replaced only
+/// with `replace`; with `durable`, the image is flushed to disk before it gets its name.
+/// Returns the image's folder. `plain` is left as it is, for the caller to remove.
+///
+/// # Errors
+///
+/// [`ArchiveError`]; on any error nothing is left in the store.
+pub fn seal(
+    store: &Store,
+    name: &str,
+    plain: &Path,
+    recipients: &Recipients,
+    replace: bool,
+    durable: bool,
+) -> Result<PathBuf, ArchiveError> {
+    let mut staging = store.begin(name)?;
+    staging.set_durable(durable);
+    export_dir(plain, &staging.path().join(SEALED_FILE), Some(recipients))?;
+    match staging.commit(replace) {
+        Ok(dir) => Ok(dir),
+        Err(StoreError::Exists { .. }) => Err(ArchiveError::Exists {
+            name: name.to_owned(),
+        }),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Decrypts the sealed image in `dir` ([`seal`]) into a folder of the same name under `into`
+/// (a [`plain_tmpfs`] folder), checking every file as an import does, and returns that
+/// folder.
+///
+/// # Errors
+///
+/// As [`import_with`]: a wrong identity, a modified or damaged image, no room on the tmpfs.
+pub fn unseal(dir: &Path, identities: &Identities, into: &Path) -> Result<PathBuf, ArchiveError> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| store::validate_name(n).is_ok())
+        .unwrap_or("image");
+    let options = ImportOptions {
+        name: Some(name),
+        identities: Some(identities),
+        // The store is the caller's own (no one else may write to it): no bomb to fear, and an
+        // image of mostly zero pages must restore.
+        max_ratio: u64::MAX,
+    };
+    let name = import_with(&Store::open(into), &dir.join(SEALED_FILE), &options)?;
+    Ok(into.join(name))
 }
 
 /// `n` bytes for a message: `3.0 GiB`, `512 KiB`, `100 B`.

@@ -463,3 +463,158 @@ fn a_recipients_file_encrypts_to_each_of_its_recipients() {
     assert!(!stderr(&out).contains(&secret[16..]), "{}", text(&out));
     assert!(!scratch.join("x.age").exists());
 }
+
+/// The entries of /dev/shm whose names start with `prefix`.
+fn shm_entries(prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether any file under `dir` holds `needle`.
+fn tree_holds(dir: &Path, needle: &[u8]) -> bool {
+    fs::read_dir(dir).unwrap().flatten().any(|e| {
+        if e.file_type().unwrap().is_dir() {
+            tree_holds(&e.path(), needle)
+        } else {
+            fs::read(e.path())
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        }
+    })
+}
+
+#[test]
+fn an_image_kept_encrypted_in_the_store_restores_from_memory_only() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("archive-sealed");
+    let crac = Crac::new(&scratch);
+    let target = Target::start(&scratch.join("t"), &[]);
+    let token = target.assert_serving(0).token.to_le_bytes();
+    let pid = target.pid.to_string();
+
+    // The token, random and in memory only, is in a plain image: the search below can find it.
+    let out = crac.run(&["checkpoint", &pid, "--name", "plain", "--leave-running"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(tree_holds(&crac.store.join("plain"), &token));
+
+    let key = scratch.join("key.txt");
+    let out = crac.run(&["images", "keygen", "--output", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let recipient = stdout(&out).trim().to_owned();
+    let dumps = shm_entries("crac-dump.");
+    let out = run_umask_000(
+        &crac,
+        &[
+            "checkpoint",
+            &pid,
+            "--name",
+            "web",
+            "--encrypt-to",
+            &recipient,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("\n  encrypted at rest (age); the plaintext dump, on a tmpfs, is gone\n"),
+        "{said}"
+    );
+    assert!(
+        said.ends_with("restore it with: crac restore web --identity FILE\n"),
+        "{said}"
+    );
+    let restored = Target::restored(&target);
+    target.reap_dumped();
+    assert_eq!(
+        shm_entries("crac-dump."),
+        dumps,
+        "the plaintext dump is left"
+    );
+
+    // The store holds the encrypted image only, private, and not the memory's contents.
+    let web = crac.store.join("web");
+    let files: Vec<String> = fs::read_dir(&web)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files, ["crac-image.age"]);
+    assert_eq!(
+        fs::metadata(web.join("crac-image.age"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(fs::read(web.join("crac-image.age"))
+        .unwrap()
+        .starts_with(b"age-encryption.org/v1\n"));
+    assert!(
+        !tree_holds(&web, &token),
+        "the token is in the store in plain"
+    );
+    let out = crac.run(&["images", "list"]);
+    assert!(
+        stdout(&out).contains("(encrypted at rest: crac restore NAME --identity FILE)"),
+        "{}",
+        text(&out)
+    );
+
+    let out = crac.run(&["restore", "web", "--detach"]);
+    refused_with(
+        &out,
+        &format!(
+            "the image at {} is encrypted (age); pass --identity FILE, a file with a secret key \
+             it was encrypted to; nothing was restored",
+            web.display()
+        ),
+    );
+    let out = crac.run(&[
+        "restore",
+        "plain",
+        "--detach",
+        "--identity",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("is not encrypted, but --identity was given"),
+        "{}",
+        text(&out)
+    );
+
+    let restores = shm_entries("crac-restore.");
+    let out = crac.run(&[
+        "restore",
+        "web",
+        "--detach",
+        "--identity",
+        key.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout(&out).starts_with(&format!(
+            "restored pid {} from {} in ",
+            restored.pid,
+            web.display()
+        )),
+        "{}",
+        text(&out)
+    );
+    let state = restored.assert_serving(0);
+    assert_eq!(state.token.to_le_bytes(), token, "not the same memory");
+    assert_eq!(
+        shm_entries("crac-restore."),
+        restores,
+        "the decrypted image is left"
+    );
+    assert_eq!(files, ["crac-image.age"]);
+}

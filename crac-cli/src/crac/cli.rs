@@ -41,14 +41,14 @@ pub enum Command {
     /// Checkpoint a running process (and its children) into the image store.
     #[command(
         name = "checkpoint",
-        after_help = "Examples:\n  crac checkpoint 4242 --name web\n  crac checkpoint 4242 --name web --leave-running --replace\n  crac checkpoint 4242 --dir /srv/images/web -- --ext-unix-sk"
+        after_help = "Examples:\n  crac checkpoint 4242 --name web\n  crac checkpoint 4242 --name web --leave-running --replace\n  crac checkpoint 4242 --name web --encrypt-to age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\n  crac checkpoint 4242 --dir /srv/images/web -- --ext-unix-sk"
     )]
     Checkpoint(CheckpointArgs),
 
     /// Restore a checkpointed process; its after_restore hooks run before this returns.
     #[command(
         name = "restore",
-        after_help = "Examples:\n  crac restore web --detach\n  crac restore /srv/images/web\n  crac restore web --detach --tcp-close"
+        after_help = "Examples:\n  crac restore web --detach\n  crac restore /srv/images/web\n  crac restore web --detach --tcp-close\n  crac restore web --detach --identity /root/.config/crac/key.txt"
     )]
     Restore(RestoreArgs),
 
@@ -122,6 +122,15 @@ pub struct CheckpointArgs {
     /// when nothing would. CRAC_POLICY applies.
     #[arg(long, conflicts_with_all = ["leave_running", "sync", "replace", "for_self", "self_worker"])]
     pub dry_run: bool,
+    /// Keep the image encrypted at rest (age) to this recipient, `age1…` (repeat for more):
+    /// CRIU dumps into a private tmpfs, and only the encrypted image reaches the store, so the
+    /// process's memory is never written to a disk in plain. Restore it with `crac restore
+    /// NAME --identity FILE`.
+    #[arg(long = "encrypt-to", value_name = "RECIPIENT", conflicts_with_all = ["dir", "dry_run", "for_self", "self_worker"])]
+    pub encrypt_to: Vec<String>,
+    /// As --encrypt-to, for each recipient listed in FILE (one `age1…` per line).
+    #[arg(long = "recipients-file", value_name = "FILE", conflicts_with_all = ["dir", "dry_run", "for_self", "self_worker"])]
+    pub recipients_file: Vec<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -169,6 +178,11 @@ pub struct RestoreArgs {
     /// find it in RestoreInfo::env. The process's own environment stays the image's.
     #[arg(long = "env", value_name = "K=V", value_parser = parse_setting)]
     pub env: Vec<(String, String)>,
+    /// Decrypt an image kept encrypted (`crac checkpoint --encrypt-to`) with the identity in
+    /// FILE (yours, readable by you only): into a private tmpfs, removed once the restore is
+    /// done, so its plaintext never reaches a disk.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
