@@ -568,6 +568,21 @@ fn an_image_kept_encrypted_in_the_store_restores_from_memory_only() {
         text(&out)
     );
 
+    // crac run would start cold and self-checkpoint in plain over it: refused.
+    let out = crac.run(&[
+        "run",
+        "--image",
+        "web",
+        "--",
+        bin("crac-test-target").to_str().unwrap(),
+    ]);
+    refused_with(
+        &out,
+        "image web is kept encrypted (crac checkpoint --encrypt-to), which crac run does not \
+         restore, and a cold start's self-checkpoint would replace it with an unencrypted one: \
+         restore it with `crac restore web --identity FILE`, or give crac run another --image",
+    );
+
     let out = crac.run(&["restore", "web", "--detach"]);
     refused_with(
         &out,
