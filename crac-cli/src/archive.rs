@@ -364,6 +364,16 @@ pub enum ArchiveError {
          exposed (other users can see command lines); nothing was exported"
     )]
     SecretKeyAsRecipient,
+    /// An image kept encrypted was to be exported encrypted to other recipients.
+    #[error(
+        "image {name} is kept encrypted (to the recipients it was checkpointed for) and is \
+         exported as it is: leave out --encrypt-to and --recipients-file, and import it with \
+         the identity of one of those recipients; nothing was exported"
+    )]
+    AlreadySealed {
+        /// The image.
+        name: String,
+    },
     /// A key file (identities or recipients) cannot be used.
     #[error("cannot use key file {path}: {reason}")]
     KeyFile {
@@ -474,7 +484,43 @@ pub fn export_with(
     file: &Path,
     encrypt_to: Option<&Recipients>,
 ) -> Result<ExportSummary, ArchiveError> {
-    export_dir(&store.resolve(name)?, file, encrypt_to)
+    let dir = store.resolve(name)?;
+    if is_sealed(&dir) {
+        return export_sealed(&dir, name, file, encrypt_to);
+    }
+    export_dir(&dir, file, encrypt_to)
+}
+
+/// An image kept encrypted ([`seal`]) is an encrypted archive already: exported as it is, for
+/// `import --identity` with the identity of a recipient it was checkpointed for.
+fn export_sealed(
+    dir: &Path,
+    name: &str,
+    file: &Path,
+    encrypt_to: Option<&Recipients>,
+) -> Result<ExportSummary, ArchiveError> {
+    if encrypt_to.is_some() {
+        return Err(ArchiveError::AlreadySealed {
+            name: name.to_owned(),
+        });
+    }
+    let sealed = dir.join(SEALED_FILE);
+    let mut source = crac_fs::open_regular(&sealed).map_err(|source| ArchiveError::ReadImage {
+        path: sealed.clone(),
+        source,
+    })?;
+    let write_error = |source| ArchiveError::Write {
+        path: file.to_owned(),
+        source,
+    };
+    let mut out = TempOut::create(file).map_err(write_error)?;
+    let bytes_in = io::copy(&mut source, &mut out.file).map_err(write_error)?;
+    let bytes_out = out.persist().map_err(write_error)?;
+    Ok(ExportSummary {
+        files: 1,
+        bytes_in,
+        bytes_out,
+    })
 }
 
 /// [`export_with`] of the image folder `dir`.

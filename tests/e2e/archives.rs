@@ -583,6 +583,14 @@ fn an_image_kept_encrypted_in_the_store_restores_from_memory_only() {
          restore it with `crac restore web --identity FILE`, or give crac run another --image",
     );
 
+    let out = crac.run(&["images", "verify", "web"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).starts_with("crac: image web is kept encrypted: every file is checked"),
+        "{}",
+        text(&out)
+    );
+
     let out = crac.run(&["restore", "web", "--detach"]);
     refused_with(
         &out,
@@ -626,6 +634,41 @@ fn an_image_kept_encrypted_in_the_store_restores_from_memory_only() {
     );
     let state = restored.assert_serving(0);
     assert_eq!(state.token.to_le_bytes(), token, "not the same memory");
+
+    // Exported, it is an encrypted archive already, which imports with the identity.
+    let archive = scratch.join("web.age");
+    let out = crac.run(&[
+        "images",
+        "export",
+        "web",
+        archive.to_str().unwrap(),
+        "--encrypt-to",
+        &recipient,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("is kept encrypted (to the recipients it was checkpointed for)"),
+        "{}",
+        text(&out)
+    );
+    let out = crac.run(&["images", "export", "web", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        fs::read(&archive).unwrap(),
+        fs::read(web.join("crac-image.age")).unwrap()
+    );
+    let out = crac.run(&[
+        "images",
+        "import",
+        archive.to_str().unwrap(),
+        "--name",
+        "copy",
+        "--identity",
+        key.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = crac.run(&["images", "verify", "copy"]);
+    assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         shm_entries("crac-restore."),
         restores,

@@ -203,6 +203,16 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
 
 fn verify(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     let dir = resolve(store, name)?;
+    if archive::is_sealed(&dir) {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "image {name} is kept encrypted: every file is checked against its digest, and \
+                 the whole against age's authentication, each time it is decrypted (`crac \
+                 restore {name} --identity FILE`); images verify reads unencrypted images only"
+            ),
+        ));
+    }
     let meta =
         metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     metadata::verify(&dir, &meta, metadata::Check::Full)
@@ -373,6 +383,14 @@ fn export(store: &Store, args: &ExportArgs) -> Result<u8, OpError> {
     .unwrap_or_default();
     let encrypt_to = (!recipients.is_empty()).then_some(&recipients);
     let summary = archive::export_with(store, name, file, encrypt_to).map_err(archive_error)?;
+    if archive::is_sealed(&resolve(store, name)?) {
+        println!(
+            "exported {name}, kept encrypted, as it is to {}: archive {}; import it with --identity",
+            file.display(),
+            bytes(summary.bytes_out)
+        );
+        return Ok(0);
+    }
     // The image's size as `list` and `show` give it (its CRIU files), then the archive's.
     let image =
         metadata::read(&resolve(store, name)?).map_or(summary.bytes_in, |meta| meta.image_bytes);
