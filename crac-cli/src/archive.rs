@@ -55,12 +55,12 @@
 //! removed on any error, and commits it only once every file matched its digest and the image
 //! passed [`metadata::validate`].
 
-use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use age::secrecy::ExposeSecret;
@@ -571,7 +571,9 @@ fn export_dir(
                 recipients.keys.iter().map(|r| r as &dyn age::Recipient),
             )
             .map_err(|e| write_error(io::Error::other(e.to_string())))?;
-            Sink::Age(encryptor.wrap_output(handle).map_err(write_error)?)
+            Sink::Age(WriteBehind::spawn(
+                encryptor.wrap_output(handle).map_err(write_error)?,
+            ))
         }
     };
     let mut encoder = zstd::Encoder::new(sink, ZSTD_LEVEL).map_err(write_error)?;
@@ -630,10 +632,11 @@ fn archive_name(dir: &Path, meta: &Metadata) -> String {
         .map_or_else(|| meta.name.clone(), str::to_owned)
 }
 
-/// Where the zstd stream of an export goes: the file, or age's encryption in front of it.
+/// Where the zstd stream of an export goes: the file, or age's encryption in front of it (on
+/// a thread of its own, so that encrypting overlaps hashing and compressing).
 enum Sink {
     Plain(File),
-    Age(age::stream::StreamWriter<File>),
+    Age(WriteBehind),
 }
 
 impl Sink {
@@ -641,7 +644,192 @@ impl Sink {
     fn finish(self) -> io::Result<()> {
         match self {
             Sink::Plain(_) => Ok(()),
-            Sink::Age(writer) => writer.finish().map(drop),
+            Sink::Age(writer) => writer.finish(),
+        }
+    }
+}
+
+/// How much data the threads of [`WriteBehind`] and [`ReadAhead`] hand over at a time.
+const HANDOVER_BYTES: usize = 1 << 20;
+/// How many such pieces may wait between the threads.
+const HANDOVER_DEPTH: usize = 4;
+
+enum Piece {
+    Data(Vec<u8>),
+    /// The end of the stream: finish it (age's last chunk). Without it, the thread stops
+    /// without finishing, as for an export that failed.
+    Finish,
+}
+
+/// Writes to an age stream on a thread of its own.
+struct WriteBehind {
+    buf: Vec<u8>,
+    pieces: Option<std::sync::mpsc::SyncSender<Piece>>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl WriteBehind {
+    fn spawn(mut writer: age::stream::StreamWriter<File>) -> WriteBehind {
+        let (pieces, received) = std::sync::mpsc::sync_channel(HANDOVER_DEPTH);
+        let thread = std::thread::spawn(move || {
+            // A write error ends the thread, and with it the channel: the next hand-over
+            // fails, and the error is taken from here.
+            while let Ok(piece) = received.recv() {
+                match piece {
+                    Piece::Data(data) => writer.write_all(&data)?,
+                    Piece::Finish => return writer.finish().map(drop),
+                }
+            }
+            Ok(())
+        });
+        WriteBehind {
+            buf: Vec::with_capacity(HANDOVER_BYTES),
+            pieces: Some(pieces),
+            thread: Some(thread),
+        }
+    }
+
+    fn hand_over(&mut self, piece: Piece) -> io::Result<()> {
+        let sent = self.pieces.as_ref().map(|pieces| pieces.send(piece));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.join().err().unwrap_or_else(|| {
+                io::Error::other("the encryption thread stopped before the end")
+            })),
+        }
+    }
+
+    fn join(&mut self) -> io::Result<()> {
+        self.pieces = None;
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(io::Error::other("the encryption thread panicked")),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        let rest = std::mem::take(&mut self.buf);
+        self.hand_over(Piece::Data(rest))?;
+        self.hand_over(Piece::Finish)?;
+        self.join()
+    }
+}
+
+impl Write for WriteBehind {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(buf);
+        if self.buf.len() >= HANDOVER_BYTES {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(HANDOVER_BYTES));
+            self.hand_over(Piece::Data(full))?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        // Unfinished (a failed export): the thread stops without finishing the stream.
+        let _ = self.join();
+    }
+}
+
+/// Reads an age stream on a thread of its own, so that decrypting overlaps decompressing,
+/// hashing and writing.
+struct ReadAhead {
+    pieces: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    current: Vec<u8>,
+    pos: usize,
+    done: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReadAhead {
+    fn spawn(mut reader: impl Read + Send + 'static) -> ReadAhead {
+        let (pieces, received) = std::sync::mpsc::sync_channel(HANDOVER_DEPTH);
+        let thread = std::thread::spawn(move || loop {
+            let mut piece = vec![0; HANDOVER_BYTES];
+            let mut filled = 0;
+            let result = loop {
+                match reader.read(&mut piece[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == piece.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => break Err(err),
+                }
+            };
+            piece.truncate(filled);
+            let last = result.is_err() || filled == 0;
+            // Data read before an error still goes first.
+            if filled > 0 && pieces.send(Ok(piece)).is_err() {
+                return;
+            }
+            if let Err(err) = result {
+                let _ = pieces.send(Err(err));
+            } else if filled == 0 {
+                let _ = pieces.send(Ok(Vec::new()));
+            }
+            if last {
+                return;
+            }
+        });
+        ReadAhead {
+            pieces: Some(received),
+            current: Vec::new(),
+            pos: 0,
+            done: false,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let piece = self.pieces.as_ref().map(std::sync::mpsc::Receiver::recv);
+            match piece {
+                Some(Ok(Ok(piece))) => {
+                    self.done = piece.is_empty();
+                    self.current = piece;
+                    self.pos = 0;
+                }
+                Some(Ok(Err(err))) => {
+                    self.done = true;
+                    return Err(err);
+                }
+                _ => {
+                    self.done = true;
+                    return Err(io::Error::other(
+                        "the decryption thread stopped before the end",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Its next hand-over fails, and it stops.
+        self.pieces = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -1051,13 +1239,13 @@ pub fn import_with(
     let path = file.to_owned();
     // Set when age's authentication fails, which reaches us through zstd and tar as a mere
     // read error.
-    let unauthentic = Rc::new(Cell::new(false));
+    let unauthentic = Arc::new(AtomicBool::new(false));
     let damaged = |damage| ArchiveError::Damaged {
         path: path.clone(),
         damage,
     };
     let stream = |source| {
-        if unauthentic.get() {
+        if unauthentic.load(Ordering::SeqCst) {
             damaged(Damage::Authentication)
         } else {
             damaged(Damage::Stream { source })
@@ -1089,10 +1277,10 @@ pub fn import_with(
         let identities = options
             .identities
             .ok_or_else(|| ArchiveError::Encrypted { path: path.clone() })?;
-        Box::new(Authenticated {
+        Box::new(ReadAhead::spawn(Authenticated {
             inner: decrypt(&path, input, identities)?,
-            failed: Rc::clone(&unauthentic),
-        })
+            failed: Arc::clone(&unauthentic),
+        }))
     } else if head.starts_with(AGE_ARMOR) {
         return Err(ArchiveError::Decrypt {
             path: path.clone(),
@@ -1276,14 +1464,14 @@ fn decrypt(
 /// reaches the importer through zstd and tar, which do not keep the cause.
 struct Authenticated<R> {
     inner: R,
-    failed: Rc<Cell<bool>>,
+    failed: Arc<AtomicBool>,
 }
 
 impl<R: Read> Read for Authenticated<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read(buf).inspect_err(|err| {
             if err.kind() != io::ErrorKind::Interrupted {
-                self.failed.set(true);
+                self.failed.store(true, Ordering::SeqCst);
             }
         })
     }
