@@ -32,6 +32,9 @@ impl Scratch {
             std::process::id()
         ));
         fs::create_dir_all(&path).expect("create scratch folder");
+        // Private whatever the umask: crac refuses to write under a folder others may write to
+        // (under umask 000 this one would be 0777).
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).expect("chmod scratch");
         Scratch(path)
     }
 
@@ -1487,6 +1490,7 @@ fn a_decompression_bomb_is_refused_before_anything_is_written() {
     let scratch = Scratch::new("bomb");
     let store = scratch.store();
     fs::create_dir_all(store.root()).expect("store root");
+    fs::set_permissions(store.root(), fs::Permissions::from_mode(0o700)).expect("chmod");
     let bomb = scratch.path().join("bomb.crac");
     let len = 256 << 20;
     pack_bomb(&bomb, len, len);

@@ -12,7 +12,31 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{self, bin, text, wait_until, Crac, Scratch, Target};
+use crate::util::{self, bin, text, wait_until, Crac, Target};
+
+/// A scratch folder that is private whatever the umask: crac refuses to write keys and images
+/// under a folder other users may write to (under umask 000 the plain one is 0777).
+struct Scratch(util::Scratch);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let scratch = util::Scratch::new(name);
+        fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o700)).unwrap();
+        Scratch(scratch)
+    }
+
+    fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = util::Scratch;
+
+    fn deref(&self) -> &util::Scratch {
+        &self.0
+    }
+}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
