@@ -93,6 +93,8 @@ pub const DEFAULT_MAX_RATIO: u64 = 1000;
 const MIN_FREE_MARGIN: u64 = 64 << 20;
 /// How an age file starts (the binary format; [`AGE_ARMOR`] is its text form).
 const AGE_MAGIC: &[u8] = b"age-encryption.org/";
+/// How a version 1 age file starts, the version this crac reads.
+const AGE_V1: &[u8] = b"age-encryption.org/v1\n";
 /// How an ASCII-armored age file starts.
 const AGE_ARMOR: &[u8] = b"-----BEGIN AGE ENCRYPTED FILE-----";
 /// The largest identity or recipients file accepted; a key is a line of 74 characters.
@@ -1278,7 +1280,7 @@ pub fn import_with(
             .identities
             .ok_or_else(|| ArchiveError::Encrypted { path: path.clone() })?;
         Box::new(ReadAhead::spawn(Authenticated {
-            inner: decrypt(&path, input, identities)?,
+            inner: decrypt(&path, input, identities, head.starts_with(AGE_V1))?,
             failed: Arc::clone(&unauthentic),
         }))
     } else if head.starts_with(AGE_ARMOR) {
@@ -1417,11 +1419,13 @@ pub fn import_with(
     Ok(target)
 }
 
-/// Opens age's decryption of `input` with `identities`.
+/// Opens age's decryption of `input` with `identities`; `v1`: whether the file says it is of
+/// age's version 1 (then a header age cannot parse is damaged, not newer).
 fn decrypt(
     path: &Path,
     input: File,
     identities: &Identities,
+    v1: bool,
 ) -> Result<age::stream::StreamReader<io::BufReader<File>>, ArchiveError> {
     let failed = |reason: String| ArchiveError::Decrypt {
         path: path.to_owned(),
@@ -1429,6 +1433,9 @@ fn decrypt(
     };
     let header = |err: age::DecryptError| match err {
         age::DecryptError::InvalidHeader | age::DecryptError::InvalidMac => {
+            "its age header is damaged or was modified".to_owned()
+        }
+        age::DecryptError::UnknownFormat if v1 => {
             "its age header is damaged or was modified".to_owned()
         }
         age::DecryptError::UnknownFormat => {
@@ -1451,8 +1458,8 @@ fn decrypt(
         .map_err(|err| {
             failed(match err {
                 age::DecryptError::NoMatchingKeys => format!(
-                    "it was encrypted to other recipients: no identity in {} opens it (use the \
-                     identity file of a recipient it was exported with --encrypt-to for)",
+                    "no identity in {} opens it: it was encrypted to other recipients (use the \
+                     identity file of one it was exported to), or its header was modified",
                     identities.path.display()
                 ),
                 other => header(other),

@@ -1712,9 +1712,9 @@ fn an_encrypted_export_imports_only_with_a_matching_identity() {
     assert_eq!(
         err.to_string(),
         format!(
-            "cannot decrypt archive {}: it was encrypted to other recipients: no identity in {} \
-             opens it (use the identity file of a recipient it was exported with --encrypt-to \
-             for); nothing was imported",
+            "cannot decrypt archive {}: no identity in {} opens it: it was encrypted to other \
+             recipients (use the identity file of one it was exported to), or its header was \
+             modified; nothing was imported",
             file.display(),
             scratch.path().join("other.txt").display()
         )
@@ -1842,6 +1842,30 @@ fn a_tampered_encrypted_archive_is_refused_and_nothing_is_filed() {
             root_contents(&there)
         );
     }
+    // Wherever the header is damaged after its first line, the message says so.
+    let first_line = b"age-encryption.org/v1\n".len();
+    for at in first_line..header_end + 4 + 44 {
+        let file = scratch.path().join("header.age");
+        fs::write(&file, flipped(at)).unwrap();
+        let err = archive::import_with(&there, &file, &options).expect_err("header");
+        let text = err.to_string();
+        // A changed stanza names no recipient of ours any more; anything else breaks the
+        // header's structure or its MAC.
+        let damaged = format!(
+            "cannot decrypt archive {}: its age header is damaged or was modified; nothing was \
+             imported",
+            file.display()
+        );
+        let stranger = format!(
+            "cannot decrypt archive {}: no identity in {} opens it: it was encrypted to other \
+             recipients (use the identity file of one it was exported to), or its header was \
+             modified; nothing was imported",
+            file.display(),
+            scratch.path().join("key.txt").display()
+        );
+        assert!(text == damaged || text == stranger, "byte {at}: {text}");
+    }
+    assert!(root_contents(&there).is_empty());
     assert_eq!(
         archive::import_with(&there, &good, &options).expect("intact"),
         "web"

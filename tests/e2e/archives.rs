@@ -341,9 +341,9 @@ fn an_encrypted_archive_imports_only_with_its_identity_and_restores() {
     refused_with(
         &out,
         &format!(
-            "cannot decrypt archive {}: it was encrypted to other recipients: no identity in {} \
-             opens it (use the identity file of a recipient it was exported with --encrypt-to \
-             for); nothing was imported",
+            "cannot decrypt archive {}: no identity in {} opens it: it was encrypted to other \
+             recipients (use the identity file of one it was exported to), or its header was \
+             modified; nothing was imported",
             archive.display(),
             other.display()
         ),
