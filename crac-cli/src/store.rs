@@ -3,7 +3,8 @@
 //! ```text
 //! ROOT/                              $CRAC_STORE, /var/lib/crac/images or ~/.local/share/crac/images
 //!   web/                             an image: CRIU's *.img files, crac-meta.json, logs
-//!   .staging-web-4242-1718…          an image being written (a dump or an import)
+//!   .staging-web-4242-1718…          an image being written by a dump
+//!   .importing-web-4242-1718…        an image being written by an import (never filed)
 //!   .old-web-4242-1718…              an image being replaced, removed right after
 //!   .removing-web-4242-1718…         an image being removed
 //! ```
@@ -48,6 +49,9 @@ pub const MAX_NAME_LEN: usize = 100;
 
 /// The kinds of hidden working folders, by prefix; see the module documentation.
 const STAGING: &str = "staging";
+/// An import's staging folder: never mistaken for an interrupted dump, whose complete image
+/// [`Store::recover`] files; an interrupted import was never verified, so it is removed.
+const IMPORTING: &str = "importing";
 const OLD: &str = "old";
 const REMOVING: &str = "removing";
 
@@ -409,6 +413,23 @@ impl Store {
             committed: false,
             durable: false,
         })
+    }
+
+    /// Starts an import of an image named `name`: as [`Store::begin`], but in a folder of its
+    /// own kind (`.importing-…`), so that an import killed half-way is never taken for the
+    /// complete image of an interrupted checkpoint: [`Store::recover`] removes it (its files
+    /// were never all checked against the archive) instead of filing it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::begin`].
+    pub fn begin_import(&self, name: &str) -> Result<Staging, StoreError> {
+        let mut staging = self.begin(name)?;
+        let path = self.hidden(IMPORTING, name);
+        // Empty still; a kill right here leaves an empty dump folder, which is removed.
+        fs::rename(&staging.path, &path).map_err(|e| self.write_error("create", &path, e))?;
+        staging.path = path;
+        Ok(staging)
     }
 
     /// The images, oldest first: by creation time, then by name. Hidden folders (the store's
@@ -787,7 +808,9 @@ fn in_use(dir: &Path) -> bool {
 fn parse_hidden(folder: &str) -> Option<(&'static str, &str, u32)> {
     let rest = folder.strip_prefix('.')?;
     let (kind, rest) = rest.split_once('-')?;
-    let kind = [STAGING, OLD, REMOVING].into_iter().find(|k| *k == kind)?;
+    let kind = [STAGING, IMPORTING, OLD, REMOVING]
+        .into_iter()
+        .find(|k| *k == kind)?;
     let mut parts = rest.rsplitn(3, '-');
     let nanos = parts.next()?;
     let pid = parts.next()?;
@@ -796,6 +819,16 @@ fn parse_hidden(folder: &str) -> Option<(&'static str, &str, u32)> {
     let pid = pid.parse::<u32>().ok()?;
     validate_name(image).ok()?;
     Some((kind, image, pid))
+}
+
+/// Whether `path` is the working folder of an import (see [`Store::begin_import`]), as
+/// [`Recovery::removed`] lists them: so that a caller can say an interrupted import was
+/// removed, not filed.
+pub fn is_import_folder(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_hidden)
+        .is_some_and(|(kind, _, _)| kind == IMPORTING)
 }
 
 fn folder_pid(path: &Path) -> u32 {

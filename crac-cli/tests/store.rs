@@ -32,6 +32,9 @@ impl Scratch {
             std::process::id()
         ));
         fs::create_dir_all(&path).expect("create scratch folder");
+        // Private whatever the umask: crac refuses to write under a folder others may write to
+        // (under umask 000 this one would be 0777).
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).expect("chmod scratch");
         Scratch(path)
     }
 
@@ -1584,4 +1587,574 @@ fn sealed_metadata_reads_back_whatever_its_floats() {
         metadata::write(&dir, &meta).expect("write");
         assert_eq!(metadata::read(&dir).expect("read back"), meta, "{value}");
     }
+}
+
+/// The SHA-256 of `len` zero bytes, lowercase hex.
+fn zeros_sha256(len: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let block = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        hasher.update(&block[..n]);
+        left -= n as u64;
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A decompression bomb: a well-formed archive whose manifest truthfully declares
+/// `pages-1.img` as `len` zero bytes (with their digest), which zstd stores in a few kilobytes.
+/// The manifest may declare `declared` instead of `len`, to play an archive of any size.
+fn pack_bomb(file: &Path, len: u64, declared: u64) {
+    let meta = br#"{"format":1}"#;
+    let manifest = format!(
+        r#"{{"format":1,"name":"bomb","files":[{{"name":"crac-meta.json","size":{},"sha256":"{}"}},{{"name":"pages-1.img","size":{declared},"sha256":"{}"}}]}}"#,
+        meta.len(),
+        {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(meta)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        },
+        zeros_sha256(len)
+    );
+    let encoder = zstd::Encoder::new(File::create(file).expect("create"), 3).expect("zstd");
+    let mut builder = tar::Builder::new(encoder);
+    let mut append = |path: &str, size: u64, data: &mut dyn Read| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(size);
+        header.set_mode(0o600);
+        builder
+            .append_data(&mut header, path, data)
+            .expect("append");
+    };
+    append(
+        "crac-archive.json",
+        manifest.len() as u64,
+        &mut manifest.as_bytes(),
+    );
+    append("image/crac-meta.json", meta.len() as u64, &mut &meta[..]);
+    append("image/pages-1.img", len, &mut std::io::repeat(0).take(len));
+    builder
+        .into_inner()
+        .expect("tar")
+        .finish()
+        .expect("zstd finish");
+}
+
+/// The bytes under `dir`, 0 if it does not exist.
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(read) = fs::read_dir(dir) else {
+        return 0;
+    };
+    read.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
+/// Runs `f` while another thread watches the bytes under `dir`; returns `f`'s result and the
+/// most it saw.
+fn watching_bytes<T>(dir: &Path, f: impl FnOnce() -> T) -> (T, u64) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(tree_bytes(dir));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            peak.max(tree_bytes(dir))
+        });
+        let result = f();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (result, watcher.join().expect("watcher"))
+    })
+}
+
+#[test]
+fn a_decompression_bomb_is_refused_before_anything_is_written() {
+    let scratch = Scratch::new("bomb");
+    let store = scratch.store();
+    fs::create_dir_all(store.root()).expect("store root");
+    fs::set_permissions(store.root(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    let bomb = scratch.path().join("bomb.crac");
+    let len = 256 << 20;
+    pack_bomb(&bomb, len, len);
+    let archive_bytes = fs::metadata(&bomb).expect("stat").len();
+    assert!(archive_bytes < 100 << 10, "{archive_bytes} bytes");
+
+    let (result, peak) = watching_bytes(store.root(), || archive::import(&store, &bomb, None));
+    let err = result.expect_err("a bomb");
+    let ratio = (len + 12) / archive_bytes;
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "archive {} ({}) declares an image of 256.0 MiB, {ratio} times its own size, more \
+             than the 1000 times an image archive is let expand (real images compress 2 to 10 \
+             times): it may be a decompression bomb; if you trust its sender and the image is \
+             mostly zero pages, import it with --max-ratio {}; nothing was imported",
+            bomb.display(),
+            format_args!("{:.1} KiB", archive_bytes as f64 / 1024.0),
+            ratio + 1
+        )
+    );
+    assert_eq!(peak, 0, "the import wrote into the store");
+    assert!(
+        root_contents(&store).is_empty(),
+        "{:?}",
+        root_contents(&store)
+    );
+
+    // Allowed to expand that much, the same archive is read and written in full, and refused
+    // for what it is (its metadata is no image's): the limit was all that stood in the way.
+    let options = archive::ImportOptions {
+        max_ratio: ratio + 1,
+        ..Default::default()
+    };
+    let (result, peak) = watching_bytes(store.root(), || {
+        archive::import_with(&store, &bomb, &options)
+    });
+    let err = result.expect_err("no image");
+    assert!(
+        err.to_string().contains("its crac-meta.json is unusable"),
+        "{err}"
+    );
+    assert!(peak > 1 << 20, "the watcher saw {peak} bytes");
+    assert!(
+        root_contents(&store).is_empty(),
+        "{:?}",
+        root_contents(&store)
+    );
+}
+
+#[test]
+fn an_image_larger_than_the_free_space_is_refused_before_anything_is_written() {
+    let scratch = Scratch::new("noroom");
+    let store = scratch.store();
+    let archive_file = scratch.path().join("big.crac");
+    // A manifest that declares a petabyte; the entries never get read.
+    let declared = 1u64 << 50;
+    pack_bomb(&archive_file, 4096, declared);
+    let options = archive::ImportOptions {
+        max_ratio: u64::MAX,
+        ..Default::default()
+    };
+    let err = archive::import_with(&store, &archive_file, &options).expect_err("too large");
+    let text = err.to_string();
+    let prefix = format!(
+        "archive {} declares an image of 1.0 PiB, but only ",
+        archive_file.display()
+    );
+    let suffix = format!(
+        "are free in {} (1.1 PiB needed, leaving 51.2 TiB free for everything else): free \
+         some space (`crac images prune`) or import into a store on a file system with room \
+         (--store DIR); nothing was imported",
+        store.root().display()
+    );
+    assert!(
+        text.starts_with(&prefix) && text.ends_with(&suffix),
+        "{text}"
+    );
+    assert!(matches!(err, ArchiveError::NoRoom { free, .. } if free > 0));
+    // The store did not exist, and still does not.
+    assert!(!store.root().exists());
+    assert_eq!(archive::free_margin(1 << 30), 64 << 20);
+    assert_eq!(archive::free_margin(10 << 30), 512 << 20);
+}
+
+#[test]
+fn no_file_grows_past_the_size_the_manifest_declares() {
+    let scratch = Scratch::new("grow");
+    let store = scratch.store();
+    let file = scratch.path().join("grow.crac");
+    // The tar entry holds 64 MiB of zeros where the manifest declares 4 KiB.
+    let len = 64 << 20;
+    pack_bomb(&file, len, 4096);
+    let (result, peak) = watching_bytes(store.root(), || archive::import(&store, &file, None));
+    let err = result.expect_err("larger than declared");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "archive {} is damaged: pages-1.img has {len} bytes, crac-archive.json says 4096; \
+             nothing was imported",
+            file.display()
+        )
+    );
+    assert!(peak < 4096 + 1024, "{peak} bytes written");
+    assert!(root_contents(&store).is_empty());
+}
+
+#[test]
+fn an_interrupted_import_is_removed_never_filed() {
+    let scratch = Scratch::new("killed-import");
+    let store = scratch.store();
+    // An import's working folder is of its own kind...
+    let staging = store.begin_import("imp").expect("begin import");
+    let name = staging
+        .path()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        name.starts_with(&format!(".importing-imp-{}-", std::process::id())),
+        "{name}"
+    );
+    assert!(store::is_import_folder(staging.path()));
+    drop(staging);
+    assert!(root_contents(&store).is_empty());
+
+    // ...so that one killed once every file was in place (the image valid, CRIU's
+    // stats-dump among its files, but not all checked against the archive) is removed,
+    // where a dump's folder in the same state is filed.
+    let dead = 99_999_999;
+    let root = store.root().to_owned();
+    let import = root.join(format!(".importing-imp-{dead}-1"));
+    make_image(&import, "imp", 5, 1000);
+    fs::write(import.join(metadata::DUMP_DONE_FILE), b"stats").expect("stats-dump");
+    let meta = metadata::read(&import).expect("metadata");
+    metadata::validate(&import, &meta).expect("as valid as a complete dump");
+    let dump = root.join(format!(".staging-web-{dead}-2"));
+    make_killed_dump(&dump, "web", 6, true);
+
+    let recovery = store.recover().expect("recover");
+    assert_eq!(recovery.removed, std::slice::from_ref(&import));
+    assert!(store::is_import_folder(&import));
+    assert!(!store::is_import_folder(&dump));
+    assert_eq!(
+        recovery
+            .recovered
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["web"]
+    );
+    assert_eq!(names(&store), ["web"]);
+    assert_eq!(root_contents(&store), set(&["web"]));
+}
+
+/// A new identity in `dir/NAME` (by [`archive::keygen`]) and its recipient.
+fn identity(dir: &Path, name: &str) -> (PathBuf, archive::Identities, String) {
+    let path = dir.join(name);
+    let recipient = archive::keygen(&path).expect("keygen");
+    let identities = archive::Identities::read(&path).expect("read identity");
+    (path, identities, recipient)
+}
+
+#[test]
+fn an_encrypted_export_imports_only_with_a_matching_identity() {
+    let scratch = Scratch::new("encrypted");
+    let here = scratch.store();
+    let there = Store::open(scratch.path().join("there"));
+    let original = add_image(&here, "web", 7, 1000);
+    let (key, identities, recipient) = identity(scratch.path(), "key.txt");
+    let (_, other_identities, other) = identity(scratch.path(), "other.txt");
+    assert!(
+        recipient.starts_with("age1") && recipient.len() == 62,
+        "{recipient}"
+    );
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = fs::read_to_string(&key).unwrap();
+    assert!(
+        text.contains(&format!("# public key: {recipient}\n")),
+        "{text}"
+    );
+    assert!(text.contains("\nAGE-SECRET-KEY-1"), "{text}");
+
+    let mut recipients = archive::Recipients::new();
+    recipients.add(&recipient).expect("recipient");
+    let file = scratch.path().join("web.crac.age");
+    let summary = archive::export_with(&here, "web", &file, Some(&recipients)).expect("export");
+    let bytes = fs::read(&file).unwrap();
+    assert_eq!(summary.bytes_out, bytes.len() as u64);
+    assert!(bytes.starts_with(b"age-encryption.org/v1\n-> X25519 "));
+    assert_eq!(
+        fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // No plaintext: neither the manifest nor the incompressible page data shows.
+    let pages = fs::read(original.join("pages-1.img")).unwrap();
+    assert!(!bytes.windows(64).any(|w| w == &pages[..64]));
+    assert!(!bytes.windows(17).any(|w| w == b"crac-archive.json"));
+
+    let err = archive::import(&there, &file, None).expect_err("no identity");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "archive {} is encrypted (age); pass --identity FILE, a file with a secret key it \
+             was encrypted to; nothing was imported",
+            file.display()
+        )
+    );
+    let with = |identities| archive::ImportOptions {
+        identities: Some(identities),
+        ..Default::default()
+    };
+    let err = archive::import_with(&there, &file, &with(&other_identities)).expect_err("other");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot decrypt archive {}: no identity in {} opens it: it was encrypted to other \
+             recipients (use the identity file of one it was exported to), or its header was \
+             modified; nothing was imported",
+            file.display(),
+            scratch.path().join("other.txt").display()
+        )
+    );
+    assert!(root_contents(&there).is_empty());
+
+    assert_eq!(
+        archive::import_with(&there, &file, &with(&identities)).expect("import"),
+        "web"
+    );
+    let exported: Vec<(String, Vec<u8>)> = folder_bytes(&original)
+        .into_iter()
+        .filter(|(name, _)| name != "dump.log")
+        .collect();
+    assert_eq!(folder_bytes(&there.root().join("web")), exported);
+
+    // Two recipients: either one imports it.
+    let mut both = archive::Recipients::new();
+    both.add(&recipient).unwrap();
+    both.add(&other).unwrap();
+    let file2 = scratch.path().join("both.crac.age");
+    archive::export_with(&here, "web", &file2, Some(&both)).expect("export to two");
+    for (name, ids) in [("a", &identities), ("b", &other_identities)] {
+        let options = archive::ImportOptions {
+            name: Some(name),
+            identities: Some(ids),
+            ..Default::default()
+        };
+        archive::import_with(&there, &file2, &options).expect("either imports");
+    }
+
+    // A plain archive where an encrypted one was expected is refused.
+    let plain = scratch.path().join("plain.crac");
+    archive::export(&here, "web", &plain).expect("plain export");
+    let options = archive::ImportOptions {
+        name: Some("c"),
+        identities: Some(&identities),
+        ..Default::default()
+    };
+    let err = archive::import_with(&there, &plain, &options).expect_err("plain");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "archive {} is not encrypted, but --identity was given: it is not the encrypted \
+             archive you expected (check where it came from; import it without --identity \
+             only if you trust it); nothing was imported",
+            plain.display()
+        )
+    );
+    assert_eq!(names(&there), ["a", "b", "web"]);
+}
+
+#[test]
+fn a_tampered_encrypted_archive_is_refused_and_nothing_is_filed() {
+    let scratch = Scratch::new("tampered");
+    let here = scratch.store();
+    let there = Store::open(scratch.path().join("there"));
+    add_image(&here, "web", 7, 1000);
+    let (_, identities, recipient) = identity(scratch.path(), "key.txt");
+    let mut recipients = archive::Recipients::new();
+    recipients.add(&recipient).unwrap();
+    let good = scratch.path().join("good.age");
+    archive::export_with(&here, "web", &good, Some(&recipients)).expect("export");
+    let bytes = fs::read(&good).unwrap();
+    let header_end = bytes
+        .windows(4)
+        .position(|w| w == b"\n---")
+        .expect("age header end");
+
+    let flipped = |at: usize| {
+        let mut copy = bytes.clone();
+        copy[at] ^= 0x01;
+        copy
+    };
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "payload",
+            flipped(bytes.len() / 2),
+            "is damaged: its encrypted data fails authentication (it was modified or \
+             truncated after it was encrypted)"
+                .to_owned(),
+        ),
+        (
+            "last byte",
+            flipped(bytes.len() - 1),
+            "is damaged: its encrypted data fails authentication (it was modified or \
+             truncated after it was encrypted)"
+                .to_owned(),
+        ),
+        (
+            "cut",
+            bytes[..bytes.len() - 100].to_vec(),
+            "is damaged: its encrypted data fails authentication (it was modified or \
+             truncated after it was encrypted)"
+                .to_owned(),
+        ),
+        (
+            "header mac",
+            flipped(header_end + 10),
+            "cannot decrypt archive {}: its age header is damaged or was modified".to_owned(),
+        ),
+        (
+            "extra data",
+            [&bytes[..], b"more"].concat(),
+            "is damaged: its encrypted data fails authentication (it was modified or \
+             truncated after it was encrypted)"
+                .to_owned(),
+        ),
+    ];
+    let options = archive::ImportOptions {
+        identities: Some(&identities),
+        ..Default::default()
+    };
+    for (tag, contents, expected) in cases {
+        let file = scratch.path().join(format!("{tag}.age"));
+        fs::write(&file, contents).unwrap();
+        let err = archive::import_with(&there, &file, &options).expect_err(tag);
+        let text = err.to_string();
+        let expected = expected.replace("{}", &file.display().to_string());
+        assert!(text.contains(&expected), "{tag}: {text}");
+        assert!(text.ends_with("; nothing was imported"), "{tag}: {text}");
+        assert!(
+            root_contents(&there).is_empty(),
+            "{tag}: {:?}",
+            root_contents(&there)
+        );
+    }
+    // Wherever the header is damaged after its first line, the message says so.
+    let first_line = b"age-encryption.org/v1\n".len();
+    for at in first_line..header_end + 4 + 44 {
+        let file = scratch.path().join("header.age");
+        fs::write(&file, flipped(at)).unwrap();
+        let err = archive::import_with(&there, &file, &options).expect_err("header");
+        let text = err.to_string();
+        // A changed stanza names no recipient of ours any more; anything else breaks the
+        // header's structure or its MAC.
+        let damaged = format!(
+            "cannot decrypt archive {}: its age header is damaged or was modified; nothing was \
+             imported",
+            file.display()
+        );
+        let stranger = format!(
+            "cannot decrypt archive {}: no identity in {} opens it: it was encrypted to other \
+             recipients (use the identity file of one it was exported to), or its header was \
+             modified; nothing was imported",
+            file.display(),
+            scratch.path().join("key.txt").display()
+        );
+        assert!(text == damaged || text == stranger, "byte {at}: {text}");
+    }
+    assert!(root_contents(&there).is_empty());
+    assert_eq!(
+        archive::import_with(&there, &good, &options).expect("intact"),
+        "web"
+    );
+}
+
+#[test]
+fn key_files_are_checked() {
+    let scratch = Scratch::new("keys");
+    let (key, _, recipient) = identity(scratch.path(), "key.txt");
+
+    // A secret key others may read is refused, and never echoed.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = archive::Identities::read(&key).expect_err("readable by others");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot use key file {}: {} holds secret keys but other users may read it (mode \
+             644): chmod 600 it, and replace the keys if someone else may have read them",
+            key.display(),
+            key.display()
+        )
+    );
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let bad = scratch.path().join("bad.txt");
+    fs::write(&bad, "# mine\n\nAGE-SECRET-KEY-1NOTAKEY\n").unwrap();
+    fs::set_permissions(&bad, fs::Permissions::from_mode(0o600)).unwrap();
+    let err = archive::Identities::read(&bad).expect_err("bad line");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot use key file {}: line 3 is not an age X25519 identity \
+             (`AGE-SECRET-KEY-1…`, as `crac images keygen` writes it)",
+            bad.display()
+        )
+    );
+    assert!(!err.to_string().contains("NOTAKEY"));
+
+    // keygen never overwrites.
+    let err = archive::keygen(&key).expect_err("exists");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} exists: crac never overwrites a key file; choose another --output, or remove \
+             the old key first if nothing is encrypted to it any more; no key was made",
+            key.display()
+        )
+    );
+    let ids = archive::Identities::read(&key).expect("still the same key");
+    let mut expected = archive::Recipients::new();
+    expected.add(&recipient).unwrap();
+    assert_eq!(format!("{:?}", ids.recipients()), format!("{expected:?}"));
+
+    // Recipients: a file as age reads one, and strings.
+    let list = scratch.path().join("recipients.txt");
+    fs::write(&list, format!("# ops\n{recipient}\n\n  {recipient}  \n")).unwrap();
+    let mut recipients = archive::Recipients::new();
+    recipients.add_file(&list).expect("recipients file");
+    assert_eq!(recipients.len(), 2);
+    fs::write(&list, format!("{recipient}\nage1nope\n")).unwrap();
+    let err = archive::Recipients::new()
+        .add_file(&list)
+        .expect_err("bad line");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "cannot use key file {}: line 2 is not an age X25519 recipient (",
+            list.display()
+        )),
+        "{err}"
+    );
+    fs::write(&list, "# nobody\n").unwrap();
+    let err = archive::Recipients::new()
+        .add_file(&list)
+        .expect_err("empty");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot use key file {}: it lists no recipient",
+            list.display()
+        )
+    );
+    let err = archive::Recipients::new()
+        .add("AGE-SECRET-KEY-1QQQ")
+        .expect_err("a secret key is no recipient");
+    assert!(matches!(err, ArchiveError::SecretKeyAsRecipient), "{err}");
+    assert!(!err.to_string().contains("QQQ"), "{err}");
+    let err = archive::Recipients::new()
+        .add("age1nope")
+        .expect_err("not a key");
+    assert!(
+        err.to_string()
+            .starts_with("invalid recipient \"age1nope\" ("),
+        "{err}"
+    );
 }

@@ -22,6 +22,7 @@
 //! - **Scratch places have unguessable names** ([`TempDir`], `mkdtemp`).
 //! - **Only regular files are read**, and only up to a bound ([`open_regular`],
 //!   [`read_bounded`]): a FIFO or `/dev/zero` named by an image cannot hang or exhaust crac.
+//!   A file of secret keys is read only if no other user may read it ([`read_private`]).
 //!
 //! Errors are [`io::Error`]s, so callers keep their own error types: a refusal is
 //! `PermissionDenied` with a message that names the path and the reason ([`is_untrusted`] tells
@@ -481,7 +482,47 @@ fn clear_nonblock(file: &File) -> io::Result<()> {
 /// `InvalidData` when the file holds more than `limit` bytes (nothing past the limit is
 /// read), and the errors of [`open_regular`] and of reading.
 pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    read_to_limit(open_regular(path)?, path, limit)
+}
+
+/// Reads a file that holds secrets (a secret key), as [`read_bounded`] does, but only if it
+/// belongs to the caller (or root) and no other user may read or write it (no group or other
+/// permission bits, as ssh asks of private keys). Checked on the open file, so a file swapped
+/// after the check is not read.
+///
+/// # Errors
+///
+/// `PermissionDenied` saying who owns it or what its mode is, and what to do; the errors of
+/// [`read_bounded`] otherwise.
+pub fn read_private(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let file = open_regular(path)?;
+    let meta = file.metadata()?;
+    if !trusted_owner(meta.uid()) {
+        return Err(untrusted(
+            path,
+            format!(
+                "it holds secret keys but belongs to {}, not to {} who runs crac; use a key \
+                 file of your own",
+                who(meta.uid()),
+                who(geteuid().as_raw())
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} holds secret keys but other users may read it (mode {:o}): chmod 600 it, \
+                 and replace the keys if someone else may have read them",
+                path.display(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    read_to_limit(file, path, limit)
+}
+
+fn read_to_limit(file: File, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     file.take(limit + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {

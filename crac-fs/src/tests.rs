@@ -160,6 +160,48 @@ fn only_regular_files_are_read_and_only_up_to_the_bound() {
 }
 
 #[test]
+fn a_secret_file_others_may_read_is_refused() {
+    let scratch = Scratch::new("private");
+    let key = scratch.0.join("key");
+    fs::write(&key, b"secret").unwrap();
+    for bad in [0o644, 0o640, 0o604, 0o620] {
+        fs::set_permissions(&key, fs::Permissions::from_mode(bad)).unwrap();
+        let err = read_private(&key, 100).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} holds secret keys but other users may read it (mode {bad:o}): chmod 600 it, \
+                 and replace the keys if someone else may have read them",
+                key.display()
+            )
+        );
+    }
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(read_private(&key, 100).unwrap(), b"secret");
+    assert_eq!(
+        read_private(&key, 3).unwrap_err().kind(),
+        io::ErrorKind::InvalidData
+    );
+    let fifo = scratch.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert_eq!(
+        read_private(&fifo, 100).unwrap_err().kind(),
+        io::ErrorKind::InvalidInput
+    );
+    if geteuid().is_root() {
+        // Another user's key, however private, is not the caller's to use.
+        nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let err = read_private(&key, 100).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("holds secret keys but belongs to uid 65534"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn tighten_tree_takes_away_others_access() {
     let scratch = Scratch::new("tighten");
     let sub = scratch.0.join("sub");

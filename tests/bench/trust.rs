@@ -1,4 +1,4 @@
-//! Item 11: what the security checks of issue 18 cost a checkpoint and a restore of the
+//! Item 12: what the security checks of issue 18 cost a checkpoint and a restore of the
 //! warm-start example. Its image is made for real (`crac run`, the service checkpoints itself),
 //! then the work crac does around CRIU is timed in this process, the checked way (crac-fs,
 //! the sealed metadata, the trusted note) against the plain way it was done before, the
@@ -28,7 +28,7 @@ use crate::{Ctx, Res};
 const TARGET_US: f64 = 1000.0;
 
 pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
-    report.section("11. What the security checks cost (issue 18)");
+    report.section("12. What the security checks cost (issue 18)");
     if !ctx.bins.warm_start.is_file() {
         return Err(format!(
             "{} not found: build the examples (scripts/bench.sh does)",
@@ -112,12 +112,12 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         verdict(rs_added < TARGET_US)
     ));
     report.verdict(
-        "11 checks added to a checkpoint of the warm-start example",
+        "12 checks added to a checkpoint of the warm-start example",
         "< 1 ms",
         Some(ck_added < TARGET_US),
     );
     report.verdict(
-        "11 checks added to a restore of the warm-start example",
+        "12 checks added to a restore of the warm-start example",
         "< 1 ms",
         Some(rs_added < TARGET_US),
     );

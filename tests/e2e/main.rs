@@ -5,6 +5,7 @@
 
 mod action;
 mod agent_folders;
+mod archives;
 mod async_faults;
 mod container_image;
 mod containers;

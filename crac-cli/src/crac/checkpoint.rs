@@ -28,10 +28,15 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     if args.dry_run {
         return dry_run(&args);
     }
-    let request = request(store, &args)?;
+    let mut request = request(store, &args)?;
     if args.for_self {
         return detach_worker();
     }
+    let recipients = crate::images::recipients(
+        &args.encrypt_to,
+        &args.recipients_file,
+        "nothing was checkpointed",
+    )?;
     // Before the store is touched: a user who is not root gets the reason, not a store error.
     driver::require_root("checkpoint")?;
     if matches!(request.destination, Destination::Store { .. }) {
@@ -40,6 +45,10 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     if args.self_worker {
         return self_worker(&request);
     }
+    // --encrypt-to: CRIU dumps into a private tmpfs, and only the encrypted image is filed.
+    let sealing = recipients
+        .map(|recipients| crate::images::Sealing::prepare(&mut request, recipients))
+        .transpose()?;
     finish_when_interrupted();
     let bar = progress::Bar::new(args.json, Some(progress::resident(args.pid)));
     let update = |phase, written| bar.update(phase, written);
@@ -49,7 +58,10 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
         bar.shown().then_some(&update as _),
     );
     drop(bar);
-    let outcome = outcome?;
+    let mut outcome = outcome?;
+    if let Some(sealing) = sealing {
+        outcome = sealing.seal(outcome)?;
+    }
     print(&outcome, Out::new(args.json));
     Ok(0)
 }
@@ -265,15 +277,23 @@ fn print(outcome: &CheckpointOutcome, out: Out) {
             millis(meta.timings.total_ms),
             bytes(meta.image_bytes)
         ));
+        if crac_cli::archive::is_sealed(&outcome.path) {
+            text.push_str("  encrypted at rest (age); the plaintext dump, on a tmpfs, is gone\n");
+        }
         if outcome.left_running {
             text.push_str("  the process keeps running (told after_restore \"resumed\")\n");
         } else {
             text.push_str(&format!(
-                "  the process was stopped; restore it with: crac restore {}\n",
+                "  the process was stopped; restore it with: crac restore {}{}\n",
                 if outcome.path.starts_with(Path::new("/")) && meta.name.is_empty() {
                     outcome.path.display().to_string()
                 } else {
                     meta.name.clone()
+                },
+                if crac_cli::archive::is_sealed(&outcome.path) {
+                    " --identity FILE"
+                } else {
+                    ""
                 }
             ));
         }

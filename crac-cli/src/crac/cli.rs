@@ -41,14 +41,14 @@ pub enum Command {
     /// Checkpoint a running process (and its children) into the image store.
     #[command(
         name = "checkpoint",
-        after_help = "Examples:\n  crac checkpoint 4242 --name web\n  crac checkpoint 4242 --name web --leave-running --replace\n  crac checkpoint 4242 --dir /srv/images/web -- --ext-unix-sk"
+        after_help = "Examples:\n  crac checkpoint 4242 --name web\n  crac checkpoint 4242 --name web --leave-running --replace\n  crac checkpoint 4242 --name web --encrypt-to age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\n  crac checkpoint 4242 --dir /srv/images/web -- --ext-unix-sk"
     )]
     Checkpoint(CheckpointArgs),
 
     /// Restore a checkpointed process; its after_restore hooks run before this returns.
     #[command(
         name = "restore",
-        after_help = "Examples:\n  crac restore web --detach\n  crac restore /srv/images/web\n  crac restore web --detach --tcp-close"
+        after_help = "Examples:\n  crac restore web --detach\n  crac restore /srv/images/web\n  crac restore web --detach --tcp-close\n  crac restore web --detach --identity /root/.config/crac/key.txt"
     )]
     Restore(RestoreArgs),
 
@@ -122,6 +122,15 @@ pub struct CheckpointArgs {
     /// when nothing would. CRAC_POLICY applies.
     #[arg(long, conflicts_with_all = ["leave_running", "sync", "replace", "for_self", "self_worker"])]
     pub dry_run: bool,
+    /// Keep the image encrypted at rest (age) to this recipient, `age1…` (repeat for more):
+    /// CRIU dumps into a private tmpfs, and only the encrypted image reaches the store, so the
+    /// process's memory is never written to a disk in plain. Restore it with `crac restore
+    /// NAME --identity FILE`.
+    #[arg(long = "encrypt-to", value_name = "RECIPIENT", conflicts_with_all = ["dir", "dry_run", "for_self", "self_worker"])]
+    pub encrypt_to: Vec<String>,
+    /// As --encrypt-to, for each recipient listed in FILE (one `age1…` per line).
+    #[arg(long = "recipients-file", value_name = "FILE", conflicts_with_all = ["dir", "dry_run", "for_self", "self_worker"])]
+    pub recipients_file: Vec<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -169,6 +178,11 @@ pub struct RestoreArgs {
     /// find it in RestoreInfo::env. The process's own environment stays the image's.
     #[arg(long = "env", value_name = "K=V", value_parser = parse_setting)]
     pub env: Vec<(String, String)>,
+    /// Decrypt an image kept encrypted (`crac checkpoint --encrypt-to`) with the identity in
+    /// FILE (yours, readable by you only): into a private tmpfs, removed once the restore is
+    /// done, so its plaintext never reaches a disk.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -214,18 +228,28 @@ pub enum ImagesCommand {
         after_help = "Examples:\n  crac images prune --keep 3\n  crac images prune --older-than 7d"
     )]
     Prune(PruneArgs),
-    /// Write one image to a portable, compressed, checksummed archive.
+    /// Write one image to a portable, compressed, checksummed archive, encrypted with age if
+    /// asked (an image holds the service's memory: its keys and passwords).
     #[command(
         name = "export",
-        after_help = "Example:\n  crac images export web web.crac"
+        after_help = "Examples:\n  crac images export web web.crac\n  crac images export web web.crac.age --encrypt-to age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\n  crac images export web web.crac.age --recipients-file ops-team.txt"
     )]
     Export(ExportArgs),
-    /// Read an archive made by `export` into the store (checksums checked first).
+    /// Read an archive made by `export` into the store (sizes checked before anything is
+    /// written, checksums before the image is filed; an encrypted one needs --identity).
     #[command(
         name = "import",
-        after_help = "Example:\n  crac images import web.crac --name web-from-prod"
+        after_help = "Examples:\n  crac images import web.crac --name web-from-prod\n  crac images import web.crac.age --identity /root/.config/crac/key.txt"
     )]
     Import(ImportArgs),
+    /// Make an age identity (a secret key) for encrypted archives: writes it to a new file,
+    /// readable by you only, and prints its recipient (the public key) for
+    /// `export --encrypt-to`.
+    #[command(
+        name = "keygen",
+        after_help = "Example:\n  crac images keygen --output /root/.config/crac/key.txt"
+    )]
+    Keygen(KeygenArgs),
 }
 
 /// `crac images show` and `crac images verify`.
@@ -264,6 +288,16 @@ pub struct ExportArgs {
     pub name: String,
     /// The archive to write.
     pub file: PathBuf,
+    /// Encrypt the archive (age format) to this recipient, an age X25519 public key `age1…`
+    /// (repeat for more: any one of them can import it). Public keys only: a secret key is
+    /// never given on the command line.
+    #[arg(long = "encrypt-to", value_name = "RECIPIENT")]
+    pub encrypt_to: Vec<String>,
+    /// Encrypt the archive to the recipients listed in FILE, one `age1…` per line (`#`
+    /// comments and blank lines ignored), as age's --recipients-file. Repeatable; combines
+    /// with --encrypt-to.
+    #[arg(long = "recipients-file", value_name = "FILE")]
+    pub recipients_file: Vec<PathBuf>,
 }
 
 /// `crac images import`.
@@ -274,6 +308,24 @@ pub struct ImportArgs {
     /// The name to give the image (default: its name in the archive).
     #[arg(long)]
     pub name: Option<String>,
+    /// Decrypt an encrypted archive with the identities (secret keys, `AGE-SECRET-KEY-1…`)
+    /// in FILE, as `crac images keygen` or `age-keygen` write it. The file must be yours and
+    /// readable by you only.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Accept an image up to N times the archive's size (real images compress 2 to 10 times,
+    /// so more suggests a decompression bomb): raise it only for an archive you trust whose
+    /// image is mostly zero pages.
+    #[arg(long, value_name = "N", default_value_t = crac_cli::archive::DEFAULT_MAX_RATIO, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_ratio: u64,
+}
+
+/// `crac images keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the identity; the file must not exist (mode 0600).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 /// `crac status`.

@@ -1,15 +1,15 @@
 //! `crac images ...`: the image store.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crac_cli::archive;
-use crac_cli::driver::{FailureKind, OpError};
+use crac_cli::driver::{CheckpointOutcome, CheckpointRequest, Destination, FailureKind, OpError};
 use crac_cli::metadata::{self, Metadata};
 use crac_cli::store::{self, Store, StoreError};
 
-use crate::cli::ImagesCommand;
+use crate::cli::{ExportArgs, ImagesCommand, ImportArgs};
 use crate::output::{bytes, millis, Out};
 
 /// An image name or folder, as an image folder.
@@ -35,8 +35,9 @@ pub fn run(store: &Store, command: ImagesCommand) -> (bool, Result<u8, OpError>)
         ImagesCommand::Verify(args) => (args.json, verify(store, &args.name, Out::new(args.json))),
         ImagesCommand::Du(args) => (args.json, du(store, Out::new(args.json))),
         ImagesCommand::Prune(args) => (false, prune(store, args.keep, args.older_than.as_deref())),
-        ImagesCommand::Export(args) => (false, export(store, &args.name, &args.file)),
-        ImagesCommand::Import(args) => (false, import(store, &args.file, args.name.as_deref())),
+        ImagesCommand::Export(args) => (false, export(store, &args)),
+        ImagesCommand::Import(args) => (false, import(store, &args)),
+        ImagesCommand::Keygen(args) => (false, keygen(&args.output)),
     }
 }
 
@@ -80,6 +81,10 @@ fn list(store: &Store, out: Out) -> Result<u8, OpError> {
         for l in &listed {
             let (pid, command) = match &l.metadata {
                 Some(m) => (m.pid.to_string(), one_line(&m.command_line)),
+                None if archive::is_sealed(&l.path) => (
+                    "-".into(),
+                    "(encrypted at rest: crac restore NAME --identity FILE)".to_owned(),
+                ),
                 None => (
                     "-".into(),
                     format!("(unreadable: {})", l.error.as_deref().unwrap_or("?")),
@@ -198,6 +203,16 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
 
 fn verify(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
     let dir = resolve(store, name)?;
+    if archive::is_sealed(&dir) {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "image {name} is kept encrypted: every file is checked against its digest, and \
+                 the whole against age's authentication, each time it is decrypted (`crac \
+                 restore {name} --identity FILE`); images verify reads unencrypted images only"
+            ),
+        ));
+    }
     let meta =
         metadata::read(&dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     metadata::verify(&dir, &meta, metadata::Check::Full)
@@ -254,10 +269,7 @@ pub fn recover(store: &Store) -> Result<(), OpError> {
         );
     }
     for path in &recovery.removed {
-        eprintln!(
-            "crac: removed {}, left by an interrupted dump or import",
-            path.display()
-        );
+        eprintln!("crac: removed {}, {}", path.display(), left_by(path));
     }
     for err in &recovery.stuck {
         eprintln!(
@@ -265,6 +277,16 @@ pub fn recover(store: &Store) -> Result<(), OpError> {
         );
     }
     Ok(())
+}
+
+/// What left a working folder that recovery removed.
+fn left_by(path: &std::path::Path) -> &'static str {
+    if store::is_import_folder(path) {
+        "left by an interrupted import: its files were never all checked, so nothing of it was \
+         filed; import the archive again"
+    } else {
+        "left by an interrupted dump, replacement or removal"
+    }
 }
 
 fn rm(store: &Store, names: &[String]) -> Result<u8, OpError> {
@@ -330,10 +352,7 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
         );
     }
     for path in &recovery.removed {
-        println!(
-            "removed {} (left by an interrupted dump or import)",
-            path.display()
-        );
+        println!("removed {} ({})", path.display(), left_by(path));
     }
     for err in &recovery.stuck {
         eprintln!(
@@ -354,13 +373,34 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
     Ok(0)
 }
 
-fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpError> {
-    let summary = archive::export(store, name, file).map_err(archive_error)?;
+fn export(store: &Store, args: &ExportArgs) -> Result<u8, OpError> {
+    let (name, file) = (args.name.as_str(), args.file.as_path());
+    let recipients = recipients(
+        &args.encrypt_to,
+        &args.recipients_file,
+        "nothing was exported",
+    )?
+    .unwrap_or_default();
+    let encrypt_to = (!recipients.is_empty()).then_some(&recipients);
+    let summary = archive::export_with(store, name, file, encrypt_to).map_err(archive_error)?;
+    if archive::is_sealed(&resolve(store, name)?) {
+        println!(
+            "exported {name}, kept encrypted, as it is to {}: archive {}; import it with --identity",
+            file.display(),
+            bytes(summary.bytes_out)
+        );
+        return Ok(0);
+    }
     // The image's size as `list` and `show` give it (its CRIU files), then the archive's.
     let image =
         metadata::read(&resolve(store, name)?).map_or(summary.bytes_in, |meta| meta.image_bytes);
+    let encrypted = match recipients.len() {
+        0 => String::new(),
+        1 => ", encrypted to 1 recipient".to_owned(),
+        n => format!(", encrypted to {n} recipients"),
+    };
     println!(
-        "exported {name} ({}) to {}: {} files, archive {}",
+        "exported {name} ({}) to {}: {} files, archive {}{encrypted}",
         bytes(image),
         file.display(),
         summary.files,
@@ -369,11 +409,197 @@ fn export(store: &Store, name: &str, file: &std::path::Path) -> Result<u8, OpErr
     Ok(0)
 }
 
-fn import(store: &Store, file: &std::path::Path, name: Option<&str>) -> Result<u8, OpError> {
+fn import(store: &Store, args: &ImportArgs) -> Result<u8, OpError> {
+    let identities = args
+        .identity
+        .as_deref()
+        .map(archive::Identities::read)
+        .transpose()
+        .map_err(|err| {
+            OpError::new(
+                FailureKind::BadInput,
+                format!("{err}; nothing was imported"),
+            )
+        })?;
     recover(store)?;
-    let imported = archive::import(store, file, name).map_err(archive_error)?;
-    println!("imported {} as {imported}", file.display());
+    let options = archive::ImportOptions {
+        name: args.name.as_deref(),
+        identities: identities.as_ref(),
+        max_ratio: args.max_ratio,
+    };
+    let imported = archive::import_with(store, &args.file, &options).map_err(archive_error)?;
+    let decrypted = if identities.is_some() {
+        " (decrypted)"
+    } else {
+        ""
+    };
+    println!("imported {}{decrypted} as {imported}", args.file.display());
     Ok(0)
+}
+
+fn keygen(output: &std::path::Path) -> Result<u8, OpError> {
+    let recipient = archive::keygen(output).map_err(archive_error)?;
+    eprintln!(
+        "crac: wrote a new identity to {} (keep it secret; lose it and nothing encrypted to it can be imported)",
+        output.display()
+    );
+    // The recipient alone on stdout, for scripts: `R=$(crac images keygen -o key.txt)`.
+    println!("{recipient}");
+    Ok(0)
+}
+
+/// The recipients of `--encrypt-to` and `--recipients-file`, or None when neither was given;
+/// `nothing` ends an error's message (what was not done).
+pub fn recipients(
+    encrypt_to: &[String],
+    files: &[PathBuf],
+    nothing: &str,
+) -> Result<Option<archive::Recipients>, OpError> {
+    if encrypt_to.is_empty() && files.is_empty() {
+        return Ok(None);
+    }
+    let mut recipients = archive::Recipients::new();
+    for text in encrypt_to {
+        recipients.add(text).map_err(archive_error)?;
+    }
+    for path in files {
+        recipients
+            .add_file(path)
+            .map_err(|err| OpError::new(FailureKind::BadInput, format!("{err}; {nothing}")))?;
+    }
+    Ok(Some(recipients))
+}
+
+/// A checkpoint kept encrypted at rest (`crac checkpoint --encrypt-to`): CRIU dumps into a
+/// private folder on a tmpfs, and [`Sealing::seal`] files only the encrypted image in the
+/// store.
+pub struct Sealing {
+    recipients: archive::Recipients,
+    plain: crac_fs::TempDir,
+    store: Store,
+    name: String,
+    replace: bool,
+    durable: bool,
+}
+
+impl Sealing {
+    /// Redirects `request`, a checkpoint into the store, into a private tmpfs folder.
+    pub fn prepare(
+        request: &mut CheckpointRequest,
+        recipients: archive::Recipients,
+    ) -> Result<Sealing, OpError> {
+        let Destination::Store {
+            store,
+            name,
+            replace,
+        } = &request.destination
+        else {
+            return Err(OpError::new(
+                FailureKind::BadInput,
+                "--encrypt-to keeps an image of the store encrypted; it does not apply to --dir",
+            ));
+        };
+        let plain = archive::plain_tmpfs("crac-dump").map_err(|err| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!(
+                    "cannot make a private folder for the dump ({err}); nothing was checkpointed"
+                ),
+            )
+        })?;
+        let sealing = Sealing {
+            recipients,
+            store: store.clone(),
+            name: name.clone(),
+            replace: *replace,
+            durable: request.durable,
+            plain,
+        };
+        request.destination = Destination::Dir(sealing.plain.path().join(&sealing.name));
+        Ok(sealing)
+    }
+
+    /// Files the dumped image in the store, encrypted, and removes its plaintext. If that
+    /// fails, the plaintext image is kept where CRIU wrote it (it may be the only copy of a
+    /// service CRIU stopped), and the error says where.
+    pub fn seal(self, mut outcome: CheckpointOutcome) -> Result<CheckpointOutcome, OpError> {
+        match archive::seal(
+            &self.store,
+            &self.name,
+            &outcome.path,
+            &self.recipients,
+            self.replace,
+            self.durable,
+        ) {
+            Ok(dir) => {
+                outcome.path = dir;
+                Ok(outcome)
+            }
+            Err(err) => {
+                let kept = self.plain.keep().join(&self.name);
+                let restore = if outcome.left_running {
+                    String::new()
+                } else {
+                    format!(
+                        " (the process was stopped: restore it with `crac restore {}`)",
+                        kept.display()
+                    )
+                };
+                Err(OpError::new(
+                    FailureKind::ImageKept,
+                    format!(
+                        "the image was made but could not be filed encrypted: {err}; it is kept, \
+                         unencrypted, in memory at {}{restore}; remove it when done",
+                        kept.display()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// The plaintext folder of the image in `dir`: `dir` itself, or for an image kept encrypted,
+/// a private tmpfs folder it is decrypted into with the identity in `identity` (returned too:
+/// dropping it removes the plaintext).
+pub fn unsealed(
+    dir: &Path,
+    identity: Option<&Path>,
+) -> Result<(PathBuf, Option<crac_fs::TempDir>), OpError> {
+    let bad = |message: String| OpError::new(FailureKind::BadInput, message);
+    if !archive::is_sealed(dir) {
+        if identity.is_some() {
+            return Err(bad(format!(
+                "the image at {} is not encrypted, but --identity was given: it is not the \
+                 image you expected (check it with `crac images show`); nothing was restored",
+                dir.display()
+            )));
+        }
+        return Ok((dir.to_owned(), None));
+    }
+    let Some(identity) = identity else {
+        return Err(bad(format!(
+            "the image at {} is encrypted (age); pass --identity FILE, a file with a secret key \
+             it was encrypted to; nothing was restored",
+            dir.display()
+        )));
+    };
+    let identities = archive::Identities::read(identity)
+        .map_err(|err| bad(format!("{err}; nothing was restored")))?;
+    let plain = archive::plain_tmpfs("crac-restore").map_err(|err| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot make a private folder to decrypt into ({err}); nothing was restored"),
+        )
+    })?;
+    let image = archive::unseal(dir, &identities, plain.path()).map_err(|err| {
+        bad(format!(
+            "cannot decrypt the image at {}: {}",
+            dir.display(),
+            err.to_string()
+                .replace("nothing was imported", "nothing was restored")
+        ))
+    })?;
+    Ok((image, Some(plain)))
 }
 
 fn archive_error(err: archive::ArchiveError) -> OpError {

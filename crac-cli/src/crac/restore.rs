@@ -9,7 +9,10 @@ use crate::output::{millis, Out};
 use crate::progress;
 
 pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
-    let dir = crate::images::resolve(store, &args.image)?;
+    let shown = crate::images::resolve(store, &args.image)?;
+    // An image kept encrypted is restored from its plaintext on a private tmpfs, removed (as
+    // `_plain` is dropped) once this restore is done.
+    let (dir, _plain) = crate::images::unsealed(&shown, args.identity.as_deref())?;
     // Without --detach CRIU stays until the restored service exits: no progress line then.
     let bar = progress::Bar::new(args.json || !args.detach, None);
     let update = |phase, written| bar.update(phase, written);
@@ -34,14 +37,14 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
             format!(
                 "restored pid {} from {} in {}\n",
                 outcome.pid,
-                dir.display(),
+                shown.display(),
                 millis(outcome.restore_ms)
             )
         } else {
             format!(
                 "pid {} (restored from {}) ran to its end after {}; criu exited with {}\n",
                 outcome.pid,
-                dir.display(),
+                shown.display(),
                 millis(outcome.restore_ms),
                 outcome
                     .exit_code

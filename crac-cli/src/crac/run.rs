@@ -42,6 +42,22 @@ pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
     let started = Instant::now();
     Store::validate_name(&args.image)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
+    if store
+        .resolve(&args.image)
+        .is_ok_and(|dir| crac_cli::archive::is_sealed(&dir))
+    {
+        // A cold start would end in the service's self-checkpoint, unencrypted, in its place.
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            format!(
+                "image {0} is kept encrypted (crac checkpoint --encrypt-to), which crac run does \
+                 not restore, and a cold start's self-checkpoint would replace it with an \
+                 unencrypted one: restore it with `crac restore {0} --identity FILE`, or give \
+                 crac run another --image",
+                args.image
+            ),
+        ));
+    }
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| {
         OpError::new(
             FailureKind::Unavailable,
