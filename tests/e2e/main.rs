@@ -9,6 +9,7 @@ mod container_image;
 mod containers;
 mod crac_cli;
 mod faults;
+mod hostile_output;
 mod lazy;
 mod namespaces;
 mod nothing_lost;
