@@ -128,14 +128,49 @@ fn image_metadata_is_shown_escaped() {
     assert_terminal_safe(&out);
 }
 
-/// A crac-test-target run by nobody, with its own agent; killed (stopped or not) when dropped.
+/// A fake agent: it listens at its agent path with a queue of one, fills the queue itself and
+/// never accepts, so that connecting to it blocks (a blocking `connect` waits for room).
+const FULL_QUEUE_AGENT: &str = r#"
+use Socket; use Fcntl;
+my $d = "/tmp/crac/$$"; mkdir $d, 0700 or die "mkdir $d: $!";
+socket(S, PF_UNIX, SOCK_STREAM, 0) or die; bind(S, pack_sockaddr_un("$d/agent.sock")) or die;
+listen(S, 0) or die;
+my @own;
+for (1..4) {
+    socket(my $c, PF_UNIX, SOCK_STREAM, 0) or die;
+    fcntl($c, F_SETFL, fcntl($c, F_GETFL, 0) | O_NONBLOCK);
+    connect($c, pack_sockaddr_un("$d/agent.sock"));
+    push @own, $c;
+}
+open(my $ready, ">", "$ARGV[0]/ready") or die; close $ready;
+sleep 1000;
+"#;
+
+/// A process run by nobody with its own agent (a crac-test-target, or a fake), a session
+/// leader; killed (stopped or not) when dropped.
 struct NobodysTarget {
     pid: u32,
     child: Child,
 }
 
 impl NobodysTarget {
+    /// A crac-test-target with these resources.
     fn start(dir: &Path, resources: &str) -> NobodysTarget {
+        let mut cmd = Command::new(util::bin("crac-test-target"));
+        cmd.env("CRAC_TEST_DIR", dir)
+            .env("CRAC_TEST_RESOURCES", resources);
+        NobodysTarget::spawn(dir, cmd)
+    }
+
+    /// [`FULL_QUEUE_AGENT`].
+    fn start_full_queue(dir: &Path) -> NobodysTarget {
+        let mut cmd = Command::new("perl");
+        cmd.arg("-e").arg(FULL_QUEUE_AGENT).arg(dir);
+        NobodysTarget::spawn(dir, cmd)
+    }
+
+    /// Runs `what` as nobody in `dir` (made nobody's), and waits for `dir/ready`.
+    fn spawn(dir: &Path, what: Command) -> NobodysTarget {
         fs::create_dir_all(dir).unwrap();
         std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
         let mut cmd = Command::new("setpriv");
@@ -145,9 +180,9 @@ impl NobodysTarget {
             "--clear-groups",
             "--",
         ])
-        .arg(util::bin("crac-test-target"))
-        .env("CRAC_TEST_DIR", dir)
-        .env("CRAC_TEST_RESOURCES", resources)
+        .arg(what.get_program())
+        .args(what.get_args())
+        .envs(what.get_envs().filter_map(|(k, v)| Some((k, v?))))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -201,12 +236,14 @@ fn another_users_agent_cannot_write_to_the_terminal_nor_stall_ps() {
     for target in &silent {
         target.stop();
     }
+    let stuck = NobodysTarget::start_full_queue(&scratch.join("stuck"));
 
     let started = Instant::now();
     let out = crac.run(&["ps"]);
     let took = started.elapsed();
     assert!(out.status.success(), "{}", text(&out));
-    // Asked one after the other with the old 2 s limit, five silent agents took 10 s.
+    // Asked one after the other with the old 2 s limit, five silent agents took 10 s, and
+    // the one with a full queue kept crac ps waiting for good.
     assert!(took < Duration::from_secs(2), "crac ps took {took:?}");
     assert_terminal_safe(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -217,7 +254,7 @@ fn another_users_agent_cannot_write_to_the_terminal_nor_stall_ps() {
     // The resources column, cut to 30 characters once escaped.
     assert!(row.contains(" a\\x1b]52;c;ZXZpbA==\\x07,b\\x1b… "), "{row}");
     assert!(!stdout.contains("\n   1 idle"), "a forged row: {stdout}");
-    for target in &silent {
+    for target in silent.iter().chain([&stuck]) {
         let at = stdout
             .find(&format!("\n{:>8}  unresponsive ", target.pid))
             .unwrap_or_else(|| panic!("pid {} not listed as unresponsive:\n{stdout}", target.pid));
@@ -253,18 +290,20 @@ fn another_users_agent_cannot_write_to_the_terminal_nor_stall_ps() {
         "{stdout}"
     );
 
-    // A silent agent asked alone: a bounded, clear failure.
-    let started = Instant::now();
-    let out = crac.run(&["status", &silent[0].pid.to_string()]);
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr),
-        format!(
-            "crac: the agent at {} did not reply within 2s\n",
-            util::agent_dir(silent[0].pid).join("agent.sock").display()
-        )
-    );
+    // A silent agent asked alone, and one whose queue is full: a bounded, clear failure.
+    for pid in [silent[0].pid, stuck.pid] {
+        let started = Instant::now();
+        let out = crac.run(&["status", &pid.to_string()]);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "crac: the agent at {} did not reply within 2s\n",
+                util::agent_dir(pid).join("agent.sock").display()
+            )
+        );
+    }
 }
 
 /// Runs `cmd`, killing it and failing if it takes longer than `limit`.

@@ -66,9 +66,10 @@ fn ask_all(
     outcomes
 }
 
+/// What is said of an agent whose thread had nothing by the deadline: as a time-out.
 fn no_answer_within(agent: &AgentSocket, limit: Duration) -> String {
     format!(
-        "the agent at {} did not answer within {}s",
+        "the agent at {} did not reply within {}s",
         agent.describe(),
         limit.as_secs_f64()
     )
