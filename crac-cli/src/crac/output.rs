@@ -43,12 +43,14 @@ impl Out {
     }
 }
 
-/// An error: always on stderr as text; with --json also as a JSON document on stdout, so a
-/// script that parses stdout sees it.
+/// An error: always on stderr as text, safe for a terminal; with --json also as a JSON document
+/// on stdout, so a script that parses stdout sees it.
 pub fn print_error(err: &OpError, json: bool) {
-    eprintln!("crac: {}", safe(&err.message));
+    // One line each, as they are meant to be: a newline in what they quote (a command line,
+    // an agent's error) cannot start a line of its own.
+    eprintln!("crac: {}", field(&err.message));
     for line in &err.details {
-        eprintln!("  {}", safe(line));
+        eprintln!("  {}", field(line));
     }
     if json {
         #[derive(Serialize)]
