@@ -219,7 +219,7 @@ pub fn checkpoint(
     refuse_up_front(pid, &request.options)?;
     // Held until the image is filed: a second checkpoint of this pid meanwhile is told so,
     // rather than failing in CRIU and guessing at the state of a service the first stopped.
-    let _lock = lock_pid(pid)?;
+    let _lock = lock_pid(pid, "checkpoint")?;
     for warning in stdio_warnings(pid) {
         warn(&warning);
     }
@@ -1078,6 +1078,13 @@ fn restore_with(
         progress(Phase::Verify, 0);
     }
     let (meta, criu) = validate(&request.dir, notice)?;
+    // While CRIU gives the image's pid back (a detached restore: one that CRIU stays the parent
+    // of lasts as long as the service), a checkpoint or another restore of that pid is told.
+    let _lock = if request.detach && !meta.in_own_pid_namespace() {
+        lock_pid(meta.pid, "restore")?
+    } else {
+        None
+    };
     if let Some(progress) = progress {
         progress(Phase::Restore, 0);
     }
@@ -1425,13 +1432,16 @@ fn log_incomplete(log_path: &Path, len: usize, pid: u32) -> String {
     )
 }
 
-/// Where `crac checkpoint` keeps its per-pid locks: a folder of root's under `/run`, which
-/// only root may write, so nobody else can take a pid's lock first.
+/// Where crac keeps its per-pid locks: a folder of root's under `/run`, which only root may
+/// write, so nobody else can take a pid's lock first.
 const LOCK_DIR: &str = "/run/crac-locks";
 
-/// A pid's lock, held while a checkpoint of it runs: a private file `LOCK_DIR/PID.lock` under
-/// `flock`, holding the holder's pid. Removed when dropped (while still locked, so that one
-/// who opened it meanwhile finds the name gone and takes a fresh one).
+/// A pid's lock, held while a checkpoint of it runs, or a detached restore gives it back: a
+/// private file `LOCK_DIR/PID.lock` under `flock`, holding the holder's pid and what it does.
+/// Removed when dropped (while still locked, so that one who opened it meanwhile finds the
+/// name gone and takes a fresh one). A crac that is killed leaves its file, unlocked (the
+/// kernel drops a dead process's locks), which the next crac to lock that pid takes over;
+/// `/run` is emptied at boot.
 struct PidLock {
     path: PathBuf,
     _file: nix::fcntl::Flock<fs::File>,
@@ -1443,14 +1453,14 @@ impl Drop for PidLock {
     }
 }
 
-/// Takes `pid`'s lock for a checkpoint, or says who holds it. Nothing (`None`) on a system
-/// without `/run`.
+/// Takes `pid`'s lock for `what` (`checkpoint`, `restore`), or says which crac holds it and
+/// for what. Nothing (`None`) on a system without `/run`.
 ///
 /// # Errors
 ///
 /// [`FailureKind::Failed`] naming the crac that holds it; [`FailureKind::Unavailable`] when
 /// the lock folder cannot be made or trusted.
-fn lock_pid(pid: u32) -> Result<Option<PidLock>, OpError> {
+fn lock_pid(pid: u32, what: &str) -> Result<Option<PidLock>, OpError> {
     use nix::fcntl::{Flock, FlockArg};
     use std::io::Write;
     use std::os::unix::fs::MetadataExt;
@@ -1461,7 +1471,7 @@ fn lock_pid(pid: u32) -> Result<Option<PidLock>, OpError> {
     let unavailable = |e: std::io::Error| {
         OpError::new(
             FailureKind::Unavailable,
-            format!("cannot lock pid {pid} for this checkpoint: {e}"),
+            format!("cannot lock pid {pid} for this {what}: {e}"),
         )
     };
     crac_fs::ensure_dir(dir).map_err(unavailable)?;
@@ -1471,19 +1481,7 @@ fn lock_pid(pid: u32) -> Result<Option<PidLock>, OpError> {
         let file = crac_fs::open_append(&path).map_err(unavailable)?;
         let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let holder = crac_fs::read_bounded(&path, 32)
-                    .ok()
-                    .and_then(|bytes| String::from_utf8(bytes).ok())
-                    .and_then(|text| text.trim().parse::<u32>().ok());
-                return Err(OpError::new(
-                    FailureKind::Failed,
-                    format!(
-                        "another crac checkpoint of pid {pid} is running{}; wait for it to finish (it stops the service unless it was given --leave-running)",
-                        holder.map_or(String::new(), |h| format!(" (pid {h})"))
-                    ),
-                ));
-            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(held(pid, &path)),
             Err((_, e)) => return Err(unavailable(e.into())),
         };
         // Still the file at that name (not one its last holder removed as it finished)?
@@ -1497,7 +1495,7 @@ fn lock_pid(pid: u32) -> Result<Option<PidLock>, OpError> {
             continue;
         }
         locked.set_len(0).map_err(unavailable)?;
-        writeln!(locked, "{}", std::process::id()).map_err(unavailable)?;
+        writeln!(locked, "{} {what}", std::process::id()).map_err(unavailable)?;
         return Ok(Some(PidLock {
             path,
             _file: locked,
@@ -1506,10 +1504,39 @@ fn lock_pid(pid: u32) -> Result<Option<PidLock>, OpError> {
     Err(OpError::new(
         FailureKind::Unavailable,
         format!(
-            "cannot lock pid {pid} for this checkpoint: {} keeps changing",
+            "cannot lock pid {pid} for this {what}: {} keeps changing",
             path.display()
         ),
     ))
+}
+
+/// The error for `pid`'s lock at `path` held by another crac: which one, doing what.
+fn held(pid: u32, path: &Path) -> OpError {
+    let text = crac_fs::read_bounded(path, 64)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let holder = words.next().and_then(|w| w.parse::<u32>().ok());
+    // Written right after the lock is taken: a holder caught before it wrote is a checkpoint
+    // as likely as not; say only what is known.
+    let what = match words.next() {
+        Some("restore") => "restore",
+        Some("checkpoint") => "checkpoint",
+        _ => "checkpoint or restore",
+    };
+    OpError::new(
+        FailureKind::Failed,
+        format!(
+            "another crac {what} of pid {pid} is running{}; wait for it to finish{}",
+            holder.map_or(String::new(), |h| format!(" (pid {h})")),
+            if what == "checkpoint" {
+                " (it stops the service unless it was given --leave-running)"
+            } else {
+                ""
+            }
+        ),
+    )
 }
 
 #[cfg(test)]

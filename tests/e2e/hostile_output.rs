@@ -614,3 +614,43 @@ exec {criu} "$@"
     });
     drop(restored);
 }
+
+#[test]
+fn a_restore_of_a_pid_another_crac_is_restoring_is_told_so() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("hostile-restore-lock");
+    let crac = Crac::new(&scratch);
+    let target = Target::start(&scratch.join("t"), &[]);
+    let pid = target.pid;
+    let out = crac.run(&["checkpoint", &pid.to_string(), "--name", "svc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = Target::restored(&target);
+    target.reap_dumped();
+
+    // Another crac restore of that pid under way: its lock, taken as crac takes it.
+    let lock = PathBuf::from(format!("/run/crac-locks/{pid}.lock"));
+    let file = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&lock)
+        .unwrap();
+    let mut held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    use std::io::Write;
+    writeln!(held, "4242 restore").unwrap();
+    let out = run_with_umask(&crac, &["restore", "svc", "--detach"], 0, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("crac: another crac restore of pid {pid} is running (pid 4242); wait for it to finish\n")
+    );
+    assert!(!restored.is_alive());
+    fs::remove_file(&lock).unwrap();
+    drop(held);
+
+    let out = run_with_umask(&crac, &["restore", "svc", "--detach"], 0, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!lock.exists(), "the lock stays behind");
+    wait_until(Duration::from_secs(10), "the after_restore hooks", || {
+        restored.hooks().len() == 6
+    });
+}
