@@ -9,6 +9,7 @@ use serde::Serialize;
 use crac_action::agents::{ask, Deadline, Outcome};
 use crac_action::namespace::{expected_socket, AgentSocket};
 use crac_action::tree::ProcessId;
+use crac_agent::client::ClientError;
 use crac_agent::protocol::Request;
 use crac_cli::driver::{read_cmdline, FailureKind, OpError};
 
@@ -47,8 +48,14 @@ fn ask_all(
             });
         match spawned {
             Ok(_) => pending += 1,
-            // Out of threads: ask this one here, still within the deadline.
-            Err(_) => outcomes[index] = Some(ask(&agents[index], request, &deadline)),
+            // Out of threads (thousands of agents): not asked here, where a blocking connect
+            // would hold up everything; said so.
+            Err(err) => {
+                outcomes[index] = Some(Outcome::NoAnswer(ClientError::Io {
+                    path: agent.describe().into(),
+                    source: std::io::Error::other(format!("not asked: {err}")),
+                }))
+            }
         }
     }
     drop(sender);
