@@ -99,13 +99,16 @@ struct Rule {
     pattern: String,
 }
 
-/// A policy file that does not parse: where and why.
+/// The largest policy file read: a policy is a few lines; a bigger file is not one.
+pub const MAX_POLICY_LEN: u64 = 1 << 20;
+
+/// A policy file that cannot be read or does not parse: where and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
+#[error("{file}{}: {message}", if *line == 0 { String::new() } else { format!(":{line}:{column}") })]
 pub struct PolicyError {
     /// The file.
     pub file: String,
-    /// The line, from 1.
+    /// The line, from 1; 0 when the file could not be read.
     pub line: usize,
     /// The column, from 1.
     pub column: usize,
@@ -114,18 +117,26 @@ pub struct PolicyError {
 }
 
 impl Policy {
-    /// Reads a policy file.
+    /// Reads a policy file: a regular file of at most [`MAX_POLICY_LEN`] bytes, so that a
+    /// FIFO that nobody writes cannot hang a checkpoint, nor `/dev/zero` fill memory.
     ///
     /// # Errors
     ///
-    /// When it cannot be read or a line does not parse, with the line and column.
+    /// When it cannot be read (not a regular file, too big, not UTF-8) or a line does not
+    /// parse, with the line and column.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let text = fs::read_to_string(path).map_err(|err| PolicyError {
+        let unreadable = |why: String| PolicyError {
             file: path.display().to_string(),
             line: 0,
             column: 0,
-            message: format!("cannot read it: {err}"),
-        })?;
+            message: format!(
+                "cannot read it ({why}); a policy is a regular file of at most {} MiB",
+                MAX_POLICY_LEN >> 20
+            ),
+        };
+        let bytes = crac_fs::read_bounded(path, MAX_POLICY_LEN)
+            .map_err(|err| unreadable(err.to_string()))?;
+        let text = String::from_utf8(bytes).map_err(|err| unreadable(err.to_string()))?;
         Policy::parse(&path.display().to_string(), &text)
     }
 
@@ -412,6 +423,46 @@ pub(crate) fn close_matching(policy: &Policy, keep: &[RawFd], dry_run: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_bounded_regular_file_is_read_as_a_policy() {
+        let dir = crac_fs::TempDir::new("crac-policy-test").unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Would block for good at the open, or read without end, if it were read.
+        let started = std::time::Instant::now();
+        let err = Policy::load(&fifo).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{0}: cannot read it ({0} is a FIFO, not a regular file: crac reads only regular \
+                 files); a policy is a regular file of at most 1 MiB",
+                fifo.display()
+            )
+        );
+        let err = Policy::load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/dev/zero: cannot read it (/dev/zero is a character device, not a regular file: \
+             crac reads only regular files); a policy is a regular file of at most 1 MiB"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let big = dir.path().join("big");
+        let mut text = "ignore tcp *\n".repeat((MAX_POLICY_LEN / 13) as usize);
+        fs::write(&big, &text).unwrap();
+        assert!(Policy::load(&big).is_ok());
+        text.push_str("ignore tcp *\n");
+        fs::write(&big, &text).unwrap();
+        let err = Policy::load(&big).unwrap_err().to_string();
+        assert!(err.contains("is larger than 1048576 bytes"), "{err}");
+        let parsed = dir.path().join("bad");
+        fs::write(&parsed, "ignore tcp *\nallow tcp *\n").unwrap();
+        let err = Policy::load(&parsed).unwrap_err();
+        assert_eq!((err.line, err.column), (2, 1));
+        assert!(err
+            .to_string()
+            .starts_with(&format!("{}:2:1: ", parsed.display())));
+    }
 
     #[test]
     fn policies_parse_and_match_first_rule_first() {

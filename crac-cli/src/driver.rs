@@ -217,6 +217,9 @@ pub fn checkpoint(
         )
     })?;
     refuse_up_front(pid, &request.options)?;
+    // Held until the image is filed: a second checkpoint of this pid meanwhile is told so,
+    // rather than failing in CRIU and guessing at the state of a service the first stopped.
+    let _lock = lock_pid(pid, "checkpoint")?;
     for warning in stdio_warnings(pid) {
         warn(&warning);
     }
@@ -879,6 +882,12 @@ pub struct RestoreOutcome {
     /// out, each naming its resource, and agents that did not answer. The service was restored
     /// and runs either way.
     pub hook_failures: Vec<String>,
+    /// Why CRIU's log of the restore holds none of crac-action's lines, when it does not (it
+    /// could not be written: a full disk): then [`RestoreOutcome::hook_lines`] and
+    /// [`RestoreOutcome::hook_failures`] say nothing about the after_restore hooks, which may
+    /// have run and failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_incomplete: Option<String>,
     /// The restored tree's exit code, when CRIU stayed its parent.
     pub exit_code: Option<i32>,
     /// CRIU's own figures (from its `stats-restore`), when it wrote them.
@@ -1080,17 +1089,28 @@ fn restore_with(
         progress(Phase::Verify, 0);
     }
     let (meta, criu) = validate(&request.dir, notice)?;
+    // While CRIU gives the image's pid back (a detached restore: one that CRIU stays the parent
+    // of lasts as long as the service), a checkpoint or another restore of that pid is told.
+    let _lock = if request.detach && !meta.in_own_pid_namespace() {
+        lock_pid(meta.pid, "restore")?
+    } else {
+        None
+    };
     if let Some(progress) = progress {
         progress(Phase::Restore, 0);
     }
     let action = action_script()?;
     // The restored root's pid: the image's, unless the tree had a pid namespace of its own,
-    // which the restore makes anew (and CRIU says where the root landed).
-    let pidfile = std::env::temp_dir().join(format!(
-        "crac-restore-{}-{}.pid",
-        std::process::id(),
-        now_ms()
-    ));
+    // which the restore makes anew (and CRIU says where the root landed). CRIU creates the
+    // file (O_EXCL) at a path its command line shows to everyone: in a private folder of an
+    // unguessable name, nobody can make it first and fail the restore.
+    let scratch = crac_fs::TempDir::new("crac-restore").map_err(|e| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot make a private folder for CRIU's pidfile: {e}"),
+        )
+    })?;
+    let pidfile = scratch.path().join("restored.pid");
     let mut cmd = Command::new(&criu.path);
     cmd.arg("restore")
         .arg("-D")
@@ -1164,8 +1184,9 @@ fn restore_with(
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(meta.pid);
-    let _ = fs::remove_file(&pidfile);
-    let log = fs::read_to_string(request.dir.join("restore.log")).unwrap_or_default();
+    drop(scratch);
+    let log_path = request.dir.join("restore.log");
+    let log = fs::read_to_string(&log_path).unwrap_or_default();
     let hook_lines: Vec<String> = log
         .lines()
         .filter(|l| l.starts_with("crac-action:"))
@@ -1195,11 +1216,17 @@ fn restore_with(
         )
         .with_details(details));
     }
+    // crac-action writes at least one line at every restore ("no agent in the process tree"
+    // when there is none): a log without any was not written whole.
+    let log_incomplete = hook_lines
+        .is_empty()
+        .then(|| log_incomplete(&log_path, log.len(), pid));
     let outcome = RestoreOutcome {
         pid,
         restore_ms,
         hook_lines,
         hook_failures,
+        log_incomplete,
         exit_code: if request.detach {
             None
         } else {
@@ -1288,7 +1315,6 @@ pub fn hints(log: &str) -> Vec<String> {
         ("External socket is used", "hint: the service holds a Unix connection to a process outside the tree: close it in a before_checkpoint hook"),
         ("Found a closed in-flight socket", "hint: a connection was closed by its peer before the service accepted it; retry the checkpoint"),
         ("Connected TCP socket", "hint: the service holds established TCP connections: close them in a before_checkpoint hook, or pass --tcp-established"),
-        ("File exists", "hint: a pid of the image is in use (often a dumped process not yet reaped): wait for it to exit, then retry"),
         ("Unexpected rt vDSO area bounds", "hint: this CRIU is too old for the kernel: run scripts/provision-criu.sh and use CRIU >= 4.2"),
         ("Can't get 1:16 opt", "hint: this CRIU cannot dump TCP or UDP sockets on this kernel (CRIU 4.1 asks for SO_PASSCRED on them): use CRIU >= 4.2 (scripts/provision-criu.sh)"),
         ("iptables-restore", "hint: CRIU locks TCP connections with iptables by default and found no iptables-restore: install iptables, or pass -- --network-lock nftables (crac checkpoint --tcp-established does)"),
@@ -1301,6 +1327,14 @@ pub fn hints(log: &str) -> Vec<String> {
         .filter(|(needle, _)| log.contains(needle))
         .map(|(_, hint)| (*hint).to_owned())
         .collect();
+    // CRIU says "File exists" of any file it creates (its pidfile too): only a fork that found
+    // the pid taken is about a pid.
+    if log
+        .lines()
+        .any(|l| l.contains("Can't fork for") && l.ends_with("File exists"))
+    {
+        hints.push("hint: a pid of the image is in use (often a dumped process not yet reaped): wait for it to exit, then retry".to_owned());
+    }
     if log.contains("Pre dump script failed") {
         hints.push(pre_dump_hint(log).to_owned());
     }
@@ -1395,6 +1429,140 @@ fn restore_turn(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, OpError> {
     })
 }
 
+/// Why CRIU's log at `log_path` (`len` bytes) holds none of crac-action's lines, for a restore
+/// whose root is `pid`: a full file system, when it is one.
+fn log_incomplete(log_path: &Path, len: usize, pid: u32) -> String {
+    let dir = log_path.parent().unwrap_or(Path::new("/"));
+    // Root may use the blocks kept back for it: only none at all is full for root.
+    let free = nix::sys::statvfs::statvfs(dir)
+        .ok()
+        .map(|fs| fs.blocks_free() * fs.fragment_size());
+    let why = match free {
+        Some(free) if free < 64 << 10 => format!(
+            "the file system it is on is full ({}), so CRIU could not write it; free space there",
+            if free == 0 {
+                "no space left".to_owned()
+            } else {
+                format!("{free} bytes free")
+            }
+        ),
+        _ => "it could not be written, or crac-action did not run at the restore".to_owned(),
+    };
+    format!(
+        "CRIU's log {} ({len} bytes) holds none of crac-action's lines: {why}. The restore \
+         succeeded, but whether the after_restore hooks ran, and how, is not known from here: \
+         `crac status {pid}` asks its agent",
+        log_path.display()
+    )
+}
+
+/// Where crac keeps its per-pid locks: a folder of root's under `/run`, which only root may
+/// write, so nobody else can take a pid's lock first.
+const LOCK_DIR: &str = "/run/crac-locks";
+
+/// A pid's lock, held while a checkpoint of it runs, or a detached restore gives it back: a
+/// private file `LOCK_DIR/PID.lock` under `flock`, holding the holder's pid and what it does.
+/// Removed when dropped (while still locked, so that one who opened it meanwhile finds the
+/// name gone and takes a fresh one). A crac that is killed leaves its file, unlocked (the
+/// kernel drops a dead process's locks), which the next crac to lock that pid takes over;
+/// `/run` is emptied at boot.
+struct PidLock {
+    path: PathBuf,
+    _file: nix::fcntl::Flock<fs::File>,
+}
+
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Takes `pid`'s lock for `what` (`checkpoint`, `restore`), or says which crac holds it and
+/// for what. Nothing (`None`) on a system without `/run`.
+///
+/// # Errors
+///
+/// [`FailureKind::Failed`] naming the crac that holds it; [`FailureKind::Unavailable`] when
+/// the lock folder cannot be made or trusted.
+fn lock_pid(pid: u32, what: &str) -> Result<Option<PidLock>, OpError> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let dir = Path::new(LOCK_DIR);
+    if !dir.parent().is_some_and(Path::is_dir) {
+        return Ok(None);
+    }
+    let unavailable = |e: std::io::Error| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot lock pid {pid} for this {what}: {e}"),
+        )
+    };
+    crac_fs::ensure_dir(dir).map_err(unavailable)?;
+    let path = dir.join(format!("{pid}.lock"));
+    // A few tries: each finds the file of a holder that has just finished gone.
+    for _ in 0..100 {
+        let file = crac_fs::open_append(&path).map_err(unavailable)?;
+        let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(held(pid, &path)),
+            Err((_, e)) => return Err(unavailable(e.into())),
+        };
+        // Still the file at that name (not one its last holder removed as it finished)?
+        let held = locked.metadata().map_err(unavailable)?;
+        let named = match fs::symlink_metadata(&path) {
+            Ok(named) => named,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(unavailable(e)),
+        };
+        if (held.dev(), held.ino()) != (named.dev(), named.ino()) {
+            continue;
+        }
+        locked.set_len(0).map_err(unavailable)?;
+        writeln!(locked, "{} {what}", std::process::id()).map_err(unavailable)?;
+        return Ok(Some(PidLock {
+            path,
+            _file: locked,
+        }));
+    }
+    Err(OpError::new(
+        FailureKind::Unavailable,
+        format!(
+            "cannot lock pid {pid} for this {what}: {} keeps changing",
+            path.display()
+        ),
+    ))
+}
+
+/// The error for `pid`'s lock at `path` held by another crac: which one, doing what.
+fn held(pid: u32, path: &Path) -> OpError {
+    let text = crac_fs::read_bounded(path, 64)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let holder = words.next().and_then(|w| w.parse::<u32>().ok());
+    // Written right after the lock is taken: a holder caught before it wrote is a checkpoint
+    // as likely as not; say only what is known.
+    let what = match words.next() {
+        Some("restore") => "restore",
+        Some("checkpoint") => "checkpoint",
+        _ => "checkpoint or restore",
+    };
+    OpError::new(
+        FailureKind::Failed,
+        format!(
+            "another crac {what} of pid {pid} is running{}; wait for it to finish{}",
+            holder.map_or(String::new(), |h| format!(" (pid {h})")),
+            if what == "checkpoint" {
+                " (it stops the service unless it was given --leave-running)"
+            } else {
+                ""
+            }
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1407,6 +1575,18 @@ mod tests {
         let hints = hints(&log);
         assert_eq!(hints.len(), 1, "{hints:?}");
         hints[0].clone()
+    }
+
+    #[test]
+    fn only_a_pid_taken_is_blamed_on_a_pid_in_use() {
+        let taken = "Error (criu/cr-restore.c:1237): Can't fork for 8996: File exists\nError (criu/cr-restore.c:2331): Restoring FAILED.";
+        assert_eq!(
+            hints(taken),
+            ["hint: a pid of the image is in use (often a dumped process not yet reaped): wait for it to exit, then retry"]
+        );
+        // A pidfile someone made first: "File exists" too, and no pid is in use.
+        let pidfile = "Error (criu/log.c:416): pidfile: Can't open /tmp/x.pid: File exists\nError (criu/cr-restore.c:1986): Can't write pidfile: File exists\nError (criu/cr-restore.c:2331): Restoring FAILED.";
+        assert!(hints(pidfile).is_empty(), "{:?}", hints(pidfile));
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod container_image;
 mod containers;
 mod crac_cli;
 mod faults;
+mod hostile_output;
 mod image_trust;
 mod lazy;
 mod namespaces;

@@ -109,6 +109,10 @@ impl Scratch {
         ));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("scratch folder");
+        // 0755 whatever the umask: crac refuses to write under a folder others may write to,
+        // and the tests that play another user need it to reach what they try to read.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod scratch");
         Scratch { path }
     }
 

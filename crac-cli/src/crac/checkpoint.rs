@@ -376,7 +376,7 @@ fn self_worker(request: &CheckpointRequest) -> Result<u8, OpError> {
         // The process's own stderr, which it may read: warnings go there too.
         driver::checkpoint(
             request,
-            &mut |warning| eprintln!("crac: warning: {warning}"),
+            &mut |warning| crate::output::say(&format!("crac: warning: {warning}")),
             None,
         )
     };

@@ -1,5 +1,6 @@
 //! `crac images ...`: the image store.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -10,7 +11,7 @@ use crac_cli::metadata::{self, Metadata};
 use crac_cli::store::{self, Store, StoreError};
 
 use crate::cli::{ExportArgs, ImagesCommand, ImportArgs};
-use crate::output::{bytes, millis, Out};
+use crate::output::{bytes, field, millis, say, Out};
 
 /// An image name or folder, as an image folder.
 pub fn resolve(store: &Store, image: &str) -> Result<PathBuf, OpError> {
@@ -87,7 +88,7 @@ fn list(store: &Store, out: Out) -> Result<u8, OpError> {
                 ),
                 None => (
                     "-".into(),
-                    format!("(unreadable: {})", l.error.as_deref().unwrap_or("?")),
+                    format!("(unreadable: {})", field(l.error.as_deref().unwrap_or("?"))),
                 ),
             };
             // The image's own size, as `show` and `export` give it; `du` adds logs.
@@ -106,19 +107,10 @@ fn list(store: &Store, out: Out) -> Result<u8, OpError> {
     Ok(0)
 }
 
-/// A command line on one line of a table: arguments with newlines, tabs or other control
-/// characters are shown escaped (`\n`), so one image is one row.
+/// A command line on one line of a table: each argument a [`field`] (newlines, tabs and other
+/// control characters shown escaped, `\n`), so one image is one row.
 fn one_line(args: &[String]) -> String {
-    args.iter()
-        .map(|a| {
-            if a.chars().any(char::is_control) {
-                a.escape_debug().to_string()
-            } else {
-                a.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    args.iter().map(|a| field(a)).collect::<Vec<_>>().join(" ")
 }
 
 fn age(created_unix_ms: u64) -> String {
@@ -155,11 +147,12 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
         problems: problems.clone(),
         metadata: &meta,
     };
+    // Whoever made or sent the image wrote its metadata: each value is one field of its line.
     out.print(&shown, || {
-        let mut text = format!("image {} at {}\n", meta.name, dir.display());
+        let mut text = format!("image {} at {}\n", field(&meta.name), dir.display());
         text.push_str(&format!(
             "  valid:     {}\n",
-            problems.as_deref().unwrap_or("yes")
+            problems.as_deref().map_or(Cow::Borrowed("yes"), field)
         ));
         text.push_str(&format!(
             "  process:   pid {} `{}`\n",
@@ -174,7 +167,10 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
         ));
         text.push_str(&format!(
             "  made with: CRIU {}, crac {}, Linux {} on {}\n",
-            meta.criu_version, meta.crac_version, meta.kernel, meta.arch
+            field(&meta.criu_version),
+            field(&meta.crac_version),
+            field(&meta.kernel),
+            field(&meta.arch)
         ));
         text.push_str(&format!(
             "  options:   leave_running={} tcp_established={} file_locks={} timeout={}s {}\n",
@@ -182,7 +178,7 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
             meta.options.tcp_established,
             meta.options.file_locks,
             meta.options.timeout_secs,
-            meta.options.extra_criu_args.join(" ")
+            one_line(&meta.options.extra_criu_args)
         ));
         text.push_str(&format!(
             "  timings:   hooks {}, criu dump {}, total {}\n",
@@ -193,7 +189,10 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
         for h in &meta.hooks {
             text.push_str(&format!(
                 "  hook:      pid {} {} {} {}µs\n",
-                h.pid, h.phase, h.resource, h.duration_us
+                h.pid,
+                field(&h.phase),
+                field(&h.resource),
+                h.duration_us
             ));
         }
         text
@@ -261,20 +260,24 @@ fn verify(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
 pub fn recover(store: &Store) -> Result<(), OpError> {
     let recovery = store.recover().map_err(store_error)?;
     for image in &recovery.recovered {
-        eprintln!(
+        say(&format!(
             "crac: filed the complete image of an interrupted checkpoint of pid {} as {} (found in {})",
             image.pid,
             image.name,
             image.from.display()
-        );
+        ));
     }
     for path in &recovery.removed {
-        eprintln!("crac: removed {}, {}", path.display(), left_by(path));
+        say(&format!(
+            "crac: removed {}, {}",
+            path.display(),
+            left_by(path)
+        ));
     }
     for err in &recovery.stuck {
-        eprintln!(
+        say(&format!(
             "crac: warning: a complete image of an interrupted checkpoint stays where it is: {err}"
-        );
+        ));
     }
     Ok(())
 }

@@ -47,11 +47,12 @@ impl Bar {
         bar.set_position(written);
     }
 
-    /// Prints `line` on stderr above the progress line.
+    /// Prints `line` on stderr above the progress line, made safe for a terminal (it may
+    /// quote an image's metadata: [`crate::output::safe`]).
     pub fn note(&self, line: &str) {
         match &self.0 {
-            Some(bar) => bar.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+            Some(bar) => bar.suspend(|| crate::output::say(line)),
+            None => crate::output::say(line),
         }
     }
 

@@ -1,19 +1,86 @@
 //! `crac ps` and `crac status`: ask agents for their state, wherever their processes run (on
 //! the host or in containers: see crac_action::namespace).
 
-use std::time::Duration;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crac_action::agents::{ask, Deadline, Outcome};
 use crac_action::namespace::{expected_socket, AgentSocket};
 use crac_action::tree::ProcessId;
+use crac_agent::client::ClientError;
 use crac_agent::protocol::Request;
 use crac_cli::driver::{read_cmdline, FailureKind, OpError};
 
-use crate::output::Out;
+use crate::output::{field, Out};
 
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `crac ps` waits for every agent together. An agent answers `status` at once, even
+/// while its hooks run (it serves connections side by side); one that does not is stopped, or
+/// not an agent at all (any user can listen on a socket at its own agent path and never
+/// answer), and is listed as not answering rather than waited for.
+const PS_LIMIT: Duration = Duration::from_millis(500);
+
+/// How long `crac status` waits for the one agent it asks: the descriptors of a process with
+/// many take a while to list.
+const STATUS_LIMIT: Duration = Duration::from_secs(2);
+
+/// Asks every agent `request` at once, each from a thread of its own, within one deadline of
+/// `limit`: silent agents cost one limit between them, not one each. The answer of each, in
+/// order; `None` for one whose thread had nothing by the deadline (stuck connecting: a
+/// listener whose queue its owner keeps full), which is left behind (crac exits soon after).
+fn ask_all(
+    agents: &[Arc<AgentSocket>],
+    request: &Request,
+    limit: Duration,
+) -> Vec<Option<Outcome>> {
+    let deadline = Deadline::after(limit);
+    let until = Instant::now() + limit;
+    let (sender, answers) = mpsc::channel();
+    let mut outcomes: Vec<Option<Outcome>> = agents.iter().map(|_| None).collect();
+    let mut pending = 0;
+    for (index, agent) in agents.iter().enumerate() {
+        let (mine, asked, sender) = (Arc::clone(agent), request.clone(), sender.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("ask {}", agent.pid()))
+            .spawn(move || {
+                let _ = sender.send((index, ask(&mine, &asked, &deadline)));
+            });
+        match spawned {
+            Ok(_) => pending += 1,
+            // Out of threads (thousands of agents): not asked here, where a blocking connect
+            // would hold up everything; said so.
+            Err(err) => {
+                outcomes[index] = Some(Outcome::NoAnswer(ClientError::Io {
+                    path: agent.describe().into(),
+                    source: std::io::Error::other(format!("not asked: {err}")),
+                }))
+            }
+        }
+    }
+    drop(sender);
+    while pending > 0 {
+        // A little past the deadline, for the threads to report their own time-outs.
+        let left = until.saturating_duration_since(Instant::now()) + Duration::from_millis(50);
+        match answers.recv_timeout(left) {
+            Ok((index, outcome)) => {
+                outcomes[index] = Some(outcome);
+                pending -= 1;
+            }
+            Err(_) => break,
+        }
+    }
+    outcomes
+}
+
+/// What is said of an agent whose thread had nothing by the deadline: as a time-out.
+fn no_answer_within(agent: &AgentSocket, limit: Duration) -> String {
+    format!(
+        "the agent at {} did not reply within {}s",
+        agent.describe(),
+        limit.as_secs_f64()
+    )
+}
 
 #[derive(Debug, Default, Serialize)]
 struct Row {
@@ -42,7 +109,7 @@ fn failure_line(hook: &crac_agent::protocol::HookReport) -> String {
     )
 }
 
-fn row(agent: &AgentSocket) -> Row {
+fn row(agent: &AgentSocket, outcome: Option<Outcome>) -> Row {
     let pid = agent.pid();
     let mut row = Row {
         pid,
@@ -52,7 +119,12 @@ fn row(agent: &AgentSocket) -> Row {
         socket: agent.describe(),
         ..Row::default()
     };
-    match ask(agent, &Request::status(), &Deadline::after(TIMEOUT)) {
+    let Some(outcome) = outcome else {
+        row.state = "unresponsive".into();
+        row.error = Some(no_answer_within(agent, PS_LIMIT));
+        return row;
+    };
+    match outcome {
         Outcome::Done(reply) | Outcome::Refused(reply) => {
             row.state = reply.state;
             row.generation = Some(reply.generation);
@@ -107,41 +179,56 @@ pub fn ps(out: Out) -> Result<u8, OpError> {
         })
         .unwrap_or_default();
     pids.sort_unstable();
-    let mut rows: Vec<Row> = pids
-        .into_iter()
-        .filter_map(|pid| match AgentSocket::find(pid) {
-            Ok(Some(agent)) => Some(row(&agent)),
-            Ok(None) => None,
-            Err(refusal) => Some(Row {
+    let mut agents = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    for pid in pids {
+        match AgentSocket::find(pid) {
+            Ok(Some(agent)) => agents.push(Arc::new(agent)),
+            Ok(None) => {}
+            Err(refusal) => rows.push(Row {
                 pid,
                 command: read_cmdline(pid).join(" "),
                 state: "refused".into(),
                 error: Some(refusal.to_string()),
                 ..Row::default()
             }),
-        })
-        .collect();
+        }
+    }
+    let outcomes = ask_all(&agents, &Request::status(), PS_LIMIT);
+    rows.extend(
+        agents
+            .iter()
+            .zip(outcomes)
+            .map(|(agent, outcome)| row(agent, outcome)),
+    );
+    rows.sort_by_key(|r| r.pid);
     rows.extend(stale_rows());
     out.print(&rows, || {
         let mut text = format!(
             "{:>8}  {:<13} {:>4}  {:<30} COMMAND\n",
             "PID", "STATE", "GEN", "RESOURCES"
         );
+        // Every value from a process or its agent is one field of its row ([`field`]): an
+        // agent picks its resource names, state and errors, and any user their command line.
         for r in &rows {
+            let resources: Vec<_> = r.resources.iter().map(|name| field(name)).collect();
             text.push_str(&format!(
                 "{:>8}  {:<13} {:>4}  {:<30} {}\n",
                 r.pid,
-                r.state,
+                field(&r.state),
                 r.generation.map_or("-".to_owned(), |g| g.to_string()),
-                truncate(&r.resources.join(","), 30),
-                if r.command.is_empty() {
-                    r.error.clone().unwrap_or_default()
+                truncate(&resources.join(","), 30),
+                field(if r.command.is_empty() {
+                    r.error.as_deref().unwrap_or_default()
                 } else {
-                    r.command.clone()
-                }
+                    &r.command
+                })
             ));
+            if let Some(error) = r.error.as_deref().filter(|_| !r.command.is_empty()) {
+                text.push_str(&format!("{:>8}  {}\n", "", field(error)));
+            }
             for failure in &r.last_failures {
-                text.push_str(&format!("{:>8}  last cycle: {failure}\n", ""));
+                text.push_str(&format!("{:>8}  last cycle: {}\n", "", field(failure)));
             }
         }
         if rows.is_empty() {
@@ -176,29 +263,45 @@ pub fn status(pid: u32, descriptors: bool, out: Out) -> Result<u8, OpError> {
     } else {
         Request::status()
     };
-    let reply = match ask(&agent, &request, &Deadline::after(TIMEOUT)) {
-        Outcome::Done(reply) | Outcome::Refused(reply) => reply,
-        Outcome::NoAgent => return Err(no_agent()),
-        Outcome::NoAnswer(err) => return Err(OpError::new(FailureKind::Failed, err.to_string())),
-        Outcome::Untrusted(err) => return Err(OpError::new(FailureKind::Failed, err.to_string())),
+    let agent = Arc::new(agent);
+    let outcome = ask_all(std::slice::from_ref(&agent), &request, STATUS_LIMIT)
+        .pop()
+        .flatten();
+    let reply = match outcome {
+        None => {
+            return Err(OpError::new(
+                FailureKind::Failed,
+                no_answer_within(&agent, STATUS_LIMIT),
+            ))
+        }
+        Some(Outcome::Done(reply) | Outcome::Refused(reply)) => reply,
+        Some(Outcome::NoAgent) => return Err(no_agent()),
+        Some(Outcome::NoAnswer(err)) => {
+            return Err(OpError::new(FailureKind::Failed, err.to_string()))
+        }
+        Some(Outcome::Untrusted(err)) => {
+            return Err(OpError::new(FailureKind::Failed, err.to_string()))
+        }
     };
+    // Every value from the agent or the process is one field of its line ([`field`]).
     out.print(&reply, || {
         let mut last = match &reply.last_cycle {
             None => "  last cycle: none yet\n".to_owned(),
             Some(reason) if reply.last_failures.is_empty() => {
-                format!("  last cycle: {reason}, every hook ok\n")
+                format!("  last cycle: {}, every hook ok\n", field(reason))
             }
-            Some(reason) => format!("  last cycle: {reason}, with failures:\n"),
+            Some(reason) => format!("  last cycle: {}, with failures:\n", field(reason)),
         };
         for hook in &reply.last_failures {
-            last.push_str(&format!("    {}\n", failure_line(hook)));
+            last.push_str(&format!("    {}\n", field(&failure_line(hook))));
         }
         if descriptors {
             last.push_str(&format!("  descriptors ({}):\n", reply.descriptors.len()));
             for descriptor in &reply.descriptors {
-                last.push_str(&format!("    {descriptor}\n"));
+                last.push_str(&format!("    {}\n", field(&descriptor.to_string())));
             }
         }
+        let resources: Vec<_> = reply.resources.iter().map(|name| field(name)).collect();
         format!(
             "pid {pid}{}: {}, generation {}{}\n  resources (after_restore order): {}\n{last}  socket: {}\n  command: {}\n",
             if agent.ns_pid() == pid {
@@ -206,19 +309,19 @@ pub fn status(pid: u32, descriptors: bool, out: Out) -> Result<u8, OpError> {
             } else {
                 format!(" (pid {} in its namespace)", agent.ns_pid())
             },
-            reply.state,
+            field(&reply.state),
             reply.generation,
             reply
                 .cycle
                 .as_ref()
-                .map_or(String::new(), |c| format!(", cycle {c}")),
-            if reply.resources.is_empty() {
+                .map_or(String::new(), |c| format!(", cycle {}", field(c))),
+            if resources.is_empty() {
                 "none".to_owned()
             } else {
-                reply.resources.join(", ")
+                resources.join(", ")
             },
-            agent.describe(),
-            read_cmdline(pid).join(" ")
+            field(&agent.describe()),
+            field(&read_cmdline(pid).join(" "))
         )
     });
     Ok(0)

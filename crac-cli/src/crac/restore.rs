@@ -5,7 +5,7 @@ use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
 use crac_cli::store::Store;
 
 use crate::cli::RestoreArgs;
-use crate::output::{millis, Out};
+use crate::output::{field, millis, say, Out};
 use crate::progress;
 
 pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
@@ -51,11 +51,11 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
                     .map_or("no exit code".to_owned(), |c| format!("code {c}"))
             )
         };
-        if outcome.hook_lines.is_empty() {
-            text.push_str("  no agent in the restored tree\n");
+        if let Some(why) = &outcome.log_incomplete {
+            text.push_str(&format!("  {}\n", field(why)));
         }
         for line in &outcome.hook_lines {
-            text.push_str(&format!("  {line}\n"));
+            text.push_str(&format!("  {}\n", field(line)));
         }
         text
     });
@@ -72,11 +72,11 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     if !outcome.hook_failures.is_empty() {
         // Printed after the outcome: the service runs, restored, and what did not come back
         // up is the operator's to see to.
-        eprintln!(
+        say(&format!(
             "crac: pid {} was restored and runs, but after_restore failed: {}",
             outcome.pid,
             outcome.hook_failures.join("; ")
-        );
+        ));
         return Ok(FailureKind::HooksFailed.exit_code());
     }
     Ok(0)

@@ -31,7 +31,7 @@ use crac_cli::lazy::PageServer;
 use crac_cli::store::{Store, STORE_ENV};
 
 use crate::cli::RunArgs;
-use crate::output::millis;
+use crate::output::{millis, say};
 
 /// Names the image a service checkpoints itself into (read by crac_agent::SelfCheckpoint).
 const CHECKPOINT_TO_ENV: &str = "CRAC_CHECKPOINT_TO";
@@ -84,9 +84,9 @@ pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
             })
         }
         Err(err) => {
-            eprintln!("crac run: no warm start: {}", err.message);
+            say(&format!("crac run: no warm start: {}", err.message));
             for line in &err.details {
-                eprintln!("crac run:   {line}");
+                say(&format!("crac run:   {line}"));
             }
             let pid = cold(store, &args)?;
             eprintln!(
@@ -102,9 +102,9 @@ pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
         return Ok(status);
     };
     // The restored copy was killed: its memory never arrived. Start afresh.
-    eprintln!("crac run: {}", err.message);
+    say(&format!("crac run: {}", err.message));
     for line in &err.details {
-        eprintln!("crac run:   {line}");
+        say(&format!("crac run:   {line}"));
     }
     let pid = cold(store, &args)?;
     eprintln!("crac run: started cold as pid {pid} instead");
@@ -125,7 +125,7 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
         env,
         inherit_stdio: args.output_passed_on(),
     };
-    let mut notice = |notice: &str| eprintln!("crac run: {notice}");
+    let mut notice = |notice: &str| say(&format!("crac run: {notice}"));
     let (outcome, server) = if lazy {
         let (outcome, server) = driver::restore_lazily(&request, &mut notice, None)?;
         (outcome, Some(server))
@@ -134,7 +134,9 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
     };
     // Restored and running: starting cold now would make a second copy. Say what failed.
     for failure in &outcome.hook_failures {
-        eprintln!("crac run: restored, but after_restore failed: {failure}");
+        say(&format!(
+            "crac run: restored, but after_restore failed: {failure}"
+        ));
     }
     Ok((outcome.pid, server))
 }
