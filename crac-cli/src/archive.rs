@@ -391,8 +391,8 @@ pub enum ArchiveError {
          the {max} times an image archive is let expand (real images compress 2 to 10 times): \
          it may be a decompression bomb; if you trust its sender and the image is mostly zero \
          pages, import it with --max-ratio {}; nothing was imported",
-        human(*.archive_bytes),
-        human(*.declared),
+        crate::units::bytes(*.archive_bytes),
+        crate::units::bytes(*.declared),
         .ratio.saturating_add(1)
     )]
     TooExpanded {
@@ -412,11 +412,11 @@ pub enum ArchiveError {
         "archive {path} declares an image of {}, but only {} are free in {} ({} needed, \
          leaving {} free for everything else): free some space (`crac images prune`) or \
          import into a store on a file system with room (--store DIR); nothing was imported",
-        human(*.declared),
-        human(*.free),
+        crate::units::bytes(*.declared),
+        crate::units::bytes(*.free),
         .store.display(),
-        human(.declared.saturating_add(*.margin)),
-        human(*.margin)
+        crate::units::bytes(.declared.saturating_add(*.margin)),
+        crate::units::bytes(*.margin)
     )]
     NoRoom {
         /// The archive.
@@ -1636,22 +1636,6 @@ pub fn unseal(dir: &Path, identities: &Identities, into: &Path) -> Result<PathBu
     };
     let name = import_with(&Store::open(into), &dir.join(SEALED_FILE), &options)?;
     Ok(into.join(name))
-}
-
-/// `n` bytes for a message: `3.0 GiB`, `512 KiB`, `100 B`.
-fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 fn check_free(store: &Store, name: &str) -> Result<(), ArchiveError> {

@@ -26,3 +26,4 @@ pub mod locate;
 pub mod metadata;
 pub mod stats;
 pub mod store;
+pub mod units;

@@ -85,7 +85,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         "**Method.** The warm-start example's image ({files} files, {} of image files), made \
          by `crac run`; {rounds} rounds, each timing the checked and the plain variant of the \
          same work in turn; medians.",
-        bytes(meta.image_bytes)
+        crac_cli::units::bytes(meta.image_bytes)
     ));
     report.table(
         &["side", "checked", "plain", "added by the checks", "target"],
@@ -122,14 +122,6 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         Some(rs_added < TARGET_US),
     );
     Ok(())
-}
-
-fn bytes(n: u64) -> String {
-    if n >= 1 << 20 {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{:.0} KiB", n as f64 / 1024.0)
-    }
 }
 
 fn err(e: impl std::fmt::Display) -> String {

@@ -71,21 +71,7 @@ pub fn print_error(err: &OpError, json: bool) {
     }
 }
 
-/// "12.3 MiB".
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use crac_cli::units::bytes;
 
 /// "84.2 ms".
 pub fn millis(ms: f64) -> String {
