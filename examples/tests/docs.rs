@@ -74,3 +74,63 @@ fn the_architecture_layout_table_matches_the_tree() {
         );
     }
 }
+
+/// Every `"CRAC_..."` string in the crates' sources.
+fn variables_in(dir: &Path, found: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            variables_in(&path, found);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (start, _) in text.match_indices("\"CRAC_") {
+                let name: String = text[start + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                // `"CRAC_"` alone is a prefix test, not a variable.
+                if name.len() > "CRAC_".len() {
+                    found.insert(name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_configuration_page_names_every_variable_the_crates_read() {
+    let page = read("docs/configuration.md");
+    let mut found = BTreeSet::new();
+    for entry in std::fs::read_dir(root()).unwrap() {
+        let path = entry.unwrap().path();
+        let is_crate = path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("crac-");
+        if is_crate && path.join("src").is_dir() {
+            variables_in(&path.join("src"), &mut found);
+        }
+    }
+    assert!(
+        found.contains("CRAC_AGENT_DIR"),
+        "no variables found: {found:?}"
+    );
+    // Test-only variables are named on the page as a family, the others each have a row.
+    let missing: Vec<_> = found
+        .iter()
+        .filter(|name| {
+            if name.starts_with("CRAC_TEST_") || name.starts_with("CRAC_RANDOM_") {
+                false
+            } else if name.contains("TEST") {
+                !page.contains(&format!("`{name}`"))
+            } else {
+                !page.contains(&format!("| `{name}` |"))
+            }
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md has no row for {missing:?}: add one for each"
+    );
+}
