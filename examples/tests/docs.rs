@@ -1,5 +1,7 @@
-//! The documentation against the tree: the README quotes `examples/hello.rs` as it is, and
-//! ARCHITECTURE.md's layout table names every top-level folder, and only those.
+//! The documentation against the tree: the README quotes `examples/hello.rs` as it is,
+//! ARCHITECTURE.md's layout table names every top-level folder and only those,
+//! docs/configuration.md has a row for every `CRAC_*` variable the crates read, and the pages'
+//! relative links lead to files and headings that exist.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -133,4 +135,83 @@ fn the_configuration_page_names_every_variable_the_crates_read() {
         missing.is_empty(),
         "docs/configuration.md has no row for {missing:?}: add one for each"
     );
+}
+
+/// GitHub's anchor for a heading: lowercase, punctuation dropped, spaces as dashes.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// A page's text outside code blocks.
+fn prose(text: &str) -> Vec<&str> {
+    let mut in_block = false;
+    text.lines()
+        .filter(|line| {
+            if line.starts_with("```") {
+                in_block = !in_block;
+                return false;
+            }
+            !in_block
+        })
+        .collect()
+}
+
+#[test]
+fn relative_links_between_the_pages_lead_somewhere() {
+    let mut pages = vec![
+        "README.md".to_owned(),
+        "ARCHITECTURE.md".to_owned(),
+        "BENCHMARKS.md".to_owned(),
+        "CHANGELOG.md".to_owned(),
+    ];
+    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        pages.push(format!("docs/{name}"));
+    }
+    let mut broken = Vec::new();
+    for page in &pages {
+        let text = read(page);
+        let dir = Path::new(page).parent().unwrap();
+        for line in prose(&text) {
+            for (start, _) in line.match_indices("](") {
+                let Some((link, _)) = line[start + 2..].split_once(')') else {
+                    continue;
+                };
+                if link.contains("://") || link.contains(' ') {
+                    continue;
+                }
+                let (file, fragment) = link.split_once('#').unwrap_or((link, ""));
+                let target = if file.is_empty() {
+                    Path::new(page).to_path_buf()
+                } else {
+                    dir.join(file)
+                };
+                let Ok(target_text) = std::fs::read_to_string(root().join(&target)) else {
+                    if !root().join(&target).exists() {
+                        broken.push(format!("{page}: {link}"));
+                    }
+                    continue;
+                };
+                let headings: Vec<String> = prose(&target_text)
+                    .into_iter()
+                    .filter_map(|l| {
+                        l.trim_start_matches('#')
+                            .strip_prefix(' ')
+                            .filter(|_| l.starts_with('#'))
+                    })
+                    .map(anchor)
+                    .collect();
+                if !fragment.is_empty() && !headings.iter().any(|h| h == fragment) {
+                    broken.push(format!("{page}: {link} (no such heading)"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "links that lead nowhere: {broken:#?}");
 }
