@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("pid {pid}, agent at {socket}");
     loop {
         {
-            // A checkpoint waits for a critical section to end, and a new one waits for it.
+            // A checkpoint waits for this to end; one opened meanwhile waits for the restore.
             let _section = crac_core::critical_section();
             counter.0.fetch_add(1, SeqCst);
         }
