@@ -1,6 +1,6 @@
 //! Images hold a service's memory and a restore runs it as root: another local user (played
 //! for real, as `nobody`) can neither read an image, plant or swap one, nor redirect crac's
-//! writes, whatever the umask. The README's threat model names these tests.
+//! writes, whatever the umask. The threat model (docs/security.md) names these tests.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
