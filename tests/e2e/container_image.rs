@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::oci;
-use crate::podman::{Podman, WARM_RUN_OPTIONS};
 use crate::util::{self, ask, bin, free_port, text, wait_until, Scratch};
+use crac_test_support::podman::{Podman, WARM_RUN_OPTIONS};
 
 /// The warm-start example's STATS.
 fn stats(port: u16) -> Value {

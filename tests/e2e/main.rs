@@ -19,8 +19,6 @@ mod lazy;
 mod namespaces;
 mod nothing_lost;
 mod oci;
-#[path = "../podman.rs"]
-mod podman;
 mod postgres;
 mod preflight;
 mod restore_config;
