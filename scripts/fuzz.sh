@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes the agent's protocol and request handling for a bounded time: libFuzzer (cargo-fuzz,
 # nightly toolchain) drives scripts of clients against a real agent through its socket
-# (fuzz/fuzz_targets/agent_protocol.rs; what must hold is in crac-agent/tests/clients/mod.rs,
-# which the test suite also runs from a seeded generator, tests/random_clients.rs).
+# (fuzz/fuzz_targets/agent_protocol.rs; what must hold is in test-support/src/agent_clients.rs,
+# which the test suite also runs from a seeded generator, crac-agent/tests/random_clients.rs).
 #
 # Usage: scripts/fuzz.sh [SECONDS] [-- LIBFUZZER OPTIONS...]   (default 300 s; no root needed)
 #

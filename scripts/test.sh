@@ -3,8 +3,12 @@
 # podman and PostgreSQL, checks formatting and lints, builds everything, and runs every test,
 # end-to-end ones against the real CRIU, the real container runtimes and a real PostgreSQL.
 #
-# As root, CRIU is provisioned, the runtimes installed, and the end-to-end tests run. Not as
-# root, they skip with a message, except in CI (CI=true), where a missing CRIU or runtime fails
+# The tests that need root, CRIU, runc and podman or PostgreSQL are marked
+# `#[ignore = "needs ..."]`, so a plain `cargo test` reports them as ignored; this script runs
+# them too (`--include-ignored`, given to every test binary and the doc-tests: a doc example
+# that cannot compile is marked `text`, not `ignore`). As root, CRIU is provisioned, the
+# runtimes and PostgreSQL installed, and they run. Not as root, they skip with a line saying
+# how to run them, except in CI (CI=true), where a missing CRIU, runtime or PostgreSQL fails
 # them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +23,7 @@ if [[ $EUID -eq 0 ]]; then
     scripts/install-runtimes.sh
     scripts/postgres.sh install
 else
-    echo "test: not root, so CRIU, the container runtimes and PostgreSQL are not installed and end-to-end tests will skip (run as root to include them)"
+    echo "test: not root, so CRIU, the container runtimes and PostgreSQL are not installed and the tests that need them will skip (run as root to include them)"
 fi
 
 step="cargo fmt --check"
@@ -36,4 +40,4 @@ echo "test: $step"
 cargo build --workspace --all-targets --locked
 step="cargo test"
 echo "test: $step"
-cargo test --workspace --locked
+cargo test --workspace --locked -- --include-ignored

@@ -772,9 +772,9 @@ fn a_stale_socket_is_replaced() {
 }
 
 #[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
 fn a_base_folder_owned_by_another_user_is_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root to create a folder owned by another user");
+    if !crac_test_support::root("to create a folder owned by another user") {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -799,9 +799,9 @@ fn a_base_folder_owned_by_another_user_is_refused() {
 /// Even with the folder and socket opened up, a client of another uid is refused by the
 /// SO_PEERCRED check. The client is a forked child that drops to nobody.
 #[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
 fn a_client_of_another_uid_is_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root to drop a child to another uid");
+    if !crac_test_support::root("to drop a child to another uid") {
         return;
     }
     let f = fixture("peer", false);

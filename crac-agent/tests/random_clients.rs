@@ -1,10 +1,10 @@
 //! A bounded randomized run of scripted clients against a real agent (the fuzz target's
-//! scripts, `tests/clients/mod.rs`, from a seeded generator): every client that waits gets one
-//! valid reply, the agent keeps answering, and the hooks balance. `CRAC_RANDOM_SEED` repeats a
-//! run; `CRAC_RANDOM_SCRIPTS` runs more scripts (default 1000). `scripts/fuzz.sh` fuzzes the
-//! same scripts with libFuzzer.
+//! scripts, `crac_test_support::agent_clients`, from a seeded generator): every client that
+//! waits gets one valid reply, the agent keeps answering, and the hooks balance.
+//! `CRAC_RANDOM_SEED` repeats a run; `CRAC_RANDOM_SCRIPTS` runs more scripts (default 1000).
+//! `scripts/fuzz.sh` fuzzes the same scripts with libFuzzer.
 
-mod clients;
+use crac_test_support::agent_clients as clients;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

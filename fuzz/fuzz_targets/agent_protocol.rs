@@ -1,7 +1,7 @@
 //! The agent's protocol and request handling, fuzzed through its real socket: each input is a
 //! script of clients (well-formed, mutated and raw requests, sent in pieces, followed by more
 //! data, abandoned, or held open in silence) against one agent that lives for the whole run.
-//! What must hold is in `crac-agent/tests/clients/mod.rs`, which the randomized test in CI
+//! What must hold is in `test-support/src/agent_clients.rs`, which the randomized test in CI
 //! shares. A panic anywhere, the agent's thread included, is a crash.
 #![no_main]
 
@@ -10,8 +10,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../crac-agent/tests/clients/mod.rs"]
-mod clients;
+use crac_test_support::agent_clients as clients;
 
 static RIG: OnceLock<clients::Rig> = OnceLock::new();
 

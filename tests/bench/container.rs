@@ -10,10 +10,10 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::line::{self, free_port};
-use crate::podman::{Podman, WARM_RUN_OPTIONS};
 use crate::procs::Res;
 use crate::stats::{fmt_us, Report, Samples};
 use crate::Ctx;
+use crac_test_support::podman::{Podman, WARM_RUN_OPTIONS};
 
 const COLD: &str = "localhost/crac-bench:cold";
 const WARM: &str = "localhost/crac-bench:warm";

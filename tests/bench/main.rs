@@ -26,10 +26,6 @@ mod idle;
 mod kdat;
 mod lazy;
 mod line;
-// Shared with the end-to-end tests, which use all of it.
-#[allow(dead_code)]
-#[path = "../podman.rs"]
-mod podman;
 mod preflight;
 mod procs;
 mod soak;

@@ -26,6 +26,7 @@ fn wait_ready(state: &Path, child: bool) {
 /// `runc checkpoint` runs the hooks, children first; `runc restore` brings pid 1 and its
 /// child back with their memory and their listeners, and tells them "restored", parents first.
 #[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
 fn runc_checkpoint_and_restore_coordinate_pid_1_and_its_child() {
     let Some(env) = util::env() else { return };
     if !oci::runtimes_present() {
@@ -136,6 +137,7 @@ fn runc_checkpoint_and_restore_coordinate_pid_1_and_its_child() {
 /// that fails makes `runc checkpoint` fail; the container is rolled back ("aborted") and
 /// serves on. A container without an agent is dumped as on the host, with one log line.
 #[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
 fn runc_leave_running_resumes_and_a_failing_hook_leaves_the_container_serving() {
     let Some(env) = util::env() else { return };
     if !oci::runtimes_present() {
@@ -213,6 +215,7 @@ fn runc_leave_running_resumes_and_a_failing_hook_leaves_the_container_serving() 
 /// at the same time, as a second copy under another: each has the image's memory, and each
 /// renewed what must be unique.
 #[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
 fn podman_export_import_and_a_second_copy_each_renew_what_is_unique() {
     let Some(env) = util::env() else { return };
     if !oci::runtimes_present() {

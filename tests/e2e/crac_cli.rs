@@ -27,6 +27,7 @@ fn fails_with(out: &Output, code: i32, message: &str) {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn check_gives_a_verdict() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("check");
@@ -64,6 +65,7 @@ fn check_gives_a_verdict() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn checkpoint_list_show_restore_status_and_remove() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-cycle");
@@ -143,6 +145,7 @@ fn checkpoint_list_show_restore_status_and_remove() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn checkpoint_bad_inputs_leave_store_and_process_as_they_were() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-bad-checkpoint");
@@ -196,6 +199,7 @@ fn checkpoint_bad_inputs_leave_store_and_process_as_they_were() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_existing_name_is_refused_unless_replaced() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-replace");
@@ -236,6 +240,7 @@ fn an_existing_name_is_refused_unless_replaced() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn restore_bad_inputs_are_refused_before_criu_runs() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("cli-bad-restore");
@@ -294,6 +299,7 @@ fn restore_bad_inputs_are_refused_before_criu_runs() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn export_and_import_round_trip_and_a_damaged_archive_is_refused() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-archive");
@@ -347,6 +353,7 @@ fn export_and_import_round_trip_and_a_damaged_archive_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn status_and_ps_explain_what_is_missing() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-status");
@@ -391,6 +398,7 @@ fn status_and_ps_explain_what_is_missing() {
 /// `crac run` with self-checkpoint: the first run starts cold, the service warms up and
 /// checkpoints itself (leave-running); the second run starts warm from that image.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn run_starts_cold_then_warm_from_the_services_own_checkpoint() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-run");
@@ -487,6 +495,7 @@ fn run_starts_cold_then_warm_from_the_services_own_checkpoint() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn run_restore_only_fails_without_an_image_and_starts_nothing() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-run-only");
@@ -506,6 +515,7 @@ fn run_restore_only_fails_without_an_image_and_starts_nothing() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn run_returns_the_services_exit_status() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-run-exit");
@@ -521,6 +531,7 @@ fn run_returns_the_services_exit_status() {
 /// On a terminal (`script` gives crac one), a checkpoint shows its phase while the hooks run,
 /// and the line is gone at the end; off a terminal nothing but the outcome is written.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_checkpoint_shows_its_progress_on_a_terminal_only() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("cli-progress");

@@ -67,6 +67,7 @@ fn run_with_umask(crac: &Crac, args: &[&str], mask: u32, env: &[(&str, &str)]) -
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn image_metadata_is_shown_escaped() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("hostile-show");
@@ -231,6 +232,7 @@ impl Drop for NobodysTarget {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn another_users_agent_cannot_write_to_the_terminal_nor_stall_ps() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("hostile-agents");
@@ -335,6 +337,7 @@ fn bounded(mut cmd: Command, limit: Duration) -> Output {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_policy_that_is_a_fifo_or_a_device_is_refused_at_once() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("hostile-policy");
@@ -399,6 +402,7 @@ fn a_policy_that_is_a_fifo_or_a_device_is_refused_at_once() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_second_checkpoint_of_a_pid_is_told_the_first_runs() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("hostile-twice");
@@ -505,6 +509,7 @@ impl Drop for SmallDisk {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_restore_on_a_full_disk_says_what_it_could_not_write() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("hostile-full");
@@ -551,6 +556,7 @@ fn a_restore_on_a_full_disk_says_what_it_could_not_write() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn the_restores_pidfile_is_where_nobody_else_can_make_it() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("hostile-pidfile");
@@ -625,6 +631,7 @@ exec {criu} "$@"
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_restore_of_a_pid_another_crac_is_restoring_is_told_so() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("hostile-restore-lock");

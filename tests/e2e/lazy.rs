@@ -48,6 +48,7 @@ fn checkpointed(scratch: &Scratch, mib: &str, lazy_default: bool) -> (Crac, Targ
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_lazily_restored_service_serves_every_part_of_its_heap() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("lazy");
@@ -68,6 +69,7 @@ fn a_lazily_restored_service_serves_every_part_of_its_heap() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_page_server_that_dies_midway_takes_the_restored_tree_with_it_and_run_starts_cold() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("lazy-killed");

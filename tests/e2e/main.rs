@@ -1,7 +1,9 @@
-//! End-to-end tests against a real CRIU. They need root and CRIU >= 4.2 (see
-//! scripts/provision-criu.sh); in CI (CI=true) a missing CRIU fails them, elsewhere they skip
-//! with a line saying how to enable them. They run one at a time: each dumps and restores
-//! whole process trees.
+//! End-to-end tests against a real CRIU. Those that need root and CRIU >= 4.2 (see
+//! scripts/provision-criu.sh), or runc, podman or PostgreSQL besides, are marked
+//! `#[ignore = "needs ..."]`: a plain `cargo test` reports them as ignored, and
+//! `scripts/test.sh` runs them with `--include-ignored`. Run so, in CI (CI=true) a missing CRIU
+//! fails them, elsewhere they skip with a line saying how to enable them. They run one at a
+//! time: each dumps and restores whole process trees.
 
 mod action;
 mod agent_folders;
@@ -17,8 +19,6 @@ mod lazy;
 mod namespaces;
 mod nothing_lost;
 mod oci;
-#[path = "../podman.rs"]
-mod podman;
 mod postgres;
 mod preflight;
 mod restore_config;

@@ -25,6 +25,7 @@ const PRIVATE_AGENT_DIR: &str =
 /// the host pid; the image restores beside the original (CRIU makes a new pid namespace, so
 /// the original's pid being in use does not matter, and `crac restore` knows it).
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside_it() {
     let Some(_env) = util::env() else { return };
     // The original and its copy are pid 1 of their namespaces, sharing this file system: their
@@ -95,6 +96,7 @@ fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside
 /// told right after its own restore; the copies share this file system, so their agent
 /// folder is /run/crac/1, the last copy's.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
     let Some(_env) = util::env() else { return };
     // pid 1 of each copy ends by SIGKILL, which leaves the folder (dropped after them).
@@ -211,6 +213,7 @@ fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
 /// once made here (crac-action's namespace), once in the service's namespace (which only a
 /// sock_diag socket made there can ask about).
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_unix_socket_connected_outside_a_service_in_its_own_network_namespace_is_listed() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("netns-unix");
@@ -278,6 +281,7 @@ impl Drop for RemoveOnDrop {
 /// folder on the host. Followed from outside, the absolute link would resolve on the host.
 /// crac-action refuses, naming the link, and the host agent hears nothing.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_symlink_planted_in_a_containers_agent_folder_is_refused_and_not_followed() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("trap");
@@ -317,6 +321,7 @@ fn a_symlink_planted_in_a_containers_agent_folder_is_refused_and_not_followed() 
 
 /// The agent's folder in the container belongs to another uid: refused before anyone is told.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_agent_folder_owned_by_another_uid_is_refused() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("owner");
@@ -343,6 +348,7 @@ fn an_agent_folder_owned_by_another_uid_is_refused() {
 
 /// A service in a user namespace of its own: refused, saying why, before anyone is told.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_service_in_its_own_user_namespace_is_refused_with_the_reason() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("userns");
@@ -376,6 +382,7 @@ fn a_service_in_its_own_user_namespace_is_refused_with_the_reason() {
 /// /proc/PID/root, is longer than a socket address holds (108 bytes) is still reached: through
 /// the folder's handle.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_agent_folder_named_by_the_service_with_a_long_path_is_reached() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("long");

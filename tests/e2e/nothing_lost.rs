@@ -79,6 +79,7 @@ fn someone_works_in(dir: &Path) -> bool {
 /// The name was taken while CRIU dumped (another crac, an operator): the commit fails after
 /// CRIU stopped the service. The image stays, and the printed command restores it.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_image_that_cannot_be_filed_is_kept_with_the_command_that_restores_it() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("kept-commit");
@@ -116,6 +117,7 @@ fn an_image_that_cannot_be_filed_is_kept_with_the_command_that_restores_it() {
 /// the image stays, the printed CRIU command restores it, and the next store write, which
 /// cannot finish it either, leaves it where it is and says so.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_image_whose_metadata_cannot_be_written_is_kept_and_restored_by_the_printed_command() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("kept-meta");
@@ -194,6 +196,7 @@ fn slow_target(scratch: &Scratch) -> Target {
 /// SIGINT or SIGTERM during a checkpoint: crac says it finishes first, and does: a complete,
 /// listed image that restores.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_interrupted_checkpoint_finishes_into_a_listed_image() {
     let Some(_env) = util::env() else { return };
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
@@ -226,6 +229,7 @@ fn an_interrupted_checkpoint_finishes_into_a_listed_image() {
 /// says what the working folder is and what to do; the next store write files the image under
 /// its name, and it restores.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_killed_checkpoint_is_filed_by_the_next_store_write() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("killed-crac");
@@ -276,6 +280,7 @@ fn a_killed_checkpoint_is_filed_by_the_next_store_write() {
 /// An after_restore that fails: the service is restored and runs, and crac exits 5 naming the
 /// resource.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_failed_after_restore_has_its_own_exit_code() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("restore-hook");
@@ -324,6 +329,7 @@ fn a_failed_after_restore_has_its_own_exit_code() {
 
 /// Restoring while the dumped process is still a zombie: crac waits for it to be reaped.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_restore_waits_for_the_zombie_of_the_dumped_process() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("zombie");
@@ -361,6 +367,7 @@ fn a_restore_waits_for_the_zombie_of_the_dumped_process() {
 /// pid 1, crac's own ancestors and a caller who is not root are refused before anything runs,
 /// with the reason; so is a store crac cannot write, by `crac check`.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn what_cannot_work_is_refused_up_front_with_the_reason() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("refused");
@@ -450,6 +457,7 @@ fn what_cannot_work_is_refused_up_front_with_the_reason() {
 /// Flips one byte of `path` at `offset` (same size, other content).
 /// A file a child of the dumped root had mapped is checked too.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_changed_file_a_child_had_mapped_is_refused_by_name() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("integrity-child");
@@ -511,6 +519,7 @@ fn flip_byte(path: &Path, offset: u64) {
 /// `images verify` and `restore` refuse, naming the file; put back, the image verifies and
 /// restores.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_corrupted_image_or_a_changed_executable_or_library_is_refused_by_name() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("integrity");
@@ -591,6 +600,7 @@ fn a_corrupted_image_or_a_changed_executable_or_library_is_refused_by_name() {
 /// Stdout to a file opened without O_APPEND is warned about at the checkpoint, with the fix;
 /// with O_APPEND it is not.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn stdout_to_a_file_opened_without_o_append_is_warned_about() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("append");

@@ -19,8 +19,8 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::{json, Value};
 
-pub use crate::podman::Podman;
 use crate::util::{bin, text, Env, Scratch};
+pub use crac_test_support::podman::Podman;
 
 /// Whether runc and podman are here: in CI a missing one fails the test, elsewhere it is
 /// skipped with a line saying how to get it.
@@ -36,17 +36,12 @@ pub fn runtimes_present() -> bool {
                 .is_ok_and(|s| s.success())
         })
         .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let problem = format!("{} not installed", missing.join(" and "));
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("container test cannot run in CI: {problem}");
-    }
-    eprintln!(
-        "SKIPPED container test: {problem}. To run it: as root, scripts/test.sh (it installs runc and podman)"
-    );
-    false
+    let problem = (!missing.is_empty()).then(|| format!("{} not installed", missing.join(" and ")));
+    crac_test_support::may_run(
+        "container test",
+        problem,
+        "as root, scripts/test.sh (it installs runc and podman)",
+    )
 }
 
 /// Runs `cmd`, returning its output.

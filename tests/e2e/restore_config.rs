@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::util::{self, ask, bin, free_port, text, wait_until, Crac, Scratch, Target};
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn settings_given_to_a_restore_reach_the_hooks_and_nothing_else_changes() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("restore-env");
@@ -49,6 +50,7 @@ fn settings_given_to_a_restore_reach_the_hooks_and_nothing_else_changes() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_cpu_without_a_feature_the_image_had_is_refused_and_run_starts_cold() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("restore-cpu");
@@ -113,6 +115,7 @@ fn a_cpu_without_a_feature_the_image_had_is_refused_and_run_starts_cold() {
 }
 
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_restored_cache_server_reconnects_to_the_upstream_the_restore_names() {
     use std::os::unix::process::CommandExt;
     let Some(_env) = util::env() else { return };

@@ -25,6 +25,7 @@ fn folder_entries(pid: u32) -> Vec<String> {
 /// (a) A killing dump, then a restore: before hooks in reverse order before the freeze, after
 /// hooks in order with reason "restored" by the time `criu restore` returns, memory intact.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn dump_and_restore_run_the_hooks_in_order_and_keep_the_state() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("restore");
@@ -86,6 +87,7 @@ fn dump_and_restore_run_the_hooks_in_order_and_keep_the_state() {
 
 /// (b) --leave-running: the original is told "resumed" and keeps serving.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn leave_running_resumes_the_original() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("leave-running");
@@ -122,6 +124,7 @@ fn leave_running_resumes_the_original() {
 
 /// (c) A failing before hook: criu fails, the target was rolled back ("aborted") and serves.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_failing_hook_aborts_the_dump_and_rolls_back() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("failing");
@@ -153,6 +156,7 @@ fn a_failing_hook_aborts_the_dump_and_rolls_back() {
 /// (d) A hook that hangs: the agent's per-hook limit refuses the checkpoint in time, naming the
 /// resource; the others are rolled back.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_hanging_hook_aborts_the_dump_within_the_hook_limit() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("hanging");
@@ -191,6 +195,7 @@ fn a_hanging_hook_aborts_the_dump_within_the_hook_limit() {
 /// (d') An agent that does not answer in time: crac-action's own limit aborts the dump, and
 /// the agent, finding nobody to hear that its hooks succeeded, rolls itself back.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_agent_that_does_not_answer_in_time_is_abandoned_and_rolls_back() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("no-answer");
@@ -234,6 +239,7 @@ fn an_agent_that_does_not_answer_in_time_is_abandoned_and_rolls_back() {
 
 /// (e) No agent: dump and restore succeed, with one log line each.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_process_without_an_agent_is_dumped_and_restored() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("no-agent");
@@ -263,6 +269,7 @@ fn a_process_without_an_agent_is_dumped_and_restored() {
 
 /// (e') With CRAC_REQUIRE_AGENT=1, a tree without an agent is not dumped.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn requiring_an_agent_refuses_a_process_without_one() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("require-agent");
@@ -286,6 +293,7 @@ fn requiring_an_agent_refuses_a_process_without_one() {
 
 /// (f) A parent and a child, both with agents: children go down first, parents come up first.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_parent_and_a_child_are_both_coordinated() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("tree");
@@ -335,6 +343,7 @@ fn a_parent_and_a_child_are_both_coordinated() {
 /// An image restored after the original exited cleanly (its agent folder removed, as after a
 /// reboot): crac-action's pre-restore puts the folder back so CRIU can bind the socket again.
 #[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_image_restores_after_the_original_exited_and_removed_its_socket() {
     let Some(env) = util::env() else { return };
     let scratch = Scratch::new("after-exit");

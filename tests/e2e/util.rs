@@ -1,5 +1,6 @@
 //! Helpers for end-to-end tests against a real CRIU: finding CRIU (a failure in CI, a skip
-//! with instructions elsewhere), targets in scratch folders, dump and restore, reaping.
+//! with instructions elsewhere, in tests marked `#[ignore = "needs ..."]`), targets in scratch
+//! folders, dump and restore, reaping.
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::process::CommandExt;
@@ -63,9 +64,9 @@ pub struct Env {
 }
 
 /// Sets up an end-to-end test, or returns None (after saying why and how to enable it) when
-/// CRIU cannot run here outside CI. In CI (CI=true) a missing CRIU or missing root fails.
+/// CRIU cannot run here outside CI. In CI (CI=true) a missing CRIU or missing root fails, and
+/// so does a test that calls it without being marked `#[ignore = "needs ..."]`.
 pub fn env() -> Option<Env> {
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let root = nix::unistd::geteuid().is_root();
     let criu = locate::locate();
     let problem = match (&criu, root) {
@@ -73,13 +74,11 @@ pub fn env() -> Option<Env> {
         (Err(err), _) => Some(err.to_string()),
         (Ok(_), false) => Some("CRIU needs root".to_owned()),
     };
-    if let Some(problem) = problem {
-        if in_ci {
-            panic!("end-to-end test cannot run in CI: {problem}");
-        }
-        eprintln!(
-            "SKIPPED end-to-end test: {problem}. To run it: as root, scripts/provision-criu.sh, then scripts/test.sh"
-        );
+    if !crac_test_support::may_run(
+        "end-to-end test",
+        problem,
+        "as root, scripts/provision-criu.sh, then scripts/test.sh",
+    ) {
         return None;
     }
     SUBREAPER.call_once(|| {

@@ -1,6 +1,6 @@
 //! Scripted clients against a real agent, decoded from bytes: the fuzz target
 //! (`fuzz/fuzz_targets/agent_protocol.rs`) feeds libFuzzer's inputs, the randomized test
-//! (`tests/random_clients.rs`) feeds seeded random ones.
+//! (`crac-agent/tests/random_clients.rs`) feeds seeded random ones.
 //!
 //! A script is a few steps: requests (well-formed ones with chosen fields, mutated ones, raw
 //! bytes, overlong lines, nothing at all), sent in pieces, with more data after the line,

@@ -1,7 +1,7 @@
 //! podman for the end-to-end tests and the benchmarks: Debian 12's podman with
 //! `--runtime runc`, its storage, state and blob cache kept where the caller says and removed
 //! when it is dropped, and `criu` found on its PATH (a folder of its own holds a link to the
-//! CRIU to use). Used by both targets (`#[path]`), so it needs nothing but std and nix.
+//! CRIU to use).
 
 use std::fs;
 use std::os::unix::fs::symlink;
