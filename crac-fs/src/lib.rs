@@ -169,6 +169,24 @@ fn open_dir_nofollow(path: &Path) -> io::Result<File> {
         })
 }
 
+/// Opens a folder this process has just made. Under umask 0777 `mkdir` gives it mode 000,
+/// which only root could open: a folder of the caller's own that it cannot open is given its
+/// owner's access first (nobody else can have swapped it since: the folders above it were
+/// checked, and are writable by nobody else or sticky).
+fn open_made_dir(path: &Path) -> io::Result<File> {
+    match open_dir_nofollow(path) {
+        Err(err) if err.raw_os_error() == Some(libc::EACCES) => {
+            let meta = fs::symlink_metadata(path)?;
+            if !meta.is_dir() || meta.uid() != geteuid().as_raw() {
+                return Err(err);
+            }
+            fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))?;
+            open_dir_nofollow(path)
+        }
+        other => other,
+    }
+}
+
 /// Checks that the open folder (or file) `file` at `path` is the caller's own and private,
 /// tightening the mode of one that is the caller's but readable by others (made by an older
 /// crac, or by hand).
@@ -213,7 +231,7 @@ pub fn create_dir(path: &Path) -> io::Result<()> {
     check_ancestors(path)?;
     nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
         .map_err(io::Error::from)?;
-    let dir = open_dir_nofollow(path)?;
+    let dir = open_made_dir(path)?;
     dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))
 }
 
@@ -251,7 +269,7 @@ pub fn ensure_dir(path: &Path) -> io::Result<()> {
         let last = prefix == absolute;
         match nix::unistd::mkdir(&prefix, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE)) {
             Ok(()) => {
-                let dir = open_dir_nofollow(&prefix)?;
+                let dir = open_made_dir(&prefix)?;
                 dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))?;
             }
             Err(nix::errno::Errno::EEXIST) if last => {
@@ -603,7 +621,7 @@ impl TempDir {
         check_ancestors(&template)?;
         let path = nix::unistd::mkdtemp(&template).map_err(io::Error::from)?;
         // mkdtemp makes it 0700 regardless of the umask; make sure of it.
-        let dir = open_dir_nofollow(&path)?;
+        let dir = open_made_dir(&path)?;
         check_own(&dir, &path, DIR_MODE)?;
         Ok(TempDir { path: Some(path) })
     }
@@ -669,7 +687,7 @@ pub fn create_shared_dir(path: &Path) -> io::Result<()> {
     check_ancestors(path)?;
     nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
         .map_err(io::Error::from)?;
-    let dir = open_dir_nofollow(path)?;
+    let dir = open_made_dir(path)?;
     dir.set_permissions(fs::Permissions::from_mode(0o1777))
 }
 
@@ -684,7 +702,7 @@ pub fn create_shared_dir(path: &Path) -> io::Result<()> {
 pub fn create_dir_for(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
         .map_err(io::Error::from)?;
-    let dir = open_dir_nofollow(path)?;
+    let dir = open_made_dir(path)?;
     std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
     dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))
 }

@@ -4,14 +4,27 @@
 use super::*;
 use std::os::unix::fs::symlink;
 
-struct Scratch(PathBuf);
+/// The process's umask is shared by every test thread: tests that change it ([`with_umask`])
+/// run alone, the others (holding a [`Scratch`]) side by side.
+static UMASK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A test's folder; while it lives, no other test changes the umask.
+struct Scratch(PathBuf, Option<std::sync::RwLockReadGuard<'static, ()>>);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
+        let guard = UMASK.read().unwrap_or_else(|e| e.into_inner());
+        let mut scratch = Scratch::unguarded(name);
+        scratch.1 = Some(guard);
+        scratch
+    }
+
+    /// For a test that changes the umask itself, through [`with_umask`].
+    fn unguarded(name: &str) -> Scratch {
         let path = std::env::temp_dir().join(format!("crac-fs-test-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         ensure_dir(&path).unwrap();
-        Scratch(path)
+        Scratch(path, None)
     }
 }
 
@@ -27,18 +40,24 @@ fn mode(path: &Path) -> u32 {
 
 /// Runs `f` with the process's umask set to `mask`; tests that change it take turns.
 fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
-    let out = f();
-    nix::sys::stat::umask(old);
-    out
+    /// Puts the umask back, even when `f` panics.
+    struct Restore(nix::sys::stat::Mode);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            nix::sys::stat::umask(self.0);
+        }
+    }
+    let _alone = UMASK.write().unwrap_or_else(|e| e.into_inner());
+    let _restore = Restore(nix::sys::stat::umask(
+        nix::sys::stat::Mode::from_bits_truncate(mask),
+    ));
+    f()
 }
 
 #[test]
 fn folders_and_files_are_private_whatever_the_umask() {
     for mask in [0o000, 0o022, 0o077, 0o777] {
-        let scratch = Scratch::new(&format!("umask{mask:o}"));
+        let scratch = Scratch::unguarded(&format!("umask{mask:o}"));
         with_umask(mask, || {
             let deep = scratch.0.join("a/b");
             ensure_dir(&deep).unwrap();
@@ -279,7 +298,7 @@ fn read_trusted_takes_only_the_callers_private_regular_files() {
 
 #[test]
 fn a_shared_folder_is_sticky_and_open_to_all_whatever_the_umask() {
-    let scratch = Scratch::new("shared");
+    let scratch = Scratch::unguarded("shared");
     for (i, mask) in [0o000, 0o022, 0o077].into_iter().enumerate() {
         let dir = scratch.0.join(format!("shared-{i}"));
         with_umask(mask, || create_shared_dir(&dir)).unwrap();
@@ -323,7 +342,7 @@ fn moving_aside_keeps_the_entry_under_an_unguessable_name_and_follows_no_link() 
 
 #[test]
 fn a_folder_made_for_another_user_is_theirs_and_private_whatever_the_umask() {
-    let scratch = Scratch::new("for");
+    let scratch = Scratch::unguarded("for");
     let (uid, gid) = if geteuid().is_root() {
         (65534, 65534)
     } else {
