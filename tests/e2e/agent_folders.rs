@@ -6,12 +6,11 @@
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use nix::sys::stat::{umask, Mode};
 
-use crate::util::{self, bin, text, wait_until, Crac, Scratch, Target};
+use crate::util::{self, as_nobody, bin, text, wait_until, Crac, Scratch, Target};
 
 /// The other local user.
 const NOBODY: u32 = 65534;
@@ -19,15 +18,6 @@ const NOBODY: u32 = 65534;
 const SERVICE_UID: u32 = 64999;
 const FALLBACK: &str = "/tmp/crac";
 const MASKS: [u32; 2] = [0o022, 0o000];
-
-/// Runs `script` with bash as `nobody`.
-fn as_nobody(script: &str) -> Output {
-    Command::new("runuser")
-        .args(["-u", "nobody", "--", "bash", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("runuser runs")
-}
 
 /// Runs `f` with the process's umask set to `mask` (the tests take turns: util::env).
 fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {

@@ -97,17 +97,11 @@ fn checkpoint(crac: &Crac, scratch: &Scratch, name: &str, env: &[(&str, &str)]) 
     target
 }
 
-/// `crac ARGS` under umask 000 (through sh: the test process's umask is shared).
+/// `crac ARGS` under umask 000.
 fn run_umask_000(crac: &Crac, args: &[&str]) -> Output {
-    Command::new("sh")
-        .arg("-c")
-        .arg("umask 000 && store=$1 && shift && exec \"$0\" --store \"$store\" \"$@\"")
-        .arg(bin("crac"))
-        .arg(&crac.store)
-        .args(args)
-        .stdin(Stdio::null())
+    util::with_umask(&mut crac.command(args), 0o000)
         .output()
-        .expect("sh runs")
+        .expect("crac runs")
 }
 
 #[test]

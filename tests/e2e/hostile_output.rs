@@ -56,14 +56,9 @@ fn assert_terminal_safe(out: &Output) {
 fn run_with_umask(crac: &Crac, args: &[&str], mask: u32, env: &[(&str, &str)]) -> Output {
     let mut cmd = crac.command(args);
     cmd.envs(env.iter().copied());
-    // SAFETY: umask is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::umask(mask as libc::mode_t);
-            Ok(())
-        });
-    }
-    cmd.output().expect("crac runs")
+    util::with_umask(&mut cmd, mask)
+        .output()
+        .expect("crac runs")
 }
 
 #[test]

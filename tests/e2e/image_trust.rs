@@ -4,42 +4,19 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use crate::util::{self, text, Crac, Scratch, Target};
+use crate::util::{self, as_nobody, text, Crac, Scratch, Target};
 
 /// The umasks every test here runs crac under.
 const UMASKS: [u32; 2] = [0o022, 0o000];
 
 /// `crac ARGS` under umask `mask`.
 fn crac_under(crac: &Crac, mask: u32, args: &[&str]) -> Output {
-    let mut cmd = crac.command(args);
-    // SAFETY: umask is async-signal-safe and touches nothing but the child's own mask.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
-            Ok(())
-        });
-    }
-    cmd.output().expect("crac runs")
-}
-
-/// Runs `sh -c SCRIPT` as `nobody`, returning its output.
-fn as_nobody(script: &str) -> Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
+    util::with_umask(&mut crac.command(args), mask)
         .output()
-        .expect("setpriv runs")
+        .expect("crac runs")
 }
 
 fn mode(path: &Path) -> u32 {

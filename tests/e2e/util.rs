@@ -674,3 +674,26 @@ pub fn reap_orphans() {
         }
     }
 }
+
+/// Runs `script` with bash as `nobody`: the other local user of the threat model, played for
+/// real.
+pub fn as_nobody(script: &str) -> Output {
+    Command::new("runuser")
+        .args(["-u", "nobody", "--", "bash", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("runuser runs")
+}
+
+/// Makes `cmd` run under umask `mask` (set in the child: the test process's umask is shared by
+/// its threads).
+pub fn with_umask(cmd: &mut Command, mask: u32) -> &mut Command {
+    // SAFETY: umask is async-signal-safe and touches nothing but the child's own mask.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+            Ok(())
+        });
+    }
+    cmd
+}
