@@ -1056,7 +1056,12 @@ fn exchange(a: &Path, b: &Path) -> io::Result<bool> {
 }
 
 /// The apparent size of everything under `dir`; links are counted, not followed.
-fn dir_bytes(dir: &Path) -> io::Result<u64> {
+/// The bytes of the files under `dir`, folders included (what `crac images du` counts).
+///
+/// # Errors
+///
+/// The first error of reading the tree (a file removed meanwhile, say).
+pub fn dir_bytes(dir: &Path) -> io::Result<u64> {
     let mut total = 0;
     for item in fs::read_dir(dir)? {
         let item = item?;

@@ -1649,17 +1649,9 @@ fn pack_bomb(file: &Path, len: u64, declared: u64) {
         .expect("zstd finish");
 }
 
-/// The bytes under `dir`, 0 if it does not exist.
+/// The bytes under `dir`, 0 while it is missing or changing under the walk.
 fn tree_bytes(dir: &Path) -> u64 {
-    let Ok(read) = fs::read_dir(dir) else {
-        return 0;
-    };
-    read.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
-            _ => e.metadata().map_or(0, |m| m.len()),
-        })
-        .sum()
+    crac_cli::store::dir_bytes(dir).unwrap_or(0)
 }
 
 /// Runs `f` while another thread watches the bytes under `dir`; returns `f`'s result and the

@@ -52,17 +52,9 @@ fn refused_with(out: &Output, message: &str) {
     assert_eq!(stderr(out), format!("crac: {message}\n"), "{}", text(out));
 }
 
-/// The bytes under `dir` (0 if it is gone).
+/// The bytes under `dir`, 0 while it is missing or changing under the walk.
 fn tree_bytes(dir: &Path) -> u64 {
-    let Ok(read) = fs::read_dir(dir) else {
-        return 0;
-    };
-    read.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
-            _ => e.metadata().map_or(0, |m| m.len()),
-        })
-        .sum()
+    crac_cli::store::dir_bytes(dir).unwrap_or(0)
 }
 
 /// Runs `crac ARGS` and returns its output with the most bytes the store held meanwhile
