@@ -13,10 +13,19 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# The folders that services and crac make on the way (agents' bases, the per-pid checkpoint
+# locks) are removed at the end if the run made them and they are empty again: the machine
+# is left as it was found.
+made_here=()
+for dir in /run/crac /run/crac-locks /tmp/crac; do
+    [[ -e $dir ]] || made_here+=("$dir")
+done
+tidy() { for dir in "${made_here[@]}"; do rmdir "$dir" 2>/dev/null || true; done; }
+
 # One line at the end says how it went, and which step failed.
 started=$SECONDS
 step="provisioning CRIU and the container runtimes"
-trap 'rc=$?; if ((rc == 0)); then echo "test: ok: fmt, clippy, rustdoc, build and every test passed in $((SECONDS - started)) s"; else echo "test: FAILED at step: $step (exit code $rc; its output is above)" >&2; fi' EXIT
+trap 'rc=$?; tidy; if ((rc == 0)); then echo "test: ok: fmt, clippy, rustdoc, build and every test passed in $((SECONDS - started)) s"; else echo "test: FAILED at step: $step (exit code $rc; its output is above)" >&2; fi' EXIT
 
 if [[ $EUID -eq 0 ]]; then
     scripts/provision-criu.sh
