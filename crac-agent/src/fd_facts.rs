@@ -1,21 +1,21 @@
 //! Finding, from inside this process, what the preflight must know about its descriptors
-//! ([`Facts`], the model in [`crac_protocol::fd_facts`]): an
-//! `fstat` per descriptor, a `TCP_INFO` per socket (which tells a TCP connection from
-//! anything else in one call), the addresses of each TCP connection only when they will be
-//! shown or matched, and the `/proc/self/fd` link only for the few kinds whose path decides
-//! (terminals, anonymous inodes, deleted files). Which other sockets are connected Unix ones,
-//! and to whom, crac-action finds in one sock_diag dump of the namespace, by inode (readers
-//! from before [`Lean`](crac_protocol::wire::Lean) get them found here, a
-//! `getpeername` each, and every TCP connection's addresses).
+//! ([`Facts`], the model in [`crac_protocol::fd_facts`]): an `fstat` per descriptor, a
+//! `TCP_INFO` per socket (which tells a TCP connection from anything else in one call), the
+//! addresses of each TCP connection only when they will be shown or matched, and the
+//! `/proc/self/fd` link only for the few kinds whose path decides (terminals, anonymous
+//! inodes, deleted files). Which other sockets are connected Unix ones, and to whom,
+//! crac-action finds in one sock_diag dump of the namespace, by inode (readers from before
+//! [`Lean`](crac_protocol::wire::Lean) get them found here, a `getpeername` each, and every
+//! TCP connection's addresses).
 //!
 //! crac-action's preflight otherwise reads every `/proc/PID/fd` link from outside (a path
 //! lookup and a formatted name each, ~3 µs) and copies each socket (`pidfd_getfd`) to ask it
 //! about itself. An agent sends [`Facts`] with its before-checkpoint reply when asked
-//! ([`BeforeCheckpoint::facts`](crac_protocol::wire::BeforeCheckpoint::facts)); crac-action applies CRIU's options
-//! and the operator's policy to them exactly as to what it reads itself, so the verdicts are
-//! the same either way. The same pass finds the TCP connections the agent counts across the
-//! checkpoint ([`crac_core::RestoreInfo::tcp`]), so the preflight adds little to a
-//! before-checkpoint.
+//! ([`BeforeCheckpoint::facts`](crac_protocol::wire::BeforeCheckpoint::facts)); crac-action
+//! applies CRIU's options and the operator's policy to them exactly as to what it reads
+//! itself, so the verdicts are the same either way. The same pass finds the TCP connections
+//! the agent counts across the checkpoint ([`crac_core::RestoreInfo::tcp`]), so the preflight
+//! adds little to a before-checkpoint.
 
 use std::fs;
 use std::os::fd::{BorrowedFd, RawFd};
