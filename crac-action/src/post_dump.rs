@@ -99,10 +99,7 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
 /// recorded uid, on this side (not inside a container's root).
 pub fn remove_dead_folders(images: &std::path::Path, is_gone: impl Fn(u32) -> bool) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(bytes) = crac_fs::read_bounded(&images.join(AGENTS_FILE), 1 << 20) else {
-        return;
-    };
-    let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) else {
+    let Ok(Some(record)) = AgentFolders::read(images) else {
         return;
     };
     for agent in record

@@ -36,9 +36,6 @@ use crac_protocol::records::{AgentFolder, AgentFolders, AGENTS_FILE};
 
 const STEP: &str = "pre-restore";
 
-/// The most [`AGENTS_FILE`] may hold: a few hundred bytes an agent.
-const AGENTS_FILE_LIMIT: u64 = 1 << 20;
-
 /// Runs the step.
 ///
 /// # Errors
@@ -49,19 +46,12 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
     let Some(images) = &inv.image_dir else {
         return Ok(());
     };
-    let record: AgentFolders =
-        match crac_fs::read_bounded(&images.join(AGENTS_FILE), AGENTS_FILE_LIMIT) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                ActionError::Restore(format!("{AGENTS_FILE} in the image is corrupt: {e}"))
-            })?,
-            // Not an image with agents (or made without crac-action): nothing to prepare.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(err) => {
-                return Err(ActionError::Restore(format!(
-                    "cannot read {AGENTS_FILE} in the image: {err}"
-                )))
-            }
-        };
+    let record = match AgentFolders::read(images) {
+        Ok(Some(record)) => record,
+        // Not an image with agents (or made without crac-action): nothing to prepare.
+        Ok(None) => return Ok(()),
+        Err(err) => return Err(ActionError::Restore(err.to_string())),
+    };
     let (inside, here): (Vec<_>, Vec<_>) = record.agents.iter().partition(|a| a.in_own_root);
     if !inside.is_empty() {
         let folders: Vec<String> = inside

@@ -20,7 +20,7 @@ use crate::metadata::{self, DumpOptions, HookTiming, MappedFile, Metadata, Timin
 use crate::store::{Staging, Store};
 use crac_action::settings::TIMEOUT_ENV;
 use crac_action::tree::ProcessId;
-use crac_protocol::records::{AgentFolders, PreDumpReport, AGENTS_FILE, HOOK_REPORT_ENV};
+use crac_protocol::records::{AgentFolders, PreDumpReport, HOOK_REPORT_ENV};
 
 /// How `crac` has CRIU lock the TCP connections it dumps (`--network-lock`): nftables, not
 /// CRIU's default iptables. With iptables, a restore with `--tcp-close` never removes the
@@ -1006,16 +1006,14 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
     let mut pids = Vec::new();
     if !meta.in_own_pid_namespace() {
         pids.push(meta.pid);
-        if let Ok(bytes) = crac_fs::read_bounded(&dir.join(AGENTS_FILE), 1 << 20) {
-            if let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) {
-                pids.extend(
-                    record
-                        .agents
-                        .iter()
-                        .filter(|a| a.pid != meta.pid && !a.in_own_pid_namespace())
-                        .map(|a| a.pid),
-                );
-            }
+        if let Ok(Some(record)) = AgentFolders::read(dir) {
+            pids.extend(
+                record
+                    .agents
+                    .iter()
+                    .filter(|a| a.pid != meta.pid && !a.in_own_pid_namespace())
+                    .map(|a| a.pid),
+            );
         }
     }
     for pid in pids {

@@ -9,7 +9,8 @@
 //! in the container's file system.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,39 @@ pub struct AgentFolder {
     /// pre-restore accepts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_dir: Option<PathBuf>,
+}
+
+/// The most [`AGENTS_FILE`] may hold: a few hundred bytes an agent.
+pub const AGENTS_FILE_LIMIT: u64 = 1 << 20;
+
+/// Why [`AgentFolders::read`] found no list in an image that has the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentsFileError {
+    /// The file cannot be read (not a regular file, larger than [`AGENTS_FILE_LIMIT`], ...).
+    #[error("cannot read {AGENTS_FILE} in the image: {0}")]
+    Unreadable(#[source] io::Error),
+    /// The file is not such a list.
+    #[error("{AGENTS_FILE} in the image is corrupt: {0}")]
+    Corrupt(#[source] serde_json::Error),
+}
+
+impl AgentFolders {
+    /// The list in the images folder `images`; `None` when it has none (an image without
+    /// agents, or made without crac-action).
+    ///
+    /// # Errors
+    ///
+    /// When the file is there but cannot be read, or is not such a list.
+    pub fn read(images: &Path) -> Result<Option<AgentFolders>, AgentsFileError> {
+        match crac_fs::read_bounded(&images.join(AGENTS_FILE), AGENTS_FILE_LIMIT) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(AgentsFileError::Corrupt),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(AgentsFileError::Unreadable(err)),
+        }
+    }
 }
 
 impl AgentFolder {
@@ -133,6 +167,43 @@ pub fn decode_restore_env(json: &str) -> Result<BTreeMap<String, String>, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agents_list_is_read_when_there_is_one_and_a_bad_one_says_why() {
+        let dir = crac_fs::TempDir::new("crac-records-test").unwrap();
+        assert!(AgentFolders::read(dir.path()).unwrap().is_none());
+        let list = AgentFolders {
+            format: 1,
+            agents: vec![AgentFolder {
+                pid: 42,
+                ns_pid: Some(1),
+                dir: "/run/crac/1".into(),
+                in_own_root: true,
+                uid: 0,
+                gid: 0,
+                agent_dir_env: None,
+                runtime_dir: None,
+            }],
+        };
+        let path = dir.path().join(AGENTS_FILE);
+        crac_fs::write_atomic(&path, &serde_json::to_vec(&list).unwrap()).unwrap();
+        let read = AgentFolders::read(dir.path()).unwrap().unwrap();
+        assert_eq!(read, list);
+        assert!(read.agents[0].in_own_pid_namespace());
+        std::fs::write(&path, b"{\"format\":1}").unwrap();
+        let err = AgentFolders::read(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("crac-agents.json in the image is corrupt: missing field `agents`"),
+            "{err}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = AgentFolders::read(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("cannot read crac-agents.json in the image: "),
+            "{err}"
+        );
+    }
 
     #[test]
     fn restore_settings_round_trip_and_too_many_are_refused() {
