@@ -143,7 +143,7 @@ cleanup() {
         stop_pid "$pid"
     done
     # An agent removes its socket folder when SIGTERM ends it, not after a SIGKILL.
-    # It is in the first agent base that has it (crac_agent::base_dir); only ours is removed.
+    # It is in the first agent base that has it (crac_protocol::location::base_dir); only ours is removed.
     for pid in "${SERVICE_PIDS[@]}"; do
         alive "$pid" && continue
         for base in "${CRAC_AGENT_DIR:-}" /run/crac "${XDG_RUNTIME_DIR:+$XDG_RUNTIME_DIR/crac}" /tmp/crac; do

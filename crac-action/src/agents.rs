@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crac_agent::client::{self, ClientError};
-use crac_agent::protocol::{code, Reply, Request};
+use crac_protocol::client::{self, ClientError};
+use crac_protocol::wire::{Code, Reply, Request};
 
 use crate::namespace::{AgentSocket, ConnectError, Refusal};
 use crate::tree;
@@ -110,7 +110,7 @@ pub fn describe_no_answer(pid: u32, err: &ClientError) -> String {
 
 /// "3 hooks in 1.2ms: upstream 1.0ms, cache 0.1ms": the hooks in the order they ran.
 pub fn describe_hooks(reply: &Reply) -> String {
-    if reply.code.as_deref() == Some(code::ALREADY) {
+    if reply.code == Some(Code::Already) {
         return "already done for this cycle (this step ran before), nothing run again".to_owned();
     }
     if reply.hooks.is_empty() {

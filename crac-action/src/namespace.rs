@@ -6,7 +6,7 @@
 //! the world: `<base>/<pid>/agent.sock`, with its own pid (the innermost of `NSpid:` in
 //! /proc/PID/status) and its own root (/proc/PID/root, which the kernel resolves in the
 //! process's mount namespace). [`AgentSocket::find`] tries the bases in the agent's own order
-//! (`crac_agent::base_dir`): the process's `CRAC_AGENT_DIR` (from /proc/PID/environ),
+//! (`crac_protocol::location::base_dir`): the process's `CRAC_AGENT_DIR` (from /proc/PID/environ),
 //! crac-action's, `/run/crac`, the process's `$XDG_RUNTIME_DIR/crac`, `/tmp/crac`. An agent
 //! whose usual folder another user took listens elsewhere (`<base>/<pid>.XXXXXX`, or a private
 //! base `/tmp/crac-<uid>.XXXXXX`): for a process that runs an agent found at none of those,
@@ -45,7 +45,7 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
 
-use crac_agent::client::ClientError;
+use crac_protocol::client::ClientError;
 
 /// An agent's socket, found and checked; see the [module documentation](self).
 ///
@@ -246,31 +246,31 @@ impl Proc {
         };
         Some(Proc {
             ns_pid,
-            agent_dir: var(crac_agent::DIR_ENV),
-            runtime_dir: var(crac_agent::RUNTIME_DIR_ENV),
+            agent_dir: var(crac_protocol::location::DIR_ENV),
+            runtime_dir: var(crac_protocol::location::RUNTIME_DIR_ENV),
         })
     }
 }
 
 /// The base folders to look in, in order: the process's own `CRAC_AGENT_DIR`, then
 /// crac-action's (a service that set its folder in code, with an operator who told CRIU the
-/// same), then the defaults in the agent's order (`crac_agent::base_dir`): /run/crac (root's),
+/// same), then the defaults in the agent's order (`crac_protocol::location::base_dir`): /run/crac (root's),
 /// the process's `$XDG_RUNTIME_DIR/crac`, /tmp/crac. Only absolute paths: a relative one
 /// would depend on whose working folder it is taken from.
 fn base_candidates(own: Option<PathBuf>, runtime: Option<PathBuf>) -> Vec<PathBuf> {
-    let ours = std::env::var_os(crac_agent::DIR_ENV)
+    let ours = std::env::var_os(crac_protocol::location::DIR_ENV)
         .filter(|d| !d.is_empty())
         .map(PathBuf::from);
     let runtime = runtime
         .filter(|r| r.is_absolute())
-        .map(|r| r.join(crac_agent::RUNTIME_SUBDIR));
+        .map(|r| r.join(crac_protocol::location::RUNTIME_SUBDIR));
     let mut bases: Vec<PathBuf> = Vec::with_capacity(5);
     for base in [
         own,
         ours,
-        Some(PathBuf::from(crac_agent::ROOT_DIR)),
+        Some(PathBuf::from(crac_protocol::location::ROOT_DIR)),
         runtime,
-        Some(PathBuf::from(crac_agent::FALLBACK_DIR)),
+        Some(PathBuf::from(crac_protocol::location::FALLBACK_DIR)),
     ]
     .into_iter()
     .flatten()
@@ -466,17 +466,18 @@ impl AgentSocket {
                 in_own_root,
             });
         }
-        let socket = dir.join(crac_agent::SOCKET_NAME);
+        let socket = dir.join(crac_protocol::location::SOCKET_NAME);
         match fstatat(
             &folder,
-            crac_agent::SOCKET_NAME,
+            crac_protocol::location::SOCKET_NAME,
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
             Err(Errno::ENOENT) => Ok(None),
             Err(err) => Err(io_refusal(&socket, err)),
             Ok(stat) if is(&stat, SFlag::S_IFLNK) => Err(Refusal::Symlink {
                 pid,
-                target: readlinkat(&folder, crac_agent::SOCKET_NAME).unwrap_or_default(),
+                target: readlinkat(&folder, crac_protocol::location::SOCKET_NAME)
+                    .unwrap_or_default(),
                 path: socket,
                 in_own_root,
             }),
@@ -538,7 +539,7 @@ impl AgentSocket {
     /// with a root of its own: for messages.
     pub fn describe(&self) -> String {
         shown(
-            &self.dir.join(crac_agent::SOCKET_NAME),
+            &self.dir.join(crac_protocol::location::SOCKET_NAME),
             self.pid,
             self.in_own_root,
         )
@@ -557,9 +558,9 @@ impl AgentSocket {
         let through = format!(
             "/proc/self/fd/{}/{}",
             self.folder.as_raw_fd(),
-            crac_agent::SOCKET_NAME
+            crac_protocol::location::SOCKET_NAME
         );
-        let stream = crac_agent::client::connect_via(Path::new(&through), &shown)?;
+        let stream = crac_protocol::client::connect_via(Path::new(&through), &shown)?;
         let peer = getsockopt(&stream, PeerCredentials)
             .map_err(|err| ClientError::Io {
                 path: shown.clone(),
@@ -570,7 +571,7 @@ impl AgentSocket {
             return Err(ConnectError::NotTheProcess {
                 pid: self.pid,
                 peer,
-                path: self.dir.join(crac_agent::SOCKET_NAME),
+                path: self.dir.join(crac_protocol::location::SOCKET_NAME),
             });
         }
         Ok(stream)
@@ -691,7 +692,7 @@ fn runs_an_agent(pid: u32) -> bool {
 }
 
 /// Where the socket of process `pid`'s agent would usually be, for a message saying there is
-/// none: by the agent's own rule (`crac_agent::base_dir`), as far as it can be told from
+/// none: by the agent's own rule (`crac_protocol::location::base_dir`), as far as it can be told from
 /// outside: `/run/crac/4242/agent.sock`, or `/tmp/crac/1/agent.sock inside the root of pid
 /// 4242`.
 pub fn expected_socket(pid: u32) -> String {
@@ -705,7 +706,7 @@ pub fn expected_socket(pid: u32) -> String {
         }) => dir,
         proc => match euid_of(pid) {
             Some(0) if root.as_ref().is_some_and(run_usable_in) => {
-                PathBuf::from(crac_agent::ROOT_DIR)
+                PathBuf::from(crac_protocol::location::ROOT_DIR)
             }
             Some(uid) if uid != 0 => proc
                 .and_then(|p| p.runtime_dir)
@@ -714,13 +715,15 @@ pub fn expected_socket(pid: u32) -> String {
                         .is_some_and(|root| runtime_usable_in(root, dir, uid))
                 })
                 .map_or_else(
-                    || PathBuf::from(crac_agent::FALLBACK_DIR),
-                    |dir| dir.join(crac_agent::RUNTIME_SUBDIR),
+                    || PathBuf::from(crac_protocol::location::FALLBACK_DIR),
+                    |dir| dir.join(crac_protocol::location::RUNTIME_SUBDIR),
                 ),
-            _ => PathBuf::from(crac_agent::FALLBACK_DIR),
+            _ => PathBuf::from(crac_protocol::location::FALLBACK_DIR),
         },
     };
-    let socket = base.join(ns_pid.to_string()).join(crac_agent::SOCKET_NAME);
+    let socket = base
+        .join(ns_pid.to_string())
+        .join(crac_protocol::location::SOCKET_NAME);
     let in_own_root = root.is_some_and(|root| own_root(pid, &root));
     shown(&socket, pid, in_own_root)
 }
@@ -806,7 +809,9 @@ fn listening_folders(pid: u32, ns_pid: u32) -> Vec<(PathBuf, std::ffi::OsString)
             continue;
         }
         let path = Path::new(std::ffi::OsStr::from_bytes(path));
-        if path.file_name() != Some(OsStr::new(crac_agent::SOCKET_NAME)) || !path.is_absolute() {
+        if path.file_name() != Some(OsStr::new(crac_protocol::location::SOCKET_NAME))
+            || !path.is_absolute()
+        {
             continue;
         }
         let Some(folder) = path.parent() else {
@@ -817,7 +822,7 @@ fn listening_folders(pid: u32, ns_pid: u32) -> Vec<(PathBuf, std::ffi::OsString)
         };
         if name
             .to_str()
-            .and_then(crac_agent::parse_folder_name)
+            .and_then(crac_protocol::location::parse_folder_name)
             .is_some_and(|(p, _)| p == ns_pid)
             && base.parent().is_some()
         {
@@ -909,7 +914,7 @@ mod tests {
     #[test]
     fn bases_are_tried_in_the_agents_order_absolute_and_each_once() {
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        std::env::remove_var(crac_agent::DIR_ENV);
+        std::env::remove_var(crac_protocol::location::DIR_ENV);
         assert_eq!(
             base_candidates(
                 Some(PathBuf::from("/srv/agents")),
@@ -924,12 +929,12 @@ mod tests {
             .map(PathBuf::from)
         );
         // crac-action's own comes right after the process's.
-        std::env::set_var(crac_agent::DIR_ENV, "/var/lib/agents");
+        std::env::set_var(crac_protocol::location::DIR_ENV, "/var/lib/agents");
         assert_eq!(
             base_candidates(Some(PathBuf::from("/srv/agents")), None),
             ["/srv/agents", "/var/lib/agents", "/run/crac", "/tmp/crac"].map(PathBuf::from)
         );
-        std::env::remove_var(crac_agent::DIR_ENV);
+        std::env::remove_var(crac_protocol::location::DIR_ENV);
         // Relative ones are dropped; each base once.
         assert_eq!(
             base_candidates(

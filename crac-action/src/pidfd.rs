@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use crac_agent::fd_facts::{self, Sorted};
+use crac_protocol::fd_facts::{self, Sorted};
 
 /// A handle on a process, to copy its descriptors.
 pub(crate) struct Pidfd(OwnedFd);

@@ -2,7 +2,7 @@
 //! things are done:
 //! - the watcher that pre-dump left is told that an image was made, so a process that keeps
 //!   running is told `resumed`, not `aborted`, once CRIU exits (see [`crate::watcher`]);
-//! - `crac-agents.json` is written in the images folder: the agents' socket folders, which
+//! - `crac-agents.json` ([`AGENTS_FILE`]) is written in the images folder: the agents' socket folders, which
 //!   belong to the image. CRIU restores each agent's listening socket by binding its path
 //!   again, so pre-restore recreates the folders when they are gone (a reboot, or the original
 //!   process exited cleanly). For a process with a root of its own (a container) the folder
@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use crac_protocol::records::{AgentFolder, AgentFolders, AGENTS_FILE};
 
 use crate::agents::{self, log};
 use crate::criu::Invocation;
@@ -20,52 +20,6 @@ use crate::tree::ProcessId;
 use crate::watcher;
 
 const STEP: &str = "post-dump";
-
-/// The file in the images folder that lists the agents' socket folders.
-pub const AGENTS_FILE: &str = "crac-agents.json";
-
-/// The contents of [`AGENTS_FILE`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentFolders {
-    /// Format version (1).
-    pub format: u32,
-    /// One entry per agent in the dumped tree.
-    pub agents: Vec<AgentFolder>,
-}
-
-/// One agent's socket folder.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentFolder {
-    /// The process, as CRIU saw it.
-    pub pid: u32,
-    /// The process's pid as it saw itself (differs in a pid namespace of its own).
-    #[serde(default)]
-    pub ns_pid: Option<u32>,
-    /// Its folder (absolute), as the process saw it.
-    pub dir: PathBuf,
-    /// Whether the process had a root of its own (a container): `dir` is then inside it.
-    #[serde(default)]
-    pub in_own_root: bool,
-    /// The folder's owner.
-    pub uid: u32,
-    /// The folder's group.
-    pub gid: u32,
-    /// The process's `CRAC_AGENT_DIR` at the checkpoint: a base folder pre-restore accepts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_dir_env: Option<PathBuf>,
-    /// The process's `XDG_RUNTIME_DIR` at the checkpoint: `<it>/crac` is a base folder
-    /// pre-restore accepts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime_dir: Option<PathBuf>,
-}
-
-impl AgentFolder {
-    /// Whether the process had a pid namespace of its own: a restore gives it a new one, so
-    /// its pid on this side need not be free.
-    pub fn in_own_pid_namespace(&self) -> bool {
-        self.ns_pid.is_some_and(|ns_pid| ns_pid != self.pid)
-    }
-}
 
 /// Runs the step.
 ///
@@ -145,10 +99,7 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
 /// recorded uid, on this side (not inside a container's root).
 pub fn remove_dead_folders(images: &std::path::Path, is_gone: impl Fn(u32) -> bool) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(bytes) = crac_fs::read_bounded(&images.join(AGENTS_FILE), 1 << 20) else {
-        return;
-    };
-    let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) else {
+    let Ok(Some(record)) = AgentFolders::read(images) else {
         return;
     };
     for agent in record

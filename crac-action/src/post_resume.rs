@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use crac_agent::protocol::{code, Request, MAX_REQUEST_LEN};
-use crac_core::RestoreReason;
+use crac_protocol::records::{decode_restore_env, RESTORE_ENV};
+use crac_protocol::wire::{Code, Reason, Request};
 
 use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
 use crate::criu::Invocation;
@@ -18,44 +18,11 @@ use crate::settings::Settings;
 
 const STEP: &str = "post-resume";
 
-/// Settings for the restored processes, as a JSON object of strings (`{"LOG_LEVEL":"debug"}`):
-/// whoever runs `criu restore` sets it (`crac restore --env`), CRIU passes its environment on
-/// to this step, and every agent hands them to its hooks as `RestoreInfo::env`.
-pub const RESTORE_ENV: &str = "CRAC_RESTORE_ENV";
-
-/// The value of [`RESTORE_ENV`] for `env`.
-///
-/// # Errors
-///
-/// When the settings would not fit in one request to an agent, with the sizes.
-pub fn encode_env(env: &BTreeMap<String, String>) -> Result<String, String> {
-    let line = Request::after_restore(
-        RestoreReason::Restored,
-        Some("criu-4194304-18446744073709551615".into()),
-    )
-    .with_env(env.clone())
-    .to_line();
-    if line.len() > MAX_REQUEST_LEN {
-        return Err(format!(
-            "the settings for the restored process take {} bytes in the agent's request, and a \
-             request holds at most {MAX_REQUEST_LEN}: pass fewer or shorter values",
-            line.len()
-        ));
-    }
-    Ok(serde_json::to_string(env).expect("a map of strings serialises"))
-}
-
 /// The settings [`RESTORE_ENV`] holds, if any.
 fn restore_env() -> Result<BTreeMap<String, String>, String> {
     match std::env::var(RESTORE_ENV) {
         Err(_) => Ok(BTreeMap::new()),
-        Ok(json) if json.is_empty() => Ok(BTreeMap::new()),
-        Ok(json) => serde_json::from_str(&json).map_err(|err| {
-            format!(
-                "{RESTORE_ENV} is not a JSON object of strings ({err}): the restored processes \
-                 were not told their settings"
-            )
-        }),
+        Ok(json) => decode_restore_env(&json),
     }
 }
 
@@ -78,7 +45,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         failures.push(err);
         BTreeMap::new()
     });
-    let request = Request::after_restore(RestoreReason::Restored, None).with_env(env);
+    let request = Request::after_restore(Reason::Restored, None).with_env(env);
     for agent in &found.agents {
         let pid = agent.pid();
         match ask(agent, &request, &deadline) {
@@ -91,13 +58,11 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
                 ),
             ),
             // Told already: this step ran before for the same restore (CRIU 4.1 under runc).
-            Outcome::Refused(reply) if reply.code.as_deref() == Some(code::NOT_CHECKPOINTING) => {
-                log(
-                    out,
-                    STEP,
-                    &format!("pid {pid}: no checkpoint pending, already came back up"),
-                )
-            }
+            Outcome::Refused(reply) if reply.code == Some(Code::NotCheckpointing) => log(
+                out,
+                STEP,
+                &format!("pid {pid}: no checkpoint pending, already came back up"),
+            ),
             Outcome::Refused(reply) => failures.push(format!(
                 "pid {pid}: {}",
                 reply.error.as_deref().unwrap_or("refused without a reason")

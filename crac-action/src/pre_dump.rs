@@ -9,10 +9,9 @@
 use std::io::Write;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-use crac_agent::protocol::{code, Lean, Request};
-use crac_core::RestoreReason;
+use crac_protocol::records::{AgentHooks, PreDumpReport, HOOK_REPORT_ENV};
+use crac_protocol::wire::{Code, Lean, Reason, Request};
+use serde::Serialize;
 
 use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
 use crate::criu::Invocation;
@@ -27,30 +26,6 @@ const STEP: &str = "pre-dump";
 
 /// What a before-checkpoint's lease allows beyond this step's own time limit.
 const LEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// When set, pre-dump writes a [`HookReport`] (JSON) to this path: `crac checkpoint` reads
-/// the hook timings from it.
-pub const HOOK_REPORT_ENV: &str = "CRAC_HOOK_REPORT";
-
-/// What pre-dump did, for tools that drive CRIU and want the figures.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct HookReport {
-    /// The cycle token.
-    pub cycle: String,
-    /// Wall time of the whole step's agent requests, in milliseconds.
-    pub wall_ms: f64,
-    /// Each agent told, in the order told.
-    pub agents: Vec<AgentHooks>,
-}
-
-/// One agent's hooks in a [`HookReport`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AgentHooks {
-    /// The process.
-    pub pid: u32,
-    /// Its hooks, in the order they ran.
-    pub hooks: Vec<crac_agent::protocol::HookReport>,
-}
 
 /// Runs the step.
 ///
@@ -121,19 +96,18 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
     // ends its checkpoint by itself when the lease runs out: this whole step's limit, and
     // some more.
     // The agents tell the preflight about their own descriptors: cheaper from inside.
-    let request = Request {
-        facts: checks.is_some(),
-        lean: Some(Lean {
+    let request = Request::before_checkpoint(&cycle)
+        .with_lease(settings.timeout + LEASE_GRACE)
+        .with_facts(checks.is_some())
+        .with_lean(Lean {
             tcp_addresses: checks
                 .as_ref()
                 .is_some_and(|(policy, opts)| preflight::needs_tcp_addresses(opts, policy)),
-        }),
-        ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
-    };
+        });
     let started = Instant::now();
-    let mut report = HookReport {
+    let mut report = PreDumpReport {
         cycle: cycle.clone(),
-        ..HookReport::default()
+        ..PreDumpReport::default()
     };
 
     let Told {
@@ -202,7 +176,7 @@ struct Told {
     /// What the agents told of their own descriptors (when asked).
     facts: AgentFacts,
     /// What their descriptor policies closed (in a dry run: would close), by process.
-    closed: Vec<(u32, crac_agent::fd_policy::Descriptor)>,
+    closed: Vec<(u32, crac_protocol::fd_policy::Descriptor)>,
     /// How many had been told this cycle already (this step ran before).
     repeated: usize,
     /// Why the checkpoint cannot go on: the first refusal, silence or untrusted socket.
@@ -253,7 +227,7 @@ fn tell_before(
                         &format!("pid {pid}: closed by its descriptor policy: {closed}"),
                     );
                 }
-                if reply.code.as_deref() == Some(code::ALREADY) {
+                if reply.code == Some(Code::Already) {
                     told.repeated += 1;
                 }
                 if let Some(facts) = reply.facts {
@@ -368,7 +342,7 @@ fn roll_back(
     out: &mut dyn Write,
 ) {
     let deadline = Deadline::after(settings.timeout);
-    let request = Request::after_restore(RestoreReason::Aborted, Some(cycle.to_owned()));
+    let request = Request::after_restore(Reason::Aborted, Some(cycle.to_owned()));
     // Parents come back up before their children.
     for (id, agent) in told.iter().rev() {
         let line = match ask(agent, &request, &deadline) {
@@ -399,7 +373,7 @@ pub struct DryRun {
     /// How many descriptors the preflight looked at.
     pub descriptors: usize,
     /// What the agents' descriptor policies would close, by process.
-    pub would_close: Vec<(u32, crac_agent::fd_policy::Descriptor)>,
+    pub would_close: Vec<(u32, crac_protocol::fd_policy::Descriptor)>,
     /// What CRIU would refuse (see [`crate::preflight`]), one line each.
     pub refused: Vec<String>,
 }
@@ -427,14 +401,13 @@ pub fn dry_run(
             .map_or(0, |d| d.as_nanos())
     );
     let deadline = Deadline::after(settings.timeout);
-    let request = Request {
-        dry_run: true,
-        facts: true,
-        lean: Some(Lean {
+    let request = Request::before_checkpoint(&cycle)
+        .with_lease(settings.timeout + LEASE_GRACE)
+        .with_dry_run(true)
+        .with_facts(true)
+        .with_lean(Lean {
             tcp_addresses: preflight::needs_tcp_addresses(opts, policy),
-        }),
-        ..Request::before_checkpoint(&cycle).with_lease(settings.timeout + LEASE_GRACE)
-    };
+        });
     let Told {
         agents: told,
         mut hooks,

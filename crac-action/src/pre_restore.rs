@@ -32,12 +32,9 @@ use std::path::{Component, Path, PathBuf};
 use crate::agents::log;
 use crate::criu::Invocation;
 use crate::error::ActionError;
-use crate::post_dump::{AgentFolder, AgentFolders, AGENTS_FILE};
+use crac_protocol::records::{AgentFolder, AgentFolders, AGENTS_FILE};
 
 const STEP: &str = "pre-restore";
-
-/// The most [`AGENTS_FILE`] may hold: a few hundred bytes an agent.
-const AGENTS_FILE_LIMIT: u64 = 1 << 20;
 
 /// Runs the step.
 ///
@@ -49,19 +46,12 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
     let Some(images) = &inv.image_dir else {
         return Ok(());
     };
-    let record: AgentFolders =
-        match crac_fs::read_bounded(&images.join(AGENTS_FILE), AGENTS_FILE_LIMIT) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                ActionError::Restore(format!("{AGENTS_FILE} in the image is corrupt: {e}"))
-            })?,
-            // Not an image with agents (or made without crac-action): nothing to prepare.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(err) => {
-                return Err(ActionError::Restore(format!(
-                    "cannot read {AGENTS_FILE} in the image: {err}"
-                )))
-            }
-        };
+    let record = match AgentFolders::read(images) {
+        Ok(Some(record)) => record,
+        // Not an image with agents (or made without crac-action): nothing to prepare.
+        Ok(None) => return Ok(()),
+        Err(err) => return Err(ActionError::Restore(err.to_string())),
+    };
     let (inside, here): (Vec<_>, Vec<_>) = record.agents.iter().partition(|a| a.in_own_root);
     if !inside.is_empty() {
         let folders: Vec<String> = inside
@@ -78,7 +68,7 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
             ),
         );
     }
-    let own_base = std::env::var_os(crac_agent::DIR_ENV)
+    let own_base = std::env::var_os(crac_protocol::location::DIR_ENV)
         .filter(|d| !d.is_empty())
         .map(PathBuf::from);
     // Every entry is checked before any is acted on.
@@ -118,8 +108,8 @@ pub(crate) enum Base {
 impl Base {
     fn path(&self) -> &Path {
         match self {
-            Base::Root => Path::new(crac_agent::ROOT_DIR),
-            Base::Fallback => Path::new(crac_agent::FALLBACK_DIR),
+            Base::Root => Path::new(crac_protocol::location::ROOT_DIR),
+            Base::Fallback => Path::new(crac_protocol::location::FALLBACK_DIR),
             Base::Runtime(path) | Base::Named(path) | Base::Private(path) => path,
         }
     }
@@ -139,9 +129,9 @@ pub(crate) fn plausible(agent: &AgentFolder, own_base: Option<&Path>) -> Result<
             agent.dir.display(),
             agent.pid,
             agent.uid,
-            crac_agent::ROOT_DIR,
-            crac_agent::FALLBACK_DIR,
-            crac_agent::DIR_ENV,
+            crac_protocol::location::ROOT_DIR,
+            crac_protocol::location::FALLBACK_DIR,
+            crac_protocol::location::DIR_ENV,
         )
     };
     let dir = &agent.dir;
@@ -156,7 +146,7 @@ pub(crate) fn plausible(agent: &AgentFolder, own_base: Option<&Path>) -> Result<
     let named_for = dir
         .file_name()
         .and_then(|n| n.to_str())
-        .and_then(crac_agent::parse_folder_name)
+        .and_then(crac_protocol::location::parse_folder_name)
         .is_some_and(|(p, _)| p == pid);
     if !named_for {
         return Err(refuse(&format!(
@@ -168,26 +158,26 @@ pub(crate) fn plausible(agent: &AgentFolder, own_base: Option<&Path>) -> Result<
         .runtime_dir
         .as_deref()
         .filter(|r| r.is_absolute())
-        .map(|r| r.join(crac_agent::RUNTIME_SUBDIR));
+        .map(|r| r.join(crac_protocol::location::RUNTIME_SUBDIR));
     let named = [agent.agent_dir_env.as_deref(), own_base]
         .into_iter()
         .flatten()
         .find(|named| named.is_absolute() && *named == base);
-    if base == Path::new(crac_agent::ROOT_DIR) {
+    if base == Path::new(crac_protocol::location::ROOT_DIR) {
         if agent.uid != 0 && named.is_none() {
             return Err(refuse(&format!(
                 "is in {}, where only root's agents are",
-                crac_agent::ROOT_DIR
+                crac_protocol::location::ROOT_DIR
             )));
         }
         Ok(Base::Root)
-    } else if base == Path::new(crac_agent::FALLBACK_DIR) {
+    } else if base == Path::new(crac_protocol::location::FALLBACK_DIR) {
         Ok(Base::Fallback)
     } else if runtime.as_deref() == Some(base) {
         Ok(Base::Runtime(base.to_owned()))
     } else if let Some(named) = named {
         Ok(Base::Named(named.to_owned()))
-    } else if crac_agent::private_base_uid(base) == Some(agent.uid) {
+    } else if crac_protocol::location::private_base_uid(base) == Some(agent.uid) {
         Ok(Base::Private(base.to_owned()))
     } else {
         Err(refuse("is not in a base folder agents use"))

@@ -5,7 +5,7 @@
 //! CRIU's own refusals come one at a time, in its words ("Connected TCP socket, consider using
 //! --tcp-established", "External socket is used"), after the service was quiesced and frozen.
 //! A process with an agent tells its own descriptors with its before-checkpoint reply
-//! ([`crac_agent::fd_facts`]: an `fstat` each and a `TCP_INFO` per socket, from inside, in the
+//! ([`crac_protocol::fd_facts`]: an `fstat` each and a `TCP_INFO` per socket, from inside, in the
 //! pass the agent makes anyway to count its TCP connections; about eight times cheaper than
 //! from outside). The addresses of TCP connections are asked for only when they will be shown
 //! or matched ([`needs_tcp_addresses`]). For any other process this looks at `/proc/PID/fd`,
@@ -32,7 +32,7 @@
 //! read from outside: then only the checks that no option changes run.
 //!
 //! A [`Policy`] (`CRAC_POLICY`, a file) ignores or refuses descriptors by kind and pattern;
-//! its `close` rules are for a service's own agent ([`crac_agent::fd_policy`]). An agent's
+//! its `close` rules are for a service's own agent ([`crac_protocol::fd_policy`]). An agent's
 //! own connections are left to the agent, which closes them while a checkpoint is pending.
 
 use std::collections::{HashMap, HashSet};
@@ -42,16 +42,16 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crac_agent::fd_facts::{self, Facts};
-use crac_agent::fd_policy;
-pub use crac_agent::fd_policy::{Kind, Policy, PolicyError, Verdict};
+use crac_protocol::fd_facts::{self, Facts};
+use crac_protocol::fd_policy;
+pub use crac_protocol::fd_policy::{Kind, Policy, PolicyError, Verdict};
 
 use crate::pidfd::{Pidfd, SocketFacts};
 
 /// Turns the preflight off (`CRAC_PREFLIGHT=off`): CRIU then finds what it finds.
-pub const PREFLIGHT_ENV: &str = "CRAC_PREFLIGHT";
+pub const PREFLIGHT_ENV: &str = crac_protocol::env::PREFLIGHT;
 /// A [`Policy`] file.
-pub const POLICY_ENV: &str = "CRAC_POLICY";
+pub const POLICY_ENV: &str = crac_protocol::env::POLICY;
 
 /// CRIU's default `--ghost-limit`: 1 MiB.
 const DEFAULT_GHOST_LIMIT: u64 = 1 << 20;
@@ -212,7 +212,7 @@ pub struct Problem {
     pub why: &'static str,
     /// The resource most likely holding it, when the process's agent can tell (asked only
     /// once there is something to refuse).
-    pub owner: Option<crac_agent::Owner>,
+    pub owner: Option<crac_protocol::fd_policy::Owner>,
 }
 
 impl fmt::Display for Problem {
@@ -279,7 +279,7 @@ pub fn refusal(problems: &[Problem]) -> Option<String> {
 }
 
 /// What the agents in a tree told of their processes' descriptors, by pid (as this side sees
-/// it): [`crac_agent::fd_facts`], sent with their before-checkpoint replies. A process not in
+/// it): [`crac_protocol::fd_facts`], sent with their before-checkpoint replies. A process not in
 /// it is looked at through `/proc`.
 pub type AgentFacts = HashMap<u32, Facts>;
 
@@ -468,7 +468,7 @@ fn external_unix(
     }
     // Names, for the refusal, in a second look.
     let named = dump(true);
-    let agent_socket = format!("/{}", crac_agent::SOCKET_NAME);
+    let agent_socket = format!("/{}", crac_protocol::location::SOCKET_NAME);
     let name_of = |inode: &u64| {
         named
             .get(inode)
@@ -502,7 +502,7 @@ fn external_unix(
 
 /// Whether the preflight will show or match the addresses of TCP connections with `opts` and
 /// `policy`: when CRIU refuses connections, or a policy may refuse anything. Otherwise an
-/// agent need not find them ([`crac_agent::protocol::Lean::tcp_addresses`]).
+/// agent need not find them ([`crac_protocol::wire::Lean::tcp_addresses`]).
 pub fn needs_tcp_addresses(opts: &CriuOptions, policy: &Policy) -> bool {
     (opts.known && !opts.tcp_established && !opts.tcp_close) || policy.says(Verdict::Refuse)
 }
@@ -781,6 +781,7 @@ fn address(hex: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crac_agent::facts_for_tests as fd_facts;
 
     #[test]
     fn options_come_from_flags_and_config_lines() {

@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 /// Seconds crac-action waits for all agents at one step (default 30).
-pub const TIMEOUT_ENV: &str = "CRAC_ACTION_TIMEOUT";
+pub const TIMEOUT_ENV: &str = crac_protocol::env::ACTION_TIMEOUT;
 /// `1` makes "no agent in the tree" an error instead of a log line.
-pub const REQUIRE_AGENT_ENV: &str = "CRAC_REQUIRE_AGENT";
+pub const REQUIRE_AGENT_ENV: &str = crac_protocol::env::REQUIRE_AGENT;
 /// Seconds the watcher waits for CRIU to finish a dump (default 3600).
-pub const WATCHER_TIMEOUT_ENV: &str = "CRAC_WATCHER_TIMEOUT";
+pub const WATCHER_TIMEOUT_ENV: &str = crac_protocol::env::WATCHER_TIMEOUT;
 
 /// crac-action's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,8 +27,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use crac_agent::protocol::{code, Request};
-use crac_core::RestoreReason;
+use crac_protocol::wire::{Code, Reason, Request};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{geteuid, setpgid, ForkResult, Pid};
@@ -202,12 +201,12 @@ pub fn run(watch: &Watch, listener: &UnixListener, out: &mut dyn Write) -> i32 {
     }
     // post-dump ran before CRIU exited, so what it said is waiting in the queue.
     let reason = if dumped(listener) {
-        RestoreReason::Resumed
+        Reason::Resumed
     } else {
-        RestoreReason::Aborted
+        Reason::Aborted
     };
     let deadline = Deadline::after(watch.timeout);
-    let request = Request::after_restore(reason, Some(watch.cycle.clone()));
+    let request = Request::after_restore(reason.clone(), Some(watch.cycle.clone()));
     let mut code = 0;
     // Parents come back up before their children.
     for (target, agent) in watch.targets.iter().rev() {
@@ -220,7 +219,7 @@ pub fn run(watch: &Watch, listener: &UnixListener, out: &mut dyn Write) -> i32 {
                 target.pid,
                 describe_hooks(&reply)
             ),
-            Outcome::Refused(reply) if reply.code.as_deref() == Some(code::NOT_CHECKPOINTING) => {
+            Outcome::Refused(reply) if reply.code == Some(Code::NotCheckpointing) => {
                 format!("pid {}: already came back up", target.pid)
             }
             Outcome::Refused(reply) => {

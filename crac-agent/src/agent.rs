@@ -38,7 +38,7 @@ pub enum StartError {
     /// A live agent already answers on this process's socket path.
     #[error(
         "another live agent answers at {path} (is {} shared between PID namespaces?)",
-        location::DIR_ENV
+        crac_protocol::env::AGENT_DIR
     )]
     InUse {
         /// The socket.
@@ -56,8 +56,8 @@ pub enum StartError {
         source: io::Error,
     },
     /// The descriptor policy (`CRAC_POLICY`) cannot be read or does not parse.
-    #[error("CRAC_POLICY: {0}")]
-    Policy(#[from] crate::fd_policy::PolicyError),
+    #[error("{}: {}", crac_protocol::env::POLICY, .0)]
+    Policy(#[from] crac_protocol::fd_policy::PolicyError),
 }
 
 impl StartError {
@@ -78,7 +78,7 @@ static RUNNING_IN: AtomicU32 = AtomicU32::new(0);
 static COORDINATOR: Mutex<Option<Coordinator>> = Mutex::new(None);
 
 /// The socket of the agent running in this process (it may be in a folder of its own when its
-/// usual one was taken; see [`crate::base_dir`]).
+/// usual one was taken; see [`base_dir`](crac_protocol::location::base_dir)).
 static SOCKET: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// The socket of the agent running in this process, if one runs.
@@ -131,7 +131,7 @@ pub struct Builder {
     base_dir: Option<PathBuf>,
     signal_cleanup: bool,
     socket_check: Option<Duration>,
-    fd_policy: Option<crate::fd_policy::Policy>,
+    fd_policy: Option<crac_protocol::fd_policy::Policy>,
 }
 
 impl Default for Builder {
@@ -142,7 +142,7 @@ impl Default for Builder {
 
 impl Builder {
     /// Default options: the global coordinator, the folder from
-    /// [`CRAC_AGENT_DIR`](crate::DIR_ENV), cleanup on SIGTERM/SIGINT, a look at the socket
+    /// [`CRAC_AGENT_DIR`](crac_protocol::env::AGENT_DIR), cleanup on SIGTERM/SIGINT, a look at the socket
     /// every [`SOCKET_CHECK`].
     pub fn new() -> Builder {
         Builder {
@@ -155,15 +155,15 @@ impl Builder {
     }
 
     /// The descriptor policy the agent carries out once a checkpoint's hooks have run: its
-    /// `close` rules point what they match at `/dev/null` (see [`crate::fd_policy`]). Default:
+    /// `close` rules point what they match at `/dev/null` (see [`Policy`](crate::Policy)). Default:
     /// the file named by `CRAC_POLICY` in this process's environment, if any.
     ///
     /// ```
-    /// let policy = crac_agent::fd_policy::Policy::parse("inline", "close tcp * -> *:8125")
+    /// let policy = crac_agent::Policy::parse("inline", "close tcp * -> *:8125")
     ///     .expect("a policy");
     /// let _builder = crac_agent::Builder::new().fd_policy(policy);
     /// ```
-    pub fn fd_policy(mut self, policy: crate::fd_policy::Policy) -> Builder {
+    pub fn fd_policy(mut self, policy: crac_protocol::fd_policy::Policy) -> Builder {
         self.fd_policy = Some(policy);
         self
     }
@@ -174,7 +174,7 @@ impl Builder {
         self
     }
 
-    /// Uses this base folder instead of the one [`crate::base_dir`] chooses. `crac-action`
+    /// Uses this base folder instead of the one [`base_dir`](crac_protocol::location::base_dir) chooses. `crac-action`
     /// only finds the agent if it is given the same folder through `CRAC_AGENT_DIR` (or the
     /// folder is one of those it tries anyway).
     pub fn base_dir(mut self, dir: impl Into<PathBuf>) -> Builder {
@@ -214,7 +214,8 @@ impl Builder {
                 .is_err()
         {
             return Err(StartError::AlreadyRunning {
-                socket: running_socket().unwrap_or_else(|| location::socket_path(pid)),
+                socket: running_socket()
+                    .unwrap_or_else(|| crac_protocol::location::socket_path(pid)),
             });
         }
         let started = self.start_unguarded(pid);
@@ -228,15 +229,19 @@ impl Builder {
         let fd_policy = match self.fd_policy {
             Some(policy) => policy,
             None => {
-                match std::env::var_os(crate::fd_policy::POLICY_ENV).filter(|p| !p.is_empty()) {
-                    Some(path) => crate::fd_policy::Policy::load(Path::new(&path))?,
-                    None => crate::fd_policy::Policy::default(),
+                match std::env::var_os(crac_protocol::fd_policy::POLICY_ENV)
+                    .filter(|p| !p.is_empty())
+                {
+                    Some(path) => crac_protocol::fd_policy::Policy::load(Path::new(&path))?,
+                    None => crac_protocol::fd_policy::Policy::default(),
                 }
             }
         };
         let chosen = self.base_dir.is_none()
-            && std::env::var_os(location::DIR_ENV).is_none_or(|d| d.is_empty());
-        let base = self.base_dir.unwrap_or_else(location::base_dir);
+            && std::env::var_os(crac_protocol::env::AGENT_DIR).is_none_or(|d| d.is_empty());
+        let base = self
+            .base_dir
+            .unwrap_or_else(crac_protocol::location::base_dir);
         let location::Prepared {
             base,
             private_base,
@@ -324,7 +329,7 @@ struct AgentInner {
 impl Agent {
     /// The socket the agent listens on: `<base>/<pid>/agent.sock`, or
     /// `<base>/<pid>.XXXXXX/agent.sock` when another user's entry took `<base>/<pid>` and
-    /// could not be moved aside (see [`crate::base_dir`]).
+    /// could not be moved aside (see [`base_dir`](crac_protocol::location::base_dir)).
     pub fn socket_path(&self) -> &Path {
         &self.inner.socket
     }

@@ -22,52 +22,13 @@
 //! owner here.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crac_core::{AfterRestoreWatcher, Coordinator};
 
-use crate::fd_policy::Descriptor;
-
-/// Who most likely holds a descriptor, and how sure the agent is.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Owner {
-    /// The resource's full name.
-    pub resource: String,
-    /// How the agent knows.
-    pub how: Ownership,
-}
-
-/// How the agent knows who holds a descriptor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Ownership {
-    /// The resource declares it ([`Resource::descriptors`](crac_core::Resource::descriptors)).
-    Declared,
-    /// It appeared while the resource's last `after_restore` ran, and is still open: most
-    /// likely that hook opened it.
-    AfterRestore,
-}
-
-impl fmt::Display for Owner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.how {
-            Ownership::Declared => write!(
-                f,
-                "held by resource \"{}\", which declares it",
-                self.resource
-            ),
-            Ownership::AfterRestore => write!(
-                f,
-                "most likely resource \"{}\"'s: opened while its after_restore ran, open since",
-                self.resource
-            ),
-        }
-    }
-}
+use crac_protocol::fd_policy::{Descriptor, Owner, Ownership};
 
 /// A descriptor as the table records it: its number and the file it is (device, inode).
 type Identity = (u64, u64);

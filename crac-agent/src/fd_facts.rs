@@ -1,87 +1,27 @@
-//! What the preflight must know about this process's descriptors, found from inside it: an
-//! `fstat` per descriptor, a `TCP_INFO` per socket (which tells a TCP connection from
-//! anything else in one call), the addresses of each TCP connection only when they will be
-//! shown or matched, and the `/proc/self/fd` link only for the few kinds whose path decides
-//! (terminals, anonymous inodes, deleted files). Which other sockets are connected Unix ones,
-//! and to whom, crac-action finds in one sock_diag dump of the namespace, by inode (readers
-//! from before [`Request::lean`](crate::protocol::Request::lean) get them found here, a
-//! `getpeername` each, and every TCP connection's addresses).
+//! Finding, from inside this process, what the preflight must know about its descriptors
+//! ([`Facts`], the model in [`crac_protocol::fd_facts`]): an `fstat` per descriptor, a
+//! `TCP_INFO` per socket (which tells a TCP connection from anything else in one call), the
+//! addresses of each TCP connection only when they will be shown or matched, and the
+//! `/proc/self/fd` link only for the few kinds whose path decides (terminals, anonymous
+//! inodes, deleted files). Which other sockets are connected Unix ones, and to whom,
+//! crac-action finds in one sock_diag dump of the namespace, by inode (readers from before
+//! [`Lean`](crac_protocol::wire::Lean) get them found here, a `getpeername` each, and every
+//! TCP connection's addresses).
 //!
 //! crac-action's preflight otherwise reads every `/proc/PID/fd` link from outside (a path
 //! lookup and a formatted name each, ~3 µs) and copies each socket (`pidfd_getfd`) to ask it
 //! about itself. An agent sends [`Facts`] with its before-checkpoint reply when asked
-//! ([`Request::facts`](crate::protocol::Request::facts)); crac-action applies CRIU's options
-//! and the operator's policy to them exactly as to what it reads itself, so the verdicts are
-//! the same either way. The same pass finds the TCP connections the agent counts across the
-//! checkpoint ([`crac_core::RestoreInfo::tcp`]), so the preflight adds little to a
-//! before-checkpoint.
+//! ([`BeforeCheckpoint::facts`](crac_protocol::wire::BeforeCheckpoint::facts)); crac-action
+//! applies CRIU's options and the operator's policy to them exactly as to what it reads
+//! itself, so the verdicts are the same either way. The same pass finds the TCP connections
+//! the agent counts across the checkpoint ([`crac_core::RestoreInfo::tcp`]), so the preflight
+//! adds little to a before-checkpoint.
 
 use std::fs;
 use std::os::fd::{BorrowedFd, RawFd};
 
-use nix::sys::socket::{getpeername, getsockname, SockaddrLike, SockaddrStorage};
+use crac_protocol::fd_facts::{sort_socket, Ask, Connected, Facts, Linked, Listening, Sorted};
 use nix::sys::stat::{fstat, FileStat, SFlag};
-
-/// The descriptors of a process that can matter to CRIU, as the process sees them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Facts {
-    /// The inode of every socket: a Unix socket whose peer is among them is inside the tree.
-    pub sockets: Vec<u64>,
-    /// The descriptor of each of `sockets`, in the same order (empty from agents before it).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub socket_fds: Vec<RawFd>,
-    /// The TCP connections (TCP sockets neither listening nor closed), and, when asked
-    /// ([`Ask::unix_peers`]), the sockets with a Unix peer.
-    pub connected: Vec<Connected>,
-    /// The TCP listeners with connections waiting to be accepted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub listening: Vec<Listening>,
-    /// The descriptors whose `/proc/PID/fd` link decides (terminals and character devices
-    /// other than the memory ones, anonymous inodes, deleted files), with the link.
-    pub linked: Vec<Linked>,
-}
-
-/// A TCP connection, or a socket with a Unix peer.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Connected {
-    /// The descriptor.
-    pub fd: RawFd,
-    /// Its inode.
-    pub inode: u64,
-    /// `true` for a TCP connection, `false` for a socket with a Unix peer.
-    pub tcp: bool,
-    /// Its address and its peer's, as people write them, for a TCP connection when they were
-    /// asked for ([`Ask::tcp_addresses`]); empty otherwise (a connection still being made has
-    /// no peer yet), and then left out of the wire.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub local: String,
-    /// See `local`.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub peer: String,
-}
-
-/// A TCP listener with connections waiting to be accepted: CRIU's "In-flight connection"
-/// unless it is told to leave them out (`--skip-in-flight`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Listening {
-    /// The descriptor.
-    pub fd: RawFd,
-    /// How many connections wait.
-    pub waiting: u32,
-    /// Its address, as people write it.
-    pub local: String,
-}
-
-/// A descriptor and its `/proc/PID/fd` link.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Linked {
-    /// The descriptor.
-    pub fd: RawFd,
-    /// The link: a path (`/dev/pts/3`, `/tmp/x (deleted)`) or `anon_inode:[io_uring]`.
-    pub target: String,
-    /// Its size, for a regular file (0 otherwise).
-    pub size: u64,
-}
 
 /// The major number of the memory devices (`/dev/null`, `/dev/zero`, `/dev/urandom`, ...):
 /// never a terminal, and the commonest character devices by far.
@@ -95,26 +35,6 @@ pub(crate) struct Look {
     pub(crate) connections: Vec<RawFd>,
     /// The preflight's facts, if asked for.
     pub(crate) facts: Option<Facts>,
-}
-
-/// What the facts' reader wants found beyond each descriptor's kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ask {
-    /// The addresses of each TCP connection.
-    pub tcp_addresses: bool,
-    /// Which sockets have a Unix peer (listed among `connected`, `tcp: false`): a reader that
-    /// asks sock_diag by inode (crac-action since `socket_fds`) does not need them, one
-    /// `getpeername` a socket.
-    pub unix_peers: bool,
-}
-
-impl Ask {
-    /// Everything: what readers that predate [`Request::lean`](crate::protocol::Request::lean)
-    /// expect.
-    pub const ALL: Ask = Ask {
-        tcp_addresses: true,
-        unix_peers: true,
-    };
 }
 
 /// Looks at this process's descriptors: only for its TCP connections, or (`facts`) at every
@@ -136,7 +56,7 @@ pub(crate) fn look(skip: &[RawFd], facts: Option<Ask>) -> Look {
 
 /// Looks at every descriptor of this process but those in `skip` (the agent's own), finding
 /// what `ask` says.
-pub fn gather(skip: &[RawFd], ask: Ask) -> Facts {
+pub(crate) fn gather(skip: &[RawFd], ask: Ask) -> Facts {
     gather_noting(skip, ask, &mut crate::tcp::Connections::default())
 }
 
@@ -199,74 +119,6 @@ fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connect
         }
     }
     facts
-}
-
-/// One socket as the preflight sorts it, asked directly: by its own process (an agent's
-/// facts) or through a copy of its descriptor (crac-action, for a process without an agent),
-/// so that both sort alike.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Sorted {
-    /// A TCP connection (neither listening nor closed; one still being made included), with
-    /// its address and its peer's if asked for ([`Ask::tcp_addresses`]).
-    Connection {
-        /// Its address, as people write it.
-        local: String,
-        /// Its peer's (empty while the connection is being made).
-        peer: String,
-    },
-    /// A TCP listener with connections waiting to be accepted.
-    Queued {
-        /// How many wait.
-        waiting: u32,
-        /// Its address, as people write it.
-        local: String,
-    },
-    /// A socket with a Unix peer, of any type (only if asked for, [`Ask::unix_peers`]): the
-    /// preflight tells the types apart.
-    UnixPeer,
-    /// Anything else, which the socket itself gives no reason to refuse.
-    Other,
-}
-
-/// Sorts `socket`: one `TCP_INFO` (only a TCP socket answers it; it gives the state and, for a
-/// listener, its accept queue), then only the calls `ask` needs.
-pub fn sort_socket(socket: BorrowedFd<'_>, ask: Ask) -> Sorted {
-    match crate::tcp::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&socket)) {
-        Some((state, _)) if crate::tcp::is_connection(state) => {
-            let (local, peer) = if ask.tcp_addresses {
-                addresses(socket)
-            } else {
-                Default::default()
-            };
-            Sorted::Connection { local, peer }
-        }
-        Some((state, waiting @ 1..)) if crate::tcp::is_listening(state) => Sorted::Queued {
-            waiting,
-            local: addresses(socket).0,
-        },
-        Some(_) => Sorted::Other,
-        None if ask.unix_peers && has_unix_peer(socket) => Sorted::UnixPeer,
-        None => Sorted::Other,
-    }
-}
-
-/// Whether `socket` has a Unix peer (of any type: the preflight tells the types apart).
-fn has_unix_peer(socket: BorrowedFd<'_>) -> bool {
-    getpeername::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&socket))
-        .is_ok_and(|peer| peer.family() == Some(nix::sys::socket::AddressFamily::Unix))
-}
-
-/// A socket's own address and its peer's, as people write them (empty where there is none).
-fn addresses(socket: BorrowedFd<'_>) -> (String, String) {
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
-    let text = |addr: nix::Result<SockaddrStorage>| {
-        addr.map(|a| crate::fd_policy::address(&a))
-            .unwrap_or_default()
-    };
-    (
-        text(getsockname::<SockaddrStorage>(raw)),
-        text(getpeername::<SockaddrStorage>(raw)),
-    )
 }
 
 /// Whether a descriptor's path can decide anything: a character device that is not a memory

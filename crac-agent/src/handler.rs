@@ -26,8 +26,11 @@ use crac_core::{
 };
 
 use crate::descriptor_owners::Tracker;
-use crate::protocol::{code, op, HookReport, Reply, Request, VERSION};
 use crate::tcp;
+use crac_protocol::wire::{
+    AfterRestore, BeforeCheckpoint, Code, HookReport, Op, OpName, Reason, Reply, Request, State,
+    VERSION,
+};
 
 /// The lease of a before-checkpoint that names none.
 pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(60);
@@ -156,50 +159,52 @@ impl Handler {
     pub(crate) fn serve(&mut self, request: &Request) -> Reply {
         if request.v != VERSION {
             return self.error(
-                &request.op,
-                code::BAD_REQUEST,
+                request.op.name(),
+                Code::BadRequest,
                 format!(
                     "unsupported protocol version {} (this agent speaks version {VERSION})",
                     request.v
                 ),
             );
         }
-        match request.op.as_str() {
-            op::BEFORE_CHECKPOINT => self.before_checkpoint(request),
-            op::AFTER_RESTORE => self.after_restore(request),
-            op::STATUS => self.reply(op::STATUS, true, Vec::new(), None, None),
-            op::DESCRIPTORS => {
+        match &request.op {
+            Op::BeforeCheckpoint(before) => self.before_checkpoint(before),
+            Op::AfterRestore(after) => self.after_restore(after),
+            Op::Status => self.reply(OpName::Status, true, Vec::new(), None, None),
+            Op::Descriptors => {
                 let mut descriptors = crate::fd_policy::descriptors();
                 self.owners.attribute(&self.coordinator, &mut descriptors);
                 Reply {
                     descriptors,
-                    ..self.reply(op::DESCRIPTORS, true, Vec::new(), None, None)
+                    ..self.reply(OpName::Descriptors, true, Vec::new(), None, None)
                 }
             }
+            // An op this agent does not know (`Op::Unknown`, or one added to the protocol later).
             other => self.error(
-                other,
-                code::BAD_REQUEST,
+                other.name(),
+                Code::BadRequest,
                 format!(
-                    "unknown op {other:?}: expected {:?}, {:?}, {:?} or {:?}",
-                    op::BEFORE_CHECKPOINT,
-                    op::AFTER_RESTORE,
-                    op::STATUS,
-                    op::DESCRIPTORS
+                    "unknown op {:?}: expected {:?}, {:?}, {:?} or {:?}",
+                    other.name().as_str(),
+                    OpName::BeforeCheckpoint.as_str(),
+                    OpName::AfterRestore.as_str(),
+                    OpName::Status.as_str(),
+                    OpName::Descriptors.as_str()
                 ),
             ),
         }
     }
 
-    fn before_checkpoint(&mut self, request: &Request) -> Reply {
+    fn before_checkpoint(&mut self, request: &BeforeCheckpoint) -> Reply {
         if let Some(pending) = &self.pending {
             if pending.cycle.is_some() && pending.cycle == request.cycle {
                 // The same cycle asked again (a CRIU that runs its action script twice): it is
                 // ready for the dump already.
                 return self.reply(
-                    op::BEFORE_CHECKPOINT,
+                    OpName::BeforeCheckpoint,
                     true,
                     Vec::new(),
-                    Some(code::ALREADY),
+                    Some(Code::Already),
                     None,
                 );
             }
@@ -207,11 +212,11 @@ impl Handler {
                 "a checkpoint is already in progress{}: it must be ended with after-restore before another can start",
                 describe_cycle(&pending.cycle)
             );
-            return self.error(op::BEFORE_CHECKPOINT, code::BUSY, message);
+            return self.error(OpName::BeforeCheckpoint, Code::Busy, message);
         }
         match self.coordinator.checkpoint() {
             Ok(checkpoint) => {
-                let hooks = checkpoint.hooks().iter().map(HookReport::from).collect();
+                let hooks = checkpoint.hooks().iter().map(hook_report).collect();
                 let lease = request
                     .lease_ms
                     .map_or(DEFAULT_LEASE, Duration::from_millis);
@@ -221,35 +226,40 @@ impl Handler {
                     connections: Vec::new(),
                     lease: Lease::new(lease, Instant::now()),
                 });
-                self.reply(op::BEFORE_CHECKPOINT, true, hooks, None, None)
+                self.reply(OpName::BeforeCheckpoint, true, hooks, None, None)
             }
             Err(err) => {
                 if matches!(err.kind(), ErrorKind::Refused) {
                     self.ended(failures_of(Some(&err)));
                 }
-                self.failed(op::BEFORE_CHECKPOINT, &err, None)
+                self.failed(OpName::BeforeCheckpoint, &err, None)
             }
         }
     }
 
-    fn after_restore(&mut self, request: &Request) -> Reply {
-        let reason = match request.reason.as_deref().map(RestoreReason::parse) {
+    fn after_restore(&mut self, request: &AfterRestore) -> Reply {
+        // Converted by word: the protocol's words are crac-core's.
+        let reason = request
+            .reason
+            .as_ref()
+            .map(|r| RestoreReason::parse(r.as_str()));
+        let reason = match reason {
             Some(Some(reason)) => reason,
             Some(None) | None => {
                 return self.error(
-                    op::AFTER_RESTORE,
-                    code::BAD_REQUEST,
+                    OpName::AfterRestore,
+                    Code::BadRequest,
                     format!(
                         "after-restore needs a reason, \"restored\", \"resumed\" or \"aborted\"; got {:?}",
-                        request.reason
+                        request.reason.as_ref().map(Reason::as_str)
                     ),
                 )
             }
         };
         let Some(pending) = self.pending.take() else {
             return self.error(
-                op::AFTER_RESTORE,
-                code::NOT_CHECKPOINTING,
+                OpName::AfterRestore,
+                Code::NotCheckpointing,
                 "no checkpoint in progress: after-restore must follow a successful before-checkpoint"
                     .into(),
             );
@@ -260,7 +270,7 @@ impl Handler {
                     "cycle mismatch: the pending checkpoint is cycle {expected:?}, this after-restore is for cycle {got:?}"
                 );
                 self.pending = Some(pending);
-                return self.error(op::AFTER_RESTORE, code::CYCLE_MISMATCH, message);
+                return self.error(OpName::AfterRestore, Code::CycleMismatch, message);
             }
         }
         let details = RestoreDetails::default()
@@ -269,15 +279,12 @@ impl Handler {
         match pending.checkpoint.complete_with(reason, details) {
             Ok(report) => {
                 self.ended(Vec::new());
-                let hooks = report
-                    .phase(Phase::AfterRestore)
-                    .map(HookReport::from)
-                    .collect();
-                self.reply(op::AFTER_RESTORE, true, hooks, None, None)
+                let hooks = report.phase(Phase::AfterRestore).map(hook_report).collect();
+                self.reply(OpName::AfterRestore, true, hooks, None, None)
             }
             Err(err) => {
                 self.ended(failures_of(Some(&err)));
-                self.failed(op::AFTER_RESTORE, &err, Some(Phase::AfterRestore))
+                self.failed(OpName::AfterRestore, &err, Some(Phase::AfterRestore))
             }
         }
     }
@@ -287,30 +294,30 @@ impl Handler {
         self.last_failures = failed;
     }
 
-    fn failed(&self, op: &str, err: &CheckpointError, only: Option<Phase>) -> Reply {
+    fn failed(&self, op: OpName, err: &CheckpointError, only: Option<Phase>) -> Reply {
         let hooks = err
             .hooks()
             .iter()
             .filter(|r| only.is_none_or(|phase| r.phase() == phase))
-            .map(HookReport::from)
+            .map(hook_report)
             .collect();
         let code = match err.kind() {
-            ErrorKind::InProgress => code::BUSY,
-            _ => code::FAILED,
+            ErrorKind::InProgress => Code::Busy,
+            _ => Code::Failed,
         };
         self.reply(op, false, hooks, Some(code), Some(err.to_string()))
     }
 
-    pub(crate) fn error(&self, op: &str, code: &'static str, message: String) -> Reply {
+    pub(crate) fn error(&self, op: OpName, code: Code, message: String) -> Reply {
         self.reply(op, false, Vec::new(), Some(code), Some(message))
     }
 
     fn reply(
         &self,
-        op: &str,
+        op: OpName,
         ok: bool,
         hooks: Vec<HookReport>,
-        code: Option<&'static str>,
+        code: Option<Code>,
         error: Option<String>,
     ) -> Reply {
         let last_restore_unix_ms = self.coordinator.last_restore().and_then(|info| {
@@ -322,20 +329,20 @@ impl Handler {
         Reply {
             v: VERSION,
             ok,
-            op: op.to_owned(),
+            op,
             pid: std::process::id(),
-            state: self.coordinator.state().as_str().to_owned(),
+            state: State::from(self.coordinator.state().as_str()),
             generation: self.coordinator.generation(),
             cycle: self.pending.as_ref().and_then(|p| p.cycle.clone()),
             resources: self.coordinator.context().resource_names(),
             last_restore_unix_ms,
             hooks,
             error,
-            code: code.map(str::to_owned),
+            code,
             last_cycle: self
                 .coordinator
                 .last_cycle()
-                .map(|info| info.reason.as_str().to_owned()),
+                .map(|info| Reason::from(info.reason.as_str())),
             last_failures: self.last_failures.clone(),
             closed: Vec::new(),
             facts: None,
@@ -353,9 +360,17 @@ impl Drop for Handler {
 
 /// The hooks that failed in a cycle's error, both phases.
 fn failures_of(err: Option<&CheckpointError>) -> Vec<HookReport> {
-    err.map_or_else(Vec::new, |err| {
-        err.failures().map(HookReport::from).collect()
-    })
+    err.map_or_else(Vec::new, |err| err.failures().map(hook_report).collect())
+}
+
+/// A hook's record as a reply tells it: crac-core's phase by its word.
+fn hook_report(record: &crac_core::HookRecord) -> HookReport {
+    HookReport {
+        resource: record.resource().to_owned(),
+        phase: crac_protocol::wire::Phase::from(record.phase().as_str()),
+        duration_us: u64::try_from(record.duration().as_micros()).unwrap_or(u64::MAX),
+        error: record.failure().map(|f| f.to_string()),
+    }
 }
 
 fn describe_cycle(cycle: &Option<String>) -> String {
@@ -388,6 +403,33 @@ mod tests {
         let mut lease = Lease::new(Duration::from_millis(500), tick(10_000));
         assert!(!lease.expired(tick(100)));
         assert!(lease.expired(tick(600)));
+    }
+
+    #[test]
+    fn crac_core_s_words_are_the_protocol_s() {
+        use crac_core::CycleState as CoreState;
+        for reason in [
+            RestoreReason::Restored,
+            RestoreReason::Resumed,
+            RestoreReason::Aborted,
+        ] {
+            let word = Reason::from(reason.as_str());
+            assert!(!matches!(word, Reason::Unknown(_)), "{reason}");
+            assert_eq!(RestoreReason::parse(word.as_str()), Some(reason));
+        }
+        for phase in [Phase::BeforeCheckpoint, Phase::AfterRestore] {
+            let word = crac_protocol::wire::Phase::from(phase.as_str());
+            assert!(
+                !matches!(word, crac_protocol::wire::Phase::Unknown(_)),
+                "{phase:?}"
+            );
+        }
+        for state in [CoreState::Idle, CoreState::Checkpointing] {
+            assert!(
+                !matches!(State::from(state.as_str()), State::Unknown(_)),
+                "{state:?}"
+            );
+        }
     }
 
     #[test]

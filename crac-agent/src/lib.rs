@@ -1,12 +1,13 @@
 //! The in-process CRaC agent: lets CRIU's action script drive a service's checkpoint hooks.
 //!
 //! A service calls [`start`] once. The agent listens on a Unix socket whose path follows from
-//! the process's PID and user ([`socket_path`]; [`base_dir`] says which base folder and why),
+//! the process's PID and user ([`crac_protocol::location`] says which base folder and why),
 //! in a folder only the process's uid (and root) can enter. When an operator runs `criu dump --action-script crac-action`, `crac-action`
 //! connects at pre-dump and asks for `before-checkpoint`: the agent runs every
 //! `before_checkpoint` hook of the [global](crac_core::Coordinator::global) coordinator and
 //! replies only when they are done (or refused, after rolling back). After a restore it asks
-//! for `after-restore` with the reason. The wire format is in [`protocol`].
+//! for `after-restore` with the reason. The wire format, the client and every other contract
+//! between crac-rs's parts are in [`crac_protocol`]; this crate is what a service uses.
 //!
 //! # Anatomy
 //!
@@ -18,9 +19,11 @@
 //! - A checkpoint cannot stay pending for good: a before-checkpoint has a lease, after which
 //!   the agent ends the cycle itself if nobody did (time frozen by a dump does not count); one
 //!   whose client already left is not run at all.
-//! - [`protocol`]: the line-based JSON requests and replies, with a version field and reply
-//!   codes.
-//! - [`client`]: the other end, as used by `crac-action` and `crac`.
+//! - [`crac_protocol::wire`]: the line-based JSON requests and replies it serves, with a
+//!   version field and reply codes; [`crac_protocol::client`] is the other end, as used by
+//!   `crac-action` and `crac`.
+//! - [`Policy`]: the service's descriptor policy (`CRAC_POLICY`, or
+//!   [`Builder::fd_policy`]), whose `close` rules the agent carries out.
 //! - Peer check: only root and the process's own uid are served (`SO_PEERCRED`).
 //! - [`SelfCheckpoint`]: the process checkpoints itself (through the `crac` command, which
 //!   runs CRIU from outside the process's tree).
@@ -63,14 +66,12 @@
 
 mod agent;
 mod cleanup;
-pub mod client;
 mod descriptor_owners;
-pub mod fd_facts;
-pub mod fd_policy;
+mod fd_facts;
+mod fd_policy;
 mod handler;
 mod location;
 mod peer;
-pub mod protocol;
 mod self_checkpoint;
 mod server;
 mod tcp;
@@ -84,11 +85,19 @@ pub(crate) fn descriptor_table_turn() -> std::sync::MutexGuard<'static, ()> {
 }
 
 pub use agent::{start, Agent, Builder, StartError, SOCKET_CHECK};
-pub use descriptor_owners::{Owner, Ownership};
-pub use location::{
-    agent_dir, base_dir, parse_folder_name, private_base_uid, socket_path, DIR_ENV, FALLBACK_DIR,
-    ROOT_DIR, RUNTIME_DIR_ENV, RUNTIME_SUBDIR, SOCKET_NAME,
-};
+pub use crac_protocol::fd_policy::{Policy, PolicyError};
 pub use self_checkpoint::{
     checkpoint_self, SelfCheckpoint, SelfCheckpointError, CHECKPOINT_TO_ENV, CRAC_BIN_ENV,
 };
+
+/// Not part of the API: the descriptor facts as this agent finds them in its own process,
+/// for crac-action's tests, which hold its reading from outside against the agent's.
+#[doc(hidden)]
+pub mod facts_for_tests {
+    pub use crac_protocol::fd_facts::*;
+
+    /// Every descriptor of this process but those in `skip`, as the agent tells them.
+    pub fn gather(skip: &[std::os::fd::RawFd], ask: Ask) -> Facts {
+        crate::fd_facts::gather(skip, ask)
+    }
+}

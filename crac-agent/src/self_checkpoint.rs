@@ -24,14 +24,14 @@ use std::time::Duration;
 
 use crac_core::{Coordinator, RestoreReason};
 
-use crate::protocol::Request;
+use crac_protocol::wire::{Reason, Request};
 
 /// Where a self-checkpoint goes when the caller does not say: an image name in the store, or
 /// a folder (a path containing `/`). Like CRaC's `-XX:CRaCCheckpointTo`.
-pub const CHECKPOINT_TO_ENV: &str = "CRAC_CHECKPOINT_TO";
+pub const CHECKPOINT_TO_ENV: &str = crac_protocol::env::CHECKPOINT_TO;
 
 /// The `crac` binary to use (default: `crac` beside this executable, then on `PATH`).
-pub const CRAC_BIN_ENV: &str = "CRAC_BIN";
+pub const CRAC_BIN_ENV: &str = crac_protocol::env::BIN;
 
 /// Why a self-checkpoint did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -241,11 +241,11 @@ impl SelfCheckpoint {
             // Restored without crac-action (a plain `criu restore`): run the hooks ourselves,
             // through our own agent so that the cycle ends the one way it always does.
             // Our agent's own socket: the usual path for this pid may not be it.
-            let socket =
-                crate::agent::running_socket().unwrap_or_else(|| crate::location::socket_path(pid));
-            let _ = crate::client::request_at(
+            let socket = crate::agent::running_socket()
+                .unwrap_or_else(|| crac_protocol::location::socket_path(pid));
+            let _ = crac_protocol::client::request_at(
                 &socket,
-                &Request::after_restore(RestoreReason::Restored, None),
+                &Request::after_restore(Reason::Restored, None),
                 self.timeout,
             );
             coordinator.wait_idle(Some(self.timeout));

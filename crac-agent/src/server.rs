@@ -1,5 +1,5 @@
 //! The agent's thread: one event loop over the listening socket and the connections in
-//! progress. Each connection gets one request and one reply ([`crate::protocol`]); requests
+//! progress. Each connection gets one request and one reply ([`crac_protocol::wire`]); requests
 //! are handled one at a time by the [`Handler`], in the order they are complete, while slow or
 //! silent clients only hold their own connection, up to [`REQUEST_TIMEOUT`].
 //!
@@ -27,7 +27,7 @@ use nix::sys::socket::{send, MsgFlags};
 
 use crate::handler::{Handler, TICK};
 use crate::peer;
-use crate::protocol::{code, op, Reply, Request, MAX_REQUEST_LEN, REQUEST_TIMEOUT};
+use crac_protocol::wire::{Code, Op, OpName, Reply, Request, MAX_REQUEST_LEN, REQUEST_TIMEOUT};
 
 /// How long a client has, after the reply, to close its end; until then what it sends is read
 /// and dropped (closing with unread data would reset the connection and lose the reply).
@@ -44,7 +44,7 @@ const PENDING_REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
 /// What the loop is given.
 pub(crate) struct Options {
     /// What to close once a checkpoint's hooks have run.
-    pub(crate) fd_policy: crate::fd_policy::Policy,
+    pub(crate) fd_policy: crac_protocol::fd_policy::Policy,
     /// Where the socket is, its folder, and the folder's base (to make them again).
     pub(crate) socket: PathBuf,
     pub(crate) dir: PathBuf,
@@ -252,7 +252,9 @@ impl Server {
                         "no complete request line within {} ms",
                         self.conns[index].limit.as_millis()
                     );
-                    let reply = self.handler.error("", code::BAD_REQUEST, message);
+                    let reply = self
+                        .handler
+                        .error(OpName::default(), Code::BadRequest, message);
                     self.reply(index, &reply);
                     index += 1;
                 }
@@ -276,7 +278,9 @@ impl Server {
             Stage::Reading => match read_request(&mut self.conns[index]) {
                 Received::More => {}
                 Received::Bad(message) => {
-                    let reply = self.handler.error("", code::BAD_REQUEST, message);
+                    let reply = self
+                        .handler
+                        .error(OpName::default(), Code::BadRequest, message);
                     self.reply(index, &reply);
                 }
                 Received::Line(line) => self.answer(index, &line),
@@ -288,17 +292,21 @@ impl Server {
         let checked = self.conns[index]
             .peer
             .clone()
-            .map_err(|message| (code::PERMISSION_DENIED, message))
-            .and(parse(line).map_err(|message| (code::BAD_REQUEST, message)));
+            .map_err(|message| (Code::PermissionDenied, message))
+            .and(parse(line).map_err(|message| (Code::BadRequest, message)));
         let request = match checked {
             Ok(request) => request,
             Err((code, message)) => {
-                let reply = self.handler.error("", code, message);
+                let reply = self.handler.error(OpName::default(), code, message);
                 self.reply(index, &reply);
                 return;
             }
         };
-        let starts_a_checkpoint = request.op == op::BEFORE_CHECKPOINT;
+        let before = match &request.op {
+            Op::BeforeCheckpoint(before) => Some(before),
+            _ => None,
+        };
+        let starts_a_checkpoint = before.is_some();
         if starts_a_checkpoint && hung_up(&self.conns[index].stream) {
             // The client gave up and left: nobody would hear that the hooks ran, and a dump
             // will not follow. Running them now would be a cycle of nobody's.
@@ -307,15 +315,15 @@ impl Server {
         }
         let was_pending = self.handler.is_pending();
         let mut reply = self.handler.serve(&request);
-        if starts_a_checkpoint && reply.ok && !was_pending {
-            reply.closed = self.close_by_policy(request.dry_run);
+        if let Some(before) = before.filter(|_| reply.ok && !was_pending) {
+            reply.closed = self.close_by_policy(before.dry_run);
             // After the policy's closes: what is left is what CRIU will dump.
-            let ask = request.facts.then_some(match request.lean {
-                Some(lean) => crate::fd_facts::Ask {
+            let ask = before.facts.then_some(match before.lean {
+                Some(lean) => crac_protocol::fd_facts::Ask {
                     tcp_addresses: lean.tcp_addresses,
                     unix_peers: false,
                 },
-                None => crate::fd_facts::Ask::ALL,
+                None => crac_protocol::fd_facts::Ask::ALL,
             });
             let look = crate::fd_facts::look(&self.own_fds(), ask);
             self.handler.note_connections(look.connections);
@@ -339,8 +347,8 @@ impl Server {
     fn ready_for_the_dump(&mut self, index: usize, reply: &Reply) {
         let conn = self.conns.swap_remove(index);
         let busy = self.handler.error(
-            "",
-            code::BUSY,
+            OpName::default(),
+            Code::Busy,
             "a checkpoint is being taken now: ask again when it is over".into(),
         );
         // The others first: once the checkpoint's client has its reply, the dump may begin,
@@ -358,7 +366,7 @@ impl Server {
 
     /// Carries out the descriptor policy's `close` rules (or only lists them, in a dry run),
     /// leaving the agent's own socket and connections alone.
-    fn close_by_policy(&self, dry_run: bool) -> Vec<crate::fd_policy::Descriptor> {
+    fn close_by_policy(&self, dry_run: bool) -> Vec<crac_protocol::fd_policy::Descriptor> {
         crate::fd_policy::close_matching(&self.options.fd_policy, &self.own_fds(), dry_run)
     }
 

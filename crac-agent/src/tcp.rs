@@ -11,54 +11,7 @@ use std::collections::HashSet;
 use std::os::fd::RawFd;
 
 use crac_core::TcpConnections;
-
-/// `TCP_CLOSE` and `TCP_LISTEN` in the kernel's TCP states (include/net/tcp_states.h): the
-/// two states of a TCP socket that is not a connection.
-const TCP_CLOSE: u8 = 7;
-const TCP_LISTEN: u8 = 10;
-
-/// What `TCP_INFO` tells of descriptor `fd`, if it is a TCP socket: its state (the first
-/// byte of `struct tcp_info`) and `tcpi_unacked`, which for a listener is how many connections
-/// wait to be accepted. Only a TCP socket answers `TCP_INFO`; any other descriptor fails the
-/// call (not a socket, or no such option at that level), so one call both tells a TCP socket
-/// and describes it.
-pub(crate) fn tcp_info(fd: RawFd) -> Option<(u8, u32)> {
-    // Up to and including tcpi_unacked (offset 24): the kernel copies no more than asked.
-    let mut info = [0u8; 28];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`, a buffer on this stack, and
-    // updates `len`. `fd` is only a number: if another thread closed it in the meantime the
-    // call fails (EBADF), or it inspects whatever now has that number, which only changes
-    // what this counts.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || len < 1 {
-        return None;
-    }
-    let unacked = if len >= 28 {
-        u32::from_ne_bytes([info[24], info[25], info[26], info[27]])
-    } else {
-        0
-    };
-    Some((info[0], unacked))
-}
-
-/// Whether a TCP socket in `state` is a connection: neither listening nor closed.
-pub(crate) fn is_connection(state: u8) -> bool {
-    state != TCP_CLOSE && state != TCP_LISTEN
-}
-
-/// Whether a TCP socket in `state` listens.
-pub(crate) fn is_listening(state: u8) -> bool {
-    state == TCP_LISTEN
-}
+use crac_protocol::fd_facts::{is_connection, tcp_info};
 
 /// Whether descriptor `fd` is a TCP connection.
 fn connected(fd: RawFd) -> bool {
@@ -138,7 +91,7 @@ mod tests {
         let found = connections();
         assert!(!found.contains(&unix.as_raw_fd()) && !found.contains(&udp.as_raw_fd()));
         // The preflight's pass finds the same ones.
-        let lean = crate::fd_facts::Ask {
+        let lean = crac_protocol::fd_facts::Ask {
             tcp_addresses: false,
             unix_peers: false,
         };

@@ -18,10 +18,9 @@ use serde::Serialize;
 use crate::locate::{self, Criu};
 use crate::metadata::{self, DumpOptions, HookTiming, MappedFile, Metadata, Timings};
 use crate::store::{Staging, Store};
-use crac_action::post_dump::{AgentFolders, AGENTS_FILE};
-use crac_action::pre_dump::{HookReport, HOOK_REPORT_ENV};
 use crac_action::settings::TIMEOUT_ENV;
 use crac_action::tree::ProcessId;
+use crac_protocol::records::{AgentFolders, PreDumpReport, HOOK_REPORT_ENV};
 
 /// How `crac` has CRIU lock the TCP connections it dumps (`--network-lock`): nftables, not
 /// CRIU's default iptables. With iptables, a restore with `--tcp-close` never removes the
@@ -130,7 +129,7 @@ pub fn criu() -> Result<Criu, OpError> {
 ///
 /// [`FailureKind::Unavailable`] when none is found.
 pub fn action_script() -> Result<PathBuf, OpError> {
-    if let Some(path) = std::env::var_os("CRAC_ACTION").filter(|p| !p.is_empty()) {
+    if let Some(path) = std::env::var_os(crac_protocol::env::ACTION).filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(path));
     }
     let beside = std::env::current_exe()
@@ -393,7 +392,7 @@ pub fn checkpoint(
             images.display()
         ));
     }
-    let hook_report: Option<HookReport> = fs::read(&report_path)
+    let hook_report: Option<PreDumpReport> = fs::read(&report_path)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let _ = fs::remove_file(&report_path);
@@ -454,7 +453,7 @@ pub fn checkpoint(
                 a.hooks.iter().map(move |h| HookTiming {
                     pid: a.pid,
                     resource: h.resource.clone(),
-                    phase: h.phase.clone(),
+                    phase: h.phase.to_string(),
                     duration_us: h.duration_us,
                 })
             })
@@ -1007,16 +1006,14 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
     let mut pids = Vec::new();
     if !meta.in_own_pid_namespace() {
         pids.push(meta.pid);
-        if let Ok(bytes) = crac_fs::read_bounded(&dir.join(AGENTS_FILE), 1 << 20) {
-            if let Ok(record) = serde_json::from_slice::<AgentFolders>(&bytes) {
-                pids.extend(
-                    record
-                        .agents
-                        .iter()
-                        .filter(|a| a.pid != meta.pid && !a.in_own_pid_namespace())
-                        .map(|a| a.pid),
-                );
-            }
+        if let Ok(Some(record)) = AgentFolders::read(dir) {
+            pids.extend(
+                record
+                    .agents
+                    .iter()
+                    .filter(|a| a.pid != meta.pid && !a.in_own_pid_namespace())
+                    .map(|a| a.pid),
+            );
         }
     }
     for pid in pids {
@@ -1152,9 +1149,9 @@ fn restore_with(
     }
     if !request.env.is_empty() {
         // CRIU hands its environment to crac-action, whose post-resume hands this to agents.
-        let encoded = crac_action::post_resume::encode_env(&request.env)
+        let encoded = crac_protocol::records::encode_restore_env(&request.env)
             .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
-        cmd.env(crac_action::post_resume::RESTORE_ENV, encoded);
+        cmd.env(crac_protocol::records::RESTORE_ENV, encoded);
     }
     // Restores of one image take turns: CRIU writes its log and figures into the image
     // folder, and a lazy restore's page server listens there. Copies restored at once (each

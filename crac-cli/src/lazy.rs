@@ -183,14 +183,14 @@ fn kill_tree(root: u32) -> String {
     if pids.is_empty() {
         // Most likely of a page that never came (SIGBUS): no agent could remove its folder.
         if crac_action::tree::state_of(root).is_none_or(|s| s == 'Z') {
-            let _ = fs::remove_dir_all(crac_agent::agent_dir(root));
+            let _ = fs::remove_dir_all(crac_protocol::location::agent_dir(root));
         }
         return format!("the restored tree (pid {root}) had already exited");
     }
     for &pid in pids.iter().rev() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         // A killed agent cannot remove its socket's folder: nothing else will.
-        let _ = fs::remove_dir_all(crac_agent::agent_dir(pid));
+        let _ = fs::remove_dir_all(crac_protocol::location::agent_dir(pid));
     }
     format!(
         "the restored tree (pid {root}, {} process{}) was killed rather than left to run on \

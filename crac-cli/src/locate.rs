@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Names the CRIU binary to use; it must be CRIU >= 4.2.
-pub const CRIU_ENV: &str = "CRAC_CRIU";
+pub const CRIU_ENV: &str = crac_protocol::env::CRIU;
 /// The provisioning script's install prefix (default `/opt/crac-criu`).
-pub const PREFIX_ENV: &str = "CRAC_CRIU_PREFIX";
+pub const PREFIX_ENV: &str = crac_protocol::env::CRIU_PREFIX;
 /// Where `scripts/provision-criu.sh` installs by default.
 pub const DEFAULT_PREFIX: &str = "/opt/crac-criu";
 /// The oldest CRIU that works on current kernels with the sockets services hold.

@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::metadata::{self, Metadata, MetadataError};
 
 /// Names the store's root folder, overriding the default.
-pub const STORE_ENV: &str = "CRAC_STORE";
+pub const STORE_ENV: &str = crac_protocol::env::STORE;
 /// The store root when running as root and `$CRAC_STORE` is not set.
 pub const SYSTEM_ROOT: &str = "/var/lib/crac/images";
 /// The longest image name, in characters.

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crac_agent::protocol::{Reply, MAX_REQUEST_LEN, VERSION};
 use crac_core::{from_fns, Coordinator, Registration};
+use crac_protocol::wire::{Reply, MAX_REQUEST_LEN, VERSION};
 use nix::sys::socket::{send, MsgFlags};
 
 /// The most steps a script has.

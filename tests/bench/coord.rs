@@ -8,7 +8,7 @@
 //! thread here that accepts, reads one byte and closes). Also measured, to see where the time
 //! goes: crac-action --version (the exec of our binary), pre-dump against a process with no
 //! agent (exec + the walk of the tree in /proc), and the agent round trips without any exec
-//! (crac_agent::client from this process).
+//! (crac_protocol::client from this process).
 //!
 //! The same pre-dump and post-resume also run against a target in namespaces of its own (pid
 //! 1 of a pid namespace, its agent folder on a tmpfs of a mount namespace of its own, as in a
@@ -28,9 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crac_agent::client;
-use crac_agent::protocol::Request;
-use crac_core::RestoreReason;
+use crac_protocol::client;
+use crac_protocol::wire::{Reason, Request};
 
 use crate::procs::{self, Proc, Res};
 use crate::stats::{fmt_ratio, fmt_us, time, verdict, Report, Samples};
@@ -423,7 +422,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let (reply, d) = time(|| {
             client::request(
                 target.pid,
-                &Request::after_restore(RestoreReason::Restored, Some(format!("bench-{round}"))),
+                &Request::after_restore(Reason::Restored, Some(format!("bench-{round}"))),
                 limit,
             )
         });

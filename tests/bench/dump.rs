@@ -300,9 +300,9 @@ fn connections(ctx: &Ctx, report: &mut Report) -> Res<()> {
 fn wait_idle(pid: u32) -> Res<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let status = crac_agent::client::request(
+        let status = crac_protocol::client::request(
             pid,
-            &crac_agent::protocol::Request::status(),
+            &crac_protocol::wire::Request::status(),
             Duration::from_secs(5),
         )
         .map_err(|e| format!("status of pid {pid}: {e}"))?;
@@ -434,7 +434,7 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Res<()> {
                 }
             }
             t.reap_dumped(Duration::from_secs(10))?;
-            let _ = fs::remove_dir_all(crac_agent::agent_dir(pid));
+            let _ = fs::remove_dir_all(crac_protocol::location::agent_dir(pid));
             let _ = fs::remove_dir_all(&images);
         }
         if keep {

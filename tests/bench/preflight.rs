@@ -13,9 +13,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crac_action::preflight::{self, AgentFacts, CriuOptions, Policy};
-use crac_agent::client;
-use crac_agent::protocol::{Lean, Request};
-use crac_core::RestoreReason;
+use crac_protocol::client;
+use crac_protocol::wire::{Lean, Reason, Request};
 
 use crate::procs::{Proc, Res};
 use crate::stats::{fmt_us, time, verdict, Report, Samples};
@@ -112,13 +111,12 @@ fn with_agent(
             cycle += 1;
             let token = format!("bench-{cycle}");
             // As pre-dump asks.
-            let request = Request {
-                facts,
-                lean: facts.then_some(Lean {
+            let mut request = Request::before_checkpoint(&token).with_facts(facts);
+            if facts {
+                request = request.with_lean(Lean {
                     tcp_addresses: preflight::needs_tcp_addresses(opts, &Policy::default()),
-                }),
-                ..Request::before_checkpoint(&token)
-            };
+                });
+            }
             let (reply, took) = time(|| -> Res<usize> {
                 let reply = client::request_at(socket, &request, Duration::from_secs(10))
                     .map_err(|e| e.to_string())?;
@@ -131,7 +129,7 @@ fn with_agent(
             let found = reply?;
             client::request_at(
                 socket,
-                &Request::after_restore(RestoreReason::Aborted, Some(token)),
+                &Request::after_restore(Reason::Aborted, Some(token)),
                 Duration::from_secs(10),
             )
             .map_err(|e| e.to_string())?;

@@ -179,7 +179,7 @@ impl Proc {
             }
         }
         // A killed process cannot remove its agent folder.
-        let _ = fs::remove_dir_all(crac_agent::agent_dir(self.pid));
+        let _ = fs::remove_dir_all(crac_protocol::location::agent_dir(self.pid));
         self.pid = 0;
     }
 }

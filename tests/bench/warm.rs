@@ -102,7 +102,7 @@ pub(crate) fn stop(mut run: Child, service: Option<u32>) -> Res<()> {
         }
         // Re-parented here if crac run went first.
         procs::reap(pid, Duration::from_secs(10))?;
-        let _ = fs::remove_dir_all(crac_agent::agent_dir(pid));
+        let _ = fs::remove_dir_all(crac_protocol::location::agent_dir(pid));
     }
     Ok(())
 }
@@ -278,7 +278,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let pid = service_pid(&stats)?;
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         procs::reap(pid, Duration::from_secs(10))?;
-        let _ = fs::remove_dir_all(crac_agent::agent_dir(pid));
+        let _ = fs::remove_dir_all(crac_protocol::location::agent_dir(pid));
         procs::reap_zombies(&[]);
     }
     if let Ok(entries) = fs::read_dir(store.join("warm-0")) {

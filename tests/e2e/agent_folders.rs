@@ -603,6 +603,6 @@ fn private_bases() -> Vec<PathBuf> {
         .expect("/tmp")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| crac_agent::private_base_uid(p) == Some(SERVICE_UID))
+        .filter(|p| crac_protocol::location::private_base_uid(p) == Some(SERVICE_UID))
         .collect()
 }

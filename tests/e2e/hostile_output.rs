@@ -215,7 +215,7 @@ impl NobodysTarget {
 /// The folder of a `nobody` process's agent: with no runtime folder of its own, the shared
 /// fallback base.
 fn nobodys_agent_dir(pid: u32) -> std::path::PathBuf {
-    std::path::Path::new(crac_agent::FALLBACK_DIR).join(pid.to_string())
+    std::path::Path::new(crac_protocol::location::FALLBACK_DIR).join(pid.to_string())
 }
 
 impl Drop for NobodysTarget {

@@ -391,7 +391,7 @@ fn an_agent_folder_named_by_the_service_with_a_long_path_is_reached() {
     let base_text = base.to_str().expect("utf-8").to_owned();
     let target = Target::start(
         &scratch.join("t"),
-        &[(crac_agent::DIR_ENV, base_text.as_str())],
+        &[(crac_protocol::location::DIR_ENV, base_text.as_str())],
     );
     let socket = base.join(target.pid.to_string()).join("agent.sock");
     assert!(socket.exists(), "the agent did not use its own folder");
@@ -400,7 +400,7 @@ fn an_agent_folder_named_by_the_service_with_a_long_path_is_reached() {
         socket.as_os_str().len() < 108 && outside.len() > 108,
         "{outside} is not what this test is about"
     );
-    assert!(std::env::var_os(crac_agent::DIR_ENV).is_none());
+    assert!(std::env::var_os(crac_protocol::location::DIR_ENV).is_none());
 
     let dump = env.dump(target.pid, &scratch.join("img"), &["--leave-running"], &[]);
     assert!(dump.ok(), "{dump:?}");

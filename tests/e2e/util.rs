@@ -503,7 +503,7 @@ impl Env {
 
 /// The agent folder of `pid`.
 pub fn agent_dir(pid: u32) -> PathBuf {
-    crac_agent::agent_dir(pid)
+    crac_protocol::location::agent_dir(pid)
 }
 
 /// Live processes (not zombies: an exited one waiting to be reaped is done) whose command

@@ -183,19 +183,19 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         ok: true,
         detail: kdat_cache(),
     });
-    let agent_dir = crac_agent::base_dir();
+    let agent_dir = crac_protocol::location::base_dir();
     checks.push(Check {
         name: "agents",
         ok: true,
         detail: format!(
             "agent sockets under {} ({} set by {})",
             agent_dir.display(),
-            if std::env::var_os(crac_agent::DIR_ENV).is_some() {
+            if std::env::var_os(crac_protocol::location::DIR_ENV).is_some() {
                 "as"
             } else {
                 "default, can be"
             },
-            crac_agent::DIR_ENV
+            crac_protocol::location::DIR_ENV
         ),
     });
 

@@ -9,9 +9,9 @@ use serde::Serialize;
 use crac_action::agents::{ask, Deadline, Outcome};
 use crac_action::namespace::{expected_socket, AgentSocket};
 use crac_action::tree::ProcessId;
-use crac_agent::client::ClientError;
-use crac_agent::protocol::Request;
 use crac_cli::driver::{read_cmdline, FailureKind, OpError};
+use crac_protocol::client::ClientError;
+use crac_protocol::wire::Request;
 
 use crate::output::{field, Out};
 
@@ -100,7 +100,7 @@ struct Row {
 }
 
 /// A failed hook as a line: `after_restore of "db": failed: ...`.
-fn failure_line(hook: &crac_agent::protocol::HookReport) -> String {
+fn failure_line(hook: &crac_protocol::wire::HookReport) -> String {
     format!(
         "{} of {:?}: {}",
         hook.phase,
@@ -126,10 +126,10 @@ fn row(agent: &AgentSocket, outcome: Option<Outcome>) -> Row {
     };
     match outcome {
         Outcome::Done(reply) | Outcome::Refused(reply) => {
-            row.state = reply.state;
+            row.state = reply.state.to_string();
             row.generation = Some(reply.generation);
             row.resources = reply.resources;
-            row.last_cycle = reply.last_cycle;
+            row.last_cycle = reply.last_cycle.map(|reason| reason.to_string());
             row.last_failures = reply.last_failures.iter().map(failure_line).collect();
         }
         Outcome::NoAgent => row.error = Some("nobody listens on its socket".into()),
@@ -147,13 +147,14 @@ fn row(agent: &AgentSocket, outcome: Option<Outcome>) -> Row {
 
 /// Sockets left in this side's agent folder by processes that are gone (killed).
 fn stale_rows() -> Vec<Row> {
-    let base = crac_agent::base_dir();
+    let base = crac_protocol::location::base_dir();
     let mut pids: Vec<u32> = std::fs::read_dir(&base)
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
                 .filter(|&pid| {
-                    crac_agent::socket_path(pid).exists() && ProcessId::of(pid).is_none()
+                    crac_protocol::location::socket_path(pid).exists()
+                        && ProcessId::of(pid).is_none()
                 })
                 .collect()
         })
@@ -163,7 +164,9 @@ fn stale_rows() -> Vec<Row> {
         .map(|pid| Row {
             pid,
             state: "stale".into(),
-            socket: crac_agent::socket_path(pid).display().to_string(),
+            socket: crac_protocol::location::socket_path(pid)
+                .display()
+                .to_string(),
             error: Some("no such process: a socket left by a killed process".into()),
             ..Row::default()
         })
@@ -288,9 +291,12 @@ pub fn status(pid: u32, descriptors: bool, out: Out) -> Result<u8, OpError> {
         let mut last = match &reply.last_cycle {
             None => "  last cycle: none yet\n".to_owned(),
             Some(reason) if reply.last_failures.is_empty() => {
-                format!("  last cycle: {}, every hook ok\n", field(reason))
+                format!("  last cycle: {}, every hook ok\n", field(reason.as_str()))
             }
-            Some(reason) => format!("  last cycle: {}, with failures:\n", field(reason)),
+            Some(reason) => format!(
+                "  last cycle: {}, with failures:\n",
+                field(reason.as_str())
+            ),
         };
         for hook in &reply.last_failures {
             last.push_str(&format!("    {}\n", field(&failure_line(hook))));
@@ -309,7 +315,7 @@ pub fn status(pid: u32, descriptors: bool, out: Out) -> Result<u8, OpError> {
             } else {
                 format!(" (pid {} in its namespace)", agent.ns_pid())
             },
-            field(&reply.state),
+            field(reply.state.as_str()),
             reply.generation,
             reply
                 .cycle

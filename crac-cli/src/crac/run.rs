@@ -34,9 +34,9 @@ use crate::cli::RunArgs;
 use crate::output::{millis, say};
 
 /// Names the image a service checkpoints itself into (read by crac_agent::SelfCheckpoint).
-const CHECKPOINT_TO_ENV: &str = "CRAC_CHECKPOINT_TO";
+const CHECKPOINT_TO_ENV: &str = crac_protocol::env::CHECKPOINT_TO;
 /// Names the crac binary for the service's self-checkpoint.
-const CRAC_BIN_ENV: &str = "CRAC_BIN";
+const CRAC_BIN_ENV: &str = crac_protocol::env::BIN;
 
 pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
     let started = Instant::now();
@@ -155,7 +155,7 @@ fn changed_env(dir: &std::path::Path) -> BTreeMap<String, String> {
         .filter(|(name, _)| !name.starts_with("CRAC_"))
         .filter(|(name, value)| meta.env_sha256.get(name) != Some(&driver::value_sha256(value)))
         .collect();
-    if let Err(err) = crac_action::post_resume::encode_env(&changed) {
+    if let Err(err) = crac_protocol::records::encode_restore_env(&changed) {
         eprintln!(
             "crac run: the {} changed environment variables are not passed on: {err}",
             changed.len()

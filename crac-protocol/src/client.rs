@@ -1,4 +1,5 @@
-//! Talking to an agent: one request, one reply, bounded in time.
+//! Talking to an agent: one request, one reply, bounded in time. The blocking client that
+//! crac-action and crac use; a service needs none (its agent is the other end).
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -6,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::location;
-use crate::protocol::{Reply, Request};
+use crate::wire::{Reply, Request};
 
 /// The longest reply accepted; a reply is a few kilobytes even with hundreds of resources.
 const MAX_REPLY_LEN: usize = 4 << 20;
