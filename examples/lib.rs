@@ -7,6 +7,7 @@
 //! It is a library of the examples package only, not part of crac-rs's API: it exists so the
 //! examples do not each carry their own copy of the listener.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 use std::fmt;

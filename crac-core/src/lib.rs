@@ -90,6 +90,7 @@
 //! - `tracing`: a `crac.cycle` span per cycle and a `crac.hook` span per hook (resource,
 //!   phase, reason, duration, outcome), and a warning per failed hook. Without it the crate
 //!   logs nothing.
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -10,6 +10,7 @@
 //!   and the benchmarks.
 //! - [`agent_clients`]: scripted clients against a real agent, for crac-agent's randomized test
 //!   and the fuzz target.
+#![forbid(unsafe_code)]
 
 pub mod agent_clients;
 pub mod podman;
