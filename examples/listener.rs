@@ -59,6 +59,7 @@ use crate::Log;
 /// A listening TCP socket kept across checkpoints, whose accept loop holds still while one
 /// is taken; see the [module documentation](self). Connections are accepted and served one
 /// at a time.
+#[derive(Debug)]
 pub struct GatedListener {
     listener: TcpListener,
     log: Log,
@@ -66,6 +67,7 @@ pub struct GatedListener {
 
 /// One accepted connection, served inside a critical section: a checkpoint waits until it is
 /// dropped, and by then the connection is closed.
+#[derive(Debug)]
 pub struct Connection {
     // Declared first so dropped first: the connection is closed while the critical section
     // still holds checkpoints off.

@@ -35,6 +35,7 @@ const MAX_HELD: usize = 4;
 const ANSWER_LIMIT: Duration = Duration::from_secs(5);
 
 /// An agent over a coordinator of its own with two resources that count their calls.
+#[derive(Debug)]
 pub struct Rig {
     socket: PathBuf,
     base: PathBuf,
@@ -44,7 +45,7 @@ pub struct Rig {
 }
 
 /// One resource's calls.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Counts {
     /// before_checkpoint calls minus after_restore calls.
     balance: AtomicI64,

@@ -12,6 +12,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 /// podman, with `--runtime runc`, all its storage and state in one folder.
+#[derive(Debug)]
 pub struct Podman {
     dir: PathBuf,
     path: String,

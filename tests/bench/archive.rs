@@ -21,7 +21,7 @@ use crate::Ctx;
 
 const IMAGE_MIB: usize = 256;
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("Item 11: archive throughput, plain vs encrypted (age)");
     let dir = ctx.scratch.join("archive");
     let _ = fs::remove_dir_all(&dir);

@@ -25,7 +25,7 @@ use crate::Ctx;
 
 const RESOURCES: usize = 100;
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("7. Async services: async dispatch, request gating, PostgreSQL warm start");
     dispatch(ctx, report)?;
     gating(ctx, report)?;

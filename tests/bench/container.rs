@@ -86,7 +86,7 @@ fn remove(podman: &Podman, name: &str) -> Res<()> {
     .map(drop)
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("10. Warm start inside a container image (podman)");
     if !Command::new("podman")
         .arg("--version")

@@ -150,7 +150,7 @@ fn settle_watcher() {
     }
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let iterations = if ctx.quick { 40 } else { 200 };
     let warmup = 5;
     report.section("1. Coordination cost of one CRIU event");

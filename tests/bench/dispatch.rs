@@ -55,7 +55,7 @@ fn measure(n: usize, limits: Limits, budget: Duration, max_iter: usize) -> Res<(
     Ok((samples, register_us))
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("2. Dispatch scaling: Coordinator::simulate()");
     let budget = Duration::from_millis(if ctx.quick { 300 } else { 2000 });
     let mut rows = Vec::new();

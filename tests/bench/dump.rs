@@ -66,7 +66,7 @@ fn read_stats(path: &Path) -> Option<CriuStats> {
 }
 
 /// CRIU's restore_time (µs) from a `stats-restore` image.
-pub fn read_restore_time(path: &Path) -> Option<u64> {
+pub(crate) fn read_restore_time(path: &Path) -> Option<u64> {
     read_stats(path).map(|s| s.get(4))
 }
 
@@ -132,7 +132,7 @@ fn image_pages_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("3. What we add to a checkpoint");
     overhead(ctx, report)?;
     connections(ctx, report)?;

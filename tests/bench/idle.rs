@@ -93,7 +93,7 @@ fn delta(
         .sum()
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let pairs = if ctx.quick { 2 } else { 5 };
     let idle = Duration::from_secs(ctx.idle_secs);
     report.section("5. The idle agent");

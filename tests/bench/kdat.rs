@@ -14,14 +14,14 @@ use crate::procs::Res;
 
 /// A mount namespace, held open by a sleeping process, whose /run is a tmpfs holding CRIU's
 /// cache.
-pub struct TmpfsRun {
+pub(crate) struct TmpfsRun {
     holder: Child,
     ns: File,
 }
 
 impl TmpfsRun {
     /// Makes the namespace and the cache (one `criu check` inside).
-    pub fn new(criu: &Path) -> Res<TmpfsRun> {
+    pub(crate) fn new(criu: &Path) -> Res<TmpfsRun> {
         let holder = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg("mount -t tmpfs -o mode=0755 crac-bench-run /run && exec sleep 1000000")
@@ -52,7 +52,7 @@ impl TmpfsRun {
     }
 
     /// Makes `cmd` run inside the namespace.
-    pub fn enter(&self, cmd: &mut Command) {
+    pub(crate) fn enter(&self, cmd: &mut Command) {
         let fd = self.ns.as_raw_fd();
         // SAFETY: setns is a plain system call, safe between fork and exec; the namespace file
         // stays open in the parent until the child has exec'd (self outlives the spawn).
@@ -69,7 +69,7 @@ impl TmpfsRun {
 }
 
 /// A quiet `criu check`, inside `tmpfs_run` if given: what makes CRIU load or write its cache.
-pub fn criu_check(criu: &Path, tmpfs_run: Option<&TmpfsRun>) -> Command {
+pub(crate) fn criu_check(criu: &Path, tmpfs_run: Option<&TmpfsRun>) -> Command {
     let mut check = Command::new(criu);
     check
         .arg("check")

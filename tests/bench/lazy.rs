@@ -117,7 +117,7 @@ fn measure(ctx: &Ctx, mib: u64, rounds: usize) -> Res<Row> {
     Ok(row)
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("9. Time to first answer against memory: cold, eager and lazy restore");
     let rounds = if ctx.quick { 1 } else { 3 };
     let mut rows = Vec::new();

@@ -7,14 +7,14 @@ use std::time::Duration;
 use crate::procs::Res;
 
 /// A loopback port free now, for a service to listen on.
-pub fn free_port() -> Res<u16> {
+pub(crate) fn free_port() -> Res<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| e.to_string())?;
     Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
 }
 
 /// One request to the service on loopback `port`, connecting within `connect_limit`: the
 /// reply line, or why there is none (no connection, no reply, an empty or `ERR` reply).
-pub fn ask(port: u16, request: &str, connect_limit: Duration) -> Result<String, String> {
+pub(crate) fn ask(port: u16, request: &str, connect_limit: Duration) -> Result<String, String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, connect_limit).map_err(|e| e.to_string())?;
     stream

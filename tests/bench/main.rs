@@ -58,11 +58,15 @@ checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the 
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
+#[derive(Debug)]
 pub struct Ctx {
+    /// The binaries under measure.
     pub bins: Bins,
+    /// Fewer repetitions (`--quick`).
     pub quick: bool,
     /// A scratch folder of this run (removed at the end).
     pub scratch: PathBuf,
+    /// How long item 5 watches the idle agent.
     pub idle_secs: u64,
     /// Another crac-action build that item 1 measures beside this one (--alt-action).
     pub alt_action: Option<PathBuf>,

@@ -159,7 +159,7 @@ fn through_proc(opts: &CriuOptions, budget: Duration) -> (Samples, usize) {
     (samples, listed)
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("8. Preflight: what CRIU would refuse, per descriptor count");
     // An agent of this process's own, with no resources: its round trip is pre-dump's.
     let agent = crac_agent::Builder::new()

@@ -15,9 +15,10 @@ use nix::unistd::Pid;
 use crac_action::tree;
 use crac_action::watcher::PROCESS_NAME;
 
-pub type Res<T> = Result<T, String>;
+pub(crate) type Res<T> = Result<T, String>;
 
 /// The binaries of this build, and the CRIU to use.
+#[derive(Debug)]
 pub struct Bins {
     pub crac_action: PathBuf,
     pub crac: PathBuf,
@@ -66,12 +67,12 @@ impl Bins {
 
 /// Makes this process a child subreaper: the orphans of dumped and restored trees (and
 /// crac-action's watchers) are re-parented here, so they can be reaped and their PIDs freed.
-pub fn become_subreaper() -> Res<()> {
+pub(crate) fn become_subreaper() -> Res<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))
 }
 
 /// A process the benchmark started or adopted (a restored one).
-pub struct Proc {
+pub(crate) struct Proc {
     pub pid: u32,
     child: Option<Child>,
 }
@@ -79,7 +80,7 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` as a session leader with no terminal (as CRIU wants), its stdio on
     /// /dev/null and stderr in `stderr`, and waits (at most `limit`) for `ready` to appear.
-    pub fn start(cmd: Command, ready: &Path, stderr: &Path, limit: Duration) -> Res<Proc> {
+    pub(crate) fn start(cmd: Command, ready: &Path, stderr: &Path, limit: Duration) -> Res<Proc> {
         let _ = fs::remove_file(ready);
         let log = File::create(stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
         Proc::start_with(cmd, Stdio::null(), log, limit, || ready.exists()).map_err(|err| {
@@ -90,7 +91,7 @@ impl Proc {
 
     /// Starts `cmd` as a session leader with stdin on /dev/null and the given stdout and
     /// stderr, and waits (at most `limit`) until `ready` says so.
-    pub fn start_with(
+    pub(crate) fn start_with(
         mut cmd: Command,
         stdout: impl Into<Stdio>,
         stderr: File,
@@ -132,12 +133,12 @@ impl Proc {
     }
 
     /// A process restored by CRIU (re-parented to this subreaper when CRIU exited).
-    pub fn adopt(pid: u32) -> Proc {
+    pub(crate) fn adopt(pid: u32) -> Proc {
         Proc { pid, child: None }
     }
 
     /// Waits for a process that CRIU killed after dumping it, so its PID is free.
-    pub fn reap_dumped(mut self, limit: Duration) -> Res<()> {
+    pub(crate) fn reap_dumped(mut self, limit: Duration) -> Res<()> {
         match self.child.take() {
             Some(mut child) => {
                 let deadline = Instant::now() + limit;
@@ -161,7 +162,7 @@ impl Proc {
     }
 
     /// SIGKILL and reap.
-    pub fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.kill_now();
     }
 
@@ -191,7 +192,7 @@ impl Drop for Proc {
 }
 
 /// Reaps `pid` (a child, or an orphan re-parented here), waiting at most `limit`.
-pub fn reap(pid: u32, limit: Duration) -> Res<()> {
+pub(crate) fn reap(pid: u32, limit: Duration) -> Res<()> {
     let deadline = Instant::now() + limit;
     loop {
         match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
@@ -214,7 +215,7 @@ pub fn reap(pid: u32, limit: Duration) -> Res<()> {
 
 /// Spawns `cmd` (stdin /dev/null), waits for it, and returns its status and the wall time of
 /// spawn + wait.
-pub fn run_timed(cmd: &mut Command) -> Res<(ExitStatus, Duration)> {
+pub(crate) fn run_timed(cmd: &mut Command) -> Res<(ExitStatus, Duration)> {
     cmd.stdin(Stdio::null());
     let started = Instant::now();
     let status = cmd
@@ -223,7 +224,7 @@ pub fn run_timed(cmd: &mut Command) -> Res<(ExitStatus, Duration)> {
     Ok((status, started.elapsed()))
 }
 
-pub fn all_pids() -> Vec<u32> {
+pub(crate) fn all_pids() -> Vec<u32> {
     fs::read_dir("/proc")
         .map(|entries| {
             entries
@@ -242,7 +243,7 @@ fn comm(pid: u32) -> String {
 /// crac-action watchers (named `crac-watcher`) that are children of this process
 /// (re-parented here when the crac-action that forked them exited). Others' watchers are left
 /// alone.
-pub fn our_watchers() -> Vec<u32> {
+pub(crate) fn our_watchers() -> Vec<u32> {
     let me = std::process::id();
     all_pids()
         .into_iter()
@@ -255,7 +256,7 @@ pub fn our_watchers() -> Vec<u32> {
 }
 
 /// Kills and reaps our watchers; returns how many there were.
-pub fn kill_watchers() -> usize {
+pub(crate) fn kill_watchers() -> usize {
     let watchers = our_watchers();
     for &pid in &watchers {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
@@ -268,7 +269,7 @@ pub fn kill_watchers() -> usize {
 
 /// Reaps exited children of ours (watchers that ended on their own: re-parented here, they
 /// are not anyone's `Child`), except `keep`.
-pub fn reap_zombies(keep: &[u32]) {
+pub(crate) fn reap_zombies(keep: &[u32]) {
     let me = std::process::id();
     for pid in all_pids() {
         if !keep.contains(&pid)
@@ -282,7 +283,7 @@ pub fn reap_zombies(keep: &[u32]) {
 }
 
 /// A `Key:   value` field of a /proc status file, as its first number.
-pub fn status_field(path: &str, key: &str) -> Option<u64> {
+pub(crate) fn status_field(path: &str, key: &str) -> Option<u64> {
     let text = fs::read_to_string(path).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
@@ -290,7 +291,7 @@ pub fn status_field(path: &str, key: &str) -> Option<u64> {
 }
 
 /// The thread of `pid` named `name`, if any.
-pub fn thread_named(pid: u32, name: &str) -> Option<u32> {
+pub(crate) fn thread_named(pid: u32, name: &str) -> Option<u32> {
     fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -301,7 +302,7 @@ pub fn thread_named(pid: u32, name: &str) -> Option<u32> {
 }
 
 /// Voluntary + non-voluntary context switches of one thread.
-pub fn ctxt_switches(pid: u32, tid: u32) -> Option<(u64, u64)> {
+pub(crate) fn ctxt_switches(pid: u32, tid: u32) -> Option<(u64, u64)> {
     let path = format!("/proc/{pid}/task/{tid}/status");
     Some((
         status_field(&path, "voluntary_ctxt_switches")?,
@@ -310,7 +311,7 @@ pub fn ctxt_switches(pid: u32, tid: u32) -> Option<(u64, u64)> {
 }
 
 /// Free bytes on the filesystem holding `path`, and its type name.
-pub fn fs_info(path: &Path) -> Option<(u64, String)> {
+pub(crate) fn fs_info(path: &Path) -> Option<(u64, String)> {
     let st = nix::sys::statfs::statfs(path).ok()?;
     let free = st.blocks_available() as u64 * st.block_size() as u64;
     let magic = st.filesystem_type().0 as i64;
@@ -326,6 +327,6 @@ pub fn fs_info(path: &Path) -> Option<(u64, String)> {
 }
 
 /// MemAvailable in bytes.
-pub fn mem_available() -> Option<u64> {
+pub(crate) fn mem_available() -> Option<u64> {
     status_field("/proc/meminfo", "MemAvailable").map(|kb| kb * 1024)
 }

@@ -86,7 +86,7 @@ struct Load {
     events: Vec<(Instant, Instant, bool)>,
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let cycles = ctx.soak_cycles;
     report.section("6. Soak: repeated checkpoints of the cache server");
     let dir = ctx.scratch.join("soak");

@@ -6,24 +6,24 @@ use std::time::{Duration, Instant};
 
 /// Durations of repeated runs, in microseconds.
 #[derive(Clone, Debug, Default)]
-pub struct Samples {
+pub(crate) struct Samples {
     us: Vec<f64>,
 }
 
 impl Samples {
-    pub fn new() -> Samples {
+    pub(crate) fn new() -> Samples {
         Samples::default()
     }
 
-    pub fn push(&mut self, d: Duration) {
+    pub(crate) fn push(&mut self, d: Duration) {
         self.us.push(d.as_secs_f64() * 1e6);
     }
 
-    pub fn push_us(&mut self, us: f64) {
+    pub(crate) fn push_us(&mut self, us: f64) {
         self.us.push(us);
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.us.len()
     }
 
@@ -34,7 +34,7 @@ impl Samples {
     }
 
     /// The q-quantile (0..=1), nearest rank; NaN when empty.
-    pub fn quantile(&self, q: f64) -> f64 {
+    pub(crate) fn quantile(&self, q: f64) -> f64 {
         let v = self.sorted();
         if v.is_empty() {
             return f64::NAN;
@@ -44,7 +44,7 @@ impl Samples {
     }
 
     /// The median (mean of the two middle values for an even count); NaN when empty.
-    pub fn median(&self) -> f64 {
+    pub(crate) fn median(&self) -> f64 {
         let v = self.sorted();
         match v.len() {
             0 => f64::NAN,
@@ -53,12 +53,12 @@ impl Samples {
         }
     }
 
-    pub fn p90(&self) -> f64 {
+    pub(crate) fn p90(&self) -> f64 {
         self.quantile(0.9)
     }
 
     /// A table row: `name`, the number of samples, the median, the least and the most.
-    pub fn runs_row(&self, name: &str) -> Vec<String> {
+    pub(crate) fn runs_row(&self, name: &str) -> Vec<String> {
         vec![
             name.to_owned(),
             self.len().to_string(),
@@ -68,20 +68,20 @@ impl Samples {
         ]
     }
 
-    pub fn min(&self) -> f64 {
+    pub(crate) fn min(&self) -> f64 {
         self.sorted().first().copied().unwrap_or(f64::NAN)
     }
 }
 
 /// Times `f`.
-pub fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+pub(crate) fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let started = Instant::now();
     let out = f();
     (out, started.elapsed())
 }
 
 /// A duration in microseconds, in the unit that reads best.
-pub fn fmt_us(us: f64) -> String {
+pub(crate) fn fmt_us(us: f64) -> String {
     if us.is_nan() {
         "-".to_owned()
     } else if us.abs() < 1.0 {
@@ -95,7 +95,7 @@ pub fn fmt_us(us: f64) -> String {
     }
 }
 
-pub fn fmt_ratio(r: f64) -> String {
+pub(crate) fn fmt_ratio(r: f64) -> String {
     if r.is_nan() {
         "-".to_owned()
     } else {
@@ -104,37 +104,37 @@ pub fn fmt_ratio(r: f64) -> String {
 }
 
 /// "met" or "MISSED".
-pub fn verdict(met: bool) -> String {
+pub(crate) fn verdict(met: bool) -> String {
     if met { "met" } else { "MISSED" }.to_owned()
 }
 
 /// Everything the run found: printed as it goes, and kept as markdown.
 #[derive(Default)]
-pub struct Report {
+pub(crate) struct Report {
     md: String,
     /// (item, target, verdict) for the summary.
     pub verdicts: Vec<(String, String, String)>,
 }
 
 impl Report {
-    pub fn section(&mut self, title: &str) {
+    pub(crate) fn section(&mut self, title: &str) {
         println!("\n=== {title} ===");
         let _ = writeln!(self.md, "\n### {title}\n");
     }
 
     /// A paragraph.
-    pub fn line(&mut self, text: &str) {
+    pub(crate) fn line(&mut self, text: &str) {
         println!("{text}");
         let _ = writeln!(self.md, "{text}\n");
     }
 
     /// A line only on the terminal (progress).
-    pub fn note(&self, text: &str) {
+    pub(crate) fn note(&self, text: &str) {
         println!("  .. {text}");
     }
 
     /// A table: aligned columns on the terminal, a markdown table in the file.
-    pub fn table(&mut self, headers: &[&str], rows: &[Vec<String>]) {
+    pub(crate) fn table(&mut self, headers: &[&str], rows: &[Vec<String>]) {
         let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
         for row in rows {
             for (i, cell) in row.iter().enumerate() {
@@ -168,7 +168,7 @@ impl Report {
     }
 
     /// Records a target and whether it was met, for the summary.
-    pub fn verdict(&mut self, item: &str, target: &str, met: Option<bool>) {
+    pub(crate) fn verdict(&mut self, item: &str, target: &str, met: Option<bool>) {
         let v = match met {
             Some(m) => verdict(m),
             None => "not measured".to_owned(),
@@ -176,7 +176,7 @@ impl Report {
         self.verdicts.push((item.to_owned(), target.to_owned(), v));
     }
 
-    pub fn summary(&mut self) {
+    pub(crate) fn summary(&mut self) {
         self.section("Summary: targets");
         let rows: Vec<Vec<String>> = self
             .verdicts
@@ -186,7 +186,7 @@ impl Report {
         self.table(&["figure", "target", "verdict"], &rows);
     }
 
-    pub fn markdown(&self) -> &str {
+    pub(crate) fn markdown(&self) -> &str {
         &self.md
     }
 }

@@ -27,7 +27,7 @@ use crate::{Ctx, Res};
 /// The target: each side's checks add under this much.
 const TARGET_US: f64 = 1000.0;
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("12. What the security checks cost (issue 18)");
     if !ctx.bins.warm_start.is_file() {
         return Err(format!(

@@ -135,7 +135,7 @@ pub(crate) fn wait_for_image(store: &Path, image: &str) -> Res<()> {
     }
 }
 
-pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
+pub(crate) fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.section("4. Warm start through `crac run`");
     if !ctx.bins.warm_start.is_file() {
         return Err(format!(
@@ -355,7 +355,7 @@ pub fn run(ctx: &Ctx, report: &mut Report) -> Res<()> {
 }
 
 /// "71.2 ms" or "1.05 s" (crac's `millis`), in µs.
-pub fn parse_duration_us(text: &str) -> Option<f64> {
+pub(crate) fn parse_duration_us(text: &str) -> Option<f64> {
     let (value, unit) = text.trim().split_once(' ')?;
     let value: f64 = value.parse().ok()?;
     match unit.trim() {

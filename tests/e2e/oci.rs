@@ -20,11 +20,11 @@ use std::process::{Command, Output, Stdio};
 use serde_json::{json, Value};
 
 use crate::util::{bin, text, Env, Scratch};
-pub use crac_test_support::podman::Podman;
+pub(crate) use crac_test_support::podman::Podman;
 
 /// Whether runc and podman are here: in CI a missing one fails the test, elsewhere it is
 /// skipped with a line saying how to get it.
-pub fn runtimes_present() -> bool {
+pub(crate) fn runtimes_present() -> bool {
     let missing: Vec<&str> = ["runc", "podman"]
         .into_iter()
         .filter(|tool| {
@@ -58,7 +58,7 @@ fn run_ok(cmd: Command, what: &str) -> Output {
 
 /// A root file system with crac-test-target at `/crac-test-target`, its libraries, and the
 /// empty folders a container needs.
-pub fn rootfs(scratch: &Scratch) -> PathBuf {
+pub(crate) fn rootfs(scratch: &Scratch) -> PathBuf {
     let root = scratch.join("rootfs");
     let target = bin("crac-test-target");
     for dir in ["proc", "dev", "sys", "tmp", "state"] {
@@ -91,7 +91,7 @@ pub fn rootfs(scratch: &Scratch) -> PathBuf {
 }
 
 /// The CRIU configuration the test containers name in `org.criu.config`.
-pub fn criu_config(scratch: &Scratch, action_script: &Path) -> PathBuf {
+pub(crate) fn criu_config(scratch: &Scratch, action_script: &Path) -> PathBuf {
     let path = scratch.join("criu.conf");
     fs::write(
         &path,
@@ -115,7 +115,7 @@ fn criu_path(env: &Env) -> &Path {
 }
 
 /// runc, with its state and its log in the test's scratch folder.
-pub struct Runc {
+pub(crate) struct Runc {
     state: PathBuf,
     log: PathBuf,
     criu: PathBuf,
@@ -123,7 +123,7 @@ pub struct Runc {
 }
 
 impl Runc {
-    pub fn new(env: &Env, scratch: &Scratch) -> Runc {
+    pub(crate) fn new(env: &Env, scratch: &Scratch) -> Runc {
         Runc {
             state: scratch.join("runc-state"),
             log: scratch.join("runc.log"),
@@ -166,7 +166,7 @@ impl Runc {
 
     /// A bundle for `rootfs` whose process has `env`, with `/state` bound to `state` (the
     /// target's CRAC_TEST_DIR), a tmpfs `/tmp`, and the CRIU config annotation.
-    pub fn bundle(
+    pub(crate) fn bundle(
         &self,
         dir: &Path,
         rootfs: &Path,
@@ -210,7 +210,7 @@ impl Runc {
     }
 
     /// `runc run -d`: starts container `id` from `bundle`.
-    pub fn run(&mut self, id: &str, bundle: &Path) {
+    pub(crate) fn run(&mut self, id: &str, bundle: &Path) {
         let mut cmd = self.command();
         cmd.args(["run", "-d", "--bundle"]).arg(bundle).arg(id);
         if let Err(err) = self.start(cmd) {
@@ -220,7 +220,7 @@ impl Runc {
     }
 
     /// The host pid of container `id`'s init.
-    pub fn pid(&self, id: &str) -> u32 {
+    pub(crate) fn pid(&self, id: &str) -> u32 {
         let mut cmd = self.command();
         cmd.args(["state", id]);
         let out = run_ok(cmd, "runc state");
@@ -230,7 +230,7 @@ impl Runc {
 
     /// `runc checkpoint` of `id` into `images`, with `extra` options and `env` for CRIU (and
     /// so crac-action); returns runc's output and CRIU's log.
-    pub fn checkpoint(
+    pub(crate) fn checkpoint(
         &mut self,
         id: &str,
         images: &Path,
@@ -256,7 +256,7 @@ impl Runc {
 
     /// `runc restore -d` of `id` from `images` with `bundle`; returns whether it worked
     /// (or runc's log) and CRIU's log.
-    pub fn restore(
+    pub(crate) fn restore(
         &mut self,
         id: &str,
         bundle: &Path,
@@ -279,7 +279,7 @@ impl Runc {
     }
 
     /// Whether container `id` runs.
-    pub fn running(&self, id: &str) -> bool {
+    pub(crate) fn running(&self, id: &str) -> bool {
         let mut cmd = self.command();
         cmd.args(["state", id]);
         let out = run(cmd);
@@ -300,7 +300,7 @@ impl Drop for Runc {
 }
 
 /// Imports `rootfs` as image `name`, running crac-test-target.
-pub fn import(podman: &Podman, rootfs: &Path, name: &str) {
+pub(crate) fn import(podman: &Podman, rootfs: &Path, name: &str) {
     let tar = rootfs.with_extension("tar");
     let mut cmd = Command::new("tar");
     cmd.arg("-C").arg(rootfs).arg("-cf").arg(&tar).arg(".");
@@ -319,7 +319,7 @@ pub fn import(podman: &Podman, rootfs: &Path, name: &str) {
 
 /// Runs `f` on a thread inside process `pid`'s network namespace (a socket made there stays
 /// there), and returns what it returns.
-pub fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
+pub(crate) fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {

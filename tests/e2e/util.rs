@@ -16,10 +16,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 /// The before_checkpoint lines of crac-test-target's default resources, in the order they run.
-pub const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
+pub(crate) const BEFORE_ALL: [&str; 3] = ["before third", "before second", "before first"];
 
 /// The after_restore lines of crac-test-target's default resources for `reason`.
-pub fn after_all(reason: &str, generation: u64) -> Vec<String> {
+pub(crate) fn after_all(reason: &str, generation: u64) -> Vec<String> {
     ["first", "second", "third"]
         .iter()
         .map(|name| format!("after {name} {reason} gen={generation}"))
@@ -27,7 +27,7 @@ pub fn after_all(reason: &str, generation: u64) -> Vec<String> {
 }
 
 /// `a` then `b`, as owned lines.
-pub fn concat(a: &[&str], b: &[String]) -> Vec<String> {
+pub(crate) fn concat(a: &[&str], b: &[String]) -> Vec<String> {
     a.iter()
         .map(|s| s.to_string())
         .chain(b.iter().cloned())
@@ -35,7 +35,7 @@ pub fn concat(a: &[&str], b: &[String]) -> Vec<String> {
 }
 
 /// The binaries under test, built by `cargo build --workspace` (the test command does that).
-pub fn bin(name: &str) -> PathBuf {
+pub(crate) fn bin(name: &str) -> PathBuf {
     if name == "crac-test-target" {
         return PathBuf::from(env!("CARGO_BIN_EXE_crac-test-target"));
     }
@@ -58,7 +58,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 static SUBREAPER: Once = Once::new();
 
 /// What an end-to-end test needs: CRIU, and the right to run alone.
-pub struct Env {
+pub(crate) struct Env {
     pub criu: Criu,
     _serial: MutexGuard<'static, ()>,
 }
@@ -66,7 +66,7 @@ pub struct Env {
 /// Sets up an end-to-end test, or returns None (after saying why and how to enable it) when
 /// CRIU cannot run here outside CI. In CI (CI=true) a missing CRIU or missing root fails, and
 /// so does a test that calls it without being marked `#[ignore = "needs ..."]`.
-pub fn env() -> Option<Env> {
+pub(crate) fn env() -> Option<Env> {
     let root = nix::unistd::geteuid().is_root();
     let criu = locate::locate();
     let problem = match (&criu, root) {
@@ -94,12 +94,12 @@ pub fn env() -> Option<Env> {
 }
 
 /// A scratch folder, removed when dropped.
-pub struct Scratch {
+pub(crate) struct Scratch {
     pub path: PathBuf,
 }
 
 impl Scratch {
-    pub fn new(name: &str) -> Scratch {
+    pub(crate) fn new(name: &str) -> Scratch {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
             "crac-e2e-{}-{name}-{}",
@@ -115,7 +115,7 @@ impl Scratch {
         Scratch { path }
     }
 
-    pub fn join(&self, name: &str) -> PathBuf {
+    pub(crate) fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
 }
@@ -127,7 +127,7 @@ impl Drop for Scratch {
 }
 
 /// A running crac-test-target.
-pub struct Target {
+pub(crate) struct Target {
     pub pid: u32,
     pub dir: PathBuf,
     child: Option<Child>,
@@ -136,7 +136,7 @@ pub struct Target {
 impl Target {
     /// Starts the target as a session leader with no terminal, as CRIU wants, and waits until
     /// it is ready.
-    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Target {
+    pub(crate) fn start(dir: &Path, env: &[(&str, &str)]) -> Target {
         Target::launch(
             Command::new(bin("crac-test-target")),
             dir,
@@ -148,7 +148,7 @@ impl Target {
 
     /// As [`Target::start`], running the executable `exe` (a copy of crac-test-target) with
     /// its stdout going to `stdout` if given.
-    pub fn start_with(
+    pub(crate) fn start_with(
         exe: &Path,
         dir: &Path,
         env: &[(&str, &str)],
@@ -160,7 +160,7 @@ impl Target {
     /// Starts the target as pid 1 of namespaces of its own: `unshare --pid --fork` plus
     /// `unshare_args` (e.g. `--mount`), running `setup` (a shell command, e.g. a mount) first;
     /// the target is a session leader there. `pid` is its pid on this side.
-    pub fn start_in_namespaces(
+    pub(crate) fn start_in_namespaces(
         dir: &Path,
         env: &[(&str, &str)],
         unshare_args: &[&str],
@@ -171,7 +171,7 @@ impl Target {
 
     /// As [`Target::start_in_namespaces`], with `stdin` as the target's standard input (a
     /// socket whose other end stays out of its tree, say).
-    pub fn start_in_namespaces_with(
+    pub(crate) fn start_in_namespaces_with(
         dir: &Path,
         env: &[(&str, &str)],
         unshare_args: &[&str],
@@ -239,7 +239,7 @@ impl Target {
     }
 
     /// A target restored by CRIU from an image of `original` (same PID and folder).
-    pub fn restored(original: &Target) -> Target {
+    pub(crate) fn restored(original: &Target) -> Target {
         Target {
             pid: original.pid,
             dir: original.dir.clone(),
@@ -249,7 +249,7 @@ impl Target {
 
     /// A copy of `original` that CRIU restored as `pid` (a tree with a pid namespace of its
     /// own gets a new pid on this side).
-    pub fn restored_as(original: &Target, pid: u32) -> Target {
+    pub(crate) fn restored_as(original: &Target, pid: u32) -> Target {
         Target {
             pid,
             dir: original.dir.clone(),
@@ -258,12 +258,12 @@ impl Target {
     }
 
     /// The lines of hooks.log.
-    pub fn hooks(&self) -> Vec<String> {
+    pub(crate) fn hooks(&self) -> Vec<String> {
         read_lines(&self.dir.join("hooks.log"))
     }
 
     /// (pid, token, counter, generation) from the state file.
-    pub fn state(&self) -> Option<State> {
+    pub(crate) fn state(&self) -> Option<State> {
         let text = fs::read_to_string(self.dir.join("state")).ok()?;
         let f: Vec<u64> = text
             .split_whitespace()
@@ -278,7 +278,7 @@ impl Target {
     }
 
     /// Waits until the heartbeat counter moves past `than`: the target is running its work.
-    pub fn assert_serving(&self, than: u64) -> State {
+    pub(crate) fn assert_serving(&self, than: u64) -> State {
         let mut last = None;
         wait_until(
             Duration::from_secs(10),
@@ -291,19 +291,19 @@ impl Target {
         last.expect("state")
     }
 
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         crac_action::tree::ProcessId::of(self.pid).is_some()
     }
 
     /// The TCP and UDP ports of a target started with `CRAC_TEST_LISTEN`.
-    pub fn ports(&self) -> (u16, u16) {
+    pub(crate) fn ports(&self) -> (u16, u16) {
         let text = fs::read_to_string(self.dir.join("ports")).expect("ports file");
         let mut ports = text.split_whitespace().map(|p| p.parse().expect("a port"));
         (ports.next().expect("tcp"), ports.next().expect("udp"))
     }
 
     /// Waits for a target that CRIU killed, so its PID is free for the restore.
-    pub fn reap_dumped(mut self) {
+    pub(crate) fn reap_dumped(mut self) {
         if let Some(mut child) = self.child.take() {
             child.wait().expect("reap the dumped target");
         } else {
@@ -312,14 +312,14 @@ impl Target {
     }
 
     /// Ends the target with SIGTERM and returns how it ended.
-    pub fn terminate(self) -> WaitStatus {
+    pub(crate) fn terminate(self) -> WaitStatus {
         kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM).expect("SIGTERM");
         self.wait_exit(Duration::from_secs(10))
     }
 
     /// Kills the target and `child`, a child of its that outlives it unless killed (it then
     /// comes to this subreaper), reaps both, and removes both agent folders.
-    pub fn end_with_child(self, child: u32) {
+    pub(crate) fn end_with_child(self, child: u32) {
         kill(Pid::from_raw(child as i32), Signal::SIGKILL).expect("kill the child");
         drop(self);
         reap(child, Duration::from_secs(10));
@@ -327,7 +327,7 @@ impl Target {
     }
 
     /// Waits for the target to end by itself (after a signal, say) and returns how it ended.
-    pub fn wait_exit(mut self, limit: Duration) -> WaitStatus {
+    pub(crate) fn wait_exit(mut self, limit: Duration) -> WaitStatus {
         let pid = Pid::from_raw(self.pid as i32);
         let Some(mut child) = self.child.take() else {
             return reap(self.pid, limit);
@@ -372,7 +372,7 @@ impl Drop for Target {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct State {
+pub(crate) struct State {
     pub pid: u32,
     pub token: u64,
     pub counter: u64,
@@ -381,7 +381,7 @@ pub struct State {
 
 /// Reaps `pid`, which must be a child of this process by now (directly, or re-parented to
 /// this subreaper).
-pub fn reap(pid: u32, limit: Duration) -> WaitStatus {
+pub(crate) fn reap(pid: u32, limit: Duration) -> WaitStatus {
     let deadline = Instant::now() + limit;
     loop {
         match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
@@ -397,7 +397,7 @@ pub fn reap(pid: u32, limit: Duration) -> WaitStatus {
     }
 }
 
-pub fn read_lines(path: &Path) -> Vec<String> {
+pub(crate) fn read_lines(path: &Path) -> Vec<String> {
     fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -406,7 +406,7 @@ pub fn read_lines(path: &Path) -> Vec<String> {
 }
 
 /// Polls `cond` every 10 ms; panics with `what` after `limit`.
-pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
         assert!(
@@ -418,7 +418,7 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// What one criu run did.
-pub struct Run {
+pub(crate) struct Run {
     pub output: Output,
     /// CRIU's log file, which also holds crac-action's lines.
     pub log: String,
@@ -426,12 +426,12 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.output.status.success()
     }
 
     /// crac-action's lines in CRIU's log.
-    pub fn action_lines(&self) -> Vec<&str> {
+    pub(crate) fn action_lines(&self) -> Vec<&str> {
         self.log
             .lines()
             .filter(|l| l.starts_with("crac-action:"))
@@ -458,7 +458,7 @@ impl Env {
     }
 
     /// `criu ARGS -D images -o log_name --action-script script`.
-    pub fn criu_with(
+    pub(crate) fn criu_with(
         &self,
         script: &Path,
         args: &[&str],
@@ -487,7 +487,13 @@ impl Env {
     }
 
     /// `criu dump -t PID` with crac-action, into `images`.
-    pub fn dump(&self, pid: u32, images: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
+    pub(crate) fn dump(
+        &self,
+        pid: u32,
+        images: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Run {
         fs::create_dir_all(images).expect("images folder");
         let pid = pid.to_string();
         let mut args = vec!["dump", "-t", &pid];
@@ -496,19 +502,19 @@ impl Env {
     }
 
     /// `criu restore -d` with crac-action, from `images`.
-    pub fn restore(&self, images: &Path) -> Run {
+    pub(crate) fn restore(&self, images: &Path) -> Run {
         self.criu(&["restore", "-d"], images, "restore.log", &[])
     }
 }
 
 /// The agent folder of `pid`.
-pub fn agent_dir(pid: u32) -> PathBuf {
+pub(crate) fn agent_dir(pid: u32) -> PathBuf {
     crac_protocol::location::agent_dir(pid)
 }
 
 /// Live processes (not zombies: an exited one waiting to be reaped is done) whose command
 /// name is `comm`, anywhere on the machine.
-pub fn processes_named(comm: &str) -> Vec<u32> {
+pub(crate) fn processes_named(comm: &str) -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -523,7 +529,7 @@ pub fn processes_named(comm: &str) -> Vec<u32> {
 
 /// PIDs of crac-action watchers (named crac-watcher) still running, re-parented to this
 /// subreaper; others may be running on the machine.
-pub fn watchers() -> Vec<u32> {
+pub(crate) fn watchers() -> Vec<u32> {
     processes_named(crac_action::watcher::PROCESS_NAME)
         .into_iter()
         .filter(|&pid| crac_action::tree::parent_of(pid) == Some(std::process::id()))
@@ -531,7 +537,7 @@ pub fn watchers() -> Vec<u32> {
 }
 
 /// A loopback TCP port free now.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -539,12 +545,12 @@ pub fn free_port() -> u16 {
 }
 
 /// The `crac` command with a store of the test's own.
-pub struct Crac {
+pub(crate) struct Crac {
     pub store: PathBuf,
 }
 
 impl Crac {
-    pub fn new(scratch: &Scratch) -> Crac {
+    pub(crate) fn new(scratch: &Scratch) -> Crac {
         Crac {
             store: scratch.join("store"),
         }
@@ -552,7 +558,7 @@ impl Crac {
 
     /// `crac ARGS`, with `--store` for the commands that use a store (`ps` and `status`
     /// refuse it).
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("crac"));
         if !matches!(args.first(), Some(&"ps" | &"status")) {
             cmd.arg("--store").arg(&self.store);
@@ -561,11 +567,11 @@ impl Crac {
         cmd
     }
 
-    pub fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("crac runs")
     }
 
-    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+    pub(crate) fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.run(args);
         assert!(out.status.success(), "crac {args:?}: {}", text(&out));
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
@@ -573,7 +579,7 @@ impl Crac {
 
     /// The store's entries (hidden working folders included), to show nothing changed; not
     /// the store's cache of known hashes, which any checkpoint may update.
-    pub fn listing(&self) -> Vec<String> {
+    pub(crate) fn listing(&self) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(&self.store)
             .map(|entries| {
                 entries
@@ -589,7 +595,7 @@ impl Crac {
 }
 
 /// An output, for an assertion's message.
-pub fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "exit {:?}\nstdout: {}\nstderr: {}",
         out.status.code(),
@@ -600,7 +606,7 @@ pub fn text(out: &Output) -> String {
 
 /// Asks the target listening on TCP `port` for its STATUS (retrying for a while: a restored
 /// or resumed target answers once its after_restore hooks have run).
-pub fn status(port: u16) -> serde_json::Value {
+pub(crate) fn status(port: u16) -> serde_json::Value {
     let line = ask(port, "STATUS");
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
 }
@@ -608,7 +614,7 @@ pub fn status(port: u16) -> serde_json::Value {
 /// Sends one `request` line to the service listening on TCP `port` and returns its reply line
 /// (retrying to connect for a while: a restored or resumed service answers once its
 /// after_restore hooks have run).
-pub fn ask(port: u16, request: &str) -> String {
+pub(crate) fn ask(port: u16, request: &str) -> String {
     use std::io::{BufRead, BufReader, Write};
     let mut last = String::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -635,7 +641,7 @@ pub fn ask(port: u16, request: &str) -> String {
 }
 
 /// Sends `data` to the target's UDP `port` and returns its answer.
-pub fn udp_ask(port: u16, data: &str) -> String {
+pub(crate) fn udp_ask(port: u16, data: &str) -> String {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("UDP socket");
     socket
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -649,14 +655,14 @@ pub fn udp_ask(port: u16, data: &str) -> String {
 }
 
 /// A number in a STATUS reply.
-pub fn field(status: &serde_json::Value, name: &str) -> u64 {
+pub(crate) fn field(status: &serde_json::Value, name: &str) -> u64 {
     status[name]
         .as_u64()
         .unwrap_or_else(|| panic!("{name} in {status}"))
 }
 
 /// The hook lines a STATUS reply says the target's memory holds.
-pub fn status_hooks(status: &serde_json::Value) -> Vec<String> {
+pub(crate) fn status_hooks(status: &serde_json::Value) -> Vec<String> {
     status["hooks"]
         .as_array()
         .expect("hooks")
@@ -667,7 +673,7 @@ pub fn status_hooks(status: &serde_json::Value) -> Vec<String> {
 
 /// Reaps every child that has exited: orphans re-parented to this subreaper (a container's
 /// processes once its runtime let go of them, conmon).
-pub fn reap_orphans() {
+pub(crate) fn reap_orphans() {
     while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
         if status == WaitStatus::StillAlive {
             break;
@@ -677,7 +683,7 @@ pub fn reap_orphans() {
 
 /// Runs `script` with bash as `nobody`: the other local user of the threat model, played for
 /// real.
-pub fn as_nobody(script: &str) -> Output {
+pub(crate) fn as_nobody(script: &str) -> Output {
     Command::new("runuser")
         .args(["-u", "nobody", "--", "bash", "-c", script])
         .stdin(Stdio::null())
@@ -687,7 +693,7 @@ pub fn as_nobody(script: &str) -> Output {
 
 /// Makes `cmd` run under umask `mask` (set in the child: the test process's umask is shared by
 /// its threads).
-pub fn with_umask(cmd: &mut Command, mask: u32) -> &mut Command {
+pub(crate) fn with_umask(cmd: &mut Command, mask: u32) -> &mut Command {
     // SAFETY: umask is async-signal-safe and touches nothing but the child's own mask.
     unsafe {
         cmd.pre_exec(move || {
