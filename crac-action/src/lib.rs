@@ -45,7 +45,6 @@ pub mod agents;
 pub mod criu;
 pub mod error;
 pub mod netns;
-mod pidfd;
 pub mod post_dump;
 pub mod post_resume;
 pub mod pre_dump;

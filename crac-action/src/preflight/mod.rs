@@ -40,11 +40,13 @@
 //! - `criu_options.rs`: [`CriuOptions`], what the CRIU that runs accepts;
 //! - `seen.rs`: a process's descriptors as its agent told them or as seen from outside;
 //! - `scan.rs`: [`scan()`], what CRIU refuses per descriptor kind, and why;
+//! - `pidfd.rs`: a socket of another process asked about itself, through a copy of it;
 //! - `sock_diag.rs`: who is at the other end of each Unix socket (sock_diag netlink);
 //! - `policy.rs`: [`configured`] and [`refused_by_policy`], the operator's policy applied;
 //! - `report.rs`: [`Problem`] and the [`refusal`] that lists them.
 
 mod criu_options;
+mod pidfd;
 mod policy;
 mod report;
 mod scan;

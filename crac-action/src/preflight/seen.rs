@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 
 use crac_protocol::fd_facts::{self, Facts};
 
-use crate::pidfd::{Pidfd, SocketFacts};
+use super::pidfd::{Pidfd, SocketFacts};
 use crate::procfs;
 
 /// What the agents in a tree told of their processes' descriptors, by pid (as this side sees
