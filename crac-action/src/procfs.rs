@@ -129,7 +129,7 @@ fn status_field(pid: u32, name: &str) -> Option<Vec<String>> {
 }
 
 /// The effective uid of process `pid`.
-pub fn euid(pid: u32) -> Option<u32> {
+pub(crate) fn euid(pid: u32) -> Option<u32> {
     // Uid: real, effective, saved, filesystem.
     status_field(pid, "Uid:")?.get(1)?.parse().ok()
 }
