@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crac_protocol::client::{self, ClientError};
 use crac_protocol::wire::{Code, Reply, Request};
 
-use crate::namespace::{AgentSocket, ConnectError, Refusal};
+use crate::agent_socket::{AgentSocket, ConnectError, Refusal};
 use crate::tree;
 
 /// The agents of a process tree.
@@ -19,7 +19,7 @@ pub struct Found {
 }
 
 /// The agents of the tree rooted at `root` (wherever each process's root and pid namespace
-/// are; see [`crate::namespace`]).
+/// are; see [`crate::agent_socket`]).
 pub fn in_tree(root: u32) -> Found {
     let mut found = Found::default();
     for pid in tree::descendants(root) {

@@ -21,9 +21,11 @@
 //!
 //! The modules follow CRIU's steps: [`criu`] reads the environment, [`pre_dump`],
 //! [`post_dump`], [`pre_restore`], [`setup_namespaces`], [`post_resume`] and [`watcher`] are
-//! the steps, [`agents`] and [`tree`] find the agents of a process tree, [`namespace`] reaches
-//! an agent wherever its process runs (a container's own pid, mount and network namespaces,
-//! and what is refused there).
+//! the steps, [`agents`] and [`tree`] find the agents of a process tree, [`agent_socket`]
+//! finds and checks an agent's socket wherever its process runs (a container's own pid and
+//! mount namespaces, and what is refused there), [`netns`] enters a process's network
+//! namespace, [`preflight`] says what CRIU would refuse, and [`procfs`] is everything read
+//! from `/proc`.
 //!
 //! CRIU is known by `CRTOOLS_IMAGE_DIR` (`/proc/<criu>/fd/N`), never as the parent process, so
 //! the script may be wrapped; and every step is safe to run twice for one CRIU (CRIU 4.1 under
@@ -33,24 +35,24 @@
 //! This is one of the four roles of crac-rs: crac-core is the API, crac-agent the in-process
 //! agent, crac-action (this crate) CRIU's action script, and crac-cli the operator's `crac`
 //! command, which runs CRIU with this script and uses this library to find agents
-//! ([`agents`], [`namespace`], [`tree`]) and to read what the script recorded ([`post_dump`],
+//! ([`agents`], [`agent_socket`], [`tree`], [`procfs`]) and to read what the script recorded ([`post_dump`],
 //! [`pre_dump`]).
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod agent_socket;
 pub mod agents;
 pub mod criu;
 pub mod error;
-pub mod namespace;
-mod pidfd;
+pub mod netns;
 pub mod post_dump;
 pub mod post_resume;
 pub mod pre_dump;
 pub mod pre_restore;
 pub mod preflight;
+pub mod procfs;
 pub mod settings;
 pub mod setup_namespaces;
-mod sock_diag;
 pub mod tree;
 pub mod watcher;
 
@@ -84,7 +86,7 @@ pub(crate) fn no_agent(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), ActionError> {
-    let socket = namespace::expected_socket(pid);
+    let socket = agent_socket::expected_socket(pid);
     if settings.require_agent {
         return Err(ActionError::NoAgent { pid, socket });
     }

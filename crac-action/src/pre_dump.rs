@@ -13,10 +13,10 @@ use crac_protocol::records::{AgentHooks, PreDumpReport, HOOK_REPORT_ENV};
 use crac_protocol::wire::{Code, Lean, Reason, Request};
 use serde::Serialize;
 
+use crate::agent_socket::AgentSocket;
 use crate::agents::{self, ask, describe_hooks, describe_no_answer, log, Deadline, Outcome};
 use crate::criu::Invocation;
 use crate::error::ActionError;
-use crate::namespace::AgentSocket;
 use crate::preflight::{self, AgentFacts, CriuOptions};
 use crate::settings::Settings;
 use crate::tree::ProcessId;
@@ -427,8 +427,7 @@ pub fn dry_run(
     let pids = crate::tree::descendants(root);
     result.descriptors = pids
         .iter()
-        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
-        .map(Iterator::count)
+        .filter_map(|&pid| crate::procfs::fd_count(pid))
         .sum();
     // What a policy would close is not in the way of a real checkpoint.
     let mut refused: Vec<preflight::Problem> = preflight::problems(&pids, &facts, opts, policy)

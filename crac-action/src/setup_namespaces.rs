@@ -1,14 +1,14 @@
 //! setup-namespaces: the restored tree's namespaces exist and its tasks do not run yet. A
 //! network namespace that the runtime had CRIU restore empty (runc, podman's `--network none`)
 //! has its loopback interface down, so a listener on 127.0.0.1 that the service kept would be
-//! unreachable: it is brought up here (see [`crate::namespace::loopback_up`]).
+//! unreachable: it is brought up here (see [`crate::netns::loopback_up`]).
 
 use std::io::Write;
 
 use crate::agents::log;
 use crate::criu::Invocation;
 use crate::error::ActionError;
-use crate::namespace;
+use crate::netns;
 
 const STEP: &str = "setup-namespaces";
 
@@ -22,7 +22,7 @@ pub fn run(inv: &Invocation, out: &mut dyn Write) -> Result<(), ActionError> {
     let Some(init) = inv.init_pid else {
         return Ok(());
     };
-    match namespace::loopback_up(init) {
+    match netns::loopback_up(init) {
         Ok(true) => log(
             out,
             STEP,

@@ -20,7 +20,6 @@
 //! so a late watcher cannot end a newer cycle. The watcher exits when this is done; it never
 //! outlives its dump by more than its own time limits.
 
-use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
@@ -32,8 +31,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{geteuid, setpgid, ForkResult, Pid};
 
+use crate::agent_socket::AgentSocket;
 use crate::agents::{ask, describe_hooks, log, Deadline, Outcome};
-use crate::namespace::AgentSocket;
 use crate::settings::Settings;
 use crate::tree::{self, ProcessId};
 
@@ -171,7 +170,7 @@ pub fn spawn(watch: &Watch, listener: UnixListener) -> io::Result<()> {
 }
 
 fn single_threaded() -> bool {
-    fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
+    crate::procfs::own_threads() == Some(1)
 }
 
 /// Runs a watcher to the end; returns the exit code.

@@ -1,74 +1,20 @@
 //! Starting and stopping the agent: [`start`], [`Builder`], [`Agent`].
 
+use std::fmt;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use std::{fmt, fs, io};
 
 use crac_core::Coordinator;
 
 use crate::cleanup;
+use crate::error::StartError;
 use crate::handler::Handler;
 use crate::location;
 use crate::server::{Options, Server};
-
-/// Why the agent could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StartError {
-    /// This process already runs an agent.
-    #[error("an agent is already running in this process, at {socket}")]
-    AlreadyRunning {
-        /// Its socket.
-        socket: PathBuf,
-    },
-    /// A folder on the socket's path could let another user interfere.
-    #[error("refusing to use {path}: {reason}")]
-    UnsafeDir {
-        /// The folder.
-        path: PathBuf,
-        /// What is wrong with it, and what to do.
-        reason: String,
-    },
-    /// A live agent already answers on this process's socket path.
-    #[error(
-        "another live agent answers at {path} (is {} shared between PID namespaces?)",
-        crac_protocol::env::AGENT_DIR
-    )]
-    InUse {
-        /// The socket.
-        path: PathBuf,
-    },
-    /// A file-system or socket operation failed.
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// To what.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// The descriptor policy (`CRAC_POLICY`) cannot be read or does not parse.
-    #[error("{}: {}", crac_protocol::env::POLICY, .0)]
-    Policy(#[from] crac_protocol::fd_policy::PolicyError),
-}
-
-impl StartError {
-    pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> StartError {
-        StartError::Io {
-            action,
-            path: path.to_owned(),
-            source,
-        }
-    }
-}
 
 /// The process that started the running agent (0: none). A forked child sees its parent's pid
 /// here and may start its own.
@@ -249,7 +195,7 @@ impl Builder {
             socket,
             moved_aside,
         } = location::prepare(&base, pid, chosen)?;
-        let listener = listen(&socket)?;
+        let listener = location::listen(&socket)?;
         cleanup::arm(
             &socket,
             &dir,
@@ -299,17 +245,6 @@ impl Builder {
             }),
         })
     }
-}
-
-/// Binds the agent's socket at `socket`, readable and writable by its owner only.
-pub(crate) fn listen(socket: &Path) -> Result<UnixListener, StartError> {
-    let listener =
-        UnixListener::bind(socket).map_err(|e| StartError::io("listen on", socket, e))?;
-    if let Err(err) = fs::set_permissions(socket, fs::Permissions::from_mode(0o600)) {
-        let _ = fs::remove_file(socket);
-        return Err(StartError::io("set permissions of", socket, err));
-    }
-    Ok(listener)
 }
 
 /// A handle to the running agent. Dropping it leaves the agent running (it serves for the

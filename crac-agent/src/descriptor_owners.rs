@@ -22,7 +22,7 @@
 //! owner here.
 
 use std::collections::HashMap;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,8 +30,7 @@ use crac_core::{AfterRestoreWatcher, Coordinator};
 
 use crac_protocol::fd_policy::{Descriptor, Owner, Ownership};
 
-/// A descriptor as the table records it: its number and the file it is (device, inode).
-type Identity = (u64, u64);
+use crate::procfs::{self, Identity};
 
 /// Notes what each `after_restore` hook opened; set on the agent's coordinator.
 #[derive(Default)]
@@ -82,7 +81,7 @@ impl Tracker {
                 None => state
                     .opened
                     .get(&descriptor.fd)
-                    .filter(|(id, _)| identity(descriptor.fd) == Some(*id))
+                    .filter(|(id, _)| procfs::identity(descriptor.fd) == Some(*id))
                     .map(|(_, resource)| Owner {
                         resource: resource.clone(),
                         how: Ownership::AfterRestore,
@@ -102,7 +101,7 @@ impl AfterRestoreWatcher for Tracker {
                 if state.size == 0 {
                     state.size = table_size();
                 }
-                crate::fd_facts::open_below(state.size)
+                procfs::open_below(state.size)
             }
         };
         state.before = Some((resource.to_owned(), open));
@@ -123,20 +122,20 @@ impl AfterRestoreWatcher for Tracker {
         // table before it, or just above its highest. Numbers far above are looked at only if
         // the last one looked at is open.
         let above = before.last().map_or(0, |&fd| fd + 1) + NEW_NUMBERS;
-        let mut now = crate::fd_facts::open_below(above.min(state.size));
+        let mut now = procfs::open_below(above.min(state.size));
         if above < state.size && now.last() == Some(&(above - 1)) {
-            now = crate::fd_facts::open_below(state.size);
+            now = procfs::open_below(state.size);
         }
         if now.last() == Some(&(state.size - 1)) {
             // A full table may have grown while the hook ran: look at the new numbers too.
             state.size = table_size();
-            now = crate::fd_facts::open_below(state.size);
+            now = procfs::open_below(state.size);
         }
         // What was closed is no longer what a hook opened.
         state.opened.retain(|fd, _| now.binary_search(fd).is_ok());
         for &fd in &now {
             if before.binary_search(&fd).is_err() {
-                if let Some(id) = identity(fd) {
+                if let Some(id) = procfs::identity(fd) {
                     state.opened.insert(fd, (id, resource.to_owned()));
                 }
             }
@@ -147,16 +146,7 @@ impl AfterRestoreWatcher for Tracker {
 
 /// The descriptor table's size, or a common one if /proc does not say.
 fn table_size() -> RawFd {
-    crate::fd_facts::table_size().unwrap_or(1024)
-}
-
-/// The device and inode of descriptor `fd`, if it is open.
-pub(crate) fn identity(fd: RawFd) -> Option<Identity> {
-    // SAFETY: `fstat` only reads the descriptor's file; if another thread closed `fd` since it
-    // was listed, the call fails with EBADF (or describes whatever now has the number, which
-    // the caller treats as another file). The borrow ends with the call.
-    let stat = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
-    Some((stat.st_dev, stat.st_ino))
+    procfs::table_size().unwrap_or(1024)
 }
 
 #[cfg(test)]

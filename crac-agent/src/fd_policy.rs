@@ -7,22 +7,17 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use crac_protocol::fd_facts::address;
 use crac_protocol::fd_policy::{is_terminal, unsupported, Descriptor, Kind, Policy, Verdict};
+
+use crate::procfs;
 use nix::sys::socket::{
     getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage,
 };
 
 /// This process's descriptors, each with its kind and what it is: what the agent reports.
 pub(crate) fn descriptors() -> Vec<Descriptor> {
-    let Ok(entries) = fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    let mut out: Vec<Descriptor> = entries
-        .flatten()
-        .filter_map(|e| {
-            let fd: RawFd = e.file_name().to_str()?.parse().ok()?;
-            let target = fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
-            Some(describe(fd, &target))
-        })
+    let mut out: Vec<Descriptor> = procfs::links()
+        .into_iter()
+        .map(|(fd, target)| describe(fd, &target))
         .collect();
     out.sort_by_key(|d| d.fd);
     out

@@ -26,6 +26,7 @@ use crac_core::{
 };
 
 use crate::descriptor_owners::Tracker;
+use crate::procfs;
 use crate::tcp;
 use crac_protocol::wire::{
     AfterRestore, BeforeCheckpoint, Code, HookReport, Op, OpName, Reason, Reply, Request, State,
@@ -74,7 +75,7 @@ impl Lease {
             limit,
             since: now,
             last_tick: now,
-            started_as: own_start_time(),
+            started_as: procfs::start_time(),
         }
     }
 
@@ -87,16 +88,6 @@ impl Lease {
         self.last_tick = now;
         now.saturating_duration_since(self.since) >= self.limit
     }
-}
-
-/// This process's start time, field 22 of /proc/self/stat (clock ticks after boot).
-fn own_start_time() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
 }
 
 impl Handler {
@@ -133,7 +124,7 @@ impl Handler {
         if !pending.lease.expired(now) {
             return;
         }
-        let restored = own_start_time() != pending.lease.started_as;
+        let restored = procfs::start_time() != pending.lease.started_as;
         let reason = if restored {
             RestoreReason::Restored
         } else {
@@ -436,6 +427,6 @@ mod tests {
     fn the_start_time_is_read() {
         // Lease::new and own_start_time read /proc/self/stat.
         let _turn = crate::descriptor_table_turn();
-        assert!(own_start_time().is_some_and(|t| t > 0));
+        assert!(procfs::start_time().is_some_and(|t| t > 0));
     }
 }

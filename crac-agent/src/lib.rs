@@ -67,11 +67,13 @@
 mod agent;
 mod cleanup;
 mod descriptor_owners;
+mod error;
 mod fd_facts;
 mod fd_policy;
 mod handler;
 mod location;
 mod peer;
+mod procfs;
 mod self_checkpoint;
 mod server;
 mod tcp;
@@ -84,8 +86,9 @@ pub(crate) fn descriptor_table_turn() -> std::sync::MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub use agent::{start, Agent, Builder, StartError, SOCKET_CHECK};
+pub use agent::{start, Agent, Builder, SOCKET_CHECK};
 pub use crac_protocol::fd_policy::{Policy, PolicyError};
+pub use error::StartError;
 pub use self_checkpoint::{
     checkpoint_self, SelfCheckpoint, SelfCheckpointError, CHECKPOINT_TO_ENV, CRAC_BIN_ENV,
 };

@@ -1,12 +1,13 @@
 //! Making an agent's folders: the base folder and the process's own, where
 //! [`crac_protocol::location`] says they are, through crac-fs. Another user's entry at
 //! `<base>/<pid>` is moved aside when the agent may, else the agent makes a folder of its
-//! own beside it (see [`crac_protocol::location`] for the rules).
+//! own beside it (see [`crac_protocol::location`] for the rules). And binding the socket in
+//! it ([`listen`]).
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use crac_protocol::location::{
@@ -14,7 +15,8 @@ use crac_protocol::location::{
 };
 use nix::unistd::geteuid;
 
-use crate::StartError;
+use crate::error::StartError;
+use crate::procfs;
 
 /// Where [`prepare`] put the agent.
 #[derive(Debug)]
@@ -219,7 +221,7 @@ fn sweep_stale(base: &Path, own_uid: u32, own_pid: u32) {
             || !meta.file_type().is_dir()
             || meta.uid() != own_uid
             || !old
-            || Path::new(&format!("/proc/{pid}")).exists()
+            || procfs::runs(pid)
         {
             continue;
         }
@@ -245,4 +247,15 @@ fn clear_stale(socket: &Path) -> Result<(), StartError> {
             }
         },
     }
+}
+
+/// Binds the agent's socket at `socket`, readable and writable by its owner only.
+pub(crate) fn listen(socket: &Path) -> Result<UnixListener, StartError> {
+    let listener =
+        UnixListener::bind(socket).map_err(|e| StartError::io("listen on", socket, e))?;
+    if let Err(err) = fs::set_permissions(socket, fs::Permissions::from_mode(0o600)) {
+        let _ = fs::remove_file(socket);
+        return Err(StartError::io("set permissions of", socket, err));
+    }
+    Ok(listener)
 }

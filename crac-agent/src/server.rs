@@ -427,7 +427,7 @@ impl Server {
         ) else {
             return;
         };
-        let Ok(listener) = crate::agent::listen(&socket) else {
+        let Ok(listener) = crate::location::listen(&socket) else {
             return;
         };
         let _ = listener.set_nonblocking(true);

@@ -13,6 +13,8 @@ use std::os::fd::RawFd;
 use crac_core::TcpConnections;
 use crac_protocol::fd_facts::{is_connection, tcp_info};
 
+use crate::procfs;
+
 /// Whether descriptor `fd` is a TCP connection.
 fn connected(fd: RawFd) -> bool {
     tcp_info(fd).is_some_and(|(state, _)| is_connection(state))
@@ -45,10 +47,10 @@ impl Connections {
 /// the connections instead: [`crate::fd_facts::look`].)
 pub(crate) fn connections() -> Vec<RawFd> {
     let mut found = Connections::default();
-    for fd in crate::fd_facts::open_descriptors() {
+    for fd in procfs::open_descriptors() {
         if connected(fd) {
             // The socket's inode: one per connection, however many descriptors share it.
-            if let Some((_, inode)) = crate::descriptor_owners::identity(fd) {
+            if let Some((_, inode)) = procfs::identity(fd) {
                 found.add(fd, inode);
             }
         }

@@ -223,7 +223,7 @@ pub fn checkpoint(
         warn(&warning);
     }
     let command_line = read_cmdline(pid);
-    let ns_pid = crac_action::namespace::ns_pid(pid);
+    let ns_pid = crac_action::procfs::ns_pid(pid);
     let executable = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();

@@ -1,13 +1,13 @@
 //! `crac ps` and `crac status`: ask agents for their state, wherever their processes run (on
-//! the host or in containers: see crac_action::namespace).
+//! the host or in containers: see crac_action::agent_socket).
 
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crac_action::agent_socket::{expected_socket, AgentSocket};
 use crac_action::agents::{ask, Deadline, Outcome};
-use crac_action::namespace::{expected_socket, AgentSocket};
 use crac_action::tree::ProcessId;
 use crac_cli::driver::{read_cmdline, FailureKind, OpError};
 use crac_protocol::client::ClientError;

@@ -1,7 +1,7 @@
 //! Who is at the other end of each Unix socket: the kernel's sock_diag netlink interface
 //! (`NETLINK_SOCK_DIAG`, `unix_diag`), which `/proc/net/unix` does not tell. A sock_diag socket
 //! answers for the network namespace it was made in ([`socket`]; another namespace's through
-//! [`crate::namespace::in_network_of`]).
+//! [`crate::netns::in_network_of`]).
 
 use std::collections::HashMap;
 use std::io;

@@ -1,5 +1,7 @@
-//! Reaching a process's agent wherever the process runs: on the host, or in a container with
-//! its own pid and mount namespaces (runc, podman, Kubernetes through runc), or a chroot.
+//! Finding a process's agent socket and deciding whether to trust it, wherever the process
+//! runs: on the host, or in a container with its own pid and mount namespaces (runc, podman,
+//! Kubernetes through runc), or a chroot. What /proc says about the process comes from
+//! [`crate::procfs`]; entering its network namespace is [`crate::netns`]'s.
 //!
 //! crac-action runs in CRIU's namespaces and knows a process by its pid there
 //! (`CRTOOLS_INIT_PID` and the tree below it). The agent made its socket in its own view of
@@ -32,8 +34,6 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::fs;
-use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -41,11 +41,12 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat2, readlinkat, OFlag, OpenHow, ResolveFlag};
-use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
 
 use crac_protocol::client::ClientError;
+
+use crate::procfs;
 
 /// An agent's socket, found and checked; see the [module documentation](self).
 ///
@@ -188,61 +189,15 @@ struct Proc {
     runtime_dir: Option<PathBuf>,
 }
 
-/// Reads a /proc file in as few system calls as it takes: /proc reports a size of 0, on which
-/// `fs::read` asks for the size and position, then starts with a small read and doubles (eight
-/// reads for a status file). This runs for every process of a dumped tree, on CRIU's critical
-/// path.
-fn read_proc(path: &str) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut file = fs::File::open(path).ok()?;
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    loop {
-        if len == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        match file.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    buf.truncate(len);
-    Some(buf)
-}
-
-/// The words after `name` on its line of /proc/PID/status.
-fn status_field(pid: u32, name: &str) -> Option<Vec<String>> {
-    let status = String::from_utf8(read_proc(&format!("/proc/{pid}/status"))?).ok()?;
-    let line = status.lines().find_map(|line| line.strip_prefix(name))?;
-    Some(line.split_whitespace().map(str::to_owned).collect())
-}
-
-/// The effective uid of process `pid`.
-fn euid_of(pid: u32) -> Option<u32> {
-    // Uid: real, effective, saved, filesystem.
-    status_field(pid, "Uid:")?.get(1)?.parse().ok()
-}
-
 impl Proc {
     fn read(pid: u32) -> Option<Proc> {
-        // In crac-action's own pid namespace the pid is the same (one readlink, where the
-        // status file is a read of a few kilobytes); otherwise NSpid lists the pid in every
-        // namespace from the outermost, and the agent sees the last.
-        let ns_pid = if namespace_of(&pid.to_string(), "pid")? == *ours().pid.as_ref()? {
-            pid
-        } else {
-            status_field(pid, "NSpid:")?.last()?.parse().ok()?
-        };
-        let environ = read_proc(&format!("/proc/{pid}/environ")).unwrap_or_default();
+        let ns_pid = procfs::ns_pid(pid)?;
+        let environ = procfs::environ(pid);
         let var = |name: &str| {
-            let prefix = format!("{name}=");
             environ
-                .split(|&b| b == 0)
-                .find_map(|var| var.strip_prefix(prefix.as_bytes()))
+                .var(name)
                 .filter(|value| !value.is_empty())
-                .map(|value| PathBuf::from(std::ffi::OsStr::from_bytes(value)))
+                .map(|value| PathBuf::from(OsStr::from_bytes(value)))
         };
         Some(Proc {
             ns_pid,
@@ -290,14 +245,13 @@ fn own_root(pid: u32, root: &OwnedFd) -> bool {
         (Ok(theirs), Some(ours)) => same_file(&theirs, ours),
         _ => false,
     };
-    !same_root || namespace_of(&pid.to_string(), "mnt") != ours().mnt
+    !same_root || procfs::namespace(pid, "mnt") != ours().mnt
 }
 
 /// crac-action's own root and namespaces, looked up once: every process of a tree is
 /// compared with them.
 struct Ours {
     root: Option<FileStat>,
-    pid: Option<PathBuf>,
     mnt: Option<PathBuf>,
     user: Option<PathBuf>,
 }
@@ -306,9 +260,8 @@ fn ours() -> &'static Ours {
     static OURS: std::sync::OnceLock<Ours> = std::sync::OnceLock::new();
     OURS.get_or_init(|| Ours {
         root: nix::sys::stat::stat("/").ok(),
-        pid: namespace_of("self", "pid"),
-        mnt: namespace_of("self", "mnt"),
-        user: namespace_of("self", "user"),
+        mnt: procfs::own_namespace("mnt"),
+        user: procfs::own_namespace("user"),
     })
 }
 
@@ -319,24 +272,6 @@ fn same_file(a: &FileStat, b: &FileStat) -> bool {
 
 fn is(stat: &FileStat, kind: SFlag) -> bool {
     SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == kind
-}
-
-fn namespace_of(pid: &str, kind: &str) -> Option<PathBuf> {
-    fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok()
-}
-
-/// A handle on the root folder of process `pid` as it sees it (/proc/PID/root).
-fn open_root(pid: u32) -> nix::Result<OwnedFd> {
-    open_dir_handle(Path::new(&format!("/proc/{pid}/root")))
-}
-
-/// A handle (O_PATH) on the folder at `path`, to resolve paths from.
-fn open_dir_handle(path: &Path) -> nix::Result<OwnedFd> {
-    nix::fcntl::open(
-        path,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
 }
 
 fn open_how(resolve: ResolveFlag) -> OpenHow {
@@ -358,7 +293,7 @@ impl AgentSocket {
         let Some(proc) = Proc::read(pid) else {
             return Ok(None);
         };
-        let Ok(root) = open_root(pid) else {
+        let Ok(root) = procfs::open_root(pid) else {
             return Ok(None);
         };
         let in_own_root = own_root(pid, &root);
@@ -380,7 +315,7 @@ impl AgentSocket {
                 Err(refusal) => return Err(refusal),
             };
             // Read only now: most processes of a tree have no agent folder.
-            let Some(uid) = euid.or_else(|| euid_of(pid)) else {
+            let Some(uid) = euid.or_else(|| procfs::euid(pid)) else {
                 return Ok(None);
             };
             euid = Some(uid);
@@ -403,7 +338,7 @@ impl AgentSocket {
             let Some(folder) = open_folder(&root, &base, &name, pid, in_own_root)? else {
                 continue;
             };
-            let Some(uid) = euid.or_else(|| euid_of(pid)) else {
+            let Some(uid) = euid.or_else(|| procfs::euid(pid)) else {
                 return Ok(None);
             };
             euid = Some(uid);
@@ -422,7 +357,7 @@ impl AgentSocket {
 
     /// The agent, unless its process is in a user namespace of its own.
     fn in_our_user_namespace(mut self, proc: &Proc) -> Result<Option<AgentSocket>, Refusal> {
-        if namespace_of(&self.pid.to_string(), "user") != ours().user {
+        if procfs::namespace(self.pid, "user") != ours().user {
             return Err(Refusal::UserNamespace { pid: self.pid });
         }
         self.env_dirs = (proc.agent_dir.clone(), proc.runtime_dir.clone());
@@ -555,12 +490,9 @@ impl AgentSocket {
     /// socket is held by another process.
     pub fn connect(&self) -> Result<UnixStream, ConnectError> {
         let shown = PathBuf::from(self.describe());
-        let through = format!(
-            "/proc/self/fd/{}/{}",
-            self.folder.as_raw_fd(),
-            crac_protocol::location::SOCKET_NAME
-        );
-        let stream = crac_protocol::client::connect_via(Path::new(&through), &shown)?;
+        let through =
+            procfs::own_fd_path(self.folder.as_raw_fd()).join(crac_protocol::location::SOCKET_NAME);
+        let stream = crac_protocol::client::connect_via(&through, &shown)?;
         let peer = getsockopt(&stream, PeerCredentials)
             .map_err(|err| ClientError::Io {
                 path: shown.clone(),
@@ -589,106 +521,10 @@ impl fmt::Display for AgentSocket {
     }
 }
 
-/// Brings up the loopback interface of process `pid`'s network namespace, when that namespace
-/// is not crac-action's own and its loopback is down; returns whether it did.
-///
-/// runc (1.1) has CRIU restore a container's network namespace empty ("runc doesn't manage
-/// network devices": it passes CRIU `--empty-ns network`), so the loopback interface comes
-/// back down, where the container had it up: a listener on 127.0.0.1 restored with the service
-/// is there, and every client gets "Network is unreachable". podman's `--network none` is the
-/// same. A namespace that the runtime kept (Kubernetes' pod namespace) is left as it is.
-///
-/// # Errors
-///
-/// When the namespace cannot be entered, or the interface not set up.
-pub fn loopback_up(pid: u32) -> io::Result<bool> {
-    if namespace_of(&pid.to_string(), "net") == namespace_of("thread-self", "net") {
-        return Ok(false);
-    }
-    in_network_of(pid, || interface_up(c"lo"))
-}
-
-/// Runs `f` in the network namespace of process `pid`, then comes back to this one. What `f`
-/// makes there stays there: a socket keeps the namespace it was made in (a sock_diag socket
-/// made there answers for that namespace). Only the calling thread moves.
-///
-/// # Errors
-///
-/// When the namespace cannot be entered (it needs CAP_SYS_ADMIN), or `f` fails.
-pub(crate) fn in_network_of<T>(pid: u32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    let ours = fs::File::open("/proc/thread-self/ns/net")?;
-    let theirs = fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    setns(&theirs, CloneFlags::CLONE_NEWNET)?;
-    let _back = BackTo(ours);
-    f()
-}
-
-/// Brings the calling thread back to the network namespace it holds, when dropped (after a
-/// panic too).
-struct BackTo(fs::File);
-
-impl Drop for BackTo {
-    fn drop(&mut self) {
-        if let Err(err) = setns(&self.0, CloneFlags::CLONE_NEWNET) {
-            // Going on in the service's namespace would have every later step look at the
-            // wrong sockets: crac-action stops here, and CRIU with it (the agents roll back
-            // when their lease ends).
-            eprintln!("crac-action: cannot come back to its own network namespace: {err}");
-            std::process::abort();
-        }
-    }
-}
-
-/// Sets interface `name` up in the current network namespace; false if it was up already.
-fn interface_up(name: &std::ffi::CStr) -> io::Result<bool> {
-    let socket = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    // SAFETY: ifreq is plain data (a name and a union of integers and addresses): all zeroes
-    // is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request.ifr_name.iter_mut().zip(name.to_bytes()) {
-        *slot = *byte as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads the name from `request` and writes the flags into it; the
-    // pointer is to a live ifreq on this stack.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: SIOCGIFFLAGS just filled in the flags member of the union.
-    let flags = unsafe { request.ifr_ifru.ifru_flags };
-    if flags & libc::IFF_UP as libc::c_short != 0 {
-        return Ok(false);
-    }
-    request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    // SAFETY: SIOCSIFFLAGS reads the name and flags from `request`, a live ifreq on this stack.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(true)
-}
-
-/// Process `pid`'s pid as it sees itself (the innermost of `NSpid`), if it runs.
-pub fn ns_pid(pid: u32) -> Option<u32> {
-    Proc::read(pid).map(|p| p.ns_pid)
-}
-
 /// Whether process `pid` has the agent's thread (named `crac-agent`): it has an agent, whether
 /// or not its socket can be found.
 fn runs_an_agent(pid: u32) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|task| {
-        read_proc(&format!(
-            "/proc/{pid}/task/{}/comm",
-            task.file_name().to_string_lossy()
-        ))
-        .is_some_and(|comm| comm.strip_suffix(b"\n").unwrap_or(&comm) == b"crac-agent")
-    })
+    procfs::runs_thread_named(pid, b"crac-agent")
 }
 
 /// Where the socket of process `pid`'s agent would usually be, for a message saying there is
@@ -698,13 +534,13 @@ fn runs_an_agent(pid: u32) -> bool {
 pub fn expected_socket(pid: u32) -> String {
     let proc = Proc::read(pid);
     let ns_pid = proc.as_ref().map_or(pid, |p| p.ns_pid);
-    let root = open_root(pid).ok();
+    let root = procfs::open_root(pid).ok();
     let base = match proc {
         Some(Proc {
             agent_dir: Some(dir),
             ..
         }) => dir,
-        proc => match euid_of(pid) {
+        proc => match procfs::euid(pid) {
             Some(0) if root.as_ref().is_some_and(run_usable_in) => {
                 PathBuf::from(crac_protocol::location::ROOT_DIR)
             }
@@ -767,48 +603,23 @@ fn runtime_usable_in(root: &OwnedFd, dir: &Path, uid: u32) -> bool {
 /// descriptors (/proc/PID/fd, then /proc/PID/net/unix: its network namespace's sockets, with
 /// the paths as the process bound them) that end in `<pid>/agent.sock` or
 /// `<pid>.XXXXXX/agent.sock`. Each is checked like a usual folder before anything is sent.
-fn listening_folders(pid: u32, ns_pid: u32) -> Vec<(PathBuf, std::ffi::OsString)> {
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let inodes: std::collections::HashSet<u64> = fds
-        .flatten()
-        .filter_map(|fd| {
-            let target = fs::read_link(fd.path()).ok()?;
-            let target = target.to_str()?;
-            target
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
-        .collect();
+fn listening_folders(pid: u32, ns_pid: u32) -> Vec<(PathBuf, OsString)> {
+    let inodes = procfs::socket_inodes(pid);
     if inodes.is_empty() {
         return Vec::new();
     }
-    let Some(table) = read_proc(&format!("/proc/{pid}/net/unix")) else {
+    let Some(table) = procfs::unix_sockets(pid) else {
         return Vec::new();
     };
     let mut found = Vec::new();
-    // Num RefCount Protocol Flags Type St Inode Path; Flags has __SO_ACCEPTCON (listening).
-    for line in table.split(|&b| b == b'\n').skip(1) {
-        let mut fields = line.split(|&b| b == b' ').filter(|field| !field.is_empty());
-        let (Some(flags), Some(inode), Some(path)) = (fields.nth(3), fields.nth(2), fields.next())
-        else {
-            continue;
-        };
-        let listening = std::str::from_utf8(flags)
-            .ok()
-            .and_then(|f| u32::from_str_radix(f, 16).ok())
-            .is_some_and(|f| f & 0x10000 != 0);
-        let ours = std::str::from_utf8(inode)
-            .ok()
-            .and_then(|i| i.parse::<u64>().ok())
-            .is_some_and(|i| inodes.contains(&i));
-        if !listening || !ours {
+    for socket in table.iter() {
+        // __SO_ACCEPTCON: listening.
+        if socket.flags & 0x10000 == 0 || !inodes.contains(&socket.inode) {
             continue;
         }
-        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        let Some(path) = socket.path else {
+            continue;
+        };
         if path.file_name() != Some(OsStr::new(crac_protocol::location::SOCKET_NAME))
             || !path.is_absolute()
         {
@@ -909,6 +720,7 @@ fn open_folder(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 
     #[test]
@@ -979,7 +791,12 @@ mod tests {
     }
 
     fn root_fd(path: &Path) -> OwnedFd {
-        open_dir_handle(path).unwrap()
+        nix::fcntl::open(
+            path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap()
     }
 
     #[test]
