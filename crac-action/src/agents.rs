@@ -62,6 +62,7 @@ impl Deadline {
 }
 
 /// What one agent said.
+#[derive(Debug)]
 pub enum Outcome {
     /// It did what was asked.
     Done(Reply),
