@@ -1401,11 +1401,7 @@ fn env_hashes(pid: u32) -> BTreeMap<String, String> {
 
 /// How [`Metadata::env_sha256`] records a value.
 pub fn value_sha256(value: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(value.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hashing::value_sha256(value)
 }
 
 /// Waits for this image's turn to be restored (an exclusive lock on a hidden file in its

@@ -12,8 +12,8 @@
 //! report or an error that says what happened to the service (an image CRIU made is never
 //! discarded); [`locate`] finds a working CRIU (>= 4.2); [`store`] keeps the operator's images
 //! by name and files the images of interrupted checkpoints; [`metadata`] reads, writes and
-//! checks the `crac-meta.json` beside each image, with the SHA-256 of every image file and of
-//! the executable; [`archive`] exports an image to one file and imports it on another
+//! checks the `crac-meta.json` beside each image (schema, integrity, validation), with the
+//! SHA-256 of every image file and of the executable; [`hashing`] is SHA-256 for all of them; [`archive`] exports an image to one file and imports it on another
 //! machine; [`stats`] reads CRIU's own figures from an image.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
@@ -21,6 +21,7 @@
 pub mod archive;
 pub mod cpu;
 pub mod driver;
+pub mod hashing;
 pub mod lazy;
 pub mod locate;
 pub mod metadata;
