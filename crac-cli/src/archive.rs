@@ -67,9 +67,10 @@ use age::secrecy::ExposeSecret;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::why;
 use crate::hashing::{copy_hashed, digest, CheckedReader, CopyError};
 use crate::metadata::{self, Metadata, MetadataError, ValidateError, METADATA_FILE};
-use crate::store::{self, why, Staging, Store, StoreError};
+use crate::store::{self, Staging, Store, StoreError};
 
 /// The manifest's name: the archive's first entry.
 pub const MANIFEST_FILE: &str = "crac-archive.json";

@@ -191,7 +191,7 @@ pub enum MetadataError {
         dir: PathBuf,
     },
     /// The metadata file exists but could not be read.
-    #[error("cannot read {path} ({})", crate::store::why(.source))]
+    #[error("cannot read {path} ({})", crate::error::why(.source))]
     Unreadable {
         /// The metadata file.
         path: PathBuf,
@@ -411,7 +411,7 @@ impl fmt::Display for PathError {
             "cannot {} {} ({})",
             self.action,
             self.path.display(),
-            crate::store::why(&self.source)
+            crate::error::why(&self.source)
         )
     }
 }

@@ -138,7 +138,7 @@ impl fmt::Display for Problem {
             Problem::Unreadable { name, source } => write!(
                 f,
                 "cannot inspect image file {name} ({})",
-                crate::store::why(source)
+                crate::error::why(source)
             ),
             Problem::Corrupted { name } => write!(
                 f,
@@ -158,7 +158,7 @@ impl fmt::Display for Problem {
                 f,
                 "cannot read {} ({})",
                 path.display(),
-                crate::store::why(source)
+                crate::error::why(source)
             ),
         }
     }
