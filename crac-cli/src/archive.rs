@@ -66,10 +66,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use age::secrecy::ExposeSecret;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::error::why;
+use crate::hashing::{copy_hashed, digest, CheckedReader, CopyError};
 use crate::metadata::{self, Metadata, MetadataError, ValidateError, METADATA_FILE};
-use crate::store::{self, why, Staging, Store, StoreError};
+use crate::store::{self, Staging, Store, StoreError};
 
 /// The manifest's name: the archive's first entry.
 pub const MANIFEST_FILE: &str = "crac-archive.json";
@@ -607,7 +608,7 @@ fn export_dir(
         appended.map_err(write_error)?;
         // `take` stops at the recorded size; a shorter read or another digest means the
         // file changed since it was checksummed, and the entry just written is wrong.
-        if reader.count != entry.size || hex(reader.hasher.finalize()) != entry.sha256 {
+        if reader.count != entry.size || reader.sha256() != entry.sha256 {
             return Err(ArchiveError::Changed { path });
         }
         bytes_in += entry.size;
@@ -1063,44 +1064,6 @@ fn entry_header(size: u64, mtime: u64) -> tar::Header {
     header
 }
 
-/// Reads, counts and hashes; remembers a read error so it is not mistaken for a write error
-/// of the archive.
-struct CheckedReader<R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-    read_error: Option<io::Error>,
-}
-
-impl<R: Read> CheckedReader<R> {
-    fn new(inner: R) -> Self {
-        CheckedReader {
-            inner,
-            hasher: Sha256::new(),
-            count: 0,
-            read_error: None,
-        }
-    }
-}
-
-impl<R: Read> Read for CheckedReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                self.hasher.update(&buf[..n]);
-                self.count += n as u64;
-                Ok(n)
-            }
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => Err(err),
-            Err(err) => {
-                let copy = io::Error::new(err.kind(), err.to_string());
-                self.read_error = Some(err);
-                Err(copy)
-            }
-        }
-    }
-}
-
 /// The archive being written, under a temporary name beside its final one; removed unless
 /// persisted.
 struct TempOut {
@@ -1160,15 +1123,6 @@ impl Drop for TempOut {
             let _ = fs::remove_file(&self.temp);
         }
     }
-}
-
-/// Copies `from` to `to` and returns the size and SHA-256 (lowercase hex) of what was copied.
-pub(crate) fn digest(mut from: impl Read, to: &mut impl Write) -> io::Result<(u64, String)> {
-    copy_hashed(&mut from, to).map_err(|(CopyError::Read(err) | CopyError::Write(err))| err)
-}
-
-fn hex(bytes: impl AsRef<[u8]>) -> String {
-    bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How an import goes: the defaults of [`ImportOptions::default`] are those of [`import`].
@@ -1704,29 +1658,4 @@ fn metadata_reason(err: &MetadataError) -> String {
             metadata::FORMAT
         ),
     }
-}
-
-enum CopyError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-/// Copies `from` to `to` and returns the size and SHA-256 (lowercase hex) of what was copied,
-/// telling read errors (the archive's, on import) from write errors (the store's).
-fn copy_hashed(from: &mut impl Read, to: &mut impl Write) -> Result<(u64, String), CopyError> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0; 1 << 16];
-    let mut count = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(CopyError::Read(err)),
-        };
-        hasher.update(&buf[..n]);
-        to.write_all(&buf[..n]).map_err(CopyError::Write)?;
-        count += n as u64;
-    }
-    Ok((count, hex(hasher.finalize())))
 }

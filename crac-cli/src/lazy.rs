@@ -10,14 +10,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::driver::{FailureKind, OpError};
+use crate::criu::CriuCommand;
+use crate::error::{FailureKind, OpError};
 
 /// Where CRIU's page server listens, in its work folder (the image folder).
 const SOCKET: &str = "lazy-pages.socket";
@@ -44,15 +45,8 @@ impl PageServer {
         let socket = dir.join(SOCKET);
         // A socket left by an earlier lazy restore of this image would look like a live one.
         let _ = fs::remove_file(&socket);
-        let child = Command::new(criu)
-            .arg("lazy-pages")
-            .arg("-D")
-            .arg(dir)
-            .arg("-o")
-            .arg(LOG)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = CriuCommand::lazy_pages(criu, dir, LOG)
+            .command()
             .spawn()
             .map_err(|e| {
                 OpError::new(

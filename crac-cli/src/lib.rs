@@ -8,22 +8,42 @@
 //! the two share: finding a process tree's agents across namespaces and reading what the
 //! action script recorded in an image.
 //!
-//! The modules: [`driver`] runs `criu dump` and `criu restore` and turns their outcome into a
-//! report or an error that says what happened to the service (an image CRIU made is never
-//! discarded); [`locate`] finds a working CRIU (>= 4.2); [`store`] keeps the operator's images
-//! by name and files the images of interrupted checkpoints; [`metadata`] reads, writes and
-//! checks the `crac-meta.json` beside each image, with the SHA-256 of every image file and of
-//! the executable; [`archive`] exports an image to one file and imports it on another
-//! machine; [`stats`] reads CRIU's own figures from an image.
+//! # Anatomy of the crate
+//!
+//! - The two operations, each a pipeline of named steps: [`checkpoint`] (read the service,
+//!   prepare the destination, write the pending metadata, dump, hash, write the metadata, file;
+//!   an image CRIU made is never discarded) and [`restore`] (validate, build CRIU's command
+//!   line, run it, read the outcome).
+//! - Running CRIU: [`criu`] builds every CRIU command line crac runs ([`criu::CriuCommand`])
+//!   and says what running CRIU needs; [`locate`] finds a working CRIU (>= 4.2);
+//!   [`diagnosis`] turns CRIU's log into what went wrong and what to do; [`stats`] reads
+//!   CRIU's own figures from an image; [`lazy`] runs CRIU's page server for lazy restores.
+//! - Reporting: [`error`] is the operator's error type ([`error::OpError`], whose
+//!   [`error::FailureKind`] decides `crac`'s exit code); [`progress`] what an operation is
+//!   doing; [`units`] sizes as people read them.
+//! - Images: [`store`] keeps the operator's images by name and files the images of
+//!   interrupted checkpoints; [`metadata`] reads, writes and checks the `crac-meta.json` beside
+//!   each image (schema, integrity, validation); [`hashing`] is SHA-256, for all of them;
+//!   [`archive`] exports an image to one file and imports it on another machine; [`cpu`] the
+//!   CPU features a restore needs.
+//! - The service: [`process`] reads what a checkpoint needs of it from `/proc`.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
 pub mod archive;
+pub mod checkpoint;
 pub mod cpu;
-pub mod driver;
+pub mod criu;
+pub mod diagnosis;
+pub mod error;
+pub mod hashing;
 pub mod lazy;
 pub mod locate;
+mod lock;
 pub mod metadata;
+pub mod process;
+pub mod progress;
+pub mod restore;
 pub mod stats;
 pub mod store;
 pub mod units;

@@ -38,6 +38,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::error::why;
 use crate::metadata::{self, Metadata, MetadataError};
 
 /// Names the store's root folder, overriding the default.
@@ -238,15 +239,6 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-}
-
-/// The short text of an I/O error: `Permission denied` rather than
-/// `Permission denied (os error 13)`.
-pub(crate) fn why(err: &io::Error) -> String {
-    match err.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
-        None => err.to_string(),
-    }
 }
 
 /// One folder of the store, as [`Store::list`] found it.

@@ -1,4 +1,6 @@
-//! Sizes as people read them, in messages and tables.
+//! Sizes as people read them, in messages and tables; durations as crac records them.
+
+use std::time::Duration;
 
 /// `n` bytes: `100 B`, `512.0 KiB`, `3.0 GiB` (powers of 1024, one decimal).
 ///
@@ -19,4 +21,9 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// `d` in milliseconds, as the metadata's and the outcomes' timings record it.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

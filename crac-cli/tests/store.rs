@@ -1385,7 +1385,7 @@ fn known_hashes_follow_the_files_they_describe() {
     assert_ne!(changed, first);
     assert_eq!(
         changed,
-        metadata::sha256_of(File::open(&lib).expect("open")).expect("sha")
+        crac_cli::hashing::sha256_of(File::open(&lib).expect("open")).expect("sha")
     );
 
     // A file that is gone is forgotten.

@@ -1,10 +1,9 @@
 //! `crac check`: is checkpoint/restore possible here? One verdict line, then the details.
 
-use std::process::Command;
-
 use serde::Serialize;
 
-use crac_cli::driver::{self, OpError};
+use crac_cli::criu;
+use crac_cli::error::OpError;
 use crac_cli::locate;
 use crac_cli::store::Store;
 
@@ -73,7 +72,7 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
     }
 
     let is_root = nix::unistd::geteuid().is_root();
-    let privileges = driver::require_root("checkpoint");
+    let privileges = criu::require_root("checkpoint");
     let root = privileges.is_ok();
     checks.push(Check {
         name: "privileges",
@@ -97,7 +96,7 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
     }
 
     if let (Ok(criu), true) = (&criu, root) {
-        let output = Command::new(&criu.path).arg("check").output();
+        let output = criu::CriuCommand::check(&criu.path).command().output();
         let (ok, detail) = match output {
             Ok(output) => {
                 let text = format!(
@@ -140,7 +139,7 @@ pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         });
     }
 
-    match driver::action_script() {
+    match criu::action_script() {
         Ok(path) => checks.push(Check {
             name: "crac-action",
             ok: true,

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crac_cli::driver::{
-    self, CheckpointOutcome, CheckpointRequest, Destination, FailureKind, OpError,
-};
+use crac_cli::checkpoint::{CheckpointOutcome, CheckpointRequest, Destination};
+use crac_cli::criu;
+use crac_cli::error::{FailureKind, OpError};
 use crac_cli::metadata::DumpOptions;
 use crac_cli::store::Store;
 
@@ -38,7 +38,7 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
         "nothing was checkpointed",
     )?;
     // Before the store is touched: a user who is not root gets the reason, not a store error.
-    driver::require_root("checkpoint")?;
+    criu::require_root("checkpoint")?;
     if matches!(request.destination, Destination::Store { .. }) {
         crate::images::recover(store)?;
     }
@@ -52,7 +52,7 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     finish_when_interrupted();
     let bar = progress::Bar::new(args.json, Some(progress::resident(args.pid)));
     let update = |phase, written| bar.update(phase, written);
-    let outcome = driver::checkpoint(
+    let outcome = crac_cli::checkpoint::checkpoint(
         &request,
         &mut |warning| bar.note(&format!("crac: warning: {warning}")),
         bar.shown().then_some(&update as _),
@@ -68,7 +68,7 @@ pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
 
 /// `--dry-run`: hooks, preflight, rollback; what would stop a checkpoint.
 fn dry_run(args: &CheckpointArgs) -> Result<u8, OpError> {
-    driver::require_root("checkpoint --dry-run")?;
+    criu::require_root("checkpoint --dry-run")?;
     if crac_action::tree::state_of(args.pid).is_none() {
         return Err(OpError::new(
             FailureKind::BadInput,
@@ -173,7 +173,7 @@ fn request(store: &Store, args: &CheckpointArgs) -> Result<CheckpointRequest, Op
             extra_criu_args: args.criu_args.clone(),
             network_lock: args
                 .tcp_established
-                .then(|| driver::TCP_NETWORK_LOCK.to_owned()),
+                .then(|| criu::TCP_NETWORK_LOCK.to_owned()),
             lazy_restore: args.lazy_restore,
         },
         durable: args.sync,
@@ -304,8 +304,8 @@ fn print(outcome: &CheckpointOutcome, out: Out) {
 /// `--self`: the request checked out; start the worker in its own process group and return at
 /// once, so the worker is re-parented away from the process being dumped.
 fn detach_worker() -> Result<u8, OpError> {
-    driver::criu()?;
-    driver::action_script()?;
+    criu::find()?;
+    criu::action_script()?;
     let exe = std::env::current_exe().map_err(|e| {
         OpError::new(
             FailureKind::Unavailable,
@@ -374,7 +374,7 @@ fn self_worker(request: &CheckpointRequest) -> Result<u8, OpError> {
         ))
     } else {
         // The process's own stderr, which it may read: warnings go there too.
-        driver::checkpoint(
+        crac_cli::checkpoint::checkpoint(
             request,
             &mut |warning| crate::output::say(&format!("crac: warning: {warning}")),
             None,

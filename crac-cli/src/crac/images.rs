@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crac_cli::archive;
-use crac_cli::driver::{CheckpointOutcome, CheckpointRequest, Destination, FailureKind, OpError};
+use crac_cli::checkpoint::{CheckpointOutcome, CheckpointRequest, Destination};
+use crac_cli::error::{FailureKind, OpError};
 use crac_cli::metadata::{self, Metadata};
 use crac_cli::store::{self, Store, StoreError};
 

@@ -1,6 +1,6 @@
 //! `crac`: the operators' command. Each command lives in its own module; the work is done by
-//! the `crac_cli` library (driver, store, metadata, archive), this binary parses, prints
-//! and maps outcomes to exit codes.
+//! the `crac_cli` library (checkpoint, restore, store, metadata, archive), this binary parses,
+//! prints and maps outcomes to exit codes.
 
 mod check;
 mod checkpoint;
@@ -15,7 +15,7 @@ mod run;
 use std::process::ExitCode;
 
 use clap::Parser;
-use crac_cli::driver::{FailureKind, OpError};
+use crac_cli::error::{FailureKind, OpError};
 use crac_cli::store::Store;
 
 use crate::cli::{Cli, Command};

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crac_cli::driver::OpError;
+use crac_cli::error::OpError;
 
 /// Where a command's result goes.
 #[derive(Clone, Copy, Debug)]

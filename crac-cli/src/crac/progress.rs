@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crac_cli::driver::Phase;
+use crac_cli::progress::Phase;
 
 /// A progress line on stderr, or nothing.
 pub struct Bar(Option<ProgressBar>);

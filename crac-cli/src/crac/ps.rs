@@ -9,7 +9,8 @@ use serde::Serialize;
 use crac_action::agent_socket::{expected_socket, AgentSocket};
 use crac_action::agents::{ask, Deadline, Outcome};
 use crac_action::tree::ProcessId;
-use crac_cli::driver::{read_cmdline, FailureKind, OpError};
+use crac_cli::error::{FailureKind, OpError};
+use crac_cli::process::read_cmdline;
 use crac_protocol::client::ClientError;
 use crac_protocol::wire::Request;
 

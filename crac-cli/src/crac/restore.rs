@@ -1,7 +1,8 @@
 //! `crac restore`: validate first (metadata, complete images, architecture, CRIU, free PID),
 //! then restore with crac-action so the after_restore hooks run before this returns.
 
-use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
+use crac_cli::error::{FailureKind, OpError};
+use crac_cli::restore::RestoreRequest;
 use crac_cli::store::Store;
 
 use crate::cli::RestoreArgs;
@@ -26,10 +27,13 @@ pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     let mut notice = |notice: &str| bar.note(&format!("crac: {notice}"));
     let progress = bar.shown().then_some(&update as _);
     let (outcome, server) = if lazy(&dir, args.lazy, args.eager) {
-        let (outcome, server) = driver::restore_lazily(&request, &mut notice, progress)?;
+        let (outcome, server) = crac_cli::restore::restore_lazily(&request, &mut notice, progress)?;
         (outcome, Some(server))
     } else {
-        (driver::restore(&request, &mut notice, progress)?, None)
+        (
+            crac_cli::restore::restore(&request, &mut notice, progress)?,
+            None,
+        )
     };
     drop(bar);
     Out::new(args.json).print(&outcome, || {

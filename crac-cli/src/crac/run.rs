@@ -26,8 +26,9 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
-use crac_cli::driver::{self, FailureKind, OpError, RestoreRequest};
+use crac_cli::error::{FailureKind, OpError};
 use crac_cli::lazy::PageServer;
+use crac_cli::restore::RestoreRequest;
 use crac_cli::store::{Store, STORE_ENV};
 
 use crate::cli::RunArgs;
@@ -127,10 +128,13 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
     };
     let mut notice = |notice: &str| say(&format!("crac run: {notice}"));
     let (outcome, server) = if lazy {
-        let (outcome, server) = driver::restore_lazily(&request, &mut notice, None)?;
+        let (outcome, server) = crac_cli::restore::restore_lazily(&request, &mut notice, None)?;
         (outcome, Some(server))
     } else {
-        (driver::restore(&request, &mut notice, None)?, None)
+        (
+            crac_cli::restore::restore(&request, &mut notice, None)?,
+            None,
+        )
     };
     // Restored and running: starting cold now would make a second copy. Say what failed.
     for failure in &outcome.hook_failures {
@@ -153,7 +157,9 @@ fn changed_env(dir: &std::path::Path) -> BTreeMap<String, String> {
     }
     let changed: BTreeMap<String, String> = std::env::vars()
         .filter(|(name, _)| !name.starts_with("CRAC_"))
-        .filter(|(name, value)| meta.env_sha256.get(name) != Some(&driver::value_sha256(value)))
+        .filter(|(name, value)| {
+            meta.env_sha256.get(name) != Some(&crac_cli::hashing::value_sha256(value))
+        })
         .collect();
     if let Err(err) = crac_protocol::records::encode_restore_env(&changed) {
         eprintln!(

@@ -7,12 +7,13 @@ use std::fs;
 use std::io::Read;
 use std::net::{TcpListener, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
+
+use crac_cli::criu::CriuCommand;
 
 /// Runs the probe: whether it passed, and a line saying what was found.
 pub fn probe(criu: &Path) -> (bool, String) {
@@ -91,14 +92,10 @@ fn dump_a_socket_holder(criu: &Path, images: &Path) -> Result<(), String> {
     drop(ready_w);
     // The child closes its end once its sockets exist.
     let _ = fs::File::from(ready).read(&mut [0u8; 1]);
-    let output = Command::new(criu)
-        .args(["dump", "--leave-running", "-o", "dump.log", "-t"])
-        .arg(child.as_raw().to_string())
-        .arg("-D")
-        .arg(images)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    // A child's pid is positive.
+    let pid = child.as_raw().unsigned_abs();
+    let output = CriuCommand::probe_dump(criu, pid, images)
+        .command()
         .output();
     let _ = kill(Pid::from_raw(child.as_raw()), Signal::SIGKILL);
     let _ = waitpid(child, None);

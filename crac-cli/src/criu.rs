@@ -1,0 +1,476 @@
+//! CRIU's command lines, and what running CRIU needs.
+//!
+//! Every CRIU that crac runs is built here by [`CriuCommand`]: a checkpoint's `criu dump`, a
+//! restore's `criu restore` (and the one printed for an image that could not be filed), the
+//! page server's `criu lazy-pages`, and `crac check`'s `criu check` and probe dump. Each
+//! option is one line of its constructor, in the order CRIU is given them, so adding a flag is
+//! one line (FastFreeze's `criu.rs` is the model). Which CRIU runs is [`crate::locate`]'s
+//! business ([`find`]); the action script it runs is [`action_script`]; [`require_root`] says
+//! before CRIU does that it cannot run.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::error::{FailureKind, OpError};
+use crate::locate::{self, Criu};
+use crate::metadata::{DumpOptions, Metadata};
+use crac_action::settings::TIMEOUT_ENV;
+use crac_protocol::records::HOOK_REPORT_ENV;
+
+/// How `crac` has CRIU lock the TCP connections it dumps (`--network-lock`): nftables, not
+/// CRIU's default iptables. With iptables, a restore with `--tcp-close` never removes the
+/// rules that locked the connections at the dump (CRIU skips that unlock), and the peers'
+/// packets are dropped for good; the nftables lock is one table, which every restore deletes.
+/// It also needs no `iptables-restore` on the machine.
+pub const TCP_NETWORK_LOCK: &str = "nftables";
+
+/// Finds CRIU, as an [`OpError`].
+///
+/// # Errors
+///
+/// [`FailureKind::Unavailable`] with what was tried.
+pub fn find() -> Result<Criu, OpError> {
+    locate::locate().map_err(|e| OpError::new(FailureKind::Unavailable, e.to_string()))
+}
+
+/// The crac-action binary: `$CRAC_ACTION`, else beside this executable, else on `PATH`.
+///
+/// # Errors
+///
+/// [`FailureKind::Unavailable`] when none is found.
+pub fn action_script() -> Result<PathBuf, OpError> {
+    if let Some(path) = std::env::var_os(crac_protocol::env::ACTION).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("crac-action")));
+    if let Some(path) = beside.filter(|p| p.is_file()) {
+        return Ok(path);
+    }
+    locate::on_path("crac-action").ok_or_else(|| {
+            OpError::new(
+                FailureKind::Unavailable,
+                "crac-action not found beside crac nor on PATH: install it next to crac, or set CRAC_ACTION",
+            )
+        })
+}
+
+/// CRIU needs root (it ptraces the tree, reads its memory and recreates its resources): say so
+/// before CRIU fails with a bare exit code.
+///
+/// # Errors
+///
+/// [`FailureKind::Unavailable`] when the effective user is not root.
+pub fn require_root(what: &str) -> Result<(), OpError> {
+    if nix::unistd::geteuid().is_root() {
+        return require_criu_capability(what);
+    }
+    Err(OpError::new(
+        FailureKind::Unavailable,
+        format!(
+            "crac {what} needs root: CRIU stops the process tree, reads all its memory and recreates its resources, which only root may do; run it as root (sudo crac {what} ...)"
+        ),
+    ))
+}
+
+/// CRIU refuses to run without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, and says so on its
+/// standard output only. Root in a container without privileges has neither.
+fn require_criu_capability(what: &str) -> Result<(), OpError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_CHECKPOINT_RESTORE: u32 = 40;
+    let effective = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        });
+    let Some(effective) = effective else {
+        // Unknown: let CRIU decide.
+        return Ok(());
+    };
+    if effective & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0 {
+        return Ok(());
+    }
+    Err(OpError::new(
+        FailureKind::Unavailable,
+        format!(
+            "crac {what} runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs: run the container with --privileged (root in a container without privileges has neither), or give crac one of them"
+        ),
+    ))
+}
+
+/// Where CRIU gets this process's stdout (and stderr): descriptor numbers well above what
+/// CRIU opens before it reads its options.
+const INHERITED_STDIO_FD: RawFd = 200;
+
+/// A CRIU command line: the program, its arguments in the order CRIU gets them, the variables
+/// it adds to CRIU's environment (which crac-action, run by CRIU, inherits), and where CRIU's
+/// standard streams go. Made by one constructor per use; [`CriuCommand::command`] turns it into
+/// the [`Command`] to run, and its [`Display`](fmt::Display) is the command line as an operator
+/// would type it.
+#[derive(Debug)]
+#[must_use]
+pub struct CriuCommand {
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(&'static str, OsString)>,
+    streams: Streams,
+    own_process_group: bool,
+    /// Descriptors handed to CRIU under these numbers ([`CriuCommand::inherit_stdio`]).
+    inherited: Vec<(RawFd, OwnedFd)>,
+}
+
+/// Where a CRIU's standard streams go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Streams {
+    /// As [`Command::output`] leaves them: stdout and stderr read by the caller.
+    Captured,
+    /// No input, output thrown away, stderr read (into an error's details).
+    ErrorsOnly,
+    /// None at all: the page server writes its log.
+    Detached,
+}
+
+impl CriuCommand {
+    fn new(criu: &Path, verb: &str, streams: Streams) -> CriuCommand {
+        CriuCommand {
+            program: criu.to_owned(),
+            args: vec![verb.into()],
+            env: Vec::new(),
+            streams,
+            own_process_group: false,
+            inherited: Vec::new(),
+        }
+    }
+
+    fn arg(mut self, arg: impl Into<OsString>) -> CriuCommand {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// `flag` when `on`.
+    fn flag(self, on: bool, flag: &str) -> CriuCommand {
+        if on {
+            self.arg(flag)
+        } else {
+            self
+        }
+    }
+
+    /// `name VALUE` when there is a value.
+    fn option(self, name: &str, value: Option<&str>) -> CriuCommand {
+        match value {
+            Some(value) => self.arg(name).arg(value),
+            None => self,
+        }
+    }
+
+    pub(crate) fn env(mut self, name: &'static str, value: impl Into<OsString>) -> CriuCommand {
+        self.env.push((name, value.into()));
+        self
+    }
+
+    /// `criu dump` of a checkpoint: the tree of `pid` into `images`, with crac-action as the
+    /// action script (told the hooks' time limit and where to leave its `report`), and the
+    /// operator's `options`.
+    pub fn dump(
+        criu: &Path,
+        pid: u32,
+        images: &Path,
+        action: &Path,
+        report: &Path,
+        options: &DumpOptions,
+    ) -> CriuCommand {
+        let mut cmd = CriuCommand::new(criu, "dump", Streams::ErrorsOnly)
+            .arg("-t")
+            .arg(pid.to_string())
+            .arg("-D")
+            .arg(images)
+            .arg("-o")
+            .arg("dump.log")
+            .arg("--action-script")
+            .arg(action)
+            .env(TIMEOUT_ENV, options.timeout_secs.to_string())
+            .env(HOOK_REPORT_ENV, report)
+            .flag(options.leave_running, "--leave-running")
+            .flag(options.tcp_established, "--tcp-established")
+            .option("--network-lock", options.network_lock.as_deref())
+            // A service keeps its listener: a client that connects during the dump waits in
+            // the listener's queue, which CRIU cannot dump ("In-flight connection"). Leave it
+            // out of the image: after --leave-running the process serves it; a restored copy
+            // never had it.
+            .arg("--skip-in-flight")
+            .flag(options.file_locks, "--file-locks");
+        cmd.args
+            .extend(options.extra_criu_args.iter().map(OsString::from));
+        // A Ctrl-C at the terminal goes to the whole foreground process group: CRIU killed
+        // half-way would leave the service half-dumped. crac, which gets the signal, lets the
+        // dump end (see `crac checkpoint`).
+        cmd.own_process_group = true;
+        cmd
+    }
+
+    /// `criu restore` of the image in `dir`, writing the restored root's pid to `pidfile`, with
+    /// crac-action as the action script; detached (`-d`) or staying the tree's parent. The
+    /// options the image was dumped with follow ([`CriuCommand::dumped_with`]).
+    pub fn restore(
+        criu: &Path,
+        dir: &Path,
+        pidfile: &Path,
+        action: &Path,
+        detach: bool,
+    ) -> CriuCommand {
+        CriuCommand::new(criu, "restore", Streams::ErrorsOnly)
+            .arg("-D")
+            .arg(dir)
+            .arg("-o")
+            .arg("restore.log")
+            .arg("--pidfile")
+            .arg(pidfile)
+            .arg("--action-script")
+            .arg(action)
+            .flag(detach, "-d")
+    }
+
+    /// The `criu restore` an operator runs for a dumped image crac could not finish: detached,
+    /// with crac-action as the action script and the options it was dumped with.
+    pub fn restore_by_hand(
+        criu: &Path,
+        dir: &Path,
+        action: &Path,
+        options: &DumpOptions,
+    ) -> CriuCommand {
+        CriuCommand::new(criu, "restore", Streams::ErrorsOnly)
+            .arg("-D")
+            .arg(dir)
+            .arg("-d")
+            .arg("--action-script")
+            .arg(action)
+            .dumped_with(options, false)
+    }
+
+    /// What a restore repeats of the options an image was dumped with: TCP connections
+    /// (restored, or closed with `tcp_close`), how they were locked, file locks.
+    pub fn dumped_with(self, options: &DumpOptions, tcp_close: bool) -> CriuCommand {
+        self.flag(tcp_close, "--tcp-close")
+            .flag(!tcp_close && options.tcp_established, "--tcp-established")
+            .option("--network-lock", options.network_lock.as_deref())
+            .flag(options.file_locks, "--file-locks")
+    }
+
+    /// A lazy restore: memory comes from the page server ([`CriuCommand::lazy_pages`]).
+    pub fn lazy(self) -> CriuCommand {
+        self.arg("--lazy-pages")
+    }
+
+    /// `criu lazy-pages`, the page server of a lazy restore of the image in `dir`, logging to
+    /// `log` there.
+    pub fn lazy_pages(criu: &Path, dir: &Path, log: &str) -> CriuCommand {
+        CriuCommand::new(criu, "lazy-pages", Streams::Detached)
+            .arg("-D")
+            .arg(dir)
+            .arg("-o")
+            .arg(log)
+    }
+
+    /// `criu check`, whose output the caller reads.
+    pub fn check(criu: &Path) -> CriuCommand {
+        CriuCommand::new(criu, "check", Streams::Captured)
+    }
+
+    /// `crac check`'s probe: a `criu dump --leave-running` of `pid` into `images`, without an
+    /// action script.
+    pub fn probe_dump(criu: &Path, pid: u32, images: &Path) -> CriuCommand {
+        CriuCommand::new(criu, "dump", Streams::ErrorsOnly)
+            .arg("--leave-running")
+            .arg("-o")
+            .arg("dump.log")
+            .arg("-t")
+            .arg(pid.to_string())
+            .arg("-D")
+            .arg(images)
+    }
+
+    /// Makes this `criu restore` hand the restored tree this process's stdout and stderr in
+    /// place of the pipes the image's root had there: each is passed to CRIU under a number
+    /// of its own, named by `--inherit-fd fd[N]:pipe:[INODE]`.
+    ///
+    /// # Errors
+    ///
+    /// [`FailureKind::Unavailable`] when a descriptor cannot be copied.
+    pub fn inherit_stdio(mut self, meta: &Metadata) -> Result<CriuCommand, OpError> {
+        let mut keys = BTreeSet::new();
+        for (&fd, key) in &meta.stdio_pipes {
+            // The same pipe as stdout and stderr (`2>&1`) is one file to CRIU.
+            if !keys.insert(key) {
+                continue;
+            }
+            let Ok(own) = RawFd::try_from(fd) else {
+                continue;
+            };
+            // The copy is numbered above the numbers CRIU gets them under, so that putting one
+            // in place never closes another.
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) only reads `own` (stdout or stderr, open for this
+            // process's life) and returns a new descriptor, which the OwnedFd then owns alone.
+            let copy = unsafe {
+                let copy = libc::fcntl(own, libc::F_DUPFD_CLOEXEC, INHERITED_STDIO_FD + 16);
+                if copy == -1 {
+                    return Err(OpError::new(
+                        FailureKind::Unavailable,
+                        format!(
+                            "cannot pass descriptor {fd} on to CRIU: {}",
+                            std::io::Error::last_os_error()
+                        ),
+                    ));
+                }
+                OwnedFd::from_raw_fd(copy)
+            };
+            let number = INHERITED_STDIO_FD + own;
+            self = self.arg("--inherit-fd").arg(format!("fd[{number}]:{key}"));
+            self.inherited.push((number, copy));
+        }
+        Ok(self)
+    }
+
+    /// The [`Command`] that runs this CRIU.
+    pub fn command(self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        for (name, value) in &self.env {
+            cmd.env(name, value);
+        }
+        match self.streams {
+            Streams::Captured => {}
+            Streams::ErrorsOnly => {
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+            }
+            Streams::Detached => {
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+            }
+        }
+        if self.own_process_group {
+            cmd.process_group(0);
+        }
+        let passed = self.inherited;
+        if !passed.is_empty() {
+            // SAFETY: dup2 is async-signal-safe; the copies (close-on-exec, so CRIU gets only
+            // the duplicates dup2 makes) live in the closure until the child has exec'd.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (number, copy) in &passed {
+                        if libc::dup2(copy.as_raw_fd(), *number) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd
+    }
+}
+
+impl fmt::Display for CriuCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.program.display())?;
+        for arg in &self.args {
+            write!(f, " {}", arg.to_string_lossy())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> DumpOptions {
+        DumpOptions {
+            leave_running: true,
+            tcp_established: true,
+            file_locks: true,
+            timeout_secs: 30.0,
+            extra_criu_args: vec!["--shell-job".to_owned()],
+            network_lock: Some(TCP_NETWORK_LOCK.to_owned()),
+            lazy_restore: false,
+        }
+    }
+
+    /// The command lines as crac gave them to CRIU before they had a builder: same arguments,
+    /// same order.
+    #[test]
+    fn each_command_line_keeps_its_arguments_in_order() {
+        let (criu, dir, action) = (Path::new("/c"), Path::new("/i"), Path::new("/a"));
+        let report = Path::new("/i/.crac-hooks.json");
+        assert_eq!(
+            CriuCommand::dump(criu, 7, dir, action, report, &options()).to_string(),
+            "/c dump -t 7 -D /i -o dump.log --action-script /a --leave-running \
+             --tcp-established --network-lock nftables --skip-in-flight --file-locks --shell-job"
+        );
+        assert_eq!(
+            CriuCommand::dump(criu, 7, dir, action, report, &DumpOptions::default()).to_string(),
+            "/c dump -t 7 -D /i -o dump.log --action-script /a --skip-in-flight"
+        );
+        let pidfile = Path::new("/t/restored.pid");
+        assert_eq!(
+            CriuCommand::restore(criu, dir, pidfile, action, true)
+                .dumped_with(&options(), false)
+                .lazy()
+                .to_string(),
+            "/c restore -D /i -o restore.log --pidfile /t/restored.pid --action-script /a -d \
+             --tcp-established --network-lock nftables --file-locks --lazy-pages"
+        );
+        assert_eq!(
+            CriuCommand::restore(criu, dir, pidfile, action, false)
+                .dumped_with(&options(), true)
+                .to_string(),
+            "/c restore -D /i -o restore.log --pidfile /t/restored.pid --action-script /a \
+             --tcp-close --network-lock nftables --file-locks"
+        );
+        assert_eq!(
+            CriuCommand::restore_by_hand(criu, dir, action, &options()).to_string(),
+            "/c restore -D /i -d --action-script /a --tcp-established --network-lock nftables \
+             --file-locks"
+        );
+        assert_eq!(
+            CriuCommand::lazy_pages(criu, dir, "lazy-pages.log").to_string(),
+            "/c lazy-pages -D /i -o lazy-pages.log"
+        );
+        assert_eq!(CriuCommand::check(criu).to_string(), "/c check");
+        assert_eq!(
+            CriuCommand::probe_dump(criu, 9, dir).to_string(),
+            "/c dump --leave-running -o dump.log -t 9 -D /i"
+        );
+    }
+
+    #[test]
+    fn the_dump_tells_crac_action_its_time_limit_and_where_to_report() {
+        let cmd = CriuCommand::dump(
+            Path::new("/c"),
+            7,
+            Path::new("/i"),
+            Path::new("/a"),
+            Path::new("/i/.crac-hooks.json"),
+            &options(),
+        );
+        assert_eq!(
+            cmd.env,
+            [
+                (TIMEOUT_ENV, OsString::from("30")),
+                (HOOK_REPORT_ENV, OsString::from("/i/.crac-hooks.json"))
+            ]
+        );
+        assert!(cmd.own_process_group);
+    }
+}

@@ -1,0 +1,132 @@
+//! What crac reads about a process it is about to checkpoint, from `/proc`: its command line,
+//! session, standard streams, environment and mapped files.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+
+/// The regular files the processes `pids` (the dumped tree) have mapped besides the root's
+/// `executable` (shared libraries, locale files, a child's own executable), each once, each
+/// opened through `/proc/PID/map_files`, which is the mapped file itself even if its path was
+/// replaced since. A deleted file, or one that cannot be opened, is left out: it cannot be
+/// checked at a restore either.
+pub(crate) fn open_mapped_files(pids: &[u32], executable: &str) -> Vec<(String, fs::File)> {
+    let mut seen = BTreeSet::new();
+    let mut files = Vec::new();
+    for &pid in pids {
+        open_mapped_files_of(pid, executable, &mut seen, &mut files);
+    }
+    files
+}
+
+/// [`open_mapped_files`] for one process, skipping the paths in `seen`.
+fn open_mapped_files_of(
+    pid: u32,
+    executable: &str,
+    seen: &mut BTreeSet<String>,
+    files: &mut Vec<(String, fs::File)>,
+) {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return;
+    };
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut fields = line.splitn(6, char::is_whitespace);
+        let Some(range) = fields.next() else { continue };
+        let Some(path) = fields.nth(4).map(str::trim_start) else {
+            continue;
+        };
+        if !path.starts_with('/')
+            || path.ends_with(" (deleted)")
+            || path == executable
+            || !seen.insert(path.to_owned())
+        {
+            continue;
+        }
+        if let Ok(file) = fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
+            files.push((path.to_owned(), file));
+        }
+    }
+}
+
+/// A service whose stdout or stderr is a file opened without `O_APPEND` (`> file` rather than
+/// `>> file`) makes a single-use image: CRIU records the file's size and offset, and refuses
+/// to restore once the file has grown ("has bad size"), which it does as soon as the service,
+/// or its restored copy, writes a line. Said before the dump, with the fix.
+pub(crate) fn stdio_warnings(pid: u32) -> Vec<String> {
+    const O_ACCMODE: u32 = 0o3;
+    let mut warnings = Vec::new();
+    for (fd, name) in [(1, "stdout"), (2, "stderr")] {
+        let link = format!("/proc/{pid}/fd/{fd}");
+        let Ok(target) = fs::read_link(&link) else {
+            continue;
+        };
+        if !fs::metadata(&link).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let flags = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            });
+        let Some(flags) = flags else { continue };
+        let writes = flags & O_ACCMODE != 0;
+        if writes && flags & libc::O_APPEND as u32 == 0 {
+            warnings.push(format!(
+                "pid {pid}'s {name} is the file {} opened without O_APPEND (`>` rather than `>>`): once that file grows, CRIU refuses to restore this image (\"has bad size\"); start the service with `>> {}` (or open the file with O_APPEND)",
+                target.display(),
+                target.display()
+            ));
+        }
+    }
+    warnings
+}
+
+/// `pid`'s stdout and stderr that are pipes ([`Metadata::stdio_pipes`](crate::metadata::Metadata::stdio_pipes)).
+pub(crate) fn stdio_pipes(pid: u32) -> BTreeMap<u32, String> {
+    [1, 2]
+        .into_iter()
+        .filter_map(|fd| {
+            let target = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            let target = target.to_str()?;
+            target
+                .starts_with("pipe:[")
+                .then(|| (fd, target.to_owned()))
+        })
+        .collect()
+}
+
+/// The session id of `pid`, as this process's pid namespace sees it (`/proc/PID/stat`).
+pub(crate) fn session_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold spaces and parentheses: state, ppid, pgrp, session.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The command line of `pid`, split into arguments.
+pub fn read_cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The SHA-256 of each environment variable `pid` started with, by name (see
+/// [`Metadata::env_sha256`](crate::metadata::Metadata::env_sha256)).
+pub(crate) fn env_hashes(pid: u32) -> BTreeMap<String, String> {
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    environ
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (name, value) = kv.split_once('=')?;
+            Some((name.to_owned(), crate::hashing::value_sha256(value)))
+        })
+        .collect()
+}
