@@ -25,7 +25,7 @@ struct Check {
     detail: String,
 }
 
-pub fn run(store: &Store, out: Out) -> Result<u8, OpError> {
+pub(crate) fn run(store: &Store, out: Out) -> Result<u8, OpError> {
     let mut checks = Vec::new();
     let mut fixes = Vec::new();
 

@@ -24,7 +24,7 @@ use crate::cli::CheckpointArgs;
 use crate::output::{bytes, millis, Out};
 use crate::progress;
 
-pub fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
+pub(crate) fn run(store: &Store, args: CheckpointArgs) -> Result<u8, OpError> {
     if args.dry_run {
         return dry_run(&args);
     }

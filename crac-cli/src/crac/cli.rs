@@ -17,7 +17,7 @@ timed out (named). `crac run` returns the service's own exit status.";
 /// Checkpoint and restore Rust services with CRIU, coordinating their hooks.
 #[derive(Debug, Parser)]
 #[command(name = "crac", version, after_help = EXIT_CODES)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// The image store (default: $CRAC_STORE; as root /var/lib/crac/images, otherwise
     /// ~/.local/share/crac/images).
     #[arg(long, global = true, value_name = "DIR")]
@@ -30,7 +30,7 @@ pub struct Cli {
 
 /// The commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Tell whether checkpoint/restore is possible here, and if not, why and how to fix it.
     #[command(
         name = "check",
@@ -74,7 +74,7 @@ pub enum Command {
 
 /// `--json`.
 #[derive(Debug, Args)]
-pub struct JsonFlag {
+pub(crate) struct JsonFlag {
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -82,7 +82,7 @@ pub struct JsonFlag {
 
 /// `crac checkpoint`.
 #[derive(Debug, Args)]
-pub struct CheckpointArgs {
+pub(crate) struct CheckpointArgs {
     /// The process to checkpoint (the root of the tree that is dumped).
     pub pid: u32,
     /// The image's name in the store (default: the process's executable name).
@@ -147,14 +147,14 @@ pub struct CheckpointArgs {
 
 impl RunArgs {
     /// `--log -`: the service writes to crac run's own stdout and stderr.
-    pub fn output_passed_on(&self) -> bool {
+    pub(crate) fn output_passed_on(&self) -> bool {
         self.log.as_deref() == Some(std::path::Path::new("-"))
     }
 }
 
 /// `crac restore`.
 #[derive(Debug, Args)]
-pub struct RestoreArgs {
+pub(crate) struct RestoreArgs {
     /// An image name in the store, or an image folder (a path with a `/`).
     pub image: String,
     /// Return once the process runs (CRIU's -d) instead of waiting for it to exit.
@@ -204,7 +204,7 @@ fn parse_setting(text: &str) -> Result<(String, String), String> {
 
 /// `crac images ...`.
 #[derive(Debug, Subcommand)]
-pub enum ImagesCommand {
+pub(crate) enum ImagesCommand {
     /// The images in the store, oldest first.
     #[command(name = "list", after_help = "Example:\n  crac images list --json")]
     List(JsonFlag),
@@ -254,7 +254,7 @@ pub enum ImagesCommand {
 
 /// `crac images show` and `crac images verify`.
 #[derive(Debug, Args)]
-pub struct ShowArgs {
+pub(crate) struct ShowArgs {
     /// The image.
     pub name: String,
     /// Print one JSON document instead of text.
@@ -264,7 +264,7 @@ pub struct ShowArgs {
 
 /// `crac images rm`.
 #[derive(Debug, Args)]
-pub struct RmArgs {
+pub(crate) struct RmArgs {
     /// The images to remove.
     #[arg(required = true)]
     pub names: Vec<String>,
@@ -272,7 +272,7 @@ pub struct RmArgs {
 
 /// `crac images prune`.
 #[derive(Debug, Args)]
-pub struct PruneArgs {
+pub(crate) struct PruneArgs {
     /// Keep this many of the newest images.
     #[arg(long, value_name = "N")]
     pub keep: Option<usize>,
@@ -283,7 +283,7 @@ pub struct PruneArgs {
 
 /// `crac images export`.
 #[derive(Debug, Args)]
-pub struct ExportArgs {
+pub(crate) struct ExportArgs {
     /// The image.
     pub name: String,
     /// The archive to write.
@@ -302,7 +302,7 @@ pub struct ExportArgs {
 
 /// `crac images import`.
 #[derive(Debug, Args)]
-pub struct ImportArgs {
+pub(crate) struct ImportArgs {
     /// The archive to read.
     pub file: PathBuf,
     /// The name to give the image (default: its name in the archive).
@@ -322,7 +322,7 @@ pub struct ImportArgs {
 
 /// `crac images keygen`.
 #[derive(Debug, Args)]
-pub struct KeygenArgs {
+pub(crate) struct KeygenArgs {
     /// Where to write the identity; the file must not exist (mode 0600).
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: PathBuf,
@@ -330,7 +330,7 @@ pub struct KeygenArgs {
 
 /// `crac status`.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The process.
     pub pid: u32,
     /// Also list the process's descriptors, as its agent sees them (number, kind, path or
@@ -344,7 +344,7 @@ pub struct StatusArgs {
 
 /// `crac run`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The image to restore from.
     #[arg(long)]
     pub image: String,

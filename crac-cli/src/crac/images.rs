@@ -15,7 +15,7 @@ use crate::cli::{ExportArgs, ImagesCommand, ImportArgs};
 use crate::output::{bytes, field, millis, say, Out};
 
 /// An image name or folder, as an image folder.
-pub fn resolve(store: &Store, image: &str) -> Result<PathBuf, OpError> {
+pub(crate) fn resolve(store: &Store, image: &str) -> Result<PathBuf, OpError> {
     store.resolve(image).map_err(store_error)
 }
 
@@ -29,7 +29,7 @@ fn store_error(err: StoreError) -> OpError {
 }
 
 /// Runs an images command; returns whether it printed JSON, and the outcome.
-pub fn run(store: &Store, command: ImagesCommand) -> (bool, Result<u8, OpError>) {
+pub(crate) fn run(store: &Store, command: ImagesCommand) -> (bool, Result<u8, OpError>) {
     match command {
         ImagesCommand::List(args) => (args.json, list(store, Out::new(args.json))),
         ImagesCommand::Show(args) => (args.json, show(store, &args.name, Out::new(args.json))),
@@ -258,7 +258,7 @@ fn verify(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
 
 /// Files the complete images of interrupted checkpoints and removes what other interrupted
 /// writes left, saying so on stderr (stdout stays the command's own).
-pub fn recover(store: &Store) -> Result<(), OpError> {
+pub(crate) fn recover(store: &Store) -> Result<(), OpError> {
     let recovery = store.recover().map_err(store_error)?;
     for image in &recovery.recovered {
         say(&format!(
@@ -454,7 +454,7 @@ fn keygen(output: &std::path::Path) -> Result<u8, OpError> {
 
 /// The recipients of `--encrypt-to` and `--recipients-file`, or None when neither was given;
 /// `nothing` ends an error's message (what was not done).
-pub fn recipients(
+pub(crate) fn recipients(
     encrypt_to: &[String],
     files: &[PathBuf],
     nothing: &str,
@@ -477,7 +477,7 @@ pub fn recipients(
 /// A checkpoint kept encrypted at rest (`crac checkpoint --encrypt-to`): CRIU dumps into a
 /// private folder on a tmpfs, and [`Sealing::seal`] files only the encrypted image in the
 /// store.
-pub struct Sealing {
+pub(crate) struct Sealing {
     recipients: archive::Recipients,
     plain: crac_fs::TempDir,
     store: Store,
@@ -488,7 +488,7 @@ pub struct Sealing {
 
 impl Sealing {
     /// Redirects `request`, a checkpoint into the store, into a private tmpfs folder.
-    pub fn prepare(
+    pub(crate) fn prepare(
         request: &mut CheckpointRequest,
         recipients: archive::Recipients,
     ) -> Result<Sealing, OpError> {
@@ -526,7 +526,7 @@ impl Sealing {
     /// Files the dumped image in the store, encrypted, and removes its plaintext. If that
     /// fails, the plaintext image is kept where CRIU wrote it (it may be the only copy of a
     /// service CRIU stopped), and the error says where.
-    pub fn seal(self, mut outcome: CheckpointOutcome) -> Result<CheckpointOutcome, OpError> {
+    pub(crate) fn seal(self, mut outcome: CheckpointOutcome) -> Result<CheckpointOutcome, OpError> {
         match archive::seal(
             &self.store,
             &self.name,
@@ -565,7 +565,7 @@ impl Sealing {
 /// The plaintext folder of the image in `dir`: `dir` itself, or for an image kept encrypted,
 /// a private tmpfs folder it is decrypted into with the identity in `identity` (returned too:
 /// dropping it removes the plaintext).
-pub fn unsealed(
+pub(crate) fn unsealed(
     dir: &Path,
     identity: Option<&Path>,
 ) -> Result<(PathBuf, Option<crac_fs::TempDir>), OpError> {

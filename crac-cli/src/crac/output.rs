@@ -18,17 +18,17 @@ use crac_cli::error::OpError;
 
 /// Where a command's result goes.
 #[derive(Clone, Copy, Debug)]
-pub struct Out {
+pub(crate) struct Out {
     json: bool,
 }
 
 impl Out {
-    pub fn new(json: bool) -> Out {
+    pub(crate) fn new(json: bool) -> Out {
         Out { json }
     }
 
     /// Prints `value` as JSON in --json mode, or the text `text` makes otherwise.
-    pub fn print<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
+    pub(crate) fn print<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
         if self.json {
             println!(
                 "{}",
@@ -45,7 +45,7 @@ impl Out {
 
 /// An error: always on stderr as text, safe for a terminal; with --json also as a JSON document
 /// on stdout, so a script that parses stdout sees it.
-pub fn print_error(err: &OpError, json: bool) {
+pub(crate) fn print_error(err: &OpError, json: bool) {
     // One line each, as they are meant to be: a newline in what they quote (a command line,
     // an agent's error) cannot start a line of its own.
     eprintln!("crac: {}", field(&err.message));
@@ -71,10 +71,10 @@ pub fn print_error(err: &OpError, json: bool) {
     }
 }
 
-pub use crac_cli::units::bytes;
+pub(crate) use crac_cli::units::bytes;
 
 /// "84.2 ms".
-pub fn millis(ms: f64) -> String {
+pub(crate) fn millis(ms: f64) -> String {
     if ms >= 1000.0 {
         format!("{:.2} s", ms / 1000.0)
     } else {
@@ -84,7 +84,7 @@ pub fn millis(ms: f64) -> String {
 
 /// A line on stderr (a notice, a warning) that may quote what crac does not control, made safe
 /// for a terminal ([`safe`]).
-pub fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     eprintln!("{}", safe(line));
 }
 
@@ -99,14 +99,14 @@ fn is_terminal_control(c: char) -> bool {
 /// newline and tab is shown escaped (`\x1b` for ESC, `\u{9b}` for the C1 CSI, `\r`), so an
 /// escape sequence is shown, not obeyed. For whole outputs; a value within a line is
 /// [`field`].
-pub fn safe(text: &str) -> Cow<'_, str> {
+pub(crate) fn safe(text: &str) -> Cow<'_, str> {
     escape(text, |c| c != '\n' && c != '\t')
 }
 
 /// A value that must stay within its line (a name, a state, an error in a table): as [`safe`],
 /// and newlines and tabs escaped too (`\n`, `\t`), so that it cannot start a line of its own
 /// that would look like crac's.
-pub fn field(text: &str) -> Cow<'_, str> {
+pub(crate) fn field(text: &str) -> Cow<'_, str> {
     escape(text, |_| true)
 }
 

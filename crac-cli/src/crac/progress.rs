@@ -9,13 +9,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crac_cli::progress::Phase;
 
 /// A progress line on stderr, or nothing.
-pub struct Bar(Option<ProgressBar>);
+pub(crate) struct Bar(Option<ProgressBar>);
 
 impl Bar {
     /// A progress line, when stderr is a terminal and the output is not JSON; with bytes
     /// written against `resident` (the service's resident memory, which the image roughly
     /// matches) if given.
-    pub fn new(json: bool, resident: Option<u64>) -> Bar {
+    pub(crate) fn new(json: bool, resident: Option<u64>) -> Bar {
         if json || !std::io::stderr().is_terminal() {
             return Bar(None);
         }
@@ -33,7 +33,7 @@ impl Bar {
     }
 
     /// Shows `phase`, and `written` bytes of image during the dump.
-    pub fn update(&self, phase: Phase, written: u64) {
+    pub(crate) fn update(&self, phase: Phase, written: u64) {
         let Some(bar) = &self.0 else { return };
         bar.set_message(match phase {
             Phase::Hooks => "running before_checkpoint hooks",
@@ -49,7 +49,7 @@ impl Bar {
 
     /// Prints `line` on stderr above the progress line, made safe for a terminal (it may
     /// quote an image's metadata: [`crate::output::safe`]).
-    pub fn note(&self, line: &str) {
+    pub(crate) fn note(&self, line: &str) {
         match &self.0 {
             Some(bar) => bar.suspend(|| crate::output::say(line)),
             None => crate::output::say(line),
@@ -57,7 +57,7 @@ impl Bar {
     }
 
     /// Whether a line is shown.
-    pub fn shown(&self) -> bool {
+    pub(crate) fn shown(&self) -> bool {
         self.0.is_some()
     }
 }
@@ -71,7 +71,7 @@ impl Drop for Bar {
 }
 
 /// The resident memory of `pid` in bytes (`VmRSS`), 0 if unknown.
-pub fn resident(pid: u32) -> u64 {
+pub(crate) fn resident(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {

@@ -174,7 +174,7 @@ fn stale_rows() -> Vec<Row> {
         .collect()
 }
 
-pub fn ps(out: Out) -> Result<u8, OpError> {
+pub(crate) fn ps(out: Out) -> Result<u8, OpError> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .map(|entries| {
             entries
@@ -243,7 +243,7 @@ pub fn ps(out: Out) -> Result<u8, OpError> {
     Ok(0)
 }
 
-pub fn status(pid: u32, descriptors: bool, out: Out) -> Result<u8, OpError> {
+pub(crate) fn status(pid: u32, descriptors: bool, out: Out) -> Result<u8, OpError> {
     if ProcessId::of(pid).is_none() {
         return Err(OpError::new(
             FailureKind::BadInput,

@@ -9,7 +9,7 @@ use crate::cli::RestoreArgs;
 use crate::output::{field, millis, say, Out};
 use crate::progress;
 
-pub fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
+pub(crate) fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
     let shown = crate::images::resolve(store, &args.image)?;
     // An image kept encrypted is restored from its plaintext on a private tmpfs, removed (as
     // `_plain` is dropped) once this restore is done.

@@ -39,7 +39,7 @@ const CHECKPOINT_TO_ENV: &str = crac_protocol::env::CHECKPOINT_TO;
 /// Names the crac binary for the service's self-checkpoint.
 const CRAC_BIN_ENV: &str = crac_protocol::env::BIN;
 
-pub fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
+pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
     let started = Instant::now();
     Store::validate_name(&args.image)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;

@@ -16,7 +16,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crac_cli::criu::CriuCommand;
 
 /// Runs the probe: whether it passed, and a line saying what was found.
-pub fn probe(criu: &Path) -> (bool, String) {
+pub(super) fn probe(criu: &Path) -> (bool, String) {
     // The dump holds this process's memory and environment: a private folder with a name
     // nobody can guess or make first (a predictable one let another user redirect root's CRIU
     // through their links, and read the dump).
