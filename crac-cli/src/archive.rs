@@ -55,9 +55,8 @@
 //! removed on any error, and commits it only once every file matched its digest and the image
 //! passed [`metadata::validate`].
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufRead, Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -1075,26 +1074,7 @@ struct TempOut {
 
 impl TempOut {
     fn create(target: &Path) -> io::Result<TempOut> {
-        let file_name = target.file_name().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "the path does not name a file")
-        })?;
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(file_name);
-        temp_name.push(format!(".tmp-{}-{nanos}", std::process::id()));
-        let temp = parent.join(temp_name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
+        let (file, temp) = crac_fs::create_temp_beside(target)?;
         Ok(TempOut {
             file,
             temp,

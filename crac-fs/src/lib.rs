@@ -31,7 +31,6 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
-use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -187,6 +186,16 @@ fn open_made_dir(path: &Path) -> io::Result<File> {
     }
 }
 
+/// Makes the folder `path` (its parent must exist) and opens it, with mode `mode` set on the
+/// open folder: neither the umask nor a link swapped in after `mkdir` changes what gets it.
+fn make_dir(path: &Path, mode: u32) -> io::Result<File> {
+    nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
+        .map_err(io::Error::from)?;
+    let dir = open_made_dir(path)?;
+    dir.set_permissions(fs::Permissions::from_mode(mode))?;
+    Ok(dir)
+}
+
 /// Checks that the open folder (or file) `file` at `path` is the caller's own and private,
 /// tightening the mode of one that is the caller's but readable by others (made by an older
 /// crac, or by hand).
@@ -204,21 +213,27 @@ fn check_own(file: &File, path: &Path, private_mode: u32) -> io::Result<()> {
             ),
         ));
     }
-    if others_can_write(&meta) {
-        return Err(untrusted(
-            path,
-            format!(
-                "other users may write to it (mode {:o}), so anything in it may have been \
-                 planted; check it, then chmod {:o} it",
-                meta.mode() & 0o7777,
-                private_mode
-            ),
-        ));
-    }
+    refuse_others_writable(path, &meta, private_mode)?;
     if meta.mode() & 0o7777 != private_mode {
         file.set_permissions(fs::Permissions::from_mode(private_mode))?;
     }
     Ok(())
+}
+
+/// Refuses a folder (or file) other users may write to: anything in it may have been planted.
+fn refuse_others_writable(path: &Path, meta: &fs::Metadata, private_mode: u32) -> io::Result<()> {
+    if !others_can_write(meta) {
+        return Ok(());
+    }
+    Err(untrusted(
+        path,
+        format!(
+            "other users may write to it (mode {:o}), so anything in it may have been \
+             planted; check it, then chmod {:o} it",
+            meta.mode() & 0o7777,
+            private_mode
+        ),
+    ))
 }
 
 /// Creates the folder `path`, mode 0700; it must not exist. Its parent must exist.
@@ -229,10 +244,7 @@ fn check_own(file: &File, path: &Path, private_mode: u32) -> io::Result<()> {
 /// is not trusted ([`check_ancestors`]), and the errors of `mkdir`.
 pub fn create_dir(path: &Path) -> io::Result<()> {
     check_ancestors(path)?;
-    nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
-        .map_err(io::Error::from)?;
-    let dir = open_made_dir(path)?;
-    dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))
+    make_dir(path, DIR_MODE).map(drop)
 }
 
 /// Makes sure the folder `path` exists and is the caller's own private folder: creates it
@@ -267,18 +279,15 @@ pub fn ensure_dir(path: &Path) -> io::Result<()> {
             continue;
         }
         let last = prefix == absolute;
-        match nix::unistd::mkdir(&prefix, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE)) {
-            Ok(()) => {
-                let dir = open_made_dir(&prefix)?;
-                dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))?;
-            }
-            Err(nix::errno::Errno::EEXIST) if last => {
+        match make_dir(&prefix, DIR_MODE) {
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists && last => {
                 let dir = open_dir_nofollow(&prefix)?;
                 check_own(&dir, &prefix, DIR_MODE)?;
             }
             // An existing folder above: check_ancestors vouched for it.
-            Err(nix::errno::Errno::EEXIST) => {}
-            Err(err) => return Err(err.into()),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(err),
         }
     }
     Ok(())
@@ -301,17 +310,7 @@ pub fn check_dir(path: &Path) -> io::Result<()> {
             format!("it belongs to {}", who(meta.uid())),
         ));
     }
-    if others_can_write(&meta) {
-        return Err(untrusted(
-            path,
-            format!(
-                "other users may write to it (mode {:o}), so anything in it may have been \
-                 planted; check it, then chmod 700 it",
-                meta.mode() & 0o7777
-            ),
-        ));
-    }
-    Ok(())
+    refuse_others_writable(path, &meta, DIR_MODE)
 }
 
 /// Creates the file `path` for writing, mode 0600; it must not exist (`O_EXCL`), and a
@@ -392,24 +391,34 @@ fn explain_refused_open(path: &Path, err: io::Error) -> io::Error {
 ///
 /// The errors of [`create_file`], of writing, and of `rename`; nothing is left behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().unwrap_or_else(|| OsStr::new("file"));
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".tmp-{}-{:x}", std::process::id(), random_u64()));
-    let temp = parent.join(temp_name);
-    let result = (|| {
-        let mut file = create_file(&temp)?;
-        file.write_all(bytes)?;
-        fs::rename(&temp, path)
-    })();
+    let (mut file, temp) = create_temp_beside(path)?;
+    let result = file.write_all(bytes).and_then(|()| fs::rename(&temp, path));
     if result.is_err() {
         let _ = fs::remove_file(&temp);
     }
     result
+}
+
+/// Creates a new private file ([`create_file`]) beside `target`, under a hidden name nobody can
+/// guess (`.NAME.tmp-PID-RANDOM`), for content that is renamed over `target` once complete.
+/// Returns the file and its path; removing it on failure is the caller's.
+///
+/// # Errors
+///
+/// `InvalidInput` when `target` names no file, and the errors of [`create_file`].
+pub fn create_temp_beside(target: &Path) -> io::Result<(File, PathBuf)> {
+    let name = target.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "the path does not name a file")
+    })?;
+    let parent = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".tmp-{}-{:x}", std::process::id(), random_u64()));
+    let temp = parent.join(temp_name);
+    Ok((create_file(&temp)?, temp))
 }
 
 /// Takes away every other user's access to the tree at `dir`: folders become 0700, files keep
@@ -592,15 +601,7 @@ pub fn read_trusted(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         ));
     }
     clear_nonblock(&file)?;
-    let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is larger than {limit} bytes", path.display()),
-        ));
-    }
-    Ok(bytes)
+    read_to_limit(file, path, limit)
 }
 
 /// A private scratch folder with an unguessable name (`mkdtemp`, mode 0700), removed with its
@@ -685,10 +686,7 @@ fn random_u64() -> u64 {
 /// trusted, and the errors of `mkdir`.
 pub fn create_shared_dir(path: &Path) -> io::Result<()> {
     check_ancestors(path)?;
-    nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
-        .map_err(io::Error::from)?;
-    let dir = open_made_dir(path)?;
-    dir.set_permissions(fs::Permissions::from_mode(0o1777))
+    make_dir(path, 0o1777).map(drop)
 }
 
 /// Creates the folder `path`, mode 0700, for the user `uid` (group `gid`): root making a
@@ -700,11 +698,8 @@ pub fn create_shared_dir(path: &Path) -> io::Result<()> {
 ///
 /// `AlreadyExists` when something is at `path`, and the errors of `mkdir` and `fchown`.
 pub fn create_dir_for(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    nix::unistd::mkdir(path, nix::sys::stat::Mode::from_bits_truncate(DIR_MODE))
-        .map_err(io::Error::from)?;
-    let dir = open_made_dir(path)?;
-    std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
-    dir.set_permissions(fs::Permissions::from_mode(DIR_MODE))
+    let dir = make_dir(path, DIR_MODE)?;
+    std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))
 }
 
 /// Moves whatever is at `path` (a folder, a file or a link, whoever made it) out of the way, to
@@ -731,25 +726,6 @@ pub fn move_aside(path: &Path) -> io::Result<PathBuf> {
     )
     .map_err(io::Error::from)?;
     Ok(aside)
-}
-
-/// Makes sure a path is not a symbolic link and is owned by the caller, for paths crac is
-/// about to remove or reuse. Returns whether it exists.
-///
-/// # Errors
-///
-/// `PermissionDenied` naming who owns it when it is not the caller's, or a link.
-pub fn check_own_path(path: &Path) -> io::Result<bool> {
-    match fs::symlink_metadata(path) {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(err),
-        Ok(meta) if meta.file_type().is_symlink() => Err(untrusted(path, "it is a symbolic link")),
-        Ok(meta) if meta.uid() != geteuid().as_raw() => Err(untrusted(
-            path,
-            format!("it belongs to {}", who(meta.uid())),
-        )),
-        Ok(_) => Ok(true),
-    }
 }
 
 #[cfg(test)]
