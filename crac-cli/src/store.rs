@@ -394,9 +394,14 @@ impl Store {
     /// [`StoreError::InvalidName`], [`StoreError::NotWritable`] when permissions or a read-only
     /// file system stand in the way, [`StoreError::Io`] otherwise.
     pub fn begin(&self, name: &str) -> Result<Staging, StoreError> {
+        self.begin_as(STAGING, name)
+    }
+
+    /// [`Store::begin`] in a working folder of the `kind` given.
+    fn begin_as(&self, kind: &str, name: &str) -> Result<Staging, StoreError> {
         validate_name(name)?;
         crac_fs::ensure_dir(&self.root).map_err(|e| self.create_error("create", &self.root, e))?;
-        let path = self.hidden(STAGING, name);
+        let path = self.hidden(kind, name);
         crac_fs::create_dir(&path).map_err(|e| self.create_error("create", &path, e))?;
         Ok(Staging {
             root: self.root.clone(),
@@ -416,12 +421,7 @@ impl Store {
     ///
     /// As [`Store::begin`].
     pub fn begin_import(&self, name: &str) -> Result<Staging, StoreError> {
-        let mut staging = self.begin(name)?;
-        let path = self.hidden(IMPORTING, name);
-        // Empty still; a kill right here leaves an empty dump folder, which is removed.
-        fs::rename(&staging.path, &path).map_err(|e| self.write_error("create", &path, e))?;
-        staging.path = path;
-        Ok(staging)
+        self.begin_as(IMPORTING, name)
     }
 
     /// The images, oldest first: by creation time, then by name. Hidden folders (the store's
