@@ -12,31 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::util::{self, bin, text, wait_until, Crac, Target};
-
-/// A scratch folder that is private whatever the umask: crac refuses to write keys and images
-/// under a folder other users may write to (under umask 000 the plain one is 0777).
-struct Scratch(util::Scratch);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let scratch = util::Scratch::new(name);
-        fs::set_permissions(&scratch.path, fs::Permissions::from_mode(0o700)).unwrap();
-        Scratch(scratch)
-    }
-
-    fn join(&self, name: &str) -> std::path::PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = util::Scratch;
-
-    fn deref(&self) -> &util::Scratch {
-        &self.0
-    }
-}
+use crate::util::{self, bin, text, wait_until, Crac, Scratch, Target};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -80,15 +56,6 @@ fn run_watching(crac: &Crac, args: &[&str]) -> (Output, u64) {
     )
 }
 
-/// Checkpoints a fresh target into `crac`'s store as `name`; returns the target's image
-/// folder and the target (dumped, to be restored or dropped).
-fn checkpoint(crac: &Crac, scratch: &Scratch, name: &str, env: &[(&str, &str)]) -> Target {
-    let target = Target::start(&scratch.join(name), env);
-    let out = crac.run(&["checkpoint", &target.pid.to_string(), "--name", name]);
-    assert!(out.status.success(), "{}", text(&out));
-    target
-}
-
 /// `crac ARGS` under umask 000.
 fn run_umask_000(crac: &Crac, args: &[&str]) -> Output {
     util::with_umask(&mut crac.command(args), 0o000)
@@ -102,8 +69,7 @@ fn a_decompression_bomb_is_refused_before_anything_is_written() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("archive-bomb");
     let crac = Crac::new(&scratch);
-    let target = checkpoint(&crac, &scratch, "web", &[]);
-    drop(target);
+    drop(crac.checkpoint_new(&scratch.join("web"), "web", &[]));
 
     // A real image, doctored into one of 256 MiB of zero pages: its archive is a few
     // kilobytes that expand 10 000-fold, as a bomb does (and as an image of little but zero
@@ -189,8 +155,7 @@ fn an_import_killed_half_way_is_removed_never_filed() {
     let scratch = Scratch::new("archive-killed");
     let crac = Crac::new(&scratch);
     // 64 MiB of pages, each of its own: an import that takes a while.
-    let target = checkpoint(&crac, &scratch, "web", &[("CRAC_TEST_MIB", "64")]);
-    drop(target);
+    drop(crac.checkpoint_new(&scratch.join("web"), "web", &[("CRAC_TEST_MIB", "64")]));
     let archive = scratch.join("web.crac");
     let out = crac.run(&["images", "export", "web", archive.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
@@ -256,9 +221,7 @@ fn an_encrypted_archive_imports_only_with_its_identity_and_restores() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("archive-age");
     let crac = Crac::new(&scratch);
-    let target = checkpoint(&crac, &scratch, "web", &[]);
-    let restored = Target::restored(&target);
-    target.reap_dumped();
+    let restored = crac.checkpoint_new(&scratch.join("web"), "web", &[]);
 
     // A key made under umask 000 is still the owner's alone; the recipient is printed.
     let key = scratch.join("key.txt");
@@ -416,7 +379,7 @@ fn a_recipients_file_encrypts_to_each_of_its_recipients() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("archive-recipients");
     let crac = Crac::new(&scratch);
-    drop(checkpoint(&crac, &scratch, "web", &[]));
+    drop(crac.checkpoint_new(&scratch.join("web"), "web", &[]));
     let mut recipients = String::from("# the operators\n");
     let mut keys = Vec::new();
     for who in ["alice", "bob"] {

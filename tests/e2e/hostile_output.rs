@@ -364,13 +364,7 @@ fn a_policy_that_is_a_fifo_or_a_device_is_refused_at_once() {
     ] {
         let mut cmd = crac.command(&["checkpoint", &pid, "--name", "svc"]);
         cmd.env("CRAC_POLICY", policy);
-        // SAFETY: umask is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::umask(mask);
-                Ok(())
-            });
-        }
+        util::with_umask(&mut cmd, mask);
         let out = bounded(cmd, Duration::from_secs(30));
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -406,14 +400,7 @@ fn a_second_checkpoint_of_a_pid_is_told_the_first_runs() {
     let target = Target::start(&scratch.join("t"), &[("CRAC_TEST_HANG", "first:1500")]);
     let pid = target.pid.to_string();
     let mut first = crac.command(&["checkpoint", &pid, "--name", "one"]);
-    // SAFETY: umask is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        first.pre_exec(|| {
-            libc::umask(0);
-            Ok(())
-        });
-    }
-    let first = first
+    let first = util::with_umask(&mut first, 0o000)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -583,12 +570,8 @@ exec {criu} "$@"
     )
     .unwrap();
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
-    let target = Target::start(&scratch.join("t"), &[]);
-    let pid = target.pid;
-    let out = crac.run(&["checkpoint", &pid.to_string(), "--name", "svc"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let restored = Target::restored(&target);
-    target.reap_dumped();
+    let restored = crac.checkpoint_new(&scratch.join("t"), "svc", &[]);
+    let pid = restored.pid;
 
     let crac_criu = wrapper.display().to_string();
     let out = run_with_umask(
@@ -631,12 +614,8 @@ fn a_restore_of_a_pid_another_crac_is_restoring_is_told_so() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("hostile-restore-lock");
     let crac = Crac::new(&scratch);
-    let target = Target::start(&scratch.join("t"), &[]);
-    let pid = target.pid;
-    let out = crac.run(&["checkpoint", &pid.to_string(), "--name", "svc"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let restored = Target::restored(&target);
-    target.reap_dumped();
+    let restored = crac.checkpoint_new(&scratch.join("t"), "svc", &[]);
+    let pid = restored.pid;
 
     // Another crac restore of that pid under way: its lock, taken as crac takes it.
     let lock = PathBuf::from(format!("/run/crac-locks/{pid}.lock"));

@@ -158,12 +158,7 @@ fn a_store_or_image_folder_others_may_write_to_is_refused() {
     let scratch = Scratch::new("open-folders");
     let crac = Crac::new(&scratch);
 
-    let target = Target::start(&scratch.join("t"), &[]);
-    let pid = target.pid.to_string();
-    let out = crac.run(&["checkpoint", &pid, "--name", "web"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let restored = Target::restored(&target);
-    target.reap_dumped();
+    let restored = crac.checkpoint_new(&scratch.join("t"), "web", &[]);
     let store_refusal = format!(
         "{} cannot be trusted: other users may write to it (mode 777), so anything in it may \
          have been planted; check it, then chmod 700 it; crac neither lists, restores nor files \
@@ -220,11 +215,7 @@ fn edited_metadata_is_refused_before_criu_runs() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("edited-meta");
     let crac = Crac::new(&scratch);
-    let target = Target::start(&scratch.join("t"), &[]);
-    let pid = target.pid.to_string();
-    let out = crac.run(&["checkpoint", &pid, "--name", "web"]);
-    assert!(out.status.success(), "{}", text(&out));
-    target.reap_dumped();
+    drop(crac.checkpoint_new(&scratch.join("t"), "web", &[]));
 
     let path = crac.store.join("web/crac-meta.json");
     let mut meta: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();

@@ -571,6 +571,17 @@ impl Crac {
         self.command(args).output().expect("crac runs")
     }
 
+    /// Starts a target in `dir` (with `env`), checkpoints it into the image `name` (which
+    /// stops it) and reaps it; returns the handle of the copy a restore of `name` brings back.
+    pub(crate) fn checkpoint_new(&self, dir: &Path, name: &str, env: &[(&str, &str)]) -> Target {
+        let target = Target::start(dir, env);
+        let out = self.run(&["checkpoint", &target.pid.to_string(), "--name", name]);
+        assert!(out.status.success(), "{}", text(&out));
+        let restored = Target::restored(&target);
+        target.reap_dumped();
+        restored
+    }
+
     pub(crate) fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.run(args);
         assert!(out.status.success(), "crac {args:?}: {}", text(&out));
