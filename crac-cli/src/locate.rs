@@ -156,8 +156,7 @@ fn cached_version(path: &Path) -> Option<String> {
     let file = cache_file()?;
     // Only a cache of our own that nobody else may write: a planted one would name another
     // version than the binary's.
-    crac_fs::check_dir(file.parent()?).ok()?;
-    let text = String::from_utf8(crac_fs::read_bounded(&file, 1 << 20).ok()?).ok()?;
+    let text = String::from_utf8(crac_fs::read_trusted(&file, 1 << 20).ok()?).ok()?;
     text.lines()
         .find_map(|line| line.rsplit_once('\t').filter(|(k, _)| *k == key))
         .map(|(_, version)| version.to_owned())
