@@ -157,16 +157,6 @@ impl Drop for Remove {
     }
 }
 
-/// Makes sure the shared fallback base exists as every agent would make it (root's, 1777):
-/// other sessions' services may use it, so it is never handed to nobody here.
-fn shared_base() {
-    if fs::create_dir(FALLBACK).is_ok() {
-        fs::set_permissions(FALLBACK, fs::Permissions::from_mode(0o1777)).expect("chmod");
-    }
-    let meta = fs::symlink_metadata(FALLBACK).expect("/tmp/crac");
-    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o1777));
-}
-
 /// A target running as `uid` (setpriv), with a folder of its own, without XDG_RUNTIME_DIR or
 /// CRAC_AGENT_DIR (so its agent uses /tmp/crac).
 fn start_as(scratch: &Scratch, uid: u32, name: &str) -> Target {
@@ -220,7 +210,7 @@ fn crac_ok(crac: &Crac, args: &[&str], env: &[(&str, &str)]) -> String {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn folders_planted_for_the_next_pids_deny_no_root_service() {
     let Some(_env) = util::env() else { return };
-    shared_base();
+    util::shared_agent_base();
     for mask in MASKS {
         let scratch = Scratch::new("planted-root");
         with_umask(mask, || {
@@ -322,7 +312,7 @@ fn can_dump_other_users() -> bool {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_unprivileged_service_whose_folder_was_taken_starts_and_is_checkpointed() {
     let Some(_env) = util::env() else { return };
-    shared_base();
+    util::shared_agent_base();
     for mask in MASKS {
         let scratch = Scratch::new("planted-user");
         with_umask(mask, || {
@@ -414,7 +404,7 @@ fn an_unprivileged_service_whose_folder_was_taken_starts_and_is_checkpointed() {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_folder_planted_before_a_restore_is_moved_aside_and_the_service_comes_back_whole() {
     let Some(_env) = util::env() else { return };
-    shared_base();
+    util::shared_agent_base();
     for (mask, link) in [(0o022, false), (0o000, true)] {
         let scratch = Scratch::new("planted-restore");
         with_umask(mask, || {
@@ -543,7 +533,7 @@ fn a_crafted_agents_list_is_refused_and_nothing_is_created() {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_shared_base_made_by_another_user_denies_no_service() {
     let Some(_env) = util::env() else { return };
-    shared_base();
+    util::shared_agent_base();
     for mask in MASKS {
         let scratch = Scratch::new("taken-base");
         let crac = Crac::new(&scratch);

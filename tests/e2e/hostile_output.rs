@@ -170,6 +170,8 @@ impl NobodysTarget {
 
     /// Runs `what` as nobody in `dir` (made nobody's), and waits for `dir/ready`.
     fn spawn(dir: &Path, what: Command) -> NobodysTarget {
+        // Its agent listens in the shared fallback base, which must stay root's.
+        util::shared_agent_base();
         fs::create_dir_all(dir).unwrap();
         std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
         let mut cmd = Command::new("setpriv");

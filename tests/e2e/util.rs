@@ -692,6 +692,20 @@ pub(crate) fn reap_orphans() {
     }
 }
 
+/// Makes sure the agents' shared fallback base, `/tmp/crac`, exists as an agent of root's
+/// makes it (root's, 1777) before a test runs a service as another user: that service's agent
+/// would otherwise make the base its own, which later tests (and other services) refuse.
+pub(crate) fn shared_agent_base() {
+    let base = crac_protocol::location::FALLBACK_DIR;
+    if fs::create_dir(base).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(base, fs::Permissions::from_mode(0o1777)).expect("chmod");
+    }
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(base).expect("/tmp/crac");
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o1777));
+}
+
 /// Runs `script` with bash as `nobody`: the other local user of the threat model, played for
 /// real.
 pub(crate) fn as_nobody(script: &str) -> Output {
