@@ -120,13 +120,35 @@ pub fn read_cmdline(pid: u32) -> Vec<String> {
 /// The SHA-256 of each environment variable `pid` started with, by name (see
 /// [`Metadata::env_sha256`](crate::metadata::Metadata::env_sha256)).
 pub(crate) fn env_hashes(pid: u32) -> BTreeMap<String, String> {
+    environ(pid)
+        .into_iter()
+        .map(|(name, value)| {
+            (
+                name.to_string_lossy().into_owned(),
+                crate::hashing::value_sha256(&value.to_string_lossy()),
+            )
+        })
+        .collect()
+}
+
+/// The environment `pid` started with (`/proc/PID/environ`), in order; empty when it cannot
+/// be read.
+pub fn environ(pid: u32) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    use std::os::unix::ffi::OsStrExt;
     let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     environ
         .split(|&b| b == 0)
         .filter_map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            let (name, value) = kv.split_once('=')?;
-            Some((name.to_owned(), crate::hashing::value_sha256(value)))
+            let at = kv.iter().position(|&b| b == b'=')?;
+            Some((
+                std::ffi::OsStr::from_bytes(&kv[..at]).to_owned(),
+                std::ffi::OsStr::from_bytes(&kv[at + 1..]).to_owned(),
+            ))
         })
         .collect()
+}
+
+/// The working folder of `pid` (`/proc/PID/cwd`), if it can be read.
+pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
+    fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }

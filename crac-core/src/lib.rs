@@ -106,6 +106,7 @@ mod ordering;
 mod quiesce;
 mod report;
 mod resource;
+mod retire;
 #[cfg(feature = "tokio")]
 mod runtime;
 mod statics;
