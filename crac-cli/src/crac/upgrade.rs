@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 use crac_action::agent_socket::AgentSocket;
 use crac_action::handover::Process;
 use crac_cli::activation::{self, Launch, Notify, Readiness};
+use crac_cli::checkpoint::{CheckpointRequest, Destination};
 use crac_cli::error::{FailureKind, OpError};
+use crac_cli::metadata::DumpOptions;
+use crac_cli::restore::RestoreRequest;
 use crac_cli::store::Store;
 use crac_protocol::wire::{Code, Request};
 use nix::sys::signal::Signal;
@@ -63,7 +66,7 @@ pub(crate) fn run(store: &Store, args: UpgradeArgs) -> Result<u8, OpError> {
     match plan.level {
         Level::Handoff(listeners) => handoff(store, &args, &old, agent.as_ref(), listeners),
         Level::Restart => restart(store, &args, &old, agent.as_ref()),
-        Level::State => state(store, &args),
+        Level::State => state(store, &args, &old),
     }
 }
 
@@ -431,12 +434,7 @@ fn handoff(
     let drain = secs(args.drain_timeout, "--drain-timeout")?;
     secs(args.ready_timeout, "--ready-timeout")?;
     secs(args.settle, "--settle")?;
-    let notify = Notify::new().map_err(|e| {
-        OpError::new(
-            FailureKind::Unavailable,
-            format!("cannot make a private NOTIFY_SOCKET: {e}"),
-        )
-    })?;
+    let notify = notify_socket()?;
     let count = listeners.len();
     // The copies this process held are closed once the child has them.
     let mut new = start(store, args, &Origin::of(old), listeners, &notify)?;
@@ -551,43 +549,21 @@ fn restart(
     let addresses = listening_addresses(old);
     // Read before the old version is gone.
     let origin = Origin::of(old);
-    let notify = Notify::new().map_err(|e| {
-        OpError::new(
-            FailureKind::Unavailable,
-            format!("cannot make a private NOTIFY_SOCKET: {e}"),
-        )
-    })?;
-    let retired = retire(old, agent, drain);
+    let notify = notify_socket()?;
+    // Down from when the old one stops accepting.
     let down_since = Instant::now();
-    let mut new = start(store, args, &origin, Vec::new(), &notify)?;
-    // Ready: READY=1, or one of the old addresses accepting connections again.
+    let retired = retire(old, agent, drain);
     let ready_timeout = Duration::try_from_secs_f64(args.ready_timeout).unwrap_or_default();
-    let deadline = new.started + ready_timeout;
+    let mut new = start(store, args, &origin, Vec::new(), &notify)?;
     let pid = new.pid();
-    let probe = || {
-        addresses
-            .iter()
-            .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
-            .any(|a| TcpStream::connect_timeout(&loopback(a), Duration::from_millis(20)).is_ok())
-    };
-    let outcome = notify.wait_ready(deadline, || {
-        if !addresses.is_empty() && probe() {
-            return Some(String::new());
-        }
-        new.ended()
-    });
-    let ready = match outcome {
-        Readiness::Ready => true,
-        Readiness::Ended(how) if how.is_empty() => true,
-        Readiness::Ended(how) => {
-            new.kill();
-            return Err(OpError::new(
-                FailureKind::Failed,
-                format!("the new version (pid {pid}) {how} before it was ready; the old one ({retired}) is gone: nothing serves. Its output is in {}", new.log.display()),
-            ));
-        }
-        Readiness::TimedOut => false,
-    };
+    let ready =
+        wait_listening(&mut new, &notify, &addresses, ready_timeout).map_err(|err| OpError {
+            message: format!(
+                "{}; the old one ({retired}) is gone: nothing serves",
+                err.message
+            ),
+            ..err
+        })?;
     let downtime = down_since.elapsed();
     if !ready {
         say(&format!(
@@ -609,6 +585,54 @@ fn restart(
     Ok(0)
 }
 
+/// Waits until the new version is ready: READY=1, or one of `addresses` accepting
+/// connections again. Whether it was within `timeout` (it runs either way); an error if it
+/// ended.
+fn wait_listening(
+    new: &mut NewVersion,
+    notify: &Notify,
+    addresses: &[String],
+    timeout: Duration,
+) -> Result<bool, OpError> {
+    let deadline = new.started + timeout;
+    let pid = new.pid();
+    let probe = || {
+        addresses
+            .iter()
+            .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
+            .any(|a| TcpStream::connect_timeout(&loopback(a), Duration::from_millis(20)).is_ok())
+    };
+    // An empty "how" stands for: it listens.
+    let outcome = notify.wait_ready(deadline, || {
+        if probe() {
+            return Some(String::new());
+        }
+        new.ended()
+    });
+    match outcome {
+        Readiness::Ready => Ok(true),
+        Readiness::Ended(how) if how.is_empty() => Ok(true),
+        Readiness::Ended(how) => {
+            new.kill();
+            let mut err = OpError::new(
+                FailureKind::Failed,
+                format!(
+                    "the new version (pid {pid}) {how} before it was ready (its output is in {})",
+                    new.log.display()
+                ),
+            );
+            let lines = new.last_lines();
+            if !lines.is_empty() {
+                err.details.push("its last lines:".into());
+                err.details
+                    .extend(lines.into_iter().map(|l| format!("  {l}")));
+            }
+            Err(err)
+        }
+        Readiness::TimedOut => Ok(false),
+    }
+}
+
 /// Where to probe a listener: its own address, or loopback for one on every address.
 fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     if addr.ip().is_unspecified() {
@@ -622,11 +646,102 @@ fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-fn state(_store: &Store, _args: &UpgradeArgs) -> Result<u8, OpError> {
-    Err(OpError::new(
-        FailureKind::Unavailable,
-        "level state is not built yet",
-    ))
+/// The state level: checkpoint (the image filed in the store as `upgrade-PID`), restore with
+/// the new settings. Established connections are dumped and restored with the process
+/// (`--tcp-established`): keep-alive clients keep theirs. If the restore fails, the image is
+/// kept and the new command is started instead (the restart level), said so.
+fn state(store: &Store, args: &UpgradeArgs, old: &Process) -> Result<u8, OpError> {
+    crac_cli::criu::require_root("upgrade --level state")?;
+    let ready_timeout = secs(args.ready_timeout, "--ready-timeout")?;
+    let origin = Origin::of(old);
+    let addresses = listening_addresses(old);
+    let name = format!("upgrade-{}", old.pid());
+    let request = CheckpointRequest {
+        pid: old.pid(),
+        destination: Destination::Store {
+            store: store.clone(),
+            name: name.clone(),
+            replace: true,
+        },
+        options: DumpOptions {
+            tcp_established: true,
+            timeout_secs: args.drain_timeout,
+            ..DumpOptions::default()
+        },
+        durable: false,
+    };
+    let began = Instant::now();
+    let dumped = crac_cli::checkpoint::checkpoint(
+        &request,
+        &mut |warning| say(&format!("crac upgrade: warning: {warning}")),
+        None,
+    )
+    .map_err(|err| OpError {
+        message: format!(
+            "the checkpoint failed, so pid {} was not upgraded (it runs on): {}",
+            old.pid(),
+            err.message
+        ),
+        ..err
+    })?;
+    let down_since = Instant::now();
+    let restore = RestoreRequest {
+        dir: dumped.path.clone(),
+        detach: true,
+        tcp_close: false,
+        env: args.env.iter().cloned().collect(),
+        inherit_stdio: false,
+    };
+    let mut notice = |notice: &str| say(&format!("crac upgrade: {notice}"));
+    match crac_cli::restore::restore(&restore, &mut notice, None) {
+        Ok(restored) => {
+            for failure in &restored.hook_failures {
+                say(&format!(
+                    "crac upgrade: restored, but after_restore failed: {failure}"
+                ));
+            }
+            say(&format!(
+                "crac upgrade: upgraded pid {} in place (state: memory kept, image {name}, the new settings in after_restore); checkpoint and restore took {}, nothing ran for {}",
+                restored.pid,
+                millis(began.elapsed().as_secs_f64() * 1e3),
+                millis(down_since.elapsed().as_secs_f64() * 1e3)
+            ));
+            if restored.hook_failures.is_empty() {
+                Ok(0)
+            } else {
+                Ok(FailureKind::HooksFailed.exit_code())
+            }
+        }
+        Err(err) => {
+            say(&format!(
+                "crac upgrade: the restore failed ({}); image {name} is kept: starting the new version instead (level restart)",
+                err.message
+            ));
+            for line in &err.details {
+                say(&format!("crac upgrade:   {line}"));
+            }
+            let notify = notify_socket()?;
+            let mut new = start(store, args, &origin, Vec::new(), &notify)?;
+            let ready = wait_listening(&mut new, &notify, &addresses, ready_timeout)?;
+            say(&format!(
+                "crac upgrade: pid {} replaced by pid {} (restart after a failed restore; {}downtime {})",
+                old.pid(),
+                new.pid(),
+                if ready { "" } else { "not ready yet; " },
+                millis(down_since.elapsed().as_secs_f64() * 1e3)
+            ));
+            Ok(FailureKind::Failed.exit_code())
+        }
+    }
+}
+
+fn notify_socket() -> Result<Notify, OpError> {
+    Notify::new().map_err(|e| {
+        OpError::new(
+            FailureKind::Unavailable,
+            format!("cannot make a private NOTIFY_SOCKET: {e}"),
+        )
+    })
 }
 
 fn bad(message: String) -> OpError {
