@@ -40,9 +40,11 @@ const LISTEN_FDS_START: RawFd = 3;
 /// The listeners shared with a successor, by name, in the order they were shared.
 static SHARED: Mutex<Vec<(String, OwnedFd)>> = Mutex::new(Vec::new());
 
+/// A descriptor this process was started with: its name, and itself until taken.
+type Passed = (Option<String>, Option<OwnedFd>);
+
 /// The descriptors this process was started with (`LISTEN_FDS`), each taken at most once.
-static PASSED: Lazy<Mutex<Vec<(Option<String>, Option<OwnedFd>)>>> =
-    Lazy::new(|| Mutex::new(passed_from_env()));
+static PASSED: Lazy<Mutex<Vec<Passed>>> = Lazy::new(|| Mutex::new(passed_from_env()));
 
 /// Shares `listener` with a successor under `name` (replacing one shared under that name
 /// before): `crac upgrade` passes it to the new version, which takes it with
@@ -113,7 +115,7 @@ fn take_passed(name: &str) -> Option<OwnedFd> {
 
 /// Reads `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`: nothing unless `LISTEN_PID` is this
 /// process.
-fn passed_from_env() -> Vec<(Option<String>, Option<OwnedFd>)> {
+fn passed_from_env() -> Vec<Passed> {
     let var = |name| std::env::var(name).ok();
     if var("LISTEN_PID").and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id()) {
         return Vec::new();

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_clients;
+pub mod http_load;
 pub mod podman;
 
 /// Whether this is a CI run (`CI=true` or `CI=1`): there a test that cannot run fails.

@@ -98,7 +98,7 @@ fn choose(args: &UpgradeArgs, old: &Process, agent: Option<&AgentSocket>) -> Res
     let asked = args.level;
     let mut why_not = Vec::new();
     if matches!(asked, UpgradeLevel::State | UpgradeLevel::Auto) {
-        match state_applies(old.pid(), &args.command) {
+        match state_applies(old.pid(), agent.is_some(), &args.command) {
             Ok(why) => {
                 return Ok(Plan {
                     level: Level::State,
@@ -148,11 +148,17 @@ fn choose(args: &UpgradeArgs, old: &Process, agent: Option<&AgentSocket>) -> Res
     })
 }
 
-/// Whether the state level applies: root, and the new command runs the old process's very
-/// executable (the restore checks the files it maps against the image).
-fn state_applies(pid: u32, command: &[String]) -> Result<String, String> {
+/// Whether the state level applies: root, an agent (whose after_restore hooks get the new
+/// settings), and the new command runs the old process's very executable (the restore checks the files it maps against the image).
+fn state_applies(pid: u32, has_agent: bool, command: &[String]) -> Result<String, String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("a checkpoint needs root".into());
+    }
+    if !has_agent {
+        return Err(
+            "no agent: nothing in it would be told of the checkpoint or get the new settings"
+                .into(),
+        );
     }
     let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
         .map_err(|e| format!("cannot read pid {pid}'s executable: {e}"))?;
@@ -469,7 +475,7 @@ fn handoff(
 /// the report.
 fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> String {
     let began = Instant::now();
-    let how = match agent.map(|agent| ask_to_retire(agent)) {
+    let how = match agent.map(ask_to_retire) {
         Some(Ok(())) => "told to retire by its agent",
         Some(Err(err)) => {
             say(&format!(

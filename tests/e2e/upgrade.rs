@@ -1,0 +1,408 @@
+//! `crac upgrade` under a bounded loopback load (keep-alive clients and clients that open a
+//! connection per request): each level, the rollbacks, a service without an agent, and one
+//! that only speaks systemd's socket-activation convention. What clients saw is counted by
+//! crac_test_support::http_load.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crac_test_support::http_load::{Load, Options, Tally};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::util::{self, bin, free_port, reap, text, wait_until, Crac, Scratch};
+
+/// A service under test: a child of this test, a session leader with its output appended to
+/// a file (a checkpoint wants both).
+struct Service {
+    child: Child,
+}
+
+impl Service {
+    fn start(program: &Path, dir: &Path, port: u16, env: &[(&str, &str)]) -> Service {
+        let log = crac_fs::open_append(&dir.join("v1.log")).expect("log");
+        let mut cmd = Command::new(program);
+        cmd.current_dir(dir)
+            .env("PORT", port.to_string())
+            .env("STATE_FILE", dir.join("state"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        // SAFETY: setsid is async-signal-safe and the only call between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
+        }
+        let child = cmd.spawn().expect("the service starts");
+        wait_until(Duration::from_secs(10), "the service to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Service { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The load every test puts on the service.
+fn load(port: u16) -> Load {
+    Load::start(Options {
+        port,
+        keep_alive: 4,
+        fresh: 2,
+        pause: Duration::from_millis(5),
+    })
+}
+
+/// Runs `crac upgrade` under load: the clients' tally, crac's output, and when it returned.
+fn upgrade_under_load(crac: &Crac, port: u16, args: &[&str]) -> (Tally, Output, Instant) {
+    let load = load(port);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = crac.run(&[&["upgrade"], args].concat());
+    let done = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    (load.stop(), out, done)
+}
+
+/// The pid crac's report names as the new version ("... to pid N ...").
+fn new_pid(out: &Output) -> u32 {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = err.rfind(" to pid ").expect("crac names the new pid");
+    err[at + 8..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a pid")
+}
+
+/// Stops the new version (an orphan re-parented to this test) and reaps it.
+fn stop_new(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    reap(pid, Duration::from_secs(10));
+}
+
+fn assert_nothing_lost(tally: &Tally, what: &str) {
+    assert_eq!(tally.refused, 0, "{what}: refused connections");
+    assert!(
+        tally.failed.is_empty(),
+        "{what}: failed requests: {:?}",
+        tally.failed
+    );
+    assert!(
+        tally.answers.len() > 50,
+        "{what}: too little load: {}",
+        tally.answers.len()
+    );
+}
+
+fn assert_all_from(tally: &Tally, since: Instant, version: &str) {
+    let after: Vec<&str> = tally
+        .between(since, None)
+        .map(|a| a.body.as_str())
+        .collect();
+    assert!(!after.is_empty(), "no answer after the upgrade");
+    let other: Vec<&&str> = after.iter().filter(|b| !b.starts_with(version)).collect();
+    assert!(other.is_empty(), "answers not from {version}: {other:?}");
+}
+
+/// The highest request count any answer gave (`hits=N`).
+fn max_hits(tally: &Tally) -> usize {
+    tally
+        .answers
+        .iter()
+        .filter_map(|a| {
+            a.body
+                .split("hits=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A copy of `program` in `dir`: another executable, as a new build is.
+fn new_build(program: &Path, dir: &Path) -> PathBuf {
+    let copy = dir.join("upgradable-v2");
+    std::fs::copy(program, &copy).expect("copy the binary");
+    copy
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn handoff_passes_the_listener_and_refuses_nothing() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-handoff");
+    let crac = Crac::new(&scratch);
+    let port = free_port();
+    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let v2 = new_build(&bin("upgradable"), &scratch.path);
+    let log = scratch.join("v2.log");
+    let pid = v1.pid().to_string();
+    let (tally, out, done) = upgrade_under_load(
+        &crac,
+        port,
+        &[
+            &pid,
+            "--env",
+            "APP_VERSION=v2",
+            "--log",
+            log.to_str().unwrap(),
+            "--",
+            v2.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // auto: not state (another executable), so handoff, from the agent, by name.
+    assert!(stderr.contains("level handoff"), "{stderr}");
+    assert!(stderr.contains("is not pid"), "{stderr}");
+    assert!(
+        stderr.contains("1 listener from its agent: http"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("told to retire by its agent"), "{stderr}");
+    let new = new_pid(&out);
+    assert_nothing_lost(&tally, "handoff");
+    assert!(tally.answers.iter().any(|a| a.body.starts_with("v1 ")));
+    assert_all_from(&tally, done, "v2 ");
+    // v1 flushed its count when it retired, and v2 read it back: the count runs on.
+    assert!(
+        max_hits(&tally) >= tally.answers.len(),
+        "{}",
+        max_hits(&tally)
+    );
+    // v1 retired and exited by itself.
+    let v1_pid = v1.pid();
+    drop(v1);
+    assert_eq!(
+        reap(v1_pid, Duration::from_secs(10)),
+        WaitStatus::Exited(Pid::from_raw(v1_pid as i32), 0)
+    );
+    let v1_log = std::fs::read_to_string(scratch.join("v1.log")).unwrap();
+    assert!(
+        v1_log.contains("upgradable v1: retired after hits="),
+        "{v1_log}"
+    );
+    stop_new(new);
+    eprintln!(
+        "handoff: {} answers, {} retried on a new connection, p99 {:?}",
+        tally.answers.len(),
+        tally.retried,
+        Tally::p99(tally.answers.iter())
+    );
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn a_new_version_that_fails_is_rolled_back_and_the_old_one_serves_on() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-rollback");
+    let crac = Crac::new(&scratch);
+    let port = free_port();
+    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let upgradable = bin("upgradable");
+    let pid = v1.pid().to_string();
+    for (crash, expected, last_line) in [
+        (
+            "CRASH=start",
+            "exited with code 2 before it was ready",
+            "CRASH=start: giving up before listening",
+        ),
+        (
+            "CRASH=never-ready",
+            "did not say READY=1 (NOTIFY_SOCKET) within 2.00 s",
+            "upgradable v2: pid",
+        ),
+        (
+            "CRASH=after-ready",
+            "exited with code 3 after it said it was ready, before the old one was told to retire",
+            "CRASH=after-ready: exiting after READY=1",
+        ),
+    ] {
+        let (tally, out, done) = upgrade_under_load(
+            &crac,
+            port,
+            &[
+                &pid,
+                "--level",
+                "handoff",
+                "--ready-timeout",
+                "2",
+                "--settle",
+                "1",
+                "--env",
+                "APP_VERSION=v2",
+                "--env",
+                crash,
+                "--",
+                upgradable.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "{crash}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{crash}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "it was killed and pid {pid} serves on (never told to retire)"
+            )),
+            "{crash}: {stderr}"
+        );
+        assert!(stderr.contains("its last lines:"), "{crash}: {stderr}");
+        assert!(stderr.contains(last_line), "{crash}: {stderr}");
+        assert_nothing_lost(&tally, crash);
+        // v2 may have answered while it ran (it shared the listener); after, v1 alone.
+        assert_all_from(&tally, done, "v1 ");
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "{crash}: v1 is gone"
+        );
+    }
+    let v1_pid = v1.pid();
+    let _ = kill(Pid::from_raw(v1_pid as i32), Signal::SIGKILL);
+    drop(v1);
+    reap(v1_pid, Duration::from_secs(10));
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn a_service_with_no_crac_code_and_no_agent_is_handed_over_by_pidfd_and_sigterm() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-activation");
+    let crac = Crac::new(&scratch);
+    let port = free_port();
+    let program = bin("crac-test-activation");
+    let v1 = Service::start(&program, &scratch.path, port, &[("VERSION", "v1")]);
+    let pid = v1.pid().to_string();
+    let (tally, out, done) = upgrade_under_load(
+        &crac,
+        port,
+        &[&pid, "--env", "VERSION=v2", "--", program.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("level handoff"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "copied with pidfd_getfd (no agent; 127.0.0.1:{port})"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("sent SIGTERM (no agent)"), "{stderr}");
+    let new = new_pid(&out);
+    assert_nothing_lost(&tally, "activation");
+    assert_all_from(&tally, done, "v2 ");
+    let v2_log = std::fs::read_to_string(crac.store.join("crac-test-activation.log")).unwrap();
+    assert!(v2_log.contains("activation v2: pid"), "{v2_log}");
+    assert!(v2_log.contains("(passed listener)"), "{v2_log}");
+    let v1_pid = v1.pid();
+    drop(v1);
+    assert_eq!(
+        reap(v1_pid, Duration::from_secs(10)),
+        WaitStatus::Exited(Pid::from_raw(v1_pid as i32), 0)
+    );
+    stop_new(new);
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn restart_stops_then_starts_and_reports_its_downtime() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-restart");
+    let crac = Crac::new(&scratch);
+    let port = free_port();
+    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let pid = v1.pid().to_string();
+    let upgradable = bin("upgradable");
+    let (tally, out, done) = upgrade_under_load(
+        &crac,
+        port,
+        &[
+            &pid,
+            "--level",
+            "restart",
+            "--env",
+            "APP_VERSION=v2",
+            "--",
+            upgradable.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("level restart (asked for)"), "{stderr}");
+    assert!(stderr.contains("; downtime "), "{stderr}");
+    let new = new_pid(&out);
+    assert_all_from(&tally, done, "v2 ");
+    // Started after v1 flushed: the count runs on.
+    assert!(max_hits(&tally) >= tally.answers.len());
+    let v1_pid = v1.pid();
+    drop(v1);
+    reap(v1_pid, Duration::from_secs(10));
+    stop_new(new);
+    eprintln!(
+        "restart: {} refused, {} failed, {} answers",
+        tally.refused,
+        tally.failed.len(),
+        tally.answers.len()
+    );
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn state_keeps_the_memory_and_hands_the_new_settings_to_after_restore() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-state");
+    let crac = Crac::new(&scratch);
+    let port = free_port();
+    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let pid = v1.pid();
+    // The dumped v1 is reaped as soon as it is gone (the restore needs its pid free), as a
+    // supervisor would.
+    let Service { mut child } = v1;
+    let reaper = std::thread::spawn(move || child.wait());
+    let upgradable = bin("upgradable");
+    let (tally, out, done) = upgrade_under_load(
+        &crac,
+        port,
+        &[
+            &pid.to_string(),
+            "--env",
+            "APP_VERSION=v2",
+            "--",
+            upgradable.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("level state (the same executable"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("upgraded pid {pid} in place")),
+        "{stderr}"
+    );
+    // The same process, its memory kept: the count went on without a state file.
+    assert_all_from(&tally, done, "v2 ");
+    assert!(tally
+        .between(done, None)
+        .all(|a| a.body.ends_with(&format!("pid={pid}\n"))));
+    assert!(max_hits(&tally) >= tally.answers.len());
+    assert!(!scratch.join("state").exists(), "v1 never retired");
+    assert!(tally.failed.is_empty(), "failed: {:?}", tally.failed);
+    eprintln!(
+        "state: {} refused, {} answers, {} retried",
+        tally.refused,
+        tally.answers.len(),
+        tally.retried
+    );
+    // v1 was dumped (killed); the restored copy is an orphan re-parented to this test.
+    let _ = reaper.join();
+    stop_new(pid);
+}
