@@ -3,9 +3,11 @@
 //!
 //! Every answer names the version (`APP_VERSION`, default `v1`) and counts the requests the
 //! service has answered across its versions: `v1 hits=41 pid=4242`. When it is told to
-//! retire (its successor is ready), it flushes the count to `STATE_FILE` and shuts down
-//! gracefully (requests in flight finish, idle keep-alive connections are closed); the next
-//! version reads the count back when it starts. At level state (same executable), the count
+//! retire (its successor is ready), it flushes the count to `STATE_FILE`, stops accepting (the
+//! connections waiting in the listening socket's queue, which the successor shares, are the
+//! successor's), and shuts down gracefully (requests in flight finish, idle keep-alive
+//! connections are closed); the next version reads the count back, when it starts and
+//! whenever the file changes. At level state (same executable), the count
 //! is simply kept in memory and the new `APP_VERSION` arrives through `RestoreInfo::env`.
 //!
 //! ```text
@@ -19,6 +21,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::get;
@@ -118,6 +121,7 @@ fn main() -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_io()
+        .enable_time()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
@@ -137,11 +141,20 @@ fn main() -> Result<(), String> {
             eprintln!("upgradable {version}: CRASH=after-ready: exiting after READY=1");
             std::process::exit(3);
         }
-        let retired = async {
-            let _ = tokio::task::spawn_blocking(|| Coordinator::global().wait_retired(None)).await;
-        };
+        let (retire, retired) = tokio::sync::watch::channel(false);
+        tokio::task::spawn_blocking(move || {
+            Coordinator::global().wait_retired(None);
+            let _ = retire.send(true);
+        });
+        let mut shutdown = retired.clone();
+        let listener = UntilRetired { listener, retired };
         axum::serve(listener, router)
-            .with_graceful_shutdown(retired)
+            .with_graceful_shutdown(async move {
+                retirement(&mut shutdown).await;
+                // A client that connected just before may not have sent its request yet: the
+                // graceful shutdown would take its connection for an idle one and close it.
+                tokio::time::sleep(GRACE).await;
+            })
             .await
             .map_err(|e| e.to_string())?;
         // Again once the requests in flight have finished: they count too.
@@ -153,6 +166,46 @@ fn main() -> Result<(), String> {
         );
         Ok(())
     })
+}
+
+/// How long a retiring service keeps serving the connections it has before it closes the idle
+/// ones (and finishes the others).
+const GRACE: Duration = Duration::from_millis(250);
+
+/// The listener as axum accepts from it until the service retires; from then on it accepts
+/// nothing: the connections waiting in the shared queue are the successor's.
+#[derive(Debug)]
+struct UntilRetired {
+    listener: tokio::net::TcpListener,
+    retired: tokio::sync::watch::Receiver<bool>,
+}
+
+impl axum::serve::Listener for UntilRetired {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => return accepted,
+                    // Out of descriptors, or a connection reset before it was taken.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                },
+                () = retirement(&mut self.retired) => break,
+            }
+        }
+        std::future::pending().await
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Until the service retires.
+async fn retirement(retired: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = retired.wait_for(|retired| *retired).await.map(drop);
 }
 
 async fn answer(State(app): State<Arc<App>>) -> String {

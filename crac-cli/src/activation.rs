@@ -46,7 +46,7 @@ pub struct Launch {
     pub output: Option<File>,
 }
 
-/// Starts `launch`: its standard input is `/dev/null`.
+/// Starts `launch` as the leader of a session of its own; its standard input is `/dev/null`.
 ///
 /// # Errors
 ///
@@ -145,7 +145,7 @@ pub fn spawn(launch: Launch) -> io::Result<Child> {
         cmd.stdout(output.try_clone()?).stderr(output);
     }
     // SAFETY: the closure runs in the child between fork and exec and only calls
-    // async-signal-safe functions (getpid, dup2, execve) and writes into memory prepared
+    // async-signal-safe functions (setsid, getpid, dup2, execve) and writes into memory prepared
     // before the fork; it allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || child.exec());
@@ -177,6 +177,13 @@ struct Exec {
 impl Exec {
     /// Runs in the child: async-signal-safe only.
     fn exec(&self) -> io::Result<()> {
+        // A session of its own, with no terminal: the service outlives crac, and a
+        // checkpoint (CRIU) wants the root of the tree it dumps to lead its session.
+        // SAFETY: setsid has no preconditions; it fails only for a process group leader,
+        // which a child just forked is not.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         if let Some(at) = self.pid_digits {
             // SAFETY: getpid has no preconditions.
             let pid = unsafe { libc::getpid() };
