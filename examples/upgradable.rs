@@ -7,12 +7,13 @@
 //! connections waiting in the listening socket's queue, which the successor shares, are the
 //! successor's), and shuts down gracefully (requests in flight finish, idle keep-alive
 //! connections are closed); the next version reads the count back, when it starts and
-//! whenever the file changes. At level state (same executable), the count
-//! is simply kept in memory and the new `APP_VERSION` arrives through `RestoreInfo::env`.
+//! whenever the file changes. At level state (same executable), the count is simply kept in
+//! memory and the new `APP_VERSION` arrives through `RestoreInfo::env`.
 //!
 //! ```text
-//! PORT=7090 STATE_FILE=/tmp/upgradable.state upgradable &
-//! crac upgrade $! --env APP_VERSION=v2 -- upgradable        # handoff
+//! PORT=7090 upgradable &                               # its count in ./upgradable.state
+//! crac upgrade $! --env APP_VERSION=v2 -- ./upgradable-v2   # another build: handoff
+//! crac upgrade $PID --env APP_VERSION=v3 -- ./upgradable-v2 # the same one, as root: state
 //! ```
 //!
 //! `CRASH` makes a version fail, for rollback demos and tests: `start` (exits at start),
@@ -83,7 +84,7 @@ fn main() -> Result<(), String> {
     let port: u16 = env("PORT", "7090")
         .parse()
         .map_err(|e| format!("PORT: {e}"))?;
-    let state_file = std::path::PathBuf::from(env("STATE_FILE", "/tmp/upgradable.state"));
+    let state_file = std::path::PathBuf::from(env("STATE_FILE", "upgradable.state"));
     let app = Arc::new(App {
         version: Mutex::new(version.clone()),
         own: AtomicU64::new(0),

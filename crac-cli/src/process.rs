@@ -105,6 +105,13 @@ pub(crate) fn session_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// The parent of `pid` (field 4 of /proc/PID/stat), if it can be read.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The command line of `pid`, split into arguments.
 pub fn read_cmdline(pid: u32) -> Vec<String> {
     fs::read(format!("/proc/{pid}/cmdline"))

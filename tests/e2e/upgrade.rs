@@ -408,3 +408,96 @@ fn state_keeps_the_memory_and_hands_the_new_settings_to_after_restore() {
     let _ = reaper.join();
     stop_new(pid);
 }
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-run");
+    let crac = Crac::new(&scratch);
+    let port = free_port();
+    let log = scratch.join("service.log");
+    let mut run = crac.command(&[
+        "run",
+        "--image",
+        "upgradable",
+        "--log",
+        log.to_str().unwrap(),
+        "--",
+        bin("upgradable").to_str().unwrap(),
+    ]);
+    run.current_dir(&scratch.path)
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut run = run.spawn().expect("crac run starts");
+    wait_until(Duration::from_secs(10), "the service to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let run_pid = run.id();
+    // crac run's children, whichever of its threads started them.
+    let children = || {
+        let mut all: Vec<u32> = std::fs::read_dir(format!("/proc/{run_pid}/task"))
+            .unwrap()
+            .flatten()
+            .flat_map(|task| {
+                std::fs::read_to_string(task.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        all.sort_unstable();
+        all
+    };
+    let v1 = children()[0];
+    let v2 = new_build(&bin("upgradable"), &scratch.path);
+    // Named by the service's pid: crac run, its parent, does the upgrade.
+    let (tally, out, done) = upgrade_under_load(
+        &crac,
+        port,
+        &[
+            &v1.to_string(),
+            "--env",
+            "APP_VERSION=v2",
+            "--",
+            v2.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the service runs under crac run, which upgrades it"),
+        "{stderr}"
+    );
+    let new = new_pid(&out);
+    assert_nothing_lost(&tally, "under crac run");
+    assert_all_from(&tally, done, "v2 ");
+    // crac run is the new version's parent, and still runs.
+    assert_eq!(children(), [new]);
+    // A rollback, named by crac run's pid: the exit status of the new version is told.
+    let out = crac.run(&[
+        "upgrade",
+        &run_pid.to_string(),
+        "--level",
+        "handoff",
+        "--env",
+        "CRASH=start",
+        "--",
+        v2.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "exited with code 2 before it was ready: it was killed and pid {new} serves on"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(children(), [new]);
+    // crac run exits with its (new) service's status.
+    kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 9));
+}

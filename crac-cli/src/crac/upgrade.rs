@@ -41,6 +41,8 @@ use nix::sys::signal::Signal;
 
 use crate::cli::{UpgradeArgs, UpgradeLevel};
 use crate::output::{millis, say};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// How long the old version's agent has to answer.
 const AGENT_LIMIT: Duration = Duration::from_secs(5);
@@ -48,6 +50,20 @@ const AGENT_LIMIT: Duration = Duration::from_secs(5);
 const LAST_LINES: usize = 20;
 
 pub(crate) fn run(store: &Store, args: UpgradeArgs) -> Result<u8, OpError> {
+    if let Some(run) = crate::run::control_of(args.pid) {
+        // The service's parent is `crac run`, which must stay its parent: it upgrades it.
+        return crate::run::ask_to_upgrade(run, &args);
+    }
+    upgrade(store, &args, None)
+}
+
+/// The upgrade itself, by `crac upgrade` (`parent` None) or by `crac run`, the service's
+/// parent, which follows the service it waits for through `parent` as the upgrade goes.
+pub(crate) fn upgrade(
+    store: &Store,
+    args: &UpgradeArgs,
+    parent: Option<&AtomicI32>,
+) -> Result<u8, OpError> {
     let pid = args.pid;
     if pid == std::process::id() || pid <= 1 {
         return Err(bad(format!(
@@ -57,17 +73,46 @@ pub(crate) fn run(store: &Store, args: UpgradeArgs) -> Result<u8, OpError> {
     let old = Process::open(pid)
         .map_err(|e| bad(format!("no process with pid {pid} to upgrade ({e})")))?;
     let agent = AgentSocket::find(pid).ok().flatten();
-    let plan = choose(&args, &old, agent.as_ref())?;
-    say(&format!(
+    let plan = choose(args, &old, agent.as_ref())?;
+    tell(&format!(
         "crac upgrade: pid {pid}: level {} ({})",
         plan.level_name(),
         plan.why
     ));
+    let follow = |pid: u32| {
+        if let Some(parent) = parent {
+            parent.store(pid as i32, Ordering::SeqCst);
+        }
+    };
     match plan.level {
-        Level::Handoff(listeners) => handoff(store, &args, &old, agent.as_ref(), listeners),
-        Level::Restart => restart(store, &args, &old, agent.as_ref()),
-        Level::State => state(store, &args, &old),
+        Level::Handoff(listeners) => handoff(store, args, &old, agent.as_ref(), listeners, &follow),
+        Level::Restart => restart(store, args, &old, agent.as_ref(), &follow),
+        Level::State => state(store, args, &old, &follow),
     }
+}
+
+/// Where report lines go besides stderr.
+pub(crate) type Sink = Box<dyn FnMut(&str)>;
+
+thread_local! {
+    /// Where this thread's report lines go besides stderr: the `crac upgrade` that asked
+    /// `crac run` for the upgrade.
+    static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+}
+
+/// Sends this thread's report lines to `sink` as well as to stderr, until `None`.
+pub(crate) fn report_to(sink: Option<Sink>) {
+    SINK.with(|s| *s.borrow_mut() = sink);
+}
+
+/// A line of the upgrade's report.
+fn tell(line: &str) {
+    say(line);
+    SINK.with(|s| {
+        if let Some(sink) = s.borrow_mut().as_mut() {
+            sink(line);
+        }
+    });
 }
 
 /// The level chosen, and why.
@@ -334,7 +379,18 @@ impl NewVersion {
         match self.child.try_wait() {
             Ok(Some(status)) => Some(describe_exit(status)),
             Ok(None) => None,
-            Err(e) => Some(format!("lost track of it: {e}")),
+            // Under crac run, whose loop reaps every child: it keeps how it ended (a moment
+            // after it reaped it).
+            Err(e) => Some(
+                (0..10)
+                    .find_map(|_| {
+                        crate::run::reaped(self.pid()).or_else(|| {
+                            std::thread::sleep(Duration::from_millis(10));
+                            None
+                        })
+                    })
+                    .unwrap_or_else(|| format!("lost track of it: {e}")),
+            ),
         }
     }
 
@@ -436,6 +492,7 @@ fn handoff(
     old: &Process,
     agent: Option<&AgentSocket>,
     listeners: Vec<(String, OwnedFd)>,
+    follow: &dyn Fn(u32),
 ) -> Result<u8, OpError> {
     let drain = secs(args.drain_timeout, "--drain-timeout")?;
     secs(args.ready_timeout, "--ready-timeout")?;
@@ -444,7 +501,7 @@ fn handoff(
     let count = listeners.len();
     // The copies this process held are closed once the child has them.
     let mut new = start(store, args, &Origin::of(old), listeners, &notify)?;
-    say(&format!(
+    tell(&format!(
         "crac upgrade: started pid {} with {count} listening socket{} (LISTEN_FDS); waiting for READY=1",
         new.pid(),
         if count == 1 { "" } else { "s" }
@@ -453,14 +510,16 @@ fn handoff(
         Ok(ready_in) => ready_in,
         Err(what) => return Err(new.roll_back(old.pid(), what)),
     };
-    say(&format!(
+    tell(&format!(
         "crac upgrade: pid {} ready in {}; telling pid {} to retire",
         new.pid(),
         millis(ready_in.as_secs_f64() * 1e3),
         old.pid()
     ));
+    // From now on the new version is the service (crac run waits for it).
+    follow(new.pid());
     let retired = retire(old, agent, drain);
-    say(&format!(
+    tell(&format!(
         "crac upgrade: upgraded pid {} to pid {} (handoff: nothing refused; {}); its output goes to {}",
         old.pid(),
         new.pid(),
@@ -478,7 +537,7 @@ fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> String
     let how = match agent.map(ask_to_retire) {
         Some(Ok(())) => "told to retire by its agent",
         Some(Err(err)) => {
-            say(&format!(
+            tell(&format!(
                 "crac upgrade: pid {}'s agent did not take the retire request ({err}): sending SIGTERM",
                 old.pid()
             ));
@@ -498,7 +557,7 @@ fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> String
         );
     }
     let open = old.connections();
-    say(&format!(
+    tell(&format!(
         "crac upgrade: pid {} did not exit within {} of being {how}; still open: {}; killing it (SIGKILL)",
         old.pid(),
         millis(drain.as_secs_f64() * 1e3),
@@ -527,7 +586,7 @@ fn ask_to_retire(agent: &AgentSocket) -> Result<(), String> {
         (true, _) => Ok(()),
         // Retiring, with hooks that failed: said, and the process still ends.
         (false, Some(Code::Failed)) => {
-            say(&format!(
+            tell(&format!(
                 "crac upgrade: {}",
                 reply.error.unwrap_or_default()
             ));
@@ -549,6 +608,7 @@ fn restart(
     args: &UpgradeArgs,
     old: &Process,
     agent: Option<&AgentSocket>,
+    follow: &dyn Fn(u32),
 ) -> Result<u8, OpError> {
     let drain = secs(args.drain_timeout, "--drain-timeout")?;
     secs(args.ready_timeout, "--ready-timeout")?;
@@ -558,10 +618,13 @@ fn restart(
     let notify = notify_socket()?;
     // Down from when the old one stops accepting.
     let down_since = Instant::now();
+    // No service while none runs: the old one's end is not crac run's.
+    follow(0);
     let retired = retire(old, agent, drain);
     let ready_timeout = Duration::try_from_secs_f64(args.ready_timeout).unwrap_or_default();
     let mut new = start(store, args, &origin, Vec::new(), &notify)?;
     let pid = new.pid();
+    follow(pid);
     let ready =
         wait_listening(&mut new, &notify, &addresses, ready_timeout).map_err(|err| OpError {
             message: format!(
@@ -572,7 +635,7 @@ fn restart(
         })?;
     let downtime = down_since.elapsed();
     if !ready {
-        say(&format!(
+        tell(&format!(
             "crac upgrade: pid {pid} did not say READY=1{} within {}; it runs",
             if addresses.is_empty() {
                 ""
@@ -582,7 +645,7 @@ fn restart(
             millis(ready_timeout.as_secs_f64() * 1e3)
         ));
     }
-    say(&format!(
+    tell(&format!(
         "crac upgrade: upgraded pid {} to pid {pid} (restart: {retired}; downtime {}); its output goes to {}",
         old.pid(),
         millis(downtime.as_secs_f64() * 1e3),
@@ -656,7 +719,12 @@ fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 /// the new settings. Established connections are dumped and restored with the process
 /// (`--tcp-established`): keep-alive clients keep theirs. If the restore fails, the image is
 /// kept and the new command is started instead (the restart level), said so.
-fn state(store: &Store, args: &UpgradeArgs, old: &Process) -> Result<u8, OpError> {
+fn state(
+    store: &Store,
+    args: &UpgradeArgs,
+    old: &Process,
+    follow: &dyn Fn(u32),
+) -> Result<u8, OpError> {
     crac_cli::criu::require_root("upgrade --level state")?;
     let ready_timeout = secs(args.ready_timeout, "--ready-timeout")?;
     let origin = Origin::of(old);
@@ -677,11 +745,14 @@ fn state(store: &Store, args: &UpgradeArgs, old: &Process) -> Result<u8, OpError
         durable: false,
     };
     let began = Instant::now();
+    // The dump ends the process: not the service's end (the restore brings it back).
+    follow(0);
     let dumped = crac_cli::checkpoint::checkpoint(
         &request,
-        &mut |warning| say(&format!("crac upgrade: warning: {warning}")),
+        &mut |warning| tell(&format!("crac upgrade: warning: {warning}")),
         None,
     )
+    .inspect_err(|_| follow(old.pid()))
     .map_err(|err| OpError {
         message: format!(
             "the checkpoint failed, so pid {} was not upgraded (it runs on): {}",
@@ -698,15 +769,16 @@ fn state(store: &Store, args: &UpgradeArgs, old: &Process) -> Result<u8, OpError
         env: args.env.iter().cloned().collect(),
         inherit_stdio: false,
     };
-    let mut notice = |notice: &str| say(&format!("crac upgrade: {notice}"));
+    let mut notice = |notice: &str| tell(&format!("crac upgrade: {notice}"));
     match crac_cli::restore::restore(&restore, &mut notice, None) {
         Ok(restored) => {
+            follow(restored.pid);
             for failure in &restored.hook_failures {
-                say(&format!(
+                tell(&format!(
                     "crac upgrade: restored, but after_restore failed: {failure}"
                 ));
             }
-            say(&format!(
+            tell(&format!(
                 "crac upgrade: upgraded pid {} in place (state: memory kept, image {name}, the new settings in after_restore); checkpoint and restore took {}, nothing ran for {}",
                 restored.pid,
                 millis(began.elapsed().as_secs_f64() * 1e3),
@@ -719,17 +791,18 @@ fn state(store: &Store, args: &UpgradeArgs, old: &Process) -> Result<u8, OpError
             }
         }
         Err(err) => {
-            say(&format!(
+            tell(&format!(
                 "crac upgrade: the restore failed ({}); image {name} is kept: starting the new version instead (level restart)",
                 err.message
             ));
             for line in &err.details {
-                say(&format!("crac upgrade:   {line}"));
+                tell(&format!("crac upgrade:   {line}"));
             }
             let notify = notify_socket()?;
             let mut new = start(store, args, &origin, Vec::new(), &notify)?;
+            follow(new.pid());
             let ready = wait_listening(&mut new, &notify, &addresses, ready_timeout)?;
-            say(&format!(
+            tell(&format!(
                 "crac upgrade: pid {} replaced by pid {} (restart after a failed restore; {}downtime {})",
                 old.pid(),
                 new.pid(),
@@ -752,4 +825,49 @@ fn notify_socket() -> Result<Notify, OpError> {
 
 fn bad(message: String) -> OpError {
     OpError::new(FailureKind::BadInput, message)
+}
+
+/// `args` as the line `crac upgrade` sends `crac run` (see `crate::run`).
+pub(crate) fn args_to_line(args: &UpgradeArgs) -> String {
+    serde_json::json!({
+        "command": args.command,
+        "env": args.env,
+        "level": format!("{:?}", args.level).to_lowercase(),
+        "ready_timeout": args.ready_timeout,
+        "settle": args.settle,
+        "drain_timeout": args.drain_timeout,
+        "log": args.log,
+    })
+    .to_string()
+}
+
+/// The arguments in a line from `crac upgrade`, for the service `pid`.
+pub(crate) fn args_from_line(line: &str, pid: u32) -> Result<UpgradeArgs, String> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        command: Vec<String>,
+        env: Vec<(String, String)>,
+        level: String,
+        ready_timeout: f64,
+        settle: f64,
+        drain_timeout: f64,
+        log: Option<PathBuf>,
+    }
+    let line: Line =
+        serde_json::from_str(line).map_err(|e| format!("unreadable upgrade request: {e}"))?;
+    use clap::ValueEnum;
+    let level = UpgradeLevel::from_str(&line.level, true)?;
+    if line.command.is_empty() {
+        return Err("an upgrade request with no command".into());
+    }
+    Ok(UpgradeArgs {
+        pid,
+        level,
+        ready_timeout: line.ready_timeout,
+        settle: line.settle,
+        drain_timeout: line.drain_timeout,
+        env: line.env,
+        log: line.log,
+        command: line.command,
+    })
 }
