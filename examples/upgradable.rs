@@ -17,7 +17,8 @@
 //! ```
 //!
 //! `CRASH` makes a version fail, for rollback demos and tests: `start` (exits at start),
-//! `never-ready` (never says READY=1), `after-ready` (exits right after READY=1).
+//! `never-ready` (never says READY=1), `after-ready` (exits right after READY=1);
+//! `RETIRE=ignore` makes one that never goes when told to retire (crac's drain timeout).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,10 +144,16 @@ fn main() -> Result<(), String> {
             std::process::exit(3);
         }
         let (retire, retired) = tokio::sync::watch::channel(false);
-        tokio::task::spawn_blocking(move || {
-            Coordinator::global().wait_retired(None);
-            let _ = retire.send(true);
-        });
+        // RETIRE=ignore: a version that never goes (the sender kept, never sent).
+        let _never = if env("RETIRE", "") == "ignore" {
+            Some(retire)
+        } else {
+            tokio::task::spawn_blocking(move || {
+                Coordinator::global().wait_retired(None);
+                let _ = retire.send(true);
+            });
+            None
+        };
         let mut shutdown = retired.clone();
         let listener = UntilRetired { listener, retired };
         axum::serve(listener, router)

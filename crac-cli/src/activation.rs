@@ -328,3 +328,88 @@ impl Notify {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    /// The child sees the convention as a socket-activated service must: LISTEN_PID its own
+    /// pid, the count, the names, and descriptor 3 the very socket passed; NOTIFY_SOCKET
+    /// reaches the waiter.
+    #[test]
+    fn the_child_gets_the_listeners_by_the_systemd_convention() {
+        let dir = crac_fs::TempDir::new("crac-activation-test").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = |fd: &dyn AsRawFd| {
+            std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .unwrap()
+                .ino()
+        };
+        let (first, second) = (inode(&listener), inode(&other));
+        let notify = Notify::new().unwrap();
+        let out = crac_fs::create_file(&dir.path().join("out")).unwrap();
+        let script = "echo \"$LISTEN_PID $$ $LISTEN_FDS $LISTEN_FDNAMES $KEPT $SET\"; \
+                      stat -L -c %i /proc/$$/fd/3 /proc/$$/fd/4; echo \"$NOTIFY_SOCKET\"";
+        let mut child = spawn(Launch {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            base_env: vec![
+                ("KEPT".into(), "yes".into()),
+                ("LISTEN_FDS".into(), "9".into()),
+                ("SET".into(), "old".into()),
+            ],
+            env: vec![("SET".into(), "new".into())],
+            cwd: None,
+            listeners: vec![
+                ("http".into(), listener.try_clone().unwrap().into()),
+                ("admin".into(), other.try_clone().unwrap().into()),
+            ],
+            notify: Some(notify.path().to_owned()),
+            output: Some(out),
+        })
+        .unwrap();
+        let pid = child.id();
+        assert!(child.wait().unwrap().success());
+        // What the child would send on the socket it was named.
+        UnixDatagram::unbound()
+            .unwrap()
+            .send_to(b"STATUS=up\nREADY=1", notify.path())
+            .unwrap();
+        let ready = notify.wait_ready(Instant::now() + Duration::from_secs(10), || None);
+        let said = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        let lines: Vec<&str> = said.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("{pid} {pid} 2 http:admin yes new"),
+            "{said}"
+        );
+        assert_eq!(lines[1], first.to_string(), "{said}");
+        assert_eq!(lines[2], second.to_string(), "{said}");
+        assert_eq!(lines[3], notify.path().to_str().unwrap(), "{said}");
+        assert_eq!(ready, Readiness::Ready, "{said}");
+        // Nothing more comes: the wait ends at its deadline, or when the process ends.
+        let deadline = Instant::now() + Duration::from_millis(50);
+        assert_eq!(notify.wait_ready(deadline, || None), Readiness::TimedOut);
+        let far = Instant::now() + Duration::from_secs(10);
+        let ended = notify.wait_ready(far, || Some("exited".into()));
+        assert_eq!(ended, Readiness::Ended("exited".into()));
+    }
+
+    #[test]
+    fn a_program_that_is_not_there_is_an_error() {
+        let err = spawn(Launch {
+            command: vec!["crac-no-such-program".into()],
+            base_env: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            listeners: Vec::new(),
+            notify: None,
+            output: None,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("not found in PATH"), "{err}");
+    }
+}

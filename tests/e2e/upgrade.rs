@@ -501,3 +501,58 @@ fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(128 + 9));
 }
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn an_old_version_that_does_not_go_is_killed_after_the_drain_timeout_naming_its_connections() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-drain");
+    let crac = Crac::new(&scratch);
+    let port = free_port();
+    let v1 = Service::start(
+        &bin("upgradable"),
+        &scratch.path,
+        port,
+        &[("RETIRE", "ignore")],
+    );
+    let pid = v1.pid().to_string();
+    // A client that keeps its connection to v1 open.
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut client, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut answer = [0u8; 256];
+    let n = std::io::Read::read(&mut client, &mut answer).unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).contains("v1 hits="));
+    let client_addr = client.local_addr().unwrap();
+    let v2 = new_build(&bin("upgradable"), &scratch.path);
+    let out = crac.run(&[
+        "upgrade",
+        &pid,
+        "--drain-timeout",
+        "1",
+        "--env",
+        "APP_VERSION=v2",
+        "--env",
+        "RETIRE=",
+        "--",
+        v2.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "crac upgrade: pid {pid} did not exit within 1.00 s of being told to retire by its agent; still open: 127.0.0.1:{port} -> {client_addr}; killing it (SIGKILL)"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("killed after the drain timeout with 1 connection open"),
+        "{stderr}"
+    );
+    let v1_pid = v1.pid();
+    drop(v1);
+    assert_eq!(
+        reap(v1_pid, Duration::from_secs(10)),
+        WaitStatus::Signaled(Pid::from_raw(v1_pid as i32), Signal::SIGKILL, false)
+    );
+    stop_new(new_pid(&out));
+}
