@@ -48,6 +48,18 @@ impl Service {
     }
 }
 
+/// One answer, on a connection of its own.
+fn get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    answer
+}
+
 /// The load every test puts on the service.
 fn load(port: u16) -> Load {
     Load::start(Options {
@@ -555,4 +567,46 @@ fn an_old_version_that_does_not_go_is_killed_after_the_drain_timeout_naming_its_
         WaitStatus::Signaled(Pid::from_raw(v1_pid as i32), Signal::SIGKILL, false)
     );
     stop_new(new_pid(&out));
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn another_user_can_neither_take_the_listeners_nor_stop_the_service() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-nobody");
+    let port = free_port();
+    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let store = scratch.join("nobody-store");
+    let out = util::as_nobody(&format!(
+        "{} --store {} upgrade {} --env APP_VERSION=v2 -- /bin/true",
+        bin("crac").display(),
+        store.display(),
+        v1.pid()
+    ));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Neither its agent (in a root folder) nor its descriptors (root's /proc/PID/fd) give the
+    // listener away, so only a restart would do, and nobody may not stop it.
+    assert!(stderr.contains("level restart"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("not handoff: cannot read /proc/{}/fd", v1.pid())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "pid {} could not be sent SIGTERM (Operation not permitted (os error 1)): it runs on, and the new version was not started",
+            v1.pid()
+        )),
+        "{stderr}"
+    );
+    let answer = get(port);
+    assert!(
+        answer.ends_with(&format!("v1 hits=1 pid={}\n", v1.pid())),
+        "{answer}"
+    );
+    assert!(!store.exists(), "nothing was made for nobody");
+    let v1_pid = v1.pid();
+    let _ = kill(Pid::from_raw(v1_pid as i32), Signal::SIGKILL);
+    drop(v1);
+    reap(v1_pid, Duration::from_secs(10));
 }

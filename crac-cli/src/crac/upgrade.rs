@@ -518,7 +518,13 @@ fn handoff(
     ));
     // From now on the new version is the service (crac run waits for it).
     follow(new.pid());
-    let retired = retire(old, agent, drain);
+    let retired = match retire(old, agent, drain) {
+        Ok(retired) => retired,
+        Err(why) => {
+            follow(old.pid());
+            return Err(new.roll_back(old.pid(), format!("{why}, so it would not give way")));
+        }
+    };
     tell(&format!(
         "crac upgrade: upgraded pid {} to pid {} (handoff: nothing refused; {}); its output goes to {}",
         old.pid(),
@@ -531,9 +537,14 @@ fn handoff(
 
 /// Tells the old version to retire (its agent's retire op; SIGTERM without one), waits for
 /// it to exit, and kills it after `drain`, naming what it still had open. What happened, for
-/// the report.
-fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> String {
+/// the report; an error when it could not be told at all (then it runs on, untouched).
+fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> Result<String, String> {
     let began = Instant::now();
+    let sigterm = |why: &'static str| {
+        old.signal(Signal::SIGTERM)
+            .map(|()| why)
+            .map_err(|e| format!("pid {} could not be sent SIGTERM ({e})", old.pid()))
+    };
     let how = match agent.map(ask_to_retire) {
         Some(Ok(())) => "told to retire by its agent",
         Some(Err(err)) => {
@@ -541,20 +552,16 @@ fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> String
                 "crac upgrade: pid {}'s agent did not take the retire request ({err}): sending SIGTERM",
                 old.pid()
             ));
-            let _ = old.signal(Signal::SIGTERM);
-            "sent SIGTERM"
+            sigterm("sent SIGTERM")?
         }
-        None => {
-            let _ = old.signal(Signal::SIGTERM);
-            "sent SIGTERM (no agent)"
-        }
+        None => sigterm("sent SIGTERM (no agent)")?,
     };
     if old.wait_end(drain) {
-        return format!(
+        return Ok(format!(
             "pid {} {how}, exited after {}",
             old.pid(),
             millis(began.elapsed().as_secs_f64() * 1e3)
-        );
+        ));
     }
     let open = old.connections();
     tell(&format!(
@@ -569,12 +576,12 @@ fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> String
     ));
     let _ = old.signal(Signal::SIGKILL);
     old.wait_end(Duration::from_secs(5));
-    format!(
+    Ok(format!(
         "pid {} {how}, killed after the drain timeout with {} connection{} open",
         old.pid(),
         open.len(),
         if open.len() == 1 { "" } else { "s" }
-    )
+    ))
 }
 
 fn ask_to_retire(agent: &AgentSocket) -> Result<(), String> {
@@ -620,7 +627,13 @@ fn restart(
     let down_since = Instant::now();
     // No service while none runs: the old one's end is not crac run's.
     follow(0);
-    let retired = retire(old, agent, drain);
+    let retired = retire(old, agent, drain).map_err(|why| {
+        follow(old.pid());
+        OpError::new(
+            FailureKind::Failed,
+            format!("{why}: it runs on, and the new version was not started"),
+        )
+    })?;
     let ready_timeout = Duration::try_from_secs_f64(args.ready_timeout).unwrap_or_default();
     let mut new = start(store, args, &origin, Vec::new(), &notify)?;
     let pid = new.pid();
