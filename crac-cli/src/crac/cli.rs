@@ -380,7 +380,8 @@ pub(crate) struct RunArgs {
 /// `crac upgrade`.
 #[derive(Debug, Args)]
 pub(crate) struct UpgradeArgs {
-    /// The running service.
+    /// The running service (or the `crac run` it runs under, which then does the upgrade and
+    /// stays its parent).
     pub pid: u32,
     /// How: `state` (checkpoint and restore with the new settings; the executable and what
     /// it maps unchanged), `handoff` (the new version gets the listening sockets), `restart`
@@ -477,6 +478,31 @@ mod tests {
         };
         assert_eq!(args.command, ["./web", "--port", "1"]);
 
+        let cli = Cli::try_parse_from([
+            "crac",
+            "upgrade",
+            "42",
+            "--level",
+            "handoff",
+            "--env",
+            "APP_VERSION=v2",
+            "--",
+            "./web",
+            "--port",
+            "1",
+        ])
+        .unwrap();
+        let Command::Upgrade(args) = cli.command else {
+            panic!("not upgrade")
+        };
+        assert_eq!((args.pid, args.level), (42, UpgradeLevel::Handoff));
+        assert_eq!(args.env, [("APP_VERSION".to_owned(), "v2".to_owned())]);
+        assert_eq!(args.command, ["./web", "--port", "1"]);
+        assert_eq!(
+            (args.ready_timeout, args.settle, args.drain_timeout),
+            (30.0, 0.5, 30.0)
+        );
+
         let cli = Cli::try_parse_from(["crac", "--store", "/s", "images", "prune", "--keep", "2"])
             .unwrap();
         assert_eq!(cli.store, Some(PathBuf::from("/s")));
@@ -492,6 +518,10 @@ mod tests {
             &["crac", "checkpoint", "notapid"][..],
             &["crac", "checkpoint", "1", "--name", "a", "--dir", "/x"],
             &["crac", "run", "--image", "web"],
+            &["crac", "upgrade", "42"],
+            &[
+                "crac", "upgrade", "42", "--level", "sideways", "--", "./web",
+            ],
             &["crac", "images", "rm"],
             &["crac", "frobnicate"],
         ] {

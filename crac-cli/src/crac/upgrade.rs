@@ -884,3 +884,37 @@ pub(crate) fn args_from_line(line: &str, pid: u32) -> Result<UpgradeArgs, String
         command: line.command,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `crac upgrade` sends `crac run` is what `crac run` reads back, for its service.
+    #[test]
+    fn the_request_to_crac_run_reads_back_as_it_was_sent() {
+        let args = UpgradeArgs {
+            pid: 42,
+            level: UpgradeLevel::Handoff,
+            ready_timeout: 2.5,
+            settle: 0.25,
+            drain_timeout: 9.0,
+            env: vec![("APP_VERSION".into(), "v2".into())],
+            log: Some("/var/log/web.log".into()),
+            command: vec!["/app/web".into(), "--port".into(), "8080".into()],
+        };
+        let read = args_from_line(&args_to_line(&args), 7).unwrap();
+        assert_eq!(read.pid, 7);
+        assert_eq!(read.level, args.level);
+        assert_eq!(
+            (read.ready_timeout, read.settle, read.drain_timeout),
+            (2.5, 0.25, 9.0)
+        );
+        assert_eq!(
+            (read.env, read.log, read.command),
+            (args.env, args.log, args.command)
+        );
+        assert!(args_from_line("{}", 7)
+            .unwrap_err()
+            .starts_with("unreadable upgrade request"));
+    }
+}
