@@ -610,3 +610,105 @@ fn another_user_can_neither_take_the_listeners_nor_stop_the_service() {
     drop(v1);
     reap(v1_pid, Duration::from_secs(10));
 }
+
+/// In a container whose main process is `crac run` (scripts/container-image.sh's image),
+/// `podman exec ... crac upgrade 1` has crac run hand the listener to the new version, which
+/// it starts as its own child: the container's main process stays crac run.
+#[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
+fn in_a_container_crac_run_stays_the_main_process_and_hands_over() {
+    let Some(env) = util::env() else { return };
+    if !crate::oci::runtimes_present() {
+        return;
+    }
+    let scratch = Scratch::new("upod");
+    let podman = crac_test_support::podman::Podman::new(&scratch.join("podman"), &env.criu.path);
+    let port = free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/container-image.sh");
+    let built = Command::new("bash")
+        .arg(&script)
+        .arg("--bin-dir")
+        .arg(bin("crac").parent().expect("the binaries' folder"))
+        .args(["--name", "upgradable", "localhost/upgradable:v1", "--"])
+        .arg(bin("upgradable"))
+        .env(
+            "PODMAN",
+            format!("podman {}", podman.global_options().join(" ")),
+        )
+        .output()
+        .expect("run scripts/container-image.sh");
+    assert!(built.status.success(), "{}", text(&built));
+    let port_env = format!("PORT={port}");
+    let mut args = vec!["run", "-d", "--name", "web", "-e", &port_env];
+    args.extend(crac_test_support::podman::WARM_RUN_OPTIONS);
+    args.push("localhost/upgradable:v1");
+    podman.run(&args, "podman run");
+    wait_until(Duration::from_secs(30), "the service to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let load = load(port);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = podman.run(
+        &[
+            "exec",
+            "web",
+            "/usr/local/bin/crac",
+            "upgrade",
+            "1",
+            "--level",
+            "handoff",
+            "--env",
+            "APP_VERSION=v2",
+            "--",
+            "/app/upgradable",
+        ],
+        "podman exec crac upgrade",
+    );
+    let done = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = load.stop();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the service runs under crac run, which upgrades it")
+            && stderr.contains("1 listener from its agent: http"),
+        "{stderr}"
+    );
+    assert_nothing_lost(&tally, "in a container");
+    assert_all_from(&tally, done, "v2 ");
+    // The container's main process is still crac run, the parent of the new version (seen
+    // from the host: the image has no shell tools).
+    let run = podman.pid("web");
+    let cmdline = std::fs::read(format!("/proc/{run}/cmdline")).unwrap();
+    assert!(
+        cmdline.starts_with(b"/usr/local/bin/crac\0run\0"),
+        "{cmdline:?}"
+    );
+    let new = new_pid(&out);
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{run}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    let in_container = |host: u32| {
+        std::fs::read_to_string(format!("/proc/{host}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|ids| ids.split_whitespace().last()?.parse::<u32>().ok())
+    };
+    assert_eq!(
+        children
+            .iter()
+            .map(|&c| in_container(c))
+            .collect::<Vec<_>>(),
+        [Some(new)],
+        "{children:?}"
+    );
+    podman.run(&["rm", "--force", "--time", "0", "web"], "podman rm");
+}
