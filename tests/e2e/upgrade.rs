@@ -16,9 +16,10 @@ use nix::unistd::Pid;
 use crate::util::{self, bin, free_port, reap, text, wait_until, Crac, Scratch};
 
 /// A service under test: a child of this test, a session leader with its output appended to
-/// a file (a checkpoint wants both).
+/// a file (a checkpoint wants both). Killed when dropped, unless it ended first.
 struct Service {
-    child: Child,
+    pid: u32,
+    child: Option<Child>,
 }
 
 impl Service {
@@ -40,11 +41,42 @@ impl Service {
         wait_until(Duration::from_secs(10), "the service to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        Service { child }
+        Service {
+            pid: child.id(),
+            child: Some(child),
+        }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    /// Waits for it to end by itself: how it did.
+    fn ended(mut self) -> WaitStatus {
+        self.child = None;
+        reap(self.pid, Duration::from_secs(10))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A new version: an orphan re-parented to this test (its parent, crac, has exited), killed
+/// and reaped when dropped, so that a failed test leaves nothing running.
+struct Orphan(u32);
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.0 as i32);
+        if kill(pid, Signal::SIGKILL).is_ok() {
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
     }
 }
 
@@ -80,6 +112,25 @@ fn upgrade_under_load(crac: &Crac, port: u16, args: &[&str]) -> (Tally, Output, 
     (load.stop(), out, done)
 }
 
+/// `crac run`, stopped when dropped (SIGTERM, which it forwards to its service; SIGKILL if
+/// that is not enough), so that a failed test leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The pid crac's report names as the new version ("... to pid N ...").
 fn new_pid(out: &Output) -> u32 {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -89,12 +140,6 @@ fn new_pid(out: &Output) -> u32 {
         .next()
         .and_then(|n| n.parse().ok())
         .expect("a pid")
-}
-
-/// Stops the new version (an orphan re-parented to this test) and reaps it.
-fn stop_new(pid: u32) {
-    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    reap(pid, Duration::from_secs(10));
 }
 
 fn assert_nothing_lost(tally: &Tally, what: &str) {
@@ -180,7 +225,7 @@ fn handoff_passes_the_listener_and_refuses_nothing() {
         "{stderr}"
     );
     assert!(stderr.contains("told to retire by its agent"), "{stderr}");
-    let new = new_pid(&out);
+    let _new = Orphan(new_pid(&out));
     assert_nothing_lost(&tally, "handoff");
     assert!(tally.answers.iter().any(|a| a.body.starts_with("v1 ")));
     assert_all_from(&tally, done, "v2 ");
@@ -191,18 +236,13 @@ fn handoff_passes_the_listener_and_refuses_nothing() {
         max_hits(&tally)
     );
     // v1 retired and exited by itself.
-    let v1_pid = v1.pid();
-    drop(v1);
-    assert_eq!(
-        reap(v1_pid, Duration::from_secs(10)),
-        WaitStatus::Exited(Pid::from_raw(v1_pid as i32), 0)
-    );
+    let v1_pid = Pid::from_raw(v1.pid() as i32);
+    assert_eq!(v1.ended(), WaitStatus::Exited(v1_pid, 0));
     let v1_log = std::fs::read_to_string(scratch.join("v1.log")).unwrap();
     assert!(
         v1_log.contains("upgradable v1: retired after hits="),
         "{v1_log}"
     );
-    stop_new(new);
     eprintln!(
         "handoff: {} answers, {} retried on a new connection, p99 {:?}",
         tally.answers.len(),
@@ -276,10 +316,6 @@ fn a_new_version_that_fails_is_rolled_back_and_the_old_one_serves_on() {
             "{crash}: v1 is gone"
         );
     }
-    let v1_pid = v1.pid();
-    let _ = kill(Pid::from_raw(v1_pid as i32), Signal::SIGKILL);
-    drop(v1);
-    reap(v1_pid, Duration::from_secs(10));
 }
 
 #[test]
@@ -307,19 +343,14 @@ fn a_service_with_no_crac_code_and_no_agent_is_handed_over_by_pidfd_and_sigterm(
         "{stderr}"
     );
     assert!(stderr.contains("sent SIGTERM (no agent)"), "{stderr}");
-    let new = new_pid(&out);
+    let _new = Orphan(new_pid(&out));
     assert_nothing_lost(&tally, "activation");
     assert_all_from(&tally, done, "v2 ");
     let v2_log = std::fs::read_to_string(crac.store.join("crac-test-activation.log")).unwrap();
     assert!(v2_log.contains("activation v2: pid"), "{v2_log}");
     assert!(v2_log.contains("(passed listener)"), "{v2_log}");
-    let v1_pid = v1.pid();
-    drop(v1);
-    assert_eq!(
-        reap(v1_pid, Duration::from_secs(10)),
-        WaitStatus::Exited(Pid::from_raw(v1_pid as i32), 0)
-    );
-    stop_new(new);
+    let v1_pid = Pid::from_raw(v1.pid() as i32);
+    assert_eq!(v1.ended(), WaitStatus::Exited(v1_pid, 0));
 }
 
 #[test]
@@ -349,14 +380,12 @@ fn restart_stops_then_starts_and_reports_its_downtime() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("level restart (asked for)"), "{stderr}");
     assert!(stderr.contains("; downtime "), "{stderr}");
-    let new = new_pid(&out);
+    let _new = Orphan(new_pid(&out));
     assert_all_from(&tally, done, "v2 ");
     // Started after v1 flushed: the count runs on.
     assert!(max_hits(&tally) >= tally.answers.len());
-    let v1_pid = v1.pid();
-    drop(v1);
-    reap(v1_pid, Duration::from_secs(10));
-    stop_new(new);
+    let v1_pid = Pid::from_raw(v1.pid() as i32);
+    assert_eq!(v1.ended(), WaitStatus::Exited(v1_pid, 0));
     eprintln!(
         "restart: {} refused, {} failed, {} answers",
         tally.refused,
@@ -376,8 +405,11 @@ fn state_keeps_the_memory_and_hands_the_new_settings_to_after_restore() {
     let pid = v1.pid();
     // The dumped v1 is reaped as soon as it is gone (the restore needs its pid free), as a
     // supervisor would.
-    let Service { mut child } = v1;
+    let mut v1 = v1;
+    let mut child = v1.child.take().expect("v1 runs");
     let reaper = std::thread::spawn(move || child.wait());
+    // The restored copy (the same pid) is an orphan re-parented to this test.
+    let _restored = Orphan(pid);
     let upgradable = bin("upgradable");
     let (tally, out, done) = upgrade_under_load(
         &crac,
@@ -416,9 +448,8 @@ fn state_keeps_the_memory_and_hands_the_new_settings_to_after_restore() {
         tally.answers.len(),
         tally.retried
     );
-    // v1 was dumped (killed); the restored copy is an orphan re-parented to this test.
+    // v1 was dumped (killed) and reaped.
     let _ = reaper.join();
-    stop_new(pid);
 }
 
 #[test]
@@ -442,11 +473,11 @@ fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
         .env("PORT", port.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut run = run.spawn().expect("crac run starts");
+    let mut run = Running(run.spawn().expect("crac run starts"));
     wait_until(Duration::from_secs(10), "the service to listen", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    let run_pid = run.id();
+    let run_pid = run.0.id();
     // crac run's children, whichever of its threads started them.
     let children = || {
         let mut all: Vec<u32> = std::fs::read_dir(format!("/proc/{run_pid}/task"))
@@ -510,7 +541,7 @@ fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
     assert_eq!(children(), [new]);
     // crac run exits with its (new) service's status.
     kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
-    let status = run.wait().unwrap();
+    let status = run.0.wait().unwrap();
     assert_eq!(status.code(), Some(128 + 9));
 }
 
@@ -560,13 +591,12 @@ fn an_old_version_that_does_not_go_is_killed_after_the_drain_timeout_naming_its_
         stderr.contains("killed after the drain timeout with 1 connection open"),
         "{stderr}"
     );
-    let v1_pid = v1.pid();
-    drop(v1);
+    let _new = Orphan(new_pid(&out));
+    let v1_pid = Pid::from_raw(v1.pid() as i32);
     assert_eq!(
-        reap(v1_pid, Duration::from_secs(10)),
-        WaitStatus::Signaled(Pid::from_raw(v1_pid as i32), Signal::SIGKILL, false)
+        v1.ended(),
+        WaitStatus::Signaled(v1_pid, Signal::SIGKILL, false)
     );
-    stop_new(new_pid(&out));
 }
 
 #[test]
@@ -605,10 +635,6 @@ fn another_user_can_neither_take_the_listeners_nor_stop_the_service() {
         "{answer}"
     );
     assert!(!store.exists(), "nothing was made for nobody");
-    let v1_pid = v1.pid();
-    let _ = kill(Pid::from_raw(v1_pid as i32), Signal::SIGKILL);
-    drop(v1);
-    reap(v1_pid, Duration::from_secs(10));
 }
 
 /// In a container whose main process is `crac run` (scripts/container-image.sh's image),
