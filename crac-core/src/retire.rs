@@ -89,39 +89,3 @@ fn lock(mutex: &Mutex<State>) -> MutexGuard<'_, State> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use crate::Coordinator;
-
-    #[test]
-    fn retiring_drains_runs_every_hook_once_and_wakes_the_waiters() {
-        let coordinator = Coordinator::new();
-        let told = Arc::new(AtomicUsize::new(0));
-        let t = told.clone();
-        coordinator.on_retire("state", move || {
-            t.fetch_add(1, Ordering::SeqCst);
-        });
-        coordinator.on_retire("broken", || panic!("disk full"));
-        let t = told.clone();
-        coordinator.on_retire("cache", move || {
-            t.fetch_add(10, Ordering::SeqCst);
-        });
-        assert!(!coordinator.is_draining());
-        assert!(!coordinator.wait_retired(Some(Duration::from_millis(10))));
-        let waiter = {
-            let coordinator = coordinator.clone();
-            std::thread::spawn(move || coordinator.wait_retired(None))
-        };
-        assert_eq!(coordinator.retire(), ["broken: panicked: disk full"]);
-        assert!(waiter.join().unwrap());
-        assert!(coordinator.is_draining() && coordinator.is_retiring());
-        assert_eq!(told.load(Ordering::SeqCst), 11);
-        assert!(coordinator.retire().is_empty());
-        assert_eq!(told.load(Ordering::SeqCst), 11);
-    }
-}
