@@ -173,13 +173,17 @@ impl Handler {
             // The server passes the descriptors and their names with this reply.
             Op::Listeners => self.reply(OpName::Listeners, true, Vec::new(), None, None),
             Op::Retire => {
-                let failed = self.coordinator.retire();
-                if failed.is_empty() {
-                    self.reply(OpName::Retire, true, Vec::new(), None, None)
-                } else {
-                    let message =
-                        format!("retiring, but retire hooks failed: {}", failed.join("; "));
+                let retired = self.coordinator.retire();
+                if !retired.failed.is_empty() {
+                    let message = format!(
+                        "retiring, but retire hooks failed: {}",
+                        retired.failed.join("; ")
+                    );
                     self.error(OpName::Retire, Code::Failed, message)
+                } else if !retired.heard {
+                    self.reply(OpName::Retire, true, Vec::new(), Some(Code::Unheard), None)
+                } else {
+                    self.reply(OpName::Retire, true, Vec::new(), None, None)
                 }
             }
             // An op this agent does not know (`Op::Unknown`, or one added to the protocol later).

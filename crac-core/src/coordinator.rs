@@ -18,7 +18,7 @@ use crate::ordering::{visit_order, Direction};
 use crate::quiesce::{held_by_this_thread, CriticalSection, EnterAsync, Gate};
 use crate::report::{CycleReport, HookRecord};
 use crate::resource::{CheckpointInfo, RestoreDetails, RestoreInfo, RestoreReason};
-use crate::retire::Retirement;
+use crate::retire::{Retired, Retirement};
 use crate::trace::CycleSpan;
 
 /// Time limits for a cycle.
@@ -298,9 +298,9 @@ impl Coordinator {
     /// `serve(...).with_graceful_shutdown(...)`). Connections that arrive meanwhile wait in the
     /// listening socket's queue, which the successor shares and accepts from.
     ///
-    /// Runs once: a second call does nothing and returns no failures. Returns the hooks that
-    /// panicked, by name, with their message.
-    pub fn retire(&self) -> Vec<String> {
+    /// Runs once: a second call does nothing and returns no failures. Says which hooks
+    /// panicked, and whether anything listens for retirement (a hook, or a thread waiting).
+    pub fn retire(&self) -> Retired {
         self.set_draining(true);
         self.inner.retirement.begin()
     }

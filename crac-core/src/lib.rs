@@ -134,6 +134,7 @@ pub use resource::{
     from_fns, CheckpointInfo, FnResource, HookError, Resource, RestoreDetails, RestoreInfo,
     RestoreReason, TcpConnections,
 };
+pub use retire::Retired;
 pub use statics::StaticResource;
 
 /// The global coordinator's root context: `crac_core::global_context().register(r).keep()`.

@@ -17,6 +17,8 @@ pub(crate) struct Retirement {
 #[derive(Default)]
 struct State {
     hooks: Vec<(String, Hook)>,
+    /// Threads waiting in `wait` now.
+    waiters: usize,
     /// Set once the hooks have run.
     done: bool,
     /// Set when the phase began (its hooks may still run).
@@ -29,16 +31,20 @@ impl Retirement {
     }
 
     /// Runs the hooks once (outside the lock, so that a hook may look at the coordinator),
-    /// then wakes the waiters. The hooks that panicked, by name.
-    pub(crate) fn begin(&self) -> Vec<String> {
-        let hooks = {
+    /// then wakes the waiters.
+    pub(crate) fn begin(&self) -> Retired {
+        let (hooks, waiters) = {
             let mut state = lock(&self.state);
             if state.started {
-                return Vec::new();
+                return Retired {
+                    failed: Vec::new(),
+                    heard: true,
+                };
             }
             state.started = true;
-            state.hooks.clone()
+            (state.hooks.clone(), state.waiters)
         };
+        let heard = !hooks.is_empty() || waiters > 0;
         let mut failed = Vec::new();
         for (name, hook) in hooks {
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| hook())) {
@@ -52,7 +58,7 @@ impl Retirement {
         }
         lock(&self.state).done = true;
         self.begun.notify_all();
-        failed
+        Retired { failed, heard }
     }
 
     pub(crate) fn begun(&self) -> bool {
@@ -62,6 +68,13 @@ impl Retirement {
     pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = lock(&self.state);
+        state.waiters += 1;
+        let done = self.wait_locked(state, deadline);
+        lock(&self.state).waiters -= 1;
+        done
+    }
+
+    fn wait_locked(&self, mut state: MutexGuard<'_, State>, deadline: Option<Instant>) -> bool {
         while !state.done {
             state = match deadline {
                 None => self
@@ -82,6 +95,19 @@ impl Retirement {
         }
         true
     }
+}
+
+/// What [`Coordinator::retire`](crate::Coordinator::retire) did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retired {
+    /// The retire hooks that panicked, by name, with their message.
+    pub failed: Vec<String>,
+    /// Whether anything in the process listens for retirement: a retire hook, or a thread in
+    /// [`Coordinator::wait_retired`](crate::Coordinator::wait_retired). A process where
+    /// nothing does will not go by itself (`crac upgrade` then sends it SIGTERM, its ordinary
+    /// way to stop).
+    pub heard: bool,
 }
 
 fn lock(mutex: &Mutex<State>) -> MutexGuard<'_, State> {

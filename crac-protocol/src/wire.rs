@@ -35,7 +35,8 @@
 //! - `retire` (`crac upgrade`, once the successor is ready): the process's retire phase
 //!   (`crac_core::Coordinator::retire`: draining on, every retire hook run, the application
 //!   told to finish what it has and exit). Failed hooks are named in `error`; the phase runs
-//!   once.
+//!   once. Code `unheard` (with `ok`): nothing in the service listens for retirement, so it
+//!   will not go by itself (`crac upgrade` then sends it SIGTERM).
 //! - `lease_ms` (before-checkpoint only, optional): how long the checkpoint may stay pending
 //!   without an after-restore before the agent ends it itself (reason `aborted`; `restored` in
 //!   a copy restored from an image); 60 s without it. Time the process spends frozen (by a
@@ -77,7 +78,7 @@
 //! - `error`: one line saying what went wrong, naming every failed hook; `null` when `ok`.
 //! - `code`: what happened, as one word a program can test, when it is not plain success
 //!   (see [`Code`]): `already` (ok: a before-checkpoint of the cycle already pending, nothing run
-//!   again), `bad-request`, `permission-denied`, `busy`, `not-checkpointing`, `cycle-mismatch`,
+//!   again), `unheard` (ok: a retire nothing in the service listens for), `bad-request`, `permission-denied`, `busy`, `not-checkpointing`, `cycle-mismatch`,
 //!   `failed`. Absent on plain success. New words may be added.
 //! - `hooks`: every hook the request ran, in order, with its duration in microseconds and its
 //!   error, if any.
@@ -258,6 +259,9 @@ words! {
     Code {
         /// `ok`: a before-checkpoint of the cycle already pending; nothing was run again.
         Already => "already",
+        /// `ok`: a retire that ran, but nothing in the service listens for it (no retire hook,
+        /// nobody waiting): it will not go by itself.
+        Unheard => "unheard",
         /// The request could not be read, or is not a valid request.
         BadRequest => "bad-request",
         /// The peer may not control this process.

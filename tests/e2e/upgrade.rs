@@ -738,3 +738,56 @@ fn in_a_container_crac_run_stays_the_main_process_and_hands_over() {
     );
     podman.run(&["rm", "--force", "--time", "0", "web"], "podman rm");
 }
+
+/// A service with an agent but no listener and no thought of upgrades (the README's hello):
+/// nothing to hand over, so a restart; its agent says nothing in it listens for retirement,
+/// so it gets SIGTERM; the new version counts as up once it has run for --settle.
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn a_service_that_knows_nothing_of_upgrades_is_restarted_with_sigterm() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("upgrade-hello");
+    let crac = Crac::new(&scratch);
+    let log = crac_fs::open_append(&scratch.join("hello.log")).expect("log");
+    let mut cmd = Command::new(bin("hello"));
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and the only call between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
+    }
+    let child = cmd.spawn().expect("hello starts");
+    let v1 = Service {
+        pid: child.id(),
+        child: Some(child),
+    };
+    wait_until(Duration::from_secs(10), "hello's agent", || {
+        crac_protocol::location::socket_path(v1.pid()).exists()
+    });
+    let copy = scratch.join("hello-v2");
+    std::fs::copy(bin("hello"), &copy).expect("copy");
+    let out = crac.run(&[
+        "upgrade",
+        &v1.pid().to_string(),
+        "--",
+        copy.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not handoff: its agent shares no listening socket"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("sent SIGTERM (its service does not listen for retirement)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("; downtime "), "{stderr}");
+    let _new = Orphan(new_pid(&out));
+    let v1_pid = Pid::from_raw(v1.pid() as i32);
+    assert_eq!(
+        v1.ended(),
+        WaitStatus::Signaled(v1_pid, Signal::SIGTERM, false)
+    );
+}

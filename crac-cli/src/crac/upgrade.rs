@@ -546,7 +546,10 @@ fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> Result
             .map_err(|e| format!("pid {} could not be sent SIGTERM ({e})", old.pid()))
     };
     let how = match agent.map(ask_to_retire) {
-        Some(Ok(())) => "told to retire by its agent",
+        Some(Ok(true)) => "told to retire by its agent",
+        // An agent, but a service that does not listen for retirement: SIGTERM, its ordinary
+        // way to stop.
+        Some(Ok(false)) => sigterm("sent SIGTERM (its service does not listen for retirement)")?,
         Some(Err(err)) => {
             tell(&format!(
                 "crac upgrade: pid {}'s agent did not take the retire request ({err}): sending SIGTERM",
@@ -584,20 +587,23 @@ fn retire(old: &Process, agent: Option<&AgentSocket>, drain: Duration) -> Result
     ))
 }
 
-fn ask_to_retire(agent: &AgentSocket) -> Result<(), String> {
+/// Asks the agent to retire its process: whether anything in it listens (if not, it will not
+/// go by itself).
+fn ask_to_retire(agent: &AgentSocket) -> Result<bool, String> {
     let stream = agent.connect().map_err(|e| e.to_string())?;
     let reply =
         crac_protocol::client::exchange(stream, agent.dir(), &Request::retire(), AGENT_LIMIT)
             .map_err(|e| e.to_string())?;
     match (reply.ok, reply.code) {
-        (true, _) => Ok(()),
+        (true, Some(Code::Unheard)) => Ok(false),
+        (true, _) => Ok(true),
         // Retiring, with hooks that failed: said, and the process still ends.
         (false, Some(Code::Failed)) => {
             tell(&format!(
                 "crac upgrade: {}",
                 reply.error.unwrap_or_default()
             ));
-            Ok(())
+            Ok(true)
         }
         (false, _) => Err(reply.error.unwrap_or_default()),
     }
@@ -619,6 +625,7 @@ fn restart(
 ) -> Result<u8, OpError> {
     let drain = secs(args.drain_timeout, "--drain-timeout")?;
     secs(args.ready_timeout, "--ready-timeout")?;
+    let settle = secs(args.settle, "--settle")?;
     let addresses = listening_addresses(old);
     // Read before the old version is gone.
     let origin = Origin::of(old);
@@ -639,12 +646,14 @@ fn restart(
     let pid = new.pid();
     follow(pid);
     let ready =
-        wait_listening(&mut new, &notify, &addresses, ready_timeout).map_err(|err| OpError {
-            message: format!(
-                "{}; the old one ({retired}) is gone: nothing serves",
-                err.message
-            ),
-            ..err
+        wait_listening(&mut new, &notify, &addresses, ready_timeout, settle).map_err(|err| {
+            OpError {
+                message: format!(
+                    "{}; the old one ({retired}) is gone: nothing serves",
+                    err.message
+                ),
+                ..err
+            }
         })?;
     let downtime = down_since.elapsed();
     if !ready {
@@ -668,28 +677,33 @@ fn restart(
 }
 
 /// Waits until the new version is ready: READY=1, or one of `addresses` accepting
-/// connections again. Whether it was within `timeout` (it runs either way); an error if it
-/// ended.
+/// connections again, or, with no address to watch, once it has run for `settle`. Whether it
+/// was within `timeout` (it runs either way); an error if it ended.
 fn wait_listening(
     new: &mut NewVersion,
     notify: &Notify,
     addresses: &[String],
     timeout: Duration,
+    settle: Duration,
 ) -> Result<bool, OpError> {
     let deadline = new.started + timeout;
     let pid = new.pid();
-    let probe = || {
+    let started = new.started;
+    let up = || {
+        if addresses.is_empty() {
+            return started.elapsed() >= settle;
+        }
         addresses
             .iter()
             .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
             .any(|a| TcpStream::connect_timeout(&loopback(a), Duration::from_millis(20)).is_ok())
     };
-    // An empty "how" stands for: it listens.
+    // An empty "how" stands for: it is up.
     let outcome = notify.wait_ready(deadline, || {
-        if probe() {
-            return Some(String::new());
+        if let Some(how) = new.ended() {
+            return Some(how);
         }
-        new.ended()
+        up().then(String::new)
     });
     match outcome {
         Readiness::Ready => Ok(true),
@@ -740,6 +754,7 @@ fn state(
 ) -> Result<u8, OpError> {
     crac_cli::criu::require_root("upgrade --level state")?;
     let ready_timeout = secs(args.ready_timeout, "--ready-timeout")?;
+    let settle = secs(args.settle, "--settle")?;
     let origin = Origin::of(old);
     let addresses = listening_addresses(old);
     let name = format!("upgrade-{}", old.pid());
@@ -814,7 +829,7 @@ fn state(
             let notify = notify_socket()?;
             let mut new = start(store, args, &origin, Vec::new(), &notify)?;
             follow(new.pid());
-            let ready = wait_listening(&mut new, &notify, &addresses, ready_timeout)?;
+            let ready = wait_listening(&mut new, &notify, &addresses, ready_timeout, settle)?;
             tell(&format!(
                 "crac upgrade: pid {} replaced by pid {} (restart after a failed restore; {}downtime {})",
                 old.pid(),
