@@ -155,6 +155,15 @@ pub fn environ(pid: u32) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
         .collect()
 }
 
+/// The file `pid` runs (`/proc/PID/exe`, followed), to tell it from another build.
+///
+/// # Errors
+///
+/// When the process is gone or may not be looked at.
+pub fn executable(pid: u32) -> std::io::Result<fs::Metadata> {
+    fs::metadata(format!("/proc/{pid}/exe"))
+}
+
 /// The working folder of `pid` (`/proc/PID/cwd`), if it can be read.
 pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
     fs::read_link(format!("/proc/{pid}/cwd")).ok()

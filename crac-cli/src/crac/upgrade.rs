@@ -205,7 +205,7 @@ fn state_applies(pid: u32, has_agent: bool, command: &[String]) -> Result<String
                 .into(),
         );
     }
-    let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
+    let exe = crac_cli::process::executable(pid)
         .map_err(|e| format!("cannot read pid {pid}'s executable: {e}"))?;
     let program = Path::new(&command[0]);
     let new = which(program)
