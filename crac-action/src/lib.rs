@@ -44,6 +44,7 @@ pub mod agent_socket;
 pub mod agents;
 pub mod criu;
 pub mod error;
+pub mod handover;
 pub mod netns;
 pub mod post_dump;
 pub mod post_resume;

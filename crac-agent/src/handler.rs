@@ -170,17 +170,35 @@ impl Handler {
                     ..self.reply(OpName::Descriptors, true, Vec::new(), None, None)
                 }
             }
+            // The server passes the descriptors and their names with this reply.
+            Op::Listeners => self.reply(OpName::Listeners, true, Vec::new(), None, None),
+            Op::Retire => {
+                let retired = self.coordinator.retire();
+                if !retired.failed.is_empty() {
+                    let message = format!(
+                        "retiring, but retire hooks failed: {}",
+                        retired.failed.join("; ")
+                    );
+                    self.error(OpName::Retire, Code::Failed, message)
+                } else if !retired.heard {
+                    self.reply(OpName::Retire, true, Vec::new(), Some(Code::Unheard), None)
+                } else {
+                    self.reply(OpName::Retire, true, Vec::new(), None, None)
+                }
+            }
             // An op this agent does not know (`Op::Unknown`, or one added to the protocol later).
             other => self.error(
                 other.name(),
                 Code::BadRequest,
                 format!(
-                    "unknown op {:?}: expected {:?}, {:?}, {:?} or {:?}",
+                    "unknown op {:?}: expected {:?}, {:?}, {:?}, {:?}, {:?} or {:?}",
                     other.name().as_str(),
                     OpName::BeforeCheckpoint.as_str(),
                     OpName::AfterRestore.as_str(),
                     OpName::Status.as_str(),
-                    OpName::Descriptors.as_str()
+                    OpName::Descriptors.as_str(),
+                    OpName::Listeners.as_str(),
+                    OpName::Retire.as_str()
                 ),
             ),
         }
@@ -338,6 +356,7 @@ impl Handler {
             closed: Vec::new(),
             facts: None,
             descriptors: Vec::new(),
+            listeners: Vec::new(),
         }
     }
 }

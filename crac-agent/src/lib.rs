@@ -25,6 +25,9 @@
 //! - [`Policy`]: the service's descriptor policy (`CRAC_POLICY`, or
 //!   [`Builder::fd_policy`]), whose `close` rules the agent carries out.
 //! - Peer check: only root and the process's own uid are served (`SO_PEERCRED`).
+//! - [`upgrade`]: sharing listening sockets with a successor (`crac upgrade`), taking them as
+//!   the successor (the systemd convention, `LISTEN_FDS`), saying it is ready (`READY=1`);
+//!   the agent's `listeners` and `retire` ops serve them.
 //! - [`SelfCheckpoint`]: the process checkpoints itself (through the `crac` command, which
 //!   runs CRIU from outside the process's tree).
 //! - Cleanup: the socket and its folder are removed at normal exit and when SIGTERM/SIGINT end
@@ -77,6 +80,7 @@ mod procfs;
 mod self_checkpoint;
 mod server;
 mod tcp;
+pub mod upgrade;
 
 /// Unit tests that open or close descriptors take turns: some watch which numbers a hook
 /// opened, and a number another test's thread took or freed meanwhile fools them.

@@ -315,6 +315,14 @@ impl Server {
         }
         let was_pending = self.handler.is_pending();
         let mut reply = self.handler.serve(&request);
+        if matches!(request.op, Op::Listeners) && reply.ok {
+            // Under the registry's lock: the names and the descriptors sent agree.
+            crate::upgrade::shared(|shared| {
+                reply.listeners = shared.iter().map(|(name, _)| name.clone()).collect();
+                self.reply_passing(index, &reply, &crate::upgrade::raw(shared));
+            });
+            return;
+        }
         if let Some(before) = before.filter(|_| reply.ok && !was_pending) {
             reply.closed = self.close_by_policy(before.dry_run);
             // After the policy's closes: what is left is what CRIU will dump.
@@ -395,6 +403,38 @@ impl Server {
         }
         let conn = &mut self.conns[index];
         let _ = send_all(&conn.stream, reply.to_line().as_bytes());
+        let _ = conn.stream.shutdown(Shutdown::Write);
+        conn.stage = Stage::Draining { drained: 0 };
+        conn.deadline = Instant::now() + DRAIN_TIMEOUT;
+    }
+
+    /// As [`reply`](Self::reply), passing `fds` with the reply's first bytes (`SCM_RIGHTS`).
+    fn reply_passing(&mut self, index: usize, reply: &Reply, fds: &[std::os::fd::RawFd]) {
+        let line = reply.to_line();
+        let sent = if fds.is_empty() || self.handler.is_pending() {
+            0
+        } else {
+            let iov = [io::IoSlice::new(line.as_bytes())];
+            let rights = [nix::sys::socket::ControlMessage::ScmRights(fds)];
+            nix::sys::socket::sendmsg::<()>(
+                self.conns[index].stream.as_raw_fd(),
+                &iov,
+                &rights,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .unwrap_or(0)
+        };
+        if sent == 0 {
+            // Not sent (the socket's buffer was full, or a checkpoint pending): the names alone
+            // would mislead, so none.
+            let mut bare = reply.clone();
+            bare.listeners.clear();
+            self.reply(index, &bare);
+            return;
+        }
+        let conn = &mut self.conns[index];
+        let _ = send_all(&conn.stream, &line.as_bytes()[sent..]);
         let _ = conn.stream.shutdown(Shutdown::Write);
         conn.stage = Stage::Draining { drained: 0 };
         conn.deadline = Instant::now() + DRAIN_TIMEOUT;

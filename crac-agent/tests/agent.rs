@@ -953,3 +953,55 @@ fn settings_sent_with_after_restore_reach_the_hooks() {
             .ok
     );
 }
+
+/// `crac upgrade`'s two ops: the listeners the service shares, passed with their names
+/// (decoded by crac-protocol's client: the descriptors come with `recvmsg`), and the retire
+/// phase.
+#[test]
+fn listeners_are_passed_by_name_and_retire_drains_and_runs_the_hooks_once() {
+    use std::os::fd::AsRawFd;
+    let f = fixture("upgrade", false);
+    let ask = || {
+        let stream = UnixStream::connect(f.agent.socket_path()).expect("connect");
+        crac_protocol::client::exchange_with_fds(
+            stream,
+            f.agent.socket_path(),
+            &crac_protocol::wire::Request::listeners(),
+            Duration::from_secs(2),
+        )
+        .expect("a reply")
+    };
+    // Nothing shared: nothing passed.
+    let (reply, fds) = ask();
+    assert!(
+        reply.ok && reply.listeners.is_empty() && fds.is_empty(),
+        "{reply:?}"
+    );
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    crac_agent::upgrade::share_listener("http", &listener).unwrap();
+    let (reply, fds) = ask();
+    assert_eq!(reply.listeners, ["http"]);
+    assert_eq!(fds.len(), 1);
+    let inode = |fd: i32| fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+    assert_eq!(inode(fds[0].as_raw_fd()), inode(listener.as_raw_fd()));
+    // The very socket: a client of the service's address is accepted through the copy.
+    let copy = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+    let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    copy.accept().expect("accepted through the passed copy");
+
+    let told = f.log.clone();
+    f.coordinator.on_retire("flush", move || {
+        told.lock().unwrap().push("retire flush".into())
+    });
+    assert!(!f.coordinator.is_draining());
+    let reply = f.send(b"{\"v\":1,\"op\":\"retire\"}\n");
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.op, "retire");
+    assert_eq!(f.log(), ["retire flush"]);
+    assert!(f.coordinator.is_draining());
+    assert!(f.coordinator.wait_retired(Some(Duration::ZERO)));
+    // Once only.
+    assert!(f.send(b"{\"v\":1,\"op\":\"retire\"}\n").ok);
+    assert!(f.log().is_empty());
+}

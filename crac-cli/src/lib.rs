@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod activation;
 pub mod archive;
 pub mod checkpoint;
 pub mod cpu;

@@ -105,6 +105,13 @@ pub(crate) fn session_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// The parent of `pid` (field 4 of /proc/PID/stat), if it can be read.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The command line of `pid`, split into arguments.
 pub fn read_cmdline(pid: u32) -> Vec<String> {
     fs::read(format!("/proc/{pid}/cmdline"))
@@ -120,13 +127,44 @@ pub fn read_cmdline(pid: u32) -> Vec<String> {
 /// The SHA-256 of each environment variable `pid` started with, by name (see
 /// [`Metadata::env_sha256`](crate::metadata::Metadata::env_sha256)).
 pub(crate) fn env_hashes(pid: u32) -> BTreeMap<String, String> {
+    environ(pid)
+        .into_iter()
+        .map(|(name, value)| {
+            (
+                name.to_string_lossy().into_owned(),
+                crate::hashing::value_sha256(&value.to_string_lossy()),
+            )
+        })
+        .collect()
+}
+
+/// The environment `pid` started with (`/proc/PID/environ`), in order; empty when it cannot
+/// be read.
+pub fn environ(pid: u32) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    use std::os::unix::ffi::OsStrExt;
     let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     environ
         .split(|&b| b == 0)
         .filter_map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            let (name, value) = kv.split_once('=')?;
-            Some((name.to_owned(), crate::hashing::value_sha256(value)))
+            let at = kv.iter().position(|&b| b == b'=')?;
+            Some((
+                std::ffi::OsStr::from_bytes(&kv[..at]).to_owned(),
+                std::ffi::OsStr::from_bytes(&kv[at + 1..]).to_owned(),
+            ))
         })
         .collect()
+}
+
+/// The file `pid` runs (`/proc/PID/exe`, followed), to tell it from another build.
+///
+/// # Errors
+///
+/// When the process is gone or may not be looked at.
+pub fn executable(pid: u32) -> std::io::Result<fs::Metadata> {
+    fs::metadata(format!("/proc/{pid}/exe"))
+}
+
+/// The working folder of `pid` (`/proc/PID/cwd`), if it can be read.
+pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
+    fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }

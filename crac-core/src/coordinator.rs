@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,6 +18,7 @@ use crate::ordering::{visit_order, Direction};
 use crate::quiesce::{held_by_this_thread, CriticalSection, EnterAsync, Gate};
 use crate::report::{CycleReport, HookRecord};
 use crate::resource::{CheckpointInfo, RestoreDetails, RestoreInfo, RestoreReason};
+use crate::retire::{Retired, Retirement};
 use crate::trace::CycleSpan;
 
 /// Time limits for a cycle.
@@ -126,6 +128,11 @@ struct Inner {
     busy: Arc<Busy>,
     /// Told around each `after_restore` hook.
     watcher: Mutex<Option<Arc<dyn AfterRestoreWatcher>>>,
+    /// Whether servers should close idle keep-alive connections and answer with
+    /// `Connection: close` ([`Coordinator::is_draining`]).
+    draining: AtomicBool,
+    /// The retire phase: who is told, and whether it has begun ([`Coordinator::retire`]).
+    retirement: Retirement,
 }
 
 struct State {
@@ -165,6 +172,8 @@ impl Coordinator {
                 hooks: HookThread::default(),
                 busy: Arc::default(),
                 watcher: Mutex::new(None),
+                draining: AtomicBool::new(false),
+                retirement: Retirement::default(),
             }),
         }
     }
@@ -257,6 +266,55 @@ impl Coordinator {
             };
         }
         true
+    }
+
+    /// Whether the process is draining its connections: servers should close idle keep-alive
+    /// connections and answer with `Connection: close`, so that clients open their next
+    /// connection elsewhere (to the successor that shares the listening socket, or to this
+    /// process once a checkpoint is over). Set while the process retires ([`retire`](Self::retire)).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Turns draining on or off; see [`is_draining`](Self::is_draining).
+    pub(crate) fn set_draining(&self, on: bool) {
+        self.inner.draining.store(on, Ordering::Release);
+    }
+
+    /// Adds `hook` to what the retire phase tells, after those added before: a resource
+    /// flushes what its successor may want (state to a file, a cache to its store) and stops
+    /// taking new work. See [`retire`](Self::retire).
+    pub fn on_retire(&self, name: impl Into<String>, hook: impl Fn() + Send + Sync + 'static) {
+        self.inner.retirement.add(name.into(), Arc::new(hook));
+    }
+
+    /// The retire phase: a successor has taken over this process's listening sockets (`crac
+    /// upgrade`, level handoff) and this process is to finish what it has and exit.
+    ///
+    /// Turns draining on ([`is_draining`](Self::is_draining)), runs every hook added with
+    /// [`on_retire`](Self::on_retire), in order (a panicking hook is named and the others still
+    /// run), then wakes [`wait_retired`](Self::wait_retired): the application stops accepting,
+    /// lets the requests in flight finish and exits (with axum:
+    /// `serve(...).with_graceful_shutdown(...)`). Connections that arrive meanwhile wait in the
+    /// listening socket's queue, which the successor shares and accepts from.
+    ///
+    /// Runs once: a second call does nothing and returns no failures. Says which hooks
+    /// panicked, and whether anything listens for retirement (a hook, or a thread waiting).
+    pub fn retire(&self) -> Retired {
+        self.set_draining(true);
+        self.inner.retirement.begin()
+    }
+
+    /// Whether the retire phase has begun.
+    pub fn is_retiring(&self) -> bool {
+        self.inner.retirement.begun()
+    }
+
+    /// Waits until the retire phase has begun (its hooks have run), at most `timeout` if
+    /// given; returns whether it has. A service's main thread (or a blocking task) waits here
+    /// and then shuts down gracefully.
+    pub fn wait_retired(&self, timeout: Option<Duration>) -> bool {
+        self.inner.retirement.wait(timeout)
     }
 
     /// Whether a cycle is in progress.

@@ -17,6 +17,8 @@
 //!   [`Checkpoint::complete`]), one cycle at a time, under [`Limits`]; keeps the generation and
 //!   the last restore time; [`CriticalSection`]s hold checkpoints off.
 //! - [`CheckpointError`] and [`CycleReport`]: every hook's outcome and duration, by name.
+//! - The retire phase of an upgrade: [`Coordinator::on_retire`], [`Coordinator::retire`],
+//!   [`Coordinator::wait_retired`], and draining ([`Coordinator::is_draining`]).
 //! - Who holds a descriptor, for a refused checkpoint to name: [`Resource::descriptors`]
 //!   (declared), [`Coordinator::declared_descriptors`], and an [`AfterRestoreWatcher`] told
 //!   around each `after_restore` (the agent notes what each one opened).
@@ -39,6 +41,11 @@
 //! 7. [`CriticalSection`]s: a checkpoint waits (bounded) for them, and new ones wait until
 //!    `after_restore` has finished.
 //! 8. [`Coordinator::simulate`]: a whole cycle without CRIU.
+//! 9. Retirement (a successor has taken over: `crac upgrade`): [`Coordinator::retire`] turns
+//!    draining on ([`Coordinator::is_draining`]), runs every hook added with
+//!    [`Coordinator::on_retire`] once, in order, everyone told even if one panics (it is
+//!    named), then wakes [`Coordinator::wait_retired`]; the application stops accepting, lets
+//!    its requests finish and exits. A second call does nothing.
 //!
 //! # Example
 //!
@@ -106,6 +113,7 @@ mod ordering;
 mod quiesce;
 mod report;
 mod resource;
+mod retire;
 #[cfg(feature = "tokio")]
 mod runtime;
 mod statics;
@@ -126,6 +134,7 @@ pub use resource::{
     from_fns, CheckpointInfo, FnResource, HookError, Resource, RestoreDetails, RestoreInfo,
     RestoreReason, TcpConnections,
 };
+pub use retire::Retired;
 pub use statics::StaticResource;
 
 /// The global coordinator's root context: `crac_core::global_context().register(r).keep()`.

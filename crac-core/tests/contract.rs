@@ -753,3 +753,40 @@ fn waiting_for_the_end_of_a_cycle() {
     let _cs = c.critical_section();
     assert!(crac_core::in_critical_section());
 }
+
+// 9. Retirement.
+
+#[test]
+fn retiring_drains_tells_every_retire_hook_once_in_order_and_wakes_the_waiters() {
+    let c = Coordinator::new();
+    let told = Arc::new(Mutex::new(Vec::new()));
+    for name in ["state", "broken", "cache"] {
+        let told = told.clone();
+        c.on_retire(name, move || {
+            if name == "broken" {
+                panic!("disk full");
+            }
+            told.lock().unwrap().push(name);
+        });
+    }
+    assert!(!c.is_draining() && !c.is_retiring());
+    assert!(!c.wait_retired(Some(Duration::from_millis(10))));
+    let c2 = c.clone();
+    let waiter = thread::spawn(move || c2.wait_retired(None));
+    let retired = c.retire();
+    assert_eq!(retired.failed, ["broken: panicked: disk full"]);
+    assert!(retired.heard);
+    assert!(waiter.join().unwrap());
+    assert!(c.is_draining() && c.is_retiring());
+    assert_eq!(*told.lock().unwrap(), ["state", "cache"]);
+    // Once: a second call tells nobody again.
+    assert!(c.retire().failed.is_empty());
+    assert_eq!(told.lock().unwrap().len(), 2);
+    // No checkpoint hook ran, and checkpoints still work (a retiring service may be dumped).
+    assert!(c.simulate().is_ok());
+    // A process where nothing listens for retirement (no hook, nobody waiting) is told so.
+    let deaf = Coordinator::new();
+    let retired = deaf.retire();
+    assert!(!retired.heard && retired.failed.is_empty());
+    assert!(deaf.is_draining());
+}

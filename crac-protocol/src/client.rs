@@ -2,6 +2,7 @@
 //! crac-action and crac use; a service needs none (its agent is the other end).
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -128,10 +129,37 @@ pub fn connect_via(path: &Path, name: &Path) -> Result<UnixStream, ClientError> 
 ///
 /// See [`ClientError`].
 pub fn exchange(
+    stream: UnixStream,
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Reply, ClientError> {
+    exchange_keeping(stream, path, request, timeout, None)
+}
+
+/// As [`exchange`], also keeping the descriptors the agent passes with its reply
+/// (`SCM_RIGHTS`; the `listeners` op), close-on-exec, in the order they came.
+///
+/// # Errors
+///
+/// See [`ClientError`].
+pub fn exchange_with_fds(
+    stream: UnixStream,
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
+    let mut fds = Vec::new();
+    let reply = exchange_keeping(stream, path, request, timeout, Some(&mut fds))?;
+    Ok((reply, fds))
+}
+
+fn exchange_keeping(
     mut stream: UnixStream,
     path: &Path,
     request: &Request,
     timeout: Duration,
+    mut fds: Option<&mut Vec<OwnedFd>>,
 ) -> Result<Reply, ClientError> {
     let deadline = Instant::now() + timeout;
     let io_err = |source| ClientError::Io {
@@ -156,7 +184,11 @@ pub fn exchange(
     loop {
         let left = remaining(deadline).ok_or_else(timed_out)?;
         stream.set_read_timeout(Some(left)).map_err(io_err)?;
-        match stream.read(&mut chunk) {
+        let read = match fds.as_deref_mut() {
+            Some(fds) => receive(&stream, &mut chunk, fds),
+            None => stream.read(&mut chunk),
+        };
+        match read {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
@@ -175,6 +207,37 @@ pub fn exchange(
         line: String::from_utf8_lossy(line).chars().take(200).collect(),
         source,
     })
+}
+
+/// One read that also takes the descriptors passed with the bytes.
+fn receive(stream: &UnixStream, chunk: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 64]);
+    let mut iov = [io::IoSliceMut::new(chunk)];
+    let msg = recvmsg::<UnixAddr>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this process for us, and
+            // nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other(
+            "more descriptors passed than this client takes (64)",
+        ));
+    }
+    Ok(msg.bytes)
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {

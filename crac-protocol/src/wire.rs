@@ -17,6 +17,8 @@
 //! {"v":1,"op":"before-checkpoint","cycle":"criu-4242","lease_ms":40000}
 //! {"v":1,"op":"after-restore","reason":"restored","cycle":"criu-4242"}
 //! {"v":1,"op":"status"}
+//! {"v":1,"op":"listeners"}
+//! {"v":1,"op":"retire"}
 //! ```
 //!
 //! - `v`: the protocol version, [`VERSION`]. A request with another version is refused.
@@ -24,8 +26,17 @@
 //!   every descriptor of the process: number, kind, path or addresses, and where the agent can
 //!   tell, `owner`: `{"resource":"db","how":"declared"}` for one the resource declares,
 //!   `"how":"after_restore"` for one that appeared while its `after_restore` ran and is still
-//!   the same file, most likely its own). A before-checkpoint from a client
+//!   the same file, most likely its own), `listeners` or `retire` (below). A before-checkpoint from a client
 //!   that has already closed its connection is not run: nobody could hear that it was.
+//! - `listeners` (`crac upgrade`): the listening sockets the service shares with a successor
+//!   (`crac_agent::upgrade::share_listener`), by name in `listeners`, the descriptors
+//!   themselves passed with the reply line (`SCM_RIGHTS`, in the same order). A service that
+//!   shares none answers with none: its consent is the sharing.
+//! - `retire` (`crac upgrade`, once the successor is ready): the process's retire phase
+//!   (`crac_core::Coordinator::retire`: draining on, every retire hook run, the application
+//!   told to finish what it has and exit). Failed hooks are named in `error`; the phase runs
+//!   once. Code `unheard` (with `ok`): nothing in the service listens for retirement, so it
+//!   will not go by itself (`crac upgrade` then sends it SIGTERM).
 //! - `lease_ms` (before-checkpoint only, optional): how long the checkpoint may stay pending
 //!   without an after-restore before the agent ends it itself (reason `aborted`; `restored` in
 //!   a copy restored from an image); 60 s without it. Time the process spends frozen (by a
@@ -67,7 +78,7 @@
 //! - `error`: one line saying what went wrong, naming every failed hook; `null` when `ok`.
 //! - `code`: what happened, as one word a program can test, when it is not plain success
 //!   (see [`Code`]): `already` (ok: a before-checkpoint of the cycle already pending, nothing run
-//!   again), `bad-request`, `permission-denied`, `busy`, `not-checkpointing`, `cycle-mismatch`,
+//!   again), `unheard` (ok: a retire nothing in the service listens for), `bad-request`, `permission-denied`, `busy`, `not-checkpointing`, `cycle-mismatch`,
 //!   `failed`. Absent on plain success. New words may be added.
 //! - `hooks`: every hook the request ran, in order, with its duration in microseconds and its
 //!   error, if any.
@@ -221,6 +232,10 @@ words! {
         Status => "status",
         /// [`Op::Descriptors`].
         Descriptors => "descriptors",
+        /// [`Op::Listeners`].
+        Listeners => "listeners",
+        /// [`Op::Retire`].
+        Retire => "retire",
     }
 }
 
@@ -244,6 +259,9 @@ words! {
     Code {
         /// `ok`: a before-checkpoint of the cycle already pending; nothing was run again.
         Already => "already",
+        /// `ok`: a retire that ran, but nothing in the service listens for it (no retire hook,
+        /// nobody waiting): it will not go by itself.
+        Unheard => "unheard",
         /// The request could not be read, or is not a valid request.
         BadRequest => "bad-request",
         /// The peer may not control this process.
@@ -284,6 +302,10 @@ pub enum Op {
     Status,
     /// Report the agent's state and its process's descriptors.
     Descriptors,
+    /// Pass the listening sockets the service shares with a successor.
+    Listeners,
+    /// Begin the process's retire phase.
+    Retire,
     /// An op this version does not know, by its word (the agent refuses it by name).
     #[serde(untagged)]
     Unknown {
@@ -300,6 +322,8 @@ impl Op {
             Op::AfterRestore(_) => OpName::AfterRestore,
             Op::Status => OpName::Status,
             Op::Descriptors => OpName::Descriptors,
+            Op::Listeners => OpName::Listeners,
+            Op::Retire => OpName::Retire,
             Op::Unknown { op } => OpName::from(op.as_str()),
         }
     }
@@ -380,6 +404,8 @@ impl From<WireRequest> for Request {
             }),
             OpName::Status => Op::Status,
             OpName::Descriptors => Op::Descriptors,
+            OpName::Listeners => Op::Listeners,
+            OpName::Retire => Op::Retire,
             OpName::Unknown(op) => Op::Unknown { op },
         };
         Request { v: wire.v, op }
@@ -469,6 +495,22 @@ impl Request {
         }
     }
 
+    /// A `listeners` request: the listening sockets the service shares.
+    pub fn listeners() -> Request {
+        Request {
+            v: VERSION,
+            op: Op::Listeners,
+        }
+    }
+
+    /// A `retire` request: the process's retire phase.
+    pub fn retire() -> Request {
+        Request {
+            v: VERSION,
+            op: Op::Retire,
+        }
+    }
+
     /// A `status` request.
     pub fn status() -> Request {
         Request {
@@ -545,6 +587,10 @@ pub struct Reply {
     /// The process's descriptors (`descriptors` only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub descriptors: Vec<crate::fd_policy::Descriptor>,
+    /// The names of the listening sockets passed with the reply (`listeners` only), in the
+    /// order of the descriptors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<String>,
     /// What the preflight must know about the process's descriptors (a successful
     /// before-checkpoint that asked for [`BeforeCheckpoint::facts`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -614,6 +660,8 @@ mod tests {
             ),
             (Request::status(), r#"{"v":1,"op":"status"}"#),
             (Request::descriptors(), r#"{"v":1,"op":"descriptors"}"#),
+            (Request::listeners(), r#"{"v":1,"op":"listeners"}"#),
+            (Request::retire(), r#"{"v":1,"op":"retire"}"#),
         ];
         for (request, line) in cases {
             assert_eq!(request.to_line(), format!("{line}\n"));

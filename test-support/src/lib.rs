@@ -10,9 +10,12 @@
 //!   and the benchmarks.
 //! - [`agent_clients`]: scripted clients against a real agent, for crac-agent's randomized test
 //!   and the fuzz target.
+//! - [`http_load`]: a bounded HTTP load on loopback that counts what clients see (refused,
+//!   failed, every answer's latency), for the upgrade tests and benchmark.
 #![forbid(unsafe_code)]
 
 pub mod agent_clients;
+pub mod http_load;
 pub mod podman;
 
 /// Whether this is a CI run (`CI=true` or `CI=1`): there a test that cannot run fails.

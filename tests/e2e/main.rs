@@ -27,4 +27,5 @@ mod soak;
 mod sockets;
 mod spine;
 mod twice;
+mod upgrade;
 mod util;

@@ -46,7 +46,7 @@
 //! - `report.rs`: [`Problem`] and the [`refusal`] that lists them.
 
 mod criu_options;
-mod pidfd;
+pub(crate) mod pidfd;
 mod policy;
 mod report;
 mod scan;

@@ -37,15 +37,26 @@ impl Pidfd {
         Some(Pidfd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// What the process's descriptor `fd` says about itself, if it is a socket we may copy.
-    pub(crate) fn socket(&self, fd: u32) -> Option<SocketFacts> {
+    /// A copy of the process's descriptor `fd` (close-on-exec, as pidfd_getfd makes it), if
+    /// our rights allow.
+    pub(crate) fn copy(&self, fd: u32) -> Option<OwnedFd> {
         let fd = i32::try_from(fd).ok()?;
         // SAFETY: pidfd_getfd takes our pidfd, the other process's descriptor number and
         // flags, and returns a new descriptor of ours or -1; no memory is passed.
         let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.0.as_raw_fd(), fd, 0) };
         let copy = i32::try_from(copy).ok().filter(|&fd| fd >= 0)?;
         // SAFETY: the kernel just returned this descriptor to us, and nothing else owns it.
-        let copy = unsafe { OwnedFd::from_raw_fd(copy) };
+        Some(unsafe { OwnedFd::from_raw_fd(copy) })
+    }
+
+    /// The handle itself: readable once the process has ended.
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// What the process's descriptor `fd` says about itself, if it is a socket we may copy.
+    pub(crate) fn socket(&self, fd: u32) -> Option<SocketFacts> {
+        let copy = self.copy(fd)?;
         // As the process's agent would tell it, so the verdicts agree.
         Some(
             match fd_facts::sort_socket(copy.as_fd(), fd_facts::Ask::ALL) {

@@ -70,6 +70,14 @@ pub(crate) enum Command {
         after_help = "Examples:\n  crac run --image web -- ./target/release/web --port 8080\n  crac run --image web --restore-only --log /var/log/web.log -- ./web"
     )]
     Run(RunArgs),
+
+    /// Replace a running service with a new version: keep its memory (state), hand its
+    /// listening sockets over (handoff), or stop it and start the new one (restart).
+    #[command(
+        name = "upgrade",
+        after_help = "Examples:\n  crac upgrade 4242 -- ./target/release/web-v2 --port 8080\n  crac upgrade 4242 --level handoff --ready-timeout 20 -- ./web-v2\n  crac upgrade 4242 --level state --env LOG_LEVEL=debug -- ./web\n\nExit codes: 0 upgraded; 1 the new version failed (killed: the old one serves on, never told to retire); 2 bad input; 3 the level asked for cannot be done here."
+    )]
+    Upgrade(UpgradeArgs),
 }
 
 /// `--json`.
@@ -369,6 +377,55 @@ pub(crate) struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// `crac upgrade`.
+#[derive(Debug, Args)]
+pub(crate) struct UpgradeArgs {
+    /// The running service (or the `crac run` it runs under, which then does the upgrade and
+    /// stays its parent).
+    pub pid: u32,
+    /// How: `state` (checkpoint and restore with the new settings; the executable and what
+    /// it maps unchanged), `handoff` (the new version gets the listening sockets), `restart`
+    /// (stop, then start), or `auto`: the highest that applies.
+    #[arg(long, value_enum, default_value_t = UpgradeLevel::Auto)]
+    pub level: UpgradeLevel,
+    /// Seconds the new version has to say READY=1 (on NOTIFY_SOCKET) before it is killed and
+    /// the old one serves on.
+    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    pub ready_timeout: f64,
+    /// Seconds the new version must keep running once ready before the old one is told to
+    /// retire.
+    #[arg(long, value_name = "S", default_value_t = 0.5)]
+    pub settle: f64,
+    /// Seconds the old version has to finish its requests and exit once told to retire;
+    /// then its open connections are named and it is killed (SIGKILL).
+    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    pub drain_timeout: f64,
+    /// A setting for the new version, K=V (repeat for more): in its environment, or, at level
+    /// state, in its after_restore hooks' RestoreInfo::env.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_setting)]
+    pub env: Vec<(String, String)>,
+    /// Where the new version's stdout and stderr go (appended). Default: `STORE/NAME.log`,
+    /// NAME the program's file name.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// The new version's command line.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `crac upgrade --level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum UpgradeLevel {
+    /// The highest level that applies.
+    Auto,
+    /// Checkpoint and restore: memory kept.
+    State,
+    /// The listening sockets handed to the new version: nothing refused.
+    Handoff,
+    /// Stop the old version, start the new one: a downtime, measured.
+    Restart,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +478,31 @@ mod tests {
         };
         assert_eq!(args.command, ["./web", "--port", "1"]);
 
+        let cli = Cli::try_parse_from([
+            "crac",
+            "upgrade",
+            "42",
+            "--level",
+            "handoff",
+            "--env",
+            "APP_VERSION=v2",
+            "--",
+            "./web",
+            "--port",
+            "1",
+        ])
+        .unwrap();
+        let Command::Upgrade(args) = cli.command else {
+            panic!("not upgrade")
+        };
+        assert_eq!((args.pid, args.level), (42, UpgradeLevel::Handoff));
+        assert_eq!(args.env, [("APP_VERSION".to_owned(), "v2".to_owned())]);
+        assert_eq!(args.command, ["./web", "--port", "1"]);
+        assert_eq!(
+            (args.ready_timeout, args.settle, args.drain_timeout),
+            (30.0, 0.5, 30.0)
+        );
+
         let cli = Cli::try_parse_from(["crac", "--store", "/s", "images", "prune", "--keep", "2"])
             .unwrap();
         assert_eq!(cli.store, Some(PathBuf::from("/s")));
@@ -436,6 +518,10 @@ mod tests {
             &["crac", "checkpoint", "notapid"][..],
             &["crac", "checkpoint", "1", "--name", "a", "--dir", "/x"],
             &["crac", "run", "--image", "web"],
+            &["crac", "upgrade", "42"],
+            &[
+                "crac", "upgrade", "42", "--level", "sideways", "--", "./web",
+            ],
             &["crac", "images", "rm"],
             &["crac", "frobnicate"],
         ] {

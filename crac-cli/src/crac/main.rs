@@ -11,6 +11,7 @@ mod progress;
 mod ps;
 mod restore;
 mod run;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
             ps::status(args.pid, args.descriptors, Out::new(args.json)),
         ),
         Command::Run(args) => (false, run::run(&store, args)),
+        Command::Upgrade(args) => (false, upgrade::run(&store, args)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -10,6 +10,14 @@
 //! With `--log -` its output is crac run's own instead (in a container: the pipes the
 //! runtime's log reads), and a restore hands the restored service the new run's in place of
 //! the pipes it had (CRIU's `--inherit-fd`), which nobody reads any more.
+//!
+//! `crac upgrade` of the service (its pid or crac run's) is done by crac run itself, so that
+//! it stays the parent of whatever version runs: crac run listens on the abstract Unix socket
+//! `@crac-run/<pid>/<start time>` (in its network namespace; peers other than root and its own
+//! uid are refused, and the client checks the listener is that crac run). The client sends one
+//! JSON line (`command`, `env`, `level`, `ready_timeout`, `settle`, `drain_timeout`, `log`);
+//! crac run upgrades its current service, follows the new version as the one it waits for,
+//! and answers with the report's lines, then `exit N`.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -33,6 +41,7 @@ use crac_cli::store::{Store, STORE_ENV};
 
 use crate::cli::RunArgs;
 use crate::output::{millis, say};
+use std::io::Read as _;
 
 /// Names the image a service checkpoints itself into (read by crac_agent::SelfCheckpoint).
 const CHECKPOINT_TO_ENV: &str = crac_protocol::env::CHECKPOINT_TO;
@@ -98,7 +107,8 @@ pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
         }
     };
     service.store(pid as i32, Ordering::SeqCst);
-    let (status, lost) = wait_for(pid, server);
+    serve_upgrades(store, Arc::clone(&service));
+    let (status, lost) = wait_for(&service, server);
     let Some(err) = lost else {
         return Ok(status);
     };
@@ -110,7 +120,7 @@ pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
     let pid = cold(store, &args)?;
     eprintln!("crac run: started cold as pid {pid} instead");
     service.store(pid as i32, Ordering::SeqCst);
-    Ok(wait_for(pid, None).0)
+    Ok(wait_for(&service, None).0)
 }
 
 fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpError> {
@@ -306,10 +316,12 @@ fn forward_signals(service: Arc<AtomicI32>) -> Result<(), OpError> {
 /// Reaps children until `service` exits: its status. A lazy restore's page `server` is one
 /// of those children; if it fails, the service is killed (see [`PageServer::reaped`]) and the
 /// error comes back with the status.
-fn wait_for(service: u32, mut server: Option<PageServer>) -> (u8, Option<OpError>) {
+fn wait_for(current: &AtomicI32, mut server: Option<PageServer>) -> (u8, Option<OpError>) {
     let mut lost = None;
     let status = loop {
         let reaped = waitpid(None::<Pid>, None);
+        // The service now: `crac upgrade` may have replaced it (0 while none runs).
+        let service = current.load(Ordering::SeqCst) as u32;
         if let (Ok(status), Some(page_server)) = (&reaped, &server) {
             if status
                 .pid()
@@ -335,6 +347,14 @@ fn wait_for(service: u32, mut server: Option<PageServer>) -> (u8, Option<OpError
                 eprintln!("crac run: pid {service} was killed by {signal}");
                 break 128u8.saturating_add(signal as u8);
             }
+            // Another child (a new version `crac upgrade` started, which may be rolled back):
+            // how it ended is kept for the upgrade to tell.
+            Ok(WaitStatus::Exited(pid, code)) => {
+                keep_reaped(pid, format!("exited with code {code}"));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                keep_reaped(pid, format!("was killed by {signal}"));
+            }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
             Err(err) => {
@@ -345,6 +365,7 @@ fn wait_for(service: u32, mut server: Option<PageServer>) -> (u8, Option<OpError
     };
     // The service ended before its page server: how the server ends says whether the
     // service's memory was whole (it may have died of a page that never came).
+    let service = current.load(Ordering::SeqCst) as u32;
     if let Some(page_server) = server {
         let pid = Pid::from_raw(page_server.pid() as i32);
         if let Ok(status) = waitpid(pid, None) {
@@ -354,4 +375,152 @@ fn wait_for(service: u32, mut server: Option<PageServer>) -> (u8, Option<OpError
         }
     }
     (status, lost)
+}
+
+/// The control socket's abstract name for crac run `run`.
+fn control_name(run: crac_action::tree::ProcessId) -> String {
+    format!("crac-run/{}/{}", run.pid, run.start_time)
+}
+
+/// Serves `crac upgrade` requests for the service (see the module documentation), one at a
+/// time, on a thread of its own. Without the socket crac run still runs: said, not fatal.
+fn serve_upgrades(store: &Store, service: Arc<AtomicI32>) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(me) = crac_action::tree::ProcessId::of(std::process::id()) else {
+        return;
+    };
+    let listener = std::os::unix::net::SocketAddr::from_abstract_name(control_name(me))
+        .and_then(|addr| std::os::unix::net::UnixListener::bind_addr(&addr));
+    let listener = match listener {
+        Ok(listener) => listener,
+        Err(e) => {
+            say(&format!(
+                "crac run: no control socket ({e}): `crac upgrade` of the service is not possible"
+            ));
+            return;
+        }
+    };
+    let store = store.clone();
+    let spawned = std::thread::Builder::new()
+        .name("crac-run-upgrades".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                serve_upgrade(&store, &service, stream);
+            }
+        });
+    if let Err(e) = spawned {
+        say(&format!("crac run: no control thread ({e})"));
+    }
+}
+
+/// One `crac upgrade` request.
+fn serve_upgrade(store: &Store, service: &AtomicI32, stream: std::os::unix::net::UnixStream) {
+    use std::io::{BufRead, Write};
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+    let own = nix::unistd::geteuid().as_raw();
+    if !peer.is_ok_and(|p| p.uid() == 0 || p.uid() == own) {
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut line = String::new();
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    if std::io::BufReader::new(reader.take(64 << 10))
+        .read_line(&mut line)
+        .is_err()
+    {
+        return;
+    }
+    let mut out = stream;
+    let code = match crate::upgrade::args_from_line(&line, service.load(Ordering::SeqCst) as u32) {
+        Err(err) => {
+            let _ = writeln!(out, "crac run: {err}");
+            FailureKind::BadInput.exit_code()
+        }
+        Ok(args) => {
+            let mut sink = out.try_clone().ok();
+            crate::upgrade::report_to(Some(Box::new(move |line: &str| {
+                if let Some(sink) = sink.as_mut() {
+                    let _ = writeln!(sink, "{line}");
+                }
+            })));
+            let result = crate::upgrade::upgrade(store, &args, Some(service));
+            crate::upgrade::report_to(None);
+            match result {
+                Ok(code) => code,
+                Err(err) => {
+                    say(&format!("crac run: upgrade: {}", err.message));
+                    let _ = writeln!(out, "crac: {}", err.message);
+                    for detail in &err.details {
+                        let _ = writeln!(out, "  {detail}");
+                    }
+                    err.kind.exit_code()
+                }
+            }
+        }
+    };
+    let _ = writeln!(out, "exit {code}");
+}
+
+/// The crac run that is `pid` or `pid`'s parent, connected to, if there is one.
+pub(crate) fn control_of(pid: u32) -> Option<std::os::unix::net::UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    let candidates = [Some(pid), crac_cli::process::parent_of(pid)];
+    candidates.into_iter().flatten().find_map(|candidate| {
+        let run = crac_action::tree::ProcessId::of(candidate)?;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(control_name(run)).ok()?;
+        let stream = std::os::unix::net::UnixStream::connect_addr(&addr).ok()?;
+        // An abstract name anyone in the namespace could have taken: it must be that process.
+        let peer =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .ok()?;
+        (u32::try_from(peer.pid()).ok() == Some(candidate)).then_some(stream)
+    })
+}
+
+/// Asks the crac run on `stream` to upgrade its service: its report, then its exit code.
+pub(crate) fn ask_to_upgrade(
+    stream: std::os::unix::net::UnixStream,
+    args: &crate::cli::UpgradeArgs,
+) -> Result<u8, OpError> {
+    use std::io::{BufRead, Write};
+    let mut out = stream
+        .try_clone()
+        .map_err(|e| OpError::new(FailureKind::Failed, format!("cannot talk to crac run: {e}")))?;
+    writeln!(out, "{}", crate::upgrade::args_to_line(args))
+        .map_err(|e| OpError::new(FailureKind::Failed, format!("cannot talk to crac run: {e}")))?;
+    eprintln!("crac upgrade: the service runs under crac run, which upgrades it");
+    for line in std::io::BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        if let Some(code) = line.strip_prefix("exit ") {
+            return Ok(code.trim().parse().unwrap_or(1));
+        }
+        say(&line);
+    }
+    Err(OpError::new(
+        FailureKind::Failed,
+        "crac run ended the connection before the upgrade's outcome: see its output",
+    ))
+}
+
+/// How the children that were not the service ended, the latest few.
+static REAPED: std::sync::Mutex<Vec<(u32, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn keep_reaped(pid: Pid, how: String) {
+    let mut reaped = REAPED.lock().unwrap_or_else(|p| p.into_inner());
+    if reaped.len() >= 16 {
+        reaped.remove(0);
+    }
+    reaped.push((pid.as_raw() as u32, how));
+}
+
+/// How child `pid` ended, if this crac run reaped it.
+pub(crate) fn reaped(pid: u32) -> Option<String> {
+    let reaped = REAPED.lock().unwrap_or_else(|p| p.into_inner());
+    reaped
+        .iter()
+        .rev()
+        .find(|(p, _)| *p == pid)
+        .map(|(_, how)| how.clone())
 }
