@@ -11,7 +11,6 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fmt;
-use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -83,19 +82,8 @@ pub fn require_root(what: &str) -> Result<(), OpError> {
 /// CRIU refuses to run without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, and says so on its
 /// standard output only. Root in a container without privileges has neither.
 fn require_criu_capability(what: &str) -> Result<(), OpError> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_CHECKPOINT_RESTORE: u32 = 40;
-    let effective = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(hex.trim(), 16).ok()
-        });
-    let Some(effective) = effective else {
-        // Unknown: let CRIU decide.
-        return Ok(());
-    };
-    if effective & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0 {
+    use crate::capabilities::{has_effective, CHECKPOINT_RESTORE, SYS_ADMIN};
+    if has_effective(SYS_ADMIN) || has_effective(CHECKPOINT_RESTORE) {
         return Ok(());
     }
     Err(OpError::new(

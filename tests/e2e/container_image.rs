@@ -49,8 +49,20 @@ fn start_edited(
     port: u16,
     edit: impl FnOnce(&Path),
 ) -> (String, Value) {
+    start_edited_with(podman, &WARM_RUN_OPTIONS, image, name, port, edit)
+}
+
+/// [`start_edited`] with these `podman run` options.
+fn start_edited_with(
+    podman: &Podman,
+    options: &[&str],
+    image: &str,
+    name: &str,
+    port: u16,
+    edit: impl FnOnce(&Path),
+) -> (String, Value) {
     let mut args = vec!["create", "--name", name];
-    args.extend(WARM_RUN_OPTIONS);
+    args.extend(options);
     args.push(image);
     podman.run(&args, "podman create");
     let mount = podman.run(&["mount", name], "podman mount");
@@ -160,6 +172,63 @@ fn a_committed_warm_up_starts_restored_and_cold_when_its_checkpoint_cannot_be_us
         || logs(&podman, "warm").contains(&said),
     );
     podman.run(&["rm", "--force", "--time", "0", "warm"], "podman rm");
+
+    // Fewer capabilities than the warm-up had (--privileged): CRIU could not give them back
+    // (and would hang), so the restore is refused up front, naming them, and the service
+    // starts cold.
+    let capability_only: Vec<&str> = WARM_RUN_OPTIONS
+        .iter()
+        .copied()
+        .filter(|&o| o != "--privileged")
+        .chain(["--cap-add", "CHECKPOINT_RESTORE"])
+        .collect();
+    let mut args = vec!["run", "-d", "--name", "fewer-caps"];
+    args.extend(&capability_only);
+    args.push("localhost/warm-start:warm");
+    podman.run(&args, "podman run (fewer capabilities)");
+    let lines = started(&podman, "fewer-caps");
+    assert!(
+        lines.contains("crac run: no warm start: the image's processes held capabilities that this crac lacks (")
+            && lines.contains("CAP_SYS_ADMIN")
+            && lines.contains("which CRIU must give back")
+            && lines.contains("crac run: started cold"),
+        "{lines}"
+    );
+    assert_eq!(stats(port)["started"], "cold");
+    podman.run(&["rm", "--force", "--time", "0", "fewer-caps"], "podman rm");
+
+    // The same from an image that does not record its capabilities (an older crac's): CRIU
+    // hangs giving them back, and crac run gives up after CRAC_RESTORE_TIMEOUT, kills CRIU
+    // and what it restored, and starts cold.
+    let mut enough_for_criu = capability_only.clone();
+    enough_for_criu.extend([
+        "--cap-add",
+        "SYS_ADMIN,NET_ADMIN,SYS_TIME",
+        "--env",
+        "CRAC_RESTORE_TIMEOUT=3",
+    ]);
+    let (lines, cold) = start_edited_with(
+        &podman,
+        &enough_for_criu,
+        "localhost/warm-start:warm",
+        "hangs",
+        port,
+        |dir| {
+            edit_metadata(dir, |meta| {
+                meta.as_object_mut()
+                    .expect("an object")
+                    .remove("capabilities")
+                    .expect("the image records its capabilities");
+            })
+        },
+    );
+    assert!(
+        lines.contains("crac run: no warm start: criu restore did not finish within 3 s: CRIU and the processes it had begun to restore were killed")
+            && lines.contains("Unable to restore capabilities")
+            && lines.contains("crac run: started cold"),
+        "{lines}"
+    );
+    assert_eq!(cold["started"], "cold", "{cold}");
 
     // Damaged: a page file cut short.
     let (lines, cold) = start_edited(

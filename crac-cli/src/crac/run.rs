@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -38,6 +38,8 @@ use crate::output::{millis, say};
 const CHECKPOINT_TO_ENV: &str = crac_protocol::env::CHECKPOINT_TO;
 /// Names the crac binary for the service's self-checkpoint.
 const CRAC_BIN_ENV: &str = crac_protocol::env::BIN;
+/// The default of `--restore-timeout`.
+const RESTORE_TIMEOUT_ENV: &str = crac_protocol::env::RESTORE_TIMEOUT;
 
 pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
     let started = Instant::now();
@@ -125,6 +127,7 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
         tcp_close: false,
         env,
         inherit_stdio: args.output_passed_on(),
+        timeout: Some(restore_timeout(args)),
     };
     let mut notice = |notice: &str| say(&format!("crac run: {notice}"));
     let (outcome, server) = if lazy {
@@ -144,6 +147,29 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
     }
     Ok((outcome.pid, server))
 }
+
+/// How long a restore may take: `--restore-timeout`, else `$CRAC_RESTORE_TIMEOUT`, else
+/// [`RESTORE_TIMEOUT`]. A CRIU that hangs (a BUG in its restorer) must not keep a container
+/// from starting at all.
+fn restore_timeout(args: &RunArgs) -> Duration {
+    let secs = args.restore_timeout.or_else(|| {
+        let text = std::env::var(RESTORE_TIMEOUT_ENV).ok()?;
+        let secs = text.trim().parse::<f64>().ok().filter(|s| *s > 0.0 && s.is_finite());
+        if secs.is_none() {
+            eprintln!(
+                "crac run: {RESTORE_TIMEOUT_ENV}={text:?} is not a number of seconds above 0: {}s instead",
+                RESTORE_TIMEOUT.as_secs()
+            );
+        }
+        secs
+    });
+    secs.map_or(RESTORE_TIMEOUT, Duration::from_secs_f64)
+}
+
+/// The restore's time limit when neither `--restore-timeout` nor the variable gives one: far
+/// above a restore's usual tens of milliseconds, and above crac-action's 30 s for the
+/// after_restore hooks.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What this command's environment changes from the one the image's service started with:
 /// the settings a restored service gets (`RestoreInfo::env`). crac's own `CRAC_*` variables
