@@ -15,21 +15,27 @@
 #   --name NAME       the checkpoint's name in the image's store (default: SERVICE's file name)
 #   --bin-dir DIR     where crac and crac-action are (default: target/release of this checkout)
 #   --tar FILE        also keep the root file system as this tar file
+#   --user UID:GID    the service runs as this user (`podman run --user UID:GID`): the image's
+#                     store belongs to it (crac, CRIU and the service then need
+#                     CAP_CHECKPOINT_RESTORE, which the runtime gives as an ambient capability)
 #
 # Environment: PODMAN, the podman command to import with (default `podman`; word-split, so
 # `PODMAN="podman --root /some/where"` uses other storage), and CRAC_CRIU as for crac.
 #
 # The warm-up, done once where the image is built (XTDB's and PrestaShop's guides do the same
 # steps by hand):
-#   podman run -d --name warmup --privileged --network host TAG
+#   podman run -d --name warmup --cap-add CHECKPOINT_RESTORE \
+#       --security-opt seccomp=unconfined --network host TAG
 #     the service starts cold; a service that checkpoints itself (crac_agent::SelfCheckpoint,
 #     e.g. examples/warm_start.rs) does so once it is warm, or run
 #     `podman exec warmup crac checkpoint --leave-running --name NAME PID` (`crac ps` lists it)
 #   podman exec warmup crac images list      # the checkpoint is there
 #   podman stop warmup && podman commit warmup TAG-warm
-#   podman run --privileged --network host TAG-warm   # restored; cold if it cannot be
-# CRIU in a container needs --privileged (CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, ptrace, and a
-# writable /proc/sys). `podman save` or `podman push` carries the checkpoint with the image.
+#   podman run --cap-add CHECKPOINT_RESTORE --network host TAG-warm   # restored; cold if not
+# CRIU in a container needs CAP_CHECKPOINT_RESTORE (crac runs it in its unprivileged mode
+# without CAP_SYS_ADMIN), the dump also an unconfined seccomp (CRIU suspends the service's
+# filter), and a restore the capabilities the warm-up had (docs/containers.md has the table).
+# `podman save` or `podman push` carries the checkpoint with the image.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,6 +49,7 @@ die() {
 name=''
 bin_dir=$ROOT/target/release
 tar_out=''
+user=''
 tag=''
 while (($#)); do
     case $1 in
@@ -50,12 +57,13 @@ while (($#)); do
             sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
             exit 0
             ;;
-        --name | --bin-dir | --tar)
+        --name | --bin-dir | --tar | --user)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --name) name=$2 ;;
                 --bin-dir) bin_dir=$2 ;;
                 --tar) tar_out=$2 ;;
+                --user) user=$2 ;;
             esac
             shift 2
             ;;
@@ -80,6 +88,7 @@ shift
 is_elf() { [[ $(head -c 4 "$1" 2>/dev/null) == $'\x7fELF' ]]; }
 is_elf "$service" || die "the service $service is not an ELF program (the image has no shell to run a script)"
 name=${name:-$(basename "$service")}
+[[ -z $user || $user =~ ^[0-9]+:[0-9]+$ ]] || die "--user takes numbers, UID:GID (got '$user')"
 [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "'$name' is not a valid image name (letters, digits, . _ -)"
 for bin in crac crac-action; do
     [[ -x $bin_dir/$bin ]] || die "no $bin in $bin_dir (build it: cargo build --release --workspace, or name the folder with --bin-dir)"
@@ -170,6 +179,8 @@ if command -v strip >/dev/null; then
 fi
 mkdir -p "$rootfs"/{proc,dev,sys,run,tmp,var/lib/crac/images}
 chmod 1777 "$rootfs/tmp"
+# The store is the user's own: crac trusts a folder of root's or its own, and writes there.
+[[ -z $user ]] || chown -R "$user" "$rootfs/var/lib/crac"
 
 # The entrypoint, as a JSON array (of arguments without control characters).
 for arg in "$name" "$@"; do
@@ -187,8 +198,10 @@ entry+=",$(json "/app/$(basename "$service")")"
 for arg in "$@"; do entry+=",$(json "$arg")"; done
 entry+="]"
 
-tar -C "$rootfs" -cf "$tar" .
+tar -C "$rootfs" --numeric-owner -cf "$tar" .
+# CRAC_STORE: whoever runs crac in the container (root, or the --user) uses the image's store.
 out=$("${podman[@]}" import --change "ENTRYPOINT $entry" \
-    --change "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin" "$tar" "$tag" 2>&1) ||
+    --change "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin" \
+    --change "ENV CRAC_STORE=/var/lib/crac/images" "$tar" "$tag" 2>&1) ||
     die "podman import of $tar as $tag failed: $out"
 info "made $tag ($(du -sh "$rootfs" | cut -f1)): entrypoint $entry"

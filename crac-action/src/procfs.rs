@@ -167,6 +167,14 @@ pub fn capabilities(pid: &str) -> Option<CapabilitySets> {
     })
 }
 
+/// The highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`).
+pub fn cap_last_cap() -> Option<u32> {
+    read_text("/proc/sys/kernel/cap_last_cap")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Process `pid`'s pid as it sees itself (the innermost of `NSpid`), if it runs.
 pub fn ns_pid(pid: u32) -> Option<u32> {
     static OWN: OnceLock<Option<PathBuf>> = OnceLock::new();

@@ -7,7 +7,9 @@
 //! a few added capabilities) fails there ("Unable to restore capabilities"), and CRIU 4.2 then
 //! hangs on a BUG in its restorer. The image records what its tree held
 //! ([`Metadata::capabilities`](crate::metadata::Metadata::capabilities)), and a restore that
-//! would lack one is refused up front ([`missing`]). The sets are read from /proc by
+//! would lack one is refused up front ([`missing`]); so is one that cannot shrink the restored
+//! processes' bounding sets ([`can_drop_to`]: CAP_SETPCAP, which a non-root user lacks unless
+//! given it). The sets are read from /proc by
 //! [`crac_action::procfs::capabilities`].
 
 use crac_action::procfs::{self, CapabilitySets};
@@ -57,6 +59,8 @@ const NAMES: [&str; 41] = [
     "CAP_CHECKPOINT_RESTORE",
 ];
 
+/// CAP_SETPCAP's number.
+pub const SETPCAP: u32 = 8;
 /// CAP_SYS_ADMIN's number.
 pub const SYS_ADMIN: u32 = 21;
 /// CAP_CHECKPOINT_RESTORE's number.
@@ -103,6 +107,36 @@ pub fn held_by(tree: &[u32]) -> Vec<String> {
     names(set)
 }
 
+/// The capabilities in the bounding set of every process of `tree`, by name.
+pub fn bounded_by(tree: &[u32]) -> Vec<String> {
+    let set = tree
+        .iter()
+        .filter_map(|pid| procfs::capabilities(&pid.to_string()))
+        .fold(u64::MAX, |set, caps| set & caps.bounding);
+    if set == u64::MAX {
+        return Vec::new();
+    }
+    names(set)
+}
+
+/// Whether this process can give restored processes a bounding set without the capabilities
+/// `bounding` (an image's, by name) lacks: CRIU drops each with `PR_CAPBSET_DROP`, which
+/// needs CAP_SETPCAP whatever the set holds. True when nothing need be dropped, or /proc
+/// does not say.
+pub fn can_drop_to(bounding: &[String]) -> bool {
+    if bounding.is_empty() || has_effective(SETPCAP) {
+        return true;
+    }
+    let Some(last) = procfs::cap_last_cap() else {
+        return true;
+    };
+    let kept: u64 = bounding
+        .iter()
+        .filter_map(|name| number(name))
+        .fold(0, |set, n| set | 1 << n);
+    (0..=last.min(63)).all(|n| kept & (1 << n) != 0)
+}
+
 /// Which of the capabilities `recorded` (an image's, by name) this process cannot give back:
 /// those outside its permitted set, which the restored processes' `capset` may not exceed.
 /// Empty when /proc does not say.
@@ -123,6 +157,7 @@ mod tests {
 
     #[test]
     fn names_and_numbers_go_both_ways() {
+        assert_eq!(name(SETPCAP), "CAP_SETPCAP");
         assert_eq!(name(SYS_ADMIN), "CAP_SYS_ADMIN");
         assert_eq!(name(CHECKPOINT_RESTORE), "CAP_CHECKPOINT_RESTORE");
         assert_eq!(name(41), "CAP_41");

@@ -142,6 +142,16 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
             ),
         ));
     }
+    if !crate::capabilities::can_drop_to(&meta.bounding_set) {
+        // CRIU's PR_CAPBSET_DROP fails, and 4.2 then hangs as above.
+        return Err(OpError::new(
+            FailureKind::Unavailable,
+            "the image's processes had a bounding set without some capabilities, which CRIU \
+             must drop from the restored ones, and that needs CAP_SETPCAP, which this crac \
+             lacks: give it CAP_SETPCAP (a container run as a user: --cap-add SETPCAP, at the \
+             warm-up too, so that the image records it), or restore as root",
+        ));
+    }
     metadata::verify(dir, &meta, metadata::Check::Changed)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu::find()?;
@@ -255,11 +265,26 @@ fn restore_with(
         )
     })?;
     let pidfile = scratch.path().join("restored.pid");
-    let cmd = restore_command(request, &meta, &criu.path, &action, &pidfile, notice)?;
+    let mut cmd = restore_command(request, &meta, &criu.path, &action, &pidfile, notice)?;
     // Restores of one image take turns: CRIU writes its log and figures into the image
     // folder, and a lazy restore's page server listens there. Copies restored at once (each
-    // into a pid namespace of its own) come up one after the other, tens of ms apart.
-    let _turn = restore_turn(&request.dir)?;
+    // into a pid namespace of its own) come up one after the other, tens of ms apart. An
+    // image on a read-only file system (a container run with --read-only) is only read: CRIU
+    // writes into the private folder instead, and nothing needs a turn.
+    let read_only = nix::unistd::access(&request.dir, nix::unistd::AccessFlags::W_OK)
+        .is_err_and(|e| e == nix::errno::Errno::EROFS);
+    let work = if read_only && !lazy {
+        cmd = cmd.work_dir(scratch.path());
+        scratch.path().to_owned()
+    } else {
+        request.dir.clone()
+    };
+    let _turn = if work == request.dir {
+        Some(restore_turn(&request.dir)?)
+    } else {
+        None
+    };
+    let log_path = work.join("restore.log");
     let started = Instant::now();
     let (cmd, server) = if lazy {
         let server = PageServer::start(&criu.path, &request.dir)?;
@@ -273,7 +298,7 @@ fn restore_with(
             if let Some(server) = server {
                 server.stop();
             }
-            let log = fs::read_to_string(request.dir.join("restore.log")).unwrap_or_default();
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
             let mut details = criu_lines(&log, &[]);
             details.extend(hints(&log));
             return Err(OpError::new(
@@ -283,7 +308,7 @@ fn restore_with(
                      were killed (its log: {}; allow more time if the image is that slow to \
                      restore)",
                     request.timeout.unwrap_or_default().as_secs_f64(),
-                    request.dir.join("restore.log").display()
+                    log_path.display()
                 ),
             )
             .with_details(details));
@@ -303,8 +328,6 @@ fn restore_with(
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(meta.pid);
-    drop(scratch);
-    let log_path = request.dir.join("restore.log");
     let log = fs::read_to_string(&log_path).unwrap_or_default();
     let (hook_lines, hook_failures) = hook_lines(&log);
     let restored = log.contains("Restore finished successfully") || request.detach;
@@ -340,7 +363,7 @@ fn restore_with(
         } else {
             output.status.code()
         },
-        criu: crate::stats::restore(&request.dir),
+        criu: crate::stats::restore(&work),
     };
     Ok((outcome, server))
 }

@@ -277,7 +277,10 @@ fn open_log(store: &Store, args: &RunArgs) -> Result<(std::fs::File, std::fs::Fi
 const PID_FLOOR: u32 = 1000;
 
 /// Moves the pid namespace's counter up to [`PID_FLOOR`] when it is below (a young
-/// namespace: a container); on a host it is far above already and nothing is done.
+/// namespace: a container); on a host it is far above already and nothing is done. By writing
+/// `ns_last_pid` where `/proc/sys` is writable (a container has it only with `--privileged`),
+/// else by making children that exit at once until one gets a pid at the floor (no privilege
+/// needed; `clone3`'s `set_tid` gives one child a pid but leaves the counter where it was).
 fn raise_pid_floor() {
     let read =
         |path: &str| -> Option<u32> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
@@ -290,12 +293,49 @@ fn raise_pid_floor() {
     if last >= PID_FLOOR || max <= PID_FLOOR * 2 {
         return;
     }
-    // Needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE over the namespace, as CRIU's restore does.
-    if let Err(e) = std::fs::write("/proc/sys/kernel/ns_last_pid", PID_FLOOR.to_string()) {
-        eprintln!(
-            "crac run: cannot move this pid namespace's pids up to {PID_FLOOR} ({e}): an image of the service made here may not restore in a new container, its pids taken by CRIU (run this container with --privileged)"
-        );
+    if std::fs::write("/proc/sys/kernel/ns_last_pid", PID_FLOOR.to_string()).is_ok() {
+        return;
     }
+    loop {
+        match passing_child() {
+            Ok(pid) if pid >= PID_FLOOR => return,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!(
+                    "crac run: cannot move this pid namespace's pids up to {PID_FLOOR} ({e}): an image of the service made here may not restore in a new container, its pids taken by CRIU"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Makes a child that exits at once, and reaps it; returns its pid. The child shares this
+/// process's memory and runs on a small stack of its own while this thread waits
+/// (`CLONE_VM | CLONE_VFORK`): nothing is copied, so a thousand take a few milliseconds.
+fn passing_child() -> std::io::Result<u32> {
+    extern "C" fn exit_at_once(_: *mut libc::c_void) -> libc::c_int {
+        0
+    }
+    let mut stack = vec![0u8; 16 * 1024];
+    // SAFETY: the stack is ours and outlives the child (CLONE_VFORK: this thread resumes once
+    // the child has exited); it grows down from its 16-byte aligned end. The child runs only
+    // `exit_at_once`, which touches nothing, and then exits.
+    let child = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len());
+        let top = top.sub(top as usize % 16);
+        libc::clone(
+            exit_at_once,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let _ = waitpid(Pid::from_raw(child), None);
+    Ok(child as u32)
 }
 
 fn forward_signals(service: Arc<AtomicI32>) -> Result<(), OpError> {

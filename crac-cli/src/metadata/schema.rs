@@ -101,6 +101,12 @@ pub struct Metadata {
     /// of older versions (not checked then), and when the tree held none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
+    /// The capabilities in the bounding set of every dumped process (the intersection, by
+    /// name). CRIU drops the others from each restored process's bounding set, which needs
+    /// CAP_SETPCAP: a restore by a crac without it is refused when this lacks one the kernel
+    /// knows. Absent in images of older versions (not checked then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bounding_set: Vec<String>,
 }
 
 /// A file the dumped process had mapped, outside the image.
