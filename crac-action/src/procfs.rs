@@ -1,7 +1,7 @@
 //! Everything crac-action reads from `/proc`: the one place that knows its paths and formats.
 //!
 //! What other processes tell there: `stat` (state, parent, start time), the children of each
-//! task, `status` (`Uid:`, `NSpid:`, the capability sets), `environ`, `cmdline`, `root`, `ns/*`, the names of their
+//! task, `status` (`Uid:`, `NSpid:`, the capability sets), `cgroup`, `environ`, `cmdline`, `root`, `ns/*`, the names of their
 //! threads, their descriptors (`fd/*`) and their network namespace's socket tables (`net/*`).
 //! And what crac-action reads of itself: its namespaces (this thread's, `/proc/thread-self`,
 //! for the network one it may have moved to), its sockets and its threads.
@@ -165,6 +165,21 @@ pub fn capabilities(pid: &str) -> Option<CapabilitySets> {
         // Absent before Linux 4.3.
         ambient: field("CapAmb:").unwrap_or(0),
     })
+}
+
+/// The cgroups of process `pid` (`/proc/PID/cgroup`): each hierarchy's controllers (empty
+/// for cgroup v2's) and the path in it.
+pub(crate) fn cgroups(pid: u32) -> Option<Vec<(String, String)>> {
+    let text = String::from_utf8(read(&format!("/proc/{pid}/cgroup"))?).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|line| {
+                let mut fields = line.splitn(3, ':');
+                let _id = fields.next()?;
+                Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+            })
+            .collect(),
+    )
 }
 
 /// The highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`).

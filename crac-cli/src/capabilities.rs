@@ -61,6 +61,10 @@ const NAMES: [&str; 41] = [
 
 /// CAP_SETPCAP's number.
 pub const SETPCAP: u32 = 8;
+/// CAP_NET_ADMIN's number.
+pub const NET_ADMIN: u32 = 12;
+/// CAP_SYS_TIME's number.
+pub const SYS_TIME: u32 = 25;
 /// CAP_SYS_ADMIN's number.
 pub const SYS_ADMIN: u32 = 21;
 /// CAP_CHECKPOINT_RESTORE's number.

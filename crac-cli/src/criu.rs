@@ -62,15 +62,20 @@ pub fn action_script() -> Result<PathBuf, OpError> {
         })
 }
 
-/// Whether crac runs CRIU in its unprivileged mode (`--unprivileged`): when it lacks
-/// CAP_SYS_ADMIN, as root in a container given `--cap-add CHECKPOINT_RESTORE`, or as another
-/// user with CAP_CHECKPOINT_RESTORE. Then CRIU needs CAP_CHECKPOINT_RESTORE alone: without the
-/// mode it would probe the kernel with what needs CAP_SYS_ADMIN, CAP_NET_ADMIN and
-/// CAP_SYS_TIME, and fail. Not always: in that mode CRIU leaves out, even when it holds
-/// CAP_SYS_ADMIN, what needs it (kernel probes, namespaces' and mounts' state, setting
-/// resources only CAP_SYS_ADMIN may set), so a privileged crac keeps CRIU's full mode.
+/// Whether crac runs CRIU in its unprivileged mode (`--unprivileged`): unless it holds the
+/// capabilities CRIU's full mode uses from its first step (CAP_SYS_ADMIN for its kernel
+/// probes' namespaces, CAP_NET_ADMIN to force socket buffer sizes, CAP_SYS_TIME for time
+/// namespaces' offsets), as root on a host or in a `--privileged` container does. Otherwise,
+/// as root in a container given `--cap-add CHECKPOINT_RESTORE` (or Docker 20.10's `SYS_ADMIN`,
+/// which does not know that capability) or as another user, the unprivileged mode needs only
+/// CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN, where the full one fails. Not always: in that
+/// mode CRIU leaves out, even when it could, what needs privileges (kernel probes, restoring
+/// namespaces and mounts, resources only CAP_SYS_ADMIN may set).
 pub fn unprivileged() -> bool {
-    !capabilities::has_effective(capabilities::SYS_ADMIN)
+    use capabilities::{has_effective, NET_ADMIN, SYS_ADMIN, SYS_TIME};
+    ![SYS_ADMIN, NET_ADMIN, SYS_TIME]
+        .into_iter()
+        .all(has_effective)
 }
 
 /// Says, before CRIU does (with a bare exit code), that it cannot run: CRIU needs
@@ -410,7 +415,7 @@ mod tests {
 
     impl CriuCommand {
         /// The command line without `--unprivileged`, which follows the verb exactly when
-        /// this process lacks CAP_SYS_ADMIN.
+        /// crac runs CRIU in its unprivileged mode.
         fn line(self) -> String {
             let line = self.to_string();
             let verb = self.args[0].to_string_lossy().into_owned();

@@ -84,9 +84,9 @@ pub(crate) fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         detail: match &privileges {
             // CRIU is judged (`criu check`, the probe dump) in the mode crac runs it in.
             Ok(()) if criu::unprivileged() => format!(
-                "running as {who} with CAP_CHECKPOINT_RESTORE and without CAP_SYS_ADMIN: CRIU runs in its unprivileged mode (--unprivileged)"
+                "running as {who} with CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN, without all that CRIU's full mode needs: CRIU runs in its unprivileged mode (--unprivileged)"
             ),
-            Ok(()) => format!("running as {who} with CAP_SYS_ADMIN"),
+            Ok(()) => format!("running as {who} with CAP_SYS_ADMIN, CAP_NET_ADMIN and CAP_SYS_TIME"),
             Err(err) => err.message.clone(),
         },
     });
