@@ -7,7 +7,7 @@
 //!   (`CI=true`) when what it needs is missing, and elsewhere says why and how to run it, and
 //!   returns.
 //! - [`podman`]: podman with `--runtime runc` on a storage of its own, for the end-to-end tests
-//!   and the benchmarks; [`docker`]: a private dockerd.
+//!   and the benchmarks; [`docker`]: a private dockerd; [`registry`]: a private registry.
 //! - [`agent_clients`]: scripted clients against a real agent, for crac-agent's randomized test
 //!   and the fuzz target.
 #![forbid(unsafe_code)]
@@ -15,6 +15,7 @@
 pub mod agent_clients;
 pub mod docker;
 pub mod podman;
+pub mod registry;
 
 /// Whether this is a CI run (`CI=true` or `CI=1`): there a test that cannot run fails.
 fn in_ci() -> bool {

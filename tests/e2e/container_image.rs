@@ -16,6 +16,7 @@ use crate::util::{self, ask, bin, free_port, text, wait_until, Scratch};
 use crac_test_support::podman::{
     Podman, CAPABILITY_RUN_OPTIONS, WARM_RUN_OPTIONS, WARM_UP_OPTIONS,
 };
+use crac_test_support::registry::Registry;
 
 /// The warm-start example's STATS.
 fn stats(port: u16) -> Value {
@@ -175,6 +176,18 @@ fn restores(podman: &Podman, options: &[&str], image: &str, name: &str, port: u1
     }
     assert_ne!(restored["instance"], warm["instance"], "{name}: {restored}");
     podman.run(&["rm", "--force", "--time", "0", name], "podman rm");
+}
+
+/// `options` with a network namespace of the container's own (`--network none`: loopback
+/// only) in place of the host's.
+fn own_network<'a>(options: &[&'a str]) -> Vec<&'a str> {
+    let mut out = options.to_vec();
+    let at = out
+        .iter()
+        .position(|&o| o == "--network")
+        .expect("a --network option");
+    out[at + 1] = "none";
+    out
 }
 
 /// Changes the metadata of the image in `dir` with `edit`.
@@ -465,6 +478,70 @@ fn capabilities_alone_warm_up_and_restore_as_root_and_as_a_user() {
         port,
         &warm,
     );
+
+    // A fleet from one warm image: pushed to a registry, pulled into another storage root
+    // (another machine's), three copies restored there, each in a network namespace of its
+    // own, each renewing what is unique, and each reachable by crac status and checkpoint.
+    let registry = Registry::start(&scratch.join("registry"));
+    let remote = format!("{}/caps:warm", registry.host());
+    podman.run(
+        &[
+            "push",
+            "--quiet",
+            "--tls-verify=false",
+            "localhost/caps:warm",
+            &remote,
+        ],
+        "podman push",
+    );
+    let elsewhere = Podman::new(&scratch.join("podman-2"), &env.criu.path);
+    elsewhere.run(
+        &["pull", "--quiet", "--tls-verify=false", &remote],
+        "podman pull",
+    );
+    let mut instances = vec![warm["instance"].clone()];
+    for copy in ["copy-1", "copy-2", "copy-3"] {
+        let mut args = vec!["run", "-d", "--name", copy];
+        args.extend(own_network(&warm_up_options));
+        args.push(&remote);
+        elsewhere.run(&args, "podman run (a copy)");
+        let lines = started(&elsewhere, copy);
+        assert!(
+            lines.contains("crac run: restored image \"warm\" as pid 1001"),
+            "{copy}: {lines}"
+        );
+        let restored = oci::in_netns(elsewhere.pid(copy), || stats(port));
+        assert_eq!(restored["started"], "restored", "{copy}: {restored}");
+        assert_eq!(restored["docs"], warm["docs"], "{copy}: {restored}");
+        instances.push(restored["instance"].clone());
+    }
+    for copy in ["copy-1", "copy-2", "copy-3"] {
+        let status = elsewhere.run(&["exec", copy, "crac", "status", "1001"], "crac status");
+        assert!(text(&status).contains("1001"), "{copy}: {}", text(&status));
+        let again = elsewhere.run(
+            &[
+                "exec",
+                copy,
+                "crac",
+                "checkpoint",
+                "--leave-running",
+                "--name",
+                "again",
+                "1001",
+            ],
+            "crac checkpoint in a copy",
+        );
+        assert!(text(&again).contains("again"), "{copy}: {}", text(&again));
+    }
+    instances.sort_by_key(|v| v.to_string());
+    instances.dedup();
+    assert_eq!(
+        instances.len(),
+        4,
+        "each copy renews its instance: {instances:?}"
+    );
+    drop(elsewhere);
+    drop(registry);
 
     // A cold start in the committed image (its checkpoint cut short) checkpoints the service
     // again, over the image's committed one, which overlayfs cannot move.
