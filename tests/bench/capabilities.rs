@@ -127,7 +127,8 @@ fn warm_up(
 }
 
 /// `runs` containers of `image` with `options`, each removed after its first answer, which
-/// must say `started` = `expect`.
+/// must say `started` = `expect`: the times to first answer, and crac run's own (its "restored
+/// image ... in" or "started cold ... in" line).
 fn starts(
     engine: &dyn Engine,
     options: &[&str],
@@ -136,8 +137,8 @@ fn starts(
     expect: &str,
     runs: usize,
     port: u16,
-) -> Res<Samples> {
-    let mut samples = Samples::new();
+) -> Res<(Samples, Samples)> {
+    let (mut samples, mut inside) = (Samples::new(), Samples::new());
     for i in 0..runs {
         let name = format!("c{i}");
         let (took, stats) = first_answer(engine, options, image, command, &name, port)?;
@@ -145,9 +146,20 @@ fn starts(
             return Err(format!("{image}: expected {expect}: {stats}"));
         }
         samples.push(took);
+        let logs = run(engine, &["logs", &name], "logs")?;
+        if let Some(us) = String::from_utf8_lossy(&logs.stderr)
+            .lines()
+            .find(|l| {
+                l.contains("crac run: restored image") || l.contains("crac run: started cold")
+            })
+            .and_then(|l| l.rsplit_once(" in "))
+            .and_then(|(_, t)| crate::warm::parse_duration_us(t))
+        {
+            inside.push_us(us);
+        }
         run(engine, &["rm", "--force", &name], "rm")?;
     }
-    Ok(samples)
+    Ok((samples, inside))
 }
 
 /// scripts/container-image.sh with `extra` options and the service's `args`, for the engine
@@ -216,7 +228,7 @@ pub(crate) fn run_item(ctx: &Ctx, report: &mut Report) -> Res<()> {
         "localhost/b15:priv",
         port,
     )?;
-    let p_cold = starts(
+    let (p_cold, _) = starts(
         &podman,
         &CAPABILITY_RUN_OPTIONS,
         "localhost/b15:cold",
@@ -225,7 +237,7 @@ pub(crate) fn run_item(ctx: &Ctx, report: &mut Report) -> Res<()> {
         runs,
         port,
     )?;
-    let p_caps = starts(
+    let (p_caps, p_caps_in) = starts(
         &podman,
         &CAPABILITY_RUN_OPTIONS,
         "localhost/b15:caps",
@@ -234,7 +246,7 @@ pub(crate) fn run_item(ctx: &Ctx, report: &mut Report) -> Res<()> {
         runs,
         port,
     )?;
-    let p_priv = starts(
+    let (p_priv, p_priv_in) = starts(
         &podman,
         &WARM_RUN_OPTIONS,
         "localhost/b15:priv",
@@ -343,7 +355,7 @@ pub(crate) fn run_item(ctx: &Ctx, report: &mut Report) -> Res<()> {
         "localhost/b15:caps",
         port,
     )?;
-    let d_cold = starts(
+    let (d_cold, _) = starts(
         &dockerd,
         &docker::CAPABILITY_RUN_OPTIONS,
         "localhost/b15:cold",
@@ -352,7 +364,7 @@ pub(crate) fn run_item(ctx: &Ctx, report: &mut Report) -> Res<()> {
         runs,
         port,
     )?;
-    let d_caps = starts(
+    let (d_caps, d_caps_in) = starts(
         &dockerd,
         &docker::CAPABILITY_RUN_OPTIONS,
         "localhost/b15:caps",
@@ -378,9 +390,12 @@ pub(crate) fn run_item(ctx: &Ctx, report: &mut Report) -> Res<()> {
         &[
             p_cold.runs_row("podman, cold"),
             p_caps.runs_row("podman, restored, capabilities only"),
+            p_caps_in.runs_row("  of which crac run's restore inside"),
             p_priv.runs_row("podman, restored, --privileged"),
+            p_priv_in.runs_row("  of which crac run's restore inside"),
             d_cold.runs_row("Docker, cold"),
             d_caps.runs_row("Docker, restored, SYS_ADMIN only"),
+            d_caps_in.runs_row("  of which crac run's restore inside"),
             pull_cold.runs_row("pull + cold start"),
             pull_warm.runs_row("pull + restored start"),
         ],
