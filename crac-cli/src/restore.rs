@@ -386,8 +386,11 @@ fn run_within(mut cmd: Command, timeout: Option<Duration>) -> std::io::Result<Op
     match wait.recv_timeout(timeout) {
         Ok(output) => output.map(Some),
         Err(_) => {
-            // CRIU is reaped only by that thread, which has not returned: its pid is still
-            // CRIU's.
+            // CRIU is reaped only by that thread: unless it has just sent what it reaped, the
+            // pid is still CRIU's (the window between the two is a few instructions).
+            if let Ok(output) = wait.try_recv() {
+                return output.map(Some);
+            }
             kill_tree(pid);
             // Killed, CRIU ends at once (its output is not wanted); a process stuck in the
             // kernel is not waited for beyond this.
