@@ -30,7 +30,19 @@ pub struct Docker {
     dir: PathBuf,
     daemon: Child,
     socket: PathBuf,
+    /// The folders dockerd and containerd make under /run whatever their roots (plugin
+    /// sockets, the shims' sockets), which were absent before: removed when it stops.
+    made_in_run: Vec<&'static str>,
 }
+
+/// What dockerd 20.10 and containerd 1.6 make under /run outside their exec root, deepest
+/// first.
+const RUN_FOLDERS: [&str; 4] = [
+    "/run/docker/plugins",
+    "/run/docker",
+    "/run/containerd/s",
+    "/run/containerd",
+];
 
 /// What `docker run` needs for crac run and CRIU with capabilities instead of `--privileged`:
 /// CAP_SYS_ADMIN (Docker 20.10 does not know CAP_CHECKPOINT_RESTORE; CRIU runs in full mode
@@ -80,6 +92,10 @@ impl Docker {
             bin_dir.display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        let made_in_run = RUN_FOLDERS
+            .into_iter()
+            .filter(|path| !Path::new(path).exists())
+            .collect();
         let socket = dir.join("docker.sock");
         let sub = |name: &str| dir.join(name).to_string_lossy().into_owned();
         let log = fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
@@ -108,6 +124,7 @@ impl Docker {
             dir: dir.to_owned(),
             daemon,
             socket,
+            made_in_run,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !docker.try_run(&["version"]).status.success() {
@@ -211,6 +228,10 @@ impl Drop for Docker {
             for controller in controllers.flatten() {
                 let _ = fs::remove_dir(controller.path().join("docker"));
             }
+        }
+        // Empty once dockerd and the shims are gone.
+        for path in &self.made_in_run {
+            let _ = fs::remove_dir(path);
         }
         // containerd-shims, re-parented to this subreaper once their containers are gone.
         while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
