@@ -2,7 +2,9 @@
 //! scripts/container-image.sh (entrypoint `crac run`, CRIU and crac inside), a warm-up
 //! container in which the warm-start example checkpoints itself, `podman commit`, and
 //! containers of the committed image that start restored, or cold, saying why, when the
-//! checkpoint is missing, damaged or refused.
+//! checkpoint is missing, damaged or refused (fewer capabilities than the warm-up, a CRIU that
+//! hangs); and the same with capabilities instead of `--privileged`, as root and as a user,
+//! read-only, and as copies pulled from a private registry into another storage root.
 
 use std::fs;
 use std::path::Path;
