@@ -3,14 +3,15 @@
 #
 # Usage: sudo scripts/bench.sh [crac-bench options]      (root: CRIU needs it; any directory)
 #   --quick          fewer repetitions: a smoke run, noisier figures (about a minute)
-#   --only LIST      items to run, e.g. --only 1 or --only 1,3,5 (default: all of 1-13)
+#   --only LIST      items to run, e.g. --only 1 or --only 1,3,5 (default: all of 1-13 and 15)
 #   --idle-secs N    how long item 5 watches the idle agent (default 10)
 #   --soak N         item 6's cycles of each kind, killing and --leave-running (default 100)
 #   --alt-action P   item 1 also measures another crac-action build (e.g. a static one)
 #   --out FILE       where the markdown results go (default: target/bench/results.md)
 #
 # It provisions CRIU >= 4.2 (scripts/provision-criu.sh, a no-op when it is there), installs
-# socat (the baseline of item 1) and runc and podman (item 10) from Debian's packages if
+# socat (the baseline of item 1) and runc, podman, Docker and docker-registry (items 10 and
+# 15) from Debian's packages if
 # they are missing, builds the workspace in release mode, then runs target/release/crac-bench,
 # which prints every figure with its target and whether it is met, and writes them as
 # markdown to the --out file, shown at the end. A full run takes a few minutes. Each figure
@@ -68,7 +69,7 @@ if ! command -v socat >/dev/null; then
     command -v socat >/dev/null || die "socat could not be installed"
 fi
 
-info "installing runc and podman if they are missing (item 10; scripts/install-runtimes.sh)"
+info "installing runc, podman, Docker and docker-registry if missing (items 10 and 15; scripts/install-runtimes.sh)"
 bash scripts/install-runtimes.sh
 
 info "building the release binaries as installed (scripts/build-release.sh: LTO, static crac-action)"

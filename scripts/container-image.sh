@@ -15,21 +15,32 @@
 #   --name NAME       the checkpoint's name in the image's store (default: SERVICE's file name)
 #   --bin-dir DIR     where crac and crac-action are (default: target/release of this checkout)
 #   --tar FILE        also keep the root file system as this tar file
+#   --docker          build it with Docker (scripts/warm-start.Dockerfile) instead of podman:
+#                     the service goes to /app/service, its checkpoint is named `service`, and
+#                     its arguments are the container's command (`docker run TAG /app/service
+#                     ARGS`), not the image's
+#   --user UID:GID    the service runs as this user (`podman run --user UID:GID`): the image's
+#                     store belongs to it (crac, CRIU and the service then need
+#                     CAP_CHECKPOINT_RESTORE, which the runtime gives as an ambient capability)
 #
 # Environment: PODMAN, the podman command to import with (default `podman`; word-split, so
-# `PODMAN="podman --root /some/where"` uses other storage), and CRAC_CRIU as for crac.
+# `PODMAN="podman --root /some/where"` uses other storage), DOCKER the docker command to build
+# with (default `docker`, word-split the same way), and CRAC_CRIU as for crac.
 #
 # The warm-up, done once where the image is built (XTDB's and PrestaShop's guides do the same
 # steps by hand):
-#   podman run -d --name warmup --privileged --network host TAG
+#   podman run -d --name warmup --cap-add CHECKPOINT_RESTORE \
+#       --security-opt seccomp=unconfined --network host TAG
 #     the service starts cold; a service that checkpoints itself (crac_agent::SelfCheckpoint,
 #     e.g. examples/warm_start.rs) does so once it is warm, or run
 #     `podman exec warmup crac checkpoint --leave-running --name NAME PID` (`crac ps` lists it)
 #   podman exec warmup crac images list      # the checkpoint is there
 #   podman stop warmup && podman commit warmup TAG-warm
-#   podman run --privileged --network host TAG-warm   # restored; cold if it cannot be
-# CRIU in a container needs --privileged (CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, ptrace, and a
-# writable /proc/sys). `podman save` or `podman push` carries the checkpoint with the image.
+#   podman run --cap-add CHECKPOINT_RESTORE --network host TAG-warm   # restored; cold if not
+# CRIU in a container needs CAP_CHECKPOINT_RESTORE (crac runs it in its unprivileged mode
+# without CAP_SYS_ADMIN), the dump also an unconfined seccomp (CRIU suspends the service's
+# filter), and a restore the capabilities the warm-up had (docs/containers.md has the table).
+# `podman save` or `podman push` carries the checkpoint with the image.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,6 +54,8 @@ die() {
 name=''
 bin_dir=$ROOT/target/release
 tar_out=''
+user=''
+docker=''
 tag=''
 while (($#)); do
     case $1 in
@@ -50,14 +63,19 @@ while (($#)); do
             sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
             exit 0
             ;;
-        --name | --bin-dir | --tar)
+        --name | --bin-dir | --tar | --user)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --name) name=$2 ;;
                 --bin-dir) bin_dir=$2 ;;
                 --tar) tar_out=$2 ;;
+                --user) user=$2 ;;
             esac
             shift 2
+            ;;
+        --docker)
+            docker=1
+            shift
             ;;
         --)
             shift
@@ -79,13 +97,22 @@ shift
 # The image has no shell: the service must be a program, not a script.
 is_elf() { [[ $(head -c 4 "$1" 2>/dev/null) == $'\x7fELF' ]]; }
 is_elf "$service" || die "the service $service is not an ELF program (the image has no shell to run a script)"
+if [[ -n $docker ]]; then
+    [[ -z $name || $name == service ]] || die "--docker names the checkpoint 'service' (the Dockerfile's entrypoint): drop --name"
+    name=service
+fi
 name=${name:-$(basename "$service")}
+[[ -z $user || $user =~ ^[0-9]+:[0-9]+$ ]] || die "--user takes numbers, UID:GID (got '$user')"
 [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "'$name' is not a valid image name (letters, digits, . _ -)"
 for bin in crac crac-action; do
     [[ -x $bin_dir/$bin ]] || die "no $bin in $bin_dir (build it: cargo build --release --workspace, or name the folder with --bin-dir)"
 done
-read -r -a podman <<<"${PODMAN:-podman}"
-command -v "${podman[0]}" >/dev/null || die "${podman[0]} not found (scripts/install-runtimes.sh installs it)"
+if [[ -n $docker ]]; then
+    read -r -a engine <<<"${DOCKER:-docker}"
+else
+    read -r -a engine <<<"${PODMAN:-podman}"
+fi
+command -v "${engine[0]}" >/dev/null || die "${engine[0]} not found (scripts/install-runtimes.sh installs it)"
 
 rootfs=$(mktemp -d)
 tar=${tar_out:-$rootfs.tar}
@@ -159,17 +186,23 @@ fi
 # crac, crac-action and the service, each with the libraries the image does not have yet.
 put "$bin_dir/crac" /usr/local/bin/
 put "$bin_dir/crac-action" /usr/local/bin/
-put "$service" /app/
+if [[ -n $docker ]]; then
+    put "$service" /app/service
+else
+    put "$service" /app/
+fi
 for bin in "$bin_dir/crac" "$bin_dir/crac-action" "$service"; do
     put_libraries "$bin"
 done
 # Debug information is most of a debug build's size, and no use in the image.
 if command -v strip >/dev/null; then
     strip --strip-debug "$rootfs/usr/local/bin/crac" "$rootfs/usr/local/bin/crac-action" \
-        "$rootfs/app/$(basename "$service")"
+        "$rootfs"/app/*
 fi
 mkdir -p "$rootfs"/{proc,dev,sys,run,tmp,var/lib/crac/images}
 chmod 1777 "$rootfs/tmp"
+# The store is the user's own: crac trusts a folder of root's or its own, and writes there.
+[[ -z $user ]] || chown -R "$user" "$rootfs/var/lib/crac"
 
 # The entrypoint, as a JSON array (of arguments without control characters).
 for arg in "$name" "$@"; do
@@ -187,8 +220,20 @@ entry+=",$(json "/app/$(basename "$service")")"
 for arg in "$@"; do entry+=",$(json "$arg")"; done
 entry+="]"
 
-tar -C "$rootfs" -cf "$tar" .
-out=$("${podman[@]}" import --change "ENTRYPOINT $entry" \
-    --change "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin" "$tar" "$tag" 2>&1) ||
+tar -C "$rootfs" --numeric-owner -cf "$tar" .
+if [[ -n $docker ]]; then
+    context=$(mktemp -d)
+    trap 'rm -rf "$rootfs" "$context"; [[ -n $tar_out ]] || rm -f "$tar"' EXIT
+    cp "$tar" "$context/rootfs.tar"
+    cp "$ROOT/scripts/warm-start.Dockerfile" "$context/Dockerfile"
+    out=$(DOCKER_BUILDKIT=0 "${engine[@]}" build --quiet --tag "$tag" "$context" 2>&1) ||
+        die "docker build of $tag failed: $out"
+    info "made $tag ($(du -sh "$rootfs" | cut -f1)) with scripts/warm-start.Dockerfile: run it with the command, e.g. /app/service $*"
+    exit 0
+fi
+# CRAC_STORE: whoever runs crac in the container (root, or the --user) uses the image's store.
+out=$("${engine[@]}" import --change "ENTRYPOINT $entry" \
+    --change "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin" \
+    --change "ENV CRAC_STORE=/var/lib/crac/images" "$tar" "$tag" 2>&1) ||
     die "podman import of $tar as $tag failed: $out"
 info "made $tag ($(du -sh "$rootfs" | cut -f1)): entrypoint $entry"

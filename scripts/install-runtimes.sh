@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the container runtimes the end-to-end tests checkpoint containers with: runc and
-# podman, from this machine's Debian packages (Debian 12: runc 1.1.5, podman 4.3.1), if they
-# are not there yet. podman brings conmon, and iptables with it.
+# Installs the container runtimes the end-to-end tests checkpoint containers with: runc,
+# podman, Docker and a registry, from this machine's Debian packages (Debian 12: runc 1.1.5,
+# podman 4.3.1, docker.io 20.10.24, docker-registry 2.8.2), if they are not there yet. podman
+# brings conmon, and iptables with it; docker.io brings containerd. No daemon is started.
 #
 # Nothing is configured system-wide: the tests name their own CRIU configuration in each
 # container (the org.criu.config annotation) and keep podman's storage in their own folders,
-# so /etc/criu and /etc/containers are left as the packages made them.
+# so /etc/criu and /etc/containers are left as the packages made them; the tests give their
+# private dockerd its CRIU configuration through its environment (CRIU_CONFIG_FILE).
 #
 # Usage: scripts/install-runtimes.sh   (as root)
 set -euo pipefail
@@ -22,22 +24,39 @@ case ${1:-} in
     *) die "unknown argument '$1' (try --help)" ;;
 esac
 
+# What to install: runc and podman; Docker (Debian 12's docker.io: dockerd 20.10 with
+# containerd 1.6 and its docker client at /usr/bin/docker) and Debian's docker-registry
+# (distribution 2.8), which the tests start privately (test-support's docker and registry).
 missing=()
-for tool in runc podman; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
+command -v runc >/dev/null || missing+=(runc)
+command -v podman >/dev/null || missing+=(podman)
+command -v dockerd >/dev/null || missing+=(docker.io)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
 if ((${#missing[@]} == 0)); then
-    info "runc $(runc --version | sed -n 's/^runc version //p') and $(podman --version) are installed; nothing to do."
+    info "runc, podman, dockerd and docker-registry are installed; nothing to do."
     exit 0
 fi
 ((EUID == 0)) || die "must run as root to install ${missing[*]} (apt-get install ${missing[*]})"
 command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} with this system's package manager"
 export DEBIAN_FRONTEND=noninteractive
-info "installing ${missing[*]} from Debian's packages"
+# The packages' maintainer scripts start dockerd, containerd and the registry system-wide
+# (through invoke-rc.d, with or without systemd): the tests run their own, privately, and the
+# machine must not be left with daemons or their iptables rules. A policy-rc.d that refuses
+# every start (exit 101) stops that for the install's duration; one already there is kept.
+policy=/usr/sbin/policy-rc.d
+if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\n# scripts/install-runtimes.sh: no service starts while it installs\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+fi
+info "installing ${missing[*]} from Debian's packages (no service started)"
 # A fresh machine may have no package lists yet.
 if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
     apt-get update -q >/dev/null || die "apt-get update failed"
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
         die "apt-get install ${missing[*]} failed"
 fi
-info "installed: runc $(runc --version | sed -n 's/^runc version //p'), $(podman --version)"
+for daemon in dockerd containerd docker-registry; do
+    ! pgrep -x "$daemon" >/dev/null || die "$daemon is running after the install: stop it (the tests start their own)"
+done
+info "installed: runc $(runc --version | sed -n 's/^runc version //p'), $(podman --version), $(dockerd --version), docker-registry $(docker-registry --version 2>&1 | awk '{print $NF}')"

@@ -24,8 +24,8 @@
 //! the steps, [`agents`] and [`tree`] find the agents of a process tree, [`agent_socket`]
 //! finds and checks an agent's socket wherever its process runs (a container's own pid and
 //! mount namespaces, and what is refused there), [`netns`] enters a process's network
-//! namespace, [`preflight`] says what CRIU would refuse, and [`procfs`] is everything read
-//! from `/proc`.
+//! namespace, [`freezer`] thaws a tree its runtime froze before the dump, [`preflight`] says
+//! what CRIU would refuse, and [`procfs`] is everything read from `/proc`.
 //!
 //! CRIU is known by `CRTOOLS_IMAGE_DIR` (`/proc/<criu>/fd/N`), never as the parent process, so
 //! the script may be wrapped; and every step is safe to run twice for one CRIU (CRIU 4.1 under
@@ -45,6 +45,7 @@ pub mod agents;
 pub mod criu;
 pub mod error;
 pub mod handover;
+pub mod freezer;
 pub mod netns;
 pub mod post_dump;
 pub mod post_resume;

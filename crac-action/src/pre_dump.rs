@@ -34,6 +34,20 @@ const LEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// See [`ActionError`]; on error every agent told has been rolled back.
 pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result<(), ActionError> {
     let init = inv.init_pid.ok_or(ActionError::NoInitPid(STEP))?;
+    // Nobody told anything yet: a failure here leaves the tree as it was.
+    match crate::freezer::thaw(init) {
+        Ok(crate::freezer::Thawed::Thawed(path)) => log(
+            out,
+            STEP,
+            &format!(
+                "thawed the tree's cgroup ({}), frozen by its runtime before the dump, so that \
+                 its agents can answer; CRIU freezes the tree itself",
+                path.display()
+            ),
+        ),
+        Ok(crate::freezer::Thawed::NotFrozen) => {}
+        Err(why) => return Err(ActionError::Refused(why)),
+    }
     // A bad policy stops everything before anyone is told anything. CRIU's options are read
     // only when the preflight runs.
     let checks = preflight::configured(|name| std::env::var(name).ok())

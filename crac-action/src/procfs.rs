@@ -1,7 +1,7 @@
 //! Everything crac-action reads from `/proc`: the one place that knows its paths and formats.
 //!
 //! What other processes tell there: `stat` (state, parent, start time), the children of each
-//! task, `status` (`Uid:`, `NSpid:`), `environ`, `cmdline`, `root`, `ns/*`, the names of their
+//! task, `status` (`Uid:`, `NSpid:`, the capability sets), `cgroup`, `environ`, `cmdline`, `root`, `ns/*`, the names of their
 //! threads, their descriptors (`fd/*`) and their network namespace's socket tables (`net/*`).
 //! And what crac-action reads of itself: its namespaces (this thread's, `/proc/thread-self`,
 //! for the network one it may have moved to), its sockets and its threads.
@@ -132,6 +132,62 @@ fn status_field(pid: u32, name: &str) -> Option<Vec<String>> {
 pub(crate) fn euid(pid: u32) -> Option<u32> {
     // Uid: real, effective, saved, filesystem.
     status_field(pid, "Uid:")?.get(1)?.parse().ok()
+}
+
+/// A process's capability sets (`CapInh:`, `CapPrm:`, `CapEff:`, `CapBnd:`, `CapAmb:` of
+/// /proc/PID/status), one bit per capability number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapabilitySets {
+    /// The inheritable set.
+    pub inheritable: u64,
+    /// The permitted set.
+    pub permitted: u64,
+    /// The effective set.
+    pub effective: u64,
+    /// The bounding set.
+    pub bounding: u64,
+    /// The ambient set.
+    pub ambient: u64,
+}
+
+/// The capability sets of process `pid` (`"self"` for this one), if it runs.
+pub fn capabilities(pid: &str) -> Option<CapabilitySets> {
+    let status = String::from_utf8(read(&format!("/proc/{pid}/status"))?).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let hex = status.lines().find_map(|line| line.strip_prefix(name))?;
+        u64::from_str_radix(hex.trim(), 16).ok()
+    };
+    Some(CapabilitySets {
+        inheritable: field("CapInh:")?,
+        permitted: field("CapPrm:")?,
+        effective: field("CapEff:")?,
+        bounding: field("CapBnd:")?,
+        // Absent before Linux 4.3.
+        ambient: field("CapAmb:").unwrap_or(0),
+    })
+}
+
+/// The cgroups of process `pid` (`/proc/PID/cgroup`): each hierarchy's controllers (empty
+/// for cgroup v2's) and the path in it.
+pub(crate) fn cgroups(pid: u32) -> Option<Vec<(String, String)>> {
+    let text = String::from_utf8(read(&format!("/proc/{pid}/cgroup"))?).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|line| {
+                let mut fields = line.splitn(3, ':');
+                let _id = fields.next()?;
+                Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+            })
+            .collect(),
+    )
+}
+
+/// The highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`).
+pub fn cap_last_cap() -> Option<u32> {
+    read_text("/proc/sys/kernel/cap_last_cap")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Process `pid`'s pid as it sees itself (the innermost of `NSpid`), if it runs.

@@ -281,6 +281,8 @@ fn pending_metadata(request: &CheckpointRequest, service: &Service, criu: &Criu)
         cpu_features: crate::cpu::features(),
         env_sha256: env_hashes(pid),
         stdio_pipes: stdio_pipes(pid),
+        capabilities: crate::capabilities::held_by(&service.tree),
+        bounding_set: crate::capabilities::bounded_by(&service.tree),
     }
 }
 

@@ -11,12 +11,12 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fmt;
-use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::capabilities;
 use crate::error::{FailureKind, OpError};
 use crate::locate::{self, Criu};
 use crate::metadata::{DumpOptions, Metadata};
@@ -62,47 +62,46 @@ pub fn action_script() -> Result<PathBuf, OpError> {
         })
 }
 
-/// CRIU needs root (it ptraces the tree, reads its memory and recreates its resources): say so
-/// before CRIU fails with a bare exit code.
+/// Whether crac runs CRIU in its unprivileged mode (`--unprivileged`): unless it holds the
+/// capabilities CRIU's full mode uses from its first step (CAP_SYS_ADMIN for its kernel
+/// probes' namespaces, CAP_NET_ADMIN to force socket buffer sizes, CAP_SYS_TIME for time
+/// namespaces' offsets), as root on a host or in a `--privileged` container does. Otherwise,
+/// as root in a container given `--cap-add CHECKPOINT_RESTORE` (or Docker 20.10's `SYS_ADMIN`,
+/// which does not know that capability) or as another user, the unprivileged mode needs only
+/// CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN, where the full one fails. Not always: in that
+/// mode CRIU leaves out, even when it could, what needs privileges (kernel probes, restoring
+/// namespaces and mounts, resources only CAP_SYS_ADMIN may set).
+pub fn unprivileged() -> bool {
+    use capabilities::{has_effective, NET_ADMIN, SYS_ADMIN, SYS_TIME};
+    ![SYS_ADMIN, NET_ADMIN, SYS_TIME]
+        .into_iter()
+        .all(has_effective)
+}
+
+/// Says, before CRIU does (with a bare exit code), that it cannot run: CRIU needs
+/// CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (then [`unprivileged`]), whoever runs it; root in a
+/// container without privileges has neither, and another user neither unless given one.
 ///
 /// # Errors
 ///
-/// [`FailureKind::Unavailable`] when the effective user is not root.
+/// [`FailureKind::Unavailable`] naming the capability that is missing and how to give it.
 pub fn require_root(what: &str) -> Result<(), OpError> {
-    if nix::unistd::geteuid().is_root() {
-        return require_criu_capability(what);
-    }
-    Err(OpError::new(
-        FailureKind::Unavailable,
-        format!(
-            "crac {what} needs root: CRIU stops the process tree, reads all its memory and recreates its resources, which only root may do; run it as root (sudo crac {what} ...)"
-        ),
-    ))
-}
-
-/// CRIU refuses to run without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, and says so on its
-/// standard output only. Root in a container without privileges has neither.
-fn require_criu_capability(what: &str) -> Result<(), OpError> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_CHECKPOINT_RESTORE: u32 = 40;
-    let effective = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(hex.trim(), 16).ok()
-        });
-    let Some(effective) = effective else {
-        // Unknown: let CRIU decide.
-        return Ok(());
-    };
-    if effective & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0 {
+    use crate::capabilities::{has_effective, CHECKPOINT_RESTORE, SYS_ADMIN};
+    if has_effective(SYS_ADMIN) || has_effective(CHECKPOINT_RESTORE) {
         return Ok(());
     }
+    let uid = nix::unistd::geteuid();
     Err(OpError::new(
         FailureKind::Unavailable,
-        format!(
-            "crac {what} runs as root but without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, one of which CRIU needs: run the container with --privileged (root in a container without privileges has neither), or give crac one of them"
-        ),
+        if uid.is_root() {
+            format!(
+                "crac {what} runs as root but without CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN), which CRIU needs: run the container with --cap-add CHECKPOINT_RESTORE (root in a container has neither by default), or give crac one of them"
+            )
+        } else {
+            format!(
+                "crac {what} runs as uid {uid} without CAP_CHECKPOINT_RESTORE, which CRIU needs to stop, read and recreate processes: give it that capability (a container: --cap-add CHECKPOINT_RESTORE, which a non-root user gets as an ambient capability; a host: an ambient capability from the service manager, e.g. systemd's AmbientCapabilities=CAP_CHECKPOINT_RESTORE), or run it as root (sudo crac {what} ...)"
+            )
+        },
     ))
 }
 
@@ -148,6 +147,7 @@ impl CriuCommand {
             own_process_group: false,
             inherited: Vec::new(),
         }
+        .flag(unprivileged(), "--unprivileged")
     }
 
     fn arg(mut self, arg: impl Into<OsString>) -> CriuCommand {
@@ -263,6 +263,12 @@ impl CriuCommand {
             .flag(!tcp_close && options.tcp_established, "--tcp-established")
             .option("--network-lock", options.network_lock.as_deref())
             .flag(options.file_locks, "--file-locks")
+    }
+
+    /// CRIU writes its log and figures into `dir` (`--work-dir`) instead of the image folder:
+    /// a restore of an image on a read-only file system.
+    pub fn work_dir(self, dir: &Path) -> CriuCommand {
+        self.arg("--work-dir").arg(dir)
     }
 
     /// A lazy restore: memory comes from the page server ([`CriuCommand::lazy_pages`]).
@@ -407,6 +413,18 @@ mod tests {
         }
     }
 
+    impl CriuCommand {
+        /// The command line without `--unprivileged`, which follows the verb exactly when
+        /// crac runs CRIU in its unprivileged mode.
+        fn line(self) -> String {
+            let line = self.to_string();
+            let verb = self.args[0].to_string_lossy().into_owned();
+            let marked = format!("/c {verb} --unprivileged");
+            assert_eq!(line.starts_with(&marked), unprivileged(), "{line}");
+            line.replacen(" --unprivileged", "", usize::from(unprivileged()))
+        }
+    }
+
     /// The command lines as crac gave them to CRIU before they had a builder: same arguments,
     /// same order.
     #[test]
@@ -414,12 +432,12 @@ mod tests {
         let (criu, dir, action) = (Path::new("/c"), Path::new("/i"), Path::new("/a"));
         let report = Path::new("/i/.crac-hooks.json");
         assert_eq!(
-            CriuCommand::dump(criu, 7, dir, action, report, &options()).to_string(),
+            CriuCommand::dump(criu, 7, dir, action, report, &options()).line(),
             "/c dump -t 7 -D /i -o dump.log --action-script /a --leave-running \
              --tcp-established --network-lock nftables --skip-in-flight --file-locks --shell-job"
         );
         assert_eq!(
-            CriuCommand::dump(criu, 7, dir, action, report, &DumpOptions::default()).to_string(),
+            CriuCommand::dump(criu, 7, dir, action, report, &DumpOptions::default()).line(),
             "/c dump -t 7 -D /i -o dump.log --action-script /a --skip-in-flight"
         );
         let pidfile = Path::new("/t/restored.pid");
@@ -427,29 +445,29 @@ mod tests {
             CriuCommand::restore(criu, dir, pidfile, action, true)
                 .dumped_with(&options(), false)
                 .lazy()
-                .to_string(),
+                .line(),
             "/c restore -D /i -o restore.log --pidfile /t/restored.pid --action-script /a -d \
              --tcp-established --network-lock nftables --file-locks --lazy-pages"
         );
         assert_eq!(
             CriuCommand::restore(criu, dir, pidfile, action, false)
                 .dumped_with(&options(), true)
-                .to_string(),
+                .line(),
             "/c restore -D /i -o restore.log --pidfile /t/restored.pid --action-script /a \
              --tcp-close --network-lock nftables --file-locks"
         );
         assert_eq!(
-            CriuCommand::restore_by_hand(criu, dir, action, &options()).to_string(),
+            CriuCommand::restore_by_hand(criu, dir, action, &options()).line(),
             "/c restore -D /i -d --action-script /a --tcp-established --network-lock nftables \
              --file-locks"
         );
         assert_eq!(
-            CriuCommand::lazy_pages(criu, dir, "lazy-pages.log").to_string(),
+            CriuCommand::lazy_pages(criu, dir, "lazy-pages.log").line(),
             "/c lazy-pages -D /i -o lazy-pages.log"
         );
-        assert_eq!(CriuCommand::check(criu).to_string(), "/c check");
+        assert_eq!(CriuCommand::check(criu).line(), "/c check");
         assert_eq!(
-            CriuCommand::probe_dump(criu, 9, dir).to_string(),
+            CriuCommand::probe_dump(criu, 9, dir).line(),
             "/c dump --leave-running -o dump.log -t 9 -D /i"
         );
     }

@@ -25,13 +25,14 @@
 //!   interrupted checkpoints; [`metadata`] reads, writes and checks the `crac-meta.json` beside
 //!   each image (schema, integrity, validation); [`hashing`] is SHA-256, for all of them;
 //!   [`archive`] exports an image to one file and imports it on another machine; [`cpu`] the
-//!   CPU features a restore needs.
+//!   CPU features a restore needs, [`capabilities`] the capabilities.
 //! - The service: [`process`] reads what a checkpoint needs of it from `/proc`.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
 pub mod activation;
 pub mod archive;
+pub mod capabilities;
 pub mod checkpoint;
 pub mod cpu;
 pub mod criu;

@@ -1,5 +1,6 @@
 //! The locks that keep crac processes from acting on one service at once: one crac at a time
-//! checkpoints a pid or gives it back in a detached restore ([`lock_pid`], in `/run/crac-locks`),
+//! checkpoints a pid or gives it back in a detached restore ([`lock_pid`], in `/run/crac-locks`
+//! for root),
 //! and restores of one image take turns ([`restore_turn`], `.crac-restore.lock` in its folder).
 
 use std::fs;
@@ -25,9 +26,24 @@ pub(crate) fn restore_turn(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, Op
     })
 }
 
-/// Where crac keeps its per-pid locks: a folder of root's under `/run`, which only root may
-/// write, so nobody else can take a pid's lock first.
+/// Where root's crac keeps its per-pid locks: a folder of root's under `/run`, which only root
+/// may write, so nobody else can take a pid's lock first.
 const LOCK_DIR: &str = "/run/crac-locks";
+
+/// Where this crac keeps its per-pid locks: [`LOCK_DIR`] for root; for another user (with
+/// CAP_CHECKPOINT_RESTORE, which acts on its own processes only) a private folder of its own,
+/// `$XDG_RUNTIME_DIR/crac-locks`, else `/tmp/crac-locks-UID` (crac-fs refuses one another
+/// user made first).
+fn lock_dir() -> PathBuf {
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return PathBuf::from(LOCK_DIR);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() && dir.is_dir() => dir.join("crac-locks"),
+        _ => std::env::temp_dir().join(format!("crac-locks-{uid}")),
+    }
+}
 
 /// A pid's lock, held while a checkpoint of it runs, or a detached restore gives it back: a
 /// private file `LOCK_DIR/PID.lock` under `flock`, holding the holder's pid and what it does.
@@ -57,7 +73,7 @@ pub(crate) fn lock_pid(pid: u32, what: &str) -> Result<Option<PidLock>, OpError>
     use nix::fcntl::{Flock, FlockArg};
     use std::io::Write;
     use std::os::unix::fs::MetadataExt;
-    let dir = Path::new(LOCK_DIR);
+    let dir = &lock_dir();
     if !dir.parent().is_some_and(Path::is_dir) {
         return Ok(None);
     }

@@ -3,10 +3,15 @@
 //! builds CRIU's command line from what the image was dumped with, runs it (with CRIU's page
 //! server for a lazy restore, [`restore_lazily`]), and reads the outcome from CRIU's log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use serde::Serialize;
 
@@ -38,7 +43,13 @@ pub struct RestoreRequest {
     /// Give the restored tree this process's stdout and stderr in place of the pipes its root
     /// wrote to when it was dumped ([`Metadata::stdio_pipes`]).
     pub inherit_stdio: bool,
+    /// How long CRIU may take: when it has not finished by then, it and every process it
+    /// made are killed and the restore fails ([`RESTORE_TIMED_OUT`]). `None`: no limit.
+    pub timeout: Option<Duration>,
 }
+
+/// How an error of a restore that ran out of time ([`RestoreRequest::timeout`]) begins.
+pub const RESTORE_TIMED_OUT: &str = "criu restore did not finish within";
 
 /// A restore done.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -78,7 +89,8 @@ pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 /// # Errors
 ///
 /// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image, a changed
-/// executable or a PID in use; [`FailureKind::Unavailable`] when no CRIU can run.
+/// executable or a PID in use; [`FailureKind::Unavailable`] when no CRIU can run, or when this
+/// crac lacks a capability the image's processes held ([`crate::capabilities`]).
 pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
@@ -109,6 +121,36 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
                 ),
             ));
         }
+    }
+    let lacking = crate::capabilities::missing(&meta.capabilities);
+    if !lacking.is_empty() {
+        // CRIU would fail giving them back, and 4.2 then hangs ("Unable to restore
+        // capabilities", a BUG in its restorer).
+        return Err(OpError::new(
+            FailureKind::Unavailable,
+            format!(
+                "the image's processes held {} that this crac lacks ({}), which CRIU must give \
+                 back: restore it with them (a container: run it with the capabilities, or the \
+                 --privileged, its warm-up had), or make the image with a service that holds \
+                 fewer",
+                if lacking.len() == 1 {
+                    "a capability"
+                } else {
+                    "capabilities"
+                },
+                lacking.join(", ")
+            ),
+        ));
+    }
+    if !crate::capabilities::can_drop_to(&meta.bounding_set) {
+        // CRIU's PR_CAPBSET_DROP fails, and 4.2 then hangs as above.
+        return Err(OpError::new(
+            FailureKind::Unavailable,
+            "the image's processes had a bounding set without some capabilities, which CRIU \
+             must drop from the restored ones, and that needs CAP_SETPCAP, which this crac \
+             lacks: give it CAP_SETPCAP (a container run as a user: --cap-add SETPCAP, at the \
+             warm-up too, so that the image records it), or restore as root",
+        ));
     }
     metadata::verify(dir, &meta, metadata::Check::Changed)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
@@ -223,11 +265,26 @@ fn restore_with(
         )
     })?;
     let pidfile = scratch.path().join("restored.pid");
-    let cmd = restore_command(request, &meta, &criu.path, &action, &pidfile, notice)?;
+    let mut cmd = restore_command(request, &meta, &criu.path, &action, &pidfile, notice)?;
     // Restores of one image take turns: CRIU writes its log and figures into the image
     // folder, and a lazy restore's page server listens there. Copies restored at once (each
-    // into a pid namespace of its own) come up one after the other, tens of ms apart.
-    let _turn = restore_turn(&request.dir)?;
+    // into a pid namespace of its own) come up one after the other, tens of ms apart. An
+    // image on a read-only file system (a container run with --read-only) is only read: CRIU
+    // writes into the private folder instead, and nothing needs a turn.
+    let read_only = nix::unistd::access(&request.dir, nix::unistd::AccessFlags::W_OK)
+        .is_err_and(|e| e == nix::errno::Errno::EROFS);
+    let work = if read_only && !lazy {
+        cmd = cmd.work_dir(scratch.path());
+        scratch.path().to_owned()
+    } else {
+        request.dir.clone()
+    };
+    let _turn = if work == request.dir {
+        Some(restore_turn(&request.dir)?)
+    } else {
+        None
+    };
+    let log_path = work.join("restore.log");
     let started = Instant::now();
     let (cmd, server) = if lazy {
         let server = PageServer::start(&criu.path, &request.dir)?;
@@ -235,8 +292,27 @@ fn restore_with(
     } else {
         (cmd, None)
     };
-    let output = match cmd.command().output() {
-        Ok(output) => output,
+    let output = match run_within(cmd.command(), request.timeout) {
+        Ok(Some(output)) => output,
+        Ok(None) => {
+            if let Some(server) = server {
+                server.stop();
+            }
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let mut details = criu_lines(&log, &[]);
+            details.extend(hints(&log));
+            return Err(OpError::new(
+                FailureKind::Failed,
+                format!(
+                    "{RESTORE_TIMED_OUT} {} s: CRIU and the processes it had begun to restore \
+                     were killed (its log: {}; allow more time if the image is that slow to \
+                     restore)",
+                    request.timeout.unwrap_or_default().as_secs_f64(),
+                    log_path.display()
+                ),
+            )
+            .with_details(details));
+        }
         Err(e) => {
             if let Some(server) = server {
                 server.stop();
@@ -252,8 +328,6 @@ fn restore_with(
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(meta.pid);
-    drop(scratch);
-    let log_path = request.dir.join("restore.log");
     let log = fs::read_to_string(&log_path).unwrap_or_default();
     let (hook_lines, hook_failures) = hook_lines(&log);
     let restored = log.contains("Restore finished successfully") || request.detach;
@@ -289,9 +363,62 @@ fn restore_with(
         } else {
             output.status.code()
         },
-        criu: crate::stats::restore(&request.dir),
+        criu: crate::stats::restore(&work),
     };
     Ok((outcome, server))
+}
+
+/// Runs `cmd` (a CRIU) to the end, its output captured, or for at most `timeout`: then CRIU
+/// and every process below it are killed and the answer is `None`. A CRIU that meets a BUG in
+/// its restorer waits forever for the tree it was making.
+fn run_within(mut cmd: Command, timeout: Option<Duration>) -> std::io::Result<Option<Output>> {
+    let Some(timeout) = timeout else {
+        return cmd.output().map(Some);
+    };
+    let child = cmd.spawn()?;
+    let pid = child.id();
+    let (done, wait) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("crac-criu-wait".into())
+        .spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        })?;
+    match wait.recv_timeout(timeout) {
+        Ok(output) => output.map(Some),
+        Err(_) => {
+            // CRIU is reaped only by that thread: unless it has just sent what it reaped, the
+            // pid is still CRIU's (the window between the two is a few instructions).
+            if let Ok(output) = wait.try_recv() {
+                return output.map(Some);
+            }
+            kill_tree(pid);
+            // Killed, CRIU ends at once (its output is not wanted); a process stuck in the
+            // kernel is not waited for beyond this.
+            let _ = wait.recv_timeout(Duration::from_secs(5));
+            Ok(None)
+        }
+    }
+}
+
+/// Kills `root` and every process below it: each is stopped first, level by level, so that
+/// none forks or re-parents its children while the tree is read, then all are killed.
+fn kill_tree(root: u32) {
+    let mut stopped = BTreeSet::new();
+    loop {
+        let new: Vec<u32> = crac_action::tree::descendants(root)
+            .into_iter()
+            .filter(|&pid| stopped.insert(pid))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        for pid in new {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGSTOP);
+        }
+    }
+    for pid in stopped {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
 }
 
 /// The `criu restore` of `request`, with the options the image `meta` was dumped with, the

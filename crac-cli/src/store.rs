@@ -946,6 +946,19 @@ impl Staging {
                 self.committed = true;
                 aside
             }
+            // The old image is in a lower layer of an overlay file system (an image committed
+            // into a container image): overlayfs moves no folder of a lower layer. It is
+            // removed (whited out) and the new one, all in the upper layer, moved in; a crash
+            // between the two leaves the new image in its staging folder, complete, which
+            // Store::recover files under its name.
+            Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
+                fs::remove_dir_all(&target)
+                    .map_err(|e| store.write_error("replace", &target, e))?;
+                rename_noreplace(&self.path, &target)
+                    .map_err(|e| store.write_error("move into place", &self.path, e))?;
+                self.committed = true;
+                return Ok(target);
+            }
             Err(err) => return Err(store.write_error("replace", &target, err)),
         };
         if self.durable {

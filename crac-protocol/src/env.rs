@@ -58,6 +58,10 @@ pub const RESTORE_ENV: &str = "CRAC_RESTORE_ENV";
 /// ([`crate::records::PreDumpReport`]). Default: none (nothing written).
 pub const HOOK_REPORT: &str = "CRAC_HOOK_REPORT";
 
+/// Seconds `crac run` lets a restore take before it kills CRIU and what it restored, and
+/// starts the service cold: the default of its `--restore-timeout`. Default: 60.
+pub const RESTORE_TIMEOUT: &str = "CRAC_RESTORE_TIMEOUT";
+
 /// Every variable above.
 pub const ALL: &[&str] = &[
     AGENT_DIR,
@@ -74,4 +78,5 @@ pub const ALL: &[&str] = &[
     BIN,
     RESTORE_ENV,
     HOOK_REPORT,
+    RESTORE_TIMEOUT,
 ];

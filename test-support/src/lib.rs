@@ -7,7 +7,7 @@
 //!   (`CI=true`) when what it needs is missing, and elsewhere says why and how to run it, and
 //!   returns.
 //! - [`podman`]: podman with `--runtime runc` on a storage of its own, for the end-to-end tests
-//!   and the benchmarks.
+//!   and the benchmarks; [`docker`]: a private dockerd; [`registry`]: a private registry.
 //! - [`agent_clients`]: scripted clients against a real agent, for crac-agent's randomized test
 //!   and the fuzz target.
 //! - [`http_load`]: a bounded HTTP load on loopback that counts what clients see (refused,
@@ -16,7 +16,9 @@
 
 pub mod agent_clients;
 pub mod http_load;
+pub mod docker;
 pub mod podman;
+pub mod registry;
 
 /// Whether this is a CI run (`CI=true` or `CI=1`): there a test that cannot run fails.
 fn in_ci() -> bool {

@@ -35,6 +35,25 @@ pub const WARM_RUN_OPTIONS: [&str; 7] = [
     "nproc=4096:4096",
 ];
 
+/// What `podman run` needs for crac run and CRIU without `--privileged`: the limits and
+/// network of [`WARM_RUN_OPTIONS`] and CAP_CHECKPOINT_RESTORE, with which crac runs CRIU in
+/// its unprivileged mode. Enough for a restore; a warm-up (a dump) needs
+/// [`WARM_UP_OPTIONS`] as well.
+pub const CAPABILITY_RUN_OPTIONS: [&str; 8] = [
+    "--cap-add",
+    "CHECKPOINT_RESTORE",
+    "--network",
+    "host",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
+/// What a dump needs beyond [`CAPABILITY_RUN_OPTIONS`]: no seccomp filter (CRIU suspends the
+/// service's filter, which the kernel lets only an unfiltered tracer do).
+pub const WARM_UP_OPTIONS: [&str; 2] = ["--security-opt", "seccomp=unconfined"];
+
 /// Where the runc that podman runs keeps its state.
 const RUNC_STATE: &str = "/run/runc";
 

@@ -433,7 +433,9 @@ fn what_cannot_work_is_refused_up_front_with_the_reason() {
         .expect("crac runs");
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
-        stderr(&out).starts_with("crac: crac checkpoint needs root: CRIU stops the process tree"),
+        stderr(&out).starts_with(
+            "crac: crac checkpoint runs as uid 65534 without CAP_CHECKPOINT_RESTORE, which CRIU needs to stop, read and recreate processes: give it that capability"
+        ),
         "{}",
         text(&out)
     );

@@ -153,6 +153,14 @@ pub(crate) struct CheckpointArgs {
     pub criu_args: Vec<String>,
 }
 
+/// A number of seconds above 0.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs.is_finite() => Ok(secs),
+        _ => Err(format!("{text:?} is not a number of seconds above 0")),
+    }
+}
+
 impl RunArgs {
     /// `--log -`: the service writes to crac run's own stdout and stderr.
     pub(crate) fn output_passed_on(&self) -> bool {
@@ -372,6 +380,11 @@ pub(crate) struct RunArgs {
     /// place of the pipes it had.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// Seconds the restore may take (after_restore hooks included) before CRIU and what it
+    /// restored are killed and the service starts cold (fails with --restore-only). Default:
+    /// `$CRAC_RESTORE_TIMEOUT`, else 60.
+    #[arg(long, value_name = "S", value_parser = positive_seconds)]
+    pub restore_timeout: Option<f64>,
     /// The service's command line, for a cold start.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

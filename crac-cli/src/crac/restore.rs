@@ -23,6 +23,8 @@ pub(crate) fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         tcp_close: args.tcp_close,
         env: args.env.into_iter().collect(),
         inherit_stdio: false,
+        // Without --detach CRIU lasts as long as the service.
+        timeout: None,
     };
     let mut notice = |notice: &str| bar.note(&format!("crac: {notice}"));
     let progress = bar.shown().then_some(&update as _);

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -47,6 +47,8 @@ use std::io::Read as _;
 const CHECKPOINT_TO_ENV: &str = crac_protocol::env::CHECKPOINT_TO;
 /// Names the crac binary for the service's self-checkpoint.
 const CRAC_BIN_ENV: &str = crac_protocol::env::BIN;
+/// The default of `--restore-timeout`.
+const RESTORE_TIMEOUT_ENV: &str = crac_protocol::env::RESTORE_TIMEOUT;
 
 pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
     let started = Instant::now();
@@ -135,6 +137,7 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
         tcp_close: false,
         env,
         inherit_stdio: args.output_passed_on(),
+        timeout: Some(restore_timeout(args)),
     };
     let mut notice = |notice: &str| say(&format!("crac run: {notice}"));
     let (outcome, server) = if lazy {
@@ -154,6 +157,29 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
     }
     Ok((outcome.pid, server))
 }
+
+/// How long a restore may take: `--restore-timeout`, else `$CRAC_RESTORE_TIMEOUT`, else
+/// [`RESTORE_TIMEOUT`]. A CRIU that hangs (a BUG in its restorer) must not keep a container
+/// from starting at all.
+fn restore_timeout(args: &RunArgs) -> Duration {
+    let secs = args.restore_timeout.or_else(|| {
+        let text = std::env::var(RESTORE_TIMEOUT_ENV).ok()?;
+        let secs = text.trim().parse::<f64>().ok().filter(|s| *s > 0.0 && s.is_finite());
+        if secs.is_none() {
+            eprintln!(
+                "crac run: {RESTORE_TIMEOUT_ENV}={text:?} is not a number of seconds above 0: {}s instead",
+                RESTORE_TIMEOUT.as_secs()
+            );
+        }
+        secs
+    });
+    secs.map_or(RESTORE_TIMEOUT, Duration::from_secs_f64)
+}
+
+/// The restore's time limit when neither `--restore-timeout` nor the variable gives one: far
+/// above a restore's usual tens of milliseconds, and above crac-action's 30 s for the
+/// after_restore hooks.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What this command's environment changes from the one the image's service started with:
 /// the settings a restored service gets (`RestoreInfo::env`). crac's own `CRAC_*` variables
@@ -261,7 +287,10 @@ fn open_log(store: &Store, args: &RunArgs) -> Result<(std::fs::File, std::fs::Fi
 const PID_FLOOR: u32 = 1000;
 
 /// Moves the pid namespace's counter up to [`PID_FLOOR`] when it is below (a young
-/// namespace: a container); on a host it is far above already and nothing is done.
+/// namespace: a container); on a host it is far above already and nothing is done. By writing
+/// `ns_last_pid` where `/proc/sys` is writable (a container has it only with `--privileged`),
+/// else by making children that exit at once until one gets a pid at the floor (no privilege
+/// needed; `clone3`'s `set_tid` gives one child a pid but leaves the counter where it was).
 fn raise_pid_floor() {
     let read =
         |path: &str| -> Option<u32> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
@@ -274,12 +303,49 @@ fn raise_pid_floor() {
     if last >= PID_FLOOR || max <= PID_FLOOR * 2 {
         return;
     }
-    // Needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE over the namespace, as CRIU's restore does.
-    if let Err(e) = std::fs::write("/proc/sys/kernel/ns_last_pid", PID_FLOOR.to_string()) {
-        eprintln!(
-            "crac run: cannot move this pid namespace's pids up to {PID_FLOOR} ({e}): an image of the service made here may not restore in a new container, its pids taken by CRIU (run this container with --privileged)"
-        );
+    if std::fs::write("/proc/sys/kernel/ns_last_pid", PID_FLOOR.to_string()).is_ok() {
+        return;
     }
+    loop {
+        match passing_child() {
+            Ok(pid) if pid >= PID_FLOOR => return,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!(
+                    "crac run: cannot move this pid namespace's pids up to {PID_FLOOR} ({e}): an image of the service made here may not restore in a new container, its pids taken by CRIU"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Makes a child that exits at once, and reaps it; returns its pid. The child shares this
+/// process's memory and runs on a small stack of its own while this thread waits
+/// (`CLONE_VM | CLONE_VFORK`): nothing is copied, so a thousand take a few milliseconds.
+fn passing_child() -> std::io::Result<u32> {
+    extern "C" fn exit_at_once(_: *mut libc::c_void) -> libc::c_int {
+        0
+    }
+    let mut stack = vec![0u8; 16 * 1024];
+    // SAFETY: the stack is ours and outlives the child (CLONE_VFORK: this thread resumes once
+    // the child has exited); it grows down from its 16-byte aligned end. The child runs only
+    // `exit_at_once`, which touches nothing, and then exits.
+    let child = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len());
+        let top = top.sub(top as usize % 16);
+        libc::clone(
+            exit_at_once,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let _ = waitpid(Pid::from_raw(child), None);
+    Ok(child as u32)
 }
 
 fn forward_signals(service: Arc<AtomicI32>) -> Result<(), OpError> {

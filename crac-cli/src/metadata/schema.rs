@@ -95,6 +95,18 @@ pub struct Metadata {
     /// container's log) instead of into a pipe nobody reads. Absent when there were none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub stdio_pipes: BTreeMap<u32, String>,
+    /// The capabilities the dumped processes held (the union of their permitted and
+    /// inheritable sets, by name, e.g. `CAP_NET_BIND_SERVICE`), which CRIU gives back: a
+    /// restore by a crac that lacks one is refused ([`crate::capabilities`]). Absent in images
+    /// of older versions (not checked then), and when the tree held none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// The capabilities in the bounding set of every dumped process (the intersection, by
+    /// name). CRIU drops the others from each restored process's bounding set, which needs
+    /// CAP_SETPCAP: a restore by a crac without it is refused when this lacks one the kernel
+    /// knows. Absent in images of older versions (not checked then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bounding_set: Vec<String>,
 }
 
 /// A file the dumped process had mapped, outside the image.
