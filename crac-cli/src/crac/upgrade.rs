@@ -796,6 +796,7 @@ fn state(
         tcp_close: false,
         env: args.env.iter().cloned().collect(),
         inherit_stdio: false,
+        timeout: None,
     };
     let mut notice = |notice: &str| tell(&format!("crac upgrade: {notice}"));
     match crac_cli::restore::restore(&restore, &mut notice, None) {
