@@ -1,5 +1,5 @@
 //! [`Coordinator`]: runs cycles over a root [`Context`], one at a time, and keeps the state that
-//! outlives them (generation, last restore, the critical-section gate).
+//! outlives them (generation, last restore, the critical-section gate, the draining flag).
 
 use std::fmt;
 use std::os::fd::RawFd;
@@ -10,6 +10,7 @@ use once_cell::sync::Lazy;
 
 use crate::context::Context;
 use crate::dispatch::{self, in_hook, Busy, Call, Target};
+use crate::drain::{ClientConnection, Drain, DrainChange};
 use crate::error::{CheckpointError, ErrorKind};
 use crate::hook_thread::HookThread;
 use crate::hook_watch::AfterRestoreWatcher;
@@ -37,6 +38,10 @@ pub struct Limits {
     pub phase: Option<Duration>,
     /// How long a checkpoint waits for critical sections to end. Default: 5 s.
     pub quiesce: Duration,
+    /// How long a checkpoint waits, draining, for the client connections servers count
+    /// ([`Coordinator::connection`]) to end before it quiesces; it goes on either way (what is
+    /// still open is then CRIU's to dump or the preflight's to refuse). Default: 5 s.
+    pub drain: Duration,
 }
 
 impl Default for Limits {
@@ -45,6 +50,7 @@ impl Default for Limits {
             hook: Some(Duration::from_secs(10)),
             phase: Some(Duration::from_secs(20)),
             quiesce: Duration::from_secs(5),
+            drain: Duration::from_secs(5),
         }
     }
 }
@@ -74,6 +80,12 @@ impl Limits {
     /// These limits with the quiescing limit set.
     pub fn with_quiesce(mut self, limit: Duration) -> Limits {
         self.quiesce = limit;
+        self
+    }
+
+    /// These limits with the draining limit set.
+    pub fn with_drain(mut self, limit: Duration) -> Limits {
+        self.drain = limit;
         self
     }
 }
@@ -116,6 +128,7 @@ pub struct Coordinator {
 struct Inner {
     context: Context,
     gate: Arc<Gate>,
+    drain: Arc<Drain>,
     limits: Mutex<Limits>,
     state: Mutex<State>,
     /// Signalled when a cycle ends.
@@ -150,10 +163,12 @@ impl Default for Coordinator {
 impl Coordinator {
     /// A coordinator with an empty root context and default [`Limits`].
     pub fn new() -> Coordinator {
+        let drain = Arc::<Drain>::default();
         Coordinator {
             inner: Arc::new(Inner {
                 context: Context::new(""),
-                gate: Arc::new(Gate::default()),
+                gate: Arc::new(Gate::new(Arc::clone(&drain))),
+                drain,
                 limits: Mutex::new(Limits::default()),
                 state: Mutex::new(State {
                     in_cycle: false,
@@ -307,6 +322,12 @@ impl Coordinator {
         self.inner.gate.enter_async()
     }
 
+    /// The gate itself, for the tower layer's path with no future to wait on.
+    #[cfg(feature = "tower")]
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.inner.gate
+    }
+
     /// Like [`critical_section`](Self::critical_section), but gives up after `timeout`.
     pub fn try_critical_section(&self, timeout: Duration) -> Option<CriticalSection> {
         self.inner.gate.enter(Some(timeout))
@@ -317,8 +338,42 @@ impl Coordinator {
         self.inner.gate.is_shut()
     }
 
-    /// First half of a cycle: quiesces, then runs every `before_checkpoint` (last registered
-    /// first).
+    /// Whether servers should drain now: answer with `Connection: close`, close idle
+    /// keep-alive connections, and accept no new ones (leaving them in the listen queue).
+    /// On from the start of a checkpoint until its cycle ends (restored, resumed or aborted);
+    /// one atomic load.
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_on()
+    }
+
+    /// Turns draining on or off, waking what waits in [`draining`](Self::draining).
+    pub(crate) fn set_draining(&self, on: bool) {
+        self.inner.drain.set(on);
+    }
+
+    /// A future that is ready once [`is_draining`](Self::is_draining) is `on`: a server
+    /// selects on `draining(true)` beside each connection to close it gracefully, and waits
+    /// for `draining(false)` before it accepts again.
+    pub fn draining(&self, on: bool) -> DrainChange {
+        self.inner.drain.change(on)
+    }
+
+    /// Counts a client connection until the guard is dropped: a checkpoint, once draining is
+    /// on, waits up to [`Limits::drain`] for every connection counted to end before it
+    /// quiesces and tells the resources, so CRIU finds none. Take one per accepted
+    /// connection, drop it when the connection is closed.
+    pub fn connection(&self) -> ClientConnection {
+        self.inner.drain.connection()
+    }
+
+    /// The client connections counted now (see [`connection`](Self::connection)).
+    pub fn connections(&self) -> usize {
+        self.inner.drain.connections()
+    }
+
+    /// First half of a cycle: drains (turns [draining](Self::is_draining) on and waits, at
+    /// most [`Limits::drain`], for the [connections](Self::connection) counted to end),
+    /// quiesces, then runs every `before_checkpoint` (last registered first).
     ///
     /// # Errors
     ///
@@ -344,6 +399,8 @@ impl Coordinator {
         };
         let limits = self.limits();
         let span = CycleSpan::start(generation);
+        self.set_draining(true);
+        self.inner.drain.wait_gone(limits.drain);
         let quiesce_started = Instant::now();
         if let Err(held) = self.inner.gate.shut_and_drain(limits.quiesce) {
             span.end(None, "critical sections still held");
@@ -430,6 +487,7 @@ impl Coordinator {
             }
             state.in_cycle = false;
         }
+        self.set_draining(false);
         self.inner.gate.open();
         self.inner.cycle_ended.notify_all();
     }

@@ -99,6 +99,7 @@ mod async_resource;
 mod context;
 mod coordinator;
 mod dispatch;
+mod drain;
 mod error;
 mod hook_thread;
 mod hook_watch;
@@ -108,6 +109,9 @@ mod report;
 mod resource;
 #[cfg(feature = "tokio")]
 mod runtime;
+#[cfg(feature = "serve")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serve")))]
+pub mod serve;
 mod statics;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
@@ -117,6 +121,7 @@ mod trace;
 pub use async_resource::{from_async_fns, AsyncFnResource, AsyncResource, BoxFuture};
 pub use context::{Context, Registration};
 pub use coordinator::{Checkpoint, Coordinator, CycleState, Limits};
+pub use drain::{ClientConnection, DrainChange};
 pub use error::{CheckpointError, ErrorKind};
 pub use hook_watch::AfterRestoreWatcher;
 pub use ordering::Priority;
