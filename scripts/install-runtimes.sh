@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the container runtimes the end-to-end tests checkpoint containers with: runc and
 # podman, from this machine's Debian packages (Debian 12: runc 1.1.5, podman 4.3.1), if they
-# are not there yet. podman brings conmon, and iptables with it.
+# are not there yet. podman brings conmon, and iptables with it. Also curl, the real HTTP
+# client of the draining tests (tests/e2e/drain.rs).
 #
 # Nothing is configured system-wide: the tests name their own CRIU configuration in each
 # container (the org.criu.config annotation) and keep podman's storage in their own folders,
@@ -23,11 +24,11 @@ case ${1:-} in
 esac
 
 missing=()
-for tool in runc podman; do
+for tool in runc podman curl; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]} == 0)); then
-    info "runc $(runc --version | sed -n 's/^runc version //p') and $(podman --version) are installed; nothing to do."
+    info "runc $(runc --version | sed -n 's/^runc version //p'), $(podman --version) and curl are installed; nothing to do."
     exit 0
 fi
 ((EUID == 0)) || die "must run as root to install ${missing[*]} (apt-get install ${missing[*]})"

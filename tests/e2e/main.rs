@@ -12,6 +12,7 @@ mod async_faults;
 mod container_image;
 mod containers;
 mod crac_cli;
+mod drain;
 mod faults;
 mod hostile_output;
 mod image_trust;
