@@ -10,13 +10,14 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 use crate::util::{self, free_port, text, wait_until, Crac, Scratch};
@@ -59,8 +60,31 @@ fn curl_found() -> bool {
     )
 }
 
+/// A web-service this test started (or restored): stopped and reaped when dropped, whatever
+/// the test's outcome. It is this process's child, or its orphan once restored (util::env
+/// makes this process a subreaper).
+struct Service {
+    pid: u32,
+}
+
+impl Service {
+    /// Reaps the process CRIU killed after dumping it, so that its pid is free for the restore.
+    fn reap_dumped(&self) {
+        util::reap(self.pid, Duration::from_secs(10));
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.pid as i32);
+        if kill(pid, Signal::SIGTERM).is_ok() {
+            let _ = waitpid(pid, None);
+        }
+    }
+}
+
 /// web-service as a session leader with no terminal, its log in `log`.
-fn start_service(port: u16, plain: bool, log: &Path) -> Child {
+fn start_service(port: u16, plain: bool, log: &Path) -> Service {
     let log = fs::File::create(log).expect("log file");
     let mut cmd = Command::new(util::bin("web-service"));
     cmd.args(["--port", &port.to_string()])
@@ -75,11 +99,13 @@ fn start_service(port: u16, plain: bool, log: &Path) -> Child {
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("web-service starts");
+    let service = Service {
+        pid: cmd.spawn().expect("web-service starts").id(),
+    };
     wait_until(Duration::from_secs(20), "web-service to answer", || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    child
+    service
 }
 
 /// What the clients saw: one line per request, `pid=N generation=N code=200` for an answer,
@@ -88,6 +114,12 @@ struct Clients {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     outputs: Vec<PathBuf>,
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Clients {
@@ -163,8 +195,8 @@ impl Clients {
         self.lines().iter().filter(|l| l.ends_with(&want)).count()
     }
 
-    /// Stops the clients (each after its current run) and returns every line, and what curl
-    /// said on its standard error.
+    /// Stops the clients (each after its current run; dropping them stops them too) and
+    /// returns every line, and what curl said on its standard error.
     fn finish(mut self) -> (Vec<String>, String) {
         self.stop.store(true, Ordering::SeqCst);
         for thread in std::mem::take(&mut self.threads) {
@@ -213,7 +245,7 @@ fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fai
 
     // Without draining, the clients' connections make the preflight refuse.
     let port = free_port();
-    let mut plain = start_service(port, true, &scratch.join("plain.log"));
+    let plain = start_service(port, true, &scratch.join("plain.log"));
     let clients = Clients::start(&scratch, port, false);
     wait_until(
         Duration::from_secs(30),
@@ -222,7 +254,7 @@ fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fai
     );
     let out = crac.run(&[
         "checkpoint",
-        &plain.id().to_string(),
+        &plain.pid.to_string(),
         "--name",
         "plain",
         "--leave-running",
@@ -234,13 +266,12 @@ fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fai
         text(&out)
     );
     clients.finish();
-    kill(Pid::from_raw(plain.id() as i32), Signal::SIGTERM).expect("stop the plain service");
-    plain.wait().expect("reap the plain service");
+    drop(plain);
 
     // With draining, the same checkpoint goes through and no request fails.
     let port = free_port();
-    let mut service = start_service(port, false, &scratch.join("service.log"));
-    let pid = service.id();
+    let service = start_service(port, false, &scratch.join("service.log"));
+    let pid = service.pid;
     let clients = Clients::start(&scratch, port, false);
     wait_until(
         Duration::from_secs(30),
@@ -261,9 +292,7 @@ fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fai
         || clients.answered(1) >= WARM,
     );
     assert_all_answered(&clients.finish(), pid);
-
-    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("stop the service");
-    service.wait().expect("reap the service");
+    drop(service);
 }
 
 #[test]
@@ -277,8 +306,8 @@ fn a_plain_killing_checkpoint_and_restore_of_an_axum_service_under_keep_alive_lo
     let scratch = Scratch::new("20drain-kill");
     let crac = Crac::new(&scratch);
     let port = free_port();
-    let mut service = start_service(port, false, &scratch.join("service.log"));
-    let pid = service.id();
+    let service = start_service(port, false, &scratch.join("service.log"));
+    let pid = service.pid;
     // While the service is an image nothing listens: the clients retry until it is back.
     let clients = Clients::start(&scratch, port, true);
     wait_until(
@@ -288,7 +317,7 @@ fn a_plain_killing_checkpoint_and_restore_of_an_axum_service_under_keep_alive_lo
     );
     let out = crac.run(&["checkpoint", &pid.to_string(), "--name", "drained"]);
     assert!(out.status.success(), "{}", text(&out));
-    service.wait().expect("reap the dumped service");
+    service.reap_dumped();
 
     let out = crac.run(&["restore", "drained", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -310,7 +339,5 @@ fn a_plain_killing_checkpoint_and_restore_of_an_axum_service_under_keep_alive_lo
         answer.ends_with(&format!("pid={pid} generation=1")),
         "{answer}"
     );
-
-    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("stop the restored service");
-    util::reap(pid, Duration::from_secs(10));
+    drop(service);
 }
