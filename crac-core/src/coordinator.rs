@@ -40,7 +40,8 @@ pub struct Limits {
     pub quiesce: Duration,
     /// How long a checkpoint waits, draining, for the client connections servers count
     /// ([`Coordinator::connection`]) to end before it quiesces; it goes on either way (what is
-    /// still open is then CRIU's to dump or the preflight's to refuse). Default: 5 s.
+    /// still open is then CRIU's to dump or the preflight's to refuse). Default: 3 s, so that
+    /// draining, quiescing and a phase's hooks (3 + 5 + 20 s) stay below crac-action's 30 s.
     pub drain: Duration,
 }
 
@@ -50,7 +51,7 @@ impl Default for Limits {
             hook: Some(Duration::from_secs(10)),
             phase: Some(Duration::from_secs(20)),
             quiesce: Duration::from_secs(5),
-            drain: Duration::from_secs(5),
+            drain: Duration::from_secs(3),
         }
     }
 }

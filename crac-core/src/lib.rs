@@ -39,6 +39,10 @@
 //! 7. [`CriticalSection`]s: a checkpoint waits (bounded) for them, and new ones wait until
 //!    `after_restore` has finished.
 //! 8. [`Coordinator::simulate`]: a whole cycle without CRIU.
+//! 9. Draining: a checkpoint turns [draining](Coordinator::is_draining) on first, and waits
+//!    (at most [`Limits::drain`]) for the client [connections](Coordinator::connection)
+//!    servers count to close before it quiesces; draining is off again when the cycle ends,
+//!    however it ends.
 //!
 //! # Example
 //!
@@ -81,12 +85,24 @@
 //! guard with [`Coordinator::critical_section_async`], or let the [`tower`] layer (feature
 //! `tower`) take one per request.
 //!
+//! # Draining
+//!
+//! A checkpoint starts by turning draining on ([`Coordinator::is_draining`],
+//! [`Coordinator::draining`]) and waits, at most [`Limits::drain`], for the client connections
+//! servers count ([`Coordinator::connection`]) to close before it quiesces, so that CRIU finds
+//! no established connection to refuse. Servers stop accepting, answer with
+//! `Connection: close` and close idle connections meanwhile: `serve` (feature `serve`) does
+//! it for hyper and axum.
+//!
 //! # Features
 //!
 //! All off by default; the crate then depends on nothing async.
 //!
 //! - `tokio`: [`Context::register_async`], hooks run on a tokio runtime.
 //! - `tower`: the [`tower`] module's request-gating layer.
+//! - `http`: the gate's `Connection: close` while draining, for `http` services (implies
+//!   `tower`).
+//! - `serve`: `serve`, a hyper/axum serve loop that drains (implies `http` and `tokio`).
 //! - `tracing`: a `crac.cycle` span per cycle and a `crac.hook` span per hook (resource,
 //!   phase, reason, duration, outcome), and a warning per failed hook. Without it the crate
 //!   logs nothing.
