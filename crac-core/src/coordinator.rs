@@ -1,9 +1,8 @@
 //! [`Coordinator`]: runs cycles over a root [`Context`], one at a time, and keeps the state that
-//! outlives them (generation, last restore, the critical-section gate).
+//! outlives them (generation, last restore, the critical-section gate, the draining flag).
 
 use std::fmt;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,6 +10,7 @@ use once_cell::sync::Lazy;
 
 use crate::context::Context;
 use crate::dispatch::{self, in_hook, Busy, Call, Target};
+use crate::drain::{ClientConnection, Drain, DrainChange};
 use crate::error::{CheckpointError, ErrorKind};
 use crate::hook_thread::HookThread;
 use crate::hook_watch::AfterRestoreWatcher;
@@ -39,6 +39,11 @@ pub struct Limits {
     pub phase: Option<Duration>,
     /// How long a checkpoint waits for critical sections to end. Default: 5 s.
     pub quiesce: Duration,
+    /// How long a checkpoint waits, draining, for the client connections servers count
+    /// ([`Coordinator::connection`]) to end before it quiesces; it goes on either way (what is
+    /// still open is then CRIU's to dump or the preflight's to refuse). Default: 3 s, so that
+    /// draining, quiescing and a phase's hooks (3 + 5 + 20 s) stay below crac-action's 30 s.
+    pub drain: Duration,
 }
 
 impl Default for Limits {
@@ -47,6 +52,7 @@ impl Default for Limits {
             hook: Some(Duration::from_secs(10)),
             phase: Some(Duration::from_secs(20)),
             quiesce: Duration::from_secs(5),
+            drain: Duration::from_secs(3),
         }
     }
 }
@@ -76,6 +82,12 @@ impl Limits {
     /// These limits with the quiescing limit set.
     pub fn with_quiesce(mut self, limit: Duration) -> Limits {
         self.quiesce = limit;
+        self
+    }
+
+    /// These limits with the draining limit set.
+    pub fn with_drain(mut self, limit: Duration) -> Limits {
+        self.drain = limit;
         self
     }
 }
@@ -118,6 +130,7 @@ pub struct Coordinator {
 struct Inner {
     context: Context,
     gate: Arc<Gate>,
+    drain: Arc<Drain>,
     limits: Mutex<Limits>,
     state: Mutex<State>,
     /// Signalled when a cycle ends.
@@ -128,9 +141,6 @@ struct Inner {
     busy: Arc<Busy>,
     /// Told around each `after_restore` hook.
     watcher: Mutex<Option<Arc<dyn AfterRestoreWatcher>>>,
-    /// Whether servers should close idle keep-alive connections and answer with
-    /// `Connection: close` ([`Coordinator::is_draining`]).
-    draining: AtomicBool,
     /// The retire phase: who is told, and whether it has begun ([`Coordinator::retire`]).
     retirement: Retirement,
 }
@@ -157,10 +167,12 @@ impl Default for Coordinator {
 impl Coordinator {
     /// A coordinator with an empty root context and default [`Limits`].
     pub fn new() -> Coordinator {
+        let drain = Arc::<Drain>::default();
         Coordinator {
             inner: Arc::new(Inner {
                 context: Context::new(""),
-                gate: Arc::new(Gate::default()),
+                gate: Arc::new(Gate::new(Arc::clone(&drain))),
+                drain,
                 limits: Mutex::new(Limits::default()),
                 state: Mutex::new(State {
                     in_cycle: false,
@@ -172,7 +184,6 @@ impl Coordinator {
                 hooks: HookThread::default(),
                 busy: Arc::default(),
                 watcher: Mutex::new(None),
-                draining: AtomicBool::new(false),
                 retirement: Retirement::default(),
             }),
         }
@@ -268,19 +279,6 @@ impl Coordinator {
         true
     }
 
-    /// Whether the process is draining its connections: servers should close idle keep-alive
-    /// connections and answer with `Connection: close`, so that clients open their next
-    /// connection elsewhere (to the successor that shares the listening socket, or to this
-    /// process once a checkpoint is over). Set while the process retires ([`retire`](Self::retire)).
-    pub fn is_draining(&self) -> bool {
-        self.inner.draining.load(Ordering::Acquire)
-    }
-
-    /// Turns draining on or off; see [`is_draining`](Self::is_draining).
-    pub(crate) fn set_draining(&self, on: bool) {
-        self.inner.draining.store(on, Ordering::Release);
-    }
-
     /// Adds `hook` to what the retire phase tells, after those added before: a resource
     /// flushes what its successor may want (state to a file, a cache to its store) and stops
     /// taking new work. See [`retire`](Self::retire).
@@ -365,6 +363,12 @@ impl Coordinator {
         self.inner.gate.enter_async()
     }
 
+    /// The gate itself, for the tower layer's path with no future to wait on.
+    #[cfg(feature = "tower")]
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.inner.gate
+    }
+
     /// Like [`critical_section`](Self::critical_section), but gives up after `timeout`.
     pub fn try_critical_section(&self, timeout: Duration) -> Option<CriticalSection> {
         self.inner.gate.enter(Some(timeout))
@@ -375,8 +379,43 @@ impl Coordinator {
         self.inner.gate.is_shut()
     }
 
-    /// First half of a cycle: quiesces, then runs every `before_checkpoint` (last registered
-    /// first).
+    /// Whether servers should drain now: answer with `Connection: close`, close idle
+    /// keep-alive connections, and accept no new ones (leaving them in the listen queue).
+    /// On from the start of a checkpoint until its cycle ends (restored, resumed or aborted),
+    /// and for good once the process [retires](Self::retire) (its successor takes the
+    /// connections); one atomic load.
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_on()
+    }
+
+    /// Turns draining on or off, waking what waits in [`draining`](Self::draining).
+    pub(crate) fn set_draining(&self, on: bool) {
+        self.inner.drain.set(on);
+    }
+
+    /// A future that is ready once [`is_draining`](Self::is_draining) is `on`: a server
+    /// selects on `draining(true)` beside each connection to close it gracefully, and waits
+    /// for `draining(false)` before it accepts again.
+    pub fn draining(&self, on: bool) -> DrainChange {
+        self.inner.drain.change(on)
+    }
+
+    /// Counts a client connection until the guard is dropped: a checkpoint, once draining is
+    /// on, waits up to [`Limits::drain`] for every connection counted to end before it
+    /// quiesces and tells the resources, so CRIU finds none. Take one per accepted
+    /// connection, drop it when the connection is closed.
+    pub fn connection(&self) -> ClientConnection {
+        self.inner.drain.connection()
+    }
+
+    /// The client connections counted now (see [`connection`](Self::connection)).
+    pub fn connections(&self) -> usize {
+        self.inner.drain.connections()
+    }
+
+    /// First half of a cycle: drains (turns [draining](Self::is_draining) on and waits, at
+    /// most [`Limits::drain`], for the [connections](Self::connection) counted to end),
+    /// quiesces, then runs every `before_checkpoint` (last registered first).
     ///
     /// # Errors
     ///
@@ -402,6 +441,8 @@ impl Coordinator {
         };
         let limits = self.limits();
         let span = CycleSpan::start(generation);
+        self.set_draining(true);
+        self.inner.drain.wait_gone(limits.drain);
         let quiesce_started = Instant::now();
         if let Err(held) = self.inner.gate.shut_and_drain(limits.quiesce) {
             span.end(None, "critical sections still held");
@@ -488,6 +529,8 @@ impl Coordinator {
             }
             state.in_cycle = false;
         }
+        // A retiring process keeps draining: its successor takes the connections.
+        self.set_draining(self.is_retiring());
         self.inner.gate.open();
         self.inner.cycle_ended.notify_all();
     }

@@ -41,11 +41,15 @@
 //! 7. [`CriticalSection`]s: a checkpoint waits (bounded) for them, and new ones wait until
 //!    `after_restore` has finished.
 //! 8. [`Coordinator::simulate`]: a whole cycle without CRIU.
-//! 9. Retirement (a successor has taken over: `crac upgrade`): [`Coordinator::retire`] turns
-//!    draining on ([`Coordinator::is_draining`]), runs every hook added with
-//!    [`Coordinator::on_retire`] once, in order, everyone told even if one panics (it is
-//!    named), then wakes [`Coordinator::wait_retired`]; the application stops accepting, lets
-//!    its requests finish and exits. A second call does nothing.
+//! 9. Draining: a checkpoint turns [draining](Coordinator::is_draining) on first, and waits
+//!    (at most [`Limits::drain`]) for the client [connections](Coordinator::connection)
+//!    servers count to close before it quiesces; draining is off again when the cycle ends,
+//!    however it ends.
+//! 10. Retirement (a successor has taken over: `crac upgrade`): [`Coordinator::retire`] turns
+//!     draining on ([`Coordinator::is_draining`]), runs every hook added with
+//!     [`Coordinator::on_retire`] once, in order, everyone told even if one panics (it is
+//!     named), then wakes [`Coordinator::wait_retired`]; the application stops accepting, lets
+//!     its requests finish and exits. A second call does nothing.
 //!
 //! # Example
 //!
@@ -88,12 +92,24 @@
 //! guard with [`Coordinator::critical_section_async`], or let the [`tower`] layer (feature
 //! `tower`) take one per request.
 //!
+//! # Draining
+//!
+//! A checkpoint starts by turning draining on ([`Coordinator::is_draining`],
+//! [`Coordinator::draining`]) and waits, at most [`Limits::drain`], for the client connections
+//! servers count ([`Coordinator::connection`]) to close before it quiesces, so that CRIU finds
+//! no established connection to refuse. Servers stop accepting, answer with
+//! `Connection: close` and close idle connections meanwhile: `serve` (feature `serve`) does
+//! it for hyper and axum.
+//!
 //! # Features
 //!
 //! All off by default; the crate then depends on nothing async.
 //!
 //! - `tokio`: [`Context::register_async`], hooks run on a tokio runtime.
 //! - `tower`: the [`tower`] module's request-gating layer.
+//! - `http`: the gate's `Connection: close` while draining, for `http` services (implies
+//!   `tower`).
+//! - `serve`: `serve`, a hyper/axum serve loop that drains (implies `http` and `tokio`).
 //! - `tracing`: a `crac.cycle` span per cycle and a `crac.hook` span per hook (resource,
 //!   phase, reason, duration, outcome), and a warning per failed hook. Without it the crate
 //!   logs nothing.
@@ -106,6 +122,7 @@ mod async_resource;
 mod context;
 mod coordinator;
 mod dispatch;
+mod drain;
 mod error;
 mod hook_thread;
 mod hook_watch;
@@ -116,6 +133,9 @@ mod resource;
 mod retire;
 #[cfg(feature = "tokio")]
 mod runtime;
+#[cfg(feature = "serve")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serve")))]
+pub mod serve;
 mod statics;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
@@ -125,6 +145,7 @@ mod trace;
 pub use async_resource::{from_async_fns, AsyncFnResource, AsyncResource, BoxFuture};
 pub use context::{Context, Registration};
 pub use coordinator::{Checkpoint, Coordinator, CycleState, Limits};
+pub use drain::{ClientConnection, DrainChange};
 pub use error::{CheckpointError, ErrorKind};
 pub use hook_watch::AfterRestoreWatcher;
 pub use ordering::Priority;

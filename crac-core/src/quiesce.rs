@@ -12,11 +12,13 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::dispatch::in_hook;
+use crate::drain::Drain;
 
 thread_local! {
     /// Critical sections this thread holds; lets a thread nest them, and refuses a checkpoint
@@ -28,26 +30,53 @@ pub(crate) fn held_by_this_thread() -> bool {
     HELD_HERE.with(Cell::get) > 0
 }
 
-#[derive(Default)]
+/// The gate's word: bit 0 set while it is shut, the rest counts the sections held (in steps of
+/// [`ONE`]). Entering and leaving an open gate is one atomic add each, with no lock: the lock
+/// and the condition variable are only for waiting, on either side.
+const SHUT: usize = 1;
+const ONE: usize = 2;
+
 pub(crate) struct Gate {
-    state: Mutex<GateState>,
+    word: AtomicUsize,
+    /// The coordinator's draining flag, which the sections it lets in can read.
+    drain: Arc<Drain>,
+    /// Taken only to wait or to wake: tasks waiting in [`EnterAsync`] for the gate to open.
+    waiting: Mutex<Vec<Waker>>,
+    /// Signalled when the gate opens and when the last section held ends while it is shut.
     changed: Condvar,
 }
 
-#[derive(Default)]
-struct GateState {
-    shut: bool,
-    held: usize,
-    /// Tasks waiting in [`EnterAsync`] for the gate to open.
-    waiting: Vec<Waker>,
-}
-
 impl Gate {
-    fn lock(&self) -> MutexGuard<'_, GateState> {
-        // Every update is a single field write, so a poisoned lock holds consistent data.
-        self.state
+    pub(crate) fn new(drain: Arc<Drain>) -> Gate {
+        Gate {
+            word: AtomicUsize::new(0),
+            drain,
+            waiting: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Waker>> {
+        // The list is only pushed to and taken whole, so a poisoned lock holds consistent data.
+        self.waiting
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_shut_now(&self) -> bool {
+        self.word.load(SeqCst) & SHUT != 0
+    }
+
+    /// Counts a section in if the gate is open (or `nested`); otherwise leaves the count as it
+    /// was and says no.
+    fn try_enter(&self, nested: bool) -> bool {
+        let before = self.word.fetch_add(ONE, SeqCst);
+        if before & SHUT == 0 || nested {
+            return true;
+        }
+        // Shut meanwhile: take the count back, telling a checkpoint waiting for it to reach 0.
+        self.leave();
+        false
     }
 
     /// Enters a critical section, waiting while the gate is shut (at most `timeout`, if given).
@@ -56,29 +85,31 @@ impl Gate {
             // Hooks run while the gate is shut on purpose; they must not wait for themselves.
             return Some(CriticalSection::new(None));
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut state = self.lock();
         // A thread that already holds one may nest another even while the gate is shut: the
         // checkpoint is waiting for it anyway.
-        while state.shut && !held_by_this_thread() {
-            state = match deadline {
-                None => self
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                Some(deadline) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return None;
+        let nested = held_by_this_thread();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while !self.try_enter(nested) {
+            let mut waiting = self.lock();
+            while self.is_shut_now() {
+                waiting = match deadline {
+                    None => self
+                        .changed
+                        .wait(waiting)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    Some(deadline) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            return None;
+                        }
+                        self.changed
+                            .wait_timeout(waiting, deadline - now)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .0
                     }
-                    self.changed
-                        .wait_timeout(state, deadline - now)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .0
-                }
-            };
+                };
+            }
         }
-        state.held += 1;
         Some(CriticalSection::new(Some(Arc::clone(self))))
     }
 
@@ -86,31 +117,32 @@ impl Gate {
     /// opened again and the number still held is returned.
     pub(crate) fn shut_and_drain(&self, limit: Duration) -> Result<(), usize> {
         let deadline = Instant::now() + limit;
-        let mut state = self.lock();
-        state.shut = true;
-        while state.held > 0 {
+        self.word.fetch_or(SHUT, SeqCst);
+        let mut waiting = self.lock();
+        loop {
+            let held = self.word.load(SeqCst) / ONE;
+            if held == 0 {
+                return Ok(());
+            }
             let now = Instant::now();
             if now >= deadline {
-                let held = state.held;
-                drop(state);
+                drop(waiting);
                 self.open();
                 return Err(held);
             }
-            state = self
+            waiting = self
                 .changed
-                .wait_timeout(state, deadline - now)
+                .wait_timeout(waiting, deadline - now)
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
         }
-        Ok(())
     }
 
     pub(crate) fn open(&self) {
-        let waiting = {
-            let mut state = self.lock();
-            state.shut = false;
-            std::mem::take(&mut state.waiting)
-        };
+        self.word.fetch_and(!SHUT, SeqCst);
+        // Whoever saw the gate shut did so holding the lock, before it was taken here: it has
+        // either seen it open since or registered to be woken below.
+        let waiting = std::mem::take(&mut *self.lock());
         self.changed.notify_all();
         waiting.into_iter().for_each(Waker::wake);
     }
@@ -122,15 +154,28 @@ impl Gate {
         }
     }
 
+    /// Counts a section in without waiting, for the async path: `None` while the gate is shut
+    /// (nothing counted).
+    pub(crate) fn try_enter_async(self: &Arc<Self>) -> Option<AsyncCriticalSection> {
+        if in_hook() {
+            // An async hook runs while the gate is shut on purpose: it must not wait for itself.
+            return Some(AsyncCriticalSection { gate: None });
+        }
+        self.try_enter(false).then(|| AsyncCriticalSection {
+            gate: Some(Arc::clone(self)),
+        })
+    }
+
     pub(crate) fn is_shut(&self) -> bool {
-        self.lock().shut
+        self.is_shut_now()
     }
 
     fn leave(&self) {
-        let mut state = self.lock();
-        state.held -= 1;
-        if state.held == 0 {
-            drop(state);
+        let before = self.word.fetch_sub(ONE, SeqCst);
+        if before == SHUT | ONE {
+            // The last one out while a checkpoint waits: wake it (under the lock, so that it
+            // cannot be between its check and its wait).
+            let _waiting = self.lock();
             self.changed.notify_all();
         }
     }
@@ -191,22 +236,22 @@ impl Future for EnterAsync {
             .gate
             .take()
             .expect("EnterAsync polled after it completed");
-        if in_hook() {
-            // An async hook runs while the gate is shut on purpose: it must not wait for itself.
-            return Poll::Ready(AsyncCriticalSection { gate: None });
+        if let Some(section) = gate.try_enter_async() {
+            return Poll::Ready(section);
         }
-        let mut state = gate.lock();
-        if state.shut {
-            if !state.waiting.iter().any(|w| w.will_wake(cx.waker())) {
-                state.waiting.push(cx.waker().clone());
+        {
+            // Registered before looking again, under the lock `open` takes after opening: no
+            // wake-up is lost between the look and the registration.
+            let mut waiting = gate.lock();
+            if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                waiting.push(cx.waker().clone());
             }
-            drop(state);
-            self.gate = Some(gate);
-            return Poll::Pending;
         }
-        state.held += 1;
-        drop(state);
-        Poll::Ready(AsyncCriticalSection { gate: Some(gate) })
+        if let Some(section) = gate.try_enter_async() {
+            return Poll::Ready(section);
+        }
+        self.gate = Some(gate);
+        Poll::Pending
     }
 }
 
@@ -228,6 +273,14 @@ impl fmt::Debug for EnterAsync {
 #[must_use = "a critical section ends when the guard is dropped"]
 pub struct AsyncCriticalSection {
     gate: Option<Arc<Gate>>,
+}
+
+impl AsyncCriticalSection {
+    /// Whether the coordinator [drains](crate::Coordinator::is_draining) now, asked through
+    /// the guard a request already holds (always `false` for one taken inside a hook).
+    pub fn is_draining(&self) -> bool {
+        self.gate.as_ref().is_some_and(|gate| gate.drain.is_on())
+    }
 }
 
 impl Drop for AsyncCriticalSection {

@@ -754,7 +754,43 @@ fn waiting_for_the_end_of_a_cycle() {
     assert!(crac_core::in_critical_section());
 }
 
-// 9. Retirement.
+// 9. Draining.
+
+#[test]
+fn a_checkpoint_drains_first_and_its_hooks_run_once_the_counted_connections_closed() {
+    let c = Coordinator::new();
+    let log = Log::default();
+    let (c2, l) = (c.clone(), log.clone());
+    let _observer = c.context().register(crac_core::from_fns(
+        "observer",
+        move |_| {
+            let line = format!(
+                "before: draining {}, open {}",
+                c2.is_draining(),
+                c2.connections()
+            );
+            l.lock().unwrap().push(line);
+            Ok(())
+        },
+        |_| Ok(()),
+    ));
+    // A server thread that closes its one connection once draining is on.
+    let connection = c.connection();
+    let (c3, l) = (c.clone(), log.clone());
+    let server = thread::spawn(move || {
+        while !c3.is_draining() {
+            thread::yield_now();
+        }
+        l.lock().unwrap().push("closed".to_owned());
+        drop(connection);
+    });
+    c.simulate().unwrap();
+    server.join().unwrap();
+    assert_eq!(take(&log), ["closed", "before: draining true, open 0"]);
+    assert!(!c.is_draining(), "draining ends with the cycle");
+}
+
+// 10. Retirement.
 
 #[test]
 fn retiring_drains_tells_every_retire_hook_once_in_order_and_wakes_the_waiters() {

@@ -233,3 +233,80 @@ fn gating_needs_no_runtime_any_executor_drives_it() {
     drop(guard);
     c.simulate().unwrap();
 }
+
+/// No checkpoint running: the layer calls the inner service at once, in `call` (nothing is
+/// moved into a boxed future); during one, only once the gate opens.
+#[test]
+fn the_layer_calls_the_inner_service_at_once_unless_a_checkpoint_runs() {
+    let rt = runtime();
+    let c = Coordinator::new();
+    let called = Arc::new(AtomicU64::new(0));
+    let seen = called.clone();
+    let mut service = ServiceBuilder::new()
+        .layer(CheckpointGateLayer::with_coordinator(c.clone()))
+        .service_fn(move |n: u64| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<u64, std::convert::Infallible>(n))
+        });
+    rt.block_on(service.ready()).unwrap();
+    let first = service.call(1);
+    assert_eq!(called.load(Ordering::SeqCst), 1);
+    assert_eq!(rt.block_on(first).unwrap(), 1);
+
+    let checkpoint = c.checkpoint().unwrap();
+    rt.block_on(service.ready()).unwrap();
+    let second = rt.spawn(service.call(2));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(called.load(Ordering::SeqCst), 1);
+    checkpoint
+        .complete(crac_core::RestoreReason::Resumed)
+        .unwrap();
+    assert_eq!(rt.block_on(second).unwrap().unwrap(), 2);
+    assert_eq!(called.load(Ordering::SeqCst), 2);
+}
+
+/// Sections entered and left from many threads at once (the lock-free path) never overlap a
+/// checkpoint's hooks, and the count the checkpoint waits on never drifts.
+#[test]
+fn sections_from_many_threads_never_overlap_a_checkpoint() {
+    let c = Coordinator::new();
+    let inside = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = inside.clone();
+    let _hooks = c.context().register(from_fns(
+        "overlap",
+        move |_| {
+            assert_eq!(
+                seen.load(Ordering::SeqCst),
+                0,
+                "a section was held during the hooks"
+            );
+            Ok(())
+        },
+        |_| Ok(()),
+    ));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, inside, stop) = (c.clone(), inside.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut entered = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let _section = c.critical_section();
+                    inside.fetch_add(1, Ordering::SeqCst);
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    entered += 1;
+                }
+                entered
+            })
+        })
+        .collect();
+    for _ in 0..200 {
+        c.simulate().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let entered: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(entered > 0);
+    // Every section left: a checkpoint with a 0 quiescing limit finds none held.
+    c.set_limits(Limits::default().with_quiesce(Duration::ZERO));
+    c.simulate().unwrap();
+}

@@ -216,7 +216,7 @@ fn gating(ctx: &Ctx, report: &mut Report) -> Res<()> {
 }
 
 /// Requests per second that `clients` kept-alive connections get from `addr` in `window`.
-fn load(addr: SocketAddr, clients: usize, window: Duration) -> Res<f64> {
+pub(crate) fn load(addr: SocketAddr, clients: usize, window: Duration) -> Res<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..clients)

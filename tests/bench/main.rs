@@ -15,8 +15,9 @@
 //! answer against memory (cold, eager and lazy restore), 10 warm start inside a container
 //! image (podman), 11 archive throughput, plain against encrypted (age), 12 what the security
 //! checks (issue 18) cost a checkpoint and a restore, 13 what clients see during an upgrade
-//! (`crac upgrade`: handoff, state, against kill + start), 15 capabilities, not privileges (a
-//! container restored with capabilities only against `--privileged` and cold, podman and
+//! (`crac upgrade`: handoff, state, against kill + start), 14 draining (the tower layer's cost
+//! per request, and what clients see of a drained checkpoint), 15 capabilities, not privileges
+//! (a container restored with capabilities only against `--privileged` and cold, podman and
 //! Docker, and through a registry). Needs root (CRIU) for all but 2 and 5.
 
 mod archive;
@@ -25,6 +26,7 @@ mod capabilities;
 mod container;
 mod coord;
 mod dispatch;
+mod drain;
 mod dump;
 mod idle;
 mod kdat;
@@ -49,7 +51,7 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
                   [--soak N]
 
   --quick         fewer repetitions (a smoke run; figures are noisier)
-  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-13 and 15)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-15)
   --out FILE      also write the results as a markdown section to FILE
   --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
   --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
@@ -59,8 +61,9 @@ items: 1 coordination cost of one CRIU event; 2 dispatch scaling; 3 what we add 
 checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the idle agent;
 6 soak; 7 async services; 8 preflight; 9 time to first answer against memory;
 10 warm start inside a container image (podman); 11 archive throughput, plain vs encrypted;
-12 what the security checks cost; 13 what clients see during an upgrade; 15 capabilities, not
-privileges (podman, Docker, a registry).
+12 what the security checks cost; 13 what clients see during an upgrade; 14 draining: the
+tower layer's cost, a drained checkpoint; 15 capabilities, not privileges (podman, Docker, a
+registry).
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
@@ -92,7 +95,7 @@ struct Options {
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         quick: false,
-        only: (1..=13).chain([15]).collect(),
+        only: (1..=15).collect(),
         out: None,
         idle_secs: None,
         alt_action: None,
@@ -107,9 +110,9 @@ fn parse_args() -> Result<Options, String> {
                 opts.only = value()?
                     .split(',')
                     .map(|n| match n.trim().parse::<u32>() {
-                        Ok(n @ (1..=13 | 15)) => Ok(n),
+                        Ok(n @ 1..=15) => Ok(n),
                         _ => Err(format!(
-                            "--only takes item numbers 1 to 13 and 15, got {n:?}"
+                            "--only takes item numbers 1 to 15, got {n:?}"
                         )),
                     })
                     .collect::<Result<_, _>>()?
@@ -195,6 +198,7 @@ fn run(opts: &Options) -> Res<bool> {
             11 => archive::run(&ctx, &mut report),
             12 => trust::run(&ctx, &mut report),
             13 => upgrade::run(&ctx, &mut report),
+            14 => drain::run(&ctx, &mut report),
             15 => capabilities::run_item(&ctx, &mut report),
             _ => unreachable!("checked by the parser"),
         };
