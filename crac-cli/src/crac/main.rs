@@ -6,6 +6,7 @@ mod check;
 mod checkpoint;
 mod cli;
 mod images;
+mod migrate;
 mod output;
 mod progress;
 mod ps;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
             args.json,
             ps::status(args.pid, args.descriptors, Out::new(args.json)),
         ),
+        Command::Migrate(args) => (args.json, migrate::run(&store, args)),
         Command::Run(args) => (false, run::run(&store, args)),
     };
     match result {
