@@ -348,6 +348,11 @@ fn receiver(
 
 /// `crac migrate` of `pid` at A, to the receiver, with `key`.
 fn migrate(hosts: &Hosts, store: &Path, pid: u32, key: &Path) -> Output {
+    migrate_with(hosts, store, pid, key, "stop-and-copy")
+}
+
+/// [`migrate`] with a strategy.
+fn migrate_with(hosts: &Hosts, store: &Path, pid: u32, key: &Path, strategy: &str) -> Output {
     hosts
         .command("a", &bin("crac"))
         .arg("--store")
@@ -364,6 +369,8 @@ fn migrate(hosts: &Hosts, store: &Path, pid: u32, key: &Path) -> Output {
             "--tcp-established",
             "--link-timeout",
             "3",
+            "--strategy",
+            strategy,
             "--json",
         ])
         .output()
@@ -386,6 +393,18 @@ fn stats(reply: &str) -> serde_json::Value {
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn stop_and_copy_moves_the_cache_server_with_its_state_address_and_connection() {
+    moves_the_cache_server("stop-and-copy");
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn post_copy_moves_the_cache_server_with_its_state_address_and_connection() {
+    moves_the_cache_server("post-copy");
+}
+
+/// The cache-server moves from A to B by `strategy`, under load: its state, its address and
+/// its client's established connection with it; `restored` told once, at B; nothing left at A.
+fn moves_the_cache_server(strategy: &str) {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("migrate");
     let hosts = Hosts::up();
@@ -405,7 +424,7 @@ fn stop_and_copy_moves_the_cache_server_with_its_state_address_and_connection() 
         receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
     let store_a = scratch.join("store-a");
     let reaper = service.reap_when_dumped();
-    let out = migrate(&hosts, &store_a, service.pid(), &key);
+    let out = migrate_with(&hosts, &store_a, service.pid(), &key, strategy);
     reaper.join().unwrap();
     assert!(
         out.status.success(),
@@ -416,7 +435,7 @@ fn stop_and_copy_moves_the_cache_server_with_its_state_address_and_connection() 
     let received = finish(receiver);
     assert!(received.status.success(), "{}", text(&received));
     let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(outcome["strategy"], "stop-and-copy");
+    assert_eq!(outcome["strategy"], strategy);
     assert!(
         outcome["lock_rules_removed"].as_u64() >= Some(2),
         "{outcome}"

@@ -64,10 +64,11 @@ pub(crate) enum Command {
     #[command(name = "status", after_help = "Example:\n  crac status 4242")]
     Status(StatusArgs),
 
-    /// Move a running service to another host (stop-and-copy), or receive one (--receive).
+    /// Move a running service to another host (stop-and-copy or post-copy), or receive one
+    /// (--receive).
     #[command(
         name = "migrate",
-        after_help = "Examples:\n  crac migrate --receive --listen 10.0.0.2:7777 --key /etc/crac/migrate.key --on-address 'ip route ...'\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --address 10.0.9.1/32 --tcp-established"
+        after_help = "Examples:\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --strategy post-copy\n  crac migrate --receive --listen 10.0.0.2:7777 --key /etc/crac/migrate.key --on-address 'ip route ...'\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --address 10.0.9.1/32 --tcp-established"
     )]
     Migrate(MigrateArgs),
 
@@ -213,9 +214,12 @@ pub(crate) struct MigrateArgs {
     /// `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`).
     #[arg(long, value_name = "FILE")]
     pub key: PathBuf,
-    /// How the service moves. stop-and-copy: it is down from the dump until it runs at the
-    /// destination.
-    #[arg(long, default_value = "stop-and-copy", value_parser = ["stop-and-copy"])]
+    /// How the service moves. stop-and-copy: it is down from the dump until its whole image
+    /// is restored at the destination. post-copy: it runs at the destination before its memory
+    /// has arrived (CRIU's lazy pages, relayed over the migration's connection; the source
+    /// keeps the frozen service until the last page is there, and resumes it if the transfer
+    /// fails). Pre-copy needs the kernel's memory tracking (`crac check` says).
+    #[arg(long, default_value = "stop-and-copy", value_parser = ["stop-and-copy", "post-copy"])]
     pub strategy: String,
     /// The service address that moves with it (one IPv4 address, `IP/32`): released here
     /// after the dump, added at the destination before the restore.

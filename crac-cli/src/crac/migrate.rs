@@ -62,6 +62,7 @@ pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
     let request = MigrateRequest {
         pid: args.pid.expect("clap requires a pid without --receive"),
         to: args.to.expect("clap requires --to without --receive"),
+        strategy: args.strategy,
         key: args.key,
         store: store.clone(),
         address,

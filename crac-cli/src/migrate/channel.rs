@@ -94,25 +94,53 @@ pub enum HandshakeError {
 }
 
 /// An authenticated, sealed connection to the other end of a migration.
+#[derive(Debug)]
 pub struct Channel {
-    stream: TcpStream,
-    send: ChaCha20Poly1305,
-    recv: ChaCha20Poly1305,
-    sent: u64,
-    received: u64,
-    /// Bytes written to the connection so far.
-    pub bytes_sent: u64,
+    tx: Sender,
+    rx: Receiver,
     peer: SocketAddr,
 }
 
-impl std::fmt::Debug for Channel {
+/// The sending half of a [`Channel`] (a relay's writer, on a thread of its own).
+pub struct Sender {
+    stream: TcpStream,
+    cipher: ChaCha20Poly1305,
+    count: u64,
+    /// Bytes written to the connection so far.
+    pub bytes: u64,
+}
+
+/// The receiving half of a [`Channel`].
+pub struct Receiver {
+    stream: TcpStream,
+    cipher: ChaCha20Poly1305,
+    count: u64,
+}
+
+impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Channel")
-            .field("peer", &self.peer)
-            .field("sent", &self.sent)
-            .field("received", &self.received)
+        f.debug_struct("Sender")
+            .field("frames", &self.count)
+            .field("bytes", &self.bytes)
             .finish_non_exhaustive()
     }
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("frames", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What arrived: a message or data.
+#[derive(Debug)]
+pub enum Frame {
+    /// A message (JSON), parsed by the caller.
+    Message(Vec<u8>),
+    /// A piece of data.
+    Data(Vec<u8>),
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -197,7 +225,7 @@ impl Channel {
             TO_DESTINATION,
             TO_SOURCE,
             addr,
-        );
+        )?;
         channel.set_timeout(timeout)?;
         Ok(channel)
     }
@@ -259,7 +287,7 @@ impl Channel {
             TO_SOURCE,
             TO_DESTINATION,
             peer,
-        );
+        )?;
         channel.set_timeout(timeout)?;
         Ok(channel)
     }
@@ -272,16 +300,21 @@ impl Channel {
         send: &str,
         recv: &str,
         peer: SocketAddr,
-    ) -> Channel {
-        Channel {
-            stream,
-            send: cipher(key, nonce_s, nonce_d, send),
-            recv: cipher(key, nonce_s, nonce_d, recv),
-            sent: 0,
-            received: 0,
-            bytes_sent: 0,
+    ) -> io::Result<Channel> {
+        Ok(Channel {
+            rx: Receiver {
+                stream: stream.try_clone()?,
+                cipher: cipher(key, nonce_s, nonce_d, recv),
+                count: 0,
+            },
+            tx: Sender {
+                stream,
+                cipher: cipher(key, nonce_s, nonce_d, send),
+                count: 0,
+                bytes: 0,
+            },
             peer,
-        }
+        })
     }
 
     /// The other end's address.
@@ -295,58 +328,106 @@ impl Channel {
     ///
     /// When the socket refuses it.
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
-        self.stream.set_read_timeout(Some(timeout))?;
-        self.stream.set_write_timeout(Some(timeout))
+        self.tx.stream.set_read_timeout(Some(timeout))?;
+        self.tx.stream.set_write_timeout(Some(timeout))
     }
 
-    fn frame_nonce(counter: u64) -> Nonce {
-        let mut bytes = [0u8; 12];
-        bytes[4..].copy_from_slice(&counter.to_be_bytes());
-        *Nonce::from_slice(&bytes)
+    /// Bytes written to the connection so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.tx.bytes
     }
 
+    /// The two halves, for a relay: the receiver on one thread, the sender shared.
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.tx, self.rx)
+    }
+
+    /// Sends one message.
+    ///
+    /// # Errors
+    ///
+    /// When the connection fails.
+    pub fn send<T: Serialize>(&mut self, message: &T) -> io::Result<()> {
+        self.tx.send(message)
+    }
+
+    /// Receives one message.
+    ///
+    /// # Errors
+    ///
+    /// When the connection fails, a frame does not open, or it is not such a message.
+    pub fn recv<T: DeserializeOwned>(&mut self) -> io::Result<T> {
+        match self.rx.recv_frame()? {
+            Frame::Message(bytes) => parse(&bytes),
+            Frame::Data(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer sent data where a message was due",
+            )),
+        }
+    }
+
+    /// Sends `bytes` as data frames.
+    ///
+    /// # Errors
+    ///
+    /// When the connection fails.
+    pub fn send_data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.tx.send_data(bytes)
+    }
+
+    /// Receives one data frame.
+    ///
+    /// # Errors
+    ///
+    /// When the connection fails, a frame does not open, or it is a message.
+    pub fn recv_data(&mut self) -> io::Result<Vec<u8>> {
+        match self.rx.recv_frame()? {
+            Frame::Data(bytes) => Ok(bytes),
+            Frame::Message(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer sent a message where data was due",
+            )),
+        }
+    }
+}
+
+/// A message's JSON, parsed.
+///
+/// # Errors
+///
+/// When it is not such a message.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the peer sent a message this crac does not understand: {e}"),
+        )
+    })
+}
+
+fn frame_nonce(counter: u64) -> Nonce {
+    let mut bytes = [0u8; 12];
+    bytes[4..].copy_from_slice(&counter.to_be_bytes());
+    *Nonce::from_slice(&bytes)
+}
+
+impl Sender {
     fn send_frame(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
         let mut plain = Vec::with_capacity(payload.len() + 1);
         plain.push(kind);
         plain.extend_from_slice(payload);
         let sealed = self
-            .send
-            .encrypt(&Channel::frame_nonce(self.sent), plain.as_slice())
+            .cipher
+            .encrypt(&frame_nonce(self.count), plain.as_slice())
             .map_err(|_| io::Error::other("cannot seal a frame"))?;
-        self.sent += 1;
+        self.count += 1;
         let len = u32::try_from(sealed.len()).map_err(io::Error::other)?;
         let mut frame = Vec::with_capacity(4 + sealed.len());
         frame.extend_from_slice(&len.to_be_bytes());
         frame.extend_from_slice(&sealed);
         self.stream.write_all(&frame)?;
-        self.bytes_sent += frame.len() as u64;
+        self.bytes += frame.len() as u64;
         Ok(())
-    }
-
-    fn recv_frame(&mut self) -> io::Result<(u8, Vec<u8>)> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if !(1 + 16..=MAX_PAYLOAD + 1 + 16).contains(&len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the peer sent a frame of {len} bytes"),
-            ));
-        }
-        let mut sealed = vec![0u8; len];
-        self.stream.read_exact(&mut sealed)?;
-        let mut plain = self
-            .recv
-            .decrypt(&Channel::frame_nonce(self.received), sealed.as_slice())
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a frame failed its integrity check (altered, replayed or out of order): the transfer is abandoned",
-                )
-            })?;
-        self.received += 1;
-        let kind = plain.remove(0);
-        Ok((kind, plain))
     }
 
     /// Sends one message.
@@ -357,27 +438,6 @@ impl Channel {
     pub fn send<T: Serialize>(&mut self, message: &T) -> io::Result<()> {
         let bytes = serde_json::to_vec(message).map_err(io::Error::other)?;
         self.send_frame(KIND_MESSAGE, &bytes)
-    }
-
-    /// Receives one message.
-    ///
-    /// # Errors
-    ///
-    /// When the connection fails, a frame does not open, or it is not such a message.
-    pub fn recv<T: DeserializeOwned>(&mut self) -> io::Result<T> {
-        let (kind, bytes) = self.recv_frame()?;
-        if kind != KIND_MESSAGE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the peer sent data where a message was due",
-            ));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the peer sent a message this crac does not understand: {e}"),
-            )
-        })
     }
 
     /// Sends `bytes` as data frames.
@@ -392,20 +452,49 @@ impl Channel {
         Ok(())
     }
 
-    /// Receives one data frame.
+    /// Closes the connection both ways: the other half's reads end.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Receiver {
+    /// Receives one frame.
     ///
     /// # Errors
     ///
-    /// When the connection fails, a frame does not open, or it is a message.
-    pub fn recv_data(&mut self) -> io::Result<Vec<u8>> {
-        let (kind, bytes) = self.recv_frame()?;
-        if kind != KIND_DATA {
+    /// When the connection fails or a frame does not open.
+    pub fn recv_frame(&mut self) -> io::Result<Frame> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if !(1 + 16..=MAX_PAYLOAD + 1 + 16).contains(&len) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "the peer sent a message where data was due",
+                format!("the peer sent a frame of {len} bytes"),
             ));
         }
-        Ok(bytes)
+        let mut sealed = vec![0u8; len];
+        self.stream.read_exact(&mut sealed)?;
+        let mut plain = self
+            .cipher
+            .decrypt(&frame_nonce(self.count), sealed.as_slice())
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a frame failed its integrity check (altered, replayed or out of order): the transfer is abandoned",
+                )
+            })?;
+        self.count += 1;
+        let kind = plain.remove(0);
+        match kind {
+            KIND_MESSAGE => Ok(Frame::Message(plain)),
+            KIND_DATA => Ok(Frame::Data(plain)),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the peer sent a frame of kind {other}"),
+            )),
+        }
     }
 }
 
@@ -478,7 +567,7 @@ mod tests {
         let (source, destination) = pair(key(3), key(3));
         let (mut source, mut destination) = (source.unwrap(), destination.unwrap());
         // A frame sealed for another position in the stream: what a replay looks like.
-        source.sent += 1;
+        source.tx.count += 1;
         source.send(&"late").unwrap();
         let err = destination.recv::<String>().unwrap_err();
         assert!(err.to_string().contains("integrity check"), "{err}");

@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::Path;
 
 use super::net::{self, ServiceAddress};
+use crate::criu::CriuCommand;
 use super::Offer;
 use crate::units::bytes;
 
@@ -22,19 +23,29 @@ pub fn problems(offer: &Offer, store: &Path) -> Vec<String> {
             super::VERSION
         ));
     }
-    if offer.strategy != super::STOP_AND_COPY {
+    let post_copy = offer.strategy == super::POST_COPY;
+    if !post_copy && offer.strategy != super::STOP_AND_COPY {
         problems.push(format!(
-            "this crac cannot receive a {} migration (it runs {})",
+            "this crac cannot receive a {} migration (it runs {} and {})",
             offer.strategy,
-            super::STOP_AND_COPY
+            super::STOP_AND_COPY,
+            super::POST_COPY
         ));
     }
     match crate::criu::find() {
         Err(e) => problems.push(e.message),
-        Ok(criu) if criu.version != offer.criu_version => {
-            // Not refused: images are compatible across these versions; said in the log only.
+        Ok(criu) => {
+            // Post-copy restores with userfaultfd, which a kernel may lack.
+            let uffd = CriuCommand::check_feature(&criu.path, "uffd-noncoop")
+                .command()
+                .output()
+                .is_ok_and(|out| out.status.success());
+            if post_copy && !uffd {
+                problems.push(
+                    "this kernel cannot restore lazily (`criu check --feature uffd-noncoop` fails: no userfaultfd): migrate with --strategy stop-and-copy".to_owned(),
+                );
+            }
         }
-        Ok(_) => {}
     }
     let (_, arch) = crate::metadata::this_machine();
     if arch != offer.arch {

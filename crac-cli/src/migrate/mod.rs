@@ -27,7 +27,9 @@
 pub mod channel;
 pub mod checks;
 pub mod net;
+pub mod pipes;
 pub mod receive;
+pub mod relay;
 pub mod source;
 
 use serde::{Deserialize, Serialize};
@@ -94,9 +96,22 @@ pub enum Message {
         /// What CRIU said.
         reason: String,
     },
+    /// Post-copy, either end: this end's CRIU closed its page socket.
+    PagesEnd,
+    /// Post-copy, destination: every page arrived (`ok`), or not, and the copy here was
+    /// killed and the address released.
+    PagesDone {
+        /// Whether every page arrived.
+        ok: bool,
+        /// What failed, if anything.
+        reason: Option<String>,
+    },
 }
 
 /// The protocol's version.
 pub const VERSION: u32 = 1;
-/// The only strategy this kernel can run with one command (see the module documentation).
+/// The service stops at the dump and runs again once the whole image is at the destination.
 pub const STOP_AND_COPY: &str = "stop-and-copy";
+/// The service runs at the destination before its memory has arrived: CRIU's lazy pages, the
+/// source serving them until the last one is in.
+pub const POST_COPY: &str = "post-copy";

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::channel::{Channel, HandshakeError, Key32};
 use super::net::{self, ServiceAddress};
+use super::relay::Relay;
 use super::{checks, Message};
 use crate::criu::require_root;
 use crate::error::{FailureKind, OpError};
@@ -214,17 +215,25 @@ fn session(
             return Err(failed(&mut channel, e, notice));
         }
     }
-    let restored = crate::restore::restore(
-        &RestoreRequest {
-            dir: image.clone(),
-            detach: true,
-            tcp_close: false,
-            env: Default::default(),
-            inherit_stdio: false,
-        },
-        notice,
-        None,
-    );
+    let restore_request = RestoreRequest {
+        dir: image.clone(),
+        detach: true,
+        tcp_close: false,
+        env: Default::default(),
+        inherit_stdio: false,
+    };
+    if offer.strategy == super::POST_COPY {
+        let lazily = LazyReceive {
+            request,
+            address,
+            source,
+            image: image.clone(),
+            name: name.clone(),
+            started,
+        };
+        return lazily.run(channel, &restore_request, notice);
+    }
+    let restored = crate::restore::restore(&restore_request, notice, None);
     let outcome = match restored {
         Ok(outcome) => outcome,
         Err(e) => return Err(failed(&mut channel, e.message, notice)),
@@ -250,6 +259,115 @@ fn session(
         restore_ms: outcome.restore_ms,
         total_ms: ms(started.elapsed()),
     })
+}
+
+/// A post-copy migration at the destination, from "go" on, the address taken.
+struct LazyReceive<'a> {
+    request: &'a ReceiveRequest,
+    address: Option<ServiceAddress>,
+    source: SocketAddr,
+    image: PathBuf,
+    name: String,
+    started: Instant,
+}
+
+impl LazyReceive<'_> {
+    /// Restores lazily, the pages relayed from the source's dump; runs the hook, confirms,
+    /// and waits until every page is in. A page server that fails kills the copy here (its
+    /// memory is incomplete) and the address goes: the source resumes the service.
+    fn run(
+        self,
+        channel: Channel,
+        restore_request: &RestoreRequest,
+        notice: &mut dyn FnMut(&str),
+    ) -> Result<ReceiveOutcome, OpError> {
+        let _pipes = super::pipes::raise(notice).unwrap_or_else(|e| {
+            notice(&e);
+            None
+        });
+        let (mine, criu_end) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot make a socket pair: {e}"),
+            )
+        })?;
+        let relay = Relay::start(channel, mine).map_err(|e| {
+            OpError::new(FailureKind::Failed, format!("cannot relay the pages: {e}"))
+        })?;
+        let (outcome, server) =
+            match crate::restore::restore_pages_from(restore_request, notice, criu_end.into()) {
+                Ok(restored) => restored,
+                Err(e) => {
+                    self.give_up();
+                    let told = relay.send(&Message::Failed {
+                        reason: e.message.clone(),
+                    });
+                    relay.close();
+                    return Err(OpError::new(
+                        FailureKind::Failed,
+                        format!(
+                            "could not restore the service here: {}; {}",
+                            e.message,
+                            if told.is_ok() {
+                                "the source resumes it"
+                            } else {
+                                "the source resumes it once it notices the link is gone"
+                            }
+                        ),
+                    )
+                    .with_details(e.details));
+                }
+            };
+        for failure in &outcome.hook_failures {
+            notice(&format!("restored, but after_restore failed: {failure}"));
+        }
+        if let (Some(hook), Some(address)) = (&self.request.on_address, self.address) {
+            run_hook(hook, address, notice);
+        }
+        let _ = relay.send(&Message::Restored { pid: outcome.pid });
+        let all_in = server.wait(outcome.pid);
+        let result = match all_in {
+            Ok(_) => {
+                let _ = relay.send(&Message::PagesDone {
+                    ok: true,
+                    reason: None,
+                });
+                Ok(ReceiveOutcome {
+                    pid: outcome.pid,
+                    image: self.image.clone(),
+                    source: self.source,
+                    restore_ms: outcome.restore_ms,
+                    total_ms: ms(self.started.elapsed()),
+                })
+            }
+            Err(e) => {
+                // The copy here was killed: the service must not answer here any more.
+                self.give_up();
+                let _ = relay.send(&Message::PagesDone {
+                    ok: false,
+                    reason: Some(e.message.clone()),
+                });
+                Err(OpError::new(
+                    FailureKind::Failed,
+                    format!(
+                        "the memory did not all arrive from {}: {}; the source resumes the service",
+                        self.source, e.message
+                    ),
+                )
+                .with_details(e.details))
+            }
+        };
+        relay.close();
+        result
+    }
+
+    /// Nothing of the service runs here: the address and the image go.
+    fn give_up(&self) {
+        if let Some(address) = self.address {
+            let _ = net::release(address, &self.request.address_device);
+        }
+        let _ = self.request.store.remove(&self.name);
+    }
 }
 
 fn unexpected(message: &Message) -> std::io::Error {

@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use super::channel::{Channel, HandshakeError, Key32};
 use super::net::{self, ServiceAddress};
-use super::{Message, Offer, STOP_AND_COPY, VERSION};
-use crate::checkpoint::{CheckpointRequest, Destination};
+use super::relay::Relay;
+use super::{Message, Offer, POST_COPY, STOP_AND_COPY, VERSION};
+use crate::checkpoint::{CheckpointRequest, Destination, PageSource};
 use crate::criu::{self, require_root};
 use crate::error::{FailureKind, OpError};
 use crate::metadata::DumpOptions;
@@ -28,6 +29,8 @@ pub struct MigrateRequest {
     pub pid: u32,
     /// Where the destination (`crac migrate --receive`) listens.
     pub to: SocketAddr,
+    /// [`STOP_AND_COPY`] or [`POST_COPY`].
+    pub strategy: String,
     /// The pre-shared key's file (private to its owner).
     pub key: PathBuf,
     /// This host's store: the image is kept there until the destination runs the service.
@@ -145,28 +148,19 @@ pub fn migrate(
     // The freeze: crac's checkpoint, hooks and all. A failure here rolls the service back.
     let name = format!("migrate-{pid}-{}", now_ms());
     let dump_started = Instant::now();
+    let checkpoint_request = checkpoint_request(request, &name);
+    if request.strategy == POST_COPY {
+        let context = PostCopy {
+            request,
+            name,
+            device,
+            started,
+            dump_started,
+        };
+        return context.run(channel, &checkpoint_request, notice);
+    }
     let checkpoint = crate::checkpoint::checkpoint(
-        &CheckpointRequest {
-            pid,
-            destination: Destination::Store {
-                store: request.store.clone(),
-                name: name.clone(),
-                replace: false,
-            },
-            options: DumpOptions {
-                leave_running: false,
-                tcp_established: request.tcp_established,
-                file_locks: false,
-                timeout_secs: request.timeout_secs,
-                extra_criu_args: request.criu_args.clone(),
-                // CRIU's iptables lock, not crac's usual nftables one: its rules are found and
-                // removed here once the address has left (net::remove_lock_rules), and the
-                // restore at the destination, which has none, only logs that it found nothing.
-                network_lock: request.tcp_established.then(|| "iptables".to_owned()),
-                lazy_restore: false,
-            },
-            durable: false,
-        },
+        &checkpoint_request,
         &mut |warning| notice(&format!("warning: {warning}")),
         None,
     );
@@ -222,27 +216,14 @@ pub fn migrate(
     match channel.recv::<Message>() {
         Ok(Message::Restored { pid: restored }) => {
             let downtime_ms = ms(dump_started.elapsed());
-            let lock_rules_removed = match request.address {
-                Some(address) if request.tcp_established => net::remove_lock_rules(address)
-                    .unwrap_or_else(|e| {
-                        notice(&format!("could not remove CRIU's network-lock rules: {e}"));
-                        0
-                    }),
-                _ => 0,
-            };
-            if let Err(e) = request.store.remove(&frozen.name) {
-                notice(&format!(
-                    "the service runs at {}, but its image could not be removed here: {e}",
-                    request.to
-                ));
-            }
+            let lock_rules_removed = frozen.clean_up(notice);
             Ok(MigrateOutcome {
                 strategy: STOP_AND_COPY.to_owned(),
                 pid: restored,
                 downtime_ms,
                 dump_ms,
                 total_ms: ms(started.elapsed()),
-                bytes_sent: channel.bytes_sent,
+                bytes_sent: channel.bytes_sent(),
                 image_bytes,
                 lock_rules_removed,
             })
@@ -259,6 +240,226 @@ pub fn migrate(
     }
 }
 
+/// The checkpoint a migration takes, into the image `name` of the source's store.
+fn checkpoint_request(request: &MigrateRequest, name: &str) -> CheckpointRequest {
+    CheckpointRequest {
+        pid: request.pid,
+        destination: Destination::Store {
+            store: request.store.clone(),
+            name: name.to_owned(),
+            replace: false,
+        },
+        options: DumpOptions {
+            leave_running: false,
+            tcp_established: request.tcp_established,
+            file_locks: false,
+            timeout_secs: request.timeout_secs,
+            extra_criu_args: request.criu_args.clone(),
+            // CRIU's iptables lock, not crac's usual nftables one: its rules are found and
+            // removed here once the address has left (net::remove_lock_rules), and the
+            // restore at the destination, which has none, only logs that it found nothing.
+            network_lock: request.tcp_established.then(|| "iptables".to_owned()),
+            lazy_restore: false,
+        },
+        durable: false,
+    }
+}
+
+/// A post-copy migration once the destination has accepted the offer.
+struct PostCopy<'a> {
+    request: &'a MigrateRequest,
+    name: String,
+    device: Option<String>,
+    started: Instant,
+    dump_started: Instant,
+}
+
+impl PostCopy<'_> {
+    /// Dumps without the memory, sends the image, and once the destination runs the service,
+    /// serves its memory until the last page is there. Until then the tree stays frozen here;
+    /// if the transfer fails, CRIU resumes it here, and the destination kills its copy (its
+    /// memory is incomplete).
+    fn run(
+        self,
+        mut channel: Channel,
+        checkpoint_request: &CheckpointRequest,
+        notice: &mut dyn FnMut(&str),
+    ) -> Result<MigrateOutcome, OpError> {
+        let request = self.request;
+        let _pipes = match super::pipes::raise(notice) {
+            Ok(raised) => raised,
+            Err(e) => {
+                let _ = channel.send(&Message::Abort { reason: e.clone() });
+                return Err(OpError::new(
+                    FailureKind::Unavailable,
+                    format!("{e}; nothing was stopped: the service runs on here"),
+                ));
+            }
+        };
+        let (mine, criu_end) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot make a socket pair: {e}"),
+            )
+        })?;
+        let dumped = crate::checkpoint::checkpoint_serving_pages(
+            checkpoint_request,
+            &mut |warning| notice(&format!("warning: {warning}")),
+            criu_end.into(),
+        );
+        let (checkpoint, pages) = match dumped {
+            Ok(dumped) => dumped,
+            Err(e) => {
+                let _ = channel.send(&Message::Abort {
+                    reason: e.message.clone(),
+                });
+                return Err(e);
+            }
+        };
+        let dump_ms = ms(self.dump_started.elapsed());
+        let frozen = Frozen {
+            request,
+            image: checkpoint.path.clone(),
+            name: self.name.clone(),
+            device: self.device.clone(),
+        };
+        // Until "go", a failure cuts CRIU off: it resumes the service here.
+        let resume_here = |why: String, mine: std::os::unix::net::UnixStream, pages: PageSource| {
+            let _ = mine.shutdown(std::net::Shutdown::Both);
+            drop(mine);
+            frozen.resumed(&why, pages.wait())
+        };
+        if let Err(e) = send_image(&mut channel, &frozen) {
+            return Err(resume_here(
+                format!("the image could not be sent ({e})"),
+                mine,
+                pages,
+            ));
+        }
+        match channel.recv::<Message>() {
+            Ok(Message::Ready) => {}
+            Ok(Message::Abort { reason }) => {
+                return Err(resume_here(
+                    format!("the destination gave up: {reason}"),
+                    mine,
+                    pages,
+                ))
+            }
+            Ok(other) => return Err(resume_here(unexpected(&other).to_string(), mine, pages)),
+            Err(e) => {
+                return Err(resume_here(
+                    format!("the link failed during the transfer ({e})"),
+                    mine,
+                    pages,
+                ))
+            }
+        }
+        if let (Some(address), Some(device)) = (request.address, &self.device) {
+            if let Err(e) = net::release(address, device) {
+                return Err(resume_here(
+                    format!("the service address could not be released: {e}"),
+                    mine,
+                    pages,
+                ));
+            }
+        }
+        if let Err(e) = channel.send(&Message::Go) {
+            frozen.take_address_back(notice);
+            return Err(resume_here(
+                format!("the link failed before the destination was told to restore ({e})"),
+                mine,
+                pages,
+            ));
+        }
+        let relay = Relay::start(channel, mine).map_err(|e| {
+            OpError::new(FailureKind::Failed, format!("cannot relay the pages: {e}"))
+        })?;
+        let wait = RESTORE_WAIT.max(request.link_timeout);
+        let restored = match relay.recv(wait) {
+            Ok(Message::Restored { pid }) => pid,
+            Ok(Message::Failed { reason }) => {
+                relay.cut();
+                frozen.take_address_back(notice);
+                let err = frozen.resumed(
+                    &format!("the destination could not restore it: {reason}"),
+                    pages.wait(),
+                );
+                relay.close();
+                return Err(err);
+            }
+            other => {
+                let why = match other {
+                    Ok(message) => unexpected(&message).to_string(),
+                    Err(e) => e.to_string(),
+                };
+                relay.cut();
+                let err = self.after_cut(&frozen, &relay, &why, pages.wait(), notice);
+                relay.close();
+                return Err(err);
+            }
+        };
+        let downtime_ms = ms(self.dump_started.elapsed());
+        // The service runs there; its memory arrives until the dump here has sent it all.
+        if let Err(e) = pages.wait() {
+            let why = e.message.clone();
+            let err = self.after_cut(&frozen, &relay, &why, Err(e), notice);
+            relay.close();
+            return Err(err);
+        }
+        match relay.recv(request.link_timeout) {
+            Ok(Message::PagesDone { ok: true, .. }) => {}
+            Ok(Message::PagesDone { ok: false, reason }) => notice(&format!(
+                "every page was sent, but the destination says its page server failed: {}",
+                reason.unwrap_or_default()
+            )),
+            _ => notice(
+                "every page was sent, but the destination did not confirm them (the link failed)",
+            ),
+        }
+        let bytes_sent = relay.bytes_sent();
+        relay.close();
+        let lock_rules_removed = frozen.clean_up(notice);
+        Ok(MigrateOutcome {
+            strategy: POST_COPY.to_owned(),
+            pid: restored,
+            downtime_ms,
+            dump_ms,
+            total_ms: ms(self.started.elapsed()),
+            bytes_sent,
+            image_bytes: checkpoint.metadata.image_bytes,
+            lock_rules_removed,
+        })
+    }
+
+    /// The transfer failed after "go" (`why`; `dump` is how the dump here ended): CRIU resumed
+    /// the service here, and the destination kills its copy, whose memory is incomplete, and
+    /// releases the address. Its word on that is waited for, or, if the link is gone, as long
+    /// as it takes it to notice (twice the link timeout); then the address comes back here.
+    fn after_cut(
+        &self,
+        frozen: &Frozen<'_>,
+        relay: &Relay,
+        why: &str,
+        dump: Result<(), OpError>,
+        notice: &mut dyn FnMut(&str),
+    ) -> OpError {
+        let deadline = Instant::now() + self.request.link_timeout * 2;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match relay.recv(left) {
+                Ok(Message::PagesDone { .. } | Message::Failed { .. }) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    // The link is gone: give the destination the time it needs to notice.
+                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                    break;
+                }
+            }
+        }
+        frozen.take_address_back(notice);
+        frozen.resumed(why, dump)
+    }
+}
+
 /// What the source tells the destination about the service.
 fn offer(request: &MigrateRequest) -> Result<Offer, OpError> {
     let pids = crac_action::tree::descendants(request.pid);
@@ -266,7 +467,7 @@ fn offer(request: &MigrateRequest) -> Result<Offer, OpError> {
     let (kernel, arch) = crate::metadata::this_machine();
     Ok(Offer {
         version: VERSION,
-        strategy: STOP_AND_COPY.to_owned(),
+        strategy: request.strategy.clone(),
         resident_bytes: crate::process::resident_bytes(&pids),
         listening: crate::process::listening_tcp(&pids),
         pids,
@@ -331,6 +532,57 @@ struct Frozen<'a> {
 }
 
 impl Frozen<'_> {
+    /// The service runs at the destination: removes CRIU's lock rules (the address has left)
+    /// and the image here; returns how many rules there were.
+    fn clean_up(&self, notice: &mut dyn FnMut(&str)) -> usize {
+        let removed = match self.request.address {
+            Some(address) if self.request.tcp_established => net::remove_lock_rules(address)
+                .unwrap_or_else(|e| {
+                    notice(&format!("could not remove CRIU's network-lock rules: {e}"));
+                    0
+                }),
+            _ => 0,
+        };
+        if let Err(e) = self.request.store.remove(&self.name) {
+            notice(&format!(
+                "the service runs at {}, but its image could not be removed here: {e}",
+                self.request.to
+            ));
+        }
+        removed
+    }
+
+    /// A post-copy failed (`why`) with the tree still here, and its dump ended as `dump` says:
+    /// CRIU resumed the service here (the image goes), or the service is gone (the image
+    /// stays).
+    fn resumed(&self, why: &str, dump: Result<(), OpError>) -> OpError {
+        let alive = crac_action::tree::state_of(self.request.pid).is_some_and(|s| s != 'Z');
+        if alive {
+            let _ = self.request.store.remove(&self.name);
+            return OpError::new(
+                FailureKind::Failed,
+                format!(
+                    "the migration to {} failed after the service was frozen: {why}; CRIU resumed it here, where it runs on (pid {})",
+                    self.request.to, self.request.pid
+                ),
+            );
+        }
+        let details = match dump {
+            Ok(()) => Vec::new(),
+            Err(e) => e.details,
+        };
+        OpError::new(
+            FailureKind::ImageKept,
+            format!(
+                "the migration to {} failed after the service was frozen: {why}; it does not run here, and its image (without its memory) is kept in {}",
+                self.request.to,
+                self.image.display()
+            ),
+        )
+        .with_details(details)
+    }
+
+
     /// Gives this host the service address again (it had been released for the destination).
     fn take_address_back(&self, notice: &mut dyn FnMut(&str)) {
         if let (Some(address), Some(device)) = (self.request.address, &self.device) {
