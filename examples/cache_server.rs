@@ -60,8 +60,10 @@
 //! it without `--shell-job`.
 //!
 //! Options: `--port PORT` (default `$CACHE_SERVER_PORT`, then 7070), `--address IP` (where to
-//! listen, default 127.0.0.1: a service address that moves with it in a migration) and
-//! `--upstream HOST:PORT` (default `$CACHE_SERVER_UPSTREAM`, then `127.0.0.1:7071`).
+//! listen, default 127.0.0.1: a service address that moves with it in a migration),
+//! `--upstream HOST:PORT` (default `$CACHE_SERVER_UPSTREAM`, then `127.0.0.1:7071`), and for
+//! benchmarks `--ballast MIB` (that much memory, touched) and `--dirty` (a thread writes to
+//! every page of it once a second, as a busy service changes its memory).
 //!
 //! # Sessions
 //!
@@ -127,6 +129,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let config = Config::from_args()?;
     let listener = GatedListener::bind(SocketAddr::from((config.address, config.port)), LOG)?;
+    hold_ballast(config.ballast_mib, config.dirty);
     let local = listener.local_addr();
 
     let upstream = Arc::new(Upstream::new(config.upstream));
@@ -162,12 +165,47 @@ fn run() -> Result<(), String> {
     listener.serve(|stream| service.handle(stream))
 }
 
+/// Holds `mib` MiB of memory for the rest of the process, every page touched; with `dirty`, a
+/// thread writes to each page again once a second (a benchmark's busy service).
+fn hold_ballast(mib: usize, dirty: bool) {
+    const PAGE: usize = 4096;
+    if mib == 0 {
+        return;
+    }
+    let mut ballast = vec![0u8; mib << 20];
+    for (n, page) in ballast.chunks_mut(PAGE).enumerate() {
+        page[0] = n as u8 | 1;
+    }
+    thread::spawn(move || {
+        let pages = ballast.len() / PAGE;
+        let mut round: u8 = 0;
+        loop {
+            if !dirty {
+                thread::park();
+                continue;
+            }
+            round = round.wrapping_add(1);
+            let started = Instant::now();
+            // In 100 slices, each followed by a pause, so the writes spread over the second.
+            for slice in 0..100 {
+                for page in (slice * pages / 100)..((slice + 1) * pages / 100) {
+                    ballast[page * PAGE] = round;
+                }
+                let due = started + Duration::from_millis(10 * (slice as u64 + 1));
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        }
+    });
+}
+
 // --- Configuration --------------------------------------------------------------------------
 
 struct Config {
     port: u16,
     address: Ipv4Addr,
     upstream: SocketAddr,
+    ballast_mib: usize,
+    dirty: bool,
 }
 
 impl Config {
@@ -176,6 +214,8 @@ impl Config {
         let mut port = env("CACHE_SERVER_PORT");
         let mut upstream = env(UPSTREAM_ENV);
         let mut address = None;
+        let mut ballast = None;
+        let mut dirty = false;
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let mut value = |flag: &str| {
@@ -186,11 +226,15 @@ impl Config {
                 "--port" => port = Some(value("--port")?),
                 "--upstream" => upstream = Some(value("--upstream")?),
                 "--address" => address = Some(value("--address")?),
+                "--ballast" => ballast = Some(value("--ballast")?),
+                "--dirty" => dirty = true,
                 "-h" | "--help" => {
                     println!(
                         "usage: cache-server [--port PORT] [--address IP] [--upstream HOST:PORT]\n  \
                          --port      where to serve (default $CACHE_SERVER_PORT, then {DEFAULT_PORT})\n  \
                          --address   the address to serve on (default 127.0.0.1)\n  \
+                         --ballast   MiB of memory to hold, touched (default 0)\n  \
+                         --dirty     write to every page of the ballast once a second\n  \
                          --upstream  the upstream server (default $CACHE_SERVER_UPSTREAM, then {DEFAULT_UPSTREAM})"
                     );
                     std::process::exit(0);
@@ -211,10 +255,18 @@ impl Config {
                 .map_err(|_| format!("invalid --address {raw:?}: expected an IPv4 address"))?,
         };
         let upstream = resolve(&upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned()))?;
+        let ballast_mib = match ballast {
+            None => 0,
+            Some(raw) => raw
+                .parse()
+                .map_err(|_| format!("invalid --ballast {raw:?}: expected a number of MiB"))?,
+        };
         Ok(Config {
             port,
             address,
             upstream,
+            ballast_mib,
+            dirty,
         })
     }
 }

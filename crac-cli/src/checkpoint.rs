@@ -113,7 +113,10 @@ pub fn checkpoint_serving_pages(
     pages: OwnedFd,
 ) -> Result<(CheckpointOutcome, PageSource), OpError> {
     let (outcome, source) = checkpoint_with(request, warn, None, Some(pages))?;
-    Ok((outcome, source.expect("a dump that serves pages has a page source")))
+    Ok((
+        outcome,
+        source.expect("a dump that serves pages has a page source"),
+    ))
 }
 
 /// A `criu dump` serving a frozen tree's memory to the destination of a post-copy migration.
@@ -146,7 +149,10 @@ impl PageSource {
             pid,
         } = self;
         let output = child.wait_with_output().map_err(|e| {
-            OpError::new(FailureKind::Failed, format!("cannot wait for CRIU's dump: {e}"))
+            OpError::new(
+                FailureKind::Failed,
+                format!("cannot wait for CRIU's dump: {e}"),
+            )
         })?;
         if output.status.success() {
             remove_dead_agent_folders(&images, &tree);
@@ -199,9 +205,11 @@ fn checkpoint_with(
     let folder = ImageFolder::prepare(request)?;
     let mut metadata = pending_metadata(request, &service, &criu);
     let folder = write_pending(folder, &metadata)?;
-    let dumped = dump(
-        request, &criu.path, &action, folder, &process, warn, progress, pages,
-    )?;
+    let how = match pages {
+        Some(pages) => How::ServingPages(pages),
+        None => How::Watched(progress),
+    };
+    let dumped = dump(request, &criu.path, &action, folder, &process, warn, how)?;
     // CRIU's dump succeeded: unless --leave-running, the service is stopped and this image is
     // all that is left of it. From here on nothing discards it (DumpedImage).
     let image = dumped.image;
@@ -537,8 +545,7 @@ fn dump<'a>(
     folder: ImageFolder,
     process: &ProcessId,
     warn: &mut dyn FnMut(&str),
-    progress: Option<Progress<'_>>,
-    pages: Option<OwnedFd>,
+    how: How<'_>,
 ) -> Result<Dumped<'a>, OpError> {
     let pid = request.pid;
     let images = folder.path().to_owned();
@@ -547,9 +554,11 @@ fn dump<'a>(
     let report_path = images.join(".crac-hooks.json");
     let cmd = CriuCommand::dump(criu, pid, &images, action, &report_path, &request.options);
     let dump_started = Instant::now();
-    let run = match pages {
-        None => run_watched(&mut cmd.command(), &images, &report_path, progress).map(Run::Done),
-        Some(pages) => run_serving(cmd, pages),
+    let run = match how {
+        How::Watched(progress) => {
+            run_watched(&mut cmd.command(), &images, &report_path, progress).map(Run::Done)
+        }
+        How::ServingPages(pages) => run_serving(cmd, pages),
     };
     let (output, serving) = match run {
         Ok(Run::Done(output)) => (output, None),
@@ -605,6 +614,12 @@ fn dump<'a>(
         dump_ms,
         serving,
     })
+}
+
+/// How a dump runs: to its end, progress told; or on into serving the memory on a socket.
+enum How<'p> {
+    Watched(Option<Progress<'p>>),
+    ServingPages(OwnedFd),
 }
 
 /// How a dump ran: to its end, or on into serving the memory.

@@ -56,15 +56,12 @@ impl PageServer {
         if let Some(remote) = remote {
             cmd = cmd.pages_from(remote);
         }
-        let child = cmd
-            .command()
-            .spawn()
-            .map_err(|e| {
-                OpError::new(
-                    FailureKind::Unavailable,
-                    format!("cannot run {} lazy-pages: {e}", criu.display()),
-                )
-            })?;
+        let child = cmd.command().spawn().map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot run {} lazy-pages: {e}", criu.display()),
+            )
+        })?;
         let mut server = PageServer {
             child,
             dir: dir.to_owned(),

@@ -202,6 +202,11 @@ struct Service {
 
 impl Service {
     fn start(hosts: &Hosts, scratch: &Scratch) -> Service {
+        Service::start_with(hosts, scratch, &[])
+    }
+
+    /// [`Service::start`] with more options for the cache-server.
+    fn start_with(hosts: &Hosts, scratch: &Scratch, extra: &[&str]) -> Service {
         let upstream_log = scratch.join("upstream.log");
         let upstream = hosts
             .command("c", &bin("upstream"))
@@ -225,6 +230,7 @@ impl Service {
             "--upstream",
             UPSTREAM,
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(
             fs::OpenOptions::new()
@@ -626,4 +632,126 @@ fn a_link_cut_after_the_freeze_has_the_service_restored_at_the_source() {
     assert_eq!(ask(&hosts, "GET b"), "value-of-b");
     drop(session);
     drop(service);
+}
+
+/// The TCP addresses listening in `host`'s network namespace now (`/proc/thread-self/net/tcp`,
+/// read from a thread that joined it).
+fn listeners(host: &'static str) -> Vec<String> {
+    std::thread::spawn(move || {
+        let ns = fs::File::open(format!("/run/netns/{PREFIX}-{host}")).expect("netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let table = fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.get(3) == Some(&"0A")).then(|| {
+                    let (ip, port) = fields[1].split_once(':').expect("ADDR:PORT");
+                    let ip = u32::from_str_radix(ip, 16).expect("hex");
+                    let port = u16::from_str_radix(port, 16).expect("hex");
+                    format!("{}:{port}", std::net::Ipv4Addr::from(ip.to_ne_bytes()))
+                })
+            })
+            .collect()
+    })
+    .join()
+    .expect("listener thread")
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn post_copy_serves_pages_on_no_port_and_refuses_a_peer_without_the_key() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("migrate-pages");
+    let hosts = Hosts::up();
+    let key = key(&scratch, "key", 'k');
+    // Enough memory that its pages take a while to arrive (sealing is slow in a debug build).
+    let service = Service::start_with(&hosts, &scratch, &["--ballast", "8"]);
+    assert_eq!(ask(&hosts, "GET a"), "value-of-a");
+    let store_b = scratch.join("store-b");
+    let (receiver, _) = receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut intruder = None;
+            while !stop.load(Ordering::SeqCst) {
+                seen.extend(listeners("a").into_iter().map(|l| format!("A {l}")));
+                seen.extend(listeners("b").into_iter().map(|l| format!("B {l}")));
+                // A peer without the key, on the only port there is: refused, sent nothing.
+                if intruder.is_none() {
+                    intruder = Some(intrude());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (seen, intruder)
+        })
+    };
+    let store_a = scratch.join("store-a");
+    let reaper = service.reap_when_dumped();
+    let out = migrate_with(&hosts, &store_a, service.pid(), &key, "post-copy");
+    reaper.join().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let (seen, intruder) = watch.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let received = finish(receiver);
+    assert!(received.status.success(), "{}", text(&received));
+    let expected: std::collections::BTreeSet<String> = [
+        format!("A {SERVICE}:{SERVICE_PORT}"),
+        format!("B {RECEIVER}"),
+        format!("B {SERVICE}:{SERVICE_PORT}"),
+    ]
+    .into();
+    assert!(
+        seen.is_subset(&expected),
+        "listening during the migration: {seen:?}"
+    );
+    assert_eq!(
+        intruder,
+        Some(Vec::new()),
+        "a peer without the key was sent bytes"
+    );
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        outcome["bytes_sent"].as_u64() > Some(8 << 20),
+        "the memory came through the channel: {outcome}"
+    );
+    assert!(
+        outcome["image_bytes"].as_u64() < Some(8 << 20),
+        "the image went without the memory: {outcome}"
+    );
+    assert_eq!(stats(&ask(&hosts, "STATS"))["last_restore"], "restored");
+}
+
+/// Connects to the receiver from the client's namespace as a peer without the key would, and
+/// returns what it was sent beyond the handshake's first reply, within a second.
+fn intrude() -> Vec<u8> {
+    std::thread::spawn(|| {
+        let ns = fs::File::open(format!("/run/netns/{PREFIX}-c")).expect("netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let Ok(mut stream) = TcpStream::connect(RECEIVER) else {
+            return Vec::new();
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        // The handshake's hello with a nonce, then a proof made without the key.
+        let mut hello = b"CRACMIG1".to_vec();
+        hello.extend_from_slice(&[7u8; 32]);
+        let _ = stream.write_all(&hello);
+        let mut reply = [0u8; 8 + 32 + 32];
+        use std::io::Read;
+        if stream.read_exact(&mut reply).is_err() {
+            // Not answered at all: the receiver is busy with the source.
+            return Vec::new();
+        }
+        let _ = stream.write_all(&[0u8; 32]);
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        rest
+    })
+    .join()
+    .expect("intruder thread")
 }

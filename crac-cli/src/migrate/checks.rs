@@ -5,8 +5,8 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::Path;
 
 use super::net::{self, ServiceAddress};
-use crate::criu::CriuCommand;
 use super::Offer;
+use crate::criu::CriuCommand;
 use crate::units::bytes;
 
 /// Room kept besides the image on the destination's disk, and besides the service in its

@@ -134,15 +134,17 @@ pub fn migrate(
     channel.send(&Message::Offer(offer)).map_err(link)?;
     match channel.recv::<Message>().map_err(link)? {
         Message::Checked { problems } if problems.is_empty() => {}
-        Message::Checked { problems } => return Err(OpError::new(
-            FailureKind::Failed,
-            format!(
+        Message::Checked { problems } => {
+            return Err(OpError::new(
+                FailureKind::Failed,
+                format!(
                 "{} cannot run the service, checked before anything was stopped: {}; {untouched}",
                 request.to,
                 problems.join("; ")
             ),
-        )
-        .with_details(problems)),
+            )
+            .with_details(problems))
+        }
         other => return Err(link(unexpected(&other))),
     }
     // The freeze: crac's checkpoint, hooks and all. A failure here rolls the service back.
@@ -581,7 +583,6 @@ impl Frozen<'_> {
         )
         .with_details(details)
     }
-
 
     /// Gives this host the service address again (it had been released for the destination).
     fn take_address_back(&self, notice: &mut dyn FnMut(&str)) {
