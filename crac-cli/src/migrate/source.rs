@@ -395,7 +395,23 @@ impl PostCopy<'_> {
                     Err(e) => e.to_string(),
                 };
                 relay.cut();
-                let err = self.after_cut(&frozen, &relay, &why, pages.wait(), notice);
+                let dump = pages.wait();
+                if dump.is_ok() {
+                    // The dump ends well once the destination's page server has asked for
+                    // the last page and said goodbye: it restored the tree and has all its
+                    // memory. Whether its page server heard this end's last word before the
+                    // link went is not known here (if not, it gave up and killed its copy).
+                    relay.close();
+                    frozen.clean_up(notice);
+                    return Err(OpError::new(
+                        FailureKind::Failed,
+                        format!(
+                            "every page reached {} and CRIU let the service go here, but the link failed before the destination confirmed ({why}): it runs there unless its page server missed this end's last reply; check there (crac ps)",
+                            request.to
+                        ),
+                    ));
+                }
+                let err = self.after_cut(&frozen, &relay, &why, dump, notice);
                 relay.close();
                 return Err(err);
             }
