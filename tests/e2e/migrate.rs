@@ -755,3 +755,39 @@ fn intrude() -> Vec<u8> {
     .join()
     .expect("intruder thread")
 }
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn crac_check_says_which_strategies_this_kernel_allows() {
+    let Some(env) = util::env() else { return };
+    let scratch = Scratch::new("migrate-check");
+    let report = util::Crac::new(&scratch).run(&["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).expect("a report");
+    let detail = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "migration")
+        .expect("a migration check")["detail"]
+        .as_str()
+        .expect("its detail")
+        .to_owned();
+    let has = |feature: &str| {
+        Command::new(&env.criu.path)
+            .args(["check", "--feature", feature])
+            .output()
+            .expect("criu runs")
+            .status
+            .success()
+    };
+    assert_eq!(
+        detail.contains("post-copy: possible"),
+        has("uffd-noncoop"),
+        "{detail}"
+    );
+    assert_eq!(
+        detail.contains("pre-copy: NOT possible: the kernel does not track changed memory"),
+        !has("mem_dirty_track"),
+        "{detail}"
+    );
+}
