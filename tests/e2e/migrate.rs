@@ -575,6 +575,36 @@ fn a_destination_without_disk_space_refuses_before_the_freeze() {
 
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn a_link_cut_before_the_freeze_stops_nothing() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("migrate-cut-early");
+    let hosts = Hosts::up();
+    let key = key(&scratch, "key", 'k');
+    let service = Service::start(&hosts, &scratch);
+    let before = stats(&ask(&hosts, "STATS"));
+    let store_b = scratch.join("store-b");
+    let (mut receiver, _) = receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    hosts.ip("a", &["link", "set", &format!("{PREFIX}-ab"), "down"]);
+    let store_a = scratch.join("store-a");
+    let out = migrate(&hosts, &store_a, service.pid(), &key);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("cannot reach {RECEIVER}"))
+            && said.contains("nothing was stopped: the service runs on here"),
+        "{said}"
+    );
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let after = stats(&ask(&hosts, "STATS"));
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(after["generation"], 0, "{after}");
+    assert_eq!(service.log_lines("before_checkpoint"), 0);
+    assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+}
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_link_cut_after_the_freeze_has_the_service_restored_at_the_source() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("migrate-cut");

@@ -511,6 +511,31 @@ mod tests {
             &["crac", "run", "--image", "web"],
             &["crac", "images", "rm"],
             &["crac", "frobnicate"],
+            &["crac", "migrate", "1", "--key", "k"],
+            &["crac", "migrate", "--receive", "--key", "k"],
+            &[
+                "crac",
+                "migrate",
+                "1",
+                "--to",
+                "10.0.0.2:1",
+                "--key",
+                "k",
+                "--strategy",
+                "pre-copy",
+            ],
+            &[
+                "crac",
+                "migrate",
+                "1",
+                "--to",
+                "10.0.0.2:1",
+                "--key",
+                "k",
+                "--receive",
+                "--listen",
+                "0.0.0.0:1",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} parsed");
         }
