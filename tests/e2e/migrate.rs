@@ -821,3 +821,87 @@ fn crac_check_says_which_strategies_this_kernel_allows() {
         "{detail}"
     );
 }
+
+#[test]
+#[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
+fn a_link_cut_once_post_copy_restored_leaves_the_service_at_exactly_one_end() {
+    let Some(_env) = util::env() else { return };
+    let scratch = Scratch::new("migrate-cut-pages");
+    let hosts = Hosts::up();
+    let key = key(&scratch, "key", 'k');
+    let service = Service::start_with(&hosts, &scratch, &["--ballast", "8"]);
+    assert_eq!(ask(&hosts, "GET a"), "value-of-a");
+    let before = stats(&ask(&hosts, "STATS"));
+    let store_b = scratch.join("store-b");
+    let (receiver, receiver_log) =
+        receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    // The link goes down once the service runs at B, its memory still arriving or just in:
+    // which decides where the service ends up, and the messages must say it.
+    let log = service.log.clone();
+    let cut = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !fs::read_to_string(&log).is_ok_and(|l| l.contains("after_restore cache")) {
+            assert!(Instant::now() < deadline, "the service never ran at B");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let down = format!("{PREFIX}-ab");
+        let out = Command::new("ip")
+            .args(["-n", &format!("{PREFIX}-a"), "link", "set", &down, "down"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    });
+    let store_a = scratch.join("store-a");
+    let reaper = service.reap_when_dumped();
+    let out = migrate_with(&hosts, &store_a, service.pid(), &key, "post-copy");
+    cut.join().unwrap();
+    let received = finish(receiver);
+    let receiver_said = fs::read_to_string(&receiver_log).unwrap_or_default();
+    let said = String::from_utf8_lossy(&out.stderr);
+    let at_b = hosts
+        .command("b", Path::new("pgrep"))
+        .args(["-x", "cache-server"])
+        .output()
+        .unwrap();
+    let runs_at_b = at_b.status.success();
+    let runs_at_a = crac_action::tree::state_of(service.pid()).is_some_and(|s| s != 'Z');
+    assert!(
+        runs_at_a != runs_at_b,
+        "at A: {runs_at_a}, at B: {runs_at_b}; {said}; receiver: {receiver_said}"
+    );
+    if runs_at_a {
+        // Pages were missing: CRIU resumed the source, B killed its copy and let the address go.
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            said.contains("CRIU resumed it here, where it runs on"),
+            "{said}"
+        );
+        assert_eq!(received.status.code(), Some(1), "{receiver_said}");
+        assert!(
+            receiver_said.contains("the memory did not all arrive"),
+            "{receiver_said}"
+        );
+        assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+        assert!(!hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
+        // The client's route back to A, as an operator's hook would set it.
+        hosts.ip(
+            "c",
+            &[
+                "route",
+                "replace",
+                &format!("{SERVICE}/32"),
+                "via",
+                "10.77.1.2",
+            ],
+        );
+    } else {
+        // Every page had arrived: the service runs at B, and the source says so.
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
+        assert!(!hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+        reaper.join().unwrap();
+    }
+    let after = stats(&ask(&hosts, "STATS"));
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(after["entries"], 1, "{after}");
+}

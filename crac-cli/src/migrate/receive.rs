@@ -291,7 +291,7 @@ impl LazyReceive<'_> {
                 format!("cannot make a socket pair: {e}"),
             )
         })?;
-        let relay = Relay::start(channel, mine).map_err(|e| {
+        let relay = Relay::start(channel, mine, false).map_err(|e| {
             OpError::new(FailureKind::Failed, format!("cannot relay the pages: {e}"))
         })?;
         let (outcome, server) =

@@ -26,15 +26,33 @@ pub struct Relay {
     messages: mpsc::Receiver<io::Result<Message>>,
     local: UnixStream,
     threads: Vec<JoinHandle<()>>,
+    at_source: bool,
+}
+
+/// What the source's relay writes to its dump before it cuts it off: a page-server request of
+/// no known command (CRIU's requests are 24 bytes: command, pages, address, image id). The
+/// dump's page server takes a plain end of its socket for the end of the transfer, ends
+/// well and kills the tree; an unknown command is an error, after which CRIU resumes the
+/// tree instead.
+const NO_SUCH_REQUEST: [u8; 24] = [0xff; 24];
+
+/// Cuts a CRIU off: at the source, its dump fails (and resumes the service) rather than ends.
+pub fn cut_off(criu: &UnixStream, at_source: bool) {
+    if at_source {
+        let mut criu = criu;
+        let _ = criu.write_all(&NO_SUCH_REQUEST);
+    }
+    let _ = criu.shutdown(Shutdown::Both);
 }
 
 impl Relay {
-    /// Starts relaying between `channel` and `local` (this host's end of CRIU's socket).
+    /// Starts relaying between `channel` and `local` (this host's end of CRIU's socket; the
+    /// source's dump's when `at_source`, whom a failed link must make fail: [`cut_off`]).
     ///
     /// # Errors
     ///
     /// When the socket cannot be duplicated for the two threads.
-    pub fn start(channel: Channel, local: UnixStream) -> io::Result<Relay> {
+    pub fn start(channel: Channel, local: UnixStream, at_source: bool) -> io::Result<Relay> {
         let (tx, mut rx) = channel.split();
         let tx = Arc::new(Mutex::new(tx));
         let (post, messages) = mpsc::channel();
@@ -76,14 +94,14 @@ impl Relay {
                         let _ = post.send(Ok(message));
                     }
                     Err(e) => {
-                        let _ = to_criu.shutdown(Shutdown::Both);
+                        cut_off(&to_criu, at_source);
                         let _ = post.send(Err(e));
                         return;
                     }
                 },
                 Err(e) => {
                     // The link failed: this CRIU must not wait for pages that cannot come.
-                    let _ = to_criu.shutdown(Shutdown::Both);
+                    cut_off(&to_criu, at_source);
                     let _ = post.send(Err(e));
                     return;
                 }
@@ -94,6 +112,7 @@ impl Relay {
             messages,
             local,
             threads: vec![outgoing, incoming],
+            at_source,
         })
     }
 
@@ -133,15 +152,16 @@ impl Relay {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).bytes
     }
 
-    /// Cuts this CRIU off: its socket closes, and it gives up.
+    /// Cuts this CRIU off: it gives up ([`cut_off`]).
     pub fn cut(&self) {
-        let _ = self.local.shutdown(Shutdown::Both);
+        cut_off(&self.local, self.at_source);
     }
 
-    /// Ends the relay: the connection and this CRIU's socket close, the threads end.
+    /// Ends the relay once its CRIU has ended: the connection and the socket close, the
+    /// threads end.
     pub fn close(self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).close();
-        self.cut();
+        let _ = self.local.shutdown(Shutdown::Both);
         for thread in self.threads {
             let _ = thread.join();
         }

@@ -327,7 +327,7 @@ impl PostCopy<'_> {
         };
         // Until "go", a failure cuts CRIU off: it resumes the service here.
         let resume_here = |why: String, mine: std::os::unix::net::UnixStream, pages: PageSource| {
-            let _ = mine.shutdown(std::net::Shutdown::Both);
+            super::relay::cut_off(&mine, true);
             drop(mine);
             frozen.resumed(&why, pages.wait())
         };
@@ -373,7 +373,7 @@ impl PostCopy<'_> {
                 pages,
             ));
         }
-        let relay = Relay::start(channel, mine).map_err(|e| {
+        let relay = Relay::start(channel, mine, true).map_err(|e| {
             OpError::new(FailureKind::Failed, format!("cannot relay the pages: {e}"))
         })?;
         let wait = RESTORE_WAIT.max(request.link_timeout);
@@ -397,19 +397,27 @@ impl PostCopy<'_> {
                 relay.cut();
                 let dump = pages.wait();
                 if dump.is_ok() {
-                    // The dump ends well once the destination's page server has asked for
-                    // the last page and said goodbye: it restored the tree and has all its
-                    // memory. Whether its page server heard this end's last word before the
-                    // link went is not known here (if not, it gave up and killed its copy).
-                    relay.close();
-                    frozen.clean_up(notice);
-                    return Err(OpError::new(
-                        FailureKind::Failed,
-                        format!(
-                            "every page reached {} and CRIU let the service go here, but the link failed before the destination confirmed ({why}): it runs there unless its page server missed this end's last reply; check there (crac ps)",
-                            request.to
-                        ),
+                    // The dump ends well only when the destination's page server said it has
+                    // every page (a link that failed before makes it fail: relay::cut_off).
+                    // Only the destination's word was lost; its page server may yet miss the
+                    // dump's last reply, and then it kills its copy (one round trip's window).
+                    notice(&format!(
+                        "{} has the service and all its memory, but its confirmation was lost ({why})",
+                        request.to
                     ));
+                    let bytes_sent = relay.bytes_sent();
+                    relay.close();
+                    let lock_rules_removed = frozen.clean_up(notice);
+                    return Ok(MigrateOutcome {
+                        strategy: POST_COPY.to_owned(),
+                        pid: request.pid,
+                        downtime_ms: ms(self.dump_started.elapsed()),
+                        dump_ms,
+                        total_ms: ms(self.started.elapsed()),
+                        bytes_sent,
+                        image_bytes: checkpoint.metadata.image_bytes,
+                        lock_rules_removed,
+                    });
                 }
                 let err = self.after_cut(&frozen, &relay, &why, dump, notice);
                 relay.close();
