@@ -88,7 +88,25 @@ down() {
     rmdir /run/netns 2>/dev/null || true
 }
 
+# What the hosts and crac's migration need: iproute2 (ip), iptables (CRIU's network lock, and
+# crac removing what it leaves), util-linux (nsenter, unshare) and perl (B's init).
+require_tools() {
+    local missing=()
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v iptables >/dev/null || missing+=(iptables)
+    command -v nsenter >/dev/null || missing+=(util-linux)
+    command -v perl >/dev/null || missing+=(perl-base)
+    ((${#missing[@]} == 0)) && return 0
+    echo "hosts.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y "${missing[@]}" >/dev/null 2>&1 || {
+        apt-get update >/dev/null
+        apt-get install -y "${missing[@]}" >/dev/null
+    }
+}
+
 up() {
+    require_tools
     down
     trap 'down' ERR
     ip netns add "$A"
