@@ -8,6 +8,8 @@
 //! ```text
 //! GET key\n  ->  value\n        from the in-memory cache (a hit), or, on a miss, through its one
 //!                               persistent connection to the `upstream` "database" (slow)
+//! SESSION\n  ->  OK session\n   and the connection stays open: one reply per request line,
+//!                               for as long as the client keeps it (see below)
 //! STATS\n    ->  {"pid":..,"entries":..,"hits":..,"misses":..,"upstream_connection":..,
 //!                 "upstream_connected":..,"generation":..,"last_restore":..}\n
 //! ```
@@ -57,8 +59,19 @@
 //! leader with no terminal on its stdio (hence `setsid` and the redirections) for CRIU to dump
 //! it without `--shell-job`.
 //!
-//! Options: `--port PORT` (default `$CACHE_SERVER_PORT`, then 7070) and `--upstream HOST:PORT`
-//! (default `$CACHE_SERVER_UPSTREAM`, then `127.0.0.1:7071`).
+//! Options: `--port PORT` (default `$CACHE_SERVER_PORT`, then 7070), `--address IP` (where to
+//! listen, default 127.0.0.1: a service address that moves with it in a migration),
+//! `--upstream HOST:PORT` (default `$CACHE_SERVER_UPSTREAM`, then `127.0.0.1:7071`), and for
+//! benchmarks `--ballast MIB` (that much memory, touched) and `--dirty` (a thread writes to
+//! every page of it once a second, as a busy service changes its memory).
+//!
+//! # Sessions
+//!
+//! `SESSION` keeps a client's connection open, served on a thread of its own, each request
+//! inside a critical section. Such a connection is open whenever CRIU may freeze the server,
+//! so a checkpoint of a server with a session needs `--tcp-established` (CRIU then dumps the
+//! connection and a restore with the same addresses brings it back: what `crac migrate` does
+//! when the server's address moves with it).
 //!
 //! # Configuration after a restore
 //!
@@ -68,7 +81,7 @@
 //! `upstream-connection` hook reads it from [`RestoreInfo::env`] and reconnects there.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,7 +128,8 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let config = Config::from_args()?;
-    let listener = GatedListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, config.port)), LOG)?;
+    let listener = GatedListener::bind(SocketAddr::from((config.address, config.port)), LOG)?;
+    hold_ballast(config.ballast_mib, config.dirty);
     let local = listener.local_addr();
 
     let upstream = Arc::new(Upstream::new(config.upstream));
@@ -142,20 +156,56 @@ fn run() -> Result<(), String> {
         action_script_hint()
     );
 
-    let service = Service {
+    let service = Arc::new(Service {
         cache,
         upstream,
         coordinator: Coordinator::global(),
-    };
-    // Serves connections one at a time, on this thread, for good.
+    });
+    // Serves connections one at a time, on this thread, for good (sessions on their own).
     listener.serve(|stream| service.handle(stream))
+}
+
+/// Holds `mib` MiB of memory for the rest of the process, every page touched; with `dirty`, a
+/// thread writes to each page again once a second (a benchmark's busy service).
+fn hold_ballast(mib: usize, dirty: bool) {
+    const PAGE: usize = 4096;
+    if mib == 0 {
+        return;
+    }
+    let mut ballast = vec![0u8; mib << 20];
+    for (n, page) in ballast.chunks_mut(PAGE).enumerate() {
+        page[0] = n as u8 | 1;
+    }
+    thread::spawn(move || {
+        let pages = ballast.len() / PAGE;
+        let mut round: u8 = 0;
+        loop {
+            if !dirty {
+                thread::park();
+                continue;
+            }
+            round = round.wrapping_add(1);
+            let started = Instant::now();
+            // In 100 slices, each followed by a pause, so the writes spread over the second.
+            for slice in 0..100 {
+                for page in (slice * pages / 100)..((slice + 1) * pages / 100) {
+                    ballast[page * PAGE] = round;
+                }
+                let due = started + Duration::from_millis(10 * (slice as u64 + 1));
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        }
+    });
 }
 
 // --- Configuration --------------------------------------------------------------------------
 
 struct Config {
     port: u16,
+    address: Ipv4Addr,
     upstream: SocketAddr,
+    ballast_mib: usize,
+    dirty: bool,
 }
 
 impl Config {
@@ -163,6 +213,9 @@ impl Config {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mut port = env("CACHE_SERVER_PORT");
         let mut upstream = env(UPSTREAM_ENV);
+        let mut address = None;
+        let mut ballast = None;
+        let mut dirty = false;
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let mut value = |flag: &str| {
@@ -172,10 +225,16 @@ impl Config {
             match arg.as_str() {
                 "--port" => port = Some(value("--port")?),
                 "--upstream" => upstream = Some(value("--upstream")?),
+                "--address" => address = Some(value("--address")?),
+                "--ballast" => ballast = Some(value("--ballast")?),
+                "--dirty" => dirty = true,
                 "-h" | "--help" => {
                     println!(
-                        "usage: cache-server [--port PORT] [--upstream HOST:PORT]\n  \
+                        "usage: cache-server [--port PORT] [--address IP] [--upstream HOST:PORT]\n  \
                          --port      where to serve (default $CACHE_SERVER_PORT, then {DEFAULT_PORT})\n  \
+                         --address   the address to serve on (default 127.0.0.1)\n  \
+                         --ballast   MiB of memory to hold, touched (default 0)\n  \
+                         --dirty     write to every page of the ballast once a second\n  \
                          --upstream  the upstream server (default $CACHE_SERVER_UPSTREAM, then {DEFAULT_UPSTREAM})"
                     );
                     std::process::exit(0);
@@ -189,8 +248,26 @@ impl Config {
                 .parse()
                 .map_err(|_| format!("invalid port {raw:?}: expected a number from 0 to 65535"))?,
         };
+        let address = match address {
+            None => Ipv4Addr::LOCALHOST,
+            Some(raw) => raw
+                .parse()
+                .map_err(|_| format!("invalid --address {raw:?}: expected an IPv4 address"))?,
+        };
         let upstream = resolve(&upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned()))?;
-        Ok(Config { port, upstream })
+        let ballast_mib = match ballast {
+            None => 0,
+            Some(raw) => raw
+                .parse()
+                .map_err(|_| format!("invalid --ballast {raw:?}: expected a number of MiB"))?,
+        };
+        Ok(Config {
+            port,
+            address,
+            upstream,
+            ballast_mib,
+            dirty,
+        })
     }
 }
 
@@ -225,11 +302,59 @@ struct Service {
 }
 
 impl Service {
-    /// Reads one request line, answers it and returns; the caller closes the connection.
-    fn handle(&self, stream: &TcpStream) -> Result<(), String> {
+    /// Reads one request line, answers it and returns; the caller closes the connection,
+    /// unless the request was `SESSION`: a copy of the connection then goes on, served by a
+    /// thread of its own ([`Service::session`]).
+    fn handle(self: &Arc<Self>, stream: &TcpStream) -> Result<(), String> {
+        let mut session = false;
         crac_examples::answer_one_line(stream, CLIENT_TIMEOUT, MAX_REQUEST, |request| {
-            self.answer(request)
-        })
+            if request == "SESSION" {
+                session = true;
+                "OK session".to_owned()
+            } else {
+                self.answer(request)
+            }
+        })?;
+        if session {
+            let stream = stream
+                .try_clone()
+                .map_err(|err| format!("cannot keep the session's connection: {err}"))?;
+            let service = Arc::clone(self);
+            thread::spawn(move || service.session(stream));
+        }
+        Ok(())
+    }
+
+    /// Answers each request line of a session's connection until the client closes it. Each
+    /// is served inside a critical section; between requests the connection is simply open
+    /// (a checkpoint needs `--tcp-established`).
+    fn session(&self, stream: TcpStream) {
+        let _ = stream.set_read_timeout(None);
+        let mut writer = match stream.try_clone() {
+            Ok(writer) => writer,
+            Err(err) => {
+                eprintln!("cache-server: session ended: {err}");
+                return;
+            }
+        };
+        let mut lines = BufReader::new(stream);
+        loop {
+            let mut line = String::new();
+            match lines.by_ref().take(MAX_REQUEST).read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(err) => {
+                    eprintln!("cache-server: session ended: {err}");
+                    return;
+                }
+            }
+            let _request = crac_core::critical_section();
+            let reply = self.answer(line.trim_end_matches(['\r', '\n']));
+            if let Err(err) = writer.write_all(format!("{reply}\n").as_bytes()) {
+                eprintln!("cache-server: session ended: {err}");
+                return;
+            }
+        }
     }
 
     fn answer(&self, request: &str) -> String {

@@ -1,7 +1,7 @@
 //! `upstream`: a tiny local stand-in for a slow database, the peer of the `cache-server`
 //! example.
 //!
-//! It listens on `127.0.0.1:PORT` and answers a one-line protocol on every connection, for as
+//! It listens on `127.0.0.1:PORT` (or `$UPSTREAM_ADDRESS`) and answers a one-line protocol on every connection, for as
 //! long as the connection stays open:
 //!
 //! ```text
@@ -15,6 +15,7 @@
 //! ```text
 //! upstream [PORT]          PORT defaults to $UPSTREAM_PORT, then 7071
 //! UPSTREAM_DELAY_MS=20     the simulated lookup time
+//! UPSTREAM_ADDRESS=IP      where to listen instead of 127.0.0.1 (another host's reach)
 //! ```
 //!
 //! This process is not checkpointed; it just stays up while the cache server goes away and
@@ -44,11 +45,17 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let port = port_from_args()?;
     let delay = Duration::from_millis(env_number("UPSTREAM_DELAY_MS", DEFAULT_DELAY_MS)?);
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|err| {
-        format!("cannot listen on 127.0.0.1:{port}: {err} (is another process using the port?)")
+    let address = match std::env::var("UPSTREAM_ADDRESS") {
+        Ok(raw) if !raw.is_empty() => raw
+            .parse()
+            .map_err(|_| format!("UPSTREAM_ADDRESS={raw:?}: expected an IPv4 address"))?,
+        _ => Ipv4Addr::LOCALHOST,
+    };
+    let listener = TcpListener::bind((address, port)).map_err(|err| {
+        format!("cannot listen on {address}:{port}: {err} (is another process using the port?)")
     })?;
     eprintln!(
-        "upstream: pid {} listening on 127.0.0.1:{port} (GET key -> value after {} ms)",
+        "upstream: pid {} listening on {address}:{port} (GET key -> value after {} ms)",
         std::process::id(),
         delay.as_millis()
     );

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -95,6 +96,94 @@ pub fn checkpoint(
     warn: &mut dyn FnMut(&str),
     progress: Option<Progress<'_>>,
 ) -> Result<CheckpointOutcome, OpError> {
+    checkpoint_with(request, warn, progress, None).map(|(outcome, _)| outcome)
+}
+
+/// [`checkpoint`] for a post-copy migration: CRIU writes the image without the tree's memory,
+/// which it then serves on `pages` (a connected socket) until the destination has every page.
+/// The outcome comes once the image is filed, with the tree still frozen; the [`PageSource`]
+/// must be waited for.
+///
+/// # Errors
+///
+/// As [`checkpoint`].
+pub fn checkpoint_serving_pages(
+    request: &CheckpointRequest,
+    warn: &mut dyn FnMut(&str),
+    pages: OwnedFd,
+) -> Result<(CheckpointOutcome, PageSource), OpError> {
+    let (outcome, source) = checkpoint_with(request, warn, None, Some(pages))?;
+    Ok((
+        outcome,
+        source.expect("a dump that serves pages has a page source"),
+    ))
+}
+
+/// A `criu dump` serving a frozen tree's memory to the destination of a post-copy migration.
+#[derive(Debug)]
+pub struct PageSource {
+    child: std::process::Child,
+    images: PathBuf,
+    tree: Vec<u32>,
+    pid: u32,
+}
+
+impl PageSource {
+    /// The dump's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the dump ends: every page reached the destination, and CRIU killed the
+    /// tree here.
+    ///
+    /// # Errors
+    ///
+    /// When the transfer failed: CRIU then resumes the tree here (the message says whether it
+    /// runs), with CRIU's lines in the details.
+    pub fn wait(self) -> Result<(), OpError> {
+        let PageSource {
+            child,
+            images,
+            tree,
+            pid,
+        } = self;
+        let output = child.wait_with_output().map_err(|e| {
+            OpError::new(
+                FailureKind::Failed,
+                format!("cannot wait for CRIU's dump: {e}"),
+            )
+        })?;
+        if output.status.success() {
+            remove_dead_agent_folders(&images, &tree);
+            return Ok(());
+        }
+        let log = fs::read_to_string(images.join("dump.log")).unwrap_or_default();
+        let mut details = criu_lines(&log, &output.stderr);
+        details.extend(hints(&log));
+        let alive = crac_action::tree::state_of(pid).is_some_and(|s| s != 'Z');
+        Err(OpError::new(
+            FailureKind::Failed,
+            format!(
+                "criu dump of pid {pid} failed while it served the memory ({}); {}",
+                status_text(&output.status),
+                if alive {
+                    "CRIU resumed the service here"
+                } else {
+                    "the service is gone"
+                }
+            ),
+        )
+        .with_details(details))
+    }
+}
+
+fn checkpoint_with(
+    request: &CheckpointRequest,
+    warn: &mut dyn FnMut(&str),
+    progress: Option<Progress<'_>>,
+    pages: Option<OwnedFd>,
+) -> Result<(CheckpointOutcome, Option<PageSource>), OpError> {
     let started = Instant::now();
     let pid = request.pid;
     let process = ProcessId::of(pid).ok_or_else(|| {
@@ -116,13 +205,21 @@ pub fn checkpoint(
     let folder = ImageFolder::prepare(request)?;
     let mut metadata = pending_metadata(request, &service, &criu);
     let folder = write_pending(folder, &metadata)?;
-    let dumped = dump(
-        request, &criu.path, &action, folder, &process, warn, progress,
-    )?;
+    let how = match pages {
+        Some(pages) => How::ServingPages(pages),
+        None => How::Watched(progress),
+    };
+    let dumped = dump(request, &criu.path, &action, folder, &process, warn, how)?;
     // CRIU's dump succeeded: unless --leave-running, the service is stopped and this image is
     // all that is left of it. From here on nothing discards it (DumpedImage).
     let image = dumped.image;
-    if !request.options.leave_running {
+    let page_source = dumped.serving.map(|child| PageSource {
+        child,
+        images: image.path().to_owned(),
+        tree: service.tree.clone(),
+        pid,
+    });
+    if !request.options.leave_running && page_source.is_none() {
         remove_dead_agent_folders(image.path(), &service.tree);
     }
     metadata.hooks = hook_timings(dumped.hook_report.as_ref());
@@ -165,11 +262,19 @@ pub fn checkpoint(
     if let Some(known_path) = &known_path {
         known.save(known_path);
     }
-    Ok(CheckpointOutcome {
-        path,
-        metadata,
-        left_running: request.options.leave_running,
-    })
+    // The page source follows its image: CRIU holds the folder open, whatever its name.
+    let page_source = page_source.map(|source| PageSource {
+        images: path.clone(),
+        ..source
+    });
+    Ok((
+        CheckpointOutcome {
+            path,
+            metadata,
+            left_running: request.options.leave_running,
+        },
+        page_source,
+    ))
 }
 
 /// Writes what is known before CRIU runs into `folder`: if this crac is killed while CRIU
@@ -429,6 +534,8 @@ struct Dumped<'a> {
     image: DumpedImage<'a>,
     hook_report: Option<PreDumpReport>,
     dump_ms: f64,
+    /// A post-copy's dump, still serving the memory.
+    serving: Option<std::process::Child>,
 }
 
 /// Has CRIU dump `process` into `folder`. On failure, the folder is discarded and the error
@@ -440,18 +547,24 @@ fn dump<'a>(
     folder: ImageFolder,
     process: &ProcessId,
     warn: &mut dyn FnMut(&str),
-    progress: Option<Progress<'_>>,
+    how: How<'_>,
 ) -> Result<Dumped<'a>, OpError> {
     let pid = request.pid;
     let images = folder.path().to_owned();
     // In the image folder, a hidden working file: if crac is killed before it reads it, it
     // goes with the folder (or stays hidden in a recovered image), never stray in /tmp.
     let report_path = images.join(".crac-hooks.json");
-    let mut cmd =
-        CriuCommand::dump(criu, pid, &images, action, &report_path, &request.options).command();
+    let cmd = CriuCommand::dump(criu, pid, &images, action, &report_path, &request.options);
     let dump_started = Instant::now();
-    let output = match run_watched(&mut cmd, &images, &report_path, progress) {
-        Ok(output) => output,
+    let run = match how {
+        How::Watched(progress) => {
+            run_watched(&mut cmd.command(), &images, &report_path, progress).map(Run::Done)
+        }
+        How::ServingPages(pages) => run_serving(cmd, pages),
+    };
+    let (output, serving) = match run {
+        Ok(Run::Done(output)) => (output, None),
+        Ok(Run::Serving(child)) => (success_so_far(), Some(child)),
         Err(e) => {
             let err = OpError::new(
                 FailureKind::Unavailable,
@@ -501,7 +614,48 @@ fn dump<'a>(
         },
         hook_report,
         dump_ms,
+        serving,
     })
+}
+
+/// How a dump runs: to its end, progress told; or on into serving the memory on a socket.
+enum How<'p> {
+    Watched(Option<Progress<'p>>),
+    ServingPages(OwnedFd),
+}
+
+/// How a dump ran: to its end, or on into serving the memory.
+enum Run {
+    Done(Output),
+    Serving(std::process::Child),
+}
+
+/// The output of a dump that has not ended and has not failed.
+fn success_so_far() -> Output {
+    use std::os::unix::process::ExitStatusExt;
+    Output {
+        status: std::process::ExitStatus::from_raw(0),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    }
+}
+
+/// Starts `cmd` (a dump) serving the memory on `pages`, and waits until its image is written
+/// (its status byte): [`Run::Serving`] then, [`Run::Done`] if it ended first (a failure).
+fn run_serving(cmd: CriuCommand, pages: OwnedFd) -> io::Result<Run> {
+    let (status_read, status_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut cmd = cmd.serve_pages(pages, status_write).command();
+    let child = cmd.spawn()?;
+    // The status pipe's write end lives in CRIU alone now: its end of file says CRIU ended.
+    drop(cmd);
+    let mut byte = [0u8; 1];
+    let mut status = fs::File::from(status_read);
+    let ready = io::Read::read(&mut status, &mut byte)?;
+    if ready == 1 {
+        Ok(Run::Serving(child))
+    } else {
+        child.wait_with_output().map(Run::Done)
+    }
 }
 
 /// Runs `cmd` (CRIU's dump into `images`) to its end; meanwhile, tells `progress`, about ten

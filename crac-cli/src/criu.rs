@@ -108,6 +108,10 @@ pub fn require_root(what: &str) -> Result<(), OpError> {
 /// Where CRIU gets this process's stdout (and stderr): descriptor numbers well above what
 /// CRIU opens before it reads its options.
 const INHERITED_STDIO_FD: RawFd = 200;
+/// Where a post-copy's CRIU gets the socket to the other end's page traffic.
+const PS_SOCKET_FD: RawFd = 230;
+/// Where a post-copy's dump says its image is written.
+const STATUS_FD: RawFd = 231;
 
 /// A CRIU command line: the program, its arguments in the order CRIU gets them, the variables
 /// it adds to CRIU's environment (which crac-action, run by CRIU, inherits), and where CRIU's
@@ -286,9 +290,43 @@ impl CriuCommand {
             .arg(log)
     }
 
+    /// Makes this `criu dump` keep the tree's memory for a post-copy migration: it writes the
+    /// image without the pages, says so on `status` (one byte, `--status-fd`), then serves the
+    /// pages on `socket` (`--ps-socket`, a connected socket: no port is opened) and ends,
+    /// killing the tree, once the destination's `criu lazy-pages` has them all.
+    pub fn serve_pages(mut self, socket: OwnedFd, status: OwnedFd) -> CriuCommand {
+        self = self
+            .arg("--lazy-pages")
+            .arg("--ps-socket")
+            .arg(PS_SOCKET_FD.to_string())
+            .arg("--status-fd")
+            .arg(STATUS_FD.to_string());
+        self.inherited.push((PS_SOCKET_FD, socket));
+        self.inherited.push((STATUS_FD, status));
+        self
+    }
+
+    /// Makes this `criu lazy-pages` fetch the pages from the source's dump over `socket`
+    /// (`--page-server --ps-socket`, a connected socket) rather than from the image folder.
+    pub fn pages_from(mut self, socket: OwnedFd) -> CriuCommand {
+        self = self
+            .arg("--page-server")
+            .arg("--ps-socket")
+            .arg(PS_SOCKET_FD.to_string());
+        self.inherited.push((PS_SOCKET_FD, socket));
+        self
+    }
+
     /// `criu check`, whose output the caller reads.
     pub fn check(criu: &Path) -> CriuCommand {
         CriuCommand::new(criu, "check", Streams::Captured)
+    }
+
+    /// `criu check --feature FEATURE`: whether this kernel has it (the exit code says).
+    pub fn check_feature(criu: &Path, feature: &str) -> CriuCommand {
+        CriuCommand::new(criu, "check", Streams::Captured)
+            .arg("--feature")
+            .arg(feature)
     }
 
     /// `crac check`'s probe: a `criu dump --leave-running` of `pid` into `images`, without an
@@ -466,6 +504,25 @@ mod tests {
             "/c lazy-pages -D /i -o lazy-pages.log"
         );
         assert_eq!(CriuCommand::check(criu).line(), "/c check");
+        assert_eq!(
+            CriuCommand::check_feature(criu, "uffd-noncoop").line(),
+            "/c check --feature uffd-noncoop"
+        );
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(
+            CriuCommand::lazy_pages(criu, dir, "lazy-pages.log")
+                .pages_from(a.into())
+                .line(),
+            "/c lazy-pages -D /i -o lazy-pages.log --page-server --ps-socket 230"
+        );
+        let (c, _d) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(
+            CriuCommand::dump(criu, 7, dir, action, report, &DumpOptions::default())
+                .serve_pages(b.into(), c.into())
+                .line(),
+            "/c dump -t 7 -D /i -o dump.log --action-script /a --skip-in-flight --lazy-pages \
+             --ps-socket 230 --status-fd 231"
+        );
         assert_eq!(
             CriuCommand::probe_dump(criu, 9, dir).line(),
             "/c dump --leave-running -o dump.log -t 9 -D /i"

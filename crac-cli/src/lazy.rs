@@ -9,6 +9,7 @@
 //! tree then, and says so.
 
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
@@ -36,24 +37,31 @@ pub struct PageServer {
 }
 
 impl PageServer {
-    /// Starts CRIU's page server for the image in `dir`, and waits until it listens.
+    /// Starts CRIU's page server for the image in `dir`, and waits until it listens. The
+    /// pages come from the image folder, or over `remote` (a connected socket to a post-copy
+    /// migration's source).
     ///
     /// # Errors
     ///
     /// When it cannot be started or exits before it listens, with the end of its log.
-    pub(crate) fn start(criu: &Path, dir: &Path) -> Result<PageServer, OpError> {
+    pub(crate) fn start(
+        criu: &Path,
+        dir: &Path,
+        remote: Option<OwnedFd>,
+    ) -> Result<PageServer, OpError> {
         let socket = dir.join(SOCKET);
         // A socket left by an earlier lazy restore of this image would look like a live one.
         let _ = fs::remove_file(&socket);
-        let child = CriuCommand::lazy_pages(criu, dir, LOG)
-            .command()
-            .spawn()
-            .map_err(|e| {
-                OpError::new(
-                    FailureKind::Unavailable,
-                    format!("cannot run {} lazy-pages: {e}", criu.display()),
-                )
-            })?;
+        let mut cmd = CriuCommand::lazy_pages(criu, dir, LOG);
+        if let Some(remote) = remote {
+            cmd = cmd.pages_from(remote);
+        }
+        let child = cmd.command().spawn().map_err(|e| {
+            OpError::new(
+                FailureKind::Unavailable,
+                format!("cannot run {} lazy-pages: {e}", criu.display()),
+            )
+        })?;
         let mut server = PageServer {
             child,
             dir: dir.to_owned(),

@@ -27,6 +27,8 @@
 //!   [`archive`] exports an image to one file and imports it on another machine; [`cpu`] the
 //!   CPU features a restore needs, [`capabilities`] the capabilities.
 //! - The service: [`process`] reads what a checkpoint needs of it from `/proc`.
+//! - Moving it: [`migrate`] runs a live migration to another host (`crac migrate`), both ends
+//!   over one authenticated, sealed connection.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
@@ -43,6 +45,7 @@ pub mod lazy;
 pub mod locate;
 mod lock;
 pub mod metadata;
+pub mod migrate;
 pub mod process;
 pub mod progress;
 pub mod restore;

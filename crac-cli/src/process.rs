@@ -168,3 +168,68 @@ pub fn executable(pid: u32) -> std::io::Result<fs::Metadata> {
 pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
     fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
+
+/// The resident memory of the processes `pids` (`VmRSS`), in bytes: roughly what an image of
+/// them takes.
+pub fn resident_bytes(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let kib: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(kib * 1024)
+        })
+        .sum()
+}
+
+/// The IPv4 TCP addresses (`IP:PORT`) the processes `pids` listen on: the listening sockets of
+/// their network namespace (`/proc/PID/net/tcp`) that one of their descriptors holds.
+pub fn listening_tcp(pids: &[u32]) -> Vec<String> {
+    let mut inodes = BTreeSet::new();
+    for pid in pids {
+        let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if let Ok(target) = fs::read_link(entry.path()) {
+                let target = target.to_string_lossy();
+                if let Some(inode) = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                {
+                    inodes.insert(inode.to_owned());
+                }
+            }
+        }
+    }
+    let Some(&root) = pids.first() else {
+        return Vec::new();
+    };
+    let table = fs::read_to_string(format!("/proc/{root}/net/tcp")).unwrap_or_default();
+    let mut found = BTreeSet::new();
+    // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 10 || fields[3] != "0A" || !inodes.contains(fields[9]) {
+            continue;
+        }
+        let Some((ip, port)) = fields[1].split_once(':') else {
+            continue;
+        };
+        let (Ok(ip), Ok(port)) = (u32::from_str_radix(ip, 16), u16::from_str_radix(port, 16))
+        else {
+            continue;
+        };
+        // The kernel prints the address's four bytes as a u32 in this machine's byte order.
+        found.insert(format!(
+            "{}:{port}",
+            std::net::Ipv4Addr::from(ip.to_ne_bytes())
+        ));
+    }
+    found.into_iter().collect()
+}

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::mpsc;
@@ -212,7 +213,7 @@ pub fn restore(
     notice: &mut dyn FnMut(&str),
     progress: Option<Progress<'_>>,
 ) -> Result<RestoreOutcome, OpError> {
-    restore_with(request, notice, progress, false).map(|(outcome, _)| outcome)
+    restore_with(request, notice, progress, None).map(|(outcome, _)| outcome)
 }
 
 /// [`restore`], lazily: the tree runs as soon as CRIU has made it, and its memory arrives
@@ -228,15 +229,38 @@ pub fn restore_lazily(
     notice: &mut dyn FnMut(&str),
     progress: Option<Progress<'_>>,
 ) -> Result<(RestoreOutcome, PageServer), OpError> {
-    let (outcome, server) = restore_with(request, notice, progress, true)?;
+    let (outcome, server) = restore_with(request, notice, progress, Some(Pages::Local))?;
     Ok((outcome, server.expect("a lazy restore has a page server")))
+}
+
+/// [`restore_lazily`] for a post-copy migration: the page server fetches the memory over
+/// `pages` (a connected socket to the source's dump) instead of from the image folder.
+///
+/// # Errors
+///
+/// As [`restore_lazily`].
+pub fn restore_pages_from(
+    request: &RestoreRequest,
+    notice: &mut dyn FnMut(&str),
+    pages: OwnedFd,
+) -> Result<(RestoreOutcome, PageServer), OpError> {
+    let (outcome, server) = restore_with(request, notice, None, Some(Pages::Remote(pages)))?;
+    Ok((outcome, server.expect("a lazy restore has a page server")))
+}
+
+/// Where a lazy restore's memory comes from.
+enum Pages {
+    /// The image folder.
+    Local,
+    /// The source's dump, over this socket.
+    Remote(OwnedFd),
 }
 
 fn restore_with(
     request: &RestoreRequest,
     notice: &mut dyn FnMut(&str),
     progress: Option<Progress<'_>>,
-    lazy: bool,
+    lazy: Option<Pages>,
 ) -> Result<(RestoreOutcome, Option<PageServer>), OpError> {
     require_root("restore")?;
     if let Some(progress) = progress {
@@ -273,7 +297,7 @@ fn restore_with(
     // writes into the private folder instead, and nothing needs a turn.
     let read_only = nix::unistd::access(&request.dir, nix::unistd::AccessFlags::W_OK)
         .is_err_and(|e| e == nix::errno::Errno::EROFS);
-    let work = if read_only && !lazy {
+    let work = if read_only && lazy.is_none() {
         cmd = cmd.work_dir(scratch.path());
         scratch.path().to_owned()
     } else {
@@ -286,11 +310,16 @@ fn restore_with(
     };
     let log_path = work.join("restore.log");
     let started = Instant::now();
-    let (cmd, server) = if lazy {
-        let server = PageServer::start(&criu.path, &request.dir)?;
-        (cmd.lazy(), Some(server))
-    } else {
-        (cmd, None)
+    let (cmd, server) = match lazy {
+        Some(pages) => {
+            let remote = match pages {
+                Pages::Local => None,
+                Pages::Remote(socket) => Some(socket),
+            };
+            let server = PageServer::start(&criu.path, &request.dir, remote)?;
+            (cmd.lazy(), Some(server))
+        }
+        None => (cmd, None),
     };
     let output = match run_within(cmd.command(), request.timeout) {
         Ok(Some(output)) => output,

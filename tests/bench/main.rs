@@ -18,7 +18,8 @@
 //! (`crac upgrade`: handoff, state, against kill + start), 14 draining (the tower layer's cost
 //! per request, and what clients see of a drained checkpoint), 15 capabilities, not privileges
 //! (a container restored with capabilities only against `--privileged` and cold, podman and
-//! Docker, and through a registry). Needs root (CRIU) for all but 2 and 5.
+//! Docker, and through a registry), 16 live migration between two hosts in namespaces
+//! (stop-and-copy against post-copy, 64 MiB and 1 GiB). Needs root (CRIU) for all but 2 and 5.
 
 mod archive;
 mod asyncs;
@@ -32,6 +33,7 @@ mod idle;
 mod kdat;
 mod lazy;
 mod line;
+mod migrate;
 mod preflight;
 mod procs;
 mod soak;
@@ -51,7 +53,7 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
                   [--soak N]
 
   --quick         fewer repetitions (a smoke run; figures are noisier)
-  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-15)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-16)
   --out FILE      also write the results as a markdown section to FILE
   --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
   --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
@@ -63,7 +65,7 @@ checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the 
 10 warm start inside a container image (podman); 11 archive throughput, plain vs encrypted;
 12 what the security checks cost; 13 what clients see during an upgrade; 14 draining: the
 tower layer's cost, a drained checkpoint; 15 capabilities, not privileges (podman, Docker, a
-registry).
+registry); 16 live migration (stop-and-copy, post-copy).
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
@@ -83,6 +85,9 @@ pub struct Ctx {
     pub soak_cycles: usize,
 }
 
+/// The items there are.
+const ITEMS: [u32; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+
 struct Options {
     quick: bool,
     only: Vec<u32>,
@@ -95,7 +100,7 @@ struct Options {
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         quick: false,
-        only: (1..=15).collect(),
+        only: ITEMS.to_vec(),
         out: None,
         idle_secs: None,
         alt_action: None,
@@ -110,9 +115,9 @@ fn parse_args() -> Result<Options, String> {
                 opts.only = value()?
                     .split(',')
                     .map(|n| match n.trim().parse::<u32>() {
-                        Ok(n @ 1..=15) => Ok(n),
+                        Ok(n) if ITEMS.contains(&n) => Ok(n),
                         _ => Err(format!(
-                            "--only takes item numbers 1 to 15, got {n:?}"
+                            "--only takes the item numbers {ITEMS:?}, got {n:?}"
                         )),
                     })
                     .collect::<Result<_, _>>()?
@@ -200,6 +205,7 @@ fn run(opts: &Options) -> Res<bool> {
             13 => upgrade::run(&ctx, &mut report),
             14 => drain::run(&ctx, &mut report),
             15 => capabilities::run_item(&ctx, &mut report),
+            16 => migrate::run(&ctx, &mut report),
             _ => unreachable!("checked by the parser"),
         };
         if let Err(err) = result {

@@ -18,6 +18,7 @@ mod faults;
 mod hostile_output;
 mod image_trust;
 mod lazy;
+mod migrate;
 mod namespaces;
 mod nothing_lost;
 mod oci;

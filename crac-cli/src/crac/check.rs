@@ -154,6 +154,12 @@ pub(crate) fn run(store: &Store, out: Out) -> Result<u8, OpError> {
             ok,
             detail,
         });
+        checks.push(Check {
+            name: "migration",
+            // What `crac migrate` can do here; checkpoint/restore does not depend on it.
+            ok: true,
+            detail: migration(&criu.path),
+        });
     }
 
     match criu::action_script() {
@@ -242,6 +248,32 @@ pub(crate) fn run(store: &Store, out: Out) -> Result<u8, OpError> {
         text
     });
     Ok(if possible { 0 } else { 3 })
+}
+
+/// Which `crac migrate` strategies this kernel allows: post-copy needs userfaultfd
+/// (`criu check --feature uffd-noncoop`); pre-copy, which crac does not offer, would need the
+/// kernel's memory tracking (soft-dirty bits, `--feature mem_dirty_track`), so `crac check`
+/// says whether a kernel has it.
+fn migration(criu: &std::path::Path) -> String {
+    let has = |feature: &str| {
+        criu::CriuCommand::check_feature(criu, feature)
+            .command()
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    format!(
+        "stop-and-copy: possible; post-copy: {}; pre-copy: {}",
+        if has("uffd-noncoop") {
+            "possible (userfaultfd)"
+        } else {
+            "NOT possible: no userfaultfd (`criu check --feature uffd-noncoop` fails)"
+        },
+        if has("mem_dirty_track") {
+            "the kernel tracks memory (soft-dirty), but crac does not offer it yet"
+        } else {
+            "NOT possible: the kernel does not track changed memory (no soft-dirty bits, CONFIG_MEM_SOFT_DIRTY; `criu check --feature mem_dirty_track`: Dirty tracking is OFF)"
+        }
+    )
 }
 
 /// Whether CRIU keeps its kernel-feature probe (`/run/criu.kdat`) between runs. CRIU saves it

@@ -64,6 +64,14 @@ pub(crate) enum Command {
     #[command(name = "status", after_help = "Example:\n  crac status 4242")]
     Status(StatusArgs),
 
+    /// Move a running service to another host (stop-and-copy or post-copy), or receive one
+    /// (--receive).
+    #[command(
+        name = "migrate",
+        after_help = "Examples:\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --strategy post-copy\n  crac migrate --receive --listen 10.0.0.2:7777 --key /etc/crac/migrate.key --on-address 'ip route ...'\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --address 10.0.9.1/32 --tcp-established"
+    )]
+    Migrate(MigrateArgs),
+
     /// Start a service warm from its image if there is a good one, cold otherwise.
     #[command(
         name = "run",
@@ -202,6 +210,71 @@ pub(crate) struct RestoreArgs {
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `crac migrate`.
+#[derive(Debug, Args)]
+pub(crate) struct MigrateArgs {
+    /// The service to move (the root of its process tree).
+    #[arg(required_unless_present = "receive", conflicts_with = "receive")]
+    pub pid: Option<u32>,
+    /// Where the destination's `crac migrate --receive` listens.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        required_unless_present = "receive",
+        conflicts_with = "receive"
+    )]
+    pub to: Option<std::net::SocketAddr>,
+    /// The pre-shared key both ends hold (a file private to its owner, at least 32 bytes:
+    /// `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// How the service moves. stop-and-copy: it is down from the dump until its whole image
+    /// is restored at the destination. post-copy: it runs at the destination before its memory
+    /// has arrived (CRIU's lazy pages, relayed over the migration's connection; the source
+    /// keeps the frozen service until the last page is there, and resumes it if the transfer
+    /// fails). Pre-copy needs the kernel's memory tracking (`crac check` says).
+    #[arg(long, default_value = "stop-and-copy", value_parser = ["stop-and-copy", "post-copy"])]
+    pub strategy: String,
+    /// The service address that moves with it (one IPv4 address, `IP/32`): released here
+    /// after the dump, added at the destination before the restore.
+    #[arg(long, value_name = "IP/32", conflicts_with = "receive")]
+    pub address: Option<String>,
+    /// Move established TCP connections too (CRIU's --tcp-established): with the address,
+    /// clients keep their connections.
+    #[arg(long, conflicts_with = "receive")]
+    pub tcp_established: bool,
+    /// Seconds the hooks may take before the checkpoint is aborted.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 30.0,
+        conflicts_with = "receive"
+    )]
+    pub timeout: f64,
+    /// Seconds a silent link is waited for before it counts as cut.
+    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    pub link_timeout: f64,
+    /// Receive a migration: listen, check, file the image in this host's store, restore.
+    #[arg(long, requires = "listen")]
+    pub receive: bool,
+    /// Where to listen for the source (with --receive).
+    #[arg(long, value_name = "ADDR:PORT", requires = "receive")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The device that gets the service address here (with --receive).
+    #[arg(long, value_name = "DEV", default_value = "lo", requires = "receive")]
+    pub address_device: String,
+    /// A shell command run once the service runs here, the service address as $1: what sends
+    /// its clients here (a route, a gratuitous ARP, a load balancer's API).
+    #[arg(long, value_name = "CMD", requires = "receive")]
+    pub on_address: Option<String>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// More options for `criu dump`, after `--`.
+    #[arg(last = true, value_name = "CRIU_ARGS", conflicts_with = "receive")]
+    pub criu_args: Vec<String>,
 }
 
 /// `K=V` for `--env`.
@@ -537,6 +610,31 @@ mod tests {
             ],
             &["crac", "images", "rm"],
             &["crac", "frobnicate"],
+            &["crac", "migrate", "1", "--key", "k"],
+            &["crac", "migrate", "--receive", "--key", "k"],
+            &[
+                "crac",
+                "migrate",
+                "1",
+                "--to",
+                "10.0.0.2:1",
+                "--key",
+                "k",
+                "--strategy",
+                "pre-copy",
+            ],
+            &[
+                "crac",
+                "migrate",
+                "1",
+                "--to",
+                "10.0.0.2:1",
+                "--key",
+                "k",
+                "--receive",
+                "--listen",
+                "0.0.0.0:1",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} parsed");
         }

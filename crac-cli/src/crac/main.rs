@@ -6,6 +6,7 @@ mod check;
 mod checkpoint;
 mod cli;
 mod images;
+mod migrate;
 mod output;
 mod progress;
 mod ps;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
             args.json,
             ps::status(args.pid, args.descriptors, Out::new(args.json)),
         ),
+        Command::Migrate(args) => (args.json, migrate::run(&store, args)),
         Command::Run(args) => (false, run::run(&store, args)),
         Command::Upgrade(args) => (false, upgrade::run(&store, args)),
     };

@@ -1,0 +1,95 @@
+//! `crac migrate`: move a running service to another host (the source), or receive one
+//! (`--receive`, the destination). The work is `crac_cli::migrate`'s.
+
+use std::time::Duration;
+
+use crac_cli::error::{FailureKind, OpError};
+use crac_cli::migrate::net::ServiceAddress;
+use crac_cli::migrate::receive::{self, ReceiveRequest};
+use crac_cli::migrate::source::{self, MigrateRequest};
+use crac_cli::store::Store;
+
+use crate::cli::MigrateArgs;
+use crate::output::{bytes, millis, say, Out};
+
+pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
+    let seconds = |name: &str, value: f64| {
+        if value.is_finite() && value > 0.0 {
+            Ok(Duration::from_secs_f64(value))
+        } else {
+            Err(OpError::new(
+                FailureKind::BadInput,
+                format!("--{name} {value} is not a number of seconds above 0"),
+            ))
+        }
+    };
+    let link_timeout = seconds("link-timeout", args.link_timeout)?;
+    let mut notice = |line: &str| say(&format!("crac: {line}"));
+    let out = Out::new(args.json);
+    if args.receive {
+        let request = ReceiveRequest {
+            listen: args.listen.expect("clap requires --listen with --receive"),
+            key: args.key,
+            store: store.clone(),
+            address_device: args.address_device,
+            on_address: args.on_address,
+            link_timeout,
+        };
+        let outcome = receive::receive(
+            &request,
+            &mut |addr| say(&format!("crac: waiting for a migration on {addr}")),
+            &mut notice,
+        )?;
+        out.print(&outcome, || {
+            format!(
+                "received from {}: the service runs here as pid {} (restored in {}, {} in all); its image is {}\n",
+                outcome.source,
+                outcome.pid,
+                millis(outcome.restore_ms),
+                millis(outcome.total_ms),
+                outcome.image.display()
+            )
+        });
+        return Ok(0);
+    }
+    seconds("timeout", args.timeout)?;
+    let address = args
+        .address
+        .as_deref()
+        .map(ServiceAddress::parse)
+        .transpose()
+        .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let request = MigrateRequest {
+        pid: args.pid.expect("clap requires a pid without --receive"),
+        to: args.to.expect("clap requires --to without --receive"),
+        strategy: args.strategy,
+        key: args.key,
+        store: store.clone(),
+        address,
+        tcp_established: args.tcp_established,
+        timeout_secs: args.timeout,
+        link_timeout,
+        criu_args: args.criu_args,
+    };
+    let outcome = source::migrate(&request, &mut notice)?;
+    out.print(&outcome, || {
+        format!(
+            "moved pid {} to {} ({}): it runs there as pid {}; down for {} (dump {}), {} in all, {} sent for a {} image{}\n",
+            request.pid,
+            request.to,
+            outcome.strategy,
+            outcome.pid,
+            millis(outcome.downtime_ms),
+            millis(outcome.dump_ms),
+            millis(outcome.total_ms),
+            bytes(outcome.bytes_sent),
+            bytes(outcome.image_bytes),
+            if outcome.lock_rules_removed > 0 {
+                format!("; {} network-lock rules removed here", outcome.lock_rules_removed)
+            } else {
+                String::new()
+            }
+        )
+    });
+    Ok(0)
+}
