@@ -15,8 +15,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_clients;
-pub mod http_load;
 pub mod docker;
+pub mod http_load;
 pub mod podman;
 pub mod registry;
 

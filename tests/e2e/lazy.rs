@@ -163,9 +163,13 @@ fn page_server(crac: &Crac) -> u32 {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .find(|&p| {
+            // The verb `lazy-pages`, not the restore's own `--lazy-pages` flag.
             fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.contains("lazy-pages") && c.contains(&*crac.store.to_string_lossy())
+                let args: Vec<_> = c.split(|&b| b == 0).map(String::from_utf8_lossy).collect();
+                args.iter().any(|a| a == "lazy-pages")
+                    && args
+                        .iter()
+                        .any(|a| a.contains(&*crac.store.to_string_lossy()))
             })
         })
         .expect("CRIU's page server runs")
