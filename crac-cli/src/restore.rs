@@ -38,6 +38,9 @@ pub struct RestoreRequest {
     /// Give the restored tree this process's stdout and stderr in place of the pipes its root
     /// wrote to when it was dumped ([`Metadata::stdio_pipes`]).
     pub inherit_stdio: bool,
+    /// Files the service wrote to that may have changed since the checkpoint
+    /// ([`Metadata::written_files`]): the operator's `--allow-changed`.
+    pub allow_changed: Vec<PathBuf>,
 }
 
 /// A restore done.
@@ -70,16 +73,22 @@ pub struct RestoreOutcome {
 pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 
 /// Checks that the image in `dir` can be restored here, and returns its metadata: its files
-/// (sizes, and contents changed since last found intact: [`metadata::verify`] with
-/// [`metadata::Check::Changed`]), the executable, the architecture, CRIU, and
+/// (sizes, and contents changed since last found intact: [`metadata::verify_allowing`] with
+/// [`metadata::Check::Changed`]), the executable, the files the service wrote to (but those
+/// `allowed` to have changed), the architecture, CRIU, and
 /// that the image's pids are free, waiting up to [`ZOMBIE_WAIT`] for zombies that hold them
 /// (`notice` is told once per zombie it waits for).
 ///
 /// # Errors
 ///
 /// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image, a changed
-/// executable or a PID in use; [`FailureKind::Unavailable`] when no CRIU can run.
-pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
+/// executable, a changed file the service wrote to, or a PID in use;
+/// [`FailureKind::Unavailable`] when no CRIU can run.
+pub fn validate(
+    dir: &Path,
+    allowed: &[PathBuf],
+    notice: &mut dyn FnMut(&str),
+) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let (kernel, _) = metadata::this_machine();
@@ -110,7 +119,7 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
             ));
         }
     }
-    metadata::verify(dir, &meta, metadata::Check::Changed)
+    metadata::verify_allowing(dir, &meta, metadata::Check::Changed, allowed)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu::find()?;
     // The root, and every process with an agent (recorded by crac-action's post-dump), must
@@ -200,7 +209,7 @@ fn restore_with(
     if let Some(progress) = progress {
         progress(Phase::Verify, 0);
     }
-    let (meta, criu) = validate(&request.dir, notice)?;
+    let (meta, criu) = validate(&request.dir, &request.allow_changed, notice)?;
     // While CRIU gives the image's pid back (a detached restore: one that CRIU stays the parent
     // of lasts as long as the service), a checkpoint or another restore of that pid is told.
     let _lock = if request.detach && !meta.in_own_pid_namespace() {

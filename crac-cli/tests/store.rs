@@ -125,6 +125,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         cpu_features: Vec::new(),
         env_sha256: Default::default(),
         stdio_pipes: Default::default(),
+        written_files: Vec::new(),
     };
     metadata::write(dir, &meta).expect("write metadata");
     meta

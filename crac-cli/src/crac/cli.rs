@@ -183,6 +183,11 @@ pub(crate) struct RestoreArgs {
     /// done, so its plaintext never reaches a disk.
     #[arg(long, value_name = "FILE")]
     pub identity: Option<PathBuf>,
+    /// Restore even though PATH, a file the service had open for writing, changed since the
+    /// checkpoint (repeat for more): for a service that reopens and rereads it in
+    /// after_restore.
+    #[arg(long = "allow-changed", value_name = "PATH")]
+    pub allow_changed: Vec<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -364,6 +369,10 @@ pub(crate) struct RunArgs {
     /// place of the pipes it had.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// As `crac restore --allow-changed`: restore even though PATH changed since the
+    /// checkpoint (repeat for more).
+    #[arg(long = "allow-changed", value_name = "PATH")]
+    pub allow_changed: Vec<PathBuf>,
     /// The service's command line, for a cold start.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -23,6 +23,7 @@ pub(crate) fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         tcp_close: args.tcp_close,
         env: args.env.into_iter().collect(),
         inherit_stdio: false,
+        allow_changed: args.allow_changed,
     };
     let mut notice = |notice: &str| bar.note(&format!("crac: {notice}"));
     let progress = bar.shown().then_some(&update as _);
