@@ -2,9 +2,9 @@
 //! `before_checkpoint` and opens it again in `after_restore`, where it reads where the
 //! database is (the next event's number) instead of trusting what its memory says.
 //!
-//! Start it with `setsid target/debug/embedded-db /var/lib/web/events.redb </dev/null
-//! >>db.log 2>&1 &`, then, as root, `crac checkpoint PID --name db` and `crac restore db
-//! --detach`. A database held open is refused by crac's preflight before CRIU runs (its lock:
+//! Start it with
+//! `setsid target/debug/embedded-db /var/lib/web/events.redb </dev/null >>db.log 2>&1 &`,
+//! then, as root, `crac checkpoint PID --name db` and `crac restore db --detach`. A database held open is refused by crac's preflight before CRIU runs (its lock:
 //! `pid 4242 fd 3: lock /var/lib/web/events.redb (flock, exclusive) (CRIU refuses ...)`):
 //! closing it is what lets the checkpoint through, and leaves the file complete on disk.
 //!
@@ -44,7 +44,7 @@ struct Events {
 
 impl Events {
     /// Opens the database (made if missing) and reads where it is.
-    fn open(&self) -> Result<(), redb::Error> {
+    fn open(&self) -> Result<(), crac_core::HookError> {
         let db = Database::create(&self.path)?;
         let write = db.begin_write()?;
         let last = {
@@ -59,7 +59,7 @@ impl Events {
     }
 
     /// Writes the next event; called inside a critical section, so never while closed.
-    fn write(&self) -> Result<u64, redb::Error> {
+    fn write(&self) -> Result<u64, crac_core::HookError> {
         let guard = lock(&self.db);
         let db = guard.as_ref().expect("open outside checkpoints");
         let number = self.next.load(SeqCst);
@@ -104,7 +104,7 @@ impl Resource for Events {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), crac_core::HookError> {
     let path = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)

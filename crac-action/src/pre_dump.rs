@@ -59,7 +59,10 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         let started = Instant::now();
         let pids = crate::tree::descendants(init);
         if opts.file_locks {
-            for lock in preflight::held_locks(&pids) {
+            for lock in preflight::held_locks(&pids)
+                .iter()
+                .filter(|l| preflight::restorable_lock(l))
+            {
                 log(
                     out,
                     STEP,
@@ -455,6 +458,7 @@ pub fn dry_run(
     if opts.file_locks {
         result.file_locks = preflight::held_locks(&pids)
             .iter()
+            .filter(|l| preflight::restorable_lock(l))
             .map(ToString::to_string)
             .collect();
     }

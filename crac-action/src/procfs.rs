@@ -3,7 +3,7 @@
 //! What other processes tell there: `stat` (state, parent, start time), the children of each
 //! task, `status` (`Uid:`, `NSpid:`), `environ`, `cmdline`, `root`, `ns/*`, the names of their
 //! threads, their descriptors (`fd/*`, and `fdinfo/*` for their flags and the locks held
-//! through them) and their network namespace's socket tables (`net/*`); and the kernel's lock
+//! through them), the inodes they map (`maps`) and their network namespace's socket tables (`net/*`); and the kernel's lock
 //! table (`/proc/locks`).
 //! And what crac-action reads of itself: its namespaces (this thread's, `/proc/thread-self`,
 //! for the network one it may have moved to), its sockets and its threads.
@@ -510,6 +510,16 @@ pub fn open_regular_files(pid: u32) -> Option<Vec<(u32, String, u64)>> {
             })
             .collect(),
     )
+}
+
+/// The inodes of the files process `pid` has mapped (`/proc/PID/maps`).
+pub fn mapped_inodes(pid: u32) -> HashSet<u64> {
+    // start-end perms offset dev inode path
+    read_text(&format!("/proc/{pid}/maps"))
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4)?.parse().ok())
+        .filter(|&inode| inode != 0)
+        .collect()
 }
 
 /// A descriptor of a process open for writing on a regular file: what

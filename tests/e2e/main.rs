@@ -13,6 +13,7 @@ mod container_image;
 mod containers;
 mod crac_cli;
 mod faults;
+mod files;
 mod hostile_output;
 mod image_trust;
 mod lazy;

@@ -13,6 +13,12 @@
 //! came with a descriptor it inherited (by `fork`, kept across `exec`), and is named so, with
 //! the process that took it and whether it is in the tree. An OFD lock records no process, and
 //! a POSIX lock is the process's own (a child does not inherit it): neither is named inherited.
+//!
+//! **A POSIX lock on a mapped file** is refused even with `--file-locks`: CRIU 4.2 does not
+//! bring it back (restoring the mapping opens and closes the file, and closing any descriptor
+//! of a file drops the process's POSIX locks on it; measured with SQLite's `-shm` file in WAL
+//! mode, and a plain lock on a mapped file). A restored database connection without its
+//! `-shm` lock lets the next connection take the file for the first and reset it under it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -35,6 +41,8 @@ pub struct HeldLock {
     pub lock: FileLock,
     /// For a flock taken by another process: that process, and whether it is in the tree.
     pub inherited_from: Option<(u32, bool)>,
+    /// A POSIX lock on a file the process also has mapped, which CRIU does not restore.
+    pub on_mapped_file: bool,
 }
 
 impl HeldLock {
@@ -61,6 +69,9 @@ impl HeldLock {
                 what.push_str(&format!(", on a descriptor inherited from pid {pid}"));
             }
             None => {}
+        }
+        if self.on_mapped_file {
+            what.push_str(", on a file it has mapped");
         }
         what.push(')');
         what
@@ -90,6 +101,7 @@ pub fn held(pids: &[u32]) -> Vec<HeldLock> {
         let Some(files) = procfs::open_regular_files(pid) else {
             continue;
         };
+        let mut mapped = None;
         for (fd, path, inode) in files {
             if !inodes.contains(&inode) {
                 continue;
@@ -104,6 +116,10 @@ pub fn held(pids: &[u32]) -> Vec<HeldLock> {
                     }
                     _ => None,
                 };
+                let on_mapped_file = lock.kind == LockKind::Posix
+                    && mapped
+                        .get_or_insert_with(|| procfs::mapped_inodes(pid))
+                        .contains(&inode);
                 let same =
                     |h: &HeldLock| h.lock == lock && (lock.kind != LockKind::Posix || h.pid == pid);
                 match held.iter_mut().find(|h| same(h)) {
@@ -115,6 +131,7 @@ pub fn held(pids: &[u32]) -> Vec<HeldLock> {
                             path: path.clone(),
                             lock,
                             inherited_from,
+                            on_mapped_file,
                         };
                     }
                     Some(_) => {}
@@ -124,6 +141,7 @@ pub fn held(pids: &[u32]) -> Vec<HeldLock> {
                         path: path.clone(),
                         lock,
                         inherited_from,
+                        on_mapped_file,
                     }),
                 }
             }
@@ -132,16 +150,30 @@ pub fn held(pids: &[u32]) -> Vec<HeldLock> {
     held
 }
 
-/// What the preflight says of each lock CRIU would refuse without `--file-locks`.
-pub(super) fn refused(pids: &[u32]) -> Vec<Problem> {
+/// Whether `--file-locks` brings `lock` back after a restore.
+pub fn restorable(lock: &HeldLock) -> bool {
+    !lock.on_mapped_file
+}
+
+/// What the preflight says of each lock CRIU would refuse without `--file-locks`, or (with
+/// `file_locks`) would not bring back.
+pub(super) fn refused(pids: &[u32], file_locks: bool) -> Vec<Problem> {
     held(pids)
         .into_iter()
+        .filter(|h| !file_locks || !restorable(h))
         .map(|h| Problem {
             pid: h.pid,
             fd: h.fd,
             kind: Kind::Lock,
             what: h.what(),
-            why: if matches!(h.inherited_from, Some((_, false))) {
+            why: if h.on_mapped_file {
+                "CRIU does not bring back a POSIX lock on a file the process has mapped, \
+                 --file-locks or not (restoring the mapping closes the file, which drops the \
+                 lock; SQLite's -shm file in WAL mode is one, and a restored connection without \
+                 its lock lets another reset the file under it): close it in a \
+                 before_checkpoint hook (a database: close it, and open it again in \
+                 after_restore)"
+            } else if matches!(h.inherited_from, Some((_, false))) {
                 "CRIU refuses a process holding a file lock without --file-locks, and this one \
                  came with a descriptor the service inherited (a service started under \
                  flock(1) without -o): start it with flock -o, or checkpoint with --file-locks, \
@@ -215,7 +247,7 @@ mod tests {
                 && both[0].ends_with(&format!("lock {} (flock, exclusive)", path.display())),
             "{both:?}"
         );
-        let refused = refused(&[sleeper]);
+        let refused = refused(&[sleeper], false);
         assert!(
             refused[0].why.contains("start it with flock -o"),
             "{refused:?}"

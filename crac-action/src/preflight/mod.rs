@@ -27,6 +27,7 @@
 //! | an io_uring, userfaultfd, perf event or KVM descriptor | "unsupported" | never |
 //! | a deleted file (no link left) bigger than the ghost limit | "Can't dump ghost file" | a bigger `--ghost-limit` |
 //! | a file lock (flock, POSIX, OFD) held through a descriptor, an inherited one too | "Some file locks are hold by dumping tasks" | `--file-locks` |
+//! | a POSIX lock on a file the process has mapped (SQLite's `-shm`) | lost at the restore, with `--file-locks` | never |
 //!
 //! CRIU's options come from its command line and the configuration files it reads. Under a
 //! container runtime CRIU runs as `criu swrk` and gets its options over RPC, which cannot be
@@ -59,7 +60,7 @@ mod sock_diag;
 pub use crac_protocol::fd_policy::{Kind, Policy, PolicyError, Verdict};
 
 pub use criu_options::CriuOptions;
-pub use locks::{held as held_locks, HeldLock};
+pub use locks::{held as held_locks, restorable as restorable_lock, HeldLock};
 pub use policy::{configured, needs_tcp_addresses, refused_by_policy, POLICY_ENV, PREFLIGHT_ENV};
 pub use report::{refusal, Problem};
 pub use scan::scan;
