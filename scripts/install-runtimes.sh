@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the container runtimes the end-to-end tests checkpoint containers with: runc and
 # podman, from this machine's Debian packages (Debian 12: runc 1.1.5, podman 4.3.1), if they
-# are not there yet. podman brings conmon, and iptables with it.
+# are not there yet. podman brings conmon, and iptables with it. Also the sqlite3 shell, whose
+# open WAL database a test checkpoints (tests/e2e/files.rs).
 #
 # Nothing is configured system-wide: the tests name their own CRIU configuration in each
 # container (the org.criu.config annotation) and keep podman's storage in their own folders,
@@ -23,7 +24,7 @@ case ${1:-} in
 esac
 
 missing=()
-for tool in runc podman; do
+for tool in runc podman sqlite3; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]} == 0)); then

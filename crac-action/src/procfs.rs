@@ -532,52 +532,86 @@ pub struct WritableFile {
     pub path: String,
     /// Its flags (`fdinfo`'s `flags:`, `O_APPEND` among them).
     pub flags: u32,
+    /// The file, opened read-only through the link: the file itself, even if its path was
+    /// replaced since.
+    pub file: fs::File,
+    /// Its `stat` when it was opened.
+    pub meta: fs::Metadata,
 }
 
 /// The descriptors of process `pid` open for writing (`O_WRONLY` or `O_RDWR`) on a regular
 /// file that still has a name. The kernel shows the open mode as the mode of each
-/// `/proc/PID/fd` link (`S_IWUSR` when open for writing), so only those are followed:
-/// one `lstat` a descriptor, and a `readlink`, a `stat` and the `fdinfo` for each writable one.
+/// `/proc/PID/fd` link (`S_IWUSR` when open for writing), so only those are followed: one
+/// `lstat` a descriptor, then a `readlink`, a `stat` (a device is never opened), an open and
+/// the `fdinfo` for each one open for writing, all relative to the folders opened once.
 pub fn files_open_for_writing(pid: u32) -> Vec<WritableFile> {
     let dir = format!("/proc/{pid}/fd");
-    let (Ok(entries), Ok(handle)) = (fs::read_dir(&dir), fs::File::open(&dir)) else {
+    let (Ok(entries), Ok(fds), Ok(infos)) = (
+        fs::read_dir(&dir),
+        fs::File::open(&dir),
+        fs::File::open(format!("/proc/{pid}/fdinfo")),
+    ) else {
         return Vec::new();
     };
     let mut found = Vec::new();
     for entry in entries.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let name = entry.file_name();
+        let Some(fd) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let name = entry.file_name();
-        let writable = nix::sys::stat::fstatat(
-            handle.as_fd(),
-            name.as_os_str(),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .is_ok_and(|st| st.st_mode & libc::S_IWUSR != 0);
+        let at = |flags| nix::sys::stat::fstatat(fds.as_fd(), name.as_os_str(), flags);
+        let writable = at(nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| st.st_mode & libc::S_IWUSR != 0);
         if !writable {
             continue;
         }
-        let Ok(target) = nix::fcntl::readlinkat(handle.as_fd(), name.as_os_str()) else {
+        let Ok(target) = nix::fcntl::readlinkat(fds.as_fd(), name.as_os_str()) else {
             continue;
         };
         let path = target.to_string_lossy().into_owned();
         if !path.starts_with('/') || path.ends_with(" (deleted)") {
             continue;
         }
-        if !fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+        // Regular files only: opening a device may do something (a watchdog's).
+        if !at(nix::fcntl::AtFlags::empty())
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+        {
             continue;
         }
-        let flags = read_text(&format!("/proc/{pid}/fdinfo/{fd}"))
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-            .unwrap_or(0);
-        found.push(WritableFile { fd, path, flags });
+        let Ok(handle) = nix::fcntl::openat(
+            fds.as_fd(),
+            name.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        ) else {
+            continue;
+        };
+        let file = fs::File::from(handle);
+        let Ok(meta) = file.metadata() else {
+            continue;
+        };
+        let flags = nix::fcntl::openat(
+            infos.as_fd(),
+            name.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()
+        .and_then(|info| {
+            let mut buf = [0u8; 256];
+            let n = nix::unistd::read(&info, &mut buf).ok()?;
+            let text = std::str::from_utf8(&buf[..n]).ok()?;
+            let flags = text.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            u32::from_str_radix(flags.trim(), 8).ok()
+        })
+        .unwrap_or(0);
+        found.push(WritableFile {
+            fd,
+            path,
+            flags,
+            file,
+            meta,
+        });
     }
     found
 }

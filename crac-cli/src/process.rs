@@ -24,18 +24,32 @@ pub(crate) struct OpenFiles {
 /// image).
 pub(crate) fn open_files(pids: &[u32], executable: &str) -> OpenFiles {
     let mut seen = BTreeSet::new();
-    let mut files = OpenFiles::default();
-    for &pid in pids {
-        open_written_files_of(pid, &mut seen, &mut files.written);
-    }
+    let mut files = OpenFiles {
+        written: open_written_files(pids, &mut seen),
+        mapped: Vec::new(),
+    };
     for &pid in pids {
         open_mapped_files_of(pid, executable, &mut seen, &mut files);
     }
     files
 }
 
-/// The files `pid` has open for writing (not for appending only), skipping the paths in
-/// `seen`.
+/// The regular files the processes `pids` have open for writing (not for appending only:
+/// logs), each once and not among `seen` (to which they are added), each opened read-only
+/// through `/proc/PID/fd` (the file itself even if its path was replaced since), with its
+/// stat now ([`crate::metadata::WrittenFile`]).
+pub fn open_written_files(
+    pids: &[u32],
+    seen: &mut BTreeSet<String>,
+) -> Vec<(String, fs::File, Stat)> {
+    let mut written = Vec::new();
+    for &pid in pids {
+        open_written_files_of(pid, seen, &mut written);
+    }
+    written
+}
+
+/// [`open_written_files`] for one process.
 fn open_written_files_of(
     pid: u32,
     seen: &mut BTreeSet<String>,
@@ -45,17 +59,10 @@ fn open_written_files_of(
     for file in crac_action::procfs::files_open_for_writing(pid) {
         let append_only = file.flags & libc::O_APPEND as u32 != 0
             && file.flags & O_ACCMODE == libc::O_WRONLY as u32;
-        if append_only || seen.contains(&file.path) {
+        if append_only || !seen.insert(file.path.clone()) {
             continue;
         }
-        let Ok(handle) = fs::File::open(format!("/proc/{pid}/fd/{}", file.fd)) else {
-            continue;
-        };
-        let Ok(meta) = handle.metadata() else {
-            continue;
-        };
-        seen.insert(file.path.clone());
-        written.push((file.path, handle, Stat::of(&meta)));
+        written.push((file.path, file.file, Stat::of(&file.meta)));
     }
 }
 

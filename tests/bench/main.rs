@@ -14,7 +14,8 @@
 //! the PostgreSQL example's warm start), 8 preflight per descriptor count, 9 time to first
 //! answer against memory (cold, eager and lazy restore), 10 warm start inside a container
 //! image (podman), 11 archive throughput, plain against encrypted (age), 12 what the security
-//! checks (issue 18) cost a checkpoint and a restore. Needs root (CRIU) for all but 2 and 5.
+//! checks (issue 18) cost a checkpoint and a restore, 17 what the files a service writes to
+//! cost a checkpoint and a restore (issue 23). Needs root (CRIU) for all but 2 and 5.
 
 mod archive;
 mod asyncs;
@@ -22,6 +23,7 @@ mod container;
 mod coord;
 mod dispatch;
 mod dump;
+mod files;
 mod idle;
 mod kdat;
 mod lazy;
@@ -44,7 +46,7 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
                   [--soak N]
 
   --quick         fewer repetitions (a smoke run; figures are noisier)
-  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-12)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-12 and 17)
   --out FILE      also write the results as a markdown section to FILE
   --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
   --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
@@ -54,7 +56,7 @@ items: 1 coordination cost of one CRIU event; 2 dispatch scaling; 3 what we add 
 checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the idle agent;
 6 soak; 7 async services; 8 preflight; 9 time to first answer against memory;
 10 warm start inside a container image (podman); 11 archive throughput, plain vs encrypted;
-12 what the security checks cost.
+12 what the security checks cost; 17 files a service writes to, recorded and checked.
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
@@ -86,7 +88,7 @@ struct Options {
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         quick: false,
-        only: (1..=12).collect(),
+        only: (1..=12).chain([17]).collect(),
         out: None,
         idle_secs: None,
         alt_action: None,
@@ -101,8 +103,10 @@ fn parse_args() -> Result<Options, String> {
                 opts.only = value()?
                     .split(',')
                     .map(|n| match n.trim().parse::<u32>() {
-                        Ok(n @ 1..=12) => Ok(n),
-                        _ => Err(format!("--only takes item numbers 1 to 12, got {n:?}")),
+                        Ok(n @ (1..=12 | 17)) => Ok(n),
+                        _ => Err(format!(
+                            "--only takes item numbers 1 to 12 and 17, got {n:?}"
+                        )),
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -186,6 +190,7 @@ fn run(opts: &Options) -> Res<bool> {
             10 => container::run(&ctx, &mut report),
             11 => archive::run(&ctx, &mut report),
             12 => trust::run(&ctx, &mut report),
+            17 => files::run(&ctx, &mut report),
             _ => unreachable!("checked by the parser"),
         };
         if let Err(err) = result {

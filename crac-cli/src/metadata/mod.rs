@@ -49,4 +49,4 @@ pub use schema::{
 };
 pub(crate) use validation::is_plain_name;
 pub use validation::{validate, Problem, ValidateError};
-pub use written::{Stat, WrittenFile, HASH_LIMIT};
+pub use written::{check as check_written, Stat, WrittenFile, HASH_LIMIT};

@@ -175,8 +175,9 @@ fn changed(file: &WrittenFile) -> Option<&'static str> {
     }
 }
 
-/// The recorded `files` that changed since the checkpoint, but those in `allowed`.
-pub(super) fn check(files: &[WrittenFile], allowed: &[PathBuf]) -> Vec<Problem> {
+/// The recorded `files` that changed since the checkpoint, but those in `allowed`: what a
+/// restore checks of them ([`verify_allowing`](super::verify_allowing)).
+pub fn check(files: &[WrittenFile], allowed: &[PathBuf]) -> Vec<Problem> {
     files
         .iter()
         .filter(|f| !allowed.iter().any(|a| a == Path::new(&f.path)))
