@@ -18,8 +18,8 @@ pub(crate) struct OpenFiles {
 }
 
 /// The files of the processes `pids` that a restore depends on: the regular files they have
-/// mapped besides the root's `executable`, and those they have open for writing but for
-/// appending only (logs), each once. A deleted file, or one that cannot be opened, is left
+/// mapped besides the root's `executable`, and those they have open for writing (not for
+/// appending only: logs), each once. A deleted file, or one that cannot be opened, is left
 /// out: it cannot be checked at a restore either (and CRIU copies a deleted one into the
 /// image).
 pub(crate) fn open_files(pids: &[u32], executable: &str) -> OpenFiles {

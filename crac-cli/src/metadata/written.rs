@@ -25,7 +25,7 @@
 //! above it, compared by size and modification time.
 
 use std::fs;
-use std::io;
+use std::io::{self, Seek};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -131,7 +131,10 @@ impl WrittenFile {
         }
         let mut written = WrittenFile::from_stat(path, now);
         if now.size <= HASH_LIMIT {
-            let sha256 = sha256_of(file.try_clone()?)?;
+            // From the start, whatever was read through this handle before.
+            let mut from_start = file.try_clone()?;
+            from_start.seek(io::SeekFrom::Start(0))?;
+            let sha256 = sha256_of(from_start)?;
             // Written to while it was read: the digest is of no state; the size and times
             // recorded then differ from any later ones.
             if Stat::of(&file.metadata()?) == now {
@@ -180,7 +183,13 @@ fn changed(file: &WrittenFile) -> Option<&'static str> {
 pub fn check(files: &[WrittenFile], allowed: &[PathBuf]) -> Vec<Problem> {
     files
         .iter()
-        .filter(|f| !allowed.iter().any(|a| a == Path::new(&f.path)))
+        .filter(|f| {
+            // As recorded, or a relative path or a link that leads there.
+            let path = Path::new(&f.path);
+            !allowed
+                .iter()
+                .any(|a| a == path || fs::canonicalize(a).is_ok_and(|c| c == path))
+        })
         .filter_map(|f| {
             changed(f).map(|how| Problem::WrittenFileChanged {
                 path: PathBuf::from(&f.path),
@@ -208,6 +217,13 @@ mod tests {
             WrittenFile::record(path.display().to_string(), &open(), before, false).unwrap();
         assert_eq!(recorded.size, 3);
         assert!(recorded.sha256.is_some());
+        let handle = open();
+        let twice = [(); 2].map(|()| {
+            WrittenFile::record(path.display().to_string(), &handle, before, false)
+                .unwrap()
+                .sha256
+        });
+        assert_eq!(twice, [recorded.sha256.clone(), recorded.sha256.clone()]);
         assert!(check(std::slice::from_ref(&recorded), &[]).is_empty());
 
         // Same size, new contents: the digest tells.
@@ -223,6 +239,9 @@ mod tests {
             )
         );
         assert!(check(std::slice::from_ref(&recorded), std::slice::from_ref(&path)).is_empty());
+        let through = dir.join("link");
+        std::os::unix::fs::symlink(&path, &through).unwrap();
+        assert!(check(std::slice::from_ref(&recorded), &[through]).is_empty());
 
         // Put back as it was (new times): the same again.
         fs::write(&path, b"one").unwrap();
