@@ -59,7 +59,7 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         let started = Instant::now();
         let pids = crate::tree::descendants(init);
         if opts.file_locks {
-            for lock in preflight::held_locks(&pids)
+            for lock in preflight::held_locks(&pids, facts)
                 .iter()
                 .filter(|l| preflight::restorable_lock(l))
             {
@@ -456,7 +456,7 @@ pub fn dry_run(
     name_owners(&mut refused, &told, &deadline);
     result.refused = refused.iter().map(ToString::to_string).collect();
     if opts.file_locks {
-        result.file_locks = preflight::held_locks(&pids)
+        result.file_locks = preflight::held_locks(&pids, &facts)
             .iter()
             .filter(|l| preflight::restorable_lock(l))
             .map(ToString::to_string)

@@ -496,20 +496,36 @@ pub fn fd_locks(pid: u32, fd: u32) -> Vec<FileLock> {
         .collect()
 }
 
-/// The regular files process `pid` has open, each with its descriptor, path (as the
-/// process's `/proc/PID/fd` link says) and inode; `None` when they cannot be read. One
-/// `readlink` and one `stat` a descriptor (sockets, pipes and anonymous inodes need neither).
-pub fn open_regular_files(pid: u32) -> Option<Vec<(u32, String, u64)>> {
-    let links = fd_links(pid)?;
+/// The descriptors of process `pid` open on regular files, each with the file's inode;
+/// `None` when they cannot be read. One `stat` a descriptor, relative to the folder.
+pub fn regular_file_inodes(pid: u32) -> Option<Vec<(u32, u64)>> {
+    let dir = format!("/proc/{pid}/fd");
+    let (Ok(entries), Ok(fds)) = (fs::read_dir(&dir), fs::File::open(&dir)) else {
+        return None;
+    };
     Some(
-        links
-            .filter(|link| link.target.starts_with('/'))
-            .filter_map(|link| {
-                let meta = link.metadata().ok()?;
-                meta.is_file().then(|| (link.fd, link.target, meta.ino()))
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let fd = name.to_str()?.parse::<u32>().ok()?;
+                let st = nix::sys::stat::fstatat(
+                    fds.as_fd(),
+                    name.as_os_str(),
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .ok()?;
+                (st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some((fd, st.st_ino))
             })
             .collect(),
     )
+}
+
+/// What descriptor `fd` of process `pid` links to (a path, `socket:[N]`, ...).
+pub fn fd_target(pid: u32, fd: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .ok()
+        .map(|t| t.to_string_lossy().into_owned())
 }
 
 /// The inodes of the files process `pid` has mapped (`/proc/PID/maps`).

@@ -3,8 +3,9 @@
 //! unless told `--file-locks`, which takes them into the image.
 //!
 //! `/proc/locks` names each lock's file by inode; the tree's descriptors on such a file are
-//! found from `/proc/PID/fd` (a `readlink` and a `stat` each, only when the table holds a
-//! lock at all), and each one's `fdinfo` says which locks are held through it.
+//! found from the inodes a process's agent tells with its facts, or else from `/proc/PID/fd`
+//! (a `stat` each, only when the table holds a lock at all), and each one's `fdinfo` says
+//! which locks are held through it.
 //!
 //! **Inherited descriptors.** A flock (and an OFD lock) belongs to the open file, which every
 //! descriptor made from it shares, in whatever process: a child started by `flock(1)` without
@@ -26,6 +27,7 @@ use std::fmt;
 use crac_protocol::fd_policy::Kind;
 
 use super::report::Problem;
+use super::seen::AgentFacts;
 use crate::procfs::{self, FileLock, LockKind};
 
 /// A lock held through a descriptor of the tree.
@@ -86,7 +88,8 @@ impl fmt::Display for HeldLock {
 
 /// Every lock held through a descriptor of the processes `pids`, each once (a flock shared by
 /// several descriptors is named at the one of the process that took it, if it is in the tree).
-pub fn held(pids: &[u32]) -> Vec<HeldLock> {
+/// A process whose agent told its regular files (`facts`) is not looked at through `/proc`.
+pub fn held(pids: &[u32], facts: &AgentFacts) -> Vec<HeldLock> {
     let table = procfs::file_locks();
     let inodes: HashSet<u64> = table
         .iter()
@@ -98,14 +101,23 @@ pub fn held(pids: &[u32]) -> Vec<HeldLock> {
     }
     let mut held: Vec<HeldLock> = Vec::new();
     for &pid in pids {
-        let Some(files) = procfs::open_regular_files(pid) else {
+        let told = facts.get(&pid).and_then(|f| f.files.as_ref()).map(|files| {
+            files
+                .iter()
+                .filter_map(|&(fd, inode)| Some((u32::try_from(fd).ok()?, inode)))
+                .collect::<Vec<_>>()
+        });
+        let Some(files) = told.or_else(|| procfs::regular_file_inodes(pid)) else {
             continue;
         };
         let mut mapped = None;
-        for (fd, path, inode) in files {
+        for (fd, inode) in files {
             if !inodes.contains(&inode) {
                 continue;
             }
+            let Some(path) = procfs::fd_target(pid, fd) else {
+                continue;
+            };
             for lock in procfs::fd_locks(pid, fd) {
                 if lock.kind == LockKind::Other || lock.inode != inode {
                     continue;
@@ -157,8 +169,8 @@ pub fn restorable(lock: &HeldLock) -> bool {
 
 /// What the preflight says of each lock CRIU would refuse without `--file-locks`, or (with
 /// `file_locks`) would not bring back.
-pub(super) fn refused(pids: &[u32], file_locks: bool) -> Vec<Problem> {
-    held(pids)
+pub(super) fn refused(pids: &[u32], facts: &AgentFacts, file_locks: bool) -> Vec<Problem> {
+    held(pids, facts)
         .into_iter()
         .filter(|h| !file_locks || !restorable(h))
         .map(|h| Problem {
@@ -217,20 +229,20 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let sleeper = loop {
-            if let Some(pid) = child().filter(|&pid| !held(&[pid]).is_empty()) {
+            if let Some(pid) = child().filter(|&pid| !held(&[pid], &AgentFacts::new()).is_empty()) {
                 break pid;
             }
             assert!(started.elapsed().as_secs() < 10, "flock(1) never ran sleep");
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         let names = |pids: &[u32]| -> Vec<String> {
-            held(pids)
+            held(pids, &AgentFacts::new())
                 .iter()
                 .filter(|h| h.path == path.display().to_string())
                 .map(ToString::to_string)
                 .collect()
         };
-        let fd = held(&[sleeper])[0].fd;
+        let fd = held(&[sleeper], &AgentFacts::new())[0].fd;
         assert_eq!(
             names(&[sleeper]),
             [format!(
@@ -247,7 +259,7 @@ mod tests {
                 && both[0].ends_with(&format!("lock {} (flock, exclusive)", path.display())),
             "{both:?}"
         );
-        let refused = refused(&[sleeper], false);
+        let refused = refused(&[sleeper], &AgentFacts::new(), false);
         assert!(
             refused[0].why.contains("start it with flock -o"),
             "{refused:?}"

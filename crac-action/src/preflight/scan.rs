@@ -114,7 +114,7 @@ pub fn scan(pids: &[u32], facts: &AgentFacts, opts: &CriuOptions, policy: &Polic
         found.extend(external_unix(unix_fds, &tree_sockets));
     }
     if opts.known {
-        found.extend(super::locks::refused(pids, opts.file_locks));
+        found.extend(super::locks::refused(pids, facts, opts.file_locks));
     }
     found.retain(|p| policy.verdict(p.kind, &p.what) != Some(Verdict::Ignore));
     found
