@@ -3,7 +3,7 @@
 #
 # Usage: sudo scripts/bench.sh [crac-bench options]      (root: CRIU needs it; any directory)
 #   --quick          fewer repetitions: a smoke run, noisier figures (about a minute)
-#   --only LIST      items to run, e.g. --only 1 or --only 1,3,5 (default: all of 1-16)
+#   --only LIST      items to run, e.g. --only 1 or --only 1,3,5 (default: all of 1-17)
 #   --idle-secs N    how long item 5 watches the idle agent (default 10)
 #   --soak N         item 6's cycles of each kind, killing and --leave-running (default 100)
 #   --alt-action P   item 1 also measures another crac-action build (e.g. a static one)

@@ -3,7 +3,8 @@
 # podman, Docker and a registry, from this machine's Debian packages (Debian 12: runc 1.1.5,
 # podman 4.3.1, docker.io 20.10.24, docker-registry 2.8.2), if they are not there yet. podman
 # brings conmon, and iptables with it; docker.io brings containerd. No daemon is started.
-# Also curl, the real HTTP client of the draining tests (tests/e2e/drain.rs).
+# Also curl, the real HTTP client of the draining tests (tests/e2e/drain.rs), and the sqlite3
+# shell, whose open WAL database a test checkpoints (tests/e2e/files.rs).
 #
 # Nothing is configured system-wide: the tests name their own CRIU configuration in each
 # container (the org.criu.config annotation) and keep podman's storage in their own folders,
@@ -34,8 +35,9 @@ command -v podman >/dev/null || missing+=(podman)
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v curl >/dev/null || missing+=(curl)
+command -v sqlite3 >/dev/null || missing+=(sqlite3)
 if ((${#missing[@]} == 0)); then
-    info "runc, podman, dockerd, docker-registry and curl are installed; nothing to do."
+    info "runc, podman, dockerd, docker-registry, curl and sqlite3 are installed; nothing to do."
     exit 0
 fi
 ((EUID == 0)) || die "must run as root to install ${missing[*]} (apt-get install ${missing[*]})"

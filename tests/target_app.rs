@@ -47,6 +47,9 @@
 //!   keeps it open across checkpoints and declares it (`Resource::descriptors`).
 //! - `CRAC_TEST_RECONNECT=name:ADDR`: resource `name`'s after_restore opens a TCP connection to
 //!   ADDR, which its before_checkpoint leaves open (and does not declare).
+//! - `CRAC_TEST_LOCK=KIND:PATH,...`: hold an exclusive lock on each PATH (created if missing)
+//!   for the life of the process: KIND `flock` (a pidfile's), `posix` (`fcntl(F_SETLK)`, as
+//!   SQLite takes them) or `ofd` (`fcntl(F_OFD_SETLK)`), the whole file.
 //! - `CRAC_TEST_MAP=PATH`: keep the file PATH mapped, read-only, as a service maps a library or
 //!   a data file (a restore maps it again from its path).
 //!
@@ -321,6 +324,11 @@ fn main() {
         };
         assert_ne!(addr, libc::MAP_FAILED, "mmap {path}");
     }
+    if let Some(locks) = var("CRAC_TEST_LOCK") {
+        for lock in locks.split(',') {
+            hold_lock(lock);
+        }
+    }
     let token: u64 = random();
     if let Some(port) = listen {
         serve(&dir, port, token, coordinator);
@@ -588,4 +596,37 @@ fn register_async(coordinator: &Coordinator, mode: String) {
         // The runtime serves the hooks for the life of the process.
         std::mem::forget(runtime);
     }
+}
+
+/// Takes the lock `KIND:PATH` (see `CRAC_TEST_LOCK`) and keeps its descriptor open for good.
+fn hold_lock(lock: &str) {
+    use nix::fcntl::{fcntl, FcntlArg, Flock, FlockArg};
+    let (kind, path) = lock.split_once(':').expect("CRAC_TEST_LOCK is KIND:PATH");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .expect("the lock's file opens");
+    let whole = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    match kind {
+        "flock" => {
+            let locked = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| e)
+                .expect("flock");
+            std::mem::forget(locked);
+            return;
+        }
+        "posix" => fcntl(&file, FcntlArg::F_SETLK(&whole)).expect("F_SETLK"),
+        "ofd" => fcntl(&file, FcntlArg::F_OFD_SETLK(&whole)).expect("F_OFD_SETLK"),
+        other => panic!("CRAC_TEST_LOCK: unknown kind {other}"),
+    };
+    std::mem::forget(file);
 }

@@ -72,6 +72,18 @@ pub fn run(inv: &Invocation, settings: &Settings, out: &mut dyn Write) -> Result
         };
         let started = Instant::now();
         let pids = crate::tree::descendants(init);
+        if opts.file_locks {
+            for lock in preflight::held_locks(&pids, facts)
+                .iter()
+                .filter(|l| preflight::restorable_lock(l))
+            {
+                log(
+                    out,
+                    STEP,
+                    &format!("preflight: taken into the image (--file-locks): {lock}"),
+                );
+            }
+        }
         let mut problems = preflight::problems(&pids, facts, opts, policy);
         if problems.is_empty() {
             if !quiet {
@@ -390,6 +402,8 @@ pub struct DryRun {
     pub would_close: Vec<(u32, crac_protocol::fd_policy::Descriptor)>,
     /// What CRIU would refuse (see [`crate::preflight`]), one line each.
     pub refused: Vec<String>,
+    /// The file locks CRIU would take into the image (with `--file-locks`), one line each.
+    pub file_locks: Vec<String>,
 }
 
 /// `crac checkpoint --dry-run`: every `before_checkpoint` in the tree under `root` (children
@@ -455,6 +469,13 @@ pub fn dry_run(
         .collect();
     name_owners(&mut refused, &told, &deadline);
     result.refused = refused.iter().map(ToString::to_string).collect();
+    if opts.file_locks {
+        result.file_locks = preflight::held_locks(&pids, &facts)
+            .iter()
+            .filter(|l| preflight::restorable_lock(l))
+            .map(ToString::to_string)
+            .collect();
+    }
     roll_back(&told, &cycle, settings, out);
     Ok(result)
 }

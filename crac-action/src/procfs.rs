@@ -2,7 +2,9 @@
 //!
 //! What other processes tell there: `stat` (state, parent, start time), the children of each
 //! task, `status` (`Uid:`, `NSpid:`, the capability sets), `cgroup`, `environ`, `cmdline`, `root`, `ns/*`, the names of their
-//! threads, their descriptors (`fd/*`) and their network namespace's socket tables (`net/*`).
+//! threads, their descriptors (`fd/*`, and `fdinfo/*` for their flags and the locks held
+//! through them), the inodes they map (`maps`) and their network namespace's socket tables (`net/*`); and the kernel's lock
+//! table (`/proc/locks`).
 //! And what crac-action reads of itself: its namespaces (this thread's, `/proc/thread-self`,
 //! for the network one it may have moved to), its sockets and its threads.
 //!
@@ -461,6 +463,231 @@ pub(crate) fn net_table(pid: u32, name: &str) -> String {
     read_text(&format!("/proc/{pid}/net/{name}"))
 }
 
+/// The kind of a file lock, as the kernel's lock table names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    /// `flock(2)`: owned by the open file, so shared by every descriptor (and process) that
+    /// has it, as a child inherits it.
+    Flock,
+    /// A POSIX record lock (`fcntl(F_SETLK)`, `lockf`): owned by the process.
+    Posix,
+    /// An open file description lock (`fcntl(F_OFD_SETLK)`): owned by the open file.
+    Ofd,
+    /// Anything else (a lease, a delegation): not a lock a process holds through a descriptor.
+    Other,
+}
+
+impl LockKind {
+    /// Its name in a message: `flock`, `POSIX lock`, `OFD lock`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockKind::Flock => "flock",
+            LockKind::Posix => "POSIX lock",
+            LockKind::Ofd => "OFD lock",
+            LockKind::Other => "lease",
+        }
+    }
+}
+
+/// One lock of the kernel's lock table (`/proc/locks`, or a `lock:` line of
+/// `/proc/PID/fdinfo/FD`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileLock {
+    /// Its kind.
+    pub kind: LockKind,
+    /// Whether it is exclusive (`WRITE`) rather than shared (`READ`).
+    pub exclusive: bool,
+    /// The process that took it (a POSIX lock's owner; for a flock, whoever called `flock`);
+    /// `None` for an OFD lock, which the kernel does not tie to a process.
+    pub pid: Option<u32>,
+    /// The inode of the locked file (the table gives the device as the kernel numbers it,
+    /// which a `stat` does not always show: the inode is what is matched).
+    pub inode: u64,
+    /// The locked range, `0 EOF` for the whole file.
+    pub range: String,
+}
+
+/// Parses one lock line (`1: FLOCK  ADVISORY  WRITE 1234 08:02:5678 0 EOF`); `None` for a
+/// blocked request (`1: -> FLOCK ...`) or a line it does not know.
+fn parse_lock(line: &str) -> Option<FileLock> {
+    let mut words = line.split_whitespace();
+    let _id = words.next()?.strip_suffix(':')?;
+    let kind = match words.next()? {
+        "FLOCK" => LockKind::Flock,
+        "POSIX" => LockKind::Posix,
+        "OFDLCK" => LockKind::Ofd,
+        "->" => return None,
+        _ => LockKind::Other,
+    };
+    let _mode = words.next()?;
+    let exclusive = words.next()? == "WRITE";
+    let pid = words.next()?.parse::<i64>().ok()?;
+    let inode = words.next()?.rsplit(':').next()?.parse().ok()?;
+    let range: Vec<&str> = words.collect();
+    Some(FileLock {
+        kind,
+        exclusive,
+        pid: u32::try_from(pid).ok().filter(|&p| p > 0),
+        inode,
+        range: range.join(" "),
+    })
+}
+
+/// The kernel's lock table (`/proc/locks`, of this pid namespace): every lock held on the
+/// machine, without the requests waiting for one.
+pub fn file_locks() -> Vec<FileLock> {
+    read_text("/proc/locks")
+        .lines()
+        .filter_map(parse_lock)
+        .collect()
+}
+
+/// The locks held through descriptor `fd` of process `pid` (its `fdinfo` lines `lock:`):
+/// the flocks and OFD locks of its open file, and the POSIX locks the process took through it.
+pub fn fd_locks(pid: u32, fd: u32) -> Vec<FileLock> {
+    read_text(&format!("/proc/{pid}/fdinfo/{fd}"))
+        .lines()
+        .filter_map(|l| l.strip_prefix("lock:"))
+        .filter_map(parse_lock)
+        .collect()
+}
+
+/// The descriptors of process `pid` open on regular files, each with the file's inode;
+/// `None` when they cannot be read. One `stat` a descriptor, relative to the folder.
+pub fn regular_file_inodes(pid: u32) -> Option<Vec<(u32, u64)>> {
+    let dir = format!("/proc/{pid}/fd");
+    let (Ok(entries), Ok(fds)) = (fs::read_dir(&dir), fs::File::open(&dir)) else {
+        return None;
+    };
+    Some(
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let fd = name.to_str()?.parse::<u32>().ok()?;
+                let st = nix::sys::stat::fstatat(
+                    fds.as_fd(),
+                    name.as_os_str(),
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .ok()?;
+                (st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some((fd, st.st_ino))
+            })
+            .collect(),
+    )
+}
+
+/// What descriptor `fd` of process `pid` links to (a path, `socket:[N]`, ...).
+pub fn fd_target(pid: u32, fd: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .ok()
+        .map(|t| t.to_string_lossy().into_owned())
+}
+
+/// The inodes of the files process `pid` has mapped (`/proc/PID/maps`).
+pub fn mapped_inodes(pid: u32) -> HashSet<u64> {
+    // start-end perms offset dev inode path
+    read_text(&format!("/proc/{pid}/maps"))
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4)?.parse().ok())
+        .filter(|&inode| inode != 0)
+        .collect()
+}
+
+/// A descriptor of a process open for writing on a regular file: what
+/// [`files_open_for_writing`] finds.
+#[derive(Debug)]
+pub struct WritableFile {
+    /// The descriptor.
+    pub fd: u32,
+    /// Its path (the `/proc/PID/fd` link).
+    pub path: String,
+    /// Its flags (`fdinfo`'s `flags:`, `O_APPEND` among them).
+    pub flags: u32,
+    /// The file, opened read-only through the link: the file itself, even if its path was
+    /// replaced since.
+    pub file: fs::File,
+    /// Its `stat` when it was opened.
+    pub meta: fs::Metadata,
+}
+
+/// The descriptors of process `pid` open for writing (`O_WRONLY` or `O_RDWR`) on a regular
+/// file that still has a name. The kernel shows the open mode as the mode of each
+/// `/proc/PID/fd` link (`S_IWUSR` when open for writing), so only those are followed: one
+/// `lstat` a descriptor, then a `readlink`, a `stat` (a device is never opened), an open and
+/// the `fdinfo` for each one open for writing, all relative to the folders opened once.
+pub fn files_open_for_writing(pid: u32) -> Vec<WritableFile> {
+    let dir = format!("/proc/{pid}/fd");
+    let (Ok(entries), Ok(fds), Ok(infos)) = (
+        fs::read_dir(&dir),
+        fs::File::open(&dir),
+        fs::File::open(format!("/proc/{pid}/fdinfo")),
+    ) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(fd) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let at = |flags| nix::sys::stat::fstatat(fds.as_fd(), name.as_os_str(), flags);
+        let writable = at(nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| st.st_mode & libc::S_IWUSR != 0);
+        if !writable {
+            continue;
+        }
+        let Ok(target) = nix::fcntl::readlinkat(fds.as_fd(), name.as_os_str()) else {
+            continue;
+        };
+        let path = target.to_string_lossy().into_owned();
+        if !path.starts_with('/') || path.ends_with(" (deleted)") {
+            continue;
+        }
+        // Regular files only: opening a device may do something (a watchdog's).
+        if !at(nix::fcntl::AtFlags::empty())
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+        {
+            continue;
+        }
+        let Ok(handle) = nix::fcntl::openat(
+            fds.as_fd(),
+            name.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        ) else {
+            continue;
+        };
+        let file = fs::File::from(handle);
+        let Ok(meta) = file.metadata() else {
+            continue;
+        };
+        let flags = nix::fcntl::openat(
+            infos.as_fd(),
+            name.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()
+        .and_then(|info| {
+            let mut buf = [0u8; 256];
+            let n = nix::unistd::read(&info, &mut buf).ok()?;
+            let text = std::str::from_utf8(&buf[..n]).ok()?;
+            let flags = text.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            u32::from_str_radix(flags.trim(), 8).ok()
+        })
+        .unwrap_or(0);
+        found.push(WritableFile {
+            fd,
+            path,
+            flags,
+            file,
+            meta,
+        });
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +700,31 @@ mod tests {
         assert_eq!(stat.state, 'S');
         assert_eq!(stat.ppid, 1);
         assert_eq!(stat.start_time, 98765);
+    }
+
+    #[test]
+    fn lock_lines_as_the_kernel_writes_them() {
+        let flock = parse_lock("1: FLOCK  ADVISORY  WRITE 1234 08:02:5678 0 EOF").unwrap();
+        assert_eq!(
+            flock,
+            FileLock {
+                kind: LockKind::Flock,
+                exclusive: true,
+                pid: Some(1234),
+                inode: 5678,
+                range: "0 EOF".into(),
+            }
+        );
+        let ofd = parse_lock("2: OFDLCK ADVISORY  READ -1 00:2a:99 128 128").unwrap();
+        assert_eq!(
+            (ofd.kind, ofd.exclusive, ofd.pid),
+            (LockKind::Ofd, false, None)
+        );
+        assert_eq!(ofd.range, "128 128");
+        assert_eq!(
+            parse_lock("3: POSIX  ADVISORY  WRITE 77 fd:01:12 0 EOF").map(|l| l.kind),
+            Some(LockKind::Posix)
+        );
+        assert!(parse_lock("1: -> FLOCK  ADVISORY  WRITE 1235 08:02:5678 0 EOF").is_none());
     }
 }

@@ -3,7 +3,7 @@
 //! `TCP_INFO` per socket (which tells a TCP connection from anything else in one call), the
 //! addresses of each TCP connection only when they will be shown or matched, and the
 //! `/proc/self/fd` link only for the few kinds whose path decides (terminals, anonymous
-//! inodes, deleted files). Which other sockets are connected Unix ones, and to whom,
+//! inodes, deleted files), and each regular file's inode, for the file locks. Which other sockets are connected Unix ones, and to whom,
 //! crac-action finds in one sock_diag dump of the namespace, by inode (readers from before
 //! [`Lean`](crac_protocol::wire::Lean) get them found here, a `getpeername` each, and every
 //! TCP connection's addresses).
@@ -64,6 +64,7 @@ pub(crate) fn gather(skip: &[RawFd], ask: Ask) -> Facts {
 /// [`gather`], noting the TCP connections on the way.
 fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connections) -> Facts {
     let mut facts = Facts::default();
+    let mut files = Vec::new();
     let anon_dev = anonymous_inode_device();
     for fd in procfs::every_descriptor() {
         if skip.contains(&fd) {
@@ -78,6 +79,9 @@ fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connect
             continue;
         };
         let kind = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits());
+        if kind == SFlag::S_IFREG {
+            files.push((fd, stat.st_ino));
+        }
         if kind == SFlag::S_IFSOCK {
             facts.sockets.push(stat.st_ino);
             facts.socket_fds.push(fd);
@@ -119,6 +123,7 @@ fn gather_noting(skip: &[RawFd], ask: Ask, connections: &mut crate::tcp::Connect
             }
         }
     }
+    facts.files = Some(files);
     facts
 }
 

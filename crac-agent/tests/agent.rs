@@ -51,6 +51,8 @@ struct WireFacts {
     #[serde(default)]
     listening: Vec<WireListening>,
     linked: Vec<WireLinked>,
+    #[serde(default)]
+    files: Option<Vec<(i32, u64)>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +304,15 @@ fn a_before_checkpoint_that_asks_gets_the_process_s_own_account_of_its_descripto
     assert_eq!(ghost[0].size, 5);
     assert!(
         !facts.linked.iter().any(|l| l.fd == null.as_raw_fd()),
+        "{facts:?}"
+    );
+    // Every regular file with its inode (the preflight matches them with the lock table):
+    // the deleted one is, /dev/null is not.
+    let files = facts.files.as_ref().expect("the regular files are told");
+    let inode = std::os::unix::fs::MetadataExt::ino(&deleted.metadata().unwrap());
+    assert!(files.contains(&(deleted.as_raw_fd(), inode)), "{facts:?}");
+    assert!(
+        !files.iter().any(|&(fd, _)| fd == null.as_raw_fd()),
         "{facts:?}"
     );
     f.send(b"{\"v\":1,\"op\":\"after-restore\",\"reason\":\"aborted\",\"cycle\":\"f\"}\n");

@@ -24,10 +24,11 @@ use crate::error::{FailureKind, OpError};
 use crate::locate::Criu;
 use crate::lock::lock_pid;
 use crate::metadata::{
-    self, DumpOptions, HookTiming, Identity, KnownHashes, MappedFile, Metadata, Timings,
+    self, DumpOptions, HookTiming, Identity, KnownHashes, MappedFile, Metadata, Stat, Timings,
+    WrittenFile,
 };
 use crate::process::{
-    env_hashes, open_mapped_files, read_cmdline, session_of, stdio_pipes, stdio_warnings,
+    env_hashes, open_files, read_cmdline, session_of, stdio_pipes, stdio_warnings,
 };
 use crate::progress::{Phase, Progress};
 use crate::store::{Staging, Store};
@@ -235,17 +236,23 @@ fn checkpoint_with(
         progress(Phase::Hash, 0);
     }
     let known_path = known_hashes_path(&request.destination);
-    let (identities, mut known) =
-        match hash(image.path(), &mut metadata, service, known_path.as_deref()) {
-            Ok(hashed) => hashed,
-            Err(e) => {
-                let what = format!(
-                    "could not read the image files in {}: {e}",
-                    image.path().display()
-                );
-                return Err(image.keep(&what, false));
-            }
-        };
+    let leave_running = request.options.leave_running;
+    let (identities, mut known) = match hash(
+        image.path(),
+        &mut metadata,
+        service,
+        known_path.as_deref(),
+        leave_running,
+    ) {
+        Ok(hashed) => hashed,
+        Err(e) => {
+            let what = format!(
+                "could not read the image files in {}: {e}",
+                image.path().display()
+            );
+            return Err(image.keep(&what, false));
+        }
+    };
     metadata.timings.total_ms = ms(started.elapsed());
     if let Some(progress) = progress {
         progress(Phase::Commit, 0);
@@ -315,10 +322,10 @@ fn write_metadata(
     Ok(())
 }
 
-/// What a checkpoint reads of the service before the dump. The executable and the mapped
-/// files are opened now and hashed after the dump: they stay the files the service ran even if
-/// their paths are replaced meanwhile, and hashing them costs nothing while the service is
-/// frozen.
+/// What a checkpoint reads of the service before the dump. The executable, the mapped files
+/// and the files open for writing are opened now and hashed after the dump: they stay the
+/// files the service ran even if their paths are replaced meanwhile, and hashing them costs
+/// nothing while the service is frozen.
 struct Service {
     pid: u32,
     command_line: Vec<String>,
@@ -328,6 +335,9 @@ struct Service {
     /// The dumped tree: the root and its descendants.
     tree: Vec<u32>,
     mapped_files: Vec<(String, fs::File)>,
+    /// Open for writing, or mapped shared and writable, with their stat now
+    /// ([`WrittenFile`]).
+    written_files: Vec<(String, fs::File, Stat)>,
 }
 
 impl Service {
@@ -339,7 +349,7 @@ impl Service {
             .unwrap_or_default();
         let executable_file = fs::File::open(format!("/proc/{pid}/exe")).ok();
         let tree = crac_action::tree::descendants(pid);
-        let mapped_files = open_mapped_files(&tree, &executable);
+        let files = open_files(&tree, &executable);
         Service {
             pid,
             command_line,
@@ -347,7 +357,8 @@ impl Service {
             executable,
             executable_file,
             tree,
-            mapped_files,
+            mapped_files: files.mapped,
+            written_files: files.written,
         }
     }
 }
@@ -388,6 +399,7 @@ fn pending_metadata(request: &CheckpointRequest, service: &Service, criu: &Criu)
         stdio_pipes: stdio_pipes(pid),
         capabilities: crate::capabilities::held_by(&service.tree),
         bounding_set: crate::capabilities::bounded_by(&service.tree),
+        written_files: Vec::new(),
     }
 }
 
@@ -730,11 +742,13 @@ fn hook_timings(report: Option<&PreDumpReport>) -> Vec<HookTiming> {
 }
 
 /// The hashes of the files outside the image: the executable's and the mapped files', each
-/// with the identity of the file that was hashed, and the known hashes with any new ones.
+/// with the identity of the file that was hashed, the known hashes with any new ones, and the
+/// files the service wrote to.
 struct OutsideHashes {
     executable: Option<(String, Identity)>,
     mapped: Vec<(String, String, Identity)>,
     known: KnownHashes,
+    written: Vec<WrittenFile>,
 }
 
 impl OutsideHashes {
@@ -751,6 +765,7 @@ impl OutsideHashes {
             identities.insert(path.clone(), identity);
             metadata.mapped_files.push(MappedFile { path, sha256 });
         }
+        metadata.written_files = self.written;
         (identities, self.known)
     }
 }
@@ -768,12 +783,14 @@ fn hash(
     metadata: &mut Metadata,
     service: Service,
     known_path: Option<&Path>,
+    leave_running: bool,
 ) -> io::Result<(BTreeMap<String, Identity>, KnownHashes)> {
     let started = Instant::now();
     let mut known = known_path.map(KnownHashes::load).unwrap_or_default();
     let Service {
         executable_file,
         mapped_files,
+        written_files,
         ..
     } = service;
     let executable = metadata.executable.as_str();
@@ -787,10 +804,17 @@ fn hash(
                     Some((path, sha256, identity))
                 })
                 .collect();
+            let written = written_files
+                .into_iter()
+                .filter_map(|(path, file, before)| {
+                    WrittenFile::record(path, &file, before, leave_running).ok()
+                })
+                .collect();
             OutsideHashes {
                 executable,
                 mapped,
                 known,
+                written,
             }
         });
         let files = metadata::list_image_files(images).and_then(|mut files| {

@@ -33,6 +33,7 @@ pub fn hints(log: &str) -> Vec<String> {
         ("iptables-restore", "hint: CRIU locks TCP connections with iptables by default and found no iptables-restore: install iptables, or pass -- --network-lock nftables (crac checkpoint --tcp-established does)"),
         ("In-flight connection", "hint: a client connected to a listener the service keeps while it was being dumped, and was not accepted yet: pass --skip-in-flight to criu (crac checkpoint does), which leaves such connections out of the image"),
         ("Can't open file", "hint: a file the image refers to is gone or changed (rebuilt binary?): restore needs the same files"),
+        ("Some file locks are hold by dumping tasks", "hint: the service holds a file lock (a pidfile's flock, a database's locks, a descriptor inherited from flock(1)): release it in a before_checkpoint hook (a database: close it, and open it again in after_restore), or pass --file-locks, which takes the locks into the image (a restore then needs the same files, and fails while another process holds a conflicting lock); `crac checkpoint --dry-run` names each lock"),
         ("has bad size", "hint: a file the service had open changed size since the checkpoint: most often a log it writes to, opened without O_APPEND (`>` rather than `>>`), that grew; start the service with `>>` and checkpoint it again"),
     ];
     let mut hints: Vec<String> = HINTS
@@ -190,5 +191,18 @@ mod tests {
             let got = hint(lines);
             assert!(got.starts_with(expected), "{lines:?}: {got}");
         }
+    }
+
+    #[test]
+    fn criu_s_refusal_of_file_locks_says_what_to_do() {
+        let log = "Error (criu/file-lock.c:110): Some file locks are hold by dumping tasks! You can try --file-locks to dump them.\nError (criu/cr-dump.c:2111): Dumping FAILED.";
+        let hints = hints(log);
+        assert_eq!(hints.len(), 1, "{hints:?}");
+        assert!(
+            hints[0].starts_with("hint: the service holds a file lock")
+                && hints[0].contains("release it in a before_checkpoint hook")
+                && hints[0].contains("--file-locks"),
+            "{hints:?}"
+        );
     }
 }

@@ -4,26 +4,75 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 
-/// The regular files the processes `pids` (the dumped tree) have mapped besides the root's
-/// `executable` (shared libraries, locale files, a child's own executable), each once, each
-/// opened through `/proc/PID/map_files`, which is the mapped file itself even if its path was
-/// replaced since. A deleted file, or one that cannot be opened, is left out: it cannot be
-/// checked at a restore either.
-pub(crate) fn open_mapped_files(pids: &[u32], executable: &str) -> Vec<(String, fs::File)> {
+use crate::metadata::Stat;
+
+/// The files of the processes `pids` (the dumped tree) that a restore depends on, each
+/// opened read-only through `/proc` (the file itself even if its path was replaced since).
+#[derive(Debug, Default)]
+pub(crate) struct OpenFiles {
+    /// Mapped read-only or privately (shared libraries, locale files, a child's executable).
+    pub(crate) mapped: Vec<(String, fs::File)>,
+    /// Open for writing, or mapped shared and writable ([`crate::metadata::WrittenFile`]),
+    /// with their stat now.
+    pub(crate) written: Vec<(String, fs::File, Stat)>,
+}
+
+/// The files of the processes `pids` that a restore depends on: the regular files they have
+/// mapped besides the root's `executable`, and those they have open for writing (not for
+/// appending only: logs), each once. A deleted file, or one that cannot be opened, is left
+/// out: it cannot be checked at a restore either (and CRIU copies a deleted one into the
+/// image).
+pub(crate) fn open_files(pids: &[u32], executable: &str) -> OpenFiles {
     let mut seen = BTreeSet::new();
-    let mut files = Vec::new();
+    let mut files = OpenFiles {
+        written: open_written_files(pids, &mut seen),
+        mapped: Vec::new(),
+    };
     for &pid in pids {
         open_mapped_files_of(pid, executable, &mut seen, &mut files);
     }
     files
 }
 
-/// [`open_mapped_files`] for one process, skipping the paths in `seen`.
+/// The regular files the processes `pids` have open for writing (not for appending only:
+/// logs), each once and not among `seen` (to which they are added), each opened read-only
+/// through `/proc/PID/fd` (the file itself even if its path was replaced since), with its
+/// stat now ([`crate::metadata::WrittenFile`]).
+pub fn open_written_files(
+    pids: &[u32],
+    seen: &mut BTreeSet<String>,
+) -> Vec<(String, fs::File, Stat)> {
+    let mut written = Vec::new();
+    for &pid in pids {
+        open_written_files_of(pid, seen, &mut written);
+    }
+    written
+}
+
+/// [`open_written_files`] for one process.
+fn open_written_files_of(
+    pid: u32,
+    seen: &mut BTreeSet<String>,
+    written: &mut Vec<(String, fs::File, Stat)>,
+) {
+    const O_ACCMODE: u32 = 0o3;
+    for file in crac_action::procfs::files_open_for_writing(pid) {
+        let append_only = file.flags & libc::O_APPEND as u32 != 0
+            && file.flags & O_ACCMODE == libc::O_WRONLY as u32;
+        if append_only || !seen.insert(file.path.clone()) {
+            continue;
+        }
+        written.push((file.path, file.file, Stat::of(&file.meta)));
+    }
+}
+
+/// The mapped files of `pid`, skipping the paths in `seen`: those mapped shared and writable
+/// among `files.written`, the others among `files.mapped`.
 fn open_mapped_files_of(
     pid: u32,
     executable: &str,
     seen: &mut BTreeSet<String>,
-    files: &mut Vec<(String, fs::File)>,
+    files: &mut OpenFiles,
 ) {
     let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
         return;
@@ -32,7 +81,8 @@ fn open_mapped_files_of(
         // start-end perms offset dev inode path
         let mut fields = line.splitn(6, char::is_whitespace);
         let Some(range) = fields.next() else { continue };
-        let Some(path) = fields.nth(4).map(str::trim_start) else {
+        let Some(perms) = fields.next() else { continue };
+        let Some(path) = fields.nth(3).map(str::trim_start) else {
             continue;
         };
         if !path.starts_with('/')
@@ -42,8 +92,16 @@ fn open_mapped_files_of(
         {
             continue;
         }
-        if let Ok(file) = fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
-            files.push((path.to_owned(), file));
+        let Ok(file) = fs::File::open(format!("/proc/{pid}/map_files/{range}")) else {
+            continue;
+        };
+        // `rw-s`: written through the mapping (a database's shared memory file).
+        if perms.as_bytes().get(1) == Some(&b'w') && perms.as_bytes().get(3) == Some(&b's') {
+            if let Ok(meta) = file.metadata() {
+                files.written.push((path.to_owned(), file, Stat::of(&meta)));
+            }
+        } else {
+            files.mapped.push((path.to_owned(), file));
         }
     }
 }

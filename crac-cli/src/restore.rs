@@ -47,6 +47,9 @@ pub struct RestoreRequest {
     /// How long CRIU may take: when it has not finished by then, it and every process it
     /// made are killed and the restore fails ([`RESTORE_TIMED_OUT`]). `None`: no limit.
     pub timeout: Option<Duration>,
+    /// Files the service wrote to that may have changed since the checkpoint
+    /// ([`Metadata::written_files`]): the operator's `--allow-changed`.
+    pub allow_changed: Vec<PathBuf>,
 }
 
 /// How an error of a restore that ran out of time ([`RestoreRequest::timeout`]) begins.
@@ -82,17 +85,23 @@ pub struct RestoreOutcome {
 pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 
 /// Checks that the image in `dir` can be restored here, and returns its metadata: its files
-/// (sizes, and contents changed since last found intact: [`metadata::verify`] with
-/// [`metadata::Check::Changed`]), the executable, the architecture, CRIU, and
+/// (sizes, and contents changed since last found intact: [`metadata::verify_allowing`] with
+/// [`metadata::Check::Changed`]), the executable, the files the service wrote to (but those
+/// `allowed` to have changed), the architecture, CRIU, and
 /// that the image's pids are free, waiting up to [`ZOMBIE_WAIT`] for zombies that hold them
 /// (`notice` is told once per zombie it waits for).
 ///
 /// # Errors
 ///
 /// [`FailureKind::BadInput`] for a missing, corrupt, incomplete or foreign image, a changed
-/// executable or a PID in use; [`FailureKind::Unavailable`] when no CRIU can run, or when this
-/// crac lacks a capability the image's processes held ([`crate::capabilities`]).
-pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, Criu), OpError> {
+/// executable, a changed file the service wrote to, or a PID in use;
+/// [`FailureKind::Unavailable`] when no CRIU can run, or when this crac lacks a capability the
+/// image's processes held ([`crate::capabilities`]).
+pub fn validate(
+    dir: &Path,
+    allowed: &[PathBuf],
+    notice: &mut dyn FnMut(&str),
+) -> Result<(Metadata, Criu), OpError> {
     let meta =
         metadata::read(dir).map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let (kernel, _) = metadata::this_machine();
@@ -153,7 +162,7 @@ pub fn validate(dir: &Path, notice: &mut dyn FnMut(&str)) -> Result<(Metadata, C
              warm-up too, so that the image records it), or restore as root",
         ));
     }
-    metadata::verify(dir, &meta, metadata::Check::Changed)
+    metadata::verify_allowing(dir, &meta, metadata::Check::Changed, allowed)
         .map_err(|e| OpError::new(FailureKind::BadInput, e.to_string()))?;
     let criu = criu::find()?;
     // The root, and every process with an agent (recorded by crac-action's post-dump), must
@@ -266,7 +275,7 @@ fn restore_with(
     if let Some(progress) = progress {
         progress(Phase::Verify, 0);
     }
-    let (meta, criu) = validate(&request.dir, notice)?;
+    let (meta, criu) = validate(&request.dir, &request.allow_changed, notice)?;
     // While CRIU gives the image's pid back (a detached restore: one that CRIU stays the parent
     // of lasts as long as the service), a checkpoint or another restore of that pid is told.
     let _lock = if request.detach && !meta.in_own_pid_namespace() {

@@ -127,6 +127,7 @@ fn make_image(dir: &Path, name: &str, pid: u32, created_unix_ms: u64) -> Metadat
         stdio_pipes: Default::default(),
         capabilities: Vec::new(),
         bounding_set: Vec::new(),
+        written_files: Vec::new(),
     };
     metadata::write(dir, &meta).expect("write metadata");
     meta

@@ -7,7 +7,8 @@
 //! The agent finds the facts with an `fstat` per descriptor, a `TCP_INFO` per socket (which
 //! tells a TCP connection from anything else in one call), the addresses of each TCP
 //! connection only when they will be shown or matched, and the `/proc/self/fd` link only for
-//! the few kinds whose path decides (terminals, anonymous inodes, deleted files). Which other
+//! the few kinds whose path decides (terminals, anonymous inodes, deleted files), and each
+//! regular file's inode (which the preflight matches with the kernel's lock table). Which other
 //! sockets are connected Unix ones, and to whom, crac-action finds in one sock_diag dump of
 //! the namespace, by inode (readers from before [`crate::wire::Lean`] get them found by the
 //! agent, a `getpeername` each, and every TCP connection's addresses).
@@ -33,6 +34,11 @@ pub struct Facts {
     /// The descriptors whose `/proc/PID/fd` link decides (terminals and character devices
     /// other than the memory ones, anonymous inodes, deleted files), with the link.
     pub linked: Vec<Linked>,
+    /// Each descriptor open on a regular file, with the file's inode (`[fd, inode]`): the
+    /// preflight finds the file locks held through them without reading `/proc` for every
+    /// descriptor. Absent from agents before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<(RawFd, u64)>>,
 }
 
 /// A TCP connection, or a socket with a Unix peer.

@@ -24,6 +24,8 @@ pub enum Kind {
     Unsupported,
     /// An open deleted file (to the preflight: one bigger than CRIU's ghost limit).
     Ghost,
+    /// A file lock (flock, POSIX or OFD) held through the descriptor.
+    Lock,
 }
 
 impl Kind {
@@ -35,6 +37,7 @@ impl Kind {
             Kind::Tty => "tty",
             Kind::Unsupported => "unsupported",
             Kind::Ghost => "ghost",
+            Kind::Lock => "lock",
         }
     }
 
@@ -46,6 +49,7 @@ impl Kind {
             Kind::Tty,
             Kind::Unsupported,
             Kind::Ghost,
+            Kind::Lock,
         ]
         .into_iter()
         .find(|k| k.as_str() == word)
@@ -69,7 +73,7 @@ pub enum Verdict {
 /// Rules that decide about descriptors by kind and pattern, first match wins.
 ///
 /// One rule per line: `ignore|refuse|close KIND PATTERN`, where KIND is `tcp`, `unix`, `tty`,
-/// `unsupported`, `ghost` or `any`, and PATTERN a glob (`*` any run of characters) matched
+/// `unsupported`, `ghost`, `lock` or `any`, and PATTERN a glob (`*` any run of characters) matched
 /// against the address or path (`*:5432`, `/var/log/*`). `#` starts a comment.
 ///
 /// ```text
@@ -176,7 +180,7 @@ impl Policy {
             let Some(&(column, kind)) = words.get(1) else {
                 return Err(error(
                     content.trim_end().len() + 1,
-                    "expected a kind (tcp, unix, tty, unsupported, ghost or any)".into(),
+                    "expected a kind (tcp, unix, tty, unsupported, ghost, lock or any)".into(),
                 ));
             };
             let kind = match kind {
@@ -186,7 +190,7 @@ impl Policy {
                         column,
                         format!(
                             "unknown kind `{other}`: expected tcp, unix, tty, unsupported, \
-                             ghost or any"
+                             ghost, lock or any"
                         ),
                     )
                 })?),
@@ -420,7 +424,7 @@ mod tests {
         let err = Policy::parse("p", "refuse sockets *").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "p:1:8: unknown kind `sockets`: expected tcp, unix, tty, unsupported, ghost or any"
+            "p:1:8: unknown kind `sockets`: expected tcp, unix, tty, unsupported, ghost, lock or any"
         );
         let err = Policy::parse("p", "refuse tcp").unwrap_err();
         assert_eq!(

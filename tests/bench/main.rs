@@ -19,7 +19,8 @@
 //! per request, and what clients see of a drained checkpoint), 15 capabilities, not privileges
 //! (a container restored with capabilities only against `--privileged` and cold, podman and
 //! Docker, and through a registry), 16 live migration between two hosts in namespaces
-//! (stop-and-copy against post-copy, 64 MiB and 1 GiB). Needs root (CRIU) for all but 2 and 5.
+//! (stop-and-copy against post-copy, 64 MiB and 1 GiB), 17 what the files a service writes to
+//! cost a checkpoint and a restore (issue 23). Needs root (CRIU) for all but 2 and 5.
 
 mod archive;
 mod asyncs;
@@ -29,6 +30,7 @@ mod coord;
 mod dispatch;
 mod drain;
 mod dump;
+mod files;
 mod idle;
 mod kdat;
 mod lazy;
@@ -53,7 +55,7 @@ usage: crac-bench [--quick] [--only LIST] [--out FILE] [--idle-secs N] [--alt-ac
                   [--soak N]
 
   --quick         fewer repetitions (a smoke run; figures are noisier)
-  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-16)
+  --only LIST     items to run, e.g. 1 or 1,3,5 (default: all of 1-17)
   --out FILE      also write the results as a markdown section to FILE
   --idle-secs N   how long item 5 watches the idle agent (default 10; 3 with --quick)
   --alt-action P  item 1 also measures this other build of crac-action (e.g. a static one)
@@ -65,7 +67,8 @@ checkpoint, and dump/restore throughput; 4 warm start through `crac run`; 5 the 
 10 warm start inside a container image (podman); 11 archive throughput, plain vs encrypted;
 12 what the security checks cost; 13 what clients see during an upgrade; 14 draining: the
 tower layer's cost, a drained checkpoint; 15 capabilities, not privileges (podman, Docker, a
-registry); 16 live migration (stop-and-copy, post-copy).
+registry); 16 live migration (stop-and-copy, post-copy); 17 files a service writes to,
+recorded and checked.
 Run as root (CRIU). scripts/bench.sh provisions CRIU and socat and builds everything first.";
 
 /// What every item needs.
@@ -86,7 +89,7 @@ pub struct Ctx {
 }
 
 /// The items there are.
-const ITEMS: [u32; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+const ITEMS: [u32; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17];
 
 struct Options {
     quick: bool,
@@ -206,6 +209,7 @@ fn run(opts: &Options) -> Res<bool> {
             14 => drain::run(&ctx, &mut report),
             15 => capabilities::run_item(&ctx, &mut report),
             16 => migrate::run(&ctx, &mut report),
+            17 => files::run(&ctx, &mut report),
             _ => unreachable!("checked by the parser"),
         };
         if let Err(err) = result {

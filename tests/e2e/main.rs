@@ -15,6 +15,7 @@ mod crac_cli;
 mod docker;
 mod drain;
 mod faults;
+mod files;
 mod hostile_output;
 mod image_trust;
 mod lazy;

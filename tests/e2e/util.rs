@@ -169,6 +169,20 @@ impl Target {
         Target::start_in_namespaces_with(dir, env, unshare_args, setup, Stdio::null())
     }
 
+    /// Starts the target under the command `prefix` (`flock -n FILE setsid`), which runs it
+    /// as its child; `pid` is the target's, and the prefix's process is reaped with it.
+    pub(crate) fn start_under(prefix: &[&str], dir: &Path, env: &[(&str, &str)]) -> Target {
+        let mut cmd = Command::new(prefix[0]);
+        cmd.args(&prefix[1..]).arg(bin("crac-test-target"));
+        let mut target = Target::launch(cmd, dir, env, None, Stdio::null());
+        target.pid = fs::read_to_string(dir.join("ready"))
+            .expect("ready file")
+            .trim()
+            .parse()
+            .expect("a pid");
+        target
+    }
+
     /// As [`Target::start_in_namespaces`], with `stdin` as the target's standard input (a
     /// socket whose other end stays out of its tree, say).
     pub(crate) fn start_in_namespaces_with(

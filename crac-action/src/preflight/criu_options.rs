@@ -27,6 +27,8 @@ pub struct CriuOptions {
     pub tcp_close: bool,
     /// `--skip-in-flight`: connections waiting on a listener are left out of the image.
     pub skip_in_flight: bool,
+    /// `--file-locks`: the tree's file locks go into the image.
+    pub file_locks: bool,
 }
 
 impl CriuOptions {
@@ -40,6 +42,7 @@ impl CriuOptions {
             ghost_limit: DEFAULT_GHOST_LIMIT,
             tcp_close: false,
             skip_in_flight: false,
+            file_locks: false,
         }
     }
 
@@ -107,6 +110,7 @@ impl CriuOptions {
                 "ext-unix-sk" => opts.ext_unix_sk = true,
                 "tcp-close" => opts.tcp_close = true,
                 "skip-in-flight" => opts.skip_in_flight = true,
+                "file-locks" | "l" => opts.file_locks = true,
                 "shell-job" | "j" => opts.shell_job = true,
                 "ghost-limit" => {
                     let value = inline.or_else(|| words.next().map(str::to_owned));
@@ -167,5 +171,8 @@ mod tests {
         assert_eq!(opts.ghost_limit, 1 << 30);
         let opts = CriuOptions::from_words(&words(&["--skip-in-flight", "tcp-close"]));
         assert!(opts.skip_in_flight && opts.tcp_close && !opts.tcp_established);
+        assert!(!opts.file_locks);
+        assert!(CriuOptions::from_words(&words(&["--file-locks"])).file_locks);
+        assert!(CriuOptions::from_words(&words(&["file-locks"])).file_locks);
     }
 }

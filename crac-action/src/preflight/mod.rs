@@ -26,6 +26,8 @@
 //! | a terminal (`/dev/pts/N`, `/dev/ttyN`) whose other side is outside the tree | the session's terminal | `--shell-job` |
 //! | an io_uring, userfaultfd, perf event or KVM descriptor | "unsupported" | never |
 //! | a deleted file (no link left) bigger than the ghost limit | "Can't dump ghost file" | a bigger `--ghost-limit` |
+//! | a file lock (flock, POSIX, OFD) held through a descriptor, an inherited one too | "Some file locks are hold by dumping tasks" | `--file-locks` |
+//! | a POSIX lock on a file the process has mapped (SQLite's `-shm`) | lost at the restore, with `--file-locks` | never |
 //!
 //! CRIU's options come from its command line and the configuration files it reads. Under a
 //! container runtime CRIU runs as `criu swrk` and gets its options over RPC, which cannot be
@@ -41,11 +43,13 @@
 //! - `seen.rs`: a process's descriptors as its agent told them or as seen from outside;
 //! - `scan.rs`: [`scan()`], what CRIU refuses per descriptor kind, and why;
 //! - `pidfd.rs`: a socket of another process asked about itself, through a copy of it;
+//! - `locks.rs`: [`held_locks`], the file locks held through the tree's descriptors;
 //! - `sock_diag.rs`: who is at the other end of each Unix socket (sock_diag netlink);
 //! - `policy.rs`: [`configured`] and [`refused_by_policy`], the operator's policy applied;
 //! - `report.rs`: [`Problem`] and the [`refusal`] that lists them.
 
 mod criu_options;
+mod locks;
 pub(crate) mod pidfd;
 mod policy;
 mod report;
@@ -56,6 +60,7 @@ mod sock_diag;
 pub use crac_protocol::fd_policy::{Kind, Policy, PolicyError, Verdict};
 
 pub use criu_options::CriuOptions;
+pub use locks::{held as held_locks, restorable as restorable_lock, HeldLock};
 pub use policy::{configured, needs_tcp_addresses, refused_by_policy, POLICY_ENV, PREFLIGHT_ENV};
 pub use report::{refusal, Problem};
 pub use scan::scan;

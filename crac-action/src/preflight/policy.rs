@@ -58,6 +58,7 @@ pub fn refused_by_policy(pids: &[u32], facts: &AgentFacts, policy: &Policy) -> V
         // A listener is refused by a rule for what it is, not for a client that happens to
         // be waiting.
         skip_in_flight: true,
+        file_locks: false,
     };
     scan(pids, facts, &lenient, &Policy::default())
         .into_iter()

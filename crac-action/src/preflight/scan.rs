@@ -113,6 +113,9 @@ pub fn scan(pids: &[u32], facts: &AgentFacts, opts: &CriuOptions, policy: &Polic
     if opts.known && !opts.ext_unix_sk && !unix_fds.is_empty() {
         found.extend(external_unix(unix_fds, &tree_sockets));
     }
+    if opts.known {
+        found.extend(super::locks::refused(pids, facts, opts.file_locks));
+    }
     found.retain(|p| policy.verdict(p.kind, &p.what) != Some(Verdict::Ignore));
     found
 }

@@ -81,6 +81,9 @@ fn dry_run(args: &CheckpointArgs) -> Result<u8, OpError> {
     if args.tcp_established {
         words.push("--tcp-established".into());
     }
+    if args.file_locks {
+        words.push("--file-locks".into());
+    }
     let opts = crac_action::preflight::CriuOptions::from_words(&words);
     let policy = crac_action::preflight::configured(|name| std::env::var(name).ok())
         .map_err(|e| OpError::new(FailureKind::BadInput, e))?
@@ -120,6 +123,9 @@ fn dry_run(args: &CheckpointArgs) -> Result<u8, OpError> {
         }
         for line in &found.refused {
             text.push_str(&format!("BAD  {line}\n"));
+        }
+        for line in &found.file_locks {
+            text.push_str(&format!("LOCK {line} (taken into the image: --file-locks)\n"));
         }
         text.push_str(&format!(
             "{}: {} descriptors looked at, {} CRIU would refuse; hooks rolled back, nothing dumped\n",

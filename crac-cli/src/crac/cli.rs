@@ -207,6 +207,11 @@ pub(crate) struct RestoreArgs {
     /// done, so its plaintext never reaches a disk.
     #[arg(long, value_name = "FILE")]
     pub identity: Option<PathBuf>,
+    /// Restore even though PATH, a file the service had open for writing, changed since the
+    /// checkpoint (repeat for more): for a service that reopens and rereads it in
+    /// after_restore.
+    #[arg(long = "allow-changed", value_name = "PATH")]
+    pub allow_changed: Vec<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -458,6 +463,10 @@ pub(crate) struct RunArgs {
     /// `$CRAC_RESTORE_TIMEOUT`, else 60.
     #[arg(long, value_name = "S", value_parser = positive_seconds)]
     pub restore_timeout: Option<f64>,
+    /// As `crac restore --allow-changed`: restore even though PATH changed since the
+    /// checkpoint (repeat for more).
+    #[arg(long = "allow-changed", value_name = "PATH")]
+    pub allow_changed: Vec<PathBuf>,
     /// The service's command line, for a cold start.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

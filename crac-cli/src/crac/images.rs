@@ -187,6 +187,18 @@ fn show(store: &Store, name: &str, out: Out) -> Result<u8, OpError> {
             millis(meta.timings.dump_ms),
             millis(meta.timings.total_ms)
         ));
+        for w in &meta.written_files {
+            text.push_str(&format!(
+                "  written:   {} ({}{})\n",
+                field(&w.path),
+                bytes(w.size),
+                if w.sha256.is_some() {
+                    ", SHA-256"
+                } else {
+                    ", size and time"
+                }
+            ));
+        }
         for h in &meta.hooks {
             text.push_str(&format!(
                 "  hook:      pid {} {} {} {}µs\n",

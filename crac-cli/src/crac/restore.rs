@@ -25,6 +25,7 @@ pub(crate) fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         inherit_stdio: false,
         // Without --detach CRIU lasts as long as the service.
         timeout: None,
+        allow_changed: args.allow_changed,
     };
     let mut notice = |notice: &str| bar.note(&format!("crac: {notice}"));
     let progress = bar.shown().then_some(&update as _);

@@ -138,6 +138,7 @@ fn warm(store: &Store, args: &RunArgs) -> Result<(u32, Option<PageServer>), OpEr
         env,
         inherit_stdio: args.output_passed_on(),
         timeout: Some(restore_timeout(args)),
+        allow_changed: args.allow_changed.clone(),
     };
     let mut notice = |notice: &str| say(&format!("crac run: {notice}"));
     let (outcome, server) = if lazy {

@@ -797,6 +797,7 @@ fn state(
         env: args.env.iter().cloned().collect(),
         inherit_stdio: false,
         timeout: None,
+        allow_changed: Vec::new(),
     };
     let mut notice = |notice: &str| tell(&format!("crac upgrade: {notice}"));
     match crac_cli::restore::restore(&restore, &mut notice, None) {

@@ -308,6 +308,21 @@ pub fn hash_with_identity(file: fs::File) -> io::Result<(String, Identity)> {
 ///
 /// A [`ValidateError`] listing every problem found, each naming its file.
 pub fn verify(dir: &Path, meta: &Metadata, check: Check) -> Result<(), ValidateError> {
+    verify_allowing(dir, meta, check, &[])
+}
+
+/// [`verify`], and the files the process wrote to ([`WrittenFile`](super::WrittenFile)) but
+/// those in `allowed` (the operator's `--allow-changed`), which may have changed.
+///
+/// # Errors
+///
+/// As [`verify`], with each written file that changed.
+pub fn verify_allowing(
+    dir: &Path,
+    meta: &Metadata,
+    check: Check,
+    allowed: &[PathBuf],
+) -> Result<(), ValidateError> {
     if let Err(source) = crac_fs::check_dir(dir) {
         if crac_fs::is_untrusted(&source) {
             return Err(ValidateError {
@@ -385,6 +400,7 @@ pub fn verify(dir: &Path, meta: &Metadata, check: Check) -> Result<(), ValidateE
             }),
         }
     }
+    problems.extend(super::written::check(&meta.written_files, allowed));
     if problems.is_empty() {
         note_intact(dir, meta, &found_intact);
         Ok(())

@@ -28,16 +28,19 @@
 //!
 //! The schema (the [`Metadata`] types, [`read`], [`write()`], [`seal`], the pending file) is in
 //! `schema.rs`; integrity (hashing the image's files and the files outside it, [`verify`], the
-//! found-intact note, [`KnownHashes`]) in `integrity.rs`; validation ([`validate`], [`Problem`],
+//! found-intact note, [`KnownHashes`]) in `integrity.rs`; the files the tree wrote to
+//! ([`WrittenFile`], recorded at the checkpoint, checked before a restore) in `written.rs`;
+//! validation ([`validate`], [`Problem`],
 //! [`ValidateError`]) in `validation.rs`. SHA-256 itself is [`crate::hashing`].
 
 mod integrity;
 mod schema;
 mod validation;
+mod written;
 
 pub use integrity::{
-    hash_files, hash_with_identity, list_image_files, note_intact, verify, Check, Identity,
-    KnownHashes, KNOWN_HASHES_FILE, VERIFIED_FILE,
+    hash_files, hash_with_identity, list_image_files, note_intact, verify, verify_allowing, Check,
+    Identity, KnownHashes, KNOWN_HASHES_FILE, VERIFIED_FILE,
 };
 pub use schema::{
     complete_pending, is_complete_dump, read, seal, this_machine, write, write_pending,
@@ -46,3 +49,4 @@ pub use schema::{
 };
 pub(crate) use validation::is_plain_name;
 pub use validation::{validate, Problem, ValidateError};
+pub use written::{check as check_written, Stat, WrittenFile, HASH_LIMIT};

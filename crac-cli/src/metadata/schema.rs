@@ -107,6 +107,12 @@ pub struct Metadata {
     /// knows. Absent in images of older versions (not checked then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bounding_set: Vec<String>,
+    /// The regular files the dumped tree had open for writing, or mapped shared and writable,
+    /// when the checkpoint started (see [`WrittenFile`](super::WrittenFile)): a restore
+    /// refuses the image once one of them changed. Absent when there were none, in images of
+    /// older versions and in recovered ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub written_files: Vec<super::WrittenFile>,
 }
 
 /// A file the dumped process had mapped, outside the image.
@@ -479,6 +485,7 @@ pub fn complete_pending(dir: &Path, name: &str) -> io::Result<Option<Metadata>> 
     meta.files = files;
     meta.executable_sha256 = None;
     meta.mapped_files.clear();
+    meta.written_files.clear();
     meta.created_unix_ms = done
         .modified()
         .ok()

@@ -93,6 +93,14 @@ pub enum Problem {
         /// The file's path.
         path: PathBuf,
     },
+    /// A file the process had open for writing (or mapped shared and writable) changed
+    /// since the checkpoint ([`WrittenFile`](super::WrittenFile)).
+    WrittenFileChanged {
+        /// The file's path.
+        path: PathBuf,
+        /// How it differs.
+        how: &'static str,
+    },
     /// The executable, or a file the service had mapped, cannot be read at its path.
     ExecutableUnreadable {
         /// The executable's path.
@@ -154,6 +162,12 @@ impl fmt::Display for Problem {
                 "the file {} that the service had mapped is not the one it had (its SHA-256 differs)",
                 path.display()
             ),
+            Problem::WrittenFileChanged { path, how } => write!(
+                f,
+                "the file {} changed since the checkpoint ({how}): the process had it open for \
+                 writing; restoring would resume it against a newer file",
+                path.display()
+            ),
             Problem::ExecutableUnreadable { path, source } => write!(
                 f,
                 "cannot read {} ({})",
@@ -196,16 +210,22 @@ impl ValidateError {
                     | Problem::ExecutableUnreadable { .. }
             )
         };
+        let written = |p: &Problem| matches!(p, Problem::WrittenFileChanged { .. });
         if self
             .problems
             .iter()
-            .any(|p| !matches!(p, Problem::ForeignArch { .. }) && !executable(p))
+            .any(|p| !matches!(p, Problem::ForeignArch { .. }) && !executable(p) && !written(p))
         {
             hints.push("the image is damaged: make it again with `crac checkpoint`");
         }
         if self.problems.iter().any(executable) {
             hints.push(
                 "a restore maps the executable and the libraries from their paths: put back the files the service ran with, or checkpoint the service again",
+            );
+        }
+        if self.problems.iter().any(written) {
+            hints.push(
+                "restore an image made since the file last changed, or start the service cold; if the service copes with a newer file (it reopens and rereads it in after_restore), allow each with --allow-changed PATH",
             );
         }
         if self

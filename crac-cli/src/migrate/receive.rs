@@ -155,7 +155,7 @@ fn session(
             ));
         }
     };
-    if let Err(e) = crate::restore::validate(&image, notice) {
+    if let Err(e) = crate::restore::validate(&image, &[], notice) {
         let _ = channel.send(&Message::Abort {
             reason: e.message.clone(),
         });
@@ -222,6 +222,7 @@ fn session(
         env: Default::default(),
         inherit_stdio: false,
         timeout: None,
+        allow_changed: Vec::new(),
     };
     if offer.strategy == super::POST_COPY {
         let lazily = LazyReceive {

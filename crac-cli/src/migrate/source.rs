@@ -630,6 +630,7 @@ impl Frozen<'_> {
                 env: Default::default(),
                 inherit_stdio: false,
                 timeout: None,
+                allow_changed: Vec::new(),
             },
             notice,
             None,
