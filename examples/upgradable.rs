@@ -30,6 +30,7 @@ use axum::routing::get;
 use axum::Router;
 use crac_core::tower::CheckpointGateLayer;
 use crac_core::{from_fns, global_context, Coordinator};
+use tokio::signal::unix::SignalKind;
 
 #[derive(Debug)]
 struct App {
@@ -144,16 +145,23 @@ fn main() -> Result<(), String> {
             std::process::exit(3);
         }
         let (retire, retired) = tokio::sync::watch::channel(false);
-        // RETIRE=ignore: a version that never goes (the sender kept, never sent).
-        let _never = if env("RETIRE", "") == "ignore" {
-            Some(retire)
-        } else {
+        let retire = Arc::new(retire);
+        // SIGTERM, the ordinary stop (a restart, or crac upgrade rolling back a version that
+        // served but never said READY=1): the same graceful end, but nothing is flushed.
+        let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())
+            .map_err(|e| format!("SIGTERM: {e}"))?;
+        let stop = Arc::clone(&retire);
+        tokio::spawn(async move {
+            terminate.recv().await;
+            let _ = stop.send(true);
+        });
+        // RETIRE=ignore: a version that never goes when told to retire.
+        if env("RETIRE", "") != "ignore" {
             tokio::task::spawn_blocking(move || {
                 Coordinator::global().wait_retired(None);
                 let _ = retire.send(true);
             });
-            None
-        };
+        }
         let mut shutdown = retired.clone();
         let listener = UntilRetired { listener, retired };
         axum::serve(listener, router)
@@ -165,11 +173,20 @@ fn main() -> Result<(), String> {
             })
             .await
             .map_err(|e| e.to_string())?;
-        // Again once the requests in flight have finished: they count too.
-        app.flush();
+        // Again once the requests in flight have finished: they count too. Only for a
+        // successor: a version stopped by SIGTERM leaves the count to the one that serves on.
+        let retiring = Coordinator::global().is_retiring();
+        if retiring {
+            app.flush();
+        }
         eprintln!(
-            "upgradable {}: retired after hits={}",
+            "upgradable {}: {} after hits={}",
             app.version.lock().unwrap(),
+            if retiring {
+                "retired"
+            } else {
+                "stopped (SIGTERM)"
+            },
             app.hits()
         );
         Ok(())

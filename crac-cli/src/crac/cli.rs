@@ -483,8 +483,8 @@ pub(crate) struct UpgradeArgs {
     /// (stop, then start), or `auto`: the highest that applies.
     #[arg(long, value_enum, default_value_t = UpgradeLevel::Auto)]
     pub level: UpgradeLevel,
-    /// Seconds the new version has to say READY=1 (on NOTIFY_SOCKET) before it is killed and
-    /// the old one serves on.
+    /// Seconds the new version has to say READY=1 (on NOTIFY_SOCKET) before it is stopped
+    /// (SIGTERM, SIGKILL after the drain timeout) and the old one serves on.
     #[arg(long, value_name = "S", default_value_t = 30.0)]
     pub ready_timeout: f64,
     /// Seconds the new version must keep running once ready before the old one is told to

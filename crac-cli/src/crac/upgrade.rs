@@ -37,7 +37,8 @@ use crac_cli::metadata::DumpOptions;
 use crac_cli::restore::RestoreRequest;
 use crac_cli::store::Store;
 use crac_protocol::wire::{Code, Request};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::cli::{UpgradeArgs, UpgradeLevel};
 use crate::output::{millis, say};
@@ -412,13 +413,36 @@ impl NewVersion {
         lines[lines.len().saturating_sub(LAST_LINES)..].to_vec()
     }
 
-    /// The rollback: killed, the old one untouched; the error says what happened.
-    fn roll_back(mut self, old: u32, what: String) -> OpError {
+    /// Stops it the ordinary way: SIGTERM, so that a version that already took connections
+    /// from the shared queue (one that serves but never said READY=1) finishes them, and
+    /// SIGKILL if it has not exited within `grace`. Not the retire phase: it has no successor,
+    /// and what its retire hooks flush is for one. How it was stopped, for the report.
+    fn stop(&mut self, grace: Duration) -> &'static str {
+        if self.ended().is_some() {
+            return "it is gone";
+        }
+        if kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM).is_ok() {
+            let until = Instant::now() + grace;
+            while Instant::now() < until {
+                if self.ended().is_some() {
+                    return "it was stopped (SIGTERM)";
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         self.kill();
+        "it was killed"
+    }
+
+    /// The rollback: stopped (within `grace`), the old one untouched; the error says what
+    /// happened.
+    fn roll_back(mut self, old: u32, what: String, grace: Duration) -> OpError {
+        let how = self.stop(grace);
+        let _ = self.child.wait();
         let mut err = OpError::new(
             FailureKind::Failed,
             format!(
-                "{what}: it was killed and pid {old} serves on (never told to retire); the new version's output is in {}",
+                "{what}: {how} and pid {old} serves on (never told to retire); the new version's output is in {}",
                 self.log.display()
             ),
         );
@@ -508,7 +532,7 @@ fn handoff(
     ));
     let ready_in = match wait_ready(&mut new, &notify, args) {
         Ok(ready_in) => ready_in,
-        Err(what) => return Err(new.roll_back(old.pid(), what)),
+        Err(what) => return Err(new.roll_back(old.pid(), what, drain)),
     };
     tell(&format!(
         "crac upgrade: pid {} ready in {}; telling pid {} to retire",
@@ -522,7 +546,11 @@ fn handoff(
         Ok(retired) => retired,
         Err(why) => {
             follow(old.pid());
-            return Err(new.roll_back(old.pid(), format!("{why}, so it would not give way")));
+            return Err(new.roll_back(
+                old.pid(),
+                format!("{why}, so it would not give way"),
+                drain,
+            ));
         }
     };
     tell(&format!(
