@@ -84,8 +84,12 @@ down() {
         done
         ip netns del "$ns"
     done
-    # The folder `ip netns add` made, if no other namespace is left in it.
-    rmdir /run/netns 2>/dev/null || true
+    # The folder `ip netns add` made, and the mount it put there (a bind of itself, made shared
+    # once per boot), if no other namespace is left in it.
+    if [[ -d /run/netns && -z $(ls -A /run/netns) ]]; then
+        mountpoint -q /run/netns && umount /run/netns 2>/dev/null || true
+        rmdir /run/netns 2>/dev/null || true
+    fi
 }
 
 # What the hosts and crac's migration need: iproute2 (ip), iptables (CRIU's network lock, and

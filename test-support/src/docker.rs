@@ -99,6 +99,8 @@ impl Docker {
         let socket = dir.join("docker.sock");
         let sub = |name: &str| dir.join(name).to_string_lossy().into_owned();
         let log = fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&tmp).expect("dockerd's TMPDIR");
         let daemon = Command::new(DOCKERD)
             .args(["--data-root", &sub("data")])
             .args(["--exec-root", &sub("exec")])
@@ -115,6 +117,8 @@ impl Docker {
             ])
             .env("PATH", path)
             .env("CRIU_CONFIG_FILE", criu_config)
+            // containerd stages each checkpoint in $TMPDIR/ctrd-checkpoint*, and leaves it.
+            .env("TMPDIR", &tmp)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
