@@ -127,7 +127,7 @@ fn main() -> Result<(), String> {
         .enable_time()
         .build()
         .map_err(|e| e.to_string())?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
         let router = Router::new()
             .route("/", get(answer))
@@ -190,7 +190,10 @@ fn main() -> Result<(), String> {
             app.hits()
         );
         Ok(())
-    })
+    });
+    // Not waiting for the blocking task that waits for retirement, which a SIGTERM never ends.
+    runtime.shutdown_background();
+    served
 }
 
 /// How long a retiring service keeps serving the connections it has before it closes the idle

@@ -14,13 +14,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # The folders that services and crac make on the way (agents' bases, the per-pid checkpoint
-# locks) are removed at the end if the run made them and they are empty again: the machine
-# is left as it was found.
+# locks) are removed at the end if the run made them: the machine is left as it was found.
+# What is left in them then is the agents' folders of test services that tests killed with
+# SIGKILL (an agent removes its own folder when its process exits any other way); every test
+# service is gone by then.
 made_here=()
 for dir in /run/crac /run/crac-locks /tmp/crac; do
     [[ -e $dir ]] || made_here+=("$dir")
 done
-tidy() { for dir in "${made_here[@]}"; do rmdir "$dir" 2>/dev/null || true; done; }
+tidy() { for dir in "${made_here[@]}"; do rm -rf --one-file-system "$dir" 2>/dev/null || true; done; }
 
 # One line at the end says how it went, and which step failed.
 started=$SECONDS
