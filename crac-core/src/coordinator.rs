@@ -255,28 +255,8 @@ impl Coordinator {
     /// is.
     pub fn wait_idle(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut state = lock(&self.inner.state);
-        while state.in_cycle {
-            state = match deadline {
-                None => self
-                    .inner
-                    .cycle_ended
-                    .wait(state)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                Some(deadline) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return false;
-                    }
-                    self.inner
-                        .cycle_ended
-                        .wait_timeout(state, deadline - now)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .0
-                }
-            };
-        }
-        true
+        let state = lock(&self.inner.state);
+        crate::wait::wait_while(&self.inner.cycle_ended, state, deadline, |s| s.in_cycle).1
     }
 
     /// Adds `hook` to what the retire phase tells, after those added before: a resource

@@ -141,6 +141,7 @@ mod statics;
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
 mod trace;
+mod wait;
 
 pub use async_resource::{from_async_fns, AsyncFnResource, AsyncResource, BoxFuture};
 pub use context::{Context, Registration};

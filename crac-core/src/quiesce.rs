@@ -90,24 +90,12 @@ impl Gate {
         let nested = held_by_this_thread();
         let deadline = timeout.map(|t| Instant::now() + t);
         while !self.try_enter(nested) {
-            let mut waiting = self.lock();
-            while self.is_shut_now() {
-                waiting = match deadline {
-                    None => self
-                        .changed
-                        .wait(waiting)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                    Some(deadline) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            return None;
-                        }
-                        self.changed
-                            .wait_timeout(waiting, deadline - now)
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .0
-                    }
-                };
+            let waiting = self.lock();
+            let (waiting, opened) =
+                crate::wait::wait_while(&self.changed, waiting, deadline, |_| self.is_shut_now());
+            drop(waiting);
+            if !opened {
+                return None;
             }
         }
         Some(CriticalSection::new(Some(Arc::clone(self))))

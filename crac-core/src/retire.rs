@@ -74,26 +74,8 @@ impl Retirement {
         done
     }
 
-    fn wait_locked(&self, mut state: MutexGuard<'_, State>, deadline: Option<Instant>) -> bool {
-        while !state.done {
-            state = match deadline {
-                None => self
-                    .begun
-                    .wait(state)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                Some(deadline) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return false;
-                    }
-                    self.begun
-                        .wait_timeout(state, deadline - now)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .0
-                }
-            };
-        }
-        true
+    fn wait_locked(&self, state: MutexGuard<'_, State>, deadline: Option<Instant>) -> bool {
+        crate::wait::wait_while(&self.begun, state, deadline, |s| !s.done).1
     }
 }
 
