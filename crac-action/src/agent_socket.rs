@@ -13,8 +13,12 @@
 //! whose usual folder another user took listens elsewhere (`<base>/<pid>.XXXXXX`, or a private
 //! base `/tmp/crac-<uid>.XXXXXX`): for a process that runs an agent found at none of those,
 //! the path its listening socket is bound to says where (its socket inodes from /proc/PID/fd,
-//! their bound paths from /proc/PID/net/unix), and that folder gets the same checks. Each
-//! look is made without trusting the process's file system:
+//! their bound paths from /proc/PID/net/unix), and that folder gets the same checks. So does
+//! a process in a pid namespace of its own whose usual folder holds a socket it does not
+//! listen on: copies restored from one image share that path, and all but the one that bound
+//! it last move to `<base>/<pid>.XXXXXX` (only for such a process are its sockets read, so the
+//! look costs nothing on the host). Each look is made without trusting the process's file
+//! system:
 //!
 //! - the path is resolved with `openat2(RESOLVE_IN_ROOT)` from the process's root, so an
 //!   absolute symbolic link planted in a container resolves inside the container, never on
@@ -302,6 +306,8 @@ impl AgentSocket {
         // own elsewhere (see below); if not, this is the answer.
         let mut taken = None;
         let mut euid = None;
+        // The folders its listening sockets are bound in, once read (see `listens_at`).
+        let mut listening = None;
         for base in base_candidates(proc.agent_dir.clone(), proc.runtime_dir.clone()) {
             let folder = match open_folder(&root, &base, OsStr::new(&pid_name), pid, in_own_root) {
                 Ok(Some(folder)) => folder,
@@ -321,6 +327,7 @@ impl AgentSocket {
             euid = Some(uid);
             let dir = base.join(&pid_name);
             match AgentSocket::check(pid, proc.ns_pid, uid, dir, folder, in_own_root) {
+                Ok(Some(_)) if !listens_at(&mut listening, pid, proc.ns_pid, &base, &pid_name) => {}
                 Ok(Some(found)) => return found.in_our_user_namespace(&proc),
                 Ok(None) => {}
                 Err(refusal @ Refusal::Folder { .. }) => {
@@ -334,7 +341,8 @@ impl AgentSocket {
         }
         // An agent whose usual folder was taken listens in `<base>/<pid>.XXXXXX`: its
         // listening socket says where.
-        for (base, name) in listening_folders(pid, proc.ns_pid) {
+        let listening = listening.unwrap_or_else(|| listening_folders(pid, proc.ns_pid));
+        for (base, name) in listening {
             let Some(folder) = open_folder(&root, &base, &name, pid, in_own_root)? else {
                 continue;
             };
@@ -643,6 +651,31 @@ fn listening_folders(pid: u32, ns_pid: u32) -> Vec<(PathBuf, OsString)> {
     found
 }
 
+/// Whether the socket in `<base>/<name>`, the usual folder of process `pid` (`ns_pid` as it
+/// sees itself), can be its own. Copies restored from one image into pid namespaces of their
+/// own, sharing a file system, share that path (the same pid in each); the copy that bound it
+/// last has it, and the others move to folders of their own (`<base>/<pid>.XXXXXX`), where
+/// their listening sockets say they are. Only a process in a pid namespace of its own can
+/// meet that, so only for one are its listening sockets read (once, into `listening`): on
+/// the host this costs nothing. A process that listens on no agent socket found this way
+/// (its table cannot be read) keeps its usual folder.
+fn listens_at(
+    listening: &mut Option<Vec<(PathBuf, OsString)>>,
+    pid: u32,
+    ns_pid: u32,
+    base: &Path,
+    name: &str,
+) -> bool {
+    if pid == ns_pid {
+        return true;
+    }
+    let folders = listening.get_or_insert_with(|| listening_folders(pid, ns_pid));
+    folders.is_empty()
+        || folders
+            .iter()
+            .any(|(b, n)| b == base && n.as_os_str() == OsStr::new(name))
+}
+
 /// `socket`, a path as process `pid` sees it, for a message: with "inside the root of pid N"
 /// when the process has a root of its own.
 fn shown(socket: &Path, pid: u32, in_own_root: bool) -> String {
@@ -778,6 +811,36 @@ mod tests {
         let found = listening_folders(std::process::id(), 7);
         assert_eq!(found, vec![(root.clone(), OsString::from("7.Ab3xYz"))]);
         assert!(listening_folders(std::process::id(), 9).is_empty());
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_namespaced_process_listening_elsewhere_is_not_taken_for_its_usual_folder() {
+        let root = scratch("moved");
+        let me = std::process::id();
+        // As a copy that moved: it listens in `17.Ab3xYz`, another copy's socket is at `17`.
+        let folder = root.join("17.Ab3xYz");
+        fs::DirBuilder::new().mode(0o700).create(&folder).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(folder.join("agent.sock")).unwrap();
+        let usual = root.join("17");
+        fs::DirBuilder::new().mode(0o700).create(&usual).unwrap();
+        let mut listening = None;
+        assert!(!listens_at(&mut listening, me, 17, &root, "17"));
+        assert_eq!(
+            listening,
+            Some(vec![(root.clone(), OsString::from("17.Ab3xYz"))])
+        );
+        // Read once.
+        assert!(listens_at(&mut listening, me, 17, &root, "17.Ab3xYz"));
+        // The copy that bound the usual path listens there.
+        let _usual = std::os::unix::net::UnixListener::bind(usual.join("agent.sock")).unwrap();
+        assert!(listens_at(&mut None, me, 17, &root, "17"));
+        // Nothing found (no agent socket for pid 19): the usual folder stands.
+        assert!(listens_at(&mut None, me, 19, &root, "19"));
+        // A process in crac-action's pid namespace: not looked at.
+        let mut untouched = None;
+        assert!(listens_at(&mut untouched, me, me, &root, "17"));
+        assert_eq!(untouched, None);
         let _ = fs::remove_dir_all(&root);
     }
 

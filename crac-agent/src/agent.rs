@@ -27,6 +27,25 @@ static COORDINATOR: Mutex<Option<Coordinator>> = Mutex::new(None);
 /// usual one was taken; see [`base_dir`](crac_protocol::location::base_dir)).
 static SOCKET: Mutex<Option<PathBuf>> = Mutex::new(None);
 
+/// Where the running agent listens, for [`Agent::socket_path`]: it changes when a copy
+/// restored from the same image took the path (see `Server::check_socket`). Each path is
+/// leaked (one per move, rare), so a borrowed one stays valid.
+pub(crate) type Published = Arc<Mutex<&'static Path>>;
+
+/// Notes that the running agent now listens on `socket` (its folder was taken: it moved).
+pub(crate) fn moved_to(published: &Published, socket: &Path) {
+    *SOCKET
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(socket.to_owned());
+    *published
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = leak(socket);
+}
+
+fn leak(path: &Path) -> &'static Path {
+    Box::leak(path.to_owned().into_boxed_path())
+}
+
 /// The socket of the agent running in this process, if one runs.
 pub(crate) fn running_socket() -> Option<PathBuf> {
     if RUNNING_IN.load(Ordering::SeqCst) != std::process::id() {
@@ -215,11 +234,13 @@ impl Builder {
         *SOCKET
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(socket.clone());
+        let published: Published = Arc::new(Mutex::new(leak(&socket)));
         let server = Server::new(
             Handler::new(coordinator),
             listener,
             Options {
                 fd_policy,
+                published: published.clone(),
                 socket: socket.clone(),
                 dir,
                 base,
@@ -239,7 +260,7 @@ impl Builder {
         };
         Ok(Agent {
             inner: Arc::new(AgentInner {
-                socket,
+                socket: published,
                 moved_aside,
                 running: Mutex::new(Some((thread, stop_write))),
             }),
@@ -255,7 +276,7 @@ pub struct Agent {
 }
 
 struct AgentInner {
-    socket: PathBuf,
+    socket: Published,
     moved_aside: Option<PathBuf>,
     /// The agent's thread and the end of its stop pipe, until stopped.
     running: Mutex<Option<(JoinHandle<()>, OwnedFd)>>,
@@ -264,9 +285,16 @@ struct AgentInner {
 impl Agent {
     /// The socket the agent listens on: `<base>/<pid>/agent.sock`, or
     /// `<base>/<pid>.XXXXXX/agent.sock` when another user's entry took `<base>/<pid>` and
-    /// could not be moved aside (see [`base_dir`](crac_protocol::location::base_dir)).
+    /// could not be moved aside (see [`base_dir`](crac_protocol::location::base_dir)), or when
+    /// another copy restored from the same image (in a pid namespace of its own, where it has
+    /// the same pid) bound `<base>/<pid>/agent.sock` after this one: the agent then moves to a
+    /// folder of its own, and this says where it listens now.
     pub fn socket_path(&self) -> &Path {
-        &self.inner.socket
+        *self
+            .inner
+            .socket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Where another user's entry (a folder, a file or a link) found at this process's folder
@@ -304,7 +332,7 @@ impl Agent {
 impl fmt::Debug for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
-            .field("socket", &self.inner.socket)
+            .field("socket", &self.socket_path())
             .field("moved_aside", &self.inner.moved_aside)
             .finish()
     }

@@ -135,8 +135,9 @@ fn own_folder(dir: &Path, own_uid: u32) -> Result<Option<()>, StartError> {
 }
 
 /// A folder of this process's own with an unguessable name, `<pid>.XXXXXX`, in `base`: kept
-/// for the life of the process (removed at exit, like the usual folder).
-fn alternative(base: &Path, pid: u32) -> Result<PathBuf, StartError> {
+/// for the life of the process (removed at exit, like the usual folder). Also where an agent
+/// moves when a copy restored from the same image took its path (`Server::check_socket`).
+pub(crate) fn alternative(base: &Path, pid: u32) -> Result<PathBuf, StartError> {
     crac_fs::TempDir::new_in(base, &pid.to_string())
         .map(crac_fs::TempDir::keep)
         .map_err(|e| StartError::io("create a folder in", base, e))

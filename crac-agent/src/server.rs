@@ -45,6 +45,8 @@ const PENDING_REQUEST_TIMEOUT: Duration = Duration::from_millis(100);
 pub(crate) struct Options {
     /// What to close once a checkpoint's hooks have run.
     pub(crate) fd_policy: crac_protocol::fd_policy::Policy,
+    /// Where [`crate::Agent::socket_path`] reads the socket's path (it follows a move).
+    pub(crate) published: crate::agent::Published,
     /// Where the socket is, its folder, and the folder's base (to make them again).
     pub(crate) socket: PathBuf,
     pub(crate) dir: PathBuf,
@@ -441,10 +443,10 @@ impl Server {
     }
 
     /// Makes the socket again if it is gone, or another file took its path. A live socket
-    /// there is left alone (`location::prepare_again` refuses it): a copy restored from the same
-    /// image into a pid namespace of its own, in the same file system, bound it last; or it
-    /// is this very listener, in a file a restore made, and prepare's probe, accepted here,
-    /// notes it as this agent's.
+    /// there is asked who listens (`SO_PEERCRED`): this very listener, in a file a restore
+    /// made, is noted as this agent's; another process's (a copy restored from the same image
+    /// into a pid namespace of its own, in the same file system, bound it after this one) is
+    /// left to it, and this agent moves to a folder of its own ([`Self::move_out`]).
     ///
     /// A path found empty is made again only if the next check finds it empty too: CRIU,
     /// restoring another copy of the same image, removes the file and binds the path a few
@@ -460,6 +462,23 @@ impl Server {
         if now.is_none() && !seen_gone_before {
             return;
         }
+        if now.is_some() {
+            match holder(&self.options.socket) {
+                // This listener, in a file a restore made: ours from now on.
+                Holder::This => {
+                    self.own_the_socket_file();
+                    return;
+                }
+                // Not while a checkpoint is pending: crac-action holds this folder for the
+                // cycle. Moving after it ends is soon enough.
+                Holder::Another if !self.handler.is_pending() => {
+                    self.move_out();
+                    return;
+                }
+                Holder::Another | Holder::Unknown => return,
+                Holder::Nobody => {}
+            }
+        }
         let Ok(socket) = crate::location::prepare_again(
             &self.options.base,
             self.options.private_base,
@@ -473,6 +492,77 @@ impl Server {
         let _ = listener.set_nonblocking(true);
         self.listener = listener;
         self.own_the_socket_file();
+    }
+
+    /// Another live agent listens at this agent's path: a copy restored from the same image
+    /// in a pid namespace of its own (the same pid there), sharing the file system, bound it
+    /// after this one. This agent moves to a folder of its own, `<base>/<pid>.XXXXXX`, where
+    /// crac-action finds it by its listening socket; the path and what is there are left to
+    /// the other.
+    fn move_out(&mut self) {
+        let Ok(dir) = crate::location::alternative(&self.options.base, std::process::id()) else {
+            return;
+        };
+        let socket = dir.join(crac_protocol::location::SOCKET_NAME);
+        let Ok(listener) = crate::location::listen(&socket) else {
+            let _ = std::fs::remove_dir(&dir);
+            return;
+        };
+        let _ = listener.set_nonblocking(true);
+        self.listener = listener;
+        crate::cleanup::arm(
+            &socket,
+            &dir,
+            self.options
+                .private_base
+                .then_some(self.options.base.as_path()),
+            false,
+        );
+        crate::agent::moved_to(&self.options.published, &socket);
+        self.options.socket = socket;
+        self.options.dir = dir;
+        self.own_the_socket_file();
+    }
+}
+
+/// Who listens at a socket's path, by the listening end's pid (`SO_PEERCRED`, in this
+/// process's pid namespace: 0 for a process in a sibling namespace).
+enum Holder {
+    /// This process.
+    This,
+    /// Another process.
+    Another,
+    /// Nobody: a file left over.
+    Nobody,
+    /// Not known now (its queue is full, or the path cannot be connected to): look again later.
+    Unknown,
+}
+
+fn holder(path: &Path) -> Holder {
+    use nix::sys::socket::{
+        connect, getsockopt, socket, sockopt::PeerCredentials, AddressFamily, SockFlag, SockType,
+        UnixAddr,
+    };
+    let Ok(addr) = UnixAddr::new(path) else {
+        return Holder::Unknown;
+    };
+    // Non-blocking: a full queue must not stall the agent's thread.
+    let Ok(probe) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return Holder::Unknown;
+    };
+    match connect(probe.as_raw_fd(), &addr) {
+        Ok(()) => match getsockopt(&probe, PeerCredentials) {
+            Ok(cred) if u32::try_from(cred.pid()).ok() == Some(std::process::id()) => Holder::This,
+            Ok(_) => Holder::Another,
+            Err(_) => Holder::Unknown,
+        },
+        Err(nix::errno::Errno::ECONNREFUSED) => Holder::Nobody,
+        Err(_) => Holder::Unknown,
     }
 }
 

@@ -34,6 +34,12 @@
 //!   crac-action finds such a folder from the process's listening socket (see crac-action's
 //!   `namespace` module), so the service can still be checkpointed.
 //!
+//! Copies restored from one image at once, each in a pid namespace of its own (the same pid
+//! in each) on one file system, share `<base>/<pid>`: the copy restored last binds the socket
+//! there. Every other agent, at its next socket check, finds another live agent at its path
+//! (`SO_PEERCRED` says whose) and moves to a folder `<pid>.XXXXXX` of its own in the same base,
+//! where crac-action finds it by its listening socket in the same way.
+//!
 //! Nothing is printed (a library does not); the outcome is on crac-agent's `Agent`. The
 //! folders are made by crac-agent (through crac-fs); this module only says where they are.
 //!

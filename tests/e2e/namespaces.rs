@@ -93,14 +93,18 @@ fn a_service_in_its_own_pid_namespace_is_checkpointed_and_a_copy_restored_beside
 /// pids never collide; all serve the port the original listened on (SO_REUSEPORT: the kernel
 /// spreads connections among them), and each renews what is unique (its instance id) in
 /// after_restore. Restores of one image take turns (tens of ms each), so each copy's agent is
-/// told right after its own restore; the copies share this file system, so their agent
-/// folder is /run/crac/1, the last copy's.
+/// told right after its own restore; the copies share this file system, so their usual agent
+/// folder is the same, /run/crac/1: the last copy keeps it, the others move to folders of
+/// their own, and each answers `crac status` and `crac checkpoint`.
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
-fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
+fn copies_restored_from_one_image_at_once_share_its_port_are_each_unique_and_each_reachable() {
     let Some(_env) = util::env() else { return };
-    // pid 1 of each copy ends by SIGKILL, which leaves the folder (dropped after them).
+    // The original ends by SIGKILL (pid 1), which leaves its folder (dropped after it).
     let _folder = RemoveOnDrop(PathBuf::from("/run/crac/1"));
+    // The folders the agents move to: each removed at its agent's graceful exit; the
+    // original's (ended by SIGKILL) and a failed test's are removed here.
+    let _moved = RemoveNewOnDrop::new("/run/crac", "1.");
     let scratch = Scratch::new("copies");
     let crac = Crac::new(&scratch);
     let target = Target::start_in_namespaces(
@@ -171,38 +175,131 @@ fn copies_restored_from_one_image_at_once_share_its_port_and_are_each_unique() {
     assert_eq!(instances.len(), COPIES + 1, "{instances:?}");
     assert!(instances.contains(&original["instance"].as_u64().unwrap()));
 
-    // The agent folder's path is the same for all; the copy restored last bound it. The
-    // others' socket checks (every 100 ms here) leave that live socket alone, and their ending
-    // (a graceful exit runs the agent's cleanup) does too.
-    let reachable = || -> Vec<u32> {
-        copies
-            .iter()
-            .copied()
-            .filter(|copy| crac.run(&["status", &copy.to_string()]).status.success())
-            .collect()
+    // The agent folder's path, /run/crac/1, is the same for all; the copy restored last bound
+    // it. The others (the original too) find it held by another live agent at their next
+    // socket check (every 100 ms here) and move to folders of their own, /run/crac/1.XXXXXX,
+    // where crac-action finds each by its listening socket: every copy answers.
+    let all: Vec<u32> = copies.iter().copied().chain([target.pid]).collect();
+    wait_until(
+        Duration::from_secs(10),
+        "every copy's agent to answer",
+        || {
+            all.iter()
+                .all(|pid| crac.run(&["status", &pid.to_string()]).status.success())
+        },
+    );
+    let moved: Vec<u32> = copies
+        .iter()
+        .copied()
+        .filter(|&copy| listening_agent_path(copy).is_some_and(|p| p.starts_with("/run/crac/1.")))
+        .collect();
+    assert_eq!(moved.len(), COPIES - 1, "copies that moved: {moved:?}");
+    assert!(
+        listening_agent_path(target.pid).is_some_and(|p| p.starts_with("/run/crac/1.")),
+        "{:?}",
+        listening_agent_path(target.pid)
+    );
+
+    // A checkpoint of a copy that moved reaches that copy's hooks: one instance's memory holds
+    // them, and it is gone with that process.
+    let hooks_by_instance = || {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..60 {
+            let status = util::status(port);
+            seen.insert(
+                util::field(&status, "instance"),
+                util::status_hooks(&status).len(),
+            );
+        }
+        seen
     };
-    let reachable_first = reachable();
-    assert_eq!(
-        reachable_first.len(),
-        1,
-        "copies whose agent answers: {reachable_first:?}"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let reachable = reachable();
-    assert_eq!(
-        reachable, reachable_first,
-        "the copy whose agent answers changed"
-    );
-    for &copy in copies.iter().filter(|&&copy| copy != reachable[0]) {
+    let before = hooks_by_instance();
+    assert_eq!(before.len(), COPIES + 1, "{before:?}");
+    let chosen = moved[0];
+    crac.json(&[
+        "checkpoint",
+        &chosen.to_string(),
+        "--name",
+        "copy",
+        "--leave-running",
+        "--json",
+    ]);
+    let after = hooks_by_instance();
+    let grown: Vec<u64> = after
+        .iter()
+        .filter(|(instance, &hooks)| before.get(instance).is_some_and(|&b| hooks > b))
+        .map(|(&instance, _)| instance)
+        .collect();
+    assert_eq!(grown.len(), 1, "before {before:?}, after {after:?}");
+    kill(Pid::from_raw(chosen as i32), Signal::SIGTERM).expect("end the copy");
+    util::reap(chosen, Duration::from_secs(10));
+    let left = hooks_by_instance();
+    assert!(!left.contains_key(&grown[0]), "{left:?}");
+    assert_eq!(left.len(), COPIES, "{left:?}");
+
+    for &copy in copies.iter().filter(|&&copy| copy != chosen) {
         kill(Pid::from_raw(copy as i32), Signal::SIGTERM).expect("end a copy");
         util::reap(copy, Duration::from_secs(10));
     }
-    let status = crac.run(&["status", &reachable[0].to_string()]);
-    assert!(status.status.success(), "{}", util::text(&status));
-    for copy in copies {
-        if copy == reachable[0] {
-            kill(Pid::from_raw(copy as i32), Signal::SIGKILL).expect("kill a copy");
-            util::reap(copy, Duration::from_secs(10));
+}
+
+/// The path process `pid`'s listening agent socket is bound to (a socket among its
+/// descriptors, listening, named `agent.sock`, in /proc/PID/net/unix).
+fn listening_agent_path(pid: u32) -> Option<String> {
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = fs::read_to_string(format!("/proc/{pid}/net/unix")).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (flags, inode, path) = (fields.get(3)?, fields.get(6)?, fields.get(7)?);
+        (*flags == "00010000" && inodes.iter().any(|i| i == inode) && path.ends_with("/agent.sock"))
+            .then(|| (*path).to_owned())
+    })
+}
+
+/// Removes, when dropped, the entries of `dir` whose names start with `prefix` that were not
+/// there when it was made (agents' folders a test's processes left).
+struct RemoveNewOnDrop {
+    dir: PathBuf,
+    prefix: &'static str,
+    before: Vec<std::ffi::OsString>,
+}
+
+impl RemoveNewOnDrop {
+    fn new(dir: &str, prefix: &'static str) -> RemoveNewOnDrop {
+        let dir = PathBuf::from(dir);
+        let before = RemoveNewOnDrop::entries(&dir, prefix);
+        RemoveNewOnDrop {
+            dir,
+            prefix,
+            before,
+        }
+    }
+
+    fn entries(dir: &std::path::Path, prefix: &str) -> Vec<std::ffi::OsString> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with(prefix))
+            .collect()
+    }
+}
+
+impl Drop for RemoveNewOnDrop {
+    fn drop(&mut self) {
+        for name in RemoveNewOnDrop::entries(&self.dir, self.prefix) {
+            if !self.before.contains(&name) {
+                let _ = fs::remove_dir_all(self.dir.join(name));
+            }
         }
     }
 }
