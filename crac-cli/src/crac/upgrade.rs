@@ -800,6 +800,17 @@ fn state(
         },
         durable: false,
     };
+    // Copies of its listening sockets keep them listening after the dump has ended the process:
+    // connections arriving until the restore wait in their queues instead of being refused.
+    let held = old.listeners().map_err(|err| {
+        OpError::new(
+            FailureKind::Failed,
+            format!(
+                "cannot keep pid {}'s listening sockets across the checkpoint, so it was not upgraded (it runs on): {err}",
+                old.pid()
+            ),
+        )
+    })?;
     let began = Instant::now();
     // The dump ends the process: not the service's end (the restore brings it back).
     follow(0);
@@ -818,6 +829,23 @@ fn state(
         ..err
     })?;
     let down_since = Instant::now();
+    // The restored listeners bind beside the held copies (one reuseport group per port); a copy
+    // that cannot share its port is let go, so the restore can bind it (what waited is reset).
+    let held: Vec<_> = held
+        .into_iter()
+        .filter(
+            |listener| match crac_action::handover::share_port(&listener.socket) {
+                Ok(()) => true,
+                Err(err) => {
+                    tell(&format!(
+                        "crac upgrade: warning: {} is not kept listening until the restore: {err}",
+                        listener.local
+                    ));
+                    false
+                }
+            },
+        )
+        .collect();
     let restore = RestoreRequest {
         dir: dumped.path.clone(),
         detach: true,
@@ -831,6 +859,15 @@ fn state(
     match crac_cli::restore::restore(&restore, &mut notice, None) {
         Ok(restored) => {
             follow(restored.pid);
+            // What waited in the held queues moves to the restored listeners as they close.
+            for listener in held {
+                if let Err(err) = crac_action::handover::migrate_on_close(&listener.socket) {
+                    tell(&format!(
+                        "crac upgrade: warning: the connections waiting on {} were reset: {err}",
+                        listener.local
+                    ));
+                }
+            }
             for failure in &restored.hook_failures {
                 tell(&format!(
                     "crac upgrade: restored, but after_restore failed: {failure}"
@@ -856,6 +893,8 @@ fn state(
             for line in &err.details {
                 tell(&format!("crac upgrade:   {line}"));
             }
+            // The new version binds the ports itself.
+            drop(held);
             let notify = notify_socket()?;
             let mut new = start(store, args, &origin, Vec::new(), &notify)?;
             follow(new.pid());
