@@ -3,7 +3,9 @@
 //!
 //! - **state**: the new command is the same executable: the service is checkpointed and
 //!   restored, memory kept, the new settings (`--env`) reaching its after_restore hooks as
-//!   `RestoreInfo::env`. The library's checkpoint and restore do the work.
+//!   `RestoreInfo::env`. The library's checkpoint and restore do the work; copies of its
+//!   listeners held from before the dump to after the restore keep its ports listening
+//!   (see `state`).
 //! - **handoff**: the new version starts with the old one's listening sockets, by systemd's
 //!   socket-activation convention ([`crac_cli::activation`]), given by the old one's agent
 //!   (the listeners it shares, by name; `listeners` op) or, for a process without an agent,
@@ -774,6 +776,12 @@ fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 /// the new settings. Established connections are dumped and restored with the process
 /// (`--tcp-established`): keep-alive clients keep theirs. If the restore fails, the image is
 /// kept and the new command is started instead (the restart level), said so.
+///
+/// CRIU cannot inherit an inet socket: the restore binds new listeners. So crac holds copies of
+/// the old ones from before the dump (their queues take what arrives meanwhile), shares their
+/// ports with the restored ones, and after the restore closes them with a reuseport migration
+/// program attached, so the kernel moves what waited to the restored listeners
+/// ([`crac_action::handover::migrate_on_close`]).
 fn state(
     store: &Store,
     args: &UpgradeArgs,
