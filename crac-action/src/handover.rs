@@ -154,3 +154,109 @@ impl Process {
         Ok(())
     }
 }
+
+/// Lets another socket bind the port `socket` listens on (SO_REUSEPORT), so that a restored copy
+/// of its process can listen again while this copy still holds the queue: the two then form one
+/// reuseport group. Set on the copy after the checkpoint, so the image keeps the service's own
+/// setting (CRIU restores it once the new socket is bound).
+///
+/// # Errors
+///
+/// When the kernel refuses the option.
+pub fn share_port(socket: &OwnedFd) -> io::Result<()> {
+    nix::sys::socket::setsockopt(socket, sockopt::ReusePort, &true).map_err(io::Error::from)
+}
+
+/// Makes the kernel move the connections waiting in `socket`'s accept queue to another listener
+/// of its reuseport group when `socket` is closed, instead of resetting them: a minimal
+/// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE` program (it returns SK_PASS, so the kernel picks the
+/// listener by hash) is attached to the group, which needs no `net.ipv4.tcp_migrate_req` sysctl
+/// (Linux >= 5.14; loading it needs CAP_BPF or root). The program stays with the group, where it
+/// changes nothing: with SK_PASS and no choice made, the kernel selects as it would without it.
+///
+/// # Errors
+///
+/// When the program cannot be loaded (no CAP_BPF, an older kernel) or attached (`socket` is in
+/// no reuseport group yet: [`share_port`] it and let the other listener bind first).
+pub fn migrate_on_close(socket: &OwnedFd) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    // r0 = SK_PASS (1); exit.
+    const PROGRAM: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+    const BPF_SK_REUSEPORT_SELECT_OR_MIGRATE: u32 = 40;
+    /// The leading fields of the kernel's `union bpf_attr` for BPF_PROG_LOAD (the kernel takes
+    /// the ones not passed as zero).
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let license = c"GPL";
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
+        insn_cnt: PROGRAM.len() as u32,
+        insns: PROGRAM.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"crac_migrate\0\0\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: BPF_SK_REUSEPORT_SELECT_OR_MIGRATE,
+    };
+    // SAFETY: bpf(2) reads `attr` (size given) and the program and license it points to, all
+    // alive for the call; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(
+            err.kind(),
+            format!("cannot load the reuseport migration program: {err} (it needs CAP_BPF and Linux >= 5.14)"),
+        ));
+    }
+    // SAFETY: the descriptor was just returned by bpf(2) and is owned by no one else.
+    let program = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let raw: libc::c_int = program.as_raw_fd();
+    // SAFETY: setsockopt reads an int (the program's descriptor) of the size given.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_EBPF,
+            (&raw as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done < 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(
+            err.kind(),
+            format!("cannot attach the reuseport migration program: {err}"),
+        ));
+    }
+    Ok(())
+}

@@ -3,7 +3,9 @@
 //!
 //! - **state**: the new command is the same executable: the service is checkpointed and
 //!   restored, memory kept, the new settings (`--env`) reaching its after_restore hooks as
-//!   `RestoreInfo::env`. The library's checkpoint and restore do the work.
+//!   `RestoreInfo::env`. The library's checkpoint and restore do the work; copies of its
+//!   listeners held from before the dump to after the restore keep its ports listening
+//!   (see `state`).
 //! - **handoff**: the new version starts with the old one's listening sockets, by systemd's
 //!   socket-activation convention ([`crac_cli::activation`]), given by the old one's agent
 //!   (the listeners it shares, by name; `listeners` op) or, for a process without an agent,
@@ -774,6 +776,12 @@ fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 /// the new settings. Established connections are dumped and restored with the process
 /// (`--tcp-established`): keep-alive clients keep theirs. If the restore fails, the image is
 /// kept and the new command is started instead (the restart level), said so.
+///
+/// CRIU cannot inherit an inet socket: the restore binds new listeners. So crac holds copies of
+/// the old ones from before the dump (their queues take what arrives meanwhile), shares their
+/// ports with the restored ones, and after the restore closes them with a reuseport migration
+/// program attached, so the kernel moves what waited to the restored listeners
+/// ([`crac_action::handover::migrate_on_close`]).
 fn state(
     store: &Store,
     args: &UpgradeArgs,
@@ -800,6 +808,17 @@ fn state(
         },
         durable: false,
     };
+    // Copies of its listening sockets keep them listening after the dump has ended the process:
+    // connections arriving until the restore wait in their queues instead of being refused.
+    let held = old.listeners().map_err(|err| {
+        OpError::new(
+            FailureKind::Failed,
+            format!(
+                "cannot keep pid {}'s listening sockets across the checkpoint, so it was not upgraded (it runs on): {err}",
+                old.pid()
+            ),
+        )
+    })?;
     let began = Instant::now();
     // The dump ends the process: not the service's end (the restore brings it back).
     follow(0);
@@ -818,6 +837,23 @@ fn state(
         ..err
     })?;
     let down_since = Instant::now();
+    // The restored listeners bind beside the held copies (one reuseport group per port); a copy
+    // that cannot share its port is let go, so the restore can bind it (what waited is reset).
+    let held: Vec<_> = held
+        .into_iter()
+        .filter(
+            |listener| match crac_action::handover::share_port(&listener.socket) {
+                Ok(()) => true,
+                Err(err) => {
+                    tell(&format!(
+                        "crac upgrade: warning: {} is not kept listening until the restore: {err}",
+                        listener.local
+                    ));
+                    false
+                }
+            },
+        )
+        .collect();
     let restore = RestoreRequest {
         dir: dumped.path.clone(),
         detach: true,
@@ -831,6 +867,15 @@ fn state(
     match crac_cli::restore::restore(&restore, &mut notice, None) {
         Ok(restored) => {
             follow(restored.pid);
+            // What waited in the held queues moves to the restored listeners as they close.
+            for listener in held {
+                if let Err(err) = crac_action::handover::migrate_on_close(&listener.socket) {
+                    tell(&format!(
+                        "crac upgrade: warning: the connections waiting on {} were reset: {err}",
+                        listener.local
+                    ));
+                }
+            }
             for failure in &restored.hook_failures {
                 tell(&format!(
                     "crac upgrade: restored, but after_restore failed: {failure}"
@@ -856,6 +901,8 @@ fn state(
             for line in &err.details {
                 tell(&format!("crac upgrade:   {line}"));
             }
+            // The new version binds the ports itself.
+            drop(held);
             let notify = notify_socket()?;
             let mut new = start(store, args, &origin, Vec::new(), &notify)?;
             follow(new.pid());
