@@ -9,7 +9,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -74,6 +74,7 @@ impl Tally {
 #[derive(Debug)]
 pub struct Load {
     stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
     clients: Vec<JoinHandle<Tally>>,
 }
 
@@ -81,15 +82,27 @@ impl Load {
     /// Starts the clients.
     pub fn start(options: Options) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
         let addr = SocketAddr::from(([127, 0, 0, 1], options.port));
         let clients = (0..options.keep_alive + options.fresh)
             .map(|i| {
-                let stop = Arc::clone(&stop);
+                let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
                 let keep_alive = i < options.keep_alive;
-                std::thread::spawn(move || client(addr, keep_alive, options.pause, &stop))
+                std::thread::spawn(move || {
+                    client(addr, keep_alive, options.pause, &stop, &answered)
+                })
             })
             .collect();
-        Load { stop, clients }
+        Load {
+            stop,
+            answered,
+            clients,
+        }
+    }
+
+    /// How many requests have been answered so far, by all clients.
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
     }
 
     /// Stops the clients (each finishes its request) and adds up what they saw.
@@ -116,7 +129,13 @@ enum Outcome {
     Failed(String),
 }
 
-fn client(addr: SocketAddr, keep_alive: bool, pause: Duration, stop: &AtomicBool) -> Tally {
+fn client(
+    addr: SocketAddr,
+    keep_alive: bool,
+    pause: Duration,
+    stop: &AtomicBool,
+    answered: &AtomicUsize,
+) -> Tally {
     let mut tally = Tally::default();
     let mut connection: Option<BufReader<TcpStream>> = None;
     while !stop.load(Ordering::SeqCst) {
@@ -128,11 +147,14 @@ fn client(addr: SocketAddr, keep_alive: bool, pause: Duration, stop: &AtomicBool
             outcome = request(addr, &mut connection, keep_alive);
         }
         match outcome {
-            Outcome::Answered(body) => tally.answers.push(Answer {
-                sent,
-                took: sent.elapsed(),
-                body,
-            }),
+            Outcome::Answered(body) => {
+                answered.fetch_add(1, Ordering::SeqCst);
+                tally.answers.push(Answer {
+                    sent,
+                    took: sent.elapsed(),
+                    body,
+                });
+            }
             Outcome::Refused => tally.refused += 1,
             Outcome::Closed => tally
                 .failed

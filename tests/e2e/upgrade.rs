@@ -108,7 +108,14 @@ fn upgrade_under_load(crac: &Crac, port: u16, args: &[&str]) -> (Tally, Output, 
     std::thread::sleep(Duration::from_millis(300));
     let out = crac.run(&[&["upgrade"], args].concat());
     let done = Instant::now();
+    // At least 300 ms more, and until the clients have had answers sent after the upgrade
+    // (a busy machine can keep a client in a request to the old version that long).
+    let before = load.answered();
     std::thread::sleep(Duration::from_millis(300));
+    let deadline = done + Duration::from_secs(10);
+    while load.answered() < before + 30 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     (load.stop(), out, done)
 }
 
