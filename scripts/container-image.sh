@@ -21,7 +21,9 @@
 #                     ARGS`), not the image's
 #   --user UID:GID    the service runs as this user (`podman run --user UID:GID`): the image's
 #                     store belongs to it (crac, CRIU and the service then need
-#                     CAP_CHECKPOINT_RESTORE, which the runtime gives as an ambient capability)
+#                     CAP_CHECKPOINT_RESTORE, which the runtime gives as an ambient capability);
+#                     with --docker, whose 20.10 gives a user no ambient capabilities, crac gets
+#                     file capabilities (setcap, so run this as root) and passes them on to CRIU
 #
 # Environment: PODMAN, the podman command to import with (default `podman`; word-split, so
 # `PODMAN="podman --root /some/where"` uses other storage), DOCKER the docker command to build
@@ -199,6 +201,16 @@ if command -v strip >/dev/null; then
     strip --strip-debug "$rootfs/usr/local/bin/crac" "$rootfs/usr/local/bin/crac-action" \
         "$rootfs"/app/*
 fi
+# Docker 20.10 gives a --user no ambient capabilities: crac carries the ones a container may
+# hold as file capabilities (permitted, not effective, so that exec never fails where the
+# container's bounding set lacks one), and passes on those it gets to CRIU.
+xattrs=()
+if [[ -n $docker && -n $user ]]; then
+    command -v setcap >/dev/null || die "setcap not found (Debian's libcap2-bin has it)"
+    setcap cap_sys_admin,cap_setpcap,cap_checkpoint_restore+ip "$rootfs/usr/local/bin/crac" ||
+        die "cannot give $rootfs/usr/local/bin/crac its file capabilities (run as root)"
+    xattrs=(--xattrs --xattrs-include=security.capability)
+fi
 mkdir -p "$rootfs"/{proc,dev,sys,run,tmp,var/lib/crac/images}
 chmod 1777 "$rootfs/tmp"
 # The store is the user's own: crac trusts a folder of root's or its own, and writes there.
@@ -220,7 +232,7 @@ entry+=",$(json "/app/$(basename "$service")")"
 for arg in "$@"; do entry+=",$(json "$arg")"; done
 entry+="]"
 
-tar -C "$rootfs" --numeric-owner -cf "$tar" .
+tar -C "$rootfs" --numeric-owner "${xattrs[@]}" -cf "$tar" .
 if [[ -n $docker ]]; then
     context=$(mktemp -d)
     trap 'rm -rf "$rootfs" "$context"; [[ -n $tar_out ]] || rm -f "$tar"' EXIT

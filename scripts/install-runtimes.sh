@@ -36,8 +36,10 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v curl >/dev/null || missing+=(curl)
 command -v sqlite3 >/dev/null || missing+=(sqlite3)
+# setcap: scripts/container-image.sh --docker --user gives crac file capabilities.
+command -v setcap >/dev/null || missing+=(libcap2-bin)
 if ((${#missing[@]} == 0)); then
-    info "runc, podman, dockerd, docker-registry, curl and sqlite3 are installed; nothing to do."
+    info "runc, podman, dockerd, docker-registry, curl, sqlite3 and setcap are installed; nothing to do."
     exit 0
 fi
 ((EUID == 0)) || die "must run as root to install ${missing[*]} (apt-get install ${missing[*]})"

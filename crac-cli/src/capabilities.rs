@@ -155,6 +155,82 @@ pub fn missing(recorded: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// `capget`/`capset`'s header (`linux/capability.h`, version 3: 64-bit sets in two halves).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// One half of the sets `capget`/`capset` exchange.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Makes the capabilities a non-root crac was given as file capabilities (`setcap ...+ip` on
+/// crac, as a container image can carry them, where Docker 20.10 gives a non-root user no
+/// ambient ones) effective, and ambient, so that the CRIU it runs (a wrapper script and a
+/// loader, which file capabilities on criu itself would not reach) inherits them. Nothing to
+/// do for root (its children get every capability) or when every permitted capability is
+/// ambient already (podman's `--cap-add` for a `--user`).
+pub fn pass_on() -> std::io::Result<()> {
+    if nix::unistd::geteuid().is_root() || nix::unistd::getuid().is_root() {
+        return Ok(());
+    }
+    let Some(sets) = own() else {
+        return Ok(());
+    };
+    let raise = sets.permitted & !sets.ambient;
+    if raise == 0 {
+        return Ok(());
+    }
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two CapData (version 3) through a valid, writable pointer and
+    // reads the header, both live for the call.
+    let got = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    if got != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for (half, data) in data.iter_mut().enumerate() {
+        let permitted = (sets.permitted >> (32 * half)) as u32;
+        data.effective |= permitted;
+        data.inheritable |= permitted;
+    }
+    // SAFETY: capset reads the header and two CapData (version 3) through valid pointers that
+    // live for the call.
+    let set = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for number in (0..64u32).filter(|n| raise & (1 << n) != 0) {
+        // SAFETY: prctl with integer arguments only.
+        let raised = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE,
+                libc::c_ulong::from(number),
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if raised != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,8 @@
 //! test: `docker checkpoint create` and `docker start --checkpoint` of a running container
 //! with crac-action as CRIU's action script (named in dockerd's environment by
 //! `CRIU_CONFIG_FILE`; nothing in /etc/criu), and the warm-start image built with the
-//! project's Dockerfile, warmed up and restored with capabilities, not `--privileged`.
+//! project's Dockerfile, warmed up and restored with capabilities, not `--privileged`, as
+//! root and as a user.
 
 use std::fs;
 use std::path::Path;
@@ -51,6 +52,11 @@ fn started(docker: &Docker, name: &str) -> String {
 /// A private dockerd whose CRIU runs this build's crac-action, and the warm-start image
 /// `tag` built for it by scripts/container-image.sh --docker.
 fn docker_with_image(scratch: &Scratch, criu: &Path, tag: &str) -> Docker {
+    docker_with_image_for(scratch, criu, tag, &[])
+}
+
+/// [`docker_with_image`], with more options of scripts/container-image.sh (`--user`).
+fn docker_with_image_for(scratch: &Scratch, criu: &Path, tag: &str, options: &[&str]) -> Docker {
     let config = scratch.join("criu.conf");
     fs::write(
         &config,
@@ -63,6 +69,7 @@ fn docker_with_image(scratch: &Scratch, criu: &Path, tag: &str) -> Docker {
         .arg(&script)
         .arg("--bin-dir")
         .arg(bin("crac").parent().expect("the binaries' folder"))
+        .args(options)
         .args(["--docker", tag, "--"])
         .arg(bin("warm-start"))
         .env(
@@ -272,4 +279,69 @@ fn a_docker_warm_image_restores_with_capabilities_not_privileges() {
         "{}",
         text(&out)
     );
+}
+
+/// A non-root user in the container, under Docker 20.10, which gives it no ambient
+/// capabilities: crac's file capabilities in the image (SYS_ADMIN and SETPCAP, which
+/// `--cap-add SYS_ADMIN` leaves in the bounding set) are passed on to CRIU, and the warm-up
+/// and the restore both work with SYS_ADMIN only, no `--privileged`.
+#[test]
+#[ignore = "needs root, CRIU >= 4.2 and Debian's docker.io: scripts/test.sh runs it"]
+fn a_docker_warm_image_restores_as_a_user_with_capabilities_not_privileges() {
+    let Some(env) = util::env() else { return };
+    if !docker_present() {
+        return;
+    }
+    let scratch = Scratch::new("docker-user");
+    let docker = docker_with_image_for(
+        &scratch,
+        &env.criu.path,
+        "localhost/warm-start:user",
+        &["--user", "1000:1000"],
+    );
+    let port = free_port();
+    let port_arg = port.to_string();
+    let command = ["/app/service", "--port", &port_arg, "--docs", "2000"];
+
+    let mut args = vec!["run", "-d", "--name", "warmup", "--user", "1000:1000"];
+    args.extend(CAPABILITY_RUN_OPTIONS);
+    args.extend(WARM_UP_OPTIONS);
+    args.push("localhost/warm-start:user");
+    args.extend(command);
+    docker.run(&args, "docker run (warm-up)");
+    let lines = started(&docker, "warmup");
+    assert!(lines.contains("crac run: started cold"), "{lines}");
+    wait_until(Duration::from_secs(60), "the self-checkpoint", || {
+        let image = stats(port)["image"].clone();
+        assert_ne!(image, "failed", "{}", logs(&docker, "warmup"));
+        image == "saved"
+    });
+    let warm = stats(port);
+    // crac run (the container's init) runs as the user, not root.
+    let uid = fs::read_to_string(format!("/proc/{}/status", docker.pid("warmup")))
+        .expect("the container's process status");
+    assert!(uid.lines().any(|l| l.starts_with("Uid:\t1000\t")), "{uid}");
+    docker.run(&["stop", "--time", "10", "warmup"], "docker stop");
+    docker.run(
+        &["commit", "warmup", "localhost/warm-start:user-warm"],
+        "docker commit",
+    );
+    docker.run(&["rm", "warmup"], "docker rm");
+
+    let mut args = vec!["run", "-d", "--name", "warm", "--user", "1000:1000"];
+    args.extend(CAPABILITY_RUN_OPTIONS);
+    args.push("localhost/warm-start:user-warm");
+    docker.run(&args, "docker run (restore)");
+    let lines = started(&docker, "warm");
+    assert!(
+        lines.contains("crac run: restored image \"service\""),
+        "{lines}"
+    );
+    let restored = stats(port);
+    assert_eq!(restored["started"], "restored", "{restored}");
+    for same in ["pid", "docs", "warmup_ms"] {
+        assert_eq!(restored[same], warm[same], "{same}: {restored} vs {warm}");
+    }
+    assert_ne!(restored["instance"], warm["instance"], "{restored}");
+    docker.run(&["rm", "--force", "warm"], "docker rm");
 }
