@@ -158,32 +158,18 @@ impl Docker {
 
     /// Runs docker with `args`, asserting that it succeeded (`what` says what it did).
     pub fn run(&self, args: &[&str], what: &str) -> Output {
-        let out = self.try_run(args);
-        assert!(
-            out.status.success(),
-            "{what}: exit {:?}\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        crate::engine::succeeded(self.try_run(args), what)
     }
 
     /// Runs docker with `args`.
     pub fn try_run(&self, args: &[&str]) -> Output {
-        self.command(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("docker runs")
+        crate::engine::output(self.command(args), "docker")
     }
 
     /// The host pid of container `name`'s init.
     pub fn pid(&self, name: &str) -> u32 {
         let out = self.run(&["inspect", "-f", "{{.State.Pid}}", name], "docker inspect");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a pid")
+        crate::engine::init_pid(&out)
     }
 
     /// dockerd's log so far.

@@ -16,6 +16,7 @@
 
 pub mod agent_clients;
 pub mod docker;
+mod engine;
 pub mod http_load;
 pub mod podman;
 pub mod registry;

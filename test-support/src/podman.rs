@@ -6,7 +6,7 @@
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -121,32 +121,18 @@ impl Podman {
 
     /// Runs podman with `args`, asserting that it succeeded (`what` says what it did).
     pub fn run(&self, args: &[&str], what: &str) -> Output {
-        let out = self.try_run(args);
-        assert!(
-            out.status.success(),
-            "{what}: exit {:?}\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        crate::engine::succeeded(self.try_run(args), what)
     }
 
     /// Runs podman with `args`.
     pub fn try_run(&self, args: &[&str]) -> Output {
-        self.command(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("podman runs")
+        crate::engine::output(self.command(args), "podman")
     }
 
     /// The host pid of container `name`'s init.
     pub fn pid(&self, name: &str) -> u32 {
         let out = self.run(&["inspect", "-f", "{{.State.Pid}}", name], "podman inspect");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a pid")
+        crate::engine::init_pid(&out)
     }
 }
 
