@@ -463,6 +463,40 @@ pub(crate) fn net_table(pid: u32, name: &str) -> String {
     read_text(&format!("/proc/{pid}/net/{name}"))
 }
 
+/// The IPv4 TCP addresses (`IP:PORT`) the processes `pids` listen on: the listening sockets
+/// of their network namespace (the first one's `net/tcp`) that one of their descriptors
+/// holds, sorted.
+pub fn listening_tcp(pids: &[u32]) -> Vec<String> {
+    let Some(&root) = pids.first() else {
+        return Vec::new();
+    };
+    let inodes: HashSet<u64> = pids.iter().flat_map(|&pid| socket_inodes(pid)).collect();
+    let mut found = std::collections::BTreeSet::new();
+    // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+    for line in net_table(root, "tcp").lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 10
+            || fields[3] != "0A"
+            || !fields[9].parse().is_ok_and(|inode| inodes.contains(&inode))
+        {
+            continue;
+        }
+        let Some((ip, port)) = fields[1].split_once(':') else {
+            continue;
+        };
+        let (Ok(ip), Ok(port)) = (u32::from_str_radix(ip, 16), u16::from_str_radix(port, 16))
+        else {
+            continue;
+        };
+        // The kernel prints the address's four bytes as a u32 in this machine's byte order.
+        found.insert(format!(
+            "{}:{port}",
+            std::net::Ipv4Addr::from(ip.to_ne_bytes())
+        ));
+    }
+    found.into_iter().collect()
+}
+
 /// The kind of a file lock, as the kernel's lock table names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockKind {

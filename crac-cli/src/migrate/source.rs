@@ -495,7 +495,7 @@ fn offer(request: &MigrateRequest) -> Result<Offer, OpError> {
         version: VERSION,
         strategy: request.strategy.clone(),
         resident_bytes: crate::process::resident_bytes(&pids),
-        listening: crate::process::listening_tcp(&pids),
+        listening: crac_action::procfs::listening_tcp(&pids),
         pids,
         cpu_features: crate::cpu::features(),
         criu_version: criu.version,
