@@ -207,32 +207,29 @@ async fn connection<S, B>(
     let mut conn = pin!(http1::Builder::new()
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)));
-    // Errors are the client's (it reset or sent garbage); hyper has answered what it could.
-    let mut draining = pin!(coordinator.draining(true));
-    let ended = poll_fn(|cx| {
-        if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-            return Poll::Ready(Some(result));
-        }
-        draining.as_mut().poll(cx).map(|()| None)
-    })
-    .await;
-    if ended.is_some() {
+    if ends_before(conn.as_mut(), coordinator.draining(true)).await {
         return;
     }
     // Draining: a client that sends during the grace is answered with `Connection: close`
     // and closes by itself, with no race.
-    let mut grace = pin!(tokio::time::sleep(grace));
-    let ended = poll_fn(|cx| {
-        if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-            return Poll::Ready(Some(result));
-        }
-        grace.as_mut().poll(cx).map(|()| None)
-    })
-    .await;
-    if ended.is_none() {
+    if !ends_before(conn.as_mut(), tokio::time::sleep(grace)).await {
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     }
+}
+
+/// Drives `conn` until it ends (true) or `stop` is ready first (false). How it ended is not
+/// kept: its errors are the client's (it reset or sent garbage), and hyper has answered what
+/// it could.
+async fn ends_before<C: Future>(mut conn: Pin<&mut C>, stop: impl Future<Output = ()>) -> bool {
+    let mut stop = pin!(stop);
+    poll_fn(|cx| {
+        if conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        stop.as_mut().poll(cx).map(|()| false)
+    })
+    .await
 }
 
 /// The application's service, with `Connection: close` on what it answers while draining.
