@@ -32,7 +32,11 @@ pub mod receive;
 pub mod relay;
 pub mod source;
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+
+use crate::error::{FailureKind, OpError};
 
 /// What the source tells the destination about the service before anything is stopped.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -115,3 +119,13 @@ pub const STOP_AND_COPY: &str = "stop-and-copy";
 /// The service runs at the destination before its memory has arrived: CRIU's lazy pages, the
 /// source serving them until the last one is in.
 pub const POST_COPY: &str = "post-copy";
+
+/// The pre-shared key both ends read (`--key`), or an error naming the file.
+fn read_key(path: &Path) -> Result<channel::Key32, OpError> {
+    channel::Key32::read(path).map_err(|e| {
+        OpError::new(
+            FailureKind::BadInput,
+            format!("cannot read the migration key {}: {e}", path.display()),
+        )
+    })
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::channel::{Channel, HandshakeError, Key32};
+use super::channel::{Channel, HandshakeError};
 use super::net::{self, ServiceAddress};
 use super::relay::Relay;
 use super::{checks, Message};
@@ -68,15 +68,7 @@ pub fn receive(
     notice: &mut dyn FnMut(&str),
 ) -> Result<ReceiveOutcome, OpError> {
     require_root("migrate --receive")?;
-    let key = Key32::read(&request.key).map_err(|e| {
-        OpError::new(
-            FailureKind::BadInput,
-            format!(
-                "cannot read the migration key {}: {e}",
-                request.key.display()
-            ),
-        )
-    })?;
+    let key = super::read_key(&request.key)?;
     request
         .store
         .check_writable()

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::channel::{Channel, HandshakeError, Key32};
+use super::channel::{Channel, HandshakeError};
 use super::net::{self, ServiceAddress};
 use super::relay::Relay;
 use super::{Message, Offer, POST_COPY, STOP_AND_COPY, VERSION};
@@ -91,15 +91,7 @@ pub fn migrate(
             format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
         ));
     }
-    let key = Key32::read(&request.key).map_err(|e| {
-        OpError::new(
-            FailureKind::BadInput,
-            format!(
-                "cannot read the migration key {}: {e}",
-                request.key.display()
-            ),
-        )
-    })?;
+    let key = super::read_key(&request.key)?;
     let device = match request.address {
         Some(address) => Some(
             net::device_of(address)
