@@ -624,9 +624,12 @@ fn another_user_can_neither_take_the_listeners_nor_stop_the_service() {
     let port = free_port();
     let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
     let store = scratch.join("nobody-store");
+    // A copy nobody can run: the build's own folder may be private (a clone in `mktemp -d`).
+    let crac = scratch.join("crac");
+    std::fs::copy(bin("crac"), &crac).expect("copy crac");
     let out = util::as_nobody(&format!(
         "{} --store {} upgrade {} --env APP_VERSION=v2 -- /bin/true",
-        bin("crac").display(),
+        crac.display(),
         store.display(),
         v1.pid()
     ));
