@@ -153,30 +153,53 @@ fn passed_from_env() -> Vec<Passed> {
 
 /// Tells whoever started this process that it is ready (`READY=1` to `NOTIFY_SOCKET`, as
 /// `sd_notify(3)`): `crac upgrade` then retires the old version. Returns whether anyone was
-/// told (false when `NOTIFY_SOCKET` is not set).
+/// told: false when `NOTIFY_SOCKET` is not set, and false when nobody listens on it any more.
+/// The latter is no failure of the service: `crac upgrade` at the restart level stops
+/// listening as soon as it sees the new version accept connections, which a service may do
+/// before it says `READY=1`.
 ///
 /// # Errors
 ///
-/// When the socket named by `NOTIFY_SOCKET` cannot be reached.
+/// When the socket named by `NOTIFY_SOCKET` exists but cannot be sent to.
 pub fn notify_ready() -> io::Result<bool> {
     notify("READY=1")
 }
 
-/// Sends `state` (`READY=1`, `STOPPING=1`, `STATUS=...`) to `NOTIFY_SOCKET`, if set.
+/// Sends `state` (`READY=1`, `STOPPING=1`, `STATUS=...`) to `NOTIFY_SOCKET`, if set and
+/// still listened on.
 fn notify(state: &str) -> io::Result<bool> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(false);
-    };
+    match std::env::var_os("NOTIFY_SOCKET") {
+        Some(path) => send_state(&path, state),
+        None => Ok(false),
+    }
+}
+
+/// Sends `state` to the notification socket `path` (`@` for the abstract namespace): whether
+/// anyone listened.
+fn send_state(path: &std::ffi::OsStr, state: &str) -> io::Result<bool> {
     let socket = UnixDatagram::unbound()?;
     let bytes = path.as_encoded_bytes();
-    if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+    let sent = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
-        socket.send_to_addr(state.as_bytes(), &addr)?;
+        socket.send_to_addr(state.as_bytes(), &addr)
     } else {
-        socket.send_to(state.as_bytes(), &path)?;
+        socket.send_to(state.as_bytes(), path)
+    };
+    match sent {
+        Ok(_) => Ok(true),
+        // The one who started the process has stopped listening (its socket's file removed,
+        // or nothing bound to the name).
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(err) => Err(err),
     }
-    Ok(true)
 }
 
 /// The raw descriptors of `shared`, for `SCM_RIGHTS`.
@@ -188,4 +211,56 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder of the test's own, removed at the end.
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
+        let path = std::env::temp_dir().join(format!("crac-agent-{name}-{}", std::process::id()));
+        std::fs::create_dir(&path).expect("a fresh test folder");
+        Dir(path)
+    }
+
+    #[test]
+    fn a_listened_socket_gets_the_state() {
+        let dir = dir("notify-listened");
+        let path = dir.0.join("notify.sock");
+        let listener = UnixDatagram::bind(&path).expect("bind");
+        assert!(send_state(path.as_os_str(), "READY=1").expect("sent"));
+        let mut got = [0u8; 64];
+        let n = listener.recv(&mut got).expect("received");
+        assert_eq!(&got[..n], b"READY=1");
+    }
+
+    #[test]
+    fn a_socket_nobody_listens_on_any_more_is_no_error() {
+        let dir = dir("notify-gone");
+        let removed = dir.0.join("removed.sock");
+        assert!(!send_state(removed.as_os_str(), "READY=1").expect("no error"));
+        // The file is left, the listener gone.
+        let closed = dir.0.join("closed.sock");
+        drop(UnixDatagram::bind(&closed).expect("bind"));
+        assert!(!send_state(closed.as_os_str(), "READY=1").expect("no error"));
+        let name = format!("@crac-agent-test-nobody-{}", std::process::id());
+        assert!(!send_state(std::ffi::OsStr::new(&name), "READY=1").expect("no error"));
+    }
+
+    #[test]
+    fn a_socket_of_the_wrong_kind_is_an_error() {
+        let dir = dir("notify-stream");
+        let path = dir.0.join("stream.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        assert!(send_state(path.as_os_str(), "READY=1").is_err());
+    }
 }
