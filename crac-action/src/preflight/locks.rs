@@ -2,10 +2,13 @@
 //! CRIU refuses to dump a process holding one ("Some file locks are hold by dumping tasks")
 //! unless told `--file-locks`, which takes them into the image.
 //!
-//! `/proc/locks` names each lock's file by inode; the tree's descriptors on such a file are
-//! found from the inodes a process's agent tells with its facts, or else from `/proc/PID/fd`
-//! (a `stat` each, only when the table holds a lock at all), and each one's `fdinfo` says
-//! which locks are held through it.
+//! The tree's descriptors on regular files come from the inodes a process's agent tells with
+//! its facts, or else from `/proc/PID/fd` (a `stat` each); each one's `fdinfo` says which
+//! locks are held through it. `/proc/locks`, the kernel's whole table, is read first only
+//! when the tree has many such descriptors (over [`TABLE_ABOVE`]), to skip those whose file
+//! no lock names: its first read in a while costs an RCU grace period (the kernel takes the
+//! table's lock for writing, `percpu_down_write`), 9-19 ms measured here against ~10 µs a
+//! `fdinfo`. CRIU itself reads the `fdinfo` lines, not the table, on kernels that have them.
 //!
 //! **Inherited descriptors.** A flock (and an OFD lock) belongs to the open file, which every
 //! descriptor made from it shares, in whatever process: a child started by `flock(1)` without
@@ -86,42 +89,53 @@ impl fmt::Display for HeldLock {
     }
 }
 
+/// Above this many descriptors on regular files in the tree, `/proc/locks` is read first to
+/// skip the files no lock names (one grace period, ~10 ms, against ~10 µs a `fdinfo`).
+const TABLE_ABOVE: usize = 1000;
+
 /// Every lock held through a descriptor of the processes `pids`, each once (a flock shared by
 /// several descriptors is named at the one of the process that took it, if it is in the tree).
 /// A process whose agent told its regular files (`facts`) is not looked at through `/proc`.
 pub fn held(pids: &[u32], facts: &AgentFacts) -> Vec<HeldLock> {
-    let table = procfs::file_locks();
-    let inodes: HashSet<u64> = table
+    let files: Vec<(u32, Vec<(u32, u64)>)> = pids
         .iter()
-        .filter(|l| l.kind != LockKind::Other)
-        .map(|l| l.inode)
+        .filter_map(|&pid| {
+            let told = facts.get(&pid).and_then(|f| f.files.as_ref()).map(|files| {
+                files
+                    .iter()
+                    .filter_map(|&(fd, inode)| Some((u32::try_from(fd).ok()?, inode)))
+                    .collect::<Vec<_>>()
+            });
+            Some((pid, told.or_else(|| procfs::regular_file_inodes(pid))?))
+        })
         .collect();
-    if inodes.is_empty() {
-        return Vec::new();
-    }
-    let mut held: Vec<HeldLock> = Vec::new();
-    for &pid in pids {
-        let told = facts.get(&pid).and_then(|f| f.files.as_ref()).map(|files| {
-            files
+    // The inodes some lock names, when reading the whole table is the cheaper way.
+    let locked: Option<HashSet<u64>> =
+        (files.iter().map(|(_, f)| f.len()).sum::<usize>() > TABLE_ABOVE).then(|| {
+            procfs::file_locks()
                 .iter()
-                .filter_map(|&(fd, inode)| Some((u32::try_from(fd).ok()?, inode)))
-                .collect::<Vec<_>>()
+                .filter(|l| l.kind != LockKind::Other)
+                .map(|l| l.inode)
+                .collect()
         });
-        let Some(files) = told.or_else(|| procfs::regular_file_inodes(pid)) else {
-            continue;
-        };
+    let mut held: Vec<HeldLock> = Vec::new();
+    for (pid, files) in files {
         let mut mapped = None;
         for (fd, inode) in files {
-            if !inodes.contains(&inode) {
+            if locked.as_ref().is_some_and(|l| !l.contains(&inode)) {
+                continue;
+            }
+            let locks: Vec<FileLock> = procfs::fd_locks(pid, fd)
+                .into_iter()
+                .filter(|lock| lock.kind != LockKind::Other && lock.inode == inode)
+                .collect();
+            if locks.is_empty() {
                 continue;
             }
             let Some(path) = procfs::fd_target(pid, fd) else {
                 continue;
             };
-            for lock in procfs::fd_locks(pid, fd) {
-                if lock.kind == LockKind::Other || lock.inode != inode {
-                    continue;
-                }
+            for lock in locks {
                 let inherited_from = match lock.pid {
                     Some(taker) if lock.kind == LockKind::Flock && taker != pid => {
                         Some((taker, pids.contains(&taker)))
@@ -207,6 +221,53 @@ pub(super) fn refused(pids: &[u32], facts: &AgentFacts, file_locks: bool) -> Vec
 mod tests {
     use super::*;
     use std::process::Command;
+
+    /// Over `TABLE_ABOVE` descriptors the kernel's table picks the files first: the lock is
+    /// still found, on its one descriptor among the many.
+    #[test]
+    fn a_lock_among_many_descriptors_is_found_through_the_table() {
+        let dir = std::env::temp_dir().join(format!("crac-locks-many-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (locked, other) = (dir.join("locked"), dir.join("other"));
+        std::fs::write(&locked, b"").unwrap();
+        std::fs::write(&other, b"").unwrap();
+        let many = TABLE_ABOVE + 10;
+        // A shell that opens `other` on many descriptors and `locked` on 9, flocks 9 (the
+        // lock stays with the open file after flock(1) exits), and waits.
+        let script = format!(
+            "ulimit -n 4096; for fd in $(seq 10 {}); do eval \"exec $fd<\\\"$1\\\"\"; done; \
+             exec 9<\"$2\"; flock -n 9 || exit 1; echo ready; exec sleep 30",
+            9 + many
+        );
+        let mut shell = Command::new("bash")
+            .args(["-c", &script, "bash"])
+            .arg(&other)
+            .arg(&locked)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(shell.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert_eq!(ready, "ready\n");
+        let pid = shell.id();
+        let found = held(&[pid], &AgentFacts::new());
+        let _ = shell.kill();
+        let _ = shell.wait();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [format!(
+                "pid {pid} fd 9: lock {} (flock, exclusive, on an inherited descriptor: taken \
+                 by pid {}, outside the tree)",
+                locked.display(),
+                found[0].lock.pid.unwrap()
+            )]
+        );
+    }
 
     #[test]
     fn a_flock_is_named_at_its_taker_and_inherited_in_its_child() {
