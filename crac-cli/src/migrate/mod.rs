@@ -28,6 +28,7 @@ pub mod channel;
 pub mod checks;
 pub mod net;
 pub mod pipes;
+pub mod podman;
 pub mod receive;
 pub mod relay;
 pub mod source;

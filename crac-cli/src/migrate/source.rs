@@ -91,6 +91,14 @@ pub fn migrate(
             format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
         ));
     }
+    // A process in a container would come out of it at the destination: refused before
+    // anything happens, naming what moves it.
+    if let Some(enclosure) = super::podman::enclosure(pid) {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            super::podman::refusal(pid, &enclosure),
+        ));
+    }
     let key = super::read_key(&request.key)?;
     let device = match request.address {
         Some(address) => Some(
