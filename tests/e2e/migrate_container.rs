@@ -1,9 +1,17 @@
 //! `crac migrate` and podman containers: a process inside a container is refused (it would come
-//! out of its container), naming the container-level path.
+//! out of its container), naming the container-level path; a container moves whole between
+//! the two hosts of scripts/hosts.sh (`--container`), each with podman storage of its own, or
+//! is refused before anything stops.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
 
+use crate::migrate::{
+    ask, finish, key, receiver_with, stats, Hosts, Upstream, RECEIVER, SERVICE, SERVICE_PORT,
+    UPSTREAM,
+};
 use crate::oci::{self, in_netns, Podman};
 use crate::util::{self, bin, field, status, status_hooks, text, Crac, Scratch};
 
@@ -87,4 +95,353 @@ fn a_process_in_a_podman_container_is_refused_naming_the_container() {
     assert_eq!(field(&after, "generation"), 0, "{after}");
     assert!(status_hooks(&after).is_empty(), "{after}");
     assert!(crac.listing().is_empty(), "{:?}", crac.listing());
+}
+
+/// The two hosts of the container tests: this module's own namespaces (issue 22, podman).
+const PREFIX: &str = "c22pod";
+const NAME: &str = "c22-cache";
+
+/// The cache-server's image, imported into `podman`'s storage.
+fn import_cache_server(podman: &Podman, rootfs: &Path) {
+    oci::import(podman, rootfs, IMAGE);
+}
+
+/// The image of `from` copied into `to`'s storage, with its id (as a registry would: a new
+/// `podman import` of the same files makes another image, of another creation time).
+fn copy_image(from: &Podman, to: &Podman, scratch: &Scratch) {
+    let archive = scratch.join("image.tar");
+    let archive = archive.to_str().expect("utf-8");
+    from.run(&["save", "--output", archive, IMAGE], "podman save at A");
+    to.run(&["load", "--input", archive], "podman load at B");
+}
+
+const IMAGE: &str = "localhost/crac-cache:e2e";
+
+/// podman on host `host`, its storage in the scratch folder `dir`.
+fn podman_on(hosts: &Hosts, host: &'static str, dir: &Path, criu: &Path) -> Podman {
+    let wrapper = hosts.wrapper(host);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    Podman::new(dir, criu).under(&wrapper)
+}
+
+/// `--podman-arg=ARG` for each of `podman`'s global options.
+fn podman_args(podman: &Podman) -> Vec<String> {
+    podman
+        .global_options()
+        .into_iter()
+        .map(|o| format!("--podman-arg={o}"))
+        .collect()
+}
+
+/// Starts the cache-server in the container [`NAME`] at A, on A's network (`--network host`),
+/// with crac's CRIU configuration named by its annotation; waits until it answers.
+fn run_cache_server(hosts: &Hosts, podman: &Podman, config: &Path) {
+    let annotation = format!("org.criu.config={}", config.display());
+    let port = SERVICE_PORT.to_string();
+    podman.run(
+        &[
+            "run",
+            "-d",
+            "--name",
+            NAME,
+            "--network",
+            "host",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=4096:4096",
+            "--annotation",
+            &annotation,
+            IMAGE,
+            "/cache-server",
+            "--address",
+            SERVICE,
+            "--port",
+            &port,
+            "--upstream",
+            UPSTREAM,
+        ],
+        "podman run at A",
+    );
+    assert_eq!(ask(hosts, "GET a"), "value-of-a");
+}
+
+/// `crac migrate --container` at A, to the receiver at B.
+fn migrate_container(
+    hosts: &Hosts,
+    store: &Path,
+    key: &Path,
+    podman: &Podman,
+    strategy: &str,
+) -> Output {
+    hosts
+        .command("a", &bin("crac"))
+        .arg("--store")
+        .arg(store)
+        .args([
+            "migrate",
+            "--container",
+            NAME,
+            "--to",
+            RECEIVER,
+            "--key",
+            &key.display().to_string(),
+            "--address",
+            &format!("{SERVICE}/32"),
+            "--link-timeout",
+            "5",
+            "--strategy",
+            strategy,
+            "--json",
+        ])
+        .args(podman_args(podman))
+        .output()
+        .expect("crac migrate runs")
+}
+
+/// The lines of container [`NAME`]'s log that contain `what`.
+fn log_lines(podman: &Podman, what: &str) -> usize {
+    let out = podman.run(&["logs", NAME], "podman logs");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+/// A podman container running the cache-server moves from A to B whole: podman's checkpoint
+/// with crac's hooks at A, its archive over the sealed channel, podman's restore at B. The
+/// cache answers at B at the same address with the entries it had, `restored` was told once,
+/// and nothing is left at A.
+#[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
+fn a_podman_container_moves_whole_with_its_state() {
+    let Some(env) = util::env() else { return };
+    if !oci::runtimes_present() {
+        return;
+    }
+    let scratch = Scratch::new("mig-pod");
+    let hosts = Hosts::up_as(PREFIX);
+    let _upstream = Upstream::start(&hosts, &scratch);
+    let rootfs = oci::rootfs_of(&scratch, "cache-server");
+    let config = oci::criu_config(&scratch, &bin("crac-action"));
+    let podman_a = podman_on(&hosts, "a", &scratch.join("pa"), &env.criu.path);
+    let podman_b = podman_on(&hosts, "b", &scratch.join("pb"), &env.criu.path);
+    import_cache_server(&podman_a, &rootfs);
+    copy_image(&podman_a, &podman_b, &scratch);
+    run_cache_server(&hosts, &podman_a, &config);
+    for k in ["b", "c"] {
+        assert_eq!(ask(&hosts, &format!("GET {k}")), format!("value-of-{k}"));
+    }
+    let before = stats(&ask(&hosts, "STATS"));
+    assert_eq!(before["entries"], 3, "{before}");
+
+    let key = key(&scratch, "key", 'k');
+    let store_b = scratch.join("store-b");
+    let (receiver, receiver_log) = receiver_with(
+        &hosts,
+        &scratch,
+        &key,
+        &store_b.display().to_string(),
+        None,
+        &[podman_args(&podman_b), vec!["--json".to_owned()]].concat(),
+    );
+    let store_a = scratch.join("store-a");
+    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "stop-and-copy");
+    assert!(
+        out.status.success(),
+        "{}\nreceiver: {}",
+        text(&out),
+        fs::read_to_string(&receiver_log).unwrap_or_default()
+    );
+    let received = finish(receiver);
+    assert!(received.status.success(), "{}", text(&received));
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["strategy"], "stop-and-copy", "{outcome}");
+    assert!(
+        outcome["bytes_sent"].as_u64() > outcome["image_bytes"].as_u64(),
+        "the archive went through the channel: {outcome}"
+    );
+    let said_at_b: serde_json::Value = serde_json::from_slice(&received.stdout).unwrap();
+    assert_eq!(said_at_b["container"], NAME, "{said_at_b}");
+
+    // The same cache, restored once, answering at the same address from B.
+    let after = stats(&ask(&hosts, "STATS"));
+    assert_eq!(after["entries"], 3, "{after}");
+    assert_eq!(after["generation"], 1, "{after}");
+    assert_eq!(after["last_restore"], "restored", "{after}");
+    assert_eq!(after["upstream_connection"], 2, "{after}");
+    assert_eq!(ask(&hosts, "GET a"), "value-of-a");
+    assert_eq!(
+        stats(&ask(&hosts, "STATS"))["hits"].as_u64(),
+        before["hits"].as_u64().map(|h| h + 1)
+    );
+    assert!(hosts
+        .ip("c", &["route", "get", SERVICE])
+        .contains("10.77.2.2"));
+    assert_eq!(
+        podman_b.pid(NAME),
+        said_at_b["pid"].as_u64().unwrap() as u32
+    );
+    assert_eq!(log_lines(&podman_b, "before_checkpoint cache"), 1);
+    assert_eq!(log_lines(&podman_b, "after_restore cache"), 1);
+    // Nothing left at A: no container, no process, no address, no archive.
+    let left = podman_a.run(&["ps", "--all", "--quiet"], "podman ps at A");
+    assert!(
+        left.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    assert!(hosts.pids("a").is_empty(), "{:?}", hosts.pids("a"));
+    assert!(!hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+    assert!(hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
+    let crac_a = Crac { store: store_a };
+    assert!(crac_a.listing().is_empty(), "{:?}", crac_a.listing());
+    drop(podman_b);
+    drop(podman_a);
+}
+
+/// A container cannot move post-copy (podman has no lazy pages), and a destination whose
+/// podman storage lacks the container's image refuses before the freeze: the container runs on
+/// at A, never stopped.
+#[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
+fn a_destination_without_the_image_refuses_and_the_container_runs_on() {
+    let Some(env) = util::env() else { return };
+    if !oci::runtimes_present() {
+        return;
+    }
+    let scratch = Scratch::new("mig-pod-no");
+    let hosts = Hosts::up_as(PREFIX);
+    let _upstream = Upstream::start(&hosts, &scratch);
+    let rootfs = oci::rootfs_of(&scratch, "cache-server");
+    let config = oci::criu_config(&scratch, &bin("crac-action"));
+    let podman_a = podman_on(&hosts, "a", &scratch.join("pa"), &env.criu.path);
+    let podman_b = podman_on(&hosts, "b", &scratch.join("pb"), &env.criu.path);
+    import_cache_server(&podman_a, &rootfs);
+    run_cache_server(&hosts, &podman_a, &config);
+    let pid = podman_a.pid(NAME);
+    let before = stats(&ask(&hosts, "STATS"));
+    let image_id = podman_a.run(&["inspect", "-f", "{{.Image}}", NAME], "podman inspect");
+    let image_id = String::from_utf8_lossy(&image_id.stdout)[..12].to_owned();
+    let key = key(&scratch, "key", 'k');
+    let store_a = scratch.join("store-a");
+
+    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "post-copy");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("a container cannot move post-copy: podman passes CRIU no lazy-pages or page-server options")
+            && said.contains("nothing was stopped"),
+        "{said}"
+    );
+
+    let (receiver, _) = receiver_with(
+        &hosts,
+        &scratch,
+        &key,
+        &scratch.join("store-b").display().to_string(),
+        None,
+        &podman_args(&podman_b),
+    );
+    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "stop-and-copy");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("cannot run the service, checked before anything was stopped")
+            && said.contains(&format!(
+                "the container's image {IMAGE} ({image_id}) is not in this host's podman storage"
+            ))
+            && said.contains("nothing was stopped: the service runs on here"),
+        "{said}"
+    );
+    let received = finish(receiver);
+    assert_eq!(received.status.code(), Some(1), "{}", text(&received));
+    // Never stopped: the same process, no hook ran, nothing at B.
+    assert_eq!(podman_a.pid(NAME), pid);
+    let after = stats(&ask(&hosts, "STATS"));
+    assert_eq!(after["generation"], 0, "{after}");
+    assert_eq!(after["upstream_connection"], before["upstream_connection"]);
+    assert_eq!(log_lines(&podman_a, "before_checkpoint"), 0);
+    let at_b = podman_b.run(&["ps", "--all", "--quiet"], "podman ps at B");
+    assert!(at_b.stdout.is_empty());
+    assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+    drop(podman_b);
+    drop(podman_a);
+}
+
+/// The restore fails at B after the freeze (there, the CRIU configuration's action script
+/// fails): B gives the address back and says so, and A restores its container from the
+/// checkpoint podman kept: it runs at A again with its state, and nothing runs at B.
+#[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
+fn a_restore_failing_at_the_destination_brings_the_container_back_at_the_source() {
+    let Some(env) = util::env() else { return };
+    if !oci::runtimes_present() {
+        return;
+    }
+    let scratch = Scratch::new("mig-pod-back");
+    let hosts = Hosts::up_as(PREFIX);
+    let _upstream = Upstream::start(&hosts, &scratch);
+    let rootfs = oci::rootfs_of(&scratch, "cache-server");
+    let config = oci::criu_config(&scratch, &bin("crac-action"));
+    let podman_a = podman_on(&hosts, "a", &scratch.join("pa"), &env.criu.path);
+    let podman_b = podman_on(&hosts, "b", &scratch.join("pb"), &env.criu.path);
+    import_cache_server(&podman_a, &rootfs);
+    copy_image(&podman_a, &podman_b, &scratch);
+    run_cache_server(&hosts, &podman_a, &config);
+    assert_eq!(ask(&hosts, "GET b"), "value-of-b");
+    let before = stats(&ask(&hosts, "STATS"));
+    // At B (its own mount namespace), the same path names a configuration whose action
+    // script fails: the checks pass, the restore does not.
+    let failing = scratch.join("failing.conf");
+    fs::write(&failing, "action-script /bin/false\n").unwrap();
+    let key = key(&scratch, "key", 'k');
+    let (receiver, receiver_log) = receiver_with(
+        &hosts,
+        &scratch,
+        &key,
+        &scratch.join("store-b").display().to_string(),
+        Some(&format!(
+            "mount --bind {} {}",
+            failing.display(),
+            config.display()
+        )),
+        &podman_args(&podman_b),
+    );
+    let store_a = scratch.join("store-a");
+    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "stop-and-copy");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("the destination could not restore it: podman container restore failed")
+            && said.contains("it was restored here from its checkpoint and runs here again"),
+        "{said}"
+    );
+    let received = finish(receiver);
+    assert_eq!(received.status.code(), Some(1), "{}", text(&received));
+    let receiver_said = fs::read_to_string(&receiver_log).unwrap();
+    assert!(
+        receiver_said.contains(&format!("could not restore the container {NAME} here"))
+            && receiver_said.contains("the source restores it"),
+        "{receiver_said}"
+    );
+    // At A again, restored once, its state whole; nothing at B, the address back at A.
+    let after = stats(&ask(&hosts, "STATS"));
+    assert_eq!(after["entries"], before["entries"], "{after}");
+    assert_eq!(after["generation"], 1, "{after}");
+    assert_eq!(after["last_restore"], "restored", "{after}");
+    assert_eq!(log_lines(&podman_a, "after_restore cache"), 1);
+    let at_b = podman_b.run(&["ps", "--all", "--quiet"], "podman ps at B");
+    assert!(
+        at_b.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&at_b.stdout)
+    );
+    assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+    assert!(!hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
+    let crac_a = Crac { store: store_a };
+    assert!(crac_a.listing().is_empty(), "{:?}", crac_a.listing());
+    drop(podman_b);
+    drop(podman_a);
 }

@@ -59,13 +59,19 @@ fn run_ok(cmd: Command, what: &str) -> Output {
 /// A root file system with crac-test-target at `/crac-test-target`, its libraries, and the
 /// empty folders a container needs.
 pub(crate) fn rootfs(scratch: &Scratch) -> PathBuf {
+    rootfs_of(scratch, "crac-test-target")
+}
+
+/// A root file system with the built binary `program` at `/PROGRAM`, its libraries, and the
+/// empty folders a container needs.
+pub(crate) fn rootfs_of(scratch: &Scratch, program: &str) -> PathBuf {
     let root = scratch.join("rootfs");
-    let target = bin("crac-test-target");
+    let target = bin(program);
     for dir in ["proc", "dev", "sys", "tmp", "state"] {
         fs::create_dir_all(root.join(dir)).expect("rootfs folder");
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).expect("chmod");
-    fs::copy(&target, root.join("crac-test-target")).expect("copy the target");
+    fs::copy(&target, root.join(program)).expect("copy the program");
     let ldd = run_ok(
         {
             let mut c = Command::new("ldd");

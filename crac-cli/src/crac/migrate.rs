@@ -1,9 +1,10 @@
-//! `crac migrate`: move a running service to another host (the source), or receive one
-//! (`--receive`, the destination). The work is `crac_cli::migrate`'s.
+//! `crac migrate`: move a running service or a podman container (`--container`) to another
+//! host (the source), or receive one (`--receive`, the destination). The work is `crac_cli::migrate`'s.
 
 use std::time::Duration;
 
 use crac_cli::error::{FailureKind, OpError};
+use crac_cli::migrate::container::{self, ContainerRequest};
 use crac_cli::migrate::net::ServiceAddress;
 use crac_cli::migrate::receive::{self, ReceiveRequest};
 use crac_cli::migrate::source::{self, MigrateRequest};
@@ -34,6 +35,7 @@ pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
             address_device: args.address_device,
             on_address: args.on_address,
             link_timeout,
+            podman_args: args.podman_arg,
         };
         let outcome = receive::receive(
             &request,
@@ -41,13 +43,20 @@ pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
             &mut notice,
         )?;
         out.print(&outcome, || {
+            let what = match &outcome.container {
+                Some(name) => format!("the container {name}"),
+                None => "the service".to_owned(),
+            };
             format!(
-                "received from {}: the service runs here as pid {} (restored in {}, {} in all); its image is {}\n",
+                "received from {}: {what} runs here as pid {} (restored in {}, {} in all){}\n",
                 outcome.source,
                 outcome.pid,
                 millis(outcome.restore_ms),
                 millis(outcome.total_ms),
-                outcome.image.display()
+                match &outcome.image {
+                    Some(image) => format!("; its image is {}", image.display()),
+                    None => String::new(),
+                }
             )
         });
         return Ok(0);
@@ -59,9 +68,38 @@ pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
         .map(ServiceAddress::parse)
         .transpose()
         .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let to = args.to.expect("clap requires --to without --receive");
+    if let Some(name) = args.container {
+        let request = ContainerRequest {
+            name,
+            to,
+            strategy: args.strategy,
+            key: args.key,
+            store: store.clone(),
+            address,
+            link_timeout,
+            podman_args: args.podman_arg,
+        };
+        let outcome = container::migrate(&request, &mut notice)?;
+        out.print(&outcome, || {
+            format!(
+                "moved the container {} to {} ({}): it runs there as pid {}; down for {} (checkpoint {}), {} in all, {} sent for a {} archive\n",
+                request.name,
+                request.to,
+                outcome.strategy,
+                outcome.pid,
+                millis(outcome.downtime_ms),
+                millis(outcome.dump_ms),
+                millis(outcome.total_ms),
+                bytes(outcome.bytes_sent),
+                bytes(outcome.image_bytes),
+            )
+        });
+        return Ok(0);
+    }
     let request = MigrateRequest {
         pid: args.pid.expect("clap requires a pid without --receive"),
-        to: args.to.expect("clap requires --to without --receive"),
+        to,
         strategy: args.strategy,
         key: args.key,
         store: store.clone(),

@@ -1,5 +1,12 @@
 //! Containers and `crac migrate`: whether a process runs in a container (which a process-level
-//! migration must not take out of it), and podman as the container-level migration runs it.
+//! migration must not take out of it), and podman as the container-level migration runs it
+//! (`crac migrate --container`, see [`super::container`]).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
 
 use crate::process::{parent_of, read_cmdline};
 
@@ -90,6 +97,295 @@ pub fn refusal(pid: u32, enclosure: &Enclosure) -> String {
             "pid {pid} runs in {what}: crac migrate moves a process tree of the host, or a podman container whole (--container NAME), and cannot recreate this container at the destination; move it with its engine's own checkpoint and restore (nothing was stopped)"
         ),
     }
+}
+
+/// podman as crac runs it: with the operator's global options (`--podman-arg`: its storage,
+/// runtime, ...) before every command, and with the CRIU crac found first on its `PATH`, so that
+/// podman runs the CRIU crac checked.
+#[derive(Clone, Debug)]
+pub struct Podman {
+    global: Vec<String>,
+    path: Option<OsString>,
+}
+
+/// A podman container, as `podman container inspect` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    /// Its name.
+    pub name: String,
+    /// Its full id.
+    pub id: String,
+    /// Its state (`running`, `exited`, ...).
+    pub state: String,
+    /// The host pid of its init (0 when it does not run).
+    pub pid: u32,
+    /// The image it was made from, by name (`localhost/web:1`).
+    pub image: String,
+    /// The image's id.
+    pub image_id: String,
+    /// The CRIU configuration file its `org.criu.config` annotation names, if any.
+    pub criu_config: Option<String>,
+    /// Whether it shares the host's network namespace (`--network host`).
+    pub host_network: bool,
+    /// Whether it shares the host's pid namespace (`--pid host`): its pids must then be free
+    /// at the destination.
+    pub host_pids: bool,
+}
+
+/// The annotation that names a container's CRIU configuration file (runc reads it).
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+impl Podman {
+    /// podman with these global options.
+    pub fn new(global: Vec<String>) -> Podman {
+        let criu_dir = crate::criu::find()
+            .ok()
+            .and_then(|criu| criu.path.parent().map(Path::to_owned));
+        let path = criu_dir.map(|dir| {
+            let mut path = OsString::from(dir);
+            if let Some(rest) = std::env::var_os("PATH") {
+                path.push(":");
+                path.push(rest);
+            }
+            path
+        });
+        Podman { global, path }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.args(&self.global)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(path) = &self.path {
+            cmd.env("PATH", path);
+        }
+        cmd
+    }
+
+    fn output(&self, args: &[&str]) -> Result<Output, String> {
+        self.command(args).output().map_err(|e| {
+            format!(
+                "cannot run podman ({}): install it (apt-get install podman)",
+                crate::error::why(&e)
+            )
+        })
+    }
+
+    /// Runs `podman ARGS`; its standard output, or what it said when it failed.
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.output(args)?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        Err(failure(args, &out))
+    }
+
+    /// podman's version, which says it runs.
+    ///
+    /// # Errors
+    ///
+    /// When podman is missing or does not run, saying so.
+    pub fn version(&self) -> Result<String, String> {
+        self.run(&["version", "--format", "{{.Client.Version}}"])
+            .map(|v| v.trim().to_owned())
+    }
+
+    /// The container `name`.
+    ///
+    /// # Errors
+    ///
+    /// podman's word when there is no such container, or its answer cannot be read.
+    pub fn inspect(&self, name: &str) -> Result<Container, String> {
+        let out = self.run(&["container", "inspect", "--format", "json", name])?;
+        let doc: Value = serde_json::from_str(&out)
+            .map_err(|e| format!("podman container inspect gave no JSON: {e}"))?;
+        let c = &doc[0];
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        let id = text(&c["Id"]);
+        if id.is_empty() {
+            return Err(format!(
+                "podman container inspect {name} named no container"
+            ));
+        }
+        Ok(Container {
+            name: c["Name"].as_str().unwrap_or(name).to_owned(),
+            id,
+            state: text(&c["State"]["Status"]),
+            pid: c["State"]["Pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or(0),
+            image: text(&c["ImageName"]),
+            image_id: text(&c["Image"]),
+            criu_config: c["Config"]["Annotations"][CRIU_CONFIG_ANNOTATION]
+                .as_str()
+                .map(str::to_owned),
+            host_network: c["HostConfig"]["NetworkMode"] == "host",
+            host_pids: c["HostConfig"]["PidMode"] == "host",
+        })
+    }
+
+    /// Whether the image `id` is in this podman's storage.
+    ///
+    /// # Errors
+    ///
+    /// When podman cannot tell.
+    pub fn image_exists(&self, id: &str) -> Result<bool, String> {
+        self.exists(&["image", "exists", id])
+    }
+
+    /// Whether a container named `name` exists.
+    ///
+    /// # Errors
+    ///
+    /// When podman cannot tell.
+    pub fn container_exists(&self, name: &str) -> Result<bool, String> {
+        self.exists(&["container", "exists", name])
+    }
+
+    /// `podman ... exists`: 0 yes, 1 no, anything else an error.
+    fn exists(&self, args: &[&str]) -> Result<bool, String> {
+        let out = self.output(args)?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(failure(args, &out)),
+        }
+    }
+
+    /// Checkpoints the container `name` into the archive `archive`, and keeps the checkpoint in
+    /// podman's storage too (`--keep`), so that [`Podman::restore_kept`] can bring it back here.
+    /// crac's hooks run through crac-action, which the container's CRIU configuration names.
+    ///
+    /// # Errors
+    ///
+    /// podman's word, with the last lines of CRIU's log (crac-action's among them).
+    pub fn checkpoint_export(&self, name: &str, archive: &Path) -> Result<(), Vec<String>> {
+        let archive = archive.to_string_lossy();
+        self.run_logged(&[
+            "container",
+            "checkpoint",
+            "--keep",
+            "--export",
+            &archive,
+            name,
+        ])
+    }
+
+    /// Restores a container from the archive `archive` (under the name it had).
+    ///
+    /// # Errors
+    ///
+    /// As [`Podman::checkpoint_export`].
+    pub fn restore_import(&self, archive: &Path) -> Result<(), Vec<String>> {
+        let archive = archive.to_string_lossy();
+        self.run_logged(&["container", "restore", "--import", &archive])
+    }
+
+    /// Restores the container `name` from the checkpoint kept in podman's storage.
+    ///
+    /// # Errors
+    ///
+    /// As [`Podman::checkpoint_export`].
+    pub fn restore_kept(&self, name: &str) -> Result<(), Vec<String>> {
+        self.run_logged(&["container", "restore", name])
+    }
+
+    /// Removes the container `name` (stopped or not), with what it kept.
+    ///
+    /// # Errors
+    ///
+    /// podman's word.
+    pub fn remove(&self, name: &str) -> Result<(), String> {
+        self.run(&["container", "rm", "--force", "--time", "0", name])
+            .map(drop)
+    }
+
+    /// Runs a checkpoint or restore: on failure, podman's lines and the last errors of the
+    /// CRIU log it names (`log file: PATH`).
+    fn run_logged(&self, args: &[&str]) -> Result<(), Vec<String>> {
+        let out = self.output(args).map_err(|e| vec![e])?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let mut lines = vec![failure(args, &out)];
+        let log = stderr
+            .split_whitespace()
+            .skip_while(|w| *w != "file:")
+            .nth(1)
+            .map(|p| p.trim_end_matches(['"', ')', ',']));
+        if let Some(log) = log {
+            let text = crac_fs::read_bounded(Path::new(log), LOG_LIMIT)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let interesting: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("Error") || l.contains("crac-action:"))
+                .collect();
+            let start = interesting.len().saturating_sub(LOG_LINES);
+            lines.extend(interesting[start..].iter().map(|l| l.trim().to_owned()));
+        }
+        Err(lines)
+    }
+}
+
+/// How much of CRIU's log is read, and how many of its lines are kept, for a failure.
+const LOG_LIMIT: u64 = 4 << 20;
+const LOG_LINES: usize = 12;
+
+/// What `podman ARGS` said when it failed: its verb and its error lines.
+fn failure(args: &[&str], out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains("level=warning"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let verb: Vec<&str> = args
+        .iter()
+        .take_while(|a| !a.starts_with('-'))
+        .copied()
+        .collect();
+    format!(
+        "podman {} failed ({}): {}",
+        verb.join(" "),
+        out.status,
+        if said.is_empty() {
+            "it said nothing".to_owned()
+        } else {
+            said.join("; ")
+        }
+    )
+}
+
+/// Whether the CRIU configuration file `path` names an action script: without one, podman's
+/// CRIU runs no crac hooks. The problem, with what to do, if not.
+pub fn criu_config_problem(path: &str) -> Option<String> {
+    let text = match crac_fs::read_bounded(Path::new(path), 1 << 20) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => {
+            return Some(format!(
+                "cannot read the container's CRIU configuration {path} (its {CRIU_CONFIG_ANNOTATION} annotation): {}; put one there with the line `action-script /path/to/crac-action`",
+                crate::error::why(&e)
+            ))
+        }
+    };
+    let names_script = text.lines().any(|line| {
+        let line = line.trim();
+        line.strip_prefix("action-script")
+            .or_else(|| line.strip_prefix("--action-script"))
+            .is_some_and(|rest| rest.starts_with([' ', '\t', '=']))
+    });
+    (!names_script).then(|| {
+        format!(
+            "the container's CRIU configuration {path} names no action-script: crac's hooks would not run; add the line `action-script /path/to/crac-action`"
+        )
+    })
 }
 
 #[cfg(test)]
