@@ -12,7 +12,7 @@ use crate::migrate::{
     ask, finish, key, receiver_with, stats, Hosts, Upstream, RECEIVER, SERVICE, SERVICE_PORT,
     UPSTREAM,
 };
-use crate::oci::{self, in_netns, Podman};
+use crate::oci::{self, in_netns, Podman, Runc};
 use crate::util::{self, bin, field, status, status_hooks, text, Crac, Scratch};
 
 /// `crac migrate PID` of a process in a podman container refuses before anything happens,
@@ -57,9 +57,7 @@ fn a_process_in_a_podman_container_is_refused_naming_the_container() {
     );
     let pid = podman.pid("c22-inside");
     let before = in_netns(pid, || status(8080));
-    let key = scratch.join("key");
-    fs::write(&key, "k".repeat(44)).unwrap();
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let key = key_file(&scratch);
     let crac = Crac::new(&scratch);
     // The container's init, and its child (conmon is an ancestor of both).
     let child: u32 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -95,6 +93,62 @@ fn a_process_in_a_podman_container_is_refused_naming_the_container() {
     assert_eq!(field(&after, "generation"), 0, "{after}");
     assert!(status_hooks(&after).is_empty(), "{after}");
     assert!(crac.listing().is_empty(), "{:?}", crac.listing());
+}
+
+/// `crac migrate PID` of a runc container's init (runc gone, its init left to a subreaper)
+/// refuses, saying that it is pid 1 of a pid namespace of its own and that crac cannot move it.
+#[test]
+#[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
+fn a_runc_container_is_refused_saying_why_it_cannot_move() {
+    let Some(env) = util::env() else { return };
+    if !oci::runtimes_present() {
+        return;
+    }
+    let scratch = Scratch::new("mig-runc");
+    let rootfs = oci::rootfs(&scratch);
+    let config = oci::criu_config(&scratch, &bin("crac-action"));
+    let mut runc = Runc::new(&env, &scratch);
+    let state = scratch.join("state");
+    let bundle = runc.bundle(
+        &scratch.join("bundle"),
+        &rootfs,
+        &config,
+        &state,
+        &[("CRAC_TEST_LISTEN", "8080")],
+    );
+    runc.run("c22-runc", &bundle);
+    let pid = runc.pid("c22-runc");
+    let before = in_netns(pid, || status(8080));
+    let key = key_file(&scratch);
+    let crac = Crac::new(&scratch);
+    let out = crac.run(&[
+        "migrate",
+        &pid.to_string(),
+        "--to",
+        "127.0.0.1:9",
+        "--key",
+        &key.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!(
+            "pid {pid} runs in a pid namespace of its own, as its pid 1 (a container's init)"
+        )) && said.contains("cannot recreate this container at the destination")
+            && said.contains("nothing was stopped"),
+        "{said}"
+    );
+    let after = in_netns(pid, || status(8080));
+    assert_eq!(field(&after, "token"), field(&before, "token"));
+    assert_eq!(field(&after, "generation"), 0, "{after}");
+}
+
+/// A key file for `crac migrate` (it refuses a container before it reads it).
+fn key_file(scratch: &Scratch) -> std::path::PathBuf {
+    let key = scratch.join("key");
+    fs::write(&key, "k".repeat(44)).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    key
 }
 
 /// The two hosts of the container tests: this module's own namespaces (issue 22, podman).

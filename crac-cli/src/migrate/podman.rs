@@ -34,7 +34,9 @@ const MAX_ANCESTORS: usize = 64;
 pub fn enclosure(pid: u32) -> Option<Enclosure> {
     let mut current = pid;
     for _ in 0..MAX_ANCESTORS {
-        let parent = parent_of(current).filter(|&p| p > 1)?;
+        let Some(parent) = parent_of(current).filter(|&p| p > 1) else {
+            break;
+        };
         let cmdline = read_cmdline(parent);
         let program = cmdline
             .first()
@@ -64,7 +66,7 @@ pub fn enclosure(pid: u32) -> Option<Enclosure> {
     // Not under a known monitor (runc -d leaves its container to init): pid 1 of a pid
     // namespace of its own is a container's init, or something as whole.
     (pid != 1 && crac_action::procfs::ns_pid(pid) == Some(1)).then(|| Enclosure::Other {
-        what: "pid 1 of a pid namespace of its own, as a container's init is".to_owned(),
+        what: "a pid namespace of its own, as its pid 1 (a container's init)".to_owned(),
     })
 }
 
