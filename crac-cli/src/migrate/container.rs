@@ -415,12 +415,7 @@ pub(super) fn receive(
         Ok(other) => return Err(link(super::receive::unexpected(&other))),
         Err(e) => return Err(link(e)),
     }
-    let address = offer
-        .address
-        .as_deref()
-        .map(ServiceAddress::parse)
-        .transpose()
-        .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let address = ServiceAddress::parse_optional(offer.address.as_deref())?;
     let failed = |channel: &mut Channel, lines: Vec<String>| {
         if let Some(address) = address {
             let _ = net::release(address, &request.address_device);

@@ -185,12 +185,7 @@ fn session(
             return Err(link(e));
         }
     }
-    let address = offer
-        .address
-        .as_deref()
-        .map(ServiceAddress::parse)
-        .transpose()
-        .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let address = ServiceAddress::parse_optional(offer.address.as_deref())?;
     let failed = |channel: &mut Channel, reason: String, notice: &mut dyn FnMut(&str)| {
         if let Some(address) = address {
             let _ = net::release(address, &request.address_device);
