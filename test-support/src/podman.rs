@@ -52,6 +52,14 @@ pub const CAPABILITY_RUN_OPTIONS: [&str; 8] = [
     "nproc=4096:4096",
 ];
 
+/// The limits of [`WARM_RUN_OPTIONS`] alone: ones runc can set here.
+pub const LIMIT_OPTIONS: [&str; 4] = [
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
 /// What a dump needs beyond [`CAPABILITY_RUN_OPTIONS`]: no seccomp filter (CRIU suspends the
 /// service's filter, which the kernel lets only an unfiltered tracer do).
 pub const WARM_UP_OPTIONS: [&str; 2] = ["--security-opt", "seccomp=unconfined"];

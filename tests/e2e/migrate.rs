@@ -304,20 +304,13 @@ pub(crate) struct Upstream(Child);
 
 impl Upstream {
     pub(crate) fn start(hosts: &Hosts, scratch: &Scratch) -> Upstream {
-        let upstream_log = scratch.join("upstream.log");
-        let upstream = hosts
-            .command("c", &bin("upstream"))
-            .arg("7071")
+        let mut cmd = hosts.command("c", &bin("upstream"));
+        cmd.arg("7071")
             .env("UPSTREAM_ADDRESS", "10.77.3.1")
             .env("UPSTREAM_DELAY_MS", "1")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&upstream_log).unwrap())
-            .spawn()
-            .expect("upstream starts");
-        wait_until(Duration::from_secs(10), "upstream to listen", || {
-            fs::read_to_string(&upstream_log).is_ok_and(|l| l.contains("listening"))
-        });
-        Upstream(upstream)
+            .stdout(Stdio::null());
+        let log = scratch.join("upstream.log");
+        Upstream(start_logged(cmd, &log, "upstream", "listening"))
     }
 }
 
@@ -394,15 +387,23 @@ pub(crate) fn receiver_with(
             cmd
         }
     };
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("the receiver starts");
-    wait_until(Duration::from_secs(10), "the receiver to listen", || {
-        fs::read_to_string(&stderr).is_ok_and(|l| l.contains("waiting for a migration"))
-    });
+    cmd.stdout(Stdio::piped());
+    let child = start_logged(cmd, &stderr, "the receiver", "waiting for a migration");
     (child, stderr)
+}
+
+/// Starts `cmd` (`what`), its stderr into `log`, and waits until the log says `ready`.
+fn start_logged(mut cmd: Command, log: &Path, what: &str, ready: &str) -> Child {
+    let child = cmd
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{what} to listen"),
+        || fs::read_to_string(log).is_ok_and(|l| l.contains(ready)),
+    );
+    child
 }
 
 /// `crac migrate` of `pid` at A, to the receiver, with `key`.
@@ -412,28 +413,52 @@ fn migrate(hosts: &Hosts, store: &Path, pid: u32, key: &Path) -> Output {
 
 /// [`migrate`] with a strategy.
 fn migrate_with(hosts: &Hosts, store: &Path, pid: u32, key: &Path, strategy: &str) -> Output {
-    hosts
-        .command("a", &bin("crac"))
-        .arg("--store")
+    migrate_command(hosts, store, &[&pid.to_string()], key, strategy)
+        .args(["--tcp-established", "--link-timeout", "3"])
+        .output()
+        .expect("crac migrate runs")
+}
+
+/// `crac migrate WHAT` at A, to the receiver, with `key`, [`SERVICE`] and `strategy`, its
+/// outcome in JSON; the caller adds its own options.
+pub(crate) fn migrate_command(
+    hosts: &Hosts,
+    store: &Path,
+    what: &[&str],
+    key: &Path,
+    strategy: &str,
+) -> Command {
+    let mut cmd = hosts.command("a", &bin("crac"));
+    cmd.arg("--store")
         .arg(store)
+        .arg("migrate")
+        .args(what)
         .args([
-            "migrate",
-            &pid.to_string(),
             "--to",
             RECEIVER,
             "--key",
             &key.display().to_string(),
             "--address",
             &format!("{SERVICE}/32"),
-            "--tcp-established",
-            "--link-timeout",
-            "3",
             "--strategy",
             strategy,
             "--json",
-        ])
-        .output()
-        .expect("crac migrate runs")
+        ]);
+    cmd
+}
+
+/// Asserts that `crac migrate`'s `out` and the receiver's run succeeded (the receiver's log,
+/// `receiver_log`, said when not); returns the receiver's output.
+pub(crate) fn migrated(out: &Output, receiver: Child, receiver_log: &Path) -> Output {
+    assert!(
+        out.status.success(),
+        "{}\nreceiver: {}",
+        text(out),
+        fs::read_to_string(receiver_log).unwrap_or_default()
+    );
+    let received = finish(receiver);
+    assert!(received.status.success(), "{}", text(&received));
+    received
 }
 
 pub(crate) fn finish(mut receiver: Child) -> Output {
@@ -485,14 +510,7 @@ fn moves_the_cache_server(strategy: &str) {
     let reaper = service.reap_when_dumped();
     let out = migrate_with(&hosts, &store_a, service.pid(), &key, strategy);
     reaper.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\nreceiver: {}",
-        text(&out),
-        fs::read_to_string(&receiver_log).unwrap_or_default()
-    );
-    let received = finish(receiver);
-    assert!(received.status.success(), "{}", text(&received));
+    migrated(&out, receiver, &receiver_log);
     let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["strategy"], strategy);
     assert!(

@@ -4,13 +4,12 @@
 //! is refused before anything stops.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use crate::migrate::{
-    ask, finish, key, receiver_with, stats, Hosts, Upstream, RECEIVER, SERVICE, SERVICE_PORT,
-    UPSTREAM,
+    ask, finish, key, migrate_command, migrated, receiver_with, stats, Hosts, Upstream, SERVICE,
+    SERVICE_PORT, UPSTREAM,
 };
 use crate::oci::{self, in_netns, Podman, Runc};
 use crate::util::{self, bin, field, status, status_hooks, text, Crac, Scratch};
@@ -25,39 +24,9 @@ fn a_process_in_a_podman_container_is_refused_naming_the_container() {
         return;
     }
     let scratch = Scratch::new("mig-inside");
-    let rootfs = oci::rootfs(&scratch);
-    let config = oci::criu_config(&scratch, &bin("crac-action"));
-    let podman = Podman::new(&scratch.join("podman"), &env.criu.path);
-    let image = "localhost/crac-test:e2e";
-    oci::import(&podman, &rootfs, image);
-    let annotation = format!("org.criu.config={}", config.display());
-    podman.run(
-        &[
-            "run",
-            "-d",
-            "--name",
-            "c22-inside",
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=4096:4096",
-            "--annotation",
-            &annotation,
-            "-e",
-            "CRAC_TEST_DIR=/state",
-            "-e",
-            "CRAC_TEST_LISTEN=8080",
-            "-e",
-            "CRAC_TEST_CHILD=1",
-            image,
-        ],
-        "podman run",
-    );
-    let pid = podman.pid("c22-inside");
+    let (_podman, pid) = oci::podman_with_target(&env, &scratch, "c22-inside");
     let before = in_netns(pid, || status(8080));
-    let key = key_file(&scratch);
+    let key = key(&scratch, "key", 'k');
     let crac = Crac::new(&scratch);
     // The container's init, and its child (conmon is an ancestor of both).
     let child: u32 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -68,16 +37,7 @@ fn a_process_in_a_podman_container_is_refused_naming_the_container() {
         .parse()
         .unwrap();
     for process in [pid, child] {
-        let out = crac.run(&[
-            "migrate",
-            &process.to_string(),
-            "--to",
-            "127.0.0.1:9",
-            "--key",
-            &key.display().to_string(),
-        ]);
-        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-        let said = String::from_utf8_lossy(&out.stderr);
+        let said = refused(&crac, process, &key);
         assert!(
             said.contains(&format!(
                 "pid {process} runs in the podman container c22-inside"
@@ -105,32 +65,14 @@ fn a_runc_container_is_refused_saying_why_it_cannot_move() {
         return;
     }
     let scratch = Scratch::new("mig-runc");
-    let rootfs = oci::rootfs(&scratch);
-    let config = oci::criu_config(&scratch, &bin("crac-action"));
     let mut runc = Runc::new(&env, &scratch);
-    let state = scratch.join("state");
-    let bundle = runc.bundle(
-        &scratch.join("bundle"),
-        &rootfs,
-        &config,
-        &state,
-        &[("CRAC_TEST_LISTEN", "8080")],
-    );
+    let (bundle, _) = runc.target_bundle(&scratch, &[("CRAC_TEST_LISTEN", "8080")]);
     runc.run("c22-runc", &bundle);
     let pid = runc.pid("c22-runc");
     let before = in_netns(pid, || status(8080));
-    let key = key_file(&scratch);
+    let key = key(&scratch, "key", 'k');
     let crac = Crac::new(&scratch);
-    let out = crac.run(&[
-        "migrate",
-        &pid.to_string(),
-        "--to",
-        "127.0.0.1:9",
-        "--key",
-        &key.display().to_string(),
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
+    let said = refused(&crac, pid, &key);
     assert!(
         said.contains(&format!(
             "pid {pid} runs in a pid namespace of its own, as its pid 1 (a container's init)"
@@ -143,30 +85,75 @@ fn a_runc_container_is_refused_saying_why_it_cannot_move() {
     assert_eq!(field(&after, "generation"), 0, "{after}");
 }
 
-/// A key file for `crac migrate` (it refuses a container before it reads it).
-fn key_file(scratch: &Scratch) -> std::path::PathBuf {
-    let key = scratch.join("key");
-    fs::write(&key, "k".repeat(44)).unwrap();
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-    key
+/// `crac migrate PID` with `key`, to a destination it never reaches: asserts that it refused
+/// (bad input, exit 2); what it said.
+fn refused(crac: &Crac, pid: u32, key: &Path) -> String {
+    let out = crac.run(&[
+        "migrate",
+        &pid.to_string(),
+        "--to",
+        "127.0.0.1:9",
+        "--key",
+        &key.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The two hosts of the container tests: this module's own namespaces (issue 22, podman).
 const PREFIX: &str = "c22pod";
 const NAME: &str = "c22-cache";
 
-/// The cache-server's image, imported into `podman`'s storage.
-fn import_cache_server(podman: &Podman, rootfs: &Path) {
-    oci::import(podman, rootfs, IMAGE);
-}
-
-/// The image of `from` copied into `to`'s storage, with its id (as a registry would: a new
+/// The image copied from `from`'s storage into `to`'s, with its id (as a registry would: a new
 /// `podman import` of the same files makes another image, of another creation time).
 fn copy_image(from: &Podman, to: &Podman, scratch: &Scratch) {
     let archive = scratch.join("image.tar");
     let archive = archive.to_str().expect("utf-8");
     from.run(&["save", "--output", archive, IMAGE], "podman save at A");
     to.run(&["load", "--input", archive], "podman load at B");
+}
+
+/// A container test's world: the two hosts, the cache-server's upstream, podman at A and at
+/// B (storage of its own each), and the cache-server running in container [`NAME`] at A. The
+/// fields drop in this order: the containers first, the hosts and the scratch folder last.
+struct Setup {
+    podman_b: Podman,
+    podman_a: Podman,
+    config: PathBuf,
+    _upstream: Upstream,
+    hosts: Hosts,
+    scratch: Scratch,
+}
+
+impl Setup {
+    /// Sets it up in the scratch folder `name`; B's storage has the cache-server's image if
+    /// `image_at_b`. None where the test cannot run (not root, no CRIU, runc or podman).
+    fn new(name: &str, image_at_b: bool) -> Option<Setup> {
+        let env = util::env()?;
+        if !oci::runtimes_present() {
+            return None;
+        }
+        let scratch = Scratch::new(name);
+        let hosts = Hosts::up_as(PREFIX);
+        let upstream = Upstream::start(&hosts, &scratch);
+        let rootfs = oci::rootfs_of(&scratch, "cache-server");
+        let config = oci::criu_config(&scratch, &bin("crac-action"));
+        let podman_a = podman_on(&hosts, "a", &scratch.join("pa"), &env.criu.path);
+        let podman_b = podman_on(&hosts, "b", &scratch.join("pb"), &env.criu.path);
+        oci::import(&podman_a, &rootfs, IMAGE);
+        if image_at_b {
+            copy_image(&podman_a, &podman_b, &scratch);
+        }
+        run_cache_server(&hosts, &podman_a, &config);
+        Some(Setup {
+            podman_b,
+            podman_a,
+            config,
+            _upstream: upstream,
+            hosts,
+            scratch,
+        })
+    }
 }
 
 const IMAGE: &str = "localhost/crac-cache:e2e";
@@ -190,22 +177,13 @@ fn podman_args(podman: &Podman) -> Vec<String> {
 /// Starts the cache-server in the container [`NAME`] at A, on A's network (`--network host`),
 /// with crac's CRIU configuration named by its annotation; waits until it answers.
 fn run_cache_server(hosts: &Hosts, podman: &Podman, config: &Path) {
-    let annotation = format!("org.criu.config={}", config.display());
     let port = SERVICE_PORT.to_string();
-    podman.run(
+    oci::podman_run(
+        podman,
+        NAME,
+        "host",
+        config,
         &[
-            "run",
-            "-d",
-            "--name",
-            NAME,
-            "--network",
-            "host",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=4096:4096",
-            "--annotation",
-            &annotation,
             IMAGE,
             "/cache-server",
             "--address",
@@ -215,42 +193,27 @@ fn run_cache_server(hosts: &Hosts, podman: &Podman, config: &Path) {
             "--upstream",
             UPSTREAM,
         ],
-        "podman run at A",
     );
     assert_eq!(ask(hosts, "GET a"), "value-of-a");
 }
 
-/// `crac migrate --container` at A, to the receiver at B.
-fn migrate_container(
-    hosts: &Hosts,
-    store: &Path,
-    key: &Path,
-    podman: &Podman,
-    strategy: &str,
-) -> Output {
-    hosts
-        .command("a", &bin("crac"))
-        .arg("--store")
-        .arg(store)
-        .args([
-            "migrate",
-            "--container",
-            NAME,
-            "--to",
-            RECEIVER,
-            "--key",
-            &key.display().to_string(),
-            "--address",
-            &format!("{SERVICE}/32"),
-            "--link-timeout",
-            "5",
-            "--strategy",
-            strategy,
-            "--json",
-        ])
-        .args(podman_args(podman))
+/// `crac migrate --container` of [`NAME`] at A, to the receiver at B.
+fn migrate_container(setup: &Setup, store: &Path, key: &Path, strategy: &str) -> Output {
+    migrate_command(&setup.hosts, store, &["--container", NAME], key, strategy)
+        .args(["--link-timeout", "5"])
+        .args(podman_args(&setup.podman_a))
         .output()
         .expect("crac migrate runs")
+}
+
+/// Asserts that `podman` has no container, running or not (`host` names it).
+fn no_containers(podman: &Podman, host: &str) {
+    let left = podman.run(&["ps", "--all", "--quiet"], &format!("podman ps at {host}"));
+    assert!(
+        left.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&left.stdout)
+    );
 }
 
 /// The lines of container [`NAME`]'s log that contain `what`.
@@ -270,46 +233,31 @@ fn log_lines(podman: &Podman, what: &str) -> usize {
 #[test]
 #[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
 fn a_podman_container_moves_whole_with_its_state() {
-    let Some(env) = util::env() else { return };
-    if !oci::runtimes_present() {
+    let Some(setup) = Setup::new("mig-pod", true) else {
         return;
-    }
-    let scratch = Scratch::new("mig-pod");
-    let hosts = Hosts::up_as(PREFIX);
-    let _upstream = Upstream::start(&hosts, &scratch);
-    let rootfs = oci::rootfs_of(&scratch, "cache-server");
-    let config = oci::criu_config(&scratch, &bin("crac-action"));
-    let podman_a = podman_on(&hosts, "a", &scratch.join("pa"), &env.criu.path);
-    let podman_b = podman_on(&hosts, "b", &scratch.join("pb"), &env.criu.path);
-    import_cache_server(&podman_a, &rootfs);
-    copy_image(&podman_a, &podman_b, &scratch);
-    run_cache_server(&hosts, &podman_a, &config);
+    };
     for k in ["b", "c"] {
-        assert_eq!(ask(&hosts, &format!("GET {k}")), format!("value-of-{k}"));
+        assert_eq!(
+            ask(&setup.hosts, &format!("GET {k}")),
+            format!("value-of-{k}")
+        );
     }
-    let before = stats(&ask(&hosts, "STATS"));
+    let before = stats(&ask(&setup.hosts, "STATS"));
     assert_eq!(before["entries"], 3, "{before}");
 
-    let key = key(&scratch, "key", 'k');
-    let store_b = scratch.join("store-b");
+    let key = key(&setup.scratch, "key", 'k');
+    let store_b = setup.scratch.join("store-b");
     let (receiver, receiver_log) = receiver_with(
-        &hosts,
-        &scratch,
+        &setup.hosts,
+        &setup.scratch,
         &key,
         &store_b.display().to_string(),
         None,
-        &[podman_args(&podman_b), vec!["--json".to_owned()]].concat(),
+        &[podman_args(&setup.podman_b), vec!["--json".to_owned()]].concat(),
     );
-    let store_a = scratch.join("store-a");
-    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "stop-and-copy");
-    assert!(
-        out.status.success(),
-        "{}\nreceiver: {}",
-        text(&out),
-        fs::read_to_string(&receiver_log).unwrap_or_default()
-    );
-    let received = finish(receiver);
-    assert!(received.status.success(), "{}", text(&received));
+    let store_a = setup.scratch.join("store-a");
+    let out = migrate_container(&setup, &store_a, &key, "stop-and-copy");
+    let received = migrated(&out, receiver, &receiver_log);
     let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["strategy"], "stop-and-copy", "{outcome}");
     assert!(
@@ -320,39 +268,37 @@ fn a_podman_container_moves_whole_with_its_state() {
     assert_eq!(said_at_b["container"], NAME, "{said_at_b}");
 
     // The same cache, restored once, answering at the same address from B.
-    let after = stats(&ask(&hosts, "STATS"));
+    let after = stats(&ask(&setup.hosts, "STATS"));
     assert_eq!(after["entries"], 3, "{after}");
     assert_eq!(after["generation"], 1, "{after}");
     assert_eq!(after["last_restore"], "restored", "{after}");
     assert_eq!(after["upstream_connection"], 2, "{after}");
-    assert_eq!(ask(&hosts, "GET a"), "value-of-a");
+    assert_eq!(ask(&setup.hosts, "GET a"), "value-of-a");
     assert_eq!(
-        stats(&ask(&hosts, "STATS"))["hits"].as_u64(),
+        stats(&ask(&setup.hosts, "STATS"))["hits"].as_u64(),
         before["hits"].as_u64().map(|h| h + 1)
     );
-    assert!(hosts
+    assert!(setup
+        .hosts
         .ip("c", &["route", "get", SERVICE])
         .contains("10.77.2.2"));
     assert_eq!(
-        podman_b.pid(NAME),
+        setup.podman_b.pid(NAME),
         said_at_b["pid"].as_u64().unwrap() as u32
     );
-    assert_eq!(log_lines(&podman_b, "before_checkpoint cache"), 1);
-    assert_eq!(log_lines(&podman_b, "after_restore cache"), 1);
+    assert_eq!(log_lines(&setup.podman_b, "before_checkpoint cache"), 1);
+    assert_eq!(log_lines(&setup.podman_b, "after_restore cache"), 1);
     // Nothing left at A: no container, no process, no address, no archive.
-    let left = podman_a.run(&["ps", "--all", "--quiet"], "podman ps at A");
+    no_containers(&setup.podman_a, "A");
     assert!(
-        left.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&left.stdout)
+        setup.hosts.pids("a").is_empty(),
+        "{:?}",
+        setup.hosts.pids("a")
     );
-    assert!(hosts.pids("a").is_empty(), "{:?}", hosts.pids("a"));
-    assert!(!hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
-    assert!(hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
+    assert!(!setup.hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+    assert!(setup.hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
     let crac_a = Crac { store: store_a };
     assert!(crac_a.listing().is_empty(), "{:?}", crac_a.listing());
-    drop(podman_b);
-    drop(podman_a);
 }
 
 /// A container cannot move post-copy (podman has no lazy pages), and a destination whose
@@ -361,27 +307,19 @@ fn a_podman_container_moves_whole_with_its_state() {
 #[test]
 #[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
 fn a_destination_without_the_image_refuses_and_the_container_runs_on() {
-    let Some(env) = util::env() else { return };
-    if !oci::runtimes_present() {
+    let Some(setup) = Setup::new("mig-pod-no", false) else {
         return;
-    }
-    let scratch = Scratch::new("mig-pod-no");
-    let hosts = Hosts::up_as(PREFIX);
-    let _upstream = Upstream::start(&hosts, &scratch);
-    let rootfs = oci::rootfs_of(&scratch, "cache-server");
-    let config = oci::criu_config(&scratch, &bin("crac-action"));
-    let podman_a = podman_on(&hosts, "a", &scratch.join("pa"), &env.criu.path);
-    let podman_b = podman_on(&hosts, "b", &scratch.join("pb"), &env.criu.path);
-    import_cache_server(&podman_a, &rootfs);
-    run_cache_server(&hosts, &podman_a, &config);
-    let pid = podman_a.pid(NAME);
-    let before = stats(&ask(&hosts, "STATS"));
-    let image_id = podman_a.run(&["inspect", "-f", "{{.Image}}", NAME], "podman inspect");
+    };
+    let pid = setup.podman_a.pid(NAME);
+    let before = stats(&ask(&setup.hosts, "STATS"));
+    let image_id = setup
+        .podman_a
+        .run(&["inspect", "-f", "{{.Image}}", NAME], "podman inspect");
     let image_id = String::from_utf8_lossy(&image_id.stdout)[..12].to_owned();
-    let key = key(&scratch, "key", 'k');
-    let store_a = scratch.join("store-a");
+    let key = key(&setup.scratch, "key", 'k');
+    let store_a = setup.scratch.join("store-a");
 
-    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "post-copy");
+    let out = migrate_container(&setup, &store_a, &key, "post-copy");
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -391,14 +329,14 @@ fn a_destination_without_the_image_refuses_and_the_container_runs_on() {
     );
 
     let (receiver, _) = receiver_with(
-        &hosts,
-        &scratch,
+        &setup.hosts,
+        &setup.scratch,
         &key,
-        &scratch.join("store-b").display().to_string(),
+        &setup.scratch.join("store-b").display().to_string(),
         None,
-        &podman_args(&podman_b),
+        &podman_args(&setup.podman_b),
     );
-    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "stop-and-copy");
+    let out = migrate_container(&setup, &store_a, &key, "stop-and-copy");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -412,16 +350,13 @@ fn a_destination_without_the_image_refuses_and_the_container_runs_on() {
     let received = finish(receiver);
     assert_eq!(received.status.code(), Some(1), "{}", text(&received));
     // Never stopped: the same process, no hook ran, nothing at B.
-    assert_eq!(podman_a.pid(NAME), pid);
-    let after = stats(&ask(&hosts, "STATS"));
+    assert_eq!(setup.podman_a.pid(NAME), pid);
+    let after = stats(&ask(&setup.hosts, "STATS"));
     assert_eq!(after["generation"], 0, "{after}");
     assert_eq!(after["upstream_connection"], before["upstream_connection"]);
-    assert_eq!(log_lines(&podman_a, "before_checkpoint"), 0);
-    let at_b = podman_b.run(&["ps", "--all", "--quiet"], "podman ps at B");
-    assert!(at_b.stdout.is_empty());
-    assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
-    drop(podman_b);
-    drop(podman_a);
+    assert_eq!(log_lines(&setup.podman_a, "before_checkpoint"), 0);
+    no_containers(&setup.podman_b, "B");
+    assert!(setup.hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
 }
 
 /// The restore fails at B after the freeze (there, the CRIU configuration's action script
@@ -430,41 +365,30 @@ fn a_destination_without_the_image_refuses_and_the_container_runs_on() {
 #[test]
 #[ignore = "needs root, CRIU >= 4.2, runc and podman: scripts/test.sh runs it"]
 fn a_restore_failing_at_the_destination_brings_the_container_back_at_the_source() {
-    let Some(env) = util::env() else { return };
-    if !oci::runtimes_present() {
+    let Some(setup) = Setup::new("mig-pod-back", true) else {
         return;
-    }
-    let scratch = Scratch::new("mig-pod-back");
-    let hosts = Hosts::up_as(PREFIX);
-    let _upstream = Upstream::start(&hosts, &scratch);
-    let rootfs = oci::rootfs_of(&scratch, "cache-server");
-    let config = oci::criu_config(&scratch, &bin("crac-action"));
-    let podman_a = podman_on(&hosts, "a", &scratch.join("pa"), &env.criu.path);
-    let podman_b = podman_on(&hosts, "b", &scratch.join("pb"), &env.criu.path);
-    import_cache_server(&podman_a, &rootfs);
-    copy_image(&podman_a, &podman_b, &scratch);
-    run_cache_server(&hosts, &podman_a, &config);
-    assert_eq!(ask(&hosts, "GET b"), "value-of-b");
-    let before = stats(&ask(&hosts, "STATS"));
+    };
+    assert_eq!(ask(&setup.hosts, "GET b"), "value-of-b");
+    let before = stats(&ask(&setup.hosts, "STATS"));
     // At B (its own mount namespace), the same path names a configuration whose action
     // script fails: the checks pass, the restore does not.
-    let failing = scratch.join("failing.conf");
+    let failing = setup.scratch.join("failing.conf");
     fs::write(&failing, "action-script /bin/false\n").unwrap();
-    let key = key(&scratch, "key", 'k');
+    let key = key(&setup.scratch, "key", 'k');
     let (receiver, receiver_log) = receiver_with(
-        &hosts,
-        &scratch,
+        &setup.hosts,
+        &setup.scratch,
         &key,
-        &scratch.join("store-b").display().to_string(),
+        &setup.scratch.join("store-b").display().to_string(),
         Some(&format!(
             "mount --bind {} {}",
             failing.display(),
-            config.display()
+            setup.config.display()
         )),
-        &podman_args(&podman_b),
+        &podman_args(&setup.podman_b),
     );
-    let store_a = scratch.join("store-a");
-    let out = migrate_container(&hosts, &store_a, &key, &podman_a, "stop-and-copy");
+    let store_a = setup.scratch.join("store-a");
+    let out = migrate_container(&setup, &store_a, &key, "stop-and-copy");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -481,21 +405,14 @@ fn a_restore_failing_at_the_destination_brings_the_container_back_at_the_source(
         "{receiver_said}"
     );
     // At A again, restored once, its state whole; nothing at B, the address back at A.
-    let after = stats(&ask(&hosts, "STATS"));
+    let after = stats(&ask(&setup.hosts, "STATS"));
     assert_eq!(after["entries"], before["entries"], "{after}");
     assert_eq!(after["generation"], 1, "{after}");
     assert_eq!(after["last_restore"], "restored", "{after}");
-    assert_eq!(log_lines(&podman_a, "after_restore cache"), 1);
-    let at_b = podman_b.run(&["ps", "--all", "--quiet"], "podman ps at B");
-    assert!(
-        at_b.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&at_b.stdout)
-    );
-    assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
-    assert!(!hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
+    assert_eq!(log_lines(&setup.podman_a, "after_restore cache"), 1);
+    no_containers(&setup.podman_b, "B");
+    assert!(setup.hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
+    assert!(!setup.hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
     let crac_a = Crac { store: store_a };
     assert!(crac_a.listing().is_empty(), "{:?}", crac_a.listing());
-    drop(podman_b);
-    drop(podman_a);
 }
