@@ -21,6 +21,8 @@ pub struct Podman {
     remove_cache: bool,
     /// The same for the state folder of the runc that podman runs.
     remove_runc_state: bool,
+    /// A command that runs podman somewhere else (another host's namespaces), if any.
+    wrapper: Vec<String>,
 }
 
 /// What `podman run` needs for crac run and CRIU inside an image scripts/container-image.sh
@@ -44,6 +46,14 @@ pub const CAPABILITY_RUN_OPTIONS: [&str; 8] = [
     "CHECKPOINT_RESTORE",
     "--network",
     "host",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
+/// The limits of [`WARM_RUN_OPTIONS`] alone: ones runc can set here.
+pub const LIMIT_OPTIONS: [&str; 4] = [
     "--ulimit",
     "nofile=1024:1024",
     "--ulimit",
@@ -78,7 +88,15 @@ impl Podman {
             remove_runc_state: !Path::new(RUNC_STATE).exists(),
             dir,
             path,
+            wrapper: Vec::new(),
         }
+    }
+
+    /// This podman, run through `wrapper` (a command that runs the rest of its command line
+    /// elsewhere: `scripts/hosts.sh exec PREFIX b`), for every command and its cleanup.
+    pub fn under(mut self, wrapper: &[&str]) -> Podman {
+        self.wrapper = wrapper.iter().map(|w| (*w).to_owned()).collect();
+        self
     }
 
     /// podman's options for this test's storage and runtime, before the command's own.
@@ -112,7 +130,14 @@ impl Podman {
 
     /// A podman command with `args`, on this storage.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("podman");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg("podman");
+                cmd
+            }
+            None => Command::new("podman"),
+        };
         cmd.args(self.global_options())
             .args(args)
             .env("PATH", &self.path);

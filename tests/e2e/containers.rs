@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::oci::{self, in_netns, Podman, Runc};
+use crate::oci::{self, in_netns, Runc};
 use crate::util::{
     self, after_all, bin, concat, field, read_lines, status, status_hooks, text, wait_until,
     Scratch, BEFORE_ALL,
@@ -33,15 +33,9 @@ fn runc_checkpoint_and_restore_coordinate_pid_1_and_its_child() {
         return;
     }
     let scratch = Scratch::new("runc");
-    let rootfs = oci::rootfs(&scratch);
-    let config = oci::criu_config(&scratch, &bin("crac-action"));
     let mut runc = Runc::new(&env, &scratch);
-    let state = scratch.join("state");
-    let bundle = runc.bundle(
-        &scratch.join("bundle"),
-        &rootfs,
-        &config,
-        &state,
+    let (bundle, state) = runc.target_bundle(
+        &scratch,
         &[
             ("CRAC_TEST_CHILD", "1"),
             ("CRAC_TEST_LISTEN", "8080"),
@@ -222,37 +216,7 @@ fn podman_export_import_and_a_second_copy_each_renew_what_is_unique() {
         return;
     }
     let scratch = Scratch::new("podman");
-    let rootfs = oci::rootfs(&scratch);
-    let config = oci::criu_config(&scratch, &bin("crac-action"));
-    let podman = Podman::new(&scratch.join("podman"), &env.criu.path);
-    let image = "localhost/crac-test:e2e";
-    oci::import(&podman, &rootfs, image);
-    let annotation = format!("org.criu.config={}", config.display());
-    podman.run(
-        &[
-            "run",
-            "-d",
-            "--name",
-            "svc",
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=4096:4096",
-            "--annotation",
-            &annotation,
-            "-e",
-            "CRAC_TEST_DIR=/state",
-            "-e",
-            "CRAC_TEST_LISTEN=8080",
-            "-e",
-            "CRAC_TEST_CHILD=1",
-            image,
-        ],
-        "podman run",
-    );
-    let pid = podman.pid("svc");
+    let (podman, pid) = oci::podman_with_target(&env, &scratch, "svc");
     let before = in_netns(pid, || status(8080));
 
     let archive = scratch.join("svc.tar.zst");

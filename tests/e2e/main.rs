@@ -20,6 +20,7 @@ mod hostile_output;
 mod image_trust;
 mod lazy;
 mod migrate;
+mod migrate_container;
 mod namespaces;
 mod nothing_lost;
 mod oci;

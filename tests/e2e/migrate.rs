@@ -18,13 +18,16 @@ use crate::util::{self, bin, text, wait_until, Scratch};
 
 /// The namespaces' prefix: this module's own (issue 22).
 const PREFIX: &str = "c22m";
-const SERVICE: &str = "10.77.9.1";
-const SERVICE_PORT: u16 = 7070;
-const UPSTREAM: &str = "10.77.3.1:7071";
-const RECEIVER: &str = "10.77.0.2:7777";
+pub(crate) const SERVICE: &str = "10.77.9.1";
+pub(crate) const SERVICE_PORT: u16 = 7070;
+pub(crate) const UPSTREAM: &str = "10.77.3.1:7071";
+pub(crate) const RECEIVER: &str = "10.77.0.2:7777";
 
-/// The two hosts and the client, set up by scripts/hosts.sh and torn down when dropped.
-struct Hosts;
+/// The two hosts and the client, set up by scripts/hosts.sh (their namespaces' names begin
+/// with `prefix`) and torn down when dropped.
+pub(crate) struct Hosts {
+    prefix: &'static str,
+}
 
 fn hosts_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,26 +38,42 @@ fn hosts_script() -> PathBuf {
 
 impl Hosts {
     fn up() -> Hosts {
+        Hosts::up_as(PREFIX)
+    }
+
+    /// The hosts, their namespaces named `PREFIX-a`, `PREFIX-b` and `PREFIX-c`.
+    pub(crate) fn up_as(prefix: &'static str) -> Hosts {
         let out = Command::new(hosts_script())
-            .args(["up", PREFIX])
+            .args(["up", prefix])
             .output()
             .expect("hosts.sh runs");
         assert!(out.status.success(), "hosts.sh up: {}", text(&out));
-        Hosts
+        Hosts { prefix }
+    }
+
+    /// The command line that runs a command on host `host` (a, b or c).
+    pub(crate) fn wrapper(&self, host: &'static str) -> Vec<String> {
+        vec![
+            hosts_script().display().to_string(),
+            "exec".to_owned(),
+            self.prefix.to_owned(),
+            host.to_owned(),
+        ]
     }
 
     /// `COMMAND` on host `host` (a, b or c).
-    fn command(&self, host: &str, program: &Path) -> Command {
+    pub(crate) fn command(&self, host: &str, program: &Path) -> Command {
         let mut cmd = Command::new(hosts_script());
-        cmd.args(["exec", PREFIX, host]).arg(program);
+        cmd.args(["exec", self.prefix, host]).arg(program);
         cmd.stdin(Stdio::null());
         cmd
     }
 
     /// Runs `f` on a thread in the client's network namespace: sockets it makes stay there.
     fn client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let prefix = self.prefix;
         std::thread::spawn(move || {
-            let ns = fs::File::open(format!("/run/netns/{PREFIX}-c")).expect("client netns");
+            let ns = fs::File::open(format!("/run/netns/{prefix}-c")).expect("client netns");
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             f()
         })
@@ -63,10 +82,10 @@ impl Hosts {
     }
 
     /// `ip ARGS` in host `host`'s network namespace, its output.
-    fn ip(&self, host: &str, args: &[&str]) -> String {
+    pub(crate) fn ip(&self, host: &str, args: &[&str]) -> String {
         let out = Command::new("ip")
             .arg("-n")
-            .arg(format!("{PREFIX}-{host}"))
+            .arg(format!("{}-{host}", self.prefix))
             .args(args)
             .output()
             .expect("ip runs");
@@ -75,9 +94,9 @@ impl Hosts {
     }
 
     /// Whatever runs in `host`'s network namespace.
-    fn pids(&self, host: &str) -> Vec<u32> {
+    pub(crate) fn pids(&self, host: &str) -> Vec<u32> {
         let out = Command::new("ip")
-            .args(["netns", "pids", &format!("{PREFIX}-{host}")])
+            .args(["netns", "pids", &format!("{}-{host}", self.prefix)])
             .output()
             .expect("ip runs");
         String::from_utf8_lossy(&out.stdout)
@@ -89,12 +108,14 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        let _ = Command::new(hosts_script()).args(["down", PREFIX]).output();
+        let _ = Command::new(hosts_script())
+            .args(["down", self.prefix])
+            .output();
     }
 }
 
 /// Sends one request on a new connection from the client, returns the reply line.
-fn ask(hosts: &Hosts, request: &str) -> String {
+pub(crate) fn ask(hosts: &Hosts, request: &str) -> String {
     let request = request.to_owned();
     hosts.client(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -196,7 +217,8 @@ fn request_on(stream: &mut TcpStream, request: &str) -> String {
 /// The services of a test: upstream in the client's namespace, the cache-server at A.
 struct Service {
     server: Child,
-    upstream: Child,
+    /// Killed after the server (fields drop after `drop`).
+    _upstream: Upstream,
     log: PathBuf,
 }
 
@@ -207,19 +229,7 @@ impl Service {
 
     /// [`Service::start`] with more options for the cache-server.
     fn start_with(hosts: &Hosts, scratch: &Scratch, extra: &[&str]) -> Service {
-        let upstream_log = scratch.join("upstream.log");
-        let upstream = hosts
-            .command("c", &bin("upstream"))
-            .arg("7071")
-            .env("UPSTREAM_ADDRESS", "10.77.3.1")
-            .env("UPSTREAM_DELAY_MS", "1")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&upstream_log).unwrap())
-            .spawn()
-            .expect("upstream starts");
-        wait_until(Duration::from_secs(10), "upstream to listen", || {
-            fs::read_to_string(&upstream_log).is_ok_and(|l| l.contains("listening"))
-        });
+        let upstream = Upstream::start(hosts, scratch);
         let log = scratch.join("server.log");
         let mut cmd = hosts.command("a", &bin("cache-server"));
         cmd.args([
@@ -249,7 +259,7 @@ impl Service {
         let server = cmd.spawn().expect("cache-server starts");
         let service = Service {
             server,
-            upstream,
+            _upstream: upstream,
             log,
         };
         wait_until(Duration::from_secs(10), "the cache-server to serve", || {
@@ -286,12 +296,32 @@ impl Drop for Service {
         let _ = self.server.wait();
         // A killed agent cannot remove its folder (at A: B's are in B's own /run).
         let _ = fs::remove_dir_all(util::agent_dir(self.pid()));
-        let _ = self.upstream.kill();
-        let _ = self.upstream.wait();
     }
 }
 
-fn key(scratch: &Scratch, name: &str, fill: char) -> PathBuf {
+/// The cache-server's upstream, in the client's namespace at [`UPSTREAM`]; killed when dropped.
+pub(crate) struct Upstream(Child);
+
+impl Upstream {
+    pub(crate) fn start(hosts: &Hosts, scratch: &Scratch) -> Upstream {
+        let mut cmd = hosts.command("c", &bin("upstream"));
+        cmd.arg("7071")
+            .env("UPSTREAM_ADDRESS", "10.77.3.1")
+            .env("UPSTREAM_DELAY_MS", "1")
+            .stdout(Stdio::null());
+        let log = scratch.join("upstream.log");
+        Upstream(start_logged(cmd, &log, "upstream", "listening"))
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn key(scratch: &Scratch, name: &str, fill: char) -> PathBuf {
     let path = scratch.join(name);
     fs::write(&path, fill.to_string().repeat(44)).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -307,8 +337,23 @@ fn receiver(
     store: &str,
     wrap: Option<&str>,
 ) -> (Child, PathBuf) {
+    receiver_with(hosts, scratch, key, store, wrap, &[])
+}
+
+/// [`receiver`] with more options for `crac migrate --receive`.
+pub(crate) fn receiver_with(
+    hosts: &Hosts,
+    scratch: &Scratch,
+    key: &Path,
+    store: &str,
+    wrap: Option<&str>,
+    extra: &[String],
+) -> (Child, PathBuf) {
     let stderr = scratch.join("receiver.stderr");
-    let hook = format!("nsenter --net=/run/netns/{PREFIX}-c ip route replace \"$1\" via 10.77.2.2");
+    let hook = format!(
+        "nsenter --net=/run/netns/{}-c ip route replace \"$1\" via 10.77.2.2",
+        hosts.prefix
+    );
     let crac = bin("crac");
     let mut args: Vec<String> = vec![
         crac.display().to_string(),
@@ -325,6 +370,7 @@ fn receiver(
         "--on-address".into(),
         hook,
     ];
+    args.extend_from_slice(extra);
     let mut cmd = match wrap {
         // A shell command run first at B (a mount, say), then crac.
         Some(setup) => {
@@ -341,15 +387,23 @@ fn receiver(
             cmd
         }
     };
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("the receiver starts");
-    wait_until(Duration::from_secs(10), "the receiver to listen", || {
-        fs::read_to_string(&stderr).is_ok_and(|l| l.contains("waiting for a migration"))
-    });
+    cmd.stdout(Stdio::piped());
+    let child = start_logged(cmd, &stderr, "the receiver", "waiting for a migration");
     (child, stderr)
+}
+
+/// Starts `cmd` (`what`), its stderr into `log`, and waits until the log says `ready`.
+fn start_logged(mut cmd: Command, log: &Path, what: &str, ready: &str) -> Child {
+    let child = cmd
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{what} to listen"),
+        || fs::read_to_string(log).is_ok_and(|l| l.contains(ready)),
+    );
+    child
 }
 
 /// `crac migrate` of `pid` at A, to the receiver, with `key`.
@@ -359,31 +413,55 @@ fn migrate(hosts: &Hosts, store: &Path, pid: u32, key: &Path) -> Output {
 
 /// [`migrate`] with a strategy.
 fn migrate_with(hosts: &Hosts, store: &Path, pid: u32, key: &Path, strategy: &str) -> Output {
-    hosts
-        .command("a", &bin("crac"))
-        .arg("--store")
+    migrate_command(hosts, store, &[&pid.to_string()], key, strategy)
+        .args(["--tcp-established", "--link-timeout", "3"])
+        .output()
+        .expect("crac migrate runs")
+}
+
+/// `crac migrate WHAT` at A, to the receiver, with `key`, [`SERVICE`] and `strategy`, its
+/// outcome in JSON; the caller adds its own options.
+pub(crate) fn migrate_command(
+    hosts: &Hosts,
+    store: &Path,
+    what: &[&str],
+    key: &Path,
+    strategy: &str,
+) -> Command {
+    let mut cmd = hosts.command("a", &bin("crac"));
+    cmd.arg("--store")
         .arg(store)
+        .arg("migrate")
+        .args(what)
         .args([
-            "migrate",
-            &pid.to_string(),
             "--to",
             RECEIVER,
             "--key",
             &key.display().to_string(),
             "--address",
             &format!("{SERVICE}/32"),
-            "--tcp-established",
-            "--link-timeout",
-            "3",
             "--strategy",
             strategy,
             "--json",
-        ])
-        .output()
-        .expect("crac migrate runs")
+        ]);
+    cmd
 }
 
-fn finish(mut receiver: Child) -> Output {
+/// Asserts that `crac migrate`'s `out` and the receiver's run succeeded (the receiver's log,
+/// `receiver_log`, said when not); returns the receiver's output.
+pub(crate) fn migrated(out: &Output, receiver: Child, receiver_log: &Path) -> Output {
+    assert!(
+        out.status.success(),
+        "{}\nreceiver: {}",
+        text(out),
+        fs::read_to_string(receiver_log).unwrap_or_default()
+    );
+    let received = finish(receiver);
+    assert!(received.status.success(), "{}", text(&received));
+    received
+}
+
+pub(crate) fn finish(mut receiver: Child) -> Output {
     let deadline = Instant::now() + Duration::from_secs(60);
     while receiver.try_wait().expect("try_wait").is_none() {
         assert!(Instant::now() < deadline, "the receiver did not end");
@@ -392,7 +470,7 @@ fn finish(mut receiver: Child) -> Output {
     receiver.wait_with_output().expect("the receiver's output")
 }
 
-fn stats(reply: &str) -> serde_json::Value {
+pub(crate) fn stats(reply: &str) -> serde_json::Value {
     serde_json::from_str(reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
 }
 
@@ -432,14 +510,7 @@ fn moves_the_cache_server(strategy: &str) {
     let reaper = service.reap_when_dumped();
     let out = migrate_with(&hosts, &store_a, service.pid(), &key, strategy);
     reaper.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\nreceiver: {}",
-        text(&out),
-        fs::read_to_string(&receiver_log).unwrap_or_default()
-    );
-    let received = finish(receiver);
-    assert!(received.status.success(), "{}", text(&received));
+    migrated(&out, receiver, &receiver_log);
     let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["strategy"], strategy);
     assert!(

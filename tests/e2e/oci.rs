@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::util::{bin, text, Env, Scratch};
 pub(crate) use crac_test_support::podman::Podman;
+use crac_test_support::podman::LIMIT_OPTIONS;
 
 /// Whether runc and podman are here: in CI a missing one fails the test, elsewhere it is
 /// skipped with a line saying how to get it.
@@ -59,13 +60,19 @@ fn run_ok(cmd: Command, what: &str) -> Output {
 /// A root file system with crac-test-target at `/crac-test-target`, its libraries, and the
 /// empty folders a container needs.
 pub(crate) fn rootfs(scratch: &Scratch) -> PathBuf {
+    rootfs_of(scratch, "crac-test-target")
+}
+
+/// A root file system with the built binary `program` at `/PROGRAM`, its libraries, and the
+/// empty folders a container needs.
+pub(crate) fn rootfs_of(scratch: &Scratch, program: &str) -> PathBuf {
     let root = scratch.join("rootfs");
-    let target = bin("crac-test-target");
+    let target = bin(program);
     for dir in ["proc", "dev", "sys", "tmp", "state"] {
         fs::create_dir_all(root.join(dir)).expect("rootfs folder");
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).expect("chmod");
-    fs::copy(&target, root.join("crac-test-target")).expect("copy the target");
+    fs::copy(&target, root.join(program)).expect("copy the program");
     let ldd = run_ok(
         {
             let mut c = Command::new("ldd");
@@ -209,6 +216,20 @@ impl Runc {
         dir.to_owned()
     }
 
+    /// A bundle in `scratch` (its `bundle` folder) for crac-test-target with `env` and crac's
+    /// CRIU configuration, `/state` bound to the scratch folder's `state`; and that folder.
+    pub(crate) fn target_bundle(
+        &self,
+        scratch: &Scratch,
+        env: &[(&str, &str)],
+    ) -> (PathBuf, PathBuf) {
+        let rootfs = rootfs(scratch);
+        let config = criu_config(scratch, &bin("crac-action"));
+        let state = scratch.join("state");
+        let bundle = self.bundle(&scratch.join("bundle"), &rootfs, &config, &state, env);
+        (bundle, state)
+    }
+
     /// `runc run -d`: starts container `id` from `bundle`.
     pub(crate) fn run(&mut self, id: &str, bundle: &Path) {
         let mut cmd = self.command();
@@ -315,6 +336,48 @@ pub(crate) fn import(podman: &Podman, rootfs: &Path, name: &str) {
         ],
         "podman import",
     );
+}
+
+/// The image crac-test-target runs from in the podman tests.
+const TARGET_IMAGE: &str = "localhost/crac-test:e2e";
+
+/// `podman run -d` of container `name` on network `network`, with limits runc can set here and
+/// crac's CRIU configuration `config` named by its annotation; `rest` is the image, its command
+/// and any option before them.
+pub(crate) fn podman_run(podman: &Podman, name: &str, network: &str, config: &Path, rest: &[&str]) {
+    let annotation = format!("org.criu.config={}", config.display());
+    let mut args = vec!["run", "-d", "--name", name, "--network", network];
+    args.extend(LIMIT_OPTIONS);
+    args.extend(["--annotation", &annotation]);
+    args.extend(rest);
+    podman.run(&args, &format!("podman run {name}"));
+}
+
+/// podman with its storage in `scratch`, running crac-test-target in container `name`, with
+/// no network, crac's CRIU configuration, its state in `/state`, a listener on 8080 and a
+/// child; and the container's init's pid.
+pub(crate) fn podman_with_target(env: &Env, scratch: &Scratch, name: &str) -> (Podman, u32) {
+    let rootfs = rootfs(scratch);
+    let config = criu_config(scratch, &bin("crac-action"));
+    let podman = Podman::new(&scratch.join("podman"), &env.criu.path);
+    import(&podman, &rootfs, TARGET_IMAGE);
+    podman_run(
+        &podman,
+        name,
+        "none",
+        &config,
+        &[
+            "-e",
+            "CRAC_TEST_DIR=/state",
+            "-e",
+            "CRAC_TEST_LISTEN=8080",
+            "-e",
+            "CRAC_TEST_CHILD=1",
+            TARGET_IMAGE,
+        ],
+    );
+    let pid = podman.pid(name);
+    (podman, pid)
 }
 
 /// Runs `f` on a thread inside process `pid`'s network namespace (a socket made there stays

@@ -64,11 +64,11 @@ pub(crate) enum Command {
     #[command(name = "status", after_help = "Example:\n  crac status 4242")]
     Status(StatusArgs),
 
-    /// Move a running service to another host (stop-and-copy or post-copy), or receive one
-    /// (--receive).
+    /// Move a running service to another host (stop-and-copy or post-copy), or a podman
+    /// container (--container, stop-and-copy), or receive one (--receive).
     #[command(
         name = "migrate",
-        after_help = "Examples:\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --strategy post-copy\n  crac migrate --receive --listen 10.0.0.2:7777 --key /etc/crac/migrate.key --on-address 'ip route ...'\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --address 10.0.9.1/32 --tcp-established"
+        after_help = "Examples:\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --strategy post-copy\n  crac migrate --receive --listen 10.0.0.2:7777 --key /etc/crac/migrate.key --on-address 'ip route ...'\n  crac migrate 4242 --to 10.0.0.2:7777 --key /etc/crac/migrate.key --address 10.0.9.1/32 --tcp-established\n  crac migrate --container web --to 10.0.0.2:7777 --key /etc/crac/migrate.key --address 10.0.9.1/32"
     )]
     Migrate(MigrateArgs),
 
@@ -221,8 +221,21 @@ pub(crate) struct RestoreArgs {
 #[derive(Debug, Args)]
 pub(crate) struct MigrateArgs {
     /// The service to move (the root of its process tree).
-    #[arg(required_unless_present = "receive", conflicts_with = "receive")]
+    #[arg(
+        required_unless_present_any = ["receive", "container"],
+        conflicts_with_all = ["receive", "container"]
+    )]
     pub pid: Option<u32>,
+    /// Move this podman container whole instead (stop-and-copy): podman checkpoints it, crac's
+    /// hooks run through crac-action (named by its org.criu.config annotation), the archive
+    /// goes over the migration's connection, and the destination's podman restores it.
+    #[arg(long, value_name = "NAME", conflicts_with = "receive")]
+    pub container: Option<String>,
+    /// A global option for podman, before its command (repeat for more), at either end: where
+    /// its storage is, which runtime, e.g. --podman-arg=--root=/srv/podman. podman's own
+    /// CONTAINERS_CONF and CONTAINERS_STORAGE_CONF work too.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub podman_arg: Vec<String>,
     /// Where the destination's `crac migrate --receive` listens.
     #[arg(
         long,
@@ -248,14 +261,14 @@ pub(crate) struct MigrateArgs {
     pub address: Option<String>,
     /// Move established TCP connections too (CRIU's --tcp-established): with the address,
     /// clients keep their connections.
-    #[arg(long, conflicts_with = "receive")]
+    #[arg(long, conflicts_with_all = ["receive", "container"])]
     pub tcp_established: bool,
     /// Seconds the hooks may take before the checkpoint is aborted.
     #[arg(
         long,
         value_name = "S",
         default_value_t = 30.0,
-        conflicts_with = "receive"
+        conflicts_with_all = ["receive", "container"]
     )]
     pub timeout: f64,
     /// Seconds a silent link is waited for before it counts as cut.
@@ -278,7 +291,7 @@ pub(crate) struct MigrateArgs {
     #[arg(long)]
     pub json: bool,
     /// More options for `criu dump`, after `--`.
-    #[arg(last = true, value_name = "CRIU_ARGS", conflicts_with = "receive")]
+    #[arg(last = true, value_name = "CRIU_ARGS", conflicts_with_all = ["receive", "container"])]
     pub criu_args: Vec<String>,
 }
 

@@ -1,12 +1,14 @@
-//! `crac migrate`: move a running service to another host (the source), or receive one
-//! (`--receive`, the destination). The work is `crac_cli::migrate`'s.
+//! `crac migrate`: move a running service or a podman container (`--container`) to another
+//! host (the source), or receive one (`--receive`, the destination). The work is `crac_cli::migrate`'s.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crac_cli::error::{FailureKind, OpError};
+use crac_cli::migrate::container::{self, ContainerRequest};
 use crac_cli::migrate::net::ServiceAddress;
 use crac_cli::migrate::receive::{self, ReceiveRequest};
-use crac_cli::migrate::source::{self, MigrateRequest};
+use crac_cli::migrate::source::{self, MigrateOutcome, MigrateRequest};
 use crac_cli::store::Store;
 
 use crate::cli::MigrateArgs;
@@ -34,6 +36,7 @@ pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
             address_device: args.address_device,
             on_address: args.on_address,
             link_timeout,
+            podman_args: args.podman_arg,
         };
         let outcome = receive::receive(
             &request,
@@ -41,27 +44,56 @@ pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
             &mut notice,
         )?;
         out.print(&outcome, || {
+            let what = match &outcome.container {
+                Some(name) => format!("the container {name}"),
+                None => "the service".to_owned(),
+            };
             format!(
-                "received from {}: the service runs here as pid {} (restored in {}, {} in all); its image is {}\n",
+                "received from {}: {what} runs here as pid {} (restored in {}, {} in all){}\n",
                 outcome.source,
                 outcome.pid,
                 millis(outcome.restore_ms),
                 millis(outcome.total_ms),
-                outcome.image.display()
+                match &outcome.image {
+                    Some(image) => format!("; its image is {}", image.display()),
+                    None => String::new(),
+                }
             )
         });
         return Ok(0);
     }
     seconds("timeout", args.timeout)?;
-    let address = args
-        .address
-        .as_deref()
-        .map(ServiceAddress::parse)
-        .transpose()
-        .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let address = ServiceAddress::parse_optional(args.address.as_deref())?;
+    let to = args.to.expect("clap requires --to without --receive");
+    if let Some(name) = args.container {
+        let request = ContainerRequest {
+            name,
+            to,
+            strategy: args.strategy,
+            key: args.key,
+            store: store.clone(),
+            address,
+            link_timeout,
+            podman_args: args.podman_arg,
+        };
+        let outcome = container::migrate(&request, &mut notice)?;
+        out.print(&outcome, || {
+            format!(
+                "{}\n",
+                moved(
+                    &format!("the container {}", request.name),
+                    request.to,
+                    &outcome,
+                    "checkpoint",
+                    "archive"
+                )
+            )
+        });
+        return Ok(0);
+    }
     let request = MigrateRequest {
         pid: args.pid.expect("clap requires a pid without --receive"),
-        to: args.to.expect("clap requires --to without --receive"),
+        to,
         strategy: args.strategy,
         key: args.key,
         store: store.clone(),
@@ -74,22 +106,44 @@ pub(crate) fn run(store: &Store, args: MigrateArgs) -> Result<u8, OpError> {
     let outcome = source::migrate(&request, &mut notice)?;
     out.print(&outcome, || {
         format!(
-            "moved pid {} to {} ({}): it runs there as pid {}; down for {} (dump {}), {} in all, {} sent for a {} image{}\n",
-            request.pid,
-            request.to,
-            outcome.strategy,
-            outcome.pid,
-            millis(outcome.downtime_ms),
-            millis(outcome.dump_ms),
-            millis(outcome.total_ms),
-            bytes(outcome.bytes_sent),
-            bytes(outcome.image_bytes),
+            "{}{}\n",
+            moved(
+                &format!("pid {}", request.pid),
+                request.to,
+                &outcome,
+                "dump",
+                "image"
+            ),
             if outcome.lock_rules_removed > 0 {
-                format!("; {} network-lock rules removed here", outcome.lock_rules_removed)
+                format!(
+                    "; {} network-lock rules removed here",
+                    outcome.lock_rules_removed
+                )
             } else {
                 String::new()
             }
         )
     });
     Ok(0)
+}
+
+/// What a finished migration of `what` to `to` says: where it runs, how long it was down
+/// (`freeze` naming what stopped it) and what was sent for its `image`.
+fn moved(
+    what: &str,
+    to: SocketAddr,
+    outcome: &MigrateOutcome,
+    freeze: &str,
+    image: &str,
+) -> String {
+    format!(
+        "moved {what} to {to} ({}): it runs there as pid {}; down for {} ({freeze} {}), {} in all, {} sent for a {} {image}",
+        outcome.strategy,
+        outcome.pid,
+        millis(outcome.downtime_ms),
+        millis(outcome.dump_ms),
+        millis(outcome.total_ms),
+        bytes(outcome.bytes_sent),
+        bytes(outcome.image_bytes),
+    )
 }

@@ -20,14 +20,21 @@
 //!    the destination restored; it restores nothing (never two copies) and keeps the image,
 //!    saying so.
 //!
+//! A podman container moves whole the same way ([`container`]): podman checkpoints it (crac's
+//! hooks run through crac-action, named by the container's CRIU configuration) into an archive
+//! that is streamed, and the destination's podman restores it from that archive. Stop-and-copy
+//! only: podman passes CRIU no lazy-pages or page-server options.
+//!
 //! Strategy: stop-and-copy (the service is down from the dump until the restore at the
 //! destination). Pre-copy needs the kernel's memory tracking (`crac check` says whether it
 //! has it).
 
 pub mod channel;
 pub mod checks;
+pub mod container;
 pub mod net;
 pub mod pipes;
+pub mod podman;
 pub mod receive;
 pub mod relay;
 pub mod source;
@@ -61,6 +68,27 @@ pub struct Offer {
     pub address: Option<String>,
     /// The TCP addresses it listens on (`IP:PORT`).
     pub listening: Vec<String>,
+    /// A podman container moved whole (`crac migrate --container`), if that is what is
+    /// offered: then the pids are empty unless it shares the host's pid namespace, and the
+    /// listening addresses unless it shares the host's network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Box<ContainerOffer>>,
+}
+
+/// The podman container a container-level migration offers (see [`container`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerOffer {
+    /// Its name, which it keeps at the destination.
+    pub name: String,
+    /// Its id.
+    pub id: String,
+    /// Its image, by name.
+    pub image: String,
+    /// Its image's id: the destination's podman storage must hold it.
+    pub image_id: String,
+    /// The CRIU configuration file its `org.criu.config` annotation names: the destination
+    /// must have one there (naming crac-action) for the hooks to run after the restore.
+    pub criu_config: String,
 }
 
 /// The messages of a migration after the handshake, in the order they are sent.

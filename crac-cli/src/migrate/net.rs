@@ -16,6 +16,8 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
+use crate::error::{FailureKind, OpError};
+
 /// CRIU's mark on the packets of its own repair sockets (`SOCCR_MARK`), in its lock's rules.
 const CRIU_MARK: &str = "0xc114";
 
@@ -34,6 +36,17 @@ impl ServiceAddress {
         ip.parse().map(ServiceAddress).map_err(|_| {
             format!("{text:?} is not a service address: expected one IPv4 address, as 10.0.0.5/32")
         })
+    }
+
+    /// [`ServiceAddress::parse`] of `text`, if there is one.
+    ///
+    /// # Errors
+    ///
+    /// A text that is not a service address, as bad input.
+    pub fn parse_optional(text: Option<&str>) -> Result<Option<ServiceAddress>, OpError> {
+        text.map(ServiceAddress::parse)
+            .transpose()
+            .map_err(|e| OpError::new(FailureKind::BadInput, e))
     }
 
     /// The address as `ip` takes it.

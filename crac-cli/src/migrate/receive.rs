@@ -37,6 +37,8 @@ pub struct ReceiveRequest {
     pub on_address: Option<String>,
     /// How long a silent link is waited for before it counts as cut.
     pub link_timeout: Duration,
+    /// Global options for podman (its storage, runtime, ...), for a container's migration.
+    pub podman_args: Vec<String>,
 }
 
 /// A migration received: the service runs here.
@@ -44,8 +46,12 @@ pub struct ReceiveRequest {
 pub struct ReceiveOutcome {
     /// The restored root's pid (as this crac sees it).
     pub pid: u32,
-    /// Where the image is filed here.
-    pub image: PathBuf,
+    /// Where the image is filed here (a process's migration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    /// The podman container that runs here (a container's migration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     /// The source.
     pub source: SocketAddr,
     /// CRIU's restore.
@@ -107,6 +113,9 @@ fn session(
         Message::Offer(offer) => offer,
         other => return Err(link(unexpected(&other))),
     };
+    if let Some(container) = offer.container.clone() {
+        return super::container::receive(request, channel, &offer, &container, notice);
+    }
     let problems = checks::problems(&offer, request.store.root());
     channel
         .send(&Message::Checked {
@@ -176,12 +185,7 @@ fn session(
             return Err(link(e));
         }
     }
-    let address = offer
-        .address
-        .as_deref()
-        .map(ServiceAddress::parse)
-        .transpose()
-        .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
+    let address = ServiceAddress::parse_optional(offer.address.as_deref())?;
     let failed = |channel: &mut Channel, reason: String, notice: &mut dyn FnMut(&str)| {
         if let Some(address) = address {
             let _ = net::release(address, &request.address_device);
@@ -248,7 +252,8 @@ fn session(
     }
     Ok(ReceiveOutcome {
         pid: outcome.pid,
-        image,
+        image: Some(image),
+        container: None,
         source,
         restore_ms: outcome.restore_ms,
         total_ms: ms(started.elapsed()),
@@ -328,7 +333,8 @@ impl LazyReceive<'_> {
                 });
                 Ok(ReceiveOutcome {
                     pid: outcome.pid,
-                    image: self.image.clone(),
+                    image: Some(self.image.clone()),
+                    container: None,
                     source: self.source,
                     restore_ms: outcome.restore_ms,
                     total_ms: ms(self.started.elapsed()),
@@ -364,7 +370,7 @@ impl LazyReceive<'_> {
     }
 }
 
-fn unexpected(message: &Message) -> std::io::Error {
+pub(super) fn unexpected(message: &Message) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::InvalidData,
         format!("the source sent {message:?} out of turn"),
@@ -383,6 +389,17 @@ fn receive_image(
         .store
         .begin(name)
         .map_err(|e| invalid(e.to_string()))?;
+    receive_files(channel, staging.path(), files)?;
+    staging.commit(false).map_err(|e| invalid(e.to_string()))
+}
+
+/// Receives `files` (names and sizes, announced by the source) into the folder `dir`.
+pub(super) fn receive_files(
+    channel: &mut Channel,
+    dir: &std::path::Path,
+    files: &[(String, u64)],
+) -> std::io::Result<()> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     let mut seen = std::collections::BTreeSet::new();
     for (file, size) in files {
         if file.is_empty()
@@ -393,7 +410,7 @@ fn receive_image(
         {
             return Err(invalid(format!("the source sent a file named {file:?}")));
         }
-        let mut out = crac_fs::create_file(&staging.path().join(file))?;
+        let mut out = crac_fs::create_file(&dir.join(file))?;
         let mut left = *size;
         while left > 0 {
             let piece = channel.recv_data()?;
@@ -404,12 +421,12 @@ fn receive_image(
             left -= piece.len() as u64;
         }
     }
-    staging.commit(false).map_err(|e| invalid(e.to_string()))
+    Ok(())
 }
 
 /// Runs the operator's hook `sh -c HOOK sh ADDRESS`; its failure is told, not fatal: the
 /// service runs here either way.
-fn run_hook(hook: &str, address: ServiceAddress, notice: &mut dyn FnMut(&str)) {
+pub(super) fn run_hook(hook: &str, address: ServiceAddress, notice: &mut dyn FnMut(&str)) {
     let status = Command::new("sh")
         .arg("-c")
         .arg(hook)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::channel::{Channel, HandshakeError};
+use super::channel::{Channel, HandshakeError, Key32};
 use super::net::{self, ServiceAddress};
 use super::relay::Relay;
 use super::{Message, Offer, POST_COPY, STOP_AND_COPY, VERSION};
@@ -20,7 +20,7 @@ use crate::store::Store;
 use crate::units::ms;
 
 /// How long the source waits for the destination's restore.
-const RESTORE_WAIT: Duration = Duration::from_secs(300);
+pub(super) const RESTORE_WAIT: Duration = Duration::from_secs(300);
 
 /// A migration to run from this host.
 #[derive(Clone, Debug)]
@@ -91,54 +91,17 @@ pub fn migrate(
             format!("no process with pid {pid} (see `crac ps` for processes with an agent)"),
         ));
     }
-    let key = super::read_key(&request.key)?;
-    let device = match request.address {
-        Some(address) => Some(
-            net::device_of(address)
-                .map_err(|e| OpError::new(FailureKind::Unavailable, e))?
-                .ok_or_else(|| {
-                    OpError::new(
-                        FailureKind::BadInput,
-                        format!("the service address {address} is not on this host: give the address the service listens on (ip -4 addr)"),
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    let untouched = "nothing was stopped: the service runs on here";
-    let mut channel = Channel::connect(request.to, &key, request.link_timeout).map_err(|e| {
-        let what = match e {
-            HandshakeError::Refused(why) => why,
-            HandshakeError::Io(e) => format!("cannot reach {}: {e}", request.to),
-        };
-        OpError::new(FailureKind::Failed, format!("{what}; {untouched}"))
-    })?;
-    let offer = offer(request)?;
-    let link = |e: std::io::Error| {
-        OpError::new(
-            FailureKind::Failed,
-            format!(
-                "the link to {} failed before anything was stopped ({e}); {untouched}",
-                request.to
-            ),
-        )
-    };
-    channel.send(&Message::Offer(offer)).map_err(link)?;
-    match channel.recv::<Message>().map_err(link)? {
-        Message::Checked { problems } if problems.is_empty() => {}
-        Message::Checked { problems } => {
-            return Err(OpError::new(
-                FailureKind::Failed,
-                format!(
-                "{} cannot run the service, checked before anything was stopped: {}; {untouched}",
-                request.to,
-                problems.join("; ")
-            ),
-            )
-            .with_details(problems))
-        }
-        other => return Err(link(unexpected(&other))),
+    // A process in a container would come out of it at the destination: refused before
+    // anything happens, naming what moves it.
+    if let Some(enclosure) = super::podman::enclosure(pid) {
+        return Err(OpError::new(
+            FailureKind::BadInput,
+            super::podman::refusal(pid, &enclosure),
+        ));
     }
+    let key = super::read_key(&request.key)?;
+    let device = address_device(request.address)?;
+    let mut channel = connect_and_offer(request.to, &key, request.link_timeout, offer(request)?)?;
     // The freeze: crac's checkpoint, hooks and all. A failure here rolls the service back.
     let name = format!("migrate-{pid}-{}", now_ms());
     let dump_started = Instant::now();
@@ -478,6 +441,67 @@ impl PostCopy<'_> {
     }
 }
 
+/// The device the service address is on here (`None` without an address).
+///
+/// # Errors
+///
+/// When the address is not on this host, or `ip` cannot tell.
+pub(super) fn address_device(address: Option<ServiceAddress>) -> Result<Option<String>, OpError> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    net::device_of(address)
+        .map_err(|e| OpError::new(FailureKind::Unavailable, e))?
+        .ok_or_else(|| {
+            OpError::new(
+                FailureKind::BadInput,
+                format!("the service address {address} is not on this host: give the address the service listens on (ip -4 addr)"),
+            )
+        })
+        .map(Some)
+}
+
+/// Connects to the destination `to`, offers it the service and waits for its checks.
+///
+/// # Errors
+///
+/// When it cannot be reached or authenticated, the link fails, or it refuses (the problems in
+/// the details): nothing was stopped.
+pub(super) fn connect_and_offer(
+    to: SocketAddr,
+    key: &Key32,
+    link_timeout: Duration,
+    offer: Offer,
+) -> Result<Channel, OpError> {
+    let untouched = "nothing was stopped: the service runs on here";
+    let mut channel = Channel::connect(to, key, link_timeout).map_err(|e| {
+        let what = match e {
+            HandshakeError::Refused(why) => why,
+            HandshakeError::Io(e) => format!("cannot reach {to}: {e}"),
+        };
+        OpError::new(FailureKind::Failed, format!("{what}; {untouched}"))
+    })?;
+    let link = |e: std::io::Error| {
+        OpError::new(
+            FailureKind::Failed,
+            format!("the link to {to} failed before anything was stopped ({e}); {untouched}"),
+        )
+    };
+    channel.send(&Message::Offer(offer)).map_err(link)?;
+    match channel.recv::<Message>().map_err(link)? {
+        Message::Checked { problems } if problems.is_empty() => Ok(channel),
+        Message::Checked { problems } => Err(OpError::new(
+            FailureKind::Failed,
+            format!(
+                "{to} cannot run the service, checked before anything was stopped: {}; {untouched}",
+                problems.join("; ")
+            ),
+        )
+        .with_details(problems)),
+        other => Err(link(unexpected(&other))),
+    }
+}
+
 /// What the source tells the destination about the service.
 fn offer(request: &MigrateRequest) -> Result<Offer, OpError> {
     let pids = crac_action::tree::descendants(request.pid);
@@ -494,10 +518,11 @@ fn offer(request: &MigrateRequest) -> Result<Offer, OpError> {
         kernel,
         arch,
         address: request.address.map(|a| a.to_string()),
+        container: None,
     })
 }
 
-fn unexpected(message: &Message) -> std::io::Error {
+pub(super) fn unexpected(message: &Message) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::InvalidData,
         format!("the peer sent {message:?} out of turn"),
@@ -517,14 +542,24 @@ fn send_image(channel: &mut Channel, frozen: &Frozen<'_>) -> std::io::Result<()>
         }
     }
     files.sort();
+    send_files(channel, &frozen.image, &frozen.name, &files)
+}
+
+/// Sends the image `name`: its `files` (names and sizes) in `dir`, then each one's bytes.
+pub(super) fn send_files(
+    channel: &mut Channel,
+    dir: &Path,
+    name: &str,
+    files: &[(String, u64)],
+) -> std::io::Result<()> {
     channel.send(&Message::Image {
-        name: frozen.name.clone(),
-        files: files.clone(),
+        name: name.to_owned(),
+        files: files.to_vec(),
     })?;
     let mut buf = vec![0u8; super::channel::MAX_PAYLOAD];
-    for (file, size) in &files {
+    for (file, size) in files {
         use std::io::Read;
-        let mut reader = crac_fs::open_regular(&frozen.image.join(file))?.take(*size);
+        let mut reader = crac_fs::open_regular(&dir.join(file))?.take(*size);
         let mut left = *size;
         while left > 0 {
             let n = reader.read(&mut buf)?;
