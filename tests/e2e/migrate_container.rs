@@ -115,7 +115,8 @@ fn copy_image(from: &Podman, to: &Podman, scratch: &Scratch) {
 
 /// A container test's world: the two hosts, the cache-server's upstream, podman at A and at
 /// B (storage of its own each), and the cache-server running in container [`NAME`] at A. The
-/// fields drop in this order: the containers first, the hosts and the scratch folder last.
+/// fields drop in this order: the containers first, the hosts and the scratch folder, then
+/// the test's right to run alone.
 struct Setup {
     podman_b: Podman,
     podman_a: Podman,
@@ -123,6 +124,7 @@ struct Setup {
     _upstream: Upstream,
     hosts: Hosts,
     scratch: Scratch,
+    _env: util::Env,
 }
 
 impl Setup {
@@ -152,6 +154,7 @@ impl Setup {
             _upstream: upstream,
             hosts,
             scratch,
+            _env: env,
         })
     }
 }
