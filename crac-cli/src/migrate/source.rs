@@ -354,8 +354,8 @@ impl PostCopy<'_> {
                 if dump.is_ok() {
                     // The dump ends well only when the destination's page server said it has
                     // every page (a link that failed before makes it fail: relay::cut_off).
-                    // Only the destination's word was lost; its page server may yet miss the
-                    // dump's last reply, and then it kills its copy (one round trip's window).
+                    // Only the destination's word was lost: its page server's exit does not
+                    // depend on the dump's last reply (CRIU's cr_lazy_pages), so its copy runs.
                     notice(&format!(
                         "{} has the service and all its memory, but its confirmation was lost ({why})",
                         request.to
@@ -382,7 +382,13 @@ impl PostCopy<'_> {
         let downtime_ms = ms(self.dump_started.elapsed());
         // The service runs there; its memory arrives until the dump here has sent it all.
         if let Err(e) = pages.wait() {
-            let why = e.message.clone();
+            // The destination kills its copy unless its memory was all in, which a link that
+            // failed in the transfer's last round trip allows (docs/migration.md).
+            let why = format!(
+                "{} (pid {restored} at {} ends there unless its page server had every page: \
+                 check that only one copy runs)",
+                e.message, request.to
+            );
             let err = self.after_cut(&frozen, &relay, &why, Err(e), notice);
             relay.close();
             return Err(err);
