@@ -21,6 +21,7 @@ use crac_cli::metadata::DumpOptions;
 use crac_cli::store::Store;
 
 use crate::cli::CheckpointArgs;
+use crate::output::errln;
 use crate::output::{bytes, millis, Out};
 use crate::progress;
 
@@ -207,7 +208,7 @@ fn finish_when_interrupted() {
             } else {
                 "SIGTERM"
             };
-            eprintln!(
+            errln!(
                 "crac: {name} received: finishing this checkpoint first, so that the service ends up either running (rolled back) or in a complete image; it ends by itself within --timeout and the dump"
             );
         }

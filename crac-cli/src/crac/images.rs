@@ -13,6 +13,7 @@ use crac_cli::store::{self, Store, StoreError};
 
 use crate::cli::{ExportArgs, ImagesCommand, ImportArgs};
 use crate::output::{bytes, field, millis, say, Out};
+use crate::output::{errln, outln};
 
 /// An image name or folder, as an image folder.
 pub(crate) fn resolve(store: &Store, image: &str) -> Result<PathBuf, OpError> {
@@ -312,7 +313,7 @@ fn rm(store: &Store, names: &[String]) -> Result<u8, OpError> {
     }
     for name in names {
         store.remove(name).map_err(store_error)?;
-        println!("removed {name}");
+        outln!("removed {name}");
     }
     Ok(0)
 }
@@ -360,7 +361,7 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
         .map_err(|e| OpError::new(FailureKind::BadInput, e))?;
     let recovery = store.recover().map_err(store_error)?;
     for image in &recovery.recovered {
-        println!(
+        outln!(
             "recovered {} (the complete image of an interrupted checkpoint of pid {}, found in {})",
             image.name,
             image.pid,
@@ -368,10 +369,10 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
         );
     }
     for path in &recovery.removed {
-        println!("removed {} ({})", path.display(), left_by(path));
+        outln!("removed {} ({})", path.display(), left_by(path));
     }
     for err in &recovery.stuck {
-        eprintln!(
+        errln!(
             "crac: warning: a complete image of an interrupted checkpoint stays where it is: {err}"
         );
     }
@@ -381,10 +382,10 @@ fn prune(store: &Store, keep: Option<usize>, older_than: Option<&str>) -> Result
         && recovery.removed.is_empty()
         && recovery.stuck.is_empty()
     {
-        println!("nothing to prune");
+        outln!("nothing to prune");
     }
     for name in removed {
-        println!("removed {name}");
+        outln!("removed {name}");
     }
     Ok(0)
 }
@@ -400,7 +401,7 @@ fn export(store: &Store, args: &ExportArgs) -> Result<u8, OpError> {
     let encrypt_to = (!recipients.is_empty()).then_some(&recipients);
     let summary = archive::export_with(store, name, file, encrypt_to).map_err(archive_error)?;
     if archive::is_sealed(&resolve(store, name)?) {
-        println!(
+        outln!(
             "exported {name}, kept encrypted, as it is to {}: archive {}; import it with --identity",
             file.display(),
             bytes(summary.bytes_out)
@@ -415,7 +416,7 @@ fn export(store: &Store, args: &ExportArgs) -> Result<u8, OpError> {
         1 => ", encrypted to 1 recipient".to_owned(),
         n => format!(", encrypted to {n} recipients"),
     };
-    println!(
+    outln!(
         "exported {name} ({}) to {}: {} files, archive {}{encrypted}",
         bytes(image),
         file.display(),
@@ -449,18 +450,18 @@ fn import(store: &Store, args: &ImportArgs) -> Result<u8, OpError> {
     } else {
         ""
     };
-    println!("imported {}{decrypted} as {imported}", args.file.display());
+    outln!("imported {}{decrypted} as {imported}", args.file.display());
     Ok(0)
 }
 
 fn keygen(output: &std::path::Path) -> Result<u8, OpError> {
     let recipient = archive::keygen(output).map_err(archive_error)?;
-    eprintln!(
+    errln!(
         "crac: wrote a new identity to {} (keep it secret; lose it and nothing encrypted to it can be imported)",
         output.display()
     );
     // The recipient alone on stdout, for scripts: `R=$(crac images keygen -o key.txt)`.
-    println!("{recipient}");
+    outln!("{recipient}");
     Ok(0)
 }
 

@@ -21,13 +21,14 @@ use crac_cli::error::{FailureKind, OpError};
 use crac_cli::store::Store;
 
 use crate::cli::{Cli, Command};
+use crate::output::errln;
 use crate::output::Out;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(err) = crac_cli::capabilities::pass_on() {
         // CRIU then lacks them, and says so.
-        eprintln!("crac: warning: cannot pass this crac's file capabilities on to CRIU: {err}");
+        errln!("crac: warning: cannot pass this crac's file capabilities on to CRIU: {err}");
     }
     if let (Some(_), Command::Ps(_) | Command::Status(_)) = (&cli.store, &cli.command) {
         // Accepted by every command (it is global), but these two read no store: say so

@@ -7,10 +7,16 @@
 //! an escape sequence can set the window title, clear the screen, rewrite what was printed
 //! above, or (OSC 52) write the clipboard. So every character that a terminal would act on is
 //! shown escaped instead ([`safe`], [`field`]), at the one place output leaves crac
-//! ([`Out::print`], [`print_error`], [`say`]), whatever the source.
+//! ([`Out::print`], [`print_error`], [`print_line`], [`say`], and the macros [`outln!`] and
+//! [`errln!`] over the last two), whatever the source.
+//!
+//! A reader that went away is no failure of crac's (`crac ps | head -1`, a supervisor that
+//! closed its end of `crac run`'s stderr): what crac did stands, and the rest of its output is
+//! dropped, where `println!` would panic and end a `crac run` that supervises a service.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::io::{self, Write as _};
 
 use serde::Serialize;
 
@@ -30,14 +36,14 @@ impl Out {
     /// Prints `value` as JSON in --json mode, or the text `text` makes otherwise.
     pub(crate) fn print<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
         if self.json {
-            println!(
-                "{}",
-                safe_json(serde_json::to_string_pretty(value).expect("results serialise"))
+            write_line(
+                &mut io::stdout().lock(),
+                &safe_json(serde_json::to_string_pretty(value).expect("results serialise")),
             );
         } else {
             let text = text();
             if !text.is_empty() {
-                println!("{}", safe(text.trim_end()));
+                print_line(text.trim_end());
             }
         }
     }
@@ -48,25 +54,27 @@ impl Out {
 pub(crate) fn print_error(err: &OpError, json: bool) {
     // One line each, as they are meant to be: a newline in what they quote (a command line,
     // an agent's error) cannot start a line of its own.
-    eprintln!("crac: {}", field(&err.message));
+    let mut stderr = io::stderr().lock();
+    write_line(&mut stderr, &format!("crac: {}", field(&err.message)));
     for line in &err.details {
-        eprintln!("  {}", field(line));
+        write_line(&mut stderr, &format!("  {}", field(line)));
     }
+    drop(stderr);
     if json {
         #[derive(Serialize)]
         struct ErrorDoc<'a> {
             ok: bool,
             error: &'a OpError,
         }
-        println!(
-            "{}",
-            safe_json(
+        write_line(
+            &mut io::stdout().lock(),
+            &safe_json(
                 serde_json::to_string_pretty(&ErrorDoc {
                     ok: false,
-                    error: err
+                    error: err,
                 })
-                .expect("errors serialise")
-            )
+                .expect("errors serialise"),
+            ),
         );
     }
 }
@@ -85,8 +93,42 @@ pub(crate) fn millis(ms: f64) -> String {
 /// A line on stderr (a notice, a warning) that may quote what crac does not control, made safe
 /// for a terminal ([`safe`]).
 pub(crate) fn say(line: &str) {
-    eprintln!("{}", safe(line));
+    write_line(&mut io::stderr().lock(), &safe(line));
 }
+
+/// A line of a command's result on stdout, made safe for a terminal ([`safe`]).
+pub(crate) fn print_line(line: &str) {
+    write_line(&mut io::stdout().lock(), &safe(line));
+}
+
+/// Writes `line` and a newline to `to`; a reader that went away is no error, and any other
+/// failure is said once on stderr (the result itself stands: the exit code says it).
+fn write_line(to: &mut dyn io::Write, line: &str) {
+    match writeln!(to, "{line}") {
+        Err(err) if err.kind() != io::ErrorKind::BrokenPipe => {
+            let _ = writeln!(io::stderr(), "crac: cannot write its output: {err}");
+        }
+        _ => {}
+    }
+}
+
+/// `println!` through [`print_line`]: a result line, made safe, that a closed pipe does not
+/// turn into a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::print_line(&format!($($arg)*))
+    };
+}
+
+/// `eprintln!` through [`say`]: a notice, made safe, that a closed stderr does not turn into
+/// a panic.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::say(&format!($($arg)*))
+    };
+}
+
+pub(crate) use {errln, outln};
 
 /// Whether a terminal acts on `c` rather than showing it: the C0 controls (ESC among them),
 /// DEL, and the C1 controls (U+0080 to U+009F: U+009B is CSI, U+009D OSC), which terminals

@@ -6,6 +6,7 @@ use crac_cli::restore::RestoreRequest;
 use crac_cli::store::Store;
 
 use crate::cli::RestoreArgs;
+use crate::output::outln;
 use crate::output::{field, millis, say, Out};
 use crate::progress;
 
@@ -70,7 +71,7 @@ pub(crate) fn run(store: &Store, args: RestoreArgs) -> Result<u8, OpError> {
         // The service runs already; its memory is whole only once the server is done.
         let all_in = server.wait(outcome.pid)?;
         if !args.json {
-            println!(
+            outln!(
                 "  every page arrived {} after the restore began",
                 millis(all_in.as_secs_f64() * 1e3)
             );

@@ -40,6 +40,7 @@ use crac_cli::restore::RestoreRequest;
 use crac_cli::store::{Store, STORE_ENV};
 
 use crate::cli::RunArgs;
+use crate::output::errln;
 use crate::output::{millis, say};
 use std::io::Read as _;
 
@@ -82,7 +83,7 @@ pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
 
     let (pid, server) = match warm(store, &args) {
         Ok((pid, server)) => {
-            eprintln!(
+            errln!(
                 "crac run: restored image {:?} as pid {pid} in {}",
                 args.image,
                 millis(started.elapsed().as_secs_f64() * 1e3)
@@ -101,7 +102,7 @@ pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
                 say(&format!("crac run:   {line}"));
             }
             let pid = cold(store, &args)?;
-            eprintln!(
+            errln!(
                 "crac run: started cold as pid {pid} in {}",
                 millis(started.elapsed().as_secs_f64() * 1e3)
             );
@@ -120,7 +121,7 @@ pub(crate) fn run(store: &Store, args: RunArgs) -> Result<u8, OpError> {
         say(&format!("crac run:   {line}"));
     }
     let pid = cold(store, &args)?;
-    eprintln!("crac run: started cold as pid {pid} instead");
+    errln!("crac run: started cold as pid {pid} instead");
     service.store(pid as i32, Ordering::SeqCst);
     Ok(wait_for(&service, None).0)
 }
@@ -167,7 +168,7 @@ fn restore_timeout(args: &RunArgs) -> Duration {
         let text = std::env::var(RESTORE_TIMEOUT_ENV).ok()?;
         let secs = text.trim().parse::<f64>().ok().filter(|s| *s > 0.0 && s.is_finite());
         if secs.is_none() {
-            eprintln!(
+            errln!(
                 "crac run: {RESTORE_TIMEOUT_ENV}={text:?} is not a number of seconds above 0: {}s instead",
                 RESTORE_TIMEOUT.as_secs()
             );
@@ -199,7 +200,7 @@ fn changed_env(dir: &std::path::Path) -> BTreeMap<String, String> {
         })
         .collect();
     if let Err(err) = crac_protocol::records::encode_restore_env(&changed) {
-        eprintln!(
+        errln!(
             "crac run: the {} changed environment variables are not passed on: {err}",
             changed.len()
         );
@@ -224,7 +225,7 @@ fn cold(store: &Store, args: &RunArgs) -> Result<u32, OpError> {
         .into_iter()
         .any(|fd| nix::unistd::isatty(fd).unwrap_or(false))
     {
-        eprintln!(
+        errln!(
             "crac run: --log -: the service writes to this terminal, so it cannot be checkpointed (CRIU cannot dump a terminal outside the tree); give it a file with --log FILE, or run crac run with its output in a pipe"
         );
     }
@@ -312,7 +313,7 @@ fn raise_pid_floor() {
             Ok(pid) if pid >= PID_FLOOR => return,
             Ok(_) => {}
             Err(e) => {
-                eprintln!(
+                errln!(
                     "crac run: cannot move this pid namespace's pids up to {PID_FLOOR} ({e}): an image of the service made here may not restore in a new container, its pids taken by CRIU"
                 );
                 return;
@@ -396,7 +397,7 @@ fn wait_for(current: &AtomicI32, mut server: Option<PageServer>) -> (u8, Option<
             {
                 let page_server = server.take().expect("checked above");
                 match page_server.reaped(*status, service) {
-                    Ok(took) => eprintln!(
+                    Ok(took) => errln!(
                         "crac run: every page of pid {service} arrived {} after the restore began",
                         millis(took.as_secs_f64() * 1e3)
                     ),
@@ -407,11 +408,11 @@ fn wait_for(current: &AtomicI32, mut server: Option<PageServer>) -> (u8, Option<
         }
         match reaped {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() as u32 == service => {
-                eprintln!("crac run: pid {service} exited with code {code}");
+                errln!("crac run: pid {service} exited with code {code}");
                 break u8::try_from(code).unwrap_or(1);
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) if pid.as_raw() as u32 == service => {
-                eprintln!("crac run: pid {service} was killed by {signal}");
+                errln!("crac run: pid {service} was killed by {signal}");
                 break 128u8.saturating_add(signal as u8);
             }
             // Another child (a new version `crac upgrade` started, which may be rolled back):
@@ -425,7 +426,7 @@ fn wait_for(current: &AtomicI32, mut server: Option<PageServer>) -> (u8, Option<
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
             Err(err) => {
-                eprintln!("crac run: lost track of pid {service}: {err}");
+                errln!("crac run: lost track of pid {service}: {err}");
                 break 1;
             }
         }
@@ -557,7 +558,7 @@ pub(crate) fn ask_to_upgrade(
         .map_err(|e| OpError::new(FailureKind::Failed, format!("cannot talk to crac run: {e}")))?;
     writeln!(out, "{}", crate::upgrade::args_to_line(args))
         .map_err(|e| OpError::new(FailureKind::Failed, format!("cannot talk to crac run: {e}")))?;
-    eprintln!("crac upgrade: the service runs under crac run, which upgrades it");
+    errln!("crac upgrade: the service runs under crac run, which upgrades it");
     for line in std::io::BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         if let Some(code) = line.strip_prefix("exit ") {
