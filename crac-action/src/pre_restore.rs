@@ -266,10 +266,19 @@ fn kind(meta: &fs::Metadata) -> &'static str {
     }
 }
 
-/// An existing base: a folder, not a link, of root's or of `uid`'s, that nobody else may write
-/// to unless it is sticky (as /tmp/crac is).
+/// An existing base, checked by crac-fs's one rule for such folders ([`crac_fs::trusted_folder`],
+/// the agent's too) for the image's `uid`.
 fn check_base(base: &Path, meta: &fs::Metadata, uid: u32) -> io::Result<()> {
-    let untrusted = |why: String| {
+    crac_fs::trusted_folder(meta, uid).map_err(|why| {
+        let why = match why {
+            crac_fs::Distrust::NotAFolder(what) => format!("it is {what}"),
+            crac_fs::Distrust::Owner(owner) => {
+                format!("it belongs to uid {owner}, not to root or the image's uid {uid}")
+            }
+            crac_fs::Distrust::Writable(mode) => {
+                format!("other users may write to it (mode {mode:o}) and it is not sticky")
+            }
+        };
         io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
@@ -277,23 +286,7 @@ fn check_base(base: &Path, meta: &fs::Metadata, uid: u32) -> io::Result<()> {
                 base.display()
             ),
         )
-    };
-    if !meta.is_dir() {
-        return Err(untrusted(format!("it is {}", kind(meta))));
-    }
-    if meta.uid() != 0 && meta.uid() != uid {
-        return Err(untrusted(format!(
-            "it belongs to uid {}, not to root or the image's uid {uid}",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
-        return Err(untrusted(format!(
-            "other users may write to it (mode {:o}) and it is not sticky",
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(())
+    })
 }
 
 /// Makes a missing base as the agent would: /tmp/crac shared (1777), /run/crac root's, the

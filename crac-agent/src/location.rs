@@ -171,33 +171,22 @@ fn prepare_base(base: &Path, own_uid: u32) -> Result<(), StartError> {
             }
         }
         Err(err) => Err(StartError::io("inspect", base, err)),
-        Ok(meta) => {
-            if !meta.file_type().is_dir() {
-                return Err(StartError::UnsafeDir {
-                    path: base.to_owned(),
-                    reason: "it is not a folder (a symbolic link is not accepted either)".into(),
-                });
-            }
-            let owner = meta.uid();
-            let others_write = meta.mode() & 0o002 != 0;
-            let sticky = meta.mode() & 0o1000 != 0;
-            if owner != 0 && owner != own_uid {
-                return Err(StartError::UnsafeDir {
-                    path: base.to_owned(),
-                    reason: format!(
-                        "it belongs to uid {owner}, who could replace the agent folders in it; \
-                         remove it, or set {DIR_ENV} to a folder of your own"
-                    ),
-                });
-            }
-            if others_write && !sticky {
-                return Err(StartError::UnsafeDir {
-                    path: base.to_owned(),
-                    reason: "anyone may write to it but it is not sticky (chmod 1777 it)".into(),
-                });
-            }
-            Ok(())
-        }
+        Ok(meta) => crac_fs::trusted_folder(&meta, own_uid).map_err(|why| StartError::UnsafeDir {
+            path: base.to_owned(),
+            reason: match why {
+                crac_fs::Distrust::NotAFolder(what) => {
+                    format!("it is {what}, not a folder (a symbolic link is not followed)")
+                }
+                crac_fs::Distrust::Owner(owner) => format!(
+                    "it belongs to uid {owner}, who could replace the agent folders in it; \
+                     remove it, or set {DIR_ENV} to a folder of your own"
+                ),
+                crac_fs::Distrust::Writable(mode) => format!(
+                    "other users may write to it (mode {mode:o}) but it is not sticky \
+                     (chmod 1777 it, or 0755)"
+                ),
+            },
+        }),
     }
 }
 

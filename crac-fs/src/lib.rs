@@ -81,6 +81,44 @@ fn who(uid: u32) -> String {
     }
 }
 
+/// Why a folder that may be someone else's cannot be trusted to hold what crac or an agent puts
+/// in it ([`trusted_folder`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Distrust {
+    /// It is not a folder: what it is instead (`"a symbolic link"`, never followed, or
+    /// `"a file"`).
+    NotAFolder(&'static str),
+    /// It belongs to this uid, neither root nor the one it must belong to.
+    Owner(u32),
+    /// Other users (its group or anyone) may write to it, and it is not sticky: its mode.
+    Writable(u32),
+}
+
+/// The one rule for a folder that holds private folders, wherever it is checked (crac's paths,
+/// an agent's base, pre-restore's check of a base before it recreates an agent's folder): a
+/// folder, not a link, of root's or of `uid`'s, that no other user may write to unless it is
+/// sticky (`/tmp`, `/tmp/crac`): then nobody else can rename or replace what is made in it.
+///
+/// # Errors
+///
+/// Why it cannot be trusted.
+pub fn trusted_folder(meta: &fs::Metadata, uid: u32) -> Result<(), Distrust> {
+    if !meta.is_dir() {
+        return Err(Distrust::NotAFolder(if meta.file_type().is_symlink() {
+            "a symbolic link"
+        } else {
+            "a file"
+        }));
+    }
+    if meta.uid() != 0 && meta.uid() != uid {
+        return Err(Distrust::Owner(meta.uid()));
+    }
+    if others_can_write(meta) && meta.mode() & 0o1000 == 0 {
+        return Err(Distrust::Writable(meta.mode() & 0o7777));
+    }
+    Ok(())
+}
+
 /// Checks every folder above `path` (not `path` itself): each belongs to root or the caller,
 /// and no other user can write to it unless it is sticky. A symbolic link on the way is
 /// accepted only when root or the caller owns it (`/var/run` -> `/run`).
@@ -103,16 +141,19 @@ pub fn check_ancestors(path: &Path) -> io::Result<()> {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(err) => return Err(err),
         };
-        if !trusted_owner(meta.uid()) {
-            return Err(untrusted(
+        let belongs = |uid: u32| {
+            untrusted(
                 &prefix,
                 format!(
                     "it belongs to {}, who could replace what crac puts under it",
-                    who(meta.uid())
+                    who(uid)
                 ),
-            ));
-        }
+            )
+        };
         if meta.file_type().is_symlink() {
+            if !trusted_owner(meta.uid()) {
+                return Err(belongs(meta.uid()));
+            }
             // Owned by root or the caller, in a folder checked above: follow it, and check
             // what it leads to as well.
             let target = fs::metadata(&prefix)?;
@@ -124,14 +165,18 @@ pub fn check_ancestors(path: &Path) -> io::Result<()> {
             }
             continue;
         }
-        if others_can_write(&meta) && meta.mode() & 0o1000 == 0 {
-            return Err(untrusted(
-                &prefix,
-                format!(
-                    "other users may write to it (mode {:o}) and it is not sticky",
-                    meta.mode() & 0o7777
-                ),
-            ));
+        match trusted_folder(&meta, geteuid().as_raw()) {
+            Ok(()) => {}
+            Err(Distrust::Owner(uid)) => return Err(belongs(uid)),
+            Err(Distrust::Writable(mode)) => {
+                return Err(untrusted(
+                    &prefix,
+                    format!("other users may write to it (mode {mode:o}) and it is not sticky"),
+                ))
+            }
+            Err(Distrust::NotAFolder(what)) => {
+                return Err(untrusted(&prefix, format!("it is {what}, not a folder")))
+            }
         }
     }
     Ok(())

@@ -362,3 +362,44 @@ fn a_folder_made_for_another_user_is_theirs_and_private_whatever_the_umask() {
         );
     }
 }
+
+#[test]
+fn the_folder_rule_takes_root_or_the_given_uid_and_no_other_writer_unless_sticky() {
+    let scratch = Scratch::new("trusted-folder");
+    let me = geteuid().as_raw();
+    let meta = |path: &Path| fs::symlink_metadata(path).unwrap();
+    let dir = scratch.0.join("base");
+    create_dir(&dir).unwrap();
+    assert_eq!(trusted_folder(&meta(&dir), me), Ok(()));
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+    assert_eq!(
+        trusted_folder(&meta(&dir), me),
+        Err(Distrust::Writable(0o770))
+    );
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    assert_eq!(trusted_folder(&meta(&dir), me), Ok(()));
+    let link = scratch.0.join("link");
+    symlink(&dir, &link).unwrap();
+    assert_eq!(
+        trusted_folder(&meta(&link), me),
+        Err(Distrust::NotAFolder("a symbolic link"))
+    );
+    let file = scratch.0.join("file");
+    fs::write(&file, b"").unwrap();
+    assert_eq!(
+        trusted_folder(&meta(&file), me),
+        Err(Distrust::NotAFolder("a file"))
+    );
+    // Another user's: as root, a folder given to nobody, asked for a third uid; otherwise
+    // one's own, asked for another uid.
+    let (owner, asked) = if me == 0 {
+        nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        (65534, 1000)
+    } else {
+        (me, me + 1)
+    };
+    assert_eq!(
+        trusted_folder(&meta(&dir), asked),
+        Err(Distrust::Owner(owner))
+    );
+}
