@@ -174,9 +174,9 @@ pub fn check_ancestors(path: &Path) -> io::Result<()> {
                     format!("other users may write to it (mode {mode:o}) and it is not sticky"),
                 ))
             }
-            Err(Distrust::NotAFolder(what)) => {
-                return Err(untrusted(&prefix, format!("it is {what}, not a folder")))
-            }
+            // A file on the way: nothing can be made under it, and the system says so when
+            // the path is used (`ENOTDIR`), as for any error of its own.
+            Err(Distrust::NotAFolder(_)) => return Ok(()),
         }
     }
     Ok(())
