@@ -52,6 +52,23 @@ pub struct RestoreRequest {
     pub allow_changed: Vec<PathBuf>,
 }
 
+impl RestoreRequest {
+    /// A detached restore of the image in `dir` as it was dumped: connections, settings,
+    /// stdio and files as the image has them, no time limit. What the restores crac runs on
+    /// its own (an upgrade's, a migration's at either end) start from.
+    pub fn detached(dir: PathBuf) -> RestoreRequest {
+        RestoreRequest {
+            dir,
+            detach: true,
+            tcp_close: false,
+            env: BTreeMap::new(),
+            inherit_stdio: false,
+            timeout: None,
+            allow_changed: Vec::new(),
+        }
+    }
+}
+
 /// How an error of a restore that ran out of time ([`RestoreRequest::timeout`]) begins.
 pub const RESTORE_TIMED_OUT: &str = "criu restore did not finish within";
 

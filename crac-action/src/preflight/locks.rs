@@ -146,29 +146,24 @@ pub fn held(pids: &[u32], facts: &AgentFacts) -> Vec<HeldLock> {
                     && mapped
                         .get_or_insert_with(|| procfs::mapped_inodes(pid))
                         .contains(&inode);
-                let same =
-                    |h: &HeldLock| h.lock == lock && (lock.kind != LockKind::Posix || h.pid == pid);
+                let found = HeldLock {
+                    pid,
+                    fd,
+                    path: path.clone(),
+                    lock,
+                    inherited_from,
+                    on_mapped_file,
+                };
+                let same = |h: &HeldLock| {
+                    h.lock == found.lock && (found.lock.kind != LockKind::Posix || h.pid == pid)
+                };
                 match held.iter_mut().find(|h| same(h)) {
                     // The one that took it, rather than a child that shares it.
                     Some(known) if known.inherited_from.is_some() && inherited_from.is_none() => {
-                        *known = HeldLock {
-                            pid,
-                            fd,
-                            path: path.clone(),
-                            lock,
-                            inherited_from,
-                            on_mapped_file,
-                        };
+                        *known = found;
                     }
                     Some(_) => {}
-                    None => held.push(HeldLock {
-                        pid,
-                        fd,
-                        path: path.clone(),
-                        lock,
-                        inherited_from,
-                        on_mapped_file,
-                    }),
+                    None => held.push(found),
                 }
             }
         }

@@ -855,13 +855,8 @@ fn state(
         )
         .collect();
     let restore = RestoreRequest {
-        dir: dumped.path.clone(),
-        detach: true,
-        tcp_close: false,
         env: args.env.iter().cloned().collect(),
-        inherit_stdio: false,
-        timeout: None,
-        allow_changed: Vec::new(),
+        ..RestoreRequest::detached(dumped.path.clone())
     };
     let mut notice = |notice: &str| tell(&format!("crac upgrade: {notice}"));
     match crac_cli::restore::restore(&restore, &mut notice, None) {

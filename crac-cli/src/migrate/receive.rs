@@ -211,15 +211,7 @@ fn session(
             return Err(failed(&mut channel, e, notice));
         }
     }
-    let restore_request = RestoreRequest {
-        dir: image.clone(),
-        detach: true,
-        tcp_close: false,
-        env: Default::default(),
-        inherit_stdio: false,
-        timeout: None,
-        allow_changed: Vec::new(),
-    };
+    let restore_request = RestoreRequest::detached(image.clone());
     if offer.strategy == super::POST_COPY {
         let lazily = LazyReceive {
             request,

@@ -655,19 +655,8 @@ impl Frozen<'_> {
     /// The migration failed after the dump, for `why`, and the destination does not run the
     /// service: it is restored here from its image, which is then removed.
     fn restore_here(&self, why: &str, notice: &mut dyn FnMut(&str)) -> OpError {
-        let restored = crate::restore::restore(
-            &RestoreRequest {
-                dir: self.image.clone(),
-                detach: true,
-                tcp_close: false,
-                env: Default::default(),
-                inherit_stdio: false,
-                timeout: None,
-                allow_changed: Vec::new(),
-            },
-            notice,
-            None,
-        );
+        let restored =
+            crate::restore::restore(&RestoreRequest::detached(self.image.clone()), notice, None);
         match restored {
             Ok(outcome) => {
                 if let Err(e) = self.request.store.remove(&self.name) {
