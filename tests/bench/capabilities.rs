@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::line::{self, free_port};
+use crate::container::{ok, stats};
+use crate::line::free_port;
 use crate::procs::Res;
 use crate::stats::{Report, Samples};
 use crate::Ctx;
@@ -21,22 +22,6 @@ use crac_test_support::podman::{
 use crac_test_support::registry::{self, Registry};
 
 const START_LIMIT: Duration = Duration::from_secs(120);
-
-fn ok(out: Output, what: &str) -> Res<Output> {
-    if out.status.success() {
-        return Ok(out);
-    }
-    Err(format!(
-        "{what} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    ))
-}
-
-fn stats(port: u16) -> Option<serde_json::Value> {
-    let reply = line::ask(port, "STATS", Duration::from_millis(200)).ok()?;
-    serde_json::from_str(&reply).ok()
-}
 
 /// An engine's command line: podman on its storage, or the private dockerd's client.
 trait Engine {

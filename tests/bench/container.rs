@@ -19,7 +19,8 @@ const COLD: &str = "localhost/crac-bench:cold";
 const WARM: &str = "localhost/crac-bench:warm";
 const START_LIMIT: Duration = Duration::from_secs(120);
 
-fn ok(out: Output, what: &str) -> Res<Output> {
+/// `out` if its command succeeded, else an error naming `what` with its stderr.
+pub(crate) fn ok(out: Output, what: &str) -> Res<Output> {
     if out.status.success() {
         return Ok(out);
     }
@@ -30,7 +31,8 @@ fn ok(out: Output, what: &str) -> Res<Output> {
     ))
 }
 
-fn stats(port: u16) -> Option<serde_json::Value> {
+/// The cache server's STATS on `port`, if it answers within 200 ms.
+pub(crate) fn stats(port: u16) -> Option<serde_json::Value> {
     let reply = line::ask(port, "STATS", Duration::from_millis(200)).ok()?;
     serde_json::from_str(&reply).ok()
 }
