@@ -103,18 +103,18 @@ fn cut_pages(dir: &Path) {
     pages.set_len(4096).expect("truncate");
 }
 
-/// Makes image `tag` with scripts/container-image.sh (`options` before the tag): the
-/// warm-start example on `port`, its checkpoint named `warm`.
-fn build_image(podman: &Podman, tag: &str, port: u16, options: &[&str]) {
+/// Makes an image with scripts/container-image.sh in `podman`'s storage: `options` (the
+/// script's, its tag last), then `program` and its `args`, the service it runs.
+pub(crate) fn container_image(podman: &Podman, options: &[&str], program: &Path, args: &[&str]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/container-image.sh");
     let built = Command::new("bash")
         .arg(&script)
         .arg("--bin-dir")
         .arg(bin("crac").parent().expect("the binaries' folder"))
         .args(options)
-        .args(["--name", "warm", tag, "--"])
-        .arg(bin("warm-start"))
-        .args(["--port", &port.to_string(), "--docs", "2000"])
+        .arg("--")
+        .arg(program)
+        .args(args)
         .env(
             "PODMAN",
             format!("podman {}", podman.global_options().join(" ")),
@@ -122,6 +122,18 @@ fn build_image(podman: &Podman, tag: &str, port: u16, options: &[&str]) {
         .output()
         .expect("run scripts/container-image.sh");
     assert!(built.status.success(), "{}", text(&built));
+}
+
+/// Makes image `tag` with scripts/container-image.sh (`options` before the tag): the
+/// warm-start example on `port`, its checkpoint named `warm`.
+fn build_image(podman: &Podman, tag: &str, port: u16, options: &[&str]) {
+    let options = [options, &["--name", "warm", tag]].concat();
+    container_image(
+        podman,
+        &options,
+        &bin("warm-start"),
+        &["--port", &port.to_string(), "--docs", "2000"],
+    );
 }
 
 /// Runs a warm-up container `name` of image `cold` with `options`: the service starts cold at

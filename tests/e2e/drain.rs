@@ -8,7 +8,6 @@
 use std::fs;
 use std::io::Read;
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +59,12 @@ fn curl_found() -> bool {
     )
 }
 
+/// Where a test here may run (CRIU, root and curl), what util::env gives it; None otherwise.
+fn ready() -> Option<util::Env> {
+    let env = util::env()?;
+    curl_found().then_some(env)
+}
+
 /// A web-service this test started (or restored): stopped and reaped when dropped, whatever
 /// the test's outcome. It is this process's child, or its orphan once restored (util::env
 /// makes this process a subreaper).
@@ -92,20 +97,23 @@ fn start_service(port: u16, plain: bool, log: &Path) -> Service {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    util::session_leader(&mut cmd);
     let service = Service {
         pid: cmd.spawn().expect("web-service starts").id(),
     };
-    wait_until(Duration::from_secs(20), "web-service to answer", || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    util::wait_listening(port, Duration::from_secs(20), "web-service to answer");
     service
+}
+
+/// A web-service on a free port (its log `log` in `scratch`) and its clients (`retry`: see
+/// [`Clients::start`]), once they have had [`WARM`] answers: the port, the service, the
+/// clients.
+fn under_load(scratch: &Scratch, plain: bool, log: &str, retry: bool) -> (u16, Service, Clients) {
+    let port = free_port();
+    let service = start_service(port, plain, &scratch.join(log));
+    let clients = Clients::start(scratch, port, retry);
+    clients.wait_for(0, "answers before the checkpoint");
+    (port, service, clients)
 }
 
 /// What the clients saw: one line per request, `pid=N generation=N code=200` for an answer,
@@ -195,6 +203,13 @@ impl Clients {
         self.lines().iter().filter(|l| l.ends_with(&want)).count()
     }
 
+    /// Waits (30 s at most) for [`WARM`] answers from `generation`.
+    fn wait_for(&self, generation: u64, what: &str) {
+        wait_until(Duration::from_secs(30), what, || {
+            self.answered(generation) >= WARM
+        });
+    }
+
     /// Stops the clients (each after its current run; dropping them stops them too) and
     /// returns every line, and what curl said on its standard error.
     fn finish(mut self) -> (Vec<String>, String) {
@@ -236,22 +251,12 @@ const WARM: usize = 4 * BATCH;
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fails_no_request() {
-    let Some(_env) = util::env() else { return };
-    if !curl_found() {
-        return;
-    }
+    let Some(_env) = ready() else { return };
     let scratch = Scratch::new("20drain-lr");
     let crac = Crac::new(&scratch);
 
     // Without draining, the clients' connections make the preflight refuse.
-    let port = free_port();
-    let plain = start_service(port, true, &scratch.join("plain.log"));
-    let clients = Clients::start(&scratch, port, false);
-    wait_until(
-        Duration::from_secs(30),
-        "answers before the checkpoint",
-        || clients.answered(0) >= WARM,
-    );
+    let (_, plain, clients) = under_load(&scratch, true, "plain.log", false);
     let out = crac.run(&[
         "checkpoint",
         &plain.pid.to_string(),
@@ -269,15 +274,8 @@ fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fai
     drop(plain);
 
     // With draining, the same checkpoint goes through and no request fails.
-    let port = free_port();
-    let service = start_service(port, false, &scratch.join("service.log"));
+    let (_, service, clients) = under_load(&scratch, false, "service.log", false);
     let pid = service.pid;
-    let clients = Clients::start(&scratch, port, false);
-    wait_until(
-        Duration::from_secs(30),
-        "answers before the checkpoint",
-        || clients.answered(0) >= WARM,
-    );
     let out = crac.run(&[
         "checkpoint",
         &pid.to_string(),
@@ -286,11 +284,7 @@ fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fai
         "--leave-running",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_until(
-        Duration::from_secs(30),
-        "answers after the checkpoint",
-        || clients.answered(1) >= WARM,
-    );
+    clients.wait_for(1, "answers after the checkpoint");
     assert_all_answered(&clients.finish(), pid);
     drop(service);
 }
@@ -299,31 +293,19 @@ fn a_plain_leave_running_checkpoint_of_an_axum_service_under_keep_alive_load_fai
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_plain_killing_checkpoint_and_restore_of_an_axum_service_under_keep_alive_load_fails_no_request(
 ) {
-    let Some(_env) = util::env() else { return };
-    if !curl_found() {
-        return;
-    }
+    let Some(_env) = ready() else { return };
     let scratch = Scratch::new("20drain-kill");
     let crac = Crac::new(&scratch);
-    let port = free_port();
-    let service = start_service(port, false, &scratch.join("service.log"));
-    let pid = service.pid;
     // While the service is an image nothing listens: the clients retry until it is back.
-    let clients = Clients::start(&scratch, port, true);
-    wait_until(
-        Duration::from_secs(30),
-        "answers before the checkpoint",
-        || clients.answered(0) >= WARM,
-    );
+    let (port, service, clients) = under_load(&scratch, false, "service.log", true);
+    let pid = service.pid;
     let out = crac.run(&["checkpoint", &pid.to_string(), "--name", "drained"]);
     assert!(out.status.success(), "{}", text(&out));
     service.reap_dumped();
 
     let out = crac.run(&["restore", "drained", "--detach"]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_until(Duration::from_secs(30), "answers after the restore", || {
-        clients.answered(1) >= WARM
-    });
+    clients.wait_for(1, "answers after the restore");
     assert_all_answered(&clients.finish(), pid);
 
     // The restored service still serves a client of its own.

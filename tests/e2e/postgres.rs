@@ -4,7 +4,6 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -164,17 +163,9 @@ fn start_service(port: u16, url: &str, log: &Path) -> Child {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    util::session_leader(&mut cmd);
     let child = cmd.spawn().expect("pg-service starts");
-    wait_until(Duration::from_secs(20), "pg-service to answer", || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    util::wait_listening(port, Duration::from_secs(20), "pg-service to answer");
     child
 }
 

@@ -3,7 +3,6 @@
 //! that only speaks systemd's socket-activation convention. What clients saw is counted by
 //! crac_test_support::http_load.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,38 +22,46 @@ struct Service {
 }
 
 impl Service {
-    fn start(program: &Path, dir: &Path, port: u16, env: &[(&str, &str)]) -> Service {
-        let log = crac_fs::open_append(&dir.join("v1.log")).expect("log");
-        let mut cmd = Command::new(program);
-        cmd.current_dir(dir)
-            .env("PORT", port.to_string())
-            .env("STATE_FILE", dir.join("state"))
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
+    /// `cmd` as a session leader, its output appended to `log`.
+    fn spawn(mut cmd: Command, log: &Path) -> Service {
+        let log = crac_fs::open_append(log).expect("log");
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        // SAFETY: setsid is async-signal-safe and the only call between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
-        }
-        let child = cmd.spawn().expect("the service starts");
-        wait_until(Duration::from_secs(10), "the service to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let child = util::session_leader(&mut cmd)
+            .spawn()
+            .expect("the service starts");
         Service {
             pid: child.id(),
             child: Some(child),
         }
     }
 
+    fn start(program: &Path, dir: &Path, port: u16, env: &[(&str, &str)]) -> Service {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(dir)
+            .env("PORT", port.to_string())
+            .env("STATE_FILE", dir.join("state"))
+            .envs(env.iter().copied());
+        let service = Service::spawn(cmd, &dir.join("v1.log"));
+        util::wait_listening(port, Duration::from_secs(10), "the service to listen");
+        service
+    }
+
+    /// The example `upgradable` (v1) in `scratch`, on `port`.
+    fn upgradable(scratch: &Scratch, port: u16, env: &[(&str, &str)]) -> Service {
+        Service::start(&bin("upgradable"), &scratch.path, port, env)
+    }
+
     fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// Waits for it to end by itself: how it did.
-    fn ended(mut self) -> WaitStatus {
+    /// Waits for it to end by itself and asserts how it did: `status` of its pid.
+    fn assert_ended(mut self, status: impl FnOnce(Pid) -> WaitStatus) {
         self.child = None;
-        reap(self.pid, Duration::from_secs(10))
+        let pid = Pid::from_raw(self.pid as i32);
+        assert_eq!(reap(self.pid, Duration::from_secs(10)), status(pid));
     }
 }
 
@@ -100,6 +107,44 @@ fn load(port: u16) -> Load {
         fresh: 2,
         pause: Duration::from_millis(5),
     })
+}
+
+/// What each test here starts from (after util::env): a scratch folder `name`, crac with its
+/// store in it, and a free port.
+fn setup(name: &str) -> (Scratch, Crac, u16) {
+    let scratch = Scratch::new(name);
+    let crac = Crac::new(&scratch);
+    (scratch, crac, free_port())
+}
+
+/// Asserts crac succeeded: its standard error.
+fn succeeded(out: &Output) -> String {
+    assert!(out.status.success(), "{}", text(out));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts `stderr` says each of `says`.
+fn assert_says(stderr: &str, says: &[&str]) {
+    for said in says {
+        assert!(stderr.contains(said), "{stderr}");
+    }
+}
+
+/// The children of `pid`, whichever of its threads started them, lowest first.
+fn children(pid: u32) -> Vec<u32> {
+    let mut all: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    all.sort_unstable();
+    all
 }
 
 /// Runs `crac upgrade` under load: the clients' tally, crac's output, and when it returned.
@@ -202,10 +247,8 @@ fn new_build(program: &Path, dir: &Path) -> PathBuf {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn handoff_passes_the_listener_and_refuses_nothing() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("upgrade-handoff");
-    let crac = Crac::new(&scratch);
-    let port = free_port();
-    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let (scratch, crac, port) = setup("upgrade-handoff");
+    let v1 = Service::upgradable(&scratch, port, &[]);
     let v2 = new_build(&bin("upgradable"), &scratch.path);
     let log = scratch.join("v2.log");
     let pid = v1.pid().to_string();
@@ -222,16 +265,17 @@ fn handoff_passes_the_listener_and_refuses_nothing() {
             v2.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = succeeded(&out);
     // auto: not state (another executable), so handoff, from the agent, by name.
-    assert!(stderr.contains("level handoff"), "{stderr}");
-    assert!(stderr.contains("is not pid"), "{stderr}");
-    assert!(
-        stderr.contains("1 listener from its agent: http"),
-        "{stderr}"
+    assert_says(
+        &stderr,
+        &[
+            "level handoff",
+            "is not pid",
+            "1 listener from its agent: http",
+            "told to retire by its agent",
+        ],
     );
-    assert!(stderr.contains("told to retire by its agent"), "{stderr}");
     let _new = Orphan(new_pid(&out));
     assert_nothing_lost(&tally, "handoff");
     assert!(tally.answers.iter().any(|a| a.body.starts_with("v1 ")));
@@ -243,8 +287,7 @@ fn handoff_passes_the_listener_and_refuses_nothing() {
         max_hits(&tally)
     );
     // v1 retired and exited by itself.
-    let v1_pid = Pid::from_raw(v1.pid() as i32);
-    assert_eq!(v1.ended(), WaitStatus::Exited(v1_pid, 0));
+    v1.assert_ended(|pid| WaitStatus::Exited(pid, 0));
     let v1_log = std::fs::read_to_string(scratch.join("v1.log")).unwrap();
     assert!(
         v1_log.contains("upgradable v1: retired after hits="),
@@ -262,10 +305,8 @@ fn handoff_passes_the_listener_and_refuses_nothing() {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_new_version_that_fails_is_rolled_back_and_the_old_one_serves_on() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("upgrade-rollback");
-    let crac = Crac::new(&scratch);
-    let port = free_port();
-    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let (scratch, crac, port) = setup("upgrade-rollback");
+    let v1 = Service::upgradable(&scratch, port, &[]);
     let upgradable = bin("upgradable");
     let pid = v1.pid().to_string();
     for (crash, expected, last_line) in [
@@ -327,9 +368,7 @@ fn a_new_version_that_fails_is_rolled_back_and_the_old_one_serves_on() {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_service_with_no_crac_code_and_no_agent_is_handed_over_by_pidfd_and_sigterm() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("upgrade-activation");
-    let crac = Crac::new(&scratch);
-    let port = free_port();
+    let (scratch, crac, port) = setup("upgrade-activation");
     let program = bin("crac-test-activation");
     let v1 = Service::start(&program, &scratch.path, port, &[("VERSION", "v1")]);
     let pid = v1.pid().to_string();
@@ -338,34 +377,30 @@ fn a_service_with_no_crac_code_and_no_agent_is_handed_over_by_pidfd_and_sigterm(
         port,
         &[&pid, "--env", "VERSION=v2", "--", program.to_str().unwrap()],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("level handoff"), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "copied with pidfd_getfd (no agent; 127.0.0.1:{port})"
-        )),
-        "{stderr}"
+    let stderr = succeeded(&out);
+    assert_says(
+        &stderr,
+        &[
+            "level handoff",
+            &format!("copied with pidfd_getfd (no agent; 127.0.0.1:{port})"),
+            "sent SIGTERM (no agent)",
+        ],
     );
-    assert!(stderr.contains("sent SIGTERM (no agent)"), "{stderr}");
     let _new = Orphan(new_pid(&out));
     assert_nothing_lost(&tally, "activation");
     assert_all_from(&tally, done, "v2 ");
     let v2_log = std::fs::read_to_string(crac.store.join("crac-test-activation.log")).unwrap();
     assert!(v2_log.contains("activation v2: pid"), "{v2_log}");
     assert!(v2_log.contains("(passed listener)"), "{v2_log}");
-    let v1_pid = Pid::from_raw(v1.pid() as i32);
-    assert_eq!(v1.ended(), WaitStatus::Exited(v1_pid, 0));
+    v1.assert_ended(|pid| WaitStatus::Exited(pid, 0));
 }
 
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn restart_stops_then_starts_and_reports_its_downtime() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("upgrade-restart");
-    let crac = Crac::new(&scratch);
-    let port = free_port();
-    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let (scratch, crac, port) = setup("upgrade-restart");
+    let v1 = Service::upgradable(&scratch, port, &[]);
     let pid = v1.pid().to_string();
     let upgradable = bin("upgradable");
     let (tally, out, done) = upgrade_under_load(
@@ -381,16 +416,13 @@ fn restart_stops_then_starts_and_reports_its_downtime() {
             upgradable.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("level restart (asked for)"), "{stderr}");
-    assert!(stderr.contains("; downtime "), "{stderr}");
+    let stderr = succeeded(&out);
+    assert_says(&stderr, &["level restart (asked for)", "; downtime "]);
     let _new = Orphan(new_pid(&out));
     assert_all_from(&tally, done, "v2 ");
     // Started after v1 flushed: the count runs on.
     assert!(max_hits(&tally) >= tally.answers.len());
-    let v1_pid = Pid::from_raw(v1.pid() as i32);
-    assert_eq!(v1.ended(), WaitStatus::Exited(v1_pid, 0));
+    v1.assert_ended(|pid| WaitStatus::Exited(pid, 0));
     eprintln!(
         "restart: {} refused, {} failed, {} answers",
         tally.refused,
@@ -403,10 +435,8 @@ fn restart_stops_then_starts_and_reports_its_downtime() {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn state_keeps_the_memory_and_hands_the_new_settings_to_after_restore() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("upgrade-state");
-    let crac = Crac::new(&scratch);
-    let port = free_port();
-    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let (scratch, crac, port) = setup("upgrade-state");
+    let v1 = Service::upgradable(&scratch, port, &[]);
     let pid = v1.pid();
     // The dumped v1 is reaped as soon as it is gone (the restore needs its pid free), as a
     // supervisor would.
@@ -441,15 +471,13 @@ fn state_keeps_the_memory_and_hands_the_new_settings_to_after_restore() {
             upgradable.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("level state (the same executable"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(&format!("upgraded pid {pid} in place")),
-        "{stderr}"
+    let stderr = succeeded(&out);
+    assert_says(
+        &stderr,
+        &[
+            "level state (the same executable",
+            &format!("upgraded pid {pid} in place"),
+        ],
     );
     // The same process, its memory kept: the count went on without a state file.
     assert_all_from(&tally, done, "v2 ");
@@ -473,9 +501,7 @@ fn state_keeps_the_memory_and_hands_the_new_settings_to_after_restore() {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("upgrade-run");
-    let crac = Crac::new(&scratch);
-    let port = free_port();
+    let (scratch, crac, port) = setup("upgrade-run");
     let log = scratch.join("service.log");
     let mut run = crac.command(&[
         "run",
@@ -491,27 +517,9 @@ fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut run = Running(run.spawn().expect("crac run starts"));
-    wait_until(Duration::from_secs(10), "the service to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    util::wait_listening(port, Duration::from_secs(10), "the service to listen");
     let run_pid = run.0.id();
-    // crac run's children, whichever of its threads started them.
-    let children = || {
-        let mut all: Vec<u32> = std::fs::read_dir(format!("/proc/{run_pid}/task"))
-            .unwrap()
-            .flatten()
-            .flat_map(|task| {
-                std::fs::read_to_string(task.path().join("children"))
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok())
-                    .collect::<Vec<u32>>()
-            })
-            .collect();
-        all.sort_unstable();
-        all
-    };
-    let v1 = children()[0];
+    let v1 = children(run_pid)[0];
     let v2 = new_build(&bin("upgradable"), &scratch.path);
     // Named by the service's pid: crac run, its parent, does the upgrade.
     let (tally, out, done) = upgrade_under_load(
@@ -525,17 +533,16 @@ fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
             v2.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("the service runs under crac run, which upgrades it"),
-        "{stderr}"
+    let stderr = succeeded(&out);
+    assert_says(
+        &stderr,
+        &["the service runs under crac run, which upgrades it"],
     );
     let new = new_pid(&out);
     assert_nothing_lost(&tally, "under crac run");
     assert_all_from(&tally, done, "v2 ");
     // crac run is the new version's parent, and still runs.
-    assert_eq!(children(), [new]);
+    assert_eq!(children(run_pid), [new]);
     // A rollback, named by crac run's pid: the exit status of the new version is told.
     let out = crac.run(&[
         "upgrade",
@@ -555,7 +562,7 @@ fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
         "{}",
         text(&out)
     );
-    assert_eq!(children(), [new]);
+    assert_eq!(children(run_pid), [new]);
     // crac run exits with its (new) service's status.
     kill(Pid::from_raw(new as i32), Signal::SIGKILL).unwrap();
     let status = run.0.wait().unwrap();
@@ -566,15 +573,8 @@ fn under_crac_run_the_upgrade_is_done_by_crac_run_which_stays_the_parent() {
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn an_old_version_that_does_not_go_is_killed_after_the_drain_timeout_naming_its_connections() {
     let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("upgrade-drain");
-    let crac = Crac::new(&scratch);
-    let port = free_port();
-    let v1 = Service::start(
-        &bin("upgradable"),
-        &scratch.path,
-        port,
-        &[("RETIRE", "ignore")],
-    );
+    let (scratch, crac, port) = setup("upgrade-drain");
+    let v1 = Service::upgradable(&scratch, port, &[("RETIRE", "ignore")]);
     let pid = v1.pid().to_string();
     // A client that keeps its connection to v1 open.
     let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -596,24 +596,18 @@ fn an_old_version_that_does_not_go_is_killed_after_the_drain_timeout_naming_its_
         "--",
         v2.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(&format!(
-            "crac upgrade: pid {pid} did not exit within 1.00 s of being told to retire by its agent; still open: 127.0.0.1:{port} -> {client_addr}; killing it (SIGKILL)"
-        )),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("killed after the drain timeout with 1 connection open"),
-        "{stderr}"
+    let stderr = succeeded(&out);
+    assert_says(
+        &stderr,
+        &[
+            &format!(
+                "crac upgrade: pid {pid} did not exit within 1.00 s of being told to retire by its agent; still open: 127.0.0.1:{port} -> {client_addr}; killing it (SIGKILL)"
+            ),
+            "killed after the drain timeout with 1 connection open",
+        ],
     );
     let _new = Orphan(new_pid(&out));
-    let v1_pid = Pid::from_raw(v1.pid() as i32);
-    assert_eq!(
-        v1.ended(),
-        WaitStatus::Signaled(v1_pid, Signal::SIGKILL, false)
-    );
+    v1.assert_ended(|pid| WaitStatus::Signaled(pid, Signal::SIGKILL, false));
 }
 
 #[test]
@@ -622,7 +616,7 @@ fn another_user_can_neither_take_the_listeners_nor_stop_the_service() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("upgrade-nobody");
     let port = free_port();
-    let v1 = Service::start(&bin("upgradable"), &scratch.path, port, &[]);
+    let v1 = Service::upgradable(&scratch, port, &[]);
     let store = scratch.join("nobody-store");
     // A copy nobody can run: the build's own folder may be private (a clone in `mktemp -d`).
     let crac = scratch.join("crac");
@@ -637,17 +631,16 @@ fn another_user_can_neither_take_the_listeners_nor_stop_the_service() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Neither its agent (in a root folder) nor its descriptors (root's /proc/PID/fd) give the
     // listener away, so only a restart would do, and nobody may not stop it.
-    assert!(stderr.contains("level restart"), "{stderr}");
-    assert!(
-        stderr.contains(&format!("not handoff: cannot read /proc/{}/fd", v1.pid())),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(&format!(
-            "pid {} could not be sent SIGTERM (Operation not permitted (os error 1)): it runs on, and the new version was not started",
-            v1.pid()
-        )),
-        "{stderr}"
+    assert_says(
+        &stderr,
+        &[
+            "level restart",
+            &format!("not handoff: cannot read /proc/{}/fd", v1.pid()),
+            &format!(
+                "pid {} could not be sent SIGTERM (Operation not permitted (os error 1)): it runs on, and the new version was not started",
+                v1.pid()
+            ),
+        ],
     );
     let answer = get(port);
     assert!(
@@ -670,28 +663,18 @@ fn in_a_container_crac_run_stays_the_main_process_and_hands_over() {
     let scratch = Scratch::new("upod");
     let podman = crac_test_support::podman::Podman::new(&scratch.join("podman"), &env.criu.path);
     let port = free_port();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/container-image.sh");
-    let built = Command::new("bash")
-        .arg(&script)
-        .arg("--bin-dir")
-        .arg(bin("crac").parent().expect("the binaries' folder"))
-        .args(["--name", "upgradable", "localhost/upgradable:v1", "--"])
-        .arg(bin("upgradable"))
-        .env(
-            "PODMAN",
-            format!("podman {}", podman.global_options().join(" ")),
-        )
-        .output()
-        .expect("run scripts/container-image.sh");
-    assert!(built.status.success(), "{}", text(&built));
+    crate::container_image::container_image(
+        &podman,
+        &["--name", "upgradable", "localhost/upgradable:v1"],
+        &bin("upgradable"),
+        &[],
+    );
     let port_env = format!("PORT={port}");
     let mut args = vec!["run", "-d", "--name", "web", "-e", &port_env];
     args.extend(crac_test_support::podman::WARM_RUN_OPTIONS);
     args.push("localhost/upgradable:v1");
     podman.run(&args, "podman run");
-    wait_until(Duration::from_secs(30), "the service to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    util::wait_listening(port, Duration::from_secs(30), "the service to listen");
     let load = load(port);
     std::thread::sleep(Duration::from_millis(300));
     let out = podman.run(
@@ -730,17 +713,7 @@ fn in_a_container_crac_run_stays_the_main_process_and_hands_over() {
         "{cmdline:?}"
     );
     let new = new_pid(&out);
-    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{run}/task"))
-        .unwrap()
-        .flatten()
-        .flat_map(|task| {
-            std::fs::read_to_string(task.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect();
+    let children = children(run);
     let in_container = |host: u32| {
         std::fs::read_to_string(format!("/proc/{host}/status"))
             .unwrap_or_default()
@@ -768,20 +741,7 @@ fn a_service_that_knows_nothing_of_upgrades_is_restarted_with_sigterm() {
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("upgrade-hello");
     let crac = Crac::new(&scratch);
-    let log = crac_fs::open_append(&scratch.join("hello.log")).expect("log");
-    let mut cmd = Command::new(bin("hello"));
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe and the only call between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
-    }
-    let child = cmd.spawn().expect("hello starts");
-    let v1 = Service {
-        pid: child.id(),
-        child: Some(child),
-    };
+    let v1 = Service::spawn(Command::new(bin("hello")), &scratch.join("hello.log"));
     wait_until(Duration::from_secs(10), "hello's agent", || {
         crac_protocol::location::socket_path(v1.pid()).exists()
     });
@@ -793,21 +753,15 @@ fn a_service_that_knows_nothing_of_upgrades_is_restarted_with_sigterm() {
         "--",
         copy.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("not handoff: its agent shares no listening socket"),
-        "{stderr}"
+    let stderr = succeeded(&out);
+    assert_says(
+        &stderr,
+        &[
+            "not handoff: its agent shares no listening socket",
+            "sent SIGTERM (its service does not listen for retirement)",
+            "; downtime ",
+        ],
     );
-    assert!(
-        stderr.contains("sent SIGTERM (its service does not listen for retirement)"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("; downtime "), "{stderr}");
     let _new = Orphan(new_pid(&out));
-    let v1_pid = Pid::from_raw(v1.pid() as i32);
-    assert_eq!(
-        v1.ended(),
-        WaitStatus::Signaled(v1_pid, Signal::SIGTERM, false)
-    );
+    v1.assert_ended(|pid| WaitStatus::Signaled(pid, Signal::SIGTERM, false));
 }

@@ -233,13 +233,7 @@ impl Target {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
+        session_leader(&mut cmd);
         let child = cmd.spawn().expect("the target starts");
         let target = Target {
             pid: child.id(),
@@ -429,6 +423,14 @@ pub(crate) fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> 
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits (up to `limit`, as [`wait_until`] does for `what`) until something accepts
+/// connections on loopback `port`.
+pub(crate) fn wait_listening(port: u16, limit: Duration, what: &str) {
+    wait_until(limit, what, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 }
 
 /// What one criu run did.
@@ -737,6 +739,18 @@ pub(crate) fn with_umask(cmd: &mut Command, mask: u32) -> &mut Command {
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Makes `cmd` start a session of its own (no controlling terminal: what a checkpoint wants).
+pub(crate) fn session_leader(cmd: &mut Command) -> &mut Command {
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
             Ok(())
         });
     }
