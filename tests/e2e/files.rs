@@ -5,7 +5,6 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -231,13 +230,7 @@ fn an_open_sqlite_database_is_named_by_its_locks() {
         .stdin(fs::File::open(&script).unwrap())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    util::session_leader(&mut cmd);
     let mut shell = cmd.spawn().expect("sqlite3 runs");
     let pid = shell.id();
     wait_until(Duration::from_secs(10), "sqlite3 to run its script", || {
@@ -315,13 +308,7 @@ fn an_image_is_refused_once_the_database_it_wrote_moved_on() {
             .open(&log)
             .unwrap();
         cmd.stdout(out.try_clone().unwrap()).stderr(out);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
+        util::session_leader(&mut cmd);
         cmd.spawn().expect("embedded-db runs")
     };
     let lines = || util::read_lines(&log);

@@ -117,7 +117,6 @@ fn a_cpu_without_a_feature_the_image_had_is_refused_and_run_starts_cold() {
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_restored_cache_server_reconnects_to_the_upstream_the_restore_names() {
-    use std::os::unix::process::CommandExt;
     let Some(_env) = util::env() else { return };
     let scratch = Scratch::new("restore-upstream");
     let crac = Crac::new(&scratch);
@@ -139,13 +138,7 @@ fn a_restored_cache_server_reconnects_to_the_upstream_the_restore_names() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(scratch.join("server.log")).unwrap());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    util::session_leader(&mut cmd);
     let mut server = cmd.spawn().expect("cache-server starts");
     let pid = server.id();
     assert_eq!(ask(port, "GET a"), "value-of-a");
