@@ -24,6 +24,12 @@ fn docker_present() -> bool {
     )
 }
 
+/// The test's environment, where Docker is here too (see [`util::env`], [`docker_present`]).
+fn docker_env() -> Option<util::Env> {
+    let env = util::env()?;
+    docker_present().then_some(env)
+}
+
 /// The warm-start example's STATS.
 fn stats(port: u16) -> Value {
     let line = ask(port, "STATS");
@@ -47,6 +53,71 @@ fn started(docker: &Docker, name: &str) -> String {
         },
     );
     lines
+}
+
+/// Asserts that STATS `after` is of the service whose STATS were `before`, restored: the same
+/// pid, documents and warm-up time, a new instance.
+fn assert_restored_from(after: &Value, before: &Value) {
+    assert_eq!(after["started"], "restored", "{after}");
+    for same in ["pid", "docs", "warmup_ms"] {
+        assert_eq!(after[same], before[same], "{same}: {after} vs {before}");
+    }
+    assert_ne!(after["instance"], before["instance"], "{after}");
+}
+
+/// The warm-start example's command line in the image, serving on port `port`.
+fn service_command(port: &str) -> [&str; 5] {
+    ["/app/service", "--port", port, "--docs", "2000"]
+}
+
+/// Runs container `warmup` of `image` (with `options`, the capabilities and the warm-up's
+/// options) serving on `port`, asserts crac run said `said`, and waits for its
+/// self-checkpoint; returns the service's STATS then.
+fn warm_up(docker: &Docker, port: u16, options: &[&str], image: &str, said: &str) -> Value {
+    let port_arg = port.to_string();
+    let mut args = vec!["run", "-d", "--name", "warmup"];
+    args.extend(options);
+    args.extend(CAPABILITY_RUN_OPTIONS);
+    args.extend(WARM_UP_OPTIONS);
+    args.push(image);
+    args.extend(service_command(&port_arg));
+    docker.run(&args, "docker run (warm-up)");
+    let lines = started(docker, "warmup");
+    assert!(lines.contains(said), "{lines}");
+    wait_until(Duration::from_secs(60), "the self-checkpoint", || {
+        let image = stats(port)["image"].clone();
+        assert_ne!(image, "failed", "{}", logs(docker, "warmup"));
+        image == "saved"
+    });
+    stats(port)
+}
+
+/// Stops container `warmup`, commits it as `image` and removes it.
+fn commit_warmup(docker: &Docker, image: &str) {
+    docker.run(&["stop", "--time", "10", "warmup"], "docker stop");
+    docker.run(&["commit", "warmup", image], "docker commit");
+    docker.run(&["rm", "warmup"], "docker rm");
+}
+
+/// Runs container `warm` of `image` (with `options` and the capabilities), asserts crac run
+/// said `said` and that the service is the one whose STATS were `warm`, restored; removes it.
+fn restore_warm(
+    docker: &Docker,
+    port: u16,
+    options: &[&str],
+    image: &str,
+    said: &str,
+    warm: &Value,
+) {
+    let mut args = vec!["run", "-d", "--name", "warm"];
+    args.extend(options);
+    args.extend(CAPABILITY_RUN_OPTIONS);
+    args.push(image);
+    docker.run(&args, "docker run (restore)");
+    let lines = started(docker, "warm");
+    assert!(lines.contains(said), "{lines}");
+    assert_restored_from(&stats(port), warm);
+    docker.run(&["rm", "--force", "warm"], "docker rm");
 }
 
 /// A private dockerd whose CRIU runs this build's crac-action, and the warm-start image
@@ -97,10 +168,7 @@ fn docker_host_args(docker: &Docker) -> Vec<String> {
 #[test]
 #[ignore = "needs root, CRIU >= 4.2 and Debian's docker.io: scripts/test.sh runs it"]
 fn docker_checkpoint_and_restore_run_the_hooks_of_a_frozen_container() {
-    let Some(env) = util::env() else { return };
-    if !docker_present() {
-        return;
-    }
+    let Some(env) = docker_env() else { return };
     let scratch = Scratch::new("docker-cp");
     let docker = docker_with_image(&scratch, &env.criu.path, "localhost/warm-start:docker");
     // The private dockerd leaves the host's network alone: no bridge, no iptables chains.
@@ -167,12 +235,7 @@ fn docker_checkpoint_and_restore_run_the_hooks_of_a_frozen_container() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let after = stats(port);
-    assert_eq!(after["started"], "restored", "{after}");
-    for same in ["pid", "docs", "warmup_ms"] {
-        assert_eq!(after[same], before[same], "{same}: {after} vs {before}");
-    }
-    assert_ne!(after["instance"], before["instance"], "{after}");
+    assert_restored_from(&stats(port), &before);
     let lines = logs(&docker, "svc");
     let checkpoint = lines.find("before_checkpoint").expect(&lines);
     let restored = lines.find("restored: reseeded").expect(&lines);
@@ -187,56 +250,26 @@ fn docker_checkpoint_and_restore_run_the_hooks_of_a_frozen_container() {
 #[test]
 #[ignore = "needs root, CRIU >= 4.2 and Debian's docker.io: scripts/test.sh runs it"]
 fn a_docker_warm_image_restores_with_capabilities_not_privileges() {
-    let Some(env) = util::env() else { return };
-    if !docker_present() {
-        return;
-    }
+    let Some(env) = docker_env() else { return };
     let scratch = Scratch::new("docker-warm");
     let docker = docker_with_image(&scratch, &env.criu.path, "localhost/warm-start:cold");
     let port = free_port();
-    let port_arg = port.to_string();
-    let command = ["/app/service", "--port", &port_arg, "--docs", "2000"];
-
-    let mut args = vec!["run", "-d", "--name", "warmup"];
-    args.extend(CAPABILITY_RUN_OPTIONS);
-    args.extend(WARM_UP_OPTIONS);
-    args.push("localhost/warm-start:cold");
-    args.extend(command);
-    docker.run(&args, "docker run (warm-up)");
-    let lines = started(&docker, "warmup");
-    assert!(
-        lines.contains("crac run: started cold as pid 1001"),
-        "{lines}"
+    let warm = warm_up(
+        &docker,
+        port,
+        &[],
+        "localhost/warm-start:cold",
+        "crac run: started cold as pid 1001",
     );
-    wait_until(Duration::from_secs(60), "the self-checkpoint", || {
-        let image = stats(port)["image"].clone();
-        assert_ne!(image, "failed", "{}", logs(&docker, "warmup"));
-        image == "saved"
-    });
-    let warm = stats(port);
-    docker.run(&["stop", "--time", "10", "warmup"], "docker stop");
-    docker.run(
-        &["commit", "warmup", "localhost/warm-start:warm"],
-        "docker commit",
+    commit_warmup(&docker, "localhost/warm-start:warm");
+    restore_warm(
+        &docker,
+        port,
+        &[],
+        "localhost/warm-start:warm",
+        "crac run: restored image \"service\" as pid 1001",
+        &warm,
     );
-    docker.run(&["rm", "warmup"], "docker rm");
-
-    let mut args = vec!["run", "-d", "--name", "warm"];
-    args.extend(CAPABILITY_RUN_OPTIONS);
-    args.push("localhost/warm-start:warm");
-    docker.run(&args, "docker run (restore)");
-    let lines = started(&docker, "warm");
-    assert!(
-        lines.contains("crac run: restored image \"service\" as pid 1001"),
-        "{lines}"
-    );
-    let restored = stats(port);
-    assert_eq!(restored["started"], "restored", "{restored}");
-    for same in ["pid", "docs", "warmup_ms"] {
-        assert_eq!(restored[same], warm[same], "{same}: {restored} vs {warm}");
-    }
-    assert_ne!(restored["instance"], warm["instance"], "{restored}");
-    docker.run(&["rm", "--force", "warm"], "docker rm");
 
     // Without the capability: cold, saying which one is missing.
     let mut args = vec!["run", "-d", "--name", "nocap"];
@@ -271,7 +304,8 @@ fn a_docker_warm_image_restores_with_capabilities_not_privileges() {
         "service",
         "--",
     ]);
-    args.extend(command);
+    let port_arg = port.to_string();
+    args.extend(service_command(&port_arg));
     let out = docker.try_run(&args);
     assert!(
         !out.status.success()
@@ -288,10 +322,7 @@ fn a_docker_warm_image_restores_with_capabilities_not_privileges() {
 #[test]
 #[ignore = "needs root, CRIU >= 4.2 and Debian's docker.io: scripts/test.sh runs it"]
 fn a_docker_warm_image_restores_as_a_user_with_capabilities_not_privileges() {
-    let Some(env) = util::env() else { return };
-    if !docker_present() {
-        return;
-    }
+    let Some(env) = docker_env() else { return };
     let scratch = Scratch::new("docker-user");
     let docker = docker_with_image_for(
         &scratch,
@@ -300,48 +331,24 @@ fn a_docker_warm_image_restores_as_a_user_with_capabilities_not_privileges() {
         &["--user", "1000:1000"],
     );
     let port = free_port();
-    let port_arg = port.to_string();
-    let command = ["/app/service", "--port", &port_arg, "--docs", "2000"];
-
-    let mut args = vec!["run", "-d", "--name", "warmup", "--user", "1000:1000"];
-    args.extend(CAPABILITY_RUN_OPTIONS);
-    args.extend(WARM_UP_OPTIONS);
-    args.push("localhost/warm-start:user");
-    args.extend(command);
-    docker.run(&args, "docker run (warm-up)");
-    let lines = started(&docker, "warmup");
-    assert!(lines.contains("crac run: started cold"), "{lines}");
-    wait_until(Duration::from_secs(60), "the self-checkpoint", || {
-        let image = stats(port)["image"].clone();
-        assert_ne!(image, "failed", "{}", logs(&docker, "warmup"));
-        image == "saved"
-    });
-    let warm = stats(port);
+    let warm = warm_up(
+        &docker,
+        port,
+        &["--user", "1000:1000"],
+        "localhost/warm-start:user",
+        "crac run: started cold",
+    );
     // crac run (the container's init) runs as the user, not root.
     let uid = fs::read_to_string(format!("/proc/{}/status", docker.pid("warmup")))
         .expect("the container's process status");
     assert!(uid.lines().any(|l| l.starts_with("Uid:\t1000\t")), "{uid}");
-    docker.run(&["stop", "--time", "10", "warmup"], "docker stop");
-    docker.run(
-        &["commit", "warmup", "localhost/warm-start:user-warm"],
-        "docker commit",
+    commit_warmup(&docker, "localhost/warm-start:user-warm");
+    restore_warm(
+        &docker,
+        port,
+        &["--user", "1000:1000"],
+        "localhost/warm-start:user-warm",
+        "crac run: restored image \"service\"",
+        &warm,
     );
-    docker.run(&["rm", "warmup"], "docker rm");
-
-    let mut args = vec!["run", "-d", "--name", "warm", "--user", "1000:1000"];
-    args.extend(CAPABILITY_RUN_OPTIONS);
-    args.push("localhost/warm-start:user-warm");
-    docker.run(&args, "docker run (restore)");
-    let lines = started(&docker, "warm");
-    assert!(
-        lines.contains("crac run: restored image \"service\""),
-        "{lines}"
-    );
-    let restored = stats(port);
-    assert_eq!(restored["started"], "restored", "{restored}");
-    for same in ["pid", "docs", "warmup_ms"] {
-        assert_eq!(restored[same], warm[same], "{same}: {restored} vs {warm}");
-    }
-    assert_ne!(restored["instance"], warm["instance"], "{restored}");
-    docker.run(&["rm", "--force", "warm"], "docker rm");
 }

@@ -299,6 +299,40 @@ impl Drop for Service {
     }
 }
 
+/// What most tests here begin with, in a scratch folder: the hosts, the migration key, and the
+/// cache-server at A (with `extra` options). Fields drop in order: the service first, the
+/// test's environment last.
+struct AtA {
+    service: Service,
+    key: PathBuf,
+    hosts: Hosts,
+    scratch: Scratch,
+    _env: util::Env,
+}
+
+impl AtA {
+    /// The service, the key, the hosts and the scratch folder, for the test to use.
+    fn parts(&self) -> (&Service, &Path, &Hosts, &Scratch) {
+        (&self.service, &self.key, &self.hosts, &self.scratch)
+    }
+}
+
+/// [`AtA`] for test `name`, or None where the test cannot run (see [`util::env`]).
+fn at_a(name: &str, extra: &[&str]) -> Option<AtA> {
+    let env = util::env()?;
+    let scratch = Scratch::new(name);
+    let hosts = Hosts::up();
+    let key = key(&scratch, "key", 'k');
+    let service = Service::start_with(&hosts, &scratch, extra);
+    Some(AtA {
+        service,
+        key,
+        hosts,
+        scratch,
+        _env: env,
+    })
+}
+
 /// The cache-server's upstream, in the client's namespace at [`UPSTREAM`]; killed when dropped.
 pub(crate) struct Upstream(Child);
 
@@ -338,6 +372,62 @@ fn receiver(
     wrap: Option<&str>,
 ) -> (Child, PathBuf) {
     receiver_with(hosts, scratch, key, store, wrap, &[])
+}
+
+/// [`receiver`] with its store in the scratch folder, run directly.
+fn receiver_at_b(hosts: &Hosts, scratch: &Scratch, key: &Path) -> (Child, PathBuf) {
+    let store_b = scratch.join("store-b");
+    receiver(hosts, scratch, key, &store_b.display().to_string(), None)
+}
+
+/// Ends a receiver that is left waiting.
+fn stop_receiver(mut receiver: Child) {
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
+
+/// Takes A's end of the link to B down once the service's log at `log` says `line`, within
+/// `within` (else fails, saying `never`).
+fn cut_link_when(
+    log: PathBuf,
+    line: &'static str,
+    within: Duration,
+    never: &'static str,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + within;
+        while !fs::read_to_string(&log).is_ok_and(|l| l.contains(line)) {
+            assert!(Instant::now() < deadline, "{never}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let down = format!("{PREFIX}-ab");
+        let out = Command::new("ip")
+            .args(["-n", &format!("{PREFIX}-a"), "link", "set", &down, "down"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    })
+}
+
+/// Asserts that `crac migrate`'s `out` failed before the freeze, saying each of `reasons` and
+/// that nothing was stopped.
+fn refused_before_the_freeze(out: &Output, reasons: &[&str]) {
+    assert_eq!(out.status.code(), Some(1), "{}", text(out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        reasons.iter().all(|reason| said.contains(reason))
+            && said.contains("nothing was stopped: the service runs on here"),
+        "{said}"
+    );
+}
+
+/// Asserts that the service still runs at A as it was when its STATS were `before`: the same
+/// process, never stopped, no hook run.
+fn never_stopped(hosts: &Hosts, service: &Service, before: &serde_json::Value) {
+    let after = stats(&ask(hosts, "STATS"));
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(after["generation"], 0, "{after}");
+    assert_eq!(service.log_lines("before_checkpoint"), 0);
 }
 
 /// [`receiver`] with more options for `crac migrate --receive`.
@@ -489,26 +579,23 @@ fn post_copy_moves_the_cache_server_with_its_state_address_and_connection() {
 /// The cache-server moves from A to B by `strategy`, under load: its state, its address and
 /// its client's established connection with it; `restored` told once, at B; nothing left at A.
 fn moves_the_cache_server(strategy: &str) {
-    let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("migrate");
-    let hosts = Hosts::up();
-    let key = key(&scratch, "key", 'k');
-    let service = Service::start(&hosts, &scratch);
+    let Some(at) = at_a("migrate", &[]) else {
+        return;
+    };
+    let (service, key, hosts, scratch) = at.parts();
     for k in ["a", "b", "c"] {
-        assert_eq!(ask(&hosts, &format!("GET {k}")), format!("value-of-{k}"));
+        assert_eq!(ask(hosts, &format!("GET {k}")), format!("value-of-{k}"));
     }
-    let mut session = Session::open(&hosts);
+    let mut session = Session::open(hosts);
     let before = stats(&session.request("STATS"));
     assert_eq!(before["entries"], 3, "{before}");
     session.load();
     std::thread::sleep(Duration::from_millis(200));
 
-    let store_b = scratch.join("store-b");
-    let (receiver, receiver_log) =
-        receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    let (receiver, receiver_log) = receiver_at_b(hosts, scratch, key);
     let store_a = scratch.join("store-a");
     let reaper = service.reap_when_dumped();
-    let out = migrate_with(&hosts, &store_a, service.pid(), &key, strategy);
+    let out = migrate_with(hosts, &store_a, service.pid(), key, strategy);
     reaper.join().unwrap();
     migrated(&out, receiver, &receiver_log);
     let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -532,7 +619,7 @@ fn moves_the_cache_server(strategy: &str) {
     assert_eq!(after["last_restore"], "restored", "{after}");
     assert!(after["hits"].as_u64() > before["hits"].as_u64(), "{after}");
     // The listener answers at the same address, from B (the client's route now leads there).
-    assert_eq!(ask(&hosts, "GET d"), "value-of-d");
+    assert_eq!(ask(hosts, "GET d"), "value-of-d");
     assert!(hosts
         .ip("c", &["route", "get", SERVICE])
         .contains("10.77.2.2"));
@@ -566,7 +653,6 @@ fn moves_the_cache_server(strategy: &str) {
     assert_eq!(images, 0, "the image left at A");
     assert!(hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
     drop(session);
-    drop(service);
 }
 
 #[test]
@@ -577,22 +663,11 @@ fn a_destination_without_the_key_is_refused_and_nothing_stops() {
     let hosts = Hosts::up();
     let service = Service::start(&hosts, &scratch);
     let before = stats(&ask(&hosts, "STATS"));
-    let (mut receiver, receiver_log) = receiver(
-        &hosts,
-        &scratch,
-        &key(&scratch, "theirs", 't'),
-        &scratch.join("store-b").display().to_string(),
-        None,
-    );
+    let (mut receiver, receiver_log) =
+        receiver_at_b(&hosts, &scratch, &key(&scratch, "theirs", 't'));
     let store_a = scratch.join("store-a");
     let out = migrate(&hosts, &store_a, service.pid(), &key(&scratch, "ours", 'o'));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        said.contains("could not prove it holds the migration key")
-            && said.contains("nothing was stopped: the service runs on here"),
-        "{said}"
-    );
+    refused_before_the_freeze(&out, &["could not prove it holds the migration key"]);
     // The receiver refused the source and sent nothing; it waits on for one with the key.
     wait_until(
         Duration::from_secs(5),
@@ -600,118 +675,81 @@ fn a_destination_without_the_key_is_refused_and_nothing_stops() {
         || fs::read_to_string(&receiver_log).is_ok_and(|l| l.contains("crac: refused: ")),
     );
     assert!(receiver.try_wait().unwrap().is_none());
-    let _ = receiver.kill();
-    let _ = receiver.wait();
+    stop_receiver(receiver);
     // Never stopped: the same process answers, no hook ran.
-    let after = stats(&ask(&hosts, "STATS"));
-    assert_eq!(after["pid"], before["pid"]);
-    assert_eq!(after["generation"], 0, "{after}");
-    assert_eq!(service.log_lines("before_checkpoint"), 0);
+    never_stopped(&hosts, &service, &before);
 }
 
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_destination_without_disk_space_refuses_before_the_freeze() {
-    let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("migrate-disk");
-    let hosts = Hosts::up();
-    let key = key(&scratch, "key", 'k');
-    let service = Service::start(&hosts, &scratch);
-    let before = stats(&ask(&hosts, "STATS"));
+    let Some(at) = at_a("migrate-disk", &[]) else {
+        return;
+    };
+    let (service, key, hosts, scratch) = at.parts();
+    let before = stats(&ask(hosts, "STATS"));
     // B's store on a 1 MiB file system of its own (in B's mount namespace).
     let (receiver, _) = receiver(
-        &hosts,
-        &scratch,
-        &key,
+        hosts,
+        scratch,
+        key,
         "/run/small/store",
         Some("mkdir -p /run/small && mount -t tmpfs -o size=1m tmpfs /run/small"),
     );
     let store_a = scratch.join("store-a");
-    let out = migrate(&hosts, &store_a, service.pid(), &key);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        said.contains("cannot run the service, checked before anything was stopped")
-            && said.contains("the store /run/small/store has")
-            && said.contains("nothing was stopped: the service runs on here"),
-        "{said}"
+    let out = migrate(hosts, &store_a, service.pid(), key);
+    refused_before_the_freeze(
+        &out,
+        &[
+            "cannot run the service, checked before anything was stopped",
+            "the store /run/small/store has",
+        ],
     );
     let received = finish(receiver);
     assert_eq!(received.status.code(), Some(1), "{}", text(&received));
-    let after = stats(&ask(&hosts, "STATS"));
-    assert_eq!(after["pid"], before["pid"]);
-    assert_eq!(after["generation"], 0, "{after}");
-    assert_eq!(service.log_lines("before_checkpoint"), 0);
+    never_stopped(hosts, service, &before);
 }
 
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_link_cut_before_the_freeze_stops_nothing() {
-    let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("migrate-cut-early");
-    let hosts = Hosts::up();
-    let key = key(&scratch, "key", 'k');
-    let service = Service::start(&hosts, &scratch);
-    let before = stats(&ask(&hosts, "STATS"));
-    let store_b = scratch.join("store-b");
-    let (mut receiver, _) = receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    let Some(at) = at_a("migrate-cut-early", &[]) else {
+        return;
+    };
+    let (service, key, hosts, scratch) = at.parts();
+    let before = stats(&ask(hosts, "STATS"));
+    let (receiver, _) = receiver_at_b(hosts, scratch, key);
     hosts.ip("a", &["link", "set", &format!("{PREFIX}-ab"), "down"]);
     let store_a = scratch.join("store-a");
-    let out = migrate(&hosts, &store_a, service.pid(), &key);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        said.contains(&format!("cannot reach {RECEIVER}"))
-            && said.contains("nothing was stopped: the service runs on here"),
-        "{said}"
-    );
-    let _ = receiver.kill();
-    let _ = receiver.wait();
-    let after = stats(&ask(&hosts, "STATS"));
-    assert_eq!(after["pid"], before["pid"]);
-    assert_eq!(after["generation"], 0, "{after}");
-    assert_eq!(service.log_lines("before_checkpoint"), 0);
+    let out = migrate(hosts, &store_a, service.pid(), key);
+    refused_before_the_freeze(&out, &[&format!("cannot reach {RECEIVER}")]);
+    stop_receiver(receiver);
+    never_stopped(hosts, service, &before);
     assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
 }
 
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_link_cut_after_the_freeze_has_the_service_restored_at_the_source() {
-    let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("migrate-cut");
-    let hosts = Hosts::up();
-    let key = key(&scratch, "key", 'k');
-    let service = Service::start(&hosts, &scratch);
-    assert_eq!(ask(&hosts, "GET a"), "value-of-a");
-    let mut session = Session::open(&hosts);
+    let Some(at) = at_a("migrate-cut", &[]) else {
+        return;
+    };
+    let (service, key, hosts, scratch) = at.parts();
+    assert_eq!(ask(hosts, "GET a"), "value-of-a");
+    let mut session = Session::open(hosts);
     let before = stats(&session.request("STATS"));
-    let store_b = scratch.join("store-b");
-    let (mut receiver, _) = receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    let (receiver, _) = receiver_at_b(hosts, scratch, key);
     // The link goes down as soon as the service's hooks run: the freeze has begun, and not one
     // byte of the image has been sent.
-    let log = service.log.clone();
-    let cut = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !fs::read_to_string(&log).is_ok_and(|l| l.contains("before_checkpoint")) {
-            assert!(Instant::now() < deadline, "no checkpoint began");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let out = Command::new("ip")
-            .args([
-                "-n",
-                &format!("{PREFIX}-a"),
-                "link",
-                "set",
-                &format!("{PREFIX}-ab"),
-                "down",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-    });
+    let cut = cut_link_when(
+        service.log.clone(),
+        "before_checkpoint",
+        Duration::from_secs(30),
+        "no checkpoint began",
+    );
     let store_a = scratch.join("store-a");
     let reaper = service.reap_when_dumped();
-    let out = migrate(&hosts, &store_a, service.pid(), &key);
+    let out = migrate(hosts, &store_a, service.pid(), key);
     cut.join().unwrap();
     reaper.join().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -721,8 +759,7 @@ fn a_link_cut_after_the_freeze_has_the_service_restored_at_the_source() {
             && said.contains("the service was restored here from its image and runs here again"),
         "{said}"
     );
-    let _ = receiver.kill();
-    let _ = receiver.wait();
+    stop_receiver(receiver);
     // At A again, the same process, its state and its client's connection intact.
     let after = stats(&session.request("STATS"));
     assert_eq!(after["pid"], before["pid"]);
@@ -730,9 +767,8 @@ fn a_link_cut_after_the_freeze_has_the_service_restored_at_the_source() {
     assert_eq!(after["last_restore"], "restored", "{after}");
     assert!(hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
     assert!(!hosts.ip("b", &["-4", "addr"]).contains(SERVICE));
-    assert_eq!(ask(&hosts, "GET b"), "value-of-b");
+    assert_eq!(ask(hosts, "GET b"), "value-of-b");
     drop(session);
-    drop(service);
 }
 
 /// The TCP addresses listening in `host`'s network namespace now (`/proc/thread-self/net/tcp`,
@@ -763,15 +799,13 @@ fn listeners(host: &'static str) -> Vec<String> {
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn post_copy_serves_pages_on_no_port_and_refuses_a_peer_without_the_key() {
-    let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("migrate-pages");
-    let hosts = Hosts::up();
-    let key = key(&scratch, "key", 'k');
     // Enough memory that its pages take a while to arrive (sealing is slow in a debug build).
-    let service = Service::start_with(&hosts, &scratch, &["--ballast", "8"]);
-    assert_eq!(ask(&hosts, "GET a"), "value-of-a");
-    let store_b = scratch.join("store-b");
-    let (receiver, _) = receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    let Some(at) = at_a("migrate-pages", &["--ballast", "8"]) else {
+        return;
+    };
+    let (service, key, hosts, scratch) = at.parts();
+    assert_eq!(ask(hosts, "GET a"), "value-of-a");
+    let (receiver, _) = receiver_at_b(hosts, scratch, key);
     let stop = Arc::new(AtomicBool::new(false));
     let watch = {
         let stop = Arc::clone(&stop);
@@ -792,7 +826,7 @@ fn post_copy_serves_pages_on_no_port_and_refuses_a_peer_without_the_key() {
     };
     let store_a = scratch.join("store-a");
     let reaper = service.reap_when_dumped();
-    let out = migrate_with(&hosts, &store_a, service.pid(), &key, "post-copy");
+    let out = migrate_with(hosts, &store_a, service.pid(), key, "post-copy");
     reaper.join().unwrap();
     stop.store(true, Ordering::SeqCst);
     let (seen, intruder) = watch.join().unwrap();
@@ -823,7 +857,7 @@ fn post_copy_serves_pages_on_no_port_and_refuses_a_peer_without_the_key() {
         outcome["image_bytes"].as_u64() < Some(8 << 20),
         "the image went without the memory: {outcome}"
     );
-    assert_eq!(stats(&ask(&hosts, "STATS"))["last_restore"], "restored");
+    assert_eq!(stats(&ask(hosts, "STATS"))["last_restore"], "restored");
 }
 
 /// Connects to the receiver from the client's namespace as a peer without the key would, and
@@ -896,35 +930,24 @@ fn crac_check_says_which_strategies_this_kernel_allows() {
 #[test]
 #[ignore = "needs root and CRIU >= 4.2: scripts/test.sh runs it"]
 fn a_link_cut_once_post_copy_restored_leaves_the_service_at_exactly_one_end() {
-    let Some(_env) = util::env() else { return };
-    let scratch = Scratch::new("migrate-cut-pages");
-    let hosts = Hosts::up();
-    let key = key(&scratch, "key", 'k');
-    let service = Service::start_with(&hosts, &scratch, &["--ballast", "8"]);
-    assert_eq!(ask(&hosts, "GET a"), "value-of-a");
-    let before = stats(&ask(&hosts, "STATS"));
-    let store_b = scratch.join("store-b");
-    let (receiver, receiver_log) =
-        receiver(&hosts, &scratch, &key, &store_b.display().to_string(), None);
+    let Some(at) = at_a("migrate-cut-pages", &["--ballast", "8"]) else {
+        return;
+    };
+    let (service, key, hosts, scratch) = at.parts();
+    assert_eq!(ask(hosts, "GET a"), "value-of-a");
+    let before = stats(&ask(hosts, "STATS"));
+    let (receiver, receiver_log) = receiver_at_b(hosts, scratch, key);
     // The link goes down once the service runs at B, its memory still arriving or just in:
     // which decides where the service ends up, and the messages must say it.
-    let log = service.log.clone();
-    let cut = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !fs::read_to_string(&log).is_ok_and(|l| l.contains("after_restore cache")) {
-            assert!(Instant::now() < deadline, "the service never ran at B");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let down = format!("{PREFIX}-ab");
-        let out = Command::new("ip")
-            .args(["-n", &format!("{PREFIX}-a"), "link", "set", &down, "down"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-    });
+    let cut = cut_link_when(
+        service.log.clone(),
+        "after_restore cache",
+        Duration::from_secs(60),
+        "the service never ran at B",
+    );
     let store_a = scratch.join("store-a");
     let reaper = service.reap_when_dumped();
-    let out = migrate_with(&hosts, &store_a, service.pid(), &key, "post-copy");
+    let out = migrate_with(hosts, &store_a, service.pid(), key, "post-copy");
     cut.join().unwrap();
     let received = finish(receiver);
     let receiver_said = fs::read_to_string(&receiver_log).unwrap_or_default();
@@ -970,7 +993,7 @@ fn a_link_cut_once_post_copy_restored_leaves_the_service_at_exactly_one_end() {
         assert!(!hosts.ip("a", &["-4", "addr"]).contains(SERVICE));
         reaper.join().unwrap();
     }
-    let after = stats(&ask(&hosts, "STATS"));
+    let after = stats(&ask(hosts, "STATS"));
     assert_eq!(after["pid"], before["pid"]);
     assert_eq!(after["entries"], 1, "{after}");
 }
