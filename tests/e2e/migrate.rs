@@ -7,7 +7,6 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -249,13 +248,7 @@ impl Service {
                 .open(&log)
                 .unwrap(),
         );
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
+        util::session_leader(&mut cmd);
         let server = cmd.spawn().expect("cache-server starts");
         let service = Service {
             server,
